@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each installs what it needs).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# Re-install only when the project's requirements change.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[dev,cluster]"
+	@touch $(STAMP)
+
+# The whole pipeline on the embedded default (scikit-learn digits), offline, on CPU.
+demo: install
+	$(PY) scripts/demo.py
+
+test: install
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+bench: install
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs multirun/*/ outputs wandb .pytest_cache

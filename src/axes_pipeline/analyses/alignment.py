@@ -1,0 +1,30 @@
+"""How the two axes align within a layer (METHODS §4): Spearman across channels."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import spearmanr
+
+# (column name in layers.csv, local-axis key, target-axis key)
+ALIGNMENTS = (
+    ("align_input_capture_task_info", "input_capture", "task_info"),        # primary
+    ("align_peer_overlap_target_excess", "peer_overlap", "target_excess"),
+    ("align_hull_score_task_unique", "hull_score", "task_unique"),
+)
+
+
+def spearman(x, y) -> float:
+    """Spearman ρ that is NaN (not an error) for constant input or fewer than 3 channels."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def layer_alignment(axes: dict) -> dict:
+    """{column: ρ} for one layer; ``axes`` maps metric key -> ``[C]`` array. Dead channels excluded."""
+    alive = ~np.asarray(axes.get("dead", np.zeros(len(axes["input_capture"]), bool)), bool)
+    return {col: spearman(np.asarray(axes[a])[alive], np.asarray(axes[b])[alive])
+            for col, a, b in ALIGNMENTS}

@@ -1,0 +1,294 @@
+"""One forward pass over the calibration set records, for every analysed conv layer, sampled
+activations and the target (METHODS §1).
+
+Memory stays bounded: a hook samples ``s`` spatial positions of each image the moment the layer
+has run, so only ``[B·s, C]`` per layer and batch is kept, never a full feature map. For the
+gradient analysis (METHODS §5) the same hook streams the input-patch moments Cov(x_patch, y) and
+Cov(x_patch, T) (and, for moderate patch sizes, Σ_X on a capped number of rows) without storing
+patches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from axes_pipeline.capture.targets import target_from_logits
+from axes_pipeline.errors import UserError, unknown_name
+
+POINTS = ("pre_bn", "post_bn", "post_act")
+SPATIAL = ("sample", "gap")
+
+
+@dataclass
+class LayerPatchMoments:
+    """Streamed sums for the gradient analysis of one layer (float64).
+
+    ``sxy: [D, C]`` Σ x·y, ``sxt: [D]`` Σ x·t, ``sx: [D]``, ``sy: [C]``, ``st``, ``n``; optional
+    ``sxx: [D, D]`` and its sums over the first ``rows_xx`` rows only (Σ_X is a normaliser).
+    """
+
+    sxy: torch.Tensor
+    sxt: torch.Tensor
+    sx: torch.Tensor
+    sy: torch.Tensor
+    st: torch.Tensor
+    n: int = 0
+    sxx: torch.Tensor | None = None
+    sx_xx: torch.Tensor | None = None
+    rows_xx: int = 0
+
+    def cov_xy(self) -> torch.Tensor:
+        """Cov(x_patch, y) = Σ_X w for a pre-BN channel: ``[D, C]``."""
+        n = self.n
+        return (self.sxy - torch.outer(self.sx, self.sy) / n) / (n - 1)
+
+    def cov_xt(self) -> torch.Tensor:
+        n = self.n
+        return (self.sxt - self.sx * self.st / n) / (n - 1)
+
+    def sigma_x(self) -> torch.Tensor | None:
+        if self.sxx is None or self.rows_xx < 2:
+            return None
+        m = self.rows_xx
+        return (self.sxx - torch.outer(self.sx_xx, self.sx_xx) / m) / (m - 1)
+
+
+@dataclass
+class Capture:
+    """Sampled activations of the analysed layers.
+
+    ``acts[layer]: [N, C]`` float32, ``target: [N]`` float32 (the image's T repeated over its
+    ``s`` samples), ``image_index: [N]`` (which calibration image a sample came from),
+    ``patches[layer]`` streamed patch moments (pre-BN only), ``knobs`` the capture settings.
+    """
+
+    acts: dict[str, torch.Tensor]
+    target: torch.Tensor
+    image_index: torch.Tensor
+    knobs: dict
+    patches: dict[str, LayerPatchMoments] = field(default_factory=dict)
+    accuracy: float = float("nan")
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.acts)
+
+
+def capture_key(knobs: dict) -> str:
+    """A short stable hash of the capture settings: the cache file name."""
+    return hashlib.sha1(json.dumps(knobs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _to_nchw(out: torch.Tensor, channels: int) -> torch.Tensor:
+    # ConvNeXt's LayerNorm runs channels-last ([B, H, W, C]); bring it back to [B, C, H, W].
+    if out.ndim == 4 and out.shape[1] != channels and out.shape[-1] == channels:
+        return out.permute(0, 3, 1, 2)
+    return out
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def _sample_positions(batch: int, hw: int, s: int, gen: torch.Generator) -> torch.Tensor:
+    """``[batch, s]`` flat positions per image: without replacement when s ≤ H·W."""
+    if s <= hw:
+        return torch.rand(batch, hw, generator=gen).argsort(dim=1)[:, :s]
+    return torch.randint(0, hw, (batch, s), generator=gen)
+
+
+def _patches_at(x: torch.Tensor, conv: torch.nn.Conv2d, b_idx: torch.Tensor, oh: torch.Tensor,
+                ow: torch.Tensor) -> torch.Tensor:
+    """Input patches of ``conv`` at output positions (b, oh, ow): ``[n, Cin·kh·kw]`` (weight layout)."""
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    ph, pw = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
+    dh, dw = conv.dilation
+    xp = F.pad(x, (pw, pw, ph, ph))
+    rows = oh[:, None] * sh + torch.arange(kh, device=x.device)[None] * dh      # [n, kh]
+    cols = ow[:, None] * sw + torch.arange(kw, device=x.device)[None] * dw      # [n, kw]
+    patch = xp[b_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]     # [n, kh, kw, Cin]
+    return patch.permute(0, 3, 1, 2).reshape(len(b_idx), -1)
+
+
+class _LayerRecorder:
+    """Hooks of one layer: samples positions, stores ``[B·s, C]``, streams patch moments."""
+
+    def __init__(self, name, unit, point, spatial, s, seed, patch_moments, max_patch_dim, sigma_rows):
+        self.name, self.unit, self.point, self.spatial, self.s = name, unit, point, spatial, s
+        self.gen = torch.Generator().manual_seed(_layer_seed(seed, name))
+        self.chunks: list[torch.Tensor] = []
+        conv = unit.conv
+        self.want_patches = (patch_moments and point == "pre_bn" and conv.groups == 1
+                             and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= max_patch_dim)
+        self.sigma_rows = sigma_rows
+        self.moments: LayerPatchMoments | None = None
+        self._input = None
+        self._pos = None
+        self._pending_y = None
+
+    def hooks(self):
+        conv = self.unit.conv
+        out = []
+        if self.want_patches:
+            out.append(conv.register_forward_pre_hook(self._keep_input))
+        if self.point == "pre_bn" or self.unit.norm is None:
+            out.append(conv.register_forward_hook(self._record))
+        else:
+            out.append(self.unit.norm.register_forward_hook(self._record))
+        return out
+
+    def _keep_input(self, module, args):
+        self._input = args[0].detach()
+
+    def _record(self, module, args, output):
+        C = self.unit.conv.out_channels
+        y = _to_nchw(output.detach(), C)
+        if self.point == "post_act" and self.unit.norm is not None:
+            y = self._activate(y)
+        B, _, H, W = y.shape
+        if self.spatial == "gap":
+            samples = y.float().mean(dim=(2, 3))                                   # [B, C]
+            self._pos = None
+        else:
+            pos = _sample_positions(B, H * W, self.s, self.gen).to(y.device)      # [B, s]
+            flat = y.float().reshape(B, C, H * W)
+            samples = flat.gather(2, pos[:, None, :].expand(B, C, self.s))          # [B, C, s]
+            samples = samples.permute(0, 2, 1).reshape(B * self.s, C)
+            self._pos = (pos, H, W)
+        self.chunks.append(samples.cpu())
+        if self.want_patches and self.spatial == "sample":
+            self._pending_y = samples
+
+    def _activate(self, y):
+        act = self.unit.act
+        if act is None:
+            return y
+        # Our own copy: the modules are often in-place (ReLU(inplace=True)) and for residual units
+        # the block's ReLU follows the add; post_act here is the unit's nonlinearity applied to
+        # its own post-norm signal, never the block output.
+        try:
+            return act(y.clone())
+        except Exception:  # noqa: BLE001 - activations that are not shape-agnostic
+            return F.relu(y)
+
+    def stream_patches(self, t_img: torch.Tensor) -> None:
+        """Accumulate patch moments for the last batch once T (per image) is known."""
+        if self._pending_y is None or self._pos is None or self._input is None:
+            return
+        pos, H, W = self._pos
+        B = pos.shape[0]
+        b_idx = torch.arange(B, device=pos.device).repeat_interleave(self.s)
+        flat = pos.reshape(-1)
+        x = _patches_at(self._input.float(), self.unit.conv, b_idx, flat // W, flat % W).double()
+        y = self._pending_y.double()
+        t = t_img.to(x.device).double().repeat_interleave(self.s)
+        if self.moments is None:
+            D, C = x.shape[1], y.shape[1]
+            z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
+            self.moments = LayerPatchMoments(z(D, C), z(D), z(D), z(C), z(()),
+                                             sxx=z(D, D) if self.sigma_rows > 0 else None,
+                                             sx_xx=z(D) if self.sigma_rows > 0 else None)
+        m = self.moments
+        m.sxy += x.T @ y
+        m.sxt += x.T @ t
+        m.sx += x.sum(0)
+        m.sy += y.sum(0)
+        m.st += t.sum()
+        m.n += len(t)
+        if m.sxx is not None and m.rows_xx < self.sigma_rows:
+            take = x[: self.sigma_rows - m.rows_xx]
+            m.sxx += take.T @ take
+            m.sx_xx += take.sum(0)
+            m.rows_xx += len(take)
+        self._pending_y = None
+        self._input = None
+
+
+@torch.no_grad()
+def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: str = "pre_bn",
+                        spatial: str = "sample", samples_per_image: int = 16, target: str = "logit_margin",
+                        seed: int = 0, patch_moments: bool = False, max_patch_dim: int = 4608,
+                        sigma_rows: int = 8192, device: str | torch.device = "cpu",
+                        progress: bool = True) -> Capture:
+    """Run ``model`` once over ``loader`` and record the sampled activations of ``units``.
+
+    ``units``: {layer name: ConvUnit} (the conv, the norm after it, the activation after that).
+    Returns a :class:`Capture`; acts are ``[N, C]`` with N = images · s (or images with ``gap``).
+    """
+    if point not in POINTS:
+        raise unknown_name("activation point (capture.point)", point, POINTS)
+    if spatial not in SPATIAL:
+        raise unknown_name("spatial mode (capture.spatial)", spatial, SPATIAL)
+    s = 1 if spatial == "gap" else int(samples_per_image)
+    if s <= 0:
+        raise UserError(f"capture.samples_per_image must be positive, got {samples_per_image}")
+    model = model.eval().to(device)
+    recorders = {name: _LayerRecorder(name, unit, point, spatial, s, seed, patch_moments,
+                                      max_patch_dim, sigma_rows) for name, unit in units.items()}
+    handles = [h for r in recorders.values() for h in r.hooks()]
+    targets, images, correct, seen = [], [], 0, 0
+    try:
+        for x, y in tqdm(loader, desc=f"capture ({len(units)} layers)", disable=not progress, leave=False):
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            t = target_from_logits(logits, y, target)
+            for r in recorders.values():
+                r.stream_patches(t)
+            targets.append(t.cpu().repeat_interleave(s))
+            images.append(torch.arange(seen, seen + len(y)).repeat_interleave(s))
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+    finally:
+        for h in handles:
+            h.remove()
+    acts = {name: torch.cat(r.chunks) for name, r in recorders.items()}
+    patches = {name: r.moments for name, r in recorders.items() if r.moments is not None}
+    knobs = dict(point=point, spatial=spatial, samples_per_image=s, target=target, seed=int(seed))
+    return Capture(acts=acts, target=torch.cat(targets), image_index=torch.cat(images), knobs=knobs,
+                   patches={k: _to_cpu(v) for k, v in patches.items()}, accuracy=correct / max(1, seen))
+
+
+def _to_cpu(m: LayerPatchMoments) -> LayerPatchMoments:
+    for f in ("sxy", "sxt", "sx", "sy", "st", "sxx", "sx_xx"):
+        v = getattr(m, f)
+        if v is not None:
+            setattr(m, f, v.cpu())
+    return m
+
+
+def check_finite(capture: Capture) -> None:
+    """Stop, naming the layer, when activations hold NaN or Inf."""
+    if not torch.isfinite(capture.target).all():
+        raise UserError("the target T has NaN/Inf values: the network's logits are not finite")
+    for name, a in capture.acts.items():
+        if not torch.isfinite(a).all():
+            raise UserError(f"layer {name}: activations contain NaN or Inf "
+                            f"({int((~torch.isfinite(a)).sum())} values); is the checkpoint diverged?")
+
+
+def save_capture(capture: Capture, path: Path) -> None:
+    from axes_pipeline.runs import atomic_path
+
+    blob = {"acts": capture.acts, "target": capture.target, "image_index": capture.image_index,
+            "knobs": capture.knobs, "accuracy": capture.accuracy,
+            "patches": {k: {f: getattr(v, f) for f in ("sxy", "sxt", "sx", "sy", "st", "n", "sxx",
+                                                        "sx_xx", "rows_xx")}
+                        for k, v in capture.patches.items()}}
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def load_capture(path: Path) -> Capture:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    patches = {k: LayerPatchMoments(**v) for k, v in blob["patches"].items()}
+    return Capture(acts=blob["acts"], target=blob["target"], image_index=blob["image_index"],
+                   knobs=blob["knobs"], patches=patches, accuracy=blob["accuracy"])

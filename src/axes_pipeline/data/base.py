@@ -1,0 +1,448 @@
+"""The common base of every DataModule: splits, transforms, loaders, and what the analyses need.
+
+A dataset has one or two *sources* on disk (``"train"`` and ``"test"``; digits has one,
+``"all"``). The base carves three *splits* from them:
+
+- ``train``: what the network is fit on;
+- ``val``: a fixed, stratified, seeded part of the training source (``val_fraction``,
+  ``split_seed``), used for every selection (checkpoints, hyper-parameters);
+- ``test``: the official test/validation set, never used for selection.
+
+The split depends only on ``split_seed``, not on the training seed, so runs with different seeds
+share it. Analyses draw from it with :meth:`BaseDataModule.calibration_set` (training portion) and
+:meth:`BaseDataModule.eval_subset` (test split); both are nested in ``n`` for a fixed seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from axes_pipeline.errors import UserError
+from axes_pipeline.data.device_loader import DeviceBatchLoader, default_device
+from axes_pipeline.data.transforms import TRANSFORM_MODES, crop_transform
+
+SPLITS = ("train", "val", "test")
+
+
+# --------------------------------------------------------------------------- helpers
+def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Split positions ``0..N-1`` by class into ``[rest, part_1, ..., part_k]``.
+
+    ``part_j`` holds ``round(fractions[j] * N)`` positions, spread over classes in proportion to
+    their sizes (largest remainder), each class shuffled with one seeded generator. Every part is
+    returned sorted. Deterministic in ``(labels, fractions, seed)``.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = []
+    for frac in fractions:
+        total = int(round(frac * n))
+        exact = counts * frac
+        quota = np.floor(exact).astype(int)
+        order = np.argsort(-(exact - quota), kind="stable")
+        quota[order[: total - quota.sum()]] += 1
+        quotas.append(quota)
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for ci, cls in enumerate(classes):
+        idx = np.flatnonzero(labels == cls)
+        idx = idx[rng.permutation(len(idx))]
+        start = 0
+        for j, quota in enumerate(quotas):
+            take = min(int(quota[ci]), len(idx) - start)
+            parts[j + 1].append(idx[start : start + take])
+            start += take
+        parts[0].append(idx[start:])
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
+
+
+class SplitSubset(Dataset):
+    """Rows ``indices`` of a source dataset, with a transform applied on the fly.
+
+    ``source`` yields ``(image, label)`` with the image untransformed (PIL image, or a float
+    tensor for digits). ``source_name`` / ``mode`` let :meth:`BaseDataModule.loader` serve the
+    same rows from the on-device copy.
+    """
+
+    def __init__(
+        self,
+        source: Dataset,
+        indices: Sequence[int],
+        transform: Callable | None,
+        *,
+        source_name: str,
+        mode: str,
+        labels: np.ndarray,
+    ) -> None:
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+        self.source_name = source_name
+        self.mode = mode
+        self.targets = np.asarray(labels)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image, label = self.source[int(self.indices[i])]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(label)
+
+
+# --------------------------------------------------------------------------- base
+class BaseDataModule(L.LightningDataModule):
+    """Common behaviour of the dataset modules; subclasses describe their data on disk.
+
+    Subclasses set ``name``, ``mean``, ``std``, ``native_size`` and implement
+    :meth:`_check_present`, :meth:`_load_source`, and (when downloadable) :meth:`_download`.
+
+    Constructor knobs (the config keys; a subclass's own defaults are in its ``defaults``):
+        data_dir: folder that holds the dataset folders.
+        download: fetch missing data (where the dataset allows it).
+        verify: check checksums / the full class count of the data on disk.
+        batch_size, eval_batch_size: training / evaluation batch sizes.
+        num_workers: DataLoader worker processes (``persistent_workers`` when > 0).
+        val_fraction: fraction of the training source held out as the validation split.
+        split_seed: seed of that split (independent of the training seed).
+        on_device: serve batches from a copy of the data on the accelerator
+            (:class:`DeviceBatchLoader`), augmented there.
+        image_size: side of the square images the network sees.
+        augment: random crop / flip on the training split (off = eval transform).
+        crop_padding: zero padding of the random crop (crop-style datasets).
+        hflip: random horizontal flip.
+        recipe: the dataset's training recipe (``epochs``; optionally ``optimizer``, ``lr``,
+            ``weight_decay``), read by the trainer and optimizer configs; kept as ``self.recipe``.
+    """
+
+    name: str = "base"
+    in_channels: int = 3
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    #: side of the images as stored (None: variable, e.g. ImageNet)
+    native_size: int | None = None
+    #: the data can live on the accelerator (small datasets only)
+    supports_on_device: bool = True
+    #: sources yield float tensors at ``image_size`` instead of PIL images
+    tensor_source: bool = False
+    #: this dataset's defaults for the knobs of :meth:`_configure` (its config file repeats them)
+    defaults: dict[str, Any] = {}
+    #: knobs a subclass takes in its own ``__init__`` (listed in the unknown-knob error)
+    extra_knobs: tuple[str, ...] = ()
+
+    def __init__(self, **knobs: Any) -> None:
+        super().__init__()
+        valid = list(inspect.signature(self._configure).parameters)
+        unknown = sorted(set(knobs) - set(valid))
+        if unknown:
+            raise UserError(
+                f"unknown data knob(s) {', '.join(unknown)} for {type(self).__name__}; "
+                f"valid: {', '.join(valid + list(self.extra_knobs))}"
+            )
+        self._configure(**{**self.defaults, **knobs})
+
+    def _configure(
+        self,
+        *,
+        name: str | None = None,
+        data_dir: str | Path | None = None,
+        download: bool = False,
+        verify: bool = True,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 4,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        on_device: bool = False,
+        image_size: int = 32,
+        augment: bool = True,
+        crop_padding: int = 4,
+        hflip: bool = True,
+        recipe: Mapping[str, Any] | None = None,
+    ) -> None:
+        if name is not None and name != type(self).name:
+            raise UserError(
+                f"data.name '{name}' does not match {type(self).__name__} (name '{type(self).name}'); "
+                f"pick the dataset with data={name} instead of editing data.name"
+            )
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+        self.download = bool(download)
+        self.verify = bool(verify)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+        self.num_workers = _nonneg_int("num_workers", num_workers)
+        self.val_fraction = float(val_fraction)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.split_seed = int(split_seed)
+        self.on_device = bool(on_device)
+        self.image_size = _positive_int("image_size", image_size)
+        self.augment = bool(augment)
+        self.crop_padding = _nonneg_int("crop_padding", crop_padding)
+        self.hflip = bool(hflip)
+        if isinstance(recipe, DictConfig):
+            recipe = OmegaConf.to_container(recipe, resolve=True)
+        self.recipe: dict[str, Any] = dict(recipe or {})
+        if self.on_device and not self.supports_on_device:
+            raise UserError(
+                f"data.on_device=true is for small datasets (digits, cifar10, cifar100, tinyimagenet), "
+                f"not {self.name}; set data.on_device=false"
+            )
+        self._sources: dict[str, tuple[Dataset, np.ndarray]] = {}
+        self._splits: dict[str, tuple[str, np.ndarray]] | None = None
+        self._device_data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ to implement
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    def layout(self) -> str:
+        """One line: where the data must be on disk and how to get it."""
+        return ""
+
+    def _check_present(self) -> None:
+        """Raise UserError (with :meth:`layout`) unless the files are there. Cheap."""
+        raise NotImplementedError
+
+    def _load_source(self, source: str) -> tuple[Dataset, np.ndarray]:
+        """The untransformed source dataset and its labels ``[N]``."""
+        raise NotImplementedError
+
+    def _download(self) -> None:
+        raise UserError(f"{self.name} cannot be downloaded automatically; {self.layout()}")
+
+    def source_names(self) -> tuple[str, ...]:
+        return ("train", "test")
+
+    def _partition(self) -> dict[str, tuple[str, np.ndarray]]:
+        """Split name -> (source name, row indices). Default: val carved from train; test whole."""
+        labels = self._source("train")[1]
+        train, val = stratified_split(labels, [self.val_fraction], self.split_seed)
+        test_n = len(self._source("test")[1])
+        return {"train": ("train", train), "val": ("train", val), "test": ("test", np.arange(test_n))}
+
+    def train_transform(self) -> Callable:
+        return self._crop_transform(train=self.augment)
+
+    def eval_transform(self) -> Callable:
+        return self._crop_transform(train=False)
+
+    def _crop_transform(self, train: bool) -> Callable:
+        return crop_transform(
+            train=train,
+            image_size=self.image_size,
+            native_size=self.native_size,
+            mean=self.mean,
+            std=self.std,
+            crop_padding=self.crop_padding,
+            hflip=self.hflip,
+            tensor_input=self.tensor_source,
+        )
+
+    # ------------------------------------------------------------------ existence
+    def _require_data_dir(self) -> Path:
+        if self.data_dir is None:
+            raise UserError(f"data.data_dir is not set for {self.name}; {self.layout()}")
+        return self.data_dir
+
+    def check(self) -> None:
+        """Validate, cheaply, that the data exists (or will be downloaded); UserError otherwise.
+
+        Called by the entry points before any expensive work.
+        """
+        if self.download:
+            self._require_data_dir()
+            return
+        self._check_present()
+
+    def prepare_data(self) -> None:
+        """Download when ``download`` is set and the data is missing (Lightning: rank 0 only)."""
+        if not self.download:
+            return
+        try:
+            self._check_present()
+        except UserError:
+            self._download()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the sources and compute the split (idempotent)."""
+        if self._splits is not None:
+            return
+        self._check_present()
+        for name in self.source_names():
+            self._source(name)
+        self._splits = self._partition()
+
+    def _ensure_setup(self) -> None:
+        if self._splits is None:
+            self.prepare_data()
+            self.setup()
+
+    def _source(self, source: str) -> tuple[Dataset, np.ndarray]:
+        if source not in self._sources:
+            dataset, labels = self._load_source(source)
+            self._sources[source] = (dataset, np.asarray(labels, dtype=np.int64))
+        return self._sources[source]
+
+    # ------------------------------------------------------------------ datasets
+    def split_indices(self, split: str) -> tuple[str, np.ndarray]:
+        """``(source name, row indices)`` of a split."""
+        if split not in SPLITS:
+            raise UserError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
+        self._ensure_setup()
+        assert self._splits is not None
+        return self._splits[split]
+
+    def split_sizes(self) -> dict[str, int]:
+        return {s: len(self.split_indices(s)[1]) for s in SPLITS}
+
+    def transform(self, mode: str) -> Callable:
+        if mode not in TRANSFORM_MODES:
+            raise UserError(f"unknown transform '{mode}'; choose one of: {', '.join(TRANSFORM_MODES)}")
+        return self.train_transform() if mode == "train" else self.eval_transform()
+
+    def _subset(self, source: str, indices: np.ndarray, mode: str) -> SplitSubset:
+        dataset, labels = self._source(source)
+        return SplitSubset(dataset, indices, self.transform(mode), source_name=source, mode=mode, labels=labels)
+
+    def dataset(self, split: str, transform: str | None = None) -> SplitSubset:
+        """A split as a Dataset of ``(x: [C, H, W] float, y: int)``.
+
+        ``transform``: ``"train"`` | ``"eval"``; default ``"train"`` for the train split and
+        ``"eval"`` otherwise.
+        """
+        source, indices = self.split_indices(split)
+        mode = transform or ("train" if split == "train" else "eval")
+        return self._subset(source, indices, mode)
+
+    def calibration_set(self, n: int, seed: int, transform: str = "eval") -> SplitSubset:
+        """``n`` images drawn (seeded) from the training portion (never val or test).
+
+        Nested in ``n``: for one seed, the first ``n`` of a larger set are the smaller set.
+        """
+        self.transform(transform)  # validate the name before loading anything
+        source, indices = self.split_indices("train")
+        return self._subset(source, _draw(indices, n, seed, what=f"{self.name} training portion"), transform)
+
+    def eval_subset(self, n: int | None, seed: int) -> SplitSubset:
+        """``n`` images drawn (seeded) from the test split, eval transform; ``None`` = all, in order."""
+        source, indices = self.split_indices("test")
+        if n is not None:
+            indices = _draw(indices, n, seed, what=f"{self.name} test split")
+        return self._subset(source, indices, "eval")
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self):
+        return self._make_loader(self.dataset("train"), shuffle=True, batch_size=self.batch_size, persistent=True)
+
+    def val_dataloader(self):
+        return self._make_loader(self.dataset("val"), shuffle=False, batch_size=self.eval_batch_size, persistent=True)
+
+    def test_dataloader(self):
+        return self._make_loader(self.dataset("test"), shuffle=False, batch_size=self.eval_batch_size, persistent=True)
+
+    def loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None):
+        """A loader over ``dataset`` (default batch size: ``eval_batch_size``).
+
+        With ``on_device`` and a dataset from this module (``dataset``, ``calibration_set``,
+        ``eval_subset``) it is a :class:`DeviceBatchLoader`; otherwise a DataLoader.
+        """
+        batch_size = batch_size or self.eval_batch_size
+        return self._make_loader(dataset, shuffle=shuffle, batch_size=batch_size, persistent=False)
+
+    def _make_loader(self, dataset: Dataset, *, shuffle: bool, batch_size: int, persistent: bool):
+        if self.on_device and isinstance(dataset, SplitSubset):
+            return self.device_loader(dataset, shuffle=shuffle, batch_size=batch_size)
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=persistent and workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )
+
+    def device_loader(
+        self, dataset: SplitSubset, *, shuffle: bool = False, batch_size: int | None = None, seed: int | None = None
+    ) -> DeviceBatchLoader:
+        """The :class:`DeviceBatchLoader` serving ``dataset``'s rows with its transform mode."""
+        images, labels = self._device_source(dataset.source_name)
+        train = dataset.mode == "train" and self.augment
+        return DeviceBatchLoader(
+            images,
+            labels,
+            batch_size or self.eval_batch_size,
+            indices=torch.as_tensor(dataset.indices),
+            shuffle=shuffle,
+            crop_padding=self.crop_padding if train else 0,
+            hflip=self.hflip if train else False,
+            mean=self.mean,
+            std=self.std,
+            seed=seed,
+            device=images.device,
+        )
+
+    def _device_source(self, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if source not in self._device_data:
+            images = self._source_tensor(source)
+            labels = torch.as_tensor(self._source(source)[1], dtype=torch.long)
+            device = default_device()
+            self._device_data[source] = (images.to(device), labels.to(device))
+        return self._device_data[source]
+
+    def _source_tensor(self, source: str) -> torch.Tensor:
+        """A whole source as ``[N, C, H, W]`` uint8 at ``image_size`` (float [0,1] for tensor sources).
+
+        Generic path: decode (and resize) every image once with PIL, as the DataLoader path does,
+        in ``num_workers`` processes. Subclasses with the pixels already in memory override it.
+        """
+        from torchvision import transforms as T
+
+        dataset, labels = self._source(source)
+        steps = []
+        if self.native_size is None or self.image_size != self.native_size:
+            steps.append(T.Resize((self.image_size, self.image_size)))
+        steps.append(T.PILToTensor())
+        every = np.arange(len(dataset))
+        subset = SplitSubset(dataset, every, T.Compose(steps), source_name=source, mode="eval", labels=labels)
+        loader = DataLoader(subset, batch_size=512, num_workers=self.num_workers)
+        return torch.cat([x for x, _ in loader])
+
+    def __repr__(self) -> str:
+        cls = type(self).__name__
+        return f"{cls}(data_dir={self.data_dir}, image_size={self.image_size}, on_device={self.on_device})"
+
+
+def _draw(indices: np.ndarray, n: int, seed: int, *, what: str) -> np.ndarray:
+    n = int(n)
+    if n < 1:
+        raise UserError(f"asked for {n} images from the {what}; ask for at least 1")
+    if n > len(indices):
+        raise UserError(f"asked for {n} images but the {what} has only {len(indices)}; lower the number (e.g. n_cal)")
+    order = np.random.default_rng(seed).permutation(len(indices))
+    return indices[order[:n]]
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if int(value) != value or int(value) < 1:
+        raise UserError(f"data.{key} must be a positive integer, got {value}")
+    return int(value)
+
+
+def _nonneg_int(key: str, value: Any) -> int:
+    if int(value) != value or int(value) < 0:
+        raise UserError(f"data.{key} must be a non-negative integer, got {value}")
+    return int(value)

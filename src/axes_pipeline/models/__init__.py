@@ -1,0 +1,126 @@
+"""Backbones and the list of analysable conv layers.
+
+``build_model(name, num_classes, width, pretrained, weights, **knobs)`` builds one of
+:data:`MODEL_NAMES` from torchvision's classes (see :mod:`.backbones` for each backbone's knobs);
+:func:`conv_layers`, :func:`conv_norm_pairs` and :func:`depth_spaced_layers` say which conv
+layers are analysed and what to hook (see :mod:`.layers`).
+
+Hydra: ``conf/model/<name>.yaml`` targets :func:`build_model` with ``_partial_: true``; the
+training code binds ``num_classes`` from the datamodule.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch.nn as nn
+
+from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.models.backbones import BUILDERS, DEFAULT_IMAGE_SIZE, default_image_size
+from axes_pipeline.models.layers import (
+    ConvUnit,
+    FunctionalAct,
+    analysable_layers,
+    classifier_name,
+    conv_layers,
+    conv_norm_pairs,
+    depth_spaced_layers,
+    example_input,
+    is_depthwise,
+)
+from axes_pipeline.models.weights import LoadReport, hub_cache_file, load_weights, resolve_weights
+
+log = logging.getLogger(__name__)
+
+MODEL_NAMES: tuple[str, ...] = tuple(BUILDERS)
+
+__all__ = [
+    "DEFAULT_IMAGE_SIZE",
+    "MODEL_NAMES",
+    "ConvUnit",
+    "FunctionalAct",
+    "LoadReport",
+    "analysable_layers",
+    "build_model",
+    "classifier_name",
+    "conv_layers",
+    "conv_norm_pairs",
+    "default_image_size",
+    "depth_spaced_layers",
+    "example_input",
+    "hub_cache_file",
+    "is_depthwise",
+    "load_weights",
+    "model_knobs",
+]
+
+
+def model_knobs(name: str) -> dict[str, Any]:
+    """The backbone-specific knobs of ``name`` and their defaults (beyond ``width``)."""
+    if name not in BUILDERS:
+        raise unknown_name("model", name, MODEL_NAMES)
+    params = inspect.signature(BUILDERS[name]).parameters
+    return {k: p.default for k, p in params.items() if k not in ("num_classes", "width")}
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    width: float = 1.0,
+    pretrained: bool = False,
+    weights: str | None = None,
+    **knobs: Any,
+) -> nn.Module:
+    """Build backbone ``name`` for ``num_classes`` classes with channel multiplier ``width``.
+
+    ``pretrained=True`` loads ImageNet weights from ``weights`` (a local state_dict / torchvision
+    ``.pth`` file, or a torchvision tag such as ``IMAGENET1K_V1`` found in the hub cache) or, with
+    ``weights=None``, from torchvision's hub cache if the file is already there; nothing is
+    downloaded. Giving ``weights`` implies ``pretrained``. The classifier and shape-mismatched
+    tensors are skipped; the :class:`LoadReport` is logged and kept as
+    ``model.pretrained_report``. ``knobs`` are the backbone's own options
+    (:func:`model_knobs`). Every mistake raises :class:`UserError` before anything is built.
+    """
+    if name not in BUILDERS:
+        raise unknown_name("model", str(name), MODEL_NAMES)
+    valid = model_knobs(name)
+    unknown = sorted(set(knobs) - set(valid))
+    if unknown:
+        raise UserError(
+            f"unknown option(s) {', '.join(unknown)} for model {name}; valid: "
+            f"{', '.join(sorted(valid)) or '(none)'}, plus width, pretrained, weights"
+        )
+    try:
+        width = float(width)
+        num_classes = int(num_classes)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"model.width must be a number and num_classes an integer (got {width!r}, {num_classes!r})"
+        ) from None
+    if not width > 0:
+        raise UserError(f"model.width must be > 0, got {width}")
+    if num_classes < 1:
+        raise UserError(f"num_classes must be >= 1, got {num_classes}")
+
+    path = None
+    if pretrained or weights is not None:
+        path = resolve_weights(name, None if weights in (None, "") else str(weights))
+
+    model = BUILDERS[name](num_classes=num_classes, width=width, **knobs)
+
+    if path is not None:
+        report = load_weights(model, path)
+        model.pretrained_report = report
+        log.info("model %s: %s", name, report.summary())
+        if report.skipped_shape or report.unexpected:
+            log.warning(
+                "model %s: %d tensors of %s did not fit (width=%s, knobs=%s) and stay at init",
+                name,
+                len(report.skipped_shape) + len(report.unexpected),
+                path,
+                width,
+                knobs,
+            )
+    return model

@@ -1,0 +1,571 @@
+"""Statistics for the report: FLOPs-AUC, paired seed comparisons, binned correlations, ΔR².
+
+Pure numpy/scipy and deterministic given ``seed``: every random draw comes from
+``numpy.random.default_rng(seed)``, so a report rebuilt from the same results prints the same
+intervals.
+
+What uses what (METHODS §8, §9):
+
+- pruning curves → :func:`flops_auc`, :func:`flops_auc_relative`;
+- headline comparison (best local vs best target score, paired across seeds) →
+  :func:`compare_paired` (which wraps :func:`paired_bootstrap_ci`, :func:`paired_test`,
+  :func:`effect_size_paired`), corrected over several scores with :func:`holm`;
+- lesion analysis (damage vs predictors within task-information bins, and whether the peer
+  terms add over ``input_capture`` + ``task_info``) → :func:`binned_spearman`,
+  :func:`incremental_r2`;
+- the paper's reference numbers (METHODS §11) → :data:`PAPER_REFERENCE`.
+
+NaN convention: a NaN marks a missing run (a seed that failed, a channel without a lesion).
+Functions on paired data drop a pair when either side is NaN; functions that cannot produce a
+meaningful number return NaN rather than raise, so one missing run does not stop a report.
+Wrong *shapes* (unequal lengths, a 2-D array where a vector belongs) are programming errors and
+raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import stats as _st
+
+__all__ = [
+    "PAPER_REFERENCE",
+    "binned_spearman",
+    "compare_paired",
+    "effect_size_paired",
+    "flops_auc",
+    "flops_auc_relative",
+    "holm",
+    "incremental_r2",
+    "mean_sd",
+    "paired_bootstrap_ci",
+    "paired_test",
+    "spearman",
+]
+
+#: METHODS §11: the paper's numbers for six depth-spaced layers, CIFAR-100, as (mean, sd).
+PAPER_REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
+    "hull_size_mean": {"init": (3.08, 0.07), "trained": (4.27, 0.04)},
+    "hull_saturated_frac": {"init": (0.067, 0.006), "trained": (0.195, 0.008)},
+    "s3_s2": {"init": (0.192, 0.017), "trained": (0.381, 0.008)},
+}
+
+# Exact sign-flip enumeration up to this many pairs (2^16 = 65,536 flips × 16: ~8 MB).
+_EXACT_PERM_MAX_N = 16
+# Bootstrap/permutation work is chunked so that one chunk holds at most this many numbers;
+# chunk boundaries do not change the draws, so results do not depend on memory.
+_CHUNK_ELEMS = 4_000_000
+# Monte-Carlo sign flips when n > _EXACT_PERM_MAX_N.
+_N_PERM = 10000
+# A spread this small relative to the values is rounding, not variation (a − b of floats that
+# differ by a constant is not exactly constant).
+_REL_TOL = 1e-12
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _vec(x, name: str) -> np.ndarray:
+    """``x`` as a 1-D float array; a scalar or a 2-D array is a programming error."""
+    arr = np.asarray(x, dtype=float)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    return arr
+
+
+def _paired(a, b) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return (a, b, n_dropped) with pairs containing a NaN removed.
+
+    ``a, b: [n]`` paired by position (seed i of score A with seed i of score B).
+    """
+    a = _vec(a, "a")
+    b = _vec(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"paired inputs must have equal length, got {a.size} and {b.size}")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    return a[keep], b[keep], int(a.size - keep.sum())
+
+
+def _is_constant(d: np.ndarray) -> bool:
+    """True when the values of ``d`` differ only by rounding."""
+    if d.size == 0:
+        return True
+    scale = max(float(np.max(np.abs(d))), np.finfo(float).tiny)
+    return float(np.ptp(d)) <= _REL_TOL * scale
+
+
+def _chunks(total: int, per_item: int):
+    """Yield chunk sizes summing to ``total`` with ``size * per_item <= _CHUNK_ELEMS``."""
+    step = max(1, _CHUNK_ELEMS // max(1, per_item))
+    done = 0
+    while done < total:
+        size = min(step, total - done)
+        yield size
+        done += size
+
+
+def _as_2d(x, n: int, name: str) -> np.ndarray:
+    """Design-matrix block ``[n, k]`` from a vector ``[n]`` or a matrix ``[n, k]``."""
+    arr = np.asarray(x, dtype=float)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}] or [{n}, k], got {arr.shape}")
+    return arr
+
+
+# ----------------------------------------------------------------------------- FLOPs-AUC
+
+
+def flops_auc(removed_frac, acc) -> float:
+    """Mean accuracy over the removed-FLOPs range: trapezoidal area / span of the x axis.
+
+    ``removed_frac: [k]`` fraction of the unpruned MACs removed (1 − retained), any order;
+    ``acc: [k]`` accuracy at each point (any unit; the result is in the same unit).
+
+    Dividing by the span turns the area into an average accuracy, so curves over different
+    grids stay comparable in accuracy units. The span is that of the points given: include
+    ``(0, unpruned accuracy)`` yourself if the curve should start at the unpruned model.
+    Points with a NaN in either coordinate are dropped (a failed target). Repeated x values
+    are averaged first — otherwise the trapezoid would depend on the order of the repeats.
+
+    Raises ``ValueError`` when fewer than two distinct x values remain: an area over a
+    single point has no meaning and a silent NaN would hide a broken pruning sweep.
+    """
+    x, y, _ = _paired(removed_frac, acc)
+    ux, inv = np.unique(x, return_inverse=True)  # sorted distinct x
+    if ux.size < 2:
+        raise ValueError(
+            f"flops_auc needs at least 2 distinct removed-FLOPs fractions, got {ux.size}"
+        )
+    uy = np.bincount(inv, weights=y) / np.bincount(inv)
+    area = float(np.sum(np.diff(ux) * (uy[1:] + uy[:-1]) / 2.0))
+    return area / float(ux[-1] - ux[0])
+
+
+def flops_auc_relative(removed_frac, acc, base_acc: float) -> float:
+    """:func:`flops_auc` divided by the unpruned accuracy ``base_acc`` (1.0 = no loss)."""
+    base = float(base_acc)
+    if not np.isfinite(base) or base <= 0:
+        raise ValueError(f"base_acc must be a positive number, got {base_acc!r}")
+    return flops_auc(removed_frac, acc) / base
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def mean_sd(values) -> tuple[float, float, int]:
+    """``(mean, sd, n)`` over the non-NaN entries of ``values: [k]``.
+
+    ``sd`` is the sample standard deviation (ddof=1), NaN when n < 2; ``mean`` is NaN when
+    n = 0.
+    """
+    v = _vec(np.ravel(np.asarray(values, dtype=float)), "values")
+    v = v[~np.isnan(v)]
+    n = int(v.size)
+    mean = float(v.mean()) if n else math.nan
+    sd = float(v.std(ddof=1)) if n >= 2 else math.nan
+    return mean, sd, n
+
+
+# ----------------------------------------------------------------------------- paired tests
+
+
+def paired_bootstrap_ci(
+    a, b, n_boot: int = 10000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Percentile-bootstrap CI of the mean paired difference ``a − b``.
+
+    ``a, b: [n]`` paired by position; pairs with a NaN are dropped. Pairs are resampled with
+    replacement (the pair is the unit: a seed gives both scores), ``n_boot`` replicates drawn
+    at once as an index matrix ``[n_boot, n]``.
+
+    Returns ``(diff_mean, lo, hi)`` with ``diff_mean`` the observed mean difference. With
+    n = 0 everything is NaN; with n = 1 the difference is reported but the interval is NaN
+    (one pair carries no information about spread).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    a, b, _ = _paired(a, b)
+    d = a - b
+    n = d.size
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    diff = float(d.mean())
+    if n == 1:
+        return diff, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    boot = np.concatenate(
+        [d[rng.integers(0, n, size=(m, n))].mean(axis=1) for m in _chunks(n_boot, n)]
+    )
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
+    return diff, float(lo), float(hi)
+
+
+def _signflip_p(d: np.ndarray, seed: int, n_perm: int) -> float:
+    """Two-sided sign-flip permutation p-value of ``|sum(d)|`` (H0: d symmetric about 0)."""
+    n = d.size
+    obs = abs(float(d.sum()))
+    # Sums that equal the observed one up to rounding count as "as extreme".
+    tol = _REL_TOL * max(float(np.abs(d).sum()), np.finfo(float).tiny)
+    if n <= _EXACT_PERM_MAX_N:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))  # [2^n, n]
+        sums = np.abs(signs @ d)
+        return float(np.mean(sums >= obs - tol))
+    # Monte Carlo: (1 + hits) / (1 + n_perm) never returns 0 and is a valid p-value
+    # (Phipson & Smyth 2010); the observed labelling counts as one of the permutations.
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for m in _chunks(n_perm, n):
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(m, n))
+        hits += int(np.sum(np.abs(signs @ d) >= obs - tol))
+    return (1.0 + hits) / (1.0 + n_perm)
+
+
+def paired_test(
+    a, b, method: str = "wilcoxon", seed: int = 0, *, n_perm: int = _N_PERM
+) -> float:
+    """Two-sided p-value for "a and b differ", paired by position.
+
+    ``a, b: [n]``; pairs with a NaN are dropped; NaN when no pair is left.
+
+    - ``"wilcoxon"``: :func:`scipy.stats.wilcoxon` on ``a − b`` with scipy's defaults
+      (``zero_method="wilcox"`` drops zero differences; ``method="auto"`` is exact for
+      n ≤ 50 without ties and an exhaustive permutation for n ≤ 13 with ties). All-zero
+      differences give p = 1.0 (scipy would return NaN: there is no evidence of a difference).
+    - ``"permutation"``: sign-flip test of ``|mean(a − b)|``; all 2^n flips are enumerated
+      when n ≤ 16 (exact), otherwise ``n_perm`` seeded Monte-Carlo flips.
+
+    With n pairs and no ties neither test can go below 2 / 2^n (5 seeds: 0.0625).
+    """
+    a, b, _ = _paired(a, b)
+    d = a - b
+    if d.size == 0:
+        return math.nan
+    if np.all(d == 0):
+        return 1.0
+    if method == "wilcoxon":
+        return float(_st.wilcoxon(d, alternative="two-sided").pvalue)
+    if method == "permutation":
+        return _signflip_p(d, seed, n_perm)
+    raise ValueError(f"unknown paired test '{method}'; choose one of: permutation, wilcoxon")
+
+
+def effect_size_paired(a, b) -> float:
+    """Cohen's d_z = mean(d) / sd(d) of the paired differences ``d = a − b`` (sd: ddof=1).
+
+    ``a, b: [n]``; pairs with a NaN are dropped. Edge cases:
+
+    - n < 2: NaN (no spread can be estimated);
+    - every difference exactly 0: 0.0 (no effect, rather than 0/0);
+    - a constant nonzero difference (spread at rounding level): ±inf — every seed agrees
+      exactly; :func:`compare_paired` adds a note so the report does not print a bare "inf".
+    """
+    a, b, _ = _paired(a, b)
+    d = a - b
+    if d.size < 2:
+        return math.nan
+    if np.all(d == 0):
+        return 0.0
+    if _is_constant(d):
+        return math.copysign(math.inf, float(d.mean()))
+    return float(d.mean() / d.std(ddof=1))
+
+
+def _p_floor(d: np.ndarray, method: str, n_perm: int) -> float:
+    """Smallest two-sided p the test can return for these differences (no ties assumed)."""
+    k = int(np.count_nonzero(d))  # zero differences carry no sign information
+    if k == 0:
+        return 1.0
+    if method == "permutation" and d.size > _EXACT_PERM_MAX_N:
+        return 1.0 / (1.0 + n_perm)
+    return min(1.0, 2.0 / 2.0**k)
+
+
+def compare_paired(
+    a,
+    b,
+    *,
+    min_n: int = 3,
+    n_boot: int = 10000,
+    seed: int = 0,
+    method: str = "wilcoxon",
+    level: float = 0.95,
+) -> dict:
+    """The headline comparison of METHODS §9 in one call: score A vs score B across seeds.
+
+    ``a, b: [n_seeds]`` (e.g. FLOPs-AUC of the best local and the best target score per
+    seed), paired by position; pairs with a NaN are dropped first.
+
+    Returns a dict:
+
+    - ``n``: pairs used; ``mean_a``, ``mean_b``, ``diff`` (= mean(a − b));
+    - ``ci_lo``, ``ci_hi``: paired percentile-bootstrap CI of ``diff`` at ``level``;
+    - ``p_value``: two-sided p from :func:`paired_test` with ``method``;
+    - ``effect_size``: Cohen's d_z (:func:`effect_size_paired`);
+    - ``test``: the test used; ``p_min``: the smallest p that test can reach with these
+      pairs (5 seeds: 0.0625, so "p = 0.0625" may be the strongest possible result);
+    - ``note``: "" when every number is meaningful, otherwise what the report should print
+      or add (too few seeds, dropped NaN pairs, an infinite effect size).
+
+    With fewer than ``min_n`` pairs the CI, p and effect size are NaN and ``note`` says
+    ``"n=2 < 3 seeds: the paired test is not possible"``; the means are still given.
+    """
+    if method not in ("wilcoxon", "permutation"):
+        raise ValueError(f"unknown paired test '{method}'; choose one of: permutation, wilcoxon")
+    a, b, dropped = _paired(a, b)
+    n = int(a.size)
+    d = a - b
+    notes: list[str] = []
+    out = {
+        "n": n,
+        "mean_a": float(a.mean()) if n else math.nan,
+        "mean_b": float(b.mean()) if n else math.nan,
+        "diff": float(d.mean()) if n else math.nan,
+        "ci_lo": math.nan,
+        "ci_hi": math.nan,
+        "p_value": math.nan,
+        "effect_size": math.nan,
+        "test": method,
+        "p_min": math.nan,
+        "note": "",
+    }
+    if n < min_n:
+        notes.append(f"n={n} < {min_n} seeds: the paired test is not possible")
+    else:
+        _, lo, hi = paired_bootstrap_ci(a, b, n_boot=n_boot, level=level, seed=seed)
+        es = effect_size_paired(a, b)
+        out.update(
+            ci_lo=lo,
+            ci_hi=hi,
+            p_value=paired_test(a, b, method=method, seed=seed),
+            effect_size=es,
+            p_min=_p_floor(d, method, _N_PERM),
+        )
+        if math.isinf(es):
+            notes.append("the difference is the same in every seed: effect size is infinite")
+    if dropped:
+        notes.append(f"{dropped} pair(s) with a missing value dropped")
+    out["note"] = "; ".join(notes)
+    return out
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm–Bonferroni adjusted p-values, in the input order.
+
+    ``pvalues: [m]``. NaN entries stay NaN and do not count towards m. Adjusted
+    p_(i) = max_{j ≤ i} min(1, (m − j + 1) · p_(j)) over the ascending order.
+    """
+    p = _vec(pvalues, "pvalues")
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = ok.size
+    if m == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    scaled = (m - np.arange(m)) * p[order]
+    out[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return out
+
+
+# ----------------------------------------------------------------------------- regression
+
+
+def _r2_point(y: np.ndarray, X: np.ndarray) -> float:
+    """R² of OLS ``y ~ X`` (X includes the intercept column)."""
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ beta
+    sst = float(np.sum((y - y.mean()) ** 2))
+    return 1.0 - float(resid @ resid) / sst if sst > 0 else math.nan
+
+
+def _r2_weighted(y: np.ndarray, X: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """R² of weighted OLS for each row of ``W``.
+
+    ``y: [N]``, ``X: [N, k]`` (intercept included), ``W: [B, N]`` bootstrap counts.
+    Resampling rows with replacement is the same as OLS weighted by how often each row was
+    drawn, so all B fits are batched normal equations ``[B, k, k]``. ``pinv`` gives the
+    minimum-norm solution when a resample is rank-deficient, whose fitted values are still
+    the least-squares ones. Returns ``[B]`` (NaN where the resample has constant y).
+    """
+    k = X.shape[1]
+    G = (W @ (X[:, :, None] * X[:, None, :]).reshape(-1, k * k)).reshape(-1, k, k)  # [B,k,k]
+    r = W @ (X * y[:, None])  # [B, k]
+    beta = np.einsum("bij,bj->bi", np.linalg.pinv(G, hermitian=True), r)
+    resid = y[None, :] - beta @ X.T  # [B, N]
+    wsum = W.sum(axis=1)
+    ybar = (W @ y) / wsum
+    sst = np.einsum("bn,bn->b", W, (y[None, :] - ybar[:, None]) ** 2)
+    ssr = np.einsum("bn,bn->b", W, resid**2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sst > 0, 1.0 - ssr / sst, np.nan)
+
+
+def incremental_r2(
+    y, base_X, extra_X, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """Does ``extra_X`` explain ``y`` beyond ``base_X``? ΔR² of nested OLS fits with a CI.
+
+    ``y: [N]`` (e.g. lesion damage per channel), ``base_X: [N] or [N, p]`` (e.g.
+    ``input_capture``, ``task_info``), ``extra_X: [N] or [N, q]`` (e.g. ``full_explained``,
+    ``hull_score``). Rows with a NaN anywhere are dropped. Both models get an intercept.
+    Columns are standardised before fitting (R² is unchanged; the batched normal equations
+    are better conditioned).
+
+    Returns a dict: ``n``, ``r2_base``, ``r2_full``, ``delta_r2`` (= r2_full − r2_base),
+    ``delta_r2_adj`` (difference of adjusted R², which removes the ≈ q/N that pure noise
+    adds), ``ci_lo``, ``ci_hi`` (percentile bootstrap over rows of ``delta_r2``, ``n_boot``
+    replicates, both models refitted on each resample), ``ci_adj_lo``, ``ci_adj_hi`` (the same
+    for ``delta_r2_adj``), ``p_f`` (nested-model F test, assumes homoscedastic normal
+    errors), ``n_boot``. Everything but ``n`` is NaN when N ≤ p + q + 1 or y is constant.
+
+    Read the plain CI as a size, not as a test: nested OLS never loses R², so every
+    bootstrap ΔR² is ≥ 0 and ``ci_lo`` sits above 0 even when ``extra_X`` is pure noise. For
+    "do the peer terms add anything?" use ``p_f`` or whether ``ci_adj_lo`` > 0.
+    """
+    yv = _vec(y, "y")
+    N = yv.size
+    B = _as_2d(base_X, N, "base_X")
+    E = _as_2d(extra_X, N, "extra_X")
+    keep = ~(np.isnan(yv) | np.isnan(B).any(axis=1) | np.isnan(E).any(axis=1))
+    yv, B, E = yv[keep], B[keep], E[keep]
+    n = int(yv.size)
+    p, q = B.shape[1], E.shape[1]
+    nan = math.nan
+    out = {
+        "n": n, "r2_base": nan, "r2_full": nan, "delta_r2": nan, "delta_r2_adj": nan,
+        "ci_lo": nan, "ci_hi": nan, "ci_adj_lo": nan, "ci_adj_hi": nan, "p_f": nan,
+        "n_boot": int(n_boot),
+    }  # fmt: skip
+    if n <= p + q + 1 or np.ptp(yv) == 0:
+        return out
+
+    def _std(M):
+        sd = M.std(axis=0)
+        return (M - M.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+
+    ones = np.ones((n, 1))
+    Xb = np.hstack([ones, _std(B)])
+    Xf = np.hstack([Xb, _std(E)])
+    ys = (yv - yv.mean()) / yv.std()
+    r2b, r2f = _r2_point(ys, Xb), _r2_point(ys, Xf)
+    # Degrees of freedom from the ranks, so a constant or duplicated column costs nothing.
+    kb = int(np.linalg.matrix_rank(Xb)) - 1
+    kf = int(np.linalg.matrix_rank(Xf)) - 1
+    adj = lambda r2, k: 1.0 - (1.0 - r2) * (n - 1) / (n - k - 1)  # noqa: E731
+    df1, df2 = kf - kb, n - kf - 1
+    if df1 == 0:
+        p_f = 1.0  # extra_X lies in the span of base_X: nothing to add
+    elif r2f < 1.0:
+        f = ((r2f - r2b) / df1) / ((1.0 - r2f) / df2)
+        p_f = float(_st.f.sf(max(f, 0.0), df1, df2))
+    else:
+        p_f = 0.0 if r2f > r2b else 1.0
+    out.update(
+        r2_base=r2b, r2_full=r2f, delta_r2=r2f - r2b,
+        delta_r2_adj=adj(r2f, kf) - adj(r2b, kb), p_f=p_f,
+    )  # fmt: skip
+
+    rng = np.random.default_rng(seed)
+    deltas, deltas_adj = [], []
+    for m in _chunks(int(n_boot), n * (Xf.shape[1] + 2)):
+        idx = rng.integers(0, n, size=(m, n))
+        flat = (np.arange(m)[:, None] * n + idx).ravel()
+        W = np.bincount(flat, minlength=m * n).reshape(m, n).astype(float)  # draw counts
+        bf, bb = _r2_weighted(ys, Xf, W), _r2_weighted(ys, Xb, W)
+        deltas.append(bf - bb)
+        deltas_adj.append(adj(bf, kf) - adj(bb, kb))
+    alpha = (1.0 - level) / 2.0
+    for key, parts in (("ci", deltas), ("ci_adj", deltas_adj)):
+        boot = np.concatenate(parts)
+        boot = boot[~np.isnan(boot)]  # resamples with constant y
+        if boot.size:
+            lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
+            out.update({f"{key}_lo": float(lo), f"{key}_hi": float(hi)})
+    return out
+
+
+# ----------------------------------------------------------------------------- correlations
+
+
+def spearman(x, y) -> tuple[float, float]:
+    """Spearman ``(rho, p)`` of ``x, y: [n]`` over the pairs without NaN.
+
+    ``(nan, nan)`` with fewer than 3 pairs or when either side is constant (scipy would
+    warn and return NaN anyway; here it is silent and explicit).
+    """
+    x, y, _ = _paired(x, y)
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan
+    res = _st.spearmanr(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
+def _quantile_bins(v: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin index 0..n_bins-1 of each value by rank: equal counts, tied values share a bin.
+
+    A tied block goes to the bin of its lowest rank, so bin 0 always holds the smallest
+    values; a large tied block can leave a later bin empty (``pd.qcut`` instead fails on
+    the repeated edges that many equal values, e.g. zero task information, produce).
+    """
+    r = _st.rankdata(v, method="min")
+    return np.minimum(((r - 0.5) / v.size * n_bins).astype(int), n_bins - 1)
+
+
+def binned_spearman(
+    damage,
+    predictors: Mapping[str, Sequence[float]],
+    bin_by,
+    n_bins: int = 5,
+):
+    """Within quantile bins of ``bin_by``, Spearman between ``damage`` and each predictor.
+
+    ``damage: [N]`` (lesion damage per channel), ``predictors``: name → ``[N]`` (a dict or
+    a ``pandas.DataFrame``, e.g. ``input_capture``, ``hull_score``, ``taylor``), ``bin_by:
+    [N]`` (``task_info``). Binning by task information holds it roughly fixed, so a
+    within-bin correlation says what a predictor adds at a given task relevance (METHODS
+    §8). Rows with NaN damage or NaN ``bin_by`` are dropped before binning; NaN in one
+    predictor only drops that predictor's pairs.
+
+    Returns a ``pandas.DataFrame`` in long form, one row per (bin, predictor), with columns
+    ``bin`` (0 = lowest ``bin_by``), ``predictor``, ``rho``, ``p``, ``n`` (pairs used),
+    ``bin_lo``, ``bin_hi`` (range of ``bin_by`` in the bin).
+    """
+    import pandas as pd  # only here: the rest of the module needs numpy/scipy alone
+
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    dmg = _vec(damage, "damage")
+    by = _vec(bin_by, "bin_by")
+    if by.shape != dmg.shape:
+        raise ValueError(f"bin_by has {by.size} values, damage has {dmg.size}")
+    preds = {str(k): _vec(predictors[k], str(k)) for k in predictors}
+    for name, v in preds.items():
+        if v.shape != dmg.shape:
+            raise ValueError(f"predictor '{name}' has {v.size} values, damage has {dmg.size}")
+    keep = ~(np.isnan(dmg) | np.isnan(by))
+    dmg, by = dmg[keep], by[keep]
+    preds = {k: v[keep] for k, v in preds.items()}
+    rows = []
+    if dmg.size:
+        bins = _quantile_bins(by, n_bins)
+        for b in range(n_bins):
+            sel = bins == b
+            if not sel.any():
+                continue
+            lo, hi = float(by[sel].min()), float(by[sel].max())
+            for name, v in preds.items():
+                ok = sel & ~np.isnan(v)
+                rho, p = spearman(dmg[ok], v[ok])
+                rows.append(
+                    {"bin": b, "predictor": name, "rho": rho, "p": p, "n": int(ok.sum()),
+                     "bin_lo": lo, "bin_hi": hi}
+                )  # fmt: skip
+    cols = ["bin", "predictor", "rho", "p", "n", "bin_lo", "bin_hi"]
+    return pd.DataFrame(rows, columns=cols)

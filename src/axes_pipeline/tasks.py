@@ -1,0 +1,95 @@
+"""The task wrapper every entry point goes through.
+
+It seeds, says where the run lives, turns a user mistake into one line and exit status 2, and
+always closes the experiment tracker so the next job of a multirun starts clean. Inside a sweep
+a failing job leaves a `<stage>.failed` marker and the sweep goes on; `SweepSummary` names the
+failed jobs at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from axes_pipeline.config import _mode, run_dir
+from axes_pipeline.errors import UserError
+
+log = logging.getLogger("axes_pipeline")
+
+
+def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig):
+    """Run one stage function ``fn(cfg)`` with seeding, error handling and tracker cleanup."""
+    import lightning as L
+
+    stage = cfg.get("stage", "task")
+    in_sweep = _mode() == "multirun"
+    marker = None
+    try:
+        out = run_dir(cfg)
+        marker = out / f"{stage}.failed"
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        log.info("%s: run directory %s", stage, out)
+        result = fn(cfg)
+        if marker.exists():
+            marker.unlink()
+        return result
+    except UserError as err:
+        _mark(marker, f"error: {err}\n")
+        if in_sweep:
+            log.error("error: %s", err)
+            return None
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        if not in_sweep:
+            raise
+        # A failed job must not lose the other jobs' results: record it and go on.
+        _mark(marker, traceback.format_exc())
+        log.exception("%s failed", stage)
+        return None
+    finally:
+        _finish_tracker()
+
+
+def _mark(marker: Path | None, text: str) -> None:
+    if marker is None:
+        return
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(text)
+    except OSError:
+        pass
+
+
+def _finish_tracker() -> None:
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except Exception:  # noqa: BLE001 - closing the tracker must never mask the real outcome
+        pass
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: name the jobs that failed (from their markers), exit non-zero."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        stage = config.get("stage", "task")
+        sweep_dir = Path(config.hydra.sweep.dir)
+        failed = sorted(sweep_dir.rglob(f"{stage}.failed"))
+        if failed:
+            print(f"\n{len(failed)} {stage} job(s) failed:", file=sys.stderr)
+            for path in failed:
+                first = path.read_text().strip().splitlines()[-1:] or [""]
+                print(f"  {path.parent}: {first[0]}", file=sys.stderr)
+            sys.exit(1)
+        print(f"{stage} sweep finished: results under {sweep_dir}")

@@ -1,0 +1,105 @@
+"""Checkpoints: one per epoch including epoch 0 (before any update), and safe loading.
+
+Layout under ``<run_dir>/checkpoints/``: ``last.ckpt`` (resume point), ``best.ckpt`` (best on the
+validation split) and, with ``checkpoint.every_epoch=true``, ``epoch_000.ckpt`` (the initial
+weights) ... ``epoch_NNN.ckpt`` (after NNN epochs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from axes_pipeline.errors import UserError
+
+EPOCH_RE = re.compile(r"epoch_(\d+)\.ckpt$")
+
+
+def epoch_ckpt_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.ckpt"
+
+
+def _save_atomic(trainer: L.Trainer, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainer.save_checkpoint(str(tmp))
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+
+
+class EpochCheckpoint(L.Callback):
+    """Save ``epoch_000.ckpt`` before the first update and ``epoch_{k}.ckpt`` after epoch k."""
+
+    def __init__(self, dirpath: str | Path):
+        self.dirpath = Path(dirpath)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        first = self.dirpath / epoch_ckpt_name(0)
+        if trainer.global_step == 0 and not first.exists():
+            _save_atomic(trainer, first)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        _save_atomic(trainer, self.dirpath / epoch_ckpt_name(trainer.current_epoch + 1))
+
+
+def epoch_checkpoints(ckpt_dir: str | Path) -> dict[int, Path]:
+    """{epoch: path} of the per-epoch checkpoints in ``ckpt_dir``, sorted by epoch."""
+    found = {}
+    for path in Path(ckpt_dir).glob("epoch_*.ckpt"):
+        m = EPOCH_RE.search(path.name)
+        if m:
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint without executing pickled code (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means an unusable file
+        raise UserError(f"checkpoint {path} is corrupt or not a weights-only checkpoint "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+
+
+def model_state(ckpt: dict) -> dict:
+    """The backbone's state_dict from a Lightning checkpoint (keys without the `model.` prefix)."""
+    state = ckpt.get("state_dict")
+    if state is None:
+        raise UserError("checkpoint has no state_dict: not a checkpoint written by train.py")
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+
+
+def load_into(model: torch.nn.Module, path: str | Path, expect: dict | None = None) -> dict:
+    """Load the weights of checkpoint ``path`` into ``model``; refuse another model or class count.
+
+    ``expect`` holds the meta fields that must match (model, width, num_classes). Returns the
+    checkpoint's meta.
+    """
+    ckpt = read_checkpoint(path)
+    meta = ckpt.get("axes_meta", {})
+    for key, want in (expect or {}).items():
+        have = meta.get(key)
+        if have is not None and want is not None and have != want:
+            raise UserError(f"checkpoint {path} is for {key}={have}, but this run has {key}={want}; "
+                            f"pass the matching overrides or another ckpt=")
+    state = model_state(ckpt)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    mismatched = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or mismatched:
+        what = (f"missing {missing[:3]}" if missing else
+                f"shape mismatch at {mismatched[0]}: {tuple(state[mismatched[0]].shape)} vs "
+                f"{tuple(own[mismatched[0]].shape)}")
+        raise UserError(f"checkpoint {path} does not fit this model ({what}); "
+                        f"is it from another model, width or class count?")
+    model.load_state_dict(state)
+    return meta

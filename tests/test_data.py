@@ -1,0 +1,477 @@
+"""DataModules on small fake data written in the real on-disk formats (no downloads, CPU only)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from axes_pipeline.data import (
+    DATAMODULES,
+    Cifar10DataModule,
+    Cifar100DataModule,
+    DeviceBatchLoader,
+    DigitsDataModule,
+    ImageNet100DataModule,
+    TinyImageNetDataModule,
+    build_datamodule,
+    stratified_split,
+)
+from axes_pipeline.data.imagenet100 import default_class_list
+from axes_pipeline.errors import UserError
+
+CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
+
+
+# --------------------------------------------------------------------------- fixtures: real formats
+class _Py2Pickler(pickle._Pickler):
+    """Writes ``bytes`` as Python-2 ``str`` (BINSTRING), as the official CIFAR pickles are: they load
+    as ``b'data'`` keys with ``encoding='bytes'`` and as ``'data'`` with torchvision's ``'latin1'``."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
+        self.write(head + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+
+def _dump_py2(path: Path, obj) -> None:
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    path.write_bytes(buf.getvalue())
+
+
+def _cifar_images(n: int, seed: int) -> np.ndarray:
+    """[n, 3072] uint8 rows (R plane, G plane, B plane of 32×32), as in the CIFAR pickles."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 3072), dtype=np.uint8)
+
+
+def write_cifar100(root: Path, n_train: int = 60, n_test: int = 20) -> dict:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    out = {}
+    for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        fine = [i % 100 if split == "test" else (i * 7) % 100 for i in range(n)]
+        data = _cifar_images(n, seed)
+        _dump_py2(
+            folder / split,
+            {
+                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+                b"batch_label": f"{split} batch".encode(),
+                b"fine_labels": fine,
+                b"coarse_labels": [f // 5 for f in fine],
+                b"data": data,
+            },
+        )
+        out[split] = (data, np.asarray(fine))
+    _dump_py2(
+        folder / "meta",
+        {
+            b"fine_label_names": [f"fine_{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse_{i}".encode() for i in range(20)],
+        },
+    )
+    return out
+
+
+def write_cifar10(root: Path, per_batch: int = 12, n_test: int = 20) -> dict:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    train_data, train_labels = [], []
+    for b in range(1, 6):
+        data = _cifar_images(per_batch, 10 + b)
+        labels = [(i + b) % 10 for i in range(per_batch)]
+        _dump_py2(
+            folder / f"data_batch_{b}",
+            {
+                b"batch_label": f"training batch {b} of 5".encode(),
+                b"labels": labels,
+                b"data": data,
+                b"filenames": [f"t{b}_{i}.png".encode() for i in range(per_batch)],
+            },
+        )
+        train_data.append(data)
+        train_labels += labels
+    test = _cifar_images(n_test, 99)
+    test_labels = [i % 10 for i in range(n_test)]
+    _dump_py2(
+        folder / "test_batch",
+        {b"batch_label": b"testing batch 1 of 1", b"labels": test_labels, b"data": test,
+         b"filenames": [f"e{i}.png".encode() for i in range(n_test)]},
+    )
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    _dump_py2(folder / "batches.meta", {b"label_names": [n.encode() for n in names], b"num_cases_per_batch": per_batch,
+                                        b"num_vis": 3072})
+    return {"train": (np.concatenate(train_data), np.asarray(train_labels)), "test": (test, np.asarray(test_labels))}
+
+
+# Solid colours per class survive JPEG well enough to read the class back from the pixels.
+COLOURS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10)]
+
+
+def _jpeg(path: Path, colour, size=(64, 64)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, "JPEG", quality=95)
+
+
+def _class_of(x: torch.Tensor, mean, std) -> int:
+    """x: [3, H, W] normalised -> the index of the nearest class colour."""
+    rgb = (x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).mean(dim=(1, 2)) * 255
+    return int(np.argmin([np.abs(rgb.numpy() - np.asarray(c)).sum() for c in COLOURS]))
+
+
+TINY_WNIDS = ["n09999999", "n01443537", "n02000000"]  # deliberately unsorted in wnids.txt
+
+
+def write_tiny(root: Path, per_class: int = 6) -> Path:
+    """Tiny-ImageNet release layout; the colour of every image is COLOURS[label] (sorted wnids)."""
+    base = root / "tiny-imagenet-200"
+    label = {w: i for i, w in enumerate(sorted(TINY_WNIDS))}
+    (base).mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
+    for w in TINY_WNIDS:
+        for k in range(per_class):
+            _jpeg(base / "train" / w / "images" / f"{w}_{k}.JPEG", COLOURS[label[w]])
+        (base / "train" / w / f"{w}_boxes.txt").write_text("")
+    lines = []
+    for k in range(9):
+        w = TINY_WNIDS[(k * 2) % 3]
+        _jpeg(base / "val" / "images" / f"val_{k}.JPEG", COLOURS[label[w]])
+        lines.append(f"val_{k}.JPEG\t{w}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return base
+
+
+def write_imagenet(root: Path, folder: str, wnids, n_train: int = 5, n_val: int = 2) -> None:
+    """ImageFolder layout; the colour of each image is COLOURS[position of its wnid in sorted(wnids)]."""
+    for i, w in enumerate(sorted(wnids)):
+        for k in range(n_train):
+            _jpeg(root / folder / "train" / w / f"{w}_{k}.JPEG", COLOURS[i], size=(48 + k, 40))
+        for k in range(n_val):
+            _jpeg(root / folder / "val" / w / f"ILSVRC2012_val_{i}{k}.JPEG", COLOURS[i], size=(40, 44))
+
+
+# --------------------------------------------------------------------------- digits and splits
+def test_digits_shapes_classes_and_deterministic_split():
+    dm = DigitsDataModule(image_size=16, split_seed=0)
+    dm.check()
+    assert (dm.name, dm.num_classes, dm.image_size, dm.in_channels) == ("digits", 10, 16, 3)
+    sizes = dm.split_sizes()
+    assert sizes == {"train": 1258, "val": 180, "test": 359} and sum(sizes.values()) == 1797
+    _, tr = dm.split_indices("train")
+    _, va = dm.split_indices("val")
+    _, te = dm.split_indices("test")
+    assert len(np.intersect1d(tr, va)) == len(np.intersect1d(tr, te)) == len(np.intersect1d(va, te)) == 0
+    # stratified: every class in every split in proportion
+    labels = dm._source("all")[1]
+    for idx, frac in ((va, 0.1), (te, 0.2)):
+        counts = np.bincount(labels[idx], minlength=10)
+        assert np.all(np.abs(counts - frac * np.bincount(labels)) <= 1.0)
+    # same split_seed -> same split; another seed -> another split
+    again = DigitsDataModule(split_seed=0)
+    assert np.array_equal(again.split_indices("val")[1], va)
+    assert not np.array_equal(DigitsDataModule(split_seed=1).split_indices("val")[1], va)
+    # batches: [B, 3, 16, 16], normalised with the training split's statistics
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (64, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+    train_eval = torch.stack([dm.dataset("train", "eval")[i][0] for i in range(len(tr))])
+    assert abs(train_eval.mean().item()) < 1e-4 and abs(train_eval.std().item() - 1) < 1e-3
+    assert torch.equal(train_eval[:, 0], train_eval[:, 2])  # grey repeated over 3 channels
+    # digits are never flipped, even with augmentation on
+    aug = DigitsDataModule(augment=True)
+    names = [type(t).__name__ for t in aug.train_transform().transforms]
+    assert "RandomCrop" in names and "RandomHorizontalFlip" not in names
+
+
+def test_stratified_split_counts_and_determinism():
+    labels = np.repeat(np.arange(3), [10, 20, 30])
+    rest, val = stratified_split(labels, [0.1], seed=3)
+    assert len(val) == 6 and np.array_equal(np.bincount(labels[val]), [1, 2, 3])
+    assert len(rest) + len(val) == 60 and len(np.intersect1d(rest, val)) == 0
+    assert np.array_equal(stratified_split(labels, [0.1], seed=3)[1], val)
+    with pytest.raises(UserError, match="val_fraction"):
+        DigitsDataModule(val_fraction=1.2)
+
+
+def test_calibration_set_and_eval_subset():
+    dm = DigitsDataModule()
+    _, train = dm.split_indices("train")
+    _, val = dm.split_indices("val")
+    _, test = dm.split_indices("test")
+    cal = dm.calibration_set(200, seed=7)
+    assert len(cal) == 200 and np.array_equal(cal.indices, dm.calibration_set(200, seed=7).indices)
+    assert np.isin(cal.indices, train).all() and not np.isin(cal.indices, val).any()
+    assert not np.array_equal(np.sort(cal.indices), np.sort(dm.calibration_set(200, seed=8).indices))
+    assert np.array_equal(dm.calibration_set(50, seed=7).indices, cal.indices[:50])  # nested in n
+    assert cal.mode == "eval" and dm.calibration_set(10, seed=7, transform="train").mode == "train"
+    x, y = next(iter(dm.loader(cal)))
+    assert x.shape == (200, 3, 16, 16) and torch.equal(y, torch.as_tensor(cal.targets))
+    with pytest.raises(UserError, match=r"5000.*1258"):
+        dm.calibration_set(5000, seed=0)
+    with pytest.raises(UserError, match="transform"):
+        dm.calibration_set(10, seed=0, transform="weird")
+
+    assert np.array_equal(dm.eval_subset(None, seed=0).indices, test)
+    sub = dm.eval_subset(100, seed=1)
+    assert len(sub) == 100 and np.isin(sub.indices, test).all()
+    assert np.array_equal(sub.indices, dm.eval_subset(100, seed=1).indices)
+    with pytest.raises(UserError, match="359"):
+        dm.eval_subset(1000, seed=0)
+
+
+# --------------------------------------------------------------------------- CIFAR
+def test_cifar100_real_format(tmp_path):
+    written = write_cifar100(tmp_path)
+    dm = Cifar100DataModule(data_dir=str(tmp_path), verify=False, num_workers=0, val_fraction=0.25,
+                            batch_size=8, eval_batch_size=7)
+    dm.check()
+    assert (dm.num_classes, dm.image_size, dm.mean) == (100, 32, (0.5071, 0.4867, 0.4408))
+    assert dm.split_sizes() == {"train": 45, "val": 15, "test": 20}
+    assert dm.classes[:2] == ["fine_0", "fine_1"]
+    test = dm.dataset("test")
+    assert np.array_equal(test.targets, written["test"][1])
+    # pixels: the eval transform is ToTensor + Normalize of the written image
+    data = written["test"][0][3].reshape(3, 32, 32).astype(np.float32) / 255
+    expected = (torch.from_numpy(data) - torch.tensor(dm.mean).view(3, 1, 1)) / torch.tensor(dm.std).view(3, 1, 1)
+    x, y = test[3]
+    assert torch.allclose(x, expected, atol=1e-6) and y == written["test"][1][3]
+    source, train_idx = dm.split_indices("train")
+    assert np.array_equal(dm.dataset("train").targets, written["train"][1][train_idx])
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (8, 3, 32, 32) and yb.max() < 100
+    assert len(dm.test_dataloader()) == 3
+    # the official files would pass torchvision's md5 check; these do not
+    with pytest.raises(UserError, match="verify=false"):
+        Cifar100DataModule(data_dir=str(tmp_path), verify=True, num_workers=0).setup()
+
+
+def test_cifar10_real_format_and_on_device_matches(tmp_path):
+    written = write_cifar10(tmp_path)
+    dm = Cifar10DataModule(data_dir=str(tmp_path), verify=False, num_workers=0, val_fraction=0.2, eval_batch_size=8)
+    dm.check()
+    assert dm.num_classes == 10 and dm.classes[0] == "airplane"
+    assert dm.split_sizes() == {"train": 48, "val": 12, "test": 20}
+    source, idx = dm.split_indices("val")
+    assert np.array_equal(dm.dataset("val").targets, written["train"][1][idx])
+    # on_device eval batches equal the DataLoader path's eval batches
+    dev = Cifar10DataModule(data_dir=str(tmp_path), verify=False, num_workers=0, val_fraction=0.2,
+                            eval_batch_size=8, on_device=True)
+    for a, b in ((dm.test_dataloader(), dev.test_dataloader()), (dm.val_dataloader(), dev.val_dataloader())):
+        assert isinstance(b, DeviceBatchLoader) and len(a) == len(b)
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.allclose(xa, xb, atol=1e-6) and torch.equal(ya, yb)
+    cal_a, cal_b = dm.calibration_set(10, seed=3), dev.calibration_set(10, seed=3)
+    (xa, ya), (xb, yb) = next(iter(dm.loader(cal_a))), next(iter(dev.loader(cal_b)))
+    assert torch.allclose(xa, xb, atol=1e-6) and torch.equal(ya, yb)
+    # at another image_size both paths resize with PIL, so they still agree
+    small = dict(data_dir=str(tmp_path), verify=False, num_workers=0, image_size=16, eval_batch_size=32)
+    (xa, ya), (xb, yb) = (next(iter(Cifar10DataModule(**small, on_device=d).test_dataloader())) for d in (False, True))
+    assert xa.shape == (20, 3, 16, 16) and torch.allclose(xa, xb, atol=1e-6) and torch.equal(ya, yb)
+    train = dev.train_dataloader()
+    assert train.shuffle and train.crop_padding == 4 and train.hflip
+    xb, yb = next(iter(train))
+    assert xb.shape == (48, 3, 32, 32)
+
+
+# --------------------------------------------------------------------------- Tiny-ImageNet
+def test_tinyimagenet_layout_and_val_annotations(tmp_path):
+    write_tiny(tmp_path)
+    dm = TinyImageNetDataModule(data_dir=str(tmp_path), verify=False, num_workers=0, val_fraction=1 / 3,
+                                eval_batch_size=4)
+    dm.check()
+    assert dm.num_classes == 3 and dm.wnids == sorted(TINY_WNIDS) and dm.image_size == 64
+    assert dm.split_sizes() == {"train": 12, "val": 6, "test": 9}
+    test = dm.dataset("test")
+    # official val (our test): labels from val_annotations.txt, matching the pixels
+    lines = (tmp_path / "tiny-imagenet-200/val/val_annotations.txt").read_text().split("\n")
+    wnid_of = dict(line.split("\t")[:2] for line in lines if line)
+    for i in range(len(test)):
+        x, y = test[i]
+        fname = Path(test.source.samples[test.indices[i]][0]).name
+        assert x.shape == (3, 64, 64)
+        assert y == sorted(TINY_WNIDS).index(wnid_of[fname]) == _class_of(x, dm.mean, dm.std)
+    for i in range(len(dm.dataset("train", "eval"))):
+        x, y = dm.dataset("train", "eval")[i]
+        assert y == _class_of(x, dm.mean, dm.std)
+    xb, _ = next(iter(dm.train_dataloader()))
+    assert xb.shape == (12, 3, 64, 64)
+    # on device: decoded once, eval batches equal the DataLoader path's
+    dev = TinyImageNetDataModule(data_dir=str(tmp_path), verify=False, num_workers=0, val_fraction=1 / 3,
+                                 eval_batch_size=4, on_device=True)
+    for (xa, ya), (xd, yd) in zip(dm.test_dataloader(), dev.test_dataloader()):
+        assert torch.allclose(xa, xd, atol=1e-6) and torch.equal(ya, yd)
+    with pytest.raises(UserError, match="not 200"):
+        TinyImageNetDataModule(data_dir=str(tmp_path), verify=True).check()
+
+
+# --------------------------------------------------------------------------- ImageNet-100
+def test_imagenet100_class_list_restriction(tmp_path):
+    listed = default_class_list()
+    assert len(listed) == 100 == len(set(listed)) and listed[:2] == ["n02869837", "n01749939"]
+    # a full-ImageNet layout with 4 classes; the list keeps 2 of them
+    wnids = [listed[5], listed[0], "n00000001", "n00000002"]
+    write_imagenet(tmp_path, "imagenet", wnids)
+    keep = [listed[5], listed[0]]
+    (tmp_path / "two.txt").write_text(f"# two classes\n{keep[0]}\n{keep[1]}\n")
+    dm = ImageNet100DataModule(data_dir=str(tmp_path), class_list=str(tmp_path / "two.txt"), num_workers=0,
+                               image_size=32, val_fraction=0.2, batch_size=4)
+    dm.check()
+    assert dm.num_classes == 2 and dm.wnids == sorted(keep) and dm.root.name == "imagenet"
+    assert dm.split_sizes() == {"train": 8, "val": 2, "test": 4}
+    all_colours = {w: COLOURS[i] for i, w in enumerate(sorted(wnids))}
+    for split in ("train", "val", "test"):
+        ds = dm.dataset(split, "eval")
+        for i in range(len(ds)):
+            x, y = ds[i]
+            path = ds.source.samples[ds.indices[i]][0]
+            wnid = Path(path).parent.name
+            assert x.shape == (3, 32, 32) and wnid in keep and y == sorted(keep).index(wnid)
+            assert COLOURS[_class_of(x, dm.mean, dm.std)] == all_colours[wnid]
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (4, 3, 32, 32) and set(yb.tolist()) <= {0, 1}
+    # a list given inline works the same; the shipped list lacks 98 classes here -> UserError
+    assert ImageNet100DataModule(data_dir=str(tmp_path), class_list=keep, num_workers=0).num_classes == 2
+    with pytest.raises(UserError, match="lacks 98 of the 100"):
+        ImageNet100DataModule(data_dir=str(tmp_path)).check()
+    # a prepared imagenet100/ folder takes precedence over imagenet/
+    write_imagenet(tmp_path, "imagenet100", keep, n_train=3, n_val=1)
+    dm2 = ImageNet100DataModule(data_dir=str(tmp_path), class_list=keep, num_workers=0, image_size=32)
+    assert dm2.root.name == "imagenet100" and dm2.split_sizes()["test"] == 2
+
+
+# --------------------------------------------------------------------------- missing data
+@pytest.mark.parametrize(
+    "cls, expected",
+    [
+        (Cifar10DataModule, "cifar-10-batches-py"),
+        (Cifar100DataModule, r"cifar-100-python/\{train,test,meta\}"),
+        (TinyImageNetDataModule, "tiny-imagenet-200/ with wnids.txt"),
+        (ImageNet100DataModule, r"imagenet100/\{train,val\}/<wnid>"),
+    ],
+)
+def test_missing_data_is_a_user_error_naming_the_layout(tmp_path, cls, expected):
+    dm = cls(data_dir=str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(UserError, match=expected) as err:
+        dm.check()
+    assert "\n" not in str(err.value) and str(tmp_path / "nowhere") in str(err.value)
+    if cls is not ImageNet100DataModule:
+        assert "data.download=true" in str(err.value)
+    with pytest.raises(UserError):  # before any loading
+        dm.train_dataloader()
+
+
+def test_imagenet_cannot_download_and_is_not_on_device(tmp_path):
+    with pytest.raises(UserError, match="image-net.org"):
+        ImageNet100DataModule(data_dir=str(tmp_path), download=True)
+    with pytest.raises(UserError, match="on_device=false"):
+        ImageNet100DataModule(data_dir=str(tmp_path), on_device=True)
+
+
+# --------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name", sorted(DATAMODULES))
+def test_config_files_build_their_module(tmp_path, name):
+    cfg = OmegaConf.merge({"paths": {"data_dir": str(tmp_path)}}, {"data": OmegaConf.load(CONF_DATA / f"{name}.yaml")})
+    dm = build_datamodule(cfg.data)
+    assert type(dm) is DATAMODULES[name] and dm.name == name and not dm.on_device
+    assert dm.recipe["epochs"] > 0 and isinstance(dm.recipe, dict)
+    if name != "digits":
+        assert dm.data_dir == tmp_path and dm.download is False and dm.verify is True
+
+
+def test_build_datamodule_errors():
+    with pytest.raises(UserError, match="unknown data module"):
+        build_datamodule(OmegaConf.create({"_target_": "axes_pipeline.data.NoSuchDataModule"}))
+    with pytest.raises(UserError, match="_target_"):
+        build_datamodule(OmegaConf.create({"name": "digits"}))
+    with pytest.raises(UserError, match="unknown data knob.*no_such_knob.*test_fraction"):
+        build_datamodule(OmegaConf.create({"_target_": "axes_pipeline.data.DigitsDataModule", "no_such_knob": 1}))
+    with pytest.raises(UserError, match="batch_size"):
+        build_datamodule(OmegaConf.create({"_target_": "axes_pipeline.data.DigitsDataModule", "batch_size": 0}))
+
+
+# --------------------------------------------------------------------------- DeviceBatchLoader
+def _images(n=6, c=3, h=5, w=7, seed=0):
+    return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_device_loader_shapes_and_normalisation():
+    images, labels = _images(n=10), torch.arange(10)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
+    loader = DeviceBatchLoader(images, labels, 4, mean=mean, std=std, device="cpu")
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3 and [len(y) for _, y in batches] == [4, 4, 2]
+    x = torch.cat([b[0] for b in batches])
+    expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert x.dtype == torch.float32 and torch.allclose(x, expected, atol=1e-6)
+    assert torch.equal(torch.cat([b[1] for b in batches]), labels)
+    assert len(DeviceBatchLoader(images, labels, 4, drop_last=True)) == 2
+    sub = DeviceBatchLoader(images, labels, 8, indices=[7, 2, 5], device="cpu")
+    assert torch.equal(next(iter(sub))[1], torch.tensor([7, 2, 5]))
+
+
+def test_device_loader_crop_flip_per_image_and_seeded():
+    n, p = 64, 2
+    base = _images(n=1, h=6, w=6)
+    images, labels = base.expand(n, -1, -1, -1).contiguous(), torch.zeros(n, dtype=torch.long)
+    kw = dict(crop_padding=p, hflip=True, shuffle=True, seed=123, device="cpu")
+    loader = DeviceBatchLoader(images, labels, n, **kw)
+    (x0, _), = list(loader)  # epoch 0
+    (x1, _), = list(loader)  # epoch 1
+    (again, _), = list(DeviceBatchLoader(images, labels, n, **kw))
+    assert torch.equal(x0, again)  # same seed, same epoch -> same batch
+    assert not torch.equal(x0, x1)  # a new epoch draws anew
+    loader.set_epoch(1)
+    assert torch.equal(next(iter(loader))[0], x1)  # set_epoch (what Lightning calls) replays an epoch
+    # every output is a window of the zero-padded image, possibly flipped; windows differ per image
+    padded = torch.nn.functional.pad(base[0], (p, p, p, p)).float() / 255
+    raw = x0.float()  # mean 0, std 1: raw = pixels / 255
+    seen = set()
+    for img in raw:
+        match = [
+            (oy, ox, f)
+            for oy in range(2 * p + 1)
+            for ox in range(2 * p + 1)
+            for f in (False, True)
+            if torch.allclose(img, (lambda w: w.flip(-1) if f else w)(padded[:, oy : oy + 6, ox : ox + 6]), atol=1e-6)
+        ]
+        assert match, "output is not a crop of the padded image"
+        seen.add(match[0])
+    assert len(seen) > 10 and {f for _, _, f in seen} == {False, True}
+
+
+def test_device_loader_in_lightning_fit():
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = DigitsDataModule(on_device=True, augment=True)
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Tiny(), datamodule=dm)
+    assert trainer.fit_loop.epoch_progress.current.completed == 2
+    assert isinstance(trainer.train_dataloader, DeviceBatchLoader) and trainer.train_dataloader.epoch == 2

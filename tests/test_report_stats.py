@@ -1,0 +1,345 @@
+"""Tests for axes_pipeline.report.stats: known answers, edge cases, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from axes_pipeline.report import stats as S
+from axes_pipeline.report import compare_paired, flops_auc, holm  # re-exported
+
+
+# ----------------------------------------------------------------------------- FLOPs-AUC
+
+
+def test_flops_auc_linear_is_exact_midpoint_mean():
+    # acc = 0.9 − 0.5 x on [0.1, 0.9]: mean over the span = acc at the midpoint 0.5 = 0.65.
+    x = np.linspace(0.1, 0.9, 9)
+    acc = 0.9 - 0.5 * x
+    assert flops_auc(x, acc) == pytest.approx(0.65, abs=1e-12)
+    # order of the points does not matter
+    perm = np.random.default_rng(1).permutation(x.size)
+    assert flops_auc(x[perm], acc[perm]) == pytest.approx(0.65, abs=1e-12)
+
+
+def test_flops_auc_piecewise_by_hand():
+    # trapezoids: [0,0.5]: (0.8+0.6)/2*0.5 = 0.35; [0.5,1]: (0.6+0.2)/2*0.5 = 0.2 → 0.55 / 1
+    assert flops_auc([0.0, 0.5, 1.0], [0.8, 0.6, 0.2]) == pytest.approx(0.55)
+    assert S.flops_auc_relative([0.0, 0.5, 1.0], [0.8, 0.6, 0.2], 0.8) == pytest.approx(
+        0.55 / 0.8
+    )
+
+
+def test_flops_auc_repeats_averaged_and_nan_dropped():
+    # two values at x = 0.5 average to 0.6; a NaN point is ignored
+    got = flops_auc([0.0, 0.5, 0.5, 1.0, 0.7], [0.8, 0.5, 0.7, 0.2, np.nan])
+    assert got == pytest.approx(0.55)
+
+
+def test_flops_auc_needs_two_distinct_x():
+    with pytest.raises(ValueError, match="2 distinct"):
+        flops_auc([0.3, 0.3], [0.5, 0.6])
+    with pytest.raises(ValueError):
+        S.flops_auc_relative([0.0, 1.0], [0.5, 0.4], 0.0)
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def test_mean_sd():
+    m, sd, n = S.mean_sd([1.0, 2.0, np.nan, 3.0])
+    assert (m, n) == (2.0, 3) and sd == pytest.approx(1.0)
+    m, sd, n = S.mean_sd([4.0])
+    assert m == 4.0 and math.isnan(sd) and n == 1
+    m, sd, n = S.mean_sd([])
+    assert math.isnan(m) and math.isnan(sd) and n == 0
+
+
+# ----------------------------------------------------------------------------- paired
+
+
+def test_bootstrap_ci_constant_positive_difference_above_zero():
+    b = np.array([0.61, 0.55, 0.70, 0.58, 0.66])
+    a = b + 0.02
+    diff, lo, hi = S.paired_bootstrap_ci(a, b, n_boot=2000, seed=3)
+    assert diff == pytest.approx(0.02)
+    assert 0 < lo <= hi
+    assert lo == pytest.approx(0.02) and hi == pytest.approx(0.02)
+
+
+def test_bootstrap_ci_noisy_positive_difference():
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=30)
+    a = b + 1.0 + 0.1 * rng.normal(size=30)
+    diff, lo, hi = S.paired_bootstrap_ci(a, b, seed=0)
+    assert 0 < lo < diff < hi
+
+
+def test_identical_scores_give_p_one_and_zero_ci():
+    a = np.array([0.61, 0.55, 0.70, 0.58, 0.66])
+    assert S.paired_test(a, a.copy(), method="wilcoxon") == 1.0
+    assert S.paired_test(a, a.copy(), method="permutation") == 1.0
+    assert S.paired_bootstrap_ci(a, a.copy()) == (0.0, 0.0, 0.0)
+    assert S.effect_size_paired(a, a.copy()) == 0.0
+    res = compare_paired(a, a.copy())
+    assert res["p_value"] == 1.0 and res["ci_lo"] == 0.0 and res["ci_hi"] == 0.0
+
+
+def test_permutation_exact_n5_all_positive():
+    d = np.array([0.3, 0.1, 0.4, 0.15, 0.9])
+    assert S.paired_test(d, np.zeros(5), method="permutation") == pytest.approx(2 / 32)
+    # also with ties in |d|: only the all-plus and all-minus flips reach |sum| = 5
+    assert S.paired_test(np.ones(5), np.zeros(5), method="permutation") == pytest.approx(2 / 32)
+
+
+def test_permutation_exact_matches_enumeration_by_hand():
+    # d = [1, 2, -3]: sums over the 8 flips are ±0, ±2, ±4, ±6; |obs| = 0 → every flip counts
+    assert S.paired_test([1.0, 2.0, -3.0], [0, 0, 0], method="permutation") == 1.0
+    # d = [1, 2, 4]: |sums| = 7,5,3,1 each twice; obs 7 → 2/8
+    assert S.paired_test([1.0, 2.0, 4.0], [0, 0, 0], method="permutation") == 0.25
+
+
+def test_permutation_monte_carlo_large_n_and_seeded():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=40)
+    b = a - 0.05 + 0.5 * rng.normal(size=40)
+    p1 = S.paired_test(a, b, method="permutation", seed=1)
+    p2 = S.paired_test(a, b, method="permutation", seed=1)
+    assert p1 == p2 and 0 < p1 <= 1
+    # Monte Carlo agrees with the t-test roughly (same hypothesis, large n)
+    assert abs(p1 - st.ttest_rel(a, b).pvalue) < 0.1
+    # strong effect: the (1 + hits)/(1 + n_perm) floor
+    assert S.paired_test(a + 10, a, method="permutation", n_perm=999) == pytest.approx(1 / 1000)
+
+
+def test_wilcoxon_matches_scipy():
+    rng = np.random.default_rng(2)
+    for n in (5, 8, 20, 60):
+        a = rng.normal(size=n)
+        b = a + rng.normal(0.3, 1.0, size=n)
+        assert S.paired_test(a, b) == pytest.approx(st.wilcoxon(a, b).pvalue, rel=1e-12)
+    # n = 5 all positive differences: exact 2/32
+    assert S.paired_test([1, 2, 3, 4, 5.0], [0, 0, 0, 0, 0]) == pytest.approx(0.0625)
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown paired test"):
+        S.paired_test([1, 2, 3], [0, 0, 0], method="ttest")
+    with pytest.raises(ValueError, match="equal length"):
+        S.paired_test([1, 2, 3], [0, 0])
+
+
+def test_effect_size():
+    a = np.array([1.0, 2.0, 3.0, 5.0])
+    b = np.zeros(4)
+    assert S.effect_size_paired(a, b) == pytest.approx(a.mean() / a.std(ddof=1))
+    # constant nonzero difference (with rounding noise from a + c) → ±inf
+    base = np.array([0.61, 0.55, 0.70, 0.58, 0.66])
+    assert S.effect_size_paired(base + 0.1, base) == math.inf
+    assert S.effect_size_paired(base - 0.1, base) == -math.inf
+    assert math.isnan(S.effect_size_paired([1.0], [0.0]))
+
+
+def test_compare_paired_full():
+    b = np.array([0.61, 0.55, 0.70, 0.58, 0.66])
+    a = b + np.array([0.02, 0.03, 0.01, 0.025, 0.015])
+    res = compare_paired(a, b, n_boot=2000, seed=0)
+    assert set(res) >= {"n", "mean_a", "mean_b", "diff", "ci_lo", "ci_hi", "p_value",
+                        "effect_size", "test", "note"}  # fmt: skip
+    assert res["n"] == 5 and res["test"] == "wilcoxon" and res["note"] == ""
+    assert res["diff"] == pytest.approx(0.02)
+    assert res["mean_a"] == pytest.approx(a.mean()) and res["mean_b"] == pytest.approx(b.mean())
+    assert 0 < res["ci_lo"] < res["diff"] < res["ci_hi"]
+    assert res["p_value"] == pytest.approx(0.0625) and res["p_min"] == pytest.approx(0.0625)
+    assert res["effect_size"] > 0
+    perm = compare_paired(a, b, method="permutation")
+    assert perm["test"] == "permutation" and perm["p_value"] == pytest.approx(0.0625)
+
+
+def test_compare_paired_too_few_seeds():
+    res = compare_paired([0.7, 0.72, np.nan], [0.6, 0.65, 0.5])
+    assert res["n"] == 2
+    assert res["note"].startswith("n=2 < 3 seeds: the paired test is not possible")
+    assert "1 pair(s) with a missing value dropped" in res["note"]
+    for key in ("ci_lo", "ci_hi", "p_value", "effect_size"):
+        assert math.isnan(res[key])
+    assert res["diff"] == pytest.approx(0.085)
+    exact = compare_paired([0.7, 0.72], [0.6, 0.65])
+    assert exact["note"] == "n=2 < 3 seeds: the paired test is not possible"
+
+
+def test_compare_paired_infinite_effect_note():
+    b = np.array([0.61, 0.55, 0.70])
+    res = compare_paired(b + 0.05, b)
+    assert res["effect_size"] == math.inf and "infinite" in res["note"]
+    assert res["ci_lo"] > 0
+
+
+def test_determinism_given_seed():
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(size=7), rng.normal(size=7)
+    assert S.paired_bootstrap_ci(a, b, seed=4) == S.paired_bootstrap_ci(a, b, seed=4)
+    assert S.paired_bootstrap_ci(a, b, seed=4) != S.paired_bootstrap_ci(a, b, seed=5)
+    assert compare_paired(a, b, seed=9) == compare_paired(a, b, seed=9)
+    y, x1, x2 = rng.normal(size=(3, 50))
+    assert S.incremental_r2(y, x1, x2, n_boot=200, seed=2) == S.incremental_r2(
+        y, x1, x2, n_boot=200, seed=2
+    )
+
+
+def test_bootstrap_chunking_does_not_change_draws(monkeypatch):
+    rng = np.random.default_rng(12)
+    a, b = rng.normal(size=9), rng.normal(size=9)
+    whole = S.paired_bootstrap_ci(a, b, n_boot=3000, seed=1)
+    monkeypatch.setattr(S, "_CHUNK_ELEMS", 9 * 7)  # chunks of 7 replicates
+    assert S.paired_bootstrap_ci(a, b, n_boot=3000, seed=1) == pytest.approx(whole, rel=0, abs=0)
+
+
+# ----------------------------------------------------------------------------- holm
+
+
+def test_holm_by_hand():
+    # sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 → monotone 0.06
+    got = holm([0.01, 0.04, 0.03, 0.005])
+    np.testing.assert_allclose(got, [0.03, 0.06, 0.06, 0.02])
+    got = holm([0.5, np.nan, 0.4])  # m = 2; capped at 1
+    np.testing.assert_allclose(got, [0.8, np.nan, 0.8])
+    np.testing.assert_allclose(holm([0.9, 0.6]), [1.0, 1.0])
+    assert holm([]).shape == (0,)
+
+
+# ----------------------------------------------------------------------------- regression
+
+
+def test_incremental_r2_noise_extra_is_near_zero():
+    rng = np.random.default_rng(0)
+    n = 400
+    base = rng.normal(size=(n, 2))
+    y = base @ [1.0, -0.5] + rng.normal(size=n)
+    res = S.incremental_r2(y, base, rng.normal(size=(n, 2)), n_boot=500, seed=0)
+    assert res["n"] == n
+    assert 0 <= res["delta_r2"] < 0.02
+    assert abs(res["delta_r2_adj"]) < 0.01
+    assert res["ci_lo"] <= res["delta_r2"] <= res["ci_hi"] < 0.05
+    assert res["ci_adj_lo"] < 0 < res["ci_adj_hi"]  # the adjusted CI straddles 0
+    assert res["p_f"] > 0.01
+
+
+def test_incremental_r2_known_value():
+    # y = x1 + x2 + e, all independent with unit variance: R²_base = 1/3, R²_full = 2/3
+    rng = np.random.default_rng(1)
+    n = 3000
+    x1, x2, e = rng.normal(size=(3, n))
+    y = x1 + x2 + e
+    res = S.incremental_r2(y, x1, x2, n_boot=300, seed=0)
+    assert res["r2_base"] == pytest.approx(1 / 3, abs=0.04)
+    assert res["r2_full"] == pytest.approx(2 / 3, abs=0.03)
+    assert res["delta_r2"] == pytest.approx(1 / 3, abs=0.04)
+    assert res["ci_lo"] < res["delta_r2"] < res["ci_hi"]
+    assert res["ci_lo"] > 0.25 and res["ci_adj_lo"] > 0.25 and res["p_f"] < 1e-10
+
+
+def test_incremental_r2_exact_against_lstsq_and_nan_rows():
+    rng = np.random.default_rng(3)
+    n = 60
+    base = rng.normal(size=(n, 2))
+    extra = rng.normal(size=n)
+    y = base[:, 0] + 0.3 * extra + rng.normal(size=n)
+    y_nan = y.copy()
+    y_nan[[3, 7]] = np.nan
+
+    def r2(X, yy):
+        X = np.column_stack([np.ones(len(yy)), X])
+        beta, *_ = np.linalg.lstsq(X, yy, rcond=None)
+        r = yy - X @ beta
+        return 1 - r @ r / np.sum((yy - yy.mean()) ** 2)
+
+    keep = ~np.isnan(y_nan)
+    res = S.incremental_r2(y_nan, base, extra, n_boot=100)
+    assert res["n"] == n - 2
+    want = r2(np.column_stack([base, extra])[keep], y[keep]) - r2(base[keep], y[keep])
+    assert res["delta_r2"] == pytest.approx(want, abs=1e-10)
+
+
+def test_incremental_r2_batched_matches_loop():
+    # the weighted normal-equation bootstrap equals refitting on resampled rows
+    rng = np.random.default_rng(4)
+    n = 25
+    X = np.column_stack([np.ones(n), rng.normal(size=(n, 2))])
+    y = X[:, 1] + rng.normal(size=n)
+    idx = rng.integers(0, n, size=(5, n))
+    W = np.stack([np.bincount(i, minlength=n) for i in idx]).astype(float)
+    got = S._r2_weighted(y, X, W)
+    want = [S._r2_point(y[i], X[i]) for i in idx]
+    np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+def test_incremental_r2_degenerate():
+    res = S.incremental_r2([1.0, 2.0, 3.0], [1.0, 0.0, 2.0], [0.5, 0.1, 0.2])
+    assert res["n"] == 3 and math.isnan(res["delta_r2"])
+    res = S.incremental_r2(np.ones(10), np.arange(10.0), np.arange(10.0) ** 2)
+    assert math.isnan(res["r2_base"])
+    # extra in the span of base: adds nothing, F test p = 1
+    x = np.random.default_rng(6).normal(size=(2, 30))
+    res = S.incremental_r2(x[0], x[1], 2 * x[1] + 1, n_boot=50)
+    assert res["delta_r2"] == pytest.approx(0, abs=1e-12) and res["p_f"] == 1.0
+
+
+# ----------------------------------------------------------------------------- correlations
+
+
+def test_spearman_nan_safe():
+    x = np.array([1.0, 2.0, np.nan, 4.0, 5.0])
+    y = np.array([2.0, 4.0, 1.0, np.nan, 10.0])
+    rho, p = S.spearman(x, y)
+    want = st.spearmanr([1, 2, 5], [2, 4, 10])
+    assert rho == pytest.approx(want.statistic) and p == pytest.approx(want.pvalue)
+    assert all(math.isnan(v) for v in S.spearman([1.0, 2.0], [3.0, 4.0]))
+    assert all(math.isnan(v) for v in S.spearman([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0]))
+
+
+def test_binned_spearman_recovers_sign():
+    rng = np.random.default_rng(0)
+    n = 1000
+    task = rng.normal(size=n)
+    good = rng.normal(size=n)  # raises damage at any task level
+    bad = rng.normal(size=n)  # lowers it
+    noise = rng.normal(size=n)
+    damage = 3.0 * task + good - bad + 0.5 * rng.normal(size=n)
+    noise[::50] = np.nan
+    df = S.binned_spearman(damage, {"good": good, "bad": bad, "noise": noise}, task, n_bins=5)
+    assert list(df.columns) == ["bin", "predictor", "rho", "p", "n", "bin_lo", "bin_hi"]
+    assert len(df) == 15 and sorted(df["bin"].unique()) == [0, 1, 2, 3, 4]
+    assert (df.loc[df.predictor == "good", "rho"] > 0.3).all()
+    assert (df.loc[df.predictor == "bad", "rho"] < -0.3).all()
+    assert (df.loc[df.predictor == "noise", "rho"].abs() < 0.25).all()
+    assert df.loc[df.predictor == "good", "n"].sum() == n
+    assert df.loc[df.predictor == "noise", "n"].sum() == n - 20
+    # bins are ordered by task information and do not overlap
+    g = df[df.predictor == "good"].sort_values("bin")
+    assert (g["bin_hi"].to_numpy()[:-1] < g["bin_lo"].to_numpy()[1:]).all()
+
+
+def test_binned_spearman_ties_and_dataframe_predictors():
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(1)
+    n = 200
+    task = np.where(rng.random(n) < 0.4, 0.0, rng.random(n))  # 40% tied zeros
+    x = rng.normal(size=n)
+    damage = x + 0.1 * rng.normal(size=n)
+    df = S.binned_spearman(damage, pd.DataFrame({"x": x}), task, n_bins=5)
+    # tied task values share a bin, so there may be fewer than 5 non-empty bins
+    zero_bins = df[(df.bin_lo == 0.0)]
+    assert len(zero_bins) == 1 and zero_bins["n"].iloc[0] >= int(0.3 * n)
+    assert zero_bins["bin"].iloc[0] == 0 and zero_bins["bin_hi"].iloc[0] == 0.0
+    assert df["n"].sum() == n and (df["rho"] > 0.8).all()
+
+
+def test_paper_reference():
+    ref = S.PAPER_REFERENCE
+    assert ref["hull_size_mean"]["trained"] == (4.27, 0.04)
+    assert ref["hull_saturated_frac"]["init"] == (0.067, 0.006)
+    assert ref["s3_s2"] == {"init": (0.192, 0.017), "trained": (0.381, 0.008)}
