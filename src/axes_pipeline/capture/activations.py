@@ -24,6 +24,7 @@ from axes_pipeline.capture.targets import target_from_logits
 from axes_pipeline.errors import UserError, unknown_name
 
 POINTS = ("pre_bn", "post_bn", "post_act")
+PATCH_FIELDS = ("sxy", "sxt", "sx", "sy", "st", "sxx", "sx_xx", "sub_xy", "sub_xt", "sub_y", "sub_t")
 SPATIAL = ("sample", "gap")
 
 
@@ -31,8 +32,10 @@ SPATIAL = ("sample", "gap")
 class LayerPatchMoments:
     """Streamed sums for the gradient analysis of one layer (float64).
 
-    ``sxy: [D, C]`` Σ x·y, ``sxt: [D]`` Σ x·t, ``sx: [D]``, ``sy: [C]``, ``st``, ``n``; optional
-    ``sxx: [D, D]`` and its sums over the first ``rows_xx`` rows only (Σ_X is a normaliser).
+    ``sxy: [D, C]`` Σ x·y, ``sxt: [D]`` Σ x·t, ``sx: [D]``, ``sy: [C]``, ``st``, ``n`` over all rows.
+    Σ_X (``sxx: [D, D]``) costs N·D² and is kept over the first ``rows_xx`` rows only, together with
+    the cross sums of those same rows (``sub_*``): the whitened cosine is 0 only when Σ_X w and Σ_X
+    come from one sample, so it is computed from that subsample (see :meth:`whitened_moments`).
     """
 
     sxy: torch.Tensor
@@ -44,6 +47,10 @@ class LayerPatchMoments:
     sxx: torch.Tensor | None = None
     sx_xx: torch.Tensor | None = None
     rows_xx: int = 0
+    sub_xy: torch.Tensor | None = None
+    sub_xt: torch.Tensor | None = None
+    sub_y: torch.Tensor | None = None
+    sub_t: torch.Tensor | None = None
 
     def cov_xy(self) -> torch.Tensor:
         """Cov(x_patch, y) = Σ_X w for a pre-BN channel: ``[D, C]``."""
@@ -59,6 +66,16 @@ class LayerPatchMoments:
             return None
         m = self.rows_xx
         return (self.sxx - torch.outer(self.sx_xx, self.sx_xx) / m) / (m - 1)
+
+    def whitened_moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(Cov(x, y) [D, C], Cov(x, T) [D], Σ_X [D, D]) all over the Σ_X subsample, or None."""
+        sigma = self.sigma_x()
+        if sigma is None:
+            return None
+        m = self.rows_xx
+        cxy = (self.sub_xy - torch.outer(self.sx_xx, self.sub_y) / m) / (m - 1)
+        cxt = (self.sub_xt - self.sx_xx * self.sub_t / m) / (m - 1)
+        return cxy, cxt, sigma
 
 
 @dataclass
@@ -194,9 +211,11 @@ class _LayerRecorder:
         if self.moments is None:
             D, C = x.shape[1], y.shape[1]
             z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
+            sub = self.sigma_rows > 0
             self.moments = LayerPatchMoments(z(D, C), z(D), z(D), z(C), z(()),
-                                             sxx=z(D, D) if self.sigma_rows > 0 else None,
-                                             sx_xx=z(D) if self.sigma_rows > 0 else None)
+                                             sxx=z(D, D) if sub else None, sx_xx=z(D) if sub else None,
+                                             sub_xy=z(D, C) if sub else None, sub_xt=z(D) if sub else None,
+                                             sub_y=z(C) if sub else None, sub_t=z(()) if sub else None)
         m = self.moments
         m.sxy += x.T @ y
         m.sxt += x.T @ t
@@ -205,9 +224,14 @@ class _LayerRecorder:
         m.st += t.sum()
         m.n += len(t)
         if m.sxx is not None and m.rows_xx < self.sigma_rows:
-            take = x[: self.sigma_rows - m.rows_xx]
+            k = self.sigma_rows - m.rows_xx
+            take, ty, tt = x[:k], y[:k], t[:k]
             m.sxx += take.T @ take
             m.sx_xx += take.sum(0)
+            m.sub_xy += take.T @ ty
+            m.sub_xt += take.T @ tt
+            m.sub_y += ty.sum(0)
+            m.sub_t += tt.sum()
             m.rows_xx += len(take)
         self._pending_y = None
         self._input = None
@@ -237,7 +261,7 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     handles = [h for r in recorders.values() for h in r.hooks()]
     targets, images, correct, seen = [], [], 0, 0
     try:
-        for x, y in tqdm(loader, desc=f"capture ({len(units)} layers)", disable=not progress, leave=False):
+        for x, y in tqdm(loader, desc=f"capture ({len(units)} layers)", disable=None if progress else True, leave=False):
             x, y = x.to(device), y.to(device)
             logits = model(x)
             t = target_from_logits(logits, y, target)
@@ -258,7 +282,7 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
 
 
 def _to_cpu(m: LayerPatchMoments) -> LayerPatchMoments:
-    for f in ("sxy", "sxt", "sx", "sy", "st", "sxx", "sx_xx"):
+    for f in PATCH_FIELDS:
         v = getattr(m, f)
         if v is not None:
             setattr(m, f, v.cpu())
@@ -280,8 +304,7 @@ def save_capture(capture: Capture, path: Path) -> None:
 
     blob = {"acts": capture.acts, "target": capture.target, "image_index": capture.image_index,
             "knobs": capture.knobs, "accuracy": capture.accuracy,
-            "patches": {k: {f: getattr(v, f) for f in ("sxy", "sxt", "sx", "sy", "st", "n", "sxx",
-                                                        "sx_xx", "rows_xx")}
+            "patches": {k: {f: getattr(v, f) for f in (*PATCH_FIELDS, "n", "rows_xx")}
                         for k, v in capture.patches.items()}}
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)

@@ -1,0 +1,162 @@
+"""run_analysis(cfg): the body of analyze.py.
+
+The axes of every channel are always computed first (or read from the cache) because every other
+analysis uses them; then each selected analysis (``analysis=lesion``, ``[axes,propagation]``,
+``all``...) runs on the same restored model and captured samples. Outputs: ``<run_dir>/analyze/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from axes_pipeline.analyses import plots
+from axes_pipeline.analyses.axes_table import (analyze_capture, axes_fingerprint, check_capture_size, get_capture,
+                                               resolve_device, select_units, write_axes)
+from axes_pipeline.config import run_dir, to_container
+from axes_pipeline.errors import UserError
+from axes_pipeline.runs import write_csv, write_json
+from axes_pipeline.tracking import StageTracker
+
+log = logging.getLogger("axes_pipeline")
+
+# Analyses that run after the axes, in this order. Each: fn(ctx) -> dict of headline figures.
+ANALYSES: dict[str, str] = {
+    "lesion": "axes_pipeline.analyses.lesions:run_lesion_analysis",
+    "propagation": "axes_pipeline.analyses.propagation:run_propagation_analysis",
+    "dynamics": "axes_pipeline.analyses.dynamics:run_dynamics_analysis",
+    "linear_gaussian": "axes_pipeline.analyses.linear_study:run_linear_gaussian",
+}
+NEEDS_RUN = {"axes", "lesion", "propagation", "dynamics"}
+
+
+@dataclass
+class Context:
+    """What the analyses share: config, restored run, captured samples, axes, output dir, tracker."""
+
+    cfg: DictConfig
+    out: Path
+    tracker: StageTracker
+    device: torch.device
+    trained: object = None
+    units: dict | None = None
+    capture: object = None
+    axes: pd.DataFrame | None = None
+    layers: pd.DataFrame | None = None
+
+
+def selected(cfg: DictConfig) -> list[str]:
+    chosen = [k for k in cfg.analysis.keys()]
+    unknown = [k for k in chosen if k != "axes" and k not in ANALYSES]
+    if unknown:
+        raise UserError(f"unknown analysis {unknown[0]!r}; choose from: axes, {', '.join(ANALYSES)}")
+    return chosen
+
+
+def _load(spec: str, default=None):
+    import importlib
+
+    mod, fn = spec.split(":")
+    found = getattr(importlib.import_module(mod), fn, default)
+    if found is None and default is None and not fn.startswith("check_"):
+        raise ImportError(spec)
+    return found
+
+
+def run_axes(ctx: Context) -> dict:
+    """Capture (or reuse), compute both axes per layer, write tables, plots and tracker logs."""
+    cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
+    capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out, ctx.units, ctx.device)
+    ctx.capture = capture
+    axes_df, layers_df, results = analyze_capture(capture, ctx.units, cfg, ctx.device, keep_matrices=True)
+    write_axes(out, axes_df, layers_df, axes_fingerprint(cfg, trained.ckpt))
+    ctx.axes, ctx.layers = axes_df, layers_df
+    headline = axes_headline(layers_df)
+    headline["calibration_accuracy"] = capture.accuracy
+    if cfg.plots:
+        figs = [plots.scatter_ix_it(axes_df, out / "plots" / "scatter_ix_it.png"),
+                plots.depth_profile(layers_df, out / "plots" / "depth_profile.png")]
+        with_graphs = [n for n, r in results.items() if r.r_x is not None]
+        if with_graphs:
+            pick = [with_graphs[i] for i in sorted(set(np.linspace(0, len(with_graphs) - 1, 3).round().astype(int)))]
+            mats = {n: (results[n].r_x, results[n].s, axes_df.loc[axes_df.layer == n, "community_r"].to_numpy()
+                        [: results[n].r_x.shape[0]]) for n in pick}
+            figs.append(plots.communities(mats, out / "plots" / "communities.png"))
+        for f in figs:
+            ctx.tracker.image(f"analyze/{f.stem}", f)
+    ctx.tracker.table("analyze/layers", layers_df)
+    ctx.tracker.table("analyze/axes", axes_df)
+    return headline
+
+
+def axes_headline(layers_df: pd.DataFrame) -> dict:
+    def mean(col):
+        return float(layers_df[col].mean()) if col in layers_df and layers_df[col].notna().any() else None
+
+    return {"layers": int(len(layers_df)), "channels": int(layers_df["channels"].sum()),
+            **{f"mean_{c}": mean(c) for c in (
+                "align_input_capture_task_info", "align_peer_overlap_target_excess",
+                "align_hull_score_task_unique", "modularity_gap", "null_modularity_gap", "nmi", "ari",
+                "hull_size_mean", "hull_saturated_frac", "s3_s2", "grad_cos_euclid_median",
+                "grad_cos_whitened_median")}}
+
+
+def run_analysis(cfg: DictConfig) -> dict:
+    from axes_pipeline.training.restore import restore_trained
+
+    chosen = selected(cfg)
+    device = resolve_device(cfg.get("device", "auto"))
+    t0 = time.perf_counter()
+    trained = None
+    if NEEDS_RUN & set(chosen):
+        trained = restore_trained(cfg)
+        out = trained.run_dir / "analyze"
+    else:
+        out = run_dir(cfg) / "analyze"
+    ctx = Context(cfg=cfg, out=out, tracker=None, device=device, trained=trained)
+    if trained is not None:
+        check_capture_size(cfg, trained.datamodule)
+        ctx.units = select_units(trained.model, cfg.capture.layers)
+        for name in chosen:   # each analysis validates its own knobs before the network runs
+            check = _load(ANALYSES[name].replace(":run_", ":check_")) if name in ANALYSES else None
+            # (an analysis without a check_<name> function has nothing to validate up front)
+            if check is not None:
+                check(ctx)
+    ctx.tracker = StageTracker(cfg, "analyze", out)
+    summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None,
+                     "analyses": chosen}
+    try:
+        if trained is not None:
+            summary["axes"] = run_axes(ctx)
+            print(f"analyze: axes of {summary['axes']['channels']} channels in {summary['axes']['layers']} layers; "
+                  f"mean ρ(I_X, I_T) = {summary['axes']['mean_align_input_capture_task_info']:.3f}")
+        for name in chosen:
+            if name in ANALYSES:
+                summary[name] = _load(ANALYSES[name])(ctx)
+        summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        summary["config"] = to_container(cfg)
+        ctx.tracker.scalars(_flatten(summary))
+        write_json(out / "analyze_summary.json", summary)
+    finally:
+        ctx.tracker.finish()
+    print(f"analyze: done in {summary['wall_time_s']:.1f}s -> {out}")
+    return summary
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if k == "config":
+            continue
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat

@@ -1,0 +1,216 @@
+"""The two axes of every channel of every conv layer (METHODS §1-§5), as tables.
+
+``layer_analysis`` turns one layer's captured samples into its per-channel row block and its
+per-layer summary; ``analyze_capture`` runs it over all layers; ``load_or_compute_axes`` is what
+later stages (lesions, pruning) call: the cached ``axes.csv`` when it matches, else capture+compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from axes_pipeline.analyses.alignment import layer_alignment
+from axes_pipeline.analyses.graphs import compare_groupings
+from axes_pipeline.capture import (Capture, capture_activations, capture_key, check_finite, load_capture,
+                                   save_capture)
+from axes_pipeline.errors import UserError
+from axes_pipeline.metrics import (channel_axes_from_moments, covariance, gradient_cosines,
+                                   pairwise_overlap_from_moments, pairwise_target_excess_from_moments,
+                                   triplet_ratio_from_moments)
+from axes_pipeline.models import conv_norm_pairs
+from axes_pipeline.runs import read_json, write_csv, write_json
+
+log = logging.getLogger("axes_pipeline")
+
+METRIC_KNOBS = ("sigma0", "hull_eps", "hull_max", "hull_order", "ridge", "pool", "top")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is visible; use device=cpu")
+    return torch.device(name)
+
+
+def metric_knobs(cfg: DictConfig) -> dict:
+    return {k: cfg.metrics[k] for k in METRIC_KNOBS}
+
+
+def select_units(model: torch.nn.Module, layers) -> dict:
+    """{name: ConvUnit} of the analysed layers; an unknown layer name lists the available ones."""
+    units = conv_norm_pairs(model)
+    if layers is None:
+        return units
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    unknown = [n for n in layers if n not in units]
+    if unknown:
+        raise UserError(f"unknown layer {unknown[0]!r}; available: {', '.join(units)}")
+    return {n: units[n] for n in layers}
+
+
+def filter_stats(unit) -> dict[str, np.ndarray]:
+    """Magnitude baselines per output channel: l1, l2 of the filter and |γ| of the norm after it."""
+    w = unit.conv.weight.detach().float().flatten(1)
+    gamma = getattr(unit.norm, "weight", None)
+    bn = (gamma.detach().float().abs().numpy() if gamma is not None and gamma.numel() == w.shape[0]
+          else np.full(w.shape[0], np.nan))
+    return {"l1": w.abs().sum(1).numpy(), "l2": w.norm(dim=1).numpy(), "bn_scale": bn}
+
+
+@dataclass
+class LayerResult:
+    rows: pd.DataFrame            # one row per channel
+    summary: dict                 # one row of layers.csv
+    r_x: np.ndarray | None = None  # [C', C'] for plots (C' ≤ graphs.max_channels)
+    s: np.ndarray | None = None
+
+
+def layer_analysis(name: str, index: int, acts: torch.Tensor, target: torch.Tensor, unit, *, knobs: dict,
+                   dtype: torch.dtype, device: torch.device, graphs: dict | None, patches=None,
+                   gradients: dict | None = None, seed: int = 0, keep_matrices: bool = False) -> LayerResult:
+    """Both axes, alignment, groupings, S3/S2 and gradient cosines of one layer."""
+    cov = covariance(acts.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype))
+    axes = {k: v.cpu() for k, v in channel_axes_from_moments(cov, **knobs).items()}
+    C = acts.shape[1]
+    rows = {"layer": [name] * C, "layer_index": [index] * C, "channel": np.arange(C)}
+    rows.update({k: v.numpy() for k, v in axes.items()})
+    rows.update(filter_stats(unit))
+    arr = {k: v.numpy() for k, v in axes.items()}
+    summary = {"layer": name, "layer_index": index, "channels": C, "dead": int(arr["dead"].sum()),
+               **layer_alignment(arr),
+               "hull_size_mean": float(arr["hull_size"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0,
+               "hull_saturated_frac": float(arr["hull_saturated"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0}
+    tri = triplet_ratio_from_moments(cov, pool=knobs["pool"], top=knobs["top"])
+    summary.update(s3_s2=float(tri["s3_s2"]), mean_s3=float(tri["mean_s3"]), mean_s2=float(tri["mean_s2"]))
+    result = LayerResult(rows=pd.DataFrame(rows), summary=summary)
+    if graphs is not None:
+        k = min(C, int(graphs["max_channels"]))
+        sub = cov[: k + 1, : k + 1]
+        r_x = pairwise_overlap_from_moments(sub).cpu().double().numpy()
+        s = pairwise_target_excess_from_moments(sub).cpu().double().numpy()
+        g = compare_groupings(r_x, s, fraction=graphs["edge_fraction"], null_shuffles=graphs["null_shuffles"],
+                              seed=seed)
+        comm_r = np.full(C, -1)
+        comm_s = np.full(C, -1)
+        comm_r[:k], comm_s[:k] = g.pop("labels_r"), g.pop("labels_s")
+        result.rows["community_r"], result.rows["community_s"] = comm_r, comm_s
+        summary.update(g)
+        if keep_matrices:
+            result.r_x, result.s = r_x, s
+    if patches is not None and gradients is not None:
+        w = unit.conv.weight.detach().double().flatten(1)
+        cos = gradient_cosines(patches.cov_xy().T.contiguous(), patches.cov_xt(), w)
+        result.rows["grad_cos_euclid"] = cos["cos_euclid"].numpy()
+        summary["grad_cos_euclid_median"] = float(cos["cos_euclid"].abs().median())
+        sub = patches.whitened_moments()
+        if sub is not None:  # the check: Σ_X w and Σ_X from the same rows, so this must be ≈ 0
+            cxy, cxt, sigma = sub
+            white = gradient_cosines(cxy.T.contiguous(), cxt, w, sigma)["cos_whitened"]
+            result.rows["grad_cos_whitened"] = white.numpy()
+            summary["grad_cos_whitened_median"] = float(white.abs().median())
+    return result
+
+
+def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torch.device,
+                    keep_matrices: bool = False, progress: bool = True):
+    """Run :func:`layer_analysis` over every captured layer. Returns (axes_df, layers_df, results)."""
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.metrics.dtype)
+    if dtype is None:
+        raise UserError(f"metrics.dtype must be float32 or float64, got {cfg.metrics.dtype}")
+    graphs = OmegaConf.to_container(cfg.graphs) if cfg.graphs.edge_fraction > 0 else None
+    grads = OmegaConf.to_container(cfg.gradients) if cfg.gradients.enabled else None
+    results = {}
+    for i, name in enumerate(tqdm(capture.layers, desc="axes", disable=None if progress else True, leave=False)):
+        results[name] = layer_analysis(
+            name, i, capture.acts[name], capture.target, units[name], knobs=metric_knobs(cfg), dtype=dtype,
+            device=device, graphs=graphs, patches=capture.patches.get(name), gradients=grads,
+            seed=int(cfg.capture.seed), keep_matrices=keep_matrices)
+    axes_df = pd.concat([r.rows for r in results.values()], ignore_index=True)
+    layers_df = pd.DataFrame([r.summary for r in results.values()])
+    return axes_df, layers_df, results
+
+
+def capture_settings(cfg: DictConfig, ckpt: Path) -> dict:
+    """Everything that changes what is captured (the cache key); metric knobs are not in it."""
+    c = cfg.capture
+    stat = Path(ckpt).stat()
+    return {"ckpt": str(Path(ckpt).resolve()), "ckpt_mtime": stat.st_mtime_ns, "ckpt_size": stat.st_size,
+            "n_cal": int(c.n_cal), "transform": c.transform, "point": c.point, "spatial": c.spatial,
+            "samples_per_image": int(c.samples_per_image), "target": c.target, "seed": int(c.seed),
+            "layers": None if c.layers is None else list(c.layers),
+            "gradients": bool(cfg.gradients.enabled) and c.point == "pre_bn",
+            "max_patch_dim": int(cfg.gradients.max_patch_dim), "sigma_rows": int(cfg.gradients.sigma_rows)}
+
+
+def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, units: dict,
+                device: torch.device, progress: bool = True) -> Capture:
+    """Captured samples for this checkpoint and these capture knobs: from the cache, or one forward pass."""
+    settings = capture_settings(cfg, ckpt)
+    cache = out_dir / "cache" / f"capture-{capture_key(settings)}.pt"
+    if cfg.capture.cache and cache.exists():
+        log.info("reusing captured activations %s", cache)
+        return load_capture(cache)
+    c = cfg.capture
+    datamodule.setup("fit")
+    cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
+    loader = datamodule.loader(cal, batch_size=int(c.batch_size))
+    capture = capture_activations(
+        model, units, loader, point=c.point, spatial=c.spatial, samples_per_image=int(c.samples_per_image),
+        target=c.target, seed=int(c.seed), patch_moments=settings["gradients"],
+        max_patch_dim=settings["max_patch_dim"], sigma_rows=settings["sigma_rows"], device=device,
+        progress=progress)
+    model.cpu()
+    check_finite(capture)
+    if cfg.capture.cache:
+        save_capture(capture, cache)
+    return capture
+
+
+def check_capture_size(cfg: DictConfig, datamodule) -> None:
+    """A calibration set larger than the training split stops before the network runs."""
+    datamodule.setup("fit")
+    n_train = datamodule.split_sizes()["train"]
+    if int(cfg.capture.n_cal) > n_train:
+        raise UserError(f"capture.n_cal={cfg.capture.n_cal} is larger than the training split "
+                        f"({n_train} images); use capture.n_cal<={n_train}")
+    if int(cfg.capture.n_cal) < 3:
+        raise UserError(f"capture.n_cal must be at least 3, got {cfg.capture.n_cal}")
+
+
+def axes_fingerprint(cfg: DictConfig, ckpt: Path) -> dict:
+    """What axes.csv depends on: the capture settings and the metric knobs."""
+    return {**capture_settings(cfg, ckpt), **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
+            "metrics.dtype": cfg.metrics.dtype}
+
+
+def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.DataFrame:
+    """The per-channel axes table of a trained run: the cached ``analyze/axes.csv`` when it was
+    computed with these settings, otherwise captured and computed now (and cached)."""
+    out_dir = Path(trained.run_dir) / "analyze"
+    path, meta = out_dir / "axes.csv", out_dir / "axes_fingerprint.json"
+    want = axes_fingerprint(cfg, trained.ckpt)
+    if path.exists() and meta.exists() and read_json(meta) == want:
+        return pd.read_csv(path)
+    log.info("computing the two axes for %s (no matching analyze/axes.csv)", trained.run_dir)
+    device = resolve_device(cfg.get("device", "auto"))
+    check_capture_size(cfg, trained.datamodule)
+    units = select_units(trained.model, cfg.capture.layers)
+    capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
+    axes_df, layers_df, _ = analyze_capture(capture, units, cfg, device, progress=progress)
+    write_axes(out_dir, axes_df, layers_df, want)
+    return axes_df
+
+
+def write_axes(out_dir: Path, axes_df: pd.DataFrame, layers_df: pd.DataFrame, fingerprint: dict) -> None:
+    write_csv(out_dir / "axes.csv", axes_df)
+    write_csv(out_dir / "layers.csv", layers_df)
+    write_json(out_dir / "axes_fingerprint.json", fingerprint)
