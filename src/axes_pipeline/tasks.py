@@ -29,6 +29,7 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig):
 
     stage = cfg.get("stage", "task")
     in_sweep = _mode() == "multirun"
+    _single_log_stream()
     marker = None
     try:
         out = run_dir(cfg)
@@ -59,6 +60,17 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig):
         _finish_tracker()
 
 
+def _single_log_stream() -> None:
+    # Lightning adds its own console handler; under Hydra the root logger already prints (and
+    # writes <stage>.log), so every Lightning line would appear twice. Let them propagate once.
+    if logging.getLogger().handlers:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            lg = logging.getLogger(name)
+            for h in list(lg.handlers):
+                lg.removeHandler(h)
+            lg.propagate = True
+
+
 def _mark(marker: Path | None, text: str) -> None:
     if marker is None:
         return
@@ -80,7 +92,18 @@ def _finish_tracker() -> None:
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: name the jobs that failed (from their markers), exit non-zero."""
+    """Around a multirun: refuse a SLURM launcher where there is no `sbatch`; at the end name the
+    jobs that failed (from their markers) and exit non-zero."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        import shutil
+
+        target = str(config.hydra.launcher.get("_target_", ""))
+        if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
+            print("error: hydra/launcher=submitit_slurm needs SLURM's `sbatch`, which is not on this "
+                  "machine's PATH; run on the cluster's login node, or use hydra/launcher=joblib here",
+                  file=sys.stderr)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         stage = config.get("stage", "task")

@@ -1,0 +1,132 @@
+"""analyze.py end to end on a tiny digits run, the capture stage, and bad inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from axes_pipeline.analyses.analyze import run_analysis
+from axes_pipeline.capture import capture_activations, check_finite
+from axes_pipeline.errors import UserError
+from axes_pipeline.metrics import AXES_KEYS, channel_axes
+from axes_pipeline.models import build_model, conv_norm_pairs
+from axes_pipeline.runs import read_json
+
+from .conftest import make_cfg, run_entry
+
+SMALL = ["capture.n_cal=240", "capture.samples_per_image=4", "capture.batch_size=120", "graphs.null_shuffles=1"]
+
+
+def _analyze(tiny_run, *extra):
+    root, overrides = tiny_run
+    cfg = make_cfg("analyze", [*overrides, *SMALL, *extra], root)
+    return cfg, run_analysis(cfg)
+
+
+def test_analyze_end_to_end(tiny_run):
+    cfg, summary = _analyze(tiny_run)
+    out = Path(cfg.paths.run_dir) / "analyze"
+    axes = pd.read_csv(out / "axes.csv")
+    layers = pd.read_csv(out / "layers.csv")
+    for key in (*AXES_KEYS, "layer", "channel", "l1", "l2", "bn_scale", "grad_cos_euclid", "grad_cos_whitened",
+                "community_r", "community_s"):
+        assert key in axes.columns, key
+    assert len(layers) == 20 and layers["channels"].sum() == len(axes)
+    for col in ("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
+                "q_r", "q_s", "modularity_gap", "nmi", "ari", "null_q_r", "null_modularity_gap", "hull_size_mean",
+                "hull_saturated_frac", "s3_s2", "grad_cos_euclid_median", "grad_cos_whitened_median"):
+        assert col in layers.columns, col
+    assert not axes[list(AXES_KEYS)].isna().any().any()
+    assert layers["grad_cos_whitened_median"].abs().max() < 1e-4      # the built-in correctness check
+    for png in ("scatter_ix_it", "depth_profile", "communities"):
+        assert (out / "plots" / f"{png}.png").stat().st_size > 1000
+    saved = read_json(out / "analyze_summary.json")
+    assert saved["axes"]["layers"] == 20 and "config" in saved
+    assert summary["axes"]["mean_hull_size_mean"] == pytest.approx(layers["hull_size_mean"].mean())
+
+
+def test_metric_knobs_reuse_the_capture(tiny_run):
+    cfg, _ = _analyze(tiny_run)
+    cache = list((Path(cfg.paths.run_dir) / "analyze" / "cache").glob("capture-*.pt"))
+    stamp = {p: p.stat().st_mtime_ns for p in cache}
+    _analyze(tiny_run, "metrics.hull_order=greedy", "metrics.hull_max=4")
+    after = list((Path(cfg.paths.run_dir) / "analyze" / "cache").glob("capture-*.pt"))
+    assert {p: p.stat().st_mtime_ns for p in after} == stamp            # no new forward pass
+    axes = pd.read_csv(Path(cfg.paths.run_dir) / "analyze" / "axes.csv")
+    assert axes["hull_size"].max() <= 4
+
+
+def test_capture_is_seeded_and_matches_channel_axes():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, width=0.125).eval()
+    units = {k: v for k, v in list(conv_norm_pairs(model).items())[:3]}
+    data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    a = capture_activations(model, units, data, samples_per_image=5, seed=3, progress=False)
+    b = capture_activations(model, units, data, samples_per_image=5, seed=3, progress=False)
+    name = next(iter(units))
+    assert a.acts[name].shape == (16 * 5, units[name].conv.out_channels)
+    assert torch.equal(a.acts[name], b.acts[name]) and torch.equal(a.target, b.target)
+    # pre-BN samples are values of the conv output at the sampled positions
+    with torch.no_grad():
+        full = units[name].conv(data[0][0])
+    vals = set(np.round(full[0, 0].flatten().numpy(), 5))
+    assert all(np.round(v, 5) in vals for v in a.acts[name][:5, 0].numpy())
+    gap = capture_activations(model, units, data, spatial="gap", progress=False)
+    assert gap.acts[name].shape[0] == 16
+    out = channel_axes(a.acts[name].double(), a.target.double())
+    assert set(AXES_KEYS) <= set(out)
+
+
+def test_post_act_does_not_change_the_forward():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, width=0.125).eval()
+    units = conv_norm_pairs(model)
+    x = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))]
+    with torch.no_grad():
+        ref = model(x[0][0])
+    cap = capture_activations(model, units, x, point="post_act", samples_per_image=3, progress=False)
+    assert torch.allclose(cap.target, capture_activations(model, units, x, samples_per_image=3,
+                                                          progress=False).target)
+    with torch.no_grad():
+        assert torch.equal(model(x[0][0]), ref)
+    assert all((a >= 0).all() for a in cap.acts.values() if True)  # ReLU after every BN in ResNet
+
+
+def test_nan_activations_name_the_layer():
+    from axes_pipeline.capture import Capture
+
+    cap = Capture(acts={"layer1.0.conv1": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])},
+                  target=torch.zeros(2), image_index=torch.arange(2), knobs={})
+    with pytest.raises(UserError, match="layer1.0.conv1"):
+        check_finite(cap)
+
+
+# ---- bad input ----
+
+def test_analyze_before_training_names_the_train_command(tmp_path):
+    cfg = make_cfg("analyze", ["logger=none", "model.width=0.5", "seed=7"], tmp_path)
+    with pytest.raises(UserError, match=r"python train.py .*model.width=0.5 seed=7"):
+        run_analysis(cfg)
+
+
+def test_bad_calibration_and_layer_names(tiny_run):
+    with pytest.raises(UserError, match="larger than the training split"):
+        _analyze(tiny_run, "capture.n_cal=100000")
+    with pytest.raises(UserError, match="unknown layer 'nope'.*layer1.0.conv1"):
+        _analyze(tiny_run, "capture.layers=[nope]")
+
+
+def test_unknown_analysis_lists_them(tmp_path):
+    res = run_entry("analyze.py", "analysis=nosuch", "logger=none", cwd=tmp_path)
+    assert res.returncode != 0 and "nosuch" in res.stderr and "lesion" in res.stderr
+
+
+def test_analyze_cli_one_line_error(tmp_path):
+    res = run_entry("analyze.py", "logger=none", cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: no trained run")
+    assert "Traceback" not in res.stderr
