@@ -23,8 +23,13 @@ from axes_pipeline.errors import UserError
 log = logging.getLogger("axes_pipeline")
 
 
-def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig):
-    """Run one stage function ``fn(cfg)`` with seeding, error handling and tracker cleanup."""
+def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
+             where: Callable[[DictConfig], Path] = run_dir):
+    """Run one stage function ``fn(cfg)`` with seeding, error handling and tracker cleanup.
+
+    ``where(cfg)`` is the directory the stage works in (a run's directory, or for the report the
+    sweep's); a failure marker goes there inside a sweep.
+    """
     import lightning as L
 
     stage = cfg.get("stage", "task")
@@ -32,10 +37,10 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig):
     _single_log_stream()
     marker = None
     try:
-        out = run_dir(cfg)
+        out = where(cfg)
         marker = out / f"{stage}.failed"
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        log.info("%s: run directory %s", stage, out)
+        log.info("%s: working in %s", stage, out)
         result = fn(cfg)
         if marker.exists():
             marker.unlink()

@@ -1,31 +1,6 @@
-"""Report: statistics, tables, plots, HTML (the last room of the data flow)."""
+"""The cross-run report: statistics (``stats``), run discovery (``collect``), tables, figures, rendering."""
 
-from axes_pipeline.report.stats import (
-    PAPER_REFERENCE,
-    binned_spearman,
-    compare_paired,
-    effect_size_paired,
-    flops_auc,
-    flops_auc_relative,
-    holm,
-    incremental_r2,
-    mean_sd,
-    paired_bootstrap_ci,
-    paired_test,
-    spearman,
-)
+from axes_pipeline.report.stats import *  # noqa: F401,F403
+from axes_pipeline.report.stats import __all__ as _stats_all
 
-__all__ = [
-    "PAPER_REFERENCE",
-    "binned_spearman",
-    "compare_paired",
-    "effect_size_paired",
-    "flops_auc",
-    "flops_auc_relative",
-    "holm",
-    "incremental_r2",
-    "mean_sd",
-    "paired_bootstrap_ci",
-    "paired_test",
-    "spearman",
-]
+__all__ = list(_stats_all)

@@ -1,0 +1,224 @@
+"""The report's tables, computed from the runs of each group (one row per seed pooled as mean ± SD)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from axes_pipeline.report.collect import Run
+from axes_pipeline.report.stats import PAPER_REFERENCE, compare_paired, flops_auc, flops_auc_relative, mean_sd
+
+AXES = ("local", "target")
+
+
+def _ms(values) -> dict:
+    m, s, n = mean_sd(np.asarray(values, float))
+    return {"mean": m, "sd": s, "n": n}
+
+
+def runs_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
+    rows = []
+    for g, runs in groups.items():
+        for r in runs:
+            rows.append({"group": g, "seed": r.seed, "experiment": r.experiment, "val_acc": r.train.get("val_acc"),
+                         "test_acc": r.train.get("test_acc"), "epochs": r.train.get("epochs"),
+                         "analyze": (r.path / "analyze" / "axes.csv").is_file(),
+                         "prune": (r.path / "prune" / "prune_curves.csv").is_file(), "run_dir": str(r.path)})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- pruning
+
+def seed_curves(run: Run, accuracy: str = "acc_before_ft") -> pd.DataFrame | None:
+    """One run's pruning curve, random draws averaged: score, axis, target_flops, achieved_flops, acc."""
+    curves = run.read_csv("prune/prune_curves.csv")
+    if curves is None or accuracy not in curves:
+        return None
+    curves = curves[curves[accuracy].notna()]
+    return (curves.groupby(["score", "axis", "target_flops"], as_index=False)
+            .agg(achieved_flops=("achieved_flops", "mean"), acc=(accuracy, "mean")))
+
+
+def auc_per_seed(groups: dict[str, list[Run]], accuracy: str) -> pd.DataFrame:
+    """group, seed, score, axis, flops_auc, flops_auc_rel (removed-FLOPs axis = 1 − achieved)."""
+    rows = []
+    for g, runs in groups.items():
+        for r in runs:
+            curves = seed_curves(r, accuracy)
+            if curves is None:
+                continue
+            base = r.read_json("prune/prune_summary.json") or {}
+            base_acc = base.get("unpruned_acc", base.get("base_acc", r.train.get("test_acc")))
+            for (score, axis), c in curves.groupby(["score", "axis"]):
+                removed = 1.0 - c["achieved_flops"].to_numpy()
+                try:
+                    auc = flops_auc(removed, c["acc"].to_numpy())
+                except ValueError:
+                    continue
+                rows.append({"group": g, "seed": r.seed, "score": score, "axis": axis, "flops_auc": auc,
+                             "flops_auc_rel": flops_auc_relative(removed, c["acc"].to_numpy(), base_acc)
+                             if base_acc else np.nan})
+    return pd.DataFrame(rows)
+
+
+def auc_table(per_seed: pd.DataFrame) -> pd.DataFrame:
+    if per_seed.empty:
+        return per_seed
+    rows = []
+    for (g, score, axis), d in per_seed.groupby(["group", "score", "axis"]):
+        a, rel = _ms(d["flops_auc"]), _ms(d["flops_auc_rel"])
+        rows.append({"group": g, "score": score, "axis": axis, "flops_auc_mean": a["mean"], "flops_auc_sd": a["sd"],
+                     "flops_auc_rel_mean": rel["mean"], "flops_auc_rel_sd": rel["sd"], "seeds": a["n"]})
+    return pd.DataFrame(rows).sort_values(["group", "flops_auc_mean"], ascending=[True, False])
+
+
+def accuracy_by_target(groups: dict[str, list[Run]], accuracy: str) -> pd.DataFrame:
+    rows = []
+    for g, runs in groups.items():
+        frames = [c.assign(seed=r.seed) for r in runs if (c := seed_curves(r, accuracy)) is not None]
+        if not frames:
+            continue
+        allc = pd.concat(frames)
+        for (score, axis, t), d in allc.groupby(["score", "axis", "target_flops"]):
+            s = _ms(d["acc"])
+            rows.append({"group": g, "score": score, "axis": axis, "target_flops": t,
+                         "achieved_flops_mean": d["achieved_flops"].mean(), "acc_mean": s["mean"], "acc_sd": s["sd"],
+                         "seeds": s["n"]})
+    return pd.DataFrame(rows)
+
+
+def headline(per_seed: pd.DataFrame, *, min_n: int, n_boot: int, method: str, seed: int = 0) -> pd.DataFrame:
+    """Best local vs best target score, and the axis means, paired across seeds, per group."""
+    rows = []
+    if per_seed.empty:
+        return pd.DataFrame(rows)
+    for g, d in per_seed.groupby("group"):
+        wide = d.pivot_table(index="seed", columns="score", values="flops_auc")
+        axis_of = dict(zip(d["score"], d["axis"]))
+        best = {}
+        for ax in AXES:
+            cols = [s for s in wide.columns if axis_of.get(s) == ax]
+            if cols:
+                best[ax] = max(cols, key=lambda s: wide[s].mean())
+        comparisons = []
+        if len(best) == 2:
+            comparisons.append((f"best local ({best['local']}) − best target ({best['target']})",
+                                wide[best["local"]], wide[best["target"]]))
+        means = {ax: wide[[s for s in wide.columns if axis_of.get(s) == ax]].mean(axis=1)
+                 for ax in AXES if any(axis_of.get(s) == ax for s in wide.columns)}
+        if len(means) == 2:
+            comparisons.append(("local-axis mean − target-axis mean", means["local"], means["target"]))
+        for label, a, b in comparisons:
+            res = compare_paired(a.to_numpy(), b.to_numpy(), min_n=min_n, n_boot=n_boot, seed=seed, method=method)
+            rows.append({"group": g, "comparison": label, **res})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- axes
+
+LAYER_COLS = ("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
+              "modularity_gap", "null_modularity_gap", "nmi", "ari", "hull_size_mean", "hull_saturated_frac", "s3_s2")
+
+
+def layers_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
+    rows = []
+    for g, runs in groups.items():
+        frames = [f.assign(seed=r.seed) for r in runs if (f := r.read_csv("analyze/layers.csv")) is not None]
+        if not frames:
+            continue
+        allf = pd.concat(frames)
+        for (idx, layer), d in allf.groupby(["layer_index", "layer"]):
+            row = {"group": g, "layer_index": idx, "layer": layer, "seeds": d["seed"].nunique()}
+            for c in LAYER_COLS:
+                if c in d:
+                    s = _ms(d[c])
+                    row[f"{c}_mean"], row[f"{c}_sd"] = s["mean"], s["sd"]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def reference_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
+    """Ours (mean ± SD over seeds of the per-run layer mean) beside the paper's METHODS §11 values.
+
+    With dynamics results, "init" and "trained" come from the first and last epoch of the
+    six depth-spaced layers (the paper's protocol); otherwise "trained" is over all analysed layers.
+    """
+    ours_cols = {"hull_size_mean": "hull_size_mean", "hull_saturated_frac": "hull_saturated_frac", "s3_s2": "s3_s2"}
+    rows = []
+    for g, runs in groups.items():
+        per = {k: {"init": [], "trained": []} for k in ours_cols}
+        source = "all analysed layers (trained)"
+        for r in runs:
+            dyn = r.read_csv("analyze/dynamics.csv")
+            if dyn is not None and "epoch" in dyn:
+                source = "dynamics: six depth-spaced layers, first vs last epoch"
+                first, last = dyn[dyn.epoch == dyn.epoch.min()], dyn[dyn.epoch == dyn.epoch.max()]
+                for k, col in ours_cols.items():
+                    if col in dyn:
+                        per[k]["init"].append(first[col].mean())
+                        per[k]["trained"].append(last[col].mean())
+                continue
+            lay = r.read_csv("analyze/layers.csv")
+            if lay is not None:
+                for k, col in ours_cols.items():
+                    if col in lay:
+                        per[k]["trained"].append(lay[col].mean())
+        for k in ours_cols:
+            for phase in ("init", "trained"):
+                ours = _ms(per[k][phase])
+                ref_m, ref_sd = PAPER_REFERENCE[k][phase]
+                rows.append({"group": g, "quantity": k, "phase": phase, "ours_mean": ours["mean"], "ours_sd": ours["sd"],
+                             "seeds": ours["n"], "paper_mean": ref_m, "paper_sd": ref_sd, "source": source})
+    return pd.DataFrame(rows)
+
+
+def scalar_summary(groups: dict[str, list[Run]], rel: str, section: str) -> pd.DataFrame:
+    """Mean ± SD over seeds of every numeric field of a per-run JSON summary (lesions, propagation...)."""
+    rows = []
+    for g, runs in groups.items():
+        values: dict[str, list] = {}
+        for r in runs:
+            js = r.read_json(rel)
+            if not js:
+                continue
+            part = js.get(section, js) if section else js
+            for k, v in _numeric(part).items():
+                values.setdefault(k, []).append(v)
+        for k, vs in values.items():
+            s = _ms(vs)
+            rows.append({"group": g, "quantity": k, "mean": s["mean"], "sd": s["sd"], "seeds": s["n"]})
+    return pd.DataFrame(rows)
+
+
+def _numeric(d, prefix=""):
+    out = {}
+    if not isinstance(d, dict):
+        return out
+    for k, v in d.items():
+        if k == "config":
+            continue
+        if isinstance(v, dict):
+            out.update(_numeric(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def propagation_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
+    rows = []
+    for g, runs in groups.items():
+        frames = [f.assign(seed=r.seed) for r in runs if (f := r.read_csv("analyze/propagation.csv")) is not None]
+        if not frames:
+            continue
+        allf = pd.concat(frames)
+        if "pairing" not in allf or "rho" not in allf:
+            continue
+        per_seed = allf.groupby(["pairing", "seed"], as_index=False).agg(
+            rho=("rho", "mean"), **({"null_rho": ("null_rho", "mean")} if "null_rho" in allf else {}))
+        for p, d in per_seed.groupby("pairing"):
+            s = _ms(d["rho"])
+            row = {"group": g, "pairing": p, "rho_mean": s["mean"], "rho_sd": s["sd"], "seeds": s["n"]}
+            if "null_rho" in d:
+                row["null_rho_mean"] = d["null_rho"].mean()
+            rows.append(row)
+    return pd.DataFrame(rows)

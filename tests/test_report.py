@@ -1,0 +1,143 @@
+"""The cross-run report on synthetic run directories: headline statistics, grouping, missing stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from axes_pipeline.errors import UserError
+from axes_pipeline.report.build import run_report
+
+from .conftest import make_cfg, run_entry
+
+TARGETS = [0.9, 0.7, 0.5, 0.3, 0.1]
+
+
+def fake_run(root: Path, seed: int, *, local_gain: float, epochs: int = 20, prune: bool = True,
+             analyze: bool = True, model: str = "resnet18") -> Path:
+    run = root / "multirun" / "demo" / f"digits-{model}-w0.25" / f"seed{seed}"
+    run.mkdir(parents=True)
+    cfg = {"seed": seed, "name": "demo", "data": {"name": "digits"}, "model": {"name": model, "width": 0.25},
+           "trainer": {"max_epochs": epochs}, "paths": {"run_dir": str(run)}}
+    (run / "train_summary.json").write_text(json.dumps({"val_acc": 0.97, "test_acc": 0.96, "epochs": epochs,
+                                                        "config": cfg}))
+    rng = np.random.default_rng(seed)
+    if prune:
+        rows = []
+        for score, axis, gain in (("input_capture", "local", local_gain), ("hull_score", "local", 0.0),
+                                  ("task_info", "target", 0.0), ("l1", "baseline", 0.01)):
+            for t in TARGETS:
+                acc = 0.96 * t ** 0.5 + gain + rng.normal(0, 0.002)
+                rows.append({"score": score, "axis": axis, "draw": 0, "target_flops": t, "achieved_flops": t + 0.001,
+                             "acc_before_ft": acc})
+        (run / "prune").mkdir()
+        pd.DataFrame(rows).to_csv(run / "prune" / "prune_curves.csv", index=False)
+        (run / "prune" / "prune_summary.json").write_text(json.dumps({"unpruned_acc": 0.96}))
+    if analyze:
+        (run / "analyze").mkdir()
+        pd.DataFrame({"layer": ["conv1", "layer1.0.conv1"], "layer_index": [0, 1], "channels": [16, 16],
+                      "align_input_capture_task_info": [0.5 + 0.01 * seed % 3, 0.1], "modularity_gap": [0.1, 0.2],
+                      "hull_size_mean": [3.0, 4.0], "hull_saturated_frac": [0.1, 0.2], "s3_s2": [0.3, 0.4]}
+                     ).to_csv(run / "analyze" / "layers.csv", index=False)
+    return run
+
+
+def _report(root: Path, *extra):
+    cfg = make_cfg("report", ["experiment=demo", "logger=none", "report.n_boot=2000", *extra], root)
+    return cfg, run_report(cfg)
+
+
+def test_constant_local_advantage_gives_ci_above_zero(tmp_path):
+    for s in (1, 2, 3, 4, 5):
+        fake_run(tmp_path, s, local_gain=0.05)
+    cfg, summary = _report(tmp_path)
+    out = tmp_path / "multirun" / "demo" / "report"
+    head = pd.read_csv(out / "headline.csv")
+    best = head[head.comparison.str.startswith("best local")].iloc[0]
+    assert "input_capture" in best.comparison and "task_info" in best.comparison
+    assert best.ci_lo > 0 and best["diff"] == pytest.approx(0.05, abs=0.01)
+    assert best.p_value == pytest.approx(0.0625)           # 5 seeds, all positive: the exact floor
+    for f in ("report.md", "report.html", "flops_auc.csv", "accuracy_by_target.csv", "layers.csv", "reference.csv",
+              "headline.png", "alignment_depth.png"):
+        assert (out / f).is_file(), f
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html
+
+
+def test_identical_axes_give_p_one(tmp_path):
+    for s in (1, 2, 3):
+        fake_run(tmp_path, s, local_gain=0.0)
+    # make the local and target curves identical per seed
+    for curves in tmp_path.rglob("prune_curves.csv"):
+        d = pd.read_csv(curves)
+        ref = d[d.score == "task_info"].set_index("target_flops")["acc_before_ft"]
+        for sc in ("input_capture", "hull_score"):
+            d.loc[d.score == sc, "acc_before_ft"] = d.loc[d.score == sc, "target_flops"].map(ref).to_numpy()
+        d.to_csv(curves, index=False)
+    _report(tmp_path)
+    head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
+    assert (head.p_value > 0.99).all() and (head["diff"].abs() < 1e-12).all()
+
+
+def test_fewer_than_three_seeds_says_not_possible(tmp_path):
+    for s in (1, 2):
+        fake_run(tmp_path, s, local_gain=0.05)
+    _report(tmp_path)
+    md = (tmp_path / "multirun" / "demo" / "report" / "report.md").read_text()
+    assert "the paired test is not possible" in md
+    head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
+    assert head.p_value.isna().all() and head.ci_lo.isna().all()
+
+
+def test_mismatched_configs_are_grouped_and_named(tmp_path, capsys):
+    fake_run(tmp_path, 1, local_gain=0.0, epochs=20)
+    fake_run(tmp_path, 2, local_gain=0.0, epochs=30)
+    _, summary = _report(tmp_path)
+    assert len(summary["groups"]) == 2
+    assert any("trainer.max_epochs" in n for n in summary["notices"])
+    assert "never pooled" in capsys.readouterr().out
+
+
+def test_report_renders_with_missing_stages(tmp_path):
+    fake_run(tmp_path, 1, local_gain=0.0, prune=False, analyze=False)
+    _report(tmp_path)
+    md = (tmp_path / "multirun" / "demo" / "report" / "report.md").read_text()
+    assert "No pruning results" in md and "No analysis results" in md and "No lesion results" in md
+
+
+def test_no_runs_says_what_it_looked_for(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="train_summary.json"):
+        _report(tmp_path, f"report.sweep={tmp_path / 'empty'}")
+    res = run_entry("report.py", "logger=none", "name=nothing", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: report:")
+
+
+def test_slurm_without_sbatch_is_refused(tmp_path):
+    import shutil
+
+    if shutil.which("sbatch"):
+        pytest.skip("sbatch exists here")
+    res = run_entry("train.py", "-m", "seed=1,2", "hydra/launcher=submitit_slurm", "logger=none", cwd=tmp_path)
+    assert res.returncode == 2 and "sbatch" in res.stderr
+    assert not list(tmp_path.rglob("train_summary.json"))
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm", "parallel", "joblib"])
+def test_launcher_configs_compose(launcher, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from .conftest import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    if "slurm" in launcher:
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+        if launcher == "slurm":
+            assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.tasks_per_node == 1
+    else:
+        assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
