@@ -36,7 +36,8 @@ def main() -> int:
         if res.returncode != 0:
             print(f"demo: stage {name} failed (exit {res.returncode})", file=sys.stderr)
             return res.returncode
-    report = ROOT / "multirun" / "demo" / "report" / "report.html"
+    root = Path(os.environ.get("AXES_OUTPUT_ROOT", ROOT))   # paths.output_root's default
+    report = (root if root.is_absolute() else ROOT / root) / "multirun" / "demo" / "report" / "report.html"
     print(f"\ndemo: finished in {time.perf_counter() - t_all:.0f}s; open the report: {report}")
     return 0
 

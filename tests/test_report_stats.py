@@ -1,4 +1,4 @@
-"""Tests for axes_pipeline.report.stats: known answers, edge cases, determinism."""
+"""Tests for axes_pipeline.stats: known answers, edge cases, determinism."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from axes_pipeline.report import stats as S
-from axes_pipeline.report import compare_paired, flops_auc, holm  # re-exported
+from axes_pipeline import stats as S
+from axes_pipeline.stats import compare_paired, flops_auc, holm
 
 
 # ----------------------------------------------------------------------------- FLOPs-AUC

@@ -35,6 +35,7 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
     stage = cfg.get("stage", "task")
     in_sweep = _mode() == "multirun"
     _single_log_stream()
+    _share_cores()
     marker = None
     try:
         out = where(cfg)
@@ -63,6 +64,27 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
         return None
     finally:
         _finish_tracker()
+
+
+def _share_cores() -> None:
+    # Under the joblib launcher n_jobs processes run at once; torch's default of one thread per core
+    # in each would oversubscribe the machine, so every job takes its share of the cores.
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        launcher = HydraConfig.get().launcher
+    except Exception:  # noqa: BLE001 - not under Hydra (tests, notebooks): leave torch's default
+        return
+    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    n_jobs = int(launcher.get("n_jobs") or 1)
+    n_jobs = cores + 1 + n_jobs if n_jobs < 0 else n_jobs      # joblib: -1 = all cores
+    torch.set_num_threads(max(1, cores // max(1, min(n_jobs, cores))))
 
 
 def _single_log_stream() -> None:
@@ -105,8 +127,9 @@ class SweepSummary(Callback):
 
         target = str(config.hydra.launcher.get("_target_", ""))
         if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
-            print("error: hydra/launcher=submitit_slurm needs SLURM's `sbatch`, which is not on this "
-                  "machine's PATH; run on the cluster's login node, or use hydra/launcher=joblib here",
+            print("error: the SLURM launcher (hydra/launcher=slurm or submitit_slurm) needs SLURM's `sbatch`, "
+                  "which is not on this machine's PATH; run on the cluster's login node, or use "
+                  "hydra/launcher=parallel here",
                   file=sys.stderr)
             sys.exit(2)
 

@@ -35,7 +35,8 @@ def _init_kwargs(cfg: DictConfig, stage: str, out: Path) -> dict:
     lg = cfg.logger
     return dict(
         project=lg.project, entity=lg.entity, mode=lg.mode, group=lg.group,
-        name=f"{lg.run_name}-{stage}", job_type=stage, tags=list(lg.tags) + [stage],
+        # a report spans many runs: name it after the experiment, not after one run's seed
+        name=f"{cfg.name}-report" if stage == "report" else f"{lg.run_name}-{stage}", job_type=stage, tags=list(lg.tags) + [stage],
         dir=str(out), reinit="finish_previous",
         config={"data": cfg.data.name, "model": cfg.model.name, "width": cfg.model.width,
                 "seed": cfg.seed, "experiment": cfg.name, "stage": stage},

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.axes_table import (analyze_capture, axes_fingerprint, check_capture_size, get_capture,
                                                resolve_device, select_units, write_axes)
 from axes_pipeline.config import run_dir, to_container
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import write_csv, write_json
+from axes_pipeline.runs import write_json
 from axes_pipeline.tracking import StageTracker
 
 log = logging.getLogger("axes_pipeline")

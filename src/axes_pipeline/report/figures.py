@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from axes_pipeline.report.collect import Run  # noqa: E402
-from axes_pipeline.report.stats import PAPER_REFERENCE  # noqa: E402
+from axes_pipeline.stats import PAPER_REFERENCE  # noqa: E402
 from axes_pipeline.runs import atomic_path  # noqa: E402
 
 AXIS_COLORS = {"local": "tab:blue", "target": "tab:red", "mixed": "tab:purple", "baseline": "tab:gray"}

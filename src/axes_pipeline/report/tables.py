@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from axes_pipeline.report.collect import Run
-from axes_pipeline.report.stats import PAPER_REFERENCE, compare_paired, flops_auc, flops_auc_relative, mean_sd
+from axes_pipeline.stats import PAPER_REFERENCE, compare_paired, flops_auc, flops_auc_relative, mean_sd
 
 AXES = ("local", "target")
 
@@ -190,12 +190,17 @@ def scalar_summary(groups: dict[str, list[Run]], rel: str, section: str) -> pd.D
     return pd.DataFrame(rows)
 
 
+# Left out of the report's summary tables: the per-layer detail (it is in each run's own CSVs and
+# would bury the headline figures) and bookkeeping that says nothing about the network.
+_NOT_SUMMARISED = {"config", "per_layer", "n_boot", "resumed_layers", "wall_time_s"}
+
+
 def _numeric(d, prefix=""):
     out = {}
     if not isinstance(d, dict):
         return out
     for k, v in d.items():
-        if k == "config":
+        if k in _NOT_SUMMARISED:
             continue
         if isinstance(v, dict):
             out.update(_numeric(v, f"{prefix}{k}."))

@@ -1,4 +1,5 @@
-"""Statistics for the report: FLOPs-AUC, paired seed comparisons, binned correlations, ΔR².
+"""Statistics shared by the analyses, pruning and the report: FLOPs-AUC, paired seed comparisons,
+binned correlations, ΔR² and the paper's reference values.
 
 Pure numpy/scipy and deterministic given ``seed``: every random draw comes from
 ``numpy.random.default_rng(seed)``, so a report rebuilt from the same results prints the same

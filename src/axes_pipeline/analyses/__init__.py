@@ -1,0 +1,1 @@
+"""Analyses of analyze.py: the axes table, groupings, lesions, propagation, dynamics, the linear study."""

@@ -1,0 +1,440 @@
+"""Training dynamics (METHODS §6, H2): how the two axes separate over training.
+
+For a run trained with per-epoch checkpoints (``checkpoint.every_epoch=true``; ``epoch_000.ckpt``
+is the random initialisation) and six depth-spaced conv layers, every selected epoch is
+processed on its own: load its weights into one model instance, capture only those layers on
+the fixed calibration subset (the ``capture.*`` knobs, the same images for every epoch and
+every seed), run :func:`~axes_pipeline.analyses.axes_table.layer_analysis` per layer, write the
+epoch's rows to ``analyze/dynamics_parts/epoch_XXX.csv`` (atomically) and free the samples.
+A re-run skips every epoch whose part exists for the same settings and the same checkpoint file
+(``dynamics_parts/settings.json`` holds the settings; a change of settings recomputes all).
+
+Per (epoch, layer) the rows hold the whole layer summary of ``layers.csv``; the curves are
+:data:`QUANTITIES`: alignment ρ(I_X, I_T), modularity gap Q_R − Q_S, mean hull size,
+saturated-hull fraction and S3/S2.
+
+Several seeds (``dynamics.seeds``): the runs of the same experiment/data/model with ``seed=``
+changed (found like ``analyze.py seed=N`` finds them); each is processed the same way into its
+own ``analyze/dynamics_parts`` (so stored results are read back, missing epochs computed) and the
+curves show the mean over layers, mean ± SD over seeds, next to the paper's init/trained
+values (METHODS §11).
+
+Outputs (``<run_dir>/analyze/``): ``dynamics.csv`` (this run, one row per (epoch, layer)),
+``dynamics_seeds.csv`` (all seeds, column ``seed``), ``dynamics_curves.csv`` (per epoch: mean
+and SD over seeds of the layer means), ``plots/dynamics.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm.auto import tqdm
+
+from axes_pipeline.analyses.axes_table import layer_analysis, metric_knobs
+from axes_pipeline.capture import capture_activations, check_finite
+from axes_pipeline.config import run_dir_candidates
+from axes_pipeline.errors import UserError
+from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
+from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
+from axes_pipeline.runs import read_json, write_csv, write_json
+from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into
+
+log = logging.getLogger("axes_pipeline")
+
+__all__ = ["QUANTITIES", "RunPlan", "check_dynamics_analysis", "dynamics_curves", "dynamics_of_run",
+           "dynamics_settings", "plan_dynamics", "plot_dynamics", "run_dynamics_analysis"]
+
+#: The per-epoch quantities of METHODS §6 (columns of dynamics.csv) and their plot labels.
+QUANTITIES: dict[str, str] = {
+    "align_input_capture_task_info": "ρ(I_X, I_T)",
+    "modularity_gap": "modularity gap Q_R − Q_S",
+    "hull_size_mean": "mean hull size",
+    "hull_saturated_frac": "saturated-hull fraction",
+    "s3_s2": "S3/S2",
+}
+PARTS = "dynamics_parts"
+
+
+@dataclass
+class RunPlan:
+    """One run to process: its seed, directory and ``{epoch: checkpoint}`` (``None``: no file,
+    only a stored part can serve that epoch)."""
+
+    seed: int
+    run_dir: Path
+    epochs: dict[int, Path | None]
+
+
+# --------------------------------------------------------------------------------------------
+# Knobs and plan
+# --------------------------------------------------------------------------------------------
+
+
+def _knobs(cfg: DictConfig) -> dict:
+    k = cfg.analysis.get("dynamics") or {}
+    get = (lambda key, default: k.get(key, default)) if k else (lambda key, default: default)
+    conv = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
+    return {"layers": conv(get("layers", None)), "k": get("k", 6), "epochs": conv(get("epochs", None)),
+            "seeds": conv(get("seeds", None)), "include_shortcuts": bool(get("include_shortcuts", False)),
+            "required": bool(get("required", True))}
+
+
+def _skip_reason(cfg: DictConfig, run_dir: Path) -> str | None:
+    """Why dynamics is skipped on this run (``required=false`` and no per-epoch checkpoints), else None."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if _knobs(cfg)["required"] or epoch_checkpoints(ckpt_dir):
+        return None
+    return f"no per-epoch checkpoints in {ckpt_dir} (train with checkpoint.every_epoch=true)"
+
+
+def _train_overrides() -> str:
+    """The user's command-line overrides that matter to train.py, or a placeholder."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - composed outside a Hydra app (tests, notebooks)
+        return "<same overrides>"
+    drop = ("analysis", "capture.", "metrics.", "graphs.", "gradients.", "device", "plots", "ckpt")
+    keep = [o for o in task if not o.lstrip("+~").startswith(drop)]
+    return " ".join(keep) if keep else "<same overrides>"
+
+
+def _no_checkpoints_error(ckpt_dir: Path) -> UserError:
+    ov = _train_overrides()
+    other = " ".join(o for o in ov.split() if not o.lstrip("+~").startswith("experiment=")) if "<" not in ov else ov
+    return UserError(
+        f"dynamics needs per-epoch checkpoints (epoch_000.ckpt = initial weights, then one per epoch) "
+        f"but {ckpt_dir} has none; train a run with them: `python train.py {ov} "
+        f"checkpoint.every_epoch=true` (a new run directory: a finished one is not retrained, so also "
+        f"change name=) or `python train.py {other} experiment=dynamics`, then analyze that run")
+
+
+def _layers(model, knobs: dict) -> list[str]:
+    units = conv_norm_pairs(model)
+    if knobs["layers"] is not None:
+        layers = [knobs["layers"]] if isinstance(knobs["layers"], str) else list(knobs["layers"])
+        unknown = [n for n in layers if n not in units]
+        if unknown:
+            raise UserError(f"dynamics.layers: unknown layer {unknown[0]!r}; available: {', '.join(units)}")
+        return layers
+    try:
+        k = int(knobs["k"])
+    except (TypeError, ValueError):
+        raise UserError(f"dynamics.k must be an integer, got {knobs['k']!r}") from None
+    if k < 1:
+        raise UserError(f"dynamics.k must be >= 1, got {k}")
+    return depth_spaced_layers(model, k, include_shortcuts=knobs["include_shortcuts"])
+
+
+def _select_epochs(grid: list[int], want) -> list[int]:
+    """``want``: None (all), an int N (every N-th epoch of the grid, the last always), or a list."""
+    if want is None:
+        return list(grid)
+    if isinstance(want, (int, np.integer)) and not isinstance(want, bool):
+        if want < 1:
+            raise UserError(f"dynamics.epochs: a stride must be >= 1, got {want}")
+        picked = grid[::int(want)]
+        return picked + ([grid[-1]] if grid[-1] not in picked else [])
+    try:
+        want = sorted({int(e) for e in want})
+    except (TypeError, ValueError):
+        raise UserError(f"dynamics.epochs must be null, a stride N or a list of epochs, got {want!r}") from None
+    missing = [e for e in want if e not in grid]
+    if missing:
+        raise UserError(f"dynamics.epochs: no checkpoint for epoch {missing[0]}; this run has epochs "
+                        f"{grid[0]}..{grid[-1]} ({len(grid)} checkpoints)")
+    return want
+
+
+def _seed_run_dir(cfg: DictConfig, seed: int) -> list[Path]:
+    other = copy.deepcopy(cfg)
+    with open_dict(other):
+        other.seed = int(seed)
+        other.ckpt = None
+    return run_dir_candidates(other)
+
+
+def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPlan]:
+    """Which runs and epochs to process; every mistake a :class:`UserError` before any work."""
+    knobs = _knobs(cfg)
+    ckpt_dir = Path(main_run) / "checkpoints"
+    found = epoch_checkpoints(ckpt_dir)
+    if not found:
+        raise _no_checkpoints_error(ckpt_dir)
+    if 0 not in found:
+        log.warning("dynamics: %s has no epoch_000.ckpt (random init); curves start at epoch %d",
+                    ckpt_dir, min(found))
+    epochs = _select_epochs(list(found), knobs["epochs"])
+    plans = [RunPlan(int(main_seed), Path(main_run), {e: found[e] for e in epochs})]
+    seeds = knobs["seeds"]
+    if seeds is None:
+        return plans
+    seeds = [seeds] if isinstance(seeds, (int, str)) else list(seeds)
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in seeds))
+    except (TypeError, ValueError):
+        raise UserError(f"dynamics.seeds must be null or a list of integer seeds, got {seeds!r}") from None
+    for seed in seeds:
+        if seed == int(main_seed):
+            continue
+        cands = _seed_run_dir(cfg, seed)
+        run = next((c for c in cands if epoch_checkpoints(c / "checkpoints")), None)
+        if run is None:
+            run = next((c for c in cands if (c / "analyze" / PARTS).is_dir()), None)
+        if run is None:
+            ov = _train_overrides()
+            raise UserError(f"dynamics.seeds: no run with per-epoch checkpoints for seed={seed} at {cands[0]}; "
+                            f"train it with `python train.py {ov} seed={seed} checkpoint.every_epoch=true`")
+        have = epoch_checkpoints(run / "checkpoints")
+        parts = {e for e in epochs if (run / "analyze" / PARTS / _part_name(e)).is_file()}
+        lacking = [e for e in epochs if e not in have and e not in parts]
+        if lacking:
+            raise UserError(f"dynamics.seeds: the seed={seed} run {run} has no checkpoint for epoch {lacking[0]}; "
+                            f"train it with the same trainer.max_epochs and checkpoint.every_epoch=true, "
+                            f"or choose dynamics.epochs present in every seed")
+        plans.append(RunPlan(seed, run, {e: have.get(e) for e in epochs}))
+    return plans
+
+
+def check_dynamics_analysis(ctx) -> None:
+    """Per-epoch checkpoints, layers, epochs and seeds, before anything runs."""
+    _layers(ctx.trained.model, _knobs(ctx.cfg))
+    if _skip_reason(ctx.cfg, ctx.trained.run_dir):
+        return
+    plan_dynamics(ctx.cfg, ctx.trained.run_dir, int(ctx.cfg.seed))
+
+
+# --------------------------------------------------------------------------------------------
+# One run, epoch by epoch
+# --------------------------------------------------------------------------------------------
+
+
+def dynamics_settings(cfg: DictConfig, layers: list[str]) -> dict:
+    """Everything a stored epoch part depends on besides its checkpoint file."""
+    c = cfg.capture
+    return {"layers": list(layers), "n_cal": int(c.n_cal), "transform": c.transform, "point": c.point,
+            "spatial": c.spatial, "samples_per_image": int(c.samples_per_image), "target": c.target,
+            "capture_seed": int(c.seed), **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
+            "metrics.dtype": cfg.metrics.dtype, "graphs": OmegaConf.to_container(cfg.graphs)}
+
+
+def _part_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.csv"
+
+
+def _stamp(ckpt: Path | None) -> int:
+    return Path(ckpt).stat().st_mtime_ns if ckpt is not None and Path(ckpt).exists() else -1
+
+
+def _valid_part(path: Path, ckpt: Path | None) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        part = pd.read_csv(path)
+    except Exception:  # noqa: BLE001 - unreadable part: recompute it
+        return None
+    if ckpt is not None and ("ckpt_mtime_ns" not in part or int(part["ckpt_mtime_ns"].iloc[0]) != _stamp(ckpt)):
+        return None     # the checkpoint was rewritten (retrained) since this part was computed
+    return part
+
+
+def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, datamodule, layers: list[str],
+                    device: torch.device, expect: dict | None = None, progress: bool = True) -> tuple[pd.DataFrame, int]:
+    """Rows (epoch, layer) of one run, streaming its checkpoints through ``model``.
+
+    Returns ``(frame, computed)``: ``computed`` counts the epochs computed now (the rest were read
+    from ``<run>/analyze/dynamics_parts``). ``model`` is overwritten with each epoch's weights.
+    """
+    parts = plan.run_dir / "analyze" / PARTS
+    settings = dynamics_settings(cfg, layers)
+    meta = parts / "settings.json"
+    if meta.exists() and read_json(meta) != settings:
+        lacking = [e for e, ckpt in plan.epochs.items() if ckpt is None]
+        if lacking:   # the stored parts are the only record of these epochs: never discard them
+            raise UserError(f"dynamics: {parts} was computed with other settings and {plan.run_dir} has no "
+                            f"checkpoint for epoch {lacking[0]}; use the settings in {meta} or retrain that run")
+        stale = sorted(parts.glob("epoch_*.csv"))
+        log.info("dynamics: settings changed for %s; recomputing %d stored epochs", plan.run_dir, len(stale))
+        for p in stale:
+            p.unlink()
+    write_json(meta, settings)
+    all_units = conv_norm_pairs(model)
+    units = {n: all_units[n] for n in layers}
+    index = {n: i for i, n in enumerate(all_units)}
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.metrics.dtype)
+    if dtype is None:
+        raise UserError(f"metrics.dtype must be float32 or float64, got {cfg.metrics.dtype}")
+    graphs = OmegaConf.to_container(cfg.graphs) if cfg.graphs.edge_fraction > 0 else None
+    knobs, c = metric_knobs(cfg), cfg.capture
+    loader, frames, computed = None, [], 0
+    bar = tqdm(plan.epochs.items(), desc=f"dynamics seed{plan.seed}", disable=None if progress else True,
+               unit="epoch")
+    for epoch, ckpt in bar:
+        path = parts / _part_name(epoch)
+        part = _valid_part(path, ckpt)
+        if part is not None:
+            frames.append(part)
+            continue
+        if ckpt is None:
+            raise UserError(f"dynamics: no checkpoint for epoch {epoch} of {plan.run_dir} and no stored result")
+        if loader is None:
+            datamodule.setup("fit")
+            cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
+            loader = datamodule.loader(cal, batch_size=int(c.batch_size))
+        load_into(model, ckpt, expect)
+        model.eval()
+        capture = capture_activations(model, units, loader, point=c.point, spatial=c.spatial,
+                                      samples_per_image=int(c.samples_per_image), target=c.target,
+                                      seed=int(c.seed), patch_moments=False, device=device, progress=False)
+        model.cpu()
+        check_finite(capture)
+        rows = []
+        for name in layers:
+            res = layer_analysis(name, index[name], capture.acts[name], capture.target, units[name], knobs=knobs,
+                                 dtype=dtype, device=device, graphs=graphs, seed=int(c.seed))
+            rows.append(res.summary)
+        part = pd.DataFrame(rows)
+        part.insert(0, "epoch", epoch)
+        part.insert(1, "seed", plan.seed)
+        part["calibration_accuracy"] = capture.accuracy
+        part["ckpt_mtime_ns"] = _stamp(ckpt)
+        write_csv(path, part)
+        frames.append(part)
+        computed += 1
+        del capture, rows
+    frame = pd.concat(frames, ignore_index=True).sort_values(["epoch", "layer_index"], ignore_index=True)
+    write_csv(plan.run_dir / "analyze" / "dynamics.csv", frame.drop(columns=["ckpt_mtime_ns"], errors="ignore"))
+    return frame, computed
+
+
+# --------------------------------------------------------------------------------------------
+# Curves, plot, headline
+# --------------------------------------------------------------------------------------------
+
+
+def dynamics_curves(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per epoch: ``<q>_mean``, ``<q>_sd`` over seeds of each seed's mean over layers, ``n_seeds``."""
+    cols = [q for q in QUANTITIES if q in frame]
+    per_seed = frame.groupby(["seed", "epoch"])[cols].mean().reset_index()
+    rows = []
+    for epoch, d in per_seed.groupby("epoch"):
+        row = {"epoch": int(epoch), "n_seeds": int(d["seed"].nunique())}
+        for q in cols:
+            m, s, _ = mean_sd(d[q].to_numpy(float))
+            row[f"{q}_mean"], row[f"{q}_sd"] = m, s
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_dynamics(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
+    """One panel per quantity: each layer (thin, by depth), the mean over layers (± SD over seeds),
+    and the paper's init / trained values where METHODS §11 has them."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from axes_pipeline.analyses import plots
+
+    panels = [q for q in QUANTITIES if q in frame] + ["calibration_accuracy"]
+    fig, axs = plt.subplots(2, 3, figsize=(13, 6.6), squeeze=False)
+    layers = list(dict.fromkeys(frame.sort_values("layer_index")["layer"]))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(layers))))
+    per_layer = frame.groupby(["layer", "epoch"]).mean(numeric_only=True).reset_index()
+    n_seeds = int(frame["seed"].nunique())
+    first, last = int(curves["epoch"].min()), int(curves["epoch"].max())
+    for ax, q in zip(axs.flat, panels):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if q in QUANTITIES:
+            for color, layer in zip(colors, layers):
+                d = per_layer[per_layer.layer == layer]
+                ax.plot(d["epoch"], d[q], color=color, lw=0.8, alpha=0.7, label=layer)
+            x, m, s = curves["epoch"], curves[f"{q}_mean"], curves[f"{q}_sd"]
+            ax.plot(x, m, color="k", lw=2, label="mean over layers" + (f" (±SD, {n_seeds} seeds)" if n_seeds > 1 else ""))
+            if n_seeds > 1:
+                ax.fill_between(x, m - s.fillna(0), m + s.fillna(0), color="k", alpha=0.15)
+            ref = PAPER_REFERENCE.get(q)
+            if ref:
+                ax.errorbar([first, last], [ref["init"][0], ref["trained"][0]],
+                            yerr=[ref["init"][1], ref["trained"][1]], fmt="s", color="tab:red", ms=5,
+                            capsize=4, label="paper (CIFAR-100): init, trained")
+            if q.startswith("align") or q == "modularity_gap":
+                ax.axhline(0, color="gray", lw=0.5)
+            ax.set_title(QUANTITIES[q], fontsize=9)
+        else:   # the same for every layer of a seed
+            for seed, d in frame.groupby("seed"):
+                d = d.groupby("epoch")[q].first()
+                ax.plot(d.index, d.to_numpy(), marker="o", ms=3, lw=1, label=f"seed {seed}")
+            ax.set_title("calibration accuracy", fontsize=9)
+        ax.set_xlabel("epoch (0 = random init)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axs.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axs[0, 2].get_legend_handles_labels()   # hull size: layers, mean and the paper
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return plots.save(fig, path)
+
+
+def _headline(curves: pd.DataFrame, seeds: list[int], layers: list[str]) -> dict:
+    init, last = curves.iloc[0], curves.iloc[-1]
+    out = {"seeds": seeds, "layers": layers, "epochs": int(len(curves)),
+           "first_epoch": int(init["epoch"]), "last_epoch": int(last["epoch"])}
+    for q in QUANTITIES:
+        if f"{q}_mean" not in curves:
+            continue
+        for tag, row in (("init", init), ("last", last)):
+            v = row[f"{q}_mean"]
+            out[f"{q}_{tag}"] = float(v) if np.isfinite(v) else None
+            if len(seeds) > 1:
+                sd = row[f"{q}_sd"]
+                out[f"{q}_{tag}_sd"] = float(sd) if np.isfinite(sd) else None
+    return out
+
+
+def run_dynamics_analysis(ctx) -> dict:
+    """Process every planned run epoch by epoch (resumable); write tables, curves and logs."""
+    from axes_pipeline.training.train import instantiate_model
+
+    cfg, trained = ctx.cfg, ctx.trained
+    knobs = _knobs(cfg)
+    skip = _skip_reason(cfg, trained.run_dir)
+    if skip:   # analysis=all on a run trained without per-epoch checkpoints: the other analyses still run
+        log.warning("dynamics: skipped: %s", skip)
+        print(f"dynamics: skipped: {skip}")
+        return {"skipped": skip}
+    plans = plan_dynamics(cfg, trained.run_dir, int(cfg.seed))
+    dm = trained.datamodule
+    model = instantiate_model(cfg, dm.num_classes)   # its own instance: the restored model stays as is
+    layers = _layers(model, knobs)
+    expect = {"model": cfg.model.name, "num_classes": dm.num_classes, "width": float(cfg.model.width)}
+    frames, computed = [], 0
+    for plan in plans:
+        frame, n = dynamics_of_run(cfg, plan, model, dm, layers, ctx.device, expect)
+        frames.append(frame)
+        computed += n
+    del model
+    allf = pd.concat(frames, ignore_index=True).drop(columns=["ckpt_mtime_ns"], errors="ignore")
+    curves = dynamics_curves(allf)
+    if len(plans) > 1:
+        write_csv(ctx.out / "dynamics_seeds.csv", allf)
+    write_csv(ctx.out / "dynamics_curves.csv", curves)
+    if cfg.plots:
+        ctx.tracker.image("analyze/dynamics", plot_dynamics(allf, curves, ctx.out / "plots" / "dynamics.png"))
+    ctx.tracker.table("analyze/dynamics", allf)
+    ctx.tracker.table("analyze/dynamics_curves", curves)
+    seeds = [p.seed for p in plans]
+    head = _headline(curves, seeds, layers)
+    head["epochs_computed"] = computed
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    q = "align_input_capture_task_info"
+    print(f"analyze: dynamics over {head['epochs']} epochs × {len(layers)} layers × {len(seeds)} seed(s) "
+          f"({computed} epoch(s) computed now); ρ(I_X, I_T) {fmt(head.get(q + '_init'))} at epoch "
+          f"{head['first_epoch']} -> {fmt(head.get(q + '_last'))} at epoch {head['last_epoch']}")
+    return head

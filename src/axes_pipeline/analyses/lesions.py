@@ -1,0 +1,517 @@
+"""Lesions and peer replacement (METHODS §8): does peer support refine removability?
+
+For a seeded sample of channels per layer (``analysis.lesion.channels``: ``auto`` = 64 or a smaller layer's all, N, or ``all``):
+
+- **damage** of a lesion (filter, bias, BN γ and β of the channel zeroed, no fine-tuning) on a
+  fixed seeded subset of the test split: ``damage_loss`` = increase of the mean cross-entropy,
+  ``damage_acc`` = drop of top-1 accuracy (both positive when the lesion hurts);
+- **peer replacement**: the channel's pre-BN signal replaced by its linear prediction from its
+  hull (``replaced_hull_*``) or from all other channels (``replaced_all_*``), fitted on the
+  calibration samples of the axes with the metrics' ridge, applied at every position;
+  ``recovery_<v> = 1 − damage_replaced / damage_lesion`` (NaN when the lesion's loss damage is
+  below ``min_damage``: nothing to recover);
+- **analysis**: within ``n_bins`` quantile bins of I_T (``task_info``), Spearman between damage
+  and each predictor; the incremental R² of the peer terms (``full_explained``, ``hull_score``)
+  over ``input_capture`` + ``task_info`` with a bootstrap CI and the F-test p; recovery against
+  the explained variance. Dead channels (all their metrics are 0 by definition) are lesioned and
+  listed but left out of the statistics.
+
+All lesions of one layer are evaluated together by
+:class:`~axes_pipeline.analyses.lesion_engine.LesionEngine` (prefix once per batch, lesions
+folded into the batch). Each finished layer is kept in ``lesion_parts/`` with a fingerprint of
+everything it depends on, so an interrupted run resumes at the next layer.
+
+Outputs in ``<run_dir>/analyze/``: ``lesions.csv``, ``lesion_binned.csv``,
+``lesion_summary.json``, ``plots/lesion_damage.png``, ``plots/lesion_recovery.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from scipy import stats as _st
+from tqdm.auto import tqdm
+
+from axes_pipeline.analyses import plots
+from axes_pipeline.analyses.axes_table import axes_fingerprint
+from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluate, hull_members, materialise,
+                                                  peer_regression, trace)
+from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.models.taylor import taylor_scores
+from axes_pipeline.runs import read_json, write_csv, write_json
+
+log = logging.getLogger("axes_pipeline")
+
+#: Peer sets a lesioned channel can be replaced from.
+VARIANTS = ("hull", "all")
+#: Columns that can predict damage (axes-table columns, plus ``taylor`` computed here).
+KNOWN_PREDICTORS = ("input_capture", "peer_overlap", "full_explained", "hull_explained", "hull_size", "hull_score",
+                    "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2", "bn_scale",
+                    "taylor")
+#: Axes-table columns copied next to each lesion.
+AXES_COLUMNS = ("input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_saturated",
+                "hull_score", "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2",
+                "bn_scale", "dead")
+R2_SCALES = ("raw", "rank")
+PARTS = "lesion_parts"
+AUTO_CHANNELS = 64   # METHODS §8 default sample per layer
+
+
+# --------------------------------------------------------------------------------------------
+# knobs
+# --------------------------------------------------------------------------------------------
+
+
+#: The knobs of ``conf/analysis/lesion.yaml`` and their defaults.
+DEFAULTS = {
+    "layers": None, "channels": "auto", "seed": 0, "eval_samples": 1000, "batch_size": 256, "max_rows": "auto",
+    "max_gb": 2.0, "replace": list(VARIANTS), "n_bins": 5,
+    "predictors": ["input_capture", "peer_overlap", "full_explained", "hull_score", "l1", "taylor", "task_info"],
+    "base_terms": ["input_capture", "task_info"], "peer_terms": ["full_explained", "hull_score"],
+    "r2_scale": "rank", "n_boot": 2000, "taylor_images": 1024, "min_damage": 1e-4, "resume": True,
+}
+
+
+def lesion_settings(cfg: DictConfig) -> dict:
+    """The ``analysis.lesion`` knobs, validated (:class:`UserError` for a bad value)."""
+    raw = cfg.analysis.get("lesion")
+    s = OmegaConf.to_container(raw, resolve=True) if raw is not None else {}
+    s = {**DEFAULTS, **(s or {})}
+    unknown = sorted(set(s) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"unknown knob analysis.lesion.{unknown[0]}; valid: {', '.join(DEFAULTS)}")
+    ch = s["channels"]
+    if not (ch in ("all", "auto") or (isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1)):
+        raise UserError(f"analysis.lesion.channels must be a positive integer, 'auto' or 'all', got {ch!r}")
+    ev = s["eval_samples"]
+    if not (ev is None or ev == "all" or (isinstance(ev, int) and not isinstance(ev, bool) and ev >= 1)):
+        raise UserError(f"analysis.lesion.eval_samples must be a positive integer or null (whole test split), "
+                        f"got {ev!r}")
+    replace = s["replace"]
+    replace = [replace] if isinstance(replace, str) else list(replace or [])
+    for v in replace:
+        if v not in VARIANTS:
+            raise unknown_name("analysis.lesion.replace variant", str(v), VARIANTS)
+    s["replace"] = [v for v in VARIANTS if v in replace]
+    preds = list(s["predictors"] or [])
+    for p in preds:
+        if p not in KNOWN_PREDICTORS:
+            raise unknown_name("analysis.lesion predictor", str(p), KNOWN_PREDICTORS)
+    s["predictors"] = preds
+    for key in ("base_terms", "peer_terms"):
+        terms = [s[key]] if isinstance(s[key], str) else list(s[key] or [])
+        for p in terms:
+            if p not in KNOWN_PREDICTORS:
+                raise unknown_name(f"analysis.lesion.{key} column", str(p), KNOWN_PREDICTORS)
+        if not terms:
+            raise UserError(f"analysis.lesion.{key} needs at least one column")
+        s[key] = terms
+    if s["r2_scale"] not in R2_SCALES:
+        raise unknown_name("analysis.lesion.r2_scale", str(s["r2_scale"]), R2_SCALES)
+    if s["max_rows"] == "auto":
+        s["max_rows"] = None
+    elif isinstance(s["max_rows"], bool) or not isinstance(s["max_rows"], int) or s["max_rows"] < 1:
+        raise UserError(f"analysis.lesion.max_rows must be a positive integer or auto, got {s['max_rows']!r}")
+    for key in ("n_bins", "batch_size", "n_boot"):
+        v = s[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"analysis.lesion.{key} must be a positive integer, got {v!r}")
+    if isinstance(s["taylor_images"], bool) or not isinstance(s["taylor_images"], int) or s["taylor_images"] < 0:
+        raise UserError(f"analysis.lesion.taylor_images must be an integer >= 0, got {s['taylor_images']!r}")
+    for key in ("max_gb", "min_damage"):
+        if not isinstance(s[key], (int, float)) or isinstance(s[key], bool) or s[key] < 0:
+            raise UserError(f"analysis.lesion.{key} must be a number >= 0, got {s[key]!r}")
+    return s
+
+
+def lesion_layers(settings: dict, units: dict) -> list[str]:
+    """The layers to lesion: ``analysis.lesion.layers`` (null = every analysed conv layer)."""
+    layers = settings["layers"]
+    if layers is None:
+        return list(units)
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    unknown = [n for n in layers if n not in units]
+    if unknown:
+        raise UserError(f"analysis.lesion.layers: {unknown[0]!r} is not an analysed conv layer; available: "
+                        f"{', '.join(units)} (capture.layers decides which are analysed)")
+    return [n for n in units if n in layers]  # forward order
+
+
+def select_channels(n_channels: int, count, seed: int, layer: str) -> np.ndarray:
+    """``count`` channels of a layer drawn without replacement (seeded per layer), sorted; ``all``: every one;
+    ``auto``: METHODS' 64, or every channel of a layer that has fewer."""
+    if count == "auto":
+        count = min(AUTO_CHANNELS, n_channels)
+    if count == "all" or int(count) >= n_channels:
+        return np.arange(n_channels)
+    rng = np.random.default_rng([int(seed), zlib.crc32(layer.encode())])
+    return np.sort(rng.choice(n_channels, size=int(count), replace=False))
+
+
+def check_lesion_analysis(ctx) -> None:
+    """Validate the lesion knobs against the restored model before the network runs."""
+    cfg = ctx.cfg
+    s = lesion_settings(cfg)
+    layers = lesion_layers(s, ctx.units)
+    if s["channels"] not in ("all", "auto"):   # an explicit count is a promise: refuse rather than shrink it
+        for name in layers:
+            c = ctx.units[name].conv.out_channels
+            if s["channels"] > c:
+                raise UserError(f"layer {name} has only {c} channels; use analysis.lesion.channels<={c} "
+                                f"or analysis.lesion.channels=all")
+    if s["replace"]:
+        if cfg.capture.point != "pre_bn":
+            raise UserError(f"peer replacement is fitted on pre-BN samples but capture.point={cfg.capture.point}; "
+                            f"use capture.point=pre_bn or analysis.lesion.replace=[]")
+        if "hull" in s["replace"] and cfg.metrics.hull_order != "correlation":
+            raise UserError("hull replacement needs each channel's hull members, which the metrics expose only for "
+                            "metrics.hull_order=correlation; use it, or analysis.lesion.replace=[all]")
+        if cfg.capture.spatial == "gap":
+            log.warning("lesion: capture.spatial=gap fits the peer regression on pooled samples but applies it at "
+                        "every position; capture.spatial=sample is the protocol")
+    if ctx.trained is not None:
+        n_test = ctx.trained.datamodule.split_sizes()["test"]
+        if n_test < 1:
+            raise UserError("the test split is empty; lesions are evaluated on it")
+
+
+# --------------------------------------------------------------------------------------------
+# one layer
+# --------------------------------------------------------------------------------------------
+
+
+def lesion_layer(model, unit, acts: torch.Tensor, target: torch.Tensor, axes_rows: pd.DataFrame,
+                 channels: np.ndarray, batches, *, replace: list[str], ridge: float, device, graph=None,
+                 max_rows: int | None = None, max_gb: float = 2.0) -> tuple[pd.DataFrame, bool]:
+    """Lesion and replace ``channels`` of one unit; one row per channel (mean losses/accuracies).
+
+    ``acts: [N, C]`` pre-BN calibration samples, ``axes_rows``: the layer's axes table indexed by
+    channel (``hull_size`` is read from it). Returns ``(rows, batched_prefix)``.
+    """
+    c = unit.conv.out_channels
+    chans = [int(i) for i in channels]
+    parts = [Lesions.zero(chans, c)]
+    rows = {"channel": np.asarray(chans)}
+    if "hull" in replace:
+        size = axes_rows["hull_size"].reindex(range(c)).fillna(0).astype(int).to_numpy()
+        members = hull_members(acts, size, chans, target)
+        coef, off, r2 = peer_regression(acts, chans, members, ridge, target)
+        parts.append(Lesions.replace(chans, coef, off))
+        rows["hull_members"] = [";".join(map(str, m)) for m in members]
+        rows["fit_hull_explained"] = r2.numpy()
+    if "all" in replace:
+        coef, off, r2 = peer_regression(acts, chans, "all", ridge, target)
+        parts.append(Lesions.replace(chans, coef, off))
+        rows["fit_full_explained"] = r2.numpy()
+    engine = LesionEngine(model, unit, graph=graph, max_rows=max_rows, max_gb=max_gb)
+    res = engine.evaluate(batches, Lesions.cat(parts), device)
+    k = len(chans)
+    for i, v in enumerate(["lesion", *replace]):
+        rows[f"loss_{v}"] = res.loss[i * k:(i + 1) * k]
+        rows[f"acc_{v}"] = res.acc[i * k:(i + 1) * k]
+    return pd.DataFrame(rows), engine.batched_prefix
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+# --------------------------------------------------------------------------------------------
+
+
+def it_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """Equal-count quantile bin (0 = lowest) of each value; ties share a bin (the rule of
+    :func:`axes_pipeline.stats.binned_spearman`)."""
+    v = np.asarray(values, dtype=float)
+    out = np.full(v.shape, -1)
+    ok = ~np.isnan(v)
+    if ok.any():
+        r = _st.rankdata(v[ok], method="min")
+        out[ok] = np.minimum(((r - 0.5) / ok.sum() * n_bins).astype(int), n_bins - 1)
+    return out
+
+
+def _ranked(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """Within-layer percentile ranks of ``cols``: the layers' different damage scales drop out and
+    a few heavy-tailed damages cannot carry the fit."""
+    return df.groupby("layer")[cols].rank(pct=True)
+
+
+def recovery(damage_lesion: np.ndarray, damage_replaced: np.ndarray, min_damage: float) -> np.ndarray:
+    """``1 − damage_replaced / damage_lesion``; NaN where the lesion damage is below ``min_damage``."""
+    d = np.asarray(damage_lesion, dtype=float)
+    ok = d > max(min_damage, 0.0)
+    out = np.full(d.shape, np.nan)
+    out[ok] = 1.0 - np.asarray(damage_replaced, dtype=float)[ok] / d[ok]
+    return out
+
+
+def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
+    """Binned Spearman table and the summary statistics of a finished lesion table."""
+    from axes_pipeline.stats import binned_spearman, incremental_r2, spearman
+
+    live = df[~df["dead"].astype(bool)].copy()
+    preds = [p for p in s["predictors"] if p in live]
+    binned = []
+    groups = [("(all)", live)] + [(name, g) for name, g in live.groupby("layer", sort=False)]
+    for name, g in groups:
+        b = binned_spearman(g["damage_loss"].to_numpy(float), {p: g[p].to_numpy(float) for p in preds},
+                            g["task_info"].to_numpy(float), n_bins=s["n_bins"])
+        b.insert(0, "layer", name)
+        binned.append(b)
+    binned_df = pd.concat(binned, ignore_index=True)
+    pooled = binned_df[binned_df["layer"] == "(all)"]
+
+    summary: dict = {
+        "spearman_overall": {p: spearman(live["damage_loss"], live[p])[0] for p in preds},
+        "binned_rho_mean": {p: _nanmean(pooled.loc[pooled["predictor"] == p, "rho"]) for p in preds},
+    }
+    base, extra = list(s["base_terms"]), list(s["peer_terms"])
+    cols = ["damage_loss", *base, *extra]
+
+    def r2_of(frame: pd.DataFrame, scale: str) -> dict:
+        if scale == "rank":
+            frame = _ranked(frame, cols)
+        return incremental_r2(frame["damage_loss"].to_numpy(float), frame[base].to_numpy(float),
+                              frame[extra].to_numpy(float), n_boot=s["n_boot"], seed=s["seed"])
+
+    other = next(x for x in R2_SCALES if x != s["r2_scale"])
+    summary["incremental_r2"] = {
+        "base": base, "extra": extra, "scale": s["r2_scale"], "pooled": r2_of(live, s["r2_scale"]),
+        "per_layer": {name: r2_of(g, s["r2_scale"]) for name, g in live.groupby("layer", sort=False)},
+        f"pooled_{other}": r2_of(live, other)}
+    rec: dict = {}
+    for v in s["replace"]:
+        col = f"recovery_{v}"
+        vals = live[col].to_numpy(float)
+        rec[f"{v}_mean"] = _nanmean(vals)
+        rec[f"{v}_median"] = float(np.nanmedian(vals)) if np.isfinite(vals).any() else math.nan
+        rec[f"{v}_n"] = int(np.isfinite(vals).sum())
+        for x in ("full_explained", "hull_explained"):
+            rec[f"rho_{v}_{x}"] = spearman(vals, live[x].to_numpy(float))[0]
+    summary["recovery"] = rec
+    per_layer = {}
+    for name, g in df.groupby("layer", sort=False):
+        row = {"lesioned": int(len(g)), "damage_loss_median": float(g["damage_loss"].median()),
+               "damage_acc_median": float(g["damage_acc"].median())}
+        for v in s["replace"]:
+            r = g[f"recovery_{v}"].to_numpy(float)
+            row[f"recovery_{v}_median"] = float(np.nanmedian(r)) if np.isfinite(r).any() else math.nan
+        per_layer[name] = row
+    summary["per_layer"] = per_layer
+    return binned_df, summary
+
+
+def _nanmean(x) -> float:
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+
+
+def plot_damage(df: pd.DataFrame, predictors: list[str], n_bins: int, path: Path) -> Path:
+    """Damage (Δ loss) against each predictor, coloured by I_T bin."""
+    import matplotlib.pyplot as plt
+
+    d = df[~df["dead"].astype(bool)]
+    preds = [p for p in predictors if p in d]
+    cols = min(4, max(len(preds), 1))
+    rows = math.ceil(max(len(preds), 1) / cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    cmap = plt.get_cmap("viridis", n_bins)
+    sc = None
+    for ax, p in zip(grid.flat, preds):
+        sc = ax.scatter(d[p], d["damage_loss"], c=d["it_bin"], cmap=cmap, vmin=-0.5, vmax=n_bins - 0.5, s=7)
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xlabel(p + (" (magnitude)" if p == "l1" else ""), fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in list(grid.flat)[len(preds):]:
+        ax.axis("off")
+    fig.supylabel("damage_loss  (Δ cross-entropy)")
+    if sc is not None:
+        fig.colorbar(sc, ax=grid, shrink=0.6, ticks=range(n_bins), label="task_info bin")
+    return plots.save(fig, path)
+
+
+def plot_recovery(df: pd.DataFrame, variants: list[str], n_bins: int, path: Path) -> Path:
+    """Recovery of each replacement variant against ``full_explained`` (clipped to [-1, 1.5] for display)."""
+    import matplotlib.pyplot as plt
+
+    d = df[~df["dead"].astype(bool)]
+    fig, grid = plt.subplots(1, max(len(variants), 1), figsize=(4.8 * max(len(variants), 1), 3.6), squeeze=False)
+    fig.subplots_adjust(wspace=0.3)
+    cmap = plt.get_cmap("viridis", n_bins)
+    sc = None
+    for ax, v in zip(grid.flat, variants):
+        sc = ax.scatter(d["full_explained"], d[f"recovery_{v}"].clip(-1, 1.5), c=d["it_bin"], cmap=cmap,
+                        vmin=-0.5, vmax=n_bins - 0.5, s=7)
+        ax.axhline(1, color="k", lw=0.5, ls="--")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set(xlabel="full_explained  E_full", ylabel=f"recovery_{v}", title=f"replacement from {v} peers")
+    if sc is not None:
+        fig.colorbar(sc, ax=grid, ticks=range(n_bins), label="task_info bin", shrink=0.8)
+    fig.suptitle("recovery = 1 − damage_replaced / damage_lesion (clipped to [−1, 1.5])", fontsize=9)
+    return plots.save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------
+
+
+def _fingerprint(cfg: DictConfig, ckpt, s: dict, n_eval: int) -> dict:
+    """What a finished layer part depends on (a part with another fingerprint is recomputed)."""
+    keep = ("channels", "seed", "replace")
+    data = {f"data.{k}": v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+            if k not in ("batch_size", "eval_batch_size", "num_workers", "on_device", "recipe")}
+    return {**axes_fingerprint(cfg, ckpt), **data, **{f"lesion.{k}": s[k] for k in keep},
+            "lesion.eval_samples": n_eval, "metrics.ridge": float(cfg.metrics.ridge)}
+
+
+def _part_path(out: Path, layer: str) -> Path:
+    return out / PARTS / f"{layer}.csv"
+
+
+def _eval_batches(dm, s: dict, device) -> tuple[list, int]:
+    n_test = dm.split_sizes()["test"]
+    ev = s["eval_samples"]
+    n = n_test if ev in (None, "all") else min(int(ev), n_test)
+    if ev not in (None, "all") and int(ev) > n_test:
+        log.info("lesion: eval_samples=%s > test split (%d images); using the whole test split", ev, n_test)
+    ds = dm.eval_subset(None if n == n_test else n, seed=int(s["seed"]))
+    return materialise(dm.loader(ds, batch_size=int(s["batch_size"])), device), n
+
+
+def _taylor(cfg, trained, units: dict, layers: list[str], s: dict, device) -> dict[str, np.ndarray]:
+    if s["taylor_images"] == 0 or "taylor" not in s["predictors"]:
+        return {}
+    dm = trained.datamodule
+    n = min(int(s["taylor_images"]), dm.split_sizes()["train"])
+    cal = dm.calibration_set(n, seed=int(cfg.capture.seed), transform=cfg.capture.transform)
+    batches = materialise(dm.loader(cal, batch_size=int(cfg.capture.batch_size)), device)
+    return taylor_scores(trained.model, {n_: units[n_].conv for n_ in layers}, batches, device)
+
+
+def run_lesion_analysis(ctx) -> dict:
+    """METHODS §8 on the restored run in ``ctx``; writes the lesion files, returns the headline."""
+    cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
+    s = lesion_settings(cfg)
+    t0 = time.perf_counter()
+    device = ctx.device
+    layers = lesion_layers(s, ctx.units)
+    model = trained.model.to(device).eval()
+    batches, n_eval = _eval_batches(trained.datamodule, s, device)
+    base = evaluate(model, batches, device)
+    base_loss, base_acc = float(base.loss[0]), float(base.acc[0])
+
+    fp = _fingerprint(cfg, trained.ckpt, s, n_eval)
+    fp_path = out / PARTS / "fingerprint.json"
+    resume = bool(s["resume"]) and fp_path.exists() and read_json(fp_path) == fp
+    if not resume and (out / PARTS).exists():
+        for stale in (out / PARTS).glob("*.csv"):
+            stale.unlink()
+    write_json(fp_path, fp)
+
+    graph = trace(model)
+    axes = ctx.axes
+    parts, batched, t_lesion, n_lesions = [], {}, 0.0, 0
+    for name in tqdm(layers, desc="lesion", disable=None, leave=False):
+        unit = ctx.units[name]
+        part = _part_path(out, name)
+        if resume and part.exists():
+            parts.append(pd.read_csv(part))
+            continue
+        rows_axes = axes[axes["layer"] == name].set_index("channel")
+        chans = select_channels(unit.conv.out_channels, s["channels"], s["seed"], name)
+        t = time.perf_counter()
+        rows, batched[name] = lesion_layer(
+            model, unit, ctx.capture.acts[name], ctx.capture.target, rows_axes, chans, batches,
+            replace=s["replace"], ridge=float(cfg.metrics.ridge), device=device, graph=graph,
+            max_rows=s["max_rows"], max_gb=float(s["max_gb"]))
+        t_lesion += time.perf_counter() - t
+        n_lesions += len(chans) * (1 + len(s["replace"]))
+        rows.insert(0, "layer", name)
+        rows.insert(1, "layer_index", int(rows_axes["layer_index"].iloc[0]) if len(rows_axes) else -1)
+        write_csv(part, rows)
+        parts.append(rows)
+    taylor = _taylor(cfg, trained, ctx.units, layers, s, device)
+    model.cpu()
+
+    df = pd.concat(parts, ignore_index=True)
+    df = _finish_table(df, axes, taylor, base_loss, base_acc, s)
+    binned_df, stats = analyse(df, s)
+    write_csv(out / "lesions.csv", df)
+    write_csv(out / "lesion_binned.csv", binned_df)
+    wall = time.perf_counter() - t0
+    summary = {"base_loss": base_loss, "base_acc": base_acc, "eval_samples": n_eval, "layers": len(layers),
+               "channels_lesioned": int(len(df)), "replace": s["replace"], "resumed_layers": len(layers) - len(batched),
+               "batched_prefix": batched,
+               "lesions_per_s": n_lesions / t_lesion if t_lesion > 0 else None, **stats, "wall_time_s": round(wall, 2)}
+    write_json(out / "lesion_summary.json", summary)
+
+    if cfg.plots:
+        figs = [plot_damage(df, s["predictors"], s["n_bins"], out / "plots" / "lesion_damage.png")]
+        if s["replace"]:
+            figs.append(plot_recovery(df, s["replace"], s["n_bins"], out / "plots" / "lesion_recovery.png"))
+        for f in figs:
+            ctx.tracker.image(f"analyze/{f.stem}", f)
+    ctx.tracker.table("analyze/lesions", df)
+    ctx.tracker.table("analyze/lesion_binned", binned_df)
+
+    headline = _headline(summary, s)
+    r2 = summary["incremental_r2"]["pooled"]
+    rec = " ".join(f"{v} {headline.get(f'recovery_{v}_median', math.nan):.2f}" for v in s["replace"])
+    print(f"lesion: {len(df)} channels in {len(layers)} layers; ΔR²(peer terms, {s['r2_scale']}) = "
+          f"{r2['delta_r2']:.3f}, adjusted {r2['delta_r2_adj']:.3f} [{r2['ci_adj_lo']:.3f}, {r2['ci_adj_hi']:.3f}], "
+          f"F-test p = {r2['p_f']:.3g}"
+          + (f"; median recovery {rec}" if rec else ""))
+    return headline
+
+
+def _finish_table(df: pd.DataFrame, axes: pd.DataFrame, taylor: dict, base_loss: float, base_acc: float,
+                  s: dict) -> pd.DataFrame:
+    """Damage, recovery, the predictors and the I_T bin of every lesioned channel."""
+    df = df.copy()
+    df["damage_loss"] = df["loss_lesion"] - base_loss
+    df["damage_acc"] = base_acc - df["acc_lesion"]
+    for v in s["replace"]:
+        df[f"replaced_{v}_damage_loss"] = df[f"loss_{v}"] - base_loss
+        df[f"replaced_{v}_damage_acc"] = base_acc - df[f"acc_{v}"]
+        df[f"recovery_{v}"] = recovery(df["damage_loss"], df[f"replaced_{v}_damage_loss"], s["min_damage"])
+    cols = [c for c in AXES_COLUMNS if c in axes]
+    df = df.merge(axes[["layer", "channel", *cols]], on=["layer", "channel"], how="left")
+    df["taylor"] = np.nan
+    for name, vals in taylor.items():
+        sel = df["layer"] == name
+        df.loc[sel, "taylor"] = vals[df.loc[sel, "channel"].to_numpy()]
+    df["it_bin"] = it_bins(df["task_info"].where(~df["dead"].astype(bool)).to_numpy(float), s["n_bins"])
+    first = ["layer", "layer_index", "channel", "damage_loss", "damage_acc"]
+    for v in s["replace"]:
+        first += [f"replaced_{v}_damage_loss", f"replaced_{v}_damage_acc"]
+    first += [f"recovery_{v}" for v in s["replace"]]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def _headline(summary: dict, s: dict) -> dict:
+    r2 = summary["incremental_r2"]["pooled"]
+    h = {"base_loss": summary["base_loss"], "base_acc": summary["base_acc"], "layers": summary["layers"],
+         "channels_lesioned": summary["channels_lesioned"], "lesions_per_s": summary["lesions_per_s"],
+         "delta_r2": r2["delta_r2"], "delta_r2_ci_lo": r2["ci_lo"], "delta_r2_ci_hi": r2["ci_hi"],
+         "delta_r2_adj": r2["delta_r2_adj"], "delta_r2_adj_ci_lo": r2["ci_adj_lo"],
+         "delta_r2_adj_ci_hi": r2["ci_adj_hi"], "delta_r2_p_f": r2["p_f"], "r2_n": r2["n"]}
+    for v in s["replace"]:
+        rec = summary["recovery"]
+        h[f"recovery_{v}_mean"] = rec[f"{v}_mean"]
+        h[f"recovery_{v}_median"] = rec[f"{v}_median"]
+        h[f"rho_recovery_{v}_full_explained"] = rec[f"rho_{v}_full_explained"]
+    h.update({f"binned_rho_{p}": v for p, v in summary["binned_rho_mean"].items()})
+    return h

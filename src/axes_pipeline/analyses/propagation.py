@@ -1,0 +1,397 @@
+"""Cross-layer propagation (METHODS §7, H3): does a channel's axis value come from its inputs?
+
+For every **direct link** ℓ → ℓ+1 between two conv layers (the input channels of conv ℓ+1 *are*
+the output channels of unit ℓ):
+
+- influence ``A[j, i] = Σ_kernel |W_{ℓ+1}[j, i]| · σ_i^post``, row-normalised per receiving
+  channel j (:func:`influence_matrix`); σ^post is the upstream channel's post-norm standard
+  deviation (:func:`post_norm_sigma`);
+- routed upstream metric ``m̃_j = Σ_i A[j, i] · m_i`` (:func:`routed`);
+- Spearman ρ(m̃, m') across the receiving channels for the four pairings of
+  :data:`PAIRINGS` (m, m' ∈ {I_X, I_T}), and a shuffled-weights null: the same ρ with each
+  receiving channel's kernel weights |W| reassigned to random upstream channels (its own weights
+  kept, which upstream channel carries which one shuffled), averaged over seeded draws
+  (:func:`pair_propagation`).
+
+Which pairs are linked is read off a ``torch.fx`` trace (:func:`conv_links`): from each conv's
+input walk backwards through ops that keep every channel separate (norms, elementwise
+activations, pooling, dropout, permutes, identity) to the conv that produced it. Consequences:
+
+- **residual links are skipped**: a walk that meets an add (ResNet's block output, MobileNetV2's
+  residual blocks) stops, because the receiving conv then reads the *sum* of two branches and no
+  single upstream unit owns its input channels. In ResNet-18 the linked pairs are the stem →
+  ``layer1.0.conv1`` and each block's ``conv1`` → ``conv2``; shortcut convs read block outputs and
+  are never part of a pair. VGG: every consecutive pair. MobileNetV2: expand → depthwise is
+  skipped (see below), depthwise → project, and project → next expand where that block has no
+  residual add before it.
+- **depthwise / grouped receivers are skipped**: a depthwise channel reads one upstream channel,
+  so A is the identity and ρ would only restate the upstream metric. A depthwise conv *upstream*
+  (MobileNetV2's depthwise → project) is kept: its channels are ordinary channels.
+- pairs whose channel counts do not match (never for a real direct link) are skipped, and pairs
+  where either layer was not captured (``capture.layers``) are left out.
+- When the model cannot be traced, consecutive units in forward order are paired where the
+  upstream is not residual, the receiver is not grouped and the channel counts match (logged).
+
+σ^post from the captured pre-BN samples: a BatchNorm in eval mode is affine per channel, so
+``σ_post = |γ|·σ_pre / sqrt(running_var + eps)`` exactly. A LayerNorm/GroupNorm divides all
+channels of a sample by one shared scale, which the row normalisation of A removes:
+``σ_post ∝ |γ|·σ_pre``. No norm: ``σ_pre``. With ``capture.point=post_bn`` the captured std is
+σ_post itself; with ``post_act`` the post-activation std is used (what the next conv reads).
+
+Dead receiving channels and receivers with zero total influence are left out of ρ.
+Outputs: ``propagation.csv`` (one row per linked pair and pairing), ``plots/propagation.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from axes_pipeline.analyses.alignment import spearman
+from axes_pipeline.errors import UserError
+from axes_pipeline.runs import write_csv
+
+log = logging.getLogger("axes_pipeline")
+
+__all__ = ["NULL_MODES", "PAIRINGS", "check_propagation_analysis", "conv_links", "headline", "heatmap", "influence_matrix",
+           "pair_propagation", "post_norm_sigma", "propagation_table", "routed",
+           "run_propagation_analysis"]
+
+#: (pairing name, upstream metric m, downstream metric m')
+PAIRINGS: tuple[tuple[str, str, str], ...] = (
+    ("local_to_local", "input_capture", "input_capture"),
+    ("target_to_target", "task_info", "task_info"),
+    ("local_to_target", "input_capture", "task_info"),
+    ("target_to_local", "task_info", "input_capture"),
+)
+#: ``weights``: each receiver's kernel weights reassigned to random upstream channels (per row);
+#: ``columns``: one permutation of A's columns shared by all receivers (= shuffled upstream labels).
+NULL_MODES = ("weights", "columns")
+
+# --------------------------------------------------------------------------------------------
+# Which conv feeds which
+# --------------------------------------------------------------------------------------------
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_PER_CHANNEL_MODULES = _NORMS + (
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+    nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.PReLU, nn.Softplus, nn.Sigmoid, nn.Tanh,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.modules.dropout._DropoutNd, nn.Identity,
+)
+_PER_CHANNEL_MODULE_NAMES = ("Permute", "StochasticDepth")   # torchvision.ops
+_PER_CHANNEL_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardtanh,
+    F.leaky_relu, F.elu, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.dropout, F.max_pool2d,
+    F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.permute, F.batch_norm,
+    F.layer_norm, F.group_norm,
+}
+_PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh", "permute", "contiguous", "clone"}
+
+
+class _LeafTracer(fx.Tracer):
+    """Every module without children (and every norm) stays one node, addressed by its name."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+        return isinstance(m, _NORMS) or next(m.children(), None) is None or super().is_leaf_module(m, qualname)
+
+
+def _keeps_channels(node: fx.Node, model: nn.Module) -> bool:
+    if node.op == "call_module":
+        m = model.get_submodule(str(node.target))
+        return isinstance(m, _PER_CHANNEL_MODULES) or type(m).__name__ in _PER_CHANNEL_MODULE_NAMES
+    if node.op == "call_function":
+        return node.target in _PER_CHANNEL_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _PER_CHANNEL_METHODS
+    return False
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [n for n in node.all_input_nodes if n.op != "get_attr"]
+
+
+def _source_conv(node: fx.Node, model: nn.Module, convs: dict) -> str | None:
+    """The conv whose output reaches ``node`` through channel-preserving single-input ops only."""
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 10_000:
+        seen += 1
+        if node.op == "call_module" and str(node.target) in convs:
+            return str(node.target)
+        if not _keeps_channels(node, model):
+            return None          # an add, a concat, a linear... : no single owner of the channels
+        inputs = _tensor_inputs(node)
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
+
+
+def _fallback_links(units: dict) -> list[tuple[str, str]]:
+    names = list(units)
+    out = []
+    for up, down in zip(names, names[1:]):
+        u, d = units[up], units[down]
+        if not u.residual and d.conv.groups == 1 and d.conv.in_channels == u.conv.out_channels:
+            out.append((up, down))
+    return out
+
+
+def conv_links(model: nn.Module, units: dict | None = None) -> list[tuple[str, str]]:
+    """``[(upstream, downstream)]`` conv names joined by a direct data-flow link, forward order.
+
+    ``units``: {name: ConvUnit} (default: :func:`axes_pipeline.models.conv_norm_pairs`); only
+    convs among them are linked. See the module docstring for what counts as a link (residual
+    adds and grouped/depthwise receivers do not).
+    """
+    if units is None:
+        from axes_pipeline.models import conv_norm_pairs
+
+        units = conv_norm_pairs(model)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - any model fx cannot follow
+        log.warning("propagation: torch.fx could not trace %s (%s); pairing consecutive layers",
+                    type(model).__name__, exc)
+        return _fallback_links(units)
+    links = []
+    for node in graph.nodes:
+        down = str(node.target) if node.op == "call_module" else None
+        if down not in units or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        up = _source_conv(node.args[0], model, convs)
+        if up is None or up not in units:
+            continue
+        dconv, uconv = convs[down], convs[up]
+        if dconv.groups != 1:
+            log.debug("propagation: %s -> %s skipped (grouped/depthwise receiver)", up, down)
+            continue
+        if dconv.in_channels != uconv.out_channels:
+            log.debug("propagation: %s -> %s skipped (channel counts differ)", up, down)
+            continue
+        if (up, down) not in links:
+            links.append((up, down))
+    return links
+
+
+# --------------------------------------------------------------------------------------------
+# Influence and routing
+# --------------------------------------------------------------------------------------------
+
+
+def post_norm_sigma(unit, sigma: torch.Tensor, point: str = "pre_bn") -> torch.Tensor:
+    """σ^post ``[C]`` of unit ℓ's output channels from the std ``sigma: [C]`` of its captured samples.
+
+    ``point``: where ``sigma`` was measured (``capture.point``); only ``pre_bn`` is converted.
+    """
+    sigma = sigma.double()
+    norm = unit.norm
+    if point != "pre_bn" or norm is None:
+        return sigma
+    gamma = getattr(norm, "weight", None)
+    g = gamma.detach().double().abs() if gamma is not None else torch.ones_like(sigma)
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        if norm.track_running_stats and norm.running_var is not None:
+            return g * sigma / torch.sqrt(norm.running_var.detach().double() + norm.eps)
+        return g * sigma / torch.sqrt(sigma**2 + norm.eps)      # batch statistics: ≈ |γ|
+    return g * sigma    # LayerNorm / GroupNorm: a scale shared by the channels, removed by row-normalising
+
+
+def _kernel_abs(weight: torch.Tensor) -> torch.Tensor:
+    """Σ_kernel |W[j, i]|: ``[C_out, C_in]`` from a conv weight ``[C_out, C_in, kh, kw]``."""
+    w = weight.detach().double().abs()
+    return w.flatten(2).sum(2) if w.ndim > 2 else w
+
+
+def _row_normalise(a: torch.Tensor) -> torch.Tensor:
+    s = a.sum(-1, keepdim=True)
+    return torch.where(s > 0, a / s.clamp_min(1e-300), torch.zeros_like(a))
+
+
+def influence_matrix(weight: torch.Tensor, sigma_post: torch.Tensor) -> torch.Tensor:
+    """``A [C_out, C_in]``: Σ_kernel |W[j, i]| · σ_i^post, each row summing to 1 (0 when empty)."""
+    w = _kernel_abs(weight)
+    if w.shape[1] != sigma_post.numel():
+        raise ValueError(f"weight has {w.shape[1]} input channels, sigma_post {sigma_post.numel()}")
+    return _row_normalise(w * sigma_post.double()[None, :])
+
+
+def routed(a: torch.Tensor, m) -> np.ndarray:
+    """m̃ = A m: ``[C_out]`` from ``a: [..., C_out, C_in]`` and ``m: [C_in]``; NaN for an empty row."""
+    m = torch.from_numpy(np.array(m, dtype=np.float64))
+    out = a @ m
+    return torch.where(a.sum(-1) > 0, out, torch.full_like(out, math.nan)).numpy()
+
+
+def _null_matrices(weight: torch.Tensor, sigma_post: torch.Tensor, draws: int, mode: str,
+                   seed: int) -> torch.Tensor:
+    """``[draws, C_out, C_in]`` influence matrices with shuffled wiring (see :data:`NULL_MODES`)."""
+    w = _kernel_abs(weight)
+    C_out, C_in = w.shape
+    gen = torch.Generator().manual_seed(int(seed))
+    if mode == "weights":       # each receiver's weights go to random upstream channels
+        perm = torch.rand(draws, C_out, C_in, generator=gen).argsort(-1)
+        w = torch.gather(w.expand(draws, C_out, C_in), 2, perm)
+        return _row_normalise(w * sigma_post.double()[None, None, :])
+    a = influence_matrix(weight, sigma_post)   # one column permutation of A per draw
+    perm = torch.stack([torch.randperm(C_in, generator=gen) for _ in range(draws)])
+    return a[:, perm].permute(1, 0, 2)
+
+
+def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, down: dict, *,
+                     null_draws: int = 20, null: str = "weights", seed: int = 0,
+                     down_alive=None) -> list[dict]:
+    """The four pairings of one linked pair.
+
+    ``weight``: conv ℓ+1's weight ``[C_out, C_in, kh, kw]``; ``sigma_post: [C_in]``;
+    ``up`` / ``down``: {metric: ``[C_in]`` / ``[C_out]``} holding ``input_capture`` and ``task_info``;
+    ``down_alive: [C_out]`` bool (default all). Returns one dict per pairing: ``pairing, rho,
+    null_rho`` (mean over draws), ``null_sd``, ``n`` (receivers in ρ).
+    """
+    if null not in NULL_MODES:
+        raise UserError(f"unknown propagation.null_mode {null!r}; choose one of: {', '.join(NULL_MODES)}")
+    a = influence_matrix(weight, sigma_post)
+    C_out = a.shape[0]
+    alive = np.ones(C_out, bool) if down_alive is None else np.asarray(down_alive, bool)
+    nulls = _null_matrices(weight, sigma_post, int(null_draws), null, seed) if null_draws > 0 else None
+    rows = []
+    for name, m_key, d_key in PAIRINGS:
+        tilde = routed(a, up[m_key])
+        target = np.asarray(down[d_key], float)
+        keep = alive & np.isfinite(tilde)
+        rho = spearman(tilde[keep], target[keep])
+        null_rhos = []
+        if nulls is not None:
+            tilde_null = routed(nulls, up[m_key])          # [draws, C_out]
+            for t in tilde_null:
+                k = alive & np.isfinite(t)
+                null_rhos.append(spearman(t[k], target[k]))
+        null_rhos = np.asarray(null_rhos, float)
+        ok = null_rhos[np.isfinite(null_rhos)]
+        rows.append({"pairing": name, "rho": rho,
+                     "null_rho": float(ok.mean()) if ok.size else math.nan,
+                     "null_sd": float(ok.std(ddof=1)) if ok.size > 1 else math.nan,
+                     "n": int(keep.sum())})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The analysis
+# --------------------------------------------------------------------------------------------
+
+
+def _knobs(cfg) -> dict:
+    k = cfg.analysis.get("propagation") or {}
+    try:
+        return {"null_draws": int(k.get("null_draws", 20)), "null": str(k.get("null_mode", "weights")),
+                "seed": int(k.get("seed", 0))}
+    except (TypeError, ValueError):
+        raise UserError("propagation.null_draws and propagation.seed must be integers, got "
+                        f"{k.get('null_draws')!r} and {k.get('seed')!r}") from None
+
+
+def _links(ctx) -> list[tuple[str, str]]:
+    return conv_links(ctx.trained.model, ctx.units)
+
+
+def check_propagation_analysis(ctx) -> None:
+    """Knobs and that at least one linked pair was selected, before anything runs."""
+    k = _knobs(ctx.cfg)
+    if k["null"] not in NULL_MODES:
+        raise UserError(f"unknown propagation.null_mode {k['null']!r}; choose one of: {', '.join(NULL_MODES)}")
+    if k["null_draws"] < 0:
+        raise UserError(f"propagation.null_draws must be >= 0, got {k['null_draws']}")
+    if not _links(ctx) and ctx.cfg.capture.layers is not None:
+        raise UserError("propagation needs two directly linked conv layers (e.g. layer1.0.conv1 and "
+                        "layer1.0.conv2), but capture.layers selects none; add the pair or use "
+                        "capture.layers=null")
+
+
+def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_draws: int = 20,
+                      null: str = "weights", seed: int = 0) -> pd.DataFrame:
+    """One row per linked pair and pairing: ``upstream, downstream, pair_index, pairing, rho,
+    null_rho, null_sd, n``. ``capture.acts[layer]: [N, C]``; ``axes``: the per-channel table."""
+    point = capture.knobs.get("point", "pre_bn")
+    order = {n: i for i, n in enumerate(units)}
+    rows = []
+    for p, (up, down) in enumerate(conv_links(model, units)):
+        if up not in capture.acts or down not in capture.acts:
+            continue
+        ua = axes[axes.layer == up].sort_values("channel")
+        da = axes[axes.layer == down].sort_values("channel")
+        sigma = capture.acts[up].double().std(dim=0)
+        s_post = post_norm_sigma(units[up], sigma, point)
+        for r in pair_propagation(units[down].conv.weight, s_post,
+                                  {k: ua[k].to_numpy() for k in ("input_capture", "task_info")},
+                                  {k: da[k].to_numpy() for k in ("input_capture", "task_info")},
+                                  null_draws=null_draws, null=null, seed=seed + p,
+                                  down_alive=~da["dead"].astype(bool).to_numpy()):
+            rows.append({"upstream": up, "downstream": down, "pair_index": p,
+                         "upstream_index": order[up], **r})
+    cols = ["upstream", "downstream", "pair_index", "upstream_index", "pairing", "rho", "null_rho", "null_sd", "n"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def headline(table: pd.DataFrame) -> dict:
+    out = {"pairs": int(table[["upstream", "downstream"]].drop_duplicates().shape[0]) if len(table) else 0}
+    for name, _, _ in PAIRINGS:
+        d = table[table.pairing == name]
+        out[f"{name}_rho"] = float(d.rho.mean()) if d.rho.notna().any() else None
+        out[f"{name}_null_rho"] = float(d.null_rho.mean()) if d.null_rho.notna().any() else None
+    return out
+
+
+def heatmap(table: pd.DataFrame, path):
+    """Pairings × linked pairs (depth order): ρ, and ρ minus its shuffled null."""
+    from axes_pipeline.analyses import plots
+    import matplotlib.pyplot as plt
+
+    pairs = table[["pair_index", "upstream", "downstream"]].drop_duplicates().sort_values("pair_index")
+    names = [p for p, _, _ in PAIRINGS]
+    rho = table.pivot(index="pairing", columns="pair_index", values="rho").reindex(names)
+    gap = (table.assign(d=table.rho - table.null_rho)
+           .pivot(index="pairing", columns="pair_index", values="d").reindex(names))
+    labels = [f"{u}→{d}" for u, d in zip(pairs.upstream, pairs.downstream)]
+    n = len(labels)
+    fig, axs = plt.subplots(2, 1, figsize=(max(6, 0.45 * n + 2.5), 6.2), squeeze=False)
+    for ax, mat, title in ((axs[0, 0], rho, "Spearman ρ(routed m, m')"),
+                           (axs[1, 0], gap, "ρ − shuffled-weights null")):
+        im = ax.imshow(mat.to_numpy(float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        ax.set_yticks(range(len(names)), [s.replace("_to_", "→") for s in names], fontsize=8)
+        ax.set_xticks(range(n), labels if ax is axs[1, 0] else [""] * n, rotation=90, fontsize=6)
+        ax.set_title(title, fontsize=9)
+        for (i, j), v in np.ndenumerate(mat.to_numpy(float)):
+            if np.isfinite(v) and n <= 40:
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5.5)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    axs[1, 0].set_xlabel("linked conv pair (upstream → downstream), by depth")
+    return plots.save(fig, path)
+
+
+def run_propagation_analysis(ctx) -> dict:
+    """``propagation.csv``, ``plots/propagation.png`` and tracker logs; returns mean ρ per pairing."""
+    k = _knobs(ctx.cfg)
+    table = propagation_table(ctx.trained.model, ctx.units, ctx.capture, ctx.axes, **k)
+    write_csv(ctx.out / "propagation.csv", table)
+    if table.empty:
+        log.warning("propagation: %s has no directly linked conv pairs (all links pass residual adds "
+                    "or end in depthwise convs); propagation.csv is empty", type(ctx.trained.model).__name__)
+        return headline(table)
+    if ctx.cfg.plots:
+        ctx.tracker.image("analyze/propagation", heatmap(table, ctx.out / "plots" / "propagation.png"))
+    ctx.tracker.table("analyze/propagation", table)
+    head = headline(table)
+    print("analyze: propagation over {} linked pairs: ".format(head["pairs"]) + ", ".join(
+        f"{p} ρ={head[f'{p}_rho']:.3f} (null {head[f'{p}_null_rho']:.3f})" for p, _, _ in PAIRINGS
+        if head[f"{p}_rho"] is not None and head[f"{p}_null_rho"] is not None))
+    return head

@@ -1,0 +1,47 @@
+"""Gaussian-proxy information metrics: the local axis and the target axis of every channel.
+
+Everything is computed from the unbiased covariance of (T, Y_1..Y_C) of one layer (METHODS
+§1–§3), batched over channels, in pure torch on the input's device:
+
+* :func:`channel_axes` / :func:`channel_axes_from_moments`: all per-channel quantities.
+* :class:`MomentAccumulator`: stream calibration batches into that covariance.
+* :func:`pairwise_overlap`, :func:`pairwise_target_excess` (+ ``_from_moments``): the C x C
+  R_X and S matrices (R-graph and S-graph edge weights).
+* :func:`triplet_ratio` (+ ``_from_moments``): the layer's S3/S2.
+* :func:`gradient_cosines`, :func:`patch_moments`: the Gaussian linear analysis (METHODS §5);
+  :func:`linear_gaussian_study`: its synthetic demonstration.
+"""
+
+from axes_pipeline.metrics.axes import AXES_KEYS, channel_axes, channel_axes_from_moments
+from axes_pipeline.metrics.excess import (
+    pairwise_overlap,
+    pairwise_overlap_from_moments,
+    pairwise_target_excess,
+    pairwise_target_excess_from_moments,
+    triplet_ratio,
+    triplet_ratio_from_moments,
+)
+from axes_pipeline.metrics.gaussian import DEAD_RTOL, RHO_MAX, MomentAccumulator, covariance
+from axes_pipeline.metrics.gradients import PatchMomentAccumulator, gradient_cosines, patch_moments
+from axes_pipeline.metrics.linear_gaussian import linear_gaussian_study, spearman
+
+__all__ = [
+    "AXES_KEYS",
+    "DEAD_RTOL",
+    "RHO_MAX",
+    "MomentAccumulator",
+    "PatchMomentAccumulator",
+    "channel_axes",
+    "channel_axes_from_moments",
+    "covariance",
+    "gradient_cosines",
+    "linear_gaussian_study",
+    "pairwise_overlap",
+    "pairwise_overlap_from_moments",
+    "pairwise_target_excess",
+    "pairwise_target_excess_from_moments",
+    "patch_moments",
+    "spearman",
+    "triplet_ratio",
+    "triplet_ratio_from_moments",
+]

@@ -1,0 +1,233 @@
+"""From channel scores to keep masks: group scores, allocation across layers, FLOPs matching.
+
+- :func:`group_scores`: each conv's scores min–max normalised within the layer, then a group's
+  score per root channel is the mean over its conv members (coupled channels are pruned
+  together). ``depthwise=False`` leaves depthwise convs out of the mean where the group has
+  another conv (they are never scored on their own either way).
+- An :class:`Allocation` turns one integer parameter ``i`` into per-group prune counts
+  ``counts(i): [G]``, non-decreasing in ``i`` (so the MACs fall monotonically):
+  ``global`` (one threshold over all groups; ``i`` channels, lowest scores first, at most
+  ``cap`` of any group), ``uniform`` (the same fraction in every group; ``i`` indexes the
+  sorted fractions at which some group's count steps), ``hybrid`` (the per-group counts of the
+  global allocation of another score, Taylor by default; the ranking inside each group from
+  this score). Inside a group, channels go lowest score first (ties by channel index).
+- :func:`match_flops`: bisection over ``i`` for the smallest ``i`` whose MACs are at most
+  ``target + tol`` of the unpruned MACs; when one step jumps over the window
+  ``[target − tol, target + tol]`` (a channel of a large or coupled group costs more than
+  ``2·tol``), the search goes on from the last step above the window along the allocation's
+  order, skipping channels whose removal would fall below the window (so a cheaper channel
+  ranked a little later replaces an expensive one); the point is flagged ``refined``. :func:`nominal_fraction` is the authors'
+  literal protocol: prune a nominal fraction of the channels, report the MACs that gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.pruning.flops import CostModel
+from axes_pipeline.pruning.groups import GroupSet
+from axes_pipeline.pruning.scores import minmax
+
+__all__ = [
+    "ALLOCATIONS",
+    "Allocation",
+    "SearchResult",
+    "group_scores",
+    "keep_masks",
+    "make_allocation",
+    "match_flops",
+    "nominal_fraction",
+]
+
+ALLOCATIONS = ("global", "uniform", "hybrid")
+
+
+def group_scores(groups: GroupSet, per_layer: dict[str, np.ndarray], depthwise: bool = True) -> list[np.ndarray]:
+    """Per-group scores ``[size_g]`` (mean of the members' layer-normalised scores)."""
+    norm = {}
+    for layer, v in per_layer.items():
+        v = np.asarray(v, dtype=np.float64)
+        norm[layer] = np.full(v.shape, np.nan) if not np.isfinite(v).any() else minmax(v)
+    out = []
+    for g in groups.groups:
+        members = list(g.convs)
+        if not depthwise and len(g.depthwise) < len(g.convs):
+            members = [c for c in g.convs if c not in g.depthwise]
+        stack = np.stack([norm[c][g.channel_of[c]] for c in members])  # [members, size]
+        rows = stack[~np.isnan(stack).all(axis=1)]  # a layer without values (no norm for bn_scale)
+        out.append(rows.mean(axis=0) if rows.size else np.full(g.size, 0.5))
+    return out
+
+
+def _order(scores: np.ndarray) -> np.ndarray:
+    """Channels of a group, lowest score first (ties: lower channel index first)."""
+    return np.lexsort((np.arange(scores.size), scores))
+
+
+def _caps(sizes: np.ndarray, cap: float) -> np.ndarray:
+    """At most ``cap`` of a group, and at least one channel left."""
+    return np.minimum(np.floor(cap * sizes + 1e-9).astype(np.int64), sizes - 1).clip(min=0)
+
+
+@dataclass
+class Allocation:
+    """Per-group prune counts from one integer parameter; the order inside each group.
+
+    ``counts(i): [G]`` for ``i`` in ``0..n_params``; ``orders[g]``: root channels of group
+    ``g``, first pruned first; ``ranked[g]``: the group scores in that order (for refining).
+    """
+
+    kind: str
+    sizes: np.ndarray
+    orders: list[np.ndarray]
+    ranked: list[np.ndarray]
+    caps: np.ndarray
+    n_params: int
+    _seq: np.ndarray | None = None       # global/hybrid: group id of the i-th pruned channel
+    _fractions: np.ndarray | None = None  # uniform: the fraction at parameter i
+
+    def counts(self, i: int) -> np.ndarray:
+        i = int(min(max(i, 0), self.n_params))
+        if self._seq is not None:
+            return np.bincount(self._seq[:i], minlength=len(self.sizes)).astype(np.int64)
+        f = self._fractions[i]
+        return np.minimum(np.floor(f * self.sizes + 1e-9).astype(np.int64), self.caps)
+
+    def continuation(self, i: int) -> list[int]:
+        """Group ids of the channels pruned after parameter ``i``, in the allocation's order
+        (global / hybrid: the global sequence; uniform: by the fraction at which each channel
+        goes, then by score)."""
+        if self._seq is not None:
+            return [int(g) for g in self._seq[int(i):]]
+        start = self.counts(i)
+        keyed = [((r + 1) / int(n), float(self.ranked[g][r]), g)
+                 for g, (n, c0, cap) in enumerate(zip(self.sizes, start, self.caps)) for r in range(int(c0), int(cap))]
+        return [g for _, _, g in sorted(keyed)]
+
+    def nominal(self, fraction: float) -> np.ndarray:
+        """Counts for pruning a nominal ``fraction`` of all the prunable channels."""
+        if self._seq is not None:
+            return self.counts(int(round(fraction * int(self.sizes.sum()))))
+        return np.minimum(np.floor(fraction * self.sizes + 1e-9).astype(np.int64), self.caps)
+
+
+def _global_seq(scores: list[np.ndarray], caps: np.ndarray, seed: int) -> np.ndarray:
+    """Group ids of the candidate channels in global order (lowest score first)."""
+    vals, gids = [], []
+    for g, s in enumerate(scores):
+        order = _order(s)[: caps[g]]
+        vals.append(s[order])
+        gids.append(np.full(order.size, g, dtype=np.int64))
+    vals = np.concatenate(vals) if vals else np.zeros(0)
+    gids = np.concatenate(gids) if gids else np.zeros(0, dtype=np.int64)
+    tiebreak = np.random.default_rng(seed).random(vals.size)
+    return gids[np.lexsort((tiebreak, vals))]
+
+
+def make_allocation(kind: str, groups: GroupSet, scores: list[np.ndarray], cap: float,
+                    counts_from: list[np.ndarray] | None = None, seed: int = 0) -> Allocation:
+    """The :class:`Allocation` ``kind`` for group ``scores`` (``counts_from``: hybrid's source)."""
+    if kind not in ALLOCATIONS:
+        raise unknown_name("allocation (pruning.allocation)", kind, ("auto",) + ALLOCATIONS)
+    if not 0.0 < cap < 1.0:
+        raise UserError(f"the per-layer pruning cap must be in (0, 1), got {cap}")
+    sizes = groups.sizes
+    caps = _caps(sizes, cap)
+    orders = [_order(s) for s in scores]
+    ranked = [s[o] for s, o in zip(scores, orders)]
+    if kind == "global":
+        seq = _global_seq(scores, caps, seed)
+        return Allocation(kind, sizes, orders, ranked, caps, int(seq.size), _seq=seq)
+    if kind == "hybrid":
+        if counts_from is None:
+            raise ValueError("hybrid allocation needs the scores its per-layer counts come from")
+        seq = _global_seq(counts_from, caps, seed)
+        return Allocation(kind, sizes, orders, ranked, caps, int(seq.size), _seq=seq)
+    steps = sorted({j / int(n) for n, c in zip(sizes, caps) for j in range(1, int(c) + 1)})
+    fractions = np.array([0.0] + steps)
+    return Allocation(kind, sizes, orders, ranked, caps, len(steps), _fractions=fractions)
+
+
+def keep_masks(alloc: Allocation, counts: np.ndarray) -> list[np.ndarray]:
+    """Keep masks (one bool ``[size_g]`` per group) that prune ``counts[g]`` lowest-ranked channels."""
+    keep = []
+    for order, n, size in zip(alloc.orders, counts, alloc.sizes):
+        k = np.ones(int(size), dtype=bool)
+        k[order[: int(n)]] = False
+        keep.append(k)
+    return keep
+
+
+@dataclass
+class SearchResult:
+    """Outcome of one FLOPs search: prune ``counts: [G]``, MACs and the fraction kept."""
+
+    counts: np.ndarray
+    macs: int
+    frac: float
+    matched: bool
+    param: int
+    evaluations: int
+    refined: bool = False
+
+
+def match_flops(alloc: Allocation, cost: CostModel, target: float, tol: float) -> SearchResult:
+    """Prune counts whose MACs are within ``tol`` of ``target`` (fraction of the unpruned MACs)."""
+    total = int(cost.macs_counts(alloc.sizes))
+    evals = [0]
+
+    def frac(counts: np.ndarray) -> float:
+        evals[0] += 1
+        return float(cost.macs_counts(alloc.sizes - counts)) / total
+
+    def result(counts, matched, i, refined=False):
+        m = int(cost.macs_counts(alloc.sizes - counts))
+        return SearchResult(counts, m, m / total, matched, int(i), evals[0], refined)
+
+    hi_bound = target + tol
+    lo_bound = target - tol
+    c0 = alloc.counts(0)
+    if frac(c0) <= hi_bound:
+        return result(c0, frac(c0) >= lo_bound, 0)
+    cn = alloc.counts(alloc.n_params)
+    if frac(cn) > hi_bound:  # unreachable within the caps: prune as much as allowed
+        return result(cn, False, alloc.n_params)
+    lo, hi = 0, alloc.n_params  # frac(lo) > hi_bound >= frac(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if frac(alloc.counts(mid)) > hi_bound:
+            lo = mid
+        else:
+            hi = mid
+    c_hi = alloc.counts(hi)
+    if frac(c_hi) >= lo_bound:
+        return result(c_hi, True, hi)
+    # One step jumps over the window (a channel costs more than the window is wide): go on
+    # along the allocation's order from the last point above the window, skipping channels
+    # whose removal would fall below it, until the MACs land inside.
+    c = alloc.counts(lo).copy()
+    closed = set()
+    for g in alloc.continuation(lo):
+        if g in closed:
+            continue
+        c[g] += 1
+        f = frac(c)
+        if f < lo_bound:
+            c[g] -= 1
+            closed.add(g)  # keep the order inside the group: nothing after it either
+            continue
+        if f <= hi_bound:
+            return result(c, True, hi, refined=True)
+    best = min((c, c_hi), key=lambda cc: abs(frac(cc) - target))
+    return result(best, False, hi, refined=True)
+
+
+def nominal_fraction(alloc: Allocation, cost: CostModel, kept_channels: float) -> SearchResult:
+    """The authors' literal protocol: prune ``1 − kept_channels`` of the channels."""
+    counts = alloc.nominal(1.0 - kept_channels)
+    total = int(cost.macs_counts(alloc.sizes))
+    m = int(cost.macs_counts(alloc.sizes - counts))
+    return SearchResult(counts, m, m / total, True, -1, 1)

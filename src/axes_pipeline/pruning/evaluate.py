@@ -1,0 +1,113 @@
+"""Evaluating a pruned network: accuracy, an optional short fine-tune, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["evaluate", "finetune", "latency", "resolve_device"]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from axes_pipeline.errors import UserError
+
+        raise UserError(f"pruning.device={name} but no CUDA GPU is visible; use pruning.device=cpu or auto")
+    return dev
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, max_batches: int | None = None) -> dict:
+    """Top-1, top-5 accuracy and mean cross-entropy of ``model`` over ``loader`` (eval mode)."""
+    was = model.training
+    model.eval()
+    n = correct = correct5 = 0
+    loss = 0.0
+    try:
+        for b, (x, y) in enumerate(loader):
+            if max_batches is not None and b >= max_batches:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x).float()
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            correct += int((top[:, 0] == y).sum())
+            correct5 += int((top == y[:, None]).any(1).sum())
+            n += len(y)
+    finally:
+        model.train(was)
+    if n == 0:
+        return {"acc": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
+    return {"acc": correct / n, "top5": correct5 / n, "loss": loss / n, "n": n}
+
+
+def finetune(model: nn.Module, loader, device: torch.device, epochs: int, max_batches: int | None,
+             lr: float, optimizer: str = "adam", weight_decay: float = 0.0) -> dict:
+    """Short fine-tune on the training split (train mode; the final weights are kept, nothing is
+    selected on any held-out split). Returns steps, seconds and the mean loss of the last epoch."""
+    from axes_pipeline.training.optim import make_optimizer
+
+    opt = make_optimizer(model.parameters(), name=optimizer, lr=lr, weight_decay=weight_decay)
+    was = model.training
+    model.train()
+    steps, t0, last = 0, time.perf_counter(), float("nan")
+    try:
+        for _ in range(int(epochs)):
+            total, seen = 0.0, 0
+            for b, (x, y) in enumerate(loader):
+                if max_batches is not None and b >= max_batches:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                total += float(loss.detach()) * len(y)
+                seen += len(y)
+            last = total / max(1, seen)
+    finally:
+        model.train(was)
+    return {"steps": steps, "seconds": time.perf_counter() - t0, "loss": last}
+
+
+@torch.inference_mode()
+def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64), repeats: int = 10,
+            warmup: int = 2, devices=("cpu", "cuda")) -> dict[str, float]:
+    """Median forward time (ms) per device and batch size: ``{"latency_cpu_b1_ms": ...}``.
+
+    ``cuda`` is skipped when no GPU is visible. The model is copied to each device, eval mode.
+    """
+    import copy
+
+    out = {}
+    c, h, w = input_shape[-3:]
+    for dev in devices:
+        if dev == "cuda" and not torch.cuda.is_available():
+            continue
+        device = torch.device(dev)
+        m = copy.deepcopy(model).to(device).eval()
+        for bs in batch_sizes:
+            x = torch.randn(int(bs), c, h, w, device=device)
+            times = []
+            for r in range(int(warmup) + int(repeats)):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                m(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if r >= warmup:
+                    times.append((time.perf_counter() - t0) * 1e3)
+            out[f"latency_{device.type}_b{bs}_ms"] = float(statistics.median(times))
+        del m
+    return out

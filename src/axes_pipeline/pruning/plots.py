@@ -1,0 +1,116 @@
+"""Pruning plots: accuracy vs retained / removed FLOPs (one line per score, coloured by axis)
+and the two sweeps (FLOPs-AUC vs α for Magnitude+αI_X, vs β for I_X − βR̄_X)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from axes_pipeline.runs import atomic_path
+
+__all__ = ["AXIS_COLORMAPS", "plot_curves", "plot_sweeps"]
+
+#: one colour family per axis
+AXIS_COLORMAPS = {"local": "Blues", "target": "Reds", "mixed": "Greens", "baseline": "Greys"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+MARKERS = "osv^DPX*<>hd"
+
+
+def _styles(curves: pd.DataFrame) -> dict[str, tuple]:
+    """score -> (colour, marker): one colour family per axis, shades and markers within it."""
+    import matplotlib
+
+    out = {}
+    for axis, cmap_name in AXIS_COLORMAPS.items():
+        names = list(dict.fromkeys(curves.loc[curves["axis"] == axis, "score"]))
+        cmap = matplotlib.colormaps[cmap_name]
+        for i, name in enumerate(names):
+            out[name] = (cmap(0.4 + 0.55 * (i + 1) / (len(names) + 1)), MARKERS[i % len(MARKERS)])
+    return out
+
+
+def plot_curves(curves: pd.DataFrame, base: dict, out: Path) -> dict[str, Path]:
+    """``prune_curves.png`` (and ``prune_curves_ft.png`` after fine-tuning)."""
+    if curves.empty:
+        return {}
+    plt = _plt()
+    styles = _styles(curves)
+    made = {}
+    for acc_col, stem in (("acc_before_ft", "prune_curves"), ("acc_after_ft", "prune_curves_ft")):
+        if acc_col not in curves or curves[acc_col].isna().all():
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        for name, df in curves.groupby("score", sort=False):
+            axis = df["axis"].iloc[0]
+            g = df.groupby("target_flops" if df["target_flops"].notna().any() else "target_channels")
+            x = g["achieved_flops"].mean().to_numpy()
+            y = g[acc_col].mean().to_numpy()
+            sd = g[acc_col].std().to_numpy() if df["draw"].nunique() > 1 else None
+            order = np.argsort(x)
+            x, y = x[order], y[order]
+            style = "--" if axis == "baseline" else "-"
+            label = f"{name} ({axis})"
+            colour, marker = styles.get(name, ("k", "o"))
+            for ax, xs in ((axes[0], x), (axes[1], 1.0 - x)):
+                ax.plot(xs, y, style, marker=marker, ms=4, color=colour, label=label, lw=1.5)
+                if sd is not None:
+                    sd_o = np.nan_to_num(sd[order])
+                    ax.fill_between(xs, y - sd_o, y + sd_o, color=colour, alpha=0.15)
+        for ax, xlabel in ((axes[0], "retained FLOPs (fraction of unpruned MACs)"),
+                           (axes[1], "removed FLOPs (fraction of unpruned MACs)")):
+            ax.axhline(base["acc"], color="k", lw=0.8, ls=":", label="unpruned")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test top-1 accuracy" + (" after fine-tune" if acc_col == "acc_after_ft" else ""))
+            ax.grid(alpha=0.3)
+        axes[0].invert_xaxis()
+        axes[1].legend(fontsize=7, ncol=2, loc="lower left")
+        fig.suptitle("one-shot FLOPs-matched pruning (blue: local, red: target, green: mixed, grey: baseline)")
+        fig.tight_layout()
+        path = out / f"{stem}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        made[stem] = path
+    return made
+
+
+def plot_sweeps(summary: dict, out: Path) -> dict[str, Path]:
+    """``prune_sweep_<family>.png``: FLOPs-AUC vs the family's parameter (0 = its anchor score)."""
+    plt = _plt()
+    made = {}
+    for prefix, sweep in summary.get("sweeps", {}).items():
+        pts = [p for p in sweep["points"] if p["flops_auc"] is not None and np.isfinite(p["flops_auc"])]
+        if len(pts) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 4))
+        xs = [p["param"] for p in pts]
+        ys = [p["flops_auc"] for p in pts]
+        ax.plot(xs, ys, "o-", color="tab:purple")
+        for p in pts:
+            if p["param"] == 0.0:
+                ax.annotate(p["score"], (p["param"], p["flops_auc"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set_xlabel(sweep["symbol"])
+        ax.set_ylabel("FLOPs-AUC (test top-1)")
+        ax.set_title(sweep["label"])
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = {"magnitude_plus_ix_a": "alpha", "ixy_minus_red_b": "beta"}.get(prefix, prefix)
+        path = out / f"prune_sweep_{name}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        made[f"sweep_{name}"] = path
+    return made

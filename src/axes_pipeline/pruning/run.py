@@ -1,0 +1,566 @@
+"""run_prune(cfg): the body of prune.py (METHODS §9).
+
+For every score (and random draw) and every target, one shot from the same trained checkpoint:
+scores → group scores → allocation → FLOPs search on the analytic MAC count → physical pruning
+(Torch-Pruning) → fvcore MACs of the pruned network → test accuracy before (and optionally
+after) a short fine-tune → latency → one JSON point. Points are written atomically under
+``<run_dir>/prune/points/`` and skipped on re-run when their settings match, so an interrupted
+run resumes; ``prune_curves.csv``, ``prune_summary.json`` and the plots are rebuilt from the
+points every time.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from axes_pipeline.config import to_container
+from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.pruning.allocation import (
+    ALLOCATIONS,
+    group_scores,
+    keep_masks,
+    make_allocation,
+    match_flops,
+    nominal_fraction,
+)
+from axes_pipeline.pruning.evaluate import evaluate, finetune, latency, resolve_device
+from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
+from axes_pipeline.pruning.groups import build_groups, prune_physically
+from axes_pipeline.pruning.scores import AXES, DEFAULT_SCORES, FAMILIES, Score, ScoreContext, resolve_score
+from axes_pipeline.runs import read_json, write_csv, write_json
+
+log = logging.getLogger("axes_pipeline")
+
+__all__ = ["PruneSettings", "check_settings", "flops_auc", "point_label", "run_prune"]
+
+MODES = ("flops", "channel_fraction")
+POINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Settings (validated before anything expensive)
+# --------------------------------------------------------------------------------------------
+
+
+class PruneSettings:
+    """The validated ``cfg.pruning`` block (plus the resolved allocation)."""
+
+    def __init__(self, cfg: DictConfig):
+        pc = cfg.pruning
+        self.cfg = cfg
+        names = pc.get("scores")
+        if names is None or (isinstance(names, str) and names == "all"):
+            names = list(DEFAULT_SCORES)
+        elif isinstance(names, str):
+            names = [names]
+        names = [str(n) for n in names]
+        if not names:
+            raise UserError("pruning.scores is empty; give at least one score name")
+        self.scores: list[Score] = []
+        for n in dict.fromkeys(names):
+            self.scores.append(resolve_score(n))
+        targets = pc.get("targets")
+        if targets is None or len(targets) == 0:
+            raise UserError("pruning.targets is empty; give fractions in (0, 1], e.g. [0.9,0.5,0.1]")
+        self.targets: list[float] = []
+        for t in targets:
+            try:
+                v = float(t)
+            except (TypeError, ValueError):
+                raise UserError(f"pruning.targets: {t!r} is not a number; targets are fractions in (0, 1]") from None
+            if not (0.0 < v <= 1.0) or not math.isfinite(v):
+                what = "MACs" if pc.get("mode", "flops") == "flops" else "channels"
+                raise UserError(f"pruning.targets: {t} is outside (0, 1]; a target is the fraction of the "
+                                f"unpruned {what} kept")
+            self.targets.append(v)
+        self.targets = sorted(set(self.targets), reverse=True)
+        self.mode = str(pc.get("mode", "flops"))
+        if self.mode not in MODES:
+            raise unknown_name("pruning.mode", self.mode, MODES)
+        alloc = str(pc.get("allocation", "auto"))
+        if alloc == "auto":
+            defaults = pc.get("allocation_defaults") or {}
+            alloc = str(defaults.get(cfg.model.name, "global"))
+        if alloc not in ALLOCATIONS:
+            raise unknown_name("allocation (pruning.allocation)", alloc, ("auto",) + ALLOCATIONS)
+        self.allocation = alloc
+        caps = pc.get("max_fraction") or {}
+        self.cap = float(caps.get(alloc, 0.95 if alloc != "uniform" else 0.9))
+        if not 0.0 < self.cap < 1.0:
+            raise UserError(f"pruning.max_fraction.{alloc} must be in (0, 1), got {self.cap}")
+        self.tolerance = float(pc.get("tolerance", 0.005))
+        if not 0.0 < self.tolerance < 0.5:
+            raise UserError(f"pruning.tolerance must be in (0, 0.5), got {self.tolerance}")
+        self.random_draws = int(pc.get("random_draws", 3))
+        if self.random_draws < 1:
+            raise UserError(f"pruning.random_draws must be >= 1, got {self.random_draws}")
+        self.hybrid_from = resolve_score(str(pc.get("hybrid_counts_from", "taylor")))
+        self.depthwise = bool(pc.get("depthwise_in_group_score", True))
+        self.magnitude = str(pc.get("magnitude", "l1"))
+        if self.magnitude not in ("l1", "l2"):
+            raise unknown_name("magnitude norm (pruning.magnitude)", self.magnitude, ("l1", "l2"))
+        ft = pc.get("finetune") or {}
+        self.finetune = bool(ft.get("enabled", False))
+        self.ft = {"epochs": int(ft.get("epochs", 5)), "max_batches": ft.get("max_batches", 200),
+                   "lr": float(ft.get("lr", 1e-4)), "optimizer": str(ft.get("optimizer", "adam")),
+                   "weight_decay": float(ft.get("weight_decay", 0.0))}
+        if self.finetune and (self.ft["epochs"] < 1 or self.ft["lr"] <= 0):
+            raise UserError("pruning.finetune needs epochs >= 1 and lr > 0")
+        self.eval_samples = pc.get("eval_samples")
+        if self.eval_samples is not None and int(self.eval_samples) < 1:
+            raise UserError(f"pruning.eval_samples must be a positive number or null, got {self.eval_samples}")
+        self.eval_seed = int(pc.get("eval_seed", 0))
+        cal = pc.get("calibration") or {}
+        self.calibration = {"n": int(cal.get("n", 1024)), "seed": int(cal.get("seed", 0)),
+                            "transform": str(cal.get("transform", "eval")),
+                            "batch_size": int(cal.get("batch_size", 128)),
+                            "n_feature_maps": cal.get("n_feature_maps")}
+        if self.calibration["n"] < 1:
+            raise UserError(f"pruning.calibration.n must be positive, got {self.calibration['n']}")
+        self.latency = bool(pc.get("latency", True))
+        self.latency_batch_sizes = [int(b) for b in (pc.get("latency_batch_sizes") or [1, 64])]
+        self.latency_repeats = int(pc.get("latency_repeats", 10))
+        self.export = bool(pc.get("export", False))
+        self.fvcore_check = bool(pc.get("fvcore_check", True))
+        self.device = str(pc.get("device", "auto"))
+        # a bar on a terminal only (disable=None): in a log file it would be thousands of redraws
+        self.progress = bool(OmegaConf.select(cfg, "callbacks.progress_bar", default=True))
+
+    def needs(self, what: str) -> list[Score]:
+        extra = [self.hybrid_from] if self.allocation == "hybrid" else []
+        return [s for s in self.scores + extra if what in s.needs]
+
+    def fingerprint(self, score: Score, ckpt: Path, input_shape) -> str:
+        """What a finished point depends on; a point with another fingerprint is recomputed."""
+        stat = ckpt.stat() if ckpt.exists() else None
+        parts = {
+            "v": POINT_VERSION, "ckpt": str(ckpt), "ckpt_mtime": stat.st_mtime if stat else None,
+            "mode": self.mode, "allocation": self.allocation, "cap": self.cap, "tol": self.tolerance,
+            "depthwise": self.depthwise, "magnitude": self.magnitude, "eval": [self.eval_samples, self.eval_seed],
+            "finetune": self.ft if self.finetune else False, "input": list(input_shape),
+        }
+        if "calibration" in score.needs or self.allocation == "hybrid":
+            parts["calibration"] = self.calibration
+        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_settings(cfg: DictConfig) -> PruneSettings:
+    """Validate ``cfg.pruning`` (one-line :class:`UserError` on a mistake)."""
+    return PruneSettings(cfg)
+
+
+def point_label(score: Score, draw: int) -> str:
+    return f"{score.name}-d{draw}" if score.stochastic else score.name
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs-AUC
+# --------------------------------------------------------------------------------------------
+
+
+def flops_auc(removed_frac, acc) -> float:
+    """Trapezoidal area under accuracy vs removed-FLOPs fraction / span of that axis."""
+    from axes_pipeline.stats import flops_auc as _auc
+
+    try:
+        return float(_auc(np.asarray(removed_frac, dtype=float), np.asarray(acc, dtype=float)))
+    except ValueError:
+        return float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Analysis results for the axes scores
+# --------------------------------------------------------------------------------------------
+
+
+def _analyze_hint(cfg: DictConfig) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            over = [o for o in HydraConfig.get().overrides.task if not o.startswith(("pruning.", "stage="))]
+            return "python analyze.py " + " ".join(over)
+    except Exception:  # noqa: BLE001 - only a hint
+        pass
+    parts = [f"name={cfg.name}" if cfg.name != "default" else "", f"data={cfg.data.name}",
+             f"model={cfg.model.name}", f"model.width={cfg.model.width}", f"seed={cfg.seed}"]
+    return "python analyze.py " + " ".join(p for p in parts if p)
+
+
+def _axes_loader(cfg: DictConfig, trained, names: list[str]):
+    def load():
+        from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+        cached = Path(trained.run_dir) / "analyze" / "axes.csv"
+        try:
+            from axes_pipeline.analyses.axes_table import load_or_compute_axes
+        except ImportError:
+            load_or_compute_axes = None
+        if load_or_compute_axes is not None:
+            try:
+                return load_or_compute_axes(cfg, trained)
+            except (ConfigAttributeError, ConfigKeyError, KeyError, AttributeError) as err:
+                if not cached.is_file():
+                    raise UserError(f"scores {', '.join(names)} need the analysis results, which do not exist "
+                                    f"and cannot be computed from the prune config ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0][:100]}); run `{_analyze_hint(cfg)}` first") from None
+        if cached.is_file():
+            return pd.read_csv(cached)
+        raise UserError(f"scores {', '.join(names)} need the analysis results ({cached}), which do not "
+                        f"exist; run `{_analyze_hint(cfg)}` first")
+    return load
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+class _ScoreCache:
+    """Raw scores per (score, draw): in memory, and on disk for the calibration-based ones."""
+
+    def __init__(self, ctx: ScoreContext, out: Path, settings: PruneSettings, ckpt: Path, shape):
+        self.ctx, self.out, self.settings, self.ckpt, self.shape = ctx, out, settings, ckpt, shape
+        self.mem: dict[tuple[str, int], dict] = {}
+        self.timing: dict[str, float] = {}
+
+    def get(self, score: Score, draw: int) -> dict[str, np.ndarray]:
+        key = (score.name, draw)
+        if key in self.mem:
+            return self.mem[key]
+        path = self.out / "scores" / f"{point_label(score, draw)}.json"
+        fp = self.settings.fingerprint(score, self.ckpt, self.shape)
+        if "calibration" in score.needs and path.is_file():
+            saved = read_json(path)
+            if saved.get("fingerprint") == fp:
+                self.mem[key] = {k: np.asarray(v, dtype=np.float64) for k, v in saved["values"].items()}
+                return self.mem[key]
+        t0 = time.perf_counter()
+        values = score(self.ctx, draw)
+        self.timing[point_label(score, draw)] = time.perf_counter() - t0
+        if "calibration" in score.needs:
+            write_json(path, {"score": score.name, "fingerprint": fp,
+                              "seconds": self.timing[point_label(score, draw)],
+                              "values": {k: v.tolist() for k, v in values.items()}})
+        if len(self.mem) > 8:
+            self.mem.pop(next(iter(self.mem)))
+        self.mem[key] = values
+        return values
+
+
+def _calibration(dm, settings: PruneSettings, which: str = "n"):
+    n = settings.calibration["n"]
+    if which == "feature_maps" and settings.calibration.get("n_feature_maps"):
+        n = int(settings.calibration["n_feature_maps"])
+
+    def batches():
+        ds = dm.calibration_set(n, settings.calibration["seed"], transform=settings.calibration["transform"])
+        return list(dm.loader(ds, batch_size=settings.calibration["batch_size"]))
+    return batches
+
+
+def run_prune(cfg: DictConfig) -> dict:
+    """FLOPs-matched pruning of the trained run named by ``cfg``; returns the summary."""
+    from tqdm.auto import tqdm
+
+    from axes_pipeline.models import conv_layers, example_input
+    from axes_pipeline.tracking import StageTracker
+    from axes_pipeline.training.restore import restore_trained
+
+    settings = check_settings(cfg)
+    device = resolve_device(settings.device)
+    trained = restore_trained(cfg)
+    out = Path(trained.run_dir) / "prune"
+    dm = trained.datamodule
+    model = trained.model.to(device).eval()
+    example = example_input({"image_size": dm.image_size, "in_channels": getattr(dm, "in_channels", 3)},
+                            device=device)
+    groups = build_groups(model, example)
+    cost = CostModel.build(model, groups, example)
+    layers = conv_layers(model)
+
+    axes_names = [s.name for s in settings.needs("axes")]
+    ctx = ScoreContext(model, layers, axes_loader=_axes_loader(cfg, trained, axes_names),
+                       calibration=_calibration(dm, settings), seed=int(cfg.seed),
+                       magnitude=settings.magnitude, device=device)
+    if axes_names:
+        ctx.axes()  # fail (or compute) now, before any point
+
+    points = [(s, d, t) for s in settings.scores for d in s.draws(settings.random_draws) for t in settings.targets]
+    print(f"prune: {len(settings.scores)} scores, {len(settings.targets)} targets, {len(points)} points, "
+          f"allocation={settings.allocation}, mode={settings.mode}, {len(groups)} groups -> {out}")
+
+    tracker = StageTracker(cfg, "prune", out)
+    try:
+        base = _unpruned(model, dm, cost, example, settings, device, out, trained.ckpt)
+        cache = _ScoreCache(ctx, out, settings, Path(trained.ckpt), example.shape)
+        hybrid_counts = None
+        done = 0
+        bar = tqdm(points, desc="prune", disable=None if settings.progress else True, leave=False)
+        for score, draw, target in bar:
+            label = point_label(score, draw)
+            path = out / "points" / f"{label}__{target:g}.json"
+            fp = settings.fingerprint(score, Path(trained.ckpt), example.shape)
+            if path.is_file():
+                try:
+                    old = read_json(path)
+                except (ValueError, OSError):
+                    old = {}
+                model_ok = not settings.export or (out / "models" / f"{label}_{target:g}.pt").is_file()
+                if old.get("fingerprint") == fp and model_ok:
+                    continue
+            bar.set_postfix_str(f"{label} @ {target:g}")
+            raw = cache.get(score, draw)
+            gscores = group_scores(groups, raw, settings.depthwise)
+            if settings.allocation == "hybrid" and hybrid_counts is None:
+                hybrid_counts = group_scores(groups, cache.get(settings.hybrid_from, 0), settings.depthwise)
+            record = _one_point(model, groups, cost, gscores, hybrid_counts, score, draw, target, settings,
+                                example, dm, device, out, cfg, base)
+            record["fingerprint"] = fp
+            write_json(path, record)
+            done += 1
+        bar.close()
+        curves = collect_points(out, settings)
+        write_csv(out / "prune_curves.csv", curves)
+        summary = summarise(curves, base, settings, cfg, groups, cost, cache.timing)
+        summary["points_computed_this_run"] = done
+        plots = {}
+        try:
+            from axes_pipeline.pruning.plots import plot_curves, plot_sweeps
+
+            plots.update(plot_curves(curves, base, out))
+            plots.update(plot_sweeps(summary, out))
+        except Exception as err:  # noqa: BLE001 - a plot must never lose the results
+            log.warning("prune plots failed: %s", err)
+        summary["plots"] = {k: str(v) for k, v in plots.items()}
+        write_json(out / "prune_summary.json", summary)
+        tracker.scalars(_flat_scalars(summary), prefix="prune/")
+        tracker.table("prune/curves", curves)
+        for key, p in plots.items():
+            tracker.image(f"prune/{key}", p)
+        _print_summary(summary, out)
+        return summary
+    finally:
+        tracker.finish()
+
+
+def _test_loader(dm, settings: PruneSettings):
+    if settings.eval_samples is None:
+        return dm.test_dataloader()
+    return dm.loader(dm.eval_subset(int(settings.eval_samples), settings.eval_seed))
+
+
+def _unpruned(model, dm, cost, example, settings, device, out, ckpt) -> dict:
+    """Accuracy, MACs, params and latency of the unpruned network (cached next to the points)."""
+    path = out / "unpruned.json"
+    key = {"ckpt": str(ckpt), "mtime": Path(ckpt).stat().st_mtime, "eval": [settings.eval_samples, settings.eval_seed],
+           "latency": settings.latency and settings.latency_batch_sizes}
+    if path.is_file():
+        old = read_json(path)
+        if old.get("key") == json.loads(json.dumps(key, default=str)):
+            return old
+    acc = evaluate(model, _test_loader(dm, settings), device)
+    base = {"key": key, "acc": acc["acc"], "top5": acc["top5"], "loss": acc["loss"], "n_eval": acc["n"],
+            "macs": cost.total, "params": count_params(model), "unsupported_ops": cost.unsupported,
+            "unattributed_macs": {f"{m}:{o}": v for (m, o), v in cost.unattributed.items()}}
+    if settings.latency:
+        base.update(latency(model, tuple(example.shape), settings.latency_batch_sizes, settings.latency_repeats))
+    write_json(path, base)
+    return base
+
+
+def _one_point(model, groups, cost, gscores, hybrid_counts, score, draw, target, settings, example, dm, device,
+               out, cfg, base) -> dict:
+    t0 = time.perf_counter()
+    cap = settings.cap
+    alloc = make_allocation(settings.allocation, groups, gscores, cap, counts_from=hybrid_counts,
+                            seed=int(cfg.seed))
+    if settings.mode == "flops":
+        res = match_flops(alloc, cost, target, settings.tolerance)
+    else:
+        res = nominal_fraction(alloc, cost, target)
+    keep = keep_masks(alloc, res.counts)
+    t1 = time.perf_counter()
+    pruned, history = prune_physically(model, groups, keep, example)
+    t2 = time.perf_counter()
+    fv, unsupported = (fvcore_macs(pruned, example) if settings.fvcore_check else (None, {}))
+    macs = fv if fv is not None else res.macs
+    t3 = time.perf_counter()
+    acc = evaluate(pruned, _test_loader(dm, settings), device)
+    t4 = time.perf_counter()
+    kept_channels = float(sum(int(k.sum()) for k in keep)) / float(sum(k.size for k in keep))
+    rec = {
+        "score": score.name, "axis": score.axis, "draw": int(draw), "family": score.family,
+        "param": score.param, "mode": settings.mode, "allocation": settings.allocation,
+        "target_flops": target if settings.mode == "flops" else None,
+        "target_channels": target if settings.mode == "channel_fraction" else None,
+        "achieved_flops": macs / cost.total, "achieved_flops_analytic": res.macs / cost.total,
+        "macs": int(macs), "macs_analytic": int(res.macs), "matched": bool(res.matched) if settings.mode == "flops" else None,
+        "refined": bool(res.refined), "channels_frac": kept_channels,
+        "params_frac": count_params(pruned) / base["params"],
+        "acc_before_ft": acc["acc"], "top5": acc["top5"], "loss": acc["loss"],
+        "group_kept": {g.name: int(k.sum()) for g, k in zip(groups.groups, keep)},
+        "search_s": t1 - t0, "search_evals": res.evaluations, "prune_s": t2 - t1, "fvcore_s": t3 - t2,
+        "eval_s": t4 - t3,
+    }
+    if settings.mode == "flops" and not res.matched:
+        log.warning("%s: target %.3f not matched within %.3f (achieved %.4f)", point_label(score, draw), target,
+                    settings.tolerance, res.frac)
+    if fv is not None and fv != res.macs:
+        log.warning("%s @ %g: analytic MACs %d != fvcore %d", point_label(score, draw), target, res.macs, fv)
+    if settings.finetune:
+        t5 = time.perf_counter()
+        tuned = copy.deepcopy(pruned)
+        ft = finetune(tuned, dm.train_dataloader(), device, settings.ft["epochs"], settings.ft["max_batches"],
+                      settings.ft["lr"], settings.ft["optimizer"], settings.ft["weight_decay"])
+        acc_ft = evaluate(tuned, _test_loader(dm, settings), device)
+        rec.update({"acc_after_ft": acc_ft["acc"], "top5_after_ft": acc_ft["top5"], "loss_after_ft": acc_ft["loss"],
+                    "finetune_steps": ft["steps"], "finetune_loss": ft["loss"], "finetune_s": time.perf_counter() - t5})
+        if settings.export:
+            pruned = tuned
+    if settings.latency:
+        lat = latency(pruned, tuple(example.shape), settings.latency_batch_sizes, settings.latency_repeats)
+        rec.update(lat)
+        rec["latency_ms"] = lat.get(f"latency_cpu_b{settings.latency_batch_sizes[0]}_ms")
+        for k, v in lat.items():
+            if base.get(k):
+                rec[k.replace("latency_", "speedup_").replace("_ms", "")] = base[k] / v
+    if settings.export:
+        from axes_pipeline.pruning.export import model_spec, save_pruned
+
+        path = out / "models" / f"{point_label(score, draw)}_{target:g}.pt"
+        save_pruned(path, model_spec(cfg.model, dm.num_classes), example.shape, history, pruned,
+                    meta={"score": score.name, "draw": int(draw), "target": target, "achieved_flops": rec["achieved_flops"],
+                          "finetuned": bool(settings.finetune)})
+        rec["export"] = str(path)
+    return rec
+
+
+CURVE_COLUMNS = ["score", "axis", "draw", "family", "param", "mode", "allocation", "target_flops", "target_channels",
+                 "achieved_flops", "achieved_flops_analytic", "macs", "matched", "channels_frac", "params_frac",
+                 "acc_before_ft", "acc_after_ft", "top5", "loss", "top5_after_ft", "loss_after_ft", "latency_ms"]
+
+
+def collect_points(out: Path, settings: PruneSettings) -> pd.DataFrame:
+    """The curves of the configured scores × targets, rebuilt from the stored points."""
+    rows = []
+    for score in settings.scores:
+        for draw in score.draws(settings.random_draws):
+            for target in settings.targets:
+                path = out / "points" / f"{point_label(score, draw)}__{target:g}.json"
+                if path.is_file():
+                    rec = read_json(path)
+                    rec.pop("group_kept", None)
+                    rows.append(rec)
+    df = pd.DataFrame(rows)
+    for c in CURVE_COLUMNS:
+        if c not in df.columns:
+            df[c] = np.nan
+    extra = [c for c in df.columns if c not in CURVE_COLUMNS and c != "fingerprint"]
+    return df[CURVE_COLUMNS + extra]
+
+
+def _auc_of(df: pd.DataFrame, acc_col: str, base_acc: float) -> float:
+    """FLOPs-AUC over the points of the curve (removed = 1 − achieved), as the report computes it;
+    the unpruned model is not added as a point."""
+    return flops_auc(1.0 - df["achieved_flops"].to_numpy(dtype=float), df[acc_col].to_numpy(dtype=float))
+
+
+def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, cfg: DictConfig, groups, cost,
+              score_timing: dict) -> dict:
+    """FLOPs-AUC per score (absolute and relative), best local vs best target, axis means, sweeps."""
+    base_acc = float(base["acc"])
+    per_score = {}
+    cols = [("acc_before_ft", "flops_auc")] + ([("acc_after_ft", "flops_auc_ft")] if settings.finetune else [])
+    for score in settings.scores:
+        df = curves[curves["score"] == score.name]
+        entry = {"axis": score.axis, "family": score.family, "param": score.param, "points": int(len(df))}
+        for acc_col, key in cols:
+            aucs = [_auc_of(d, acc_col, base_acc) for _, d in df.groupby("draw")] if len(df) else []
+            aucs = [a for a in aucs if np.isfinite(a)]
+            mean = float(np.mean(aucs)) if aucs else float("nan")
+            entry[key] = mean
+            entry[f"{key}_rel"] = mean / base_acc if base_acc > 0 else float("nan")
+            if score.stochastic:
+                entry[f"{key}_draws"] = aucs
+                entry[f"{key}_sd"] = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else float("nan")
+        per_score[score.name] = entry
+
+    def best(axis: str, key: str = "flops_auc"):
+        cands = [(v[key], k) for k, v in per_score.items() if v["axis"] == axis and np.isfinite(v[key])]
+        if not cands:
+            return None
+        auc, name = max(cands)
+        return {"score": name, "flops_auc": auc, "flops_auc_rel": per_score[name][f"{key}_rel"]}
+
+    axis_means = {}
+    for axis in AXES:
+        vals = [v["flops_auc"] for v in per_score.values() if v["axis"] == axis and np.isfinite(v["flops_auc"])]
+        axis_means[axis] = float(np.mean(vals)) if vals else None
+    bl, bt = best("local"), best("target")
+    sweeps = {}
+    for prefix, fam in FAMILIES.items():
+        pts = sorted((v["param"], k, v["flops_auc"]) for k, v in per_score.items() if v["family"] == prefix)
+        anchor_name = fam["anchor"].format(magnitude=settings.magnitude)  # the sweep at parameter 0
+        anchor = per_score.get(anchor_name)
+        if anchor is not None:
+            pts = [(0.0, anchor_name, anchor["flops_auc"])] + pts
+        if pts:
+            sweeps[prefix] = {"symbol": fam["symbol"], "label": fam["label"],
+                              "points": [{"param": p, "score": s, "flops_auc": a} for p, s, a in pts]}
+    matched = curves["matched"].dropna() if "matched" in curves else pd.Series(dtype=bool)
+    dev = (curves["achieved_flops"] - curves["target_flops"]).abs() if settings.mode == "flops" else pd.Series(dtype=float)
+    fv_diff = (curves["macs"] - curves["macs_analytic"]).abs() if len(curves) else pd.Series(dtype=float)
+    return {
+        "unpruned": {k: v for k, v in base.items() if k != "key"},
+        "unpruned_acc": base_acc, "unpruned_macs": int(base["macs"]),
+        "mode": settings.mode, "allocation": settings.allocation, "max_fraction": settings.cap,
+        "tolerance": settings.tolerance, "targets": settings.targets,
+        "groups": len(groups), "group_sizes": {g.name: g.size for g in groups.groups},
+        "scores": per_score,
+        "best_local": bl, "best_target": bt,
+        "best_local_minus_best_target": (bl["flops_auc"] - bt["flops_auc"]) if bl and bt else None,
+        "axis_means": axis_means,
+        "sweeps": sweeps,
+        "matching": {"points": int(len(curves)), "unmatched": int((~matched.astype(bool)).sum()) if len(matched) else 0,
+                     "max_abs_deviation": float(dev.max()) if len(dev.dropna()) else None},
+        "analytic_vs_fvcore_max_abs_macs": float(fv_diff.max()) if len(fv_diff.dropna()) else None,
+        "score_seconds": score_timing,
+        "config": to_container(cfg),
+    }
+
+
+def _flat_scalars(summary: dict) -> dict:
+    flat = {"unpruned_acc": summary["unpruned"]["acc"], "unpruned_macs": summary["unpruned"]["macs"]}
+    for name, v in summary["scores"].items():
+        flat[f"flops_auc/{name}"] = v["flops_auc"]
+        flat[f"flops_auc_rel/{name}"] = v["flops_auc_rel"]
+    for axis, v in summary["axis_means"].items():
+        if v is not None:
+            flat[f"axis_mean/{axis}"] = v
+    if summary["best_local_minus_best_target"] is not None:
+        flat["best_local_minus_best_target"] = summary["best_local_minus_best_target"]
+    return flat
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    rows = sorted(summary["scores"].items(), key=lambda kv: -(kv[1]["flops_auc"] if np.isfinite(kv[1]["flops_auc"]) else -1))
+    print(f"prune: unpruned acc={summary['unpruned']['acc']:.4f}, MACs={summary['unpruned']['macs']:,}")
+    for name, v in rows:
+        print(f"  {name:28s} {v['axis']:8s} FLOPs-AUC={v['flops_auc']:.4f} (rel {v['flops_auc_rel']:.3f})")
+    bl, bt = summary["best_local"], summary["best_target"]
+    if bl and bt:
+        print(f"prune: best local {bl['score']} {bl['flops_auc']:.4f} vs best target {bt['score']} "
+              f"{bt['flops_auc']:.4f} -> {out}")
+    else:
+        print(f"prune: results in {out}")

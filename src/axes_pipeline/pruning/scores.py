@@ -1,0 +1,476 @@
+"""Channel importance scores for pruning: a registry of callables with one signature.
+
+Every score is a :class:`Score`; calling it as ``score(ctx, draw) -> {layer: scores[C]}`` gives
+one raw value per output channel of every analysable conv (higher = keep). The pruning code
+only ever sees :class:`Score` objects: it never branches on a name. What a score needs
+(``needs``: the analysis table, calibration images) and whether it is drawn at random
+(``stochastic``) are attributes, so the caller can check them before any expensive work.
+
+Axes (METHODS §9), carried by every output as ``axis``:
+
+- ``local``: ``input_capture`` (I_X), ``ixy_minus_red_b{β}`` (I_X − β·R̄_X, β ∈ {.15,.3,.5,.7}),
+  ``hull_score``, ``composite_local`` (I_X + 0.5·S − 0.3·R̄_X);
+- ``target``: ``task_info`` (I_T), ``composite_target`` (I_T + 0.5·S − 0.3·R_T),
+  ``task_unique`` (U_T + 0.5·S);
+- ``mixed``: ``magnitude_plus_ix_a{α}`` (‖w‖ + α·I_X, α ∈ {.25,.5,.75,1}; ‖w‖ is the filter's
+  L1 norm by default, knob ``pruning.magnitude``);
+- ``baseline``: ``random`` (seeded draws), ``l1``, ``l2`` (filter norms), ``bn_scale`` (|γ| of
+  the norm after the conv), ``taylor`` (Σ|w·∂L/∂w| over the filter, calibration images),
+  ``hrank`` (mean rank of the channel's feature maps), ``chip`` (channel independence: drop of
+  the nuclear norm of the feature-map matrix when the channel's row is removed).
+
+Components of a mixed score are min–max normalised within each layer before they are mixed
+(:func:`minmax`); the group code normalises the final score within each layer again.
+``ixy_minus_red_b<β>`` and ``magnitude_plus_ix_a<α>`` accept any number (``resolve_score``).
+
+The I_X, R̄_X, hull, I_T, S, R_T, U_T columns come from the analysis stage's
+``<run_dir>/analyze/axes.csv`` (computed on demand through
+``axes_pipeline.analyses.axes_table.load_or_compute_axes`` when that exists).
+The feature maps of ``hrank`` / ``chip`` are the post-norm outputs (after the activation where
+one follows directly, i.e. not across a residual add), read at ``ConvUnit`` of
+:func:`axes_pipeline.models.conv_norm_pairs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from axes_pipeline.errors import UserError, unknown_name
+
+log = logging.getLogger("axes_pipeline")
+
+__all__ = [
+    "AXES",
+    "DEFAULT_SCORES",
+    "FAMILIES",
+    "SCORES",
+    "Score",
+    "ScoreContext",
+    "minmax",
+    "register",
+    "resolve_score",
+    "score_names",
+]
+
+AXES = ("local", "target", "mixed", "baseline")
+AXES_COLUMNS = ("input_capture", "peer_overlap", "hull_score", "task_info", "target_excess",
+                "task_redundancy", "task_unique")
+
+ScoreFn = Callable[["ScoreContext", int], dict]
+
+
+@dataclass(frozen=True)
+class Score:
+    """A registered importance score. ``fn(ctx, draw) -> {layer: [C]}``, higher = keep."""
+
+    name: str
+    axis: str
+    fn: ScoreFn
+    needs: frozenset = frozenset()     # "axes": the analysis table; "calibration": images
+    stochastic: bool = False           # several seeded draws (pruning.random_draws)
+    family: str | None = None          # "magnitude_plus_ix" / "ixy_minus_red" sweeps
+    param: float | None = None
+    doc: str = ""
+
+    def __call__(self, ctx: "ScoreContext", draw: int = 0) -> dict[str, np.ndarray]:
+        raw = self.fn(ctx, draw)
+        out = {}
+        for layer, conv in ctx.layers.items():
+            if layer not in raw:
+                raise UserError(f"score '{self.name}' has no values for layer '{layer}'")
+            v = np.asarray(raw[layer], dtype=np.float64).reshape(-1)
+            if v.size != conv.out_channels:
+                raise UserError(f"score '{self.name}': layer '{layer}' has {v.size} values for "
+                                f"{conv.out_channels} channels (stale analysis results?)")
+            out[layer] = v
+        return out
+
+    def draws(self, n_random: int) -> list[int]:
+        return list(range(max(1, int(n_random)))) if self.stochastic else [0]
+
+
+SCORES: dict[str, Score] = {}
+
+#: the parametrised sweeps: prefix -> parameter symbol, plot label, default grid, the anchor
+#: score whose value is the sweep at parameter 0 (``{magnitude}``: pruning.magnitude), factory
+FAMILIES: dict[str, dict] = {}
+
+
+def register(name: str, axis: str, needs=(), stochastic: bool = False, family: str | None = None,
+             param: float | None = None):
+    """Decorator: register ``fn(ctx, draw) -> {layer: [C]}`` as score ``name`` on ``axis``."""
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {AXES}, got {axis}")
+
+    def deco(fn: ScoreFn) -> ScoreFn:
+        SCORES[name] = Score(name, axis, fn, frozenset(needs), stochastic, family, param,
+                             (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        return fn
+
+    return deco
+
+
+def _family_name(prefix: str, value: float) -> str:
+    return f"{prefix}{value:g}"
+
+
+def resolve_score(name: str) -> Score:
+    """The :class:`Score` called ``name`` (registered, or a family pattern with any parameter)."""
+    name = str(name)
+    if name in SCORES:
+        return SCORES[name]
+    for prefix, fam in FAMILIES.items():
+        if name.startswith(prefix):
+            try:
+                value = float(name[len(prefix):])
+            except ValueError:
+                break
+            if not math.isfinite(value):
+                break
+            return fam["make"](value)
+    raise unknown_name("score (pruning.scores)", name,
+                       list(SCORES) + [f"{p}<{f['symbol']}>" for p, f in FAMILIES.items()])
+
+
+def score_names() -> list[str]:
+    """Every registered score name, grouped by axis (local, target, mixed, baseline)."""
+    return [s.name for axis in AXES for s in SCORES.values() if s.axis == axis]
+
+
+# --------------------------------------------------------------------------------------------
+# Context
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreContext:
+    """What scores may read. Expensive inputs are loaded on first use and cached.
+
+    ``model``: the trained network (eval mode); ``layers``: the analysable convs
+    ``{name: nn.Conv2d}`` in forward order; ``axes_loader()``: the analysis table (a DataFrame
+    with ``layer, channel`` and the axes columns); ``calibration()``: an iterable of
+    ``(x: [B, C, H, W], y: [B])`` batches of the calibration images; ``seed``: the run seed
+    (random draws); ``magnitude``: ``l1`` | ``l2`` (the ‖w‖ of the mixed scores).
+    """
+
+    model: nn.Module
+    layers: dict[str, nn.Conv2d]
+    axes_loader: Callable[[], object] | None = None
+    calibration: Callable[[], object] | None = None
+    seed: int = 0
+    magnitude: str = "l1"
+    device: torch.device | str = "cpu"
+    _cache: dict = field(default_factory=dict)
+
+    def axes(self):
+        if "axes" not in self._cache:
+            if self.axes_loader is None:
+                raise UserError("this score needs the analysis results (axes.csv); run `python analyze.py` first")
+            self._cache["axes"] = self.axes_loader()
+        return self._cache["axes"]
+
+    def axes_column(self, column: str) -> dict[str, np.ndarray]:
+        """``{layer: [C]}`` of one column of the analysis table (channels in order)."""
+        key = ("col", column)
+        if key not in self._cache:
+            table = self.axes()
+            if column not in table.columns:
+                raise UserError(f"the analysis table has no column '{column}'; rerun `python analyze.py`")
+            out = {}
+            for layer, conv in self.layers.items():
+                rows = table[table["layer"] == layer]
+                if len(rows) == 0:
+                    raise UserError(f"the analysis table has no rows for layer '{layer}'; pruning needs every "
+                                    f"conv layer analysed (capture.layers=null)")
+                if len(rows) != conv.out_channels:
+                    raise UserError(f"the analysis table has {len(rows)} rows for layer '{layer}' "
+                                    f"({conv.out_channels} channels): stale or partial; rerun `python analyze.py`")
+                rows = rows.sort_values("channel")
+                out[layer] = rows[column].to_numpy(dtype=np.float64)
+            self._cache[key] = out
+        return self._cache[key]
+
+    def units(self):
+        if "units" not in self._cache:
+            from axes_pipeline.models import conv_norm_pairs
+
+            self._cache["units"] = conv_norm_pairs(self.model)
+        return self._cache["units"]
+
+    def batches(self):
+        if self.calibration is None:
+            raise UserError("this score needs calibration images")
+        return self.calibration()
+
+
+def minmax(x: np.ndarray) -> np.ndarray:
+    """``x: [C]`` rescaled to [0, 1] within the layer; NaN -> 0, a constant layer -> 0.5."""
+    x = np.asarray(x, dtype=np.float64)
+    ok = np.isfinite(x)
+    if not ok.any():
+        return np.full(x.shape, 0.5)
+    lo, hi = float(x[ok].min()), float(x[ok].max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi), abs(lo)):
+        out = np.full(x.shape, 0.5)
+    else:
+        out = (x - lo) / (hi - lo)
+    out[~ok] = 0.0
+    return out
+
+
+def _mix(ctx: ScoreContext, terms: list[tuple[float, Callable[[ScoreContext], dict]]]) -> dict[str, np.ndarray]:
+    """Σ weight · minmax(component) per layer."""
+    parts = [(w, get(ctx)) for w, get in terms]
+    return {layer: sum(w * minmax(p[layer]) for w, p in parts) for layer in ctx.layers}
+
+
+def _col(column: str) -> Callable[[ScoreContext], dict]:
+    return lambda ctx: ctx.axes_column(column)
+
+
+# --------------------------------------------------------------------------------------------
+# Local axis
+# --------------------------------------------------------------------------------------------
+
+
+@register("input_capture", "local", needs=("axes",))
+def _input_capture(ctx, draw):
+    """I_X: what the channel captures from its input."""
+    return ctx.axes_column("input_capture")
+
+
+def _make_ixy_minus_red(beta: float) -> Score:
+    name = _family_name("ixy_minus_red_b", beta)
+
+    def fn(ctx, draw):
+        return _mix(ctx, [(1.0, _col("input_capture")), (-beta, _col("peer_overlap"))])
+
+    fn.__doc__ = f"I_X − {beta:g}·R̄_X"
+    return Score(name, "local", fn, frozenset({"axes"}), False, "ixy_minus_red_b", float(beta), fn.__doc__)
+
+
+FAMILIES["ixy_minus_red_b"] = {"symbol": "β", "label": "I_X − β·R̄_X", "grid": (0.15, 0.3, 0.5, 0.7),
+                               "anchor": "input_capture", "make": _make_ixy_minus_red}
+for _b in FAMILIES["ixy_minus_red_b"]["grid"]:
+    SCORES[_family_name("ixy_minus_red_b", _b)] = _make_ixy_minus_red(_b)
+
+
+@register("hull_score", "local", needs=("axes",))
+def _hull_score(ctx, draw):
+    """E_full / max(1, |H|): well explained by few peers."""
+    return ctx.axes_column("hull_score")
+
+
+@register("composite_local", "local", needs=("axes",))
+def _composite_local(ctx, draw):
+    """I_X + 0.5·S − 0.3·R̄_X."""
+    return _mix(ctx, [(1.0, _col("input_capture")), (0.5, _col("target_excess")), (-0.3, _col("peer_overlap"))])
+
+
+# --------------------------------------------------------------------------------------------
+# Target axis
+# --------------------------------------------------------------------------------------------
+
+
+@register("task_info", "target", needs=("axes",))
+def _task_info(ctx, draw):
+    """I_T: what the channel says about the task."""
+    return ctx.axes_column("task_info")
+
+
+@register("composite_target", "target", needs=("axes",))
+def _composite_target(ctx, draw):
+    """I_T + 0.5·S − 0.3·R_T."""
+    return _mix(ctx, [(1.0, _col("task_info")), (0.5, _col("target_excess")), (-0.3, _col("task_redundancy"))])
+
+
+@register("task_unique", "target", needs=("axes",))
+def _task_unique(ctx, draw):
+    """U_T + 0.5·S."""
+    return _mix(ctx, [(1.0, _col("task_unique")), (0.5, _col("target_excess"))])
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed
+# --------------------------------------------------------------------------------------------
+
+
+def _filter_norm(ctx: ScoreContext, p: int) -> dict[str, np.ndarray]:
+    return {layer: conv.weight.detach().flatten(1).norm(p=p, dim=1).cpu().numpy()
+            for layer, conv in ctx.layers.items()}
+
+
+def _magnitude(ctx: ScoreContext) -> dict[str, np.ndarray]:
+    if ctx.magnitude not in ("l1", "l2"):
+        raise unknown_name("magnitude norm (pruning.magnitude)", ctx.magnitude, ("l1", "l2"))
+    return _filter_norm(ctx, 1 if ctx.magnitude == "l1" else 2)
+
+
+def _make_magnitude_plus_ix(alpha: float) -> Score:
+    name = _family_name("magnitude_plus_ix_a", alpha)
+
+    def fn(ctx, draw):
+        return _mix(ctx, [(1.0, _magnitude), (alpha, _col("input_capture"))])
+
+    fn.__doc__ = f"‖w‖ + {alpha:g}·I_X"
+    return Score(name, "mixed", fn, frozenset({"axes"}), False, "magnitude_plus_ix_a", float(alpha), fn.__doc__)
+
+
+FAMILIES["magnitude_plus_ix_a"] = {"symbol": "α", "label": "Magnitude + α·I_X", "grid": (0.25, 0.5, 0.75, 1.0),
+                                   "anchor": "{magnitude}", "make": _make_magnitude_plus_ix}
+for _a in FAMILIES["magnitude_plus_ix_a"]["grid"]:
+    SCORES[_family_name("magnitude_plus_ix_a", _a)] = _make_magnitude_plus_ix(_a)
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------------
+
+
+@register("random", "baseline", stochastic=True)
+def _random(ctx, draw):
+    """Uniform random, one seeded draw per ``draw``."""
+    rng = np.random.default_rng([int(ctx.seed), int(draw), 7919])
+    return {layer: rng.random(conv.out_channels) for layer, conv in ctx.layers.items()}
+
+
+@register("l1", "baseline")
+def _l1(ctx, draw):
+    """L1 norm of the filter."""
+    return _filter_norm(ctx, 1)
+
+
+@register("l2", "baseline")
+def _l2(ctx, draw):
+    """L2 norm of the filter."""
+    return _filter_norm(ctx, 2)
+
+
+@register("bn_scale", "baseline")
+def _bn_scale(ctx, draw):
+    """|γ| of the normalisation after the conv (NaN where there is none)."""
+    out = {}
+    for layer, conv in ctx.layers.items():
+        unit = ctx.units().get(layer)
+        norm = None if unit is None else unit.norm
+        w = getattr(norm, "weight", None)
+        if w is None or w.numel() != conv.out_channels:
+            out[layer] = np.full(conv.out_channels, np.nan)
+        else:
+            out[layer] = w.detach().abs().cpu().numpy()
+    return out
+
+
+@register("taylor", "baseline", needs=("calibration",))
+def _taylor(ctx, draw):
+    """Σ|w·∂L/∂w| over the filter, gradient of the mean cross-entropy on the calibration images."""
+    from axes_pipeline.models.taylor import taylor_scores
+
+    return taylor_scores(ctx.model, ctx.layers, list(ctx.batches()), ctx.device)
+
+
+def _feature_map_stat(ctx: ScoreContext, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, np.ndarray]:
+    """Σ over calibration images of ``reduce(fm: [B, C, H, W]) -> [B, C]`` per layer, / n."""
+    units = ctx.units()
+    sums = {layer: torch.zeros(conv.out_channels, dtype=torch.float64) for layer, conv in ctx.layers.items()}
+    handles = []
+
+    def make_hook(layer, unit):
+        act = unit.act if (unit.act is not None and not unit.residual) else None
+        dim = unit.channel_dim if unit.norm is not None else 1
+
+        def hook(_m, _inp, out):
+            fm = out.detach()
+            if dim != 1:
+                fm = fm.movedim(dim % fm.ndim, 1)
+            fm = fm.to(torch.float64).clone()
+            if act is not None:
+                fm = act(fm)
+            sums[layer] += reduce(fm).sum(0).cpu()
+        return hook
+
+    for layer in ctx.layers:
+        unit = units.get(layer)
+        target = ctx.layers[layer] if unit is None or unit.norm is None else unit.norm
+        handles.append(target.register_forward_hook(make_hook(layer, unit) if unit is not None else
+                                                    _plain_hook(layer, sums, reduce)))
+    n = 0
+    was = ctx.model.training
+    ctx.model.eval()
+    try:
+        with torch.no_grad():
+            for x, y in ctx.batches():
+                ctx.model(x.to(ctx.device))
+                n += len(y)
+    finally:
+        for h in handles:
+            h.remove()
+        ctx.model.train(was)
+    return {layer: (s / max(1, n)).numpy() for layer, s in sums.items()}
+
+
+def _plain_hook(layer, sums, reduce):
+    def hook(_m, _inp, out):
+        sums[layer] += reduce(out.detach().to(torch.float64)).sum(0).cpu()
+    return hook
+
+
+def _ranks(fm: torch.Tensor) -> torch.Tensor:
+    """Rank of each channel's H×W map: ``fm: [B, C, H, W] -> [B, C]``."""
+    return torch.linalg.matrix_rank(fm).to(torch.float64)
+
+
+_CHIP_CHUNK = 2 ** 25  # doubles per chunk of Gram matrices (256 MB)
+
+
+def _channel_independence(fm: torch.Tensor) -> torch.Tensor:
+    """CHIP: ‖A‖_* − ‖A with row c removed‖_* per image, ``fm: [B, C, H, W] -> [B, C]``.
+
+    ``A: [C, P]`` (P = H·W) is the image's feature-map matrix. Nuclear norms come from the
+    eigenvalues of the smaller Gram matrix: ``AᵀA − a_c a_cᵀ`` when P ≤ C (rank-one downdate),
+    the principal submatrix of ``AAᵀ`` without row/column c otherwise.
+    """
+    B, C = fm.shape[:2]
+    A = fm.reshape(B, C, -1)
+    P = A.shape[-1]
+    m = min(C, P)
+    per_image = max(1, _CHIP_CHUNK // max(1, (C + 1) * m * m))
+    out = []
+    for s in range(0, B, per_image):
+        a = A[s:s + per_image]
+        if P <= C:
+            G = a.transpose(1, 2) @ a                                     # [b, P, P]
+            Gm = G[:, None] - a[:, :, :, None] * a[:, :, None, :]         # [b, C, P, P]
+        else:
+            G = a @ a.transpose(1, 2)                                     # [b, C, C]
+            Gm = G[:, None].repeat(1, C, 1, 1)                            # [b, C, C, C]
+            idx = torch.arange(C)
+            Gm[:, idx, idx, :] = 0.0
+            Gm[:, idx, :, idx] = 0.0
+        full = torch.linalg.eigvalsh(G).clamp_min(0).sqrt().sum(-1)       # [b]
+        drop = torch.linalg.eigvalsh(Gm).clamp_min(0).sqrt().sum(-1)      # [b, C]
+        out.append(full[:, None] - drop)
+    return torch.cat(out)
+
+
+@register("hrank", "baseline", needs=("calibration",))
+def _hrank(ctx, draw):
+    """Mean rank of the channel's feature maps over the calibration images."""
+    return _feature_map_stat(ctx, _ranks)
+
+
+@register("chip", "baseline", needs=("calibration",))
+def _chip(ctx, draw):
+    """Channel independence: nuclear-norm drop when the channel's row is removed."""
+    return _feature_map_stat(ctx, _channel_independence)
+
+
+#: every registered score, local first, then target, mixed, baseline (pruning.scores: null)
+DEFAULT_SCORES: tuple[str, ...] = tuple(score_names())
