@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-import axes_pipeline.config  # noqa: F401  (registers the config resolvers)
+from axes_pipeline.config import trained_run_dir  # (importing it registers the config resolvers)
 from axes_pipeline.tasks import run_task
 
 
@@ -11,7 +11,7 @@ from axes_pipeline.tasks import run_task
 def main(cfg: DictConfig):
     from axes_pipeline.analyses.analyze import run_analysis
 
-    return run_task(run_analysis, cfg)
+    return run_task(run_analysis, cfg, where=trained_run_dir)   # a -m run found by a single run, etc.
 
 
 if __name__ == "__main__":

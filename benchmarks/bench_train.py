@@ -1,7 +1,7 @@
 """Training throughput: the Lightning loop vs a plain PyTorch loop (same model, data, optimizer),
 and the on-device data path vs the DataLoader path, measured in the same run.
 
-    python benchmarks/bench_train.py [--epochs 3]
+    python benchmarks/bench_train.py [--epochs 5]
 
 Prints images/s and the ratios. Target: Lightning overhead ≤ 10%.
 """
@@ -90,7 +90,7 @@ def data_paths(n_train: int = 5000, batches: int = 30) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=5)
     args = ap.parse_args()
     torch.manual_seed(0)
     dm = DigitsDataModule(name="digits", batch_size=64, num_workers=0)

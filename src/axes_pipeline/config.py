@@ -53,6 +53,20 @@ def run_dir_candidates(cfg: DictConfig) -> list[Path]:
     return [own, *others]
 
 
+def trained_run_dir(cfg: DictConfig) -> Path:
+    """The directory of the trained run a later stage works on: the parent of ``ckpt=PATH``'s
+    ``checkpoints/``, else the first candidate that holds a run, else this mode's own directory
+    (where the stage's error then names the train command)."""
+    ckpt = cfg.get("ckpt")
+    if ckpt:
+        p = Path(str(ckpt)).resolve()
+        return p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    for cand in run_dir_candidates(cfg):
+        if (cand / "train_summary.json").is_file() or (cand / "checkpoints").is_dir():
+            return cand
+    return run_dir(cfg)
+
+
 def to_container(cfg: DictConfig) -> dict:
     """The resolved config as plain Python containers (safe for JSON and weights_only checkpoints)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

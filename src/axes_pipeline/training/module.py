@@ -34,6 +34,7 @@ class ClassifierModule(L.LightningModule):
         self.metrics = torch.nn.ModuleDict({
             f"{split}_{k}": MulticlassAccuracy(num_classes, top_k=t, average="micro")
             for split in ("train", "val", "test") for k, t in (("acc", 1), ("acc5", top5))
+            if (split, k) != ("train", "acc5")
         })
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -49,9 +50,11 @@ class ClassifierModule(L.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if split == "train" else 0.0)
         on_step = split == "train"
         self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
-        for k in ("acc", "acc5"):
+        # update() only: the metrics are logged per epoch, so the per-batch value that calling the
+        # metric would also compute is wasted work; top-5 during training is not worth its top-k.
+        for k in (("acc",) if split == "train" else ("acc", "acc5")):
             metric = self.metrics[f"{split}_{k}"]
-            metric(logits.detach(), y)
+            metric.update(logits.detach(), y)
             self.log(f"{split}/{k}", metric, on_step=False, on_epoch=True, prog_bar=(k == "acc"))
         return loss
 

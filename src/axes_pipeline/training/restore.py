@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from axes_pipeline.config import run_dir_candidates
+from axes_pipeline.config import run_dir_candidates, trained_run_dir
 from axes_pipeline.errors import UserError
 from axes_pipeline.training.checkpoints import load_into, read_checkpoint
 from axes_pipeline.training.train import build_datamodule, instantiate_model
@@ -35,8 +35,7 @@ def locate_run(cfg: DictConfig) -> tuple[Path, Path]:
         ckpt = Path(cfg.ckpt).resolve()
         if not ckpt.is_file():
             raise UserError(f"ckpt={cfg.ckpt} does not exist")
-        parent = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        return parent, ckpt
+        return trained_run_dir(cfg), ckpt
     for cand in run_dir_candidates(cfg):
         for name in ("best.ckpt", "last.ckpt"):
             if (cand / "checkpoints" / name).is_file():
