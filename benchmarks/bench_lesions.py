@@ -17,27 +17,15 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from axes_pipeline.analyses.lesion_engine import LesionEngine, Lesions, materialise, trace, weight_lesion_eval
 from axes_pipeline.data import DigitsDataModule
-from axes_pipeline.models import build_model, conv_norm_pairs
+from axes_pipeline.models import conv_norm_pairs
+from axes_pipeline.models.synthetic import with_bn_statistics
 
 DEFAULT_LAYERS = ["conv1", "layer1.1.conv2", "layer2.0.conv1", "layer3.0.conv2", "layer4.1.conv2"]
 
 
-def demo_model(width: float, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = build_model("resnet18", num_classes=10, width=width)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-    return model.eval()
 
 
 def timed(fn, device, repeats: int = 1) -> tuple[object, float]:
@@ -74,7 +62,7 @@ def main() -> None:
     dm.setup()
     batches = materialise(dm.loader(dm.eval_subset(None, seed=0), batch_size=args.batch_size), device)
     n_images = sum(len(y) for _, y in batches)
-    model = demo_model(args.width).to(device)
+    model = with_bn_statistics("resnet18", args.width).to(device)
     units = conv_norm_pairs(model)
     graph = trace(model)
     print(f"resnet18 width {args.width}, digits 16x16, {n_images} test images, device {device}, "

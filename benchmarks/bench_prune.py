@@ -26,9 +26,9 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from axes_pipeline.models import build_model, conv_layers
+from axes_pipeline.models import conv_layers
+from axes_pipeline.models.synthetic import with_bn_statistics
 from axes_pipeline.pruning import (
     SCORES,
     CostModel,
@@ -44,18 +44,6 @@ from axes_pipeline.pruning import (
 from axes_pipeline.pruning.evaluate import evaluate
 
 
-def model_with_stats(width: float, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = build_model("resnet18", num_classes=10, width=width)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-    return model.eval()
 
 
 def best(fn, repeats: int):
@@ -126,7 +114,7 @@ def main() -> None:
     from axes_pipeline.data import DigitsDataModule
 
     dm = DigitsDataModule()
-    demo = model_with_stats(0.25).to(device)
+    demo = with_bn_statistics("resnet18", 0.25).to(device)
     x = torch.randn(1, 3, 16, 16, device=device)
     bench_network("demo: digits, ResNet-18 w0.25, 16x16", demo, x, dm.test_dataloader(), args.targets,
                   args.repeats, device, args.score_images, 16)
@@ -134,7 +122,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         loader = [(torch.randn(128, 3, 32, 32, generator=g), torch.randint(0, 10, (128,), generator=g))
                   for _ in range(args.eval_batches)]
-        net = model_with_stats(1.0).to(device)
+        net = with_bn_statistics("resnet18", 1.0).to(device)
         x = torch.randn(1, 3, 32, 32, device=device)
         bench_network(f"CIFAR size: ResNet-18 w1, 32x32, {args.eval_batches} random batches of 128", net, x,
                       loader, args.targets, args.repeats, device, args.score_images, 32)

@@ -18,27 +18,15 @@ from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluat
                                                   weight_lesion_eval, zeroed)
 from axes_pipeline.analyses.lesions import check_lesion_analysis, lesion_layer, recovery, select_channels
 from axes_pipeline.errors import UserError
-from axes_pipeline.models.taylor import taylor_scores
 from axes_pipeline.metrics import channel_axes
 from axes_pipeline.models import build_model, conv_norm_pairs
+from axes_pipeline.models.synthetic import with_bn_statistics
+from axes_pipeline.models.taylor import taylor_scores
 from axes_pipeline.runs import read_json
 
 from .conftest import make_cfg
 
 
-def _randomised(name: str, width: float = 0.125) -> nn.Module:
-    """A backbone with non-trivial BN statistics and affine parameters, in eval mode."""
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=10, width=width)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-    return model.eval()
 
 
 def _batches(size: int, n: int = 24, b: int = 16) -> list:
@@ -49,7 +37,7 @@ def _batches(size: int, n: int = 24, b: int = 16) -> list:
 
 
 def test_lesion_restores_the_network_bit_for_bit():
-    model = _randomised("resnet18")
+    model = with_bn_statistics("resnet18", 0.125)
     units = conv_norm_pairs(model)
     unit = units["layer1.0.conv2"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -76,7 +64,7 @@ def test_lesion_restores_the_network_bit_for_bit():
     ("convnext_t", 32, ["features.0.0", "features.2.1", "features.5.1.block.0"]),  # LayerNorm / no norm
 ])
 def test_batched_lesions_equal_the_weight_path(name, size, layers):
-    model = _randomised(name)
+    model = with_bn_statistics(name, 0.125)
     units = conv_norm_pairs(model)
     batches = _batches(size)
     graph = trace(model)
@@ -168,7 +156,7 @@ def test_channel_sample_is_seeded_and_bounded():
 
 
 def test_taylor_leaves_the_model_as_it_was():
-    model = _randomised("resnet18")
+    model = with_bn_statistics("resnet18", 0.125)
     conv = conv_norm_pairs(model)["conv1"].conv
     out = taylor_scores(model, {"conv1": conv}, _batches(16))
     assert out["conv1"].shape == (conv.out_channels,) and (out["conv1"] > 0).all()
