@@ -60,6 +60,19 @@ def test_metric_knobs_reuse_the_capture(tiny_run):
     assert axes["hull_size"].max() <= 4
 
 
+def test_other_analyses_reuse_matching_axes(tiny_run):
+    """analysis=propagation alone reads the axes back when they were computed with these settings,
+    and recomputes them when a metric knob changed."""
+    cfg, _ = _analyze(tiny_run)
+    path = Path(cfg.paths.run_dir) / "analyze" / "axes.csv"
+    stamp = path.stat().st_mtime_ns
+    _, summary = _analyze(tiny_run, "analysis=propagation", "analysis.propagation.null_draws=1")
+    assert summary["axes"].get("reused") and path.stat().st_mtime_ns == stamp
+    _, summary = _analyze(tiny_run, "analysis=propagation", "analysis.propagation.null_draws=1", "metrics.hull_max=5")
+    assert not summary["axes"].get("reused") and path.stat().st_mtime_ns != stamp
+    _analyze(tiny_run)   # leave the default axes for the other tests of this module
+
+
 def test_capture_is_seeded_and_matches_channel_axes():
     torch.manual_seed(0)
     model = build_model("resnet18", 10, width=0.125).eval()

@@ -160,6 +160,28 @@ def test_dynamics_rows_and_resume(dyn_root):
     pd.testing.assert_frame_equal(pd.read_csv(out / "dynamics.csv"), dyn)
 
 
+def test_dynamics_against_the_final_target(dyn_root):
+    """dynamics.target=final measures every epoch against the final network's T: at the last epoch
+    that is the epoch's own T, so the two modes agree there and (generally) differ before."""
+    from axes_pipeline.analyses.analyze import run_analysis
+
+    root, overrides = dyn_root
+    twin = _run_dir(root, 45)
+    if not twin.exists():
+        shutil.copytree(_run_dir(root), twin, ignore=shutil.ignore_patterns("analyze"))
+    common = [*overrides, "seed=45", "analysis=dynamics", *SMALL, "plots=false", "analysis.dynamics.epochs=[0,3]"]
+    run_analysis(make_cfg("analyze", common, root))
+    own = pd.read_csv(twin / "analyze" / "dynamics.csv")
+    run_analysis(make_cfg("analyze", [*common, "analysis.dynamics.target=final"], root))
+    final = pd.read_csv(twin / "analyze" / "dynamics.csv")
+    col = "align_input_capture_task_info"
+    last, first = own.epoch == 3, own.epoch == 0
+    np.testing.assert_allclose(final.loc[last, col], own.loc[last, col], atol=1e-9)
+    assert not np.allclose(final.loc[first, col], own.loc[first, col])
+    with pytest.raises(UserError, match="analysis.dynamics.target"):
+        run_analysis(make_cfg("analyze", [*common, "analysis.dynamics.target=nope"], root))
+
+
 def test_dynamics_over_seeds(dyn_root):
     from axes_pipeline.analyses.analyze import run_analysis
 

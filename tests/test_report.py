@@ -102,6 +102,30 @@ def test_mismatched_configs_are_grouped_and_named(tmp_path, capsys):
     assert "never pooled" in capsys.readouterr().out
 
 
+def test_seeds_pruned_differently_are_never_paired(tmp_path):
+    import json as _json
+
+    for s in (1, 2, 3, 4):
+        run = fake_run(tmp_path, s, local_gain=0.05)
+        alloc = "global" if s <= 2 else "uniform"
+        (run / "prune" / "prune_summary.json").write_text(_json.dumps(
+            {"unpruned_acc": 0.96, "config": {"pruning": {"allocation": alloc, "mode": "flops"}}}))
+    _, summary = _report(tmp_path)
+    assert any("pruning.allocation" in n for n in summary["notices"])
+    head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
+    assert head.group.nunique() == 2 and (head.n == 2).all()
+
+
+def test_headline_rows_and_leave_one_seed_out_choice(tmp_path):
+    for s in (1, 2, 3, 4, 5):
+        fake_run(tmp_path, s, local_gain=0.05)
+    _report(tmp_path)
+    head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
+    held = head[head.comparison.str.contains("other seeds")].iloc[0]
+    assert held["diff"] == pytest.approx(0.05, abs=0.01) and "input_capture/task_info" in held.note
+    assert (head.p_holm >= head.p_value - 1e-12).all() and head.candidates.str.contains("2 local / 1 target").all()
+
+
 def test_report_renders_with_missing_stages(tmp_path):
     fake_run(tmp_path, 1, local_gain=0.0, prune=False, analyze=False)
     _report(tmp_path)

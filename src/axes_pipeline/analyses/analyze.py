@@ -22,7 +22,7 @@ from axes_pipeline.analyses.axes_table import (analyze_capture, axes_fingerprint
                                                resolve_device, select_units, write_axes)
 from axes_pipeline.config import run_dir, to_container
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import write_json
+from axes_pipeline.runs import read_json, write_json
 from axes_pipeline.tracking import StageTracker
 
 log = logging.getLogger("axes_pipeline")
@@ -70,13 +70,26 @@ def _load(spec: str, default=None):
     return found
 
 
-def run_axes(ctx: Context) -> dict:
-    """Capture (or reuse), compute both axes per layer, write tables, plots and tracker logs."""
+def run_axes(ctx: Context, reuse: bool = False) -> dict:
+    """Capture (or reuse), compute both axes per layer, write tables, plots and tracker logs.
+
+    ``reuse``: when only other analyses were asked for (``analysis=lesion``...) and ``axes.csv``
+    was computed with these settings, read it back instead of recomputing graphs, hulls, triplets
+    and gradient cosines."""
     cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
     capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out, ctx.units, ctx.device)
     ctx.capture = capture
+    want = axes_fingerprint(cfg, trained.ckpt)
+    meta = out / "axes_fingerprint.json"
+    if reuse and (out / "axes.csv").is_file() and (out / "layers.csv").is_file() and meta.is_file() \
+            and read_json(meta) == want:
+        ctx.axes, ctx.layers = pd.read_csv(out / "axes.csv"), pd.read_csv(out / "layers.csv")
+        headline = axes_headline(ctx.layers)
+        headline["calibration_accuracy"] = capture.accuracy
+        headline["reused"] = True
+        return headline
     axes_df, layers_df, results = analyze_capture(capture, ctx.units, cfg, ctx.device, keep_matrices=True)
-    write_axes(out, axes_df, layers_df, axes_fingerprint(cfg, trained.ckpt))
+    write_axes(out, axes_df, layers_df, want)
     ctx.axes, ctx.layers = axes_df, layers_df
     headline = axes_headline(layers_df)
     headline["calibration_accuracy"] = capture.accuracy
@@ -134,7 +147,7 @@ def run_analysis(cfg: DictConfig) -> dict:
                      "analyses": chosen}
     try:
         if trained is not None:
-            summary["axes"] = run_axes(ctx)
+            summary["axes"] = run_axes(ctx, reuse="axes" not in chosen)
             print(f"analyze: axes of {summary['axes']['channels']} channels in {summary['axes']['layers']} layers; "
                   f"mean ρ(I_X, I_T) = {summary['axes']['mean_align_input_capture_task_info']:.3f}")
         for name in chosen:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from axes_pipeline.analyses.axes_table import layer_analysis, metric_knobs
 from axes_pipeline.capture import capture_activations, check_finite
 from axes_pipeline.config import run_dir_candidates
-from axes_pipeline.errors import UserError
+from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
 from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
 from axes_pipeline.runs import read_json, write_csv, write_json
@@ -83,7 +83,8 @@ def _knobs(cfg: DictConfig) -> dict:
     conv = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
     return {"layers": conv(get("layers", None)), "k": get("k", 6), "epochs": conv(get("epochs", None)),
             "seeds": conv(get("seeds", None)), "include_shortcuts": bool(get("include_shortcuts", False)),
-            "required": bool(get("required", True))}
+            "required": bool(get("required", True)), "target": str(get("target", "epoch")),
+            "null_shuffles": int(get("null_shuffles", 0))}
 
 
 def _skip_reason(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -206,7 +207,12 @@ def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPl
 
 def check_dynamics_analysis(ctx) -> None:
     """Per-epoch checkpoints, layers, epochs and seeds, before anything runs."""
-    _layers(ctx.trained.model, _knobs(ctx.cfg))
+    knobs = _knobs(ctx.cfg)
+    if knobs["target"] not in TARGET_MODES:
+        raise unknown_name("analysis.dynamics.target", knobs["target"], TARGET_MODES)
+    if knobs["null_shuffles"] < 0:
+        raise UserError(f"analysis.dynamics.null_shuffles must be >= 0, got {knobs['null_shuffles']}")
+    _layers(ctx.trained.model, knobs)
     if _skip_reason(ctx.cfg, ctx.trained.run_dir):
         return
     plan_dynamics(ctx.cfg, ctx.trained.run_dir, int(ctx.cfg.seed))
@@ -223,7 +229,33 @@ def dynamics_settings(cfg: DictConfig, layers: list[str]) -> dict:
     return {"layers": list(layers), "n_cal": int(c.n_cal), "transform": c.transform, "point": c.point,
             "spatial": c.spatial, "samples_per_image": int(c.samples_per_image), "target": c.target,
             "capture_seed": int(c.seed), **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
-            "metrics.dtype": cfg.metrics.dtype, "graphs": OmegaConf.to_container(cfg.graphs)}
+            "metrics.dtype": cfg.metrics.dtype, "graphs": _graphs(cfg), "dynamics_target": _knobs(cfg)["target"]}
+
+
+def _graphs(cfg: DictConfig) -> dict | None:
+    """The graph knobs of the dynamics: METHODS §6 reads only the modularity gap, so the shuffled
+    nulls (most of the graph time) are off unless dynamics.null_shuffles asks for them."""
+    if cfg.graphs.edge_fraction <= 0:
+        return None
+    return {**OmegaConf.to_container(cfg.graphs), "null_shuffles": _knobs(cfg)["null_shuffles"]}
+
+
+TARGET_MODES = ("epoch", "final")
+
+
+@torch.no_grad()
+def final_target(model: torch.nn.Module, ckpt: Path, loader, kind: str, repeat: int, device, expect) -> torch.Tensor:
+    """T of the final network (``ckpt``) on the calibration images, in the loader's order, each image
+    repeated over its ``repeat`` samples: the target every epoch is measured against with
+    ``dynamics.target=final``."""
+    from axes_pipeline.capture.targets import target_from_logits
+
+    load_into(model, ckpt, expect)
+    model.eval().to(device)
+    out = [target_from_logits(model(x.to(device)), y.to(device), kind).cpu().repeat_interleave(repeat)
+           for x, y in loader]
+    model.cpu()
+    return torch.cat(out)
 
 
 def _part_name(epoch: int) -> str:
@@ -272,9 +304,9 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
     dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.metrics.dtype)
     if dtype is None:
         raise UserError(f"metrics.dtype must be float32 or float64, got {cfg.metrics.dtype}")
-    graphs = OmegaConf.to_container(cfg.graphs) if cfg.graphs.edge_fraction > 0 else None
+    graphs = _graphs(cfg)
     knobs, c = metric_knobs(cfg), cfg.capture
-    loader, frames, computed = None, [], 0
+    loader, frames, computed, fixed_t = None, [], 0, None
     bar = tqdm(plan.epochs.items(), desc=f"dynamics seed{plan.seed}", disable=None if progress else True,
                unit="epoch")
     for epoch, ckpt in bar:
@@ -289,12 +321,18 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
             datamodule.setup("fit")
             cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
             loader = datamodule.loader(cal, batch_size=int(c.batch_size))
+        if _knobs(cfg)["target"] == "final" and fixed_t is None:
+            last = epoch_checkpoints(plan.run_dir / "checkpoints")
+            s = 1 if c.spatial == "gap" else int(c.samples_per_image)
+            fixed_t = final_target(model, last[max(last)], loader, c.target, s, device, expect)
         load_into(model, ckpt, expect)
         model.eval()
         capture = capture_activations(model, units, loader, point=c.point, spatial=c.spatial,
                                       samples_per_image=int(c.samples_per_image), target=c.target,
                                       seed=int(c.seed), patch_moments=False, device=device, progress=False)
         model.cpu()
+        if fixed_t is not None:
+            capture.target = fixed_t
         check_finite(capture)
         rows = []
         for name in layers:

@@ -66,6 +66,7 @@ __all__ = [
     "hull_members",
     "materialise",
     "peer_regression",
+    "standardised",
     "weight_lesion_eval",
     "zeroed",
 ]
@@ -218,18 +219,20 @@ def materialise(loader, device: torch.device | str = "cpu", max_bytes: float = 2
 # --------------------------------------------------------------------------------------------
 
 
-def _standardised(acts: Tensor, target: Tensor | None = None):
+def standardised(acts: Tensor, target: Tensor | None = None):
+    """The standardised covariance of one layer's samples (float64): computed once per layer and
+    shared by :func:`hull_members` and both :func:`peer_regression` variants (``std=``)."""
     return standardise(covariance(acts.to(torch.float64), None if target is None else target.to(torch.float64)))
 
 
 def hull_members(acts: Tensor, hull_size: Sequence[int], channels: Sequence[int],
-                 target: Tensor | None = None) -> list[list[int]]:
+                 target: Tensor | None = None, std=None) -> list[list[int]]:
     """Hull peers of ``channels`` under ``hull_order=correlation``: the first ``hull_size[c]``
     peers of ``c`` ranked by |ρ| (:func:`~axes_pipeline.metrics.gaussian.peer_ranking`, the
     ranking the metrics take their prefix from). ``acts: [N, C]`` calibration samples,
     ``hull_size: [C]`` from the axes table.
     """
-    idx, valid = peer_ranking(_standardised(acts, target))
+    idx, valid = peer_ranking(std if std is not None else standardised(acts, target))
     out = []
     for c in channels:
         k = int(hull_size[c])
@@ -239,7 +242,7 @@ def hull_members(acts: Tensor, hull_size: Sequence[int], channels: Sequence[int]
 
 
 def peer_regression(acts: Tensor, channels: Sequence[int], peers: str | Sequence[Sequence[int]], ridge: float,
-                    target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                    target: Tensor | None = None, std=None) -> tuple[Tensor, Tensor, Tensor]:
     """Linear prediction of each channel in ``channels`` from its peers, fitted on ``acts: [N, C]``.
 
     ``peers``: ``"all"`` (every other channel) or one list of peer indices per channel (its
@@ -250,7 +253,7 @@ def peer_regression(acts: Tensor, channels: Sequence[int], peers: str | Sequence
     Returns ``coef: [L, C]``, ``offset: [L]``, ``r2: [L]`` (the fitted E_i(S) on the correlation
     scale), float64. Dead channels are nobody's peer; a dead channel is replaced by its mean.
     """
-    std = _standardised(acts, target)
+    std = std if std is not None else standardised(acts, target)
     mean = acts.to(torch.float64).mean(0)
     sd = torch.where(std.dead, torch.zeros_like(std.var), std.var.sqrt())
     inv_sd = torch.where(std.dead, torch.zeros_like(sd), 1.0 / torch.where(std.dead, torch.ones_like(sd), sd))
@@ -271,11 +274,14 @@ def peer_regression(acts: Tensor, channels: Sequence[int], peers: str | Sequence
             if not s:
                 continue
             si = torch.as_tensor(s, dtype=torch.int64)
-            beta[row, si] = torch.linalg.solve(gram[si][:, si], std.corr[si, c])
+            # G's off-diagonal, not the raw correlations: the (PSD-repaired, where ridge_gram had
+            # to) correlations the metrics' hull_explained / full_explained were computed from
+            beta[row, si] = torch.linalg.solve(gram[si][:, si], gram[si, c])
     dead_rows = std.dead[ch]
     beta[:, std.dead] = 0.0
     beta[dead_rows] = 0.0
-    r2 = (beta * std.corr[ch]).sum(1).clamp(0.0, 1.0)
+    off_diag = gram - float(ridge) * torch.eye(c_all, dtype=gram.dtype)
+    r2 = (beta * off_diag[ch]).sum(1).clamp(0.0, 1.0)
     coef = beta * sd[ch, None] * inv_sd[None, :]
     offset = mean[ch] - coef @ mean
     return coef, offset, r2

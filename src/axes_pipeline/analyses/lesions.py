@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.axes_table import axes_fingerprint
 from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluate, hull_members, materialise,
-                                                  peer_regression, trace)
+                                                  peer_regression, standardised, trace)
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models.taylor import taylor_scores
 from axes_pipeline.runs import read_json, write_csv, write_json
@@ -63,6 +63,7 @@ AXES_COLUMNS = ("input_capture", "peer_overlap", "full_explained", "hull_size", 
 R2_SCALES = ("raw", "rank")
 PARTS = "lesion_parts"
 AUTO_CHANNELS = 64   # METHODS §8 default sample per layer
+POOLED = "(all, within-layer ranks)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,15 +201,16 @@ def lesion_layer(model, unit, acts: torch.Tensor, target: torch.Tensor, axes_row
     chans = [int(i) for i in channels]
     parts = [Lesions.zero(chans, c)]
     rows = {"channel": np.asarray(chans)}
+    std = standardised(acts, target) if replace else None   # one N x C covariance per layer
     if "hull" in replace:
         size = axes_rows["hull_size"].reindex(range(c)).fillna(0).astype(int).to_numpy()
-        members = hull_members(acts, size, chans, target)
-        coef, off, r2 = peer_regression(acts, chans, members, ridge, target)
+        members = hull_members(acts, size, chans, target, std=std)
+        coef, off, r2 = peer_regression(acts, chans, members, ridge, target, std=std)
         parts.append(Lesions.replace(chans, coef, off))
         rows["hull_members"] = [";".join(map(str, m)) for m in members]
         rows["fit_hull_explained"] = r2.numpy()
     if "all" in replace:
-        coef, off, r2 = peer_regression(acts, chans, "all", ridge, target)
+        coef, off, r2 = peer_regression(acts, chans, "all", ridge, target, std=std)
         parts.append(Lesions.replace(chans, coef, off))
         rows["fit_full_explained"] = r2.numpy()
     engine = LesionEngine(model, unit, graph=graph, max_rows=max_rows, max_gb=max_gb)
@@ -259,14 +261,17 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
     live = df[~df["dead"].astype(bool)].copy()
     preds = [p for p in s["predictors"] if p in live]
     binned = []
-    groups = [("(all)", live)] + [(name, g) for name, g in live.groupby("layer", sort=False)]
+    # Pooled over layers on within-layer percentile ranks (as the rank-scale ΔR²): on raw values
+    # layers differ in both I_T and damage scale, so each I_T bin would mostly sort layers.
+    pooled_ranks = _ranked(live, ["damage_loss", "task_info", *[p for p in preds if p != "task_info"]])
+    groups = [(POOLED, pooled_ranks)] + [(name, g) for name, g in live.groupby("layer", sort=False)]
     for name, g in groups:
         b = binned_spearman(g["damage_loss"].to_numpy(float), {p: g[p].to_numpy(float) for p in preds},
                             g["task_info"].to_numpy(float), n_bins=s["n_bins"])
         b.insert(0, "layer", name)
         binned.append(b)
     binned_df = pd.concat(binned, ignore_index=True)
-    pooled = binned_df[binned_df["layer"] == "(all)"]
+    pooled = binned_df[binned_df["layer"] == POOLED]
 
     summary: dict = {
         "spearman_overall": {p: spearman(live["damage_loss"], live[p])[0] for p in preds},
@@ -493,7 +498,10 @@ def _finish_table(df: pd.DataFrame, axes: pd.DataFrame, taylor: dict, base_loss:
     for name, vals in taylor.items():
         sel = df["layer"] == name
         df.loc[sel, "taylor"] = vals[df.loc[sel, "channel"].to_numpy()]
-    df["it_bin"] = it_bins(df["task_info"].where(~df["dead"].astype(bool)).to_numpy(float), s["n_bins"])
+    # I_T bin within the channel's own layer (the bins of lesion_binned.csv's per-layer rows)
+    live_it = df["task_info"].where(~df["dead"].astype(bool))
+    df["it_bin"] = live_it.groupby(df["layer"]).transform(lambda v: pd.Series(it_bins(v.to_numpy(float), s["n_bins"]),
+                                                                               index=v.index))
     first = ["layer", "layer_index", "channel", "damage_loss", "damage_acc"]
     for v in s["replace"]:
         first += [f"replaced_{v}_damage_loss", f"replaced_{v}_damage_acc"]

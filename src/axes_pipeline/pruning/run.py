@@ -68,7 +68,9 @@ class PruneSettings:
             raise UserError("pruning.scores is empty; give at least one score name")
         self.scores: list[Score] = []
         for n in dict.fromkeys(names):
-            self.scores.append(resolve_score(n))
+            score = resolve_score(n)
+            if score.name not in {s.name for s in self.scores}:   # b0.3 and b0.30 are one score
+                self.scores.append(score)
         targets = pc.get("targets")
         if targets is None or len(targets) == 0:
             raise UserError("pruning.targets is empty; give fractions in (0, 1], e.g. [0.9,0.5,0.1]")
@@ -140,18 +142,42 @@ class PruneSettings:
         extra = [self.hybrid_from] if self.allocation == "hybrid" else []
         return [s for s in self.scores + extra if what in s.needs]
 
-    def fingerprint(self, score: Score, ckpt: Path, input_shape) -> str:
-        """What a finished point depends on; a point with another fingerprint is recomputed."""
+    def score_fingerprint(self, score: Score, ckpt: Path, input_shape, axes_digest: str | None = None) -> str:
+        """What a score's raw values depend on (the on-disk score cache): not the allocation,
+        search or evaluation, so changing those never recomputes an expensive calibration score."""
         stat = ckpt.stat() if ckpt.exists() else None
-        parts = {
-            "v": POINT_VERSION, "ckpt": str(ckpt), "ckpt_mtime": stat.st_mtime if stat else None,
-            "mode": self.mode, "allocation": self.allocation, "cap": self.cap, "tol": self.tolerance,
-            "depthwise": self.depthwise, "magnitude": self.magnitude, "eval": [self.eval_samples, self.eval_seed],
-            "finetune": self.ft if self.finetune else False, "input": list(input_shape),
-        }
-        if "calibration" in score.needs or self.allocation == "hybrid":
+        parts = {"v": POINT_VERSION, "score": score.name, "ckpt": str(ckpt),
+                 "ckpt_mtime": stat.st_mtime if stat else None, "input": list(input_shape),
+                 "magnitude": self.magnitude}
+        if "calibration" in score.needs:
             parts["calibration"] = self.calibration
-        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if "axes" in score.needs:
+            parts["axes"] = axes_digest      # analyze.py rerun with other knobs -> other values
+        return _digest(parts)
+
+    def fingerprint(self, score: Score, ckpt: Path, input_shape, axes_digest: str | None = None) -> str:
+        """What a finished point depends on; a point with another fingerprint is recomputed."""
+        parts = {
+            "score": self.score_fingerprint(score, ckpt, input_shape, axes_digest),
+            "mode": self.mode, "allocation": self.allocation, "cap": self.cap, "tol": self.tolerance,
+            "depthwise": self.depthwise, "eval": [self.eval_samples, self.eval_seed],
+            "finetune": self.ft if self.finetune else False, "fvcore": self.fvcore_check,
+            "latency": [self.latency_batch_sizes, self.latency_repeats] if self.latency else False,
+        }
+        if self.allocation == "hybrid":
+            parts["hybrid"] = self.score_fingerprint(self.hybrid_from, ckpt, input_shape, axes_digest)
+        return _digest(parts)
+
+
+def _digest(parts: dict) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def axes_digest(table: pd.DataFrame | None) -> str | None:
+    """A content hash of the analysis table the axes scores read."""
+    if table is None:
+        return None
+    return hashlib.sha1(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes()).hexdigest()[:16]
 
 
 def check_settings(cfg: DictConfig) -> PruneSettings:
@@ -229,8 +255,8 @@ def _axes_loader(cfg: DictConfig, trained, names: list[str]):
 class _ScoreCache:
     """Raw scores per (score, draw): in memory, and on disk for the calibration-based ones."""
 
-    def __init__(self, ctx: ScoreContext, out: Path, settings: PruneSettings, ckpt: Path, shape):
-        self.ctx, self.out, self.settings, self.ckpt, self.shape = ctx, out, settings, ckpt, shape
+    def __init__(self, ctx: ScoreContext, out: Path, settings: PruneSettings, ckpt: Path, shape, axes: str | None):
+        self.ctx, self.out, self.settings, self.ckpt, self.shape, self.axes = ctx, out, settings, ckpt, shape, axes
         self.mem: dict[tuple[str, int], dict] = {}
         self.timing: dict[str, float] = {}
 
@@ -239,7 +265,7 @@ class _ScoreCache:
         if key in self.mem:
             return self.mem[key]
         path = self.out / "scores" / f"{point_label(score, draw)}.json"
-        fp = self.settings.fingerprint(score, self.ckpt, self.shape)
+        fp = self.settings.score_fingerprint(score, self.ckpt, self.shape, self.axes)
         if "calibration" in score.needs and path.is_file():
             saved = read_json(path)
             if saved.get("fingerprint") == fp:
@@ -259,13 +285,17 @@ class _ScoreCache:
 
 
 def _calibration(dm, settings: PruneSettings, which: str = "n"):
+    """A loader of the calibration batches (built once, on first use, then reused by every score)."""
     n = settings.calibration["n"]
     if which == "feature_maps" and settings.calibration.get("n_feature_maps"):
         n = int(settings.calibration["n_feature_maps"])
+    held: list = []
 
     def batches():
-        ds = dm.calibration_set(n, settings.calibration["seed"], transform=settings.calibration["transform"])
-        return list(dm.loader(ds, batch_size=settings.calibration["batch_size"]))
+        if not held:
+            ds = dm.calibration_set(n, settings.calibration["seed"], transform=settings.calibration["transform"])
+            held.append(list(dm.loader(ds, batch_size=settings.calibration["batch_size"])))
+        return held[0]
     return batches
 
 
@@ -291,10 +321,10 @@ def run_prune(cfg: DictConfig) -> dict:
 
     axes_names = [s.name for s in settings.needs("axes")]
     ctx = ScoreContext(model, layers, axes_loader=_axes_loader(cfg, trained, axes_names),
-                       calibration=_calibration(dm, settings), seed=int(cfg.seed),
+                       calibration=_calibration(dm, settings),
+                       feature_maps=_calibration(dm, settings, "feature_maps"), seed=int(cfg.seed),
                        magnitude=settings.magnitude, device=device)
-    if axes_names:
-        ctx.axes()  # fail (or compute) now, before any point
+    digest = axes_digest(ctx.axes()) if axes_names else None   # fail (or compute) now, before any point
 
     points = [(s, d, t) for s in settings.scores for d in s.draws(settings.random_draws) for t in settings.targets]
     print(f"prune: {len(settings.scores)} scores, {len(settings.targets)} targets, {len(points)} points, "
@@ -303,14 +333,14 @@ def run_prune(cfg: DictConfig) -> dict:
     tracker = StageTracker(cfg, "prune", out)
     try:
         base = _unpruned(model, dm, cost, example, settings, device, out, trained.ckpt)
-        cache = _ScoreCache(ctx, out, settings, Path(trained.ckpt), example.shape)
+        cache = _ScoreCache(ctx, out, settings, Path(trained.ckpt), example.shape, digest)
         hybrid_counts = None
         done = 0
         bar = tqdm(points, desc="prune", disable=None if settings.progress else True, leave=False)
         for score, draw, target in bar:
             label = point_label(score, draw)
             path = out / "points" / f"{label}__{target:g}.json"
-            fp = settings.fingerprint(score, Path(trained.ckpt), example.shape)
+            fp = settings.fingerprint(score, Path(trained.ckpt), example.shape, digest)
             if path.is_file():
                 try:
                     old = read_json(path)
@@ -405,7 +435,9 @@ def _one_point(model, groups, cost, gscores, hybrid_counts, score, draw, target,
         "target_flops": target if settings.mode == "flops" else None,
         "target_channels": target if settings.mode == "channel_fraction" else None,
         "achieved_flops": macs / cost.total, "achieved_flops_analytic": res.macs / cost.total,
-        "macs": int(macs), "macs_analytic": int(res.macs), "matched": bool(res.matched) if settings.mode == "flops" else None,
+        # matched is judged on the count reported as achieved_flops (fvcore's when it checks)
+        "macs": int(macs), "macs_analytic": int(res.macs),
+        "matched": bool(abs(macs / cost.total - target) <= settings.tolerance) if settings.mode == "flops" else None,
         "refined": bool(res.refined), "channels_frac": kept_channels,
         "params_frac": count_params(pruned) / base["params"],
         "acc_before_ft": acc["acc"], "top5": acc["top5"], "loss": acc["loss"],
@@ -413,7 +445,7 @@ def _one_point(model, groups, cost, gscores, hybrid_counts, score, draw, target,
         "search_s": t1 - t0, "search_evals": res.evaluations, "prune_s": t2 - t1, "fvcore_s": t3 - t2,
         "eval_s": t4 - t3,
     }
-    if settings.mode == "flops" and not res.matched:
+    if settings.mode == "flops" and not rec["matched"]:
         log.warning("%s: target %.3f not matched within %.3f (achieved %.4f)", point_label(score, draw), target,
                     settings.tolerance, res.frac)
     if fv is not None and fv != res.macs:

@@ -156,7 +156,8 @@ class ScoreContext:
     ``model``: the trained network (eval mode); ``layers``: the analysable convs
     ``{name: nn.Conv2d}`` in forward order; ``axes_loader()``: the analysis table (a DataFrame
     with ``layer, channel`` and the axes columns); ``calibration()``: an iterable of
-    ``(x: [B, C, H, W], y: [B])`` batches of the calibration images; ``seed``: the run seed
+    ``(x: [B, C, H, W], y: [B])`` batches of the calibration images; ``feature_maps()``: those of
+    hrank/chip (default: the same); ``seed``: the run seed
     (random draws); ``magnitude``: ``l1`` | ``l2`` (the ‖w‖ of the mixed scores).
     """
 
@@ -164,6 +165,7 @@ class ScoreContext:
     layers: dict[str, nn.Conv2d]
     axes_loader: Callable[[], object] | None = None
     calibration: Callable[[], object] | None = None
+    feature_maps: Callable[[], object] | None = None   # hrank/chip images (default: calibration)
     seed: int = 0
     magnitude: str = "l1"
     device: torch.device | str = "cpu"
@@ -208,6 +210,9 @@ class ScoreContext:
         if self.calibration is None:
             raise UserError("this score needs calibration images")
         return self.calibration()
+
+    def feature_map_batches(self):
+        return self.feature_maps() if self.feature_maps is not None else self.batches()
 
 
 def minmax(x: np.ndarray) -> np.ndarray:
@@ -406,7 +411,7 @@ def _feature_map_stat(ctx: ScoreContext, reduce: Callable[[torch.Tensor], torch.
     ctx.model.eval()
     try:
         with torch.no_grad():
-            for x, y in ctx.batches():
+            for x, y in ctx.feature_map_batches():
                 ctx.model(x.to(ctx.device))
                 n += len(y)
     finally:

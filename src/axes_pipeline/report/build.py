@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from axes_pipeline.config import to_container
 from axes_pipeline.errors import UserError
 from axes_pipeline.report import figures, tables
-from axes_pipeline.report.collect import discover, group_runs, require_runs, resolve_roots
+from axes_pipeline.report.collect import discover, group_runs, require_runs, resolve_roots, split_by_pruning
 from axes_pipeline.runs import write_csv, write_json, write_text
 from axes_pipeline.tracking import StageTracker
 
@@ -87,15 +87,18 @@ def run_report(cfg: DictConfig) -> dict:
     runs = discover(roots)
     require_runs(runs, roots)
     groups, notices = group_runs(runs)
-    out = Path(rc.out).resolve() if rc.out else roots[0] / "report"
+    prune_groups, prune_notices = split_by_pruning(groups)
+    notices = notices + prune_notices
+    out = report_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
     accuracy = rc.accuracy
 
     t = {
         "runs": tables.runs_table(groups),
-        "flops_auc": tables.auc_table(per_seed := tables.auc_per_seed(groups, accuracy)),
+        "flops_auc": tables.auc_table(per_seed := tables.auc_per_seed(prune_groups, accuracy)),
         "flops_auc_per_seed": per_seed,
-        "accuracy_by_target": tables.accuracy_by_target(groups, accuracy),
+        "accuracy_by_target": tables.accuracy_by_target(prune_groups, accuracy),
         "headline": tables.headline(per_seed, min_n=int(rc.min_seeds), n_boot=int(rc.n_boot), method=rc.test,
                                     seed=int(rc.seed)),
         "layers": tables.layers_table(groups),
@@ -111,9 +114,11 @@ def run_report(cfg: DictConfig) -> dict:
     if not t["accuracy_by_target"].empty:
         for g in t["accuracy_by_target"]["group"].unique():
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g)
-            figs[f"pruning curves: {g}"] = figures.pruning_curves(t["accuracy_by_target"], g, out / f"curves_{safe}.png")
+            figs[f"pruning curves: {g}"] = figures.pruning_curves(
+                t["accuracy_by_target"], g, out / f"curves_{safe}.png",
+                ylabel=f"accuracy ({ACCURACY_LABEL.get(accuracy, accuracy)})")
     if not t["headline"].empty:
-        figs["headline"] = figures.headline_forest(t["headline"], out / "headline.png")
+        figs["headline"] = figures.headline_forest(t["headline"], out / "headline.png", min_seeds=int(rc.min_seeds))
     if not t["layers"].empty:
         figs["alignment over depth"] = figures.alignment_depth(t["layers"], out / "alignment_depth.png")
     dyn = figures.dynamics_curves(groups, out / "dynamics.png")
@@ -143,6 +148,21 @@ def run_report(cfg: DictConfig) -> dict:
     return summary
 
 
+ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft": "accuracy after fine-tuning"}
+# What a report writes: cleared first, so a table or figure of an earlier report (a group since
+# removed, a stage no longer present) never sits beside the new one looking current.
+# Only these names: report.out may be a folder that holds other files too.
+REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
+                "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "curves_*.png", "headline.png",
+                "alignment_depth.png", "dynamics.png", "report.md", "report.html", "report_summary.json")
+
+
+def _clear_previous(out: Path) -> None:
+    for pattern in REPORT_FILES:
+        for f in out.glob(pattern):
+            f.unlink()
+
+
 def render_markdown(cfg, roots, groups, notices, t, figs) -> str:
     lines = [f"# axes-pipeline report: {cfg.name}\n",
              f"Runs under {', '.join(f'`{r}`' for r in roots)}: "
@@ -150,16 +170,20 @@ def render_markdown(cfg, roots, groups, notices, t, figs) -> str:
     if notices:
         lines.append("**Groups not pooled:**\n" + "".join(f"- {n}\n" for n in notices))
     lines.append("\n## Headline: is the local axis a better guide to removability than the target axis?\n")
-    lines.append("FLOPs-AUC (accuracy before fine-tuning, area under accuracy vs removed FLOPs divided by the span), "
+    lines.append(f"FLOPs-AUC ({ACCURACY_LABEL.get(cfg.report.accuracy, cfg.report.accuracy)}, area under accuracy "
+                 "vs removed FLOPs divided by the span), "
                  f"paired across seeds: difference with a paired bootstrap {int(100 * 0.95)}% CI, "
                  f"{cfg.report.test} p-value, effect size d_z. With fewer than {cfg.report.min_seeds} seeds the test "
-                 "is not possible and the note says so. `p_min` is the smallest p the test can reach with these seeds.\n\n")
+                 "is not possible and the note says so. `p_min` is the smallest p the test can reach with these seeds; "
+                 "`p_holm` is Holm-adjusted over the group's rows. The best score of an axis chosen on all seeds is "
+                 "optimistic (more so for the axis with more candidates); the row chosen on the other seeds "
+                 "(leave-one-seed-out) is the unbiased comparison.\n\n")
     head = t["headline"]
     if head.empty:
         lines.append("_No pruning results (run `prune.py` on these runs)._\n")
     else:
         lines.append(_md_table(head, ["group", "comparison", "n", "mean_a", "mean_b", "diff", "ci_lo", "ci_hi",
-                                      "p_value", "p_min", "effect_size", "note"]))
+                                      "p_value", "p_holm", "p_min", "effect_size", "candidates", "note"]))
     lines.append("\n## FLOPs-AUC per score (mean ± SD over seeds)\n")
     auc = t["flops_auc"]
     lines.append(_md_table(auc, ["group", "score", "axis", "flops_auc_mean", "flops_auc_sd", "flops_auc_rel_mean",

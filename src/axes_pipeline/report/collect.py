@@ -46,6 +46,45 @@ class Run:
         p = self.path / rel
         return read_json(p) if p.is_file() else None
 
+    def prune_settings(self) -> dict | None:
+        """The pruning protocol this run's curves come from (None when it was not pruned)."""
+        summary = self.read_json("prune/prune_summary.json")
+        if not summary:
+            return None
+        pc = (summary.get("config") or {}).get("pruning") or {}
+        return {k: pc.get(k) for k in PRUNE_KEYS}
+
+
+# What makes two runs' pruning curves comparable: seeds pruned under another protocol are never
+# paired in the headline.
+PRUNE_KEYS = ("mode", "allocation", "targets", "tolerance", "max_fraction", "eval_samples", "eval_seed", "finetune",
+              "magnitude", "depthwise_in_group_score", "hybrid_counts_from")
+
+
+def split_by_pruning(groups: dict[str, list["Run"]]) -> tuple[dict[str, list["Run"]], list[str]]:
+    """The groups for the pruning tables: a group whose seeds were pruned under different
+    protocols is split (label ``<group> [prune <sig>]``), with a notice naming what differs."""
+    out, notices = {}, []
+    for label, runs in groups.items():
+        by_sig: dict[str, list[Run]] = {}
+        settings = {}
+        for r in runs:
+            s = r.prune_settings()
+            if s is None:
+                continue
+            sig = hashlib.sha1(json.dumps(s, sort_keys=True, default=str).encode()).hexdigest()[:6]
+            by_sig.setdefault(sig, []).append(r)
+            settings[sig] = s
+        if len(by_sig) <= 1:
+            out[label] = runs
+            continue
+        keys = sorted({k for a in settings.values() for b in settings.values() for k in PRUNE_KEYS if a[k] != b[k]})
+        notices.append(f"{label}: seeds were pruned with different pruning.{', pruning.'.join(keys)}; their curves "
+                       f"are reported as {len(by_sig)} separate groups, never paired")
+        for sig, members in by_sig.items():
+            out[f"{label} [prune {sig}]"] = members
+    return out, notices
+
 
 def _flatten(d, prefix=""):
     out = {}

@@ -25,7 +25,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def pruning_curves(acc: pd.DataFrame, group: str, path: Path) -> Path:
+def pruning_curves(acc: pd.DataFrame, group: str, path: Path, ylabel: str = "accuracy (before fine-tuning)") -> Path:
     d = acc[acc.group == group]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for (score, axis), c in d.groupby(["score", "axis"]):
@@ -34,17 +34,17 @@ def pruning_curves(acc: pd.DataFrame, group: str, path: Path) -> Path:
                 lw=1.2, label=f"{score}")
     handles = [plt.Line2D([], [], color=c, label=a) for a, c in AXIS_COLORS.items() if a in set(d["axis"])]
     ax.legend(handles=handles, title="axis", fontsize=8)
-    ax.set(xlabel="removed FLOPs fraction", ylabel="accuracy (before fine-tuning)", title=f"{group}: mean over seeds")
+    ax.set(xlabel="removed FLOPs fraction", ylabel=ylabel, title=f"{group}: mean over seeds")
     return _save(fig, path)
 
 
-def headline_forest(head: pd.DataFrame, path: Path) -> Path:
+def headline_forest(head: pd.DataFrame, path: Path, min_seeds: int = 3) -> Path:
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * max(1, len(head))))
     y = np.arange(len(head))
     ok = head["ci_lo"].notna()
     ax.errorbar(head["diff"][ok], y[ok], xerr=[(head["diff"] - head["ci_lo"])[ok], (head["ci_hi"] - head["diff"])[ok]],
                 fmt="o", color="tab:blue", capsize=3)
-    ax.plot(head["diff"][~ok], y[~ok], "o", color="gray", label="CI not possible (< 3 seeds)")
+    ax.plot(head["diff"][~ok], y[~ok], "o", color="gray", label=f"CI not possible (< {min_seeds} seeds)")
     ax.axvline(0, color="k", lw=0.7)
     ax.set_yticks(y, [f"{g}\n{c}" for g, c in zip(head["group"], head["comparison"])], fontsize=7)
     ax.set_xlabel("FLOPs-AUC difference (local − target), paired bootstrap 95% CI")
