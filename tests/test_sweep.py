@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from .conftest import run_entry
 
@@ -17,7 +18,7 @@ SMALL = ["name=sweep", "logger=none", "data.batch_size=64", "model.width=0.125",
          "callbacks.progress_bar=false"]
 ANALYZE = ["capture.n_cal=300", "capture.samples_per_image=4", "graphs.null_shuffles=1"]
 PRUNE = ["pruning.scores=[input_capture,hull_score,task_info,l1,random]", "pruning.targets=[0.7,0.4]",
-         "pruning.random_draws=1", "pruning.fvcore_check=false", "pruning.latency=false",
+         "pruning.random_draws=2", "pruning.fvcore_check=false", "pruning.latency=false",
          "pruning.eval_samples=200", "pruning.calibration.n=128"]
 
 
@@ -49,6 +50,13 @@ def test_three_seed_sweep_end_to_end(tmp_path):
     head = pd.read_csv(out / "headline.csv")
     assert head.p_value.notna().all() and (head.n == 3).all()
     assert str(out) in res.stdout
+    # the report's FLOPs-AUC is each run's own (random: per draw, then the mean over draws)
+    per_seed = pd.read_csv(out / "flops_auc_per_seed.csv")
+    for r in runs:
+        own = json.loads((r / "prune" / "prune_summary.json").read_text())["scores"]
+        mine = per_seed[per_seed.seed == int(r.name[4:])].set_index("score")["flops_auc"]
+        for score, v in own.items():
+            assert mine[score] == pytest.approx(v["flops_auc"], abs=1e-12), score
 
     # the same sweep again: every job is complete and skipped, nothing retrained
     stamps = {r: (r / "train_summary.json").stat().st_mtime_ns for r in runs}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import spearmanr
+
+from axes_pipeline.stats import spearman as _spearman_with_p
 
 # (column name in layers.csv, local-axis key, target-axis key)
 ALIGNMENTS = (
@@ -15,12 +16,7 @@ ALIGNMENTS = (
 
 def spearman(x, y) -> float:
     """Spearman ρ that is NaN (not an error) for constant input or fewer than 3 channels."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(spearmanr(x, y).statistic)
+    return _spearman_with_p(x, y)[0]
 
 
 def layer_alignment(axes: dict) -> dict:

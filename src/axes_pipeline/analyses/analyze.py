@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from axes_pipeline.analyses import plots
-from axes_pipeline.analyses.axes_table import (analyze_capture, axes_fingerprint, check_capture_size, get_capture,
-                                               resolve_device, select_units, write_axes)
+from axes_pipeline.analyses.axes_table import (analyze_capture, axes_fingerprint, check_capture_size, depth_index,
+                                               get_capture, resolve_device, select_units, write_axes)
 from axes_pipeline.config import run_dir, to_container
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import read_json, write_json
@@ -88,7 +88,8 @@ def run_axes(ctx: Context, reuse: bool = False) -> dict:
         headline["calibration_accuracy"] = capture.accuracy
         headline["reused"] = True
         return headline
-    axes_df, layers_df, results = analyze_capture(capture, ctx.units, cfg, ctx.device, keep_matrices=True)
+    axes_df, layers_df, results = analyze_capture(capture, ctx.units, cfg, ctx.device, keep_matrices=True,
+                                                  index=depth_index(trained.model))
     write_axes(out, axes_df, layers_df, want)
     ctx.axes, ctx.layers = axes_df, layers_df
     headline = axes_headline(layers_df)

@@ -46,7 +46,8 @@ def metric_knobs(cfg: DictConfig) -> dict:
 
 
 def select_units(model: torch.nn.Module, layers) -> dict:
-    """{name: ConvUnit} of the analysed layers; an unknown layer name lists the available ones."""
+    """{name: ConvUnit} of the analysed layers in forward order; an unknown layer name lists the
+    available ones."""
     units = conv_norm_pairs(model)
     if layers is None:
         return units
@@ -54,7 +55,13 @@ def select_units(model: torch.nn.Module, layers) -> dict:
     unknown = [n for n in layers if n not in units]
     if unknown:
         raise UserError(f"unknown layer {unknown[0]!r}; available: {', '.join(units)}")
-    return {n: units[n] for n in layers}
+    return {n: u for n, u in units.items() if n in layers}
+
+
+def depth_index(model: torch.nn.Module) -> dict[str, int]:
+    """Each conv layer's position among all the model's conv layers: the ``layer_index`` of every
+    table, whichever subset was analysed (so axes, lesions and dynamics rows line up)."""
+    return {n: i for i, n in enumerate(conv_norm_pairs(model))}
 
 
 def filter_stats(unit) -> dict[str, np.ndarray]:
@@ -121,8 +128,10 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor, target: torch.Tens
 
 
 def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torch.device,
-                    keep_matrices: bool = False, progress: bool = True):
-    """Run :func:`layer_analysis` over every captured layer. Returns (axes_df, layers_df, results)."""
+                    keep_matrices: bool = False, progress: bool = True, index: dict[str, int] | None = None):
+    """Run :func:`layer_analysis` over every captured layer. Returns (axes_df, layers_df, results).
+
+    ``index``: each layer's ``layer_index`` (:func:`depth_index`); default: capture order."""
     dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.metrics.dtype)
     if dtype is None:
         raise UserError(f"metrics.dtype must be float32 or float64, got {cfg.metrics.dtype}")
@@ -131,7 +140,7 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
     results = {}
     for i, name in enumerate(tqdm(capture.layers, desc="axes", disable=None if progress else True, leave=False)):
         results[name] = layer_analysis(
-            name, i, capture.acts[name], capture.target, units[name], knobs=metric_knobs(cfg), dtype=dtype,
+            name, index[name] if index else i, capture.acts[name], capture.target, units[name], knobs=metric_knobs(cfg), dtype=dtype,
             device=device, graphs=graphs, patches=capture.patches.get(name), gradients=grads,
             seed=int(cfg.capture.seed), keep_matrices=keep_matrices)
     axes_df = pd.concat([r.rows for r in results.values()], ignore_index=True)
@@ -205,7 +214,8 @@ def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.
     check_capture_size(cfg, trained.datamodule)
     units = select_units(trained.model, cfg.capture.layers)
     capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
-    axes_df, layers_df, _ = analyze_capture(capture, units, cfg, device, progress=progress)
+    axes_df, layers_df, _ = analyze_capture(capture, units, cfg, device, progress=progress,
+                                            index=depth_index(trained.model))
     write_axes(out_dir, axes_df, layers_df, want)
     return axes_df
 

@@ -82,10 +82,12 @@ def finetune(model: nn.Module, loader, device: torch.device, epochs: int, max_ba
 
 @torch.inference_mode()
 def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64), repeats: int = 10,
-            warmup: int = 2, devices=("cpu", "cuda")) -> dict[str, float]:
+            warmup: int = 2, devices=("cpu", "cuda"), budget_s: float = 2.0) -> dict[str, float]:
     """Median forward time (ms) per device and batch size: ``{"latency_cpu_b1_ms": ...}``.
 
     ``cuda`` is skipped when no GPU is visible. The model is copied to each device, eval mode.
+    At most ``repeats`` timed forwards, fewer (but at least 3) once ``budget_s`` is spent on one
+    (device, batch size): a large batch on a CPU would otherwise dominate a pruning sweep.
     """
     import copy
 
@@ -98,8 +100,10 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64),
         m = copy.deepcopy(model).to(device).eval()
         for bs in batch_sizes:
             x = torch.randn(int(bs), c, h, w, device=device)
-            times = []
+            times, start = [], time.perf_counter()
             for r in range(int(warmup) + int(repeats)):
+                if len(times) >= 3 and time.perf_counter() - start > budget_s:
+                    break
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()

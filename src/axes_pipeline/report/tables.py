@@ -34,10 +34,9 @@ def seed_curves(run: Run, accuracy: str = "acc_before_ft") -> pd.DataFrame | Non
 
     ``target`` is the retained-FLOPs target, or in ``channel_fraction`` mode the retained-channel
     fraction (that mode has no FLOPs target); the AUC's axis is the achieved FLOPs either way."""
-    curves = run.read_csv("prune/prune_curves.csv")
-    if curves is None or accuracy not in curves:
+    curves = _measured(run, accuracy)
+    if curves is None:
         return None
-    curves = curves[curves[accuracy].notna()]
     target = curves["target_flops"] if "target_flops" in curves else pd.Series(np.nan, index=curves.index)
     if "target_channels" in curves:
         target = target.fillna(curves["target_channels"])
@@ -45,25 +44,42 @@ def seed_curves(run: Run, accuracy: str = "acc_before_ft") -> pd.DataFrame | Non
             .agg(achieved_flops=("achieved_flops", "mean"), acc=(accuracy, "mean")))
 
 
+def _measured(run: Run, accuracy: str) -> pd.DataFrame | None:
+    curves = run.read_csv("prune/prune_curves.csv")
+    if curves is None or accuracy not in curves:
+        return None
+    return curves[curves[accuracy].notna()]
+
+
+def _draw_mean_auc(c: pd.DataFrame, accuracy: str, base_acc) -> tuple[float, float]:
+    """FLOPs-AUC (absolute, relative) of one score: per random draw, then averaged over draws
+    (prune_summary.json's rule, so the report and the per-run summary agree)."""
+    aucs, rels = [], []
+    for _, d in (c.groupby("draw") if "draw" in c else [(0, c)]):
+        removed, acc = 1.0 - d["achieved_flops"].to_numpy(float), d[accuracy].to_numpy(float)
+        try:
+            aucs.append(flops_auc(removed, acc))
+        except ValueError:
+            continue
+        rels.append(flops_auc_relative(removed, acc, base_acc) if base_acc else np.nan)
+    return (float(np.mean(aucs)), float(np.mean(rels))) if aucs else (np.nan, np.nan)
+
+
 def auc_per_seed(groups: dict[str, list[Run]], accuracy: str) -> pd.DataFrame:
     """group, seed, score, axis, flops_auc, flops_auc_rel (removed-FLOPs axis = 1 − achieved)."""
     rows = []
     for g, runs in groups.items():
         for r in runs:
-            curves = seed_curves(r, accuracy)
+            curves = _measured(r, accuracy)
             if curves is None:
                 continue
             base = r.read_json("prune/prune_summary.json") or {}
             base_acc = base.get("unpruned_acc", r.train.get("test_acc"))
             for (score, axis), c in curves.groupby(["score", "axis"]):
-                removed = 1.0 - c["achieved_flops"].to_numpy()
-                try:
-                    auc = flops_auc(removed, c["acc"].to_numpy())
-                except ValueError:
-                    continue
-                rows.append({"group": g, "seed": r.seed, "score": score, "axis": axis, "flops_auc": auc,
-                             "flops_auc_rel": flops_auc_relative(removed, c["acc"].to_numpy(), base_acc)
-                             if base_acc else np.nan})
+                auc, rel = _draw_mean_auc(c, accuracy, base_acc)
+                if np.isfinite(auc):
+                    rows.append({"group": g, "seed": r.seed, "score": score, "axis": axis, "flops_auc": auc,
+                                 "flops_auc_rel": rel})
     return pd.DataFrame(rows)
 
 
