@@ -228,6 +228,20 @@ def test_incremental_r2_noise_extra_is_near_zero():
     assert res["p_f"] > 0.01
 
 
+def test_incremental_r2_stratified_bootstrap():
+    rng = np.random.default_rng(1)
+    n = 300
+    base, extra = rng.normal(size=(n, 2)), rng.normal(size=(n, 1))
+    y = base @ [1.0, 0.5] + 0.3 * extra[:, 0] + rng.normal(size=n)
+    plain = S.incremental_r2(y, base, extra, n_boot=400, seed=3)
+    # one stratum is the plain bootstrap, draw for draw
+    assert S.incremental_r2(y, base, extra, n_boot=400, seed=3, strata=np.zeros(n)) == plain
+    layered = S.incremental_r2(y, base, extra, n_boot=400, seed=3, strata=np.arange(n) % 3)
+    for k in ("n", "r2_base", "r2_full", "delta_r2", "delta_r2_adj", "p_f"):   # the fit itself is unchanged
+        assert layered[k] == plain[k]
+    assert layered["ci_lo"] <= layered["delta_r2"] <= layered["ci_hi"] and layered["ci_lo"] != plain["ci_lo"]
+
+
 def test_incremental_r2_known_value():
     # y = x1 + x2 + e, all independent with unit variance: R²_base = 1/3, R²_full = 2/3
     rng = np.random.default_rng(1)

@@ -409,7 +409,7 @@ def _r2_weighted(y: np.ndarray, X: np.ndarray, W: np.ndarray) -> np.ndarray:
 
 
 def incremental_r2(
-    y, base_X, extra_X, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+    y, base_X, extra_X, n_boot: int = 2000, seed: int = 0, level: float = 0.95, strata=None
 ) -> dict:
     """Does ``extra_X`` explain ``y`` beyond ``base_X``? ΔR² of nested OLS fits with a CI.
 
@@ -429,6 +429,10 @@ def incremental_r2(
     Read the plain CI as a size, not as a test: nested OLS never loses R², so every
     bootstrap ΔR² is ≥ 0 and ``ci_lo`` sits above 0 even when ``extra_X`` is pure noise. For
     "do the peer terms add anything?" use ``p_f`` or whether ``ci_adj_lo`` > 0.
+
+    ``strata: [N]`` (optional labels, e.g. the layer of each channel): the bootstrap resamples
+    within each stratum, keeping its size, since rows of one stratum share a scale and are not
+    exchangeable with the others'.
     """
     yv = _vec(y, "y")
     N = yv.size
@@ -436,6 +440,10 @@ def incremental_r2(
     E = _as_2d(extra_X, N, "extra_X")
     keep = ~(np.isnan(yv) | np.isnan(B).any(axis=1) | np.isnan(E).any(axis=1))
     yv, B, E = yv[keep], B[keep], E[keep]
+    groups = None
+    if strata is not None:
+        labels = np.asarray(strata)[keep]
+        groups = [np.flatnonzero(labels == s) for s in dict.fromkeys(labels.tolist())]
     n = int(yv.size)
     p, q = B.shape[1], E.shape[1]
     nan = math.nan
@@ -476,7 +484,10 @@ def incremental_r2(
     rng = np.random.default_rng(seed)
     deltas, deltas_adj = [], []
     for m in _chunks(int(n_boot), n * (Xf.shape[1] + 2)):
-        idx = rng.integers(0, n, size=(m, n))
+        if groups is None:
+            idx = rng.integers(0, n, size=(m, n))
+        else:   # each stratum resampled from its own rows, its size kept
+            idx = np.concatenate([g[rng.integers(0, g.size, size=(m, g.size))] for g in groups], axis=1)
         flat = (np.arange(m)[:, None] * n + idx).ravel()
         W = np.bincount(flat, minlength=m * n).reshape(m, n).astype(float)  # draw counts
         bf, bb = _r2_weighted(ys, Xf, W), _r2_weighted(ys, Xb, W)

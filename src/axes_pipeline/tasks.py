@@ -96,6 +96,8 @@ def _single_log_stream() -> None:
             for h in list(lg.handlers):
                 lg.removeHandler(h)
             lg.propagate = True
+    # Lightning announces its default at every checkpoint save; once per epoch and file is noise.
+    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
 
 
 def _mark(marker: Path | None, text: str) -> None:

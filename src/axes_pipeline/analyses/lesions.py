@@ -280,11 +280,15 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
     base, extra = list(s["base_terms"]), list(s["peer_terms"])
     cols = ["damage_loss", *base, *extra]
 
+    layers = live["layer"]
+
     def r2_of(frame: pd.DataFrame, scale: str) -> dict:
         if scale == "rank":
             frame = _ranked(frame, cols)
+        # resampled within layers: a layer's channels share a damage scale (not exchangeable)
         return incremental_r2(frame["damage_loss"].to_numpy(float), frame[base].to_numpy(float),
-                              frame[extra].to_numpy(float), n_boot=s["n_boot"], seed=s["seed"])
+                              frame[extra].to_numpy(float), n_boot=s["n_boot"], seed=s["seed"],
+                              strata=layers.loc[frame.index].to_numpy())
 
     other = next(x for x in R2_SCALES if x != s["r2_scale"])
     summary["incremental_r2"] = {

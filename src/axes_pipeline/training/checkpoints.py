@@ -25,7 +25,7 @@ def epoch_ckpt_name(epoch: int) -> str:
 
 def _save_atomic(trainer: L.Trainer, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(str(tmp))
+    trainer.save_checkpoint(str(tmp), weights_only=False)   # full state: a resume point too
     if trainer.is_global_zero:
         os.replace(tmp, path)
 
