@@ -143,3 +143,20 @@ def test_analyze_cli_one_line_error(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: no trained run")
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("padding", [1, "same", "valid", (2, 0)])
+def test_patches_reproduce_the_conv_output(padding):
+    """Patch · filter at sampled positions equals the conv's output there, for every padding form
+    (the gradient cosines are built from these patches)."""
+    from axes_pipeline.capture.activations import _patches_at
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, (3, 4), padding=padding, dilation=(1, 2), bias=False)
+    x = torch.randn(2, 3, 9, 10)
+    y = conv(x)
+    b = torch.tensor([0, 1, 1, 0])
+    oh = torch.tensor([0, y.shape[2] - 1, 2, 1])
+    ow = torch.tensor([0, y.shape[3] - 1, 1, 3])
+    got = _patches_at(x, conv, b, oh, ow) @ conv.weight.flatten(1).T
+    torch.testing.assert_close(got, y[b, :, oh, ow], rtol=1e-5, atol=1e-5)

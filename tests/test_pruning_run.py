@@ -13,7 +13,7 @@ import torch
 from axes_pipeline.errors import UserError
 from axes_pipeline.models import conv_layers
 from axes_pipeline.pruning import run as prune_run
-from axes_pipeline.pruning.run import check_settings, run_prune
+from axes_pipeline.pruning.run import PruneSettings, run_prune
 from axes_pipeline.runs import read_json
 
 from .conftest import make_cfg, run_entry
@@ -189,7 +189,7 @@ def test_channel_fraction_mode(run):
 def test_bad_settings_fail_in_one_line(tmp_path, override, match):
     cfg = make_cfg("prune", ["logger=none", override], tmp_path)
     with pytest.raises(UserError, match=match) as err:
-        check_settings(cfg)
+        PruneSettings(cfg)
     assert "\n" not in str(err.value)
 
 
@@ -204,7 +204,7 @@ def test_bad_target_from_the_command_line(tmp_path):
 def test_auto_allocation_per_backbone(tmp_path):
     for model, want in (("resnet18", "global"), ("vgg16", "global"), ("mobilenetv2", "uniform"),
                         ("convnext_t", "uniform")):
-        assert check_settings(make_cfg("prune", [f"model={model}"], tmp_path)).allocation == want
+        assert PruneSettings(make_cfg("prune", [f"model={model}"], tmp_path)).allocation == want
 
 
 def test_missing_analysis_results_say_what_to_run(run, no_axes_module):

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from axes_pipeline.metrics.gaussian import covariance, peer_ranking, standardise
 from axes_pipeline.metrics.hulls import ridge_gram
+from axes_pipeline.models.layers import NORM_TYPES
 
 log = logging.getLogger("axes_pipeline")
 
@@ -71,7 +72,7 @@ __all__ = [
     "zeroed",
 ]
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_NORMS = NORM_TYPES
 
 
 # --------------------------------------------------------------------------------------------

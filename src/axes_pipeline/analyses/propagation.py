@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from axes_pipeline.analyses.alignment import spearman
 from axes_pipeline.errors import UserError
+from axes_pipeline.models.layers import NORM_TYPES, LeafTracer
 from axes_pipeline.runs import write_csv
 
 log = logging.getLogger("axes_pipeline")
@@ -79,8 +80,7 @@ NULL_MODES = ("weights", "columns")
 # Which conv feeds which
 # --------------------------------------------------------------------------------------------
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-_PER_CHANNEL_MODULES = _NORMS + (
+_PER_CHANNEL_MODULES = NORM_TYPES + (
     nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
     nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.PReLU, nn.Softplus, nn.Sigmoid, nn.Tanh,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
@@ -94,15 +94,6 @@ _PER_CHANNEL_FUNCTIONS = {
     F.layer_norm, F.group_norm,
 }
 _PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh", "permute", "contiguous", "clone"}
-
-
-class _LeafTracer(fx.Tracer):
-    """Every module without children (and every norm) stays one node, addressed by its name."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-            return False
-        return isinstance(m, _NORMS) or next(m.children(), None) is None or super().is_leaf_module(m, qualname)
 
 
 def _keeps_channels(node: fx.Node, model: nn.Module) -> bool:
@@ -159,7 +150,7 @@ def conv_links(model: nn.Module, units: dict | None = None) -> list[tuple[str, s
         units = conv_norm_pairs(model)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     try:
-        graph = _LeafTracer().trace(model)
+        graph = LeafTracer().trace(model)
     except Exception as exc:  # noqa: BLE001 - any model fx cannot follow
         log.warning("propagation: torch.fx could not trace %s (%s); pairing consecutive layers",
                     type(model).__name__, exc)

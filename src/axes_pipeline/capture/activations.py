@@ -127,9 +127,13 @@ def _patches_at(x: torch.Tensor, conv: torch.nn.Conv2d, b_idx: torch.Tensor, oh:
     """Input patches of ``conv`` at output positions (b, oh, ow): ``[n, Cin·kh·kw]`` (weight layout)."""
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
-    ph, pw = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
     dh, dw = conv.dilation
-    xp = F.pad(x, (pw, pw, ph, ph))
+    if conv.padding == "same":   # stride 1 only (torch's rule); the total padding may be odd
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        xp = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
+    else:
+        ph, pw = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
+        xp = F.pad(x, (pw, pw, ph, ph))
     rows = oh[:, None] * sh + torch.arange(kh, device=x.device)[None] * dh      # [n, kh]
     cols = ow[:, None] * sw + torch.arange(kw, device=x.device)[None] * dw      # [n, kw]
     patch = xp[b_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]     # [n, kh, kw, Cin]
@@ -194,8 +198,9 @@ class _LayerRecorder:
         # its own post-norm signal, never the block output.
         try:
             return act(y.clone())
-        except Exception:  # noqa: BLE001 - activations that are not shape-agnostic
-            return F.relu(y)
+        except Exception as err:  # noqa: BLE001 - an activation that is not elementwise on [N, C]
+            raise UserError(f"layer {self.name}: its activation {type(act).__name__} cannot be applied to the "
+                            f"sampled post-norm values ({type(err).__name__}); use capture.point=post_bn") from None
 
     def stream_patches(self, t_img: torch.Tensor) -> None:
         """Accumulate patch moments for the last batch once T (per image) is known."""

@@ -60,7 +60,7 @@ __all__ = [
     "is_depthwise",
 ]
 
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
+NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
     nn.LayerNorm,  # includes torchvision's LayerNorm2d
     nn.GroupNorm,
@@ -179,21 +179,21 @@ def classifier_name(model: nn.Module) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class _Tracer(fx.Tracer):
+class LeafTracer(fx.Tracer):
     """Keeps every module without children (and every norm) a single graph node, so norms,
     activations, permutes and stochastic depth appear as ``call_module`` nodes by name."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
-        if isinstance(m, _NORM_TYPES + _ACT_MODULES):
+        if isinstance(m, NORM_TYPES + _ACT_MODULES):
             return True
         return super().is_leaf_module(m, module_qualified_name) or next(m.children(), None) is None
 
 
 def _trace(model: nn.Module) -> fx.Graph | None:
     try:
-        return _Tracer().trace(model)
+        return LeafTracer().trace(model)
     except Exception as exc:  # any model torch.fx cannot follow: fall back to module order
         log.warning("torch.fx could not trace %s (%s); using module order", type(model).__name__, exc)
         return None
@@ -317,7 +317,7 @@ def _graph_info(model: nn.Module) -> _GraphInfo:
         conv = convs[name]
         conv_nodes[name] = node
         nxt, cdim = _next_op(node, model, 1)
-        norm = _module(nxt, model, _NORM_TYPES)
+        norm = _module(nxt, model, NORM_TYPES)
         if norm is not None and not _norm_fits(norm, conv.out_channels):
             norm = None
         norm_name = str(nxt.target) if norm is not None else None
@@ -384,7 +384,7 @@ def _fallback_info(model: nn.Module, convs: dict[str, nn.Conv2d]) -> _GraphInfo:
         if not isinstance(m, nn.Conv2d):
             continue
         norm = norm_name = act = act_name = None
-        if i + 1 < len(modules) and isinstance(modules[i + 1][1], _NORM_TYPES):
+        if i + 1 < len(modules) and isinstance(modules[i + 1][1], NORM_TYPES):
             if _norm_fits(modules[i + 1][1], m.out_channels):
                 norm_name, norm = modules[i + 1]
                 if i + 2 < len(modules) and isinstance(modules[i + 2][1], _ACT_MODULES):

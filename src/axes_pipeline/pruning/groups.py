@@ -55,7 +55,6 @@ class Member:
     dim: str
     idxs: np.ndarray
     root: np.ndarray
-    kind: str
 
 
 @dataclass
@@ -95,16 +94,6 @@ class GroupSet:
     @property
     def sizes(self) -> np.ndarray:
         return np.array([g.size for g in self.groups], dtype=np.int64)
-
-    def index(self, name: str) -> int:
-        for i, g in enumerate(self.groups):
-            if g.name == name:
-                return i
-        raise KeyError(name)
-
-    def describe(self) -> list[dict]:
-        """One dict per prunable group (for the summary)."""
-        return [{"group": g.name, "size": g.size, "convs": g.convs} for g in self.groups]
 
 
 def full_keep(groups: GroupSet) -> list[np.ndarray]:
@@ -196,7 +185,7 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
                     continue
                 idxs = np.asarray([int(i) for i in item.idxs], dtype=np.int64)
                 root = np.asarray([int(i) for i in item.root_idxs], dtype=np.int64)
-                members.append(Member(name, dim, idxs, root, type(mod).__name__))
+                members.append(Member(name, dim, idxs, root))
                 if dim == "out" and name in conv_set:
                     ch = np.full(size, -1, dtype=np.int64)
                     ch[root] = idxs

@@ -41,7 +41,7 @@ from axes_pipeline.runs import read_json, write_csv, write_json
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = ["PruneSettings", "check_settings", "flops_auc", "point_label", "run_prune"]
+__all__ = ["PruneSettings", "flops_auc", "point_label", "run_prune"]
 
 MODES = ("flops", "channel_fraction")
 POINT_VERSION = 1
@@ -180,11 +180,6 @@ def axes_digest(table: pd.DataFrame | None) -> str | None:
     return hashlib.sha1(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes()).hexdigest()[:16]
 
 
-def check_settings(cfg: DictConfig) -> PruneSettings:
-    """Validate ``cfg.pruning`` (one-line :class:`UserError` on a mistake)."""
-    return PruneSettings(cfg)
-
-
 def point_label(score: Score, draw: int) -> str:
     return f"{score.name}-d{draw}" if score.stochastic else score.name
 
@@ -307,7 +302,7 @@ def run_prune(cfg: DictConfig) -> dict:
     from axes_pipeline.tracking import StageTracker
     from axes_pipeline.training.restore import restore_trained
 
-    settings = check_settings(cfg)
+    settings = PruneSettings(cfg)   # validates cfg.pruning: a mistake is one line, before any work
     device = resolve_device(settings.device)
     trained = restore_trained(cfg)
     out = Path(trained.run_dir) / "prune"
