@@ -68,6 +68,8 @@ def test_other_analyses_reuse_matching_axes(tiny_run):
     stamp = path.stat().st_mtime_ns
     _, summary = _analyze(tiny_run, "analysis=propagation", "analysis.propagation.null_draws=1")
     assert summary["axes"].get("reused") and path.stat().st_mtime_ns == stamp
+    stored = read_json(path.parent / "analyze_summary.json")
+    assert {"axes", "propagation"} <= set(stored["analyses"]) and "propagation" in stored   # merged, not replaced
     _, summary = _analyze(tiny_run, "analysis=propagation", "analysis.propagation.null_draws=1", "metrics.hull_max=5")
     assert not summary["axes"].get("reused") and path.stat().st_mtime_ns != stamp
     _analyze(tiny_run)   # leave the default axes for the other tests of this module

@@ -83,6 +83,24 @@ def test_links_and_exact_routing():
     np.testing.assert_allclose(routed(a, ix), ix[perm.numpy()])     # m̃_j = I_X(π(j)) exactly
 
 
+def test_residual_links_skip_or_follow_the_main_branch():
+    from axes_pipeline.models import build_model
+
+    model = build_model("resnet18", num_classes=10, width=0.125).eval()
+    units = conv_norm_pairs(model)
+    skip = conv_links(model, units)
+    assert len(skip) == 9 and ("layer1.0.conv2", "layer1.1.conv1") not in skip
+    main = conv_links(model, units, residual="main")
+    assert set(skip) < set(main)
+    # behind each block's add: the block's last conv (its main branch), never the shortcut
+    for up, down in [("layer1.0.conv2", "layer1.1.conv1"), ("layer1.1.conv2", "layer2.0.conv1"),
+                     ("layer1.1.conv2", "layer2.0.downsample.0"), ("layer3.1.conv2", "layer4.0.conv1")]:
+        assert (up, down) in main, (up, down)
+    assert not any("downsample" in up for up, _ in main)
+    # + one link per conv that reads a block output: 7 block inputs' conv1 and 3 shortcut convs
+    assert len(main) == 9 + 10
+
+
 @pytest.mark.parametrize("gamma_power, sign", [(0.0, 1.0), (-2.0, -1.0)])
 def test_known_routing_gives_expected_sign(gamma_power, sign):
     # γ = 1: conv2 channel j copies relu(conv1 channel π(j)), so I_X' rises with I_X(π(j)): ρ ≈ +1.

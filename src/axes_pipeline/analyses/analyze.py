@@ -157,11 +157,25 @@ def run_analysis(cfg: DictConfig) -> dict:
         summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
         summary["config"] = to_container(cfg)
         ctx.tracker.scalars(_flatten(summary))
-        write_json(out / "analyze_summary.json", summary)
+        write_json(out / "analyze_summary.json", _merged(out / "analyze_summary.json", summary))
     finally:
         ctx.tracker.finish()
     print(f"analyze: done in {summary['wall_time_s']:.1f}s -> {out}")
     return summary
+
+
+def _merged(path: Path, summary: dict) -> dict:
+    """This call's summary over the stored one: analyses run earlier (``analysis=all``, then
+    ``analysis=lesion`` again) keep their headline figures; ``analyses`` lists all of them."""
+    if not path.is_file():
+        return summary
+    try:
+        old = read_json(path)
+    except (OSError, ValueError):
+        return summary
+    merged = {**old, **summary}
+    merged["analyses"] = list(dict.fromkeys([*old.get("analyses", []), *summary["analyses"]]))
+    return merged
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

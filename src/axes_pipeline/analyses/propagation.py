@@ -17,7 +17,9 @@ Which pairs are linked is read off a ``torch.fx`` trace (:func:`conv_links`): fr
 input walk backwards through ops that keep every channel separate (norms, elementwise
 activations, pooling, dropout, permutes, identity) to the conv that produced it. Consequences:
 
-- **residual links are skipped**: a walk that meets an add (ResNet's block output, MobileNetV2's
+- **residual links are skipped** (``propagation.residual=skip``, the default; ``main`` links a
+  receiver behind an add to the last conv of the add's first summand that reaches one, i.e. the
+  block's main branch, ignoring the shortcut): a walk that meets an add (ResNet's block output, MobileNetV2's
   residual blocks) stops, because the receiving conv then reads the *sum* of two branches and no
   single upstream unit owns its input channels. In ResNet-18 the linked pairs are the stem →
   ``layer1.0.conv1`` and each block's ``conv1`` → ``conv2``; shortcut convs read block outputs and
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 
 import numpy as np
 import pandas as pd
@@ -111,13 +114,32 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if n.op != "get_attr"]
 
 
-def _source_conv(node: fx.Node, model: nn.Module, convs: dict) -> str | None:
-    """The conv whose output reaches ``node`` through channel-preserving single-input ops only."""
+_ADDS = {operator.add, operator.iadd, torch.add}
+RESIDUAL_MODES = ("skip", "main")
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method"
+                                                                    and node.target in ("add", "add_"))
+
+
+def _source_conv(node: fx.Node, model: nn.Module, convs: dict, residual: str = "skip") -> str | None:
+    """The conv whose output reaches ``node`` through channel-preserving single-input ops only.
+
+    ``residual="main"``: at a residual add, follow the first summand whose own walk reaches a
+    conv without meeting another add (the block's main branch, or its shortcut conv), so the
+    receiver is linked to that branch's last conv and the other summand is ignored."""
     seen = 0
     while isinstance(node, fx.Node) and seen < 10_000:
         seen += 1
         if node.op == "call_module" and str(node.target) in convs:
             return str(node.target)
+        if residual == "main" and _is_add(node):
+            for summand in _tensor_inputs(node):
+                found = _source_conv(summand, model, convs, "skip")
+                if found is not None:
+                    return found
+            return None
         if not _keeps_channels(node, model):
             return None          # an add, a concat, a linear... : no single owner of the channels
         inputs = _tensor_inputs(node)
@@ -137,12 +159,13 @@ def _fallback_links(units: dict) -> list[tuple[str, str]]:
     return out
 
 
-def conv_links(model: nn.Module, units: dict | None = None) -> list[tuple[str, str]]:
+def conv_links(model: nn.Module, units: dict | None = None, residual: str = "skip") -> list[tuple[str, str]]:
     """``[(upstream, downstream)]`` conv names joined by a direct data-flow link, forward order.
 
     ``units``: {name: ConvUnit} (default: :func:`axes_pipeline.models.conv_norm_pairs`); only
     convs among them are linked. See the module docstring for what counts as a link (residual
-    adds and grouped/depthwise receivers do not).
+    adds and grouped/depthwise receivers do not; ``residual="main"`` links across an add to its
+    main-branch conv, see :func:`_source_conv`).
     """
     if units is None:
         from axes_pipeline.models import conv_norm_pairs
@@ -160,7 +183,7 @@ def conv_links(model: nn.Module, units: dict | None = None) -> list[tuple[str, s
         down = str(node.target) if node.op == "call_module" else None
         if down not in units or not node.args or not isinstance(node.args[0], fx.Node):
             continue
-        up = _source_conv(node.args[0], model, convs)
+        up = _source_conv(node.args[0], model, convs, residual)
         if up is None or up not in units:
             continue
         dconv, uconv = convs[down], convs[up]
@@ -285,14 +308,14 @@ def _knobs(cfg) -> dict:
     k = cfg.analysis.get("propagation") or {}
     try:
         return {"null_draws": int(k.get("null_draws", 20)), "null": str(k.get("null_mode", "weights")),
-                "seed": int(k.get("seed", 0))}
+                "seed": int(k.get("seed", 0)), "residual": str(k.get("residual", "skip"))}
     except (TypeError, ValueError):
         raise UserError("propagation.null_draws and propagation.seed must be integers, got "
                         f"{k.get('null_draws')!r} and {k.get('seed')!r}") from None
 
 
 def _links(ctx) -> list[tuple[str, str]]:
-    return conv_links(ctx.trained.model, ctx.units)
+    return conv_links(ctx.trained.model, ctx.units, _knobs(ctx.cfg)["residual"])
 
 
 def check_propagation_analysis(ctx) -> None:
@@ -300,6 +323,8 @@ def check_propagation_analysis(ctx) -> None:
     k = _knobs(ctx.cfg)
     if k["null"] not in NULL_MODES:
         raise UserError(f"unknown propagation.null_mode {k['null']!r}; choose one of: {', '.join(NULL_MODES)}")
+    if k["residual"] not in RESIDUAL_MODES:
+        raise UserError(f"unknown propagation.residual {k['residual']!r}; choose one of: {', '.join(RESIDUAL_MODES)}")
     if k["null_draws"] < 0:
         raise UserError(f"propagation.null_draws must be >= 0, got {k['null_draws']}")
     if not _links(ctx) and ctx.cfg.capture.layers is not None:
@@ -309,13 +334,13 @@ def check_propagation_analysis(ctx) -> None:
 
 
 def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_draws: int = 20,
-                      null: str = "weights", seed: int = 0) -> pd.DataFrame:
+                      null: str = "weights", seed: int = 0, residual: str = "skip") -> pd.DataFrame:
     """One row per linked pair and pairing: ``upstream, downstream, pair_index, pairing, rho,
     null_rho, null_sd, n``. ``capture.acts[layer]: [N, C]``; ``axes``: the per-channel table."""
     point = capture.knobs.get("point", "pre_bn")
     order = {n: i for i, n in enumerate(units)}
     rows = []
-    for p, (up, down) in enumerate(conv_links(model, units)):
+    for p, (up, down) in enumerate(conv_links(model, units, residual)):
         if up not in capture.acts or down not in capture.acts:
             continue
         ua = axes[axes.layer == up].sort_values("channel")
