@@ -72,7 +72,12 @@ def test_other_analyses_reuse_matching_axes(tiny_run):
     assert {"axes", "propagation"} <= set(stored["analyses"]) and "propagation" in stored   # merged, not replaced
     _, summary = _analyze(tiny_run, "analysis=propagation", "analysis.propagation.null_draws=1", "metrics.hull_max=5")
     assert not summary["axes"].get("reused") and path.stat().st_mtime_ns != stamp
-    _analyze(tiny_run)   # leave the default axes for the other tests of this module
+    _analyze(tiny_run)   # back to the default axes (recomputed) for the other tests of this module
+    stamp = path.stat().st_mtime_ns
+    _, summary = _analyze(tiny_run)                          # the same command again: skipped
+    assert summary["axes"].get("reused") and path.stat().st_mtime_ns == stamp
+    _, summary = _analyze(tiny_run, "analysis.axes.recompute=true")
+    assert not summary["axes"].get("reused") and path.stat().st_mtime_ns != stamp
 
 
 def test_capture_is_seeded_and_matches_channel_axes():

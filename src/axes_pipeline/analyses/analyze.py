@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.axes_table import (analyze_capture, axes_fingerprint, check_capture_size, depth_index,
@@ -70,23 +70,37 @@ def _load(spec: str, default=None):
     return found
 
 
-def run_axes(ctx: Context, reuse: bool = False) -> dict:
+AXES_PLOTS = ("scatter_ix_it", "depth_profile")   # (communities only where graphs were drawn)
+
+
+def run_axes(ctx: Context, requested: bool = True) -> dict:
     """Capture (or reuse), compute both axes per layer, write tables, plots and tracker logs.
 
-    ``reuse``: when only other analyses were asked for (``analysis=lesion``...) and ``axes.csv``
-    was computed with these settings, read it back instead of recomputing graphs, hulls, triplets
-    and gradient cosines."""
+    When ``axes.csv`` was computed with these settings (and, if the axes were ``requested``, its
+    plots exist) it is read back instead of recomputing graphs, hulls, triplets and gradient
+    cosines: a re-run sweep skips finished work. ``analysis.axes.recompute=true`` forces it."""
     cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
     capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out, ctx.units, ctx.device)
     ctx.capture = capture
     want = axes_fingerprint(cfg, trained.ckpt)
     meta = out / "axes_fingerprint.json"
-    if reuse and (out / "axes.csv").is_file() and (out / "layers.csv").is_file() and meta.is_file() \
-            and read_json(meta) == want:
+    stored = (out / "axes.csv").is_file() and (out / "layers.csv").is_file() and meta.is_file() \
+        and read_json(meta) == want
+    plots_there = not cfg.plots or all((out / "plots" / f"{p}.png").is_file() for p in AXES_PLOTS)
+    recompute = bool(OmegaConf.select(cfg, "analysis.axes.recompute", default=False))
+    if stored and not recompute and (plots_there or not requested):
         ctx.axes, ctx.layers = pd.read_csv(out / "axes.csv"), pd.read_csv(out / "layers.csv")
         headline = axes_headline(ctx.layers)
         headline["calibration_accuracy"] = capture.accuracy
         headline["reused"] = True
+        if requested:   # this stage's tracker run still gets the tables and figures
+            ctx.tracker.table("analyze/layers", ctx.layers)
+            ctx.tracker.table("analyze/axes", ctx.axes)
+            for f in sorted((out / "plots").glob("*.png")) if cfg.plots else []:
+                if f.stem in (*AXES_PLOTS, "communities"):
+                    ctx.tracker.image(f"analyze/{f.stem}", f)
+        log.info("axes: reusing %s (computed with these settings; analysis.axes.recompute=true to redo)",
+                 out / "axes.csv")
         return headline
     axes_df, layers_df, results = analyze_capture(capture, ctx.units, cfg, ctx.device, keep_matrices=True,
                                                   index=depth_index(trained.model))
@@ -148,7 +162,7 @@ def run_analysis(cfg: DictConfig) -> dict:
                      "analyses": chosen}
     try:
         if trained is not None:
-            summary["axes"] = run_axes(ctx, reuse="axes" not in chosen)
+            summary["axes"] = run_axes(ctx, requested="axes" in chosen)
             print(f"analyze: axes of {summary['axes']['channels']} channels in {summary['axes']['layers']} layers; "
                   f"mean ρ(I_X, I_T) = {summary['axes']['mean_align_input_capture_task_info']:.3f}")
         for name in chosen:
