@@ -206,6 +206,9 @@ def test_lesion_analysis_end_to_end(tiny_run):
     assert df["damage_loss"].notna().all() and df["taylor"].notna().all()
     assert (df["fit_full_explained"] - df["full_explained"]).abs().max() < 1e-6   # same regression as the metrics
     assert (df["fit_hull_explained"] - df["hull_explained"]).abs().max() < 1e-6   # same hull members
+    # each layer's no-op row (a channel replaced by itself) is the unlesioned network
+    assert (df["loss_base"] - summary["lesion"]["base_loss"]).abs().max() < 1e-5
+    assert (df["acc_base"] == summary["lesion"]["base_acc"]).all()
     binned = pd.read_csv(out / "lesion_binned.csv")
     assert {"layer", "bin", "predictor", "rho", "p", "n"} <= set(binned.columns)
     assert set(binned["predictor"]) == {"input_capture", "peer_overlap", "full_explained", "hull_score", "l1",

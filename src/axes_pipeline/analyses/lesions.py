@@ -213,12 +213,20 @@ def lesion_layer(model, unit, acts: torch.Tensor, target: torch.Tensor, axes_row
         coef, off, r2 = peer_regression(acts, chans, "all", ridge, target, std=std)
         parts.append(Lesions.replace(chans, coef, off))
         rows["fit_full_explained"] = r2.numpy()
+    # One no-op row (a channel "replaced" by itself): the layer's unlesioned loss through the very
+    # same batched path as its lesions, so damage never mixes two numeric paths (batch shapes,
+    # TF32 kernels on a GPU can differ at the level of small damages).
+    coef_self = torch.zeros(1, c, dtype=torch.float64)
+    coef_self[0, chans[0]] = 1.0
+    parts.append(Lesions.replace(chans[:1], coef_self, torch.zeros(1, dtype=torch.float64)))
     engine = LesionEngine(model, unit, graph=graph, max_rows=max_rows, max_gb=max_gb)
     res = engine.evaluate(batches, Lesions.cat(parts), device)
     k = len(chans)
     for i, v in enumerate(["lesion", *replace]):
         rows[f"loss_{v}"] = res.loss[i * k:(i + 1) * k]
         rows[f"acc_{v}"] = res.acc[i * k:(i + 1) * k]
+    rows["loss_base"] = np.full(k, res.loss[-1])
+    rows["acc_base"] = np.full(k, res.acc[-1])
     return pd.DataFrame(rows), engine.batched_prefix
 
 
@@ -490,11 +498,14 @@ def _finish_table(df: pd.DataFrame, axes: pd.DataFrame, taylor: dict, base_loss:
                   s: dict) -> pd.DataFrame:
     """Damage, recovery, the predictors and the I_T bin of every lesioned channel."""
     df = df.copy()
-    df["damage_loss"] = df["loss_lesion"] - base_loss
-    df["damage_acc"] = base_acc - df["acc_lesion"]
+    # each layer's own unlesioned pass (see lesion_layer); the whole-model pass for older parts
+    loss0 = df["loss_base"] if "loss_base" in df else base_loss
+    acc0 = df["acc_base"] if "acc_base" in df else base_acc
+    df["damage_loss"] = df["loss_lesion"] - loss0
+    df["damage_acc"] = acc0 - df["acc_lesion"]
     for v in s["replace"]:
-        df[f"replaced_{v}_damage_loss"] = df[f"loss_{v}"] - base_loss
-        df[f"replaced_{v}_damage_acc"] = base_acc - df[f"acc_{v}"]
+        df[f"replaced_{v}_damage_loss"] = df[f"loss_{v}"] - loss0
+        df[f"replaced_{v}_damage_acc"] = acc0 - df[f"acc_{v}"]
         df[f"recovery_{v}"] = recovery(df["damage_loss"], df[f"replaced_{v}_damage_loss"], s["min_damage"])
     cols = [c for c in AXES_COLUMNS if c in axes]
     df = df.merge(axes[["layer", "channel", *cols]], on=["layer", "channel"], how="left")
