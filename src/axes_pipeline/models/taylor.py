@@ -19,10 +19,15 @@ def taylor_scores(model: nn.Module, convs: dict[str, nn.Conv2d], batches, device
     wanted = {id(w) for w in weights.values()}
     saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
     total = sum(len(y) for _, y in batches)
+    cudnn = torch.backends.cudnn
+    was_cudnn = (cudnn.deterministic, cudnn.benchmark)
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in wanted)
             p.grad = None
+        # cuDNN's weight-gradient kernels are not deterministic by default: the same seed must
+        # give the same Taylor column (a lesion predictor, a pruning score) on a GPU too.
+        cudnn.deterministic, cudnn.benchmark = True, False
         with torch.enable_grad():
             for x, y in batches:
                 x, y = x.to(device), y.to(device)
@@ -31,6 +36,7 @@ def taylor_scores(model: nn.Module, convs: dict[str, nn.Conv2d], batches, device
         return {name: (w.detach() * w.grad).abs().flatten(1).sum(1).double().cpu().numpy()
                 if w.grad is not None else np.zeros(w.shape[0]) for name, w in weights.items()}
     finally:
+        cudnn.deterministic, cudnn.benchmark = was_cudnn
         for p, (rg, g) in saved.items():
             p.requires_grad_(rg)
             p.grad = g
