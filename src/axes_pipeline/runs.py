@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 
 @contextmanager
@@ -64,3 +65,74 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     return str(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints: one helper keys every cache and resumable result on everything it depends on.
+# ---------------------------------------------------------------------------------------------
+
+# Data settings that change *how* images are loaded but not *which* images or labels a stage sees.
+# Every other key of cfg.data (name, image_size, split_seed, val_fraction, class_list, augment ...)
+# is part of a result's identity, so a new data knob is keyed by default.
+DATA_KEYS_NOT_IDENTITY = frozenset({"batch_size", "eval_batch_size", "num_workers", "data_dir", "download",
+                                    "verify", "on_device", "recipe", "pin_memory", "persistent_workers"})
+
+
+def fingerprint(parts: Mapping[str, Any]) -> str:
+    """A short stable digest (16 hex) of ``parts``: plain containers, numbers, strings, Paths.
+
+    Key order does not matter; the JSON encoding is canonical, so the same settings give the same
+    key on every machine and in every process.
+    """
+    blob = json.dumps(parts, sort_keys=True, default=_json_default, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """Content digest (16 hex) of a file, e.g. a checkpoint: a retrained or replaced checkpoint at
+    the same path gets a new key, a copied one keeps its key. Memoised per (path, size, mtime) so a
+    stage that asks several times reads the file once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _FILE_DIGESTS[key] = h.hexdigest()[:16]
+    return _FILE_DIGESTS[key]
+
+
+def data_identity(data_cfg: Mapping[str, Any]) -> dict:
+    """The keys of a data config that decide which images, labels and splits a stage sees."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(data_cfg, DictConfig):
+        data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    return {f"data.{k}": v for k, v in sorted(data_cfg.items()) if k not in DATA_KEYS_NOT_IDENTITY}
+
+
+def run_fingerprint(cfg, ckpt: str | os.PathLike | None, **settings: Any) -> dict:
+    """The identity of a result computed from checkpoint ``ckpt`` under ``cfg``: the data identity,
+    the checkpoint's content digest and the stage's own ``settings`` (already plain values).
+
+    Returns the dict (store it beside the result as JSON, so a mismatch can be shown key by key);
+    ``fingerprint(run_fingerprint(...))`` is its short key for file names.
+    """
+    parts = {**data_identity(cfg.data), **{k: v for k, v in settings.items()}}
+    if ckpt is not None:
+        parts["ckpt_digest"] = file_digest(ckpt)
+    return parts
+
+
+def settings_diff(have: Mapping[str, Any], want: Mapping[str, Any], limit: int = 4) -> str:
+    """One line naming the keys whose values differ: ``lr: 0.1 -> 0.5, seed: (absent) -> 3``."""
+    keys = sorted(set(have) | set(want), key=str)
+    diffs = [f"{k}: {have.get(k, '(absent)')} -> {want.get(k, '(absent)')}"
+             for k in keys if have.get(k, "(absent)") != want.get(k, "(absent)")]
+    more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return ", ".join(diffs[:limit]) + more
