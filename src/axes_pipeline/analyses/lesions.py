@@ -41,12 +41,13 @@ from scipy import stats as _st
 from tqdm.auto import tqdm
 
 from axes_pipeline.analyses import plots
-from axes_pipeline.analyses.axes_table import axes_fingerprint
+from axes_pipeline.analyses.axes_table import axes_settings, capture_settings
 from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluate, hull_members, materialise,
                                                   peer_regression, standardised, trace)
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models.taylor import taylor_scores
-from axes_pipeline.runs import read_json, write_csv, write_json
+from axes_pipeline.runs import read_json, run_fingerprint, write_csv, write_json
+from axes_pipeline.tables import DamagedTable, Schema, read_table
 
 log = logging.getLogger("axes_pipeline")
 
@@ -386,12 +387,42 @@ def plot_recovery(df: pd.DataFrame, variants: list[str], n_bins: int, path: Path
 
 
 def _fingerprint(cfg: DictConfig, ckpt, s: dict, n_eval: int) -> dict:
-    """What a finished layer part depends on (a part with another fingerprint is recomputed)."""
+    """What a finished layer part depends on (a part with another fingerprint is recomputed): the
+    data identity, the checkpoint's content digest, the axes' settings and the lesion knobs."""
     keep = ("channels", "seed", "replace")
-    data = {f"data.{k}": v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
-            if k not in ("batch_size", "eval_batch_size", "num_workers", "on_device", "recipe")}
-    return {**axes_fingerprint(cfg, ckpt), **data, **{f"lesion.{k}": s[k] for k in keep},
-            "lesion.eval_samples": n_eval, "metrics.ridge": float(cfg.metrics.ridge)}
+    return run_fingerprint(cfg, ckpt, **capture_settings(cfg), **axes_settings(cfg),
+                           **{f"lesion.{k}": s[k] for k in keep}, **{"lesion.eval_samples": n_eval})
+
+
+def part_schema(replace: list[str]) -> Schema:
+    """A finished layer part: one row per lesioned channel, every loss and accuracy finite."""
+    cols = {"layer": "str", "layer_index": "int", "channel": "int"}
+    for v in ["lesion", *replace, "base"]:
+        cols.update({f"loss_{v}": "float", f"acc_{v}": "float"})
+    return Schema("lesion part", columns=cols, finite=tuple(c for c in cols if c.startswith(("loss_", "acc_"))),
+                  layer="layer")
+
+
+def _read_part(path: Path, layer: str, n_rows: int, replace: list[str]) -> pd.DataFrame | None:
+    """A stored layer part when it is sound; None (recompute, with a note) when it is damaged."""
+    try:
+        return read_table(path, part_schema(replace), rebuild="python analyze.py analysis=lesion",
+                          rows_per_layer={layer: n_rows})
+    except DamagedTable as err:
+        log.warning("lesion: %s; recomputing that layer", str(err).split("; rebuild")[0])
+        return None
+
+
+#: Axes-table columns the lesion analysis reads (hull sizes for the replacement, predictors).
+LESION_AXES_COLUMNS = ("layer", "layer_index", "channel", "hull_size", *AXES_COLUMNS)
+
+
+def check_axes_columns(axes: pd.DataFrame, path: Path) -> None:
+    """One line naming the missing axes-table columns, before any lesion runs."""
+    missing = [c for c in LESION_AXES_COLUMNS if c not in axes.columns]
+    if missing:
+        raise DamagedTable(f"{path} lacks column(s) {', '.join(dict.fromkeys(missing))} that the lesion analysis "
+                           f"reads; rebuild it with `python analyze.py analysis.axes.recompute=true <same overrides>`")
 
 
 def _part_path(out: Path, layer: str) -> Path:
@@ -425,6 +456,7 @@ def run_lesion_analysis(ctx) -> dict:
     t0 = time.perf_counter()
     device = ctx.device
     layers = lesion_layers(s, ctx.units)
+    check_axes_columns(ctx.axes, out / "axes.csv")   # before the network runs
     model = trained.model.to(device).eval()
     batches, n_eval = _eval_batches(trained.datamodule, s, device)
     base = evaluate(model, batches, device)
@@ -444,11 +476,12 @@ def run_lesion_analysis(ctx) -> dict:
     for name in tqdm(layers, desc="lesion", disable=None, leave=False):
         unit = ctx.units[name]
         part = _part_path(out, name)
-        if resume and part.exists():
-            parts.append(pd.read_csv(part))
+        chans = select_channels(unit.conv.out_channels, s["channels"], s["seed"], name)
+        stored = _read_part(part, name, len(chans), s["replace"]) if resume and part.exists() else None
+        if stored is not None:
+            parts.append(stored)
             continue
         rows_axes = axes[axes["layer"] == name].set_index("channel")
-        chans = select_channels(unit.conv.out_channels, s["channels"], s["seed"], name)
         t = time.perf_counter()
         rows, batched[name] = lesion_layer(
             model, unit, ctx.capture.acts[name], ctx.capture.target, rows_axes, chans, batches,

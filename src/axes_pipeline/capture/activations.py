@@ -10,8 +10,6 @@ patches.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,9 +97,12 @@ class Capture:
         return list(self.acts)
 
 
-def capture_key(knobs: dict) -> str:
-    """A short stable hash of the capture settings: the cache file name."""
-    return hashlib.sha1(json.dumps(knobs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def capture_key(identity: dict) -> str:
+    """The cache file name of a capture: the short key of its ``runs.run_fingerprint`` (data
+    identity, checkpoint content digest, capture settings)."""
+    from axes_pipeline.runs import fingerprint
+
+    return fingerprint(identity)
 
 
 def _to_nchw(out: torch.Tensor, channels: int) -> torch.Tensor:
@@ -304,19 +305,27 @@ def check_finite(capture: Capture) -> None:
                             f"({int((~torch.isfinite(a)).sum())} values); is the checkpoint diverged?")
 
 
-def save_capture(capture: Capture, path: Path) -> None:
+def save_capture(capture: Capture, path: Path, identity: dict | None = None) -> None:
+    """Write ``capture`` with the ``identity`` (run fingerprint) it was made under."""
     from axes_pipeline.runs import atomic_path
 
     blob = {"acts": capture.acts, "target": capture.target, "image_index": capture.image_index,
-            "knobs": capture.knobs, "accuracy": capture.accuracy,
+            "knobs": capture.knobs, "accuracy": capture.accuracy, "identity": identity,
             "patches": {k: {f: getattr(v, f) for f in (*PATCH_FIELDS, "n", "rows_xx")}
                         for k, v in capture.patches.items()}}
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
 
-def load_capture(path: Path) -> Capture:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+def load_capture(path: Path, identity: dict | None = None) -> Capture | None:
+    """The capture cached at ``path``; None when it was made under another ``identity`` (when one
+    is given) or the file is unreadable (truncated, foreign): the caller captures again."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable cache is simply recomputed
+        return None
+    if identity is not None and blob.get("identity") != identity:
+        return None
     patches = {k: LayerPatchMoments(**v) for k, v in blob["patches"].items()}
     return Capture(acts=blob["acts"], target=blob["target"], image_index=blob["image_index"],
                    knobs=blob["knobs"], patches=patches, accuracy=blob["accuracy"])

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import base64
 import html
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +21,8 @@ from omegaconf import DictConfig
 from axes_pipeline.config import to_container
 from axes_pipeline.errors import UserError
 from axes_pipeline.report import figures, tables
-from axes_pipeline.report.collect import discover, group_runs, require_runs, resolve_roots, split_by_pruning
+from axes_pipeline.report.collect import (discover, group_runs, require_runs, resolve_roots, skipped_inputs,
+                                         split_by_pruning)
 from axes_pipeline.runs import write_csv, write_json, write_text
 from axes_pipeline.tracking import StageTracker
 
@@ -62,10 +66,28 @@ def _pm(df: pd.DataFrame) -> pd.DataFrame:
     for col in [c for c in df.columns if c.endswith("_mean")]:
         base = col[: -len("_mean")]
         if f"{base}_sd" in df:
-            df[base] = [("—" if pd.isna(m) else f"{m:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}"))
-                        for m, s in zip(df[col], df[f"{base}_sd"])]
-            df = df.drop(columns=[col, f"{base}_sd"])
+            # "(n=k)" where fewer seeds than the row's `seeds` define the quantity (see _with_counts)
+            n = df[f"{base}_n"] if f"{base}_n" in df and "seeds" in df else pd.Series(None, index=df.index)
+            fewer = [f" (n={int(k)})" if pd.notna(k) and k != sd else "" for k, sd in
+                     zip(n, df["seeds"] if "seeds" in df else n)]
+            df[base] = [("—" if pd.isna(m) else f"{m:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}") + f)
+                        for m, s, f in zip(df[col], df[f"{base}_sd"], fewer)]
+            df = df.drop(columns=[col, f"{base}_sd", *([f"{base}_n"] if f"{base}_n" in df else [])])
     return df
+
+
+def _with_counts(layers: pd.DataFrame, groups) -> pd.DataFrame:
+    """Add ``<quantity>_n``: the seeds whose value of that quantity is defined (not NaN) in that
+    layer. ``seeds`` counts the runs that have the layer; a quantity undefined in some seed (an
+    alignment over constant channels) is averaged over fewer, and the report must say so."""
+    if layers.empty:
+        return layers
+    frames = [f.assign(seed=r.seed, group=g) for g, runs in groups.items() for r in runs
+              if (f := r.read_csv("analyze/layers.csv")) is not None]
+    allf = pd.concat(frames)
+    cols = [c[: -len("_mean")] for c in layers.columns if c.endswith("_mean") and c[: -len("_mean")] in allf]
+    counts = allf.groupby(["group", "layer_index", "layer"])[cols].count().add_suffix("_n").reset_index()
+    return layers.merge(counts, on=["group", "layer_index", "layer"], how="left")
 
 
 def _md_table(df: pd.DataFrame, cols: list[str] | None = None, max_rows: int = 60) -> str:
@@ -84,16 +106,45 @@ def run_report(cfg: DictConfig) -> dict:
         raise UserError(f"report.test must be one of {', '.join(TESTS)}, got {rc.test}")
     t0 = time.perf_counter()
     roots = _roots(cfg)
-    runs = discover(roots)
+    skipped: list[dict] = []
+    runs = discover(roots, skipped)
     require_runs(runs, roots)
     groups, notices = group_runs(runs)
     prune_groups, prune_notices = split_by_pruning(groups)
     notices = notices + prune_notices
     out = report_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out)
-    accuracy = rc.accuracy
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built in a temporary folder next to the final one and moved in only when complete: a report
+    # that fails half way leaves the previous one as it was.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        summary, t, figs = _build(cfg, tmp, roots, runs, groups, prune_groups, notices, skipped, t0)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    figs = {label: out / p.name for label, p in figs.items()}
 
+    tracker = StageTracker(cfg, "report", out)
+    try:
+        for name, df in t.items():
+            if df is not None and not df.empty:
+                tracker.table(f"report/{name}", df)
+        for label, p in figs.items():
+            tracker.image(f"report/{p.stem}", p)
+    finally:
+        tracker.finish()
+    for n in notices:
+        print(f"report: note: {n}")
+    for sk in summary["skipped"]:
+        print(f"report: skipped: seed {sk['seed']} {sk['file']}: {sk['reason']}")
+    print(f"report: {len(runs)} runs in {len(groups)} group(s) -> {out / 'report.html'}")
+    return summary
+
+
+def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, t0) -> tuple[dict, dict, dict]:
+    """Every table, figure and page of the report, written under ``out`` (the temporary folder)."""
+    rc = cfg.report
+    accuracy = rc.accuracy
     t = {
         "runs": tables.runs_table(groups),
         "flops_auc": tables.auc_table(per_seed := tables.auc_per_seed(prune_groups, accuracy)),
@@ -101,7 +152,7 @@ def run_report(cfg: DictConfig) -> dict:
         "accuracy_by_target": tables.accuracy_by_target(prune_groups, accuracy),
         "headline": tables.headline(per_seed, min_n=int(rc.min_seeds), n_boot=int(rc.n_boot), method=rc.test,
                                     seed=int(rc.seed)),
-        "layers": tables.layers_table(groups),
+        "layers": _with_counts(tables.layers_table(groups), groups),
         "reference": tables.reference_table(groups),
         "lesions": tables.scalar_summary(groups, "analyze/lesion_summary.json", ""),
         "propagation": tables.propagation_table(groups),
@@ -125,50 +176,54 @@ def run_report(cfg: DictConfig) -> dict:
     if dyn is not None:
         figs["training dynamics"] = dyn
 
-    md = render_markdown(cfg, roots, groups, notices, t, figs)
+    # every input left out (read after the tables and figures, which are what read the inputs)
+    skipped = skipped + skipped_inputs(runs)
+    md = render_markdown(cfg, roots, groups, notices, t, figs, skipped)
     write_text(out / "report.md", md)
     write_text(out / "report.html", render_html(md, figs))
     summary = {"roots": [str(r) for r in roots], "groups": {g: [r.seed for r in rs] for g, rs in groups.items()},
-               "notices": notices, "headline": t["headline"].to_dict(orient="records"),
+               "notices": notices, "skipped": skipped, "headline": t["headline"].to_dict(orient="records"),
+               "inputs": {str(r.path / rel): digest for r in runs for rel, digest in sorted(r.inputs.items())},
                "wall_time_s": round(time.perf_counter() - t0, 2), "config": to_container(cfg)}
     write_json(out / "report_summary.json", summary)
-
-    tracker = StageTracker(cfg, "report", out)
-    try:
-        for name, df in t.items():
-            if df is not None and not df.empty:
-                tracker.table(f"report/{name}", df)
-        for label, p in figs.items():
-            tracker.image(f"report/{p.stem}", p)
-    finally:
-        tracker.finish()
-    for n in notices:
-        print(f"report: note: {n}")
-    print(f"report: {len(runs)} runs in {len(groups)} group(s) -> {out / 'report.html'}")
-    return summary
+    return summary, t, figs
 
 
 ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft": "accuracy after fine-tuning"}
-# What a report writes: cleared first, so a table or figure of an earlier report (a group since
-# removed, a stage no longer present) never sits beside the new one looking current.
+# What a report writes: those of an earlier report that the new one lacks (a group since removed,
+# a stage no longer present) are removed once the new one is in place, never sitting beside it
+# looking current.
 # Only these names: report.out may be a folder that holds other files too.
 REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
                 "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "curves_*.png", "headline.png",
                 "alignment_depth.png", "dynamics.png", "report.md", "report.html", "report_summary.json")
 
 
-def _clear_previous(out: Path) -> None:
-    for pattern in REPORT_FILES:
-        for f in out.glob(pattern):
-            f.unlink()
+def _report_files(folder: Path) -> set[str]:
+    return {f.name for pattern in REPORT_FILES for f in folder.glob(pattern) if f.is_file()}
 
 
-def render_markdown(cfg, roots, groups, notices, t, figs) -> str:
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Move the finished report from ``tmp`` into ``out``: each file by an atomic rename (report.md
+    last, so it is never newer than what it shows), then remove the previous report's files that
+    the new one does not have. Only report files are touched: report.out may hold other files."""
+    out.mkdir(parents=True, exist_ok=True)
+    new = _report_files(tmp)
+    for name in sorted(new, key=lambda n: (n == "report.md", n)):
+        os.replace(tmp / name, out / name)
+    for name in _report_files(out) - new:
+        (out / name).unlink()
+
+
+def render_markdown(cfg, roots, groups, notices, t, figs, skipped: list[dict] | None = None) -> str:
     lines = [f"# axes-pipeline report: {cfg.name}\n",
              f"Runs under {', '.join(f'`{r}`' for r in roots)}: "
              + ", ".join(f"**{g}** (seeds {', '.join(str(r.seed) for r in rs)})" for g, rs in groups.items()) + ".\n"]
     if notices:
         lines.append("**Groups not pooled:**\n" + "".join(f"- {n}\n" for n in notices))
+    if skipped:
+        lines.append("\n## Skipped inputs\n\nLeft out of every table and figure that reads them:\n\n"
+                     + "".join(f"- seed {s['seed']} (`{s['run']}`), {s['file']}: {s['reason']}\n" for s in skipped))
     lines.append("\n## Headline: is the local axis a better guide to removability than the target axis?\n")
     lines.append(f"FLOPs-AUC ({ACCURACY_LABEL.get(cfg.report.accuracy, cfg.report.accuracy)}, area under accuracy "
                  "vs removed FLOPs divided by the span), "
@@ -194,7 +249,7 @@ def render_markdown(cfg, roots, groups, notices, t, figs) -> str:
     if lay.empty:
         lines.append("_No analysis results (run `analyze.py` on these runs)._\n")
     else:
-        cols = ["group", "layer", "seeds"] + [c for c in lay.columns if (c.endswith("_mean") or c.endswith("_sd"))
+        cols = ["group", "layer", "seeds"] + [c for c in lay.columns if c.endswith(("_mean", "_sd", "_n"))
                                               and not c.startswith("null")]
         lines.append(_md_table(lay, cols))
     lines.append("\n## Against the paper's reference values (METHODS §11)\n")

@@ -40,8 +40,11 @@ def check_trainer(cfg: DictConfig) -> None:
 
 
 def model_meta(cfg: DictConfig, num_classes: int) -> dict:
+    # data, image_size and num_classes let a later stage refuse a checkpoint of another dataset
+    # that happens to have the same class count (restore.check_meta).
     return {"model": cfg.model.name, "width": float(cfg.model.width), "num_classes": int(num_classes),
-            "data": cfg.data.name, "seed": int(cfg.seed), "experiment": cfg.name}
+            "data": cfg.data.name, "image_size": int(cfg.data.image_size), "seed": int(cfg.seed),
+            "experiment": cfg.name}
 
 
 class Throughput(L.Callback):
