@@ -304,14 +304,18 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
     # its checkpoint's content digest
     settings = run_fingerprint(cfg, None, **dynamics_settings(cfg, layers))
     meta = parts / "settings.json"
-    if meta.exists() and read_json(meta) != settings:
+    try:
+        stored = read_json(meta) if meta.exists() else None
+    except (OSError, ValueError):
+        stored = {}     # unreadable: the parts cannot be trusted
+    if stored is not None and stored != settings:
         lacking = [e for e, ckpt in plan.epochs.items() if ckpt is None]
         if lacking:   # the stored parts are the only record of these epochs: never discard them
             raise UserError(f"dynamics: {parts} was computed with other settings and {plan.run_dir} has no "
                             f"checkpoint for epoch {lacking[0]}; use the settings in {meta} or retrain that run")
         stale = sorted(parts.glob("epoch_*.csv"))
         log.info("dynamics: settings changed for %s (%s); recomputing %d stored epochs", plan.run_dir,
-                 settings_diff(read_json(meta), settings), len(stale))
+                 settings_diff(stored, settings), len(stale))
         for p in stale:
             p.unlink()
     write_json(meta, settings)

@@ -425,6 +425,15 @@ def check_axes_columns(axes: pd.DataFrame, path: Path) -> None:
                            f"reads; rebuild it with `python analyze.py analysis.axes.recompute=true <same overrides>`")
 
 
+def _stored_fingerprint(path: Path) -> dict | None:
+    """The fingerprint the stored parts were made under; None when absent or unreadable (then the
+    parts are recomputed, never trusted)."""
+    try:
+        return read_json(path) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def _part_path(out: Path, layer: str) -> Path:
     return out / PARTS / f"{layer}.csv"
 
@@ -464,7 +473,7 @@ def run_lesion_analysis(ctx) -> dict:
 
     fp = _fingerprint(cfg, trained.ckpt, s, n_eval)
     fp_path = out / PARTS / "fingerprint.json"
-    resume = bool(s["resume"]) and fp_path.exists() and read_json(fp_path) == fp
+    resume = bool(s["resume"]) and _stored_fingerprint(fp_path) == fp
     if not resume and (out / PARTS).exists():
         for stale in (out / PARTS).glob("*.csv"):
             stale.unlink()
