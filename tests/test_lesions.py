@@ -229,3 +229,10 @@ def test_lesion_analysis_end_to_end(tiny_run):
     assert read_json(out / "lesion_summary.json")["resumed_layers"] == 3
     pd.testing.assert_frame_equal(pd.read_csv(out / "lesions.csv"), df)
     assert again["lesion"]["delta_r2"] == pytest.approx(summary["lesion"]["delta_r2"], nan_ok=True)
+
+    # a damaged part (cut short) is recomputed, not used: the same table again
+    part = sorted((out / "lesion_parts").glob("*.csv"))[0]
+    part.write_text("\n".join(part.read_text().splitlines()[:-2]) + "\n")
+    run_analysis(cfg)
+    assert read_json(out / "lesion_summary.json")["resumed_layers"] == 2
+    pd.testing.assert_frame_equal(pd.read_csv(out / "lesions.csv"), df)

@@ -177,6 +177,14 @@ def test_dynamics_rows_and_resume(dyn_root):
     assert {p: p.stat().st_mtime_ns for p in parts} == stamps
     pd.testing.assert_frame_equal(pd.read_csv(out / "dynamics.csv"), dyn)
 
+    # a damaged part (NaN where a number must be) is recomputed, not used
+    bad = pd.read_csv(parts[1])
+    bad.loc[0, "hull_size_mean"] = np.nan
+    bad.to_csv(parts[1], index=False)
+    again = run_analysis(make_cfg("analyze", [*overrides, "analysis=dynamics", *SMALL, "plots=false"], root))["dynamics"]
+    assert again["epochs_computed"] == 1
+    pd.testing.assert_frame_equal(pd.read_csv(out / "dynamics.csv"), dyn)
+
 
 def test_dynamics_against_the_final_target(dyn_root):
     """dynamics.target=final measures every epoch against the final network's T: at the last epoch

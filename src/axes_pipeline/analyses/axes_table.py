@@ -228,7 +228,8 @@ AXES_SCHEMA = Schema(
     columns={"layer": "str", "layer_index": "int", "channel": "int", "input_capture": "float",
              "peer_overlap": "float", "full_explained": "float", "hull_size": "float", "hull_explained": "float",
              "hull_score": "float", "task_info": "float", "target_excess": "float", "task_redundancy": "float",
-             "task_unique": "float", "dead": "bool", "l1": "float", "l2": "float", "bn_scale": "float"},
+             "task_unique": "float", "hull_saturated": "bool", "dead": "bool", "l1": "float", "l2": "float",
+             "bn_scale": "float"},
     finite=("input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_score",
             "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2"),
     layer="layer")
