@@ -3,7 +3,6 @@ a report that never destroys the last good one, partly trained runs refused."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
