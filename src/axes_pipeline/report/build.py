@@ -208,7 +208,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     last, so it is never newer than what it shows), then remove the previous report's files that
     the new one does not have. Only report files are touched: report.out may hold other files."""
     out.mkdir(parents=True, exist_ok=True)
-    new = _report_files(tmp)
+    new = {f.name for f in tmp.iterdir() if f.is_file()}      # everything this report wrote
     for name in sorted(new, key=lambda n: (n == "report.md", n)):
         os.replace(tmp / name, out / name)
     for name in _report_files(out) - new:
