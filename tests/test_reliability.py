@@ -51,6 +51,11 @@ def test_checkpoint_of_another_dataset_is_refused(tiny_run, tmp_path):
     cfg = _analyze_cfg(tiny_run, "data.image_size=32")
     with pytest.raises(UserError, match=r"image_size=16, but this run has image_size=32"):
         restore_trained(cfg)
+    root, overrides = tiny_run
+    res = run_entry("analyze.py", *overrides, *SMALL, "data=cifar10", f"data.data_dir={tmp_path / 'data'}",
+                    "data.verify=false", "data.num_workers=0", f"ckpt={_ckpt(tiny_run)}", cwd=root)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: checkpoint ") and "data=digits" in res.stderr
 
 
 def test_old_checkpoint_without_data_is_accepted_with_a_warning(caplog):
