@@ -134,8 +134,8 @@ def test_checkpoint_missing_corrupt_or_other_model(tiny_run, tmp_path):
     (["trainer.max_epochs=0"], "trainer.max_epochs must be positive"),
     (["data.batch_size=-1"], "data.batch_size must be positive"),
     (["trainer=gpu"], "use trainer=cpu"),
-    (["data=cifar100"], "cifar-100-python"),
-    (["model.pretrained=true"], "model.weights"),
+    (["data=cifar100", "data.download=false"], "cifar-100-python"),   # never the network in tests
+    (["model.weights=no_such_weights.pth"], "model.weights"),
 ])
 def test_bad_input_one_line(args, needle, tmp_path):
     if args == ["trainer=gpu"] and torch.cuda.is_available():
