@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from axes_pipeline.analyses.axes_table import layer_analysis, metric_knobs
-from axes_pipeline.capture import capture_activations, check_finite
+from axes_pipeline.capture import POSITIONS, capture_activations, check_finite
 from axes_pipeline.config import run_dir_candidates
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
@@ -228,7 +228,7 @@ def dynamics_settings(cfg: DictConfig, layers: list[str]) -> dict:
     c = cfg.capture
     return {"layers": list(layers), "n_cal": int(c.n_cal), "transform": c.transform, "point": c.point,
             "spatial": c.spatial, "samples_per_image": int(c.samples_per_image), "target": c.target,
-            "capture_seed": int(c.seed), **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
+            "capture_seed": int(c.seed), "positions": POSITIONS, **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
             "metrics.dtype": cfg.metrics.dtype, "graphs": _graphs(cfg), "dynamics_target": _knobs(cfg)["target"]}
 
 
@@ -336,7 +336,7 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
         check_finite(capture)
         rows = []
         for name in layers:
-            res = layer_analysis(name, index[name], capture.acts[name], capture.target, units[name], knobs=knobs,
+            res = layer_analysis(name, index[name], capture.acts[name], capture.target_of(name), units[name], knobs=knobs,
                                  dtype=dtype, device=device, graphs=graphs, seed=int(c.seed))
             rows.append(res.summary)
         part = pd.DataFrame(rows)
