@@ -103,6 +103,22 @@ def test_residual_links_skip_or_follow_the_main_branch():
     assert len(main) == 9 + 10
 
 
+def test_residual_main_branch_whichever_summand_comes_first():
+    # MobileNetV2 adds `x + self.conv(x)`: the shortcut is the *first* summand, yet the receiver
+    # behind the add is linked to the block's own project conv, never to the previous block's.
+    from axes_pipeline.models import build_model
+
+    model = build_model("mobilenetv2", num_classes=10).eval()
+    units = conv_norm_pairs(model)
+    skip, main = conv_links(model, units, residual="skip"), conv_links(model, units)
+    across = [link for link in main if link not in skip]
+    assert ("features.5.conv.2", "features.6.conv.0.0") in across
+    assert ("features.6.conv.2", "features.7.conv.0.0") in across
+    assert ("features.4.conv.2", "features.6.conv.0.0") not in main
+    block = lambda name: int(name.split(".")[1])   # noqa: E731
+    assert across and all(block(up) == block(down) - 1 for up, down in across)
+
+
 @pytest.mark.parametrize("gamma_power, sign", [(0.0, 1.0), (-2.0, -1.0)])
 def test_known_routing_gives_expected_sign(gamma_power, sign):
     # γ = 1: conv2 channel j copies relu(conv1 channel π(j)), so I_X' rises with I_X(π(j)): ρ ≈ +1.

@@ -130,20 +130,24 @@ def _is_add(node: fx.Node) -> bool:
 def _source_conv(node: fx.Node, model: nn.Module, convs: dict, residual: str = DEFAULT_RESIDUAL) -> str | None:
     """The conv whose output reaches ``node`` through channel-preserving single-input ops only.
 
-    ``residual="main"``: at a residual add, follow the first summand whose own walk reaches a
-    conv without meeting another add (the block's main branch, or its shortcut conv), so the
-    receiver is linked to that branch's last conv and the other summand is ignored."""
+    ``residual="main"``: at a residual add, follow the block's main branch: of the summands whose
+    own walk reaches a conv without meeting another add, the one with the most convs between the
+    add and the block input (:func:`_branch_depth`; ties: the first). The receiver is linked to
+    that branch's last conv and the shortcut is ignored, whichever order the block adds them in
+    (ResNet: ``out += identity``; MobileNetV2: ``x + self.conv(x)``)."""
     seen = 0
     while isinstance(node, fx.Node) and seen < 10_000:
         seen += 1
         if node.op == "call_module" and str(node.target) in convs:
             return str(node.target)
         if residual == "main" and _is_add(node):
+            best, depth = None, -1
             for summand in _tensor_inputs(node):
                 found = _source_conv(summand, model, convs, "skip")
-                if found is not None:
-                    return found
-            return None
+                d = _branch_depth(summand, convs) if found is not None else -1
+                if d > depth:
+                    best, depth = found, d
+            return best
         if not _keeps_channels(node, model):
             return None          # an add, a concat, a linear... : no single owner of the channels
         inputs = _tensor_inputs(node)
@@ -151,6 +155,25 @@ def _source_conv(node: fx.Node, model: nn.Module, convs: dict, residual: str = D
             return None
         node = inputs[0]
     return None
+
+
+def _branch_depth(node: fx.Node, convs: dict) -> int:
+    """Convs on the single-input chain from a summand back to the block input, i.e. the first node
+    with more than one user (where main branch and shortcut part). A shortcut has 0 (identity) or 1
+    (a projection conv); the main branch has the block's convs (2 in a BasicBlock, 3 in an
+    inverted residual)."""
+    depth, seen = 0, 0
+    while isinstance(node, fx.Node) and seen < 10_000:
+        seen += 1
+        if len(node.users) > 1:
+            break
+        if node.op == "call_module" and str(node.target) in convs:
+            depth += 1
+        inputs = _tensor_inputs(node)
+        if len(inputs) != 1:
+            break
+        node = inputs[0]
+    return depth
 
 
 def _fallback_links(units: dict) -> list[tuple[str, str]]:
