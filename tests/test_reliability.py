@@ -311,3 +311,19 @@ def test_partial_run_cli_one_line(tiny_run):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: run ") and "allow_partial=true" in last and str(dst) in last
     assert not (dst / "analyze" / "axes.csv").exists()
+
+
+def test_restoring_a_headline_run_never_fetches_imagenet_weights(tiny_run, monkeypatch, tmp_path):
+    """A checkpoint overwrites every tensor, so analyze/prune of a `model.pretrained=true` run build
+    the bare architecture: offline (no cached weights) they still work."""
+    import axes_pipeline.models.weights as weights
+    from axes_pipeline.training.restore import restore_trained
+
+    def offline(*a, **k):
+        raise AssertionError("restoring a trained run tried to fetch ImageNet weights")
+
+    monkeypatch.setattr(weights, "download_weights", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    cfg = _analyze_cfg(tiny_run, "model.pretrained=true")
+    trained = restore_trained(cfg)
+    assert trained.meta["data"] == "digits"

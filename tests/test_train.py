@@ -53,6 +53,58 @@ def test_paper_recipe_from_plain_overrides(tmp_path):
     assert (cfg.optim.name, cfg.optim.lr, cfg.trainer.max_epochs) == ("adam", 1e-3, 50)
 
 
+# METHODS §10, one row per headline experiment: (data, model, architecture knobs, pretrained,
+# optimizer, lr, weight decay, batch, epochs). "As torchvision" = torchvision's classifier/strides.
+PAPER_RECIPES = {
+    "cifar100_resnet18": ("cifar100", "resnet18", {"cifar_stem": True}, True, "sgd", 0.1, 5e-4, 128, 100),
+    "cifar100_vgg16": ("cifar100", "vgg16", {"head": "imagenet"}, True, "sgd", 0.05, 5e-4, 128, 100),
+    "cifar100_mobilenetv2": ("cifar100", "mobilenetv2", {"cifar_strides": False}, True, "sgd", 0.01, 5e-4, 128, 100),
+    "imagenet100_convnext_t": ("imagenet100", "convnext_t", {}, False, "adam", 1e-3, 1e-4, 64, 30),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PAPER_RECIPES))
+def test_headline_experiments_carry_the_paper_recipe(experiment, tmp_path):
+    data, model, knobs, pretrained, opt, lr, wd, batch, epochs = PAPER_RECIPES[experiment]
+    cfg = make_cfg("train", [f"experiment={experiment}"], tmp_path)
+    assert (cfg.data.name, cfg.model.name, cfg.model.width) == (data, model, 1.0)
+    assert {k: cfg.model[k] for k in knobs} == knobs
+    assert cfg.model.pretrained is pretrained and cfg.model.weights is None
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.data.batch_size) == (opt, lr, wd, batch)
+    assert cfg.trainer.max_epochs == epochs and cfg.data.download is (data != "imagenet100")
+    if opt == "sgd":
+        assert cfg.optim.momentum == 0.9 and not cfg.optim.nesterov
+    if data == "cifar100":   # random crop 32 / padding 4 + flip, CIFAR-100 statistics
+        assert (cfg.data.image_size, cfg.data.crop_padding, cfg.data.augment, cfg.data.hflip) == (32, 4, True, True)
+        from axes_pipeline.data import Cifar100DataModule
+
+        assert Cifar100DataModule.mean == (0.5071, 0.4867, 0.4408)
+        assert Cifar100DataModule.std == (0.2675, 0.2565, 0.2761)
+
+
+def test_headline_architectures_are_torchvision_at_32px(tmp_path):
+    # the built networks (narrow, no weights): torchvision's VGG classifier and MobileNetV2 strides
+    x = torch.randn(2, 3, 32, 32)
+    vgg = instantiate_model(make_cfg("train", ["experiment=cifar100_vgg16", "model.pretrained=false",
+                                               "model.width=0.125"], tmp_path), 100)
+    linears = [m for m in vgg.classifier if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [4096, 4096, 100] and linears[0].in_features == 64 * 7 * 7
+    mnv2 = instantiate_model(make_cfg("train", ["experiment=cifar100_mobilenetv2", "model.pretrained=false",
+                                                "model.width=0.25"], tmp_path), 100)
+    assert mnv2.features[0][0].stride == (2, 2) and mnv2.features[2].conv[1][0].stride == (2, 2)
+    with torch.no_grad():
+        assert vgg.eval()(x).shape == mnv2.eval()(x).shape == (2, 100)
+
+
+def test_dynamics_experiment_refuses_pretrained(tmp_path):
+    cfg = make_cfg("train", ["experiment=dynamics", "model.width=0.125"], tmp_path)
+    assert cfg.model.pretrained is False and cfg.model.from_scratch is True and cfg.checkpoint.every_epoch
+    instantiate_model(cfg, 10)                                      # random init builds
+    for bad in ("model.pretrained=true", "model.weights=/some/resnet18.pth"):
+        with pytest.raises(UserError, match="experiment=dynamics trains from random initialisation"):
+            instantiate_model(make_cfg("train", ["experiment=dynamics", "model.width=0.125", bad], tmp_path), 10)
+
+
 def test_one_epoch_digits_train(tiny_run):
     root, overrides = tiny_run
     cfg = make_cfg("train", overrides, root)
@@ -134,8 +186,9 @@ def test_checkpoint_missing_corrupt_or_other_model(tiny_run, tmp_path):
     (["trainer.max_epochs=0"], "trainer.max_epochs must be positive"),
     (["data.batch_size=-1"], "data.batch_size must be positive"),
     (["trainer=gpu"], "use trainer=cpu"),
-    (["data=cifar100"], "cifar-100-python"),
-    (["model.pretrained=true"], "model.weights"),
+    (["data=cifar100", "data.download=false"], "cifar-100-python"),   # never the network in tests
+    (["model.weights=no_such_weights.pth"], "model.weights"),
+    (["experiment=dynamics", "model.pretrained=true"], "experiment=dynamics trains from random initialisation"),
 ])
 def test_bad_input_one_line(args, needle, tmp_path):
     if args == ["trainer=gpu"] and torch.cuda.is_available():

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from axes_pipeline.analyses.alignment import layer_alignment
 from axes_pipeline.analyses.graphs import compare_groupings
-from axes_pipeline.capture import (Capture, capture_activations, capture_key, check_finite, load_capture,
+from axes_pipeline.capture import (POSITIONS, Capture, capture_activations, capture_key, check_finite, load_capture,
                                    save_capture)
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics import (channel_axes_from_moments, covariance, gradient_cosines,
@@ -93,7 +93,7 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor, target: torch.Tens
     rows.update({k: v.numpy() for k, v in axes.items()})
     rows.update(filter_stats(unit))
     arr = {k: v.numpy() for k, v in axes.items()}
-    summary = {"layer": name, "layer_index": index, "channels": C, "dead": int(arr["dead"].sum()),
+    summary = {"layer": name, "layer_index": index, "channels": C, "n_samples": int(acts.shape[0]), "dead": int(arr["dead"].sum()),
                **layer_alignment(arr),
                "hull_size_mean": float(arr["hull_size"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0,
                "hull_saturated_frac": float(arr["hull_saturated"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0}
@@ -141,7 +141,7 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
     results = {}
     for i, name in enumerate(tqdm(capture.layers, desc="axes", disable=None if progress else True, leave=False)):
         results[name] = layer_analysis(
-            name, index[name] if index else i, capture.acts[name], capture.target, units[name], knobs=metric_knobs(cfg), dtype=dtype,
+            name, index[name] if index else i, capture.acts[name], capture.target_of(name), units[name], knobs=metric_knobs(cfg), dtype=dtype,
             device=device, graphs=graphs, patches=capture.patches.get(name), gradients=grads,
             seed=int(cfg.capture.seed), keep_matrices=keep_matrices)
     axes_df = pd.concat([r.rows for r in results.values()], ignore_index=True)
@@ -159,7 +159,7 @@ def capture_settings(cfg: DictConfig) -> dict:
             "capture.layers": None if c.layers is None else list(c.layers),
             "gradients": bool(cfg.gradients.enabled) and c.point == "pre_bn",
             "gradients.max_patch_dim": int(cfg.gradients.max_patch_dim),
-            "gradients.sigma_rows": int(cfg.gradients.sigma_rows)}
+            "gradients.sigma_rows": int(cfg.gradients.sigma_rows), "capture.positions": POSITIONS}
 
 
 def capture_identity(cfg: DictConfig, ckpt: Path) -> dict:

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from axes_pipeline.analyses.axes_table import layer_analysis, metric_knobs
-from axes_pipeline.capture import capture_activations, check_finite
+from axes_pipeline.capture import POSITIONS, capture_activations, check_finite
 from axes_pipeline.config import run_dir_candidates
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
@@ -230,7 +230,7 @@ def dynamics_settings(cfg: DictConfig, layers: list[str]) -> dict:
     c = cfg.capture
     return {"layers": list(layers), "n_cal": int(c.n_cal), "transform": c.transform, "point": c.point,
             "spatial": c.spatial, "samples_per_image": int(c.samples_per_image), "target": c.target,
-            "capture_seed": int(c.seed), **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
+            "capture_seed": int(c.seed), "positions": POSITIONS, **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
             "metrics.dtype": cfg.metrics.dtype, "graphs": _graphs(cfg), "dynamics_target": _knobs(cfg)["target"]}
 
 
@@ -357,7 +357,7 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
         check_finite(capture)
         rows = []
         for name in layers:
-            res = layer_analysis(name, index[name], capture.acts[name], capture.target, units[name], knobs=knobs,
+            res = layer_analysis(name, index[name], capture.acts[name], capture.target_of(name), units[name], knobs=knobs,
                                  dtype=dtype, device=device, graphs=graphs, seed=int(c.seed))
             rows.append(res.summary)
         part = pd.DataFrame(rows)
@@ -459,8 +459,7 @@ def _headline(curves: pd.DataFrame, seeds: list[int], layers: list[str]) -> dict
 
 def run_dynamics_analysis(ctx) -> dict:
     """Process every planned run epoch by epoch (resumable); write tables, curves and logs."""
-    from axes_pipeline.training.restore import expected_meta
-    from axes_pipeline.training.train import instantiate_model
+    from axes_pipeline.training.restore import architecture, expected_meta
 
     cfg, trained = ctx.cfg, ctx.trained
     knobs = _knobs(cfg)
@@ -471,7 +470,7 @@ def run_dynamics_analysis(ctx) -> dict:
         return {"skipped": skip}
     plans = plan_dynamics(cfg, trained.run_dir, int(cfg.seed))
     dm = trained.datamodule
-    model = instantiate_model(cfg, dm.num_classes)   # its own instance: the restored model stays as is
+    model = architecture(cfg, dm.num_classes)   # its own instance: the restored model stays as is
     layers = _layers(model, knobs)
     expect = expected_meta(cfg, dm.num_classes)
     frames, computed = [], 0

@@ -493,7 +493,7 @@ def run_lesion_analysis(ctx) -> dict:
         rows_axes = axes[axes["layer"] == name].set_index("channel")
         t = time.perf_counter()
         rows, batched[name] = lesion_layer(
-            model, unit, ctx.capture.acts[name], ctx.capture.target, rows_axes, chans, batches,
+            model, unit, ctx.capture.acts[name], ctx.capture.target_of(name), rows_axes, chans, batches,
             replace=s["replace"], ridge=float(cfg.metrics.ridge), device=device, graph=graph,
             max_rows=s["max_rows"], max_gb=float(s["max_gb"]))
         t_lesion += time.perf_counter() - t

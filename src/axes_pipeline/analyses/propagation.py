@@ -17,15 +17,17 @@ Which pairs are linked is read off a ``torch.fx`` trace (:func:`conv_links`): fr
 input walk backwards through ops that keep every channel separate (norms, elementwise
 activations, pooling, dropout, permutes, identity) to the conv that produced it. Consequences:
 
-- **residual links are skipped** (``propagation.residual=skip``, the default; ``main`` links a
-  receiver behind an add to the last conv of the add's first summand that reaches one, i.e. the
-  block's main branch, ignoring the shortcut): a walk that meets an add (ResNet's block output, MobileNetV2's
-  residual blocks) stops, because the receiving conv then reads the *sum* of two branches and no
-  single upstream unit owns its input channels. In ResNet-18 the linked pairs are the stem →
-  ``layer1.0.conv1`` and each block's ``conv1`` → ``conv2``; shortcut convs read block outputs and
-  are never part of a pair. VGG: every consecutive pair. MobileNetV2: expand → depthwise is
-  skipped (see below), depthwise → project, and project → next expand where that block has no
-  residual add before it.
+- **residual links follow the main branch** (``propagation.residual=main``, the default, METHODS §7:
+  "consecutive" includes links across a residual add): a receiver behind an add is linked to the
+  last conv of the add's first summand that reaches one, i.e. the block's main branch, and the
+  other summand (the shortcut) is ignored. In ResNet-18 that gives 19 linked pairs: the stem →
+  ``layer1.0.conv1``, each block's ``conv1`` → ``conv2`` (8), and each block's ``conv2`` → every
+  conv that reads that block's output (7 next-block ``conv1`` and 3 shortcut convs); shortcut convs
+  are never upstream. ``residual=skip`` is the narrower within-block linking (9 ResNet-18 pairs):
+  a walk that meets an add stops, because the receiving conv then reads the *sum* of two branches.
+  VGG: every consecutive pair. MobileNetV2: expand → depthwise is skipped (see below), depthwise →
+  project, and project → next expand (with ``skip``, only where that block has no residual add
+  before it).
 - **depthwise / grouped receivers are skipped**: a depthwise channel reads one upstream channel,
   so A is the identity and ρ would only restate the upstream metric. A depthwise conv *upstream*
   (MobileNetV2's depthwise → project) is kept: its channels are ordinary channels.
@@ -115,7 +117,9 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 _ADDS = {operator.add, operator.iadd, torch.add}
-RESIDUAL_MODES = ("skip", "main")
+RESIDUAL_MODES = ("main", "skip")
+#: METHODS §7 links across residual adds; conf/analysis/propagation.yaml repeats this value.
+DEFAULT_RESIDUAL = "main"
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -123,23 +127,27 @@ def _is_add(node: fx.Node) -> bool:
                                                                     and node.target in ("add", "add_"))
 
 
-def _source_conv(node: fx.Node, model: nn.Module, convs: dict, residual: str = "skip") -> str | None:
+def _source_conv(node: fx.Node, model: nn.Module, convs: dict, residual: str = DEFAULT_RESIDUAL) -> str | None:
     """The conv whose output reaches ``node`` through channel-preserving single-input ops only.
 
-    ``residual="main"``: at a residual add, follow the first summand whose own walk reaches a
-    conv without meeting another add (the block's main branch, or its shortcut conv), so the
-    receiver is linked to that branch's last conv and the other summand is ignored."""
+    ``residual="main"``: at a residual add, follow the block's main branch: of the summands whose
+    own walk reaches a conv without meeting another add, the one with the most convs between the
+    add and the block input (:func:`_branch_depth`; ties: the first). The receiver is linked to
+    that branch's last conv and the shortcut is ignored, whichever order the block adds them in
+    (ResNet: ``out += identity``; MobileNetV2: ``x + self.conv(x)``)."""
     seen = 0
     while isinstance(node, fx.Node) and seen < 10_000:
         seen += 1
         if node.op == "call_module" and str(node.target) in convs:
             return str(node.target)
         if residual == "main" and _is_add(node):
+            best, depth = None, -1
             for summand in _tensor_inputs(node):
                 found = _source_conv(summand, model, convs, "skip")
-                if found is not None:
-                    return found
-            return None
+                d = _branch_depth(summand, convs) if found is not None else -1
+                if d > depth:
+                    best, depth = found, d
+            return best
         if not _keeps_channels(node, model):
             return None          # an add, a concat, a linear... : no single owner of the channels
         inputs = _tensor_inputs(node)
@@ -147,6 +155,25 @@ def _source_conv(node: fx.Node, model: nn.Module, convs: dict, residual: str = "
             return None
         node = inputs[0]
     return None
+
+
+def _branch_depth(node: fx.Node, convs: dict) -> int:
+    """Convs on the single-input chain from a summand back to the block input, i.e. the first node
+    with more than one user (where main branch and shortcut part). A shortcut has 0 (identity) or 1
+    (a projection conv); the main branch has the block's convs (2 in a BasicBlock, 3 in an
+    inverted residual)."""
+    depth, seen = 0, 0
+    while isinstance(node, fx.Node) and seen < 10_000:
+        seen += 1
+        if len(node.users) > 1:
+            break
+        if node.op == "call_module" and str(node.target) in convs:
+            depth += 1
+        inputs = _tensor_inputs(node)
+        if len(inputs) != 1:
+            break
+        node = inputs[0]
+    return depth
 
 
 def _fallback_links(units: dict) -> list[tuple[str, str]]:
@@ -159,13 +186,14 @@ def _fallback_links(units: dict) -> list[tuple[str, str]]:
     return out
 
 
-def conv_links(model: nn.Module, units: dict | None = None, residual: str = "skip") -> list[tuple[str, str]]:
+def conv_links(model: nn.Module, units: dict | None = None,
+               residual: str = DEFAULT_RESIDUAL) -> list[tuple[str, str]]:
     """``[(upstream, downstream)]`` conv names joined by a direct data-flow link, forward order.
 
     ``units``: {name: ConvUnit} (default: :func:`axes_pipeline.models.conv_norm_pairs`); only
-    convs among them are linked. See the module docstring for what counts as a link (residual
-    adds and grouped/depthwise receivers do not; ``residual="main"`` links across an add to its
-    main-branch conv, see :func:`_source_conv`).
+    convs among them are linked. See the module docstring for what counts as a link (grouped/
+    depthwise receivers do not; ``residual="main"``, the default, links across an add to its
+    main-branch conv, see :func:`_source_conv`; ``"skip"`` stops at every add).
     """
     if units is None:
         from axes_pipeline.models import conv_norm_pairs
@@ -308,7 +336,7 @@ def _knobs(cfg) -> dict:
     k = cfg.analysis.get("propagation") or {}
     try:
         return {"null_draws": int(k.get("null_draws", 20)), "null": str(k.get("null_mode", "weights")),
-                "seed": int(k.get("seed", 0)), "residual": str(k.get("residual", "skip"))}
+                "seed": int(k.get("seed", 0)), "residual": str(k.get("residual", DEFAULT_RESIDUAL))}
     except (TypeError, ValueError):
         raise UserError("propagation.null_draws and propagation.seed must be integers, got "
                         f"{k.get('null_draws')!r} and {k.get('seed')!r}") from None
@@ -334,7 +362,7 @@ def check_propagation_analysis(ctx) -> None:
 
 
 def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_draws: int = 20,
-                      null: str = "weights", seed: int = 0, residual: str = "skip") -> pd.DataFrame:
+                      null: str = "weights", seed: int = 0, residual: str = DEFAULT_RESIDUAL) -> pd.DataFrame:
     """One row per linked pair and pairing: ``upstream, downstream, pair_index, pairing, rho,
     null_rho, null_sd, n``. ``capture.acts[layer]: [N, C]``; ``axes``: the per-channel table."""
     point = capture.knobs.get("point", "pre_bn")
@@ -395,19 +423,24 @@ def heatmap(table: pd.DataFrame, path):
 
 
 def run_propagation_analysis(ctx) -> dict:
-    """``propagation.csv``, ``plots/propagation.png`` and tracker logs; returns mean ρ per pairing."""
+    """``propagation.csv``, ``plots/propagation.png`` and tracker logs; returns mean ρ per pairing,
+    the number of linked pairs analysed (``pairs``) and the linking rule (``residual``)."""
     k = _knobs(ctx.cfg)
     table = propagation_table(ctx.trained.model, ctx.units, ctx.capture, ctx.axes, **k)
     write_csv(ctx.out / "propagation.csv", table)
+    # ρ averaged over 9 or 19 ResNet-18 pairs are different results: the count and the rule travel
+    # with every H3 number (METHODS §7).
+    head = {**headline(table), "residual": k["residual"]}
     if table.empty:
         log.warning("propagation: %s has no directly linked conv pairs (all links pass residual adds "
                     "or end in depthwise convs); propagation.csv is empty", type(ctx.trained.model).__name__)
-        return headline(table)
+        return head
     if ctx.cfg.plots:
         ctx.tracker.image("analyze/propagation", heatmap(table, ctx.out / "plots" / "propagation.png"))
     ctx.tracker.table("analyze/propagation", table)
-    head = headline(table)
-    print("analyze: propagation over {} linked pairs: ".format(head["pairs"]) + ", ".join(
+    line = "propagation over {} linked pairs (residual={}): ".format(head["pairs"], k["residual"]) + ", ".join(
         f"{p} ρ={head[f'{p}_rho']:.3f} (null {head[f'{p}_null_rho']:.3f})" for p, _, _ in PAIRINGS
-        if head[f"{p}_rho"] is not None and head[f"{p}_null_rho"] is not None))
+        if head[f"{p}_rho"] is not None and head[f"{p}_null_rho"] is not None)
+    log.info(line)
+    print("analyze: " + line)
     return head

@@ -80,9 +80,13 @@ class LayerPatchMoments:
 class Capture:
     """Sampled activations of the analysed layers.
 
-    ``acts[layer]: [N, C]`` float32, ``target: [N]`` float32 (the image's T repeated over its
-    ``s`` samples), ``image_index: [N]`` (which calibration image a sample came from),
-    ``patches[layer]`` streamed patch moments (pre-BN only), ``knobs`` the capture settings.
+    ``acts[layer]: [N_layer, C]`` float32, ``target: [n_img·s]`` float32 (each image's T repeated
+    over its ``s`` samples), ``image_index: [n_img·s]`` (which calibration image a sample came
+    from), ``per_image[layer]`` the samples per image of that layer (``s``, or H·W when its map
+    has fewer positions, so N_layer = n_img·per_image), ``patches[layer]`` streamed patch moments
+    (pre-BN only), ``knobs`` the capture settings. Pair a layer's rows with
+    :meth:`target_of` / :meth:`image_index_of`, which follow ``target`` (also when a caller
+    replaces it, as ``dynamics.target=final`` does).
     """
 
     acts: dict[str, torch.Tensor]
@@ -91,10 +95,28 @@ class Capture:
     knobs: dict
     patches: dict[str, LayerPatchMoments] = field(default_factory=dict)
     accuracy: float = float("nan")
+    per_image: dict[str, int] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[str]:
         return list(self.acts)
+
+    def n_samples(self, layer: str) -> int:
+        """N of ``layer``: the rows its statistics are computed from."""
+        return int(self.acts[layer].shape[0])
+
+    def _per_layer(self, values: torch.Tensor, layer: str) -> torch.Tensor:
+        s = int(self.knobs.get("samples_per_image", 1))
+        k = int(self.per_image.get(layer, s))
+        return values if k == s else values[::s].repeat_interleave(k)
+
+    def target_of(self, layer: str) -> torch.Tensor:
+        """``[N_layer]``: T of the image of each of ``layer``'s rows."""
+        return self._per_layer(self.target, layer)
+
+    def image_index_of(self, layer: str) -> torch.Tensor:
+        """``[N_layer]``: the calibration image of each of ``layer``'s rows."""
+        return self._per_layer(self.image_index, layer)
 
 
 def capture_key(identity: dict) -> str:
@@ -116,11 +138,21 @@ def _layer_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
+#: How positions are drawn (part of every capture cache key): ``s`` distinct positions per image, or
+#: every position once when the map has fewer than ``s``.
+POSITIONS = "distinct; every position once when H*W < s"
+
+
 def _sample_positions(batch: int, hw: int, s: int, gen: torch.Generator) -> torch.Tensor:
-    """``[batch, s]`` flat positions per image: without replacement when s ≤ H·W."""
+    """``[batch, min(s, H·W)]`` flat positions per image, drawn without replacement.
+
+    A map with fewer than ``s`` positions (VGG-16's 2×2 last block at s = 16) gives each of its
+    H·W positions once: drawing with replacement would repeat rows, so N = n_cal·s would overstate
+    the independent samples behind every estimate of that layer. Its N is n_cal·H·W instead
+    (``Capture.per_image``)."""
     if s <= hw:
         return torch.rand(batch, hw, generator=gen).argsort(dim=1)[:, :s]
-    return torch.randint(0, hw, (batch, s), generator=gen)
+    return torch.arange(hw).expand(batch, hw)
 
 
 def _patches_at(x: torch.Tensor, conv: torch.nn.Conv2d, b_idx: torch.Tensor, oh: torch.Tensor,
@@ -148,6 +180,7 @@ class _LayerRecorder:
         self.name, self.unit, self.point, self.spatial, self.s = name, unit, point, spatial, s
         self.gen = torch.Generator().manual_seed(_layer_seed(seed, name))
         self.chunks: list[torch.Tensor] = []
+        self.per_image: int | None = None    # samples per image actually taken: min(s, H·W)
         conv = unit.conv
         self.want_patches = (patch_moments and point == "pre_bn" and conv.groups == 1
                              and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= max_patch_dim)
@@ -181,11 +214,16 @@ class _LayerRecorder:
             samples = y.float().mean(dim=(2, 3))                                   # [B, C]
             self._pos = None
         else:
-            pos = _sample_positions(B, H * W, self.s, self.gen).to(y.device)      # [B, s]
+            pos = _sample_positions(B, H * W, self.s, self.gen).to(y.device)      # [B, k], k = min(s, H·W)
+            k = pos.shape[1]
+            if self.per_image not in (None, k):
+                raise UserError(f"layer {self.name}: its feature map changed size between batches "
+                                f"({self.per_image} vs {k} samples per image); use one image size")
             flat = y.float().reshape(B, C, H * W)
-            samples = flat.gather(2, pos[:, None, :].expand(B, C, self.s))          # [B, C, s]
-            samples = samples.permute(0, 2, 1).reshape(B * self.s, C)
+            samples = flat.gather(2, pos[:, None, :].expand(B, C, k))              # [B, C, k]
+            samples = samples.permute(0, 2, 1).reshape(B * k, C)
             self._pos = (pos, H, W)
+        self.per_image = samples.shape[0] // B
         self.chunks.append(samples.cpu())
         if self.want_patches and self.spatial == "sample":
             self._pending_y = samples
@@ -209,11 +247,12 @@ class _LayerRecorder:
             return
         pos, H, W = self._pos
         B = pos.shape[0]
-        b_idx = torch.arange(B, device=pos.device).repeat_interleave(self.s)
+        k = pos.shape[1]
+        b_idx = torch.arange(B, device=pos.device).repeat_interleave(k)
         flat = pos.reshape(-1)
         x = _patches_at(self._input.float(), self.unit.conv, b_idx, flat // W, flat % W).double()
         y = self._pending_y.double()
-        t = t_img.to(x.device).double().repeat_interleave(self.s)
+        t = t_img.to(x.device).double().repeat_interleave(k)
         if self.moments is None:
             D, C = x.shape[1], y.shape[1]
             z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
@@ -283,8 +322,10 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     acts = {name: torch.cat(r.chunks) for name, r in recorders.items()}
     patches = {name: r.moments for name, r in recorders.items() if r.moments is not None}
     knobs = dict(point=point, spatial=spatial, samples_per_image=s, target=target, seed=int(seed))
+    per_image = {name: int(r.per_image if r.per_image is not None else s) for name, r in recorders.items()}
     return Capture(acts=acts, target=torch.cat(targets), image_index=torch.cat(images), knobs=knobs,
-                   patches={k: _to_cpu(v) for k, v in patches.items()}, accuracy=correct / max(1, seen))
+                   patches={k: _to_cpu(v) for k, v in patches.items()}, accuracy=correct / max(1, seen),
+                   per_image=per_image)
 
 
 def _to_cpu(m: LayerPatchMoments) -> LayerPatchMoments:
@@ -310,7 +351,7 @@ def save_capture(capture: Capture, path: Path, identity: dict | None = None) -> 
     from axes_pipeline.runs import atomic_path
 
     blob = {"acts": capture.acts, "target": capture.target, "image_index": capture.image_index,
-            "knobs": capture.knobs, "accuracy": capture.accuracy, "identity": identity,
+            "knobs": capture.knobs, "accuracy": capture.accuracy, "identity": identity, "per_image": capture.per_image,
             "patches": {k: {f: getattr(v, f) for f in (*PATCH_FIELDS, "n", "rows_xx")}
                         for k, v in capture.patches.items()}}
     with atomic_path(path) as tmp:
@@ -328,4 +369,5 @@ def load_capture(path: Path, identity: dict | None = None) -> Capture | None:
         return None
     patches = {k: LayerPatchMoments(**v) for k, v in blob["patches"].items()}
     return Capture(acts=blob["acts"], target=blob["target"], image_index=blob["image_index"],
-                   knobs=blob["knobs"], patches=patches, accuracy=blob["accuracy"])
+                   knobs=blob["knobs"], patches=patches, accuracy=blob["accuracy"],
+                   per_image=blob.get("per_image", {}))

@@ -30,7 +30,14 @@ from axes_pipeline.models.layers import (
     example_input,
     is_depthwise,
 )
-from axes_pipeline.models.weights import LoadReport, hub_cache_file, load_weights, resolve_weights
+from axes_pipeline.models.weights import (
+    LoadReport,
+    download_weights,
+    hub_cache_file,
+    hub_checkpoints,
+    load_weights,
+    resolve_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,10 @@ __all__ = [
     "conv_norm_pairs",
     "default_image_size",
     "depth_spaced_layers",
+    "download_weights",
     "example_input",
     "hub_cache_file",
+    "hub_checkpoints",
     "is_depthwise",
     "load_weights",
     "model_knobs",
@@ -71,26 +80,36 @@ def build_model(
     width: float = 1.0,
     pretrained: bool = False,
     weights: str | None = None,
+    from_scratch: bool = False,
     **knobs: Any,
 ) -> nn.Module:
     """Build backbone ``name`` for ``num_classes`` classes with channel multiplier ``width``.
 
     ``pretrained=True`` loads ImageNet weights from ``weights`` (a local state_dict / torchvision
-    ``.pth`` file, or a torchvision tag such as ``IMAGENET1K_V1`` found in the hub cache) or, with
-    ``weights=None``, from torchvision's hub cache if the file is already there; nothing is
-    downloaded. Giving ``weights`` implies ``pretrained``. The classifier and shape-mismatched
-    tensors are skipped; the :class:`LoadReport` is logged and kept as
-    ``model.pretrained_report``. ``knobs`` are the backbone's own options
-    (:func:`model_knobs`). Every mistake raises :class:`UserError` before anything is built.
+    ``.pth`` file, or a torchvision tag such as ``IMAGENET1K_V1``) or, with ``weights=None``,
+    torchvision's default ImageNet weights: from the hub cache, downloaded there on first use
+    where a network is reachable (:func:`~axes_pipeline.models.weights.resolve_weights`).
+    Giving ``weights`` implies ``pretrained``. The classifier and shape-mismatched tensors are
+    skipped; the :class:`LoadReport` is logged and kept as ``model.pretrained_report``.
+    ``from_scratch=True`` (``experiment=dynamics``) refuses any pretrained weights: H2 measures
+    training from a random initialisation. ``knobs`` are the backbone's own options
+    (:func:`model_knobs`). Every mistake raises :class:`UserError` before anything is built or
+    downloaded.
     """
     if name not in BUILDERS:
         raise unknown_name("model", str(name), MODEL_NAMES)
+    wants_weights = bool(pretrained) or weights not in (None, "")
+    if from_scratch and wants_weights:
+        raise UserError(
+            "experiment=dynamics trains from random initialisation (H2, METHODS §6: epoch 0 must be the "
+            "untrained network); drop model.pretrained=true / model.weights, or use another experiment"
+        )
     valid = model_knobs(name)
     unknown = sorted(set(knobs) - set(valid))
     if unknown:
         raise UserError(
             f"unknown option(s) {', '.join(unknown)} for model {name}; valid: "
-            f"{', '.join(sorted(valid)) or '(none)'}, plus width, pretrained, weights"
+            f"{', '.join(sorted(valid)) or '(none)'}, plus width, pretrained, weights, from_scratch"
         )
     try:
         width = float(width)
@@ -105,7 +124,11 @@ def build_model(
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
 
     path = None
-    if pretrained or weights is not None:
+    if wants_weights:
+        local = weights not in (None, "") and not str(weights).isupper()
+        if not local and width != 1.0:   # refuse before a download that could not be used
+            raise UserError(f"torchvision's ImageNet weights fit model.width=1.0 only, got model.width={width}; "
+                            "set model.pretrained=false or model.width=1.0")
         path = resolve_weights(name, None if weights in (None, "") else str(weights))
 
     model = BUILDERS[name](num_classes=num_classes, width=width, **knobs)

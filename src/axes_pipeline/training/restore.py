@@ -72,16 +72,29 @@ def expected_meta(cfg: DictConfig, num_classes: int) -> dict:
             "data": cfg.data.name, "image_size": int(cfg.data.image_size)}
 
 
+def architecture(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    """The backbone of ``cfg`` without initial weights: a checkpoint is about to overwrite every
+    tensor, so fetching ImageNet weights (``model.pretrained``/``model.weights``, which headline
+    experiments set) would only cost a download, or fail offline, for nothing."""
+    from omegaconf import open_dict
+
+    bare = cfg.copy()
+    with open_dict(bare):
+        bare.model.pretrained = False
+        bare.model.weights = None
+    return instantiate_model(bare, num_classes)
+
+
 def restore_trained(cfg: DictConfig, ckpt: Path | None = None) -> Trained:
     """Datamodule + backbone with the run's weights (eval mode, CPU); checks meta matches."""
     out, found = locate_run(cfg)
     ckpt = Path(ckpt) if ckpt is not None else found
     dm = build_datamodule(cfg)
     dm.check()
-    model = instantiate_model(cfg, dm.num_classes)
+    model = architecture(cfg, dm.num_classes)
     meta = load_into(model, ckpt, expect=expected_meta(cfg, dm.num_classes))
     model.eval()
     return Trained(run_dir=out, ckpt=ckpt, model=model, datamodule=dm, meta=meta)
 
 
-__all__ = ["Trained", "check_finished", "expected_meta", "locate_run", "restore_trained", "read_checkpoint"]
+__all__ = ["Trained", "architecture", "check_finished", "expected_meta", "locate_run", "restore_trained", "read_checkpoint"]
