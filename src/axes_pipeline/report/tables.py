@@ -244,14 +244,15 @@ def headline(per_seed: pd.DataFrame, *, min_n: int, n_boot: int, method: str, se
             continue
         cand = f"{len(cols['local'])} local / {len(cols['target'])} target"
         bl, bt = _best(val, cols["local"]), _best(val, cols["target"])
-        comparisons = [(f"best local ({bl}) − best target ({bt}), chosen on validation (all seeds)",
+        comparisons = [(f"best local ({bl}) − best target ({bt}), chosen on validation (all seeds), measured on test",
                         test[bl], test[bt], "", SELECTED_ON)]
         if len(val) >= 2:
             a, b, picks = held_out_best(val, test, cols["local"], cols["target"])
             chosen = sorted(set(picks))
-            comparisons.append(("best local − best target, chosen on validation of the other seeds", a, b,
+            comparisons.append(("best local − best target, chosen on validation of the other seeds, measured on test",
+                                a, b,
                                 "choices: " + ", ".join(chosen), SELECTED_ON))
-        comparisons.append(("local-axis mean − target-axis mean", test[cols["local"]].mean(axis=1),
+        comparisons.append(("local-axis mean − target-axis mean, measured on test", test[cols["local"]].mean(axis=1),
                             test[cols["target"]].mean(axis=1), "", "none (no choice)"))
         group_rows = []
         for label, a, b, note, chosen_on in comparisons:
