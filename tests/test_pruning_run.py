@@ -102,7 +102,9 @@ def test_prune_end_to_end(run, no_axes_module):
     assert s["flops_auc_grid"]["off_target_points"] == 0
     assert s["sweeps"]["ixy_minus_red_b"]["best"]["chosen_on"] == "val"
     text = (out / "prune_summary.json").read_text()
-    assert "NaN" not in text and s["curves_sha256"]
+    import hashlib
+
+    assert "NaN" not in text and s["curves_sha256"] == hashlib.sha256((out / "prune_curves.csv").read_bytes()).hexdigest()
     assert set(s["axis_means"]) == {"local", "target", "mixed", "baseline"}
     assert [p["param"] for p in s["sweeps"]["ixy_minus_red_b"]["points"]] == [0.0, 0.3]
     assert s["config"]["pruning"]["tolerance"] == 0.005 and s["allocation"] == "global"

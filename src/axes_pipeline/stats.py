@@ -246,7 +246,8 @@ def grid_aucs(curves, acc_cols: Sequence[str], base_of, *, mode: str, tolerance:
     if mode == "flops":
         on = (achieved - target).abs() <= tolerance + 1e-12
         out["off_target"] = int((~on).sum())
-        df = df.assign(_x=1.0 - target)[on]
+        # rounded as the grid is: 1 − 0.9 is 0.09999999999999998, the grid should read 0.1
+        df = df.assign(_x=(1.0 - target).round(12))[on]
     else:
         df = df.assign(_x=1.0 - achieved)
     points, reaches = {}, []
@@ -271,7 +272,7 @@ def grid_aucs(curves, acc_cols: Sequence[str], base_of, *, mode: str, tolerance:
     if not points:
         out["note"] = "no curve has a point within tolerance of a target; no AUC"
         return out
-    grid = shared_grid([1.0 - t for t in targets], reaches)
+    grid = shared_grid([round(1.0 - t, 12) for t in targets], reaches)
     if grid.size < 2:
         out["note"] = "the curves share no removed-FLOPs interval; no AUC"
         return out
