@@ -32,11 +32,14 @@ def fake_run(root: Path, seed: int, *, local_gain: float, epochs: int = 20, prun
                                   ("task_info", "target", 0.0), ("l1", "baseline", 0.01)):
             for t in TARGETS:
                 acc = 0.96 * t ** 0.5 + gain + rng.normal(0, 0.002)
-                rows.append({"score": score, "axis": axis, "draw": 0, "target_flops": t, "achieved_flops": t + 0.001,
-                             "acc_before_ft": acc})
+                # validation follows test closely, as on a real run: the choice is made on it
+                rows.append({"score": score, "axis": axis, "draw": 0, "target_flops": t, "target_channels": np.nan,
+                             "achieved_flops": t + 0.001, "acc_before_ft": acc,
+                             "val_acc_before_ft": acc + rng.normal(0, 0.001)})
         (run / "prune").mkdir()
         pd.DataFrame(rows).to_csv(run / "prune" / "prune_curves.csv", index=False)
-        (run / "prune" / "prune_summary.json").write_text(json.dumps({"unpruned_acc": 0.96}))
+        (run / "prune" / "prune_summary.json").write_text(json.dumps({"unpruned_acc": 0.96, "unpruned_val_acc": 0.97,
+                                                                       "targets": TARGETS}))
     if analyze:
         (run / "analyze").mkdir()
         pd.DataFrame({"layer": ["conv1", "layer1.0.conv1"], "layer_index": [0, 1], "channels": [16, 16],
@@ -109,7 +112,8 @@ def test_seeds_pruned_differently_are_never_paired(tmp_path):
         run = fake_run(tmp_path, s, local_gain=0.05)
         alloc = "global" if s <= 2 else "uniform"
         (run / "prune" / "prune_summary.json").write_text(_json.dumps(
-            {"unpruned_acc": 0.96, "config": {"pruning": {"allocation": alloc, "mode": "flops"}}}))
+            {"unpruned_acc": 0.96, "unpruned_val_acc": 0.97,
+             "config": {"pruning": {"allocation": alloc, "mode": "flops"}}}))
     _, summary = _report(tmp_path)
     assert any("pruning.allocation" in n for n in summary["notices"])
     head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
@@ -165,3 +169,74 @@ def test_launcher_configs_compose(launcher, tmp_path):
             assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.tasks_per_node == 1
     else:
         assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+# ------------------------------------------------------------------ selection split, damaged curves
+
+
+def _per_seed(root: Path):
+    from axes_pipeline.report import tables
+    from axes_pipeline.report.collect import discover, group_runs
+
+    groups, _ = group_runs(discover([root / "multirun" / "demo"]))
+    return groups, tables.auc_per_seed(groups, "acc_before_ft")
+
+
+def test_best_score_is_chosen_on_validation_not_test(tmp_path):
+    from axes_pipeline.report import tables
+
+    for s in (1, 2, 3, 4):
+        fake_run(tmp_path, s, local_gain=0.0)
+    # hull_score is the better local score on validation, input_capture on test
+    for curves in tmp_path.rglob("prune_curves.csv"):
+        d = pd.read_csv(curves)
+        d.loc[d.score == "hull_score", "val_acc_before_ft"] += 0.03
+        d.to_csv(curves, index=False)
+    _, per_seed = _per_seed(tmp_path)
+    kw = dict(min_n=3, n_boot=200, method="wilcoxon")
+    head = tables.headline(per_seed, **kw)
+    best = head[head.comparison.str.startswith("best local (")].iloc[0]
+    assert "hull_score" in best.comparison and best.selected_on == "val" and best.measured_on == "test"
+    # changing only the test accuracies never changes the choice
+    for curves in tmp_path.rglob("prune_curves.csv"):
+        d = pd.read_csv(curves)
+        d.loc[d.score == "input_capture", "acc_before_ft"] += 0.2
+        d.to_csv(curves, index=False)
+    _, per_seed2 = _per_seed(tmp_path)
+    head2 = tables.headline(per_seed2, **kw)
+    assert list(head2.comparison) == list(head.comparison)
+    held = head2[head2.comparison.str.contains("other seeds")].iloc[0]
+    assert "choices: hull_score/task_info" == held.note.split("; ")[-1]
+    assert head2.p_holm.notna().all() and (head2.p_holm >= head2.p_value - 1e-12).all()   # all in the Holm family
+
+
+def test_damaged_curves_are_listed_not_dropped_silently(tmp_path):
+    from axes_pipeline.report import tables
+
+    runs = [fake_run(tmp_path, s, local_gain=0.0) for s in (1, 2, 3)]
+    bad = runs[1] / "prune" / "prune_curves.csv"
+    d = pd.read_csv(bad)
+    d.loc[3, "acc_before_ft"] = np.nan
+    d.to_csv(bad, index=False)
+    old = runs[2] / "prune" / "prune_curves.csv"                 # curves from before selection on validation
+    pd.read_csv(old).drop(columns=["val_acc_before_ft"]).to_csv(old, index=False)
+    groups, per_seed = _per_seed(tmp_path)
+    assert sorted(per_seed.seed.unique()) == [1]
+    skipped = dict(tables.skipped_prune_runs(groups, "acc_before_ft"))
+    assert set(skipped) == {str(runs[1]), str(runs[2])}
+    assert "acc_before_ft holds 1 NaN" in skipped[str(runs[1])] and "val_acc_before_ft" in skipped[str(runs[2])]
+
+
+def test_curves_from_another_prune_run_than_the_summary_are_skipped(tmp_path):
+    import hashlib
+
+    from axes_pipeline.report import tables
+
+    run = fake_run(tmp_path, 1, local_gain=0.0)
+    summary = json.loads((run / "prune" / "prune_summary.json").read_text())
+    summary["curves_sha256"] = hashlib.sha256(b"other curves").hexdigest()
+    (run / "prune" / "prune_summary.json").write_text(json.dumps(summary))
+    groups, per_seed = _per_seed(tmp_path)
+    assert per_seed.empty
+    (why,) = [w for _, w in tables.skipped_prune_runs(groups, "acc_before_ft")]
+    assert "does not match prune_summary.json" in why

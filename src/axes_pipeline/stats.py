@@ -7,7 +7,8 @@ intervals.
 
 What uses what (METHODS §8, §9):
 
-- pruning curves → :func:`flops_auc`, :func:`flops_auc_relative`;
+- pruning curves → :func:`shared_grid` and :func:`flops_auc_on_grid` (every score of a comparison
+  over one removed-FLOPs interval); :func:`flops_auc` is the plain area over a curve's own span;
 - headline comparison (best local vs best target score, paired across seeds) →
   :func:`compare_paired` (which wraps :func:`paired_bootstrap_ci`, :func:`paired_test`,
   :func:`effect_size_paired`), corrected over several scores with :func:`holm`;
@@ -38,12 +39,15 @@ __all__ = [
     "compare_paired",
     "effect_size_paired",
     "flops_auc",
+    "flops_auc_on_grid",
+    "grid_aucs",
     "flops_auc_relative",
     "holm",
     "incremental_r2",
     "mean_sd",
     "paired_bootstrap_ci",
     "paired_test",
+    "shared_grid",
     "spearman",
 ]
 
@@ -145,6 +149,141 @@ def flops_auc(removed_frac, acc) -> float:
     uy = np.bincount(inv, weights=y) / np.bincount(inv)
     area = float(np.sum(np.diff(ux) * (uy[1:] + uy[:-1]) / 2.0))
     return area / float(ux[-1] - ux[0])
+
+
+def shared_grid(removed_targets, reaches=None) -> np.ndarray:
+    """The removed-FLOPs grid every curve of one comparison is integrated over (METHODS §9).
+
+    ``removed_targets: [k]`` the targets as removed fractions (1 − retained); the unpruned network
+    adds 0. ``reaches``: the largest removed fraction each curve covers (``channel_fraction``
+    mode, or a ``flops`` curve whose last target was missed); the grid then ends at the smallest
+    reach, which becomes its last point, so no curve is extrapolated and all share one interval.
+
+    Dividing each curve's area by its *own* span made two identical accuracy curves of different
+    reach get different AUCs; one interval for all removes that.
+    """
+    t = _vec(np.asarray(removed_targets, dtype=float).ravel(), "removed_targets")
+    grid = np.unique(np.concatenate([[0.0], t[np.isfinite(t)]]))
+    if reaches is not None:
+        r = _vec(np.asarray(reaches, dtype=float).ravel(), "reaches")
+        if r.size:
+            end = float(np.min(r)) if np.isfinite(r).all() else math.nan
+            if not np.isfinite(end):
+                raise ValueError("a curve has no reach (no finite point)")
+            grid = np.unique(np.concatenate([grid[grid < end], [end]]))
+    return grid
+
+
+def flops_auc_on_grid(removed_frac, acc, grid) -> float:
+    """Mean accuracy over the interval ``[grid[0], grid[-1]]``: the curve is linearly interpolated
+    at every grid point, then trapezoidal area / interval length.
+
+    ``removed_frac, acc: [k]`` the curve's points (include the unpruned point at 0 yourself; NaN
+    pairs dropped, repeated x averaged); ``grid: [g]`` from :func:`shared_grid`, the same for every
+    curve that is compared. Raises ``ValueError`` when the grid has fewer than two points or the
+    curve does not cover it (no extrapolation: an AUC over a range a curve never reached would be
+    invented).
+    """
+    g = np.unique(_vec(np.asarray(grid, dtype=float).ravel(), "grid"))
+    if g.size < 2:
+        raise ValueError(f"the FLOPs-AUC grid needs at least 2 points, got {g.size}")
+    x, y, _ = _paired(removed_frac, acc)
+    ux, inv = np.unique(x, return_inverse=True)
+    if ux.size == 0:
+        raise ValueError("the curve has no point")
+    uy = np.bincount(inv, weights=y) / np.bincount(inv)
+    # a grid built from the same numbers matches exactly; the slack only absorbs float noise
+    eps = 1e-9
+    if ux[0] > g[0] + eps or ux[-1] < g[-1] - eps:
+        raise ValueError(f"the curve covers removed FLOPs [{ux[0]:.4g}, {ux[-1]:.4g}], not the grid "
+                         f"[{g[0]:.4g}, {g[-1]:.4g}]")
+    gy = np.interp(g, ux, uy)
+    area = float(np.sum(np.diff(g) * (gy[1:] + gy[:-1]) / 2.0))
+    return area / float(g[-1] - g[0])
+
+
+#: what stops a sweep from having a FLOPs-AUC (written in the summary instead of a NaN)
+TOO_FEW_TARGETS = "FLOPs-AUC needs at least two targets"
+
+
+def grid_aucs(curves, acc_cols: Sequence[str], base_of, *, mode: str, tolerance: float,
+              by: Sequence[str] = ("score", "draw"), targets=None) -> dict:
+    """FLOPs-AUC of every curve of one comparison over one shared removed-FLOPs grid (METHODS §9).
+
+    ``curves``: a DataFrame of pruning points with ``target_flops`` / ``target_channels``,
+    ``achieved_flops`` and the ``acc_cols``; a curve is one value of the ``by`` columns (score and
+    random draw; the report adds the seed). ``base_of(key) -> {acc_col: unpruned accuracy}`` gives
+    the unpruned point at 0 removed FLOPs of each curve. ``targets``: the retained fractions of the
+    sweep (default: those in ``curves``).
+
+    - ``mode="flops"``: a point sits at its target's removed fraction (1 − target) when its
+      achieved FLOPs are within ``tolerance`` of the target; a point further off is dropped and
+      counted (``off_target``): it measures another budget than the other scores' points.
+    - ``mode="channel_fraction"``: a point sits at its achieved removed FLOPs and the curve is
+      interpolated onto the grid (scores reach different FLOPs at one channel fraction).
+
+    The grid is :func:`shared_grid` of the targets, ending at the shortest reach of any curve.
+    Returns ``{"grid": [..] | None, "aucs": {key: {acc_col: float | None}}, "off_target": n,
+    "note": "" | why there is no AUC, "no_auc": {key: reason}}``. With fewer than two targets
+    nothing is integrated (never a NaN): every AUC is None and ``note`` says why.
+    """
+    import pandas as pd  # only here: the rest of the module needs numpy/scipy alone
+
+    by = list(by)
+    target_col = "target_flops" if mode == "flops" else "target_channels"
+    df = curves.copy()
+    if targets is None:
+        targets = pd.to_numeric(df[target_col], errors="coerce").dropna().unique() if target_col in df else []
+    targets = sorted({float(t) for t in targets})
+    keys = [k if isinstance(k, tuple) else (k,) for k, _ in df.groupby(by, sort=True)] if len(df) else []
+    out = {"grid": None, "aucs": {k: {c: None for c in acc_cols} for k in keys}, "off_target": 0,
+           "note": "", "no_auc": {}}
+    if len(targets) < 2:
+        out["note"] = f"{len(targets)} target(s): {TOO_FEW_TARGETS}; the points are written, no AUC"
+        return out
+    target = pd.to_numeric(df[target_col], errors="coerce")
+    achieved = pd.to_numeric(df["achieved_flops"], errors="coerce")
+    if mode == "flops":
+        on = (achieved - target).abs() <= tolerance + 1e-12
+        out["off_target"] = int((~on).sum())
+        # rounded as the grid is: 1 − 0.9 is 0.09999999999999998, the grid should read 0.1
+        df = df.assign(_x=(1.0 - target).round(12))[on]
+    else:
+        df = df.assign(_x=1.0 - achieved)
+    points, reaches = {}, []
+    for k, d in (df.groupby(by, sort=True) if len(df) else []):
+        k = k if isinstance(k, tuple) else (k,)
+        base = base_of(k)
+        per = {}
+        for c in acc_cols:
+            ok = d[c].notna() & d["_x"].notna()
+            x = np.concatenate([[0.0], d.loc[ok, "_x"].to_numpy(float)])
+            y = np.concatenate([[float(base.get(c, np.nan))], d.loc[ok, c].to_numpy(float)])
+            per[c] = (x, y)
+        reach = min(float(np.max(x)) for x, _ in per.values())
+        if reach <= 0 or not all(np.isfinite(y[0]) for _, y in per.values()):
+            out["no_auc"][k] = "no point within tolerance" if reach <= 0 else "no unpruned accuracy"
+            continue
+        points[k] = per
+        reaches.append(reach)
+    for k in keys:
+        if k not in points and k not in out["no_auc"]:
+            out["no_auc"][k] = "no point within tolerance"
+    if not points:
+        out["note"] = "no curve has a point within tolerance of a target; no AUC"
+        return out
+    grid = shared_grid([round(1.0 - t, 12) for t in targets], reaches)
+    if grid.size < 2:
+        out["note"] = "the curves share no removed-FLOPs interval; no AUC"
+        return out
+    out["grid"] = [float(g) for g in grid]
+    for k, per in points.items():
+        for c, (x, y) in per.items():
+            try:
+                out["aucs"][k][c] = flops_auc_on_grid(x, y, grid)
+            except ValueError as err:   # a column with fewer points than the others
+                out["no_auc"][k] = str(err)
+    return out
 
 
 def flops_auc_relative(removed_frac, acc, base_acc: float) -> float:

@@ -323,7 +323,34 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
             row[f"recovery_{v}_median"] = float(np.nanmedian(r)) if np.isfinite(r).any() else math.nan
         per_layer[name] = row
     summary["per_layer"] = per_layer
+    summary["replaceability_spearman"] = replaceability_spearman(live)
     return binned_df, summary
+
+
+#: the local-axis replaceability columns whose direction the lesions check (METHODS §8, §9)
+REPLACEABILITY = ("hull_score", "peer_overlap")
+
+
+def replaceability_spearman(live: pd.DataFrame) -> dict:
+    """Within each layer, Spearman between zero-lesion damage (loss) and replaceability.
+
+    The pruning scores treat replaceability (E_full/max(1,|H|), R̄_X) as *removability*: a
+    channel its peers stand in for should hurt less when zeroed, so these ρ should be negative.
+    Within a layer only: layers differ in damage scale. ``{column: {"per_layer": {layer: ρ},
+    "mean": mean ρ over layers, "layers_negative": count}}``; ``expected_sign``: -1.
+    """
+    from axes_pipeline.stats import spearman
+
+    out: dict = {"expected_sign": -1, "damage": "damage_loss"}
+    for col in REPLACEABILITY:
+        if col not in live:
+            continue
+        per = {name: spearman(g["damage_loss"].to_numpy(float), g[col].to_numpy(float))[0]
+               for name, g in live.groupby("layer", sort=False)}
+        vals = np.array([v for v in per.values() if np.isfinite(v)])
+        out[col] = {"per_layer": per, "mean": float(vals.mean()) if vals.size else math.nan,
+                    "layers_negative": int((vals < 0).sum()), "layers": int(vals.size)}
+    return out
 
 
 def _nanmean(x) -> float:
