@@ -65,7 +65,7 @@ def test_constant_local_advantage_gives_ci_above_zero(tmp_path):
               "headline.png", "alignment_depth.png"):
         assert (out / f).is_file(), f
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64," in html and "<table>" in html
+    assert "data:image/png;base64," in html and "<table class=\"report\">" in html
 
 
 def test_identical_axes_give_p_one(tmp_path):
