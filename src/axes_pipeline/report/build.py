@@ -162,8 +162,8 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
     # every input left out (read after the tables and figures, which are what read the inputs)
     skipped = skipped + skipped_inputs(runs)
     ctx = page_context(cfg, roots, groups, notices, t, figs, skipped)
-    write_text(out / "report.md", render("report.md.j2", ctx, figs, html=False))
-    write_text(out / "report.html", render("report.html.j2", ctx, figs, html=True))
+    write_text(out / "report.md", render_markdown(ctx, figs))
+    write_text(out / "report.html", render_html(ctx, figs))
     summary = {"roots": [str(r) for r in roots], "groups": {g: [r.seed for r in rs] for g, rs in groups.items()},
                "notices": notices, "skipped": skipped, "headline": t["headline"].to_dict(orient="records"),
                "inputs": {str(r.path / rel): digest for r in runs for rel, digest in sorted(r.inputs.items())},
@@ -585,6 +585,16 @@ def _code(text: str) -> Markup:
 
 
 _ENV.filters["code"] = _code
+
+
+def render_markdown(ctx: dict, figs: dict[str, Path]) -> str:
+    """``report.md``: tables in markdown, figures linked by file name."""
+    return render("report.md.j2", ctx, figs, html=False)
+
+
+def render_html(ctx: dict, figs: dict[str, Path]) -> str:
+    """``report.html``: one self-contained page, figures inlined."""
+    return render("report.html.j2", ctx, figs, html=True)
 
 
 def render(template: str, ctx: dict, figs: dict[str, Path], *, html: bool) -> str:
