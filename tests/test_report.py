@@ -65,7 +65,7 @@ def test_constant_local_advantage_gives_ci_above_zero(tmp_path):
               "headline.png", "alignment_depth.png"):
         assert (out / f).is_file(), f
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64," in html and "<table class=\"report\">" in html
+    assert "data:image/png;base64," in html and "class=\"report\"" in html
 
 
 def test_identical_axes_give_p_one(tmp_path):
@@ -233,6 +233,9 @@ def test_page_answers_first_and_reads_plainly(tmp_path):
 
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / name).is_file(), name
+    # the same results give the same page, byte for byte
+    _report(tmp_path)
+    assert (out / "report.html").read_text() == html and (out / "report.md").read_text() == md
 
 
 def test_report_ci_choice(tmp_path):

@@ -311,9 +311,11 @@ def _cell_style(v: str) -> str:
     return "text-align:right;font-variant-numeric:tabular-nums" if _NUMERIC.match(v) else ""
 
 
-def _html_table(df: pd.DataFrame) -> Markup:
-    """``df`` (already formatted strings) as an HTML table by pandas' Styler, cells escaped."""
-    styler = (df.style.hide(axis="index").format(escape="html").map(_cell_style)
+def _html_table(df: pd.DataFrame, uid: str) -> Markup:
+    """``df`` (already formatted strings) as an HTML table by pandas' Styler, cells escaped.
+    ``uid`` names the table's cell styles: unique on the page, and fixed (Styler's default is
+    random) so the same results give the same page."""
+    styler = (df.style.hide(axis="index").format(escape="html").map(_cell_style).set_uuid(uid)
               .set_table_attributes('class="report"'))
     return Markup(styler.to_html(doctype_html=False))
 
@@ -600,8 +602,10 @@ def render_html(ctx: dict, figs: dict[str, Path]) -> str:
 def render(template: str, ctx: dict, figs: dict[str, Path], *, html: bool) -> str:
     """One page from ``ctx``: tables as HTML (scrolling inside their box) or markdown, figures
     inlined as base64 in the HTML (one self-contained file) or linked by file name in the markdown."""
+    count = iter(range(1_000_000))
+
     def table(df):
-        return _html_table(df) if html else _md_table(df)
+        return _html_table(df, f"t{next(count)}") if html else _md_table(df)
 
     def figure(label):
         p = figs[label]
@@ -613,7 +617,8 @@ def render(template: str, ctx: dict, figs: dict[str, Path], *, html: bool) -> st
         parts = []
         for part in sec["parts"]:
             if part["kind"] == "table":
-                parts.append({**part, "html": table(part["df"]), "md": table(part["df"])})
+                rendered = table(part["df"])
+                parts.append({**part, "html": rendered, "md": rendered})
             elif part["kind"] == "figure":
                 parts.append({"kind": "figure", **figure(part["label"])})
             else:
