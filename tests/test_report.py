@@ -172,8 +172,9 @@ def test_launcher_configs_compose(launcher, tmp_path):
 
 def add_lesions_and_propagation(run: Path, seed: int) -> None:
     """A per-run lesion summary and propagation table shaped like analyze.py's."""
-    fit = lambda d: {"n": 160, "r2_base": 0.2, "r2_full": 0.2 + d, "delta_r2": d, "delta_r2_adj": d - 0.01,  # noqa: E731
-                     "ci_lo": d / 2, "ci_hi": 2 * d, "ci_adj_lo": -0.01, "ci_adj_hi": 2 * d, "p_f": 0.01, "n_boot": 200}
+    def fit(d):
+        return {"n": 160, "r2_base": 0.2, "r2_full": 0.2 + d, "delta_r2": d, "delta_r2_adj": d - 0.01,
+                "ci_lo": d / 2, "ci_hi": 2 * d, "ci_adj_lo": -0.01, "ci_adj_hi": 2 * d, "p_f": 0.01, "n_boot": 200}
     summary = {"base_loss": 0.3, "layers": 2, "channels_lesioned": 16,
                "spearman_overall": {"input_capture": 0.1, "task_info": 0.3},
                "binned_rho_mean": {"input_capture": 0.05 + 0.01 * seed, "task_info": 0.2},

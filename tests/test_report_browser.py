@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -34,8 +33,10 @@ console.error = function () { window.__errors.push('console.error: ' + [].join.c
 window.addEventListener('load', function () {
   var imgs = [].slice.call(document.images), h = window.innerHeight;
   var out = {images: imgs.length,
-             undecoded: imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).map(function (i) { return i.alt; }),
-             first_screen: imgs.filter(function (i) { return i.getBoundingClientRect().top < h; }).map(function (i) { return i.alt; }),
+             undecoded: imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
+                            .map(function (i) { return i.alt; }),
+             first_screen: imgs.filter(function (i) { return i.getBoundingClientRect().top < h; })
+                               .map(function (i) { return i.alt; }),
              page_wider_than_window: document.documentElement.scrollWidth > document.documentElement.clientWidth,
              errors: window.__errors};
   var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);

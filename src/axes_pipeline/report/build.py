@@ -35,7 +35,7 @@ from axes_pipeline.report import figures, tables
 from axes_pipeline.report.collect import (discover, group_runs, require_runs, resolve_roots, skipped_inputs,
                                          split_by_pruning)
 from axes_pipeline.runs import write_csv, write_json, write_text
-from axes_pipeline.stats import CI_METHODS
+from axes_pipeline.stats import CI_METHODS, compare_paired
 from axes_pipeline.tracking import StageTracker
 
 TESTS = ("wilcoxon", "permutation")
@@ -209,7 +209,7 @@ def _ci_kwarg(ci: str) -> dict:
     rather than silently ignored."""
     if "ci" in inspect.signature(tables.headline).parameters:
         return {"ci": ci}
-    default = inspect.signature(tables.compare_paired).parameters["ci"].default
+    default = inspect.signature(compare_paired).parameters["ci"].default
     if ci != default:
         raise UserError(f"report.ci={ci} is not available yet: the headline table computes {default} intervals "
                         f"only (use report.ci={default})")

@@ -64,7 +64,8 @@ def pruning_curves(acc: pd.DataFrame, group: str, path: Path, ylabel: str = "acc
             st = styles[score]
             ax.plot(x, y, color=st["color"], ls=st["ls"], marker=st["marker"], ms=4, lw=st["lw"], alpha=st["alpha"],
                     zorder=st["zorder"], label=st["label"])
-            if axis in ("local", "target") and best.get(axis) == score and c.get("acc_sd", pd.Series(dtype=float)).notna().any():
+            emphasised = axis in ("local", "target") and best.get(axis) == score
+            if emphasised and "acc_sd" in c and c["acc_sd"].notna().any():
                 sd = c["acc_sd"].fillna(0)
                 ax.fill_between(x, y - sd, y + sd, color=st["color"], alpha=0.15, lw=0, zorder=1)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
