@@ -409,3 +409,56 @@ def test_grid_aucs_with_one_target_gives_no_auc_and_says_why():
     res = S.grid_aucs(df, ["acc"], lambda k: {"acc": 0.9}, mode="flops", tolerance=0.005, targets=[0.5])
     assert res["aucs"] == {("a", 0): {"acc": None}} and res["grid"] is None
     assert "at least two targets" in res["note"] and "\n" not in res["note"]
+
+
+# ----------------------------------------------------------------------------- scipy vs the former hand-written code
+
+
+def _old_percentile_ci(d, n_boot, seed, level=0.95):
+    """The hand-written percentile bootstrap this module used before scipy.stats.bootstrap."""
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    return np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+
+
+def _old_signflip_exact(d):
+    import itertools
+
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
+    return float(np.mean(np.abs(signs @ d) >= abs(d.sum()) * (1 - 1e-12)))
+
+
+@pytest.mark.parametrize("n", [5, 12, 40])
+def test_scipy_bootstrap_agrees_with_former_percentile_within_mc_error(n):
+    rng = np.random.default_rng(n)
+    d = rng.normal(0.02, 0.01, size=n)
+    old_lo, old_hi = _old_percentile_ci(d, 20000, seed=1)
+    _, lo, hi = S.paired_bootstrap_ci(d, np.zeros(n), n_boot=20000, seed=2, method="percentile")
+    # Monte-Carlo error of a 2.5% quantile of 20,000 draws is well below a tenth of the CI width
+    width = old_hi - old_lo
+    assert lo == pytest.approx(old_lo, abs=0.05 * width) and hi == pytest.approx(old_hi, abs=0.05 * width)
+    # BCa: the same interval up to its skew correction (a mean of near-normal data is hardly skewed)
+    _, blo, bhi = S.paired_bootstrap_ci(d, np.zeros(n), n_boot=20000, seed=2)
+    assert blo == pytest.approx(old_lo, abs=0.15 * width) and bhi == pytest.approx(old_hi, abs=0.15 * width)
+
+
+def test_bca_corrects_skew_and_methods_are_named():
+    # one large difference among small ones: a right-skewed bootstrap distribution of the mean;
+    # BCa moves both ends to the right of the percentile interval
+    d = np.array([0.01, 0.012, 0.008, 0.011, 0.009, 0.010, 0.013, 0.2])
+    _, plo, phi = S.paired_bootstrap_ci(d, np.zeros(8), n_boot=5000, seed=0, method="percentile")
+    _, blo, bhi = S.paired_bootstrap_ci(d, np.zeros(8), n_boot=5000, seed=0, method="bca")
+    assert blo > plo and bhi > phi
+    assert compare_paired(d, np.zeros(8))["ci_method"] == "bca"
+    assert compare_paired(d, np.zeros(8), ci="percentile")["ci_lo"] == pytest.approx(plo, rel=0.2)
+    with pytest.raises(ValueError, match="unknown CI method"):
+        S.paired_bootstrap_ci(d, np.zeros(8), method="studentized")
+    with pytest.raises(ValueError, match="unknown CI method"):
+        compare_paired(d, np.zeros(8), ci="bc")
+
+
+def test_scipy_signflip_equals_former_enumeration():
+    rng = np.random.default_rng(3)
+    for n in (3, 6, 10):
+        d = rng.normal(0.1, 1.0, size=n)
+        assert S.paired_test(d, np.zeros(n), method="permutation") == pytest.approx(_old_signflip_exact(d), abs=1e-12)
