@@ -30,7 +30,7 @@ def _cfg(run, *extra):
 
 @pytest.fixture
 def run(tiny_run, tmp_path):
-    """A private copy of the tiny trained run (checkpoints only), so tests do not share prune/."""
+    """A private copy of the tiny trained run (checkpoints and summary), so tests do not share prune/."""
     import shutil
 
     root, overrides = tiny_run
@@ -38,6 +38,7 @@ def run(tiny_run, tmp_path):
     dst = Path(make_cfg("train", overrides, tmp_path).paths.run_dir)
     dst.mkdir(parents=True)
     shutil.copytree(src / "checkpoints", dst / "checkpoints", ignore=shutil.ignore_patterns("epoch_*"))
+    shutil.copy2(src / "train_summary.json", dst / "train_summary.json")   # a finished run (partial ones are refused)
     return tmp_path, overrides
 
 

@@ -322,14 +322,9 @@ def test_report_ci_choice(tmp_path):
     _report(tmp_path)
     head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
     assert (head.ci_method == "bca").all()
-    # percentile: used where the headline table takes a CI choice, else refused (never silently ignored)
-    try:
-        _report(tmp_path, "report.ci=percentile")
-    except UserError as err:
-        assert "report.ci=percentile is not available yet" in str(err)
-    else:
-        head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
-        assert (head.ci_method == "percentile").all()
+    _report(tmp_path, "report.ci=percentile")
+    head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
+    assert (head.ci_method == "percentile").all()
 
 
 def test_pruning_curve_lines_are_named_and_best_emphasised():

@@ -14,7 +14,6 @@ relative to the sweep.
 from __future__ import annotations
 
 import base64
-import inspect
 import math
 import os
 import re
@@ -133,7 +132,7 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
         "flops_auc_per_seed": per_seed,
         "accuracy_by_target": tables.accuracy_by_target(prune_groups, accuracy),
         "headline": tables.headline(per_seed, min_n=int(rc.min_seeds), n_boot=int(rc.n_boot), method=rc.test,
-                                    seed=int(rc.seed), **_ci_kwarg(rc.ci)),
+                                    seed=int(rc.seed), ci=rc.ci),
         "layers": _with_counts(tables.layers_table(groups), groups),
         "reference": tables.reference_table(groups),
         "lesions": tables.scalar_summary(groups, "analyze/lesion_summary.json", ""),
@@ -201,19 +200,6 @@ def _swap_in(tmp: Path, out: Path) -> None:
 # ----------------------------------------------------------------------------- rendering
 
 CI_LABEL = {"bca": "BCa", "percentile": "percentile"}
-
-
-def _ci_kwarg(ci: str) -> dict:
-    """``ci=`` for :func:`tables.headline` when it takes one. Until it does (tables.py is owned by
-    the pruning work), only the statistics' default CI can be honoured: any other choice is refused
-    rather than silently ignored."""
-    if "ci" in inspect.signature(tables.headline).parameters:
-        return {"ci": ci}
-    default = inspect.signature(compare_paired).parameters["ci"].default
-    if ci != default:
-        raise UserError(f"report.ci={ci} is not available yet: the headline table computes {default} intervals "
-                        f"only (use report.ci={default})")
-    return {}
 
 
 def fmt(x) -> str:
@@ -336,17 +322,14 @@ def _text(text: str) -> dict:
 
 
 def best_scores(auc: pd.DataFrame, group: str) -> dict[str, str]:
-    """axis → the score drawn as that axis's best in the pruning curves: the headline's choice when
-    the table says which split chose it (``selection_split``-style columns), else the highest mean
-    FLOPs-AUC over seeds (the "chosen on all seeds" row of the headline)."""
-    if auc is None or auc.empty or "flops_auc_mean" not in auc:
+    """axis → the score drawn as that axis's best in the pruning curves: the headline's choice, the
+    highest mean FLOPs-AUC on the validation split over the group's seeds (METHODS §9: chosen on
+    validation, measured on test)."""
+    key = "val_flops_auc_mean"
+    if auc is None or auc.empty or key not in auc:
         return {}
-    d = auc[auc["group"] == group]
-    split_col = next((c for c in ("split", "selection_split") if c in d), None)
-    if split_col is not None:
-        val = d[d[split_col].astype(str).str.startswith("val")]
-        d = val if not val.empty else d
-    best = d.sort_values(["flops_auc_mean", "score"], ascending=[False, True]).drop_duplicates("axis")
+    d = auc[(auc["group"] == group) & auc[key].notna()]
+    best = d.sort_values([key, "score"], ascending=[False, True]).drop_duplicates("axis")
     return dict(zip(best["axis"], best["score"]))
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 
 from axes_pipeline.report.collect import Run
 from axes_pipeline.stats import PAPER_REFERENCE, compare_paired, grid_aucs, holm, mean_sd
-from axes_pipeline.tables import DamagedTable, Schema, read_table
+from axes_pipeline.tables import DamagedTable, Schema, check_table
 
 AXES = ("local", "target")
 
@@ -58,32 +58,44 @@ def curves_schema(accuracy: str) -> Schema:
 
 def read_curves(run: Run, accuracy: str) -> tuple[pd.DataFrame | None, str | None]:
     """``(curves, None)`` for a run whose pruning results are sound; ``(None, None)`` for a run that
-    was not pruned; ``(None, reason)`` for one whose results cannot be used (the report lists it)."""
-    path = run.path / "prune" / "prune_curves.csv"
+    was not pruned; ``(None, reason)`` for one whose results cannot be used. The reason is also
+    recorded on the run (``Run.skip``), so the report lists it: never a silent drop."""
+    rel = "prune/prune_curves.csv"
+    path = run.path / rel
     if not path.is_file():
         return None, None
-    rebuild = f"python prune.py <the run's overrides>  (run {run.path})"
+    why = _curves_problem(run, accuracy)
+    if why:
+        run.skip(rel, why)
+        return None, why
+    return run.read_csv(rel), None
+
+
+def _curves_problem(run: Run, accuracy: str) -> str | None:
+    """What makes a run's pruning curves unusable for ``accuracy``, or None."""
+    rel = "prune/prune_curves.csv"
+    path = run.path / rel
     summary = run.read_json("prune/prune_summary.json")
     if not summary:
-        return None, "prune/prune_summary.json is missing (prune did not finish); rerun prune.py"
+        return "prune/prune_summary.json is missing (prune did not finish); rerun prune.py"
+    curves = run.read_csv(rel)          # the run's generic checks: schema, truncation (collect.py)
+    if curves is None:
+        return run.skipped.get(rel, f"{path} cannot be read")
+    if accuracy in curves and len(curves) and curves[accuracy].isna().all():
+        return f"prune_curves.csv has no {accuracy} (pruned without fine-tuning?)"
     try:
-        head = pd.read_csv(path, usecols=lambda c: c == accuracy)
-        if accuracy in head and len(head) and head[accuracy].isna().all():
-            return None, f"prune_curves.csv has no {accuracy} (pruned without fine-tuning?)"
-    except Exception:  # noqa: BLE001 - read_table below names what is wrong with the file
-        pass
-    try:
-        curves = read_table(path, curves_schema(accuracy), rebuild=rebuild)
+        check_table(curves, curves_schema(accuracy), path=path,
+                    rebuild=f"python prune.py <the run's overrides>  (run {run.path})")
     except DamagedTable as err:
-        return None, str(err)
+        return str(err)
     want = summary.get("curves_sha256")
     if want is not None and hashlib.sha256(path.read_bytes()).hexdigest() != want:
-        return None, "prune_curves.csv does not match prune_summary.json (written by another prune run); rerun prune.py"
+        return "prune_curves.csv does not match prune_summary.json (written by another prune run); rerun prune.py"
     for key in ("unpruned_acc", "unpruned_val_acc"):
         v = summary.get(key)
         if not isinstance(v, (int, float)) or not np.isfinite(v):
-            return None, f"prune_summary.json has no {key}; rerun prune.py"
-    return curves, None
+            return f"prune_summary.json has no {key}; rerun prune.py"
+    return None
 
 
 def _prune_info(run: Run) -> dict:
@@ -222,7 +234,8 @@ def held_out_best(val: pd.DataFrame, test: pd.DataFrame, local: list[str], targe
     return pd.Series(a), pd.Series(b), picks
 
 
-def headline(per_seed: pd.DataFrame, *, min_n: int, n_boot: int, method: str, seed: int = 0) -> pd.DataFrame:
+def headline(per_seed: pd.DataFrame, *, min_n: int, n_boot: int, method: str, seed: int = 0,
+             ci: str = "bca") -> pd.DataFrame:
     """Best local vs best target score, and the axis means, paired across seeds, per group.
 
     Three rows per group: the best score of each axis chosen on the validation AUC of all seeds,
@@ -256,7 +269,7 @@ def headline(per_seed: pd.DataFrame, *, min_n: int, n_boot: int, method: str, se
                             test[cols["target"]].mean(axis=1), "", "none (no choice)"))
         group_rows = []
         for label, a, b, note, chosen_on in comparisons:
-            res = compare_paired(a.to_numpy(), b.to_numpy(), min_n=min_n, n_boot=n_boot, seed=seed, method=method)
+            res = compare_paired(a.to_numpy(), b.to_numpy(), min_n=min_n, n_boot=n_boot, seed=seed, method=method, ci=ci)
             if note:
                 res["note"] = "; ".join(x for x in (res.get("note") or "", note) if x)
             group_rows.append({"group": g, "comparison": label, "candidates": cand, "selected_on": chosen_on,
