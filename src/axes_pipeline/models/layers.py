@@ -164,14 +164,18 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
 
 def classifier_name(model: nn.Module) -> str:
     """Qualified name of the classifier: the last ``nn.Linear`` registered in ``model``
-    (``fc``, ``classifier``, ``classifier.1``, ``classifier.2``, ``classifier.6``)."""
-    name = None
+    (``fc``, ``classifier``, ``classifier.1``, ``classifier.2``, ``classifier.6``). A network
+    with no ``nn.Linear`` (SqueezeNet) ends in a conv whose output channels are the class scores:
+    its last registered ``nn.Conv2d`` (``classifier.1``), which is then not an analysable layer."""
+    name = conv = None
     for qual, module in model.named_modules():
         if isinstance(module, nn.Linear):
             name = qual
-    if name is None:
-        raise UserError(f"{type(model).__name__} has no nn.Linear classifier; this pipeline expects one")
-    return name
+        elif isinstance(module, nn.Conv2d):
+            conv = qual
+    if name is None and conv is None:
+        raise UserError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d classifier; this pipeline expects one")
+    return name if name is not None else conv
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +298,8 @@ class _GraphInfo:
 
 
 def _graph_info(model: nn.Module) -> _GraphInfo:
-    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    head = classifier_name(model)  # a conv classifier (SqueezeNet) gives class scores, not features
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name != head}
     graph = _trace(model)
     if graph is None:
         return _fallback_info(model, convs)
