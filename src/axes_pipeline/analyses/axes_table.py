@@ -25,7 +25,7 @@ from axes_pipeline.errors import UserError
 from axes_pipeline.metrics import (channel_axes_from_moments, covariance, gradient_cosines,
                                    pairwise_overlap_from_moments, pairwise_target_excess_from_moments,
                                    triplet_ratio_from_moments)
-from axes_pipeline.models import conv_norm_pairs
+from axes_pipeline.models import capture_point, conv_norm_pairs
 from axes_pipeline.runs import read_json, run_fingerprint, settings_diff, write_csv, write_json
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 
@@ -145,6 +145,7 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
             device=device, graphs=graphs, patches=capture.patches.get(name), gradients=grads,
             seed=int(cfg.capture.seed), keep_matrices=keep_matrices)
     axes_df = pd.concat([r.rows for r in results.values()], ignore_index=True)
+    axes_df["capture_point"] = axes_df["layer"].map({n: capture_point(units[n], str(cfg.capture.point)) for n in results})
     layers_df = pd.DataFrame([r.summary for r in results.values()])
     return axes_df, layers_df, results
 

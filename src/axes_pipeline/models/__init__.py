@@ -20,9 +20,11 @@ import torch.nn as nn
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models.backbones import BUILDERS, DEFAULT_IMAGE_SIZE, default_image_size
 from axes_pipeline.models.layers import (
+    CAPTURE_POINTS,
     ConvUnit,
     FunctionalAct,
     analysable_layers,
+    capture_point,
     classifier_name,
     conv_layers,
     conv_norm_pairs,
@@ -63,6 +65,7 @@ def _builder(name: str, knobs: dict[str, Any]):
     raise unknown_name("model", str(name), (*MODEL_NAMES, "torchvision", "custom"))
 
 __all__ = [
+    "CAPTURE_POINTS",
     "DEFAULT_IMAGE_SIZE",
     "MODEL_NAMES",
     "ConvUnit",
@@ -70,6 +73,7 @@ __all__ = [
     "LoadReport",
     "analysable_layers",
     "build_model",
+    "capture_point",
     "classifier_name",
     "conv_layers",
     "conv_norm_pairs",

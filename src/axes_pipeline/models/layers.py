@@ -49,9 +49,11 @@ from axes_pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CAPTURE_POINTS",
     "ConvUnit",
     "FunctionalAct",
     "analysable_layers",
+    "capture_point",
     "classifier_name",
     "conv_layers",
     "conv_norm_pairs",
@@ -155,6 +157,40 @@ class FunctionalAct(nn.Module):
 
     def extra_repr(self) -> str:
         return getattr(self.fn, "__name__", repr(self.fn))
+
+
+#: Labels of :func:`capture_point` (the ``capture_point`` column of axes.csv, METHODS §1).
+CAPTURE_POINTS = ("pre_bn", "pre_ln", "pre_gn", "pre_in", "post_bn", "post_ln", "post_gn", "post_in",
+                  "post_act", "conv_act", "conv_out")
+
+
+def _norm_kind(norm: nn.Module) -> str:
+    if isinstance(norm, nn.GroupNorm):
+        return "gn"
+    if isinstance(norm, nn.LayerNorm):
+        return "ln"
+    if isinstance(norm, nn.modules.instancenorm._InstanceNorm):
+        return "in"
+    return "bn"
+
+
+def capture_point(unit: "ConvUnit", point: str) -> str:
+    """Which tensor ``capture.point`` reads for this unit (METHODS §1).
+
+    ``pre_bn``: the conv output, which is the norm's input where a norm follows (``pre_bn``,
+    ``pre_ln``, ``pre_gn``, ``pre_in``) and the plain conv output where none does
+    (``conv_out``). ``post_bn``: the norm output (``post_bn``/``post_ln``/...), else ``conv_out``.
+    ``post_act``: after norm and activation (``post_act``), after the activation of a conv with
+    no norm (``conv_act``), or the last of these that exists.
+    """
+    kind = _norm_kind(unit.norm) if unit.norm is not None else None
+    if point == "pre_bn":
+        return f"pre_{kind}" if kind else "conv_out"
+    if point == "post_bn":
+        return f"post_{kind}" if kind else "conv_out"
+    if unit.act is not None:
+        return "post_act" if kind else "conv_act"
+    return f"post_{kind}" if kind else "conv_out"
 
 
 def is_depthwise(conv: nn.Conv2d) -> bool:
@@ -336,7 +372,12 @@ def _graph_info(model: nn.Module) -> _GraphInfo:
             if act is not None and act_name is not None:
                 act_call = call_index[after]
         else:
+            # no norm (AlexNet, VGG without BN, SE convs, DenseNet's convs before a concat): the
+            # activation, if one directly follows the conv, is this unit's nonlinearity
             cdim = 1
+            act, act_name = _activation(nxt, model)
+            if act is not None and act_name is not None:
+                act_call = call_index[nxt]
         units[name] = ConvUnit(
             name=name,
             conv=conv,

@@ -219,6 +219,10 @@ def build_custom(num_classes: int, width: float = 1.0, net: Any = None) -> nn.Mo
     """
     if width != 1.0:
         raise UserError("model=custom has no width multiplier; set the widths in model.net and keep model.width=1.0")
+    if net is not None and not isinstance(net, dict) and hasattr(net, "items"):  # a DictConfig from Hydra
+        from omegaconf import OmegaConf
+
+        net = OmegaConf.to_container(net, resolve=True)
     if not net or not isinstance(net, dict) or not net.get("_target_"):
         raise UserError("model=custom needs model.net._target_=my_pkg.MyNet (a class or function returning an "
                         "nn.Module), importable on PYTHONPATH")
@@ -236,7 +240,8 @@ def build_custom(num_classes: int, width: float = 1.0, net: Any = None) -> nn.Mo
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
-    if "num_classes" in params and "num_classes" not in kwargs:
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if ("num_classes" in params or takes_kwargs) and "num_classes" not in kwargs:
         kwargs["num_classes"] = num_classes
     try:
         model = factory(**kwargs)
@@ -246,4 +251,12 @@ def build_custom(num_classes: int, width: float = 1.0, net: Any = None) -> nn.Mo
         raise UserError(f"model.net._target_={target} returned a {type(model).__name__}, not an nn.Module")
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise UserError(f"model.net {target} has no nn.Conv2d layer: there is nothing to analyse")
+    from axes_pipeline.models.layers import classifier_name
+
+    head = model.get_submodule(classifier_name(model))
+    outputs = head.out_features if isinstance(head, nn.Linear) else head.out_channels
+    if outputs != num_classes:  # a wrong head would train and analyse silently on wrong logits
+        raise UserError(f"model.net {target}: its classifier {classifier_name(model)} has {outputs} outputs but the "
+                        f"data has {num_classes} classes; let the constructor take num_classes or set "
+                        f"model.net.num_classes={num_classes}")
     return model
