@@ -137,13 +137,21 @@ def _trace_graph(model: nn.Module, example: torch.Tensor):
                 and next(m.children(), None) is None:
             by_grad_fn.setdefault(out.grad_fn, names.get(m))
 
+    finished: list[bool] = []
     for m in model.modules():
         hooks.append(m.register_forward_pre_hook(pre))
         hooks.append(m.register_forward_hook(post))
+    hooks.append(model.register_forward_hook(lambda *_: finished.append(True)))
     try:
         with torch.enable_grad():
             dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     except Exception as err:  # noqa: BLE001 - any tracing failure is a model the pipeline cannot prune
+        if finished:  # the forward ran: the failure is in mapping channels through reshapes
+            raise UserError(
+                f"the dependency graph cannot map the channels of {type(model).__name__} through its "
+                f"reshapes ({type(err).__name__}: {str(err).splitlines()[0][:120]}; a view that regroups "
+                "channels, such as ShuffleNet's channel shuffle, is the usual cause); this backbone cannot be pruned"
+            ) from None
         failed = [s for s in stack if s] or ["<model forward>"]
         raise UserError(
             f"the dependency graph cannot trace {type(model).__name__} at layer '{failed[-1]}' "

@@ -1,0 +1,151 @@
+"""Any CNN (issue 13): ``model=torchvision model.arch=<name>`` and ``model=custom``, the
+activation point per unit, and analyze (axes, lesions, propagation) + a FLOPs-matched prune of one
+score on one representative of each of the 16 torchvision CNN families (random weights, random
+images, small widths, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from axes_pipeline.errors import UserError
+from axes_pipeline.models import build_model, capture_point, conv_norm_pairs, model_knobs
+from axes_pipeline.models.families import REPRESENTATIVES, check_family
+
+from .conftest import make_cfg
+
+#: families whose pruning Torch-Pruning refuses, and the words their one-line reason must hold
+PRUNE_REFUSED = {"ShuffleNetV2": "channel shuffle"}
+TOLERANCE = 0.005   # conf/pruning/default.yaml
+
+
+class TinyNet(nn.Module):
+    """A user's own network for model=custom: conv → ReLU (no norm) → conv → BN → ReLU → linear."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.a = nn.Conv2d(3, width, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.b = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu2 = nn.ReLU()
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.relu2(self.bn(self.b(self.relu(self.a(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+# ------------------------------------------------------------------------------ the 16 families
+
+
+@pytest.mark.parametrize("family", list(REPRESENTATIVES))
+def test_family_end_to_end(family):
+    arch, width, side = REPRESENTATIVES[family]
+    r = check_family(arch, width, side, tolerance=TOLERANCE)
+    assert r.layers > 0 and r.analysed == r.layers, family                # every conv has its axes rows
+    assert r.lesioned == 3, family                                        # three layers lesioned
+    assert all(reason and "\n" not in reason for _, reason in r.propagation_refused)
+    assert r.propagation_pairs > 0 or family == "ConvNeXt"                # its 1x1s are nn.Linear
+    if family in PRUNE_REFUSED:
+        assert r.prune_error and "\n" not in r.prune_error and PRUNE_REFUSED[family] in r.prune_error
+        return
+    assert r.prune_error is None, r.prune_error
+    assert r.max_flops_error <= TOLERANCE, (family, r.targets, r.achieved)  # fvcore on the pruned nets
+    assert r.pruned_runs, family
+
+
+def test_refusals_carry_their_reason():
+    """Grouped convs are kept whole with a reason; a concatenation is followed, not refused."""
+    arch, width, side = REPRESENTATIVES["ResNeXt"]
+    from axes_pipeline.pruning import build_groups
+
+    model = build_model(f"tv_{arch}", 10, width=width).eval()
+    groups = build_groups(model, torch.randn(1, 3, side, side))
+    assert "layer2.0.conv2" in groups.refused and "groups=32" in groups.refused["layer2.0.conv2"]
+    assert not any("layer2.0.conv2" in g.convs for g in groups.groups)   # layer1 at this width is depthwise
+    from axes_pipeline.analyses.propagation import link_report
+
+    links, refused = link_report(model)
+    assert ("layer2.0.conv2", "grouped/depthwise receiver (groups=32)") in refused
+    dense = build_model("tv_densenet121", 10, width=0.25).eval()
+    links, refused = link_report(dense)
+    into = [(u, o) for u, d, o in links if d == "features.denseblock1.denselayer3.conv1"]
+    # the 3rd dense layer reads [stem pool, layer 1, layer 2] concatenated: one link per part, at its offset
+    assert [u for u, _ in into] == ["features.conv0", "features.denseblock1.denselayer1.conv2",
+                                    "features.denseblock1.denselayer2.conv2"]
+    assert [o for _, o in into] == [0, 16, 24]
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def test_torchvision_models_build_with_classes_and_width():
+    m = build_model("tv_mobilenet_v3_small", 7, width=0.5)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    full = build_model("tv_mobilenet_v3_small", 7)
+    assert sum(p.numel() for p in m.parameters()) < sum(p.numel() for p in full.parameters())
+    assert model_knobs("tv_resnet50") == {"arch": "resnet50"}
+    with pytest.raises(UserError, match="no width multiplier"):
+        build_model("tv_alexnet", 10, width=0.5)
+    with pytest.raises(UserError, match="resnet50"):
+        build_model("tv_resnet5", 10)
+    with pytest.raises(UserError, match="disagree"):
+        build_model("tv_resnet50", 10, arch="vgg11")
+
+
+def test_squeezenet_conv_classifier_is_not_analysed():
+    m = build_model("tv_squeezenet1_0", 10)
+    assert "classifier.1" not in conv_norm_pairs(m)
+
+
+def test_torchvision_weights_from_a_local_file(tmp_path):
+    src = build_model("tv_resnet18", 10)
+    path = tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    m = build_model("tv_resnet18", 10, weights=str(path))
+    assert torch.equal(m.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
+    assert m.pretrained_report.skipped_classifier            # the classifier stays at init
+
+
+def test_torchvision_and_custom_configs(tmp_path):
+    from axes_pipeline.training.train import instantiate_model
+
+    a = make_cfg("train", ["model=torchvision", "model.arch=efficientnet_b0", "model.width=0.25"], tmp_path)
+    b = make_cfg("train", ["model=torchvision", "model.arch=regnet_y_400mf", "model.width=0.25"], tmp_path)
+    assert a.model.name == "tv_efficientnet_b0" and a.paths.run_dir != b.paths.run_dir
+    assert instantiate_model(a, 10).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    c = make_cfg("train", ["model=custom", "model.net._target_=tests.test_families.TinyNet", "+model.net.width=4"],
+                 tmp_path)
+    net = instantiate_model(c, 3)
+    assert isinstance(net, TinyNet) and net.head.out_features == 3 and net.a.out_channels == 4
+    with pytest.raises(UserError, match="model.net._target_"):
+        instantiate_model(make_cfg("train", ["model=custom"], tmp_path), 10)
+    with pytest.raises(UserError, match="4 outputs but the data has 10"):
+        build_model("custom", 10, net={"_target_": "tests.test_families.TinyNet", "num_classes": 4})
+    with pytest.raises(UserError, match="cannot be imported"):
+        build_model("custom", 10, net={"_target_": "no_such_pkg.Net"})
+    with pytest.raises(UserError, match="ImageNet"):
+        build_model("custom", 10, pretrained=True, net={"_target_": "tests.test_families.TinyNet"})
+
+
+# ------------------------------------------------------------------------------ activation point
+
+
+def test_capture_point_per_unit():
+    from axes_pipeline.capture import capture_activations
+
+    units = conv_norm_pairs(TinyNet().eval())
+    assert capture_point(units["a"], "pre_bn") == "conv_out" and capture_point(units["b"], "pre_bn") == "pre_bn"
+    assert capture_point(units["a"], "post_act") == "conv_act" and capture_point(units["b"], "post_act") == "post_act"
+    cn = conv_norm_pairs(build_model("tv_convnext_tiny", 10, width=0.125))
+    assert capture_point(cn["features.1.0.block.0"], "pre_bn") == "pre_ln"       # LayerNorm after the dwconv
+    assert capture_point(cn["features.2.1"], "post_bn") == "conv_out"            # downsampling conv, no norm
+    # post_act on a conv with no norm applies its own ReLU
+    model = TinyNet().eval()
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))]
+    cap = capture_activations(model, {"a": conv_norm_pairs(model)["a"]}, data, point="post_act",
+                              samples_per_image=4, progress=False)
+    raw = capture_activations(model, {"a": conv_norm_pairs(model)["a"]}, data, samples_per_image=4, progress=False)
+    assert (cap.acts["a"] >= 0).all() and torch.equal(cap.acts["a"], raw.acts["a"].clamp_min(0))
