@@ -149,3 +149,38 @@ def test_capture_point_per_unit():
                               samples_per_image=4, progress=False)
     raw = capture_activations(model, {"a": conv_norm_pairs(model)["a"]}, data, samples_per_image=4, progress=False)
     assert (cap.acts["a"] >= 0).all() and torch.equal(cap.acts["a"], raw.acts["a"].clamp_min(0))
+
+
+# ------------------------------------------------------------------------------ peers of grouped convs
+
+
+def test_peers_layer_or_group():
+    from axes_pipeline.metrics import covariance
+    from axes_pipeline.metrics.axes import channel_axes_from_moments
+    from axes_pipeline.metrics.peers import channel_axes_by_peers
+
+    unit = conv_norm_pairs(_Grouped().eval())["conv"]
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    acts = torch.cat([base, base + 0.1 * torch.randn(200, 3, generator=g, dtype=torch.float64)], 1)  # ch i ~ ch i+3
+    t = torch.randn(200, generator=g, dtype=torch.float64)
+    cov = covariance(acts, t)
+    knobs = dict(sigma0="median", hull_eps=0.05, hull_max=10, hull_order="correlation", ridge=1e-3, pool=50, top=10)
+    layer = channel_axes_by_peers(cov, unit, peers="layer", **knobs)
+    assert torch.equal(layer["peer_overlap"], channel_axes_from_moments(cov, **knobs)["peer_overlap"])
+    group = channel_axes_by_peers(cov, unit, peers="group", **knobs)
+    # the near-copy of channel i sits in the other conv group: a peer of the layer, not of the group
+    assert (layer["full_explained"] > 0.9).all() and (group["full_explained"] < 0.5).all()
+    assert torch.allclose(group["input_capture"], layer["input_capture"])      # the layer's σ0² in both
+    with pytest.raises(UserError, match="metrics.peers"):
+        channel_axes_by_peers(cov, unit, peers="block", **knobs)
+
+
+class _Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, groups=2)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
