@@ -184,3 +184,32 @@ class _Grouped(nn.Module):
 
     def forward(self, x):
         return self.fc(self.conv(x).mean((2, 3)))
+
+
+# ------------------------------------------------------------------------------ lesions on the general graph
+
+
+@pytest.mark.parametrize("arch,width,side,pick", [
+    ("densenet121", 0.25, 32, ["features.denseblock1.denselayer2.conv2", "features.transition1.conv"]),  # concat, no norm
+    ("efficientnet_b0", 0.25, 32, ["features.2.0.block.2.fc1", "features.2.0.block.3.0"]),                # SE conv, project
+    ("googlenet", 1.0, 32, ["inception3a.branch2.1.conv"]),                                                 # a concatenated branch
+])
+def test_batched_lesions_equal_the_weight_path_on_general_graphs(arch, width, side, pick):
+    import numpy as np
+
+    from axes_pipeline.analyses.lesion_engine import LesionEngine, Lesions, trace, weight_lesion_eval
+
+    torch.manual_seed(0)
+    model = build_model(f"tv_{arch}", 10, width=width).eval()
+    units = conv_norm_pairs(model)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, side, side, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+    graph = trace(model)
+    for layer in pick:
+        unit = units[layer]
+        c = unit.conv.out_channels
+        chans = [0, c - 1]
+        ref = weight_lesion_eval(model, unit, chans, batches)
+        for split in (True, False):
+            got = LesionEngine(model, unit, graph=graph, split=split).evaluate(batches, Lesions.zero(chans, c))
+            np.testing.assert_allclose(got.loss, ref.loss, rtol=0, atol=1e-4, err_msg=f"{layer} split={split}")
