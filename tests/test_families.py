@@ -5,6 +5,8 @@ images, small widths, CPU)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -213,3 +215,34 @@ def test_batched_lesions_equal_the_weight_path_on_general_graphs(arch, width, si
         for split in (True, False):
             got = LesionEngine(model, unit, graph=graph, split=split).evaluate(batches, Lesions.zero(chans, c))
             np.testing.assert_allclose(got.loss, ref.loss, rtol=0, atol=1e-4, err_msg=f"{layer} split={split}")
+
+
+# ------------------------------------------------------------------------------ the real stages
+
+
+def test_train_analyze_prune_a_torchvision_model(tmp_path):
+    """model=torchvision through train / analyze (axes + propagation) / prune, on digits: the
+    capture point lands in axes.csv, refusals in propagation_refused.csv and prune_refused.csv."""
+    import pandas as pd
+
+    from axes_pipeline.analyses.analyze import run_analysis
+    from axes_pipeline.pruning.run import run_prune
+    from axes_pipeline.tasks import run_task
+    from axes_pipeline.training.train import run_training
+
+    model = ["model=torchvision", "model.arch=regnet_y_400mf", "model.width=0.25", "data.batch_size=64",
+             "trainer.max_epochs=1", "callbacks.progress_bar=false", "logger=none"]
+    run_task(run_training, make_cfg("train", model, tmp_path))
+    cfg = make_cfg("analyze", [*model, "analysis=propagation", "capture.n_cal=128", "capture.samples_per_image=2",
+                               "capture.batch_size=64", "graphs.edge_fraction=0", "gradients.enabled=false",
+                               "plots=false"], tmp_path)
+    run_analysis(cfg)
+    out = Path(cfg.paths.run_dir)
+    axes = pd.read_csv(out / "analyze" / "axes.csv")
+    assert {"pre_bn", "conv_out"} <= set(axes["capture_point"])          # SE convs have no norm
+    refused = pd.read_csv(out / "analyze" / "propagation_refused.csv")
+    assert refused["reason"].str.contains("grouped/depthwise receiver").any()
+    run_prune(make_cfg("prune", [*model, "pruning.scores=[l1]", "pruning.targets=[0.7]", "pruning.latency=false"],
+                       tmp_path))
+    kept = pd.read_csv(out / "prune" / "prune_refused.csv")
+    assert kept["reason"].str.contains("grouped conv").all() and len(kept) > 0

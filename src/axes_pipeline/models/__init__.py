@@ -1,7 +1,10 @@
 """Backbones and the list of analysable conv layers.
 
 ``build_model(name, num_classes, width, pretrained, weights, **knobs)`` builds one of
-:data:`MODEL_NAMES` from torchvision's classes (see :mod:`.backbones` for each backbone's knobs);
+:data:`MODEL_NAMES` from torchvision's classes (see :mod:`.backbones` for each backbone's knobs),
+any torchvision classification CNN as ``tv_<arch>`` (``model=torchvision model.arch=<arch>``), or a
+user's ``nn.Module`` as ``custom_<target>`` with knob ``net={"_target_": ...}`` (``model=custom``;
+see :mod:`.torchvision_any`);
 :func:`conv_layers`, :func:`conv_norm_pairs` and :func:`depth_spaced_layers` say which conv
 layers are analysed and what to hook (see :mod:`.layers`).
 
