@@ -246,3 +246,16 @@ def test_train_analyze_prune_a_torchvision_model(tmp_path):
                        tmp_path))
     kept = pd.read_csv(out / "prune" / "prune_refused.csv")
     assert kept["reason"].str.contains("grouped conv").all() and len(kept) > 0
+
+
+def test_score_without_values_is_flagged(caplog):
+    """bn_scale on a network without norms: every group falls back to the tie-break, and says so."""
+    from axes_pipeline.models import conv_layers
+    from axes_pipeline.pruning import ScoreContext, build_groups, group_scores, resolve_score
+
+    model = build_model("tv_vgg11", 10, width=0.125).eval()
+    groups = build_groups(model, torch.randn(1, 3, 32, 32))
+    values = resolve_score("bn_scale")(ScoreContext(model, conv_layers(model)), 0)
+    with caplog.at_level("WARNING", logger="axes_pipeline"):
+        group_scores(groups, values)
+    assert f"score undefined for {len(groups.groups)} of {len(groups.groups)} channel groups" in caplog.text
