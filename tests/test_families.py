@@ -259,3 +259,21 @@ def test_score_without_values_is_flagged(caplog):
     with caplog.at_level("WARNING", logger="axes_pipeline"):
         group_scores(groups, values)
     assert f"score undefined for {len(groups.groups)} of {len(groups.groups)} channel groups" in caplog.text
+
+
+def test_pruned_torchvision_model_exports_and_reloads(tmp_path):
+    import numpy as np
+
+    from axes_pipeline.pruning import build_groups, prune_physically
+    from axes_pipeline.pruning.export import load_pruned, model_spec, save_pruned
+
+    model = build_model("tv_mobilenet_v3_small", 10, width=0.25).eval()
+    x = torch.randn(1, 3, 32, 32)
+    groups = build_groups(model, x)
+    rng = np.random.default_rng(0)
+    keep = [np.r_[True, rng.random(g.size - 1) > 0.4] for g in groups.groups]
+    pruned, history = prune_physically(model, groups, keep, x)
+    spec = model_spec({"name": "tv_mobilenet_v3_small", "arch": "mobilenet_v3_small", "width": 0.25}, 10)
+    path = save_pruned(tmp_path / "p.pt", spec, x.shape, history, pruned)
+    with torch.no_grad():
+        assert torch.allclose(load_pruned(path)(x), pruned(x), atol=1e-6)
