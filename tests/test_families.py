@@ -277,3 +277,9 @@ def test_pruned_torchvision_model_exports_and_reloads(tmp_path):
     path = save_pruned(tmp_path / "p.pt", spec, x.shape, history, pruned)
     with torch.no_grad():
         assert torch.allclose(load_pruned(path)(x), pruned(x), atol=1e-6)
+
+
+def test_too_small_input_is_one_line():
+    m = build_model("tv_inception_v3", 10).eval()
+    with pytest.raises(UserError, match="at least 75x75, got 32x32"):
+        m(torch.randn(1, 3, 32, 32))

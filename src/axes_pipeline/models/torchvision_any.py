@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError
@@ -184,8 +185,24 @@ WIDTH_FAMILIES: dict[str, tuple[Callable[[str, float, int], nn.Module], str]] = 
     "convnext": (_convnext, "stage widths"),
 }
 
-#: Smallest input side each family runs at (pooling / stride chains below it end empty).
-MIN_IMAGE_SIZE: dict[str, int] = {"alexnet": 63, "inception": 75, "squeezenet": 32, "googlenet": 32}
+#: Smallest input side each family runs at (its pooling / stride chain ends empty below it),
+#: measured on the representatives; families not listed run at any size.
+MIN_IMAGE_SIZE: dict[str, int] = {"alexnet": 63, "vgg": 32, "densenet": 29, "googlenet": 15, "inception": 75,
+                                  "squeezenet": 21, "convnext": 32}
+
+
+class _InputSizeCheck:
+    """Forward pre-hook: an input smaller than the family's minimum is one clear line at the first
+    forward (the sanity batch), not a pooling error deep inside the network."""
+
+    def __init__(self, arch: str, side: int):
+        self.arch, self.side = arch, side
+
+    def __call__(self, module, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.ndim == 4 and min(x.shape[-2:]) < self.side:
+            raise UserError(f"torchvision {self.arch} needs inputs of at least {self.side}x{self.side}, got "
+                            f"{x.shape[-2]}x{x.shape[-1]}; set data.image_size={self.side} or more")
 
 
 def build_torchvision(num_classes: int, width: float = 1.0, arch: str = "resnet50") -> nn.Module:
@@ -204,11 +221,15 @@ def build_torchvision(num_classes: int, width: float = 1.0, arch: str = "resnet5
         if family not in WIDTH_FAMILIES:
             raise UserError(f"torchvision {arch} has no width multiplier; use model.width=1.0 "
                             f"(families with one: {', '.join(sorted(WIDTH_FAMILIES))})")
-        return WIDTH_FAMILIES[family][0](arch, float(width), num_classes)
-    kwargs: dict[str, Any] = {}
-    if family in ("googlenet", "inception"):
-        kwargs = {"aux_logits": False, "init_weights": True}
-    return tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        model = WIDTH_FAMILIES[family][0](arch, float(width), num_classes)
+    else:
+        kwargs: dict[str, Any] = {}
+        if family in ("googlenet", "inception"):
+            kwargs = {"aux_logits": False, "init_weights": True}
+        model = tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    if family in MIN_IMAGE_SIZE:
+        model.register_forward_pre_hook(_InputSizeCheck(arch, MIN_IMAGE_SIZE[family]))
+    return model
 
 
 def build_custom(num_classes: int, width: float = 1.0, net: Any = None) -> nn.Module:
