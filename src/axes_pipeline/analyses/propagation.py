@@ -31,8 +31,14 @@ activations, pooling, dropout, permutes, identity) to the conv that produced it.
 - **depthwise / grouped receivers are skipped**: a depthwise channel reads one upstream channel,
   so A is the identity and ρ would only restate the upstream metric. A depthwise conv *upstream*
   (MobileNetV2's depthwise → project) is kept: its channels are ordinary channels.
-- pairs whose channel counts do not match (never for a real direct link) are skipped, and pairs
-  where either layer was not captured (``capture.layers``) are left out.
+- **concatenations** (DenseNet, GoogLeNet, Inception) are followed: each concatenated upstream
+  conv is linked with the slice of the receiver's kernel that reads its channels (its offset in
+  the concatenation; :func:`link_report`); **squeeze-and-excitation** products ``x * gate(x)``
+  (EfficientNet, MobileNetV3, RegNetY) are followed through ``x``.
+- a receiver that cannot be linked (grouped/depthwise, a channel split or shuffle, an op that
+  mixes channels, channel counts that do not add up) is listed with its one-line reason in
+  ``propagation_refused.csv``; pairs where either layer was not captured (``capture.layers``)
+  are left out.
 - When the model cannot be traced, consecutive units in forward order are paired where the
   upstream is not residual, the receiver is not grouped and the channel counts match (logged).
 

@@ -19,7 +19,10 @@ What the capture stage hooks, per :class:`ConvUnit`:
   and ``act`` is the activation after that add (ResNet's ``conv2`` and ``downsample.0``): the
   hooked tensor is the block output, shared by both branches, not the channel's own signal.
   ``act is None``: no elementwise nonlinearity follows (MobileNetV2's linear projection convs,
-  ConvNeXt, whose block LayerNorm feeds a Linear): use the norm output. For an activation that
+  ConvNeXt, whose block LayerNorm feeds a Linear): use the norm output. A conv with no norm
+  (AlexNet, SE convs) has as ``act`` the activation directly after it, if any.
+- :func:`capture_point` names the tensor each ``capture.point`` reads for a unit (the
+  ``capture_point`` column of axes.csv, METHODS §1). For an activation that
   is a function in the forward (``F.relu(x)``) rather than a module, ``act`` is a
   :class:`FunctionalAct` wrapper that is *not* part of the model and ``act_name`` is ``None``:
   apply ``unit.act`` to the post-norm tensor yourself.

@@ -13,6 +13,12 @@ channel dimensions that belongs to a group:
 - a depthwise conv, a norm, a pooling scales with its one channel group: ``c · k``;
 - a dimension outside every prunable group (the RGB input, the class logits, ConvNeXt's
   MLP hidden units) is a constant.
+- a dimension made of several groups (a conv after a concatenation: DenseNet, GoogLeNet,
+  Inception) is the sum of its parts, ``C_in = Σ_g fan_g · k_g + const``, so a dense conv is
+  one term per (input part, output part); a grouped (non-depthwise) conv is a constant, since
+  its channels are never pruned (:mod:`.groups`);
+- a parameter-free module (an SE block's pool) runs over the channels Torch-Pruning ties to it
+  (``"elem"`` members), counted from its output's channel count.
 
 The unpruned per-module counts come from one fvcore run (``by_module``); which group each
 module dimension belongs to comes from the dependency graph. An fvcore count that belongs to no
