@@ -22,16 +22,17 @@ from axes_pipeline.analyses.graphs import compare_groupings
 from axes_pipeline.capture import (POSITIONS, Capture, capture_activations, capture_key, check_finite, load_capture,
                                    save_capture)
 from axes_pipeline.errors import UserError
-from axes_pipeline.metrics import (channel_axes_from_moments, covariance, gradient_cosines,
+from axes_pipeline.metrics import (covariance, gradient_cosines,
                                    pairwise_overlap_from_moments, pairwise_target_excess_from_moments,
                                    triplet_ratio_from_moments)
-from axes_pipeline.models import conv_norm_pairs
+from axes_pipeline.metrics.peers import channel_axes_by_peers, check_peers
+from axes_pipeline.models import capture_point, conv_norm_pairs
 from axes_pipeline.runs import read_json, run_fingerprint, settings_diff, write_csv, write_json
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 
 log = logging.getLogger("axes_pipeline")
 
-METRIC_KNOBS = ("sigma0", "hull_eps", "hull_max", "hull_order", "ridge", "pool", "top")
+METRIC_KNOBS = ("sigma0", "hull_eps", "hull_max", "hull_order", "ridge", "pool", "top", "peers")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,6 +44,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def metric_knobs(cfg: DictConfig) -> dict:
+    check_peers(str(cfg.metrics.get("peers", "layer")))   # a typo fails before any capture
     return {k: cfg.metrics[k] for k in METRIC_KNOBS}
 
 
@@ -87,7 +89,7 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor, target: torch.Tens
                    gradients: dict | None = None, seed: int = 0, keep_matrices: bool = False) -> LayerResult:
     """Both axes, alignment, groupings, S3/S2 and gradient cosines of one layer."""
     cov = covariance(acts.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype))
-    axes = {k: v.cpu() for k, v in channel_axes_from_moments(cov, **knobs).items()}
+    axes = {k: v.cpu() for k, v in channel_axes_by_peers(cov, unit, **knobs).items()}   # metrics.peers
     C = acts.shape[1]
     rows = {"layer": [name] * C, "layer_index": [index] * C, "channel": np.arange(C)}
     rows.update({k: v.numpy() for k, v in axes.items()})
@@ -145,6 +147,7 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
             device=device, graphs=graphs, patches=capture.patches.get(name), gradients=grads,
             seed=int(cfg.capture.seed), keep_matrices=keep_matrices)
     axes_df = pd.concat([r.rows for r in results.values()], ignore_index=True)
+    axes_df["capture_point"] = axes_df["layer"].map({n: capture_point(units[n], str(cfg.capture.point)) for n in results})
     layers_df = pd.DataFrame([r.summary for r in results.values()])
     return axes_df, layers_df, results
 

@@ -207,7 +207,7 @@ class _LayerRecorder:
     def _record(self, module, args, output):
         C = self.unit.conv.out_channels
         y = _to_nchw(output.detach(), C)
-        if self.point == "post_act" and self.unit.norm is not None:
+        if self.point == "post_act":  # after the norm, or on the conv output where no norm follows
             y = self._activate(y)
         B, _, H, W = y.shape
         if self.spatial == "gap":

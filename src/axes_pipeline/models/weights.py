@@ -74,12 +74,29 @@ def _weights_members(name: str, tag: str | None = None) -> list:
     """torchvision's weight-enum members for backbone ``name`` (``tag`` only, or DEFAULT first and
     then the others); ``[]`` for a backbone torchvision has no weights for. Unknown ``tag``: KeyError."""
     spec = _TORCHVISION_WEIGHTS.get(name)
-    if spec is None:
-        return []
     import importlib
 
-    enum = getattr(importlib.import_module(spec[0]), spec[1])
+    if spec is None:  # any torchvision arch (model=torchvision): torchvision's own registry
+        enum = _arch_weights(name)
+        if enum is None:
+            return []
+    else:
+        enum = getattr(importlib.import_module(spec[0]), spec[1])
     return [enum[tag]] if tag is not None else [enum.DEFAULT, *[m for m in enum if m is not enum.DEFAULT]]
+
+
+def _arch_weights(arch: str):
+    """torchvision's weights enum of architecture ``arch`` (``resnet50``), or None."""
+    import torchvision.models as tvm
+
+    try:
+        return tvm.get_model_weights(arch)
+    except (ValueError, KeyError):
+        return None
+
+
+def _has_weights(name: str) -> bool:
+    return name in _TORCHVISION_WEIGHTS or _arch_weights(name) is not None
 
 
 def hub_checkpoints() -> Path:
@@ -136,7 +153,7 @@ def resolve_weights(name: str, weights: str | None) -> Path:
             if not os.access(path, os.R_OK):
                 raise UserError(f"model.weights={weights} is not readable; fix its permissions or pass another file")
             return path
-        if name in _TORCHVISION_WEIGHTS and str(weights).isupper():
+        if _has_weights(name) and str(weights).isupper():
             try:
                 cached = hub_cache_file(name, str(weights))
             except KeyError:
@@ -150,7 +167,7 @@ def resolve_weights(name: str, weights: str | None) -> Path:
     cached = hub_cache_file(name)
     if cached is not None:
         return cached
-    if name not in _TORCHVISION_WEIGHTS:
+    if not _has_weights(name):
         raise UserError(f"model.pretrained=true but torchvision has no ImageNet weights for {name}; "
                         "pass model.weights=PATH to a local state_dict, or set model.pretrained=false")
     return download_weights(name)

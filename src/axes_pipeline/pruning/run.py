@@ -367,6 +367,8 @@ def run_prune(cfg: DictConfig) -> dict:
     print(f"prune: {len(settings.scores)} scores, {len(settings.targets)} targets, {len(points)} points, "
           f"allocation={settings.allocation}, mode={settings.mode}, {len(groups)} groups -> {out}")
 
+    if groups.refused:   # convs never pruned (grouped convs): the reason travels with the results
+        write_csv(out / "prune_refused.csv", pd.DataFrame(sorted(groups.refused.items()), columns=["layer", "reason"]))
     tracker = StageTracker(cfg, "prune", out)
     try:
         base = _unpruned(model, dm, cost, example, settings, device, out, trained.ckpt)
