@@ -185,14 +185,24 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
 
 
 def check_capture_size(cfg: DictConfig, datamodule) -> None:
-    """A calibration set larger than the training split stops before the network runs."""
+    """Fit the calibration set to the training split before the network runs.
+
+    ``capture.n_cal`` larger than the training split means "all of it": the defaults (2000) must
+    work on a small dataset such as digits (1,258 training images). ``cfg.capture.n_cal`` is set
+    to the split's size, said in one log line, so every later use and every fingerprint sees the
+    number of images actually captured.
+    """
     datamodule.setup("fit")
     n_train = datamodule.split_sizes()["train"]
-    if int(cfg.capture.n_cal) > n_train:
-        raise UserError(f"capture.n_cal={cfg.capture.n_cal} is larger than the training split "
-                        f"({n_train} images); use capture.n_cal<={n_train}")
     if int(cfg.capture.n_cal) < 3:
         raise UserError(f"capture.n_cal must be at least 3, got {cfg.capture.n_cal}")
+    if int(cfg.capture.n_cal) > n_train:
+        log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
+                 cfg.capture.n_cal, cfg.data.name, n_train)
+        cfg.capture.n_cal = n_train
+    if n_train < 3:
+        raise UserError(f"the {cfg.data.name} training split has only {n_train} images; "
+                        f"the axes need at least 3")
 
 
 def axes_fingerprint(cfg: DictConfig, ckpt: Path) -> dict:
