@@ -84,14 +84,16 @@ def lightning_logger(cfg: DictConfig, out: Path, resume_epoch: int = 0, resume_s
 
 def _train_run_id(out: Path, resume_epoch: int) -> str:
     """The wandb run id of this run's training: the stored one when resuming, else a new one."""
-    from wandb.util import generate_id
+    import secrets
+    import string
 
     from axes_pipeline.runs import write_text
 
     path = out / "wandb" / "train_run_id"
     if resume_epoch > 0 and path.is_file() and path.read_text().strip():
         return path.read_text().strip()
-    run_id = generate_id()
+    # wandb's own id alphabet (lowercase letters and digits), drawn without touching the seeded RNGs
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     write_text(path, run_id + "\n")
     return run_id
 
