@@ -88,6 +88,8 @@ def test_finished_run_with_other_settings_is_refused(tiny_run, tmp_path):
     # its own name is its own run directory, which analyze/prune find from the same overrides
     cfg = make_cfg("train", [*overrides, "optim.lr=0.5", "name=lr0.5"], root)
     assert "/lr0.5/" in cfg.paths.run_dir
+    cfg = make_cfg("train", [*overrides, "optim.lr=0.05", "name=lr${optim.lr}"], root)   # as the README's sweep
+    assert "/lr0.05/" in cfg.paths.run_dir
 
 
 def test_lr_sweep_does_not_collapse_into_one_folder(tmp_path):
