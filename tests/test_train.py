@@ -256,3 +256,44 @@ def test_damaged_last_ckpt_is_one_line(tmp_path):
     last.write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match=r"cannot resume: .*last.ckpt is damaged .*delete"):
         run_training(cfg)
+
+
+def test_resume_after_kill_9_is_the_uninterrupted_run(tmp_path):
+    """The issue's own case: a `kill -9` during a later epoch, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    from axes_pipeline.training.checkpoints import model_state
+
+    from .conftest import ROOT
+
+    args = [o for o in TINY if not o.startswith(("logger=", "trainer.max_epochs"))] + [
+        "logger=csv", "trainer.max_epochs=4"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for root in (whole, killed):
+        root.mkdir()
+    assert run_entry("train.py", *args, cwd=whole).returncode == 0
+    env = dict(os.environ, AXES_OUTPUT_ROOT=str(killed))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=killed, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = Path(make_cfg("train", args, killed).paths.run_dir)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "epoch_002.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)                                     # into epoch 2 (0-based) of 4
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "train_summary.json").exists(), "training finished before the kill"
+    res = run_entry("train.py", *args, cwd=killed)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = Path(make_cfg("train", args, whole).paths.run_dir)
+    a = model_state(read_checkpoint(ref / "checkpoints" / "last.ckpt"))
+    b = model_state(read_checkpoint(run / "checkpoints" / "last.ckpt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(pd.read_csv(ref / "logs" / "train" / "metrics.csv"),
+                                  pd.read_csv(run / "logs" / "train" / "metrics.csv"))
