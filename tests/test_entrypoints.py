@@ -61,6 +61,7 @@ def test_default_sweep_jobs_fit_the_calibration_set(seed, tmp_path, caplog):
     (["model=nosuch"], "unknown model"),
     (["data=nosuch"], "unknown data"),
     (["name=../../escape"], "not a plain folder name"),
+    (["trainer.nosuch=1"], "Could not override 'trainer.nosuch'"),
 ])
 def test_command_line_mistakes_are_one_line(script, args, needle, tmp_path):
     res = run_entry(script, *args, cwd=tmp_path)

@@ -66,6 +66,24 @@ def check_command_line(conf_dir: Path, args: list[str]) -> None:
                     raise unknown_name(f"{key} (conf/{key}/)", v, options)
 
 
+def check_composes(conf_dir: Path, config_name: str, args: list[str]) -> None:
+    """Compose a single run's config once before Hydra does, so that any other override Hydra would
+    reject (``trainer.nosuch=1``, a malformed value) is one line too. Sweeps (``-m``) and Hydra's
+    own flags are left to Hydra: their values are not one config."""
+    if any(a.startswith("-") for a in args):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            compose(config_name=config_name, overrides=list(args), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        lines = [ln.strip().rstrip(".") for ln in str(err).splitlines() if ln.strip()]
+        raise UserError("; ".join(lines) or type(err).__name__) from None
+
+
 def hydra_entry(config_name: str, config_path: str = "conf"):
     """``hydra.main`` for an entry point, with :func:`check_command_line` in front of it: a user
     mistake on the command line is one ``error:`` line and exit status 2, as everywhere else."""
@@ -80,6 +98,7 @@ def hydra_entry(config_name: str, config_path: str = "conf"):
         def main():
             try:
                 check_command_line(conf_dir, sys.argv[1:])
+                check_composes(conf_dir, config_name, sys.argv[1:])
             except UserError as err:
                 print(f"error: {err}", file=sys.stderr)
                 sys.exit(2)
