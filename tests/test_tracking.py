@@ -137,7 +137,6 @@ def test_offline_run_makes_no_network_request(tmp_path, monkeypatch):
 
 
 def test_resumed_training_continues_its_wandb_run(tmp_path, monkeypatch):
-    from axes_pipeline.errors import UserError  # noqa: F401
     from axes_pipeline.tasks import run_task
     from axes_pipeline.training.train import Throughput, run_training
 

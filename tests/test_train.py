@@ -297,3 +297,16 @@ def test_resume_after_kill_9_is_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     pd.testing.assert_frame_equal(pd.read_csv(ref / "logs" / "train" / "metrics.csv"),
                                   pd.read_csv(run / "logs" / "train" / "metrics.csv"))
+
+
+def test_last_ckpt_without_training_state_is_one_line(tiny_run, tmp_path):
+    # a weights-only file in place of last.ckpt loads, but cannot be resumed from
+    root, overrides = tiny_run
+    src = read_checkpoint(Path(make_cfg("train", overrides, root).paths.run_dir) / "checkpoints" / "best.ckpt")
+    over = [o for o in TINY if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1"]
+    cfg = make_cfg("train", over, tmp_path)
+    last = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save({"state_dict": src["state_dict"]}, last)
+    with pytest.raises(UserError, match=r"damaged \(no optimizer_states, loops, epoch, global_step"):
+        run_training(cfg)

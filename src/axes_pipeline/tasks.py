@@ -1,4 +1,5 @@
-"""The task wrapper every entry point goes through.
+"""The task wrapper every entry point goes through, and ``hydra_entry``, the ``hydra.main`` in front
+of it that turns a command-line mistake into one line and exit status 2 before Hydra runs.
 
 It seeds, says where the run lives, turns a user mistake into one line and exit status 2, and
 always closes the experiment tracker so the next job of a multirun starts clean. Inside a sweep

@@ -92,11 +92,12 @@ def resume_point(out: Path) -> tuple[Path | None, int, int]:
         return None, 0, 0
     try:
         ckpt = read_checkpoint(last)
+        missing = [k for k in ("state_dict", "optimizer_states", "loops", "epoch", "global_step") if k not in ckpt]
+        if missing:
+            raise UserError(f"no {', '.join(missing)}: not a resume point written by train.py")
         epoch, step = int(ckpt["epoch"]), int(ckpt["global_step"])
-        ckpt["state_dict"], ckpt["loops"]
-    except (UserError, KeyError, TypeError, ValueError) as err:
-        why = str(err) if isinstance(err, UserError) else f"no {err}"
-        raise UserError(f"cannot resume: {last} is damaged ({why}); to start this run over, delete "
+    except (UserError, TypeError, ValueError) as err:
+        raise UserError(f"cannot resume: {last} is damaged ({err}); to start this run over, delete "
                         f"{out} (or only its checkpoints/ and logs/)") from None
     # last.ckpt is written at the end of an epoch (after its validation): the next one starts here.
     return last, epoch + 1, step
