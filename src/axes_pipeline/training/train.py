@@ -77,7 +77,8 @@ def check_settings(out: Path, want: dict) -> None:
     have = read_json(path)
     if have != want:
         raise UserError(f"{out} holds a run trained with other settings ({settings_diff(have, want)}); "
-                        f"give this one its own name= (e.g. name=lr0.5), or delete that directory to retrain")
+                        f"give this variant its own name= (e.g. name=lr0.5 for another optim.lr), "
+                        f"or delete that directory to retrain")
 
 
 def resume_point(out: Path) -> tuple[Path | None, int, int]:
