@@ -200,14 +200,24 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
 
 
 def check_capture_size(cfg: DictConfig, datamodule) -> None:
-    """A calibration set larger than the training split stops before the network runs."""
+    """Fit the calibration set to the training split before the network runs.
+
+    ``capture.n_cal`` larger than the training split means "all of it": the defaults (2000) must
+    work on a small dataset such as digits (1,258 training images). ``cfg.capture.n_cal`` is set
+    to the split's size, said in one log line, so every later use and every fingerprint sees the
+    number of images actually captured.
+    """
     datamodule.setup("fit")
     n_train = datamodule.split_sizes()["train"]
-    if int(cfg.capture.n_cal) > n_train:
-        raise UserError(f"capture.n_cal={cfg.capture.n_cal} is larger than the training split "
-                        f"({n_train} images); use capture.n_cal<={n_train}")
     if int(cfg.capture.n_cal) < 3:
         raise UserError(f"capture.n_cal must be at least 3, got {cfg.capture.n_cal}")
+    if int(cfg.capture.n_cal) > n_train:
+        log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
+                 cfg.capture.n_cal, cfg.data.name, n_train)
+        cfg.capture.n_cal = n_train
+    if n_train < 3:
+        raise UserError(f"the {cfg.data.name} training split has only {n_train} images; "
+                        f"the axes need at least 3")
 
 
 def axes_fingerprint(cfg: DictConfig, ckpt: Path) -> dict:
@@ -280,6 +290,9 @@ def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.
     """The per-channel axes table of a trained run: the cached ``analyze/axes.csv`` when it was
     computed with these settings and is sound, otherwise captured and computed now (and cached)."""
     out_dir = Path(trained.run_dir) / "analyze"
+    # first: it fits capture.n_cal to the split, and the fingerprint must hold the fitted number
+    # (as analyze.py's does), or prune and analyze would keep replacing each other's axes.csv
+    check_capture_size(cfg, trained.datamodule)
     want = axes_fingerprint(cfg, trained.ckpt)
     units = select_units(trained.model, cfg.capture.layers)
     found = stored_axes(out_dir, want, units)
@@ -287,7 +300,6 @@ def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.
         return found[0]
     log.info("computing the two axes for %s (no matching analyze/axes.csv)", trained.run_dir)
     device = resolve_device(cfg.get("device", "auto"))
-    check_capture_size(cfg, trained.datamodule)
     capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
     axes_df, layers_df, _ = analyze_capture(capture, units, cfg, device, progress=progress,
                                             index=depth_index(trained.model))
