@@ -327,3 +327,24 @@ def test_restoring_a_headline_run_never_fetches_imagenet_weights(tiny_run, monke
     cfg = _analyze_cfg(tiny_run, "model.pretrained=true")
     trained = restore_trained(cfg)
     assert trained.meta["data"] == "digits"
+
+
+def test_prune_reuses_the_axes_analyze_computed_from_a_whole_small_split(tiny_run, caplog):
+    """capture.n_cal above the split means the whole split; analyze and prune must key axes.csv on
+    the same fitted number, or each would recompute (and replace) the other's table."""
+    import logging
+
+    from axes_pipeline.analyses.axes_table import load_or_compute_axes
+    from axes_pipeline.training.restore import restore_trained
+
+    big = ["capture.n_cal=100000", "capture.samples_per_image=2", "graphs.null_shuffles=1", "plots=false",
+           "gradients.enabled=false"]
+    root, overrides = tiny_run
+    over, dst = _partial_run(tiny_run, name="fitted")                 # a private copy of the run ...
+    shutil.copy(Path(_analyze_cfg(tiny_run).paths.run_dir) / "train_summary.json", dst)   # ... finished
+    over = [*overrides, *big, "name=fitted"]
+    run_analysis(make_cfg("analyze", over, root))
+    cfg = make_cfg("analyze", over, root)
+    with caplog.at_level(logging.INFO, logger="axes_pipeline"):
+        load_or_compute_axes(cfg, restore_trained(cfg), progress=False)
+    assert not any("computing the two axes" in r.getMessage() for r in caplog.records)
