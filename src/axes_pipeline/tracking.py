@@ -6,6 +6,14 @@ Never a login prompt: offline mode needs no account; online mode without credent
 one line instead of asking. Offline means offline: no network request at all (wandb's telemetry,
 which otherwise looks up the wandb host when a run finishes, is switched off).
 
+Every stage's wandb config is the full resolved config, flattened (``capture.point``,
+``metrics.sigma0``, ``pruning.allocation``, ...), so a dashboard can group or filter by any knob.
+Results are Artifacts with lineage (checkpoint -> axes -> pruning curves -> report): see
+:func:`artifact` for how a consumer records its inputs in an offline run.
+
+Long work shows progress (:func:`progress`): a bar on a terminal, one line per finished unit
+otherwise, so a log file holds a line per epoch/layer/point instead of bar redraws.
+
 Training's logs belong to the run, not to one process: a resumed training appends to
 ``logs/train/metrics.csv`` and continues the same wandb run (its id is kept in the run directory).
 """
@@ -14,6 +22,9 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -48,9 +59,28 @@ def _init_kwargs(cfg: DictConfig, stage: str, out: Path) -> dict:
         # a report spans many runs: name it after the experiment, not after one run's seed
         name=f"{cfg.name}-report" if stage == "report" else f"{lg.run_name}-{stage}", job_type=stage, tags=list(lg.tags) + [stage],
         dir=str(out), reinit="finish_previous",
-        config={"data": cfg.data.name, "model": cfg.model.name, "width": cfg.model.width,
-                "seed": cfg.seed, "experiment": cfg.name, "stage": stage},
+        # (`data.name`, `model.name`, `model.width`, `seed` come with the flattened config; a bare
+        # `data` key beside them would collide with the `data.*` columns in wandb's run table)
+        config={**flat_config(cfg), "experiment": cfg.name, "stage": stage},
     )
+
+
+def flat_config(cfg: DictConfig) -> dict:
+    """The full resolved config with dotted keys (``capture.point``): wandb's run table groups and
+    filters by top-level config keys, so nesting would hide every knob below the first level."""
+    from axes_pipeline.config import to_container
+
+    return _flatten(to_container(cfg))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def check_logger(cfg: DictConfig) -> None:
@@ -184,7 +214,196 @@ class StageTracker:
 
             self.run.log({key: wandb.Image(str(path))})
 
+    def log_artifact(self, kind: str, name: str, files: list[Path]) -> None:
+        """Record ``files`` as this stage's output artifact ``name`` (see :func:`artifact`)."""
+        if self.run is not None:
+            record_artifact(self.run, kind, name, files, use=False)
+
+    def use_artifact(self, kind: str, name: str, files: list[Path]) -> None:
+        """Record ``files`` (another stage's output) as an input of this stage."""
+        if self.run is not None:
+            record_artifact(self.run, kind, name, files, use=True)
+
+    def scatter(self, key: str, frame, x: str, y: str, title: str) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.plot.scatter(wandb.Table(dataframe=frame[[x, y]]), x, y, title=title)})
+
+    def line_series(self, key: str, xs, ys: dict, title: str, xname: str) -> None:
+        """One line per entry of ``ys`` (name -> values over ``xs``), named in the legend."""
+        if self.run is not None and ys:
+            import wandb
+
+            self.run.log({key: wandb.plot.line_series(xs=list(xs), ys=[list(v) for v in ys.values()],
+                                                      keys=list(ys), title=title, xname=xname)})
+
+    def bar(self, key: str, frame, label: str, value: str, title: str) -> None:
+        if self.run is not None and not frame.empty:
+            import wandb
+
+            self.run.log({key: wandb.plot.bar(wandb.Table(dataframe=frame[[label, value]]), label, value, title=title)})
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def log_training(run, cfg: DictConfig, best: Path, summary: dict) -> None:
+    """Training's wandb record beyond Lightning's curves: the checkpoint as an artifact and the
+    final metrics under stable summary names (``train/test_acc``) for run tables."""
+    record_artifact(run, "checkpoint", cfg_artifact_name("checkpoint", cfg), [best], use=False)
+    run.summary.update({f"train/{k}": v for k, v in summary.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+#: the per-channel columns of axes.csv drawn as depth profiles: the local axis, then the target axis
+PROFILE_AXES = ("input_capture", "peer_overlap", "task_info", "target_excess")
+
+
+def log_axes(tracker: StageTracker, cfg: DictConfig, out: Path, axes) -> None:
+    """Analyze's wandb record: ``axes.csv`` and ``layers.csv`` as an artifact, an I_X vs I_T scatter
+    per layer, and the depth profile of each axis (mean over a layer's channels) as line series."""
+    if not tracker.enabled or axes is None or axes.empty:
+        return
+    tracker.log_artifact("axes", cfg_artifact_name("axes", cfg), [out / "axes.csv", out / "layers.csv"])
+    for layer, d in axes.groupby("layer", sort=False):
+        tracker.scatter(f"analyze/ix_vs_it/{layer}", d, "input_capture", "task_info",
+                        title=f"{layer}: input_capture (I_X) vs task_info (I_T)")
+    cols = [c for c in PROFILE_AXES if c in axes]
+    prof = axes.groupby("layer_index")[cols].mean().sort_index()
+    tracker.line_series("analyze/depth_profile", prof.index.tolist(), {c: prof[c].tolist() for c in cols},
+                        title="depth profile (mean over channels)", xname="layer_index")
+
+
+def log_report(tracker: StageTracker, runs, out: Path, headline) -> None:
+    """The report's wandb record: every run's checkpoint, axes and curves as inputs, the report
+    files as its output, the headline as a bar chart (difference local − target per group and
+    comparison; the CI is in the logged ``report/headline`` table) and as summary metrics named
+    ``headline/<group>/<i>/{diff,ci_lo,ci_hi}`` (i = the comparison's row within its group)."""
+    if not tracker.enabled:
+        return
+    for r in runs:
+        ident = (r.experiment, r.data, r.model, r.width, r.seed)
+        p = Path(r.path)
+        for kind, files in (("checkpoint", [p / "checkpoints" / "best.ckpt"]),
+                            ("axes", [p / "analyze" / "axes.csv", p / "analyze" / "layers.csv"]),
+                            ("curves", [p / "prune" / "prune_curves.csv", p / "prune" / "prune_summary.json"])):
+            tracker.use_artifact(kind, artifact_name(kind, *ident), files)
+    tracker.log_artifact("report", re.sub(r"[^A-Za-z0-9_.-]", "_", f"report-{out.name}"),
+                         [f for f in (out / "report.html", out / "report.md", out / "headline.csv") if f.is_file()])
+    if headline is None or headline.empty:
+        return
+    head = headline.assign(row=headline.groupby("group").cumcount())
+    head["label"] = [f"{g} #{i}: {c[:60]}" for g, i, c in zip(head["group"], head["row"], head["comparison"])]
+    tracker.bar("report/headline_chart", head, "label", "diff", title="FLOPs-AUC difference local − target")
+    tracker.scalars({f"headline/{g}/{i}/{k}": float(v) for g, i, lo, hi, d in
+                     zip(head["group"], head["row"], head["ci_lo"], head["ci_hi"], head["diff"])
+                     for k, v in (("diff", d), ("ci_lo", lo), ("ci_hi", hi))})
+
+
+#: artifact kind -> (wandb artifact type, whether its files are recorded by reference)
+#: A checkpoint is referenced (``file://``), not copied: it is large (one per seed and backbone) and
+#: stays on the machine that trained it; the small CSV/JSON results are copied so that the wandb
+#: app can show and download them.
+ARTIFACT_KINDS = {"checkpoint": ("model", True), "axes": ("axes", False), "curves": ("prune-curves", False),
+                  "report": ("report", False)}
+
+
+def artifact_name(kind: str, experiment: str, data: str, model: str, width, seed) -> str:
+    """The stable artifact name of one run's result: every stage derives it from the run's identity,
+    so a consumer can name its producer's artifact without asking the wandb server."""
+    raw = f"{kind}-{experiment}-{data}-{model}-w{float(width):g}-seed{seed}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", raw)
+
+
+def cfg_artifact_name(kind: str, cfg: DictConfig) -> str:
+    return artifact_name(kind, cfg.name, cfg.data.name, cfg.model.name, cfg.model.width, cfg.seed)
+
+
+def artifact(kind: str, name: str, files: list[Path]):
+    """The ``wandb.Artifact`` of ``files``: built the same way by its producer and its consumers, so
+    both hold the same manifest digest."""
+    import wandb
+
+    typ, by_reference = ARTIFACT_KINDS[kind]
+    art = wandb.Artifact(name, type=typ)
+    for f in files:
+        f = Path(f).resolve()
+        if by_reference:
+            art.add_reference(f.as_uri(), name=f.name)
+        else:
+            art.add_file(str(f), name=f.name)
+    return art
+
+
+def record_artifact(run, kind: str, name: str, files: list[Path], use: bool) -> None:
+    """Log ``files`` as artifact ``name`` (an output) or record it as an input (``use``).
+
+    Offline, ``run.use_artifact`` refuses (it asks the server for the artifact). What it does
+    for an artifact built locally is what is done here: log the artifact with "use after commit"
+    set. The offline run file then holds an artifact record (name, type, manifest digest,
+    use_after_commit); ``wandb sync`` commits it, and wandb keeps one version per digest, so it
+    resolves to the version the producer logged, which it marks as used by this run. The limit:
+    a consumer whose files differ from the producer's (a changed CSV) makes a new version of that
+    name rather than failing, as it would online with ``use_artifact("name:latest")``.
+    """
+    files = [Path(f) for f in files]
+    if not files or not all(f.is_file() for f in files):
+        return   # a stage that did not write (or a run that lacks) this result has no such artifact
+    art = artifact(kind, name, files)
+    if not use:
+        run.log_artifact(art)
+    elif run.offline:
+        run._log_artifact(art, is_user_created=True, use_after_commit=True)
+    else:
+        run.use_artifact(art)
+
+
+def progress(items, desc: str, *, total: int | None = None, enabled: bool = True, label=None):
+    """Iterate ``items`` showing progress: a tqdm bar when stderr is a terminal, else one line on
+    stdout per finished unit (``desc: 3/20 layer4.1.conv2 (12.3s)``), so a log file holds a line
+    per unit and no bar redraws. ``enabled=False`` shows nothing (nested or internal loops)."""
+    if total is None:
+        total = len(items) if hasattr(items, "__len__") else None
+    if not enabled:
+        yield from items
+        return
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        yield from tqdm(items, desc=desc, total=total, leave=False)
+        return
+    t0 = time.perf_counter()
+    of = f"/{total}" if total is not None else ""
+    for i, item in enumerate(items, 1):
+        yield item
+        what = f" {label(item)}" if label is not None else ""
+        print(f"{desc}: {i}{of}{what} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+
+def show_bar(enabled: bool) -> bool:
+    """Whether training shows Lightning's progress bar: asked for and stdout (where Lightning draws
+    it) is a terminal. Redirected to a file, each redraw would be a line (~120 per seed)."""
+    return bool(enabled) and sys.stdout.isatty()
+
+
+def epoch_lines():
+    """A Lightning callback printing one line per finished epoch (used when no bar is shown)."""
+    import lightning as L
+
+    class EpochLines(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self._t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            # validation of this epoch has run by now, so its metrics are in callback_metrics
+            m = trainer.callback_metrics
+            # (a metric logged per step and per epoch is in it as `<name>_epoch`)
+            picked = {k: m.get(f"{k}_epoch", m.get(k)) for k in ("train/loss", "train/acc", "val/loss", "val/acc")}
+            shown = " ".join(f"{k}={float(v):.4f}" for k, v in picked.items() if v is not None)
+            secs = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+            print(f"train: epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {shown} ({secs:.1f}s)", flush=True)
+
+    return EpochLines()

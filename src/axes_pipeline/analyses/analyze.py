@@ -23,7 +23,7 @@ from axes_pipeline.analyses.axes_table import (analyze_capture, axes_fingerprint
 from axes_pipeline.config import run_dir, to_container
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import read_json, write_json
-from axes_pipeline.tracking import StageTracker
+from axes_pipeline.tracking import StageTracker, cfg_artifact_name, log_axes
 
 log = logging.getLogger("axes_pipeline")
 
@@ -162,7 +162,10 @@ def run_analysis(cfg: DictConfig) -> dict:
                      "analyses": chosen}
     try:
         if trained is not None:
+            ctx.tracker.use_artifact("checkpoint", cfg_artifact_name("checkpoint", cfg), [trained.ckpt])
             summary["axes"] = run_axes(ctx, requested="axes" in chosen)
+            if "axes" in chosen:
+                log_axes(ctx.tracker, cfg, out, ctx.axes)
             print(f"analyze: axes of {summary['axes']['channels']} channels in {summary['axes']['layers']} layers; "
                   f"mean ρ(I_X, I_T) = {summary['axes']['mean_align_input_capture_task_info']:.3f}")
         for name in chosen:

@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from axes_pipeline.analyses.alignment import layer_alignment
 from axes_pipeline.analyses.graphs import compare_groupings
@@ -29,6 +28,7 @@ from axes_pipeline.metrics.peers import channel_axes_by_peers, check_peers
 from axes_pipeline.models import capture_point, conv_norm_pairs
 from axes_pipeline.runs import read_json, run_fingerprint, settings_diff, write_csv, write_json
 from axes_pipeline.tables import DamagedTable, Schema, read_table
+from axes_pipeline.tracking import progress as units_progress
 
 log = logging.getLogger("axes_pipeline")
 
@@ -141,7 +141,7 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
     graphs = OmegaConf.to_container(cfg.graphs) if cfg.graphs.edge_fraction > 0 else None
     grads = OmegaConf.to_container(cfg.gradients) if cfg.gradients.enabled else None
     results = {}
-    for i, name in enumerate(tqdm(capture.layers, desc="axes", disable=None if progress else True, leave=False)):
+    for i, name in enumerate(units_progress(capture.layers, "axes", enabled=progress, label=str)):
         results[name] = layer_analysis(
             name, index[name] if index else i, capture.acts[name], capture.target_of(name), units[name], knobs=metric_knobs(cfg), dtype=dtype,
             device=device, graphs=graphs, patches=capture.patches.get(name), gradients=grads,

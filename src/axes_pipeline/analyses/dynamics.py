@@ -36,7 +36,6 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from tqdm.auto import tqdm
 
 from axes_pipeline.analyses.axes_table import layer_analysis, metric_knobs
 from axes_pipeline.capture import POSITIONS, capture_activations, check_finite
@@ -46,6 +45,7 @@ from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
 from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
 from axes_pipeline.runs import file_digest, read_json, run_fingerprint, settings_diff, write_csv, write_json
 from axes_pipeline.tables import DamagedTable, Schema, read_table
+from axes_pipeline.tracking import progress as units_progress
 from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into
 
 log = logging.getLogger("axes_pipeline")
@@ -328,9 +328,8 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
     graphs = _graphs(cfg)
     knobs, c = metric_knobs(cfg), cfg.capture
     loader, frames, computed, fixed_t = None, [], 0, None
-    bar = tqdm(plan.epochs.items(), desc=f"dynamics seed{plan.seed}", disable=None if progress else True,
-               unit="epoch")
-    for epoch, ckpt in bar:
+    for epoch, ckpt in units_progress(list(plan.epochs.items()), f"dynamics seed{plan.seed}", enabled=progress,
+                                      label=lambda e: f"epoch {e[0]}"):
         path = parts / _part_name(epoch)
         part = _valid_part(path, ckpt, layers)
         if part is not None:

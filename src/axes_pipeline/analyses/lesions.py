@@ -38,7 +38,6 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from scipy import stats as _st
-from tqdm.auto import tqdm
 
 from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.axes_table import axes_settings, capture_settings
@@ -48,6 +47,7 @@ from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models.taylor import taylor_scores
 from axes_pipeline.runs import read_json, run_fingerprint, write_csv, write_json
 from axes_pipeline.tables import DamagedTable, Schema, read_table
+from axes_pipeline.tracking import progress as units_progress
 
 log = logging.getLogger("axes_pipeline")
 
@@ -509,7 +509,7 @@ def run_lesion_analysis(ctx) -> dict:
     graph = trace(model)
     axes = ctx.axes
     parts, batched, t_lesion, n_lesions = [], {}, 0.0, 0
-    for name in tqdm(layers, desc="lesion", disable=None, leave=False):
+    for name in units_progress(layers, "lesion", label=str):
         unit = ctx.units[name]
         part = _part_path(out, name)
         chans = select_channels(unit.conv.out_channels, s["channels"], s["seed"], name)

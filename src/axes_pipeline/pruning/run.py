@@ -155,7 +155,7 @@ class PruneSettings:
         self.export = bool(pc.get("export", False))
         self.fvcore_check = bool(pc.get("fvcore_check", True))
         self.device = str(pc.get("device", "auto"))
-        # a bar on a terminal only (disable=None): in a log file it would be thousands of redraws
+        # a bar on a terminal, one line per finished point in a log file (tracking.progress)
         self.progress = bool(OmegaConf.select(cfg, "callbacks.progress_bar", default=True))
 
     def needs(self, what: str) -> list[Score]:
@@ -335,10 +335,8 @@ def _calibration(dm, settings: PruneSettings, which: str = "n"):
 
 def run_prune(cfg: DictConfig) -> dict:
     """FLOPs-matched pruning of the trained run named by ``cfg``; returns the summary."""
-    from tqdm.auto import tqdm
-
     from axes_pipeline.models import conv_layers, example_input
-    from axes_pipeline.tracking import StageTracker
+    from axes_pipeline.tracking import StageTracker, cfg_artifact_name, progress
     from axes_pipeline.training.restore import restore_trained
 
     settings = PruneSettings(cfg)   # validates cfg.pruning: a mistake is one line, before any work
@@ -370,14 +368,18 @@ def run_prune(cfg: DictConfig) -> dict:
     if groups.refused:   # convs never pruned (grouped convs): the reason travels with the results
         write_csv(out / "prune_refused.csv", pd.DataFrame(sorted(groups.refused.items()), columns=["layer", "reason"]))
     tracker = StageTracker(cfg, "prune", out)
+    tracker.use_artifact("checkpoint", cfg_artifact_name("checkpoint", cfg), [trained.ckpt])
+    if axes_scores:   # ctx.axes() above reused or wrote the run's analyze/axes.csv: that is the input
+        analyzed = Path(trained.run_dir) / "analyze"
+        tracker.use_artifact("axes", cfg_artifact_name("axes", cfg), [analyzed / "axes.csv", analyzed / "layers.csv"])
     try:
         base = _unpruned(model, dm, cost, example, settings, device, out, trained.ckpt)
         cache = _ScoreCache(ctx, out, settings, Path(trained.ckpt), example.shape, digest)
         hybrid_counts = None
         done = 0
         records: list[dict] = []
-        bar = tqdm(points, desc="prune", disable=None if settings.progress else True, leave=False)
-        for score, draw, target in bar:
+        for score, draw, target in progress(points, "prune", enabled=settings.progress,
+                                            label=lambda p: f"{point_label(p[0], p[1])} @ {p[2]:g}"):
             label = point_label(score, draw)
             path = out / "points" / f"{label}__{target:g}.json"
             fp = settings.fingerprint(score, Path(trained.ckpt), example.shape, digest)
@@ -388,7 +390,6 @@ def run_prune(cfg: DictConfig) -> dict:
                 continue
             if why:
                 print(f"prune: note: {why}; recomputing it")
-            bar.set_postfix_str(f"{label} @ {target:g}")
             raw = cache.get(score, draw)
             gscores = group_scores(groups, raw, settings.depthwise)
             if settings.allocation == "hybrid" and hybrid_counts is None:
@@ -399,7 +400,6 @@ def run_prune(cfg: DictConfig) -> dict:
             write_json(path, record)
             records.append(record)
             done += 1
-        bar.close()
         # curves and summary are computed in full before either is written, then replaced together
         curves = curves_frame(records)
         summary = summarise(curves, base, settings, cfg, groups, cost, cache.timing)
@@ -416,12 +416,32 @@ def run_prune(cfg: DictConfig) -> dict:
         write_stage(out, curves, summary)
         tracker.scalars(_flat_scalars(summary), prefix="prune/")
         tracker.table("prune/curves", curves)
+        tracker.log_artifact("curves", cfg_artifact_name("curves", cfg), [out / "prune_curves.csv",
+                                                                           out / "prune_summary.json"])
+        log_curves(tracker, curves)
         for key, p in plots.items():
             tracker.image(f"prune/{key}", p)
         _print_summary(summary, out)
         return summary
     finally:
         tracker.finish()
+
+
+def log_curves(tracker, curves: pd.DataFrame) -> None:
+    """Pruning curves as wandb line series, one line per score named ``score (axis)``: accuracy
+    (mean over draws) against the achieved fraction of FLOPs kept, before and after fine-tuning."""
+    if not tracker.enabled or curves.empty:
+        return
+    for acc_col, key in (("acc_before_ft", "prune/curves_chart"), ("acc_after_ft", "prune/curves_ft_chart")):
+        if acc_col not in curves or curves[acc_col].isna().all():
+            continue
+        xs, ys = {}, {}
+        for name, df in curves.groupby("score", sort=False):
+            g = df.groupby("target_flops" if df["target_flops"].notna().any() else "target_channels")
+            line = pd.DataFrame({"x": g["achieved_flops"].mean(), "y": g[acc_col].mean()}).dropna().sort_values("x")
+            label = f"{name} ({df['axis'].iloc[0]})"
+            xs[label], ys[label] = line["x"].tolist(), line["y"].tolist()
+        tracker.line_series(key, list(xs.values()), ys, title=f"{acc_col} vs FLOPs kept", xname="FLOPs kept")
 
 
 def write_stage(out: Path, curves: pd.DataFrame, summary: dict) -> None:

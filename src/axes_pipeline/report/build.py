@@ -35,7 +35,7 @@ from axes_pipeline.report.collect import (discover, group_runs, require_runs, re
                                          split_by_pruning)
 from axes_pipeline.runs import write_csv, write_json, write_text
 from axes_pipeline.stats import CI_METHODS, compare_paired
-from axes_pipeline.tracking import StageTracker
+from axes_pipeline.tracking import StageTracker, log_report
 
 TESTS = ("wilcoxon", "permutation")
 
@@ -112,6 +112,7 @@ def run_report(cfg: DictConfig) -> dict:
                 tracker.table(f"report/{name}", df)
         for label, p in figs.items():
             tracker.image(f"report/{p.stem}", p)
+        log_report(tracker, runs, out, t.get("headline"))
     finally:
         tracker.finish()
     for n in notices:

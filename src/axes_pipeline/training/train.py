@@ -213,7 +213,7 @@ def run_training(cfg: DictConfig) -> dict:
 
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from axes_pipeline.tracking import lightning_logger
+    from axes_pipeline.tracking import epoch_lines, lightning_logger, show_bar
 
     throughput = Throughput()
     callbacks = [
@@ -225,12 +225,15 @@ def run_training(cfg: DictConfig) -> dict:
     ]
     if cfg.checkpoint.every_epoch:
         callbacks.append(EpochCheckpoint(ckpt_dir))
+    bar = show_bar(cfg.callbacks.progress_bar)
+    if not bar:
+        callbacks.append(epoch_lines())
     logger = lightning_logger(cfg, out, resume_epoch=first_epoch, resume_step=first_step)
     if logger and cfg.callbacks.lr_monitor:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                      default_root_dir=str(out),
-                                     enable_progress_bar=bool(cfg.callbacks.progress_bar))
+                                     enable_progress_bar=bar)
     if resume is not None:
         log.info("resuming %s at epoch %d", resume, first_epoch)
     t0 = time.perf_counter()
@@ -251,6 +254,10 @@ def run_training(cfg: DictConfig) -> dict:
         "config": to_container(cfg),
     }
     write_json(summary_path, summary)
+    if logger and cfg.logger.kind == "wandb":
+        from axes_pipeline.tracking import log_training
+
+        log_training(logger.experiment, cfg, best, summary)
     print(f"train: val_acc={summary['val_acc']:.4f} test_acc={summary['test_acc']:.4f} "
           f"({wall:.1f}s, {summary['train_images_per_s']} img/s) -> {out}")
     return summary
