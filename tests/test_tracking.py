@@ -163,3 +163,54 @@ def test_resumed_training_continues_its_wandb_run(tmp_path, monkeypatch):
     import re
 
     assert len(runs) == 2 and all(re.search(rf"-{run_id}(-\d+)?$", p.name) for p in runs), runs
+
+
+# --- long work shows progress: a bar on a terminal, one line per finished unit in a log -----------
+
+
+def test_progress_writes_one_line_per_finished_unit_when_not_a_terminal(capsys):
+    from axes_pipeline.tracking import progress
+
+    seen = list(progress(["conv1", "layer1.0.conv1"], "axes", label=str))
+    out, err = capsys.readouterr()
+    assert seen == ["conv1", "layer1.0.conv1"]
+    lines = out.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["axes: 1/2 conv1", "axes: 2/2 layer1.0.conv1"]
+    assert "\r" not in out + err
+
+
+def test_progress_is_a_bar_on_a_terminal_and_silent_when_disabled(capsys, monkeypatch):
+    import sys
+
+    from axes_pipeline.tracking import progress
+
+    assert list(progress(range(3), "quiet", enabled=False)) == [0, 1, 2]
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert list(progress(range(3), "bar")) == [0, 1, 2]
+    out, err = capsys.readouterr()
+    assert out == "" and "bar" in err          # tqdm draws on stderr; no unit lines on stdout
+
+
+def test_training_log_holds_one_line_per_epoch_and_no_bar(tmp_path):
+    """stdout redirected to a file (callbacks.progress_bar=true, the default): Lightning's bar is
+    off, a line per epoch is there instead of ~120 bar redraws per seed."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    log_file = tmp_path / "train.log"
+    args = ["logger=none", "model.width=0.125", "trainer.max_epochs=2", "+trainer.limit_train_batches=3",
+            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "callbacks.progress_bar=true"]
+    env = dict(os.environ, AXES_OUTPUT_ROOT=str(tmp_path), PYTHONUNBUFFERED="1")
+    with open(log_file, "w") as f:
+        res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                             stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    text = log_file.read_text()
+    assert res.returncode == 0, text[-3000:]
+    epochs = [line for line in text.splitlines() if line.startswith("train: epoch ")]
+    assert [line.split()[2] for line in epochs] == ["1/2", "2/2"], text[-2000:]
+    assert all("val/acc=" in line and "train/loss=" in line for line in epochs)
+    assert "\r" not in text and "it/s]" not in text and "Epoch 0:" not in text
