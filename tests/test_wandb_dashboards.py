@@ -117,7 +117,7 @@ def test_artifacts_link_the_four_stages(demo):
     assert used["analyze"] == {ckpt}
     assert used["prune"] == {ckpt, axes}
     assert used["report"] == {ckpt, axes, curves}
-    assert [t for _, t, _ in logged["report"]] == ["report"]
+    assert [(n, t) for n, t, _ in logged["report"]] == [("report-dash", "report")]
 
 
 def test_charts_and_stable_summary_names(demo):

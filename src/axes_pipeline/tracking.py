@@ -277,7 +277,7 @@ def log_axes(tracker: StageTracker, cfg: DictConfig, out: Path, axes) -> None:
                         title="depth profile (mean over channels)", xname="layer_index")
 
 
-def log_report(tracker: StageTracker, runs, out: Path, headline) -> None:
+def log_report(tracker: StageTracker, runs, out: Path, headline, experiment: str) -> None:
     """The report's wandb record: every run's checkpoint, axes and curves as inputs, the report
     files as its output, the headline as a bar chart (difference local − target per group and
     comparison; the CI is in the logged ``report/headline`` table) and as summary metrics named
@@ -291,7 +291,7 @@ def log_report(tracker: StageTracker, runs, out: Path, headline) -> None:
                             ("axes", [p / "analyze" / "axes.csv", p / "analyze" / "layers.csv"]),
                             ("curves", [p / "prune" / "prune_curves.csv", p / "prune" / "prune_summary.json"])):
             tracker.use_artifact(kind, artifact_name(kind, *ident), files)
-    tracker.log_artifact("report", re.sub(r"[^A-Za-z0-9_.-]", "_", f"report-{out.name}"),
+    tracker.log_artifact("report", re.sub(r"[^A-Za-z0-9_.-]", "_", f"report-{experiment}"),
                          [f for f in (out / "report.html", out / "report.md", out / "headline.csv") if f.is_file()])
     if headline is None or headline.empty:
         return

@@ -112,7 +112,7 @@ def run_report(cfg: DictConfig) -> dict:
                 tracker.table(f"report/{name}", df)
         for label, p in figs.items():
             tracker.image(f"report/{p.stem}", p)
-        log_report(tracker, runs, out, t.get("headline"))
+        log_report(tracker, runs, out, t.get("headline"), cfg.name)
     finally:
         tracker.finish()
     for n in notices:
