@@ -100,7 +100,8 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor, target: torch.Tens
     summary.update(s3_s2=float(tri["s3_s2"]), mean_s3=float(tri["mean_s3"]), mean_s2=float(tri["mean_s2"]))
     result = LayerResult(rows=pd.DataFrame(rows), summary=summary)
     if graphs is not None:
-        k = min(C, int(graphs["max_channels"]))
+        cap = graphs.get("max_channels")
+        k = C if cap is None else min(C, int(cap))   # no cap by default: MobileNetV2 ends at 1280
         sub = cov[: k + 1, : k + 1]
         r_x = pairwise_overlap_from_moments(sub).cpu().double().numpy()
         s = pairwise_target_excess_from_moments(sub).cpu().double().numpy()
