@@ -22,7 +22,7 @@ from axes_pipeline.analyses.graphs import compare_groupings
 from axes_pipeline.capture import (Capture, capture_activations, capture_key, check_finite, load_capture,
                                    save_capture)
 from axes_pipeline.errors import UserError
-from axes_pipeline.metrics import (channel_axes_from_moments, covariance, gradient_cosines,
+from axes_pipeline.metrics import (channel_axes_from_moments, covariance,
                                    pairwise_overlap_from_moments, pairwise_target_excess_from_moments,
                                    triplet_ratio_from_moments)
 from axes_pipeline.models import conv_norm_pairs
@@ -81,13 +81,20 @@ class LayerResult:
     s: np.ndarray | None = None
 
 
-def layer_analysis(name: str, index: int, acts: torch.Tensor, target: torch.Tensor, unit, *, knobs: dict,
-                   dtype: torch.dtype, device: torch.device, graphs: dict | None, patches=None,
-                   gradients: dict | None = None, seed: int = 0, keep_matrices: bool = False) -> LayerResult:
-    """Both axes, alignment, groupings, S3/S2 and gradient cosines of one layer."""
-    cov = covariance(acts.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype))
+def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: torch.Tensor | None, unit, *,
+                   knobs: dict, dtype: torch.dtype, device: torch.device, graphs: dict | None, patches=None,
+                   gradients: dict | None = None, seed: int = 0, keep_matrices: bool = False,
+                   cov: torch.Tensor | None = None, grad_cos: dict | None = None) -> LayerResult:
+    """Both axes, alignment, groupings, S3/S2 and gradient cosines of one layer.
+
+    From the samples (``acts``, ``target``) or, in the lean form, from their covariance ``cov``
+    ``[C+1, C+1]`` (:attr:`Capture.moments`) and the capture's gradient cosines ``grad_cos``."""
+    if cov is None:
+        cov = covariance(acts.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype))
+    else:
+        cov = cov.to(device=device, dtype=dtype)
     axes = {k: v.cpu() for k, v in channel_axes_from_moments(cov, **knobs).items()}
-    C = acts.shape[1]
+    C = cov.shape[0] - 1
     rows = {"layer": [name] * C, "layer_index": [index] * C, "channel": np.arange(C)}
     rows.update({k: v.numpy() for k, v in axes.items()})
     rows.update(filter_stats(unit))
@@ -114,17 +121,13 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor, target: torch.Tens
         summary.update(g)
         if keep_matrices:
             result.r_x, result.s = r_x, s
-    if patches is not None and gradients is not None:
-        w = unit.conv.weight.detach().double().flatten(1)
-        cos = gradient_cosines(patches.cov_xy().T.contiguous(), patches.cov_xt(), w)
-        result.rows["grad_cos_euclid"] = cos["cos_euclid"].numpy()
-        summary["grad_cos_euclid_median"] = float(cos["cos_euclid"].abs().median())
-        sub = patches.whitened_moments()
-        if sub is not None:  # the check: Σ_X w and Σ_X from the same rows, so this must be ≈ 0
-            cxy, cxt, sigma = sub
-            white = gradient_cosines(cxy.T.contiguous(), cxt, w, sigma)["cos_whitened"]
-            result.rows["grad_cos_whitened"] = white.numpy()
-            summary["grad_cos_whitened_median"] = float(white.abs().median())
+    if grad_cos is None and patches is not None:
+        grad_cos = patches.cosines(unit.conv.weight)
+    if grad_cos is not None and gradients is not None:
+        for key in ("cos_euclid", "cos_whitened"):   # whitened: the ≈ 0 check, where Σ_X was kept
+            if key in grad_cos:
+                result.rows[f"grad_{key}"] = grad_cos[key].numpy()
+                summary[f"grad_{key}_median"] = float(grad_cos[key].abs().median())
     return result
 
 
@@ -141,9 +144,10 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
     results = {}
     for i, name in enumerate(tqdm(capture.layers, desc="axes", disable=None if progress else True, leave=False)):
         results[name] = layer_analysis(
-            name, index[name] if index else i, capture.acts[name], capture.target, units[name], knobs=metric_knobs(cfg), dtype=dtype,
+            name, index[name] if index else i, None, None, units[name], knobs=metric_knobs(cfg), dtype=dtype,
             device=device, graphs=graphs, patches=capture.patches.get(name), gradients=grads,
-            seed=int(cfg.capture.seed), keep_matrices=keep_matrices)
+            seed=int(cfg.capture.seed), keep_matrices=keep_matrices, cov=capture.cov(name),
+            grad_cos=capture.gradients.get(name))
     axes_df = pd.concat([r.rows for r in results.values()], ignore_index=True)
     layers_df = pd.DataFrame([r.summary for r in results.values()])
     return axes_df, layers_df, results
@@ -167,8 +171,11 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
     settings = capture_settings(cfg, ckpt)
     cache = out_dir / "cache" / f"capture-{capture_key(settings)}.pt"
     if cfg.capture.cache and cache.exists():
-        log.info("reusing captured activations %s", cache)
-        return load_capture(cache)
+        cached = load_capture(cache)
+        if cached is not None:
+            log.info("reusing captured moments %s", cache)
+            return cached
+        log.info("recomputing %s (written in an older cache format)", cache)
     c = cfg.capture
     datamodule.setup("fit")
     cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
@@ -177,7 +184,7 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
         model, units, loader, point=c.point, spatial=c.spatial, samples_per_image=int(c.samples_per_image),
         target=c.target, seed=int(c.seed), patch_moments=settings["gradients"],
         max_patch_dim=settings["max_patch_dim"], sigma_rows=settings["sigma_rows"], device=device,
-        progress=progress)
+        progress=progress, keep_samples=False)
     model.cpu()
     check_finite(capture)
     if cfg.capture.cache:

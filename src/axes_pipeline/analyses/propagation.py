@@ -341,11 +341,11 @@ def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_d
     order = {n: i for i, n in enumerate(units)}
     rows = []
     for p, (up, down) in enumerate(conv_links(model, units, residual)):
-        if up not in capture.acts or down not in capture.acts:
+        if up not in capture.layers or down not in capture.layers:
             continue
         ua = axes[axes.layer == up].sort_values("channel")
         da = axes[axes.layer == down].sort_values("channel")
-        sigma = capture.acts[up].double().std(dim=0)
+        sigma = capture.channel_sd(up)
         s_post = post_norm_sigma(units[up], sigma, point)
         for r in pair_propagation(units[down].conv.weight, s_post,
                                   {k: ua[k].to_numpy() for k in ("input_capture", "task_info")},

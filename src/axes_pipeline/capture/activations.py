@@ -1,11 +1,19 @@
-"""One forward pass over the calibration set records, for every analysed conv layer, sampled
-activations and the target (METHODS §1).
+"""One forward pass over the calibration set records, for every analysed conv layer, the moments
+of its sampled activations and the target (METHODS §1).
 
 Memory stays bounded: a hook samples ``s`` spatial positions of each image the moment the layer
-has run, so only ``[B·s, C]`` per layer and batch is kept, never a full feature map. For the
-gradient analysis (METHODS §5) the same hook streams the input-patch moments Cov(x_patch, y) and
-Cov(x_patch, T) (and, for moderate patch sizes, Σ_X on a capped number of rows) without storing
-patches.
+has run, and streams the unbiased covariance of (T, Y_1..Y_C) (:class:`MomentAccumulator`), so
+only ``[B·s, C]`` per layer and batch is ever held, never a full feature map nor the N samples.
+Every analysis that reads the capture needs only that covariance and the channel means: the axes,
+graphs, hulls and triplets (the covariance), the lesions' peer regressions (covariance + means),
+propagation (the channel SDs). The raw samples are kept only when asked (``keep_samples``, the
+dynamics analysis and tests) and are never written to the cache.
+
+For the gradient analysis (METHODS §5) the same hook streams the input-patch moments
+Cov(x_patch, y) and Cov(x_patch, T) (and, for moderate patch sizes, Σ_X on a capped number of
+rows) without storing patches. They depend only on the checkpoint and the capture settings, so
+the capture reduces them to the per-channel gradient cosines right away: Σ_X alone is up to
+4608² float64 (170 MB) per layer and was most of the old 1.5 GB cache.
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ from tqdm.auto import tqdm
 
 from axes_pipeline.capture.targets import target_from_logits
 from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.metrics.gaussian import MomentAccumulator, covariance
+from axes_pipeline.metrics.gradients import gradient_cosines
 
 POINTS = ("pre_bn", "post_bn", "post_act")
 PATCH_FIELDS = ("sxy", "sxt", "sx", "sy", "st", "sxx", "sx_xx", "sub_xy", "sub_xt", "sub_y", "sub_t")
 SPATIAL = ("sample", "gap")
+#: Version of what :func:`save_capture` writes; a cache file of another version is recomputed.
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -77,26 +89,67 @@ class LayerPatchMoments:
         cxt = (self.sub_xt - self.sx_xx * self.sub_t / m) / (m - 1)
         return cxy, cxt, sigma
 
+    def cosines(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-channel gradient cosines of the conv with ``weight`` (METHODS §5): ``cos_euclid``
+        ``[C]`` and, where Σ_X was kept, ``cos_whitened`` ``[C]`` (the built-in ≈ 0 check)."""
+        w = weight.detach().double().flatten(1).to(self.sxy.device)
+        out = {"cos_euclid": gradient_cosines(self.cov_xy().T.contiguous(), self.cov_xt(), w)["cos_euclid"].cpu()}
+        sub = self.whitened_moments()
+        if sub is not None:  # Σ_X w and Σ_X from the same rows, so this must be ≈ 0
+            cxy, cxt, sigma = sub
+            out["cos_whitened"] = gradient_cosines(cxy.T.contiguous(), cxt, w, sigma)["cos_whitened"].cpu()
+        return out
+
 
 @dataclass
 class Capture:
-    """Sampled activations of the analysed layers.
+    """What one forward pass recorded for the analysed layers.
 
-    ``acts[layer]: [N, C]`` float32, ``target: [N]`` float32 (the image's T repeated over its
-    ``s`` samples), ``image_index: [N]`` (which calibration image a sample came from),
-    ``patches[layer]`` streamed patch moments (pre-BN only), ``knobs`` the capture settings.
+    Always (the lean form, what the cache holds): ``moments[layer]: [C+1, C+1]`` float64, the
+    unbiased covariance of (T, Y_1..Y_C) (element 0 = T), ``means[layer]: [C+1]`` float64,
+    ``n`` samples per layer, ``gradients[layer]`` the per-channel gradient cosines ``{name: [C]}``
+    (pre-BN layers with patch moments), ``knobs`` the capture settings.
+
+    Only with ``keep_samples`` (in memory, never cached): ``acts[layer]: [N, C]`` float32,
+    ``target: [N]`` float32 (the image's T repeated over its ``s`` samples), ``image_index: [N]``
+    (which calibration image a sample came from), ``patches[layer]`` the streamed patch moments.
+    Read the statistics through :meth:`cov`, :meth:`channel_mean` and :meth:`channel_sd`: they
+    work on either form.
     """
 
     acts: dict[str, torch.Tensor]
-    target: torch.Tensor
-    image_index: torch.Tensor
+    target: torch.Tensor | None
+    image_index: torch.Tensor | None
     knobs: dict
     patches: dict[str, LayerPatchMoments] = field(default_factory=dict)
     accuracy: float = float("nan")
+    moments: dict[str, torch.Tensor] = field(default_factory=dict)
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
+    n: int = 0
+    gradients: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[str]:
-        return list(self.acts)
+        return list(self.moments) if self.moments else list(self.acts)
+
+    def cov(self, layer: str) -> torch.Tensor:
+        """``[C+1, C+1]`` float64 covariance of (T, Y_1..Y_C): streamed, or from the samples."""
+        if self.acts and self.target is not None:
+            # samples kept: they are the truth (dynamics may replace the target after capture)
+            return covariance(self.acts[layer].double(), self.target.double())
+        return self.moments[layer]
+
+    def channel_mean(self, layer: str) -> torch.Tensor:
+        """``[C]`` float64 mean of each channel."""
+        if self.acts:
+            return self.acts[layer].double().mean(0)
+        return self.means[layer][1:]
+
+    def channel_sd(self, layer: str) -> torch.Tensor:
+        """``[C]`` float64 unbiased standard deviation of each channel."""
+        if self.acts:
+            return self.acts[layer].double().std(dim=0)
+        return torch.diagonal(self.moments[layer])[1:].clamp(min=0).sqrt()
 
 
 def capture_key(knobs: dict) -> str:
@@ -141,12 +194,16 @@ def _patches_at(x: torch.Tensor, conv: torch.nn.Conv2d, b_idx: torch.Tensor, oh:
 
 
 class _LayerRecorder:
-    """Hooks of one layer: samples positions, stores ``[B·s, C]``, streams patch moments."""
+    """Hooks of one layer: samples positions, streams the (T, Y) moments and the patch moments,
+    keeps the ``[B·s, C]`` samples only with ``keep_samples``."""
 
-    def __init__(self, name, unit, point, spatial, s, seed, patch_moments, max_patch_dim, sigma_rows):
+    def __init__(self, name, unit, point, spatial, s, seed, patch_moments, max_patch_dim, sigma_rows,
+                 keep_samples=True, stream_moments=True):
         self.name, self.unit, self.point, self.spatial, self.s = name, unit, point, spatial, s
         self.gen = torch.Generator().manual_seed(_layer_seed(seed, name))
         self.chunks: list[torch.Tensor] = []
+        self.keep_samples = keep_samples
+        self.acc = MomentAccumulator(torch.float64) if stream_moments else None
         conv = unit.conv
         self.want_patches = (patch_moments and point == "pre_bn" and conv.groups == 1
                              and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= max_patch_dim)
@@ -185,9 +242,9 @@ class _LayerRecorder:
             samples = flat.gather(2, pos[:, None, :].expand(B, C, self.s))          # [B, C, s]
             samples = samples.permute(0, 2, 1).reshape(B * self.s, C)
             self._pos = (pos, H, W)
-        self.chunks.append(samples.cpu())
-        if self.want_patches and self.spatial == "sample":
-            self._pending_y = samples
+        if self.keep_samples:
+            self.chunks.append(samples.cpu())
+        self._pending_y = samples   # T of this batch is known once the whole network has run
 
     def _activate(self, y):
         act = self.unit.act
@@ -201,6 +258,21 @@ class _LayerRecorder:
         except Exception as err:  # noqa: BLE001 - an activation that is not elementwise on [N, C]
             raise UserError(f"layer {self.name}: its activation {type(act).__name__} cannot be applied to the "
                             f"sampled post-norm values ({type(err).__name__}); use capture.point=post_bn") from None
+
+    def finish_batch(self, t_img: torch.Tensor) -> None:
+        """Accumulate the (T, Y) moments and the patch moments of the last batch once T (per
+        image) is known."""
+        if self._pending_y is None:
+            return
+        if self.acc is not None:
+            try:
+                self.acc.update(self._pending_y, t_img.to(self._pending_y.device).float().repeat_interleave(self.s))
+            except UserError as err:
+                raise UserError(f"layer {self.name}: {err}; is the checkpoint diverged?") from None
+        if self.want_patches and self.spatial == "sample":
+            self.stream_patches(t_img)
+        self._pending_y = None
+        self._input = None
 
     def stream_patches(self, t_img: torch.Tensor) -> None:
         """Accumulate patch moments for the last batch once T (per image) is known."""
@@ -238,8 +310,6 @@ class _LayerRecorder:
             m.sub_y += ty.sum(0)
             m.sub_t += tt.sum()
             m.rows_xx += len(take)
-        self._pending_y = None
-        self._input = None
 
 
 @torch.no_grad()
@@ -247,11 +317,16 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
                         spatial: str = "sample", samples_per_image: int = 16, target: str = "logit_margin",
                         seed: int = 0, patch_moments: bool = False, max_patch_dim: int = 4608,
                         sigma_rows: int = 8192, device: str | torch.device = "cpu",
-                        progress: bool = True) -> Capture:
+                        progress: bool = True, keep_samples: bool = True,
+                        stream_moments: bool | None = None) -> Capture:
     """Run ``model`` once over ``loader`` and record the sampled activations of ``units``.
 
     ``units``: {layer name: ConvUnit} (the conv, the norm after it, the activation after that).
-    Returns a :class:`Capture`; acts are ``[N, C]`` with N = images · s (or images with ``gap``).
+    Returns a :class:`Capture`. ``keep_samples``: also keep the samples (acts ``[N, C]`` with
+    N = images · s, or images with ``gap``) and the patch moments; the lean form (False) keeps
+    only the streamed moments and the gradient cosines. ``stream_moments`` (default: when the
+    samples are not kept) streams the covariance; with samples kept it is an extra float64 pass
+    that :meth:`Capture.cov` does not need.
     """
     if point not in POINTS:
         raise unknown_name("activation point (capture.point)", point, POINTS)
@@ -260,9 +335,12 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     s = 1 if spatial == "gap" else int(samples_per_image)
     if s <= 0:
         raise UserError(f"capture.samples_per_image must be positive, got {samples_per_image}")
+    refuse_several_processes("the activation capture")
+    if stream_moments is None:
+        stream_moments = not keep_samples
     model = model.eval().to(device)
-    recorders = {name: _LayerRecorder(name, unit, point, spatial, s, seed, patch_moments,
-                                      max_patch_dim, sigma_rows) for name, unit in units.items()}
+    recorders = {name: _LayerRecorder(name, unit, point, spatial, s, seed, patch_moments, max_patch_dim,
+                                      sigma_rows, keep_samples, stream_moments) for name, unit in units.items()}
     handles = [h for r in recorders.values() for h in r.hooks()]
     targets, images, correct, seen = [], [], 0, 0
     try:
@@ -270,20 +348,37 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
             x, y = x.to(device), y.to(device)
             logits = model(x)
             t = target_from_logits(logits, y, target)
+            if not bool(torch.isfinite(t).all()):
+                # name the first layer that went non-finite (the cause), else blame the logits
+                for r in recorders.values():
+                    if r._pending_y is not None and not bool(torch.isfinite(r._pending_y).all()):
+                        raise UserError(f"layer {r.name}: activations contain NaN or Inf; is the checkpoint "
+                                        f"diverged?")
+                raise UserError("the target T has NaN/Inf values: the network's logits are not finite")
             for r in recorders.values():
-                r.stream_patches(t)
-            targets.append(t.cpu().repeat_interleave(s))
-            images.append(torch.arange(seen, seen + len(y)).repeat_interleave(s))
+                r.finish_batch(t)
+            if keep_samples:
+                targets.append(t.cpu().repeat_interleave(s))
+                images.append(torch.arange(seen, seen + len(y)).repeat_interleave(s))
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
     finally:
         for h in handles:
             h.remove()
-    acts = {name: torch.cat(r.chunks) for name, r in recorders.items()}
-    patches = {name: r.moments for name, r in recorders.items() if r.moments is not None}
     knobs = dict(point=point, spatial=spatial, samples_per_image=s, target=target, seed=int(seed))
-    return Capture(acts=acts, target=torch.cat(targets), image_index=torch.cat(images), knobs=knobs,
-                   patches={k: _to_cpu(v) for k, v in patches.items()}, accuracy=correct / max(1, seen))
+    patches = {name: r.moments for name, r in recorders.items() if r.moments is not None}
+    gradients = {name: m.cosines(units[name].conv.weight) for name, m in patches.items() if m.n > 1}
+    moments, means = {}, {}
+    for name, r in recorders.items():
+        if r.acc is not None and r.acc.count > 1:
+            moments[name], means[name] = r.acc.compute().cpu(), r.acc.mean.cpu()
+    cap = Capture(acts={}, target=None, image_index=None, knobs=knobs, accuracy=correct / max(1, seen),
+                  moments=moments, means=means, n=seen * s, gradients=gradients)
+    if keep_samples:
+        cap.acts = {name: torch.cat(r.chunks) for name, r in recorders.items()}
+        cap.target, cap.image_index = torch.cat(targets), torch.cat(images)
+        cap.patches = {k: _to_cpu(v) for k, v in patches.items()}
+    return cap
 
 
 def _to_cpu(m: LayerPatchMoments) -> LayerPatchMoments:
@@ -295,8 +390,9 @@ def _to_cpu(m: LayerPatchMoments) -> LayerPatchMoments:
 
 
 def check_finite(capture: Capture) -> None:
-    """Stop, naming the layer, when activations hold NaN or Inf."""
-    if not torch.isfinite(capture.target).all():
+    """Stop, naming the layer, when activations hold NaN or Inf (the streamed moments already
+    stopped during the capture; this checks samples, e.g. after a target was replaced)."""
+    if capture.target is not None and not torch.isfinite(capture.target).all():
         raise UserError("the target T has NaN/Inf values: the network's logits are not finite")
     for name, a in capture.acts.items():
         if not torch.isfinite(a).all():
@@ -305,18 +401,60 @@ def check_finite(capture: Capture) -> None:
 
 
 def save_capture(capture: Capture, path: Path) -> None:
+    """Write the lean form: moments, means, gradient cosines (never the samples).
+
+    The covariance is symmetric, so only its upper triangle is stored (half the bytes: ~7 MB for
+    a full-width ResNet-18 against 1.5 GB of samples and patch moments before)."""
     from axes_pipeline.runs import atomic_path
 
-    blob = {"acts": capture.acts, "target": capture.target, "image_index": capture.image_index,
-            "knobs": capture.knobs, "accuracy": capture.accuracy,
-            "patches": {k: {f: getattr(v, f) for f in (*PATCH_FIELDS, "n", "rows_xx")}
-                        for k, v in capture.patches.items()}}
+    if not capture.moments:
+        raise ValueError("save_capture needs the streamed moments (capture_activations(keep_samples=False))")
+    blob = {"format": CACHE_FORMAT, "knobs": capture.knobs, "accuracy": capture.accuracy, "n": capture.n,
+            "moments": {k: _upper(v) for k, v in capture.moments.items()}, "means": capture.means,
+            "gradients": capture.gradients}
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
 
-def load_capture(path: Path) -> Capture:
+def load_capture(path: Path) -> Capture | None:
+    """The cached capture, or None when the file is of another format (recompute it)."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    patches = {k: LayerPatchMoments(**v) for k, v in blob["patches"].items()}
-    return Capture(acts=blob["acts"], target=blob["target"], image_index=blob["image_index"],
-                   knobs=blob["knobs"], patches=patches, accuracy=blob["accuracy"])
+    if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT:
+        return None
+    return Capture(acts={}, target=None, image_index=None, knobs=blob["knobs"], accuracy=blob["accuracy"],
+                   moments={k: _full(v) for k, v in blob["moments"].items()}, means=blob["means"],
+                   n=int(blob["n"]), gradients=blob["gradients"])
+
+
+def _upper(cov: torch.Tensor) -> torch.Tensor:
+    i, j = torch.triu_indices(cov.shape[0], cov.shape[0])
+    return cov[i, j].contiguous()
+
+
+def _full(upper: torch.Tensor) -> torch.Tensor:
+    # the side c solves c(c+1)/2 = len(upper)
+    c = int(round(((8 * upper.numel() + 1) ** 0.5 - 1) / 2))
+    i, j = torch.triu_indices(c, c)
+    cov = torch.zeros(c, c, dtype=upper.dtype)
+    cov[i, j] = upper
+    cov[j, i] = upper
+    return cov
+
+
+def refuse_several_processes(stage: str) -> None:
+    """Stop when started as one of several processes (torchrun, srun -n, a DDP launcher).
+
+    Capture, analysis and pruning run in one process on one device: under N processes every
+    rank would capture, prune and write the same files N times over (and the moments of one
+    rank's shard are not the calibration set's). They refuse rather than run on rank 0 only,
+    so the other ranks do not sit idle holding a device."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = max(world, torch.distributed.get_world_size())
+    if world > 1:
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "?"))
+        raise UserError(f"{stage} runs in one process on one device, but this is rank {rank} of {world} "
+                        f"(WORLD_SIZE={world}); start it with plain python, not torchrun or a DDP launcher "
+                        f"(only train.py uses trainer=ddp)")
