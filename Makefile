@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: install
 
 bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The whole pipeline on one GPU (≤ 8 min): throughput, stage times and ratios -> gpu_check.json.
+# Refuses (exit 2) on a machine without CUDA.
+gpu-check: install
+	$(PY) scripts/gpu_check.py --json gpu_check.json
 
 clean:
 	rm -rf runs multirun/*/ outputs wandb .pytest_cache

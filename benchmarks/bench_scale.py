@@ -59,11 +59,14 @@ def write_fake_cifar100(root: Path, n_train: int, n_test: int) -> None:
                      "coarse_label_names": [f"s{i}" for i in range(20)]}, f)
 
 
-def common_overrides(model: str, out: Path, n_cal: int, device: str) -> list[str]:
+def common_overrides(model: str, out: Path) -> list[str]:
     return ["data=cifar100", f"data.data_dir={out / 'data'}", "data.verify=false", "data.num_workers=0",
             f"model={model}", "name=bench_scale", "logger=none", "callbacks.progress_bar=false",
-            f"paths.output_root={out}", f"capture.n_cal={n_cal}", f"device={device}", "checkpoint.every_epoch=true",
-            "trainer.max_epochs=1"]
+            f"paths.output_root={out}", "checkpoint.every_epoch=true", "trainer.max_epochs=1"]
+
+
+def analysis_overrides(n_cal: int, device: str) -> list[str]:
+    return [f"capture.n_cal={n_cal}", f"device={device}"]     # analyze/prune only (train.py has no such keys)
 
 
 def run_child(args: list[str], env: dict | None = None) -> dict:
@@ -172,11 +175,12 @@ def prune_ratios(run_dir: Path) -> dict:
 
 def bench_model(model: str, args) -> dict:
     out = Path(args.out)
-    ov = common_overrides(model, out, args.n_cal, args.device)
+    ov_train = common_overrides(model, out)
+    ov = [*ov_train, *analysis_overrides(args.n_cal, args.device)]
     py = [sys.executable]
     res: dict = {"model": model, "n_cal": args.n_cal, "prune_images": args.prune_images}
     print(f"== {model}: training 2 batches (checkpoints only)", flush=True)
-    run_child([*py, "train.py", *ov, "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
+    run_child([*py, "train.py", *ov_train, "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
                "+trainer.limit_test_batches=2"])
     print(f"== {model}: axes stage vs its floor", flush=True)
     child = run_child([*py, __file__, "--_axes-child", json.dumps({"overrides": ov})])
