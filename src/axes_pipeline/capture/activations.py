@@ -209,23 +209,18 @@ class _LayerRecorder:
                              and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= max_patch_dim)
         self.sigma_rows = sigma_rows
         self.moments: LayerPatchMoments | None = None
-        self._input = None
+        self._img_x = self._img_take = self._take_count = None
         self._pos = None
         self._pending_y = None
 
     def hooks(self):
         conv = self.unit.conv
         out = []
-        if self.want_patches:
-            out.append(conv.register_forward_pre_hook(self._keep_input))
         if self.point == "pre_bn" or self.unit.norm is None:
             out.append(conv.register_forward_hook(self._record))
         else:
             out.append(self.unit.norm.register_forward_hook(self._record))
         return out
-
-    def _keep_input(self, module, args):
-        self._input = args[0].detach()
 
     def _record(self, module, args, output):
         C = self.unit.conv.out_channels
@@ -245,6 +240,10 @@ class _LayerRecorder:
         if self.keep_samples:
             self.chunks.append(samples.cpu())
         self._pending_y = samples   # T of this batch is known once the whole network has run
+        if self.want_patches and self.spatial == "sample":
+            # the conv's input is args[0] here (pre_bn: this is the conv's forward hook); reduce it
+            # to patch sums now rather than hold every layer's input map until T is known
+            self.stream_patches(args[0].detach(), samples)
 
     def _activate(self, y):
         act = self.unit.act
@@ -269,22 +268,19 @@ class _LayerRecorder:
                 self.acc.update(self._pending_y, t_img.to(self._pending_y.device).float().repeat_interleave(self.s))
             except UserError as err:
                 raise UserError(f"layer {self.name}: {err}; is the checkpoint diverged?") from None
-        if self.want_patches and self.spatial == "sample":
-            self.stream_patches(t_img)
+        if self._img_x is not None:
+            self._finish_patches(t_img)
         self._pending_y = None
-        self._input = None
 
-    def stream_patches(self, t_img: torch.Tensor) -> None:
-        """Accumulate patch moments for the last batch once T (per image) is known."""
-        if self._pending_y is None or self._pos is None or self._input is None:
-            return
+    def stream_patches(self, inp: torch.Tensor, samples: torch.Tensor) -> None:
+        """Accumulate the patch moments of this batch that do not involve T, and the per-image
+        patch sums that the T terms need (T is one value per image: Σ_rows x·t = Σ_img t·Σ_s x)."""
         pos, H, W = self._pos
         B = pos.shape[0]
         b_idx = torch.arange(B, device=pos.device).repeat_interleave(self.s)
         flat = pos.reshape(-1)
-        x = _patches_at(self._input.float(), self.unit.conv, b_idx, flat // W, flat % W).double()
-        y = self._pending_y.double()
-        t = t_img.to(x.device).double().repeat_interleave(self.s)
+        x = _patches_at(inp.float(), self.unit.conv, b_idx, flat // W, flat % W).double()
+        y = samples.double()
         if self.moments is None:
             D, C = x.shape[1], y.shape[1]
             z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
@@ -295,21 +291,32 @@ class _LayerRecorder:
                                              sub_y=z(C) if sub else None, sub_t=z(()) if sub else None)
         m = self.moments
         m.sxy += x.T @ y
-        m.sxt += x.T @ t
         m.sx += x.sum(0)
         m.sy += y.sum(0)
-        m.st += t.sum()
-        m.n += len(t)
+        m.n += len(x)
+        self._img_x = x.reshape(B, self.s, -1).sum(1)                               # [B, D]
+        self._img_take = self._take_count = None
         if m.sxx is not None and m.rows_xx < self.sigma_rows:
             k = self.sigma_rows - m.rows_xx
-            take, ty, tt = x[:k], y[:k], t[:k]
+            take, ty = x[:k], y[:k]
             m.sxx += take.T @ take
             m.sx_xx += take.sum(0)
             m.sub_xy += take.T @ ty
-            m.sub_xt += take.T @ tt
             m.sub_y += ty.sum(0)
-            m.sub_t += tt.sum()
             m.rows_xx += len(take)
+            rows = b_idx[: len(take)]
+            self._img_take = torch.zeros_like(self._img_x).index_add_(0, rows, take)
+            self._take_count = torch.bincount(rows, minlength=B).double()
+
+    def _finish_patches(self, t_img: torch.Tensor) -> None:
+        m = self.moments
+        t = t_img.to(self._img_x.device).double()                                    # [B]
+        m.sxt += self._img_x.T @ t
+        m.st += self.s * t.sum()
+        if self._img_take is not None:
+            m.sub_xt += self._img_take.T @ t
+            m.sub_t += (self._take_count * t).sum()
+        self._img_x = self._img_take = self._take_count = None
 
 
 @torch.no_grad()
