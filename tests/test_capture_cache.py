@@ -122,3 +122,42 @@ def test_non_finite_activations_stop_the_capture_naming_the_layer():
     data = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))]
     with pytest.raises(UserError, match=list(units)[1].replace(".", r"\.")):
         capture_activations(model, units, data, samples_per_image=2, progress=False, keep_samples=False)
+
+
+def test_patch_moments_do_not_depend_on_the_chunking(both, monkeypatch):
+    """Patches are turned into float64 a chunk of images at a time (peak memory); the sums, the
+    Σ_X subsample that ends inside a chunk, and the per-image T terms must not notice."""
+    import axes_pipeline.capture.activations as act
+    from axes_pipeline.capture.activations import PATCH_FIELDS
+
+    model, units, full, _ = both
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(24, 3, 16, 16, generator=gen) + 3.0, torch.randint(0, 10, (24,), generator=gen))
+            for _ in range(3)]
+    monkeypatch.setattr(act, "PATCH_ROWS", 13)        # 2 images of 6 samples per chunk
+    chunked = capture_activations(model, units, data, samples_per_image=6, seed=2, patch_moments=True,
+                                  sigma_rows=200, progress=False, keep_samples=True)
+    for name, m in full.patches.items():
+        c = chunked.patches[name]
+        assert (c.n, c.rows_xx) == (m.n, m.rows_xx) == (432, 200)
+        for f in PATCH_FIELDS:
+            torch.testing.assert_close(getattr(c, f), getattr(m, f), rtol=1e-12, atol=1e-9, msg=f"{name}.{f}")
+
+
+def test_patch_moments_agree_with_the_channels_they_produce(both):
+    """y = w'x (+ bias) for a pre-BN channel, so W·Cov(x, T) = Cov(Y, T) and W·Cov(x, Y) = Cov(Y, Y)
+    over the same rows: an independent check of the per-image T sums and of the Σ_X subsample.
+    (Up to the float32 arithmetic of the conv that produced Y: a wrong sum would be off by O(1).)"""
+    _, units, full, _ = both
+    for name, m in full.patches.items():
+        w = units[name].conv.weight.detach().double().flatten(1)
+        a, t = full.acts[name].double(), full.target.double()
+        cov = full.cov(name)
+        tol = dict(rtol=1e-4, atol=1e-6 * float(cov.abs().max()))
+        torch.testing.assert_close(w @ m.cov_xt(), cov[1:, 0], **tol)
+        torch.testing.assert_close(w @ m.cov_xy(), cov[1:, 1:], **tol)
+        cxy, cxt, _ = m.whitened_moments()
+        sub = torch.cat([t[:200, None], a[:200]], 1)
+        ref = torch.cov(sub.T)
+        torch.testing.assert_close(w @ cxt, ref[1:, 0], **tol)
+        torch.testing.assert_close(w @ cxy, ref[1:, 1:], **tol)

@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 
 from axes_pipeline.capture.targets import target_from_logits
 from axes_pipeline.errors import UserError, unknown_name
-from axes_pipeline.metrics.gaussian import MomentAccumulator, covariance
+from axes_pipeline.metrics.gaussian import MomentAccumulator, covariance, gram
 from axes_pipeline.metrics.gradients import gradient_cosines
 
 POINTS = ("pre_bn", "post_bn", "post_act")
 PATCH_FIELDS = ("sxy", "sxt", "sx", "sy", "st", "sxx", "sx_xx", "sub_xy", "sub_xt", "sub_y", "sub_t")
 SPATIAL = ("sample", "gap")
+#: Patch rows turned into float64 at once (a chunk of images), see ``_LayerRecorder.stream_patches``.
+PATCH_ROWS = 1024
 #: Version of what :func:`save_capture` writes; a cache file of another version is recomputed.
 CACHE_FORMAT = 2
 
@@ -274,13 +276,27 @@ class _LayerRecorder:
 
     def stream_patches(self, inp: torch.Tensor, samples: torch.Tensor) -> None:
         """Accumulate the patch moments of this batch that do not involve T, and the per-image
-        patch sums that the T terms need (T is one value per image: Σ_rows x·t = Σ_img t·Σ_s x)."""
+        patch sums that the T terms need (T is one value per image: Σ_rows x·t = Σ_img t·Σ_s x).
+
+        In chunks of images, so the float64 patches of a deep layer (4,096 rows × 4,608 = 151 MB
+        for a batch of 256) never exist whole: they set the capture's peak memory otherwise."""
         pos, H, W = self._pos
         B = pos.shape[0]
-        b_idx = torch.arange(B, device=pos.device).repeat_interleave(self.s)
-        flat = pos.reshape(-1)
-        x = _patches_at(inp.float(), self.unit.conv, b_idx, flat // W, flat % W).double()
-        y = samples.double()
+        step = max(1, PATCH_ROWS // self.s)
+        inp = inp.float()
+        self._img_x, self._img_take, self._take_count = [], [], []
+        for b0 in range(0, B, step):
+            b1 = min(B, b0 + step)
+            b_idx = torch.arange(b0, b1, device=pos.device).repeat_interleave(self.s)
+            flat = pos[b0:b1].reshape(-1)
+            x = _patches_at(inp, self.unit.conv, b_idx, flat // W, flat % W).double()
+            self._stream_chunk(x, samples[b0 * self.s: b1 * self.s].double(), b_idx - b0)
+        self._img_x = torch.cat(self._img_x)
+        self._img_take = torch.cat(self._img_take) if self._img_take[0] is not None else None
+        self._take_count = torch.cat(self._take_count) if self._img_take is not None else None
+
+    def _stream_chunk(self, x: torch.Tensor, y: torch.Tensor, b_idx: torch.Tensor) -> None:
+        B = int(b_idx[-1]) + 1
         if self.moments is None:
             D, C = x.shape[1], y.shape[1]
             z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
@@ -294,19 +310,23 @@ class _LayerRecorder:
         m.sx += x.sum(0)
         m.sy += y.sum(0)
         m.n += len(x)
-        self._img_x = x.reshape(B, self.s, -1).sum(1)                               # [B, D]
-        self._img_take = self._take_count = None
-        if m.sxx is not None and m.rows_xx < self.sigma_rows:
-            k = self.sigma_rows - m.rows_xx
+        img_x = x.reshape(B, self.s, -1).sum(1)                                     # [B, D]
+        self._img_x.append(img_x)
+        img_take = take_count = None
+        if m.sxx is not None:   # (rows past sigma_rows add nothing: an all-zero img_take)
+            k = max(0, self.sigma_rows - m.rows_xx)
             take, ty = x[:k], y[:k]
-            m.sxx += take.T @ take
-            m.sx_xx += take.sum(0)
-            m.sub_xy += take.T @ ty
-            m.sub_y += ty.sum(0)
-            m.rows_xx += len(take)
+            if len(take):
+                m.sxx += gram(take)          # symmetric: the block upper triangle only (~35% fewer flops)
+                m.sx_xx += take.sum(0)
+                m.sub_xy += take.T @ ty
+                m.sub_y += ty.sum(0)
+                m.rows_xx += len(take)
             rows = b_idx[: len(take)]
-            self._img_take = torch.zeros_like(self._img_x).index_add_(0, rows, take)
-            self._take_count = torch.bincount(rows, minlength=B).double()
+            img_take = torch.zeros_like(img_x).index_add_(0, rows, take)
+            take_count = torch.bincount(rows, minlength=B).double()
+        self._img_take.append(img_take)
+        self._take_count.append(take_count)
 
     def _finish_patches(self, t_img: torch.Tensor) -> None:
         m = self.moments
