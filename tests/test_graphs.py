@@ -125,3 +125,14 @@ def test_graphs_cover_every_channel_by_default(tiny_run):
     root, overrides = tiny_run
     cfg = make_cfg("analyze", overrides, root)
     assert cfg.graphs.max_channels is None and cfg.graphs.null_shuffles >= 20
+
+
+def test_graph_knobs_are_part_of_the_axes_fingerprint(tmp_path):
+    """layers.csv holds the graph statistics: one computed with another null is never reused."""
+    from axes_pipeline.analyses.axes_table import axes_fingerprint
+
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.write_bytes(b"0")
+    a = axes_fingerprint(make_cfg("analyze", ["logger=none"], tmp_path), ckpt)
+    b = axes_fingerprint(make_cfg("analyze", ["logger=none", "graphs.null_shuffles=2"], tmp_path), ckpt)
+    assert a != b and a["graphs.null_shuffles"] == 20

@@ -204,9 +204,12 @@ def check_capture_size(cfg: DictConfig, datamodule) -> None:
 
 
 def axes_fingerprint(cfg: DictConfig, ckpt: Path) -> dict:
-    """What axes.csv depends on: the capture settings and the metric knobs."""
+    """What axes.csv depends on: the capture settings, the metric and the graph knobs."""
     return {**capture_settings(cfg, ckpt), **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
-            "metrics.dtype": cfg.metrics.dtype}
+            "metrics.dtype": cfg.metrics.dtype,
+            # layers.csv holds the graph statistics and their null: a table computed with other
+            # graph knobs (e.g. the old 2-draw null) is not reused
+            **{f"graphs.{k}": v for k, v in OmegaConf.to_container(cfg.graphs).items()}}
 
 
 def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.DataFrame:
