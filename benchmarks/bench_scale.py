@@ -131,6 +131,7 @@ def axes_child(spec: dict) -> dict:
         torch.cuda.synchronize()
     floor = time.perf_counter() - t0
     model.cpu()
+    peak = {"floor": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
     times = {"capture": 0.0, "graphs": 0.0}
 
@@ -143,7 +144,13 @@ def axes_child(spec: dict) -> dict:
                 times[key] += time.perf_counter() - t
         return wrapper
 
-    at.get_capture = timed(at.get_capture, "capture")
+    def capture_then_peak(*a, **k):
+        out = a_get_capture(*a, **k)
+        peak["capture"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return out
+
+    a_get_capture = at.get_capture
+    at.get_capture = timed(capture_then_peak, "capture")
     at.compare_groupings = timed(at.compare_groupings, "graphs")
     import axes_pipeline.analyses.analyze as an
     an.get_capture = at.get_capture
@@ -161,7 +168,8 @@ def axes_child(spec: dict) -> dict:
             "cache_mb": round(sum(p.stat().st_size for p in cache) / 1e6, 2),
             "old_cache_mb": round(old_cache_bytes(units, n, cfg) / 1e6, 1),
             "channels": int(sum(u.conv.out_channels for u in units.values())), "layers": len(units),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "peak_rss_after_floor_gb": round(peak["floor"], 3), "peak_rss_after_capture_gb": round(peak["capture"], 3)}
 
 
 def prune_ratios(run_dir: Path) -> dict:

@@ -79,7 +79,8 @@ class LayerPatchMoments:
         if self.sxx is None or self.rows_xx < 2:
             return None
         m = self.rows_xx
-        return (self.sxx - torch.outer(self.sx_xx, self.sx_xx) / m) / (m - 1)
+        # one D×D allocation (addr), not three: Σ_X is up to 4608² float64
+        return torch.addr(self.sxx, self.sx_xx, self.sx_xx, alpha=-1.0 / m).div_(m - 1)
 
     def whitened_moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(Cov(x, y) [D, C], Cov(x, T) [D], Σ_X [D, D]) all over the Σ_X subsample, or None."""
@@ -394,7 +395,13 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
             h.remove()
     knobs = dict(point=point, spatial=spatial, samples_per_image=s, target=target, seed=int(seed))
     patches = {name: r.moments for name, r in recorders.items() if r.moments is not None}
-    gradients = {name: m.cosines(units[name].conv.weight) for name, m in patches.items() if m.n > 1}
+    gradients = {}
+    for name in list(patches):
+        if patches[name].n > 1:
+            gradients[name] = patches[name].cosines(units[name].conv.weight)
+        if not keep_samples:   # free each layer's Σ_X (up to 170 MB) before the next one's solve
+            recorders[name].moments = None
+            del patches[name]
     moments, means = {}, {}
     for name, r in recorders.items():
         if r.acc is not None and r.acc.count > 1:
