@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from axes_pipeline.capture.targets import target_from_logits
 from axes_pipeline.errors import UserError, unknown_name
-from axes_pipeline.metrics.gaussian import MomentAccumulator, covariance, gram
+from axes_pipeline.metrics.gaussian import MomentAccumulator, covariance
 from axes_pipeline.metrics.gradients import gradient_cosines
 
 POINTS = ("pre_bn", "post_bn", "post_act")
@@ -78,6 +78,7 @@ class LayerPatchMoments:
     def sigma_x(self) -> torch.Tensor | None:
         if self.sxx is None or self.rows_xx < 2:
             return None
+        _mirror_upper(self.sxx)
         m = self.rows_xx
         # one D×D allocation (addr), not three: Σ_X is up to 4608² float64
         return torch.addr(self.sxx, self.sx_xx, self.sx_xx, alpha=-1.0 / m).div_(m - 1)
@@ -165,6 +166,27 @@ def _to_nchw(out: torch.Tensor, channels: int) -> torch.Tensor:
     if out.ndim == 4 and out.shape[1] != channels and out.shape[-1] == channels:
         return out.permute(0, 3, 1, 2)
     return out
+
+
+def _gram_blocks(d: int) -> list[int]:
+    return [round(k * d / 4) for k in range(5)] if d >= 256 else [0, d]
+
+
+def _gram_upper_into(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += x'x`` on the block upper triangle only, in place: Σ_X is symmetric, so 10 of 16
+    blocks (~35% fewer flops on the capture's largest product) and no D×D temporary (170 MB at
+    D = 4608). :func:`_mirror_upper` fills the lower blocks before Σ_X is read."""
+    e = _gram_blocks(x.shape[1])
+    for a0, a1 in zip(e[:-1], e[1:]):
+        acc[a0:a1, a0:].addmm_(x[:, a0:a1].T, x[:, a0:])
+
+
+def _mirror_upper(acc: torch.Tensor) -> None:
+    """Copy the upper off-diagonal blocks written by :func:`_gram_upper_into` onto the lower ones
+    (idempotent: the upper blocks are never changed)."""
+    e = _gram_blocks(acc.shape[0])
+    for a0, a1 in zip(e[:-1], e[1:]):
+        acc[a1:, a0:a1] = acc[a0:a1, a1:].T
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -307,7 +329,7 @@ class _LayerRecorder:
                                              sub_xy=z(D, C) if sub else None, sub_xt=z(D) if sub else None,
                                              sub_y=z(C) if sub else None, sub_t=z(()) if sub else None)
         m = self.moments
-        m.sxy += x.T @ y
+        m.sxy.addmm_(x.T, y)          # in place: no [D, C] temporary per chunk
         m.sx += x.sum(0)
         m.sy += y.sum(0)
         m.n += len(x)
@@ -318,9 +340,9 @@ class _LayerRecorder:
             k = max(0, self.sigma_rows - m.rows_xx)
             take, ty = x[:k], y[:k]
             if len(take):
-                m.sxx += gram(take)          # symmetric: the block upper triangle only (~35% fewer flops)
+                _gram_upper_into(m.sxx, take)
                 m.sx_xx += take.sum(0)
-                m.sub_xy += take.T @ ty
+                m.sub_xy.addmm_(take.T, ty)
                 m.sub_y += ty.sum(0)
                 m.rows_xx += len(take)
             rows = b_idx[: len(take)]
