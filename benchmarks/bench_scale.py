@@ -114,7 +114,8 @@ def axes_child(spec: dict) -> dict:
     from axes_pipeline.training.restore import restore_trained
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="analyze", overrides=[*spec["overrides"], "analysis=axes", "plots=false"])
+        cfg = compose(config_name="analyze", overrides=[*spec["overrides"], "analysis=axes", "plots=false",
+                                                        "analysis.axes.recompute=true"])
     trained = restore_trained(cfg)
     dm = trained.datamodule
     dm.setup("fit")
