@@ -40,7 +40,7 @@ def _val_accuracy(ckpt: Path, root: Path) -> tuple[float, int]:
     return right / total, total
 
 
-@pytest.mark.slow   # two 2-process training runs: ~100 s on 2 shared cores
+@pytest.mark.slow   # two 2-process training runs: 30–100 s on 2 shared cores
 def test_ddp_on_cpu_trains_once_and_resumes(tmp_path):
     res = run_entry("train.py", *DDP, "trainer.max_epochs=2", cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -31,7 +31,7 @@ def test_synthetic_throughput_runs_on_cpu():
     assert synthetic_throughput("cpu", width=0.125, batch=8, steps=2) > 0
 
 
-@pytest.mark.slow   # train ×2, axes, analyze all, prune through the entry points: minutes on 2 cores
+@pytest.mark.slow   # train ×2, axes, analyze all, prune through the entry points: 60–150 s on 2 cores
 def test_gpu_check_stages_run_on_cpu_tiny(tmp_path):
     """The same functions and entry points as on the GPU (device=cpu, no torch.compile)."""
     out = tmp_path / "out.json"
