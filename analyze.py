@@ -1,13 +1,12 @@
 """Analyse a trained run: `python analyze.py [same overrides as train.py] [analysis=...]`."""
 
-import hydra
 from omegaconf import DictConfig
 
 from axes_pipeline.config import trained_run_dir  # (importing it registers the config resolvers)
-from axes_pipeline.tasks import run_task
+from axes_pipeline.tasks import hydra_entry, run_task
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
+@hydra_entry(config_name="analyze")
 def main(cfg: DictConfig):
     from axes_pipeline.analyses.analyze import run_analysis
 

@@ -1,13 +1,12 @@
 """FLOPs-matched pruning of a trained run: `python prune.py [same overrides as train.py] [pruning.*=...]`."""
 
-import hydra
 from omegaconf import DictConfig
 
 from axes_pipeline.config import trained_run_dir  # (importing it registers the config resolvers)
-from axes_pipeline.tasks import run_task
+from axes_pipeline.tasks import hydra_entry, run_task
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="prune")
+@hydra_entry(config_name="prune")
 def main(cfg: DictConfig):
     from axes_pipeline.pruning.run import run_prune
 

@@ -1,13 +1,12 @@
 """The cross-run report: `python report.py [experiment=...] [report.sweep=DIR]`."""
 
-import hydra
 from omegaconf import DictConfig
 
 import axes_pipeline.config  # noqa: F401  (registers the config resolvers)
-from axes_pipeline.tasks import run_task
+from axes_pipeline.tasks import hydra_entry, run_task
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="report")
+@hydra_entry(config_name="report")
 def main(cfg: DictConfig):
     from axes_pipeline.report.build import report_dir, run_report
 

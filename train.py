@@ -1,13 +1,12 @@
 """Train a backbone: `python train.py [data=...] [model=...] [experiment=...] [-m seed=42,123]`."""
 
-import hydra
 from omegaconf import DictConfig
 
 import axes_pipeline.config  # noqa: F401  (registers the config resolvers)
-from axes_pipeline.tasks import run_task
+from axes_pipeline.tasks import hydra_entry, run_task
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra_entry(config_name="train")
 def main(cfg: DictConfig):
     from axes_pipeline.training.train import run_training
 

@@ -134,8 +134,9 @@ def test_analyze_before_training_names_the_train_command(tmp_path):
 
 
 def test_bad_calibration_and_layer_names(tiny_run):
-    with pytest.raises(UserError, match="larger than the training split"):
-        _analyze(tiny_run, "capture.n_cal=100000")
+    # (an n_cal above the training split now means the whole split: tests/test_entrypoints.py)
+    with pytest.raises(UserError, match="capture.n_cal must be at least 3"):
+        _analyze(tiny_run, "capture.n_cal=2")
     with pytest.raises(UserError, match="unknown layer 'nope'.*layer1.0.conv1"):
         _analyze(tiny_run, "capture.layers=[nope]")
 

@@ -284,6 +284,107 @@ def test_cifar10_real_format_and_on_device_matches(tmp_path):
     assert xb.shape == (48, 3, 32, 32)
 
 
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted CIFAR file could do with plain pickle.load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("target", ["train", "meta"])
+def test_cifar_pickle_that_runs_code_is_refused(tmp_path, target):
+    write_cifar100(tmp_path)
+    marker = tmp_path / "pwned"
+    path = tmp_path / "cifar-100-python" / target
+    payload = {b"data": _RunsCode(marker)} if target == "train" else {b"fine_label_names": [_RunsCode(marker)]}
+    _dump_py2(path, payload)
+    assert b"system" in path.read_bytes()          # the file really names os.system
+    dm = Cifar100DataModule(data_dir=str(tmp_path), verify=False, num_workers=0)
+    with pytest.raises(UserError, match="refused global (posix|nt|os).system") as err:
+        dm.setup()
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    assert not marker.exists()
+
+
+def test_cifar_reader_builds_numpy_and_plain_containers_only(tmp_path):
+    from axes_pipeline.data.cifar import read_cifar_pickle
+
+    arr = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    plain = tmp_path / "plain"
+    plain.write_bytes(pickle.dumps({"data": arr, "labels": [1, 2], "f": 0.5, "t": (np.int64(3), None)}, protocol=2))
+    got = read_cifar_pickle(plain)          # a Python-3 protocol-2 pickle (bytes via _codecs.encode) reads too
+    assert np.array_equal(got["data"], arr) and got["labels"] == [1, 2] and got["t"][0] == 3
+    other = tmp_path / "other"
+    other.write_bytes(pickle.dumps({"data": Path("/etc")}))
+    with pytest.raises(UserError, match="refused global pathlib"):
+        read_cifar_pickle(other)
+    (tmp_path / "short").write_bytes(pickle.dumps({"data": arr})[:-5])
+    with pytest.raises(UserError, match="not a plain CIFAR pickle"):
+        read_cifar_pickle(tmp_path / "short")
+
+
+def _offline(monkeypatch):
+    """Make torchvision's downloads fail as they do without network."""
+    import urllib.error
+
+    import torchvision.datasets.utils as tv_utils
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_utils, "download_url", no_network)
+
+
+@pytest.mark.parametrize("cls, url", [(Cifar10DataModule, "cifar-10-python.tar.gz"),
+                                      (Cifar100DataModule, "cifar-100-python.tar.gz"),
+                                      (TinyImageNetDataModule, "tiny-imagenet-200.zip")])
+def test_download_is_the_default_and_offline_is_one_line(tmp_path, monkeypatch, cls, url):
+    _offline(monkeypatch)
+    dm = cls(data_dir=str(tmp_path / "data"), num_workers=0)
+    assert dm.download is True
+    dm.check()                                    # missing data is fine: it will be downloaded
+    with pytest.raises(UserError, match="could not download") as err:
+        dm.prepare_data()
+    msg = str(err.value)
+    assert "\n" not in msg and url in msg and "name resolution" in msg and str(tmp_path / "data") in msg
+
+
+def test_download_skipped_when_data_present(tmp_path, monkeypatch):
+    _offline(monkeypatch)
+    write_cifar100(tmp_path)
+    dm = Cifar100DataModule(data_dir=str(tmp_path), verify=False, num_workers=0)
+    dm.prepare_data()                             # present: no download attempted
+    assert dm.split_sizes()["test"] == 20
+    write_tiny(tmp_path)                          # a partial copy (3 of 200 classes) keeps its own error
+    with pytest.raises(UserError, match="not 200"):
+        TinyImageNetDataModule(data_dir=str(tmp_path), num_workers=0).setup()
+
+
+def test_loader_workers_never_above_the_cores(tmp_path, monkeypatch):
+    import os
+    import warnings
+
+    from axes_pipeline.data.base import available_cpus, loader_workers
+
+    assert 1 <= available_cpus() <= (os.cpu_count() or 1)
+    assert loader_workers(0) == 0 and loader_workers(10**6) == available_cpus()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)   # a one-core machine
+    write_cifar10(tmp_path)
+    dm = Cifar10DataModule(data_dir=str(tmp_path), verify=False, num_workers=4, eval_batch_size=16)
+    assert dm.num_workers == 4                    # the config's number, kept as the upper bound
+    loader = dm.test_dataloader()
+    assert loader.num_workers == 1 and dm.loader(dm.dataset("val")).num_workers == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # torch warns when workers exceed the cores
+        x, _ = next(iter(loader))
+    assert x.shape == (16, 3, 32, 32)
+
+
 # --------------------------------------------------------------------------- Tiny-ImageNet
 def test_tinyimagenet_layout_and_val_annotations(tmp_path):
     write_tiny(tmp_path)
@@ -385,8 +486,8 @@ def test_config_files_build_their_module(tmp_path, name):
     dm = build_datamodule(cfg.data)
     assert type(dm) is DATAMODULES[name] and dm.name == name and not dm.on_device
     assert dm.recipe["epochs"] > 0 and isinstance(dm.recipe, dict)
-    if name != "digits":
-        assert dm.data_dir == tmp_path and dm.download is False and dm.verify is True
+    if name != "digits":   # CIFAR and Tiny-ImageNet download when missing; ImageNet cannot
+        assert dm.data_dir == tmp_path and dm.download is (name != "imagenet100") and dm.verify is True
 
 
 def test_build_datamodule_errors():

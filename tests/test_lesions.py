@@ -140,6 +140,26 @@ def test_replacement_of_an_exact_linear_combination_recovers_it():
     assert abs(float(manual) - r5["loss_all"]) < 1e-5
 
 
+def test_replaceability_spearman_is_within_layer():
+    from axes_pipeline.analyses.lesions import replaceability_spearman
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for name, scale in (("a", 1.0), ("b", 100.0)):           # layers with very different damage scales
+        hull = rng.random(20)
+        frames.append(pd.DataFrame({"layer": name, "hull_score": hull, "peer_overlap": rng.random(20),
+                                    "damage_loss": scale * (1.0 - hull) + rng.normal(0, 0.01 * scale, 20)}))
+    live = pd.concat(frames, ignore_index=True)
+    got = replaceability_spearman(live)
+    assert got["expected_sign"] == -1 and got["hull_score"]["layers_negative"] == 2
+    assert got["hull_score"]["mean"] < -0.9 and set(got["hull_score"]["per_layer"]) == {"a", "b"}
+    assert abs(got["peer_overlap"]["mean"]) < 0.5                # unrelated column: no signal
+    # pooled raw values would mix the layers' scales; within-layer it is exactly the per-layer ρ
+    from axes_pipeline.stats import spearman
+    assert got["hull_score"]["per_layer"]["b"] == pytest.approx(spearman(frames[1]["damage_loss"],
+                                                                         frames[1]["hull_score"])[0])
+
+
 def test_recovery_is_nan_without_damage():
     r = recovery(np.array([0.5, 0.0, -0.1, 1e-6]), np.array([0.1, 0.2, 0.0, 0.0]), 1e-4)
     assert r[0] == pytest.approx(0.8) and np.isnan(r[1:]).all()
@@ -229,3 +249,10 @@ def test_lesion_analysis_end_to_end(tiny_run):
     assert read_json(out / "lesion_summary.json")["resumed_layers"] == 3
     pd.testing.assert_frame_equal(pd.read_csv(out / "lesions.csv"), df)
     assert again["lesion"]["delta_r2"] == pytest.approx(summary["lesion"]["delta_r2"], nan_ok=True)
+
+    # a damaged part (cut short) is recomputed, not used: the same table again
+    part = sorted((out / "lesion_parts").glob("*.csv"))[0]
+    part.write_text("\n".join(part.read_text().splitlines()[:-2]) + "\n")
+    run_analysis(cfg)
+    assert read_json(out / "lesion_summary.json")["resumed_layers"] == 2
+    pd.testing.assert_frame_equal(pd.read_csv(out / "lesions.csv"), df)

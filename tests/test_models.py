@@ -32,10 +32,17 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 SMALL = 0.125
 
 
+def _no_network(url, dst, *args, **kwargs):
+    import urllib.error
+
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
 @pytest.fixture(autouse=True)
 def _empty_torch_home(tmp_path, monkeypatch):
-    """No test sees a real hub cache."""
+    """No test sees a real hub cache or reaches the network (downloads fail as they do offline)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
 
 
 def _forward_call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
@@ -245,11 +252,26 @@ def test_unknown_name_and_option():
         build_model("vgg16", 10, width=0)
 
 
-def test_pretrained_without_weights_is_a_user_error():
-    with pytest.raises(UserError, match="model.weights=PATH"):
+def test_pretrained_offline_is_one_line_naming_the_cache_file(tmp_path):
+    with pytest.raises(UserError, match="model.weights=PATH") as err:
         build_model("resnet18", 10, pretrained=True)
+    msg = str(err.value)
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert "\n" not in msg and "name resolution" in msg
+    assert f"put resnet18-f37072fd.pth in {cache}" in msg          # torchvision's file name, the hub cache
+    assert not list(cache.glob("*"))                                # no partial file left behind
     with pytest.raises(UserError, match="no such file"):
         build_model("resnet18", 10, pretrained=True, weights="/nonexistent/resnet18.pth")
+    with pytest.raises(UserError, match="model.width=1.0 only"):   # before any download
+        build_model("resnet18", 10, width=0.5, pretrained=True)
+
+
+def test_dynamics_refuses_pretrained_weights():
+    for kw in ({"pretrained": True}, {"weights": "/some/file.pth"}):
+        with pytest.raises(UserError, match="experiment=dynamics trains from random initialisation") as err:
+            build_model("resnet18", 10, width=SMALL, from_scratch=True, **kw)
+        assert "\n" not in str(err.value)
+    assert not hasattr(build_model("resnet18", 10, width=SMALL, from_scratch=True), "pretrained_report")
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +320,23 @@ def test_hub_cache_is_used_when_present(imagenet_resnet18_file, tmp_path, monkey
     model = build_model("resnet18", 10, pretrained=True, cifar_stem=False)
     assert model.pretrained_report.path.endswith(imagenet_resnet18_file.name)
     assert build_model("resnet18", 10, weights="IMAGENET1K_V1").pretrained_report.loaded
+    # from the cache, never the network (the autouse fixture makes any download fail)
+
+
+def test_pretrained_downloads_into_the_hub_cache_on_first_use(imagenet_resnet18_file, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):   # torch.hub's signature
+        calls.append((url, Path(dst).name, hash_prefix))
+        Path(dst).write_bytes(imagenet_resnet18_file.read_bytes())
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    model = build_model("resnet18", 10, pretrained=True, cifar_stem=False)
+    assert calls == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", "resnet18-f37072fd.pth", "f37072fd")]
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert model.pretrained_report.path == str(cached) and cached.is_file()
+    build_model("resnet18", 10, pretrained=True)                   # second use: read from the cache
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -322,6 +361,9 @@ REFERENCE_MACS = {
     ("mobilenetv2", ()): 91.3e6,  # cifar_strides=True (the default) gives this figure
     ("convnext_t", ()): 91.2e6,
     ("mobilenetv2", (("cifar_strides", False),)): None,  # torchvision strides: printed only
+    # torchvision's classifier at 32x32 (experiment=cifar100_vgg16): the 1x1 map pooled to 7x7 feeds
+    # Linear(512·49, 4096) + Linear(4096, 4096): 313.8 M + 119.6 M.
+    ("vgg16", (("head", "imagenet"),)): 433.4e6,
 }
 
 

@@ -20,6 +20,7 @@ from axes_pipeline.analyses.propagation import (conv_links, influence_matrix, pa
 from axes_pipeline.capture import capture_activations
 from axes_pipeline.errors import UserError
 from axes_pipeline.models import conv_norm_pairs
+from axes_pipeline.runs import read_json
 
 from .conftest import CONF, make_cfg
 
@@ -88,9 +89,10 @@ def test_residual_links_skip_or_follow_the_main_branch():
 
     model = build_model("resnet18", num_classes=10, width=0.125).eval()
     units = conv_norm_pairs(model)
-    skip = conv_links(model, units)
+    skip = conv_links(model, units, residual="skip")
     assert len(skip) == 9 and ("layer1.0.conv2", "layer1.1.conv1") not in skip
-    main = conv_links(model, units, residual="main")
+    main = conv_links(model, units)            # the default links across adds (METHODS §7)
+    assert main == conv_links(model, units, residual="main")
     assert set(skip) < set(main)
     # behind each block's add: the block's last conv (its main branch), never the shortcut
     for up, down in [("layer1.0.conv2", "layer1.1.conv1"), ("layer1.1.conv2", "layer2.0.conv1"),
@@ -99,6 +101,22 @@ def test_residual_links_skip_or_follow_the_main_branch():
     assert not any("downsample" in up for up, _ in main)
     # + one link per conv that reads a block output: 7 block inputs' conv1 and 3 shortcut convs
     assert len(main) == 9 + 10
+
+
+def test_residual_main_branch_whichever_summand_comes_first():
+    # MobileNetV2 adds `x + self.conv(x)`: the shortcut is the *first* summand, yet the receiver
+    # behind the add is linked to the block's own project conv, never to the previous block's.
+    from axes_pipeline.models import build_model
+
+    model = build_model("mobilenetv2", num_classes=10).eval()
+    units = conv_norm_pairs(model)
+    skip, main = conv_links(model, units, residual="skip"), conv_links(model, units)
+    across = [link for link in main if link not in skip]
+    assert ("features.5.conv.2", "features.6.conv.0.0") in across
+    assert ("features.6.conv.2", "features.7.conv.0.0") in across
+    assert ("features.4.conv.2", "features.6.conv.0.0") not in main
+    block = lambda name: int(name.split(".")[1])   # noqa: E731
+    assert across and all(block(up) == block(down) - 1 for up, down in across)
 
 
 @pytest.mark.parametrize("gamma_power, sign", [(0.0, 1.0), (-2.0, -1.0)])
@@ -177,6 +195,14 @@ def test_dynamics_rows_and_resume(dyn_root):
     assert {p: p.stat().st_mtime_ns for p in parts} == stamps
     pd.testing.assert_frame_equal(pd.read_csv(out / "dynamics.csv"), dyn)
 
+    # a damaged part (NaN where a number must be) is recomputed, not used
+    bad = pd.read_csv(parts[1])
+    bad.loc[0, "hull_size_mean"] = np.nan
+    bad.to_csv(parts[1], index=False)
+    again = run_analysis(make_cfg("analyze", [*overrides, "analysis=dynamics", *SMALL, "plots=false"], root))["dynamics"]
+    assert again["epochs_computed"] == 1
+    pd.testing.assert_frame_equal(pd.read_csv(out / "dynamics.csv"), dyn)
+
 
 def test_dynamics_against_the_final_target(dyn_root):
     """dynamics.target=final measures every epoch against the final network's T: at the last epoch
@@ -242,7 +268,7 @@ def test_dynamics_without_epoch_checkpoints(dyn_root):
     assert every.analysis.dynamics.required is False
 
 
-def test_propagation_stage_on_tiny_run(dyn_root):
+def test_propagation_stage_on_tiny_run(dyn_root, capsys):
     from axes_pipeline.analyses.analyze import run_analysis
 
     root, overrides = dyn_root
@@ -258,3 +284,8 @@ def test_propagation_stage_on_tiny_run(dyn_root):
     assert len(table) == 2 * 4 and table.rho.notna().all() and table.null_rho.notna().all()
     assert head["pairs"] == 2 and head["local_to_local_rho"] is not None
     assert (out / "plots" / "propagation.png").is_file()
+    # the count of linked pairs and the linking rule travel with the H3 result
+    assert head["residual"] == "main" and cfg.analysis.propagation.residual == "main"
+    stored = read_json(out / "analyze_summary.json")["propagation"]
+    assert (stored["pairs"], stored["residual"]) == (2, "main")
+    assert "propagation over 2 linked pairs (residual=main)" in capsys.readouterr().out

@@ -249,9 +249,52 @@ def test_mixed_scores_normalise_components_within_the_layer():
     nz = lambda v: (v - v.min()) / (v.max() - v.min())  # noqa: E731
     got = resolve_score("ixy_minus_red_b0.5")(ctx, 0)[layer]
     assert np.allclose(got, nz(ix) - 0.5 * nz(red))
-    w = model.get_submodule(layer).weight.detach().abs().flatten(1).sum(1).numpy()
+    w2 = model.get_submodule(layer).weight.detach().flatten(1).norm(dim=1).numpy()   # L2 by default (authors' code)
     got = resolve_score("magnitude_plus_ix_a0.25")(ctx, 0)[layer]
-    assert np.allclose(got, nz(w) + 0.25 * nz(ix))
+    assert np.allclose(got, nz(w2) + 0.25 * nz(ix))
+    ctx.magnitude = "l1"                                                                # the knob
+    w1 = model.get_submodule(layer).weight.detach().abs().flatten(1).sum(1).numpy()
+    assert np.allclose(resolve_score("magnitude_plus_ix_a0.25")(ctx, 0)[layer], nz(w1) + 0.25 * nz(ix))
+
+
+def _one_layer_context(table: dict) -> ScoreContext:
+    conv = nn.Conv2d(3, len(next(iter(table.values()))), 3)
+    df = pd.DataFrame({"layer": "c", "channel": np.arange(conv.out_channels), **table})
+    return ScoreContext(nn.Sequential(conv), {"c": conv}, axes_loader=lambda: df)
+
+
+def test_hull_score_keeps_a_unique_channel_over_a_near_duplicate():
+    import torch as T
+
+    from axes_pipeline.metrics.axes import channel_axes_from_moments
+    from axes_pipeline.metrics.gaussian import covariance
+
+    g = T.Generator().manual_seed(0)
+    z = T.randn(4000, 4, generator=g, dtype=T.float64)
+    # channels 0 and 1 are near-duplicates, 2 is unique, 3 and 4 share part of their signal
+    acts = T.stack([z[:, 0], z[:, 0] + 0.05 * T.randn(4000, generator=g, dtype=T.float64), z[:, 1], z[:, 2],
+                    z[:, 3] + 0.5 * z[:, 2]], 1)
+    ax = channel_axes_from_moments(covariance(acts, z[:, 0] + z[:, 1]))
+    hull = ax["hull_score"].numpy()
+    assert hull[0] > 0.9 and hull[2] < 0.01               # axes.csv keeps the replaceability value
+    keep = SCORES["hull_score"](_one_layer_context({"hull_score": hull}), 0)["c"]
+    assert keep[2] > max(keep[0], keep[1])                # the unique channel is kept, a duplicate goes first
+    assert np.argmin(keep) in (0, 1)
+
+
+@pytest.mark.parametrize("name,column", [("hull_score", "hull_score"), ("ixy_minus_red_b0.3", "peer_overlap"),
+                                         ("composite_local", "peer_overlap"),
+                                         ("composite_target", "task_redundancy")])
+def test_replaceability_and_redundancy_lower_the_keep_value(name, column):
+    rng = np.random.default_rng(1)
+    table = {c: rng.random(6) for c in ("input_capture", "peer_overlap", "hull_score", "task_info", "target_excess",
+                                        "task_redundancy", "task_unique")}
+    before = SCORES[name](_one_layer_context(table), 0)["c"]
+    table[column] = table[column].copy()
+    table[column][2] = table[column].max() + 0.5           # channel 2 becomes the most replaceable
+    after = SCORES[name](_one_layer_context(table), 0)["c"]
+    assert after[2] < before[2]
+    assert SCORES[name].columns >= {column}                # and prune checks that column before use
 
 
 def test_group_score_is_the_mean_of_normalised_members():

@@ -30,7 +30,7 @@ def _cfg(run, *extra):
 
 @pytest.fixture
 def run(tiny_run, tmp_path):
-    """A private copy of the tiny trained run (checkpoints only), so tests do not share prune/."""
+    """A private copy of the tiny trained run (checkpoints and summary), so tests do not share prune/."""
     import shutil
 
     root, overrides = tiny_run
@@ -38,6 +38,7 @@ def run(tiny_run, tmp_path):
     dst = Path(make_cfg("train", overrides, tmp_path).paths.run_dir)
     dst.mkdir(parents=True)
     shutil.copytree(src / "checkpoints", dst / "checkpoints", ignore=shutil.ignore_patterns("epoch_*"))
+    shutil.copy2(src / "train_summary.json", dst / "train_summary.json")   # a finished run (partial ones are refused)
     return tmp_path, overrides
 
 
@@ -82,6 +83,7 @@ def test_prune_end_to_end(run, no_axes_module):
     assert (curves["macs"] == curves["macs_analytic"]).all()           # fvcore on the pruned nets
     assert curves["params_frac"].between(0, 1).all()
     assert curves["acc_before_ft"].between(0, 1).all()
+    assert curves["val_acc_before_ft"].between(0, 1).all()             # every point also on validation
     assert curves["acc_after_ft"].isna().all()                         # fine-tune off by default
 
     s = read_json(out / "prune_summary.json")
@@ -91,6 +93,19 @@ def test_prune_end_to_end(run, no_axes_module):
         assert np.isfinite(v["flops_auc"]) and v["flops_auc_rel"] == pytest.approx(v["flops_auc"] / s["unpruned"]["acc"])
     assert s["best_local"]["score"] in ("input_capture", "ixy_minus_red_b0.3")
     assert s["best_target"]["score"] == "task_info"
+    # the best is chosen on validation, its test AUC reported; one grid for every score
+    assert s["selection"]["chosen_on"] == "val" and s["selection"]["measured_on"] == "test"
+    assert s["selection"]["n_val"] > 0 and 0 < s["unpruned_val_acc"] <= 1
+    bl = s["best_local"]
+    assert bl["chosen_on"] == "val" and bl["flops_auc"] == s["scores"][bl["score"]]["flops_auc"]
+    assert bl["val_flops_auc"] == max(s["scores"][n]["val_flops_auc"] for n in ("input_capture", "ixy_minus_red_b0.3"))
+    assert s["flops_auc_grid"]["removed_flops"] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2, 0.3])
+    assert s["flops_auc_grid"]["off_target_points"] == 0
+    assert s["sweeps"]["ixy_minus_red_b"]["best"]["chosen_on"] == "val"
+    text = (out / "prune_summary.json").read_text()
+    import hashlib
+
+    assert "NaN" not in text and s["curves_sha256"] == hashlib.sha256((out / "prune_curves.csv").read_bytes()).hexdigest()
     assert set(s["axis_means"]) == {"local", "target", "mixed", "baseline"}
     assert [p["param"] for p in s["sweeps"]["ixy_minus_red_b"]["points"]] == [0.0, 0.3]
     assert s["config"]["pruning"]["tolerance"] == 0.005 and s["allocation"] == "global"
@@ -222,3 +237,92 @@ def test_axes_scores_compute_the_analysis_on_demand(run):
     summary = run_prune(cfg)
     assert (Path(cfg.paths.run_dir) / "analyze" / "axes.csv").is_file()     # computed and cached
     assert summary["scores"]["input_capture"]["points"] == 1
+
+
+# ------------------------------------------------------------------------------ sound outputs
+
+
+def test_one_target_writes_points_but_no_auc(run, capsys):
+    cfg = _cfg(run, "pruning.scores=[l2]", "pruning.targets=[0.6]", "pruning.fvcore_check=false")
+    s = run_prune(cfg)
+    out = capsys.readouterr().out
+    assert "a FLOPs-AUC needs at least two targets" in out
+    assert len(pd.read_csv(_prune_dir(cfg) / "prune_curves.csv")) == 1
+    assert s["scores"]["l2"]["flops_auc"] is None and "at least two targets" in s["scores"]["l2"]["no_auc"]
+    assert "NaN" not in (_prune_dir(cfg) / "prune_summary.json").read_text()
+
+
+def test_nan_in_axes_csv_stops_prune_naming_the_rebuild(run, no_axes_module):
+    cfg = _cfg(run, "pruning.scores=[hull_score,l2]", "pruning.targets=[0.8,0.6]")
+    path = _write_fake_axes(cfg)
+    df = pd.read_csv(path)
+    df.loc[5, "hull_score"] = np.nan
+    df.to_csv(path, index=False)
+    with pytest.raises(UserError) as err:
+        run_prune(cfg)
+    msg = str(err.value)
+    assert str(path) in msg and "hull_score holds 1 NaN" in msg and "analysis.axes.recompute=true" in msg
+    assert "\n" not in msg and not (_prune_dir(cfg) / "points").exists()
+
+
+def test_nan_from_the_analysis_stage_is_caught_too(run, monkeypatch):
+    axes_table = pytest.importorskip("axes_pipeline.analyses.axes_table")
+    cfg = _cfg(run, "pruning.scores=[input_capture]", "pruning.targets=[0.8,0.6]")
+    table = pd.read_csv(_write_fake_axes(cfg))
+    table.loc[0, "input_capture"] = np.nan
+    monkeypatch.setattr(axes_table, "load_or_compute_axes", lambda *a, **k: table)
+    with pytest.raises(UserError, match="input_capture holds 1 NaN"):
+        run_prune(cfg)
+
+
+def test_damaged_point_is_recomputed_with_a_note(run, monkeypatch, capsys):
+    cfg = _cfg(run, "pruning.scores=[l2]", "pruning.targets=[0.8,0.6]", "pruning.fvcore_check=false")
+    run_prune(cfg)
+    point = _prune_dir(cfg) / "points" / "l2__0.8.json"
+    rec = read_json(point)
+    rec["acc_before_ft"] = float("nan")
+    point.write_text(__import__("json").dumps(rec))
+    calls = []
+    real = prune_run._one_point
+    monkeypatch.setattr(prune_run, "_one_point", lambda *a, **k: (calls.append(a[7]), real(*a, **k))[1])
+    capsys.readouterr()
+    run_prune(cfg)
+    assert calls == [0.8]
+    assert "point l2__0.8.json is damaged (acc_before_ft is nan); recomputing it" in capsys.readouterr().out
+    assert pd.read_csv(_prune_dir(cfg) / "prune_curves.csv")["acc_before_ft"].notna().all()
+
+
+def test_points_are_keyed_by_checkpoint_content_not_its_time(run, monkeypatch):
+    import os
+
+    from axes_pipeline.training.restore import restore_trained
+
+    cfg = _cfg(run, "pruning.scores=[l2]", "pruning.targets=[0.8,0.6]", "pruning.fvcore_check=false")
+    run_prune(cfg)
+    ckpt = Path(restore_trained(cfg).ckpt)
+    os.utime(ckpt, (1e9, 1e9))                  # the same weights, touched
+    calls = []
+    monkeypatch.setattr(prune_run, "_one_point", lambda *a, **k: calls.append(1))
+    run_prune(cfg)
+    assert calls == []
+    key = read_json(_prune_dir(cfg) / "points" / "l2__0.8.json")["fingerprint"]
+    assert len(key["ckpt_digest"]) == 16 and "data.name" in key
+
+
+def test_curves_and_summary_change_together(run, monkeypatch):
+    cfg = _cfg(run, "pruning.scores=[l2]", "pruning.targets=[0.8,0.6]", "pruning.fvcore_check=false")
+    run_prune(cfg)
+    out = _prune_dir(cfg)
+    before = {n: (out / n).read_bytes() for n in ("prune_curves.csv", "prune_summary.json")}
+    real = Path.write_text
+
+    def failing(self, *a, **k):
+        if self.name.startswith(".prune_summary.tmp-"):
+            raise OSError("disk full")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", failing)
+    with pytest.raises(OSError):
+        prune_run.write_stage(out, pd.read_csv(out / "prune_curves.csv").iloc[:1], {"scores": {}})
+    assert {n: (out / n).read_bytes() for n in before} == before     # both old, none half-new
+    assert not list(out.glob(".prune_*tmp-*"))

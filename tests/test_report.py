@@ -32,11 +32,14 @@ def fake_run(root: Path, seed: int, *, local_gain: float, epochs: int = 20, prun
                                   ("task_info", "target", 0.0), ("l1", "baseline", 0.01)):
             for t in TARGETS:
                 acc = 0.96 * t ** 0.5 + gain + rng.normal(0, 0.002)
-                rows.append({"score": score, "axis": axis, "draw": 0, "target_flops": t, "achieved_flops": t + 0.001,
-                             "acc_before_ft": acc})
+                # validation follows test closely, as on a real run: the choice is made on it
+                rows.append({"score": score, "axis": axis, "draw": 0, "target_flops": t, "target_channels": np.nan,
+                             "achieved_flops": t + 0.001, "acc_before_ft": acc,
+                             "val_acc_before_ft": acc + rng.normal(0, 0.001)})
         (run / "prune").mkdir()
         pd.DataFrame(rows).to_csv(run / "prune" / "prune_curves.csv", index=False)
-        (run / "prune" / "prune_summary.json").write_text(json.dumps({"unpruned_acc": 0.96}))
+        (run / "prune" / "prune_summary.json").write_text(json.dumps({"unpruned_acc": 0.96, "unpruned_val_acc": 0.97,
+                                                                       "targets": TARGETS}))
     if analyze:
         (run / "analyze").mkdir()
         pd.DataFrame({"layer": ["conv1", "layer1.0.conv1"], "layer_index": [0, 1], "channels": [16, 16],
@@ -65,7 +68,7 @@ def test_constant_local_advantage_gives_ci_above_zero(tmp_path):
               "headline.png", "alignment_depth.png"):
         assert (out / f).is_file(), f
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64," in html and "<table>" in html
+    assert "data:image/png;base64," in html and "class=\"report\"" in html
 
 
 def test_identical_axes_give_p_one(tmp_path):
@@ -109,7 +112,8 @@ def test_seeds_pruned_differently_are_never_paired(tmp_path):
         run = fake_run(tmp_path, s, local_gain=0.05)
         alloc = "global" if s <= 2 else "uniform"
         (run / "prune" / "prune_summary.json").write_text(_json.dumps(
-            {"unpruned_acc": 0.96, "config": {"pruning": {"allocation": alloc, "mode": "flops"}}}))
+            {"unpruned_acc": 0.96, "unpruned_val_acc": 0.97,
+             "config": {"pruning": {"allocation": alloc, "mode": "flops"}}}))
     _, summary = _report(tmp_path)
     assert any("pruning.allocation" in n for n in summary["notices"])
     head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
@@ -165,3 +169,172 @@ def test_launcher_configs_compose(launcher, tmp_path):
             assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.tasks_per_node == 1
     else:
         assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+# ------------------------------------------------------------------ selection split, damaged curves
+
+
+def _per_seed(root: Path):
+    from axes_pipeline.report import tables
+    from axes_pipeline.report.collect import discover, group_runs
+
+    groups, _ = group_runs(discover([root / "multirun" / "demo"]))
+    return groups, tables.auc_per_seed(groups, "acc_before_ft")
+
+
+def test_best_score_is_chosen_on_validation_not_test(tmp_path):
+    from axes_pipeline.report import tables
+
+    for s in (1, 2, 3, 4):
+        fake_run(tmp_path, s, local_gain=0.0)
+    # hull_score is the better local score on validation, input_capture on test
+    for curves in tmp_path.rglob("prune_curves.csv"):
+        d = pd.read_csv(curves)
+        d.loc[d.score == "hull_score", "val_acc_before_ft"] += 0.03
+        d.to_csv(curves, index=False)
+    _, per_seed = _per_seed(tmp_path)
+    kw = dict(min_n=3, n_boot=200, method="wilcoxon")
+    head = tables.headline(per_seed, **kw)
+    best = head[head.comparison.str.startswith("best local (")].iloc[0]
+    assert "hull_score" in best.comparison and best.selected_on == "val" and best.measured_on == "test"
+    # changing only the test accuracies never changes the choice
+    for curves in tmp_path.rglob("prune_curves.csv"):
+        d = pd.read_csv(curves)
+        d.loc[d.score == "input_capture", "acc_before_ft"] += 0.2
+        d.to_csv(curves, index=False)
+    _, per_seed2 = _per_seed(tmp_path)
+    head2 = tables.headline(per_seed2, **kw)
+    assert list(head2.comparison) == list(head.comparison)
+    held = head2[head2.comparison.str.contains("other seeds")].iloc[0]
+    assert "choices: hull_score/task_info" == held.note.split("; ")[-1]
+    assert head2.p_holm.notna().all() and (head2.p_holm >= head2.p_value - 1e-12).all()   # all in the Holm family
+
+
+def test_damaged_curves_are_listed_not_dropped_silently(tmp_path):
+    from axes_pipeline.report import tables
+
+    runs = [fake_run(tmp_path, s, local_gain=0.0) for s in (1, 2, 3)]
+    bad = runs[1] / "prune" / "prune_curves.csv"
+    d = pd.read_csv(bad)
+    d.loc[3, "acc_before_ft"] = np.nan
+    d.to_csv(bad, index=False)
+    old = runs[2] / "prune" / "prune_curves.csv"                 # curves from before selection on validation
+    pd.read_csv(old).drop(columns=["val_acc_before_ft"]).to_csv(old, index=False)
+    groups, per_seed = _per_seed(tmp_path)
+    assert sorted(per_seed.seed.unique()) == [1]
+    skipped = dict(tables.skipped_prune_runs(groups, "acc_before_ft"))
+    assert set(skipped) == {str(runs[1]), str(runs[2])}
+    assert "acc_before_ft holds 1 NaN" in skipped[str(runs[1])] and "val_acc_before_ft" in skipped[str(runs[2])]
+
+
+def test_curves_from_another_prune_run_than_the_summary_are_skipped(tmp_path):
+    import hashlib
+
+    from axes_pipeline.report import tables
+
+    run = fake_run(tmp_path, 1, local_gain=0.0)
+    summary = json.loads((run / "prune" / "prune_summary.json").read_text())
+    summary["curves_sha256"] = hashlib.sha256(b"other curves").hexdigest()
+    (run / "prune" / "prune_summary.json").write_text(json.dumps(summary))
+    groups, per_seed = _per_seed(tmp_path)
+    assert per_seed.empty
+    (why,) = [w for _, w in tables.skipped_prune_runs(groups, "acc_before_ft")]
+    assert "does not match prune_summary.json" in why
+
+
+# ----------------------------------------------------------------------------- the page people read
+
+
+def add_lesions_and_propagation(run: Path, seed: int) -> None:
+    """A per-run lesion summary and propagation table shaped like analyze.py's."""
+    def fit(d):
+        return {"n": 160, "r2_base": 0.2, "r2_full": 0.2 + d, "delta_r2": d, "delta_r2_adj": d - 0.01,
+                "ci_lo": d / 2, "ci_hi": 2 * d, "ci_adj_lo": -0.01, "ci_adj_hi": 2 * d, "p_f": 0.01, "n_boot": 200}
+    summary = {"base_loss": 0.3, "layers": 2, "channels_lesioned": 16,
+               "spearman_overall": {"input_capture": 0.1, "task_info": 0.3},
+               "binned_rho_mean": {"input_capture": 0.05 + 0.01 * seed, "task_info": 0.2},
+               "incremental_r2": {"base": ["input_capture", "task_info"], "extra": ["full_explained"], "scale": "rank",
+                                  "pooled": fit(0.04), "pooled_raw": fit(0.1), "per_layer": {"conv1": fit(0.2)}},
+               "recovery": {"hull_mean": 0.4, "hull_median": 0.7, "hull_n": 12, "rho_hull_full_explained": 0.35},
+               "per_layer": {"conv1": {"lesioned": 8}}}
+    (run / "analyze" / "lesion_summary.json").write_text(json.dumps(summary))
+    pd.DataFrame({"upstream": ["conv1"] * 2, "downstream": ["layer1.0.conv1"] * 2, "pairing": ["local_to_local",
+                  "target_to_target"], "rho": [0.3, 0.1], "null_rho": [0.0, 0.01], "n": [16, 16]}
+                 ).to_csv(run / "analyze" / "propagation.csv", index=False)
+
+
+def full_sweep(root: Path, seeds=(1, 2, 3)) -> Path:
+    for s in seeds:
+        add_lesions_and_propagation(fake_run(root, s, local_gain=0.05), s)
+    return root / "multirun" / "demo" / "report"
+
+
+def test_fmt_three_significant_digits():
+    from axes_pipeline.report.build import fmt, fmt_ci, fmt_pm
+
+    assert [fmt(x) for x in (0.9996, 0.0625, 12345.0, 7.35e-4, -0.5, 0.0, 1.0, 99999.6)] == \
+        ["1.00", "0.0625", "12300", "7.35e−4", "−0.500", "0", "1.00", "1.00e5"]
+    assert fmt(float("nan")) == "—" and fmt(float("inf")) == "∞" and fmt(3) == "3" and fmt(True) == "yes"
+    assert fmt_ci(0.1, 0.25) == "[0.100, 0.250]" and fmt_ci(float("nan"), float("nan")) == "—"
+    assert fmt_pm(0.5, 0.01) == "0.500 ± 0.0100" and fmt_pm(0.5, 0.01, 2, 3) == "0.500 ± 0.0100 (n=2)"
+
+
+def test_page_answers_first_and_reads_plainly(tmp_path):
+    out = full_sweep(tmp_path)
+    # one seed's lesion summary damaged: its skip reason names a path and a command in backticks
+    (out.parent / "digits-resnet18-w0.25" / "seed3" / "analyze" / "lesion_summary.json").write_text("{broken")
+    _report(tmp_path)
+    html, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    # the answer first: headline figure and pruning curves, then the headline table with a verdict in words
+    first_img, first_table = html.index("<img"), html.index("<table")
+    assert html.index('id="answer"') < first_img < first_table < html.index('id="auc"')
+    assert html[first_img:first_table].count("<img") == 2 and "pruning curves" in html[first_img:first_table]
+    head = html[first_table:html.index("</table>", first_table)]
+    assert "local axis better (CI above 0" in head and "95% CI" in head
+    # every section opens with one sentence on how to read it
+    assert html.count("<h2") == html.count('<p class="how">') >= 7
+    # H4 in readable tables (ΔR² with its CI as [lo, hi]); the key/value dump only in the CSV
+    assert "ΔR²" in html and "[0.0200, 0.0800]" in html and "ρ within I_T bins" in html and "Recovery" in html
+    assert "incremental_r2.pooled" not in html and "incremental_r2.pooled" not in md
+    assert "incremental_r2.pooled.ci_adj_hi" in set(pd.read_csv(out / "lesions.csv")["quantity"])
+    assert "local_to_local" in html
+    # no machine paths, no literal markdown, every table scrolls inside its own box, nothing external
+    for page in (html, md):
+        assert str(tmp_path) not in page
+    assert "`" not in html and "<code>" in html and "digits-resnet18-w0.25/seed3" in html
+    assert html.count("<table") == html.count('<div class="scroll">') > 5
+    assert 'src="http' not in html and "<script" not in html
+    # the markdown links the figures written beside it
+    import re
+
+    for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (out / name).is_file(), name
+    # the same results give the same page, byte for byte
+    _report(tmp_path)
+    assert (out / "report.html").read_text() == html and (out / "report.md").read_text() == md
+
+
+def test_report_ci_choice(tmp_path):
+    for s in (1, 2, 3):
+        fake_run(tmp_path, s, local_gain=0.05)
+    with pytest.raises(UserError, match="report.ci must be one of bca, percentile"):
+        _report(tmp_path, "report.ci=studentized")
+    _report(tmp_path)
+    head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
+    assert (head.ci_method == "bca").all()
+    _report(tmp_path, "report.ci=percentile")
+    head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
+    assert (head.ci_method == "percentile").all()
+
+
+def test_pruning_curve_lines_are_named_and_best_emphasised():
+    from axes_pipeline.report.figures import score_styles
+
+    styles = score_styles({"local": ["input_capture", "hull_score", "ixy_minus_red_b0.3"],
+                           "target": ["task_info", "composite_target"], "baseline": ["l1", "random"]},
+                          {"local": "hull_score", "target": "task_info", "baseline": "random"})
+    colours = [tuple(st["color"]) for st in styles.values()]
+    assert len(set(colours)) == len(colours)                     # every line can be told from the others
+    assert styles["hull_score"]["label"] == "hull_score (best local)" and styles["hull_score"]["lw"] == 3.0
+    assert styles["task_info"]["label"] == "task_info (best target)" and styles["task_info"]["ls"] == "--"
+    assert styles["random"]["lw"] == styles["input_capture"]["lw"] < 3.0    # baselines are not emphasised

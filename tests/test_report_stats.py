@@ -357,3 +357,108 @@ def test_paper_reference():
     assert ref["hull_size_mean"]["trained"] == (4.27, 0.04)
     assert ref["hull_saturated_frac"]["init"] == (0.067, 0.006)
     assert ref["s3_s2"] == {"init": (0.192, 0.017), "trained": (0.381, 0.008)}
+
+
+# ----------------------------------------------------------------------------- shared-grid FLOPs-AUC
+
+
+def test_identical_curves_with_different_reach_get_one_auc_over_the_shared_grid():
+    import pandas as pd
+
+    def acc(x):
+        return 0.9 - 0.8 * np.asarray(x) ** 2          # one accuracy curve
+
+    short, far = np.array([0.0, 0.2, 0.4, 0.6]), np.array([0.0, 0.2, 0.4, 0.6, 0.8, 0.9])
+    # the old rule (each curve over its own span) gives the two scores different AUCs
+    assert flops_auc(short, acc(short)) - flops_auc(far, acc(far)) > 0.1
+    grid = S.shared_grid([0.1, 0.3, 0.5, 0.7, 0.9], reaches=[short.max(), far.max()])
+    assert grid[0] == 0.0 and grid[-1] == pytest.approx(0.6)
+    assert S.flops_auc_on_grid(short, acc(short), grid) == pytest.approx(S.flops_auc_on_grid(far, acc(far), grid))
+    with pytest.raises(ValueError, match="not the grid"):            # never extrapolated
+        S.flops_auc_on_grid(short, acc(short), [0.0, 0.9])
+
+    # the same through grid_aucs in channel_fraction mode: achieved FLOPs differ, AUCs agree
+    rows = [{"score": s, "draw": 0, "target_channels": t, "target_flops": np.nan, "achieved_flops": 1 - x,
+             "acc": float(acc(x))} for s, xs in (("a", short[1:]), ("b", far[1:])) for t, x in zip([.9, .7, .5, .3, .2], xs)]
+    res = S.grid_aucs(pd.DataFrame(rows), ["acc"], lambda k: {"acc": 0.9}, mode="channel_fraction", tolerance=0.005,
+                      targets=[.9, .7, .5, .3, .2])
+    assert res["aucs"][("a", 0)]["acc"] == pytest.approx(res["aucs"][("b", 0)]["acc"])
+    assert res["grid"][-1] == pytest.approx(0.6) and res["note"] == ""
+
+
+def test_grid_aucs_flops_mode_drops_off_target_points_and_keeps_the_grid():
+    import pandas as pd
+
+    targets = [0.9, 0.7, 0.5, 0.3]
+    rows = [{"score": s, "draw": 0, "target_flops": t, "target_channels": np.nan,
+             "achieved_flops": t + (0.05 if (s == "b" and t == 0.7) else 0.001), "acc": t}
+            for s in ("a", "b") for t in targets]
+    res = S.grid_aucs(pd.DataFrame(rows), ["acc"], lambda k: {"acc": 1.0}, mode="flops", tolerance=0.005,
+                      targets=targets)
+    assert res["off_target"] == 1 and res["grid"] == pytest.approx([0.0, 0.1, 0.3, 0.5, 0.7])
+    # acc = 1 − removed on the grid: the dropped point is interpolated from its neighbours
+    assert res["aucs"][("a", 0)]["acc"] == pytest.approx(1 - 0.35)
+    assert res["aucs"][("b", 0)]["acc"] == pytest.approx(1 - 0.35)
+
+
+def test_grid_aucs_with_one_target_gives_no_auc_and_says_why():
+    import pandas as pd
+
+    df = pd.DataFrame([{"score": "a", "draw": 0, "target_flops": 0.5, "target_channels": np.nan,
+                        "achieved_flops": 0.5, "acc": 0.7}])
+    res = S.grid_aucs(df, ["acc"], lambda k: {"acc": 0.9}, mode="flops", tolerance=0.005, targets=[0.5])
+    assert res["aucs"] == {("a", 0): {"acc": None}} and res["grid"] is None
+    assert "at least two targets" in res["note"] and "\n" not in res["note"]
+
+
+# ----------------------------------------------------------------------------- scipy vs the former hand-written code
+
+
+def _old_percentile_ci(d, n_boot, seed, level=0.95):
+    """The hand-written percentile bootstrap this module used before scipy.stats.bootstrap."""
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    return np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+
+
+def _old_signflip_exact(d):
+    import itertools
+
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
+    return float(np.mean(np.abs(signs @ d) >= abs(d.sum()) * (1 - 1e-12)))
+
+
+@pytest.mark.parametrize("n", [5, 12, 40])
+def test_scipy_bootstrap_agrees_with_former_percentile_within_mc_error(n):
+    rng = np.random.default_rng(n)
+    d = rng.normal(0.02, 0.01, size=n)
+    old_lo, old_hi = _old_percentile_ci(d, 20000, seed=1)
+    _, lo, hi = S.paired_bootstrap_ci(d, np.zeros(n), n_boot=20000, seed=2, method="percentile")
+    # Monte-Carlo error of a 2.5% quantile of 20,000 draws is well below a tenth of the CI width
+    width = old_hi - old_lo
+    assert lo == pytest.approx(old_lo, abs=0.05 * width) and hi == pytest.approx(old_hi, abs=0.05 * width)
+    # BCa: the same interval up to its skew correction (a mean of near-normal data is hardly skewed)
+    _, blo, bhi = S.paired_bootstrap_ci(d, np.zeros(n), n_boot=20000, seed=2)
+    assert blo == pytest.approx(old_lo, abs=0.15 * width) and bhi == pytest.approx(old_hi, abs=0.15 * width)
+
+
+def test_bca_corrects_skew_and_methods_are_named():
+    # one large difference among small ones: a right-skewed bootstrap distribution of the mean;
+    # BCa moves both ends to the right of the percentile interval
+    d = np.array([0.01, 0.012, 0.008, 0.011, 0.009, 0.010, 0.013, 0.2])
+    _, plo, phi = S.paired_bootstrap_ci(d, np.zeros(8), n_boot=5000, seed=0, method="percentile")
+    _, blo, bhi = S.paired_bootstrap_ci(d, np.zeros(8), n_boot=5000, seed=0, method="bca")
+    assert blo > plo and bhi > phi
+    assert compare_paired(d, np.zeros(8))["ci_method"] == "bca"
+    assert compare_paired(d, np.zeros(8), ci="percentile")["ci_lo"] == pytest.approx(plo, rel=0.2)
+    with pytest.raises(ValueError, match="unknown CI method"):
+        S.paired_bootstrap_ci(d, np.zeros(8), method="studentized")
+    with pytest.raises(ValueError, match="unknown CI method"):
+        compare_paired(d, np.zeros(8), ci="bc")
+
+
+def test_scipy_signflip_equals_former_enumeration():
+    rng = np.random.default_rng(3)
+    for n in (3, 6, 10):
+        d = rng.normal(0.1, 1.0, size=n)
+        assert S.paired_test(d, np.zeros(n), method="permutation") == pytest.approx(_old_signflip_exact(d), abs=1e-12)

@@ -58,3 +58,108 @@ def test_online_without_credentials_is_one_line(tmp_path, monkeypatch):
     cfg = make_cfg("train", ["logger=wandb", "logger.mode=online"], tmp_path)
     with pytest.raises(UserError, match="WANDB_API_KEY"):
         check_logger(cfg)
+
+
+SPY = '''
+import os, socket
+_log = os.environ["AXES_NET_LOG"]
+
+
+def _record(what):
+    with open(_log, "a") as f:
+        f.write(what + "\\n")
+
+
+_getaddrinfo = socket.getaddrinfo
+
+
+def getaddrinfo(host, *a, **k):
+    _record(f"getaddrinfo {host}")
+    raise OSError("network use in an offline run")
+
+
+_connect = socket.socket.connect
+
+
+def connect(self, address):
+    if self.family != socket.AF_UNIX:
+        _record(f"connect {address}")
+        raise OSError("network use in an offline run")
+    return _connect(self, address)
+
+
+socket.getaddrinfo = getaddrinfo
+socket.socket.connect = connect
+'''
+
+
+def test_offline_run_makes_no_network_request(tmp_path, monkeypatch):
+    """wandb offline with no key: not one DNS query or connection, from our process (a socket spy
+    loaded by sitecustomize) nor from wandb's service process (strace over every child, when the
+    machine has strace)."""
+    import os
+    import shutil
+
+    from .conftest import ROOT, run_entry
+
+    spy_dir = tmp_path / "spy"
+    spy_dir.mkdir()
+    (spy_dir / "sitecustomize.py").write_text(SPY)
+    net_log = tmp_path / "net.log"
+    env = {"PYTHONPATH": os.pathsep.join([str(spy_dir), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "AXES_NET_LOG": str(net_log), "NETRC": str(tmp_path / "no-netrc")}
+    # logger.mode=offline from the config alone: the suite's WANDB_MODE=offline would hide the query
+    # (wandb's process-wide telemetry reads the environment, not the run's settings).
+    hidden = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_ERROR_REPORTING")
+    args = ["logger=wandb", "model.width=0.125", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "callbacks.progress_bar=false"]
+    strace = shutil.which("strace")
+    trace = tmp_path / "trace.txt"
+    if strace:
+        import subprocess
+        import sys
+
+        full_env = {k: v for k, v in dict(os.environ, AXES_OUTPUT_ROOT=str(tmp_path), **env).items()
+                    if k not in hidden}
+        res = subprocess.run([strace, "-f", "-e", "trace=connect,sendto,sendmmsg", "-o", str(trace),
+                              sys.executable, str(ROOT / "train.py"), *args],
+                             cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600)
+    else:
+        for key in hidden:
+            monkeypatch.delenv(key, raising=False)
+        res = run_entry("train.py", *args, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert list(tmp_path.rglob("offline-run-*")), "no offline wandb run was written"
+    assert not net_log.exists(), net_log.read_text()
+    if strace:
+        inet = [line for line in trace.read_text().splitlines() if "AF_INET" in line or "htons(53)" in line]
+        assert not inet, inet[:5]
+
+
+def test_resumed_training_continues_its_wandb_run(tmp_path, monkeypatch):
+    from axes_pipeline.tasks import run_task
+    from axes_pipeline.training.train import Throughput, run_training
+
+    over = [o for o in TINY if not o.startswith(("logger=", "trainer.max_epochs", "checkpoint."))] + [
+        "logger=wandb", "trainer.max_epochs=2", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1"]
+    cfg = make_cfg("train", over, tmp_path)
+
+    def crash(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as m:
+        m.setattr(Throughput, "on_train_batch_start", crash)
+        with pytest.raises(RuntimeError):
+            run_task(run_training, cfg)
+    run_task(run_training, make_cfg("train", over, tmp_path))
+    from pathlib import Path
+
+    run = Path(cfg.paths.run_dir)
+    run_id = (run / "wandb" / "train_run_id").read_text().strip()
+    runs = _offline_runs(run)
+    # offline-run-<time>-<id>, with wandb's "-1" suffix when both started within the same second
+    import re
+
+    assert len(runs) == 2 and all(re.search(rf"-{run_id}(-\d+)?$", p.name) for p in runs), runs

@@ -53,6 +53,58 @@ def test_paper_recipe_from_plain_overrides(tmp_path):
     assert (cfg.optim.name, cfg.optim.lr, cfg.trainer.max_epochs) == ("adam", 1e-3, 50)
 
 
+# METHODS §10, one row per headline experiment: (data, model, architecture knobs, pretrained,
+# optimizer, lr, weight decay, batch, epochs). "As torchvision" = torchvision's classifier/strides.
+PAPER_RECIPES = {
+    "cifar100_resnet18": ("cifar100", "resnet18", {"cifar_stem": True}, True, "sgd", 0.1, 5e-4, 128, 100),
+    "cifar100_vgg16": ("cifar100", "vgg16", {"head": "imagenet"}, True, "sgd", 0.05, 5e-4, 128, 100),
+    "cifar100_mobilenetv2": ("cifar100", "mobilenetv2", {"cifar_strides": False}, True, "sgd", 0.01, 5e-4, 128, 100),
+    "imagenet100_convnext_t": ("imagenet100", "convnext_t", {}, False, "adam", 1e-3, 1e-4, 64, 30),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PAPER_RECIPES))
+def test_headline_experiments_carry_the_paper_recipe(experiment, tmp_path):
+    data, model, knobs, pretrained, opt, lr, wd, batch, epochs = PAPER_RECIPES[experiment]
+    cfg = make_cfg("train", [f"experiment={experiment}"], tmp_path)
+    assert (cfg.data.name, cfg.model.name, cfg.model.width) == (data, model, 1.0)
+    assert {k: cfg.model[k] for k in knobs} == knobs
+    assert cfg.model.pretrained is pretrained and cfg.model.weights is None
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.data.batch_size) == (opt, lr, wd, batch)
+    assert cfg.trainer.max_epochs == epochs and cfg.data.download is (data != "imagenet100")
+    if opt == "sgd":
+        assert cfg.optim.momentum == 0.9 and not cfg.optim.nesterov
+    if data == "cifar100":   # random crop 32 / padding 4 + flip, CIFAR-100 statistics
+        assert (cfg.data.image_size, cfg.data.crop_padding, cfg.data.augment, cfg.data.hflip) == (32, 4, True, True)
+        from axes_pipeline.data import Cifar100DataModule
+
+        assert Cifar100DataModule.mean == (0.5071, 0.4867, 0.4408)
+        assert Cifar100DataModule.std == (0.2675, 0.2565, 0.2761)
+
+
+def test_headline_architectures_are_torchvision_at_32px(tmp_path):
+    # the built networks (narrow, no weights): torchvision's VGG classifier and MobileNetV2 strides
+    x = torch.randn(2, 3, 32, 32)
+    vgg = instantiate_model(make_cfg("train", ["experiment=cifar100_vgg16", "model.pretrained=false",
+                                               "model.width=0.125"], tmp_path), 100)
+    linears = [m for m in vgg.classifier if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [4096, 4096, 100] and linears[0].in_features == 64 * 7 * 7
+    mnv2 = instantiate_model(make_cfg("train", ["experiment=cifar100_mobilenetv2", "model.pretrained=false",
+                                                "model.width=0.25"], tmp_path), 100)
+    assert mnv2.features[0][0].stride == (2, 2) and mnv2.features[2].conv[1][0].stride == (2, 2)
+    with torch.no_grad():
+        assert vgg.eval()(x).shape == mnv2.eval()(x).shape == (2, 100)
+
+
+def test_dynamics_experiment_refuses_pretrained(tmp_path):
+    cfg = make_cfg("train", ["experiment=dynamics", "model.width=0.125"], tmp_path)
+    assert cfg.model.pretrained is False and cfg.model.from_scratch is True and cfg.checkpoint.every_epoch
+    instantiate_model(cfg, 10)                                      # random init builds
+    for bad in ("model.pretrained=true", "model.weights=/some/resnet18.pth"):
+        with pytest.raises(UserError, match="experiment=dynamics trains from random initialisation"):
+            instantiate_model(make_cfg("train", ["experiment=dynamics", "model.width=0.125", bad], tmp_path), 10)
+
+
 def test_one_epoch_digits_train(tiny_run):
     root, overrides = tiny_run
     cfg = make_cfg("train", overrides, root)
@@ -76,16 +128,45 @@ def test_rerun_complete_is_skipped(tiny_run, capsys):
     assert (Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt").stat().st_mtime == before
 
 
-def test_resume_continues_from_saved_epoch(tmp_path):
+def test_finished_run_with_other_settings_is_refused(tiny_run, tmp_path):
+    # optim.lr=0.5 on a finished run used to print "already complete" and keep the old model.
+    root, overrides = tiny_run
+    for change, needle in (("optim.lr=0.5", "optim.lr: 0.1 -> 0.5"),
+                           ("trainer.max_epochs=4", "trainer.max_epochs: 3 -> 4"),
+                           ("data.split_seed=7", "data.split_seed: 0 -> 7")):
+        with pytest.raises(UserError, match="other settings") as err:
+            run_training(make_cfg("train", [*overrides, change], root))
+        assert needle in str(err.value) and "name=" in str(err.value)
+    # its own name is its own run directory, which analyze/prune find from the same overrides
+    cfg = make_cfg("train", [*overrides, "optim.lr=0.5", "name=lr0.5"], root)
+    assert "/lr0.5/" in cfg.paths.run_dir
+    cfg = make_cfg("train", [*overrides, "optim.lr=0.05", "name=lr${optim.lr}"], root)   # as the README's sweep
+    assert "/lr0.05/" in cfg.paths.run_dir
+
+
+def test_lr_sweep_does_not_collapse_into_one_folder(tmp_path):
     over = [o for o in TINY if not o.startswith("trainer.max_epochs")]
-    run_task(run_training, make_cfg("train", [*over, "trainer.max_epochs=1"], tmp_path))
-    cfg2 = make_cfg("train", [*over, "trainer.max_epochs=2"], tmp_path)
-    ckpts = Path(cfg2.paths.run_dir) / "checkpoints"
-    first = (ckpts / "epoch_001.ckpt").stat().st_mtime
-    run_task(run_training, cfg2)
-    assert (ckpts / "epoch_001.ckpt").stat().st_mtime == first      # epoch 1 was not redone
-    assert read_checkpoint(ckpts / "last.ckpt")["epoch"] == 1         # Lightning's 0-based last epoch
-    assert read_json(Path(cfg2.paths.run_dir) / "train_summary.json")["epochs"] == 2
+    res = run_entry("train.py", "-m", "optim.lr=0.1,0.05", *over, "trainer.max_epochs=1",
+                    "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+                    "+trainer.limit_test_batches=1", cwd=tmp_path)
+    assert res.returncode != 0 and "1 train job(s) failed" in res.stderr, res.stderr[-2000:]
+    assert "optim.lr: 0.1 -> 0.05" in (res.stderr + res.stdout)
+    assert len(list(tmp_path.rglob("train_summary.json"))) == 1      # the first job's run, untouched
+
+
+def test_train_ckpt_initialises_the_weights(tiny_run, tmp_path):
+    from axes_pipeline.training.checkpoints import model_state
+
+    root, overrides = tiny_run
+    src = Path(make_cfg("train", overrides, root).paths.run_dir) / "checkpoints" / "epoch_002.ckpt"
+    over = [o for o in overrides if not o.startswith(("trainer.max_epochs", "checkpoint."))]
+    cfg = make_cfg("train", [*over, "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
+                             f"ckpt={src}", "checkpoint.every_epoch=true"], tmp_path)
+    run_task(run_training, cfg)
+    first = model_state(read_checkpoint(Path(cfg.paths.run_dir) / "checkpoints" / "epoch_000.ckpt"))
+    want = model_state(read_checkpoint(src))
+    assert all(torch.equal(first[k], want[k]) for k in want)         # epoch 0 = the given weights
+    assert read_json(Path(cfg.paths.run_dir) / "train_settings.json")["init_ckpt_digest"]
 
 
 def test_epoch0_checkpoint_equals_initial_weights(tmp_path):
@@ -134,14 +215,151 @@ def test_checkpoint_missing_corrupt_or_other_model(tiny_run, tmp_path):
     (["trainer.max_epochs=0"], "trainer.max_epochs must be positive"),
     (["data.batch_size=-1"], "data.batch_size must be positive"),
     (["trainer=gpu"], "use trainer=cpu"),
-    (["data=cifar100"], "cifar-100-python"),
-    (["model.pretrained=true"], "model.weights"),
+    (["data=cifar100", "data.download=false"], "cifar-100-python"),   # never the network in tests
+    (["model.weights=no_such_weights.pth"], "model.weights"),
+    (["experiment=dynamics", "model.pretrained=true"], "experiment=dynamics trains from random initialisation"),
+    (["seed=abc"], "seed must be an integer"),
+    (["data=nosuch"], "choose one of: cifar10, cifar100, digits"),
+    (["model=nosuch"], "choose one of: convnext_t, custom, mobilenetv2, resnet18, torchvision, vgg16"),
+    (["-m", "seed=1,x"], "seed must be an integer"),
+    (["ckpt=garbage.ckpt"], "does not exist"),
+    (["name=../../escape"], "not a plain folder name"),
+    (["name=a/b"], "not a plain folder name"),
 ])
 def test_bad_input_one_line(args, needle, tmp_path):
     if args == ["trainer=gpu"] and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     res = run_entry("train.py", *args, "logger=none", f"paths.data_dir={tmp_path}/data", cwd=tmp_path)
-    assert res.returncode != 0
+    assert res.returncode == 2, res.stderr[-2000:]
     assert needle in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert not list(tmp_path.rglob("train_summary.json"))
+    if args[0] in ("seed=abc", "data=nosuch", "model=nosuch") or args[0].startswith("name="):
+        assert res.stderr.strip().count("\n") == 0, res.stderr     # one line, and nothing written
+        assert not [p for p in tmp_path.rglob("*") if p.name != "data"], list(tmp_path.rglob("*"))
+
+
+def test_garbage_ckpt_in_train_is_one_line(tmp_path):
+    bad = tmp_path / "garbage.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    res = run_entry("train.py", "logger=none", f"ckpt={bad}", "trainer.max_epochs=1", cwd=tmp_path)
+    assert res.returncode == 2 and "corrupt" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not list(tmp_path.rglob("train_summary.json"))
+
+
+def test_name_never_leaves_the_output_root(tmp_path):
+    from axes_pipeline.config import check_name
+
+    root = tmp_path / "out"
+    root.mkdir()
+    for bad in ("../../escape", "..", "a/b", "/abs", "a\\b", ""):
+        with pytest.raises(UserError):
+            check_name(bad)
+    res = run_entry("report.py", "name=../escape", cwd=root)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not list(root.iterdir())
+
+
+def _interrupted(monkeypatch, epoch: int, batch: int):
+    """Make training die inside epoch ``epoch`` (0-based), as a crash or a kill would."""
+    from axes_pipeline.training.train import Throughput
+
+    def crash(self, trainer, pl_module, b, batch_idx):
+        if trainer.current_epoch == epoch and batch_idx == batch:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(Throughput, "on_train_batch_start", crash)
+
+
+def test_resume_is_the_run_it_resumes(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from axes_pipeline.training.checkpoints import model_state
+
+    over = [o for o in TINY if not o.startswith(("logger=", "trainer.max_epochs"))] + [
+        "logger=csv", "trainer.max_epochs=3"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run_task(run_training, make_cfg("train", over, whole))
+    with monkeypatch.context() as m:
+        _interrupted(m, epoch=2, batch=3)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_task(run_training, make_cfg("train", over, broken))
+    cfg = make_cfg("train", over, broken)
+    run = Path(cfg.paths.run_dir)
+    assert not (run / "train_summary.json").exists()
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1     # epochs 0-1 kept
+    torch.manual_seed(1234)          # whatever state the new process starts in
+    run_task(run_training, cfg)
+    ref = Path(make_cfg("train", over, whole).paths.run_dir)
+    a = model_state(read_checkpoint(ref / "checkpoints" / "last.ckpt"))
+    b = model_state(read_checkpoint(run / "checkpoints" / "last.ckpt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_json(ref / "train_summary.json")["test_acc"] == read_json(run / "train_summary.json")["test_acc"]
+    ma = pd.read_csv(ref / "logs" / "train" / "metrics.csv")
+    mb = pd.read_csv(run / "logs" / "train" / "metrics.csv")
+    assert {0, 1, 2} <= set(mb.epoch.dropna())                      # the history before the crash is kept
+    pd.testing.assert_frame_equal(ma, mb)                           # ... and nothing of the lost epoch twice
+
+
+def test_damaged_last_ckpt_is_one_line(tmp_path):
+    over = [o for o in TINY if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1"]
+    cfg = make_cfg("train", over, tmp_path)
+    last = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match=r"cannot resume: .*last.ckpt is damaged .*delete"):
+        run_training(cfg)
+
+
+def test_resume_after_kill_9_is_the_uninterrupted_run(tmp_path):
+    """The issue's own case: a `kill -9` during a later epoch, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    from axes_pipeline.training.checkpoints import model_state
+
+    from .conftest import ROOT
+
+    args = [o for o in TINY if not o.startswith(("logger=", "trainer.max_epochs"))] + [
+        "logger=csv", "trainer.max_epochs=4"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for root in (whole, killed):
+        root.mkdir()
+    assert run_entry("train.py", *args, cwd=whole).returncode == 0
+    env = dict(os.environ, AXES_OUTPUT_ROOT=str(killed))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=killed, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = Path(make_cfg("train", args, killed).paths.run_dir)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "epoch_002.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)                                     # into epoch 2 (0-based) of 4
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "train_summary.json").exists(), "training finished before the kill"
+    res = run_entry("train.py", *args, cwd=killed)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = Path(make_cfg("train", args, whole).paths.run_dir)
+    a = model_state(read_checkpoint(ref / "checkpoints" / "last.ckpt"))
+    b = model_state(read_checkpoint(run / "checkpoints" / "last.ckpt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(pd.read_csv(ref / "logs" / "train" / "metrics.csv"),
+                                  pd.read_csv(run / "logs" / "train" / "metrics.csv"))
+
+
+def test_last_ckpt_without_training_state_is_one_line(tiny_run, tmp_path):
+    # a weights-only file in place of last.ckpt loads, but cannot be resumed from
+    root, overrides = tiny_run
+    src = read_checkpoint(Path(make_cfg("train", overrides, root).paths.run_dir) / "checkpoints" / "best.ckpt")
+    over = [o for o in TINY if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1"]
+    cfg = make_cfg("train", over, tmp_path)
+    last = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save({"state_dict": src["state_dict"]}, last)
+    with pytest.raises(UserError, match=r"damaged \(no optimizer_states, loops, epoch, global_step"):
+        run_training(cfg)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.errors import UserError
 
+log = logging.getLogger("axes_pipeline")
+
 RUN_KINDS = ("runs", "multirun")
+# Characters a name may hold: it becomes one folder of the run directory, never a path of its own.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
 
 
 def _mode() -> str:
@@ -24,9 +30,30 @@ def _mode() -> str:
     return "runs"
 
 
+def check_name(value, key: str = "name") -> str:
+    """``value`` if it is safe as one folder name; a UserError otherwise.
+
+    A name with a path separator or ``..`` would put the run (and a report) outside
+    ``paths.output_root`` and could overwrite files there.
+    """
+    text = str(value)
+    if not _SAFE_NAME.match(text) or ".." in text:
+        raise UserError(f"{key}={text!r} is not a plain folder name (letters, digits, _ . + = -; "
+                        f"no path separators, no '..'): every output must stay below paths.output_root")
+    return text
+
+
+def _safe_name(value) -> str:
+    # The resolver behind ${axes_name:${name}} in the run and sweep directories: Hydra resolves it
+    # before it creates any folder, so an unsafe name stops before anything is written.
+    return check_name(value)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("axes_mode"):
         OmegaConf.register_new_resolver("axes_mode", _mode)
+    if not OmegaConf.has_resolver("axes_name"):
+        OmegaConf.register_new_resolver("axes_name", _safe_name)
 
 
 register_resolvers()
@@ -53,14 +80,44 @@ def run_dir_candidates(cfg: DictConfig) -> list[Path]:
     return [own, *others]
 
 
+_ANNOUNCED: set[Path] = set()
+
+
+def external_run_dir(cfg: DictConfig, ckpt: Path) -> Path:
+    """Where a later stage writes for a checkpoint outside ``paths.output_root``:
+    ``<output_root>/external/<data>-<model>-w<width>-seed<seed>-<digest of the checkpoint path>``.
+
+    Stable for one checkpoint path (a rerun finds its own results), distinct for two checkpoints
+    of the same settings, and always below the output root.
+    """
+    from axes_pipeline.runs import fingerprint
+
+    root = Path(cfg.paths.output_root).resolve()
+    tag = f"{cfg.data.name}-{cfg.model.name}-w{cfg.model.width}-seed{cfg.seed}"
+    return root / "external" / f"{tag}-{fingerprint({'ckpt': str(ckpt)})[:8]}"
+
+
 def trained_run_dir(cfg: DictConfig) -> Path:
-    """The directory of the trained run a later stage works on: the parent of ``ckpt=PATH``'s
-    ``checkpoints/``, else the first candidate that holds a run, else this mode's own directory
-    (where the stage's error then names the train command)."""
+    """The directory of the trained run a later stage works on.
+
+    With ``ckpt=PATH``: the run directory holding it (the parent of its ``checkpoints/``) when that
+    lies below ``paths.output_root``, otherwise :func:`external_run_dir` (said once on stdout), so
+    no stage ever writes outside the output root. Without: the first candidate that holds a run,
+    else this mode's own directory (where the stage's error then names the train command).
+    """
     ckpt = cfg.get("ckpt")
     if ckpt:
         p = Path(str(ckpt)).resolve()
-        return p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        owner = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        root = Path(cfg.paths.output_root).resolve()
+        if owner == root or root in owner.parents:
+            return owner
+        out = external_run_dir(cfg, p)
+        if out not in _ANNOUNCED:
+            _ANNOUNCED.add(out)
+            print(f"{cfg.get('stage', 'stage')}: ckpt={ckpt} lies outside paths.output_root ({root}); "
+                  f"writing to {out}")
+        return out
     for cand in run_dir_candidates(cfg):
         if (cand / "train_summary.json").is_file() or (cand / "checkpoints").is_dir():
             return cand
@@ -70,6 +127,16 @@ def trained_run_dir(cfg: DictConfig) -> Path:
 def to_container(cfg: DictConfig) -> dict:
     """The resolved config as plain Python containers (safe for JSON and weights_only checkpoints)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def check_seed(value) -> int:
+    """The seed as an int; a UserError for anything else (``seed=abc``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            return int(str(value), 10)
+        except ValueError:
+            raise UserError(f"seed must be an integer, got {value!r}") from None
+    return int(value)
 
 
 def check_positive(value, key: str) -> None:

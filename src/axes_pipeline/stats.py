@@ -3,11 +3,14 @@ binned correlations, ΔR² and the paper's reference values.
 
 Pure numpy/scipy and deterministic given ``seed``: every random draw comes from
 ``numpy.random.default_rng(seed)``, so a report rebuilt from the same results prints the same
-intervals.
+intervals. Confidence intervals of the paired difference come from :func:`scipy.stats.bootstrap`
+(BCa by default) and the sign-flip test from :func:`scipy.stats.permutation_test`; the one
+hand-written resampler left (:func:`incremental_r2`) says why beside it.
 
 What uses what (METHODS §8, §9):
 
-- pruning curves → :func:`flops_auc`, :func:`flops_auc_relative`;
+- pruning curves → :func:`shared_grid` and :func:`flops_auc_on_grid` (every score of a comparison
+  over one removed-FLOPs interval); :func:`flops_auc` is the plain area over a curve's own span;
 - headline comparison (best local vs best target score, paired across seeds) →
   :func:`compare_paired` (which wraps :func:`paired_bootstrap_ci`, :func:`paired_test`,
   :func:`effect_size_paired`), corrected over several scores with :func:`holm`;
@@ -25,7 +28,6 @@ raise ``ValueError``.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Mapping, Sequence
 
@@ -33,17 +35,21 @@ import numpy as np
 from scipy import stats as _st
 
 __all__ = [
+    "CI_METHODS",
     "PAPER_REFERENCE",
     "binned_spearman",
     "compare_paired",
     "effect_size_paired",
     "flops_auc",
+    "flops_auc_on_grid",
+    "grid_aucs",
     "flops_auc_relative",
     "holm",
     "incremental_r2",
     "mean_sd",
     "paired_bootstrap_ci",
     "paired_test",
+    "shared_grid",
     "spearman",
 ]
 
@@ -54,10 +60,9 @@ PAPER_REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
     "s3_s2": {"init": (0.192, 0.017), "trained": (0.381, 0.008)},
 }
 
-# Exact sign-flip enumeration up to this many pairs (2^16 = 65,536 flips × 16: ~8 MB).
+# Exact sign-flip enumeration up to this many pairs (2^16 = 65,536 flips; scipy batches them).
 _EXACT_PERM_MAX_N = 16
-# Bootstrap/permutation work is chunked so that one chunk holds at most this many numbers;
-# chunk boundaries do not change the draws, so results do not depend on memory.
+# Bootstrap/permutation work is batched so that one batch holds at most this many numbers.
 _CHUNK_ELEMS = 4_000_000
 # Monte-Carlo sign flips when n > _EXACT_PERM_MAX_N.
 _N_PERM = 10000
@@ -147,6 +152,141 @@ def flops_auc(removed_frac, acc) -> float:
     return area / float(ux[-1] - ux[0])
 
 
+def shared_grid(removed_targets, reaches=None) -> np.ndarray:
+    """The removed-FLOPs grid every curve of one comparison is integrated over (METHODS §9).
+
+    ``removed_targets: [k]`` the targets as removed fractions (1 − retained); the unpruned network
+    adds 0. ``reaches``: the largest removed fraction each curve covers (``channel_fraction``
+    mode, or a ``flops`` curve whose last target was missed); the grid then ends at the smallest
+    reach, which becomes its last point, so no curve is extrapolated and all share one interval.
+
+    Dividing each curve's area by its *own* span made two identical accuracy curves of different
+    reach get different AUCs; one interval for all removes that.
+    """
+    t = _vec(np.asarray(removed_targets, dtype=float).ravel(), "removed_targets")
+    grid = np.unique(np.concatenate([[0.0], t[np.isfinite(t)]]))
+    if reaches is not None:
+        r = _vec(np.asarray(reaches, dtype=float).ravel(), "reaches")
+        if r.size:
+            end = float(np.min(r)) if np.isfinite(r).all() else math.nan
+            if not np.isfinite(end):
+                raise ValueError("a curve has no reach (no finite point)")
+            grid = np.unique(np.concatenate([grid[grid < end], [end]]))
+    return grid
+
+
+def flops_auc_on_grid(removed_frac, acc, grid) -> float:
+    """Mean accuracy over the interval ``[grid[0], grid[-1]]``: the curve is linearly interpolated
+    at every grid point, then trapezoidal area / interval length.
+
+    ``removed_frac, acc: [k]`` the curve's points (include the unpruned point at 0 yourself; NaN
+    pairs dropped, repeated x averaged); ``grid: [g]`` from :func:`shared_grid`, the same for every
+    curve that is compared. Raises ``ValueError`` when the grid has fewer than two points or the
+    curve does not cover it (no extrapolation: an AUC over a range a curve never reached would be
+    invented).
+    """
+    g = np.unique(_vec(np.asarray(grid, dtype=float).ravel(), "grid"))
+    if g.size < 2:
+        raise ValueError(f"the FLOPs-AUC grid needs at least 2 points, got {g.size}")
+    x, y, _ = _paired(removed_frac, acc)
+    ux, inv = np.unique(x, return_inverse=True)
+    if ux.size == 0:
+        raise ValueError("the curve has no point")
+    uy = np.bincount(inv, weights=y) / np.bincount(inv)
+    # a grid built from the same numbers matches exactly; the slack only absorbs float noise
+    eps = 1e-9
+    if ux[0] > g[0] + eps or ux[-1] < g[-1] - eps:
+        raise ValueError(f"the curve covers removed FLOPs [{ux[0]:.4g}, {ux[-1]:.4g}], not the grid "
+                         f"[{g[0]:.4g}, {g[-1]:.4g}]")
+    gy = np.interp(g, ux, uy)
+    area = float(np.sum(np.diff(g) * (gy[1:] + gy[:-1]) / 2.0))
+    return area / float(g[-1] - g[0])
+
+
+#: what stops a sweep from having a FLOPs-AUC (written in the summary instead of a NaN)
+TOO_FEW_TARGETS = "FLOPs-AUC needs at least two targets"
+
+
+def grid_aucs(curves, acc_cols: Sequence[str], base_of, *, mode: str, tolerance: float,
+              by: Sequence[str] = ("score", "draw"), targets=None) -> dict:
+    """FLOPs-AUC of every curve of one comparison over one shared removed-FLOPs grid (METHODS §9).
+
+    ``curves``: a DataFrame of pruning points with ``target_flops`` / ``target_channels``,
+    ``achieved_flops`` and the ``acc_cols``; a curve is one value of the ``by`` columns (score and
+    random draw; the report adds the seed). ``base_of(key) -> {acc_col: unpruned accuracy}`` gives
+    the unpruned point at 0 removed FLOPs of each curve. ``targets``: the retained fractions of the
+    sweep (default: those in ``curves``).
+
+    - ``mode="flops"``: a point sits at its target's removed fraction (1 − target) when its
+      achieved FLOPs are within ``tolerance`` of the target; a point further off is dropped and
+      counted (``off_target``): it measures another budget than the other scores' points.
+    - ``mode="channel_fraction"``: a point sits at its achieved removed FLOPs and the curve is
+      interpolated onto the grid (scores reach different FLOPs at one channel fraction).
+
+    The grid is :func:`shared_grid` of the targets, ending at the shortest reach of any curve.
+    Returns ``{"grid": [..] | None, "aucs": {key: {acc_col: float | None}}, "off_target": n,
+    "note": "" | why there is no AUC, "no_auc": {key: reason}}``. With fewer than two targets
+    nothing is integrated (never a NaN): every AUC is None and ``note`` says why.
+    """
+    import pandas as pd  # only here: the rest of the module needs numpy/scipy alone
+
+    by = list(by)
+    target_col = "target_flops" if mode == "flops" else "target_channels"
+    df = curves.copy()
+    if targets is None:
+        targets = pd.to_numeric(df[target_col], errors="coerce").dropna().unique() if target_col in df else []
+    targets = sorted({float(t) for t in targets})
+    keys = [k if isinstance(k, tuple) else (k,) for k, _ in df.groupby(by, sort=True)] if len(df) else []
+    out = {"grid": None, "aucs": {k: {c: None for c in acc_cols} for k in keys}, "off_target": 0,
+           "note": "", "no_auc": {}}
+    if len(targets) < 2:
+        out["note"] = f"{len(targets)} target(s): {TOO_FEW_TARGETS}; the points are written, no AUC"
+        return out
+    target = pd.to_numeric(df[target_col], errors="coerce")
+    achieved = pd.to_numeric(df["achieved_flops"], errors="coerce")
+    if mode == "flops":
+        on = (achieved - target).abs() <= tolerance + 1e-12
+        out["off_target"] = int((~on).sum())
+        # rounded as the grid is: 1 − 0.9 is 0.09999999999999998, the grid should read 0.1
+        df = df.assign(_x=(1.0 - target).round(12))[on]
+    else:
+        df = df.assign(_x=1.0 - achieved)
+    points, reaches = {}, []
+    for k, d in (df.groupby(by, sort=True) if len(df) else []):
+        k = k if isinstance(k, tuple) else (k,)
+        base = base_of(k)
+        per = {}
+        for c in acc_cols:
+            ok = d[c].notna() & d["_x"].notna()
+            x = np.concatenate([[0.0], d.loc[ok, "_x"].to_numpy(float)])
+            y = np.concatenate([[float(base.get(c, np.nan))], d.loc[ok, c].to_numpy(float)])
+            per[c] = (x, y)
+        reach = min(float(np.max(x)) for x, _ in per.values())
+        if reach <= 0 or not all(np.isfinite(y[0]) for _, y in per.values()):
+            out["no_auc"][k] = "no point within tolerance" if reach <= 0 else "no unpruned accuracy"
+            continue
+        points[k] = per
+        reaches.append(reach)
+    for k in keys:
+        if k not in points and k not in out["no_auc"]:
+            out["no_auc"][k] = "no point within tolerance"
+    if not points:
+        out["note"] = "no curve has a point within tolerance of a target; no AUC"
+        return out
+    grid = shared_grid([round(1.0 - t, 12) for t in targets], reaches)
+    if grid.size < 2:
+        out["note"] = "the curves share no removed-FLOPs interval; no AUC"
+        return out
+    out["grid"] = [float(g) for g in grid]
+    for k, per in points.items():
+        for c, (x, y) in per.items():
+            try:
+                out["aucs"][k][c] = flops_auc_on_grid(x, y, grid)
+            except ValueError as err:   # a column with fewer points than the others
+                out["no_auc"][k] = str(err)
+    return out
+
+
 def flops_auc_relative(removed_frac, acc, base_acc: float) -> float:
     """:func:`flops_auc` divided by the unpruned accuracy ``base_acc`` (1.0 = no loss)."""
     base = float(base_acc)
@@ -175,14 +315,19 @@ def mean_sd(values) -> tuple[float, float, int]:
 # ----------------------------------------------------------------------------- paired tests
 
 
-def paired_bootstrap_ci(
-    a, b, n_boot: int = 10000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float, float]:
-    """Percentile-bootstrap CI of the mean paired difference ``a − b``.
+#: Bootstrap CI methods (``report.ci``): BCa corrects the percentile interval for bias and skew
+#: of the bootstrap distribution (Efron 1987); ``percentile`` is the plain quantile interval.
+CI_METHODS = ("bca", "percentile")
 
-    ``a, b: [n]`` paired by position; pairs with a NaN are dropped. Pairs are resampled with
-    replacement (the pair is the unit: a seed gives both scores), ``n_boot`` replicates drawn
-    at once as an index matrix ``[n_boot, n]``.
+
+def paired_bootstrap_ci(
+    a, b, n_boot: int = 10000, level: float = 0.95, seed: int = 0, method: str = "bca"
+) -> tuple[float, float, float]:
+    """Bootstrap CI of the mean paired difference ``a − b`` (:func:`scipy.stats.bootstrap`).
+
+    ``a, b: [n]`` paired by position; pairs with a NaN are dropped. The pair is the unit that is
+    resampled (a seed gives both scores), ``n_boot`` replicates; ``method`` is ``"bca"``
+    (bias-corrected and accelerated, the default) or ``"percentile"``.
 
     Returns ``(diff_mean, lo, hi)`` with ``diff_mean`` the observed mean difference. With
     n = 0 everything is NaN; with n = 1 the difference is reported but the interval is NaN
@@ -192,6 +337,8 @@ def paired_bootstrap_ci(
         raise ValueError(f"level must be in (0, 1), got {level}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if method not in CI_METHODS:
+        raise ValueError(f"unknown CI method '{method}'; choose one of: {', '.join(CI_METHODS)}")
     a, b, _ = _paired(a, b)
     d = a - b
     n = d.size
@@ -200,33 +347,38 @@ def paired_bootstrap_ci(
     diff = float(d.mean())
     if n == 1:
         return diff, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    boot = np.concatenate(
-        [d[rng.integers(0, n, size=(m, n))].mean(axis=1) for m in _chunks(n_boot, n)]
-    )
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
+    if _is_constant(d):
+        # Every resample of a constant has that mean: the interval is the point. scipy's BCa
+        # would return NaN here (its jackknife acceleration is 0/0) and warn.
+        return diff, diff, diff
+    res = _st.bootstrap(
+        (d,), np.mean, n_resamples=int(n_boot), confidence_level=level,
+        method="BCa" if method == "bca" else "percentile",
+        rng=np.random.default_rng(seed),
+        # a bound on memory: at most _CHUNK_ELEMS resampled numbers at a time
+        batch=max(1, _CHUNK_ELEMS // n),
+    )  # fmt: skip
+    lo, hi = res.confidence_interval
     return diff, float(lo), float(hi)
 
 
 def _signflip_p(d: np.ndarray, seed: int, n_perm: int) -> float:
-    """Two-sided sign-flip permutation p-value of ``|sum(d)|`` (H0: d symmetric about 0)."""
+    """Two-sided sign-flip permutation p-value of ``|mean(d)|`` (H0: d symmetric about 0).
+
+    :func:`scipy.stats.permutation_test` with one sample flips the sign of each observation;
+    all 2^n flips are enumerated (exact) when n ≤ ``_EXACT_PERM_MAX_N``, otherwise ``n_perm``
+    seeded random flips with p = (1 + hits) / (1 + n_perm), never 0 (Phipson & Smyth 2010).
+    The statistic is |mean| with ``alternative="greater"``: flips as extreme in either direction
+    count, and scipy counts sums equal to the observed one up to rounding as "as extreme".
+    """
     n = d.size
-    obs = abs(float(d.sum()))
-    # Sums that equal the observed one up to rounding count as "as extreme".
-    tol = _REL_TOL * max(float(np.abs(d).sum()), np.finfo(float).tiny)
-    if n <= _EXACT_PERM_MAX_N:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))  # [2^n, n]
-        sums = np.abs(signs @ d)
-        return float(np.mean(sums >= obs - tol))
-    # Monte Carlo: (1 + hits) / (1 + n_perm) never returns 0 and is a valid p-value
-    # (Phipson & Smyth 2010); the observed labelling counts as one of the permutations.
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for m in _chunks(n_perm, n):
-        signs = rng.choice(np.array([-1.0, 1.0]), size=(m, n))
-        hits += int(np.sum(np.abs(signs @ d) >= obs - tol))
-    return (1.0 + hits) / (1.0 + n_perm)
+    exact = n <= _EXACT_PERM_MAX_N
+    res = _st.permutation_test(
+        (d,), lambda x, axis: np.abs(np.mean(x, axis=axis)), permutation_type="samples",
+        vectorized=True, alternative="greater", n_resamples=2**n if exact else int(n_perm),
+        rng=np.random.default_rng(seed), batch=max(1, _CHUNK_ELEMS // n),
+    )  # fmt: skip
+    return float(res.pvalue)
 
 
 def paired_test(
@@ -298,6 +450,7 @@ def compare_paired(
     seed: int = 0,
     method: str = "wilcoxon",
     level: float = 0.95,
+    ci: str = "bca",
 ) -> dict:
     """The headline comparison of METHODS §9 in one call: score A vs score B across seeds.
 
@@ -307,7 +460,8 @@ def compare_paired(
     Returns a dict:
 
     - ``n``: pairs used; ``mean_a``, ``mean_b``, ``diff`` (= mean(a − b));
-    - ``ci_lo``, ``ci_hi``: paired percentile-bootstrap CI of ``diff`` at ``level``;
+    - ``ci_lo``, ``ci_hi``: paired bootstrap CI of ``diff`` at ``level`` (``ci``: ``"bca"`` or
+      ``"percentile"``, :func:`paired_bootstrap_ci`); ``ci_method``: which;
     - ``p_value``: two-sided p from :func:`paired_test` with ``method``;
     - ``effect_size``: Cohen's d_z (:func:`effect_size_paired`);
     - ``test``: the test used; ``p_min``: the smallest p that test can reach with these
@@ -320,6 +474,8 @@ def compare_paired(
     """
     if method not in ("wilcoxon", "permutation"):
         raise ValueError(f"unknown paired test '{method}'; choose one of: permutation, wilcoxon")
+    if ci not in CI_METHODS:
+        raise ValueError(f"unknown CI method '{ci}'; choose one of: {', '.join(CI_METHODS)}")
     a, b, dropped = _paired(a, b)
     n = int(a.size)
     d = a - b
@@ -334,13 +490,14 @@ def compare_paired(
         "p_value": math.nan,
         "effect_size": math.nan,
         "test": method,
+        "ci_method": ci,
         "p_min": math.nan,
         "note": "",
     }
     if n < min_n:
         notes.append(f"n={n} < {min_n} seeds: the paired test is not possible")
     else:
-        _, lo, hi = paired_bootstrap_ci(a, b, n_boot=n_boot, level=level, seed=seed)
+        _, lo, hi = paired_bootstrap_ci(a, b, n_boot=n_boot, level=level, seed=seed, method=ci)
         es = effect_size_paired(a, b)
         out.update(
             ci_lo=lo,
@@ -481,6 +638,10 @@ def incremental_r2(
         delta_r2_adj=adj(r2f, kf) - adj(r2b, kb), p_f=p_f,
     )  # fmt: skip
 
+    # Hand-written rather than scipy.stats.bootstrap, for two reasons: the resampling is stratified
+    # (scipy resamples the whole sample only) and the B refits are batched weighted normal
+    # equations (scipy would call the statistic on B resampled copies of the [N, k] design, one
+    # lstsq each). Percentile interval: BCa's jackknife would cost N more refits per call.
     rng = np.random.default_rng(seed)
     deltas, deltas_adj = [], []
     for m in _chunks(int(n_boot), n * (Xf.shape[1] + 2)):

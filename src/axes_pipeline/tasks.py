@@ -1,4 +1,5 @@
-"""The task wrapper every entry point goes through.
+"""The task wrapper every entry point goes through, and ``hydra_entry``, the ``hydra.main`` in front
+of it that turns a command-line mistake into one line and exit status 2 before Hydra runs.
 
 It seeds, says where the run lives, turns a user mistake into one line and exit status 2, and
 always closes the experiment tracker so the next job of a multirun starts clean. Inside a sweep
@@ -8,7 +9,10 @@ failed jobs at the end.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -17,10 +21,93 @@ from typing import Callable
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from axes_pipeline.config import _mode, run_dir
-from axes_pipeline.errors import UserError
+from axes_pipeline.config import _mode, check_name, check_seed, run_dir
+from axes_pipeline.errors import UserError, unknown_name
 
 log = logging.getLogger("axes_pipeline")
+
+
+# Config groups whose options are files in conf/<group>/; `null` switches an optional one off.
+_OPTIONAL_GROUPS = {"experiment", "debug"}
+_SWEEP_SYNTAX = re.compile(r"[()${}*]")     # range(), choice(), glob(*), interpolations: Hydra's own
+
+
+def _values(value: str) -> list[str]:
+    """The choices of one command-line value: ``a``, a sweep ``a,b`` or a list ``[a,b]``."""
+    value = value.strip().strip("'\"")
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+
+
+def check_command_line(conf_dir: Path, args: list[str]) -> None:
+    """Refuse, in one line, the overrides Hydra would reject with several lines and status 1 (an
+    unknown ``model=``/``data=``/... choice) or that would fail later with a traceback (``seed=abc``,
+    a ``name`` that leaves the output root). Runs before Hydra creates any folder."""
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"}
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if _SWEEP_SYNTAX.search(value):
+            continue
+        if key == "name":
+            for v in _values(value):
+                check_name(v)
+        elif key == "seed":
+            for v in _values(value):
+                check_seed(v)
+        elif key in groups:
+            options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+            for v in _values(value):
+                if v == "null" and key in _OPTIONAL_GROUPS:
+                    continue
+                if v not in options:
+                    raise unknown_name(f"{key} (conf/{key}/)", v, options)
+
+
+def check_composes(conf_dir: Path, config_name: str, args: list[str]) -> None:
+    """Compose a single run's config once before Hydra does, so that any other override Hydra would
+    reject (``trainer.nosuch=1``, a malformed value) is one line too. Sweeps (``-m``) and Hydra's
+    own flags are left to Hydra: their values are not one config."""
+    if any(a.startswith("-") for a in args):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            compose(config_name=config_name, overrides=list(args), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        lines = [ln.strip().rstrip(".") for ln in str(err).splitlines() if ln.strip()]
+        raise UserError("; ".join(lines) or type(err).__name__) from None
+
+
+def hydra_entry(config_name: str, config_path: str = "conf"):
+    """``hydra.main`` for an entry point, with :func:`check_command_line` in front of it: a user
+    mistake on the command line is one ``error:`` line and exit status 2, as everywhere else."""
+
+    def decorate(fn):
+        conf_dir = Path(inspect.getfile(fn)).resolve().parent / config_path
+        import hydra
+
+        task = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(fn)
+
+        @functools.wraps(fn)
+        def main():
+            try:
+                check_command_line(conf_dir, sys.argv[1:])
+                check_composes(conf_dir, config_name, sys.argv[1:])
+            except UserError as err:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+            return task()
+
+        return main
+
+    return decorate
 
 
 def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
@@ -38,9 +125,11 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
     _share_cores()
     marker = None
     try:
+        check_name(cfg.name)
+        seed = check_seed(cfg.seed)
         out = where(cfg)
         marker = out / f"{stage}.failed"
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        L.seed_everything(seed, workers=True, verbose=False)
         log.info("%s: working in %s", stage, out)
         result = fn(cfg)
         if marker.exists():

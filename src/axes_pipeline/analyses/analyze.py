@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.axes_table import (analyze_capture, axes_fingerprint, check_capture_size, depth_index,
-                                               get_capture, resolve_device, select_units, write_axes)
+                                               get_capture, resolve_device, select_units, stored_axes, write_axes)
 from axes_pipeline.config import run_dir, to_container
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import read_json, write_json
@@ -83,13 +83,13 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
     capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out, ctx.units, ctx.device)
     ctx.capture = capture
     want = axes_fingerprint(cfg, trained.ckpt)
-    meta = out / "axes_fingerprint.json"
-    stored = (out / "axes.csv").is_file() and (out / "layers.csv").is_file() and meta.is_file() \
-        and read_json(meta) == want
     plots_there = not cfg.plots or all((out / "plots" / f"{p}.png").is_file() for p in AXES_PLOTS)
     recompute = bool(OmegaConf.select(cfg, "analysis.axes.recompute", default=False))
-    if stored and not recompute and (plots_there or not requested):
-        ctx.axes, ctx.layers = pd.read_csv(out / "axes.csv"), pd.read_csv(out / "layers.csv")
+    # reused only when the fingerprint matches AND both tables pass their schemas (one row per
+    # channel of every analysed layer, finite axes): a damaged table is recomputed, with a note
+    stored = None if recompute else stored_axes(out, want, ctx.units)
+    if stored is not None and (plots_there or not requested):
+        ctx.axes, ctx.layers = stored
         headline = axes_headline(ctx.layers)
         headline["calibration_accuracy"] = capture.accuracy
         headline["reused"] = True

@@ -19,18 +19,20 @@ from tqdm.auto import tqdm
 
 from axes_pipeline.analyses.alignment import layer_alignment
 from axes_pipeline.analyses.graphs import compare_groupings
-from axes_pipeline.capture import (Capture, capture_activations, capture_key, check_finite, load_capture,
+from axes_pipeline.capture import (POSITIONS, Capture, capture_activations, capture_key, check_finite, load_capture,
                                    save_capture)
 from axes_pipeline.errors import UserError
-from axes_pipeline.metrics import (channel_axes_from_moments, covariance,
+from axes_pipeline.metrics import (covariance,
                                    pairwise_overlap_from_moments, pairwise_target_excess_from_moments,
                                    triplet_ratio_from_moments)
-from axes_pipeline.models import conv_norm_pairs
-from axes_pipeline.runs import read_json, write_csv, write_json
+from axes_pipeline.metrics.peers import channel_axes_by_peers, check_peers
+from axes_pipeline.models import capture_point, conv_norm_pairs
+from axes_pipeline.runs import read_json, run_fingerprint, settings_diff, write_csv, write_json
+from axes_pipeline.tables import DamagedTable, Schema, read_table
 
 log = logging.getLogger("axes_pipeline")
 
-METRIC_KNOBS = ("sigma0", "hull_eps", "hull_max", "hull_order", "ridge", "pool", "top")
+METRIC_KNOBS = ("sigma0", "hull_eps", "hull_max", "hull_order", "ridge", "pool", "top", "peers")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,6 +44,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def metric_knobs(cfg: DictConfig) -> dict:
+    check_peers(str(cfg.metrics.get("peers", "layer")))   # a typo fails before any capture
     return {k: cfg.metrics[k] for k in METRIC_KNOBS}
 
 
@@ -84,7 +87,8 @@ class LayerResult:
 def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: torch.Tensor | None, unit, *,
                    knobs: dict, dtype: torch.dtype, device: torch.device, graphs: dict | None, patches=None,
                    gradients: dict | None = None, seed: int = 0, keep_matrices: bool = False,
-                   cov: torch.Tensor | None = None, grad_cos: dict | None = None) -> LayerResult:
+                   cov: torch.Tensor | None = None, grad_cos: dict | None = None,
+                   n_samples: int | None = None) -> LayerResult:
     """Both axes, alignment, groupings, S3/S2 and gradient cosines of one layer.
 
     From the samples (``acts``, ``target``) or, in the lean form, from their covariance ``cov``
@@ -93,13 +97,13 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: tor
         cov = covariance(acts.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype))
     else:
         cov = cov.to(device=device, dtype=dtype)
-    axes = {k: v.cpu() for k, v in channel_axes_from_moments(cov, **knobs).items()}
+    axes = {k: v.cpu() for k, v in channel_axes_by_peers(cov, unit, **knobs).items()}   # metrics.peers
     C = cov.shape[0] - 1
     rows = {"layer": [name] * C, "layer_index": [index] * C, "channel": np.arange(C)}
     rows.update({k: v.numpy() for k, v in axes.items()})
     rows.update(filter_stats(unit))
     arr = {k: v.numpy() for k, v in axes.items()}
-    summary = {"layer": name, "layer_index": index, "channels": C, "dead": int(arr["dead"].sum()),
+    summary = {"layer": name, "layer_index": index, "channels": C, "n_samples": int(acts.shape[0] if n_samples is None else n_samples), "dead": int(arr["dead"].sum()),
                **layer_alignment(arr),
                "hull_size_mean": float(arr["hull_size"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0,
                "hull_saturated_frac": float(arr["hull_saturated"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0}
@@ -147,35 +151,44 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
             name, index[name] if index else i, None, None, units[name], knobs=metric_knobs(cfg), dtype=dtype,
             device=device, graphs=graphs, patches=capture.patches.get(name), gradients=grads,
             seed=int(cfg.capture.seed), keep_matrices=keep_matrices, cov=capture.cov(name),
-            grad_cos=capture.gradients.get(name))
+            grad_cos=capture.gradients.get(name), n_samples=capture.n_samples(name))
     axes_df = pd.concat([r.rows for r in results.values()], ignore_index=True)
+    axes_df["capture_point"] = axes_df["layer"].map({n: capture_point(units[n], str(cfg.capture.point)) for n in results})
     layers_df = pd.DataFrame([r.summary for r in results.values()])
     return axes_df, layers_df, results
 
 
-def capture_settings(cfg: DictConfig, ckpt: Path) -> dict:
-    """Everything that changes what is captured (the cache key); metric knobs are not in it."""
+def capture_settings(cfg: DictConfig) -> dict:
+    """The capture knobs that change what is captured; with the data identity and the checkpoint's
+    content digest (:func:`capture_identity`) they key the cache. Metric knobs are not in it."""
     c = cfg.capture
-    stat = Path(ckpt).stat()
-    return {"ckpt": str(Path(ckpt).resolve()), "ckpt_mtime": stat.st_mtime_ns, "ckpt_size": stat.st_size,
-            "n_cal": int(c.n_cal), "transform": c.transform, "point": c.point, "spatial": c.spatial,
-            "samples_per_image": int(c.samples_per_image), "target": c.target, "seed": int(c.seed),
-            "layers": None if c.layers is None else list(c.layers),
+    return {"capture.n_cal": int(c.n_cal), "capture.transform": c.transform, "capture.point": c.point,
+            "capture.spatial": c.spatial, "capture.samples_per_image": int(c.samples_per_image),
+            "capture.target": c.target, "capture.seed": int(c.seed),
+            "capture.layers": None if c.layers is None else list(c.layers),
             "gradients": bool(cfg.gradients.enabled) and c.point == "pre_bn",
-            "max_patch_dim": int(cfg.gradients.max_patch_dim), "sigma_rows": int(cfg.gradients.sigma_rows)}
+            "gradients.max_patch_dim": int(cfg.gradients.max_patch_dim),
+            "gradients.sigma_rows": int(cfg.gradients.sigma_rows), "capture.positions": POSITIONS}
+
+
+def capture_identity(cfg: DictConfig, ckpt: Path) -> dict:
+    """What a capture depends on: data identity (dataset, image size, split seed ...), the
+    checkpoint's content digest and the capture knobs (``runs.run_fingerprint``)."""
+    return run_fingerprint(cfg, ckpt, **capture_settings(cfg))
 
 
 def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, units: dict,
                 device: torch.device, progress: bool = True) -> Capture:
     """Captured samples for this checkpoint and these capture knobs: from the cache, or one forward pass."""
-    settings = capture_settings(cfg, ckpt)
-    cache = out_dir / "cache" / f"capture-{capture_key(settings)}.pt"
+    identity = capture_identity(cfg, ckpt)
+    settings = capture_settings(cfg)
+    cache = out_dir / "cache" / f"capture-{capture_key(identity)}.pt"
     if cfg.capture.cache and cache.exists():
-        cached = load_capture(cache)
-        if cached is not None:
-            log.info("reusing captured moments %s", cache)
-            return cached
-        log.info("recomputing %s (written in an older cache format)", cache)
+        found = load_capture(cache, identity)
+        if found is not None:
+            log.info("reusing captured activations %s", cache)
+            return found
+        log.info("captured activations %s are unreadable or from other settings; capturing again", cache)
     c = cfg.capture
     datamodule.setup("fit")
     cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
@@ -183,47 +196,116 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
     capture = capture_activations(
         model, units, loader, point=c.point, spatial=c.spatial, samples_per_image=int(c.samples_per_image),
         target=c.target, seed=int(c.seed), patch_moments=settings["gradients"],
-        max_patch_dim=settings["max_patch_dim"], sigma_rows=settings["sigma_rows"], device=device,
+        max_patch_dim=settings["gradients.max_patch_dim"], sigma_rows=settings["gradients.sigma_rows"], device=device,
         progress=progress, keep_samples=False)
     model.cpu()
     check_finite(capture)
     if cfg.capture.cache:
-        save_capture(capture, cache)
+        save_capture(capture, cache, identity)
     return capture
 
 
 def check_capture_size(cfg: DictConfig, datamodule) -> None:
-    """A calibration set larger than the training split stops before the network runs."""
+    """Fit the calibration set to the training split before the network runs.
+
+    ``capture.n_cal`` larger than the training split means "all of it": the defaults (2000) must
+    work on a small dataset such as digits (1,258 training images). ``cfg.capture.n_cal`` is set
+    to the split's size, said in one log line, so every later use and every fingerprint sees the
+    number of images actually captured.
+    """
     datamodule.setup("fit")
     n_train = datamodule.split_sizes()["train"]
-    if int(cfg.capture.n_cal) > n_train:
-        raise UserError(f"capture.n_cal={cfg.capture.n_cal} is larger than the training split "
-                        f"({n_train} images); use capture.n_cal<={n_train}")
     if int(cfg.capture.n_cal) < 3:
         raise UserError(f"capture.n_cal must be at least 3, got {cfg.capture.n_cal}")
+    if int(cfg.capture.n_cal) > n_train:
+        log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
+                 cfg.capture.n_cal, cfg.data.name, n_train)
+        cfg.capture.n_cal = n_train
+    if n_train < 3:
+        raise UserError(f"the {cfg.data.name} training split has only {n_train} images; "
+                        f"the axes need at least 3")
 
 
 def axes_fingerprint(cfg: DictConfig, ckpt: Path) -> dict:
-    """What axes.csv depends on: the capture settings, the metric and the graph knobs."""
-    return {**capture_settings(cfg, ckpt), **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
-            "metrics.dtype": cfg.metrics.dtype,
-            # layers.csv holds the graph statistics and their null: a table computed with other
-            # graph knobs (e.g. the old 2-draw null) is not reused
-            **{f"graphs.{k}": v for k, v in OmegaConf.to_container(cfg.graphs).items()}}
+    """What axes.csv depends on: data identity, checkpoint digest, capture and metric knobs."""
+    return run_fingerprint(cfg, ckpt, **capture_settings(cfg), **axes_settings(cfg))
+
+
+def axes_settings(cfg: DictConfig) -> dict:
+    """The metric and graph knobs of the axes table (beyond what the capture depends on)."""
+    graphs = OmegaConf.to_container(cfg.graphs, resolve=True) if cfg.graphs.edge_fraction > 0 else None
+    grads = bool(cfg.gradients.enabled)
+    return {**{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()}, "metrics.dtype": cfg.metrics.dtype,
+            "graphs": graphs, "gradients.enabled": grads}
+
+
+# Schemas of the two tables (tables.Schema), checked whenever they are read. The per-channel
+# columns that are defined for every channel must be finite: a NaN there would silently change
+# a ranking (a pruning curve, a lesion statistic) instead of failing.
+AXES_SCHEMA = Schema(
+    "axes.csv",
+    columns={"layer": "str", "layer_index": "int", "channel": "int", "input_capture": "float",
+             "peer_overlap": "float", "full_explained": "float", "hull_size": "float", "hull_explained": "float",
+             "hull_score": "float", "task_info": "float", "target_excess": "float", "task_redundancy": "float",
+             "task_unique": "float", "hull_saturated": "bool", "dead": "bool", "l1": "float", "l2": "float",
+             "bn_scale": "float"},
+    finite=("input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_score",
+            "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2"),
+    layer="layer")
+LAYERS_SCHEMA = Schema(
+    "layers.csv",
+    columns={"layer": "str", "layer_index": "int", "channels": "int", "dead": "int",
+             "hull_size_mean": "float", "hull_saturated_frac": "float", "s3_s2": "float"},
+    finite=("hull_size_mean", "hull_saturated_frac"),
+    layer="layer")
+
+
+def read_axes(out_dir: Path, units: dict, rebuild: str = "python analyze.py <same overrides>"
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``axes.csv`` and ``layers.csv`` of ``out_dir``, checked against their schemas: one row per
+    channel of every analysed layer (``units``) and one row per layer. :class:`DamagedTable` if not."""
+    per_layer = {n: int(u.conv.out_channels) for n, u in units.items()}
+    axes = read_table(out_dir / "axes.csv", AXES_SCHEMA, rebuild=rebuild, rows_per_layer=per_layer)
+    layers = read_table(out_dir / "layers.csv", LAYERS_SCHEMA, rebuild=rebuild, rows_per_layer=dict.fromkeys(per_layer, 1))
+    return axes, layers
+
+
+def stored_axes(out_dir: Path, want: dict, units: dict) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The stored tables when they were computed under ``want`` (the fingerprint) and pass their
+    schemas; None otherwise (a one-line note says why when tables exist but cannot be used)."""
+    meta = out_dir / "axes_fingerprint.json"
+    if not (out_dir / "axes.csv").is_file():
+        return None
+    try:
+        have = read_json(meta) if meta.is_file() else {}
+    except (OSError, ValueError):
+        have = {}
+    if have != want:
+        log.info("axes: %s was computed with other settings (%s); recomputing", out_dir / "axes.csv",
+                 settings_diff(have, want) if have else "no fingerprint")
+        return None
+    try:
+        return read_axes(out_dir, units)
+    except DamagedTable as err:
+        log.warning("axes: %s; recomputing it", str(err).split("; rebuild")[0])
+        print(f"analyze: note: {str(err).split('; rebuild')[0]}; recomputing it")
+        return None
 
 
 def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.DataFrame:
     """The per-channel axes table of a trained run: the cached ``analyze/axes.csv`` when it was
-    computed with these settings, otherwise captured and computed now (and cached)."""
+    computed with these settings and is sound, otherwise captured and computed now (and cached)."""
     out_dir = Path(trained.run_dir) / "analyze"
-    path, meta = out_dir / "axes.csv", out_dir / "axes_fingerprint.json"
+    # first: it fits capture.n_cal to the split, and the fingerprint must hold the fitted number
+    # (as analyze.py's does), or prune and analyze would keep replacing each other's axes.csv
+    check_capture_size(cfg, trained.datamodule)
     want = axes_fingerprint(cfg, trained.ckpt)
-    if path.exists() and meta.exists() and read_json(meta) == want:
-        return pd.read_csv(path)
+    units = select_units(trained.model, cfg.capture.layers)
+    found = stored_axes(out_dir, want, units)
+    if found is not None:
+        return found[0]
     log.info("computing the two axes for %s (no matching analyze/axes.csv)", trained.run_dir)
     device = resolve_device(cfg.get("device", "auto"))
-    check_capture_size(cfg, trained.datamodule)
-    units = select_units(trained.model, cfg.capture.layers)
     capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
     axes_df, layers_df, _ = analyze_capture(capture, units, cfg, device, progress=progress,
                                             index=depth_index(trained.model))
@@ -232,6 +314,11 @@ def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.
 
 
 def write_axes(out_dir: Path, axes_df: pd.DataFrame, layers_df: pd.DataFrame, fingerprint: dict) -> None:
+    """Write the two tables and their fingerprint. The fingerprint goes last and the old one is
+    removed first: tables from an interrupted write never carry a fingerprint that matches."""
+    meta = out_dir / "axes_fingerprint.json"
+    if meta.exists():
+        meta.unlink()
     write_csv(out_dir / "axes.csv", axes_df)
     write_csv(out_dir / "layers.csv", layers_df)
-    write_json(out_dir / "axes_fingerprint.json", fingerprint)
+    write_json(meta, fingerprint)

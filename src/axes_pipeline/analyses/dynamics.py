@@ -6,8 +6,9 @@ processed on its own: load its weights into one model instance, capture only tho
 the fixed calibration subset (the ``capture.*`` knobs, the same images for every epoch and
 every seed), run :func:`~axes_pipeline.analyses.axes_table.layer_analysis` per layer, write the
 epoch's rows to ``analyze/dynamics_parts/epoch_XXX.csv`` (atomically) and free the samples.
-A re-run skips every epoch whose part exists for the same settings and the same checkpoint file
-(``dynamics_parts/settings.json`` holds the settings; a change of settings recomputes all).
+A re-run skips every epoch whose part exists for the same settings and the same checkpoint content
+(``dynamics_parts/settings.json`` holds the data identity and the settings, each part its
+checkpoint's content digest; a change of settings recomputes all, a damaged part is recomputed).
 
 Per (epoch, layer) the rows hold the whole layer summary of ``layers.csv``; the curves are
 :data:`QUANTITIES`: alignment ρ(I_X, I_T), modularity gap Q_R − Q_S, mean hull size,
@@ -38,12 +39,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from axes_pipeline.analyses.axes_table import layer_analysis, metric_knobs
-from axes_pipeline.capture import capture_activations, check_finite
+from axes_pipeline.capture import POSITIONS, capture_activations, check_finite
 from axes_pipeline.config import run_dir_candidates
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
 from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
-from axes_pipeline.runs import read_json, write_csv, write_json
+from axes_pipeline.runs import file_digest, read_json, run_fingerprint, settings_diff, write_csv, write_json
+from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into
 
 log = logging.getLogger("axes_pipeline")
@@ -228,7 +230,7 @@ def dynamics_settings(cfg: DictConfig, layers: list[str]) -> dict:
     c = cfg.capture
     return {"layers": list(layers), "n_cal": int(c.n_cal), "transform": c.transform, "point": c.point,
             "spatial": c.spatial, "samples_per_image": int(c.samples_per_image), "target": c.target,
-            "capture_seed": int(c.seed), **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
+            "capture_seed": int(c.seed), "positions": POSITIONS, **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
             "metrics.dtype": cfg.metrics.dtype, "graphs": _graphs(cfg), "dynamics_target": _knobs(cfg)["target"]}
 
 
@@ -262,18 +264,30 @@ def _part_name(epoch: int) -> str:
     return f"epoch_{epoch:03d}.csv"
 
 
-def _stamp(ckpt: Path | None) -> int:
-    return Path(ckpt).stat().st_mtime_ns if ckpt is not None and Path(ckpt).exists() else -1
+def _stamp(ckpt: Path | None) -> str:
+    """The content digest of an epoch's checkpoint (a retrained run rewrites it: new digest)."""
+    return file_digest(ckpt) if ckpt is not None and Path(ckpt).exists() else ""
 
 
-def _valid_part(path: Path, ckpt: Path | None) -> pd.DataFrame | None:
+#: A stored epoch part: one row per analysed layer, the checkpoint digest it was computed from.
+PART_SCHEMA = Schema("dynamics part", columns={"epoch": "int", "seed": "int", "layer": "str", "layer_index": "int",
+                                               "channels": "int", "ckpt_digest": "str", "hull_size_mean": "float",
+                                               "hull_saturated_frac": "float"},
+                     finite=("hull_size_mean", "hull_saturated_frac"), layer="layer")
+
+
+def _valid_part(path: Path, ckpt: Path | None, layers: list[str]) -> pd.DataFrame | None:
+    """A stored epoch part computed from this very checkpoint and sound; else None (recompute).
+    With no checkpoint file left (``ckpt`` None) the part is the only record and is kept."""
     if not path.is_file():
         return None
     try:
-        part = pd.read_csv(path)
-    except Exception:  # noqa: BLE001 - unreadable part: recompute it
+        part = read_table(path, PART_SCHEMA, rebuild="python analyze.py analysis=dynamics",
+                          rows_per_layer=dict.fromkeys(layers, 1))
+    except DamagedTable as err:
+        log.warning("dynamics: %s; recomputing that epoch", str(err).split("; rebuild")[0])
         return None
-    if ckpt is not None and ("ckpt_mtime_ns" not in part or int(part["ckpt_mtime_ns"].iloc[0]) != _stamp(ckpt)):
+    if ckpt is not None and str(part["ckpt_digest"].iloc[0]) != _stamp(ckpt):
         return None     # the checkpoint was rewritten (retrained) since this part was computed
     return part
 
@@ -286,15 +300,22 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
     from ``<run>/analyze/dynamics_parts``). ``model`` is overwritten with each epoch's weights.
     """
     parts = plan.run_dir / "analyze" / PARTS
-    settings = dynamics_settings(cfg, layers)
+    # the data identity (dataset, image size, split) with the settings; each part also carries
+    # its checkpoint's content digest
+    settings = run_fingerprint(cfg, None, **dynamics_settings(cfg, layers))
     meta = parts / "settings.json"
-    if meta.exists() and read_json(meta) != settings:
+    try:
+        stored = read_json(meta) if meta.exists() else None
+    except (OSError, ValueError):
+        stored = {}     # unreadable: the parts cannot be trusted
+    if stored is not None and stored != settings:
         lacking = [e for e, ckpt in plan.epochs.items() if ckpt is None]
         if lacking:   # the stored parts are the only record of these epochs: never discard them
             raise UserError(f"dynamics: {parts} was computed with other settings and {plan.run_dir} has no "
                             f"checkpoint for epoch {lacking[0]}; use the settings in {meta} or retrain that run")
         stale = sorted(parts.glob("epoch_*.csv"))
-        log.info("dynamics: settings changed for %s; recomputing %d stored epochs", plan.run_dir, len(stale))
+        log.info("dynamics: settings changed for %s (%s); recomputing %d stored epochs", plan.run_dir,
+                 settings_diff(stored, settings), len(stale))
         for p in stale:
             p.unlink()
     write_json(meta, settings)
@@ -311,7 +332,7 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
                unit="epoch")
     for epoch, ckpt in bar:
         path = parts / _part_name(epoch)
-        part = _valid_part(path, ckpt)
+        part = _valid_part(path, ckpt, layers)
         if part is not None:
             frames.append(part)
             continue
@@ -336,20 +357,20 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
         check_finite(capture)
         rows = []
         for name in layers:
-            res = layer_analysis(name, index[name], capture.acts[name], capture.target, units[name], knobs=knobs,
+            res = layer_analysis(name, index[name], capture.acts[name], capture.target_of(name), units[name], knobs=knobs,
                                  dtype=dtype, device=device, graphs=graphs, seed=int(c.seed))
             rows.append(res.summary)
         part = pd.DataFrame(rows)
         part.insert(0, "epoch", epoch)
         part.insert(1, "seed", plan.seed)
         part["calibration_accuracy"] = capture.accuracy
-        part["ckpt_mtime_ns"] = _stamp(ckpt)
+        part["ckpt_digest"] = _stamp(ckpt)
         write_csv(path, part)
         frames.append(part)
         computed += 1
         del capture, rows
     frame = pd.concat(frames, ignore_index=True).sort_values(["epoch", "layer_index"], ignore_index=True)
-    write_csv(plan.run_dir / "analyze" / "dynamics.csv", frame.drop(columns=["ckpt_mtime_ns"], errors="ignore"))
+    write_csv(plan.run_dir / "analyze" / "dynamics.csv", frame.drop(columns=["ckpt_digest"], errors="ignore"))
     return frame, computed
 
 
@@ -438,7 +459,7 @@ def _headline(curves: pd.DataFrame, seeds: list[int], layers: list[str]) -> dict
 
 def run_dynamics_analysis(ctx) -> dict:
     """Process every planned run epoch by epoch (resumable); write tables, curves and logs."""
-    from axes_pipeline.training.train import instantiate_model
+    from axes_pipeline.training.restore import architecture, expected_meta
 
     cfg, trained = ctx.cfg, ctx.trained
     knobs = _knobs(cfg)
@@ -449,16 +470,16 @@ def run_dynamics_analysis(ctx) -> dict:
         return {"skipped": skip}
     plans = plan_dynamics(cfg, trained.run_dir, int(cfg.seed))
     dm = trained.datamodule
-    model = instantiate_model(cfg, dm.num_classes)   # its own instance: the restored model stays as is
+    model = architecture(cfg, dm.num_classes)   # its own instance: the restored model stays as is
     layers = _layers(model, knobs)
-    expect = {"model": cfg.model.name, "num_classes": dm.num_classes, "width": float(cfg.model.width)}
+    expect = expected_meta(cfg, dm.num_classes)
     frames, computed = [], 0
     for plan in plans:
         frame, n = dynamics_of_run(cfg, plan, model, dm, layers, ctx.device, expect)
         frames.append(frame)
         computed += n
     del model
-    allf = pd.concat(frames, ignore_index=True).drop(columns=["ckpt_mtime_ns"], errors="ignore")
+    allf = pd.concat(frames, ignore_index=True).drop(columns=["ckpt_digest"], errors="ignore")
     curves = dynamics_curves(allf)
     if len(plans) > 1:
         write_csv(ctx.out / "dynamics_seeds.csv", allf)

@@ -41,13 +41,14 @@ from scipy import stats as _st
 from tqdm.auto import tqdm
 
 from axes_pipeline.analyses import plots
-from axes_pipeline.analyses.axes_table import axes_fingerprint
+from axes_pipeline.analyses.axes_table import axes_settings, capture_settings
 from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluate, hull_members, materialise,
                                                   peer_regression, standardised, trace)
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import standardise
 from axes_pipeline.models.taylor import taylor_scores
-from axes_pipeline.runs import read_json, write_csv, write_json
+from axes_pipeline.runs import read_json, run_fingerprint, write_csv, write_json
+from axes_pipeline.tables import DamagedTable, Schema, read_table
 
 log = logging.getLogger("axes_pipeline")
 
@@ -325,7 +326,34 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
             row[f"recovery_{v}_median"] = float(np.nanmedian(r)) if np.isfinite(r).any() else math.nan
         per_layer[name] = row
     summary["per_layer"] = per_layer
+    summary["replaceability_spearman"] = replaceability_spearman(live)
     return binned_df, summary
+
+
+#: the local-axis replaceability columns whose direction the lesions check (METHODS §8, §9)
+REPLACEABILITY = ("hull_score", "peer_overlap")
+
+
+def replaceability_spearman(live: pd.DataFrame) -> dict:
+    """Within each layer, Spearman between zero-lesion damage (loss) and replaceability.
+
+    The pruning scores treat replaceability (E_full/max(1,|H|), R̄_X) as *removability*: a
+    channel its peers stand in for should hurt less when zeroed, so these ρ should be negative.
+    Within a layer only: layers differ in damage scale. ``{column: {"per_layer": {layer: ρ},
+    "mean": mean ρ over layers, "layers_negative": count}}``; ``expected_sign``: -1.
+    """
+    from axes_pipeline.stats import spearman
+
+    out: dict = {"expected_sign": -1, "damage": "damage_loss"}
+    for col in REPLACEABILITY:
+        if col not in live:
+            continue
+        per = {name: spearman(g["damage_loss"].to_numpy(float), g[col].to_numpy(float))[0]
+               for name, g in live.groupby("layer", sort=False)}
+        vals = np.array([v for v in per.values() if np.isfinite(v)])
+        out[col] = {"per_layer": per, "mean": float(vals.mean()) if vals.size else math.nan,
+                    "layers_negative": int((vals < 0).sum()), "layers": int(vals.size)}
+    return out
 
 
 def _nanmean(x) -> float:
@@ -389,12 +417,51 @@ def plot_recovery(df: pd.DataFrame, variants: list[str], n_bins: int, path: Path
 
 
 def _fingerprint(cfg: DictConfig, ckpt, s: dict, n_eval: int) -> dict:
-    """What a finished layer part depends on (a part with another fingerprint is recomputed)."""
+    """What a finished layer part depends on (a part with another fingerprint is recomputed): the
+    data identity, the checkpoint's content digest, the axes' settings and the lesion knobs."""
     keep = ("channels", "seed", "replace")
-    data = {f"data.{k}": v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
-            if k not in ("batch_size", "eval_batch_size", "num_workers", "on_device", "recipe")}
-    return {**axes_fingerprint(cfg, ckpt), **data, **{f"lesion.{k}": s[k] for k in keep},
-            "lesion.eval_samples": n_eval, "metrics.ridge": float(cfg.metrics.ridge)}
+    return run_fingerprint(cfg, ckpt, **capture_settings(cfg), **axes_settings(cfg),
+                           **{f"lesion.{k}": s[k] for k in keep}, **{"lesion.eval_samples": n_eval})
+
+
+def part_schema(replace: list[str]) -> Schema:
+    """A finished layer part: one row per lesioned channel, every loss and accuracy finite."""
+    cols = {"layer": "str", "layer_index": "int", "channel": "int"}
+    for v in ["lesion", *replace, "base"]:
+        cols.update({f"loss_{v}": "float", f"acc_{v}": "float"})
+    return Schema("lesion part", columns=cols, finite=tuple(c for c in cols if c.startswith(("loss_", "acc_"))),
+                  layer="layer")
+
+
+def _read_part(path: Path, layer: str, n_rows: int, replace: list[str]) -> pd.DataFrame | None:
+    """A stored layer part when it is sound; None (recompute, with a note) when it is damaged."""
+    try:
+        return read_table(path, part_schema(replace), rebuild="python analyze.py analysis=lesion",
+                          rows_per_layer={layer: n_rows})
+    except DamagedTable as err:
+        log.warning("lesion: %s; recomputing that layer", str(err).split("; rebuild")[0])
+        return None
+
+
+#: Axes-table columns the lesion analysis reads (hull sizes for the replacement, predictors).
+LESION_AXES_COLUMNS = ("layer", "layer_index", "channel", "hull_size", *AXES_COLUMNS)
+
+
+def check_axes_columns(axes: pd.DataFrame, path: Path) -> None:
+    """One line naming the missing axes-table columns, before any lesion runs."""
+    missing = [c for c in LESION_AXES_COLUMNS if c not in axes.columns]
+    if missing:
+        raise DamagedTable(f"{path} lacks column(s) {', '.join(dict.fromkeys(missing))} that the lesion analysis "
+                           f"reads; rebuild it with `python analyze.py analysis.axes.recompute=true <same overrides>`")
+
+
+def _stored_fingerprint(path: Path) -> dict | None:
+    """The fingerprint the stored parts were made under; None when absent or unreadable (then the
+    parts are recomputed, never trusted)."""
+    try:
+        return read_json(path) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def _part_path(out: Path, layer: str) -> Path:
@@ -428,6 +495,7 @@ def run_lesion_analysis(ctx) -> dict:
     t0 = time.perf_counter()
     device = ctx.device
     layers = lesion_layers(s, ctx.units)
+    check_axes_columns(ctx.axes, out / "axes.csv")   # before the network runs
     model = trained.model.to(device).eval()
     batches, n_eval = _eval_batches(trained.datamodule, s, device)
     base = evaluate(model, batches, device)
@@ -435,7 +503,7 @@ def run_lesion_analysis(ctx) -> dict:
 
     fp = _fingerprint(cfg, trained.ckpt, s, n_eval)
     fp_path = out / PARTS / "fingerprint.json"
-    resume = bool(s["resume"]) and fp_path.exists() and read_json(fp_path) == fp
+    resume = bool(s["resume"]) and _stored_fingerprint(fp_path) == fp
     if not resume and (out / PARTS).exists():
         for stale in (out / PARTS).glob("*.csv"):
             stale.unlink()
@@ -447,11 +515,12 @@ def run_lesion_analysis(ctx) -> dict:
     for name in tqdm(layers, desc="lesion", disable=None, leave=False):
         unit = ctx.units[name]
         part = _part_path(out, name)
-        if resume and part.exists():
-            parts.append(pd.read_csv(part))
+        chans = select_channels(unit.conv.out_channels, s["channels"], s["seed"], name)
+        stored = _read_part(part, name, len(chans), s["replace"]) if resume and part.exists() else None
+        if stored is not None:
+            parts.append(stored)
             continue
         rows_axes = axes[axes["layer"] == name].set_index("channel")
-        chans = select_channels(unit.conv.out_channels, s["channels"], s["seed"], name)
         t = time.perf_counter()
         rows, batched[name] = lesion_layer(
             model, unit, None, None, rows_axes, chans, batches,

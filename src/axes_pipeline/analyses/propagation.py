@@ -17,20 +17,28 @@ Which pairs are linked is read off a ``torch.fx`` trace (:func:`conv_links`): fr
 input walk backwards through ops that keep every channel separate (norms, elementwise
 activations, pooling, dropout, permutes, identity) to the conv that produced it. Consequences:
 
-- **residual links are skipped** (``propagation.residual=skip``, the default; ``main`` links a
-  receiver behind an add to the last conv of the add's first summand that reaches one, i.e. the
-  block's main branch, ignoring the shortcut): a walk that meets an add (ResNet's block output, MobileNetV2's
-  residual blocks) stops, because the receiving conv then reads the *sum* of two branches and no
-  single upstream unit owns its input channels. In ResNet-18 the linked pairs are the stem →
-  ``layer1.0.conv1`` and each block's ``conv1`` → ``conv2``; shortcut convs read block outputs and
-  are never part of a pair. VGG: every consecutive pair. MobileNetV2: expand → depthwise is
-  skipped (see below), depthwise → project, and project → next expand where that block has no
-  residual add before it.
+- **residual links follow the main branch** (``propagation.residual=main``, the default, METHODS §7:
+  "consecutive" includes links across a residual add): a receiver behind an add is linked to the
+  last conv of the add's first summand that reaches one, i.e. the block's main branch, and the
+  other summand (the shortcut) is ignored. In ResNet-18 that gives 19 linked pairs: the stem →
+  ``layer1.0.conv1``, each block's ``conv1`` → ``conv2`` (8), and each block's ``conv2`` → every
+  conv that reads that block's output (7 next-block ``conv1`` and 3 shortcut convs); shortcut convs
+  are never upstream. ``residual=skip`` is the narrower within-block linking (9 ResNet-18 pairs):
+  a walk that meets an add stops, because the receiving conv then reads the *sum* of two branches.
+  VGG: every consecutive pair. MobileNetV2: expand → depthwise is skipped (see below), depthwise →
+  project, and project → next expand (with ``skip``, only where that block has no residual add
+  before it).
 - **depthwise / grouped receivers are skipped**: a depthwise channel reads one upstream channel,
   so A is the identity and ρ would only restate the upstream metric. A depthwise conv *upstream*
   (MobileNetV2's depthwise → project) is kept: its channels are ordinary channels.
-- pairs whose channel counts do not match (never for a real direct link) are skipped, and pairs
-  where either layer was not captured (``capture.layers``) are left out.
+- **concatenations** (DenseNet, GoogLeNet, Inception) are followed: each concatenated upstream
+  conv is linked with the slice of the receiver's kernel that reads its channels (its offset in
+  the concatenation; :func:`link_report`); **squeeze-and-excitation** products ``x * gate(x)``
+  (EfficientNet, MobileNetV3, RegNetY) are followed through ``x``.
+- a receiver that cannot be linked (grouped/depthwise, a channel split or shuffle, an op that
+  mixes channels, channel counts that do not add up) is listed with its one-line reason in
+  ``propagation_refused.csv``; pairs where either layer was not captured (``capture.layers``)
+  are left out.
 - When the model cannot be traced, consecutive units in forward order are paired where the
   upstream is not residual, the receiver is not grouped and the channel counts match (logged).
 
@@ -65,6 +73,7 @@ from axes_pipeline.runs import write_csv
 log = logging.getLogger("axes_pipeline")
 
 __all__ = ["NULL_MODES", "PAIRINGS", "check_propagation_analysis", "conv_links", "headline", "heatmap", "influence_matrix",
+           "link_report",
            "pair_propagation", "post_norm_sigma", "propagation_table", "routed",
            "run_propagation_analysis"]
 
@@ -115,7 +124,9 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 _ADDS = {operator.add, operator.iadd, torch.add}
-RESIDUAL_MODES = ("skip", "main")
+RESIDUAL_MODES = ("main", "skip")
+#: METHODS §7 links across residual adds; conf/analysis/propagation.yaml repeats this value.
+DEFAULT_RESIDUAL = "main"
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -123,23 +134,27 @@ def _is_add(node: fx.Node) -> bool:
                                                                     and node.target in ("add", "add_"))
 
 
-def _source_conv(node: fx.Node, model: nn.Module, convs: dict, residual: str = "skip") -> str | None:
+def _source_conv(node: fx.Node, model: nn.Module, convs: dict, residual: str = DEFAULT_RESIDUAL) -> str | None:
     """The conv whose output reaches ``node`` through channel-preserving single-input ops only.
 
-    ``residual="main"``: at a residual add, follow the first summand whose own walk reaches a
-    conv without meeting another add (the block's main branch, or its shortcut conv), so the
-    receiver is linked to that branch's last conv and the other summand is ignored."""
+    ``residual="main"``: at a residual add, follow the block's main branch: of the summands whose
+    own walk reaches a conv without meeting another add, the one with the most convs between the
+    add and the block input (:func:`_branch_depth`; ties: the first). The receiver is linked to
+    that branch's last conv and the shortcut is ignored, whichever order the block adds them in
+    (ResNet: ``out += identity``; MobileNetV2: ``x + self.conv(x)``)."""
     seen = 0
     while isinstance(node, fx.Node) and seen < 10_000:
         seen += 1
         if node.op == "call_module" and str(node.target) in convs:
             return str(node.target)
         if residual == "main" and _is_add(node):
+            best, depth = None, -1
             for summand in _tensor_inputs(node):
                 found = _source_conv(summand, model, convs, "skip")
-                if found is not None:
-                    return found
-            return None
+                d = _branch_depth(summand, convs) if found is not None else -1
+                if d > depth:
+                    best, depth = found, d
+            return best
         if not _keeps_channels(node, model):
             return None          # an add, a concat, a linear... : no single owner of the channels
         inputs = _tensor_inputs(node)
@@ -147,6 +162,142 @@ def _source_conv(node: fx.Node, model: nn.Module, convs: dict, residual: str = "
             return None
         node = inputs[0]
     return None
+
+
+def _branch_depth(node: fx.Node, convs: dict) -> int:
+    """Convs on the single-input chain from a summand back to the block input, i.e. the first node
+    with more than one user (where main branch and shortcut part). A shortcut has 0 (identity) or 1
+    (a projection conv); the main branch has the block's convs (2 in a BasicBlock, 3 in an
+    inverted residual)."""
+    depth, seen = 0, 0
+    while isinstance(node, fx.Node) and seen < 10_000:
+        seen += 1
+        if len(node.users) > 1:
+            break
+        if node.op == "call_module" and str(node.target) in convs:
+            depth += 1
+        inputs = _tensor_inputs(node)
+        if len(inputs) != 1:
+            break
+        node = inputs[0]
+    return depth
+
+
+_GATES = (nn.Sigmoid, nn.Hardsigmoid)
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_MULS = {operator.mul, operator.imul, torch.mul}
+_SPLITS = {"chunk", "split", "view", "reshape", "transpose", "flatten", "narrow", "unbind"}
+
+
+def _is_gate(node: fx.Node, model: nn.Module) -> bool:
+    """The output of a squeeze-and-excitation gate (a sigmoid / hard sigmoid)."""
+    if node.op == "call_module":
+        return isinstance(model.get_submodule(str(node.target)), _GATES)
+    return (node.op == "call_function" and node.target in _GATE_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "sigmoid")
+
+
+def _segments(node: fx.Node, model: nn.Module, convs: dict, residual: str,
+              depth: int = 0) -> list[tuple[str, int, int]] | str:
+    """The upstream convs of the channels at ``node``: ``[(conv, offset, channels)]`` in channel
+    order, or a one-line reason why they cannot be told apart.
+
+    Walks back like :func:`_source_conv`, and also through a channel concatenation (DenseNet,
+    GoogLeNet, Inception: one segment per concatenated input, at its channel offset) and a
+    squeeze-and-excitation product ``x * gate(x)`` (EfficientNet, MobileNetV3, RegNetY: the gate
+    rescales each channel of ``x`` and is followed no further)."""
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 10_000 and depth < 200:
+        seen += 1
+        if node.op == "call_module" and str(node.target) in convs:
+            return [(str(node.target), 0, int(convs[str(node.target)].out_channels))]
+        if _is_add(node):
+            if residual != "main":
+                return "a residual add joins two branches (propagation.residual=skip)"
+            src = _source_conv(node, model, convs, residual)
+            return [(src, 0, int(convs[src].out_channels))] if src else "a residual add with no conv branch"
+        if node.op == "call_function" and node.target is torch.cat:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if dim not in (1, -3):
+                return f"a concatenation along dim {dim}"
+            out, off = [], 0
+            for part in node.args[0]:
+                sub = _segments(part, model, convs, residual, depth + 1)
+                if isinstance(sub, str):
+                    return f"a concatenated input ({sub})"
+                for conv, o, c in sub:
+                    out.append((conv, off + o, c))
+                off += sum(c for _, _, c in sub)
+            return out
+        if (node.op == "call_function" and node.target in _MULS) or (
+                node.op == "call_method" and node.target in ("mul", "mul_")):
+            inputs = [n for n in _tensor_inputs(node) if not _is_gate(n, model)]
+            if len(inputs) != 1 or len(_tensor_inputs(node)) != 2:
+                return "a product of two feature maps"
+            node = inputs[0]
+            continue
+        if node.op in ("call_method", "call_function") and str(getattr(node.target, "__name__", node.target)) in _SPLITS:
+            return f"a channel split/shuffle ({getattr(node.target, '__name__', node.target)})"
+        if not _keeps_channels(node, model):
+            what = node.target if node.op != "call_function" else getattr(node.target, "__name__", node.target)
+            return f"an op that mixes or reshapes channels ({what})"
+        inputs = _tensor_inputs(node)
+        if len(inputs) != 1:
+            return "an op with several inputs"
+        node = inputs[0]
+    return "no conv found upstream"
+
+
+def link_report(model: nn.Module, units: dict | None = None, residual: str = DEFAULT_RESIDUAL
+                ) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
+    """``(links, refused)``: ``links = [(upstream, downstream, offset)]`` where the upstream
+    conv's channels are the downstream conv's input channels ``offset .. offset + C_up`` (0
+    unless a concatenation sits between them), and ``refused = [(downstream, reason)]`` for
+    every analysed conv with no link, with the one-line reason (written to
+    ``propagation_refused.csv``: never a silent skip). The network input and the first conv are
+    not refused."""
+    if units is None:
+        from axes_pipeline.models import conv_norm_pairs
+
+        units = conv_norm_pairs(model)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    try:
+        graph = LeafTracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - any model fx cannot follow
+        log.warning("propagation: torch.fx could not trace %s (%s); pairing consecutive layers",
+                    type(model).__name__, exc)
+        links = [(u, d, 0) for u, d in _fallback_links(units)]
+        linked = {d for _, d, _ in links}
+        return links, [(d, f"torch.fx cannot trace {type(model).__name__}; consecutive layers only")
+                       for d in list(units)[1:] if d not in linked]
+    links: list[tuple[str, str, int]] = []
+    refused: list[tuple[str, str]] = []
+    for node in graph.nodes:
+        down = str(node.target) if node.op == "call_module" else None
+        if down not in units or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        dconv = convs[down]
+        if dconv.groups != 1:
+            # a grouped/depthwise channel reads its own group's inputs only: A is (block) diagonal
+            # and ρ would restate the upstream metric
+            refused.append((down, f"grouped/depthwise receiver (groups={dconv.groups})"))
+            continue
+        segs = _segments(node.args[0], model, convs, residual)
+        if isinstance(segs, str):
+            if not (node.args[0].op == "placeholder" or segs == "no conv found upstream"):
+                refused.append((down, f"its input passes {segs}"))
+            continue
+        if sum(c for _, _, c in segs) != dconv.in_channels:
+            refused.append((down, f"upstream channels ({sum(c for _, _, c in segs)}) != its input channels "
+                                  f"({dconv.in_channels})"))
+            continue
+        kept = [(u, down, o) for u, o, _ in segs if u in units]
+        if not kept:
+            refused.append((down, "none of its upstream convs is analysed (capture.layers)"))
+        for link in kept:
+            if link not in links:
+                links.append(link)
+    return links, refused
 
 
 def _fallback_links(units: dict) -> list[tuple[str, str]]:
@@ -159,43 +310,17 @@ def _fallback_links(units: dict) -> list[tuple[str, str]]:
     return out
 
 
-def conv_links(model: nn.Module, units: dict | None = None, residual: str = "skip") -> list[tuple[str, str]]:
+def conv_links(model: nn.Module, units: dict | None = None,
+               residual: str = DEFAULT_RESIDUAL) -> list[tuple[str, str]]:
     """``[(upstream, downstream)]`` conv names joined by a direct data-flow link, forward order.
 
     ``units``: {name: ConvUnit} (default: :func:`axes_pipeline.models.conv_norm_pairs`); only
-    convs among them are linked. See the module docstring for what counts as a link (residual
-    adds and grouped/depthwise receivers do not; ``residual="main"`` links across an add to its
-    main-branch conv, see :func:`_source_conv`).
+    convs among them are linked. See the module docstring for what counts as a link (grouped/
+    depthwise receivers do not; ``residual="main"``, the default, links across an add to its
+    main-branch conv, see :func:`_source_conv`; ``"skip"`` stops at every add).
     """
-    if units is None:
-        from axes_pipeline.models import conv_norm_pairs
-
-        units = conv_norm_pairs(model)
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    try:
-        graph = LeafTracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 - any model fx cannot follow
-        log.warning("propagation: torch.fx could not trace %s (%s); pairing consecutive layers",
-                    type(model).__name__, exc)
-        return _fallback_links(units)
-    links = []
-    for node in graph.nodes:
-        down = str(node.target) if node.op == "call_module" else None
-        if down not in units or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        up = _source_conv(node.args[0], model, convs, residual)
-        if up is None or up not in units:
-            continue
-        dconv, uconv = convs[down], convs[up]
-        if dconv.groups != 1:
-            log.debug("propagation: %s -> %s skipped (grouped/depthwise receiver)", up, down)
-            continue
-        if dconv.in_channels != uconv.out_channels:
-            log.debug("propagation: %s -> %s skipped (channel counts differ)", up, down)
-            continue
-        if (up, down) not in links:
-            links.append((up, down))
-    return links
+    links, _ = link_report(model, units, residual)
+    return list(dict.fromkeys((u, d) for u, d, _ in links))
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +433,7 @@ def _knobs(cfg) -> dict:
     k = cfg.analysis.get("propagation") or {}
     try:
         return {"null_draws": int(k.get("null_draws", 20)), "null": str(k.get("null_mode", "weights")),
-                "seed": int(k.get("seed", 0)), "residual": str(k.get("residual", "skip"))}
+                "seed": int(k.get("seed", 0)), "residual": str(k.get("residual", DEFAULT_RESIDUAL))}
     except (TypeError, ValueError):
         raise UserError("propagation.null_draws and propagation.seed must be integers, got "
                         f"{k.get('null_draws')!r} and {k.get('seed')!r}") from None
@@ -334,20 +459,22 @@ def check_propagation_analysis(ctx) -> None:
 
 
 def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_draws: int = 20,
-                      null: str = "weights", seed: int = 0, residual: str = "skip") -> pd.DataFrame:
+                      null: str = "weights", seed: int = 0, residual: str = DEFAULT_RESIDUAL) -> pd.DataFrame:
     """One row per linked pair and pairing: ``upstream, downstream, pair_index, pairing, rho,
     null_rho, null_sd, n``. ``capture.acts[layer]: [N, C]``; ``axes``: the per-channel table."""
     point = capture.knobs.get("point", "pre_bn")
     order = {n: i for i, n in enumerate(units)}
     rows = []
-    for p, (up, down) in enumerate(conv_links(model, units, residual)):
+    links, _ = link_report(model, units, residual)
+    for p, (up, down, offset) in enumerate(links):
         if up not in capture.layers or down not in capture.layers:
             continue
+        weight = units[down].conv.weight[:, offset:offset + units[up].conv.out_channels]
         ua = axes[axes.layer == up].sort_values("channel")
         da = axes[axes.layer == down].sort_values("channel")
         sigma = capture.channel_sd(up)
         s_post = post_norm_sigma(units[up], sigma, point)
-        for r in pair_propagation(units[down].conv.weight, s_post,
+        for r in pair_propagation(weight, s_post,
                                   {k: ua[k].to_numpy() for k in ("input_capture", "task_info")},
                                   {k: da[k].to_numpy() for k in ("input_capture", "task_info")},
                                   null_draws=null_draws, null=null, seed=seed + p,
@@ -395,19 +522,29 @@ def heatmap(table: pd.DataFrame, path):
 
 
 def run_propagation_analysis(ctx) -> dict:
-    """``propagation.csv``, ``plots/propagation.png`` and tracker logs; returns mean ρ per pairing."""
+    """``propagation.csv``, ``plots/propagation.png`` and tracker logs; returns mean ρ per pairing,
+    the number of linked pairs analysed (``pairs``) and the linking rule (``residual``)."""
     k = _knobs(ctx.cfg)
     table = propagation_table(ctx.trained.model, ctx.units, ctx.capture, ctx.axes, **k)
     write_csv(ctx.out / "propagation.csv", table)
+    _, refused = link_report(ctx.trained.model, ctx.units, k["residual"])
+    write_csv(ctx.out / "propagation_refused.csv", pd.DataFrame(refused, columns=["downstream", "reason"]))
+    if refused:
+        log.warning("propagation: %d conv layers have no linked upstream (propagation_refused.csv), e.g. %s: %s",
+                    len(refused), *refused[0])
+    # ρ averaged over 9 or 19 ResNet-18 pairs are different results: the count and the rule travel
+    # with every H3 number (METHODS §7).
+    head = {**headline(table), "residual": k["residual"]}
     if table.empty:
         log.warning("propagation: %s has no directly linked conv pairs (all links pass residual adds "
                     "or end in depthwise convs); propagation.csv is empty", type(ctx.trained.model).__name__)
-        return headline(table)
+        return head
     if ctx.cfg.plots:
         ctx.tracker.image("analyze/propagation", heatmap(table, ctx.out / "plots" / "propagation.png"))
     ctx.tracker.table("analyze/propagation", table)
-    head = headline(table)
-    print("analyze: propagation over {} linked pairs: ".format(head["pairs"]) + ", ".join(
+    line = "propagation over {} linked pairs (residual={}): ".format(head["pairs"], k["residual"]) + ", ".join(
         f"{p} ρ={head[f'{p}_rho']:.3f} (null {head[f'{p}_null_rho']:.3f})" for p, _, _ in PAIRINGS
-        if head[f"{p}_rho"] is not None and head[f"{p}_null_rho"] is not None))
+        if head[f"{p}_rho"] is not None and head[f"{p}_null_rho"] is not None)
+    log.info(line)
+    print("analyze: " + line)
     return head

@@ -18,8 +18,6 @@ the capture reduces them to the per-channel gradient cosines right away: Σ_X al
 
 from __future__ import annotations
 
-import hashlib
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,10 +113,15 @@ class Capture:
     (pre-BN layers with patch moments), ``knobs`` the capture settings.
 
     Only with ``keep_samples`` (in memory, never cached): ``acts[layer]: [N, C]`` float32,
-    ``target: [N]`` float32 (the image's T repeated over its ``s`` samples), ``image_index: [N]``
-    (which calibration image a sample came from), ``patches[layer]`` the streamed patch moments.
-    Read the statistics through :meth:`cov`, :meth:`channel_mean` and :meth:`channel_sd`: they
-    work on either form.
+    ``target: [n_img·s]`` float32 (each image's T repeated over its ``s`` samples),
+    ``image_index: [n_img·s]`` (which calibration image a sample came from), ``patches[layer]`` the
+    streamed patch moments. Read the statistics through :meth:`cov`, :meth:`channel_mean` and
+    :meth:`channel_sd`: they work on either form.
+
+    ``per_image[layer]`` is the samples per image that layer gave: ``s``, or H·W when its map has
+    fewer positions (every position once), so its N is ``n_images·per_image`` (:meth:`n_samples`).
+    Pair a layer's kept rows with :meth:`target_of` / :meth:`image_index_of`, which follow
+    ``target`` (also when a caller replaces it, as ``dynamics.target=final`` does).
     """
 
     acts: dict[str, torch.Tensor]
@@ -129,8 +132,9 @@ class Capture:
     accuracy: float = float("nan")
     moments: dict[str, torch.Tensor] = field(default_factory=dict)
     means: dict[str, torch.Tensor] = field(default_factory=dict)
-    n: int = 0
+    n: int = 0                 # calibration images × s (rows of a layer whose map has ≥ s positions)
     gradients: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    per_image: dict[str, int] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[str]:
@@ -140,7 +144,7 @@ class Capture:
         """``[C+1, C+1]`` float64 covariance of (T, Y_1..Y_C): streamed, or from the samples."""
         if self.acts and self.target is not None:
             # samples kept: they are the truth (dynamics may replace the target after capture)
-            return covariance(self.acts[layer].double(), self.target.double())
+            return covariance(self.acts[layer].double(), self.target_of(layer).double())
         return self.moments[layer]
 
     def channel_mean(self, layer: str) -> torch.Tensor:
@@ -156,9 +160,33 @@ class Capture:
         return torch.diagonal(self.moments[layer])[1:].clamp(min=0).sqrt()
 
 
-def capture_key(knobs: dict) -> str:
-    """A short stable hash of the capture settings: the cache file name."""
-    return hashlib.sha1(json.dumps(knobs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    def n_samples(self, layer: str) -> int:
+        """N of ``layer``: the rows its statistics are computed from."""
+        if self.acts:
+            return int(self.acts[layer].shape[0])
+        s = int(self.knobs.get("samples_per_image", 1))
+        return self.n // s * int(self.per_image.get(layer, s))
+
+    def _per_layer(self, values: torch.Tensor, layer: str) -> torch.Tensor:
+        s = int(self.knobs.get("samples_per_image", 1))
+        k = int(self.per_image.get(layer, s))
+        return values if k == s else values[::s].repeat_interleave(k)
+
+    def target_of(self, layer: str) -> torch.Tensor:
+        """``[N_layer]``: T of the image of each of ``layer``'s rows (kept samples only)."""
+        return self._per_layer(self.target, layer)
+
+    def image_index_of(self, layer: str) -> torch.Tensor:
+        """``[N_layer]``: the calibration image of each of ``layer``'s rows (kept samples only)."""
+        return self._per_layer(self.image_index, layer)
+
+
+def capture_key(identity: dict) -> str:
+    """The cache file name of a capture: the short key of its ``runs.run_fingerprint`` (data
+    identity, checkpoint content digest, capture settings)."""
+    from axes_pipeline.runs import fingerprint
+
+    return fingerprint(identity)
 
 
 def _to_nchw(out: torch.Tensor, channels: int) -> torch.Tensor:
@@ -193,11 +221,21 @@ def _layer_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
+#: How positions are drawn (part of every capture cache key): ``s`` distinct positions per image, or
+#: every position once when the map has fewer than ``s``.
+POSITIONS = "distinct; every position once when H*W < s"
+
+
 def _sample_positions(batch: int, hw: int, s: int, gen: torch.Generator) -> torch.Tensor:
-    """``[batch, s]`` flat positions per image: without replacement when s ≤ H·W."""
+    """``[batch, min(s, H·W)]`` flat positions per image, drawn without replacement.
+
+    A map with fewer than ``s`` positions (VGG-16's 2×2 last block at s = 16) gives each of its
+    H·W positions once: drawing with replacement would repeat rows, so N = n_cal·s would overstate
+    the independent samples behind every estimate of that layer. Its N is n_cal·H·W instead
+    (``Capture.per_image``)."""
     if s <= hw:
         return torch.rand(batch, hw, generator=gen).argsort(dim=1)[:, :s]
-    return torch.randint(0, hw, (batch, s), generator=gen)
+    return torch.arange(hw).expand(batch, hw)
 
 
 def _patches_at(x: torch.Tensor, conv: torch.nn.Conv2d, b_idx: torch.Tensor, oh: torch.Tensor,
@@ -228,6 +266,7 @@ class _LayerRecorder:
         self.gen = torch.Generator().manual_seed(_layer_seed(seed, name))
         self.chunks: list[torch.Tensor] = []
         self.keep_samples = keep_samples
+        self.per_image: int | None = None    # samples per image actually taken: min(s, H·W) (1 with gap)
         self.acc = MomentAccumulator(torch.float64) if stream_moments else None
         conv = unit.conv
         self.want_patches = (patch_moments and point == "pre_bn" and conv.groups == 1
@@ -250,18 +289,23 @@ class _LayerRecorder:
     def _record(self, module, args, output):
         C = self.unit.conv.out_channels
         y = _to_nchw(output.detach(), C)
-        if self.point == "post_act" and self.unit.norm is not None:
+        if self.point == "post_act":  # after the norm, or on the conv output where no norm follows
             y = self._activate(y)
         B, _, H, W = y.shape
         if self.spatial == "gap":
             samples = y.float().mean(dim=(2, 3))                                   # [B, C]
             self._pos = None
         else:
-            pos = _sample_positions(B, H * W, self.s, self.gen).to(y.device)      # [B, s]
+            pos = _sample_positions(B, H * W, self.s, self.gen).to(y.device)      # [B, k], k = min(s, H·W)
+            k = pos.shape[1]
+            if self.per_image not in (None, k):
+                raise UserError(f"layer {self.name}: its feature map changed size between batches "
+                                f"({self.per_image} vs {k} samples per image); use one image size")
             flat = y.float().reshape(B, C, H * W)
-            samples = flat.gather(2, pos[:, None, :].expand(B, C, self.s))          # [B, C, s]
-            samples = samples.permute(0, 2, 1).reshape(B * self.s, C)
+            samples = flat.gather(2, pos[:, None, :].expand(B, C, k))              # [B, C, k]
+            samples = samples.permute(0, 2, 1).reshape(B * k, C)
             self._pos = (pos, H, W)
+        self.per_image = samples.shape[0] // B
         if self.keep_samples:
             self.chunks.append(samples.cpu())
         self._pending_y = samples   # T of this batch is known once the whole network has run
@@ -290,7 +334,7 @@ class _LayerRecorder:
             return
         if self.acc is not None:
             try:
-                self.acc.update(self._pending_y, t_img.to(self._pending_y.device).float().repeat_interleave(self.s))
+                self.acc.update(self._pending_y, t_img.to(self._pending_y.device).float().repeat_interleave(self.per_image))
             except UserError as err:
                 raise UserError(f"layer {self.name}: {err}; is the checkpoint diverged?") from None
         if self._img_x is not None:
@@ -305,15 +349,16 @@ class _LayerRecorder:
         for a batch of 256) never exist whole: they set the capture's peak memory otherwise."""
         pos, H, W = self._pos
         B = pos.shape[0]
-        step = max(1, PATCH_ROWS // self.s)
+        k = self.per_image
+        step = max(1, PATCH_ROWS // k)
         inp = inp.float()
         self._img_x, self._img_take, self._take_count = [], [], []
         for b0 in range(0, B, step):
             b1 = min(B, b0 + step)
-            b_idx = torch.arange(b0, b1, device=pos.device).repeat_interleave(self.s)
+            b_idx = torch.arange(b0, b1, device=pos.device).repeat_interleave(k)
             flat = pos[b0:b1].reshape(-1)
             x = _patches_at(inp, self.unit.conv, b_idx, flat // W, flat % W).double()
-            self._stream_chunk(x, samples[b0 * self.s: b1 * self.s].double(), b_idx - b0)
+            self._stream_chunk(x, samples[b0 * k: b1 * k].double(), b_idx - b0)
         self._img_x = torch.cat(self._img_x)
         self._img_take = torch.cat(self._img_take) if self._img_take[0] is not None else None
         self._take_count = torch.cat(self._take_count) if self._img_take is not None else None
@@ -333,7 +378,7 @@ class _LayerRecorder:
         m.sx += x.sum(0)
         m.sy += y.sum(0)
         m.n += len(x)
-        img_x = x.reshape(B, self.s, -1).sum(1)                                     # [B, D]
+        img_x = x.reshape(B, self.per_image, -1).sum(1)                             # [B, D]
         self._img_x.append(img_x)
         img_take = take_count = None
         if m.sxx is not None:   # (rows past sigma_rows add nothing: an all-zero img_take)
@@ -355,7 +400,7 @@ class _LayerRecorder:
         m = self.moments
         t = t_img.to(self._img_x.device).double()                                    # [B]
         m.sxt += self._img_x.T @ t
-        m.st += self.s * t.sum()
+        m.st += self.per_image * t.sum()
         if self._img_take is not None:
             m.sub_xt += self._img_take.T @ t
             m.sub_t += (self._take_count * t).sum()
@@ -429,7 +474,8 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
         if r.acc is not None and r.acc.count > 1:
             moments[name], means[name] = r.acc.compute().cpu(), r.acc.mean.cpu()
     cap = Capture(acts={}, target=None, image_index=None, knobs=knobs, accuracy=correct / max(1, seen),
-                  moments=moments, means=means, n=seen * s, gradients=gradients)
+                  moments=moments, means=means, n=seen * s, gradients=gradients,
+                  per_image={name: int(r.per_image if r.per_image is not None else s) for name, r in recorders.items()})
     if keep_samples:
         cap.acts = {name: torch.cat(r.chunks) for name, r in recorders.items()}
         cap.target, cap.image_index = torch.cat(targets), torch.cat(images)
@@ -456,8 +502,9 @@ def check_finite(capture: Capture) -> None:
                             f"({int((~torch.isfinite(a)).sum())} values); is the checkpoint diverged?")
 
 
-def save_capture(capture: Capture, path: Path) -> None:
-    """Write the lean form: moments, means, gradient cosines (never the samples).
+def save_capture(capture: Capture, path: Path, identity: dict | None = None) -> None:
+    """Write the lean form: moments, means, gradient cosines (never the samples), with the
+    ``identity`` (run fingerprint) it was made under.
 
     The covariance is symmetric, so only its upper triangle is stored (half the bytes: ~7 MB for
     a full-width ResNet-18 against 1.5 GB of samples and patch moments before)."""
@@ -467,19 +514,25 @@ def save_capture(capture: Capture, path: Path) -> None:
         raise ValueError("save_capture needs the streamed moments (capture_activations(keep_samples=False))")
     blob = {"format": CACHE_FORMAT, "knobs": capture.knobs, "accuracy": capture.accuracy, "n": capture.n,
             "moments": {k: _upper(v) for k, v in capture.moments.items()}, "means": capture.means,
-            "gradients": capture.gradients}
+            "gradients": capture.gradients, "per_image": capture.per_image, "identity": identity}
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
 
-def load_capture(path: Path) -> Capture | None:
-    """The cached capture, or None when the file is of another format (recompute it)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+def load_capture(path: Path, identity: dict | None = None) -> Capture | None:
+    """The capture cached at ``path``; None when it is of another format, was made under another
+    ``identity`` (when one is given) or is unreadable (truncated, foreign): the caller captures again."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable cache is simply recomputed
+        return None
     if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT:
+        return None
+    if identity is not None and blob.get("identity") != identity:
         return None
     return Capture(acts={}, target=None, image_index=None, knobs=blob["knobs"], accuracy=blob["accuracy"],
                    moments={k: _full(v) for k, v in blob["moments"].items()}, means=blob["means"],
-                   n=int(blob["n"]), gradients=blob["gradients"])
+                   n=int(blob["n"]), gradients=blob["gradients"], per_image=blob.get("per_image", {}))
 
 
 def _upper(cov: torch.Tensor) -> torch.Tensor:

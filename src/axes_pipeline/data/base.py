@@ -16,6 +16,8 @@ share it. Analyses draw from it with :meth:`BaseDataModule.calibration_set` (tra
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,6 +32,24 @@ from axes_pipeline.data.device_loader import DeviceBatchLoader, default_device
 from axes_pipeline.data.transforms import TRANSFORM_MODES, crop_transform
 
 SPLITS = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else all)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader worker processes for ``data.num_workers=requested``: the config's number is an
+    upper bound, the machine's cores the other. More workers than cores only adds processes that
+    wait for a core (and torch warns about it), so a config written for a large node still runs
+    well on a laptop."""
+    return min(int(requested), available_cpus())
 
 
 # --------------------------------------------------------------------------- helpers
@@ -112,7 +132,8 @@ class BaseDataModule(L.LightningDataModule):
         download: fetch missing data (where the dataset allows it).
         verify: check checksums / the full class count of the data on disk.
         batch_size, eval_batch_size: training / evaluation batch sizes.
-        num_workers: DataLoader worker processes (``persistent_workers`` when > 0).
+        num_workers: DataLoader worker processes (``persistent_workers`` when > 0), at most the
+            CPU cores available (:func:`loader_workers`).
         val_fraction: fraction of the training source held out as the validation split.
         split_seed: seed of that split (independent of the training seed).
         on_device: serve batches from a copy of the data on the accelerator
@@ -181,6 +202,9 @@ class BaseDataModule(L.LightningDataModule):
         self.batch_size = _positive_int("batch_size", batch_size)
         self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
         self.num_workers = _nonneg_int("num_workers", num_workers)
+        if loader_workers(self.num_workers) < self.num_workers:
+            log.info("data.num_workers=%d: using %d loader workers (the CPU cores available)",
+                     self.num_workers, loader_workers(self.num_workers))
         self.val_fraction = float(val_fraction)
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
@@ -263,16 +287,21 @@ class BaseDataModule(L.LightningDataModule):
         """
         if self.download:
             self._require_data_dir()
-            return
+            if self._absent():
+                return       # prepare_data fetches it
         self._check_present()
 
-    def prepare_data(self) -> None:
-        """Download when ``download`` is set and the data is missing (Lightning: rank 0 only)."""
-        if not self.download:
-            return
+    def _absent(self) -> bool:
+        """Whether the data is missing on disk (what ``download`` fetches)."""
         try:
             self._check_present()
         except UserError:
+            return True
+        return False
+
+    def prepare_data(self) -> None:
+        """Download when ``download`` is set and the data is missing (Lightning: rank 0 only)."""
+        if self.download and self._absent():
             self._download()
 
     def setup(self, stage: str | None = None) -> None:
@@ -364,7 +393,7 @@ class BaseDataModule(L.LightningDataModule):
     def _make_loader(self, dataset: Dataset, *, shuffle: bool, batch_size: int, persistent: bool):
         if self.on_device and isinstance(dataset, SplitSubset):
             return self.device_loader(dataset, shuffle=shuffle, batch_size=batch_size)
-        workers = self.num_workers
+        workers = loader_workers(self.num_workers)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -418,7 +447,7 @@ class BaseDataModule(L.LightningDataModule):
         steps.append(T.PILToTensor())
         every = np.arange(len(dataset))
         subset = SplitSubset(dataset, every, T.Compose(steps), source_name=source, mode="eval", labels=labels)
-        loader = DataLoader(subset, batch_size=512, num_workers=self.num_workers)
+        loader = DataLoader(subset, batch_size=512, num_workers=loader_workers(self.num_workers))
         return torch.cat([x for x, _ in loader])
 
     def __repr__(self) -> str:

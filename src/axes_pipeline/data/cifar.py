@@ -1,50 +1,153 @@
-"""CIFAR-10 and CIFAR-100 through torchvision's classes and on-disk format.
+"""CIFAR-10 and CIFAR-100 in torchvision's on-disk format, read without running pickled code.
 
 Layout: ``<data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` and
 ``<data_dir>/cifar-100-python/{train, test, meta}`` (the "python version" archives of
-https://www.cs.toronto.edu/~kriz/cifar.html, which ``data.download=true`` fetches).
-``verify=false`` skips torchvision's md5 checks (files only need to exist): for test fixtures or
-re-packed copies.
+https://www.cs.toronto.edu/~kriz/cifar.html, which ``data.download=true``, the default, fetches
+when they are missing). ``verify=false`` skips torchvision's md5 checks (files only need to
+exist): for test fixtures or re-packed copies.
+
+The batches are pickles. ``pickle.load`` runs whatever callable a file names, so a crafted
+``cifar-100-python/train`` would run code as soon as it is read (and an md5 check guards nothing
+once ``verify=false``). Every CIFAR file is therefore read with :class:`CifarUnpickler`, which
+builds plain containers, numbers, strings and numpy arrays only and refuses anything else,
+whatever ``verify`` says.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+from typing import Any
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets import CIFAR10, CIFAR100, VisionDataset
+from torchvision.datasets import utils as tv_utils
 
 from axes_pipeline.data.base import BaseDataModule
 from axes_pipeline.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from axes_pipeline.errors import UserError
 
+_NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
 
-class _NoChecksumMixin:
-    """torchvision CIFAR without the md5 checks: the files need only exist."""
+
+def _latin1_encode(text: Any, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles ``bytes`` at protocol ≤ 2, restricted to that use."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed on a str with latin1")
+    return text.encode("latin1")
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR batches: plain containers, numbers and strings (pickle's own opcodes)
+    plus numpy arrays, dtypes and scalars. Any other global a file names is refused, so no code
+    from the file runs."""
+
+    ALLOWED: dict[tuple[str, str], Any] = {
+        **{(mod, "_reconstruct"): _NP_CORE.multiarray._reconstruct
+           for mod in ("numpy.core.multiarray", "numpy._core.multiarray")},
+        **{(mod, "scalar"): _NP_CORE.multiarray.scalar for mod in ("numpy.core.multiarray", "numpy._core.multiarray")},
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}") from None
+
+
+def read_cifar_pickle(path: str | os.PathLike) -> dict:
+    """A CIFAR batch or meta file as a dict (str keys, as torchvision reads them with latin1).
+
+    Raises :class:`UserError` (one line) when the file is not a plain pickled dict, including
+    when it names any callable other than numpy's array reconstruction."""
+    try:
+        with open(path, "rb") as f:
+            obj = CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, UnicodeDecodeError, MemoryError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"{path} is not a plain CIFAR pickle ({first}); refusing to read it: delete the folder and "
+            f"set data.download=true, or restore the official files"
+        ) from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a CIFAR dict; restore the official files")
+    return obj
+
+
+def _batch_arrays(path: str, entry: dict) -> tuple[np.ndarray, list[int]]:
+    data = entry.get("data")
+    labels = entry.get("labels", entry.get("fine_labels"))
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072
+            or not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data)):
+        raise UserError(f"{path} is not a CIFAR batch (needs 'data' uint8 [N, 3072] and N labels); "
+                        "restore the official files")
+    return data, [int(v) for v in labels]
+
+
+class _SafeCifarMixin:
+    """torchvision's CIFAR dataset with every file read by :func:`read_cifar_pickle`.
+
+    Same attributes as torchvision's (``data [N, 32, 32, 3]`` uint8, ``targets``, ``classes``);
+    ``verify`` (class attribute) says whether torchvision's md5 checks apply."""
+
+    verify = True
+
+    def __init__(self, root, train: bool = True, transform=None, target_transform=None) -> None:
+        VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
+        self.train = train
+        if not self._check_integrity():
+            raise RuntimeError("Dataset not found or corrupted (md5 check)")
+        data, targets = [], []
+        for file_name, _ in self.train_list if train else self.test_list:
+            path = os.path.join(self.root, self.base_folder, file_name)
+            batch, labels = _batch_arrays(path, read_cifar_pickle(path))
+            data.append(batch)
+            targets.extend(labels)
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # HWC, as torchvision
+        self.targets = targets
+        self._load_meta()
 
     def _check_integrity(self) -> bool:
         folder = os.path.join(self.root, self.base_folder)
-        files = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-        return all(os.path.isfile(os.path.join(folder, f)) for f in files)
+        files = list(self.train_list) + list(self.test_list)
+        if not self.verify:
+            return all(os.path.isfile(os.path.join(folder, f)) for f, _ in files)
+        return all(tv_utils.check_integrity(os.path.join(folder, f), md5) for f, md5 in files)
 
     def _load_meta(self) -> None:
         path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-        if not os.path.isfile(path):
-            raise RuntimeError(f"Dataset metadata file not found: {path}")
-        with open(path, "rb") as infile:
-            data = pickle.load(infile, encoding="latin1")
-        self.classes = data[self.meta["key"]]
+        if not os.path.isfile(path) or (self.verify and not tv_utils.check_integrity(path, self.meta["md5"])):
+            raise RuntimeError(f"Dataset metadata file not found or corrupted: {path}")
+        names = read_cifar_pickle(path).get(self.meta["key"])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UserError(f"{path} has no list of class names under '{self.meta['key']}'; restore the official files")
+        self.classes = names
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
-class UnverifiedCIFAR10(_NoChecksumMixin, CIFAR10):
-    """:class:`torchvision.datasets.CIFAR10` that does not check md5 sums."""
+class SafeCIFAR10(_SafeCifarMixin, CIFAR10):
+    """:class:`torchvision.datasets.CIFAR10` read with :class:`CifarUnpickler`, md5-checked."""
 
 
-class UnverifiedCIFAR100(_NoChecksumMixin, CIFAR100):
-    """:class:`torchvision.datasets.CIFAR100` that does not check md5 sums."""
+class SafeCIFAR100(_SafeCifarMixin, CIFAR100):
+    """:class:`torchvision.datasets.CIFAR100` read with :class:`CifarUnpickler`, md5-checked."""
+
+
+class UnverifiedCIFAR10(SafeCIFAR10):
+    """:class:`SafeCIFAR10` without the md5 checks: the files need only exist."""
+
+    verify = False
+
+
+class UnverifiedCIFAR100(SafeCIFAR100):
+    """:class:`SafeCIFAR100` without the md5 checks: the files need only exist."""
+
+    verify = False
 
 
 class _CifarDataModule(BaseDataModule):
@@ -55,10 +158,11 @@ class _CifarDataModule(BaseDataModule):
 
     native_size = 32
     title = "CIFAR"
-    dataset_cls: type[CIFAR10] = CIFAR10
+    dataset_cls: type[CIFAR10] = SafeCIFAR10
     unverified_cls: type[CIFAR10] = UnverifiedCIFAR10
 
-    defaults = dict(image_size=32, crop_padding=4, hflip=True)
+    # download: CIFAR is what users try first (`python train.py model=vgg16 data=cifar100`)
+    defaults = dict(image_size=32, crop_padding=4, hflip=True, download=True)
 
     @property
     def folder(self):
@@ -86,18 +190,20 @@ class _CifarDataModule(BaseDataModule):
     def _download(self) -> None:
         root = self._require_data_dir()
         root.mkdir(parents=True, exist_ok=True)
-        try:
-            self.dataset_cls(str(root), train=True, download=True)
-        except Exception as err:  # network errors, bad archives
+        cls = self.dataset_cls
+        try:  # the archive only: the batches are read later, by the safe reader
+            tv_utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+        except Exception as err:  # noqa: BLE001 - offline (URLError/OSError), bad archive
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UserError(
-                f"could not download {self.title} into {root} ({err}); download "
-                f"{self.dataset_cls.url} yourself and extract it there"
-            ) from err
+                f"could not download {self.title} from {cls.url} into {root} ({first}); without network, "
+                f"fetch that file elsewhere and extract it into {root}"
+            ) from None
 
     def _load_source(self, source: str):
         cls = self.dataset_cls if self.verify else self.unverified_cls
         try:
-            dataset = cls(str(self._require_data_dir()), train=source == "train", download=False)
+            dataset = cls(str(self._require_data_dir()), train=source == "train")
         except RuntimeError as err:
             raise UserError(
                 f"{self.title} files under {self.folder} fail torchvision's integrity check ({err}); "
@@ -125,7 +231,7 @@ class Cifar10DataModule(_CifarDataModule):
     title = "CIFAR-10"
     mean = CIFAR10_MEAN
     std = CIFAR10_STD
-    dataset_cls = CIFAR10
+    dataset_cls = SafeCIFAR10
     unverified_cls = UnverifiedCIFAR10
     num_classes = 10  # type: ignore[assignment]
 
@@ -137,6 +243,6 @@ class Cifar100DataModule(_CifarDataModule):
     title = "CIFAR-100"
     mean = CIFAR100_MEAN
     std = CIFAR100_STD
-    dataset_cls = CIFAR100
+    dataset_cls = SafeCIFAR100
     unverified_cls = UnverifiedCIFAR100
     num_classes = 100  # type: ignore[assignment]

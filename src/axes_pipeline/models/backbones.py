@@ -51,13 +51,15 @@ class ScaledResNet(ResNet):
         num_classes: int,
         cifar_stem: bool = True,
         block: type[nn.Module] = BasicBlock,
+        groups: int = 1,
+        width_per_group: int = 64,
     ) -> None:
         nn.Module.__init__(self)  # ResNet.__init__ would build the width-1 network first
         self._norm_layer = nn.BatchNorm2d
         self.inplanes = widths[0]
         self.dilation = 1
-        self.groups = 1
-        self.base_width = 64  # BasicBlock's own check; not a channel count
+        self.groups = groups  # ResNeXt's cardinality (torchvision's Bottleneck reads it)
+        self.base_width = width_per_group  # 64 for ResNet; BasicBlock's own check, not a channel count
         if cifar_stem:
             self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
         else:
@@ -107,7 +109,8 @@ class ScaledVGG(VGG):
     with dropout (about 120 M extra MACs and parameters at width 1, whatever the input size).
     """
 
-    def __init__(self, features: nn.Module, c_last: int, num_classes: int, head: str, dropout: float) -> None:
+    def __init__(self, features: nn.Module, c_last: int, num_classes: int, head: str, dropout: float,
+                 hidden: int = 4096) -> None:
         nn.Module.__init__(self)  # VGG.__init__ would allocate the 512·7·7×4096 layer first
         self.features = features
         if head == "cifar":
@@ -116,13 +119,13 @@ class ScaledVGG(VGG):
         else:
             self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
             self.classifier = nn.Sequential(
-                nn.Linear(c_last * 7 * 7, 4096),
+                nn.Linear(c_last * 7 * 7, hidden),
                 nn.ReLU(True),
                 nn.Dropout(p=dropout),
-                nn.Linear(4096, 4096),
+                nn.Linear(hidden, hidden),
                 nn.ReLU(True),
                 nn.Dropout(p=dropout),
-                nn.Linear(4096, num_classes),
+                nn.Linear(hidden, num_classes),
             )
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):

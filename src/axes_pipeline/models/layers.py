@@ -19,7 +19,10 @@ What the capture stage hooks, per :class:`ConvUnit`:
   and ``act`` is the activation after that add (ResNet's ``conv2`` and ``downsample.0``): the
   hooked tensor is the block output, shared by both branches, not the channel's own signal.
   ``act is None``: no elementwise nonlinearity follows (MobileNetV2's linear projection convs,
-  ConvNeXt, whose block LayerNorm feeds a Linear): use the norm output. For an activation that
+  ConvNeXt, whose block LayerNorm feeds a Linear): use the norm output. A conv with no norm
+  (AlexNet, SE convs) has as ``act`` the activation directly after it, if any.
+- :func:`capture_point` names the tensor each ``capture.point`` reads for a unit (the
+  ``capture_point`` column of axes.csv, METHODS §1). For an activation that
   is a function in the forward (``F.relu(x)``) rather than a module, ``act`` is a
   :class:`FunctionalAct` wrapper that is *not* part of the model and ``act_name`` is ``None``:
   apply ``unit.act`` to the post-norm tensor yourself.
@@ -49,9 +52,11 @@ from axes_pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CAPTURE_POINTS",
     "ConvUnit",
     "FunctionalAct",
     "analysable_layers",
+    "capture_point",
     "classifier_name",
     "conv_layers",
     "conv_norm_pairs",
@@ -157,6 +162,40 @@ class FunctionalAct(nn.Module):
         return getattr(self.fn, "__name__", repr(self.fn))
 
 
+#: Labels of :func:`capture_point` (the ``capture_point`` column of axes.csv, METHODS §1).
+CAPTURE_POINTS = ("pre_bn", "pre_ln", "pre_gn", "pre_in", "post_bn", "post_ln", "post_gn", "post_in",
+                  "post_act", "conv_act", "conv_out")
+
+
+def _norm_kind(norm: nn.Module) -> str:
+    if isinstance(norm, nn.GroupNorm):
+        return "gn"
+    if isinstance(norm, nn.LayerNorm):
+        return "ln"
+    if isinstance(norm, nn.modules.instancenorm._InstanceNorm):
+        return "in"
+    return "bn"
+
+
+def capture_point(unit: "ConvUnit", point: str) -> str:
+    """Which tensor ``capture.point`` reads for this unit (METHODS §1).
+
+    ``pre_bn``: the conv output, which is the norm's input where a norm follows (``pre_bn``,
+    ``pre_ln``, ``pre_gn``, ``pre_in``) and the plain conv output where none does
+    (``conv_out``). ``post_bn``: the norm output (``post_bn``/``post_ln``/...), else ``conv_out``.
+    ``post_act``: after norm and activation (``post_act``), after the activation of a conv with
+    no norm (``conv_act``), or the last of these that exists.
+    """
+    kind = _norm_kind(unit.norm) if unit.norm is not None else None
+    if point == "pre_bn":
+        return f"pre_{kind}" if kind else "conv_out"
+    if point == "post_bn":
+        return f"post_{kind}" if kind else "conv_out"
+    if unit.act is not None:
+        return "post_act" if kind else "conv_act"
+    return f"post_{kind}" if kind else "conv_out"
+
+
 def is_depthwise(conv: nn.Conv2d) -> bool:
     """True when ``conv`` has one group per input channel (and more than one group)."""
     return conv.groups > 1 and conv.groups == conv.in_channels
@@ -164,14 +203,18 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
 
 def classifier_name(model: nn.Module) -> str:
     """Qualified name of the classifier: the last ``nn.Linear`` registered in ``model``
-    (``fc``, ``classifier``, ``classifier.1``, ``classifier.2``, ``classifier.6``)."""
-    name = None
+    (``fc``, ``classifier``, ``classifier.1``, ``classifier.2``, ``classifier.6``). A network
+    with no ``nn.Linear`` (SqueezeNet) ends in a conv whose output channels are the class scores:
+    its last registered ``nn.Conv2d`` (``classifier.1``), which is then not an analysable layer."""
+    name = conv = None
     for qual, module in model.named_modules():
         if isinstance(module, nn.Linear):
             name = qual
-    if name is None:
-        raise UserError(f"{type(model).__name__} has no nn.Linear classifier; this pipeline expects one")
-    return name
+        elif isinstance(module, nn.Conv2d):
+            conv = qual
+    if name is None and conv is None:
+        raise UserError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d classifier; this pipeline expects one")
+    return name if name is not None else conv
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +337,8 @@ class _GraphInfo:
 
 
 def _graph_info(model: nn.Module) -> _GraphInfo:
-    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    head = classifier_name(model)  # a conv classifier (SqueezeNet) gives class scores, not features
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name != head}
     graph = _trace(model)
     if graph is None:
         return _fallback_info(model, convs)
@@ -331,7 +375,12 @@ def _graph_info(model: nn.Module) -> _GraphInfo:
             if act is not None and act_name is not None:
                 act_call = call_index[after]
         else:
+            # no norm (AlexNet, VGG without BN, SE convs, DenseNet's convs before a concat): the
+            # activation, if one directly follows the conv, is this unit's nonlinearity
             cdim = 1
+            act, act_name = _activation(nxt, model)
+            if act is not None and act_name is not None:
+                act_call = call_index[nxt]
         units[name] = ConvUnit(
             name=name,
             conv=conv,

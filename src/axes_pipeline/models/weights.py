@@ -1,8 +1,11 @@
-"""Loading ImageNet (or any local) weights into a backbone, offline.
+"""Loading ImageNet (or any local) weights into a backbone.
 
-Nothing is downloaded: weights come from a file the user names (``model.weights=PATH``) or, if
-already there, from torchvision's hub cache (``$TORCH_HOME/hub/checkpoints``). The classifier
-and every tensor whose shape does not fit (``width`` ≠ 1, the CIFAR stem, a different
+Weights come from a file the user names (``model.weights=PATH``) or from torchvision's hub cache
+(``$TORCH_HOME/hub/checkpoints``, see :func:`torch.hub.get_dir`). ``model.pretrained=true`` with
+the file not yet cached downloads torchvision's ImageNet weights into that cache on first use, as
+torchvision itself does (same URL, same file name, its hash prefix checked); without network that
+is one :class:`UserError` line naming the file and the folder to put it in. The classifier and
+every tensor whose shape does not fit (``width`` ≠ 1, the CIFAR stem, a different
 ``num_classes``) are skipped, and a :class:`LoadReport` says what was loaded and what was not.
 """
 
@@ -67,32 +70,82 @@ class LoadReport:
         return line
 
 
-def hub_cache_file(name: str, tag: str | None = None) -> Path | None:
-    """The torchvision ImageNet weights file for backbone ``name`` if it is already in the hub
-    cache (``torch.hub.get_dir()/checkpoints``), else ``None``. ``tag``: a member of the
-    torchvision weights enum (``IMAGENET1K_V1``, ``DEFAULT``, …); without it DEFAULT is tried
-    first, then every other member."""
+def _weights_members(name: str, tag: str | None = None) -> list:
+    """torchvision's weight-enum members for backbone ``name`` (``tag`` only, or DEFAULT first and
+    then the others); ``[]`` for a backbone torchvision has no weights for. Unknown ``tag``: KeyError."""
     spec = _TORCHVISION_WEIGHTS.get(name)
-    if spec is None:
-        return None
     import importlib
 
-    enum = getattr(importlib.import_module(spec[0]), spec[1])
-    members = [enum[tag]] if tag is not None else [enum.DEFAULT, *[m for m in enum if m is not enum.DEFAULT]]
-    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    for member in members:
-        candidate = ckpt_dir / os.path.basename(member.url)
+    if spec is None:  # any torchvision arch (model=torchvision): torchvision's own registry
+        enum = _arch_weights(name)
+        if enum is None:
+            return []
+    else:
+        enum = getattr(importlib.import_module(spec[0]), spec[1])
+    return [enum[tag]] if tag is not None else [enum.DEFAULT, *[m for m in enum if m is not enum.DEFAULT]]
+
+
+def _arch_weights(arch: str):
+    """torchvision's weights enum of architecture ``arch`` (``resnet50``), or None."""
+    import torchvision.models as tvm
+
+    try:
+        return tvm.get_model_weights(arch)
+    except (ValueError, KeyError):
+        return None
+
+
+def _has_weights(name: str) -> bool:
+    return name in _TORCHVISION_WEIGHTS or _arch_weights(name) is not None
+
+
+def hub_checkpoints() -> Path:
+    """torchvision's download folder: ``torch.hub.get_dir()/checkpoints`` ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def hub_cache_file(name: str, tag: str | None = None) -> Path | None:
+    """The torchvision ImageNet weights file for backbone ``name`` if it is already in the hub
+    cache (:func:`hub_checkpoints`), else ``None``. ``tag``: a member of the torchvision weights
+    enum (``IMAGENET1K_V1``, ``DEFAULT``, …); without it DEFAULT is tried first, then every other
+    member."""
+    for member in _weights_members(name, tag):
+        candidate = hub_checkpoints() / os.path.basename(member.url)
         if candidate.is_file():
             return candidate
     return None
+
+
+def download_weights(name: str, tag: str | None = None) -> Path:
+    """Download torchvision's ImageNet weights of ``name`` (``tag``, default DEFAULT) into the hub
+    cache, as ``torchvision`` does on first use: same URL and file name, the hash prefix in the
+    file name checked, written to a temporary file and renamed. Offline (or any failure): a
+    one-line :class:`UserError` saying where to put the file instead."""
+    member = _weights_members(name, tag)[0]
+    url = member.url
+    dest = hub_checkpoints() / os.path.basename(url)
+    match = torch.hub.HASH_REGEX.search(dest.name)
+    log.info("model %s: downloading ImageNet weights %s to %s", name, url, dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(dest), match.group(1) if match else None, progress=True)
+    except Exception as exc:  # noqa: BLE001 - URLError/OSError offline, RuntimeError on a bad hash
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(
+            f"model.pretrained=true: could not download the ImageNet weights of {name} from {url} ({first}); "
+            f"without network, put {dest.name} in {dest.parent} (torchvision's hub cache, $TORCH_HOME/hub/"
+            "checkpoints), or pass model.weights=PATH to a local state_dict, or set model.pretrained=false"
+        ) from None
+    return dest
 
 
 def resolve_weights(name: str, weights: str | None) -> Path:
     """The file to load for ``model.pretrained=true`` / ``model.weights=...``.
 
     ``weights`` is a path, or the name of a torchvision weights enum member (``IMAGENET1K_V1``,
-    ``DEFAULT``) looked up in the hub cache; ``None`` means "torchvision's default weights, if
-    they are in the hub cache". Raises :class:`UserError` when no readable file is found.
+    ``DEFAULT``); ``None`` means "torchvision's default weights". A torchvision weight not yet in
+    the hub cache is downloaded there (:func:`download_weights`). Raises :class:`UserError` when
+    no readable file can be had.
     """
     if weights is not None:
         path = Path(os.path.expanduser(str(weights)))
@@ -100,26 +153,24 @@ def resolve_weights(name: str, weights: str | None) -> Path:
             if not os.access(path, os.R_OK):
                 raise UserError(f"model.weights={weights} is not readable; fix its permissions or pass another file")
             return path
-        spec = _TORCHVISION_WEIGHTS.get(name)
-        if spec is not None and str(weights).isupper():
+        if _has_weights(name) and str(weights).isupper():
             try:
                 cached = hub_cache_file(name, str(weights))
             except KeyError:
                 cached = None
-            if cached is not None:
-                return cached
+            else:
+                return cached if cached is not None else download_weights(name, str(weights))
         raise UserError(
-            f"model.weights={weights}: no such file; pass model.weights=PATH to a local state_dict "
-            "(ImageNet weights cannot be downloaded here)"
+            f"model.weights={weights}: no such file (nor a torchvision weights name for {name}); pass "
+            "model.weights=PATH to a local state_dict"
         )
     cached = hub_cache_file(name)
     if cached is not None:
         return cached
-    raise UserError(
-        f"model.pretrained=true but no ImageNet weights for {name} are available: they cannot be "
-        f"downloaded here and none are in {Path(torch.hub.get_dir()) / 'checkpoints'}; "
-        "pass model.weights=PATH to a local state_dict, or set model.pretrained=false"
-    )
+    if not _has_weights(name):
+        raise UserError(f"model.pretrained=true but torchvision has no ImageNet weights for {name}; "
+                        "pass model.weights=PATH to a local state_dict, or set model.pretrained=false")
+    return download_weights(name)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

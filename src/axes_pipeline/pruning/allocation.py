@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,9 @@ __all__ = [
 ALLOCATIONS = ("global", "uniform", "hybrid")
 
 
+log = logging.getLogger("axes_pipeline")
+
+
 def group_scores(groups: GroupSet, per_layer: dict[str, np.ndarray], depthwise: bool = True) -> list[np.ndarray]:
     """Per-group scores ``[size_g]`` (mean of the members' layer-normalised scores)."""
     norm = {}
@@ -52,6 +56,7 @@ def group_scores(groups: GroupSet, per_layer: dict[str, np.ndarray], depthwise: 
         v = np.asarray(v, dtype=np.float64)
         norm[layer] = np.full(v.shape, np.nan) if not np.isfinite(v).any() else minmax(v)
     out = []
+    empty = []
     for g in groups.groups:
         members = list(g.convs)
         if not depthwise and len(g.depthwise) < len(g.convs):
@@ -59,6 +64,11 @@ def group_scores(groups: GroupSet, per_layer: dict[str, np.ndarray], depthwise: 
         stack = np.stack([norm[c][g.channel_of[c]] for c in members])  # [members, size]
         rows = stack[~np.isnan(stack).all(axis=1)]  # a layer without values (no norm for bn_scale)
         out.append(rows.mean(axis=0) if rows.size else np.full(g.size, 0.5))
+        if not rows.size:
+            empty.append(g.name)
+    if empty:  # e.g. bn_scale where no norm follows (AlexNet, SE convs): ranked by tie-break only
+        log.warning("score undefined for %d of %d channel groups (e.g. %s): their channels all score 0.5 and are "
+                    "ordered by the seeded tie-break", len(empty), len(groups.groups), empty[0])
     return out
 
 

@@ -13,6 +13,12 @@ channel dimensions that belongs to a group:
 - a depthwise conv, a norm, a pooling scales with its one channel group: ``c · k``;
 - a dimension outside every prunable group (the RGB input, the class logits, ConvNeXt's
   MLP hidden units) is a constant.
+- a dimension made of several groups (a conv after a concatenation: DenseNet, GoogLeNet,
+  Inception) is the sum of its parts, ``C_in = Σ_g fan_g · k_g + const``, so a dense conv is
+  one term per (input part, output part); a grouped (non-depthwise) conv is a constant, since
+  its channels are never pruned (:mod:`.groups`);
+- a parameter-free module (an SE block's pool) runs over the channels Torch-Pruning ties to it
+  (``"elem"`` members), counted from its output's channel count.
 
 The unpruned per-module counts come from one fvcore run (``by_module``); which group each
 module dimension belongs to comes from the dependency graph. An fvcore count that belongs to no
@@ -70,6 +76,34 @@ def fvcore_macs(model: nn.Module, example: torch.Tensor, by_module: bool = False
     return total, unsupported
 
 
+def _one_channel_set(mod: nn.Module) -> bool:
+    """A depthwise conv: its input channels are its output channels (MACs scale with one set)."""
+    return isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+
+
+def _channel_counts(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Channels (dim 1) of each parameter-free leaf module's output, from one forward: the
+    number a pool's MACs divide by."""
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if next(mod.children(), None) is None and next(mod.parameters(), None) is None:
+            def hook(_m, _i, out, name=name):
+                if isinstance(out, torch.Tensor) and out.ndim >= 2:
+                    counts.setdefault(name, int(out.shape[1]))
+            hooks.append(mod.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return counts
+
+
 def count_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
@@ -105,17 +139,34 @@ class CostModel:
     def build(cls, model: nn.Module, groups: GroupSet, example: torch.Tensor) -> "CostModel":
         total, unsupported, per_module = fvcore_macs(model, example, by_module=True)
         G = len(groups.groups)
-        # module -> {"in": (g, fan), "out": (g, fan)}; fan = member channels per root channel
-        dims: dict[str, dict[str, tuple[int, int]]] = {}
+        # module -> dim -> {group: member channels per root channel}. A dimension may be made of
+        # several groups (a conv after a concatenation: DenseNet, GoogLeNet, Inception); channels
+        # of no prunable group (the RGB input, frozen groups) are a constant part.
+        dims: dict[str, dict[str, dict[int, int]]] = {}
         for gi, g in enumerate(groups.groups):
             for m in g.members:
                 fan = len(m.idxs) // g.size if g.size else 1
                 if fan * g.size != len(m.idxs):
                     raise ValueError(f"{m.module}: uneven channel mapping in group {g.name}")
-                dims.setdefault(m.module, {})[m.dim] = (gi, fan)
+                parts = dims.setdefault(m.module, {}).setdefault(m.dim, {})
+                parts[gi] = parts.get(gi, 0) + fan
         modules = dict(model.named_modules())
         children = {name: [f"{name}.{c}" if name else c for c, _ in mod.named_children()]
                     for name, mod in modules.items()}
+        channels = _channel_counts(model, example)
+        sizes = groups.sizes
+
+        def split(parts: dict[int, int], total: int | None) -> list[tuple[int, int]]:
+            """[(group or G, channels per kept root channel)] summing to ``total`` channels."""
+            out = [(gi, fan) for gi, fan in parts.items()]
+            if total is not None:
+                rest = total - sum(fan * int(sizes[gi]) for gi, fan in parts.items())
+                if rest < 0:
+                    raise ValueError(f"group members exceed {total} channels")
+                if rest:
+                    out.append((G, rest))
+            return out
+
         coef, a, b, unattributed = [], [], [], {}
         for name, mod in modules.items():
             counts = Counter(per_module.get(name, {}))
@@ -124,26 +175,48 @@ class CostModel:
             for op, n in counts.items():
                 if n == 0:
                     continue
-                ga, gb, div = G, G, 1
                 d = dims.get(name, {})
-                if isinstance(mod, (nn.Conv2d, nn.Linear)) and getattr(mod, "groups", 1) == 1:
-                    if "in" in d:
-                        ga, div = d["in"][0], div * int(groups.sizes[d["in"][0]])
-                    if "out" in d:
-                        gb, div = d["out"][0], div * int(groups.sizes[d["out"][0]])
-                elif "out" in d or "in" in d:
-                    ga = d.get("out", d.get("in"))[0]
-                    div = int(groups.sizes[ga])
-                elif "pool" in op and groups.head_group is not None:
-                    ga = groups.head_group
-                    div = int(groups.sizes[ga])
-                else:
+                if isinstance(mod, nn.Conv2d) and mod.groups > 1 and not _one_channel_set(mod):
+                    # a grouped conv: build_groups keeps its channels whole (frozen), so constant
+                    if d:
+                        raise ValueError(f"{name}: grouped conv (groups={mod.groups}) inside a prunable group")
+                    coef.append(int(n))
+                    a.append(G)
+                    b.append(G)
+                    continue
+                if isinstance(mod, (nn.Conv2d, nn.Linear)) and not _one_channel_set(mod):
+                    # MACs = c0 · C_in · C_out; each of C_in, C_out a sum over its groups
+                    cin = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
+                    cout = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
+                    ins = split(d.get("in", {}), cin)
+                    outs = split(d.get("out", {}), cout)
+                    if n % (cin * cout):
+                        raise ValueError(f"{name} ({op}): {n} MACs do not split over {cin}x{cout} channels")
+                    c0 = n // (cin * cout)
+                    for gi, fi in ins:
+                        for go, fo in outs:
+                            coef.append(c0 * fi * fo)
+                            a.append(gi)
+                            b.append(go)
+                    continue
+                parts = d.get("out") or d.get("in") or d.get("elem") or {}
+                n_ch = channels.get(name)
+                if not parts and "pool" in op and groups.head_group is not None and n_ch is None:
+                    parts, n_ch = {groups.head_group: 1}, int(sizes[groups.head_group])
+                if not parts:
                     unattributed[(name, op)] = int(n)
-                if n % div:
-                    raise ValueError(f"{name} ({op}): {n} MACs do not split over {div} channels")
-                coef.append(n // div)
-                a.append(ga)
-                b.append(gb)
+                    coef.append(int(n))
+                    a.append(G)
+                    b.append(G)
+                    continue
+                if n_ch is None:
+                    n_ch = sum(fan * int(sizes[gi]) for gi, fan in parts.items())
+                if n % n_ch:
+                    raise ValueError(f"{name} ({op}): {n} MACs do not split over {n_ch} channels")
+                for gi, fan in split(parts, n_ch):
+                    coef.append(n // n_ch * fan)
+                    a.append(gi)
+                    b.append(G)
         if unattributed:
             log.warning("MAC count: kept constant (no channel group found): %s", unattributed)
         model_ = cls(np.array(coef, dtype=np.int64), np.array(a, dtype=np.int64), np.array(b, dtype=np.int64),

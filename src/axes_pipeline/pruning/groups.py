@@ -11,6 +11,14 @@ Which groups can be pruned: those whose out-channels include at least one ``nn.C
 analysable layers carry the scores). The classifier's outputs are never pruned; groups whose
 members are ``nn.Linear`` only (ConvNeXt's MLP hidden units) have no conv score and stay whole.
 
+Grouped convolutions that are not depthwise (ResNeXt, RegNet): Torch-Pruning's conv pruner
+indexes a grouped conv's weight ``[C_out, C_in/groups, k, k]`` with network-wide channel indices
+and fails; removing channels there would need the same count removed from every conv group.
+Every channel group that enters or leaves such a conv is therefore kept whole (``frozen``) and
+the conv is listed in :attr:`GroupSet.refused` with the reason, which the pruning outputs carry.
+Pooling and other parameter-free modules (an SE block's pool) are recorded as ``"elem"``
+members, so the MAC model knows which channels they run over.
+
 Torch-Pruning fact that matters here (checked with torch-pruning 1.6.0): the classifier must be
 *traced* (not in ``build_dependency(ignored_layers=...)``), only excluded as a group root;
 ignoring it while tracing makes the flatten index mapping of the last group wrong (indices
@@ -87,6 +95,7 @@ class GroupSet:
     input_shape: tuple[int, ...]
     head_group: int | None = None   # the group whose channels enter the classifier
     frozen: list[ChannelGroup] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # conv -> one-line reason it is never pruned
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -114,21 +123,35 @@ def _trace_graph(model: nn.Module, example: torch.Tensor):
     stack: list[str] = []
     failed: list[str] = []
     hooks = []
+    # grad_fn of a parameter-free module's output -> its name: Torch-Pruning sees pools and
+    # activations only as autograd nodes, and the MAC model needs to know their channels
+    by_grad_fn: dict = {}
 
     def pre(m, _inp):
         stack.append(names.get(m, type(m).__name__))
 
-    def post(m, _inp, _out):
+    def post(m, _inp, out):
         if stack:
             stack.pop()
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None and next(m.parameters(), None) is None \
+                and next(m.children(), None) is None:
+            by_grad_fn.setdefault(out.grad_fn, names.get(m))
 
+    finished: list[bool] = []
     for m in model.modules():
         hooks.append(m.register_forward_pre_hook(pre))
         hooks.append(m.register_forward_hook(post))
+    hooks.append(model.register_forward_hook(lambda *_: finished.append(True)))
     try:
         with torch.enable_grad():
             dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     except Exception as err:  # noqa: BLE001 - any tracing failure is a model the pipeline cannot prune
+        if finished:  # the forward ran: the failure is in mapping channels through reshapes
+            raise UserError(
+                f"the dependency graph cannot map the channels of {type(model).__name__} through its "
+                f"reshapes ({type(err).__name__}: {str(err).splitlines()[0][:120]}; a view that regroups "
+                "channels, such as ShuffleNet's channel shuffle, is the usual cause); this backbone cannot be pruned"
+            ) from None
         failed = [s for s in stack if s] or ["<model forward>"]
         raise UserError(
             f"the dependency graph cannot trace {type(model).__name__} at layer '{failed[-1]}' "
@@ -137,7 +160,14 @@ def _trace_graph(model: nn.Module, example: torch.Tensor):
     finally:
         for h in hooks:
             h.remove()
+    dg.axes_by_grad_fn = by_grad_fn
     return dg
+
+
+def _grouped(mod: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (see the module docstring)."""
+    g = getattr(mod, "groups", 1)
+    return isinstance(mod, nn.Conv2d) and g > 1 and not (g == mod.in_channels == mod.out_channels)
 
 
 def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None = None,
@@ -158,6 +188,8 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
         dg = _trace_graph(model, example)
         clf = model.get_submodule(classifier)
         names = dg._module2name
+        by_grad_fn = getattr(dg, "axes_by_grad_fn", {})
+        refused: dict[str, str] = {}
         missing = [n for n in conv_names if model.get_submodule(n) not in dg.module2node]
         if missing:
             raise UserError(f"the dependency graph cannot trace layer '{missing[0]}' of "
@@ -171,12 +203,20 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
             size = int(dg.get_out_channels(root_mod))
             members: list[Member] = []
             convs, dws, channel_of = [], [], {}
+            blocked = None
             for item in grp:
                 dep = item.dep
                 mod = dep.target.module
                 if not isinstance(mod, nn.Module) or mod not in names:
+                    op_name = by_grad_fn.get(getattr(dep.target, "grad_fn", None))
+                    if op_name is not None and dg.is_out_channel_pruning_fn(dep.handler):
+                        members.append(Member(op_name, "elem",
+                                              np.asarray([int(i) for i in item.idxs], dtype=np.int64),
+                                              np.asarray([int(i) for i in item.root_idxs], dtype=np.int64)))
                     continue  # functional ops, unwrapped parameters: pruned along, no cost of their own
                 name = names[mod]
+                if _grouped(mod) and blocked is None:
+                    blocked = name
                 if dg.is_out_channel_pruning_fn(dep.handler):
                     dim = "out"
                 elif dg.is_in_channel_pruning_fn(dep.handler):
@@ -197,8 +237,15 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
                     if getattr(mod, "groups", 1) > 1:
                         dws.append(name)
             g = ChannelGroup(names[root_mod], size, members, convs, dws, channel_of)
+            if blocked is not None:
+                conv = model.get_submodule(blocked)
+                for c in convs:
+                    refused.setdefault(c, f"channels reach grouped conv {blocked} (groups={conv.groups}), which "
+                                          "Torch-Pruning cannot prune channel by channel; kept whole")
+                frozen.append(g)
+                continue
             (groups if g.prunable else frozen).append(g)
-        seen = {c for g in groups for c in g.convs}
+        seen = {c for g in groups for c in g.convs} | set(refused)
         lost = [n for n in conv_names if n not in seen]
         if lost:
             raise UserError(f"the dependency graph cannot place layer '{lost[0]}' of "
@@ -209,7 +256,10 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
         for i, g in enumerate(groups):
             if any(m.module == classifier and m.dim == "in" for m in g.members):
                 head = i
-        return GroupSet(groups, classifier, tuple(example.shape), head, frozen)
+        if refused:
+            log.warning("pruning: %d conv layers kept whole: %s", len(refused),
+                        "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3]))
+        return GroupSet(groups, classifier, tuple(example.shape), head, frozen, refused)
     finally:
         model.train(was_training)
 

@@ -2,11 +2,18 @@
 
 For every score (and random draw) and every target, one shot from the same trained checkpoint:
 scores → group scores → allocation → FLOPs search on the analytic MAC count → physical pruning
-(Torch-Pruning) → fvcore MACs of the pruned network → test accuracy before (and optionally
-after) a short fine-tune → latency → one JSON point. Points are written atomically under
-``<run_dir>/prune/points/`` and skipped on re-run when their settings match, so an interrupted
-run resumes; ``prune_curves.csv``, ``prune_summary.json`` and the plots are rebuilt from the
-points every time.
+(Torch-Pruning) → fvcore MACs of the pruned network → validation and test accuracy before (and
+optionally after) a short fine-tune → latency → one JSON point. Points are written atomically
+under ``<run_dir>/prune/points/``, keyed by :func:`axes_pipeline.runs.run_fingerprint` (data
+identity, checkpoint content, the settings that matter, the analysis table's content) and
+skipped on re-run when their key matches and the record reads back sound, so an interrupted run
+resumes; ``prune_curves.csv`` and ``prune_summary.json`` are rebuilt from the points in memory
+every time and replaced together.
+
+Selection and measurement (METHODS §9): every "best" (best local / target score, the best α / β
+of a sweep) is chosen on the validation split's FLOPs-AUC; the test FLOPs-AUC of the chosen score
+is what is reported. Every FLOPs-AUC is taken over one removed-FLOPs grid shared by all scores
+(:func:`axes_pipeline.stats.grid_aucs`).
 """
 
 from __future__ import annotations
@@ -36,15 +43,28 @@ from axes_pipeline.pruning.allocation import (
 from axes_pipeline.pruning.evaluate import evaluate, finetune, latency, resolve_device
 from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
 from axes_pipeline.pruning.groups import build_groups, prune_physically
-from axes_pipeline.pruning.scores import AXES, DEFAULT_SCORES, FAMILIES, Score, ScoreContext, resolve_score
-from axes_pipeline.runs import read_json, write_csv, write_json
+from axes_pipeline.pruning.scores import (
+    AXES,
+    DEFAULT_MAGNITUDE,
+    DEFAULT_SCORES,
+    FAMILIES,
+    Score,
+    ScoreContext,
+    resolve_score,
+)
+from axes_pipeline.runs import atomic_path, fingerprint, read_json, run_fingerprint, settings_diff, write_json
+from axes_pipeline.stats import grid_aucs
+from axes_pipeline.tables import Schema, check_table, read_table
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = ["PruneSettings", "flops_auc", "point_label", "run_prune"]
+__all__ = ["PruneSettings", "axes_schema", "point_label", "run_prune"]
 
 MODES = ("flops", "channel_fraction")
-POINT_VERSION = 1
+# 2: validation accuracies in every point, keys from runs.run_fingerprint
+POINT_VERSION = 2
+#: the split every "best" is chosen on, and the one its reported accuracy is measured on
+SELECTION_SPLIT, MEASUREMENT_SPLIT = "val", "test"
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +128,7 @@ class PruneSettings:
             raise UserError(f"pruning.random_draws must be >= 1, got {self.random_draws}")
         self.hybrid_from = resolve_score(str(pc.get("hybrid_counts_from", "taylor")))
         self.depthwise = bool(pc.get("depthwise_in_group_score", True))
-        self.magnitude = str(pc.get("magnitude", "l1"))
+        self.magnitude = str(pc.get("magnitude", DEFAULT_MAGNITUDE))
         if self.magnitude not in ("l1", "l2"):
             raise unknown_name("magnitude norm (pruning.magnitude)", self.magnitude, ("l1", "l2"))
         ft = pc.get("finetune") or {}
@@ -142,35 +162,36 @@ class PruneSettings:
         extra = [self.hybrid_from] if self.allocation == "hybrid" else []
         return [s for s in self.scores + extra if what in s.needs]
 
-    def score_fingerprint(self, score: Score, ckpt: Path, input_shape, axes_digest: str | None = None) -> str:
-        """What a score's raw values depend on (the on-disk score cache): not the allocation,
-        search or evaluation, so changing those never recomputes an expensive calibration score."""
-        stat = ckpt.stat() if ckpt.exists() else None
-        parts = {"v": POINT_VERSION, "score": score.name, "ckpt": str(ckpt),
-                 "ckpt_mtime": stat.st_mtime if stat else None, "input": list(input_shape),
+    def score_fingerprint(self, score: Score, ckpt: Path, input_shape, axes_digest: str | None = None) -> dict:
+        """What a score's raw values depend on (the on-disk score cache): the data identity, the
+        checkpoint's content and the score's own inputs; not the allocation, search or
+        evaluation, so changing those never recomputes an expensive calibration score."""
+        parts = {"stage": "prune/score", "v": POINT_VERSION, "score": score.name, "input": list(input_shape),
                  "magnitude": self.magnitude}
         if "calibration" in score.needs:
             parts["calibration"] = self.calibration
         if "axes" in score.needs:
             parts["axes"] = axes_digest      # analyze.py rerun with other knobs -> other values
-        return _digest(parts)
+        return _plain(run_fingerprint(self.cfg, ckpt, **parts))
 
-    def fingerprint(self, score: Score, ckpt: Path, input_shape, axes_digest: str | None = None) -> str:
+    def fingerprint(self, score: Score, ckpt: Path, input_shape, axes_digest: str | None = None) -> dict:
         """What a finished point depends on; a point with another fingerprint is recomputed."""
         parts = {
-            "score": self.score_fingerprint(score, ckpt, input_shape, axes_digest),
+            "stage": "prune/point",
+            "score": fingerprint(self.score_fingerprint(score, ckpt, input_shape, axes_digest)),
             "mode": self.mode, "allocation": self.allocation, "cap": self.cap, "tol": self.tolerance,
             "depthwise": self.depthwise, "eval": [self.eval_samples, self.eval_seed],
             "finetune": self.ft if self.finetune else False, "fvcore": self.fvcore_check,
             "latency": [self.latency_batch_sizes, self.latency_repeats] if self.latency else False,
         }
         if self.allocation == "hybrid":
-            parts["hybrid"] = self.score_fingerprint(self.hybrid_from, ckpt, input_shape, axes_digest)
-        return _digest(parts)
+            parts["hybrid"] = fingerprint(self.score_fingerprint(self.hybrid_from, ckpt, input_shape, axes_digest))
+        return _plain(run_fingerprint(self.cfg, ckpt, **parts))
 
 
-def _digest(parts: dict) -> str:
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _plain(d: dict) -> dict:
+    """``d`` as it reads back from JSON (tuples -> lists ...), so a stored key compares equal."""
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
 def axes_digest(table: pd.DataFrame | None) -> str | None:
@@ -182,21 +203,6 @@ def axes_digest(table: pd.DataFrame | None) -> str | None:
 
 def point_label(score: Score, draw: int) -> str:
     return f"{score.name}-d{draw}" if score.stochastic else score.name
-
-
-# --------------------------------------------------------------------------------------------
-# FLOPs-AUC
-# --------------------------------------------------------------------------------------------
-
-
-def flops_auc(removed_frac, acc) -> float:
-    """Trapezoidal area under accuracy vs removed-FLOPs fraction / span of that axis."""
-    from axes_pipeline.stats import flops_auc as _auc
-
-    try:
-        return float(_auc(np.asarray(removed_frac, dtype=float), np.asarray(acc, dtype=float)))
-    except ValueError:
-        return float("nan")
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +224,26 @@ def _analyze_hint(cfg: DictConfig) -> str:
     return "python analyze.py " + " ".join(p for p in parts if p)
 
 
-def _axes_loader(cfg: DictConfig, trained, names: list[str]):
+def axes_schema(scores: list[Score]) -> Schema:
+    """What prune needs of ``analyze/axes.csv``: one row per channel of every conv layer and
+    finite values in every column the configured scores read. A NaN would otherwise become the
+    lowest keep value after min-max normalisation (:func:`minmax`) and silently move a curve."""
+    cols = sorted(set().union(*(s.columns for s in scores))) if scores else []
+    return Schema("axes.csv", {"layer": "str", "channel": "int", **{c: "float" for c in cols}},
+                  finite=tuple(cols), layer="layer")
+
+
+def _axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
+    names = [s.name for s in scores]
+    schema = axes_schema(scores)
+    rows_per_layer = {name: conv.out_channels for name, conv in layers.items()}
+    rebuild = f"{_analyze_hint(cfg)} analysis.axes.recompute=true"
+
+    def checked(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+        # only the pruned convs are checked: a table may hold more layers than prune reads
+        part = table[table["layer"].isin(list(rows_per_layer))] if "layer" in table else table
+        return check_table(part, schema, path=path, rebuild=rebuild, rows_per_layer=rows_per_layer)
+
     def load():
         from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -229,14 +254,15 @@ def _axes_loader(cfg: DictConfig, trained, names: list[str]):
             load_or_compute_axes = None
         if load_or_compute_axes is not None:
             try:
-                return load_or_compute_axes(cfg, trained)
+                return checked(load_or_compute_axes(cfg, trained), cached)
             except (ConfigAttributeError, ConfigKeyError, KeyError, AttributeError) as err:
                 if not cached.is_file():
                     raise UserError(f"scores {', '.join(names)} need the analysis results, which do not exist "
                                     f"and cannot be computed from the prune config ({type(err).__name__}: "
                                     f"{str(err).splitlines()[0][:100]}); run `{_analyze_hint(cfg)}` first") from None
         if cached.is_file():
-            return pd.read_csv(cached)
+            table = read_table(cached, Schema("axes.csv", {"layer": "str"}), rebuild=rebuild)
+            return checked(table, cached)
         raise UserError(f"scores {', '.join(names)} need the analysis results ({cached}), which do not "
                         f"exist; run `{_analyze_hint(cfg)}` first")
     return load
@@ -262,10 +288,16 @@ class _ScoreCache:
         path = self.out / "scores" / f"{point_label(score, draw)}.json"
         fp = self.settings.score_fingerprint(score, self.ckpt, self.shape, self.axes)
         if "calibration" in score.needs and path.is_file():
-            saved = read_json(path)
-            if saved.get("fingerprint") == fp:
-                self.mem[key] = {k: np.asarray(v, dtype=np.float64) for k, v in saved["values"].items()}
-                return self.mem[key]
+            try:
+                saved = read_json(path)
+                if saved.get("fingerprint") == fp:
+                    values = {k: np.asarray(v, dtype=np.float64) for k, v in saved["values"].items()}
+                    if _scores_sound(values, self.ctx.layers):
+                        self.mem[key] = values
+                        return values
+                    print(f"prune: note: score cache {path.name} is damaged; recomputing it")
+            except (ValueError, OSError, KeyError, TypeError, AttributeError):
+                print(f"prune: note: score cache {path.name} cannot be read; recomputing it")
         t0 = time.perf_counter()
         values = score(self.ctx, draw)
         self.timing[point_label(score, draw)] = time.perf_counter() - t0
@@ -277,6 +309,13 @@ class _ScoreCache:
             self.mem.pop(next(iter(self.mem)))
         self.mem[key] = values
         return values
+
+
+def _scores_sound(values: dict, layers: dict) -> bool:
+    """A cached score has one finite value per channel of every layer."""
+    return (set(values) == set(layers)
+            and all(v.shape == (conv.out_channels,) and np.isfinite(v).all()
+                    for v, conv in ((values[n], layers[n]) for n in layers)))
 
 
 def _calibration(dm, settings: PruneSettings, which: str = "n"):
@@ -314,36 +353,41 @@ def run_prune(cfg: DictConfig) -> dict:
     cost = CostModel.build(model, groups, example)
     layers = conv_layers(model)
 
-    axes_names = [s.name for s in settings.needs("axes")]
-    ctx = ScoreContext(model, layers, axes_loader=_axes_loader(cfg, trained, axes_names),
+    axes_scores = settings.needs("axes")
+    ctx = ScoreContext(model, layers, axes_loader=_axes_loader(cfg, trained, axes_scores, layers),
                        calibration=_calibration(dm, settings),
                        feature_maps=_calibration(dm, settings, "feature_maps"), seed=int(cfg.seed),
                        magnitude=settings.magnitude, device=device)
-    digest = axes_digest(ctx.axes()) if axes_names else None   # fail (or compute) now, before any point
+    digest = axes_digest(ctx.axes()) if axes_scores else None   # fail (or compute) now, before any point
+    if len(settings.targets) < 2:
+        print(f"prune: note: one target ({settings.targets[0]:g}): the points are written but a FLOPs-AUC "
+              "needs at least two targets, so there is none")
 
     points = [(s, d, t) for s in settings.scores for d in s.draws(settings.random_draws) for t in settings.targets]
     print(f"prune: {len(settings.scores)} scores, {len(settings.targets)} targets, {len(points)} points, "
           f"allocation={settings.allocation}, mode={settings.mode}, {len(groups)} groups -> {out}")
 
+    if groups.refused:   # convs never pruned (grouped convs): the reason travels with the results
+        write_csv(out / "prune_refused.csv", pd.DataFrame(sorted(groups.refused.items()), columns=["layer", "reason"]))
     tracker = StageTracker(cfg, "prune", out)
     try:
         base = _unpruned(model, dm, cost, example, settings, device, out, trained.ckpt)
         cache = _ScoreCache(ctx, out, settings, Path(trained.ckpt), example.shape, digest)
         hybrid_counts = None
         done = 0
+        records: list[dict] = []
         bar = tqdm(points, desc="prune", disable=None if settings.progress else True, leave=False)
         for score, draw, target in bar:
             label = point_label(score, draw)
             path = out / "points" / f"{label}__{target:g}.json"
             fp = settings.fingerprint(score, Path(trained.ckpt), example.shape, digest)
-            if path.is_file():
-                try:
-                    old = read_json(path)
-                except (ValueError, OSError):
-                    old = {}
-                model_ok = not settings.export or (out / "models" / f"{label}_{target:g}.pt").is_file()
-                if old.get("fingerprint") == fp and model_ok:
-                    continue
+            model_ok = not settings.export or (out / "models" / f"{label}_{target:g}.pt").is_file()
+            old, why = _read_point(path, fp, score, draw, target, settings, base)
+            if old is not None and model_ok:
+                records.append(old)
+                continue
+            if why:
+                print(f"prune: note: {why}; recomputing it")
             bar.set_postfix_str(f"{label} @ {target:g}")
             raw = cache.get(score, draw)
             gscores = group_scores(groups, raw, settings.depthwise)
@@ -353,10 +397,11 @@ def run_prune(cfg: DictConfig) -> dict:
                                 example, dm, device, out, cfg, base)
             record["fingerprint"] = fp
             write_json(path, record)
+            records.append(record)
             done += 1
         bar.close()
-        curves = collect_points(out, settings)
-        write_csv(out / "prune_curves.csv", curves)
+        # curves and summary are computed in full before either is written, then replaced together
+        curves = curves_frame(records)
         summary = summarise(curves, base, settings, cfg, groups, cost, cache.timing)
         summary["points_computed_this_run"] = done
         plots = {}
@@ -368,7 +413,7 @@ def run_prune(cfg: DictConfig) -> dict:
         except Exception as err:  # noqa: BLE001 - a plot must never lose the results
             log.warning("prune plots failed: %s", err)
         summary["plots"] = {k: str(v) for k, v in plots.items()}
-        write_json(out / "prune_summary.json", summary)
+        write_stage(out, curves, summary)
         tracker.scalars(_flat_scalars(summary), prefix="prune/")
         tracker.table("prune/curves", curves)
         for key, p in plots.items():
@@ -379,23 +424,123 @@ def run_prune(cfg: DictConfig) -> dict:
         tracker.finish()
 
 
+def write_stage(out: Path, curves: pd.DataFrame, summary: dict) -> None:
+    """Replace ``prune_curves.csv`` and ``prune_summary.json`` together.
+
+    Both are written in full to temporary files first (a failure there leaves both old ones);
+    the old summary is removed before the new curves are renamed into place, so no moment shows a
+    summary beside curves it does not describe (at worst: new curves and no summary, which reads
+    as an unfinished stage). The summary also carries the curves' content digest
+    (``curves_sha256``), which the report checks.
+    """
+    text = curves.to_csv(index=False)
+    summary["curves_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    blob = json.dumps(summary, indent=2, default=_json_safe) + "\n"
+    with atomic_path(out / "prune_summary.json") as tmp_summary:
+        with atomic_path(out / "prune_curves.csv") as tmp_curves:
+            tmp_curves.write_text(text)
+            tmp_summary.write_text(blob)
+            (out / "prune_summary.json").unlink(missing_ok=True)
+        # here: new curves, no summary; next line: the new summary
+
+
+def _json_safe(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def _read_point(path: Path, key: dict, score: Score, draw: int, target: float, settings: PruneSettings,
+                base: dict) -> tuple[dict | None, str]:
+    """A stored point when it is usable as is: ``(record, "")``; else ``(None, why)`` with ``why``
+    empty when there is simply nothing (or a point of other settings) to reuse, and a one-line
+    note when the file is damaged."""
+    if not path.is_file():
+        return None, ""
+    try:
+        rec = read_json(path)
+    except (ValueError, OSError) as err:
+        return None, f"point {path.name} cannot be read ({type(err).__name__})"
+    if not isinstance(rec, dict):
+        return None, f"point {path.name} is not a record"
+    if rec.get("fingerprint") != key:
+        if isinstance(rec.get("fingerprint"), dict):
+            log.info("prune: %s was computed with other settings (%s)", path.name,
+                     settings_diff(rec["fingerprint"], key))
+        return None, ""
+    bad = point_problems(rec, score, draw, target, settings, n_val=int(base.get("n_val") or 0))
+    if bad:
+        return None, f"point {path.name} is damaged ({bad})"
+    return rec, ""
+
+
+def point_problems(rec: dict, score: Score, draw: int, target: float, settings: PruneSettings, n_val: int) -> str:
+    """What is wrong with a point record read back from disk ("" when it is sound)."""
+    tcol = "target_flops" if settings.mode == "flops" else "target_channels"
+    if rec.get("score") != score.name or rec.get("draw") != draw:
+        return f"it holds {rec.get('score')!r} draw {rec.get('draw')!r}"
+    if not isinstance(rec.get(tcol), (int, float)) or abs(float(rec[tcol]) - target) > 1e-12:
+        return f"{tcol} is {rec.get(tcol)!r}, not {target:g}"
+    accs = ["acc_before_ft"] + (["val_acc_before_ft"] if n_val else [])
+    if settings.finetune:
+        accs += ["acc_after_ft"] + (["val_acc_after_ft"] if n_val else [])
+    for k in ["achieved_flops", "macs", *accs]:
+        v = rec.get(k)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return f"{k} is {v!r}"
+    for k in accs:
+        if not 0.0 <= rec[k] <= 1.0:
+            return f"{k} is {rec[k]!r}"
+    if not 0.0 < rec["achieved_flops"] <= 1.0 + 1e-9:
+        return f"achieved_flops is {rec['achieved_flops']!r}"
+    return ""
+
+
 def _test_loader(dm, settings: PruneSettings):
     if settings.eval_samples is None:
         return dm.test_dataloader()
     return dm.loader(dm.eval_subset(int(settings.eval_samples), settings.eval_seed))
 
 
+def _val_loader(dm):
+    """The validation split training carved from the training data (every "best" is chosen on
+    it); None when there is none (``data.val_fraction=0``)."""
+    return dm.val_dataloader() if dm.split_sizes().get("val", 0) > 0 else None
+
+
+def _evaluate_splits(model, dm, settings, device, suffix: str = "before_ft") -> dict:
+    """``acc_<suffix>`` etc. on the test split and ``val_acc_<suffix>`` on the validation split."""
+    test = evaluate(model, _test_loader(dm, settings), device)
+    val_loader = _val_loader(dm)
+    val = evaluate(model, val_loader, device) if val_loader is not None else None
+    tail = "" if suffix == "before_ft" else "_after_ft"
+    out = {f"acc_{suffix}": test["acc"], f"top5{tail}": test["top5"], f"loss{tail}": test["loss"],
+           f"val_acc_{suffix}": val["acc"] if val else None, f"val_loss{tail}": val["loss"] if val else None}
+    return out
+
+
 def _unpruned(model, dm, cost, example, settings, device, out, ckpt) -> dict:
-    """Accuracy, MACs, params and latency of the unpruned network (cached next to the points)."""
+    """Accuracy (validation and test), MACs, params and latency of the unpruned network
+    (cached next to the points, keyed like them)."""
     path = out / "unpruned.json"
-    key = {"ckpt": str(ckpt), "mtime": Path(ckpt).stat().st_mtime, "eval": [settings.eval_samples, settings.eval_seed],
-           "latency": settings.latency and settings.latency_batch_sizes}
+    key = _plain(run_fingerprint(settings.cfg, ckpt, stage="prune/unpruned", v=POINT_VERSION,
+                                 eval=[settings.eval_samples, settings.eval_seed],
+                                 latency=settings.latency and settings.latency_batch_sizes))
     if path.is_file():
-        old = read_json(path)
-        if old.get("key") == json.loads(json.dumps(key, default=str)):
-            return old
+        try:
+            old = read_json(path)
+            if (old.get("key") == key and isinstance(old.get("acc"), float) and math.isfinite(old["acc"])
+                    and "val_acc" in old):
+                return old
+        except (ValueError, OSError, AttributeError):
+            print(f"prune: note: {path.name} cannot be read; recomputing it")
     acc = evaluate(model, _test_loader(dm, settings), device)
+    val_loader = _val_loader(dm)
+    val = evaluate(model, val_loader, device) if val_loader is not None else {"acc": None, "loss": None, "n": 0}
     base = {"key": key, "acc": acc["acc"], "top5": acc["top5"], "loss": acc["loss"], "n_eval": acc["n"],
+            "val_acc": val["acc"], "val_loss": val["loss"], "n_val": val["n"],
             "macs": cost.total, "params": count_params(model), "unsupported_ops": cost.unsupported,
             "unattributed_macs": {f"{m}:{o}": v for (m, o), v in cost.unattributed.items()}}
     if settings.latency:
@@ -421,7 +566,7 @@ def _one_point(model, groups, cost, gscores, hybrid_counts, score, draw, target,
     fv, unsupported = (fvcore_macs(pruned, example) if settings.fvcore_check else (None, {}))
     macs = fv if fv is not None else res.macs
     t3 = time.perf_counter()
-    acc = evaluate(pruned, _test_loader(dm, settings), device)
+    acc = _evaluate_splits(pruned, dm, settings, device)
     t4 = time.perf_counter()
     kept_channels = float(sum(int(k.sum()) for k in keep)) / float(sum(k.size for k in keep))
     rec = {
@@ -435,7 +580,7 @@ def _one_point(model, groups, cost, gscores, hybrid_counts, score, draw, target,
         "matched": bool(abs(macs / cost.total - target) <= settings.tolerance) if settings.mode == "flops" else None,
         "refined": bool(res.refined), "channels_frac": kept_channels,
         "params_frac": count_params(pruned) / base["params"],
-        "acc_before_ft": acc["acc"], "top5": acc["top5"], "loss": acc["loss"],
+        **acc,
         "group_kept": {g.name: int(k.sum()) for g, k in zip(groups.groups, keep)},
         "search_s": t1 - t0, "search_evals": res.evaluations, "prune_s": t2 - t1, "fvcore_s": t3 - t2,
         "eval_s": t4 - t3,
@@ -450,9 +595,8 @@ def _one_point(model, groups, cost, gscores, hybrid_counts, score, draw, target,
         tuned = copy.deepcopy(pruned)
         ft = finetune(tuned, dm.train_dataloader(), device, settings.ft["epochs"], settings.ft["max_batches"],
                       settings.ft["lr"], settings.ft["optimizer"], settings.ft["weight_decay"])
-        acc_ft = evaluate(tuned, _test_loader(dm, settings), device)
-        rec.update({"acc_after_ft": acc_ft["acc"], "top5_after_ft": acc_ft["top5"], "loss_after_ft": acc_ft["loss"],
-                    "finetune_steps": ft["steps"], "finetune_loss": ft["loss"], "finetune_s": time.perf_counter() - t5})
+        rec.update(_evaluate_splits(tuned, dm, settings, device, "after_ft"))
+        rec.update({"finetune_steps": ft["steps"], "finetune_loss": ft["loss"], "finetune_s": time.perf_counter() - t5})
         if settings.export:
             pruned = tuned
     if settings.latency:
@@ -475,88 +619,114 @@ def _one_point(model, groups, cost, gscores, hybrid_counts, score, draw, target,
 
 CURVE_COLUMNS = ["score", "axis", "draw", "family", "param", "mode", "allocation", "target_flops", "target_channels",
                  "achieved_flops", "achieved_flops_analytic", "macs", "matched", "channels_frac", "params_frac",
-                 "acc_before_ft", "acc_after_ft", "top5", "loss", "top5_after_ft", "loss_after_ft", "latency_ms"]
+                 "acc_before_ft", "val_acc_before_ft", "acc_after_ft", "val_acc_after_ft", "top5", "loss", "val_loss",
+                 "top5_after_ft", "loss_after_ft", "val_loss_after_ft", "latency_ms"]
 
 
-def collect_points(out: Path, settings: PruneSettings) -> pd.DataFrame:
-    """The curves of the configured scores × targets, rebuilt from the stored points."""
-    rows = []
-    for score in settings.scores:
-        for draw in score.draws(settings.random_draws):
-            for target in settings.targets:
-                path = out / "points" / f"{point_label(score, draw)}__{target:g}.json"
-                if path.is_file():
-                    rec = read_json(path)
-                    rec.pop("group_kept", None)
-                    rows.append(rec)
+def curves_frame(records: list[dict]) -> pd.DataFrame:
+    """``prune_curves.csv``: one row per point (the validated records of this sweep, in order)."""
+    rows = [{k: v for k, v in r.items() if k not in ("group_kept", "fingerprint")} for r in records]
     df = pd.DataFrame(rows)
     for c in CURVE_COLUMNS:
         if c not in df.columns:
             df[c] = np.nan
-    extra = [c for c in df.columns if c not in CURVE_COLUMNS and c != "fingerprint"]
+    extra = [c for c in df.columns if c not in CURVE_COLUMNS]
     return df[CURVE_COLUMNS + extra]
 
 
-def _auc_of(df: pd.DataFrame, acc_col: str, base_acc: float) -> float:
-    """FLOPs-AUC over the points of the curve (removed = 1 − achieved), as the report computes it;
-    the unpruned model is not added as a point."""
-    return flops_auc(1.0 - df["achieved_flops"].to_numpy(dtype=float), df[acc_col].to_numpy(dtype=float))
+#: the AUC keys of the summary and the curve column each integrates (test = measured, val = chooses)
+AUC_KEYS = {"flops_auc": "acc_before_ft", "val_flops_auc": "val_acc_before_ft",
+            "flops_auc_ft": "acc_after_ft", "val_flops_auc_ft": "val_acc_after_ft"}
+
+
+def _mean_or_none(values) -> float | None:
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
 
 
 def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, cfg: DictConfig, groups, cost,
               score_timing: dict) -> dict:
-    """FLOPs-AUC per score (absolute and relative), best local vs best target, axis means, sweeps."""
+    """FLOPs-AUC per score over one shared removed-FLOPs grid (validation and test), the best local
+    and best target score chosen on validation (their test AUC reported), axis means, sweeps."""
     base_acc = float(base["acc"])
+    base_val = base.get("val_acc")
+    has_val = bool(base.get("n_val")) and base_val is not None
+    keys = ["flops_auc", "val_flops_auc"] + (["flops_auc_ft", "val_flops_auc_ft"] if settings.finetune else [])
+    keys = [k for k in keys if has_val or not k.startswith("val_")]
+    unpruned = {"acc_before_ft": base_acc, "acc_after_ft": base_acc, "val_acc_before_ft": base_val,
+                "val_acc_after_ft": base_val}
+    res = grid_aucs(curves, [AUC_KEYS[k] for k in keys], lambda _k: unpruned, mode=settings.mode,
+                    tolerance=settings.tolerance, by=("score", "draw"), targets=settings.targets)
     per_score = {}
-    cols = [("acc_before_ft", "flops_auc")] + ([("acc_after_ft", "flops_auc_ft")] if settings.finetune else [])
     for score in settings.scores:
         df = curves[curves["score"] == score.name]
         entry = {"axis": score.axis, "family": score.family, "param": score.param, "points": int(len(df))}
-        for acc_col, key in cols:
-            aucs = [_auc_of(d, acc_col, base_acc) for _, d in df.groupby("draw")] if len(df) else []
-            aucs = [a for a in aucs if np.isfinite(a)]
-            mean = float(np.mean(aucs)) if aucs else float("nan")
+        draws = [k for k in res["aucs"] if k[0] == score.name]
+        for key in keys:
+            aucs = [res["aucs"][k][AUC_KEYS[key]] for k in draws]
+            mean = _mean_or_none(aucs)
+            ref = base_val if key.startswith("val_") else base_acc
             entry[key] = mean
-            entry[f"{key}_rel"] = mean / base_acc if base_acc > 0 else float("nan")
+            entry[f"{key}_rel"] = mean / ref if mean is not None and ref else None
             if score.stochastic:
-                entry[f"{key}_draws"] = aucs
-                entry[f"{key}_sd"] = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else float("nan")
+                got = [float(a) for a in aucs if a is not None]
+                entry[f"{key}_draws"] = got
+                entry[f"{key}_sd"] = float(np.std(got, ddof=1)) if len(got) > 1 else None
+        why = [res["no_auc"][k] for k in draws if k in res["no_auc"]]
+        if why or res["note"]:
+            entry["no_auc"] = res["note"] or why[0]
         per_score[score.name] = entry
 
     def best(axis: str, key: str = "flops_auc"):
-        cands = [(v[key], k) for k, v in per_score.items() if v["axis"] == axis and np.isfinite(v[key])]
+        """The axis's best score by its validation AUC; its test AUC is what is reported."""
+        if not has_val:
+            return None
+        cands = [(v[f"val_{key}"], k) for k, v in per_score.items() if v["axis"] == axis and v.get(f"val_{key}") is not None]
         if not cands:
             return None
-        auc, name = max(cands)
-        return {"score": name, "flops_auc": auc, "flops_auc_rel": per_score[name][f"{key}_rel"]}
+        val, name = max(cands)   # ties broken by name: deterministic
+        return {"score": name, "chosen_on": SELECTION_SPLIT, "measured_on": MEASUREMENT_SPLIT,
+                f"val_{key}": val, key: per_score[name][key], f"{key}_rel": per_score[name][f"{key}_rel"]}
 
     axis_means = {}
     for axis in AXES:
-        vals = [v["flops_auc"] for v in per_score.values() if v["axis"] == axis and np.isfinite(v["flops_auc"])]
+        vals = [v["flops_auc"] for v in per_score.values() if v["axis"] == axis and v["flops_auc"] is not None]
         axis_means[axis] = float(np.mean(vals)) if vals else None
     bl, bt = best("local"), best("target")
     sweeps = {}
     for prefix, fam in FAMILIES.items():
-        pts = sorted((v["param"], k, v["flops_auc"]) for k, v in per_score.items() if v["family"] == prefix)
+        pts = sorted((v["param"], k) for k, v in per_score.items() if v["family"] == prefix)
         anchor_name = fam["anchor"].format(magnitude=settings.magnitude)  # the sweep at parameter 0
-        anchor = per_score.get(anchor_name)
-        if anchor is not None:
-            pts = [(0.0, anchor_name, anchor["flops_auc"])] + pts
+        if anchor_name in per_score:
+            pts = [(0.0, anchor_name)] + pts
         if pts:
-            sweeps[prefix] = {"symbol": fam["symbol"], "label": fam["label"],
-                              "points": [{"param": p, "score": s, "flops_auc": a} for p, s, a in pts]}
+            points = [{"param": p, "score": s, "flops_auc": per_score[s]["flops_auc"],
+                       "val_flops_auc": per_score[s].get("val_flops_auc")} for p, s in pts]
+            chosen = [(p["val_flops_auc"], p["score"]) for p in points if p["val_flops_auc"] is not None]
+            sweeps[prefix] = {"symbol": fam["symbol"], "label": fam["label"], "points": points,
+                              "best": (dict(next(p for p in points if p["score"] == max(chosen)[1]),
+                                            chosen_on=SELECTION_SPLIT) if chosen else None)}
     matched = curves["matched"].dropna() if "matched" in curves else pd.Series(dtype=bool)
     dev = (curves["achieved_flops"] - curves["target_flops"]).abs() if settings.mode == "flops" else pd.Series(dtype=float)
     fv_diff = (curves["macs"] - curves["macs_analytic"]).abs() if len(curves) else pd.Series(dtype=float)
+    grid = res["grid"]
     return {
         "unpruned": {k: v for k, v in base.items() if k != "key"},
-        "unpruned_acc": base_acc, "unpruned_macs": int(base["macs"]),
+        "unpruned_acc": base_acc, "unpruned_val_acc": base_val, "unpruned_macs": int(base["macs"]),
         "mode": settings.mode, "allocation": settings.allocation, "max_fraction": settings.cap,
         "tolerance": settings.tolerance, "targets": settings.targets,
+        "selection": {"chosen_on": SELECTION_SPLIT if has_val else None, "measured_on": MEASUREMENT_SPLIT,
+                      "n_val": int(base.get("n_val") or 0), "n_test": int(base.get("n_eval") or 0),
+                      "note": "" if has_val else ("no validation split (data.val_fraction=0): no best score is "
+                                                  "chosen, since choosing on test would bias the comparison")},
+        "flops_auc_grid": {"removed_flops": grid, "interval": [grid[0], grid[-1]] if grid else None,
+                           "shared_by": "every score and draw of this run, with the unpruned network at 0",
+                           "off_target_points": res["off_target"], "note": res["note"]},
         "groups": len(groups), "group_sizes": {g.name: g.size for g in groups.groups},
         "scores": per_score,
         "best_local": bl, "best_target": bt,
-        "best_local_minus_best_target": (bl["flops_auc"] - bt["flops_auc"]) if bl and bt else None,
+        "best_local_minus_best_target": (bl["flops_auc"] - bt["flops_auc"])
+        if bl and bt and bl["flops_auc"] is not None and bt["flops_auc"] is not None else None,
         "axis_means": axis_means,
         "sweeps": sweeps,
         "matching": {"points": int(len(curves)), "unmatched": int((~matched.astype(bool)).sum()) if len(matched) else 0,
@@ -570,8 +740,9 @@ def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, cfg: Di
 def _flat_scalars(summary: dict) -> dict:
     flat = {"unpruned_acc": summary["unpruned"]["acc"], "unpruned_macs": summary["unpruned"]["macs"]}
     for name, v in summary["scores"].items():
-        flat[f"flops_auc/{name}"] = v["flops_auc"]
-        flat[f"flops_auc_rel/{name}"] = v["flops_auc_rel"]
+        for key in ("flops_auc", "flops_auc_rel", "val_flops_auc"):
+            if v.get(key) is not None:
+                flat[f"{key}/{name}"] = v[key]
     for axis, v in summary["axis_means"].items():
         if v is not None:
             flat[f"axis_mean/{axis}"] = v
@@ -580,14 +751,29 @@ def _flat_scalars(summary: dict) -> dict:
     return flat
 
 
+def _fmt(v, spec=".4f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
 def _print_summary(summary: dict, out: Path) -> None:
-    rows = sorted(summary["scores"].items(), key=lambda kv: -(kv[1]["flops_auc"] if np.isfinite(kv[1]["flops_auc"]) else -1))
-    print(f"prune: unpruned acc={summary['unpruned']['acc']:.4f}, MACs={summary['unpruned']['macs']:,}")
+    rows = sorted(summary["scores"].items(),
+                  key=lambda kv: -(kv[1]["flops_auc"] if kv[1]["flops_auc"] is not None else -1))
+    print(f"prune: unpruned acc={summary['unpruned']['acc']:.4f} (val {_fmt(summary['unpruned_val_acc'])}), "
+          f"MACs={summary['unpruned']['macs']:,}")
+    grid = summary["flops_auc_grid"]
+    if grid["note"]:
+        print(f"prune: note: {grid['note']}")
+    else:
+        print(f"prune: FLOPs-AUC over removed FLOPs [{grid['interval'][0]:g}, {grid['interval'][1]:g}] for every score"
+              + (f"; {grid['off_target_points']} point(s) off target dropped" if grid["off_target_points"] else ""))
     for name, v in rows:
-        print(f"  {name:28s} {v['axis']:8s} FLOPs-AUC={v['flops_auc']:.4f} (rel {v['flops_auc_rel']:.3f})")
+        print(f"  {name:28s} {v['axis']:8s} FLOPs-AUC test={_fmt(v['flops_auc'])} val={_fmt(v.get('val_flops_auc'))} "
+              f"(rel {_fmt(v['flops_auc_rel'], '.3f')})")
     bl, bt = summary["best_local"], summary["best_target"]
     if bl and bt:
-        print(f"prune: best local {bl['score']} {bl['flops_auc']:.4f} vs best target {bt['score']} "
-              f"{bt['flops_auc']:.4f} -> {out}")
+        print(f"prune: best local {bl['score']} {_fmt(bl['flops_auc'])} vs best target {bt['score']} "
+              f"{_fmt(bt['flops_auc'])} (chosen on {bl['chosen_on']}, test accuracy) -> {out}")
     else:
+        if summary["selection"]["note"]:
+            print(f"prune: note: {summary['selection']['note']}")
         print(f"prune: results in {out}")

@@ -9,11 +9,18 @@ only ever sees :class:`Score` objects: it never branches on a name. What a score
 Axes (METHODS §9), carried by every output as ``axis``:
 
 - ``local``: ``input_capture`` (I_X), ``ixy_minus_red_b{β}`` (I_X − β·R̄_X, β ∈ {.15,.3,.5,.7}),
-  ``hull_score``, ``composite_local`` (I_X + 0.5·S − 0.3·R̄_X);
+  ``hull_score`` (keep = −E_full/max(1,|H|)), ``composite_local`` (I_X + 0.5·S − 0.3·R̄_X);
 - ``target``: ``task_info`` (I_T), ``composite_target`` (I_T + 0.5·S − 0.3·R_T),
   ``task_unique`` (U_T + 0.5·S);
 - ``mixed``: ``magnitude_plus_ix_a{α}`` (‖w‖ + α·I_X, α ∈ {.25,.5,.75,1}; ‖w‖ is the filter's
-  L1 norm by default, knob ``pruning.magnitude``);
+  L2 norm by default, as in the authors' code; knob ``pruning.magnitude``);
+
+Direction (METHODS §9): every score is a *keep* value. Local replaceability (R̄_X = ``peer_overlap``,
+the hull score E_full/max(1,|H|) of ``axes.csv``) predicts *removability*: a channel its peers
+can stand in for is the one to prune first, so a replaceability term always enters with a minus
+sign (``hull_score`` keeps −E_full/max(1,|H|); the ``axes.csv`` column keeps the replaceability
+value itself). Redundancy with the target (R_T) is subtracted for the same reason; I_X, I_T, S,
+U_T and the filter norms enter with a plus sign.
 - ``baseline``: ``random`` (seeded draws), ``l1``, ``l2`` (filter norms), ``bn_scale`` (|γ| of
   the norm after the conv), ``taylor`` (Σ|w·∂L/∂w| over the filter, calibration images),
   ``hrank`` (mean rank of the channel's feature maps), ``chip`` (channel independence: drop of
@@ -48,6 +55,7 @@ log = logging.getLogger("axes_pipeline")
 
 __all__ = [
     "AXES",
+    "DEFAULT_MAGNITUDE",
     "DEFAULT_SCORES",
     "FAMILIES",
     "SCORES",
@@ -65,6 +73,10 @@ AXES_COLUMNS = ("input_capture", "peer_overlap", "hull_score", "task_info", "tar
 
 ScoreFn = Callable[["ScoreContext", int], dict]
 
+#: ‖w‖ of ``magnitude_plus_ix_a<α>`` when pruning.magnitude is not given: the L2 filter norm, as
+#: in the authors' code (L1 stays a knob)
+DEFAULT_MAGNITUDE = "l2"
+
 
 @dataclass(frozen=True)
 class Score:
@@ -78,6 +90,7 @@ class Score:
     family: str | None = None          # "magnitude_plus_ix" / "ixy_minus_red" sweeps
     param: float | None = None
     doc: str = ""
+    columns: frozenset = frozenset()   # the axes.csv columns it reads (checked finite before use)
 
     def __call__(self, ctx: "ScoreContext", draw: int = 0) -> dict[str, np.ndarray]:
         raw = self.fn(ctx, draw)
@@ -104,14 +117,14 @@ FAMILIES: dict[str, dict] = {}
 
 
 def register(name: str, axis: str, needs=(), stochastic: bool = False, family: str | None = None,
-             param: float | None = None):
+             param: float | None = None, columns=()):
     """Decorator: register ``fn(ctx, draw) -> {layer: [C]}`` as score ``name`` on ``axis``."""
     if axis not in AXES:
         raise ValueError(f"axis must be one of {AXES}, got {axis}")
 
     def deco(fn: ScoreFn) -> ScoreFn:
         SCORES[name] = Score(name, axis, fn, frozenset(needs), stochastic, family, param,
-                             (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+                             (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "", frozenset(columns))
         return fn
 
     return deco
@@ -167,7 +180,7 @@ class ScoreContext:
     calibration: Callable[[], object] | None = None
     feature_maps: Callable[[], object] | None = None   # hrank/chip images (default: calibration)
     seed: int = 0
-    magnitude: str = "l1"
+    magnitude: str = DEFAULT_MAGNITUDE
     device: torch.device | str = "cpu"
     _cache: dict = field(default_factory=dict)
 
@@ -245,7 +258,7 @@ def _col(column: str) -> Callable[[ScoreContext], dict]:
 # --------------------------------------------------------------------------------------------
 
 
-@register("input_capture", "local", needs=("axes",))
+@register("input_capture", "local", needs=("axes",), columns=("input_capture",))
 def _input_capture(ctx, draw):
     """I_X: what the channel captures from its input."""
     return ctx.axes_column("input_capture")
@@ -258,7 +271,8 @@ def _make_ixy_minus_red(beta: float) -> Score:
         return _mix(ctx, [(1.0, _col("input_capture")), (-beta, _col("peer_overlap"))])
 
     fn.__doc__ = f"I_X − {beta:g}·R̄_X"
-    return Score(name, "local", fn, frozenset({"axes"}), False, "ixy_minus_red_b", float(beta), fn.__doc__)
+    return Score(name, "local", fn, frozenset({"axes"}), False, "ixy_minus_red_b", float(beta), fn.__doc__,
+                 frozenset({"input_capture", "peer_overlap"}))
 
 
 FAMILIES["ixy_minus_red_b"] = {"symbol": "β", "label": "I_X − β·R̄_X", "grid": (0.15, 0.3, 0.5, 0.7),
@@ -267,13 +281,16 @@ for _b in FAMILIES["ixy_minus_red_b"]["grid"]:
     SCORES[_family_name("ixy_minus_red_b", _b)] = _make_ixy_minus_red(_b)
 
 
-@register("hull_score", "local", needs=("axes",))
+@register("hull_score", "local", needs=("axes",), columns=("hull_score",))
 def _hull_score(ctx, draw):
-    """E_full / max(1, |H|): well explained by few peers."""
-    return ctx.axes_column("hull_score")
+    """−E_full / max(1, |H|): a channel well explained by few peers is replaceable, pruned first."""
+    # axes.csv holds the replaceability E_full/max(1,|H|); the keep value is its reverse, so a
+    # unique channel outranks a near-duplicate (METHODS §9). Keeping the replaceable ones made this
+    # the worst score of all on the demo, below random.
+    return {layer: -v for layer, v in ctx.axes_column("hull_score").items()}
 
 
-@register("composite_local", "local", needs=("axes",))
+@register("composite_local", "local", needs=("axes",), columns=("input_capture", "target_excess", "peer_overlap"))
 def _composite_local(ctx, draw):
     """I_X + 0.5·S − 0.3·R̄_X."""
     return _mix(ctx, [(1.0, _col("input_capture")), (0.5, _col("target_excess")), (-0.3, _col("peer_overlap"))])
@@ -284,19 +301,19 @@ def _composite_local(ctx, draw):
 # --------------------------------------------------------------------------------------------
 
 
-@register("task_info", "target", needs=("axes",))
+@register("task_info", "target", needs=("axes",), columns=("task_info",))
 def _task_info(ctx, draw):
     """I_T: what the channel says about the task."""
     return ctx.axes_column("task_info")
 
 
-@register("composite_target", "target", needs=("axes",))
+@register("composite_target", "target", needs=("axes",), columns=("task_info", "target_excess", "task_redundancy"))
 def _composite_target(ctx, draw):
     """I_T + 0.5·S − 0.3·R_T."""
     return _mix(ctx, [(1.0, _col("task_info")), (0.5, _col("target_excess")), (-0.3, _col("task_redundancy"))])
 
 
-@register("task_unique", "target", needs=("axes",))
+@register("task_unique", "target", needs=("axes",), columns=("task_unique", "target_excess"))
 def _task_unique(ctx, draw):
     """U_T + 0.5·S."""
     return _mix(ctx, [(1.0, _col("task_unique")), (0.5, _col("target_excess"))])
@@ -325,7 +342,8 @@ def _make_magnitude_plus_ix(alpha: float) -> Score:
         return _mix(ctx, [(1.0, _magnitude), (alpha, _col("input_capture"))])
 
     fn.__doc__ = f"‖w‖ + {alpha:g}·I_X"
-    return Score(name, "mixed", fn, frozenset({"axes"}), False, "magnitude_plus_ix_a", float(alpha), fn.__doc__)
+    return Score(name, "mixed", fn, frozenset({"axes"}), False, "magnitude_plus_ix_a", float(alpha), fn.__doc__,
+                 frozenset({"input_capture"}))
 
 
 FAMILIES["magnitude_plus_ix_a"] = {"symbol": "α", "label": "Magnitude + α·I_X", "grid": (0.25, 0.5, 0.75, 1.0),

@@ -3,23 +3,38 @@
 Writes ``report.md``, ``report.html`` (plots inlined: one file to open), the tables as CSV and the
 figures as PNG, and logs the tables to wandb when enabled. Any stage may be missing from any run:
 its section then says so instead of failing.
+
+Both pages are rendered from the Jinja2 templates in ``report/templates/`` out of one context
+(:func:`page_context`): the answer first (headline figure, pruning curves, headline table with a
+verdict in words), then one section per stage, each opening with how to read it. Every number on
+the page goes through :func:`fmt` (3 significant digits, CIs as ``[lo, hi]``) and every path is
+relative to the sweep.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import math
+import os
+import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
 from omegaconf import DictConfig
 
 from axes_pipeline.config import to_container
 from axes_pipeline.errors import UserError
 from axes_pipeline.report import figures, tables
-from axes_pipeline.report.collect import discover, group_runs, require_runs, resolve_roots, split_by_pruning
+from axes_pipeline.report.collect import (discover, group_runs, require_runs, resolve_roots, skipped_inputs,
+                                         split_by_pruning)
 from axes_pipeline.runs import write_csv, write_json, write_text
+from axes_pipeline.stats import CI_METHODS, compare_paired
 from axes_pipeline.tracking import StageTracker
 
 TESTS = ("wilcoxon", "permutation")
@@ -50,58 +65,75 @@ def report_dir(cfg: DictConfig) -> Path:
         return Path(cfg.paths.output_root).resolve() / "reports" / cfg.name
 
 
-def _fmt(x, digits=4):
-    if isinstance(x, float):
-        return "—" if pd.isna(x) else f"{x:.{digits}g}"
-    return str(x)
-
-
-def _pm(df: pd.DataFrame) -> pd.DataFrame:
-    """Fold every `<x>_mean` / `<x>_sd` (or ours_/paper_ mean/sd) pair into one "m ± s" column."""
-    df = df.copy()
-    for col in [c for c in df.columns if c.endswith("_mean")]:
-        base = col[: -len("_mean")]
-        if f"{base}_sd" in df:
-            df[base] = [("—" if pd.isna(m) else f"{m:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}"))
-                        for m, s in zip(df[col], df[f"{base}_sd"])]
-            df = df.drop(columns=[col, f"{base}_sd"])
-    return df
-
-
-def _md_table(df: pd.DataFrame, cols: list[str] | None = None, max_rows: int = 60) -> str:
-    if df is None or df.empty:
-        return "_none_\n"
-    df = _pm(df[cols] if cols else df)
-    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    body = "".join("| " + " | ".join(_fmt(v) for v in row) + " |\n" for row in df.head(max_rows).itertuples(index=False))
-    more = f"\n_({len(df) - max_rows} more rows in the CSV)_\n" if len(df) > max_rows else ""
-    return head + body + more
+def _with_counts(layers: pd.DataFrame, groups) -> pd.DataFrame:
+    """Add ``<quantity>_n``: the seeds whose value of that quantity is defined (not NaN) in that
+    layer. ``seeds`` counts the runs that have the layer; a quantity undefined in some seed (an
+    alignment over constant channels) is averaged over fewer, and the report must say so."""
+    if layers.empty:
+        return layers
+    frames = [f.assign(seed=r.seed, group=g) for g, runs in groups.items() for r in runs
+              if (f := r.read_csv("analyze/layers.csv")) is not None]
+    allf = pd.concat(frames)
+    cols = [c[: -len("_mean")] for c in layers.columns if c.endswith("_mean") and c[: -len("_mean")] in allf]
+    counts = allf.groupby(["group", "layer_index", "layer"])[cols].count().add_suffix("_n").reset_index()
+    return layers.merge(counts, on=["group", "layer_index", "layer"], how="left")
 
 
 def run_report(cfg: DictConfig) -> dict:
     rc = cfg.report
     if rc.test not in TESTS:
         raise UserError(f"report.test must be one of {', '.join(TESTS)}, got {rc.test}")
+    if rc.ci not in CI_METHODS:
+        raise UserError(f"report.ci must be one of {', '.join(CI_METHODS)}, got {rc.ci}")
     t0 = time.perf_counter()
     roots = _roots(cfg)
-    runs = discover(roots)
+    skipped: list[dict] = []
+    runs = discover(roots, skipped)
     require_runs(runs, roots)
     groups, notices = group_runs(runs)
     prune_groups, prune_notices = split_by_pruning(groups)
     notices = notices + prune_notices
     out = report_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out)
-    accuracy = rc.accuracy
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built in a temporary folder next to the final one and moved in only when complete: a report
+    # that fails half way leaves the previous one as it was.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        summary, t, figs = _build(cfg, tmp, roots, runs, groups, prune_groups, notices, skipped, t0)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    figs = {label: out / p.name for label, p in figs.items()}
 
+    tracker = StageTracker(cfg, "report", out)
+    try:
+        for name, df in t.items():
+            if df is not None and not df.empty:
+                tracker.table(f"report/{name}", df)
+        for label, p in figs.items():
+            tracker.image(f"report/{p.stem}", p)
+    finally:
+        tracker.finish()
+    for n in notices:
+        print(f"report: note: {n}")
+    for sk in summary["skipped"]:
+        print(f"report: skipped: seed {sk['seed']} {sk['file']}: {sk['reason']}")
+    print(f"report: {len(runs)} runs in {len(groups)} group(s) -> {out / 'report.html'}")
+    return summary
+
+
+def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, t0) -> tuple[dict, dict, dict]:
+    """Every table, figure and page of the report, written under ``out`` (the temporary folder)."""
+    rc = cfg.report
+    accuracy = rc.accuracy
     t = {
         "runs": tables.runs_table(groups),
         "flops_auc": tables.auc_table(per_seed := tables.auc_per_seed(prune_groups, accuracy)),
         "flops_auc_per_seed": per_seed,
         "accuracy_by_target": tables.accuracy_by_target(prune_groups, accuracy),
         "headline": tables.headline(per_seed, min_n=int(rc.min_seeds), n_boot=int(rc.n_boot), method=rc.test,
-                                    seed=int(rc.seed)),
-        "layers": tables.layers_table(groups),
+                                    seed=int(rc.seed), ci=rc.ci),
+        "layers": _with_counts(tables.layers_table(groups), groups),
         "reference": tables.reference_table(groups),
         "lesions": tables.scalar_summary(groups, "analyze/lesion_summary.json", ""),
         "propagation": tables.propagation_table(groups),
@@ -116,135 +148,466 @@ def run_report(cfg: DictConfig) -> dict:
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g)
             figs[f"pruning curves: {g}"] = figures.pruning_curves(
                 t["accuracy_by_target"], g, out / f"curves_{safe}.png",
-                ylabel=f"accuracy ({ACCURACY_LABEL.get(accuracy, accuracy)})")
+                ylabel=f"accuracy ({ACCURACY_LABEL.get(accuracy, accuracy)})", best=best_scores(t["flops_auc"], g))
     if not t["headline"].empty:
-        figs["headline"] = figures.headline_forest(t["headline"], out / "headline.png", min_seeds=int(rc.min_seeds))
+        figs["headline"] = figures.headline_forest(t["headline"], out / "headline.png", min_seeds=int(rc.min_seeds),
+                                                   ci_label=f"paired bootstrap 95% CI, {CI_LABEL[rc.ci]}")
     if not t["layers"].empty:
         figs["alignment over depth"] = figures.alignment_depth(t["layers"], out / "alignment_depth.png")
     dyn = figures.dynamics_curves(groups, out / "dynamics.png")
     if dyn is not None:
         figs["training dynamics"] = dyn
 
-    md = render_markdown(cfg, roots, groups, notices, t, figs)
-    write_text(out / "report.md", md)
-    write_text(out / "report.html", render_html(md, figs))
+    # every input left out (read after the tables and figures, which are what read the inputs)
+    skipped = skipped + skipped_inputs(runs)
+    ctx = page_context(cfg, roots, groups, notices, t, figs, skipped)
+    write_text(out / "report.md", render_markdown(ctx, figs))
+    write_text(out / "report.html", render_html(ctx, figs))
     summary = {"roots": [str(r) for r in roots], "groups": {g: [r.seed for r in rs] for g, rs in groups.items()},
-               "notices": notices, "headline": t["headline"].to_dict(orient="records"),
+               "notices": notices, "skipped": skipped, "headline": t["headline"].to_dict(orient="records"),
+               "inputs": {str(r.path / rel): digest for r in runs for rel, digest in sorted(r.inputs.items())},
                "wall_time_s": round(time.perf_counter() - t0, 2), "config": to_container(cfg)}
     write_json(out / "report_summary.json", summary)
-
-    tracker = StageTracker(cfg, "report", out)
-    try:
-        for name, df in t.items():
-            if df is not None and not df.empty:
-                tracker.table(f"report/{name}", df)
-        for label, p in figs.items():
-            tracker.image(f"report/{p.stem}", p)
-    finally:
-        tracker.finish()
-    for n in notices:
-        print(f"report: note: {n}")
-    print(f"report: {len(runs)} runs in {len(groups)} group(s) -> {out / 'report.html'}")
-    return summary
+    return summary, t, figs
 
 
 ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft": "accuracy after fine-tuning"}
-# What a report writes: cleared first, so a table or figure of an earlier report (a group since
-# removed, a stage no longer present) never sits beside the new one looking current.
+# What a report writes: those of an earlier report that the new one lacks (a group since removed,
+# a stage no longer present) are removed once the new one is in place, never sitting beside it
+# looking current.
 # Only these names: report.out may be a folder that holds other files too.
 REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
                 "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "curves_*.png", "headline.png",
                 "alignment_depth.png", "dynamics.png", "report.md", "report.html", "report_summary.json")
 
 
-def _clear_previous(out: Path) -> None:
-    for pattern in REPORT_FILES:
-        for f in out.glob(pattern):
-            f.unlink()
+def _report_files(folder: Path) -> set[str]:
+    return {f.name for pattern in REPORT_FILES for f in folder.glob(pattern) if f.is_file()}
 
 
-def render_markdown(cfg, roots, groups, notices, t, figs) -> str:
-    lines = [f"# axes-pipeline report: {cfg.name}\n",
-             f"Runs under {', '.join(f'`{r}`' for r in roots)}: "
-             + ", ".join(f"**{g}** (seeds {', '.join(str(r.seed) for r in rs)})" for g, rs in groups.items()) + ".\n"]
-    if notices:
-        lines.append("**Groups not pooled:**\n" + "".join(f"- {n}\n" for n in notices))
-    lines.append("\n## Headline: is the local axis a better guide to removability than the target axis?\n")
-    lines.append(f"FLOPs-AUC ({ACCURACY_LABEL.get(cfg.report.accuracy, cfg.report.accuracy)}, area under accuracy "
-                 "vs removed FLOPs divided by the span), "
-                 f"paired across seeds: difference with a paired bootstrap {int(100 * 0.95)}% CI, "
-                 f"{cfg.report.test} p-value, effect size d_z. With fewer than {cfg.report.min_seeds} seeds the test "
-                 "is not possible and the note says so. `p_min` is the smallest p the test can reach with these seeds; "
-                 "`p_holm` is Holm-adjusted over the group's rows. The best score of an axis chosen on all seeds is "
-                 "optimistic (more so for the axis with more candidates); the row chosen on the other seeds "
-                 "(leave-one-seed-out) is the unbiased comparison.\n\n")
-    head = t["headline"]
-    if head.empty:
-        lines.append("_No pruning results (run `prune.py` on these runs)._\n")
-    else:
-        lines.append(_md_table(head, ["group", "comparison", "n", "mean_a", "mean_b", "diff", "ci_lo", "ci_hi",
-                                      "p_value", "p_holm", "p_min", "effect_size", "candidates", "note"]))
-    lines.append("\n## FLOPs-AUC per score (mean ± SD over seeds)\n")
-    auc = t["flops_auc"]
-    lines.append(_md_table(auc, ["group", "score", "axis", "flops_auc_mean", "flops_auc_sd", "flops_auc_rel_mean",
-                                 "flops_auc_rel_sd", "seeds"]) if not auc.empty else "_No pruning results._\n")
-    lines.append("\nAccuracy at every FLOPs target: `accuracy_by_target.csv`.\n")
-    lines.append("\n## The two axes per layer (mean ± SD over seeds)\n")
-    lay = t["layers"]
-    if lay.empty:
-        lines.append("_No analysis results (run `analyze.py` on these runs)._\n")
-    else:
-        cols = ["group", "layer", "seeds"] + [c for c in lay.columns if (c.endswith("_mean") or c.endswith("_sd"))
-                                              and not c.startswith("null")]
-        lines.append(_md_table(lay, cols))
-    lines.append("\n## Against the paper's reference values (METHODS §11)\n")
-    lines.append(_md_table(t["reference"]) if not t["reference"].empty else "_none_\n")
-    lines.append("\n## Lesions and peer replacement\n")
-    lines.append(_md_table(t["lesions"]) if not t["lesions"].empty else "_No lesion results (analysis=lesion)._\n")
-    lines.append("\n## Cross-layer propagation\n")
-    lines.append(_md_table(t["propagation"]) if not t["propagation"].empty
-                 else "_No propagation results (analysis=propagation)._\n")
-    lines.append("\n## Runs\n")
-    lines.append(_md_table(t["runs"], ["group", "seed", "val_acc", "test_acc", "epochs", "analyze", "prune"]))
-    lines.append("\n## Figures\n")
-    lines.extend(f"\n### {label}\n\n![{label}]({p.name})\n" for label, p in figs.items())
-    return "".join(lines)
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Move the finished report from ``tmp`` into ``out``: each file by an atomic rename (report.md
+    last, so it is never newer than what it shows), then remove the previous report's files that
+    the new one does not have. Only report files are touched: report.out may hold other files."""
+    out.mkdir(parents=True, exist_ok=True)
+    new = {f.name for f in tmp.iterdir() if f.is_file()}      # everything this report wrote
+    for name in sorted(new, key=lambda n: (n == "report.md", n)):
+        os.replace(tmp / name, out / name)
+    for name in _report_files(out) - new:
+        (out / name).unlink()
 
 
-def render_html(md: str, figs: dict[str, Path]) -> str:
-    """A self-contained page: the markdown's tables as HTML tables, figures inlined as base64."""
-    inline = {p.name: base64.b64encode(p.read_bytes()).decode() for p in figs.values()}
-    out, rows = [], []
+# ----------------------------------------------------------------------------- rendering
 
-    def flush_table():
-        if not rows:
-            return
-        cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows if not set(r) <= set("|-\n ")]
-        head, body = cells[0], cells[1:]
-        out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
-                   + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-                   + "</tbody></table>")
-        rows.clear()
+CI_LABEL = {"bca": "BCa", "percentile": "percentile"}
 
-    for line in md.splitlines():
-        if line.startswith("|"):
-            rows.append(line)
+
+def fmt(x) -> str:
+    """The report's one number format: 3 significant digits, "—" for a missing value.
+
+    Plain decimals between 0.001 and 100,000 (a column of accuracies reads 0.912, 0.0625...),
+    scientific notation outside; integers (seeds, counts) as they are; booleans as yes/no."""
+    if x is None:
+        return "—"
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if math.isnan(x):
+            return "—"
+        if math.isinf(x):
+            return "∞" if x > 0 else "−∞"
+        if x == 0:
+            return "0"
+        r = float(f"{x:.2e}")                      # rounded first: 0.9996 is 1.00, not 1.000
+        e = math.floor(math.log10(abs(r)))
+        if -3 <= e < 5:
+            return f"{r:.{max(0, 2 - e)}f}".replace("-", "−")
+        mantissa, exponent = f"{r:.2e}".split("e")
+        return f"{mantissa}e{int(exponent)}".replace("-", "−")
+    return str(x)
+
+
+def fmt_ci(lo, hi) -> str:
+    """A confidence interval as ``[lo, hi]``; "—" when it could not be computed."""
+    if _missing(lo) and _missing(hi):
+        return "—"
+    return f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+def fmt_pm(mean, sd, n=None, seeds=None) -> str:
+    """``mean ± sd`` over seeds, with "(n=k)" when fewer seeds than the row's define the value."""
+    if _missing(mean):
+        return "—"
+    text = fmt(mean) + ("" if _missing(sd) else f" ± {fmt(sd)}")
+    if not _missing(n) and not _missing(seeds) and int(n) != int(seeds):
+        text += f" (n={int(n)})"
+    return text
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, (float, np.floating)) and math.isnan(x))
+
+
+def _present(df: pd.DataFrame) -> pd.DataFrame:
+    """Every ``<x>_mean``/``<x>_sd`` pair folded into one "mean ± sd" column named ``<x>``, every
+    ``<lo>``/``<hi>`` CI pair into one ``[lo, hi]`` column, every other value through :func:`fmt`."""
+    df = df.reset_index(drop=True)
+    out = pd.DataFrame(index=df.index)
+    used: set[str] = set()
+    for col in df.columns:
+        if col in used:
             continue
-        flush_table()
-        if line.startswith("!["):
-            name = line[line.index("(") + 1: line.rindex(")")]
-            out.append(f'<img src="data:image/png;base64,{inline.get(name, "")}" alt="{html.escape(name)}">')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("- "):
-            out.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line.strip():
-            text = html.escape(line).replace("**", "")
-            out.append(f"<p>{text}</p>")
-    flush_table()
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "th{background:#f3f3f3}img{max-width:100%}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>axes-pipeline report</title><style>{style}</style>" \
-           f"</head><body>{''.join(out)}</body></html>\n"
+        base = col[: -len("_mean")] if col.endswith("_mean") else None
+        if base is not None and f"{base}_sd" in df:
+            n = df[f"{base}_n"] if f"{base}_n" in df else [None] * len(df)
+            seeds = df["seeds"] if "seeds" in df else [None] * len(df)
+            out[base] = [fmt_pm(m, s, k, sd) for m, s, k, sd in zip(df[col], df[f"{base}_sd"], n, seeds)]
+            used |= {col, f"{base}_sd", f"{base}_n"}
+            continue
+        pair = _ci_pair(col, df)
+        if pair:
+            out[pair[2]] = [fmt_ci(lo, hi) for lo, hi in zip(df[pair[0]], df[pair[1]])]
+            used |= {pair[0], pair[1]}
+            continue
+        out[col] = [fmt(v) for v in df[col].astype(object)]
+        used.add(col)
+    return out
+
+
+def _ci_pair(col: str, df: pd.DataFrame) -> tuple[str, str, str] | None:
+    for lo_suffix, hi_suffix in (("ci_lo", "ci_hi"), ("ci_adj_lo", "ci_adj_hi")):
+        if col.endswith(lo_suffix) and (hi := col[: -len(lo_suffix)] + hi_suffix) in df:
+            return col, hi, col[: -len(lo_suffix)] + lo_suffix[: -len("_lo")]
+    return None
+
+
+_NUMERIC = re.compile(r"^[−+]?(\d|∞|\[)")
+
+
+def _cell_style(v: str) -> str:
+    """Numbers (and CIs) right-aligned in tabular figures; verdicts coloured by the axis they favour."""
+    v = str(v)
+    if v.startswith("local axis better"):
+        return "color:#1f5fa8;font-weight:600"
+    if v.startswith("target axis better"):
+        return "color:#b22222;font-weight:600"
+    return "text-align:right;font-variant-numeric:tabular-nums" if _NUMERIC.match(v) else ""
+
+
+def _html_table(df: pd.DataFrame, uid: str) -> Markup:
+    """``df`` (already formatted strings) as an HTML table by pandas' Styler, cells escaped.
+    ``uid`` names the table's cell styles: unique on the page, and fixed (Styler's default is
+    random) so the same results give the same page."""
+    styler = (df.style.hide(axis="index").format(escape="html").map(_cell_style).set_uuid(uid)
+              .set_table_attributes('class="report"'))
+    return Markup(styler.to_html(doctype_html=False))
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    """``df`` (already formatted strings) as a markdown table."""
+    esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    head = "| " + " | ".join(esc(c) for c in df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    return head + "".join("| " + " | ".join(esc(v) for v in row) + " |\n" for row in df.itertuples(index=False))
+
+
+def _table(df: pd.DataFrame, title: str = "") -> dict:
+    return {"kind": "table", "title": title, "df": df}
+
+
+def _text(text: str) -> dict:
+    return {"kind": "text", "text": text}
+
+
+def best_scores(auc: pd.DataFrame, group: str) -> dict[str, str]:
+    """axis → the score drawn as that axis's best in the pruning curves: the headline's choice, the
+    highest mean FLOPs-AUC on the validation split over the group's seeds (METHODS §9: chosen on
+    validation, measured on test)."""
+    key = "val_flops_auc_mean"
+    if auc is None or auc.empty or key not in auc:
+        return {}
+    d = auc[(auc["group"] == group) & auc[key].notna()]
+    best = d.sort_values([key, "score"], ascending=[False, True]).drop_duplicates("axis")
+    return dict(zip(best["axis"], best["score"]))
+
+
+def verdict(row, min_seeds: int) -> str:
+    """The headline row in plain words, read off the CI (and the Holm-adjusted p when given)."""
+    lo, hi, n = row.get("ci_lo", math.nan), row.get("ci_hi", math.nan), row.get("n", 0)
+    if _missing(lo) or _missing(hi):
+        return f"not testable: {int(n)} seed(s), at least {min_seeds} needed" if n < min_seeds else "no interval"
+    p = row.get("p_holm", math.nan)
+    sig = "" if _missing(p) or p <= 0.05 else f", but p_holm = {fmt(p)} > 0.05"
+    if lo > 0:
+        return "local axis better (CI above 0" + sig + ")"
+    if hi < 0:
+        return "target axis better (CI below 0" + sig + ")"
+    return "no clear difference (CI includes 0)"
+
+
+# headline columns the page shows in its own form; any other column a table carries (which split
+# chose the best score and which measured it, ...) is shown as it is, after the verdict
+_HEADLINE_KNOWN = ("group", "comparison", "n", "mean_a", "mean_b", "diff", "ci_lo", "ci_hi", "p_value", "p_holm",
+                   "p_min", "effect_size", "candidates", "note", "test", "ci_method")
+
+
+def headline_view(head: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
+    extra = [c for c in head.columns if c not in _HEADLINE_KNOWN]
+    v = pd.DataFrame({"group": head["group"], "comparison": head["comparison"],
+                      "verdict": [verdict(r, min_seeds) for _, r in head.iterrows()],
+                      "local − target": [fmt(x) for x in head["diff"]],
+                      "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(head["ci_lo"], head["ci_hi"])]})
+    for col, name in (("p_value", "p"), ("p_holm", "p_holm"), ("p_min", "p_min"), ("effect_size", "d_z"),
+                      ("mean_a", "local"), ("mean_b", "target"), ("n", "seeds")):
+        if col in head:
+            v[name] = [fmt(x) for x in head[col].astype(object)]
+    for col in extra:
+        v[col] = [fmt(x) for x in head[col].astype(object)]
+    for col in ("candidates", "note"):
+        if col in head:
+            v[col] = head[col].fillna("").astype(str).to_numpy()
+    return v
+
+
+def _lesion_views(les: pd.DataFrame) -> list[dict]:
+    """The few lesion numbers that test H4, out of the per-run summary's flattened keys: recovery by
+    peer replacement, the ΔR² of the peer terms with its CI, and the within-bin ρ per predictor."""
+    parts = []
+    q = les.assign(key=les["quantity"].astype(str))
+
+    def pick(prefix: str):
+        d = q[q["key"].str.startswith(prefix)].copy()
+        d["rest"] = d["key"].str[len(prefix):]
+        return d
+
+    rec = pick("recovery.")
+    rows = []
+    for g, d in rec.groupby("group", sort=False):
+        m = {r.rest: r for r in d.itertuples()}
+        variants = sorted({k[: -len("_mean")] for k in m if k.endswith("_mean")})
+        for v in variants:
+            get = lambda k: m.get(k)  # noqa: E731
+            mean, med, n, rho = get(f"{v}_mean"), get(f"{v}_median"), get(f"{v}_n"), get(f"rho_{v}_full_explained")
+            rows.append({"group": g, "replaced from": f"{v} peers",
+                         "recovery (mean)": fmt_pm(mean.mean, mean.sd) if mean else "—",
+                         "recovery (median)": fmt_pm(med.mean, med.sd) if med else "—",
+                         "channels": fmt(n.mean) if n else "—",
+                         "ρ(recovery, E_full)": fmt_pm(rho.mean, rho.sd) if rho else "—",
+                         "seeds": fmt(int(mean.seeds)) if mean else "—"})
+    if rows:
+        parts.append(_table(pd.DataFrame(rows), "Recovery by peer replacement (1 = the peers undo the lesion)"))
+
+    r2 = pick("incremental_r2.")
+    rows = []
+    for g, d in r2.groupby("group", sort=False):
+        m = {r.rest: r for r in d.itertuples()}
+        fits = sorted({k.rsplit(".", 1)[0] for k in m if k.endswith(".delta_r2") and "per_layer" not in k},
+                      key=lambda f: (f != "pooled", f))
+        # the summary names the other scale's fit (pooled_raw or pooled_rank); "pooled" is the main one
+        others = {f.removeprefix("pooled_") for f in fits if f != "pooled"}
+        main = {"raw": "rank", "rank": "raw"}.get(next(iter(others)), "main") if len(others) == 1 else "main"
+        for f in fits:
+            get = lambda k: m.get(f"{f}.{k}")  # noqa: E731
+            val = lambda k: get(k).mean if get(k) else math.nan  # noqa: E731
+            dr, adj = get("delta_r2"), get("delta_r2_adj")
+            rows.append({"group": g, "fit": f"all layers, {main} scale" if f == "pooled" else
+                         f"all layers, {f.removeprefix('pooled_')} scale",
+                         "ΔR²": fmt_pm(dr.mean, dr.sd) if dr else "—", "95% CI": fmt_ci(val("ci_lo"), val("ci_hi")),
+                         "adjusted ΔR²": fmt_pm(adj.mean, adj.sd) if adj else "—",
+                         "95% CI (adjusted)": fmt_ci(val("ci_adj_lo"), val("ci_adj_hi")),
+                         "F-test p": fmt(val("p_f")), "channels": fmt(val("n")),
+                         "seeds": fmt(int(dr.seeds)) if dr else "—"})
+    if rows:
+        parts.append(_table(pd.DataFrame(rows), "Do the peer terms add over I_X + I_T? (incremental R²)"))
+
+    rho = pick("binned_rho_mean.")
+    overall = {(r.group, r.rest): r for r in pick("spearman_overall.").itertuples()}
+    rows = [{"group": r.group, "predictor": r.rest, "ρ within I_T bins": fmt_pm(r.mean, r.sd),
+             "ρ over all channels": fmt_pm(o.mean, o.sd) if (o := overall.get((r.group, r.rest))) else "—",
+             "seeds": fmt(int(r.seeds))} for r in rho.itertuples()]
+    if rows:
+        parts.append(_table(pd.DataFrame(rows), "Damage against each predictor (Spearman ρ)"))
+    return parts
+
+
+def _rel_to(base: Path):
+    """A function that writes a path (or a text holding paths) relative to ``base``."""
+    prefix = str(base).rstrip(os.sep) + os.sep
+
+    def rel(x) -> str:
+        text = str(x)
+        return text.replace(prefix, "").replace(str(base), ".")
+    return rel
+
+
+HOW = {
+    "answer": "Each point is the paired difference in FLOPs-AUC (mean accuracy over the removed-FLOPs range) "
+              "between the local and the target axis, across seeds: right of 0 (blue) the local axis keeps more "
+              "accuracy at equal FLOPs, left of 0 (red) the target axis does; the curves beside it show where.",
+    "auc": "One row per pruning score: its FLOPs-AUC as mean ± SD over seeds, absolute and relative to the unpruned "
+           "accuracy (1 = no loss); higher is better.",
+    "layers": "One row per analysed layer, mean ± SD over seeds: how strongly the two axes agree (Spearman ρ of "
+              "I_X and I_T and the other alignments) and the replaceability hulls; \"(n=k)\" marks a value "
+              "defined in fewer seeds.",
+    "reference": "Our values beside the paper's (METHODS §11) for the same quantities; agreement within a few SDs "
+                 "is a reproduction.",
+    "lesions": "H4, peer support refines removability: recovery near 1 means the peers can stand in for a "
+               "lesioned channel, a ΔR² whose adjusted CI lies above 0 means the peer terms predict damage beyond "
+               "I_X and I_T; values are means ± SD over seeds (CIs: each seed's bootstrap CI, averaged).",
+    "propagation": "H3, what a layer inherits from the one before: Spearman ρ between the routed upstream metric "
+                   "and the downstream one for each pairing of axes, beside a shuffled-weights null.",
+    "dynamics": "Each quantity over training epochs (mean ± SD over seeds), with the paper's init and trained "
+                "values as black squares.",
+    "runs": "Every run the report read, with its accuracies and which stages it has (paths relative to the sweep).",
+}
+
+
+def page_context(cfg, roots, groups, notices, t, figs, skipped: list[dict] | None = None) -> dict:
+    """Everything the two templates show, as formatted tables (DataFrames of strings) and text."""
+    rc = cfg.report
+    base = Path(os.path.commonpath([str(r) for r in roots])) if len(roots) > 1 else roots[0]
+    rel = _rel_to(base)
+    min_seeds = int(rc.min_seeds)
+    acc_label = ACCURACY_LABEL.get(rc.accuracy, rc.accuracy)
+    ci = CI_LABEL[rc.ci]
+    head = t["headline"]
+    fig_of = {label: p for label, p in figs.items()}
+    top = [label for label in fig_of if label == "headline"] + [label for label in fig_of
+                                                                 if label.startswith("pruning curves")]
+
+    sections = []
+    auc = t["flops_auc"]
+    cols = [c for c in ("group", "score", "axis", "flops_auc_mean", "flops_auc_sd", "flops_auc_rel_mean",
+                        "flops_auc_rel_sd", "seeds") if c in auc] + \
+        [c for c in auc.columns if c not in ("group", "score", "axis", "flops_auc_mean", "flops_auc_sd",
+                                            "flops_auc_rel_mean", "flops_auc_rel_sd", "seeds")]
+    sections.append({"id": "auc", "title": f"FLOPs-AUC per score ({acc_label})", "how": HOW["auc"],
+                     "parts": [_table(_present(auc[cols]).rename(columns={"flops_auc": "FLOPs-AUC",
+                                                                          "flops_auc_rel": "relative"}))]
+                     if not auc.empty else [_text("No pruning results.")]})
+    sections[-1]["parts"].append(_text("Accuracy at every FLOPs target: accuracy_by_target.csv; per seed: "
+                                       "flops_auc_per_seed.csv."))
+
+    lay = t["layers"]
+    parts = []
+    if "alignment over depth" in fig_of:
+        parts.append({"kind": "figure", "label": "alignment over depth"})
+    if lay.empty:
+        parts.append(_text("No analysis results (run analyze.py on these runs)."))
+    else:
+        keep = ["group", "layer", "seeds"] + [c for c in lay.columns if c.endswith(("_mean", "_sd", "_n"))
+                                              and not c.startswith("null")]
+        parts.append(_table(_present(lay[keep]).drop(columns=[], errors="ignore")))
+    sections.append({"id": "layers", "title": "The two axes per layer", "how": HOW["layers"], "parts": parts})
+
+    ref = t["reference"]
+    sections.append({"id": "reference", "title": "Against the paper's reference values (METHODS §11)",
+                     "how": HOW["reference"],
+                     "parts": [_table(_present(ref))] if not ref.empty else [_text("No analysis results.")]})
+
+    les = t["lesions"]
+    parts = _lesion_views(les) if not les.empty else []
+    parts.append(_text("Every number of each run's lesion summary (mean ± SD over seeds): lesions.csv.")
+                 if not les.empty else _text("No lesion results (analysis=lesion)."))
+    sections.append({"id": "lesions", "title": "Lesions and peer replacement (H4)", "how": HOW["lesions"],
+                     "parts": parts})
+
+    prop = t["propagation"]
+    sections.append({"id": "propagation", "title": "Cross-layer propagation (H3)", "how": HOW["propagation"],
+                     "parts": [_table(_present(prop).rename(columns={"rho": "ρ", "null_rho_mean": "null ρ"}))]
+                     if not prop.empty else [_text("No propagation results (analysis=propagation).")]})
+
+    if "training dynamics" in fig_of:
+        sections.append({"id": "dynamics", "title": "Training dynamics (H2)", "how": HOW["dynamics"],
+                         "parts": [{"kind": "figure", "label": "training dynamics"}]})
+
+    runs = t["runs"]
+    runs_view = runs[[c for c in ("group", "seed", "val_acc", "test_acc", "epochs", "analyze", "prune", "run_dir")
+                      if c in runs]].copy()
+    if "run_dir" in runs_view:
+        runs_view["run_dir"] = [rel(p) for p in runs_view["run_dir"]]
+    sections.append({"id": "runs", "title": "Runs", "how": HOW["runs"], "parts": [_table(_present(runs_view))]})
+
+    tests = ", ".join(sorted(set(head["test"]))) if "test" in head else rc.test
+    return {
+        "name": cfg.name,
+        "sweep": ", ".join(rel(r) if len(roots) > 1 else r.name for r in roots),
+        "groups": [{"name": g, "seeds": ", ".join(str(r.seed) for r in rs)} for g, rs in groups.items()],
+        "notices": [rel(n) for n in notices],
+        "skipped": [{"seed": s["seed"], "run": rel(s["run"]), "file": rel(s["file"]), "reason": rel(s["reason"])}
+                    for s in (skipped or [])],
+        "top": top,
+        "headline": None if head.empty else headline_view(head, min_seeds),
+        "how": {"answer": HOW["answer"],
+                "headline_columns": f"FLOPs-AUC of {acc_label}, paired across seeds: the difference local − target "
+                f"with a paired bootstrap 95% CI ({ci}), {tests} p-value, Holm-adjusted p_holm over the group's rows, "
+                f"p_min (the smallest p the test can reach with these seeds) and effect size d_z; fewer than "
+                f"{min_seeds} seeds make the test impossible. The best score of an axis chosen on all seeds is "
+                "optimistic (more so for the axis with more candidates); the row chosen on the other seeds "
+                "(leave-one-seed-out) is the unbiased comparison."},
+        "sections": sections,
+    }
+
+
+CAPTIONS = {"headline": "Headline: FLOPs-AUC difference local − target per group, with its CI",
+            "alignment over depth": "Alignment of the axes and modularity gap over depth (mean ± SD over seeds)",
+            "training dynamics": "Training dynamics against the paper's init → trained values"}
+
+_ENV = Environment(loader=PackageLoader("axes_pipeline.report", "templates"), undefined=StrictUndefined,
+                   autoescape=lambda name: bool(name) and name.endswith(".html.j2"), keep_trailing_newline=True)
+
+
+def _code(text: str) -> Markup:
+    """Markdown's `code` spans of a message (notices, skip reasons) as <code> in the HTML page,
+    the rest escaped: a backtick never shows as a literal character."""
+    parts = str(text).split("`")
+    if len(parts) % 2 == 0:                          # unbalanced: show the text as it is
+        return Markup.escape(text)
+    return Markup("").join(Markup("<code>{}</code>").format(p) if i % 2 else Markup.escape(p)
+                           for i, p in enumerate(parts))
+
+
+_ENV.filters["code"] = _code
+
+
+def render_markdown(ctx: dict, figs: dict[str, Path]) -> str:
+    """``report.md``: tables in markdown, figures linked by file name."""
+    return render("report.md.j2", ctx, figs, html=False)
+
+
+def render_html(ctx: dict, figs: dict[str, Path]) -> str:
+    """``report.html``: one self-contained page, figures inlined."""
+    return render("report.html.j2", ctx, figs, html=True)
+
+
+def render(template: str, ctx: dict, figs: dict[str, Path], *, html: bool) -> str:
+    """One page from ``ctx``: tables as HTML (scrolling inside their box) or markdown, figures
+    inlined as base64 in the HTML (one self-contained file) or linked by file name in the markdown."""
+    count = iter(range(1_000_000))
+
+    def table(df):
+        return _html_table(df, f"t{next(count)}") if html else _md_table(df)
+
+    def figure(label):
+        p = figs[label]
+        return {"label": CAPTIONS.get(label, label), "file": p.name,
+                "data": base64.b64encode(p.read_bytes()).decode() if html else ""}
+
+    sections = []
+    for sec in ctx["sections"]:
+        parts = []
+        for part in sec["parts"]:
+            if part["kind"] == "table":
+                rendered = table(part["df"])
+                parts.append({**part, "html": rendered, "md": rendered})
+            elif part["kind"] == "figure":
+                parts.append({"kind": "figure", **figure(part["label"])})
+            else:
+                parts.append(part)
+        sections.append({**sec, "parts": parts})
+    page = {**ctx, "sections": sections, "top_figures": [figure(label) for label in ctx["top"]],
+            "headline": None if ctx["headline"] is None else table(ctx["headline"])}
+    text = _ENV.get_template(template).render(**page)
+    return text if html else re.sub(r"\n{3,}", "\n\n", text)     # blank lines the template's blocks leave

@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import read_json
+from axes_pipeline.runs import file_digest, read_json
+from axes_pipeline.tables import DamagedTable, Schema, read_table
 
 # Keys that legitimately differ between seeds of one experiment.
 IGNORED_KEYS = ("seed", "paths", "logger", "ckpt", "callbacks", "stage", "trainer.devices", "data.num_workers",
@@ -38,13 +39,57 @@ class Run:
     def group(self) -> str:
         return f"{self.data}-{self.model}-w{self.width:g}"
 
+    #: {relative path: why it was left out} of every input of this run that could not be used
+    skipped: dict = field(repr=False, default_factory=dict)
+    #: {relative path: content digest} of every input the report read
+    inputs: dict = field(repr=False, default_factory=dict)
+    _cache: dict = field(repr=False, default_factory=dict)
+
+    def skip(self, rel: str, reason: str) -> None:
+        """Record that input ``rel`` of this run was left out of the report, and why."""
+        self.skipped.setdefault(rel, reason)
+
     def read_csv(self, rel: str) -> pd.DataFrame | None:
+        """Table ``rel`` of this run, checked against its schema (:data:`REPORT_SCHEMAS`); None when
+        absent (the stage did not run) or damaged (then recorded in :attr:`skipped`, never silent)."""
+        if rel not in self._cache:
+            self._cache[rel] = self._read_csv(rel)
+        df = self._cache[rel]
+        return None if df is None else df.copy()
+
+    def _read_csv(self, rel: str) -> pd.DataFrame | None:
         p = self.path / rel
-        return pd.read_csv(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        schema = REPORT_SCHEMAS.get(rel)
+        try:
+            if schema is None:
+                df = pd.read_csv(p)
+            else:
+                df = read_table(p, schema, rebuild=REBUILD.get(rel.split("/")[0], "the stage that wrote it"))
+                for check in EXTRA_CHECKS.get(rel, ()):
+                    check(df, p, REBUILD.get(rel.split("/")[0], "the stage that wrote it"))
+        except DamagedTable as err:
+            self.skip(rel, str(err))
+            return None
+        except Exception as err:  # noqa: BLE001 - unreadable (binary, truncated mid-quote): same answer
+            self.skip(rel, f"{p} cannot be read as CSV ({type(err).__name__})")
+            return None
+        self.inputs[rel] = file_digest(p)
+        return df
 
     def read_json(self, rel: str) -> dict | None:
         p = self.path / rel
-        return read_json(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        try:
+            found = read_json(p)
+        except (OSError, ValueError) as err:
+            self.skip(rel, f"{p} is not valid JSON ({type(err).__name__}); rebuild it with "
+                           f"`{REBUILD.get(rel.split('/')[0], 'the stage that wrote it')}`")
+            return None
+        self.inputs[rel] = file_digest(p)
+        return found
 
     def prune_settings(self) -> dict | None:
         """The pruning protocol this run's curves come from (None when it was not pruned)."""
@@ -101,8 +146,11 @@ def _kept(key: str) -> bool:
     return not any(key == ig or key.startswith(ig + ".") for ig in IGNORED_KEYS)
 
 
-def discover(roots: list[Path]) -> list[Run]:
-    """Every run under ``roots`` (a sweep dir, an experiment dir, or run dirs themselves)."""
+def discover(roots: list[Path], skipped: list[dict] | None = None) -> list[Run]:
+    """Every run under ``roots`` (a sweep dir, an experiment dir, or run dirs themselves).
+
+    A run whose ``train_summary.json`` cannot be read is left out and appended to ``skipped``
+    (``{"run", "seed", "file", "reason"}``), so the report can say so."""
     seen, runs = set(), []
     for root in roots:
         for summary in sorted(Path(root).rglob("train_summary.json")):
@@ -110,14 +158,70 @@ def discover(roots: list[Path]) -> list[Run]:
             if path in seen:
                 continue
             seen.add(path)
-            train = read_json(summary)
-            cfg = train.get("config", {})
+            try:
+                train = read_json(summary)
+                cfg = train.get("config", {})
+                seed, data, model = int(cfg.get("seed", -1)), cfg["data"]["name"], cfg["model"]["name"]
+                width = float(cfg["model"]["width"])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                if skipped is not None:
+                    skipped.append({"run": str(path), "seed": None, "file": "train_summary.json",
+                                    "reason": f"{summary} is damaged ({type(err).__name__}: {err}); the run is "
+                                              f"left out of every table (rerun `python train.py` for it)"})
+                continue
             flat = {k: v for k, v in _flatten(cfg).items() if _kept(k)}
             sig = hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
-            runs.append(Run(path=path, seed=int(cfg.get("seed", -1)), data=cfg["data"]["name"],
-                            model=cfg["model"]["name"], width=float(cfg["model"]["width"]),
-                            experiment=cfg.get("name", "default"), train=train, signature=sig, flat_config=flat))
+            run = Run(path=path, seed=seed, data=data, model=model, width=width,
+                      experiment=cfg.get("name", "default"), train=train, signature=sig, flat_config=flat)
+            run.inputs["train_summary.json"] = file_digest(summary)
+            runs.append(run)
     return runs
+
+
+def skipped_inputs(runs: list[Run]) -> list[dict]:
+    """Every input a run could not contribute (damaged table, unreadable summary), with the reason."""
+    return [{"run": str(r.path), "seed": r.seed, "file": rel, "reason": why}
+            for r in runs for rel, why in r.skipped.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemas of the per-run tables the report reads (checked on read; a damaged one is skipped and
+# listed in the report). Only what the report uses is required: older runs may lack other columns.
+# ---------------------------------------------------------------------------------------------
+
+REBUILD = {"prune": "python prune.py <the run's overrides>", "analyze": "python analyze.py <the run's overrides>"}
+
+REPORT_SCHEMAS: dict[str, Schema] = {
+    "prune/prune_curves.csv": Schema(
+        "prune_curves.csv", columns={"score": "str", "axis": "str", "achieved_flops": "float",
+                                     "acc_before_ft": "float", "target_flops": "float", "draw": "int"},
+        finite=("achieved_flops", "acc_before_ft"), optional=("target_flops", "draw")),
+    "analyze/layers.csv": Schema(
+        "layers.csv", columns={"layer": "str", "layer_index": "int", **dict.fromkeys(
+            ("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
+             "modularity_gap", "null_modularity_gap", "nmi", "ari", "hull_size_mean", "hull_saturated_frac",
+             "s3_s2"), "float")},
+        optional=("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
+                  "modularity_gap", "null_modularity_gap", "nmi", "ari", "hull_size_mean", "hull_saturated_frac",
+                  "s3_s2")),
+    "analyze/dynamics.csv": Schema("dynamics.csv", columns={"epoch": "int", "layer": "str"}),
+    "analyze/propagation.csv": Schema("propagation.csv", columns={"pairing": "str", "rho": "float"},
+                                      optional=("pairing", "rho")),
+}
+
+
+def _complete_curves(df: pd.DataFrame, path: Path, rebuild: str) -> None:
+    """Every score (and random draw) of a pruning curve has the same number of points: a file cut
+    short loses the last points of its last score, which would otherwise shrink that score's AUC."""
+    keys = ["score", "draw"] if "draw" in df else ["score"]
+    counts = df.groupby(keys, sort=False).size()
+    if counts.nunique() > 1:
+        short = counts.idxmin()
+        raise DamagedTable(f"{path} is damaged (truncated: {short} has {counts.min()} point(s), the others up to "
+                           f"{counts.max()}); rebuild it with `{rebuild}`")
+
+
+EXTRA_CHECKS = {"prune/prune_curves.csv": (_complete_curves,)}
 
 
 def group_runs(runs: list[Run]) -> tuple[dict[str, list[Run]], list[str]]:

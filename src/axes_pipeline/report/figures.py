@@ -16,6 +16,12 @@ from axes_pipeline.stats import PAPER_REFERENCE  # noqa: E402
 from axes_pipeline.runs import atomic_path  # noqa: E402
 
 AXIS_COLORS = {"local": "tab:blue", "target": "tab:red", "mixed": "tab:purple", "baseline": "tab:gray"}
+# Within an axis every score gets its own shade of the axis's colour map (and a marker), so any line
+# can be told from the others while the axis still reads at a glance.
+AXIS_CMAPS = {"local": "Blues", "target": "Reds", "mixed": "Purples", "baseline": "Greys"}
+AXIS_STYLES = {"local": "-", "target": "--", "mixed": "-.", "baseline": ":"}
+AXIS_ORDER = ("local", "target", "mixed", "baseline")
+MARKERS = "osD^vP*X<>"
 
 
 def _save(fig, path: Path) -> Path:
@@ -25,31 +31,88 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def pruning_curves(acc: pd.DataFrame, group: str, path: Path, ylabel: str = "accuracy (before fine-tuning)") -> Path:
+def score_styles(scores_by_axis: dict[str, list[str]], best: dict[str, str]) -> dict[str, dict]:
+    """Line style of every score: colour shade and marker within its axis, the axis's line style,
+    and a thick opaque line for the best score of the axis (``best``: axis → score)."""
+    styles = {}
+    for axis, scores in scores_by_axis.items():
+        cmap = plt.get_cmap(AXIS_CMAPS.get(axis, "Greys"))
+        shades = np.linspace(0.9, 0.45, max(1, len(scores))) if len(scores) > 1 else [0.75]
+        for i, score in enumerate(scores):
+            is_best = axis in ("local", "target") and best.get(axis) == score
+            styles[score] = {"color": cmap(float(shades[i])), "ls": AXIS_STYLES.get(axis, "-"),
+                             "marker": MARKERS[i % len(MARKERS)], "lw": 3.0 if is_best else 1.2,
+                             "alpha": 1.0 if is_best else 0.8, "zorder": 3 if is_best else 2,
+                             "label": f"{score} (best {axis})" if is_best else score}
+    return styles
+
+
+def pruning_curves(acc: pd.DataFrame, group: str, path: Path, ylabel: str = "accuracy (before fine-tuning)",
+                   best: dict[str, str] | None = None) -> Path:
+    """Accuracy against removed FLOPs, one named line per score (mean over seeds), the best score
+    of each axis (``best``: axis → score) drawn thick with its ±SD band."""
     d = acc[acc.group == group]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (score, axis), c in d.groupby(["score", "axis"]):
-        c = c.sort_values("achieved_flops_mean")
-        ax.plot(1 - c["achieved_flops_mean"], c["acc_mean"], color=AXIS_COLORS.get(axis, "k"), alpha=0.75,
-                lw=1.2, label=f"{score}")
-    handles = [plt.Line2D([], [], color=c, label=a) for a, c in AXIS_COLORS.items() if a in set(d["axis"])]
-    ax.legend(handles=handles, title="axis", fontsize=8)
-    ax.set(xlabel="removed FLOPs fraction", ylabel=ylabel, title=f"{group}: mean over seeds")
+    best = best or {}
+    by_axis = {ax: sorted(d.loc[d["axis"] == ax, "score"].unique(), key=lambda s: (s != best.get(ax), s))
+               for ax in sorted(d["axis"].unique(), key=lambda a: (AXIS_ORDER + (a,)).index(a))}
+    styles = score_styles(by_axis, best)
+    fig, ax = plt.subplots(figsize=(6.4, 3.9))
+    for axis, scores in by_axis.items():
+        for score in scores:
+            c = d[(d["score"] == score) & (d["axis"] == axis)].sort_values("achieved_flops_mean")
+            x, y = 1 - c["achieved_flops_mean"], c["acc_mean"]
+            st = styles[score]
+            ax.plot(x, y, color=st["color"], ls=st["ls"], marker=st["marker"], ms=4, lw=st["lw"], alpha=st["alpha"],
+                    zorder=st["zorder"], label=st["label"])
+            emphasised = axis in ("local", "target") and best.get(axis) == score
+            if emphasised and "acc_sd" in c and c["acc_sd"].notna().any():
+                sd = c["acc_sd"].fillna(0)
+                ax.fill_between(x, y - sd, y + sd, color=st["color"], alpha=0.15, lw=0, zorder=1)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              title="score (line: axis)", title_fontsize=7)
+    seeds = int(d["seeds"].max()) if "seeds" in d and len(d) else 0
+    ax.set(xlabel="removed FLOPs fraction", ylabel=ylabel,
+           title=f"{group}: mean over {seeds} seed(s); thick = best of its axis (±SD band)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def headline_forest(head: pd.DataFrame, path: Path, min_seeds: int = 3) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * max(1, len(head))))
-    y = np.arange(len(head))
-    ok = head["ci_lo"].notna()
-    ax.errorbar(head["diff"][ok], y[ok], xerr=[(head["diff"] - head["ci_lo"])[ok], (head["ci_hi"] - head["diff"])[ok]],
-                fmt="o", color="tab:blue", capsize=3)
-    ax.plot(head["diff"][~ok], y[~ok], "o", color="gray", label=f"CI not possible (< {min_seeds} seeds)")
-    ax.axvline(0, color="k", lw=0.7)
-    ax.set_yticks(y, [f"{g}\n{c}" for g, c in zip(head["group"], head["comparison"])], fontsize=7)
-    ax.set_xlabel("FLOPs-AUC difference (local − target), paired bootstrap 95% CI")
-    if (~ok).any():
-        ax.legend(fontsize=7)
+def verdict_color(lo: float, hi: float) -> str:
+    """Colour of a difference by what its CI says: above 0 local, below 0 target, else gray."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "lightgray"
+    return AXIS_COLORS["local"] if lo > 0 else AXIS_COLORS["target"] if hi < 0 else "dimgray"
+
+
+def headline_forest(head: pd.DataFrame, path: Path, min_seeds: int = 3, ci_label: str = "95% CI") -> Path:
+    """The paired FLOPs-AUC difference (local − target) of every headline row with its CI,
+    coloured by which side of 0 the CI lies."""
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.55 * max(1, len(head))))
+    y = np.arange(len(head))[::-1]
+    for yi, (_, r) in zip(y, head.iterrows()):
+        lo, hi = r.get("ci_lo", np.nan), r.get("ci_hi", np.nan)
+        col = verdict_color(lo, hi)
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.errorbar([r["diff"]], [yi], xerr=[[r["diff"] - lo], [hi - r["diff"]]], fmt="o", color=col,
+                        capsize=4, lw=2, ms=6)
+        else:
+            ax.plot([r["diff"]], [yi], "o", mfc="white", color="gray", ms=6)
+    ax.axvline(0, color="k", lw=0.8)
+    one_group = head["group"].nunique() == 1     # then the group is in the title, not on every row
+    ax.set_yticks(y, ["\n".join(textwrap.wrap(c if one_group else f"{g}: {c}", 40))
+                      for g, c in zip(head["group"], head["comparison"])], fontsize=8)
+    if one_group:
+        ax.set_title(str(head["group"].iloc[0]), fontsize=9)
+    ax.set_xlabel(f"FLOPs-AUC difference, local − target ({ci_label})", fontsize=8)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=AXIS_COLORS["local"], label="local better (CI > 0)"),
+               plt.Line2D([], [], marker="o", ls="", color=AXIS_COLORS["target"], label="target better (CI < 0)"),
+               plt.Line2D([], [], marker="o", ls="", color="dimgray", label="CI includes 0"),
+               plt.Line2D([], [], marker="o", ls="", mfc="white", color="gray", label=f"no CI (< {min_seeds} seeds)")]
+    ax.legend(handles=handles, fontsize=6.5, loc="best", framealpha=0.85)
+    ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 
 from axes_pipeline.report.collect import Run
-from axes_pipeline.stats import PAPER_REFERENCE, compare_paired, flops_auc, flops_auc_relative, holm, mean_sd
+from axes_pipeline.stats import PAPER_REFERENCE, compare_paired, grid_aucs, holm, mean_sd
+from axes_pipeline.tables import DamagedTable, Schema, check_table
 
 AXES = ("local", "target")
 
@@ -28,13 +31,99 @@ def runs_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- pruning
+#
+# Selection and measurement (METHODS §9): every "best" score is chosen on the validation split's
+# FLOPs-AUC (``val_<accuracy>`` columns of prune_curves.csv) and measured on the test split's;
+# every score of a group is integrated over one removed-FLOPs grid (stats.grid_aucs).
+
+SELECTED_ON, MEASURED_ON = "val", "test"
+
+
+def val_column(accuracy: str) -> str:
+    """The validation counterpart of a test accuracy column (``acc_before_ft`` -> ``val_acc_before_ft``)."""
+    return f"val_{accuracy}"
+
+
+def curves_schema(accuracy: str) -> Schema:
+    """What the report needs of ``prune/prune_curves.csv``: every point's score, axis, achieved
+    FLOPs and (test and validation) accuracy, finite; prune validates its points before writing,
+    so a NaN here means a damaged file, not a missing measurement."""
+    return Schema("prune_curves.csv",
+                  {"score": "str", "axis": "str", "draw": "int", "achieved_flops": "float",
+                   "target_flops": "float", "target_channels": "float", accuracy: "float",
+                   val_column(accuracy): "float"},
+                  finite=("score", "axis", "achieved_flops", accuracy, val_column(accuracy)),
+                  optional=("draw",))
+
+
+def read_curves(run: Run, accuracy: str) -> tuple[pd.DataFrame | None, str | None]:
+    """``(curves, None)`` for a run whose pruning results are sound; ``(None, None)`` for a run that
+    was not pruned; ``(None, reason)`` for one whose results cannot be used. The reason is also
+    recorded on the run (``Run.skip``), so the report lists it: never a silent drop."""
+    rel = "prune/prune_curves.csv"
+    path = run.path / rel
+    if not path.is_file():
+        return None, None
+    why = _curves_problem(run, accuracy)
+    if why:
+        run.skip(rel, why)
+        return None, why
+    return run.read_csv(rel), None
+
+
+def _curves_problem(run: Run, accuracy: str) -> str | None:
+    """What makes a run's pruning curves unusable for ``accuracy``, or None."""
+    rel = "prune/prune_curves.csv"
+    path = run.path / rel
+    summary = run.read_json("prune/prune_summary.json")
+    if not summary:
+        return "prune/prune_summary.json is missing (prune did not finish); rerun prune.py"
+    curves = run.read_csv(rel)          # the run's generic checks: schema, truncation (collect.py)
+    if curves is None:
+        return run.skipped.get(rel, f"{path} cannot be read")
+    if accuracy in curves and len(curves) and curves[accuracy].isna().all():
+        return f"prune_curves.csv has no {accuracy} (pruned without fine-tuning?)"
+    try:
+        check_table(curves, curves_schema(accuracy), path=path,
+                    rebuild=f"python prune.py <the run's overrides>  (run {run.path})")
+    except DamagedTable as err:
+        return str(err)
+    want = summary.get("curves_sha256")
+    if want is not None and hashlib.sha256(path.read_bytes()).hexdigest() != want:
+        return "prune_curves.csv does not match prune_summary.json (written by another prune run); rerun prune.py"
+    for key in ("unpruned_acc", "unpruned_val_acc"):
+        v = summary.get(key)
+        if not isinstance(v, (int, float)) or not np.isfinite(v):
+            return f"prune_summary.json has no {key}; rerun prune.py"
+    return None
+
+
+def _prune_info(run: Run) -> dict:
+    s = run.read_json("prune/prune_summary.json") or {}
+    pc = (s.get("config") or {}).get("pruning") or {}
+    return {"mode": s.get("mode", pc.get("mode", "flops")), "tolerance": float(s.get("tolerance", pc.get("tolerance", 0.005))),
+            "targets": s.get("targets", pc.get("targets")), "acc": s.get("unpruned_acc"), "val_acc": s.get("unpruned_val_acc")}
+
+
+def skipped_prune_runs(groups: dict[str, list[Run]], accuracy: str) -> list[tuple[str, str]]:
+    """``[(run_dir, reason)]`` of the pruned runs whose curves the report cannot use (damaged,
+    unfinished, without validation accuracies): they are left out of every pruning table, and the
+    report lists them rather than dropping them silently."""
+    out = []
+    for runs in groups.values():
+        for r in runs:
+            _, why = read_curves(r, accuracy)
+            if why:
+                out.append((str(r.path), why))
+    return out
+
 
 def seed_curves(run: Run, accuracy: str = "acc_before_ft") -> pd.DataFrame | None:
     """One run's pruning curve, random draws averaged: score, axis, target, achieved_flops, acc.
 
     ``target`` is the retained-FLOPs target, or in ``channel_fraction`` mode the retained-channel
     fraction (that mode has no FLOPs target); the AUC's axis is the achieved FLOPs either way."""
-    curves = _measured(run, accuracy)
+    curves, _ = read_curves(run, accuracy)
     if curves is None:
         return None
     target = curves["target_flops"] if "target_flops" in curves else pd.Series(np.nan, index=curves.index)
@@ -44,42 +133,54 @@ def seed_curves(run: Run, accuracy: str = "acc_before_ft") -> pd.DataFrame | Non
             .agg(achieved_flops=("achieved_flops", "mean"), acc=(accuracy, "mean")))
 
 
-def _measured(run: Run, accuracy: str) -> pd.DataFrame | None:
-    curves = run.read_csv("prune/prune_curves.csv")
-    if curves is None or accuracy not in curves:
-        return None
-    return curves[curves[accuracy].notna()]
-
-
-def _draw_mean_auc(c: pd.DataFrame, accuracy: str, base_acc) -> tuple[float, float]:
-    """FLOPs-AUC (absolute, relative) of one score: per random draw, then averaged over draws
-    (prune_summary.json's rule, so the report and the per-run summary agree)."""
-    aucs, rels = [], []
-    for _, d in (c.groupby("draw") if "draw" in c else [(0, c)]):
-        removed, acc = 1.0 - d["achieved_flops"].to_numpy(float), d[accuracy].to_numpy(float)
-        try:
-            aucs.append(flops_auc(removed, acc))
-        except ValueError:
-            continue
-        rels.append(flops_auc_relative(removed, acc, base_acc) if base_acc else np.nan)
-    return (float(np.mean(aucs)), float(np.mean(rels))) if aucs else (np.nan, np.nan)
-
-
 def auc_per_seed(groups: dict[str, list[Run]], accuracy: str) -> pd.DataFrame:
-    """group, seed, score, axis, flops_auc, flops_auc_rel (removed-FLOPs axis = 1 − achieved)."""
+    """group, seed, score, axis, flops_auc, flops_auc_rel (test: measured), val_flops_auc,
+    val_flops_auc_rel (validation: chooses), and per seed the shared grid's end and the points
+    dropped as off target. Draws are integrated one by one and averaged (prune_summary.json's rule).
+    Every curve of a group is integrated over the same removed-FLOPs grid. Runs that cannot be
+    used are left out here and named by :func:`skipped_prune_runs`."""
     rows = []
+    val = val_column(accuracy)
     for g, runs in groups.items():
+        frames, info = [], {}
         for r in runs:
-            curves = _measured(r, accuracy)
+            curves, _ = read_curves(r, accuracy)
             if curves is None:
                 continue
-            base = r.read_json("prune/prune_summary.json") or {}
-            base_acc = base.get("unpruned_acc", r.train.get("test_acc"))
-            for (score, axis), c in curves.groupby(["score", "axis"]):
-                auc, rel = _draw_mean_auc(c, accuracy, base_acc)
-                if np.isfinite(auc):
-                    rows.append({"group": g, "seed": r.seed, "score": score, "axis": axis, "flops_auc": auc,
-                                 "flops_auc_rel": rel})
+            if "draw" not in curves:
+                curves = curves.assign(draw=0)
+            frames.append(curves.assign(seed=r.seed))
+            info[r.seed] = _prune_info(r)
+        if not frames:
+            continue
+        allc = pd.concat(frames, ignore_index=True)
+        first = next(iter(info.values()))
+        targets = sorted({float(t) for i in info.values() for t in (i["targets"] or [])}) or None
+        res = grid_aucs(allc, [accuracy, val], lambda k: {accuracy: info[k[0]]["acc"], val: info[k[0]]["val_acc"]},
+                        mode=first["mode"], tolerance=first["tolerance"], by=("seed", "score", "draw"),
+                        targets=targets)
+        if res["grid"] is None:
+            continue
+        axis_of = dict(zip(allc["score"], allc["axis"]))
+        off = {}
+        if first["mode"] == "flops" and "target_flops" in allc:
+            miss = (allc["achieved_flops"] - allc["target_flops"]).abs() > first["tolerance"] + 1e-12
+            off = allc[miss].groupby("seed").size().to_dict()
+        per: dict[tuple, dict[str, list]] = {}
+        for (seed, score, _draw), a in res["aucs"].items():
+            d = per.setdefault((seed, score), {accuracy: [], val: []})
+            for c in (accuracy, val):
+                if a[c] is not None:
+                    d[c].append(a[c])
+        for (seed, score), d in sorted(per.items()):
+            if not d[accuracy] or not d[val]:
+                continue
+            auc, vauc = float(np.mean(d[accuracy])), float(np.mean(d[val]))
+            base, vbase = info[seed]["acc"], info[seed]["val_acc"]
+            rows.append({"group": g, "seed": seed, "score": score, "axis": axis_of[score],
+                         "flops_auc": auc, "flops_auc_rel": auc / base if base else np.nan,
+                         "val_flops_auc": vauc, "val_flops_auc_rel": vauc / vbase if vbase else np.nan,
+                         "grid_end": res["grid"][-1], "off_target_points": int(off.get(seed, 0))})
     return pd.DataFrame(rows)
 
 
@@ -88,9 +189,12 @@ def auc_table(per_seed: pd.DataFrame) -> pd.DataFrame:
         return per_seed
     rows = []
     for (g, score, axis), d in per_seed.groupby(["group", "score", "axis"]):
-        a, rel = _ms(d["flops_auc"]), _ms(d["flops_auc_rel"])
+        a, rel, v = _ms(d["flops_auc"]), _ms(d["flops_auc_rel"]), _ms(d["val_flops_auc"])
         rows.append({"group": g, "score": score, "axis": axis, "flops_auc_mean": a["mean"], "flops_auc_sd": a["sd"],
-                     "flops_auc_rel_mean": rel["mean"], "flops_auc_rel_sd": rel["sd"], "seeds": a["n"]})
+                     "flops_auc_rel_mean": rel["mean"], "flops_auc_rel_sd": rel["sd"],
+                     "val_flops_auc_mean": v["mean"], "val_flops_auc_sd": v["sd"], "seeds": a["n"],
+                     "grid_end": float(d["grid_end"].iloc[0]),
+                     "off_target_points": int(d.groupby("seed")["off_target_points"].first().sum())})
     return pd.DataFrame(rows).sort_values(["group", "flops_auc_mean"], ascending=[True, False])
 
 
@@ -113,53 +217,63 @@ def _best(wide: pd.DataFrame, cols: list[str]) -> str:
     return max(cols, key=lambda s: (wide[s].mean(), s))   # ties broken by name: deterministic
 
 
-def held_out_best(wide: pd.DataFrame, local: list[str], target: list[str]) -> tuple[pd.Series, pd.Series, list]:
-    """Best local and best target score chosen on the *other* seeds, compared on the held-out one.
+def held_out_best(val: pd.DataFrame, test: pd.DataFrame, local: list[str], target: list[str]
+                  ) -> tuple[pd.Series, pd.Series, list]:
+    """Best local and best target score chosen on the *other* seeds' validation AUC, compared on the
+    held-out seed's test AUC.
 
-    Choosing the best of each axis on the same seeds that are then tested is optimistic, and more
+    Choosing the best of each axis on the same seeds that are then compared is optimistic, and more
     so for the axis with more candidate scores (local has the β variants); leaving the seed out of
     the choice removes that bias. Returns the two paired series and the choices per seed."""
     a, b, picks = {}, {}, []
-    for s in wide.index:
-        rest = wide.drop(index=s)
+    for s in val.index:
+        rest = val.drop(index=s)
         bl, bt = _best(rest, local), _best(rest, target)
-        a[s], b[s] = wide.at[s, bl], wide.at[s, bt]
+        a[s], b[s] = test.at[s, bl], test.at[s, bt]
         picks.append(f"{bl}/{bt}")
     return pd.Series(a), pd.Series(b), picks
 
 
-def headline(per_seed: pd.DataFrame, *, min_n: int, n_boot: int, method: str, seed: int = 0) -> pd.DataFrame:
+def headline(per_seed: pd.DataFrame, *, min_n: int, n_boot: int, method: str, seed: int = 0,
+             ci: str = "bca") -> pd.DataFrame:
     """Best local vs best target score, and the axis means, paired across seeds, per group.
 
-    Three rows per group: the best score of each axis chosen on all seeds (optimistic, the paper's
-    presentation), chosen on the other seeds (leave-one-seed-out, the unbiased version), and the
-    axis means. ``p_holm`` adjusts the p-values over the group's rows; ``candidates`` says how many
-    scores each axis had to choose from."""
+    Three rows per group: the best score of each axis chosen on the validation AUC of all seeds,
+    chosen on the validation AUC of the other seeds (leave-one-seed-out), and the axis means; every
+    row compares *test* AUCs (``selected_on`` / ``measured_on``). No row is chosen by looking at
+    test, so all of them form the Holm family (``p_holm``); ``candidates`` says how many scores each
+    axis had to choose from."""
     rows = []
     if per_seed.empty:
         return pd.DataFrame(rows)
     for g, d in per_seed.groupby("group"):
-        wide = d.pivot_table(index="seed", columns="score", values="flops_auc").dropna(axis=1)
+        test = d.pivot_table(index="seed", columns="score", values="flops_auc").dropna(axis=1)
+        val = d.pivot_table(index="seed", columns="score", values="val_flops_auc").dropna(axis=1)
+        both = [c for c in test.columns if c in val.columns]
+        test, val = test[both], val.loc[test.index, both]
         axis_of = dict(zip(d["score"], d["axis"]))
-        cols = {ax: sorted(s for s in wide.columns if axis_of.get(s) == ax) for ax in AXES}
+        cols = {ax: sorted(s for s in both if axis_of.get(s) == ax) for ax in AXES}
         if not (cols["local"] and cols["target"]):
             continue
         cand = f"{len(cols['local'])} local / {len(cols['target'])} target"
-        bl, bt = _best(wide, cols["local"]), _best(wide, cols["target"])
-        comparisons = [(f"best local ({bl}) − best target ({bt}), chosen on all seeds", wide[bl], wide[bt], "")]
-        if len(wide) >= 2:
-            a, b, picks = held_out_best(wide, cols["local"], cols["target"])
+        bl, bt = _best(val, cols["local"]), _best(val, cols["target"])
+        comparisons = [(f"best local ({bl}) − best target ({bt}), chosen on validation (all seeds), measured on test",
+                        test[bl], test[bt], "", SELECTED_ON)]
+        if len(val) >= 2:
+            a, b, picks = held_out_best(val, test, cols["local"], cols["target"])
             chosen = sorted(set(picks))
-            comparisons.append(("best local − best target, chosen on the other seeds", a, b,
-                                "choices: " + ", ".join(chosen)))
-        comparisons.append(("local-axis mean − target-axis mean", wide[cols["local"]].mean(axis=1),
-                            wide[cols["target"]].mean(axis=1), ""))
+            comparisons.append(("best local − best target, chosen on validation of the other seeds, measured on test",
+                                a, b,
+                                "choices: " + ", ".join(chosen), SELECTED_ON))
+        comparisons.append(("local-axis mean − target-axis mean, measured on test", test[cols["local"]].mean(axis=1),
+                            test[cols["target"]].mean(axis=1), "", "none (no choice)"))
         group_rows = []
-        for label, a, b, note in comparisons:
-            res = compare_paired(a.to_numpy(), b.to_numpy(), min_n=min_n, n_boot=n_boot, seed=seed, method=method)
+        for label, a, b, note, chosen_on in comparisons:
+            res = compare_paired(a.to_numpy(), b.to_numpy(), min_n=min_n, n_boot=n_boot, seed=seed, method=method, ci=ci)
             if note:
                 res["note"] = "; ".join(x for x in (res.get("note") or "", note) if x)
-            group_rows.append({"group": g, "comparison": label, "candidates": cand, **res})
+            group_rows.append({"group": g, "comparison": label, "candidates": cand, "selected_on": chosen_on,
+                               "measured_on": MEASURED_ON, **res})
         p_holm = holm([r["p_value"] for r in group_rows])
         for r, ph in zip(group_rows, p_holm):
             r["p_holm"] = ph

@@ -7,6 +7,7 @@ weights) ... ``epoch_NNN.ckpt`` (after NNN epochs).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -15,6 +16,8 @@ import lightning as L
 import torch
 
 from axes_pipeline.errors import UserError
+
+log = logging.getLogger("axes_pipeline")
 
 EPOCH_RE = re.compile(r"epoch_(\d+)\.ckpt$")
 
@@ -80,19 +83,37 @@ def model_state(ckpt: dict) -> dict:
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 
-def load_into(model: torch.nn.Module, path: str | Path, expect: dict | None = None) -> dict:
-    """Load the weights of checkpoint ``path`` into ``model``; refuse another model or class count.
+#: Meta keys recorded since checkpoints name their data; older checkpoints lack them and are
+#: accepted with a warning (their weights may still fit a model of another dataset).
+DATA_META_KEYS = ("data", "image_size")
+_WARNED: set[str] = set()
 
-    ``expect`` holds the meta fields that must match (model, width, num_classes). Returns the
-    checkpoint's meta.
-    """
-    ckpt = read_checkpoint(path)
-    meta = ckpt.get("axes_meta", {})
-    for key, want in (expect or {}).items():
+
+def check_meta(meta: dict, expect: dict, path: str | Path) -> None:
+    """Refuse a checkpoint whose recorded model/width/class count/dataset/image size differs from
+    ``expect``, in one line. A checkpoint of another dataset with the same class count loads
+    without a shape error, so without this check its axes would be computed on the wrong images."""
+    for key, want in expect.items():
         have = meta.get(key)
         if have is not None and want is not None and have != want:
             raise UserError(f"checkpoint {path} is for {key}={have}, but this run has {key}={want}; "
-                            f"pass the matching overrides or another ckpt=")
+                            f"pass the matching overrides ({key}={have}) or another ckpt=")
+    unrecorded = [k for k in DATA_META_KEYS if k in expect and meta.get(k) is None]
+    if unrecorded and str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        log.warning("checkpoint %s does not record its %s (written by an older version); assuming it matches "
+                    "this run's data", path, " and ".join(unrecorded))
+
+
+def load_into(model: torch.nn.Module, path: str | Path, expect: dict | None = None) -> dict:
+    """Load the weights of checkpoint ``path`` into ``model``; refuse another model or class count.
+
+    ``expect`` holds the meta fields that must match (model, width, num_classes, data, image_size;
+    see :func:`check_meta`). Returns the checkpoint's meta.
+    """
+    ckpt = read_checkpoint(path)
+    meta = ckpt.get("axes_meta", {})
+    check_meta(meta, expect or {}, path)
     state = model_state(ckpt)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from axes_pipeline.config import run_dir_candidates, trained_run_dir
 from axes_pipeline.errors import UserError
 from axes_pipeline.training.checkpoints import load_into, read_checkpoint
 from axes_pipeline.training.train import build_datamodule, instantiate_model
+
+log = logging.getLogger("axes_pipeline")
 
 
 @dataclass
@@ -30,18 +33,56 @@ def _train_command(cfg: DictConfig) -> str:
 
 
 def locate_run(cfg: DictConfig) -> tuple[Path, Path]:
-    """(run_dir, checkpoint) for these overrides, or for ``ckpt=PATH``; one clear line if none."""
+    """(run_dir, checkpoint) for these overrides, or for ``ckpt=PATH``; one clear line if none.
+
+    A run without ``train_summary.json`` (killed or still training) is refused unless
+    ``allow_partial=true``: its ``last.ckpt`` is a partly trained network."""
     if cfg.get("ckpt"):
         ckpt = Path(cfg.ckpt).resolve()
         if not ckpt.is_file():
             raise UserError(f"ckpt={cfg.ckpt} does not exist")
-        return trained_run_dir(cfg), ckpt
+        run = trained_run_dir(cfg)
+        if ckpt.parent.name == "checkpoints":   # a run's own checkpoint: that run must be finished
+            check_finished(cfg, run)
+        return run, ckpt
     for cand in run_dir_candidates(cfg):
         for name in ("best.ckpt", "last.ckpt"):
             if (cand / "checkpoints" / name).is_file():
+                check_finished(cfg, cand)
                 return cand, cand / "checkpoints" / name
     raise UserError(f"no trained run at {run_dir_candidates(cfg)[0]}; train it first with "
                     f"`{_train_command(cfg)}` (or pass ckpt=PATH)")
+
+
+def check_finished(cfg: DictConfig, run: Path) -> None:
+    """Refuse a run whose training did not finish (no ``train_summary.json``), unless allow_partial."""
+    if (Path(run) / "train_summary.json").is_file():
+        return
+    if bool(cfg.get("allow_partial", False)):
+        log.warning("using the partly trained run %s (no train_summary.json; allow_partial=true)", run)
+        return
+    raise UserError(f"run {run} is not finished (no train_summary.json: training was interrupted or is still "
+                    f"running); finish it with `{_train_command(cfg)}` or pass allow_partial=true to use it as is")
+
+
+def expected_meta(cfg: DictConfig, num_classes: int) -> dict:
+    """The checkpoint meta this config needs (see checkpoints.check_meta): model, width, class
+    count, dataset and image size."""
+    return {"model": cfg.model.name, "num_classes": int(num_classes), "width": float(cfg.model.width),
+            "data": cfg.data.name, "image_size": int(cfg.data.image_size)}
+
+
+def architecture(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    """The backbone of ``cfg`` without initial weights: a checkpoint is about to overwrite every
+    tensor, so fetching ImageNet weights (``model.pretrained``/``model.weights``, which headline
+    experiments set) would only cost a download, or fail offline, for nothing."""
+    from omegaconf import open_dict
+
+    bare = cfg.copy()
+    with open_dict(bare):
+        bare.model.pretrained = False
+        bare.model.weights = None
+    return instantiate_model(bare, num_classes)
 
 
 def restore_trained(cfg: DictConfig, ckpt: Path | None = None) -> Trained:
@@ -50,11 +91,10 @@ def restore_trained(cfg: DictConfig, ckpt: Path | None = None) -> Trained:
     ckpt = Path(ckpt) if ckpt is not None else found
     dm = build_datamodule(cfg)
     dm.check()
-    model = instantiate_model(cfg, dm.num_classes)
-    meta = load_into(model, ckpt, expect={"model": cfg.model.name, "num_classes": dm.num_classes,
-                                          "width": float(cfg.model.width)})
+    model = architecture(cfg, dm.num_classes)
+    meta = load_into(model, ckpt, expect=expected_meta(cfg, dm.num_classes))
     model.eval()
     return Trained(run_dir=out, ckpt=ckpt, model=model, datamodule=dm, meta=meta)
 
 
-__all__ = ["Trained", "locate_run", "restore_trained", "read_checkpoint"]
+__all__ = ["Trained", "architecture", "check_finished", "expected_meta", "locate_run", "restore_trained", "read_checkpoint"]

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.config import check_positive, run_dir, to_container
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import read_json, write_json
-from axes_pipeline.training.checkpoints import EpochCheckpoint
+from axes_pipeline.runs import fingerprint, read_json, run_fingerprint, settings_diff, write_json
+from axes_pipeline.training.checkpoints import EpochCheckpoint, load_into, read_checkpoint
 from axes_pipeline.training.module import ClassifierModule
 
 log = logging.getLogger("axes_pipeline")
@@ -40,8 +43,119 @@ def check_trainer(cfg: DictConfig) -> None:
 
 
 def model_meta(cfg: DictConfig, num_classes: int) -> dict:
+    # data, image_size and num_classes let a later stage refuse a checkpoint of another dataset
+    # that happens to have the same class count (restore.check_meta).
     return {"model": cfg.model.name, "width": float(cfg.model.width), "num_classes": int(num_classes),
-            "data": cfg.data.name, "seed": int(cfg.seed), "experiment": cfg.name}
+            "data": cfg.data.name, "image_size": int(cfg.data.image_size), "seed": int(cfg.seed),
+            "experiment": cfg.name}
+
+
+def train_settings(cfg: DictConfig) -> dict:
+    """Everything that decides the trained weights besides the run directory's own parts
+    (name, data, model, width, seed): the data identity, the model's other knobs, the optimizer,
+    the recipe, the epochs and precision, and the content of an initialising ``ckpt=``.
+
+    Stored as ``train_settings.json`` before training starts; a rerun with other values is refused
+    with a one-line diff instead of silently keeping (or resuming into) the old run.
+    """
+    model = {f"model.{k}": v for k, v in to_container(cfg.model).items()}
+    optim = {f"optim.{k}": v for k, v in to_container(cfg.optim).items() if not k.startswith("_")}
+    rest = {"data.batch_size": int(cfg.data.batch_size),
+            "train.label_smoothing": float(cfg.train.label_smoothing),
+            "train.warmup_epochs": int(cfg.train.warmup_epochs),
+            "trainer.max_epochs": int(cfg.trainer.max_epochs),
+            "trainer.precision": str(cfg.trainer.precision),
+            "trainer.limit_train_batches": OmegaConf.select(cfg, "trainer.limit_train_batches")}
+    parts = run_fingerprint(cfg, cfg.ckpt or None, **model, **optim, **rest)
+    if "ckpt_digest" in parts:        # an initialisation, not a checkpoint of this run
+        parts["init_ckpt_digest"] = parts.pop("ckpt_digest")
+    return parts
+
+
+def check_settings(out: Path, want: dict) -> None:
+    """Refuse to reuse or resume a run directory whose run was started with other settings."""
+    path = out / "train_settings.json"
+    if not path.exists():
+        return
+    have = read_json(path)
+    if have != want:
+        raise UserError(f"{out} holds a run trained with other settings ({settings_diff(have, want)}); "
+                        f"give this variant its own name= (e.g. name=lr0.5 for another optim.lr), "
+                        f"or delete that directory to retrain")
+
+
+def resume_point(out: Path) -> tuple[Path | None, int, int]:
+    """(``last.ckpt`` to resume from or None, the first epoch and the first optimizer step this
+    process trains).
+
+    A damaged ``last.ckpt`` is a one-line error that says how to start over, not a traceback from
+    deep inside Lightning (nor a silent fresh start that would throw away finished epochs).
+    """
+    last = out / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return None, 0, 0
+    try:
+        ckpt = read_checkpoint(last)
+        missing = [k for k in ("state_dict", "optimizer_states", "loops", "epoch", "global_step") if k not in ckpt]
+        if missing:
+            raise UserError(f"no {', '.join(missing)}: not a resume point written by train.py")
+        epoch, step = int(ckpt["epoch"]), int(ckpt["global_step"])
+    except (UserError, TypeError, ValueError) as err:
+        raise UserError(f"cannot resume: {last} is damaged ({err}); to start this run over, delete "
+                        f"{out} (or only its checkpoints/ and logs/)") from None
+    # last.ckpt is written at the end of an epoch (after its validation): the next one starts here.
+    return last, epoch + 1, step
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(fingerprint({"seed": int(seed), "epoch": int(epoch)}), 16) % (2**32)
+
+
+class EpochRNG(L.Callback):
+    """Make each epoch's randomness a function of (seed, epoch), so a resumed run is the run it
+    resumes.
+
+    Lightning's resume restores weights, optimizer, scheduler and loop counters but not the random
+    state: the shuffling of the training loader (its sampler draws from the global generator when
+    its iterator is made), augmentation and dropout would continue from the state of the new
+    process. Reseeding python, numpy and torch at the start of every epoch from (seed, epoch) is a
+    state that the checkpoint's epoch carries. The first epoch of a process is reseeded in
+    ``setup``: Lightning makes (and prefetches from) that epoch's iterator while it sets up the
+    optimizers (``estimated_stepping_batches``), before ``on_fit_start``; later epochs' iterators
+    are made after ``on_train_epoch_start``.
+    """
+
+    def __init__(self, seed: int, first_epoch: int):
+        self.seed = int(seed)
+        self.first_epoch = int(first_epoch)
+
+    def _reseed(self, epoch: int) -> None:
+        s = epoch_seed(self.seed, epoch)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":
+            self._reseed(self.first_epoch)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch != self.first_epoch:
+            self._reseed(trainer.current_epoch)
+        # The logger's rows of finished epochs go to disk now: a kill during this epoch keeps them.
+        if trainer.logger is not None:
+            trainer.logger.save()
+
+
+def _init_weights(model: torch.nn.Module, cfg: DictConfig, num_classes: int) -> None:
+    """``ckpt=PATH`` in train.py initialises the backbone with that checkpoint's weights (weights
+    only: optimizer, schedule and epoch start afresh). It must be a checkpoint of this model,
+    width, class count and dataset; anything else is a one-line error before training."""
+    if not cfg.ckpt:
+        return
+    load_into(model, cfg.ckpt, expect={"model": cfg.model.name, "width": float(cfg.model.width),
+                                       "num_classes": int(num_classes), "data": cfg.data.name})
+    log.info("initialised the weights from ckpt=%s", cfg.ckpt)
 
 
 class Throughput(L.Callback):
@@ -70,6 +184,10 @@ def run_training(cfg: DictConfig) -> dict:
     summary_path = out / "train_summary.json"
     ckpt_dir = out / "checkpoints"
     max_epochs = int(cfg.trainer.max_epochs)
+    if cfg.ckpt and not Path(str(cfg.ckpt)).is_file():
+        raise UserError(f"ckpt={cfg.ckpt} does not exist (train.py uses it as the initial weights)")
+    settings = train_settings(cfg)
+    check_settings(out, settings)
     if summary_path.exists():
         done = read_json(summary_path)
         if done.get("epochs") == max_epochs and (ckpt_dir / "last.ckpt").exists():
@@ -77,9 +195,12 @@ def run_training(cfg: DictConfig) -> dict:
             print(f"train: already complete, nothing to do ({summary_path})")
             return done
 
+    resume, first_epoch, first_step = resume_point(out)
     dm = build_datamodule(cfg)
     dm.check()
     model = instantiate_model(cfg, dm.num_classes)
+    _init_weights(model, cfg, dm.num_classes)
+    write_json(out / "train_settings.json", settings)
     channels_last = cfg.train.channels_last
     if channels_last == "auto":
         channels_last = cfg.trainer.accelerator in ("gpu", "cuda")
@@ -100,18 +221,20 @@ def run_training(cfg: DictConfig) -> dict:
                         mode=cfg.checkpoint.mode, save_last=True, save_top_k=1,
                         enable_version_counter=False, auto_insert_metric_name=False),
         throughput,
+        EpochRNG(int(cfg.seed), first_epoch),
     ]
     if cfg.checkpoint.every_epoch:
         callbacks.append(EpochCheckpoint(ckpt_dir))
-    logger = lightning_logger(cfg, out)
+    logger = lightning_logger(cfg, out, resume_epoch=first_epoch, resume_step=first_step)
     if logger and cfg.callbacks.lr_monitor:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                      default_root_dir=str(out),
                                      enable_progress_bar=bool(cfg.callbacks.progress_bar))
-    resume = ckpt_dir / "last.ckpt"
+    if resume is not None:
+        log.info("resuming %s at epoch %d", resume, first_epoch)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
     wall = time.perf_counter() - t0
     if trainer.interrupted:
         raise KeyboardInterrupt
@@ -123,7 +246,7 @@ def run_training(cfg: DictConfig) -> dict:
         "test_acc": test.get("test/acc"), "test_acc5": test.get("test/acc5"), "test_loss": test.get("test/loss"),
         "epochs": max_epochs, "wall_time_s": round(wall, 2),
         "train_images_per_s": round(throughput.images / throughput.seconds, 1) if throughput.seconds else None,
-        "best_checkpoint": str(best), "last_checkpoint": str(resume),
+        "best_checkpoint": str(best), "last_checkpoint": str(ckpt_dir / "last.ckpt"),
         "num_classes": dm.num_classes, "device": str(trainer.strategy.root_device),
         "config": to_container(cfg),
     }
