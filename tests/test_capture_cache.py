@@ -64,10 +64,11 @@ def test_lean_capture_gives_the_full_sample_tables_to_1e6(both, tmp_path):
     cached = load_capture(path)
     common = dict(knobs=KNOBS, dtype=torch.float64, device=torch.device("cpu"), graphs=GRAPHS,
                   gradients={"enabled": True}, seed=0)
-    old = _tables(units, lambda i, n: layer_analysis(n, i, full.acts[n], full.target, units[n],
+    old = _tables(units, lambda i, n: layer_analysis(n, i, full.acts[n], full.target_of(n), units[n],
                                                      patches=full.patches[n], **common))
     new = _tables(units, lambda i, n: layer_analysis(n, i, None, None, units[n], cov=cached.cov(n),
-                                                     grad_cos=cached.gradients[n], **common))
+                                                     grad_cos=cached.gradients[n], n_samples=cached.n_samples(n),
+                                                     **common))
     assert {"grad_cos_euclid", "grad_cos_whitened", "community_r", "hull_size"} <= set(old[0].columns)
     _assert_same(*[t[0] for t in (old, new)])
     _assert_same(*[t[1] for t in (old, new)])
