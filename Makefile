@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-scale gpu-check clean
 
 install: $(STAMP)
 
@@ -22,8 +22,19 @@ demo: install
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# Every benchmark at a size a laptop finishes; bench_scale's paper-scale run (hours on 2 CPU
+# cores) is `make bench-scale`.
 bench: install
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; \
+	  if [ "$$b" = benchmarks/bench_scale.py ]; then $(PY) $$b --quick || exit 1; else $(PY) $$b || exit 1; fi; done
+
+bench-scale: install
+	$(PY) benchmarks/bench_scale.py
+
+# The whole pipeline on one GPU (≤ 8 min): throughput, stage times and ratios -> gpu_check.json.
+# Refuses (exit 2) on a machine without CUDA.
+gpu-check: install
+	$(PY) scripts/gpu_check.py --json gpu_check.json
 
 clean:
 	rm -rf runs multirun/*/ outputs wandb .pytest_cache

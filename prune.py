@@ -10,7 +10,13 @@ from axes_pipeline.tasks import hydra_entry, run_task
 def main(cfg: DictConfig):
     from axes_pipeline.pruning.run import run_prune
 
-    return run_task(run_prune, cfg, where=trained_run_dir)   # a -m run found by a single run, etc.
+    def one_process(cfg):   # refused under torchrun / DDP launchers: one process, one device
+        from axes_pipeline.capture import refuse_several_processes
+
+        refuse_several_processes("prune.py")
+        return run_prune(cfg)
+
+    return run_task(one_process, cfg, where=trained_run_dir)   # a -m run found by a single run, etc.
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def test_small_map_rows_are_the_whole_map_and_n_is_recorded(tmp_path):
     units = conv_norm_pairs(model)
     x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
     loader = [(x[:5], y[:5]), (x[5:], y[5:])]
-    cap = capture_activations(model, units, loader, samples_per_image=16, patch_moments=True, progress=False)
+    cap = capture_activations(model, units, loader, samples_per_image=16, patch_moments=True, progress=False,
+                              stream_moments=True)   # moments too: the cache holds them
     assert cap.per_image == {"conv1": 16, "conv2": 4}
     assert cap.n_samples("conv1") == 12 * 16 and cap.n_samples("conv2") == 12 * 4
     # conv2's rows: every position of every image once, no duplicate row

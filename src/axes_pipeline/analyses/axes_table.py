@@ -21,7 +21,7 @@ from axes_pipeline.analyses.graphs import compare_groupings
 from axes_pipeline.capture import (POSITIONS, Capture, capture_activations, capture_key, check_finite, load_capture,
                                    save_capture)
 from axes_pipeline.errors import UserError
-from axes_pipeline.metrics import (covariance, gradient_cosines,
+from axes_pipeline.metrics import (covariance,
                                    pairwise_overlap_from_moments, pairwise_target_excess_from_moments,
                                    triplet_ratio_from_moments)
 from axes_pipeline.metrics.peers import channel_axes_by_peers, check_peers
@@ -84,18 +84,26 @@ class LayerResult:
     s: np.ndarray | None = None
 
 
-def layer_analysis(name: str, index: int, acts: torch.Tensor, target: torch.Tensor, unit, *, knobs: dict,
-                   dtype: torch.dtype, device: torch.device, graphs: dict | None, patches=None,
-                   gradients: dict | None = None, seed: int = 0, keep_matrices: bool = False) -> LayerResult:
-    """Both axes, alignment, groupings, S3/S2 and gradient cosines of one layer."""
-    cov = covariance(acts.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype))
+def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: torch.Tensor | None, unit, *,
+                   knobs: dict, dtype: torch.dtype, device: torch.device, graphs: dict | None, patches=None,
+                   gradients: dict | None = None, seed: int = 0, keep_matrices: bool = False,
+                   cov: torch.Tensor | None = None, grad_cos: dict | None = None,
+                   n_samples: int | None = None) -> LayerResult:
+    """Both axes, alignment, groupings, S3/S2 and gradient cosines of one layer.
+
+    From the samples (``acts``, ``target``) or, in the lean form, from their covariance ``cov``
+    ``[C+1, C+1]`` (:attr:`Capture.moments`) and the capture's gradient cosines ``grad_cos``."""
+    if cov is None:
+        cov = covariance(acts.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype))
+    else:
+        cov = cov.to(device=device, dtype=dtype)
     axes = {k: v.cpu() for k, v in channel_axes_by_peers(cov, unit, **knobs).items()}   # metrics.peers
-    C = acts.shape[1]
+    C = cov.shape[0] - 1
     rows = {"layer": [name] * C, "layer_index": [index] * C, "channel": np.arange(C)}
     rows.update({k: v.numpy() for k, v in axes.items()})
     rows.update(filter_stats(unit))
     arr = {k: v.numpy() for k, v in axes.items()}
-    summary = {"layer": name, "layer_index": index, "channels": C, "n_samples": int(acts.shape[0]), "dead": int(arr["dead"].sum()),
+    summary = {"layer": name, "layer_index": index, "channels": C, "n_samples": int(acts.shape[0] if n_samples is None else n_samples), "dead": int(arr["dead"].sum()),
                **layer_alignment(arr),
                "hull_size_mean": float(arr["hull_size"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0,
                "hull_saturated_frac": float(arr["hull_saturated"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0}
@@ -103,7 +111,8 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor, target: torch.Tens
     summary.update(s3_s2=float(tri["s3_s2"]), mean_s3=float(tri["mean_s3"]), mean_s2=float(tri["mean_s2"]))
     result = LayerResult(rows=pd.DataFrame(rows), summary=summary)
     if graphs is not None:
-        k = min(C, int(graphs["max_channels"]))
+        cap = graphs.get("max_channels")
+        k = C if cap is None else min(C, int(cap))   # no cap by default: MobileNetV2 ends at 1280
         sub = cov[: k + 1, : k + 1]
         r_x = pairwise_overlap_from_moments(sub).cpu().double().numpy()
         s = pairwise_target_excess_from_moments(sub).cpu().double().numpy()
@@ -116,17 +125,13 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor, target: torch.Tens
         summary.update(g)
         if keep_matrices:
             result.r_x, result.s = r_x, s
-    if patches is not None and gradients is not None:
-        w = unit.conv.weight.detach().double().flatten(1)
-        cos = gradient_cosines(patches.cov_xy().T.contiguous(), patches.cov_xt(), w)
-        result.rows["grad_cos_euclid"] = cos["cos_euclid"].numpy()
-        summary["grad_cos_euclid_median"] = float(cos["cos_euclid"].abs().median())
-        sub = patches.whitened_moments()
-        if sub is not None:  # the check: Σ_X w and Σ_X from the same rows, so this must be ≈ 0
-            cxy, cxt, sigma = sub
-            white = gradient_cosines(cxy.T.contiguous(), cxt, w, sigma)["cos_whitened"]
-            result.rows["grad_cos_whitened"] = white.numpy()
-            summary["grad_cos_whitened_median"] = float(white.abs().median())
+    if grad_cos is None and patches is not None:
+        grad_cos = patches.cosines(unit.conv.weight)
+    if grad_cos is not None and gradients is not None:
+        for key in ("cos_euclid", "cos_whitened"):   # whitened: the ≈ 0 check, where Σ_X was kept
+            if key in grad_cos:
+                result.rows[f"grad_{key}"] = grad_cos[key].numpy()
+                summary[f"grad_{key}_median"] = float(grad_cos[key].abs().median())
     return result
 
 
@@ -143,9 +148,10 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
     results = {}
     for i, name in enumerate(units_progress(capture.layers, "axes", enabled=progress, label=str)):
         results[name] = layer_analysis(
-            name, index[name] if index else i, capture.acts[name], capture.target_of(name), units[name], knobs=metric_knobs(cfg), dtype=dtype,
+            name, index[name] if index else i, None, None, units[name], knobs=metric_knobs(cfg), dtype=dtype,
             device=device, graphs=graphs, patches=capture.patches.get(name), gradients=grads,
-            seed=int(cfg.capture.seed), keep_matrices=keep_matrices)
+            seed=int(cfg.capture.seed), keep_matrices=keep_matrices, cov=capture.cov(name),
+            grad_cos=capture.gradients.get(name), n_samples=capture.n_samples(name))
     axes_df = pd.concat([r.rows for r in results.values()], ignore_index=True)
     axes_df["capture_point"] = axes_df["layer"].map({n: capture_point(units[n], str(cfg.capture.point)) for n in results})
     layers_df = pd.DataFrame([r.summary for r in results.values()])
@@ -190,8 +196,8 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
     capture = capture_activations(
         model, units, loader, point=c.point, spatial=c.spatial, samples_per_image=int(c.samples_per_image),
         target=c.target, seed=int(c.seed), patch_moments=settings["gradients"],
-        max_patch_dim=settings["gradients.max_patch_dim"], sigma_rows=settings["gradients.sigma_rows"],
-        device=device, progress=progress)
+        max_patch_dim=settings["gradients.max_patch_dim"], sigma_rows=settings["gradients.sigma_rows"], device=device,
+        progress=progress, keep_samples=False)
     model.cpu()
     check_finite(capture)
     if cfg.capture.cache:

@@ -2,17 +2,24 @@
 
 Nodes are the channels of one layer. The R-graph weighs an edge by the peer overlap R_X(i,j), the
 S-graph by the pairwise target excess S_ij. Each keeps its top 10% positive off-diagonal edges;
-greedy Newman modularity (networkx) partitions it. We report Q_R, Q_S, the modularity gap
-Q_R − Q_S, NMI/ARI between the two partitions, and the same statistics on graphs whose kept edge
-weights were shuffled among the layer's pairs (the null).
+greedy Newman modularity (Clauset–Newman–Moore, igraph's ``community_fastgreedy``, in C)
+partitions it. We report Q_R, Q_S, the modularity gap Q_R − Q_S, NMI/ARI between the two
+partitions, and the same statistics on graphs whose kept edge weights were shuffled among the
+layer's pairs (the null: its mean, SD and 2.5/97.5 percentiles over ``null_shuffles`` draws).
+
+Why igraph and not networkx: the same algorithm, ~100× faster (networkx's pure-Python version was
+84% of an axes run at paper scale and limited the null to 2 shuffles). Its partitions are not
+label-identical to networkx's (the dendrogram cut and tie-breaking differ); their modularity is
+within 1% (tests/test_graphs.py), which is what the tables report.
 """
 
 from __future__ import annotations
 
-import networkx as nx
+import igraph
 import numpy as np
-from networkx.algorithms.community import greedy_modularity_communities, modularity
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+NULL_STATS = ("q_r", "q_s", "modularity_gap", "nmi")
 
 
 def top_edges(weights: np.ndarray, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -30,47 +37,60 @@ def top_edges(weights: np.ndarray, fraction: float = 0.1) -> tuple[np.ndarray, n
 
 
 def partition(C: int, i: np.ndarray, j: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
-    """Greedy-modularity labels ``[C]`` and Q of the weighted graph on C nodes (isolated included)."""
-    graph = nx.Graph()
-    graph.add_nodes_from(range(C))
-    graph.add_weighted_edges_from(zip(i.tolist(), j.tolist(), w.tolist()))
+    """Greedy-modularity labels ``[C]`` and weighted Q of the graph on C nodes (isolated included).
+
+    The dendrogram is cut where its modularity peaks (``as_clustering()``); Q is recomputed on the
+    final partition so it is exactly the weighted Newman modularity of the labels returned."""
     labels = np.arange(C)
-    if graph.number_of_edges() == 0:
+    if len(i) == 0:
         return labels, 0.0
-    comms = greedy_modularity_communities(graph, weight="weight")
-    for k, comm in enumerate(comms):
-        labels[list(comm)] = k
-    return labels, float(modularity(graph, comms, weight="weight"))
+    graph = igraph.Graph(n=C, edges=np.column_stack([i, j]).tolist())
+    graph.es["weight"] = np.asarray(w, dtype=float).tolist()
+    clusters = graph.community_fastgreedy(weights="weight").as_clustering()
+    labels = np.asarray(clusters.membership, dtype=int)
+    return labels, float(graph.modularity(clusters.membership, weights="weight"))
 
 
-def _shuffled(C: int, weights: np.ndarray, fraction: float, rng: np.random.Generator):
-    # Null: the same weight values placed on randomly chosen pairs (structure destroyed, marginal kept).
+def _shuffled_top(C: int, kept: np.ndarray, rng: np.random.Generator):
+    """Top edges of a layer's weights after its off-diagonal values were shuffled among all pairs
+    (``kept``: the observed top edge weights, :func:`top_edges`).
+
+    Shuffling moves values, not their multiset, so the kept values are exactly the observed top
+    ``fraction`` and only their pairs change: a uniformly random set of distinct pairs in random
+    order. Drawing just those pairs is the same distribution as shuffling the full C×C matrix and
+    ranking it again, at O(kept) instead of O(C² log C) per draw (what lets the null afford 20+
+    draws on 1,280-channel layers)."""
+    picks = rng.choice(C * (C - 1) // 2, size=len(kept), replace=False)
     iu, ju = np.triu_indices(C, k=1)
-    vals = weights[iu, ju].copy()
-    rng.shuffle(vals)
-    shuffled = np.zeros_like(weights)
-    shuffled[iu, ju] = vals
-    return top_edges(shuffled + shuffled.T, fraction)
+    return iu[picks], ju[picks], rng.permutation(kept)
 
 
-def compare_groupings(r_x: np.ndarray, s: np.ndarray, *, fraction: float = 0.1, null_shuffles: int = 2,
+def compare_groupings(r_x: np.ndarray, s: np.ndarray, *, fraction: float = 0.1, null_shuffles: int = 20,
                       seed: int = 0) -> dict:
-    """Q_R, Q_S, gap, NMI, ARI and their shuffled-null means for one layer's R and S matrices."""
+    """Q_R, Q_S, gap, NMI, ARI and their shuffled null for one layer's R and S matrices.
+
+    The null of each statistic is reported as ``null_<stat>`` (mean), ``null_<stat>_sd`` and, for
+    the gap, ``null_modularity_gap_lo``/``_hi`` (2.5/97.5 percentiles of the draws)."""
     C = r_x.shape[0]
-    lab_r, q_r = partition(C, *top_edges(r_x, fraction))
-    lab_s, q_s = partition(C, *top_edges(s, fraction))
+    top_r, top_s = top_edges(r_x, fraction), top_edges(s, fraction)
+    lab_r, q_r = partition(C, *top_r)
+    lab_s, q_s = partition(C, *top_s)
     out = {"q_r": q_r, "q_s": q_s, "modularity_gap": q_r - q_s,
            "nmi": float(normalized_mutual_info_score(lab_r, lab_s)),
            "ari": float(adjusted_rand_score(lab_r, lab_s))}
     rng = np.random.default_rng(seed)
     nulls = []
-    for _ in range(max(0, null_shuffles)):
-        nr_lab, nq_r = partition(C, *_shuffled(C, r_x, fraction, rng))
-        ns_lab, nq_s = partition(C, *_shuffled(C, s, fraction, rng))
+    for _ in range(max(0, int(null_shuffles))):
+        nr_lab, nq_r = partition(C, *_shuffled_top(C, top_r[2], rng))
+        ns_lab, nq_s = partition(C, *_shuffled_top(C, top_s[2], rng))
         nulls.append((nq_r, nq_s, nq_r - nq_s, normalized_mutual_info_score(nr_lab, ns_lab)))
     if nulls:
-        n = np.asarray(nulls).mean(axis=0)
-        out.update(null_q_r=float(n[0]), null_q_s=float(n[1]), null_modularity_gap=float(n[2]),
-                   null_nmi=float(n[3]))
+        draws = np.asarray(nulls)
+        sd = draws.std(axis=0, ddof=1) if len(draws) > 1 else np.full(draws.shape[1], np.nan)
+        for k, name in enumerate(NULL_STATS):
+            out[f"null_{name}"] = float(draws[:, k].mean())
+            out[f"null_{name}_sd"] = float(sd[k])
+        lo, hi = np.percentile(draws[:, 2], [2.5, 97.5])
+        out.update(null_modularity_gap_lo=float(lo), null_modularity_gap_hi=float(hi), null_draws=len(draws))
     out["labels_r"], out["labels_s"] = lab_r, lab_s
     return out

@@ -242,8 +242,9 @@ def hull_members(acts: Tensor, hull_size: Sequence[int], channels: Sequence[int]
     return out
 
 
-def peer_regression(acts: Tensor, channels: Sequence[int], peers: str | Sequence[Sequence[int]], ridge: float,
-                    target: Tensor | None = None, std=None) -> tuple[Tensor, Tensor, Tensor]:
+def peer_regression(acts: Tensor | None, channels: Sequence[int], peers: str | Sequence[Sequence[int]], ridge: float,
+                    target: Tensor | None = None, std=None, mean: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Linear prediction of each channel in ``channels`` from its peers, fitted on ``acts: [N, C]``.
 
     ``peers``: ``"all"`` (every other channel) or one list of peer indices per channel (its
@@ -255,7 +256,8 @@ def peer_regression(acts: Tensor, channels: Sequence[int], peers: str | Sequence
     scale), float64. Dead channels are nobody's peer; a dead channel is replaced by its mean.
     """
     std = std if std is not None else standardised(acts, target)
-    mean = acts.to(torch.float64).mean(0)
+    # (the lean capture has no samples: its streamed channel means come in as ``mean``)
+    mean = mean.to(torch.float64) if mean is not None else acts.to(torch.float64).mean(0)
     sd = torch.where(std.dead, torch.zeros_like(std.var), std.var.sqrt())
     inv_sd = torch.where(std.dead, torch.zeros_like(sd), 1.0 / torch.where(std.dead, torch.ones_like(sd), sd))
     gram, chol = ridge_gram(std.corr, float(ridge))

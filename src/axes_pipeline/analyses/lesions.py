@@ -44,6 +44,7 @@ from axes_pipeline.analyses.axes_table import axes_settings, capture_settings
 from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluate, hull_members, materialise,
                                                   peer_regression, standardised, trace)
 from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.metrics.gaussian import standardise
 from axes_pipeline.models.taylor import taylor_scores
 from axes_pipeline.runs import read_json, run_fingerprint, write_csv, write_json
 from axes_pipeline.tables import DamagedTable, Schema, read_table
@@ -190,9 +191,10 @@ def check_lesion_analysis(ctx) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def lesion_layer(model, unit, acts: torch.Tensor, target: torch.Tensor, axes_rows: pd.DataFrame,
+def lesion_layer(model, unit, acts: torch.Tensor | None, target: torch.Tensor | None, axes_rows: pd.DataFrame,
                  channels: np.ndarray, batches, *, replace: list[str], ridge: float, device, graph=None,
-                 max_rows: int | None = None, max_gb: float = 2.0) -> tuple[pd.DataFrame, bool]:
+                 max_rows: int | None = None, max_gb: float = 2.0, cov: torch.Tensor | None = None,
+                 mean: torch.Tensor | None = None) -> tuple[pd.DataFrame, bool]:
     """Lesion and replace ``channels`` of one unit; one row per channel (mean losses/accuracies).
 
     ``acts: [N, C]`` pre-BN calibration samples, ``axes_rows``: the layer's axes table indexed by
@@ -202,16 +204,17 @@ def lesion_layer(model, unit, acts: torch.Tensor, target: torch.Tensor, axes_row
     chans = [int(i) for i in channels]
     parts = [Lesions.zero(chans, c)]
     rows = {"channel": np.asarray(chans)}
-    std = standardised(acts, target) if replace else None   # one N x C covariance per layer
+    # one covariance per layer: the capture's streamed one (``cov``, ``mean``) or from the samples
+    std = (standardise(cov) if cov is not None else standardised(acts, target)) if replace else None
     if "hull" in replace:
         size = axes_rows["hull_size"].reindex(range(c)).fillna(0).astype(int).to_numpy()
         members = hull_members(acts, size, chans, target, std=std)
-        coef, off, r2 = peer_regression(acts, chans, members, ridge, target, std=std)
+        coef, off, r2 = peer_regression(acts, chans, members, ridge, target, std=std, mean=mean)
         parts.append(Lesions.replace(chans, coef, off))
         rows["hull_members"] = [";".join(map(str, m)) for m in members]
         rows["fit_hull_explained"] = r2.numpy()
     if "all" in replace:
-        coef, off, r2 = peer_regression(acts, chans, "all", ridge, target, std=std)
+        coef, off, r2 = peer_regression(acts, chans, "all", ridge, target, std=std, mean=mean)
         parts.append(Lesions.replace(chans, coef, off))
         rows["fit_full_explained"] = r2.numpy()
     # One no-op row (a channel "replaced" by itself): the layer's unlesioned loss through the very
@@ -520,9 +523,10 @@ def run_lesion_analysis(ctx) -> dict:
         rows_axes = axes[axes["layer"] == name].set_index("channel")
         t = time.perf_counter()
         rows, batched[name] = lesion_layer(
-            model, unit, ctx.capture.acts[name], ctx.capture.target_of(name), rows_axes, chans, batches,
+            model, unit, None, None, rows_axes, chans, batches,
             replace=s["replace"], ridge=float(cfg.metrics.ridge), device=device, graph=graph,
-            max_rows=s["max_rows"], max_gb=float(s["max_gb"]))
+            max_rows=s["max_rows"], max_gb=float(s["max_gb"]), cov=ctx.capture.cov(name),
+            mean=ctx.capture.channel_mean(name))
         t_lesion += time.perf_counter() - t
         n_lesions += len(chans) * (1 + len(s["replace"]))
         rows.insert(0, "layer", name)

@@ -467,12 +467,12 @@ def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_d
     rows = []
     links, _ = link_report(model, units, residual)
     for p, (up, down, offset) in enumerate(links):
-        if up not in capture.acts or down not in capture.acts:
+        if up not in capture.layers or down not in capture.layers:
             continue
         weight = units[down].conv.weight[:, offset:offset + units[up].conv.out_channels]
         ua = axes[axes.layer == up].sort_values("channel")
         da = axes[axes.layer == down].sort_values("channel")
-        sigma = capture.acts[up].double().std(dim=0)
+        sigma = capture.channel_sd(up)
         s_post = post_norm_sigma(units[up], sigma, point)
         for r in pair_propagation(weight, s_post,
                                   {k: ua[k].to_numpy() for k in ("input_capture", "task_info")},

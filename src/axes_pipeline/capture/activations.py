@@ -1,11 +1,19 @@
-"""One forward pass over the calibration set records, for every analysed conv layer, sampled
-activations and the target (METHODS §1).
+"""One forward pass over the calibration set records, for every analysed conv layer, the moments
+of its sampled activations and the target (METHODS §1).
 
 Memory stays bounded: a hook samples ``s`` spatial positions of each image the moment the layer
-has run, so only ``[B·s, C]`` per layer and batch is kept, never a full feature map. For the
-gradient analysis (METHODS §5) the same hook streams the input-patch moments Cov(x_patch, y) and
-Cov(x_patch, T) (and, for moderate patch sizes, Σ_X on a capped number of rows) without storing
-patches.
+has run, and streams the unbiased covariance of (T, Y_1..Y_C) (:class:`MomentAccumulator`), so
+only ``[B·s, C]`` per layer and batch is ever held, never a full feature map nor the N samples.
+Every analysis that reads the capture needs only that covariance and the channel means: the axes,
+graphs, hulls and triplets (the covariance), the lesions' peer regressions (covariance + means),
+propagation (the channel SDs). The raw samples are kept only when asked (``keep_samples``, the
+dynamics analysis and tests) and are never written to the cache.
+
+For the gradient analysis (METHODS §5) the same hook streams the input-patch moments
+Cov(x_patch, y) and Cov(x_patch, T) (and, for moderate patch sizes, Σ_X on a capped number of
+rows) without storing patches. They depend only on the checkpoint and the capture settings, so
+the capture reduces them to the per-channel gradient cosines right away: Σ_X alone is up to
+4608² float64 (170 MB) per layer and was most of the old 1.5 GB cache.
 """
 
 from __future__ import annotations
@@ -20,10 +28,16 @@ from tqdm.auto import tqdm
 
 from axes_pipeline.capture.targets import target_from_logits
 from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.metrics.gaussian import MomentAccumulator, covariance
+from axes_pipeline.metrics.gradients import gradient_cosines
 
 POINTS = ("pre_bn", "post_bn", "post_act")
 PATCH_FIELDS = ("sxy", "sxt", "sx", "sy", "st", "sxx", "sx_xx", "sub_xy", "sub_xt", "sub_y", "sub_t")
 SPATIAL = ("sample", "gap")
+#: Patch rows turned into float64 at once (a chunk of images), see ``_LayerRecorder.stream_patches``.
+PATCH_ROWS = 1024
+#: Version of what :func:`save_capture` writes; a cache file of another version is recomputed.
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -62,8 +76,10 @@ class LayerPatchMoments:
     def sigma_x(self) -> torch.Tensor | None:
         if self.sxx is None or self.rows_xx < 2:
             return None
+        _mirror_upper(self.sxx)
         m = self.rows_xx
-        return (self.sxx - torch.outer(self.sx_xx, self.sx_xx) / m) / (m - 1)
+        # one D×D allocation (addr), not three: Σ_X is up to 4608² float64
+        return torch.addr(self.sxx, self.sx_xx, self.sx_xx, alpha=-1.0 / m).div_(m - 1)
 
     def whitened_moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(Cov(x, y) [D, C], Cov(x, T) [D], Σ_X [D, D]) all over the Σ_X subsample, or None."""
@@ -75,35 +91,81 @@ class LayerPatchMoments:
         cxt = (self.sub_xt - self.sx_xx * self.sub_t / m) / (m - 1)
         return cxy, cxt, sigma
 
+    def cosines(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-channel gradient cosines of the conv with ``weight`` (METHODS §5): ``cos_euclid``
+        ``[C]`` and, where Σ_X was kept, ``cos_whitened`` ``[C]`` (the built-in ≈ 0 check)."""
+        w = weight.detach().double().flatten(1).to(self.sxy.device)
+        out = {"cos_euclid": gradient_cosines(self.cov_xy().T.contiguous(), self.cov_xt(), w)["cos_euclid"].cpu()}
+        sub = self.whitened_moments()
+        if sub is not None:  # Σ_X w and Σ_X from the same rows, so this must be ≈ 0
+            cxy, cxt, sigma = sub
+            out["cos_whitened"] = gradient_cosines(cxy.T.contiguous(), cxt, w, sigma)["cos_whitened"].cpu()
+        return out
+
 
 @dataclass
 class Capture:
-    """Sampled activations of the analysed layers.
+    """What one forward pass recorded for the analysed layers.
 
-    ``acts[layer]: [N_layer, C]`` float32, ``target: [n_img·s]`` float32 (each image's T repeated
-    over its ``s`` samples), ``image_index: [n_img·s]`` (which calibration image a sample came
-    from), ``per_image[layer]`` the samples per image of that layer (``s``, or H·W when its map
-    has fewer positions, so N_layer = n_img·per_image), ``patches[layer]`` streamed patch moments
-    (pre-BN only), ``knobs`` the capture settings. Pair a layer's rows with
-    :meth:`target_of` / :meth:`image_index_of`, which follow ``target`` (also when a caller
-    replaces it, as ``dynamics.target=final`` does).
+    Always (the lean form, what the cache holds): ``moments[layer]: [C+1, C+1]`` float64, the
+    unbiased covariance of (T, Y_1..Y_C) (element 0 = T), ``means[layer]: [C+1]`` float64,
+    ``n`` samples per layer, ``gradients[layer]`` the per-channel gradient cosines ``{name: [C]}``
+    (pre-BN layers with patch moments), ``knobs`` the capture settings.
+
+    Only with ``keep_samples`` (in memory, never cached): ``acts[layer]: [N, C]`` float32,
+    ``target: [n_img·s]`` float32 (each image's T repeated over its ``s`` samples),
+    ``image_index: [n_img·s]`` (which calibration image a sample came from), ``patches[layer]`` the
+    streamed patch moments. Read the statistics through :meth:`cov`, :meth:`channel_mean` and
+    :meth:`channel_sd`: they work on either form.
+
+    ``per_image[layer]`` is the samples per image that layer gave: ``s``, or H·W when its map has
+    fewer positions (every position once), so its N is ``n_images·per_image`` (:meth:`n_samples`).
+    Pair a layer's kept rows with :meth:`target_of` / :meth:`image_index_of`, which follow
+    ``target`` (also when a caller replaces it, as ``dynamics.target=final`` does).
     """
 
     acts: dict[str, torch.Tensor]
-    target: torch.Tensor
-    image_index: torch.Tensor
+    target: torch.Tensor | None
+    image_index: torch.Tensor | None
     knobs: dict
     patches: dict[str, LayerPatchMoments] = field(default_factory=dict)
     accuracy: float = float("nan")
+    moments: dict[str, torch.Tensor] = field(default_factory=dict)
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
+    n: int = 0                 # calibration images × s (rows of a layer whose map has ≥ s positions)
+    gradients: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     per_image: dict[str, int] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[str]:
-        return list(self.acts)
+        return list(self.moments) if self.moments else list(self.acts)
+
+    def cov(self, layer: str) -> torch.Tensor:
+        """``[C+1, C+1]`` float64 covariance of (T, Y_1..Y_C): streamed, or from the samples."""
+        if self.acts and self.target is not None:
+            # samples kept: they are the truth (dynamics may replace the target after capture)
+            return covariance(self.acts[layer].double(), self.target_of(layer).double())
+        return self.moments[layer]
+
+    def channel_mean(self, layer: str) -> torch.Tensor:
+        """``[C]`` float64 mean of each channel."""
+        if self.acts:
+            return self.acts[layer].double().mean(0)
+        return self.means[layer][1:]
+
+    def channel_sd(self, layer: str) -> torch.Tensor:
+        """``[C]`` float64 unbiased standard deviation of each channel."""
+        if self.acts:
+            return self.acts[layer].double().std(dim=0)
+        return torch.diagonal(self.moments[layer])[1:].clamp(min=0).sqrt()
+
 
     def n_samples(self, layer: str) -> int:
         """N of ``layer``: the rows its statistics are computed from."""
-        return int(self.acts[layer].shape[0])
+        if self.acts:
+            return int(self.acts[layer].shape[0])
+        s = int(self.knobs.get("samples_per_image", 1))
+        return self.n // s * int(self.per_image.get(layer, s))
 
     def _per_layer(self, values: torch.Tensor, layer: str) -> torch.Tensor:
         s = int(self.knobs.get("samples_per_image", 1))
@@ -111,11 +173,11 @@ class Capture:
         return values if k == s else values[::s].repeat_interleave(k)
 
     def target_of(self, layer: str) -> torch.Tensor:
-        """``[N_layer]``: T of the image of each of ``layer``'s rows."""
+        """``[N_layer]``: T of the image of each of ``layer``'s rows (kept samples only)."""
         return self._per_layer(self.target, layer)
 
     def image_index_of(self, layer: str) -> torch.Tensor:
-        """``[N_layer]``: the calibration image of each of ``layer``'s rows."""
+        """``[N_layer]``: the calibration image of each of ``layer``'s rows (kept samples only)."""
         return self._per_layer(self.image_index, layer)
 
 
@@ -132,6 +194,27 @@ def _to_nchw(out: torch.Tensor, channels: int) -> torch.Tensor:
     if out.ndim == 4 and out.shape[1] != channels and out.shape[-1] == channels:
         return out.permute(0, 3, 1, 2)
     return out
+
+
+def _gram_blocks(d: int) -> list[int]:
+    return [round(k * d / 4) for k in range(5)] if d >= 256 else [0, d]
+
+
+def _gram_upper_into(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += x'x`` on the block upper triangle only, in place: Σ_X is symmetric, so 10 of 16
+    blocks (~35% fewer flops on the capture's largest product) and no D×D temporary (170 MB at
+    D = 4608). :func:`_mirror_upper` fills the lower blocks before Σ_X is read."""
+    e = _gram_blocks(x.shape[1])
+    for a0, a1 in zip(e[:-1], e[1:]):
+        acc[a0:a1, a0:].addmm_(x[:, a0:a1].T, x[:, a0:])
+
+
+def _mirror_upper(acc: torch.Tensor) -> None:
+    """Copy the upper off-diagonal blocks written by :func:`_gram_upper_into` onto the lower ones
+    (idempotent: the upper blocks are never changed)."""
+    e = _gram_blocks(acc.shape[0])
+    for a0, a1 in zip(e[:-1], e[1:]):
+        acc[a1:, a0:a1] = acc[a0:a1, a1:].T
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -174,35 +257,34 @@ def _patches_at(x: torch.Tensor, conv: torch.nn.Conv2d, b_idx: torch.Tensor, oh:
 
 
 class _LayerRecorder:
-    """Hooks of one layer: samples positions, stores ``[B·s, C]``, streams patch moments."""
+    """Hooks of one layer: samples positions, streams the (T, Y) moments and the patch moments,
+    keeps the ``[B·s, C]`` samples only with ``keep_samples``."""
 
-    def __init__(self, name, unit, point, spatial, s, seed, patch_moments, max_patch_dim, sigma_rows):
+    def __init__(self, name, unit, point, spatial, s, seed, patch_moments, max_patch_dim, sigma_rows,
+                 keep_samples=True, stream_moments=True):
         self.name, self.unit, self.point, self.spatial, self.s = name, unit, point, spatial, s
         self.gen = torch.Generator().manual_seed(_layer_seed(seed, name))
         self.chunks: list[torch.Tensor] = []
-        self.per_image: int | None = None    # samples per image actually taken: min(s, H·W)
+        self.keep_samples = keep_samples
+        self.per_image: int | None = None    # samples per image actually taken: min(s, H·W) (1 with gap)
+        self.acc = MomentAccumulator(torch.float64) if stream_moments else None
         conv = unit.conv
         self.want_patches = (patch_moments and point == "pre_bn" and conv.groups == 1
                              and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= max_patch_dim)
         self.sigma_rows = sigma_rows
         self.moments: LayerPatchMoments | None = None
-        self._input = None
+        self._img_x = self._img_take = self._take_count = None
         self._pos = None
         self._pending_y = None
 
     def hooks(self):
         conv = self.unit.conv
         out = []
-        if self.want_patches:
-            out.append(conv.register_forward_pre_hook(self._keep_input))
         if self.point == "pre_bn" or self.unit.norm is None:
             out.append(conv.register_forward_hook(self._record))
         else:
             out.append(self.unit.norm.register_forward_hook(self._record))
         return out
-
-    def _keep_input(self, module, args):
-        self._input = args[0].detach()
 
     def _record(self, module, args, output):
         C = self.unit.conv.out_channels
@@ -224,9 +306,13 @@ class _LayerRecorder:
             samples = samples.permute(0, 2, 1).reshape(B * k, C)
             self._pos = (pos, H, W)
         self.per_image = samples.shape[0] // B
-        self.chunks.append(samples.cpu())
+        if self.keep_samples:
+            self.chunks.append(samples.cpu())
+        self._pending_y = samples   # T of this batch is known once the whole network has run
         if self.want_patches and self.spatial == "sample":
-            self._pending_y = samples
+            # the conv's input is args[0] here (pre_bn: this is the conv's forward hook); reduce it
+            # to patch sums now rather than hold every layer's input map until T is known
+            self.stream_patches(args[0].detach(), samples)
 
     def _activate(self, y):
         act = self.unit.act
@@ -241,18 +327,44 @@ class _LayerRecorder:
             raise UserError(f"layer {self.name}: its activation {type(act).__name__} cannot be applied to the "
                             f"sampled post-norm values ({type(err).__name__}); use capture.point=post_bn") from None
 
-    def stream_patches(self, t_img: torch.Tensor) -> None:
-        """Accumulate patch moments for the last batch once T (per image) is known."""
-        if self._pending_y is None or self._pos is None or self._input is None:
+    def finish_batch(self, t_img: torch.Tensor) -> None:
+        """Accumulate the (T, Y) moments and the patch moments of the last batch once T (per
+        image) is known."""
+        if self._pending_y is None:
             return
+        if self.acc is not None:
+            try:
+                self.acc.update(self._pending_y, t_img.to(self._pending_y.device).float().repeat_interleave(self.per_image))
+            except UserError as err:
+                raise UserError(f"layer {self.name}: {err}; is the checkpoint diverged?") from None
+        if self._img_x is not None:
+            self._finish_patches(t_img)
+        self._pending_y = None
+
+    def stream_patches(self, inp: torch.Tensor, samples: torch.Tensor) -> None:
+        """Accumulate the patch moments of this batch that do not involve T, and the per-image
+        patch sums that the T terms need (T is one value per image: Σ_rows x·t = Σ_img t·Σ_s x).
+
+        In chunks of images, so the float64 patches of a deep layer (4,096 rows × 4,608 = 151 MB
+        for a batch of 256) never exist whole: they set the capture's peak memory otherwise."""
         pos, H, W = self._pos
         B = pos.shape[0]
-        k = pos.shape[1]
-        b_idx = torch.arange(B, device=pos.device).repeat_interleave(k)
-        flat = pos.reshape(-1)
-        x = _patches_at(self._input.float(), self.unit.conv, b_idx, flat // W, flat % W).double()
-        y = self._pending_y.double()
-        t = t_img.to(x.device).double().repeat_interleave(k)
+        k = self.per_image
+        step = max(1, PATCH_ROWS // k)
+        inp = inp.float()
+        self._img_x, self._img_take, self._take_count = [], [], []
+        for b0 in range(0, B, step):
+            b1 = min(B, b0 + step)
+            b_idx = torch.arange(b0, b1, device=pos.device).repeat_interleave(k)
+            flat = pos[b0:b1].reshape(-1)
+            x = _patches_at(inp, self.unit.conv, b_idx, flat // W, flat % W).double()
+            self._stream_chunk(x, samples[b0 * k: b1 * k].double(), b_idx - b0)
+        self._img_x = torch.cat(self._img_x)
+        self._img_take = torch.cat(self._img_take) if self._img_take[0] is not None else None
+        self._take_count = torch.cat(self._take_count) if self._img_take is not None else None
+
+    def _stream_chunk(self, x: torch.Tensor, y: torch.Tensor, b_idx: torch.Tensor) -> None:
+        B = int(b_idx[-1]) + 1
         if self.moments is None:
             D, C = x.shape[1], y.shape[1]
             z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
@@ -262,24 +374,37 @@ class _LayerRecorder:
                                              sub_xy=z(D, C) if sub else None, sub_xt=z(D) if sub else None,
                                              sub_y=z(C) if sub else None, sub_t=z(()) if sub else None)
         m = self.moments
-        m.sxy += x.T @ y
-        m.sxt += x.T @ t
+        m.sxy.addmm_(x.T, y)          # in place: no [D, C] temporary per chunk
         m.sx += x.sum(0)
         m.sy += y.sum(0)
-        m.st += t.sum()
-        m.n += len(t)
-        if m.sxx is not None and m.rows_xx < self.sigma_rows:
-            k = self.sigma_rows - m.rows_xx
-            take, ty, tt = x[:k], y[:k], t[:k]
-            m.sxx += take.T @ take
-            m.sx_xx += take.sum(0)
-            m.sub_xy += take.T @ ty
-            m.sub_xt += take.T @ tt
-            m.sub_y += ty.sum(0)
-            m.sub_t += tt.sum()
-            m.rows_xx += len(take)
-        self._pending_y = None
-        self._input = None
+        m.n += len(x)
+        img_x = x.reshape(B, self.per_image, -1).sum(1)                             # [B, D]
+        self._img_x.append(img_x)
+        img_take = take_count = None
+        if m.sxx is not None:   # (rows past sigma_rows add nothing: an all-zero img_take)
+            k = max(0, self.sigma_rows - m.rows_xx)
+            take, ty = x[:k], y[:k]
+            if len(take):
+                _gram_upper_into(m.sxx, take)
+                m.sx_xx += take.sum(0)
+                m.sub_xy.addmm_(take.T, ty)
+                m.sub_y += ty.sum(0)
+                m.rows_xx += len(take)
+            rows = b_idx[: len(take)]
+            img_take = torch.zeros_like(img_x).index_add_(0, rows, take)
+            take_count = torch.bincount(rows, minlength=B).double()
+        self._img_take.append(img_take)
+        self._take_count.append(take_count)
+
+    def _finish_patches(self, t_img: torch.Tensor) -> None:
+        m = self.moments
+        t = t_img.to(self._img_x.device).double()                                    # [B]
+        m.sxt += self._img_x.T @ t
+        m.st += self.per_image * t.sum()
+        if self._img_take is not None:
+            m.sub_xt += self._img_take.T @ t
+            m.sub_t += (self._take_count * t).sum()
+        self._img_x = self._img_take = self._take_count = None
 
 
 @torch.no_grad()
@@ -287,11 +412,16 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
                         spatial: str = "sample", samples_per_image: int = 16, target: str = "logit_margin",
                         seed: int = 0, patch_moments: bool = False, max_patch_dim: int = 4608,
                         sigma_rows: int = 8192, device: str | torch.device = "cpu",
-                        progress: bool = True) -> Capture:
+                        progress: bool = True, keep_samples: bool = True,
+                        stream_moments: bool | None = None) -> Capture:
     """Run ``model`` once over ``loader`` and record the sampled activations of ``units``.
 
     ``units``: {layer name: ConvUnit} (the conv, the norm after it, the activation after that).
-    Returns a :class:`Capture`; acts are ``[N, C]`` with N = images · s (or images with ``gap``).
+    Returns a :class:`Capture`. ``keep_samples``: also keep the samples (acts ``[N, C]`` with
+    N = images · s, or images with ``gap``) and the patch moments; the lean form (False) keeps
+    only the streamed moments and the gradient cosines. ``stream_moments`` (default: when the
+    samples are not kept) streams the covariance; with samples kept it is an extra float64 pass
+    that :meth:`Capture.cov` does not need.
     """
     if point not in POINTS:
         raise unknown_name("activation point (capture.point)", point, POINTS)
@@ -300,9 +430,12 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     s = 1 if spatial == "gap" else int(samples_per_image)
     if s <= 0:
         raise UserError(f"capture.samples_per_image must be positive, got {samples_per_image}")
+    refuse_several_processes("the activation capture")
+    if stream_moments is None:
+        stream_moments = not keep_samples
     model = model.eval().to(device)
-    recorders = {name: _LayerRecorder(name, unit, point, spatial, s, seed, patch_moments,
-                                      max_patch_dim, sigma_rows) for name, unit in units.items()}
+    recorders = {name: _LayerRecorder(name, unit, point, spatial, s, seed, patch_moments, max_patch_dim,
+                                      sigma_rows, keep_samples, stream_moments) for name, unit in units.items()}
     handles = [h for r in recorders.values() for h in r.hooks()]
     targets, images, correct, seen = [], [], 0, 0
     try:
@@ -310,22 +443,44 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
             x, y = x.to(device), y.to(device)
             logits = model(x)
             t = target_from_logits(logits, y, target)
+            if not bool(torch.isfinite(t).all()):
+                # name the first layer that went non-finite (the cause), else blame the logits
+                for r in recorders.values():
+                    if r._pending_y is not None and not bool(torch.isfinite(r._pending_y).all()):
+                        raise UserError(f"layer {r.name}: activations contain NaN or Inf; is the checkpoint "
+                                        f"diverged?")
+                raise UserError("the target T has NaN/Inf values: the network's logits are not finite")
             for r in recorders.values():
-                r.stream_patches(t)
-            targets.append(t.cpu().repeat_interleave(s))
-            images.append(torch.arange(seen, seen + len(y)).repeat_interleave(s))
+                r.finish_batch(t)
+            if keep_samples:
+                targets.append(t.cpu().repeat_interleave(s))
+                images.append(torch.arange(seen, seen + len(y)).repeat_interleave(s))
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
     finally:
         for h in handles:
             h.remove()
-    acts = {name: torch.cat(r.chunks) for name, r in recorders.items()}
-    patches = {name: r.moments for name, r in recorders.items() if r.moments is not None}
     knobs = dict(point=point, spatial=spatial, samples_per_image=s, target=target, seed=int(seed))
-    per_image = {name: int(r.per_image if r.per_image is not None else s) for name, r in recorders.items()}
-    return Capture(acts=acts, target=torch.cat(targets), image_index=torch.cat(images), knobs=knobs,
-                   patches={k: _to_cpu(v) for k, v in patches.items()}, accuracy=correct / max(1, seen),
-                   per_image=per_image)
+    patches = {name: r.moments for name, r in recorders.items() if r.moments is not None}
+    gradients = {}
+    for name in list(patches):
+        if patches[name].n > 1:
+            gradients[name] = patches[name].cosines(units[name].conv.weight)
+        if not keep_samples:   # free each layer's Σ_X (up to 170 MB) before the next one's solve
+            recorders[name].moments = None
+            del patches[name]
+    moments, means = {}, {}
+    for name, r in recorders.items():
+        if r.acc is not None and r.acc.count > 1:
+            moments[name], means[name] = r.acc.compute().cpu(), r.acc.mean.cpu()
+    cap = Capture(acts={}, target=None, image_index=None, knobs=knobs, accuracy=correct / max(1, seen),
+                  moments=moments, means=means, n=seen * s, gradients=gradients,
+                  per_image={name: int(r.per_image if r.per_image is not None else s) for name, r in recorders.items()})
+    if keep_samples:
+        cap.acts = {name: torch.cat(r.chunks) for name, r in recorders.items()}
+        cap.target, cap.image_index = torch.cat(targets), torch.cat(images)
+        cap.patches = {k: _to_cpu(v) for k, v in patches.items()}
+    return cap
 
 
 def _to_cpu(m: LayerPatchMoments) -> LayerPatchMoments:
@@ -337,8 +492,9 @@ def _to_cpu(m: LayerPatchMoments) -> LayerPatchMoments:
 
 
 def check_finite(capture: Capture) -> None:
-    """Stop, naming the layer, when activations hold NaN or Inf."""
-    if not torch.isfinite(capture.target).all():
+    """Stop, naming the layer, when activations hold NaN or Inf (the streamed moments already
+    stopped during the capture; this checks samples, e.g. after a target was replaced)."""
+    if capture.target is not None and not torch.isfinite(capture.target).all():
         raise UserError("the target T has NaN/Inf values: the network's logits are not finite")
     for name, a in capture.acts.items():
         if not torch.isfinite(a).all():
@@ -347,27 +503,67 @@ def check_finite(capture: Capture) -> None:
 
 
 def save_capture(capture: Capture, path: Path, identity: dict | None = None) -> None:
-    """Write ``capture`` with the ``identity`` (run fingerprint) it was made under."""
+    """Write the lean form: moments, means, gradient cosines (never the samples), with the
+    ``identity`` (run fingerprint) it was made under.
+
+    The covariance is symmetric, so only its upper triangle is stored (half the bytes: ~7 MB for
+    a full-width ResNet-18 against 1.5 GB of samples and patch moments before)."""
     from axes_pipeline.runs import atomic_path
 
-    blob = {"acts": capture.acts, "target": capture.target, "image_index": capture.image_index,
-            "knobs": capture.knobs, "accuracy": capture.accuracy, "identity": identity, "per_image": capture.per_image,
-            "patches": {k: {f: getattr(v, f) for f in (*PATCH_FIELDS, "n", "rows_xx")}
-                        for k, v in capture.patches.items()}}
+    if not capture.moments:
+        raise ValueError("save_capture needs the streamed moments (capture_activations(keep_samples=False))")
+    blob = {"format": CACHE_FORMAT, "knobs": capture.knobs, "accuracy": capture.accuracy, "n": capture.n,
+            "moments": {k: _upper(v) for k, v in capture.moments.items()}, "means": capture.means,
+            "gradients": capture.gradients, "per_image": capture.per_image, "identity": identity}
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
 
 def load_capture(path: Path, identity: dict | None = None) -> Capture | None:
-    """The capture cached at ``path``; None when it was made under another ``identity`` (when one
-    is given) or the file is unreadable (truncated, foreign): the caller captures again."""
+    """The capture cached at ``path``; None when it is of another format, was made under another
+    ``identity`` (when one is given) or is unreadable (truncated, foreign): the caller captures again."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any unreadable cache is simply recomputed
         return None
+    if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT:
+        return None
     if identity is not None and blob.get("identity") != identity:
         return None
-    patches = {k: LayerPatchMoments(**v) for k, v in blob["patches"].items()}
-    return Capture(acts=blob["acts"], target=blob["target"], image_index=blob["image_index"],
-                   knobs=blob["knobs"], patches=patches, accuracy=blob["accuracy"],
-                   per_image=blob.get("per_image", {}))
+    return Capture(acts={}, target=None, image_index=None, knobs=blob["knobs"], accuracy=blob["accuracy"],
+                   moments={k: _full(v) for k, v in blob["moments"].items()}, means=blob["means"],
+                   n=int(blob["n"]), gradients=blob["gradients"], per_image=blob.get("per_image", {}))
+
+
+def _upper(cov: torch.Tensor) -> torch.Tensor:
+    i, j = torch.triu_indices(cov.shape[0], cov.shape[0])
+    return cov[i, j].contiguous()
+
+
+def _full(upper: torch.Tensor) -> torch.Tensor:
+    # the side c solves c(c+1)/2 = len(upper)
+    c = int(round(((8 * upper.numel() + 1) ** 0.5 - 1) / 2))
+    i, j = torch.triu_indices(c, c)
+    cov = torch.zeros(c, c, dtype=upper.dtype)
+    cov[i, j] = upper
+    cov[j, i] = upper
+    return cov
+
+
+def refuse_several_processes(stage: str) -> None:
+    """Stop when started as one of several processes (torchrun, srun -n, a DDP launcher).
+
+    Capture, analysis and pruning run in one process on one device: under N processes every
+    rank would capture, prune and write the same files N times over (and the moments of one
+    rank's shard are not the calibration set's). They refuse rather than run on rank 0 only,
+    so the other ranks do not sit idle holding a device."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = max(world, torch.distributed.get_world_size())
+    if world > 1:
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "?"))
+        raise UserError(f"{stage} runs in one process on one device, but this is rank {rank} of {world} "
+                        f"(WORLD_SIZE={world}); start it with plain python, not torchrun or a DDP launcher "
+                        f"(only train.py uses trainer=ddp)")

@@ -124,13 +124,16 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 def _sigma_solver(sigma_x: Tensor, ridge: float) -> Callable[[Tensor], Tensor]:
     """``v -> (Sigma_X + ridge * mean(diag) I)^-1 v`` via one Cholesky (columns of ``v: [D, k]``)."""
-    d = sigma_x.shape[0]
     s = sigma_x.to(torch.float64)
     scale = float(torch.diagonal(s).mean().clamp(min=torch.finfo(torch.float64).tiny))
-    eye = torch.eye(d, dtype=s.dtype, device=s.device)
     jitter = ridge * scale
     for _ in range(8):  # grow the jitter only if Sigma_X is numerically singular
-        chol, info = torch.linalg.cholesky_ex(s + jitter * eye)
+        # the jitter added on a copy's diagonal, not as s + jitter·I: at D = 4608 each D×D
+        # temporary is 170 MB, and these set the capture's peak memory
+        a = s.clone()
+        a.diagonal().add_(jitter)
+        chol, info = torch.linalg.cholesky_ex(a)
+        del a
         if int(info) == 0:
             return lambda v: torch.cholesky_solve(v.to(torch.float64), chol)
         jitter = max(jitter * 100.0, 1e-12 * scale)

@@ -52,7 +52,8 @@ from axes_pipeline.pruning.scores import (
     ScoreContext,
     resolve_score,
 )
-from axes_pipeline.runs import atomic_path, fingerprint, read_json, run_fingerprint, settings_diff, write_json
+from axes_pipeline.runs import (atomic_path, fingerprint, read_json, run_fingerprint, settings_diff, write_csv,
+                                 write_json)
 from axes_pipeline.stats import grid_aucs
 from axes_pipeline.tables import Schema, check_table, read_table
 

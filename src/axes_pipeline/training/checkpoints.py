@@ -42,7 +42,9 @@ class EpochCheckpoint(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         first = self.dirpath / epoch_ckpt_name(0)
-        if trainer.global_step == 0 and not first.exists():
+        # every rank must take the same branch (saving is collective: a barrier); rank 0 decides
+        todo = trainer.strategy.broadcast(trainer.global_step == 0 and not first.exists(), src=0)
+        if todo:
             _save_atomic(trainer, first)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -49,7 +49,10 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if split == "train" else 0.0)
         on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # val/test loss averaged over DDP ranks (each rank sees a shard); the accuracies are
+        # torchmetrics objects, which sync themselves. Training loss stays per rank (no per-step sync).
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=not on_step)
         # update() only: the metrics are logged per epoch, so the per-batch value that calling the
         # metric would also compute is wasted work; top-5 during training is not worth its top-k.
         for k in (("acc",) if split == "train" else ("acc", "acc5")):

@@ -41,9 +41,9 @@ def locate_run(cfg: DictConfig) -> tuple[Path, Path]:
         ckpt = Path(cfg.ckpt).resolve()
         if not ckpt.is_file():
             raise UserError(f"ckpt={cfg.ckpt} does not exist")
-        run = trained_run_dir(cfg)
+        run = trained_run_dir(cfg)   # where outputs go (under output_root/external/ for a foreign ckpt)
         if ckpt.parent.name == "checkpoints":   # a run's own checkpoint: that run must be finished
-            check_finished(cfg, run)
+            check_finished(cfg, ckpt.parent.parent)
         return run, ckpt
     for cand in run_dir_candidates(cfg):
         for name in ("best.ckpt", "last.ckpt"):

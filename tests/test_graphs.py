@@ -1,0 +1,139 @@
+"""R-/S-graph partitions (METHODS §4): igraph's CNM against networkx's, the null and its spread."""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from networkx.algorithms.community import greedy_modularity_communities, modularity
+
+from axes_pipeline.analyses.axes_table import select_units
+from axes_pipeline.analyses.graphs import compare_groupings, partition, top_edges
+from axes_pipeline.capture import capture_activations
+from axes_pipeline.metrics import covariance, pairwise_overlap_from_moments, pairwise_target_excess_from_moments
+
+from .conftest import make_cfg
+
+
+def _networkx_q(C, i, j, w) -> float:
+    """The reference: networkx's pure-Python Clauset–Newman–Moore (what the pipeline used before)."""
+    g = nx.Graph()
+    g.add_nodes_from(range(C))
+    g.add_weighted_edges_from(zip(i.tolist(), j.tolist(), w.tolist()))
+    return modularity(g, greedy_modularity_communities(g, weight="weight"), weight="weight")
+
+
+def _rel(C, weights) -> float:
+    edges = top_edges(weights, 0.1)
+    labels, q = partition(C, *edges)
+    if len(edges[0]) == 0:           # no positive pair (e.g. an S-graph without target excess)
+        assert q == 0.0
+        return 0.0
+    ref = _networkx_q(C, *edges)
+    # Q is recomputed on the labels returned, so it is that partition's own modularity
+    g = nx.Graph()
+    g.add_nodes_from(range(C))
+    g.add_weighted_edges_from(zip(*(e.tolist() for e in edges)))
+    comms = [set(np.flatnonzero(labels == k).tolist()) for k in np.unique(labels)]
+    assert q == pytest.approx(modularity(g, comms, weight="weight"), abs=1e-9)
+    # a graph with no community structure has Q = 0 up to rounding (1e-17): compare it absolutely
+    return (q - ref) / ref if abs(ref) > 1e-9 else q - ref
+
+
+@pytest.fixture(scope="module")
+def demo_graphs(tiny_run):
+    """R and S matrices of every layer of the tiny trained digits run (the demo's recipe, narrower)."""
+    from axes_pipeline.training.restore import restore_trained
+
+    root, overrides = tiny_run
+    cfg = make_cfg("analyze", overrides, root)
+    trained = restore_trained(cfg)
+    dm = trained.datamodule
+    dm.setup("fit")
+    loader = dm.loader(dm.calibration_set(400, seed=0, transform="eval"), batch_size=200)
+    units = select_units(trained.model, None)
+    cap = capture_activations(trained.model, units, loader, samples_per_image=4, progress=False)
+    out = {}
+    for name in units:
+        cov = covariance(cap.acts[name].double(), cap.target.double())
+        out[name] = (pairwise_overlap_from_moments(cov).numpy(), pairwise_target_excess_from_moments(cov).numpy())
+    return out
+
+
+def test_modularity_matches_networkx_on_the_demo_graphs(demo_graphs):
+    rel = [_rel(r.shape[0], m) for r, s in demo_graphs.values() for m in (r, s)]
+    assert len(rel) == 40
+    print("demo graphs: relative Q difference igraph vs networkx:", np.round(sorted(rel), 4).tolist())
+    assert max(abs(x) for x in rel) <= 0.01, sorted(rel)
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_modularity_matches_networkx_on_random_graphs_with_groups(strength):
+    for seed, C in enumerate((30, 64, 150, 300)):
+        rng = np.random.default_rng(seed)
+        groups = rng.integers(0, 6, C)
+        a = rng.random((C, C)) + strength * (groups[:, None] == groups[None])
+        assert abs(_rel(C, (a + a.T) / 2)) <= 0.01
+
+
+def test_modularity_matches_networkx_on_average_on_structureless_graphs():
+    # No planted groups: both greedy runs meet many near-equal merges and take different paths,
+    # so a single graph's Q differs by a few % either way; there is no bias between the two.
+    rel = []
+    for seed in range(12):
+        rng = np.random.default_rng(100 + seed)
+        a = rng.random((96, 96))
+        rel.append(_rel(96, (a + a.T) / 2))
+    assert abs(np.mean(rel)) <= 0.01 and max(abs(x) for x in rel) <= 0.08, rel
+
+
+def test_null_reports_its_spread_and_is_reproducible():
+    rng = np.random.default_rng(0)
+    C = 80
+    groups = rng.integers(0, 4, C)
+    r = rng.random((C, C)) + (groups[:, None] == groups[None])
+    r = (r + r.T) / 2
+    s = rng.random((C, C))
+    s = (s + s.T) / 2
+    a = compare_groupings(r, s, null_shuffles=20, seed=3)
+    b = compare_groupings(r, s, null_shuffles=20, seed=3)
+    assert {k: v for k, v in a.items() if not k.startswith("labels")} == \
+        {k: v for k, v in b.items() if not k.startswith("labels")}
+    assert a["null_draws"] == 20
+    for stat in ("q_r", "q_s", "modularity_gap", "nmi"):
+        assert a[f"null_{stat}_sd"] > 0
+    assert a["null_modularity_gap_lo"] <= a["null_modularity_gap"] <= a["null_modularity_gap_hi"]
+    # planted groups in R only: the observed gap lies far above its shuffled null
+    assert a["modularity_gap"] > a["null_modularity_gap_hi"]
+    assert compare_groupings(r, s, null_shuffles=0).keys().isdisjoint({"null_q_r", "null_modularity_gap_sd"})
+
+
+def test_shuffled_null_keeps_the_kept_weights():
+    from axes_pipeline.analyses.graphs import _shuffled_top
+
+    rng = np.random.default_rng(1)
+    a = rng.random((50, 50))
+    a = (a + a.T) / 2
+    i, j, w = top_edges(a, 0.1)
+    si, sj, sw = _shuffled_top(50, w, np.random.default_rng(2))
+    assert sorted(sw) == sorted(w) and (si < sj).all()
+    assert len(set(zip(si.tolist(), sj.tolist()))) == len(w)          # distinct pairs
+
+
+def test_graphs_cover_every_channel_by_default(tiny_run):
+    """No truncation by default (MobileNetV2's last conv has 1280 channels): graphs.max_channels=null."""
+    root, overrides = tiny_run
+    cfg = make_cfg("analyze", overrides, root)
+    assert cfg.graphs.max_channels is None and cfg.graphs.null_shuffles >= 20
+
+
+def test_graph_knobs_are_part_of_the_axes_fingerprint(tmp_path):
+    """layers.csv holds the graph statistics: one computed with another null is never reused."""
+    from axes_pipeline.analyses.axes_table import axes_fingerprint
+
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.write_bytes(b"0")
+    a = axes_fingerprint(make_cfg("analyze", ["logger=none"], tmp_path), ckpt)
+    b = axes_fingerprint(make_cfg("analyze", ["logger=none", "graphs.null_shuffles=2"], tmp_path), ckpt)
+    assert a != b and a["graphs"]["null_shuffles"] == 20
