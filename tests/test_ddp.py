@@ -42,18 +42,26 @@ def _val_accuracy(ckpt: Path, root: Path) -> tuple[float, int]:
 
 @pytest.mark.slow   # two 2-process training runs: 30–100 s on 2 shared cores
 def test_ddp_on_cpu_trains_once_and_resumes(tmp_path):
-    res = run_entry("train.py", *DDP, "trainer.max_epochs=2", cwd=tmp_path, timeout=900)
+    import shutil
+
+    res = run_entry("train.py", *DDP, "trainer.max_epochs=3", cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     run = next((tmp_path / "runs").rglob("checkpoints")).parent
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     # one set, epoch 0 (before any update) included, and no temporary files left by either rank
-    assert ckpts == ["best.ckpt", "epoch_000.ckpt", "epoch_001.ckpt", "epoch_002.ckpt", "last.ckpt"], ckpts
+    assert ckpts == ["best.ckpt", "epoch_000.ckpt", "epoch_001.ckpt", "epoch_002.ckpt", "epoch_003.ckpt",
+                     "last.ckpt"], ckpts
     summary = read_json(run / "train_summary.json")
-    assert summary["epochs"] == 2
+    assert summary["epochs"] == 3
     # validation synced over the two ranks: the value of the whole split, not one rank's half
     acc, n_val = _val_accuracy(run / "checkpoints" / "best.ckpt", tmp_path)
     assert abs(summary["val_acc"] - acc) <= 1.0 / n_val + 1e-6, (summary["val_acc"], acc)
+    # the same run killed after its second epoch: what the disk held then (settings unchanged, so
+    # the rerun resumes instead of refusing; other settings would be a one-line refusal)
     first = (run / "checkpoints" / "epoch_000.ckpt").stat().st_mtime_ns
+    shutil.copy2(run / "checkpoints" / "epoch_002.ckpt", run / "checkpoints" / "last.ckpt")
+    (run / "checkpoints" / "epoch_003.ckpt").unlink()
+    (run / "train_summary.json").unlink()
     res = run_entry("train.py", *DDP, "trainer.max_epochs=3", cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -106,7 +106,8 @@ def test_changed_split_seed_does_not_reuse_axes(tiny_run):
 def test_capture_cache_checks_its_identity(tmp_path):
     from axes_pipeline.capture import Capture, load_capture, save_capture
 
-    cap = Capture(acts={"a": torch.ones(4, 2)}, target=torch.zeros(4), image_index=torch.arange(4), knobs={})
+    cap = Capture(acts={}, target=None, image_index=None, knobs={}, moments={"a": torch.eye(3, dtype=torch.float64)},
+                  means={"a": torch.zeros(3, dtype=torch.float64)}, n=4)
     save_capture(cap, tmp_path / "c.pt", {"data.name": "digits", "ckpt_digest": "ab"})
     assert load_capture(tmp_path / "c.pt", {"data.name": "digits", "ckpt_digest": "ab"}) is not None
     assert load_capture(tmp_path / "c.pt", {"data.name": "cifar10", "ckpt_digest": "ab"}) is None
