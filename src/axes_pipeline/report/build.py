@@ -545,9 +545,10 @@ def page_context(cfg, roots, groups, notices, t, figs, skipped: list[dict] | Non
                 "headline_columns": f"FLOPs-AUC of {acc_label}, paired across seeds: the difference local − target "
                 f"with a paired bootstrap 95% CI ({ci}), {tests} p-value, Holm-adjusted p_holm over the group's rows, "
                 f"p_min (the smallest p the test can reach with these seeds) and effect size d_z; fewer than "
-                f"{min_seeds} seeds make the test impossible. The best score of an axis chosen on all seeds is "
-                "optimistic (more so for the axis with more candidates); the row chosen on the other seeds "
-                "(leave-one-seed-out) is the unbiased comparison."},
+                f"{min_seeds} seeds make the test impossible. Every best score is chosen on the validation "
+                "split and measured on the test split; choosing on the same seeds that are compared still "
+                "favours the axis with more candidates a little, which the row chosen on the other seeds "
+                "(leave-one-seed-out) removes."},
         "sections": sections,
     }
 
