@@ -29,8 +29,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_batches: int | 
     """Top-1, top-5 accuracy and mean cross-entropy of ``model`` over ``loader`` (eval mode)."""
     was = model.training
     model.eval()
-    n = correct = correct5 = 0
+    n = 0
     loss = 0.0
+    top1 = top5 = None  # built on the first batch: torchmetrics needs num_classes
     try:
         for b, (x, y) in enumerate(loader):
             if max_batches is not None and b >= max_batches:
@@ -38,16 +39,37 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_batches: int | 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x).float()
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            correct += int((top[:, 0] == y).sum())
-            correct5 += int((top == y[:, None]).any(1).sum())
+            if top1 is None:
+                top1, top5 = accuracy_metrics(logits.shape[1], device)
+            top1.update(logits, y)
+            if top5 is not None:
+                top5.update(logits, y)
             n += len(y)
     finally:
         model.train(was)
     if n == 0:
         return {"acc": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
-    return {"acc": correct / n, "top5": correct5 / n, "loss": loss / n, "n": n}
+    # With fewer than 5 classes the 5 best guesses hold every class, so top-5 is 1 by definition
+    # (the former topk(min(5, C)) rule); torchmetrics refuses top_k > num_classes.
+    acc5 = float(top5.compute()) if top5 is not None else 1.0
+    return {"acc": float(top1.compute()), "top5": acc5, "loss": loss / n, "n": n}
+
+
+def accuracy_metrics(num_classes: int, device: torch.device):
+    """Plain top-1 and top-5 accuracy (micro average = correct / n) from torchmetrics.
+
+    The top-5 metric is None below 5 classes (see ``evaluate``).
+    """
+    from torchmetrics.classification import MulticlassAccuracy
+
+    # float64: the counts are integers, and a float64 quotient equals the former correct / n
+    # bit for bit (the default float32 would differ in the 8th digit).
+    def make(k):
+        return MulticlassAccuracy(num_classes=num_classes, top_k=k, average="micro").set_dtype(torch.float64).to(device)
+
+    top1 = make(1)
+    top5 = make(5) if num_classes >= 5 else None
+    return top1, top5
 
 
 def finetune(model: nn.Module, loader, device: torch.device, epochs: int, max_batches: int | None,
