@@ -427,3 +427,32 @@ def test_torchmetrics_accuracy_equals_the_former_topk_formula(num_classes):
     assert got["acc"] == want1  # exact: float64 quotient of the same integer counts
     assert got["top5"] == want5
     assert got["n"] == len(y)
+
+
+def test_latency_uses_the_benchmark_timer_and_keeps_its_keys_and_repeat_cap():
+    from axes_pipeline.pruning.evaluate import latency
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.conv(x)
+
+    model = Counting()
+    out = latency(model, (1, 8, 8), batch_sizes=(1, 4), repeats=4, warmup=2, devices=("cpu",))
+    assert set(out) == {"latency_cpu_b1_ms", "latency_cpu_b4_ms"}
+    assert all(v > 0 for v in out.values())
+    # latency() times a deep copy; count forwards by hooking the class. Timer.timeit adds its own
+    # two warm-ups per call, so only check that pruning.latency_repeats still caps the work.
+    seen = []
+    Counting.forward = lambda self, x: (seen.append(1), self.conv(x))[1]
+    counts = []
+    for repeats in (4, 8):
+        seen.clear()
+        latency(model, (1, 8, 8), batch_sizes=(1,), repeats=repeats, warmup=2, devices=("cpu",))
+        counts.append(len(seen))
+    assert counts[0] < counts[1] <= 3 * 8 + 4

@@ -8,6 +8,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
 
 __all__ = ["evaluate", "finetune", "latency", "resolve_device"]
 
@@ -122,18 +123,20 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64),
         m = copy.deepcopy(model).to(device).eval()
         for bs in batch_sizes:
             x = torch.randn(int(bs), c, h, w, device=device)
+            # torch.utils.benchmark.Timer does the CUDA synchronisation and the timer choice; its
+            # num_threads defaults to 1, so pass the process's count to time what a run uses.
+            # Its autorange methods cannot stop at ``repeats`` forwards (pruning.latency_repeats),
+            # so the stopping rule stays here: one timeit(1) per forward, median of those (each
+            # timeit call also runs 2 untimed warm-up forwards of its own: the price of the Timer).
+            timer = benchmark.Timer(stmt="m(x)", globals={"m": m, "x": x},
+                                    num_threads=torch.get_num_threads())
+            if int(warmup) > 0:
+                timer.timeit(int(warmup))
             times, start = [], time.perf_counter()
-            for r in range(int(warmup) + int(repeats)):
+            for _ in range(int(repeats)):
                 if len(times) >= 3 and time.perf_counter() - start > budget_s:
                     break
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                m(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if r >= warmup:
-                    times.append((time.perf_counter() - t0) * 1e3)
+                times.append(timer.timeit(1).median * 1e3)
             out[f"latency_{device.type}_b{bs}_ms"] = float(statistics.median(times))
         del m
     return out
