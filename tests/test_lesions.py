@@ -256,3 +256,17 @@ def test_lesion_analysis_end_to_end(tiny_run):
     run_analysis(cfg)
     assert read_json(out / "lesion_summary.json")["resumed_layers"] == 2
     pd.testing.assert_frame_equal(pd.read_csv(out / "lesions.csv"), df)
+
+
+def test_batched_correct_counts_equal_torchmetrics_samplewise_accuracy():
+    """The hand-written per-lesion count kept in LesionEngine (faster, exact int64; see the comment
+    there) gives what torchmetrics' samplewise multiclass accuracy gives, times the batch size."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    g = torch.Generator().manual_seed(3)
+    n_l, b, c = 6, 9, 10
+    logits, yy = torch.randn(n_l * b, c, generator=g), torch.randint(0, c, (n_l * b,), generator=g)
+    hand = (logits.argmax(1) == yy).view(n_l, b).sum(1)
+    tm = multiclass_accuracy(logits.view(n_l, b, c).permute(0, 2, 1), yy.view(n_l, b), num_classes=c,
+                             average="micro", multidim_average="samplewise")
+    assert torch.equal((tm.double() * b).round().long(), hand)

@@ -127,4 +127,5 @@ def test_charts_and_stable_summary_names(demo):
     assert any(k.startswith("analyze/ix_vs_it/") for k in runs["analyze"]["summary"])
     assert "prune/curves_chart_table" in runs["prune"]["summary"]
     assert "report/headline_chart_table" in runs["report"]["summary"]
+    assert "report/headline_ci_table" in runs["report"]["summary"]         # the CI beside the bars
     assert any(k.startswith("headline/") and k.endswith("/diff") for k in runs["report"]["summary"])

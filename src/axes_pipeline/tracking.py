@@ -280,7 +280,7 @@ def log_axes(tracker: StageTracker, cfg: DictConfig, out: Path, axes) -> None:
 def log_report(tracker: StageTracker, runs, out: Path, headline, experiment: str) -> None:
     """The report's wandb record: every run's checkpoint, axes and curves as inputs, the report
     files as its output, the headline as a bar chart (difference local − target per group and
-    comparison; the CI is in the logged ``report/headline`` table) and as summary metrics named
+    comparison), its CI as a line series ``report/headline_ci`` (lo, diff, hi) and as summary metrics named
     ``headline/<group>/<i>/{diff,ci_lo,ci_hi}`` (i = the comparison's row within its group)."""
     if not tracker.enabled:
         return
@@ -298,6 +298,14 @@ def log_report(tracker: StageTracker, runs, out: Path, headline, experiment: str
     head = headline.assign(row=headline.groupby("group").cumcount())
     head["label"] = [f"{g} #{i}: {c[:60]}" for g, i, c in zip(head["group"], head["row"], head["comparison"])]
     tracker.bar("report/headline_chart", head, "label", "diff", title="FLOPs-AUC difference local − target")
+    # wandb 0.31's presets (wandb/bar, line, lineseries, scatter, histogram, area-under-curve,
+    # confusion_matrix) draw no error bars, and a custom Vega-Lite chart names a spec that must
+    # first be created on the server (an offline run cannot), so the CI goes beside the bars as three lines
+    # over the comparison's position: ci_lo, diff, ci_hi (x = index into the bar labels' order).
+    tracker.line_series("report/headline_ci", range(len(head)),
+                        {"ci_lo": head["ci_lo"].astype(float), "diff": head["diff"].astype(float),
+                         "ci_hi": head["ci_hi"].astype(float)},
+                        title="FLOPs-AUC difference local − target with its CI", xname="comparison")
     tracker.scalars({f"headline/{g}/{i}/{k}": float(v) for g, i, lo, hi, d in
                      zip(head["group"], head["row"], head["ci_lo"], head["ci_hi"], head["diff"])
                      for k, v in (("diff", d), ("ci_lo", lo), ("ci_hi", hi))})

@@ -513,6 +513,11 @@ class LesionEngine:
                     yy = y.repeat(n_l)
                     ce = F.cross_entropy(logits, yy, reduction="none").view(n_l, b)
                     loss[start:start + n_l] += ce.sum(1, dtype=torch.float64)
+                    # Hand-written on purpose (issue 12 asks for torchmetrics elsewhere): the
+                    # torchmetrics equivalent, multiclass_accuracy(samplewise) on [n_l, C, b], gives
+                    # the same counts but took 1181 us against 235 us here (CPU, 1 thread, 64
+                    # lesions x 128 images x 10 classes, Timer.blocked_autorange), and it returns
+                    # float fractions where the engine sums exact int64 counts across batches.
                     correct[start:start + n_l] += (logits.argmax(1) == yy).view(n_l, b).sum(1)
                 n += b
         if fallback:  # before any lesion was counted: the first batch already shows it

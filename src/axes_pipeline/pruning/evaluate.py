@@ -8,6 +8,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
 
 __all__ = ["evaluate", "finetune", "latency", "resolve_device"]
 
@@ -29,8 +30,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_batches: int | 
     """Top-1, top-5 accuracy and mean cross-entropy of ``model`` over ``loader`` (eval mode)."""
     was = model.training
     model.eval()
-    n = correct = correct5 = 0
+    n = 0
     loss = 0.0
+    top1 = top5 = None  # built on the first batch: torchmetrics needs num_classes
     try:
         for b, (x, y) in enumerate(loader):
             if max_batches is not None and b >= max_batches:
@@ -38,16 +40,37 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_batches: int | 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x).float()
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            correct += int((top[:, 0] == y).sum())
-            correct5 += int((top == y[:, None]).any(1).sum())
+            if top1 is None:
+                top1, top5 = accuracy_metrics(logits.shape[1], device)
+            top1.update(logits, y)
+            if top5 is not None:
+                top5.update(logits, y)
             n += len(y)
     finally:
         model.train(was)
     if n == 0:
         return {"acc": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
-    return {"acc": correct / n, "top5": correct5 / n, "loss": loss / n, "n": n}
+    # With fewer than 5 classes the 5 best guesses hold every class, so top-5 is 1 by definition
+    # (the former topk(min(5, C)) rule); torchmetrics refuses top_k > num_classes.
+    acc5 = float(top5.compute()) if top5 is not None else 1.0
+    return {"acc": float(top1.compute()), "top5": acc5, "loss": loss / n, "n": n}
+
+
+def accuracy_metrics(num_classes: int, device: torch.device):
+    """Plain top-1 and top-5 accuracy (micro average = correct / n) from torchmetrics.
+
+    The top-5 metric is None below 5 classes (see ``evaluate``).
+    """
+    from torchmetrics.classification import MulticlassAccuracy
+
+    # float64: the counts are integers, and a float64 quotient equals the former correct / n
+    # bit for bit (the default float32 would differ in the 8th digit).
+    def make(k):
+        return MulticlassAccuracy(num_classes=num_classes, top_k=k, average="micro").set_dtype(torch.float64).to(device)
+
+    top1 = make(1)
+    top5 = make(5) if num_classes >= 5 else None
+    return top1, top5
 
 
 def finetune(model: nn.Module, loader, device: torch.device, epochs: int, max_batches: int | None,
@@ -100,18 +123,20 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64),
         m = copy.deepcopy(model).to(device).eval()
         for bs in batch_sizes:
             x = torch.randn(int(bs), c, h, w, device=device)
+            # torch.utils.benchmark.Timer does the CUDA synchronisation and the timer choice; its
+            # num_threads defaults to 1, so pass the process's count to time what a run uses.
+            # Its autorange methods cannot stop at ``repeats`` forwards (pruning.latency_repeats),
+            # so the stopping rule stays here: one timeit(1) per forward, median of those (each
+            # timeit call also runs 2 untimed warm-up forwards of its own: the price of the Timer).
+            timer = benchmark.Timer(stmt="m(x)", globals={"m": m, "x": x},
+                                    num_threads=torch.get_num_threads())
+            if int(warmup) > 0:
+                timer.timeit(int(warmup))
             times, start = [], time.perf_counter()
-            for r in range(int(warmup) + int(repeats)):
+            for _ in range(int(repeats)):
                 if len(times) >= 3 and time.perf_counter() - start > budget_s:
                     break
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                m(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if r >= warmup:
-                    times.append((time.perf_counter() - t0) * 1e3)
+                times.append(timer.timeit(1).median * 1e3)
             out[f"latency_{device.type}_b{bs}_ms"] = float(statistics.median(times))
         del m
     return out
