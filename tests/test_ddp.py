@@ -46,6 +46,7 @@ def test_ddp_on_cpu_trains_once_and_resumes(tmp_path):
 
     res = run_entry("train.py", *DDP, "trainer.max_epochs=3", cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert (res.stdout + res.stderr).count("train: val_acc=") == 1     # rank 0 writes and reports once
     run = next((tmp_path / "runs").rglob("checkpoints")).parent
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     # one set, epoch 0 (before any update) included, and no temporary files left by either rank

@@ -253,6 +253,8 @@ def run_training(cfg: DictConfig) -> dict:
         "num_classes": dm.num_classes, "device": str(trainer.strategy.root_device),
         "config": to_container(cfg),
     }
+    if not trainer.is_global_zero:   # under DDP every rank gets here: one summary, one log line
+        return summary
     write_json(summary_path, summary)
     if logger and cfg.logger.kind == "wandb":
         from axes_pipeline.tracking import log_training
