@@ -9,13 +9,11 @@ Prints images/s and the ratios. Target: Lightning overhead ≤ 10%.
 from __future__ import annotations
 
 import argparse
-import pickle
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +21,7 @@ from axes_pipeline.data import Cifar100DataModule, DigitsDataModule
 from axes_pipeline.models import build_model
 from axes_pipeline.training import ClassifierModule, make_optimizer
 from axes_pipeline.training.optim import warmup_cosine
+from bench_scale import write_fake_cifar100   # the one writer of fake CIFAR-100 files (benchmarks/)
 
 
 def plain_loop(model, loader, epochs: int) -> float:
@@ -51,22 +50,6 @@ def lightning_loop(model, dm, epochs: int) -> float:
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
     return images / (time.perf_counter() - t0)
-
-
-def write_fake_cifar100(root: Path, n_train: int, n_test: int) -> None:
-    """CIFAR-100's real on-disk format (python pickles), random pixels."""
-    rng = np.random.default_rng(0)
-    d = root / "cifar-100-python"
-    d.mkdir(parents=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        with open(d / split, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         "fine_labels": rng.integers(0, 100, n).tolist(),
-                         "coarse_labels": rng.integers(0, 20, n).tolist(),
-                         "filenames": [f"{i}.png" for i in range(n)]}, f)
-    with open(d / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)],
-                     "coarse_label_names": [f"s{i}" for i in range(20)]}, f)
 
 
 def data_paths(n_train: int = 5000, batches: int = 30) -> tuple[float, float]:
