@@ -59,6 +59,16 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def register_schemas() -> None:
+    # Every composition (entry points, tests, check_composes) imports this module first.
+    from axes_pipeline.schema import register
+
+    register()
+
+
+register_schemas()
+
+
 def run_dir(cfg: DictConfig) -> Path:
     """The run directory of this config (absolute)."""
     return Path(cfg.paths.run_dir).resolve()

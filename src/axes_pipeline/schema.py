@@ -1,0 +1,37 @@
+"""The typed schema of every config group: the one place each default and its type live.
+
+Each room of the package defines the dataclass of its own config group (``pruning.settings``
+holds the pruning schema, ``training.optim`` the optimizer's ...); :func:`register` stores them
+all in Hydra's ConfigStore as ``base_<group>``. A YAML option of a group lists its schema first
+in its defaults (``defaults: [base_pruning, _self_]``) and then only selects and overrides, so a
+wrong type or an unknown key fails at composition with Hydra's own message (one line, exit 2
+through :func:`axes_pipeline.tasks.hydra_entry`).
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+
+def _entries() -> list[tuple[str | None, str, type]]:
+    """(group, name, dataclass) of every schema. Imported here, not at module level, so that a
+    room's module can be imported without Hydra's store being touched."""
+    entries: list[tuple[str | None, str, type]] = []
+    # --- root, common keys, data, model, axes, analysis, paths, report (typed-config room) ---
+    # --- pruning (pruning.settings) ---
+    # --- trainer, optim, callbacks, logger (training / tracking rooms) ---
+    return entries
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent; called before any composition)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    store = ConfigStore.instance()
+    for group, name, node in _entries():
+        store.store(group=group, name=name, node=node)
+    _REGISTERED = True
