@@ -7,15 +7,13 @@ width, learning rate...) are never pooled into one mean; the report says which k
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import file_digest, read_json
+from axes_pipeline.runs import file_digest, fingerprint, read_json
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 
 # Keys that legitimately differ between seeds of one experiment.
@@ -117,7 +115,7 @@ def split_by_pruning(groups: dict[str, list["Run"]]) -> tuple[dict[str, list["Ru
             s = r.prune_settings()
             if s is None:
                 continue
-            sig = hashlib.sha1(json.dumps(s, sort_keys=True, default=str).encode()).hexdigest()[:6]
+            sig = fingerprint(s)[:6]
             by_sig.setdefault(sig, []).append(r)
             settings[sig] = s
         if len(by_sig) <= 1:
@@ -170,7 +168,7 @@ def discover(roots: list[Path], skipped: list[dict] | None = None) -> list[Run]:
                                               f"left out of every table (rerun `python train.py` for it)"})
                 continue
             flat = {k: v for k, v in _flatten(cfg).items() if _kept(k)}
-            sig = hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
+            sig = fingerprint(flat)[:8]
             run = Run(path=path, seed=seed, data=data, model=model, width=width,
                       experiment=cfg.get("name", "default"), train=train, signature=sig, flat_config=flat)
             run.inputs["train_summary.json"] = file_digest(summary)
