@@ -33,10 +33,10 @@ Memory: a suffix call holds ``L·B`` rows; ``L`` is chosen per layer so that
 ``L·B ≤ max_rows`` and the repeated cut tensors take at most ``max_gb`` (see
 :meth:`LesionEngine.chunk_size`). A network ``torch.fx`` cannot cut (or a cut that carries a
 non-batch value) falls back to repeating the *input* ``L`` times and hooking the conv output: the
-same lesion, the prefix then runs ``L`` times. The cut keeps the graph's order, so it assumes no
-prefix op mutates in place a tensor that a suffix op had read before it (true of the torchvision
-backbones, whose in-place ops are ReLUs on fresh tensors and ``+=`` on the residual branch; the
-tests compare every backbone family against :func:`zeroed`).
+same lesion, the prefix then runs ``L`` times. The cut assumes no prefix op mutates in place a
+tensor that a suffix op had read before it (true of the torchvision backbones, whose in-place ops
+are ReLUs on fresh tensors and ``+=`` on the residual branch; the tests compare every backbone
+family against :func:`zeroed`).
 """
 
 from __future__ import annotations

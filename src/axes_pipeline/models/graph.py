@@ -254,12 +254,6 @@ def _next_op(node: fx.Node, model: nn.Module, channel_dim: int, ndim: int = 4) -
                 channel_dim = -1
 
 
-def _norm_at(node: fx.Node | None, model: nn.Module, channels: int) -> nn.Module | None:
-    """The norm module called at ``node`` if it normalises ``channels`` channels."""
-    module = _module(node, model) if node is not None else None
-    return module if isinstance(module, NORM_TYPES) and _norm_fits(module, channels) else None
-
-
 def _activation(node: fx.Node | None, model: nn.Module) -> tuple[nn.Module | None, str | None]:
     if node is None:
         return None, None
@@ -317,7 +311,8 @@ def conv_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
         conv = convs[name]
         conv_nodes[name] = node
         nxt, cdim = _next_op(node, model, 1)
-        norm = _norm_at(nxt, model, conv.out_channels)
+        norm = _module(nxt, model) if nxt is not None else None
+        norm = norm if isinstance(norm, NORM_TYPES) and _norm_fits(norm, conv.out_channels) else None
         residual = False
         if norm is not None:
             after, _ = _next_op(nxt, model, cdim)
@@ -486,13 +481,10 @@ def conv_sources(model: nn.Module, graph: fx.Graph, receivers, residual: str
     """Whose output channels each call of a conv in ``receivers`` reads, in forward order.
 
     One entry ``(receiver, sources)`` per call: ``sources`` is ``[(conv, offset, channels)]``
-    (the input channels ``offset .. offset + channels`` are that conv's output channels), a
-    one-line reason why the input channels have no single upstream conv each, or ``None`` when
-    the input is the network input (or reaches no conv). The walk back passes ops that keep every
-    channel separate (norms, elementwise activations, pooling, dropout, permutes, identity),
-    concatenations along channels and squeeze-and-excitation products; at a residual add it
-    follows the main branch (``residual="main"``, :func:`_source_conv`) or stops
-    (``"skip"``). Only convs of ``model`` count as upstream.
+    (input channels ``offset .. offset + channels`` are that conv's outputs; :func:`_segments`),
+    a one-line reason why they have no single upstream conv each, or ``None`` when the input is
+    the network input (or reaches no conv). ``residual``: ``"main"`` follows a residual add's
+    main branch (:func:`_source_conv`), ``"skip"`` stops there.
     """
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     out: list[tuple[str, list[Segment] | str | None]] = []
