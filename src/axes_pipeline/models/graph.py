@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -62,17 +63,17 @@ _ACT_METHODS: dict[str, Callable] = {"relu": F.relu, "relu_": F.relu, "sigmoid":
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 
+# ops that leave values as they are (besides permutes and torchvision's StochasticDepth)
+_TRANSPARENT_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd)
+_TRANSPARENT_METHODS = ("contiguous", "clone")
 # ops that keep every channel separate (a channel's values depend on that channel only)
-_CHANNELWISE_MODULES = NORM_TYPES + _ACT_MODULES + (
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.modules.dropout._DropoutNd,
-    nn.Identity,
-)
+_CHANNELWISE_MODULES = NORM_TYPES + _ACT_MODULES + _TRANSPARENT_MODULES + (
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _CHANNELWISE_MODULE_NAMES = ("Permute", "StochasticDepth")  # torchvision.ops
 _CHANNELWISE_FUNCTIONS = set(_ACT_FUNCTIONS) | {
     F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.permute,
-    F.batch_norm, F.layer_norm, F.group_norm,
-}
-_CHANNELWISE_METHODS = set(_ACT_METHODS) | {"permute", "contiguous", "clone"}
+    F.batch_norm, F.layer_norm, F.group_norm}
+_CHANNELWISE_METHODS = {*_ACT_METHODS, "permute", *_TRANSPARENT_METHODS}
 
 # squeeze-and-excitation: x * gate(x), the gate a sigmoid / hard sigmoid
 _GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
@@ -102,7 +103,7 @@ def trace(model: nn.Module) -> fx.Graph | None:
     follow the forward (logged; each consumer falls back on module order)."""
     try:
         return Tracer().trace(model)
-    except Exception as exc:  # any model torch.fx cannot follow
+    except Exception as exc:  # noqa: BLE001 - any model torch.fx cannot follow
         log.warning("torch.fx could not trace %s (%s): conv units in module order, propagation links between "
                     "consecutive layers, lesions repeat the input per lesion", type(model).__name__, exc)
         return None
@@ -147,9 +148,8 @@ def _is_transparent(node: fx.Node, model: nn.Module) -> bool:
         return True
     if node.op == "call_module":
         module = _module(node, model)
-        return isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) or type(module).__name__ == (
-            "StochasticDepth")
-    return node.op == "call_method" and node.target in ("contiguous", "clone")
+        return isinstance(module, _TRANSPARENT_MODULES) or type(module).__name__ == "StochasticDepth"
+    return node.op == "call_method" and node.target in _TRANSPARENT_METHODS
 
 
 def _keeps_channels(node: fx.Node, model: nn.Module) -> bool:
@@ -224,11 +224,9 @@ class FunctionalAct(nn.Module):
 
 @dataclass
 class ConvGraph:
-    """The analysable convs of a network: ``order`` (forward order), ``units`` by name, and
-    ``shortcuts``: 1×1 convs that run beside a main-path conv on the same input (ResNet's
-    ``downsample.0``)."""
+    """The analysable convs of a network: ``units`` by name in forward order, and ``shortcuts``:
+    1×1 convs that run beside a main-path conv on the same input (ResNet's ``downsample.0``)."""
 
-    order: list[str]
     units: dict[str, ConvUnit]
     shortcuts: set[str]
 
@@ -275,11 +273,6 @@ def _norm_fits(norm: nn.Module, channels: int) -> bool:
     if isinstance(norm, nn.GroupNorm):
         return norm.num_channels == channels
     return False
-
-
-def _kernel_area(conv: nn.Module) -> int:
-    k = getattr(conv, "kernel_size", (1, 1))
-    return int(k[0]) * int(k[1])
 
 
 def conv_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
@@ -337,9 +330,9 @@ def conv_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
         if convs[name].kernel_size != (1, 1) or not node.args:
             continue
         siblings = [u for u in getattr(node.args[0], "users", {}) if u is not node and u in conv_nodes.values()]
-        if any(_kernel_area(_module(u, model)) > 1 for u in siblings):
+        if any(_module(u, model).kernel_size != (1, 1) for u in siblings):
             shortcuts.add(name)
-    return ConvGraph(order=list(units), units=units, shortcuts=shortcuts)
+    return ConvGraph(units, shortcuts)
 
 
 def _module_order_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
@@ -351,14 +344,14 @@ def _module_order_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGr
         if not isinstance(m, nn.Conv2d):
             continue
         norm = norm_name = act = act_name = None
-        if i + 1 < len(modules) and isinstance(modules[i + 1][1], NORM_TYPES):
-            if _norm_fits(modules[i + 1][1], m.out_channels):
-                norm_name, norm = modules[i + 1]
-                if i + 2 < len(modules) and isinstance(modules[i + 2][1], _ACT_MODULES):
-                    act_name, act = modules[i + 2]
+        nxt = modules[i + 1][1] if i + 1 < len(modules) else None
+        if isinstance(nxt, NORM_TYPES) and _norm_fits(nxt, m.out_channels):
+            norm_name, norm = modules[i + 1]
+            if i + 2 < len(modules) and isinstance(modules[i + 2][1], _ACT_MODULES):
+                act_name, act = modules[i + 2]
         units[name] = ConvUnit(name, m, norm, norm_name, act, act_name)
     shortcuts = {n for n, c in convs.items() if c.kernel_size == (1, 1) and ("downsample" in n or "shortcut" in n)}
-    return ConvGraph(order=list(units), units=units, shortcuts=shortcuts)
+    return ConvGraph(units, shortcuts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def _norm_kind(norm: nn.Module) -> str:
     return "bn"
 
 
-def capture_point(unit: "ConvUnit", point: str) -> str:
+def capture_point(unit: ConvUnit, point: str) -> str:
     """Which tensor ``capture.point`` reads for this unit (METHODS §1).
 
     ``pre_bn``: the conv output, which is the norm's input where a norm follows (``pre_bn``,
@@ -119,8 +119,7 @@ def _conv_graph(model: nn.Module) -> ConvGraph:
 
 def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
     """Every ``nn.Conv2d`` the forward calls, in forward order, keyed by qualified name."""
-    info = _conv_graph(model)
-    return {name: info.units[name].conv for name in info.order}
+    return {name: unit.conv for name, unit in _conv_graph(model).units.items()}
 
 
 def analysable_layers(model: nn.Module, include_depthwise: bool = True) -> dict[str, nn.Conv2d]:
@@ -141,8 +140,7 @@ def conv_norm_pairs(model: nn.Module) -> dict[str, ConvUnit]:
     ``layer1.0.relu`` (call 1, ``residual``); ``layer2.0.downsample.0`` →
     ``layer2.0.downsample.1`` → add → ``layer2.0.relu`` (call 1, ``residual``).
     """
-    info = _conv_graph(model)
-    return {name: info.units[name] for name in info.order}
+    return _conv_graph(model).units
 
 
 def depth_spaced_layers(
@@ -160,12 +158,12 @@ def depth_spaced_layers(
     info = _conv_graph(model)
     names = [
         n
-        for n in info.order
+        for n in info.units
         if (include_shortcuts or n not in info.shortcuts)
         and (include_depthwise or not is_depthwise(info.units[n].conv))
     ]
     if not names:
-        names = list(info.order)
+        names = list(info.units)
     if len(names) <= k:
         return names
     if k == 1:
