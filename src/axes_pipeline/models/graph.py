@@ -88,7 +88,9 @@ _SPLITS = {"chunk", "split", "view", "reshape", "transpose", "flatten", "narrow"
 
 class Tracer(fx.Tracer):
     """Keeps every module without children (and every norm and activation) a single graph node;
-    containers (``nn.Sequential``, ...) and modules with children are traced through."""
+    containers (``nn.Sequential``, ...) and modules with children are traced through. A norm must
+    stay one node (torch.fx's default traces through modules outside ``torch.nn``, such as
+    torchvision's ``LayerNorm2d``): the lesion hook on ``unit.norm`` fires on its call."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
