@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from axes_pipeline.analyses.lesion_engine import LesionEngine
+from axes_pipeline.analyses.propagation import conv_links, link_report
 from axes_pipeline.models import build_model
 from axes_pipeline.models.graph import FunctionalAct, conv_graph, conv_sources, is_add, split, trace
 
@@ -108,8 +110,6 @@ def test_links_through_adds_concatenations_and_se_products():
 
 
 def test_resnet18_links_cross_each_block_add_to_its_main_branch():
-    from axes_pipeline.analyses.propagation import conv_links
-
     model = build_model("resnet18", 10, width=0.125).eval()
     links = conv_links(model)
     assert len(links) == 19 and len(conv_links(model, residual="skip")) == 9
@@ -169,6 +169,9 @@ def test_untraceable_network_falls_back_on_module_order(caplog):
     with caplog.at_level(logging.WARNING, logger="axes_pipeline"):
         assert trace(model) is None
         g = conv_graph(model, _convs(model))
+        links, refused = link_report(model, g.units)                     # consecutive layers
+        engine = LesionEngine(model.eval(), g.units["conv"])              # repeats the input per lesion
     assert "could not trace DataDependent" in caplog.text
     assert list(g.units) == ["conv", "conv2"]
     assert (g.units["conv"].norm_name, g.units["conv"].act_name) == ("bn", "relu")
+    assert (links, refused) == ([("conv", "conv2", 0)], []) and not engine.batched_prefix
