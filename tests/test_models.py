@@ -180,7 +180,7 @@ def test_convnext_units():
     assert not any(isinstance(model.get_submodule(n), nn.Linear) for n in units)
 
 
-def test_functional_activation_and_untraceable_fallback():
+def test_functional_activation_and_untraceable_fallback(caplog):
     class Functional(nn.Module):
         def __init__(self):
             super().__init__()
@@ -211,8 +211,8 @@ def test_functional_activation_and_untraceable_fallback():
                 x = x * 2
             return self.fc(x.mean((2, 3)))
 
-    logging.getLogger("axes_pipeline.models.layers").setLevel(logging.ERROR)
-    unit = conv_norm_pairs(DataDependent())["conv"]
+    with caplog.at_level(logging.ERROR, logger="axes_pipeline"):  # the fallback's warning is expected
+        unit = conv_norm_pairs(DataDependent())["conv"]
     assert (unit.norm_name, unit.act_name) == ("bn", "relu")
 
 

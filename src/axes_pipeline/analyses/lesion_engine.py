@@ -5,9 +5,10 @@ A **lesion** of channel ``c`` of a conv unit zeroes its conv filter and bias and
 reference and the one-at-a-time baseline. :class:`LesionEngine` evaluates many lesions of one
 layer in one pass instead, without touching a weight:
 
-1. The traced network (``torch.fx``) is cut at the unit's conv. The **prefix** holds every node
-   that does not depend on the conv output (the conv itself included), the **suffix** every node
-   that does. The prefix runs once per evaluation batch ``[B, ...]``.
+1. The traced network (``torch.fx``) is cut at the unit's conv
+   (:func:`axes_pipeline.models.graph.split`). The **prefix** holds every node that does not
+   depend on the conv output (the conv itself included), the **suffix** every node that does.
+   The prefix runs once per evaluation batch ``[B, ...]``.
 2. Every tensor that crosses the cut is repeated ``L`` times (lesion-major: row ``l·B + b`` is
    image ``b`` under lesion ``l``); in the conv output ``Y: [L, B, C, H, W]`` lesion ``l`` writes
    its channel ``c_l``: ``Y[l, :, c_l] = offset_l + Σ_j coef[l, j] · Y[:, j]`` (zero for a
@@ -32,10 +33,10 @@ Memory: a suffix call holds ``L·B`` rows; ``L`` is chosen per layer so that
 ``L·B ≤ max_rows`` and the repeated cut tensors take at most ``max_gb`` (see
 :meth:`LesionEngine.chunk_size`). A network ``torch.fx`` cannot cut (or a cut that carries a
 non-batch value) falls back to repeating the *input* ``L`` times and hooking the conv output: the
-same lesion, the prefix then runs ``L`` times. The cut keeps the graph's order, so it assumes no
-prefix op mutates in place a tensor that a suffix op had read before it (true of the torchvision
-backbones, whose in-place ops are ReLUs on fresh tensors and ``+=`` on the residual branch; the
-tests compare every backbone family against :func:`zeroed`).
+same lesion, the prefix then runs ``L`` times. The cut assumes no prefix op mutates in place a
+tensor that a suffix op had read before it (true of the torchvision backbones, whose in-place ops
+are ReLUs on fresh tensors and ``+=`` on the residual branch; the tests compare every backbone
+family against :func:`zeroed`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from torch import Tensor
 
 from axes_pipeline.metrics.gaussian import covariance, peer_ranking, standardise
 from axes_pipeline.metrics.hulls import ridge_gram
-from axes_pipeline.models.layers import NORM_TYPES
+from axes_pipeline.models.graph import split as split_at, trace
 
 log = logging.getLogger("axes_pipeline")
 
@@ -71,9 +72,6 @@ __all__ = [
     "weight_lesion_eval",
     "zeroed",
 ]
-
-_NORMS = NORM_TYPES
-
 
 # --------------------------------------------------------------------------------------------
 # lesion specs
@@ -295,68 +293,6 @@ def peer_regression(acts: Tensor | None, channels: Sequence[int], peers: str | S
 # --------------------------------------------------------------------------------------------
 
 
-class _Tracer(fx.Tracer):
-    """Norms stay single nodes (torchvision's ``LayerNorm2d`` would otherwise be traced through),
-    so the post-norm hook fires on the suffix's norm call."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _NORMS) or super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module) -> fx.Graph | None:
-    """The forward graph of ``model`` in its current (eval) mode, or None if fx cannot trace it."""
-    try:
-        return _Tracer().trace(model)
-    except Exception as exc:  # any model fx cannot follow: the engine repeats the input instead
-        log.warning("lesions: torch.fx could not trace %s (%s); repeating inputs per lesion",
-                    type(model).__name__, exc)
-        return None
-
-
-def _split(model: nn.Module, graph: fx.Graph, conv_name: str) -> tuple[fx.GraphModule, fx.GraphModule] | None:
-    """(prefix, suffix) of ``graph`` cut at the one call of module ``conv_name``.
-
-    prefix(x) -> tuple of the values that cross the cut (the conv output among them);
-    suffix(*those) -> the model's output. Both share ``model``'s modules and parameters.
-    """
-    calls = [n for n in graph.nodes if n.op == "call_module" and str(n.target) == conv_name]
-    if len(calls) != 1:
-        return None
-    cut = calls[0]
-    after: set[fx.Node] = set()  # strict descendants of the cut
-    for node in graph.nodes:
-        if node.op != "output" and any(a is cut or a in after for a in node.all_input_nodes):
-            after.add(node)
-    output = next(n for n in graph.nodes if n.op == "output")
-    consumers = after | {output}
-    attrs = [n for n in graph.nodes if n.op == "get_attr" and n not in after and any(u in consumers for u in n.users)]
-    boundary = [n for n in graph.nodes if n not in after and n.op not in ("output", "get_attr")
-                and any(u in consumers for u in n.users)]
-    if cut not in boundary:
-        return None
-
-    pre = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in graph.nodes:
-        if node in after or node.op == "output":
-            continue
-        env[node] = pre.node_copy(node, lambda a: env[a])
-    pre.output(tuple(env[b] for b in boundary))
-
-    post = fx.Graph()
-    env = {}
-    for i, b in enumerate(boundary):
-        env[b] = post.placeholder(f"cut_{i}")
-    for node in attrs:
-        env[node] = post.node_copy(node, lambda a: env[a])
-    for node in graph.nodes:
-        if node in after or node.op == "output":
-            env[node] = post.node_copy(node, lambda a: env[a])
-    prefix, suffix = fx.GraphModule(model, pre), fx.GraphModule(model, post)
-    suffix.cut_index = boundary.index(cut)  # type: ignore[attr-defined]
-    return prefix, suffix
-
-
 def default_max_rows(device: torch.device | str) -> int:
     """Lesion×image rows per suffix call: large on a GPU (parallelism; ``max_gb`` bounds memory),
     moderate on a CPU, where the activations of a larger call fall out of cache and cost more per
@@ -369,7 +305,7 @@ class LesionEngine:
 
     ``model`` must be in eval mode (BatchNorm uses running statistics, so rows of a batch do not
     interact); ``unit``: its :class:`~axes_pipeline.models.ConvUnit`. ``graph``: a
-    :func:`trace` of the model to reuse across layers (traced here when omitted);
+    :func:`axes_pipeline.models.graph.trace` of the model to reuse across layers (traced here when omitted);
     ``split=False`` forces the input-repeating path. ``max_rows`` bounds lesion×image rows per
     suffix call (``None``: :func:`default_max_rows` of the model's device); ``max_gb`` the memory
     of the repeated cut tensors of one call.
@@ -387,7 +323,7 @@ class LesionEngine:
         if split:
             graph = graph if graph is not None else trace(model)
             if graph is not None:
-                self._parts = _split(model, graph, unit.name)
+                self._parts = split_at(model, graph, unit.name)
                 if self._parts is None:
                     log.warning("lesions: cannot cut the graph at %s; repeating inputs per lesion", unit.name)
         self._state: dict = {}

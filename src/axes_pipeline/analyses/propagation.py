@@ -13,9 +13,10 @@ the output channels of unit ℓ):
   kept, which upstream channel carries which one shuffled), averaged over seeded draws
   (:func:`pair_propagation`).
 
-Which pairs are linked is read off a ``torch.fx`` trace (:func:`conv_links`): from each conv's
-input walk backwards through ops that keep every channel separate (norms, elementwise
-activations, pooling, dropout, permutes, identity) to the conv that produced it. Consequences:
+Which pairs are linked is read off the ``torch.fx`` trace of :mod:`axes_pipeline.models.graph`
+(:func:`conv_links`): from each conv's input walk backwards through ops that keep every channel
+separate (norms, elementwise activations, pooling, dropout, permutes, identity) to the conv that
+produced it. Consequences:
 
 - **residual links follow the main branch** (``propagation.residual=main``, the default, METHODS §7:
   "consecutive" includes links across a residual add): a receiver behind an add is linked to the
@@ -56,18 +57,15 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from axes_pipeline.analyses.alignment import spearman
 from axes_pipeline.errors import UserError
-from axes_pipeline.models.layers import NORM_TYPES, LeafTracer
+from axes_pipeline.models.graph import conv_sources, trace
 from axes_pipeline.runs import write_csv
 
 log = logging.getLogger("axes_pipeline")
@@ -92,160 +90,9 @@ NULL_MODES = ("weights", "columns")
 # Which conv feeds which
 # --------------------------------------------------------------------------------------------
 
-_PER_CHANNEL_MODULES = NORM_TYPES + (
-    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
-    nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.PReLU, nn.Softplus, nn.Sigmoid, nn.Tanh,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-    nn.modules.dropout._DropoutNd, nn.Identity,
-)
-_PER_CHANNEL_MODULE_NAMES = ("Permute", "StochasticDepth")   # torchvision.ops
-_PER_CHANNEL_FUNCTIONS = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardtanh,
-    F.leaky_relu, F.elu, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.dropout, F.max_pool2d,
-    F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.permute, F.batch_norm,
-    F.layer_norm, F.group_norm,
-}
-_PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh", "permute", "contiguous", "clone"}
-
-
-def _keeps_channels(node: fx.Node, model: nn.Module) -> bool:
-    if node.op == "call_module":
-        m = model.get_submodule(str(node.target))
-        return isinstance(m, _PER_CHANNEL_MODULES) or type(m).__name__ in _PER_CHANNEL_MODULE_NAMES
-    if node.op == "call_function":
-        return node.target in _PER_CHANNEL_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _PER_CHANNEL_METHODS
-    return False
-
-
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [n for n in node.all_input_nodes if n.op != "get_attr"]
-
-
-_ADDS = {operator.add, operator.iadd, torch.add}
 RESIDUAL_MODES = ("main", "skip")
 #: METHODS §7 links across residual adds; conf/analysis/propagation.yaml repeats this value.
 DEFAULT_RESIDUAL = "main"
-
-
-def _is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method"
-                                                                    and node.target in ("add", "add_"))
-
-
-def _source_conv(node: fx.Node, model: nn.Module, convs: dict, residual: str = DEFAULT_RESIDUAL) -> str | None:
-    """The conv whose output reaches ``node`` through channel-preserving single-input ops only.
-
-    ``residual="main"``: at a residual add, follow the block's main branch: of the summands whose
-    own walk reaches a conv without meeting another add, the one with the most convs between the
-    add and the block input (:func:`_branch_depth`; ties: the first). The receiver is linked to
-    that branch's last conv and the shortcut is ignored, whichever order the block adds them in
-    (ResNet: ``out += identity``; MobileNetV2: ``x + self.conv(x)``)."""
-    seen = 0
-    while isinstance(node, fx.Node) and seen < 10_000:
-        seen += 1
-        if node.op == "call_module" and str(node.target) in convs:
-            return str(node.target)
-        if residual == "main" and _is_add(node):
-            best, depth = None, -1
-            for summand in _tensor_inputs(node):
-                found = _source_conv(summand, model, convs, "skip")
-                d = _branch_depth(summand, convs) if found is not None else -1
-                if d > depth:
-                    best, depth = found, d
-            return best
-        if not _keeps_channels(node, model):
-            return None          # an add, a concat, a linear... : no single owner of the channels
-        inputs = _tensor_inputs(node)
-        if len(inputs) != 1:
-            return None
-        node = inputs[0]
-    return None
-
-
-def _branch_depth(node: fx.Node, convs: dict) -> int:
-    """Convs on the single-input chain from a summand back to the block input, i.e. the first node
-    with more than one user (where main branch and shortcut part). A shortcut has 0 (identity) or 1
-    (a projection conv); the main branch has the block's convs (2 in a BasicBlock, 3 in an
-    inverted residual)."""
-    depth, seen = 0, 0
-    while isinstance(node, fx.Node) and seen < 10_000:
-        seen += 1
-        if len(node.users) > 1:
-            break
-        if node.op == "call_module" and str(node.target) in convs:
-            depth += 1
-        inputs = _tensor_inputs(node)
-        if len(inputs) != 1:
-            break
-        node = inputs[0]
-    return depth
-
-
-_GATES = (nn.Sigmoid, nn.Hardsigmoid)
-_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
-_MULS = {operator.mul, operator.imul, torch.mul}
-_SPLITS = {"chunk", "split", "view", "reshape", "transpose", "flatten", "narrow", "unbind"}
-
-
-def _is_gate(node: fx.Node, model: nn.Module) -> bool:
-    """The output of a squeeze-and-excitation gate (a sigmoid / hard sigmoid)."""
-    if node.op == "call_module":
-        return isinstance(model.get_submodule(str(node.target)), _GATES)
-    return (node.op == "call_function" and node.target in _GATE_FUNCTIONS) or (
-        node.op == "call_method" and node.target == "sigmoid")
-
-
-def _segments(node: fx.Node, model: nn.Module, convs: dict, residual: str,
-              depth: int = 0) -> list[tuple[str, int, int]] | str:
-    """The upstream convs of the channels at ``node``: ``[(conv, offset, channels)]`` in channel
-    order, or a one-line reason why they cannot be told apart.
-
-    Walks back like :func:`_source_conv`, and also through a channel concatenation (DenseNet,
-    GoogLeNet, Inception: one segment per concatenated input, at its channel offset) and a
-    squeeze-and-excitation product ``x * gate(x)`` (EfficientNet, MobileNetV3, RegNetY: the gate
-    rescales each channel of ``x`` and is followed no further)."""
-    seen = 0
-    while isinstance(node, fx.Node) and seen < 10_000 and depth < 200:
-        seen += 1
-        if node.op == "call_module" and str(node.target) in convs:
-            return [(str(node.target), 0, int(convs[str(node.target)].out_channels))]
-        if _is_add(node):
-            if residual != "main":
-                return "a residual add joins two branches (propagation.residual=skip)"
-            src = _source_conv(node, model, convs, residual)
-            return [(src, 0, int(convs[src].out_channels))] if src else "a residual add with no conv branch"
-        if node.op == "call_function" and node.target is torch.cat:
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if dim not in (1, -3):
-                return f"a concatenation along dim {dim}"
-            out, off = [], 0
-            for part in node.args[0]:
-                sub = _segments(part, model, convs, residual, depth + 1)
-                if isinstance(sub, str):
-                    return f"a concatenated input ({sub})"
-                for conv, o, c in sub:
-                    out.append((conv, off + o, c))
-                off += sum(c for _, _, c in sub)
-            return out
-        if (node.op == "call_function" and node.target in _MULS) or (
-                node.op == "call_method" and node.target in ("mul", "mul_")):
-            inputs = [n for n in _tensor_inputs(node) if not _is_gate(n, model)]
-            if len(inputs) != 1 or len(_tensor_inputs(node)) != 2:
-                return "a product of two feature maps"
-            node = inputs[0]
-            continue
-        if node.op in ("call_method", "call_function") and str(getattr(node.target, "__name__", node.target)) in _SPLITS:
-            return f"a channel split/shuffle ({getattr(node.target, '__name__', node.target)})"
-        if not _keeps_channels(node, model):
-            what = node.target if node.op != "call_function" else getattr(node.target, "__name__", node.target)
-            return f"an op that mixes or reshapes channels ({what})"
-        inputs = _tensor_inputs(node)
-        if len(inputs) != 1:
-            return "an op with several inputs"
-        node = inputs[0]
-    return "no conv found upstream"
 
 
 def link_report(model: nn.Module, units: dict | None = None, residual: str = DEFAULT_RESIDUAL
@@ -260,32 +107,25 @@ def link_report(model: nn.Module, units: dict | None = None, residual: str = DEF
         from axes_pipeline.models import conv_norm_pairs
 
         units = conv_norm_pairs(model)
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    try:
-        graph = LeafTracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 - any model fx cannot follow
-        log.warning("propagation: torch.fx could not trace %s (%s); pairing consecutive layers",
-                    type(model).__name__, exc)
+    graph = trace(model)
+    if graph is None:  # pair consecutive layers instead
         links = [(u, d, 0) for u, d in _fallback_links(units)]
         linked = {d for _, d, _ in links}
         return links, [(d, f"torch.fx cannot trace {type(model).__name__}; consecutive layers only")
                        for d in list(units)[1:] if d not in linked]
     links: list[tuple[str, str, int]] = []
     refused: list[tuple[str, str]] = []
-    for node in graph.nodes:
-        down = str(node.target) if node.op == "call_module" else None
-        if down not in units or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        dconv = convs[down]
+    for down, segs in conv_sources(model, graph, units, residual):
+        dconv = units[down].conv
         if dconv.groups != 1:
             # a grouped/depthwise channel reads its own group's inputs only: A is (block) diagonal
             # and ρ would restate the upstream metric
             refused.append((down, f"grouped/depthwise receiver (groups={dconv.groups})"))
             continue
-        segs = _segments(node.args[0], model, convs, residual)
+        if segs is None:  # the network input
+            continue
         if isinstance(segs, str):
-            if not (node.args[0].op == "placeholder" or segs == "no conv found upstream"):
-                refused.append((down, f"its input passes {segs}"))
+            refused.append((down, f"its input passes {segs}"))
             continue
         if sum(c for _, _, c in segs) != dconv.in_channels:
             refused.append((down, f"upstream channels ({sum(c for _, _, c in segs)}) != its input channels "
@@ -317,7 +157,7 @@ def conv_links(model: nn.Module, units: dict | None = None,
     ``units``: {name: ConvUnit} (default: :func:`axes_pipeline.models.conv_norm_pairs`); only
     convs among them are linked. See the module docstring for what counts as a link (grouped/
     depthwise receivers do not; ``residual="main"``, the default, links across an add to its
-    main-branch conv, see :func:`_source_conv`; ``"skip"`` stops at every add).
+    main-branch conv, see :func:`axes_pipeline.models.graph.conv_sources`; ``"skip"`` stops at every add).
     """
     links, _ = link_report(model, units, residual)
     return list(dict.fromkeys((u, d) for u, d, _ in links))
