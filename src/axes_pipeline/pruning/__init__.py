@@ -36,7 +36,7 @@ _WHERE = {
     "run_prune": "run",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = sorted(_WHERE)  # noqa: PLE0605 - the public names are the keys of _WHERE
 
 
 def __getattr__(name: str):

@@ -21,7 +21,13 @@ from axes_pipeline.pruning.evaluate import evaluate, latency, test_loader, val_l
 from axes_pipeline.pruning.flops import count_params
 from axes_pipeline.pruning.scores import Score, ScoreContext
 from axes_pipeline.pruning.settings import PruneSettings
-from axes_pipeline.runs import fingerprint, read_json, run_fingerprint, settings_diff, write_json
+from axes_pipeline.runs import (
+    fingerprint,
+    read_json,
+    run_fingerprint,
+    settings_diff,
+    write_json,
+)
 
 log = logging.getLogger("axes_pipeline")
 

@@ -21,7 +21,14 @@ from axes_pipeline.pruning.inputs import axes_digest, axes_loader, calibration_b
 from axes_pipeline.pruning.points import ScoreCache, unpruned
 from axes_pipeline.pruning.scores import ScoreContext
 from axes_pipeline.pruning.settings import PruneSettings
-from axes_pipeline.pruning.summary import curves_frame, flat_scalars, log_curves, print_summary, summarise, write_stage
+from axes_pipeline.pruning.summary import (
+    curves_frame,
+    flat_scalars,
+    log_curves,
+    print_summary,
+    summarise,
+    write_stage,
+)
 from axes_pipeline.pruning.sweep import Sweep, run_points
 from axes_pipeline.runs import write_csv
 

@@ -11,13 +11,13 @@ before anything expensive. This module is imported at every composition: it impo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.errors import UserError, unknown_name
 
-__all__ = ["Calibration", "Finetune", "MODES", "PruneSettings", "PruningConfig"]
+__all__ = ["MODES", "Calibration", "Finetune", "PruneSettings", "PruningConfig"]
 
 #: flops: search so the achieved MACs match each target | channel_fraction: the authors' literal protocol
 MODES = ("flops", "channel_fraction")
@@ -29,7 +29,7 @@ class Finetune:
 
     enabled: bool = False   # true: fine-tune each pruned network, acc_after_ft recorded
     epochs: int = 5
-    max_batches: Optional[int] = 200   # per epoch; null = the whole training split
+    max_batches: int | None = 200   # per epoch; null = the whole training split
     lr: float = 1.0e-4
     optimizer: str = "adam"
     weight_decay: float = 0.0
@@ -43,7 +43,7 @@ class Calibration:
     seed: int = 0                # fixed across training seeds, like capture.seed
     transform: str = "eval"
     batch_size: int = 128
-    n_feature_maps: Optional[int] = None   # hrank / chip only; null = n
+    n_feature_maps: int | None = None   # hrank / chip only; null = n
 
 
 @dataclass
@@ -60,26 +60,26 @@ class PruningConfig:
         "random", "l1", "l2", "bn_scale", "taylor", "hrank", "chip"])
     random_draws: int = 3         # seeded draws of the `random` score (draw column)
     # Fractions of the unpruned MACs kept (mode=flops) or of the channels kept (mode=channel_fraction).
-    targets: List[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    targets: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
     mode: str = "flops"           # one of MODES
     tolerance: float = 0.005      # |achieved - target| allowed, in fractions of the unpruned MACs
     allocation: str = "auto"      # auto | global | uniform | hybrid
     # what `auto` picks per backbone (anything else: global)
-    allocation_defaults: Dict[str, str] = field(default_factory=lambda: {
+    allocation_defaults: dict[str, str] = field(default_factory=lambda: {
         "resnet18": "global", "vgg16": "global", "mobilenetv2": "uniform", "convnext_t": "uniform"})
     # at most this fraction of any group (layer) is pruned, per allocation (a mapping, since
     # `global` cannot be a field name)
-    max_fraction: Dict[str, float] = field(default_factory=lambda: {"global": 0.95, "uniform": 0.9, "hybrid": 0.95})
+    max_fraction: dict[str, float] = field(default_factory=lambda: {"global": 0.95, "uniform": 0.9, "hybrid": 0.95})
     hybrid_counts_from: str = "taylor"    # hybrid: per-layer counts from this score's global allocation
     depthwise_in_group_score: bool = True  # false: depthwise convs left out of a group's mean when it has another conv
     magnitude: str = "l2"         # ||w|| of magnitude_plus_ix_a<α>: l2 (the authors' code) | l1
     fvcore_check: bool = True     # count every pruned network with fvcore (achieved_flops); false: analytic count only
     finetune: Finetune = field(default_factory=Finetune)
-    eval_samples: Optional[int] = None    # test images evaluated per point; null = the whole test split
+    eval_samples: int | None = None    # test images evaluated per point; null = the whole test split
     eval_seed: int = 0
     calibration: Calibration = field(default_factory=Calibration)
     latency: bool = True          # median CPU (and GPU if visible) latency, pruned vs unpruned
-    latency_batch_sizes: List[int] = field(default_factory=lambda: [1, 64])
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     latency_repeats: int = 10
     export: bool = False          # true: prune/models/<score>_<target>.pt (reload: axes_pipeline.pruning.load_pruned)
 
@@ -117,7 +117,7 @@ def _target_list(targets, mode: str) -> list[float]:
     for t in targets:   # NaN fails the comparison too
         _require(0.0 < t <= 1.0, f"pruning.targets: {t} is outside (0, 1]; a target is the fraction of the "
                                  f"unpruned {what} kept")
-    return sorted(set(float(t) for t in targets), reverse=True)
+    return sorted({float(t) for t in targets}, reverse=True)
 
 
 class PruneSettings:

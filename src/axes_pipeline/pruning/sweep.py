@@ -17,11 +17,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from axes_pipeline.pruning.allocation import group_scores, keep_masks, make_allocation, match_flops, nominal_fraction
+from axes_pipeline.pruning.allocation import (
+    group_scores,
+    keep_masks,
+    make_allocation,
+    match_flops,
+    nominal_fraction,
+)
 from axes_pipeline.pruning.evaluate import evaluate_splits, finetune, latency
 from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
 from axes_pipeline.pruning.groups import GroupSet, prune_physically
-from axes_pipeline.pruning.points import ScoreCache, point_fingerprint, point_label, read_point
+from axes_pipeline.pruning.points import (
+    ScoreCache,
+    point_fingerprint,
+    point_label,
+    read_point,
+)
 from axes_pipeline.pruning.scores import Score
 from axes_pipeline.pruning.settings import PruneSettings
 from axes_pipeline.runs import write_json
@@ -101,7 +112,7 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float, gscores: lis
     t1 = time.perf_counter()
     pruned, history = prune_physically(sweep.model, sweep.groups, keep, example)
     t2 = time.perf_counter()
-    fv, unsupported = (fvcore_macs(pruned, example) if s.fvcore_check else (None, {}))
+    fv, _unsupported = (fvcore_macs(pruned, example) if s.fvcore_check else (None, {}))
     macs = fv if fv is not None else res.macs
     t3 = time.perf_counter()
     acc = evaluate_splits(pruned, dm, s, device)
