@@ -21,7 +21,7 @@ from axes_pipeline.errors import UserError
 from axes_pipeline.metrics import channel_axes
 from axes_pipeline.models import build_model, conv_norm_pairs
 from axes_pipeline.models.synthetic import with_bn_statistics
-from axes_pipeline.models.taylor import taylor_scores
+from axes_pipeline.pruning.taylor import taylor_scores
 from axes_pipeline.runs import read_json
 
 from .conftest import make_cfg

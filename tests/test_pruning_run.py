@@ -12,7 +12,8 @@ import torch
 
 from axes_pipeline.errors import UserError
 from axes_pipeline.models import conv_layers
-from axes_pipeline.pruning import run as prune_run
+from axes_pipeline.pruning import summary as prune_summary
+from axes_pipeline.pruning import sweep as prune_sweep
 from axes_pipeline.pruning.run import PruneSettings, run_prune
 from axes_pipeline.runs import read_json
 
@@ -126,16 +127,16 @@ def test_prune_end_to_end(run, no_axes_module):
 def test_resume_after_interrupt_skips_finished_points(run, monkeypatch):
     cfg = _cfg(run, "pruning.scores=[l2,random]", "pruning.random_draws=2", "pruning.targets=[0.8,0.6]",
                "pruning.fvcore_check=false")
-    real = prune_run._one_point
+    real = prune_sweep.one_point
     calls = []
 
     def interrupted(*args, **kwargs):
         if len(calls) == 3:
             raise KeyboardInterrupt
-        calls.append(args[6:8])  # (draw, target)
+        calls.append(args[2:4])  # (draw, target)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prune_run, "_one_point", interrupted)
+    monkeypatch.setattr(prune_sweep, "one_point", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_prune(cfg)
     points = sorted((_prune_dir(cfg) / "points").glob("*.json"))
@@ -143,7 +144,7 @@ def test_resume_after_interrupt_skips_finished_points(run, monkeypatch):
     stamps = {p.name: p.stat().st_mtime_ns for p in points}
 
     calls.clear()
-    monkeypatch.setattr(prune_run, "_one_point", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(prune_sweep, "one_point", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     summary = run_prune(cfg)
     assert len(calls) == 3 and summary["points_computed_this_run"] == 3   # 6 points, 3 were done
     for p in points:
@@ -216,6 +217,44 @@ def test_bad_target_from_the_command_line(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("override", ["pruning.nosuch=1", "pruning.tolerance=abc", "pruning.targets=[abc]",
+                                      "pruning.finetune.epochs=x", "pruning.calibration.nosuch=1",
+                                      "pruning.device=cuda"])   # one device knob: the top-level `device`
+def test_schema_refuses_wrong_types_and_unknown_keys_at_composition(tmp_path, override):
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    with pytest.raises((HydraException, OmegaConfBaseException)):
+        make_cfg("prune", ["logger=none", override], tmp_path)
+
+
+def test_unknown_pruning_key_from_the_command_line(tmp_path):
+    res = run_entry("prune.py", "pruning.nosuch=1", "logger=none", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "pruning.nosuch" in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_schema_defaults_are_the_registry(tmp_path):
+    from axes_pipeline.pruning.scores import DEFAULT_SCORES
+    from axes_pipeline.pruning.settings import PruningConfig
+
+    assert PruningConfig().scores == list(DEFAULT_SCORES)   # the default is every registered score, in order
+    settings = PruneSettings(make_cfg("prune", ["logger=none"], tmp_path))
+    assert [s.name for s in settings.scores] == list(DEFAULT_SCORES) and settings.tolerance == 0.005
+
+
+def test_cuda_device_without_a_gpu_is_one_line():
+    from axes_pipeline.devices import resolve_device
+
+    assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type in ("cpu", "cuda")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(UserError, match="device=cuda but no CUDA GPU is visible"):
+        resolve_device("cuda")
+
+
 def test_auto_allocation_per_backbone(tmp_path):
     for model, want in (("resnet18", "global"), ("vgg16", "global"), ("mobilenetv2", "uniform"),
                         ("convnext_t", "uniform")):
@@ -283,8 +322,8 @@ def test_damaged_point_is_recomputed_with_a_note(run, monkeypatch, capsys):
     rec["acc_before_ft"] = float("nan")
     point.write_text(__import__("json").dumps(rec))
     calls = []
-    real = prune_run._one_point
-    monkeypatch.setattr(prune_run, "_one_point", lambda *a, **k: (calls.append(a[7]), real(*a, **k))[1])
+    real = prune_sweep.one_point
+    monkeypatch.setattr(prune_sweep, "one_point", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
     capsys.readouterr()
     run_prune(cfg)
     assert calls == [0.8]
@@ -302,7 +341,7 @@ def test_points_are_keyed_by_checkpoint_content_not_its_time(run, monkeypatch):
     ckpt = Path(restore_trained(cfg).ckpt)
     os.utime(ckpt, (1e9, 1e9))                  # the same weights, touched
     calls = []
-    monkeypatch.setattr(prune_run, "_one_point", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(prune_sweep, "one_point", lambda *a, **k: calls.append(1))
     run_prune(cfg)
     assert calls == []
     key = read_json(_prune_dir(cfg) / "points" / "l2__0.8.json")["fingerprint"]
@@ -323,6 +362,6 @@ def test_curves_and_summary_change_together(run, monkeypatch):
 
     monkeypatch.setattr(Path, "write_text", failing)
     with pytest.raises(OSError):
-        prune_run.write_stage(out, pd.read_csv(out / "prune_curves.csv").iloc[:1], {"scores": {}})
+        prune_summary.write_stage(out, pd.read_csv(out / "prune_curves.csv").iloc[:1], {"scores": {}})
     assert {n: (out / n).read_bytes() for n in before} == before     # both old, none half-new
     assert not list(out.glob(".prune_*tmp-*"))

@@ -107,6 +107,14 @@ def file_digest(path: str | os.PathLike) -> str:
     return _FILE_DIGESTS[key]
 
 
+def frame_digest(frame) -> str:
+    """Content digest (16 hex) of a pandas DataFrame's values (not its index), as :func:`file_digest`
+    is of a file: e.g. the analysis table a pruning score reads, so a re-analysed table gets a new key."""
+    import pandas as pd
+
+    return fingerprint({"rows": pd.util.hash_pandas_object(frame, index=False).tolist()})
+
+
 def data_identity(data_cfg: Mapping[str, Any]) -> dict:
     """The keys of a data config that decide which images, labels and splits a stage sees."""
     from omegaconf import DictConfig, OmegaConf

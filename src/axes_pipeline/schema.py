@@ -19,6 +19,9 @@ def _entries() -> list[tuple[str | None, str, type]]:
     entries: list[tuple[str | None, str, type]] = []
     # --- root, common keys, data, model, axes, analysis, paths, report (typed-config room) ---
     # --- pruning (pruning.settings) ---
+    from axes_pipeline.pruning.settings import PruningConfig
+
+    entries.append(("pruning", "base_pruning", PruningConfig))
     # --- trainer, optim, callbacks, logger (training / tracking rooms) ---
     return entries
 

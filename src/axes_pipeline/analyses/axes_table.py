@@ -20,6 +20,7 @@ from axes_pipeline.analyses.alignment import layer_alignment
 from axes_pipeline.analyses.graphs import compare_groupings
 from axes_pipeline.capture import (POSITIONS, Capture, capture_activations, capture_key, check_finite, load_capture,
                                    save_capture)
+from axes_pipeline.devices import resolve_device
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics import (covariance,
                                    pairwise_overlap_from_moments, pairwise_target_excess_from_moments,
@@ -33,14 +34,6 @@ from axes_pipeline.tracking import progress as units_progress
 log = logging.getLogger("axes_pipeline")
 
 METRIC_KNOBS = ("sigma0", "hull_eps", "hull_max", "hull_order", "ridge", "pool", "top", "peers")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA GPU is visible; use device=cpu")
-    return torch.device(name)
 
 
 def metric_knobs(cfg: DictConfig) -> dict:

@@ -45,7 +45,7 @@ from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluat
                                                   peer_regression, standardised, trace)
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import standardise
-from axes_pipeline.models.taylor import taylor_scores
+from axes_pipeline.pruning.taylor import taylor_scores
 from axes_pipeline.runs import read_json, run_fingerprint, write_csv, write_json
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.tracking import progress as units_progress

@@ -1,53 +1,51 @@
 """FLOPs-matched structured pruning (METHODS §9).
 
+- :mod:`.settings`: the typed ``cfg.pruning`` schema (``PruningConfig``, every default) and the
+  validated settings of a run (``PruneSettings``);
 - :mod:`.scores`: the score registry (``SCORES``, ``resolve_score``; ``Score(ctx, draw) ->
-  {layer: [C]}``, each with its axis: local / target / mixed / baseline);
+  {layer: [C]}``, each with its axis: local / target / mixed / baseline); :mod:`.taylor`:
+  Σ|w·∂L/∂w| (also a lesion predictor of analyze.py); :mod:`.inputs`: the analysis table and
+  calibration batches the scores read;
 - :mod:`.groups`: coupled channel groups from Torch-Pruning's dependency graph
   (``build_groups``), the masked reference model (``masked``), ``prune_physically``;
 - :mod:`.flops`: fvcore MACs (``fvcore_macs``) and the exact analytic count (``CostModel``);
 - :mod:`.allocation`: group scores, ``global`` / ``uniform`` / ``hybrid`` allocation,
   ``match_flops`` (FLOPs search) and ``nominal_fraction`` (channel-fraction protocol);
 - :mod:`.evaluate`: accuracy, short fine-tune, latency; :mod:`.export`: save / reload a pruned
-  network (weights-only); :mod:`.run`: ``run_prune(cfg)``, the body of ``prune.py``.
+  network (weights-only);
+- :mod:`.sweep`: every score × target, one point each; :mod:`.points`: a point's key, record,
+  resume and the unpruned reference; :mod:`.summary`: curves, summary, FLOPs-AUC; :mod:`.plots`;
+  :mod:`.run`: ``run_prune(cfg)``, the body of ``prune.py``.
+
+The names below are imported on first use: ``axes_pipeline.pruning.settings`` is read at every
+composition (the schema) and must not pull in torch, Torch-Pruning and fvcore.
 """
 
-from axes_pipeline.pruning.allocation import (
-    ALLOCATIONS,
-    Allocation,
-    SearchResult,
-    group_scores,
-    keep_masks,
-    make_allocation,
-    match_flops,
-    nominal_fraction,
-)
-from axes_pipeline.pruning.export import load_pruned, save_pruned
-from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
-from axes_pipeline.pruning.groups import ChannelGroup, GroupSet, build_groups, full_keep, masked, prune_physically
-from axes_pipeline.pruning.scores import (
-    AXES,
-    DEFAULT_SCORES,
-    FAMILIES,
-    SCORES,
-    Score,
-    ScoreContext,
-    minmax,
-    register,
-    resolve_score,
-    score_names,
-)
+from importlib import import_module
 
-__all__ = [
-    "ALLOCATIONS", "AXES", "Allocation", "ChannelGroup", "CostModel", "DEFAULT_SCORES", "FAMILIES",
-    "GroupSet", "SCORES", "Score", "ScoreContext", "SearchResult", "build_groups", "count_params",
-    "full_keep", "fvcore_macs", "group_scores", "keep_masks", "load_pruned", "make_allocation", "masked",
-    "match_flops", "minmax", "nominal_fraction", "prune_physically", "register", "resolve_score",
-    "run_prune", "save_pruned", "score_names",
-]
+#: public name -> the module that defines it
+_WHERE = {
+    **dict.fromkeys(("ALLOCATIONS", "Allocation", "SearchResult", "group_scores", "keep_masks", "make_allocation",
+                     "match_flops", "nominal_fraction"), "allocation"),
+    **dict.fromkeys(("load_pruned", "save_pruned"), "export"),
+    **dict.fromkeys(("CostModel", "count_params", "fvcore_macs"), "flops"),
+    **dict.fromkeys(("ChannelGroup", "GroupSet", "build_groups", "full_keep", "masked", "prune_physically"), "groups"),
+    **dict.fromkeys(("AXES", "DEFAULT_SCORES", "FAMILIES", "SCORES", "Score", "ScoreContext", "minmax", "register",
+                     "resolve_score", "score_names"), "scores"),
+    **dict.fromkeys(("PruneSettings", "PruningConfig"), "settings"),
+    "run_prune": "run",
+}
+
+__all__ = sorted(_WHERE)  # noqa: PLE0605 - the public names are the keys of _WHERE
 
 
-def run_prune(cfg):
-    """See :func:`axes_pipeline.pruning.run.run_prune` (imported lazily: it pulls in the stage)."""
-    from axes_pipeline.pruning.run import run_prune as _run
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
 
-    return _run(cfg)
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

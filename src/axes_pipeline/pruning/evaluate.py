@@ -1,4 +1,5 @@
-"""Evaluating a pruned network: accuracy, an optional short fine-tune, latency."""
+"""Evaluating a pruned network: accuracy (on the test and validation splits), an optional short
+fine-tune, latency."""
 
 from __future__ import annotations
 
@@ -10,19 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 
-__all__ = ["evaluate", "finetune", "latency", "resolve_device"]
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from axes_pipeline.errors import UserError
-
-        raise UserError(f"pruning.device={name} but no CUDA GPU is visible; use pruning.device=cpu or auto")
-    return dev
+__all__ = ["evaluate", "evaluate_splits", "finetune", "latency", "test_loader", "val_loader"]
 
 
 @torch.no_grad()
@@ -140,3 +129,26 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64),
             out[f"latency_{device.type}_b{bs}_ms"] = float(statistics.median(times))
         del m
     return out
+
+
+def test_loader(dm, eval_samples: int | None, eval_seed: int):
+    """The test split, or a seeded subset of ``eval_samples`` of its images (``pruning.eval_samples``)."""
+    if eval_samples is None:
+        return dm.test_dataloader()
+    return dm.loader(dm.eval_subset(int(eval_samples), eval_seed))
+
+
+def val_loader(dm):
+    """The validation split training carved from the training data (every "best" is chosen on
+    it); None when there is none (``data.val_fraction=0``)."""
+    return dm.val_dataloader() if dm.split_sizes().get("val", 0) > 0 else None
+
+
+def evaluate_splits(model: nn.Module, dm, settings, device: torch.device, suffix: str = "before_ft") -> dict:
+    """``acc_<suffix>`` etc. on the test split and ``val_acc_<suffix>`` on the validation split."""
+    test = evaluate(model, test_loader(dm, settings.eval_samples, settings.eval_seed), device)
+    val = val_loader(dm)
+    val = evaluate(model, val, device) if val is not None else None
+    tail = "" if suffix == "before_ft" else "_after_ft"
+    return {f"acc_{suffix}": test["acc"], f"top5{tail}": test["top5"], f"loss{tail}": test["loss"],
+            f"val_acc_{suffix}": val["acc"] if val else None, f"val_loss{tail}": val["loss"] if val else None}

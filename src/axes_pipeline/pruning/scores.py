@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.pruning.taylor import taylor_scores
 
 log = logging.getLogger("axes_pipeline")
 
@@ -394,8 +395,6 @@ def _bn_scale(ctx, draw):
 @register("taylor", "baseline", needs=("calibration",))
 def _taylor(ctx, draw):
     """Σ|w·∂L/∂w| over the filter, gradient of the mean cross-entropy on the calibration images."""
-    from axes_pipeline.models.taylor import taylor_scores
-
     return taylor_scores(ctx.model, ctx.layers, list(ctx.batches()), ctx.device)
 
 

@@ -1,5 +1,5 @@
-"""Taylor importance of conv filters: Σ|w·∂L/∂w| (Molchanov et al.), shared by the lesion
-predictors (analyze.py) and the `taylor` pruning score (prune.py), so both rank filters the same way."""
+"""Taylor importance of conv filters: Σ|w·∂L/∂w| (Molchanov et al.), the `taylor` pruning score
+(prune.py); the lesion predictors (analyze.py) read the same function, so both rank filters the same way."""
 
 from __future__ import annotations
 

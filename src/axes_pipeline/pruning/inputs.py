@@ -1,0 +1,98 @@
+"""What the scores read besides the network: the analysis table of the axes scores (``analyze/axes.csv``,
+checked before any point) and the calibration batches of taylor / hrank / chip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from axes_pipeline.errors import UserError
+from axes_pipeline.pruning.scores import Score
+from axes_pipeline.pruning.settings import PruneSettings
+from axes_pipeline.runs import frame_digest
+from axes_pipeline.tables import Schema, check_table, read_table
+
+__all__ = ["axes_digest", "axes_loader", "axes_schema", "calibration_batches"]
+
+
+def axes_digest(table: pd.DataFrame | None) -> str | None:
+    """A content digest of the analysis table the axes scores read (part of their points' keys)."""
+    return None if table is None else frame_digest(table)
+
+
+def _analyze_hint(cfg: DictConfig) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            over = [o for o in HydraConfig.get().overrides.task if not o.startswith(("pruning.", "stage="))]
+            return "python analyze.py " + " ".join(over)
+    except Exception:  # noqa: BLE001 - only a hint
+        pass
+    parts = [f"name={cfg.name}" if cfg.name != "default" else "", f"data={cfg.data.name}",
+             f"model={cfg.model.name}", f"model.width={cfg.model.width}", f"seed={cfg.seed}"]
+    return "python analyze.py " + " ".join(p for p in parts if p)
+
+
+def axes_schema(scores: list[Score]) -> Schema:
+    """What prune needs of ``analyze/axes.csv``: one row per channel of every conv layer and
+    finite values in every column the configured scores read. A NaN would otherwise become the
+    lowest keep value after min-max normalisation (:func:`minmax`) and silently move a curve."""
+    cols = sorted(set().union(*(s.columns for s in scores))) if scores else []
+    return Schema("axes.csv", {"layer": "str", "channel": "int", **{c: "float" for c in cols}},
+                  finite=tuple(cols), layer="layer")
+
+
+def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
+    """A loader of the run's checked analysis table: analyze.py's cached one for the same overrides,
+    or computed now with them; a one-line error naming the command to run when neither is possible."""
+    names = [s.name for s in scores]
+    schema = axes_schema(scores)
+    rows_per_layer = {name: conv.out_channels for name, conv in layers.items()}
+    rebuild = f"{_analyze_hint(cfg)} analysis.axes.recompute=true"
+
+    def checked(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+        # only the pruned convs are checked: a table may hold more layers than prune reads
+        part = table[table["layer"].isin(list(rows_per_layer))] if "layer" in table else table
+        return check_table(part, schema, path=path, rebuild=rebuild, rows_per_layer=rows_per_layer)
+
+    def load():
+        from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+        cached = Path(trained.run_dir) / "analyze" / "axes.csv"
+        try:
+            from axes_pipeline.analyses.axes_table import load_or_compute_axes
+        except ImportError:
+            load_or_compute_axes = None
+        if load_or_compute_axes is not None:
+            try:
+                return checked(load_or_compute_axes(cfg, trained), cached)
+            except (ConfigAttributeError, ConfigKeyError, KeyError, AttributeError) as err:
+                if not cached.is_file():
+                    raise UserError(f"scores {', '.join(names)} need the analysis results, which do not exist "
+                                    f"and cannot be computed from the prune config ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0][:100]}); run `{_analyze_hint(cfg)}` first") from None
+        if cached.is_file():
+            table = read_table(cached, Schema("axes.csv", {"layer": "str"}), rebuild=rebuild)
+            return checked(table, cached)
+        raise UserError(f"scores {', '.join(names)} need the analysis results ({cached}), which do not "
+                        f"exist; run `{_analyze_hint(cfg)}` first")
+    return load
+
+
+def calibration_batches(dm, settings: PruneSettings, which: str = "n"):
+    """A loader of the calibration batches (built once, on first use, then reused by every score);
+    ``which="feature_maps"``: the hrank / chip set (``calibration.n_feature_maps`` images when set)."""
+    n = settings.calibration["n"]
+    if which == "feature_maps" and settings.calibration.get("n_feature_maps"):
+        n = int(settings.calibration["n_feature_maps"])
+    held: list = []
+
+    def batches():
+        if not held:
+            ds = dm.calibration_set(n, settings.calibration["seed"], transform=settings.calibration["transform"])
+            held.append(list(dm.loader(ds, batch_size=settings.calibration["batch_size"])))
+        return held[0]
+    return batches

@@ -1,0 +1,206 @@
+"""One point of the sweep on disk: its key, its JSON record, the unpruned reference, resume.
+
+A point (a score, a draw, a target) is written atomically to ``<run_dir>/prune/points/`` and keyed
+by :func:`axes_pipeline.runs.run_fingerprint` (data identity, checkpoint content, the settings that
+matter, the analysis table's content). On a re-run a point whose key matches and whose record reads
+back sound is reused, so an interrupted run resumes. The raw values of the calibration scores are
+cached the same way under ``scores/``, keyed only by what they depend on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from axes_pipeline.pruning.evaluate import evaluate, latency, test_loader, val_loader
+from axes_pipeline.pruning.flops import count_params
+from axes_pipeline.pruning.scores import Score, ScoreContext
+from axes_pipeline.pruning.settings import PruneSettings
+from axes_pipeline.runs import (
+    fingerprint,
+    read_json,
+    run_fingerprint,
+    settings_diff,
+    write_json,
+)
+
+log = logging.getLogger("axes_pipeline")
+
+__all__ = ["POINT_VERSION", "ScoreCache", "point_fingerprint", "point_label", "point_problems", "read_point",
+           "score_fingerprint", "unpruned"]
+
+# 2: validation accuracies in every point, keys from runs.run_fingerprint
+POINT_VERSION = 2
+
+
+def point_label(score: Score, draw: int) -> str:
+    return f"{score.name}-d{draw}" if score.stochastic else score.name
+
+
+def _plain(d: dict) -> dict:
+    """``d`` as it reads back from JSON (tuples -> lists ...), so a stored key compares equal."""
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def score_fingerprint(settings: PruneSettings, score: Score, ckpt: Path, input_shape,
+                      axes_digest: str | None = None) -> dict:
+    """What a score's raw values depend on (the on-disk score cache): the data identity, the
+    checkpoint's content and the score's own inputs; not the allocation, search or evaluation,
+    so changing those never recomputes an expensive calibration score."""
+    parts = {"stage": "prune/score", "v": POINT_VERSION, "score": score.name, "input": list(input_shape),
+             "magnitude": settings.magnitude}
+    if "calibration" in score.needs:
+        parts["calibration"] = settings.calibration
+    if "axes" in score.needs:
+        parts["axes"] = axes_digest      # analyze.py rerun with other knobs -> other values
+    return _plain(run_fingerprint(settings.cfg, ckpt, **parts))
+
+
+def point_fingerprint(settings: PruneSettings, score: Score, ckpt: Path, input_shape,
+                      axes_digest: str | None = None) -> dict:
+    """What a finished point depends on; a point with another fingerprint is recomputed."""
+    s = settings
+    parts = {
+        "stage": "prune/point",
+        "score": fingerprint(score_fingerprint(s, score, ckpt, input_shape, axes_digest)),
+        "mode": s.mode, "allocation": s.allocation, "cap": s.cap, "tol": s.tolerance,
+        "depthwise": s.depthwise, "eval": [s.eval_samples, s.eval_seed],
+        "finetune": s.ft if s.finetune else False, "fvcore": s.fvcore_check,
+        "latency": [s.latency_batch_sizes, s.latency_repeats] if s.latency else False,
+    }
+    if s.allocation == "hybrid":
+        parts["hybrid"] = fingerprint(score_fingerprint(s, s.hybrid_from, ckpt, input_shape, axes_digest))
+    return _plain(run_fingerprint(s.cfg, ckpt, **parts))
+
+
+class ScoreCache:
+    """Raw scores per (score, draw): in memory, and on disk for the calibration-based ones."""
+
+    def __init__(self, ctx: ScoreContext, out: Path, settings: PruneSettings, ckpt: Path, shape, axes: str | None):
+        self.ctx, self.out, self.settings, self.ckpt, self.shape, self.axes = ctx, out, settings, ckpt, shape, axes
+        self.mem: dict[tuple[str, int], dict] = {}
+        self.timing: dict[str, float] = {}
+
+    def get(self, score: Score, draw: int) -> dict[str, np.ndarray]:
+        key = (score.name, draw)
+        if key in self.mem:
+            return self.mem[key]
+        path = self.out / "scores" / f"{point_label(score, draw)}.json"
+        fp = score_fingerprint(self.settings, score, self.ckpt, self.shape, self.axes)
+        stored = self._stored(path, fp) if "calibration" in score.needs else None
+        if stored is not None:
+            self.mem[key] = stored
+            return stored
+        t0 = time.perf_counter()
+        values = score(self.ctx, draw)
+        self.timing[point_label(score, draw)] = time.perf_counter() - t0
+        if "calibration" in score.needs:
+            write_json(path, {"score": score.name, "fingerprint": fp,
+                              "seconds": self.timing[point_label(score, draw)],
+                              "values": {k: v.tolist() for k, v in values.items()}})
+        if len(self.mem) > 8:
+            self.mem.pop(next(iter(self.mem)))
+        self.mem[key] = values
+        return values
+
+    def _stored(self, path: Path, fp: dict) -> dict[str, np.ndarray] | None:
+        """The values cached at ``path`` when they carry key ``fp`` and are sound; else None."""
+        if not path.is_file():
+            return None
+        try:
+            saved = read_json(path)
+            if saved.get("fingerprint") != fp:
+                return None
+            values = {k: np.asarray(v, dtype=np.float64) for k, v in saved["values"].items()}
+            if _scores_sound(values, self.ctx.layers):
+                return values
+            print(f"prune: note: score cache {path.name} is damaged; recomputing it")
+        except (ValueError, OSError, KeyError, TypeError, AttributeError):
+            print(f"prune: note: score cache {path.name} cannot be read; recomputing it")
+        return None
+
+
+def _scores_sound(values: dict, layers: dict) -> bool:
+    """A cached score has one finite value per channel of every layer."""
+    return (set(values) == set(layers)
+            and all(v.shape == (conv.out_channels,) and np.isfinite(v).all()
+                    for v, conv in ((values[n], layers[n]) for n in layers)))
+
+
+def read_point(path: Path, key: dict, score: Score, draw: int, target: float, settings: PruneSettings,
+               base: dict) -> tuple[dict | None, str]:
+    """A stored point when it is usable as is: ``(record, "")``; else ``(None, why)`` with ``why``
+    empty when there is simply nothing (or a point of other settings) to reuse, and a one-line
+    note when the file is damaged."""
+    if not path.is_file():
+        return None, ""
+    try:
+        rec = read_json(path)
+    except (ValueError, OSError) as err:
+        return None, f"point {path.name} cannot be read ({type(err).__name__})"
+    if not isinstance(rec, dict):
+        return None, f"point {path.name} is not a record"
+    if rec.get("fingerprint") != key:
+        if isinstance(rec.get("fingerprint"), dict):
+            log.info("prune: %s was computed with other settings (%s)", path.name,
+                     settings_diff(rec["fingerprint"], key))
+        return None, ""
+    bad = point_problems(rec, score, draw, target, settings, n_val=int(base.get("n_val") or 0))
+    if bad:
+        return None, f"point {path.name} is damaged ({bad})"
+    return rec, ""
+
+
+def point_problems(rec: dict, score: Score, draw: int, target: float, settings: PruneSettings, n_val: int) -> str:
+    """What is wrong with a point record read back from disk ("" when it is sound)."""
+    tcol = "target_flops" if settings.mode == "flops" else "target_channels"
+    if rec.get("score") != score.name or rec.get("draw") != draw:
+        return f"it holds {rec.get('score')!r} draw {rec.get('draw')!r}"
+    if not isinstance(rec.get(tcol), (int, float)) or abs(float(rec[tcol]) - target) > 1e-12:
+        return f"{tcol} is {rec.get(tcol)!r}, not {target:g}"
+    accs = ["acc_before_ft"] + (["val_acc_before_ft"] if n_val else [])
+    if settings.finetune:
+        accs += ["acc_after_ft"] + (["val_acc_after_ft"] if n_val else [])
+    for k in ["achieved_flops", "macs", *accs]:
+        v = rec.get(k)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return f"{k} is {v!r}"
+    for k in accs:
+        if not 0.0 <= rec[k] <= 1.0:
+            return f"{k} is {rec[k]!r}"
+    if not 0.0 < rec["achieved_flops"] <= 1.0 + 1e-9:
+        return f"achieved_flops is {rec['achieved_flops']!r}"
+    return ""
+
+
+def unpruned(model, dm, cost, example, settings: PruneSettings, device, out: Path, ckpt) -> dict:
+    """Accuracy (validation and test), MACs, params and latency of the unpruned network
+    (cached next to the points, keyed like them)."""
+    path = out / "unpruned.json"
+    key = _plain(run_fingerprint(settings.cfg, ckpt, stage="prune/unpruned", v=POINT_VERSION,
+                                 eval=[settings.eval_samples, settings.eval_seed],
+                                 latency=settings.latency and settings.latency_batch_sizes))
+    if path.is_file():
+        try:
+            old = read_json(path)
+            if (old.get("key") == key and isinstance(old.get("acc"), float) and math.isfinite(old["acc"])
+                    and "val_acc" in old):
+                return old
+        except (ValueError, OSError, AttributeError):
+            print(f"prune: note: {path.name} cannot be read; recomputing it")
+    acc = evaluate(model, test_loader(dm, settings.eval_samples, settings.eval_seed), device)
+    val = val_loader(dm)
+    val = evaluate(model, val, device) if val is not None else {"acc": None, "loss": None, "n": 0}
+    base = {"key": key, "acc": acc["acc"], "top5": acc["top5"], "loss": acc["loss"], "n_eval": acc["n"],
+            "val_acc": val["acc"], "val_loss": val["loss"], "n_val": val["n"],
+            "macs": cost.total, "params": count_params(model), "unsupported_ops": cost.unsupported,
+            "unattributed_macs": {f"{m}:{o}": v for (m, o), v in cost.unattributed.items()}}
+    if settings.latency:
+        base.update(latency(model, tuple(example.shape), settings.latency_batch_sizes, settings.latency_repeats))
+    write_json(path, base)
+    return base

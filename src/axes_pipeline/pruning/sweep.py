@@ -1,0 +1,178 @@
+"""The sweep: every score (and random draw) × every target, one shot each from the same trained network.
+
+One point: group scores → allocation → FLOPs search on the analytic MAC count → physical pruning
+(Torch-Pruning) → fvcore MACs of the pruned network → validation and test accuracy before (and
+optionally after) a short fine-tune → latency → one JSON record (:mod:`.points` keys, stores and
+reuses it).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from axes_pipeline.pruning.allocation import (
+    group_scores,
+    keep_masks,
+    make_allocation,
+    match_flops,
+    nominal_fraction,
+)
+from axes_pipeline.pruning.evaluate import evaluate_splits, finetune, latency
+from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
+from axes_pipeline.pruning.groups import GroupSet, prune_physically
+from axes_pipeline.pruning.points import (
+    ScoreCache,
+    point_fingerprint,
+    point_label,
+    read_point,
+)
+from axes_pipeline.pruning.scores import Score
+from axes_pipeline.pruning.settings import PruneSettings
+from axes_pipeline.runs import write_json
+
+log = logging.getLogger("axes_pipeline")
+
+__all__ = ["Sweep", "one_point", "run_points"]
+
+
+@dataclass
+class Sweep:
+    """What every point of one prune run shares: the settings, the unpruned network and its
+    coupled groups and cost model, the data, where points go, the unpruned reference (``base``)
+    and the raw-score cache."""
+
+    settings: PruneSettings
+    model: torch.nn.Module
+    groups: GroupSet
+    cost: CostModel
+    example: torch.Tensor
+    dm: object
+    device: torch.device
+    out: Path
+    ckpt: Path
+    base: dict
+    cache: ScoreCache
+    axes_digest: str | None = None
+    hybrid_counts: list | None = None   # hybrid allocation: group scores of the count source, once
+
+    def group_scores(self, score: Score, draw: int) -> list[np.ndarray]:
+        """The group scores of ``score`` (draw ``draw``); with the hybrid allocation, the count
+        source's group scores too (once, on first use)."""
+        s = self.settings
+        raw = self.cache.get(score, draw)
+        gscores = group_scores(self.groups, raw, s.depthwise)
+        if s.allocation == "hybrid" and self.hybrid_counts is None:
+            self.hybrid_counts = group_scores(self.groups, self.cache.get(s.hybrid_from, 0), s.depthwise)
+        return gscores
+
+
+def run_points(sweep: Sweep, progress) -> tuple[list[dict], int]:
+    """Every point of the sweep, in order: reused when stored with the same key and sound, else
+    computed and written. Returns (records, how many were computed)."""
+    s, out = sweep.settings, sweep.out
+    records: list[dict] = []
+    done = 0
+    for score, draw, target in progress(s.points(), "prune", enabled=s.progress,
+                                        label=lambda p: f"{point_label(p[0], p[1])} @ {p[2]:g}"):
+        label = point_label(score, draw)
+        path = out / "points" / f"{label}__{target:g}.json"
+        key = point_fingerprint(s, score, sweep.ckpt, sweep.example.shape, sweep.axes_digest)
+        model_ok = not s.export or (out / "models" / f"{label}_{target:g}.pt").is_file()
+        old, why = read_point(path, key, score, draw, target, s, sweep.base)
+        if old is not None and model_ok:
+            records.append(old)
+            continue
+        if why:
+            print(f"prune: note: {why}; recomputing it")
+        gscores = sweep.group_scores(score, draw)
+        record = one_point(sweep, score, draw, target, gscores)
+        record["fingerprint"] = key
+        write_json(path, record)
+        records.append(record)
+        done += 1
+    return records, done
+
+
+def one_point(sweep: Sweep, score: Score, draw: int, target: float, gscores: list[np.ndarray]) -> dict:
+    """Prune the unpruned network to ``target`` by ``gscores`` (the group scores of ``score``,
+    draw ``draw``), measure it and return its record."""
+    s, cost, dm, device, example = sweep.settings, sweep.cost, sweep.dm, sweep.device, sweep.example
+    t0 = time.perf_counter()
+    alloc = make_allocation(s.allocation, sweep.groups, gscores, s.cap, counts_from=sweep.hybrid_counts,
+                            seed=int(s.cfg.seed))
+    res = match_flops(alloc, cost, target, s.tolerance) if s.mode == "flops" else nominal_fraction(alloc, cost, target)
+    keep = keep_masks(alloc, res.counts)
+    t1 = time.perf_counter()
+    pruned, history = prune_physically(sweep.model, sweep.groups, keep, example)
+    t2 = time.perf_counter()
+    fv, _unsupported = (fvcore_macs(pruned, example) if s.fvcore_check else (None, {}))
+    macs = fv if fv is not None else res.macs
+    t3 = time.perf_counter()
+    acc = evaluate_splits(pruned, dm, s, device)
+    t4 = time.perf_counter()
+    kept_channels = float(sum(int(k.sum()) for k in keep)) / float(sum(k.size for k in keep))
+    rec = {
+        "score": score.name, "axis": score.axis, "draw": int(draw), "family": score.family,
+        "param": score.param, "mode": s.mode, "allocation": s.allocation,
+        "target_flops": target if s.mode == "flops" else None,
+        "target_channels": target if s.mode == "channel_fraction" else None,
+        "achieved_flops": macs / cost.total, "achieved_flops_analytic": res.macs / cost.total,
+        # matched is judged on the count reported as achieved_flops (fvcore's when it checks)
+        "macs": int(macs), "macs_analytic": int(res.macs),
+        "matched": bool(abs(macs / cost.total - target) <= s.tolerance) if s.mode == "flops" else None,
+        "refined": bool(res.refined), "channels_frac": kept_channels,
+        "params_frac": count_params(pruned) / sweep.base["params"],
+        **acc,
+        "group_kept": {g.name: int(k.sum()) for g, k in zip(sweep.groups.groups, keep)},
+        "search_s": t1 - t0, "search_evals": res.evaluations, "prune_s": t2 - t1, "fvcore_s": t3 - t2,
+        "eval_s": t4 - t3,
+    }
+    if s.mode == "flops" and not rec["matched"]:
+        log.warning("%s: target %.3f not matched within %.3f (achieved %.4f)", point_label(score, draw), target,
+                    s.tolerance, res.frac)
+    if fv is not None and fv != res.macs:
+        log.warning("%s @ %g: analytic MACs %d != fvcore %d", point_label(score, draw), target, res.macs, fv)
+    if s.finetune:
+        t5 = time.perf_counter()
+        tuned = copy.deepcopy(pruned)
+        ft = finetune(tuned, dm.train_dataloader(), device, s.ft["epochs"], s.ft["max_batches"],
+                      s.ft["lr"], s.ft["optimizer"], s.ft["weight_decay"])
+        rec.update(evaluate_splits(tuned, dm, s, device, "after_ft"))
+        rec.update({"finetune_steps": ft["steps"], "finetune_loss": ft["loss"], "finetune_s": time.perf_counter() - t5})
+        if s.export:
+            pruned = tuned
+    if s.latency:
+        rec.update(_latency(pruned, sweep))
+    if s.export:
+        rec["export"] = str(_export(pruned, history, sweep, score, draw, target, rec["achieved_flops"]))
+    return rec
+
+
+def _latency(pruned, sweep: Sweep) -> dict:
+    """The pruned network's latencies, ``latency_ms`` (CPU, first batch size) and the speed-ups
+    over the unpruned network."""
+    s = sweep.settings
+    lat = latency(pruned, tuple(sweep.example.shape), s.latency_batch_sizes, s.latency_repeats)
+    rec = dict(lat, latency_ms=lat.get(f"latency_cpu_b{s.latency_batch_sizes[0]}_ms"))
+    for k, v in lat.items():
+        if sweep.base.get(k):
+            rec[k.replace("latency_", "speedup_").replace("_ms", "")] = sweep.base[k] / v
+    return rec
+
+
+def _export(pruned, history, sweep: Sweep, score: Score, draw: int, target: float, achieved: float) -> Path:
+    from axes_pipeline.pruning.export import model_spec, save_pruned
+
+    s = sweep.settings
+    path = sweep.out / "models" / f"{point_label(score, draw)}_{target:g}.pt"
+    save_pruned(path, model_spec(s.cfg.model, sweep.dm.num_classes), sweep.example.shape, history, pruned,
+                meta={"score": score.name, "draw": int(draw), "target": target, "achieved_flops": achieved,
+                      "finetuned": bool(s.finetune)})
+    return path
