@@ -9,6 +9,7 @@ stdout is not a terminal, no per-epoch checkpoints unless ``checkpoint.every_epo
 
 from __future__ import annotations
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -28,7 +29,12 @@ def instantiate_all(node, key: str) -> list:
             continue
         if not isinstance(sub, DictConfig) or "_target_" not in sub:
             raise UserError(f"{where} must be a `_target_` node, or false/null to leave it out; got {sub!r}")
-        obj = instantiate(sub)
+        try:
+            obj = instantiate(sub)
+        except InstantiationException as err:   # a target's own one-line refusal stays one line
+            if isinstance(err.__cause__, UserError):
+                raise err.__cause__ from None
+            raise
         if obj is not None:
             built.append(obj)
     return built
