@@ -94,6 +94,16 @@ def test_callbacks_are_target_nodes_switched_off_by_false(tmp_path):
         built("callbacks.epoch_lines=yes")
 
 
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from axes_pipeline.training.callbacks import progress_bar
+
+    assert progress_bar() is None                       # pytest captures stdout: no terminal
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert isinstance(progress_bar(), TQDMProgressBar)
+
+
 def test_train_entry_returns_best_val_acc(tiny_run):
     """The objective a sweeper reads: train.py's main returns the best checkpoint's val/acc."""
     import importlib.util
@@ -296,6 +306,7 @@ def test_checkpoint_missing_corrupt_or_other_model(tiny_run, tmp_path):
     (["trainer.nosuch=1"], "trainer.nosuch"),
     (["checkpoint.every_epoch=maybe"], "checkpoint.every_epoch=maybe"),
     (["callbacks.nosuch=1"], "callbacks.nosuch"),
+    (["callbacks.model_checkpoint=false"], "callbacks.model_checkpoint cannot be left out"),
     (["-m", "seed=1,2", "optim.lr=0.1,abc"], "optim.lr=abc"),
     (["--multirun", "trainer.max_epochs=1,x"], "trainer.max_epochs=x"),
     (["ckpt=garbage.ckpt"], "does not exist"),

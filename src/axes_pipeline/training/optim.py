@@ -30,8 +30,6 @@ def optimizer_target(name: str) -> str:
 if not OmegaConf.has_resolver("optimizer"):
     OmegaConf.register_new_resolver("optimizer", optimizer_target)
 
-_RECIPE = "${oc.select:data.recipe.{0},${model.recipe.{0}}}"
-
 
 @dataclass
 class OptimConfig:
@@ -41,9 +39,9 @@ class OptimConfig:
 
     _target_: str = "${optimizer:${.name}}"   # torch.optim.SGD / Adam / AdamW (see OPTIMIZERS)
     _partial_: bool = True
-    name: str = _RECIPE.replace("{0}", "optimizer")   # sgd, adam or adamw
-    lr: float = _RECIPE.replace("{0}", "lr")
-    weight_decay: float = _RECIPE.replace("{0}", "weight_decay")
+    name: str = "${oc.select:data.recipe.optimizer,${model.recipe.optimizer}}"   # sgd, adam or adamw
+    lr: float = "${oc.select:data.recipe.lr,${model.recipe.lr}}"
+    weight_decay: float = "${oc.select:data.recipe.weight_decay,${model.recipe.weight_decay}}"
     momentum: float = 0.9       # SGD only
     nesterov: bool = False      # SGD only
 

@@ -213,7 +213,7 @@ def run_training(cfg: DictConfig) -> dict:
     if cfg.train.compile:
         module.model = torch.compile(module.model)
 
-    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
     from axes_pipeline.tracking import tracking
     from axes_pipeline.wiring import instantiate_all
@@ -221,6 +221,9 @@ def run_training(cfg: DictConfig) -> dict:
     throughput = Throughput()
     # Throughput and EpochRNG are no options: the summary reads one, a resume needs the other.
     callbacks = [throughput, EpochRNG(int(cfg.seed), first_epoch), *instantiate_all(cfg.callbacks, "callbacks")]
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        raise UserError("callbacks.model_checkpoint cannot be left out: it writes best.ckpt (validated and "
+                        "tested below, read by analyze.py and prune.py) and last.ckpt (the resume point)")
     backend = tracking(cfg)
     logger = backend.training_logger(cfg, out, first_epoch, first_step) if backend is not None else False
     if not logger:   # Lightning refuses a learning-rate monitor without a logger
