@@ -7,10 +7,12 @@ from axes_pipeline.tasks import hydra_entry, run_task
 
 
 @hydra_entry(config_name="train")
-def main(cfg: DictConfig):
+def main(cfg: DictConfig) -> float | None:
+    """Returns the best checkpoint's val/acc, the objective of a sweeper (``hydra/sweeper=optuna``;
+    None for a job that failed inside a sweep)."""
     from axes_pipeline.training.train import run_training
 
-    return run_task(run_training, cfg)
+    return run_task(lambda cfg: float(run_training(cfg)["val_acc"]), cfg)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,16 @@ import torch.nn.functional as F
 
 from axes_pipeline.data import Cifar100DataModule, DigitsDataModule
 from axes_pipeline.models import build_model
-from axes_pipeline.training import ClassifierModule, make_optimizer
-from axes_pipeline.training.optim import warmup_cosine
+from axes_pipeline.training import ClassifierModule, optimizer_factory
+from axes_pipeline.training.optim import OptimConfig, warmup_cosine
 from bench_scale import write_fake_cifar100   # the one writer of fake CIFAR-100 files (benchmarks/)
 
 
+SGD = optimizer_factory(OptimConfig(name="sgd", lr=0.05, weight_decay=5e-4))   # the CIFAR-100 recipe's
+
+
 def plain_loop(model, loader, epochs: int) -> float:
-    opt = make_optimizer(model.parameters(), "sgd", lr=0.05, weight_decay=5e-4)
+    opt = SGD(model.parameters())
     total = epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total))
     model.train()
@@ -42,7 +45,7 @@ def plain_loop(model, loader, epochs: int) -> float:
 
 
 def lightning_loop(model, dm, epochs: int) -> float:
-    module = ClassifierModule(model, lambda p: make_optimizer(p, "sgd", lr=0.05, weight_decay=5e-4), dm.num_classes)
+    module = ClassifierModule(model, SGD, dm.num_classes)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0)

@@ -16,7 +16,7 @@ from axes_pipeline.metrics import AXES_KEYS, channel_axes
 from axes_pipeline.models import build_model, conv_norm_pairs
 from axes_pipeline.runs import read_json
 
-from .conftest import make_cfg, run_entry
+from .conftest import CONF, make_cfg, run_entry
 
 SMALL = ["capture.n_cal=240", "capture.samples_per_image=4", "capture.batch_size=120", "graphs.null_shuffles=1"]
 
@@ -168,3 +168,20 @@ def test_patches_reproduce_the_conv_output(padding):
     ow = torch.tensor([0, y.shape[3] - 1, 1, 3])
     got = _patches_at(x, conv, b, oh, ow) @ conv.weight.flatten(1).T
     torch.testing.assert_close(got, y[b, :, oh, ow], rtol=1e-5, atol=1e-5)
+
+
+def test_analyses_are_registered_with_their_checks():
+    """Each analysis module declares itself (@analysis); analyze.py imports them, nothing else lists them."""
+    from axes_pipeline.analyses.analyze import ANALYSES
+    from axes_pipeline.analyses.dynamics import check_dynamics_analysis, run_dynamics_analysis
+    from axes_pipeline.analyses.lesions import check_lesion_analysis, run_lesion_analysis
+    from axes_pipeline.analyses.linear_study import run_linear_gaussian
+    from axes_pipeline.analyses.propagation import check_propagation_analysis, run_propagation_analysis
+
+    want = {"lesion": (run_lesion_analysis, check_lesion_analysis, True),
+            "propagation": (run_propagation_analysis, check_propagation_analysis, True),
+            "dynamics": (run_dynamics_analysis, check_dynamics_analysis, True),
+            "linear_gaussian": (run_linear_gaussian, None, False)}
+    assert {k: (a.run, a.check, a.needs_run) for k, a in ANALYSES.items()} == want
+    analysis_options = {p.stem for p in Path(CONF, "analysis").glob("*.yaml")} - {"axes", "all"}
+    assert analysis_options == set(ANALYSES)

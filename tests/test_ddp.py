@@ -88,7 +88,7 @@ def test_capture_refuses_several_processes(monkeypatch):
 
 
 def test_sync_batchnorm_on_cpu_is_refused_and_auto_resolves():
-    from axes_pipeline.training.ddp import ddp_trainer
+    from axes_pipeline.training.trainer import ddp_trainer
 
     with pytest.raises(UserError, match="SyncBatchNorm is CUDA-only"):
         ddp_trainer(accelerator="cpu", sync_batchnorm=True, devices=1, logger=False)

@@ -39,25 +39,47 @@ def test_train_and_analyze_write_offline_runs(wandb_root):
 
 
 def test_tracker_names_and_groups(wandb_root):
-    from axes_pipeline.tracking import _init_kwargs
+    from axes_pipeline.tracking import WandbTracking, tracking
 
     root, overrides = wandb_root
     cfg = make_cfg("analyze", overrides, root)
-    kw = _init_kwargs(cfg, "analyze", root)
+    backend = tracking(cfg)
+    assert isinstance(backend, WandbTracking)
+    kw = backend.init_kwargs(cfg, "analyze", root)
     assert kw["group"] == "tracked" and kw["job_type"] == "analyze" and kw["mode"] == "offline"
     assert kw["name"] == "digits-resnet18-seed42-analyze"
-    assert _init_kwargs(make_cfg("report", overrides, root), "report", root)["name"] == "tracked-report"
+    report = make_cfg("report", overrides, root)
+    assert tracking(report).init_kwargs(report, "report", root)["name"] == "tracked-report"
 
 
 def test_online_without_credentials_is_one_line(tmp_path, monkeypatch):
     from axes_pipeline.errors import UserError
-    from axes_pipeline.tracking import check_logger
+    from axes_pipeline.tracking import tracking
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     cfg = make_cfg("train", ["logger=wandb", "logger.mode=online"], tmp_path)
     with pytest.raises(UserError, match="WANDB_API_KEY"):
-        check_logger(cfg)
+        tracking(cfg)
+
+
+@pytest.mark.parametrize("overrides", [["logger.nosuch=1"], ["logger.tags=3"], ["logger=csv", "logger.mode=online"]])
+def test_logger_schema_refuses_wrong_types_and_unknown_keys(overrides, tmp_path):
+    from hydra.errors import HydraException
+
+    with pytest.raises(HydraException):
+        make_cfg("train", overrides, tmp_path)
+
+
+def test_logger_option_is_a_tracking_backend(tmp_path):
+    from axes_pipeline.tracking import CSVTracking, WandbTracking, tracking
+
+    assert tracking(make_cfg("train", ["logger=none"], tmp_path)) is None
+    assert isinstance(tracking(make_cfg("train", ["logger=csv"], tmp_path)), CSVTracking)
+    wandb = tracking(make_cfg("train", ["name=x"], tmp_path))        # the default: wandb, offline
+    assert isinstance(wandb, WandbTracking)
+    assert (wandb.mode, wandb.project, wandb.group, wandb.run_name) == ("offline", "axes-pipeline", "x",
+                                                                      "digits-resnet18-seed42")
 
 
 SPY = '''
@@ -193,7 +215,7 @@ def test_progress_is_a_bar_on_a_terminal_and_silent_when_disabled(capsys, monkey
 
 
 def test_training_log_holds_one_line_per_epoch_and_no_bar(tmp_path):
-    """stdout redirected to a file (callbacks.progress_bar=true, the default): Lightning's bar is
+    """stdout redirected to a file (with the default callbacks.progress_bar node): Lightning's bar is
     off, a line per epoch is there instead of ~120 bar redraws per seed."""
     import os
     import subprocess
@@ -203,7 +225,7 @@ def test_training_log_holds_one_line_per_epoch_and_no_bar(tmp_path):
 
     log_file = tmp_path / "train.log"
     args = ["logger=none", "model.width=0.125", "trainer.max_epochs=2", "+trainer.limit_train_batches=3",
-            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "callbacks.progress_bar=true"]
+            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
     env = dict(os.environ, AXES_OUTPUT_ROOT=str(tmp_path), PYTHONUNBUFFERED="1")
     with open(log_file, "w") as f:
         res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import read_json
@@ -42,6 +41,83 @@ def test_data_model_grid_composes(data, model, tmp_path):
                                           ("logger", "none"), ("debug", "fast")])
 def test_other_groups_compose(group, choice, tmp_path):
     make_cfg("train", [f"{group}={choice}"], tmp_path)
+
+
+@pytest.mark.parametrize("overrides", [["trainer.max_epochs=abc"], ["trainer.nosuch=1"], ["optim.lr=abc"],
+                                       ["optim.nosuch=1"], ["checkpoint.every_epoch=maybe"], ["checkpoint.nosuch=1"],
+                                       ["callbacks.nosuch=1"], ["callbacks.progress_bar.nosuch=1"],
+                                       ["callbacks.model_checkpoint.save_top_k=abc"]])
+def test_training_schemas_refuse_wrong_types_and_unknown_keys(overrides, tmp_path):
+    from hydra.errors import HydraException
+
+    with pytest.raises(HydraException):
+        make_cfg("train", overrides, tmp_path)
+
+
+def test_optimizer_is_the_recipes_torch_class(tmp_path):
+    from axes_pipeline.training.optim import optimizer_factory
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = make_cfg("train", ["model=vgg16"], tmp_path)
+    assert sgd.optim._target_ == "torch.optim.SGD"
+    opt = optimizer_factory(sgd.optim)(params)
+    assert type(opt) is torch.optim.SGD
+    assert {k: opt.defaults[k] for k in ("lr", "momentum", "weight_decay", "nesterov")} == \
+        {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False}
+    adam = make_cfg("train", ["model=vgg16", "data=tinyimagenet"], tmp_path)   # the dataset's recipe wins
+    opt = optimizer_factory(adam.optim)(params)
+    assert type(opt) is torch.optim.Adam and (opt.defaults["lr"], opt.defaults["weight_decay"]) == (1e-3, 1e-4)
+    assert type(optimizer_factory(make_cfg("train", ["optim.name=adamw"], tmp_path).optim)(params)) is torch.optim.AdamW
+    with pytest.raises(Exception, match="choose one of: adam, adamw, sgd"):
+        optimizer_factory(make_cfg("train", ["optim.name=rmsprop"], tmp_path).optim)
+
+
+def test_callbacks_are_target_nodes_switched_off_by_false(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from axes_pipeline.training.callbacks import EpochLines
+    from axes_pipeline.training.checkpoints import EpochCheckpoint
+    from axes_pipeline.wiring import instantiate_all
+
+    def built(*overrides):
+        return [type(c) for c in instantiate_all(make_cfg("train", list(overrides), tmp_path).callbacks, "callbacks")]
+
+    # stdout is no terminal under pytest: no bar, one line per epoch instead
+    assert built() == [ModelCheckpoint, EpochLines, LearningRateMonitor]
+    assert built("checkpoint.every_epoch=true", "callbacks.lr_monitor=false") == [ModelCheckpoint, EpochCheckpoint,
+                                                                                 EpochLines]
+    assert built("callbacks.progress_bar=false", "callbacks.epoch_lines=null") == [ModelCheckpoint, LearningRateMonitor]
+    best = instantiate_all(make_cfg("train", ["checkpoint.monitor=val/loss", "checkpoint.mode=min"], tmp_path)
+                           .callbacks, "callbacks")[0]
+    assert (best.monitor, best.mode, best.filename) == ("val/loss", "min", "best")
+    with pytest.raises(UserError, match="callbacks.epoch_lines must be a `_target_` node"):
+        built("callbacks.epoch_lines=yes")
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from axes_pipeline.training.callbacks import progress_bar
+
+    assert progress_bar() is None                       # pytest captures stdout: no terminal
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert isinstance(progress_bar(), TQDMProgressBar)
+
+
+def test_train_entry_returns_best_val_acc(tiny_run):
+    """The objective a sweeper reads: train.py's main returns the best checkpoint's val/acc."""
+    import importlib.util
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    root, overrides = tiny_run
+    cfg = make_cfg("train", overrides, root)
+    value = entry.main.__wrapped__(cfg)     # the task under hydra.main (already trained: read back)
+    assert isinstance(value, float)
+    assert value == read_json(Path(cfg.paths.run_dir) / "train_summary.json")["val_acc"]
 
 
 def test_paper_recipe_from_plain_overrides(tmp_path):
@@ -174,11 +250,12 @@ def test_epoch0_checkpoint_equals_initial_weights(tmp_path):
 
     from axes_pipeline.training.checkpoints import EpochCheckpoint, model_state
     from axes_pipeline.training.module import ClassifierModule
+    from axes_pipeline.training.optim import optimizer_factory
     from axes_pipeline.training.train import build_datamodule
 
     cfg = make_cfg("train", [*TINY, "trainer.max_epochs=1", "+trainer.limit_train_batches=2"], tmp_path)
     dm = build_datamodule(cfg)
-    module = ClassifierModule(instantiate_model(cfg, dm.num_classes), instantiate(cfg.optim), dm.num_classes)
+    module = ClassifierModule(instantiate_model(cfg, dm.num_classes), optimizer_factory(cfg.optim), dm.num_classes)
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
                         enable_progress_bar=False, enable_checkpointing=False,
@@ -222,6 +299,16 @@ def test_checkpoint_missing_corrupt_or_other_model(tiny_run, tmp_path):
     (["data=nosuch"], "choose one of: cifar10, cifar100, digits"),
     (["model=nosuch"], "choose one of: convnext_t, custom, mobilenetv2, resnet18, torchvision, vgg16"),
     (["-m", "seed=1,x"], "seed must be an integer"),
+    # typed schemas (TrainerConfig, OptimConfig, CheckpointConfig, CallbacksConfig): at composition,
+    # in a sweep too (every swept value is composed before the first job)
+    (["optim.lr=abc"], "optim.lr=abc"),
+    (["optim.name=rmsprop"], "unknown optimizer (optim.name) 'rmsprop'; choose one of: adam, adamw, sgd"),
+    (["trainer.nosuch=1"], "trainer.nosuch"),
+    (["checkpoint.every_epoch=maybe"], "checkpoint.every_epoch=maybe"),
+    (["callbacks.nosuch=1"], "callbacks.nosuch"),
+    (["callbacks.model_checkpoint=false"], "callbacks.model_checkpoint cannot be left out"),
+    (["-m", "seed=1,2", "optim.lr=0.1,abc"], "optim.lr=abc"),
+    (["--multirun", "trainer.max_epochs=1,x"], "trainer.max_epochs=x"),
     (["ckpt=garbage.ckpt"], "does not exist"),
     (["name=../../escape"], "not a plain folder name"),
     (["name=a/b"], "not a plain folder name"),
@@ -234,7 +321,9 @@ def test_bad_input_one_line(args, needle, tmp_path):
     assert needle in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert not list(tmp_path.rglob("train_summary.json"))
-    if args[0] in ("seed=abc", "data=nosuch", "model=nosuch") or args[0].startswith("name="):
+    refused_by_composition = ("optim.lr=abc", "trainer.nosuch=1", "checkpoint.every_epoch=maybe", "callbacks.nosuch=1")
+    if args[0] in ("seed=abc", "data=nosuch", "model=nosuch", *refused_by_composition) or \
+            args[0].startswith(("name=", "-")):
         assert res.stderr.strip().count("\n") == 0, res.stderr     # one line, and nothing written
         assert not [p for p in tmp_path.rglob("*") if p.name != "data"], list(tmp_path.rglob("*"))
 

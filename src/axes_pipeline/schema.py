@@ -23,6 +23,16 @@ def _entries() -> list[tuple[str | None, str, type]]:
 
     entries.append(("pruning", "base_pruning", PruningConfig))
     # --- trainer, optim, callbacks, logger (training / tracking rooms) ---
+    from axes_pipeline.tracking import CSVConfig, WandbConfig
+    from axes_pipeline.training.callbacks import CallbacksConfig, CheckpointConfig
+    from axes_pipeline.training.optim import OptimConfig
+    from axes_pipeline.training.trainer import TrainerConfig
+
+    entries += [("trainer", "base_trainer", TrainerConfig), ("optim", "base_optim", OptimConfig),
+                # conf/callbacks/default.yaml fills two top-level keys: `callbacks` and `checkpoint`
+                ("callbacks", "base_callbacks", CallbacksConfig), ("callbacks", "base_checkpoint", CheckpointConfig),
+                # one schema per logger option: their knobs differ (logger=none is null)
+                ("logger", "base_wandb", WandbConfig), ("logger", "base_csv", CSVConfig)]
     return entries
 
 

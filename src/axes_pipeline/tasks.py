@@ -67,22 +67,61 @@ def check_command_line(conf_dir: Path, args: list[str]) -> None:
                     raise unknown_name(f"{key} (conf/{key}/)", v, options)
 
 
+_MULTIRUN_FLAGS = {"-m", "--multirun"}
+
+
 def check_composes(conf_dir: Path, config_name: str, args: list[str]) -> None:
-    """Compose a single run's config once before Hydra does, so that any other override Hydra would
-    reject (``trainer.nosuch=1``, a malformed value) is one line too. Sweeps (``-m``) and Hydra's
-    own flags are left to Hydra: their values are not one config."""
-    if any(a.startswith("-") for a in args):
+    """Compose the config once before Hydra does, so that any other override Hydra would reject
+    (``trainer.nosuch=1``, ``optim.lr=abc``, a malformed value) is one line too. A sweep (``-m``)
+    is composed once per value of each swept key (:func:`sweep_variants`), so a bad value in it
+    stops before the first job rather than failing that job. Hydra's other flags (``--cfg``,
+    ``--info``...) are left to Hydra."""
+    if any(a.startswith("-") and a not in _MULTIRUN_FLAGS for a in args):
         return
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    overrides = [a for a in args if a not in _MULTIRUN_FLAGS]
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            compose(config_name=config_name, overrides=list(args), return_hydra_config=True)
+            for variant in sweep_variants(overrides):
+                compose(config_name=config_name, overrides=variant, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
         lines = [ln.strip().rstrip(".") for ln in str(err).splitlines() if ln.strip()]
         raise UserError("; ".join(lines) or type(err).__name__) from None
+
+
+def sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """Single-run override lists covering every value of every swept key once (``seed=1,2
+    optim.lr=0.1,abc`` -> 3 lists, not the 4 jobs): the other swept keys take their first value.
+    A sweep Hydra cannot list up front (an optimizer's ``interval(0.01, 0.1)``, a ``glob``) is
+    checked at one value, or left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return [overrides]   # malformed: composing it gives Hydra's own message
+    choices = []
+    for arg, override in zip(overrides, parsed):
+        if not override.is_sweep_override():
+            choices.append([arg])
+            continue
+        key = override.get_key_element()
+        try:
+            values = list(override.sweep_string_iterator())
+        except Exception:  # noqa: BLE001 - interval(): one value of it; glob(): Hydra expands it later
+            start = getattr(override.value(), "start", None)
+            values = [] if start is None else [str(start)]
+        choices.append([f"{key}={v}" for v in values])
+    choices = [c for c in choices if c]
+    firsts = [c[0] for c in choices]
+    variants = [firsts]
+    for i, values in enumerate(choices):
+        variants += [firsts[:i] + [v] + firsts[i + 1:] for v in values[1:]]
+    return variants
 
 
 def hydra_entry(config_name: str, config_path: str = "conf"):

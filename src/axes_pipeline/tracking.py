@@ -25,24 +25,110 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig
 
-from axes_pipeline.errors import UserError, unknown_name
-
-LOGGER_KINDS = ("wandb", "csv", "none")
+from axes_pipeline.errors import UserError
 
 
-def _wandb_env(cfg: DictConfig) -> None:
+@dataclass
+class WandbConfig:
+    """``logger=wandb`` (the default). Offline by default: works with no account and no network;
+    ``wandb sync <dir>/wandb/offline-run-*`` uploads later, for <dir> = <run_dir> (train),
+    <run_dir>/analyze, <run_dir>/prune, <sweep>/report (in that order: producers of artifacts before
+    their consumers; README "Experiment tracking")."""
+
+    _target_: str = "axes_pipeline.tracking.WandbTracking"
+    project: str = "axes-pipeline"
+    entity: Optional[str] = None
+    mode: str = "offline"     # online for real use (needs WANDB_API_KEY; never prompts)
+    group: str = "${name}"
+    run_name: str = "${data.name}-${model.name}-seed${seed}"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CSVConfig:
+    """``logger=csv``: training's curves in ``<run_dir>/logs/train/metrics.csv``; no other stage logs."""
+
+    _target_: str = "axes_pipeline.tracking.CSVTracking"
+
+
+def tracking(cfg: DictConfig):
+    """The tracking backend of ``cfg.logger`` (:class:`WandbTracking`, :class:`CSVTracking`), or
+    None with ``logger=none``. The logger node's target is a backend rather than a Lightning logger
+    because one setting serves every stage: training gets its Lightning logger from it, the other
+    stages their wandb run."""
+    from axes_pipeline.wiring import instantiate_all
+
+    built = instantiate_all(cfg.logger, "logger")
+    return built[0] if built else None
+
+
+class CSVTracking:
+    """Training's curves as CSV (kept across a resume); the other stages' own files are the record."""
+
+    def training_logger(self, cfg: DictConfig, out: Path, resume_epoch: int = 0, resume_step: int = 0):
+        return _resumable_csv_logger(out, resume_epoch, resume_step)
+
+    def stage_run(self, cfg: DictConfig, stage: str, out: Path):
+        return None
+
+    def record_training(self, logger, cfg: DictConfig, best: Path, summary: dict) -> None:
+        pass
+
+
+class WandbTracking:
+    """wandb runs grouped by experiment and named data-model-seed-stage; a resumed training continues
+    its run. Refuses ``mode=online`` without credentials (one line, never a login prompt)."""
+
+    def __init__(self, project: str, entity: str | None, mode: str, group: str, run_name: str, tags):
+        self.project, self.entity, self.mode, self.group = project, entity, mode, group
+        self.run_name, self.tags = run_name, list(tags)
+        _wandb_env(mode)
+
+    def init_kwargs(self, cfg: DictConfig, stage: str, out: Path) -> dict:
+        return dict(
+            project=self.project, entity=self.entity, mode=self.mode, group=self.group,
+            # a report spans many runs: name it after the experiment, not after one run's seed
+            name=f"{cfg.name}-report" if stage == "report" else f"{self.run_name}-{stage}", job_type=stage,
+            tags=self.tags + [stage], dir=str(out), reinit="finish_previous",
+            # (`data.name`, `model.name`, `model.width`, `seed` come with the flattened config; a bare
+            # `data` key beside them would collide with the `data.*` columns in wandb's run table)
+            config={**flat_config(cfg), "experiment": cfg.name, "stage": stage},
+        )
+
+    def training_logger(self, cfg: DictConfig, out: Path, resume_epoch: int = 0, resume_step: int = 0):
+        """Lightning's WandbLogger; ``resume_epoch`` > 0 continues the run this training started."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        kw = self.init_kwargs(cfg, "train", out)
+        run_id = _train_run_id(out, resume_epoch)
+        return WandbLogger(save_dir=str(out), id=run_id, resume="allow",
+                           **{k: v for k, v in kw.items() if k != "dir"})
+
+    def stage_run(self, cfg: DictConfig, stage: str, out: Path):
+        import wandb
+
+        out.mkdir(parents=True, exist_ok=True)
+        return wandb.init(**self.init_kwargs(cfg, stage, out))
+
+    def record_training(self, logger, cfg: DictConfig, best: Path, summary: dict) -> None:
+        log_training(logger.experiment, cfg, best, summary)
+
+
+def _wandb_env(mode: str) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")
-    if cfg.logger.mode != "online":
+    if mode != "online":
         # wandb's error reporting/telemetry asks the wandb server (a DNS query, then HTTPS) even in
         # offline mode, from `run.finish()`; WANDB_ERROR_REPORTING=false is what turns it off
         # (checked with strace over the process and wandb-core: no AF_INET connect is left).
         os.environ["WANDB_ERROR_REPORTING"] = "false"
-    if cfg.logger.mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc()):
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc()):
         raise UserError("logger.mode=online needs wandb credentials (WANDB_API_KEY or `wandb login`); "
                         "use logger.mode=offline and `wandb sync` later")
 
@@ -50,19 +136,6 @@ def _wandb_env(cfg: DictConfig) -> None:
 def _has_netrc() -> bool:
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def _init_kwargs(cfg: DictConfig, stage: str, out: Path) -> dict:
-    lg = cfg.logger
-    return dict(
-        project=lg.project, entity=lg.entity, mode=lg.mode, group=lg.group,
-        # a report spans many runs: name it after the experiment, not after one run's seed
-        name=f"{cfg.name}-report" if stage == "report" else f"{lg.run_name}-{stage}", job_type=stage, tags=list(lg.tags) + [stage],
-        dir=str(out), reinit="finish_previous",
-        # (`data.name`, `model.name`, `model.width`, `seed` come with the flattened config; a bare
-        # `data` key beside them would collide with the `data.*` columns in wandb's run table)
-        config={**flat_config(cfg), "experiment": cfg.name, "stage": stage},
-    )
 
 
 def flat_config(cfg: DictConfig) -> dict:
@@ -81,35 +154,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def check_logger(cfg: DictConfig) -> None:
-    kind = cfg.logger.kind
-    if kind not in LOGGER_KINDS:
-        raise unknown_name("logger", kind, LOGGER_KINDS)
-    if kind == "wandb":
-        _wandb_env(cfg)
-
-
-def lightning_logger(cfg: DictConfig, out: Path, resume_epoch: int = 0, resume_step: int = 0):
-    """The Lightning logger for training (False when logging is off).
-
-    ``resume_epoch`` / ``resume_step`` are the first epoch and optimizer step this process trains:
-    the history before them is kept (CSV rows, the wandb run), rows of a later, interrupted epoch
-    are dropped (it is redone).
-    """
-    check_logger(cfg)
-    kind = cfg.logger.kind
-    if kind == "none":
-        return False
-    if kind == "csv":
-        return _resumable_csv_logger(out, resume_epoch, resume_step)
-    from lightning.pytorch.loggers import WandbLogger
-
-    kw = _init_kwargs(cfg, "train", out)
-    run_id = _train_run_id(out, resume_epoch)
-    return WandbLogger(save_dir=str(out), id=run_id, resume="allow",
-                       **{k: v for k, v in kw.items() if k != "dir"})
 
 
 def _train_run_id(out: Path, resume_epoch: int) -> str:
@@ -185,13 +229,8 @@ class StageTracker:
     """
 
     def __init__(self, cfg: DictConfig, stage: str, out: Path):
-        check_logger(cfg)
-        self.run = None
-        if cfg.logger.kind == "wandb":
-            import wandb
-
-            out.mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(**_init_kwargs(cfg, stage, out))
+        backend = tracking(cfg)
+        self.run = backend.stage_run(cfg, stage, out) if backend is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -389,29 +428,3 @@ def progress(items, desc: str, *, total: int | None = None, enabled: bool = True
         yield item
         what = f" {label(item)}" if label is not None else ""
         print(f"{desc}: {i}{of}{what} ({time.perf_counter() - t0:.1f}s)", flush=True)
-
-
-def show_bar(enabled: bool) -> bool:
-    """Whether training shows Lightning's progress bar: asked for and stdout (where Lightning draws
-    it) is a terminal. Redirected to a file, each redraw would be a line (~120 per seed)."""
-    return bool(enabled) and sys.stdout.isatty()
-
-
-def epoch_lines():
-    """A Lightning callback printing one line per finished epoch (used when no bar is shown)."""
-    import lightning as L
-
-    class EpochLines(L.Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            self._t0 = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            # validation of this epoch has run by now, so its metrics are in callback_metrics
-            m = trainer.callback_metrics
-            # (a metric logged per step and per epoch is in it as `<name>_epoch`)
-            picked = {k: m.get(f"{k}_epoch", m.get(k)) for k in ("train/loss", "train/acc", "val/loss", "val/acc")}
-            shown = " ".join(f"{k}={float(v):.4f}" for k, v in picked.items() if v is not None)
-            secs = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
-            print(f"train: epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {shown} ({secs:.1f}s)", flush=True)
-
-    return EpochLines()

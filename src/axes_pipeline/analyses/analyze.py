@@ -17,25 +17,18 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from axes_pipeline.analyses import plots
+# Importing an analysis module registers it (@analysis): the order here is the order of the list
+# in the "unknown analysis" message.
+from axes_pipeline.analyses import dynamics, lesions, linear_study, plots, propagation  # noqa: F401
 from axes_pipeline.analyses.axes_table import (analyze_capture, axes_fingerprint, check_capture_size, depth_index,
                                                get_capture, resolve_device, select_units, stored_axes, write_axes)
+from axes_pipeline.analyses.registry import ANALYSES
 from axes_pipeline.config import run_dir, to_container
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import read_json, write_json
 from axes_pipeline.tracking import StageTracker, cfg_artifact_name, log_axes
 
 log = logging.getLogger("axes_pipeline")
-
-# Analyses that run after the axes, in this order. Each: fn(ctx) -> dict of headline figures.
-ANALYSES: dict[str, str] = {
-    "lesion": "axes_pipeline.analyses.lesions:run_lesion_analysis",
-    "propagation": "axes_pipeline.analyses.propagation:run_propagation_analysis",
-    "dynamics": "axes_pipeline.analyses.dynamics:run_dynamics_analysis",
-    "linear_gaussian": "axes_pipeline.analyses.linear_study:run_linear_gaussian",
-}
-NEEDS_RUN = {"axes", "lesion", "propagation", "dynamics"}
-
 
 @dataclass
 class Context:
@@ -58,16 +51,6 @@ def selected(cfg: DictConfig) -> list[str]:
     if unknown:
         raise UserError(f"unknown analysis {unknown[0]!r}; choose from: axes, {', '.join(ANALYSES)}")
     return chosen
-
-
-def _load(spec: str, default=None):
-    import importlib
-
-    mod, fn = spec.split(":")
-    found = getattr(importlib.import_module(mod), fn, default)
-    if found is None and default is None and not fn.startswith("check_"):
-        raise ImportError(spec)
-    return found
 
 
 AXES_PLOTS = ("scatter_ix_it", "depth_profile")   # (communities only where graphs were drawn)
@@ -143,7 +126,7 @@ def run_analysis(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.get("device", "auto"))
     t0 = time.perf_counter()
     trained = None
-    if NEEDS_RUN & set(chosen):
+    if "axes" in chosen or any(ANALYSES[name].needs_run for name in chosen if name != "axes"):
         trained = restore_trained(cfg)
         out = trained.run_dir / "analyze"
     else:
@@ -153,10 +136,8 @@ def run_analysis(cfg: DictConfig) -> dict:
         check_capture_size(cfg, trained.datamodule)
         ctx.units = select_units(trained.model, cfg.capture.layers)
         for name in chosen:   # each analysis validates its own knobs before the network runs
-            check = _load(ANALYSES[name].replace(":run_", ":check_")) if name in ANALYSES else None
-            # (an analysis without a check_<name> function has nothing to validate up front)
-            if check is not None:
-                check(ctx)
+            if name in ANALYSES and ANALYSES[name].check is not None:
+                ANALYSES[name].check(ctx)
     ctx.tracker = StageTracker(cfg, "analyze", out)
     summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None,
                      "analyses": chosen}
@@ -170,7 +151,7 @@ def run_analysis(cfg: DictConfig) -> dict:
                   f"mean ρ(I_X, I_T) = {summary['axes']['mean_align_input_capture_task_info']:.3f}")
         for name in chosen:
             if name in ANALYSES:
-                summary[name] = _load(ANALYSES[name])(ctx)
+                summary[name] = ANALYSES[name].run(ctx)
         summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
         summary["config"] = to_container(cfg)
         ctx.tracker.scalars(_flatten(summary))

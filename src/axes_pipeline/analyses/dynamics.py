@@ -38,6 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from axes_pipeline.analyses.axes_table import layer_analysis, metric_knobs
+from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.capture import POSITIONS, capture_activations, check_finite
 from axes_pipeline.config import run_dir_candidates
 from axes_pipeline.errors import UserError, unknown_name
@@ -456,6 +457,7 @@ def _headline(curves: pd.DataFrame, seeds: list[int], layers: list[str]) -> dict
     return out
 
 
+@analysis("dynamics", check=check_dynamics_analysis)
 def run_dynamics_analysis(ctx) -> dict:
     """Process every planned run epoch by epoch (resumable); write tables, curves and logs."""
     from axes_pipeline.training.restore import architecture, expected_meta

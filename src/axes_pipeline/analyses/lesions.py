@@ -43,6 +43,7 @@ from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.axes_table import axes_settings, capture_settings
 from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluate, hull_members, materialise,
                                                   peer_regression, standardised, trace)
+from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import standardise
 from axes_pipeline.pruning.taylor import taylor_scores
@@ -488,6 +489,7 @@ def _taylor(cfg, trained, units: dict, layers: list[str], s: dict, device) -> di
     return taylor_scores(trained.model, {n_: units[n_].conv for n_ in layers}, batches, device)
 
 
+@analysis("lesion", check=check_lesion_analysis)
 def run_lesion_analysis(ctx) -> dict:
     """METHODS §8 on the restored run in ``ctx``; writes the lesion files, returns the headline."""
     cfg, trained, out = ctx.cfg, ctx.trained, ctx.out

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pandas as pd
 
 from axes_pipeline.analyses import plots
+from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.metrics import linear_gaussian_study
 from axes_pipeline.runs import write_csv
 
 
+@analysis("linear_gaussian", needs_run=False)
 def run_linear_gaussian(ctx) -> dict:
     knobs = dict(ctx.cfg.analysis.linear_gaussian)
     study = pd.DataFrame(linear_gaussian_study(**knobs))

@@ -64,6 +64,7 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.analyses.alignment import spearman
+from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.errors import UserError
 from axes_pipeline.models.graph import conv_sources, trace
 from axes_pipeline.runs import write_csv
@@ -361,6 +362,7 @@ def heatmap(table: pd.DataFrame, path):
     return plots.save(fig, path)
 
 
+@analysis("propagation", check=check_propagation_analysis)
 def run_propagation_analysis(ctx) -> dict:
     """``propagation.csv``, ``plots/propagation.png`` and tracker logs; returns mean ρ per pairing,
     the number of linked pairs analysed (``pairs``) and the linking rule (``residual``)."""

@@ -66,9 +66,9 @@ def finetune(model: nn.Module, loader, device: torch.device, epochs: int, max_ba
              lr: float, optimizer: str = "adam", weight_decay: float = 0.0) -> dict:
     """Short fine-tune on the training split (train mode; the final weights are kept, nothing is
     selected on any held-out split). Returns steps, seconds and the mean loss of the last epoch."""
-    from axes_pipeline.training.optim import make_optimizer
+    from axes_pipeline.training.optim import OptimConfig, optimizer_factory
 
-    opt = make_optimizer(model.parameters(), name=optimizer, lr=lr, weight_decay=weight_decay)
+    opt = optimizer_factory(OptimConfig(name=optimizer, lr=lr, weight_decay=weight_decay))(model.parameters())
     was = model.training
     model.train()
     steps, t0, last = 0, time.perf_counter(), float("nan")

@@ -53,6 +53,11 @@ class EpochCheckpoint(L.Callback):
         _save_atomic(trainer, self.dirpath / epoch_ckpt_name(trainer.current_epoch + 1))
 
 
+def epoch_checkpoint(dirpath: str | Path, every_epoch: bool) -> EpochCheckpoint | None:
+    """The ``callbacks.epoch_checkpoint`` node: per-epoch checkpoints only with ``checkpoint.every_epoch``."""
+    return EpochCheckpoint(dirpath) if every_epoch else None
+
+
 def epoch_checkpoints(ckpt_dir: str | Path) -> dict[int, Path]:
     """{epoch: path} of the per-epoch checkpoints in ``ckpt_dir``, sorted by epoch."""
     found = {}

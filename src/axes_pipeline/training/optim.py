@@ -2,26 +2,59 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.errors import unknown_name
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+#: The one lookup from a recipe's optimizer name to its class. The recipe names its optimizer in a
+#: config value (``data.recipe.optimizer``, else ``model.recipe.optimizer``), and Hydra picks a
+#: config-group option only from the command line, never from a value; so ``optim._target_`` is
+#: ``${optimizer:${.name}}`` and the name is resolved here.
+OPTIMIZERS = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"}
 
 
-def make_optimizer(params, name: str = "sgd", lr: float = 0.1, weight_decay: float = 5e-4,
-                   momentum: float = 0.9, nesterov: bool = False) -> torch.optim.Optimizer:
-    """Build the optimizer named in the config (bound to ``params`` late: `_partial_: true`)."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               nesterov=nesterov)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise unknown_name("optimizer (optim.name)", name, OPTIMIZERS)
+def optimizer_target(name: str) -> str:
+    """The ``_target_`` of optimizer ``name`` (the ``${optimizer:...}`` resolver)."""
+    if name not in OPTIMIZERS:
+        raise unknown_name("optimizer (optim.name)", name, list(OPTIMIZERS))
+    return OPTIMIZERS[name]
+
+
+if not OmegaConf.has_resolver("optimizer"):
+    OmegaConf.register_new_resolver("optimizer", optimizer_target)
+
+
+@dataclass
+class OptimConfig:
+    """conf/optim: the optimizer, bound to the parameters later (``_partial_``). Its settings come
+    from the recipe: the dataset's recipe where it names them (Tiny-ImageNet, ImageNet-100 use
+    Adam), otherwise the backbone's (METHODS §10)."""
+
+    _target_: str = "${optimizer:${.name}}"   # torch.optim.SGD / Adam / AdamW (see OPTIMIZERS)
+    _partial_: bool = True
+    name: str = "${oc.select:data.recipe.optimizer,${model.recipe.optimizer}}"   # sgd, adam or adamw
+    lr: float = "${oc.select:data.recipe.lr,${model.recipe.lr}}"
+    weight_decay: float = "${oc.select:data.recipe.weight_decay,${model.recipe.weight_decay}}"
+    momentum: float = 0.9       # SGD only
+    nesterov: bool = False      # SGD only
+
+
+def optimizer_factory(optim: DictConfig | OptimConfig) -> Callable[..., torch.optim.Optimizer]:
+    """``params -> Optimizer`` of an optim node: Hydra's partial of its ``_target_`` with the
+    arguments that optimizer takes (SGD's momentum and nesterov are no arguments of Adam, and
+    ``name`` only chose the target)."""
+    if not isinstance(optim, DictConfig):
+        optim = OmegaConf.structured(optim)
+    node = OmegaConf.to_container(optim, resolve=True)   # (a sub-node resolves within its whole config)
+    takes = inspect.signature(get_class(node["_target_"])).parameters
+    return instantiate({k: v for k, v in node.items() if k.startswith("_") or k in takes})
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int = 0):

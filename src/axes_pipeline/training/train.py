@@ -16,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from axes_pipeline.config import check_positive, run_dir, to_container
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import fingerprint, read_json, run_fingerprint, settings_diff, write_json
-from axes_pipeline.training.checkpoints import EpochCheckpoint, load_into, read_checkpoint
+from axes_pipeline.training.checkpoints import load_into, read_checkpoint
 from axes_pipeline.training.module import ClassifierModule
+from axes_pipeline.training.optim import optimizer_factory, optimizer_target
 
 log = logging.getLogger("axes_pipeline")
 
@@ -38,6 +39,7 @@ def check_trainer(cfg: DictConfig) -> None:
     """Refuse settings that would fail late, before any expensive work."""
     check_positive(cfg.trainer.max_epochs, "trainer.max_epochs")
     check_positive(cfg.data.batch_size, "data.batch_size")
+    optimizer_target(cfg.optim.name)   # an unknown optim.name: one line now, not a resolver traceback later
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError("trainer=gpu but no CUDA GPU is visible on this machine; use trainer=cpu")
 
@@ -205,35 +207,30 @@ def run_training(cfg: DictConfig) -> dict:
     if channels_last == "auto":
         channels_last = cfg.trainer.accelerator in ("gpu", "cuda")
     module = ClassifierModule(
-        model, optimizer=instantiate(cfg.optim), num_classes=dm.num_classes,
+        model, optimizer=optimizer_factory(cfg.optim), num_classes=dm.num_classes,
         label_smoothing=cfg.train.label_smoothing, warmup_epochs=cfg.train.warmup_epochs,
         channels_last=bool(channels_last), meta=model_meta(cfg, dm.num_classes))
     if cfg.train.compile:
         module.model = torch.compile(module.model)
 
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
-    from axes_pipeline.tracking import epoch_lines, lightning_logger, show_bar
+    from axes_pipeline.tracking import tracking
+    from axes_pipeline.wiring import instantiate_all
 
     throughput = Throughput()
-    callbacks = [
-        ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=cfg.checkpoint.monitor,
-                        mode=cfg.checkpoint.mode, save_last=True, save_top_k=1,
-                        enable_version_counter=False, auto_insert_metric_name=False),
-        throughput,
-        EpochRNG(int(cfg.seed), first_epoch),
-    ]
-    if cfg.checkpoint.every_epoch:
-        callbacks.append(EpochCheckpoint(ckpt_dir))
-    bar = show_bar(cfg.callbacks.progress_bar)
-    if not bar:
-        callbacks.append(epoch_lines())
-    logger = lightning_logger(cfg, out, resume_epoch=first_epoch, resume_step=first_step)
-    if logger and cfg.callbacks.lr_monitor:
-        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    # Throughput and EpochRNG are no options: the summary reads one, a resume needs the other.
+    callbacks = [throughput, EpochRNG(int(cfg.seed), first_epoch), *instantiate_all(cfg.callbacks, "callbacks")]
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        raise UserError("callbacks.model_checkpoint cannot be left out: it writes best.ckpt (validated and "
+                        "tested below, read by analyze.py and prune.py) and last.ckpt (the resume point)")
+    backend = tracking(cfg)
+    logger = backend.training_logger(cfg, out, first_epoch, first_step) if backend is not None else False
+    if not logger:   # Lightning refuses a learning-rate monitor without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                      default_root_dir=str(out),
-                                     enable_progress_bar=bar)
+                                     enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks))
     if resume is not None:
         log.info("resuming %s at epoch %d", resume, first_epoch)
     t0 = time.perf_counter()
@@ -256,10 +253,8 @@ def run_training(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:   # under DDP every rank gets here: one summary, one log line
         return summary
     write_json(summary_path, summary)
-    if logger and cfg.logger.kind == "wandb":
-        from axes_pipeline.tracking import log_training
-
-        log_training(logger.experiment, cfg, best, summary)
+    if backend is not None:
+        backend.record_training(logger, cfg, best, summary)
     print(f"train: val_acc={summary['val_acc']:.4f} test_acc={summary['test_acc']:.4f} "
           f"({wall:.1f}s, {summary['train_images_per_s']} img/s) -> {out}")
     return summary

@@ -1,4 +1,5 @@
-"""The Trainer of ``trainer=ddp``: the GPU defaults where there are GPUs, what works on CPU where not.
+"""conf/trainer: its schema, and the Trainer of ``trainer=ddp``: the GPU defaults where there are GPUs,
+what works on CPU where not.
 
 One config serves both: ``trainer=ddp`` on a GPU box (bf16, synchronised BatchNorm) and
 ``trainer=ddp trainer.accelerator=cpu trainer.devices=2`` (gloo, the CI test). ``auto`` in
@@ -9,10 +10,37 @@ CPU is a slow emulation, not the GPU recipe.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import lightning as L
 import torch
 
 from axes_pipeline.errors import UserError
+
+
+@dataclass
+class TrainerConfig:
+    """conf/trainer (cpu, gpu, ddp): ``lightning.Trainer``'s own argument names. Training adds the
+    callbacks, the logger, the progress bar and its run directory."""
+
+    _target_: str = "lightning.Trainer"          # ddp: ddp_trainer (below)
+    accelerator: str = "cpu"
+    devices: Any = 1                             # a count, a list of devices, -1 (all) or auto
+    precision: str = "32-true"                   # gpu: bf16-mixed; ddp: auto (by device)
+    max_epochs: int = "${data.recipe.epochs}"
+    log_every_n_steps: int = 10
+    num_sanity_val_steps: int = 0
+    enable_model_summary: bool = False
+    deterministic: Any = False                   # true, false or warn
+    benchmark: bool = False
+    strategy: str = "auto"                       # ddp: ddp
+    sync_batchnorm: Any = False                  # ddp: auto (true on GPUs; torch's SyncBatchNorm is CUDA-only)
+    use_distributed_sampler: bool = True
+    # a few batches (a count) or a fraction of each split (smoke tests, conf/debug/fast.yaml)
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
 
 
 def on_gpu(accelerator: str) -> bool:

@@ -1,0 +1,32 @@
+"""The analyses of analyze.py after the axes: a registry filled by a decorator, as the pruning scores.
+
+Each analysis module declares ``@analysis("lesion", check=check_lesion_analysis)`` on its run
+function ``fn(ctx) -> dict`` of headline figures; ``check(ctx)`` validates its knobs before the
+network runs. analyze.py imports the modules, which registers them, in the order listed there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Analysis:
+    name: str
+    run: Callable                  # ctx -> dict of headline figures
+    check: Callable | None = None  # ctx -> None, raises UserError; None: nothing to check up front
+    needs_run: bool = True         # false: works without a trained run (the synthetic study)
+
+
+ANALYSES: dict[str, Analysis] = {}
+
+
+def analysis(name: str, check: Callable | None = None, needs_run: bool = True):
+    """Decorator: register ``fn(ctx) -> dict`` as analysis ``name`` (``analysis=<name>``)."""
+
+    def deco(fn: Callable) -> Callable:
+        ANALYSES[name] = Analysis(name, fn, check, needs_run)
+        return fn
+
+    return deco
