@@ -43,7 +43,7 @@ from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.axes_table import axes_settings, capture_settings
 from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluate, hull_members, materialise,
                                                   peer_regression, standardised, trace)
-from axes_pipeline.analyses.settings import LesionAnalysis
+from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import standardise
 from axes_pipeline.models.taylor import taylor_scores
@@ -78,22 +78,21 @@ def lesion_settings(cfg: DictConfig) -> dict:
     """The ``analysis.lesion`` block as plain values, checked beyond its types
     (:class:`~axes_pipeline.analyses.settings.LesionAnalysis`; :class:`UserError` for a bad value).
     Without ``analysis=lesion`` selected: the schema's defaults."""
-    block = cfg.analysis.lesion if "lesion" in cfg.analysis else OmegaConf.structured(LesionAnalysis)
-    s = OmegaConf.to_container(block, resolve=True)
+    s = OmegaConf.to_container(analysis_block(cfg, "lesion"), resolve=True)
     ch = s["channels"]
     if not (ch in ("all", "auto") or (isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1)):
         raise UserError(f"analysis.lesion.channels must be a positive integer, 'auto' or 'all', got {ch!r}")
     if s["eval_samples"] is not None and s["eval_samples"] < 1:
         raise UserError(f"analysis.lesion.eval_samples must be a positive integer or null (whole test split), "
                         f"got {s['eval_samples']!r}")
-    _check_names(s["replace"], VARIANTS, "analysis.lesion.replace variant")
-    s["replace"] = [v for v in VARIANTS if v in s["replace"]]
-    _check_names(s["predictors"], KNOWN_PREDICTORS, "analysis.lesion predictor")
+    replace = _check_names(s["replace"], VARIANTS, "analysis.lesion.replace variant")
+    s["replace"] = [v for v in VARIANTS if v in replace]
+    s["predictors"] = _check_names(s["predictors"], KNOWN_PREDICTORS, "analysis.lesion predictor")
     for key in ("base_terms", "peer_terms"):
-        _check_names(s[key], KNOWN_PREDICTORS, f"analysis.lesion.{key} column")
+        s[key] = _check_names(s[key], KNOWN_PREDICTORS, f"analysis.lesion.{key} column")
         if not s[key]:
             raise UserError(f"analysis.lesion.{key} needs at least one column")
-    _check_names([s["r2_scale"]], R2_SCALES, "analysis.lesion.r2_scale")
+    _check_names(s["r2_scale"], R2_SCALES, "analysis.lesion.r2_scale")
     rows = s["max_rows"]
     if rows != "auto" and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise UserError(f"analysis.lesion.max_rows must be a positive integer or auto, got {rows!r}")
@@ -105,10 +104,13 @@ def lesion_settings(cfg: DictConfig) -> dict:
     return s
 
 
-def _check_names(values: list[str], known: tuple[str, ...], what: str) -> None:
-    for v in values:
+def _check_names(value, known: tuple[str, ...], what: str) -> list[str]:
+    """``value`` (one name, a list of names or null) as a list of known names."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    for v in names:
         if v not in known:
             raise unknown_name(what, str(v), known)
+    return names
 
 
 def lesion_layers(settings: dict, units: dict) -> list[str]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from omegaconf import DictConfig, OmegaConf
+
 
 # ------------------------------------------------------------------ the axes knobs (top level)
 @dataclass
@@ -23,7 +25,7 @@ class CaptureConfig:
     target: str = "logit_margin"  # logit_margin | true_logit | neg_loss
     batch_size: int = 256
     seed: int = 0                 # fixed across training seeds, so every run sees the same images
-    layers: Optional[List[str]] = None  # layer names; null = every conv layer
+    layers: Any = None            # a layer name or a list of them; null = every conv layer
     cache: bool = True            # keep the captured samples; other metric knobs then reuse them
 
 
@@ -87,20 +89,20 @@ class LesionAnalysis:
     """METHODS §8: the damage of zeroing one channel (filter, bias, BN γ and β) on a held-out test
     subset, how much of it a linear stand-in from the channel's peers recovers, which axis predicts it."""
 
-    layers: Optional[List[str]] = None  # conv layer names; null = every analysed layer (capture.layers)
+    layers: Any = None            # conv layer name(s); null = every analysed layer (capture.layers)
     # channels lesioned per layer, a seeded sample: auto = 64 (every channel of a smaller layer);
     # N = exactly N (an error where a layer has fewer); all = every one
     channels: Any = "auto"
     seed: int = 0                 # channel sample, evaluation subset and bootstrap
     eval_samples: Optional[int] = 1000  # images of the test split (seeded subset); null = the whole test split
-    replace: List[str] = field(default_factory=lambda: ["hull", "all"])  # peer replacement variants
+    replace: Any = field(default_factory=lambda: ["hull", "all"])  # peer replacement variant(s): hull, all
     min_damage: float = 1.0e-4    # recovery is NaN when the lesion raises the loss by less than this
     # analysis
     n_bins: int = 5               # task_info (I_T) quantile bins for the within-bin Spearman
-    predictors: List[str] = field(default_factory=lambda: [
+    predictors: Optional[List[str]] = field(default_factory=lambda: [
         "input_capture", "peer_overlap", "full_explained", "hull_score", "l1", "taylor", "task_info"])
-    base_terms: List[str] = field(default_factory=lambda: ["input_capture", "task_info"])  # the model the peer terms must improve on
-    peer_terms: List[str] = field(default_factory=lambda: ["full_explained", "hull_score"])  # incremental R² of these over base_terms
+    base_terms: Any = field(default_factory=lambda: ["input_capture", "task_info"])  # the model the peer terms must improve on
+    peer_terms: Any = field(default_factory=lambda: ["full_explained", "hull_score"])  # incremental R² of these over base_terms
     # rank (within-layer percentile ranks of damage and predictors: layers' damage scales and a few
     # huge damages cannot carry the fit) | raw; the other is reported too
     r2_scale: str = "rank"
@@ -134,13 +136,13 @@ class DynamicsAnalysis:
     """METHODS §6: per checkpointed epoch, ρ(I_X, I_T), modularity gap, mean hull size, saturated-hull
     fraction, S3/S2 on the calibration subset of capture.*."""
 
-    layers: Optional[List[str]] = None  # conv layer names; null = k depth-spaced layers
+    layers: Any = None            # conv layer name(s); null = k depth-spaced layers
     k: int = 6
     include_shortcuts: bool = False     # may the depth-spaced pick include 1x1 shortcut convs
     epochs: Any = None            # null = every checkpointed epoch; N = every N-th (the last always); or a list
     # null = this run only; a list of seeds = the same experiment/data/model with seed= changed
     # (stored results are read, missing epochs computed): mean ± SD
-    seeds: Optional[List[int]] = None
+    seeds: Any = None
     target: str = "epoch"         # T of each epoch's own network (epoch) | of the final network (final)
     # shuffled-graph nulls per layer and epoch (§6 reads only the modularity gap; each costs a
     # greedy-modularity run); no null_* columns when 0
@@ -167,3 +169,10 @@ ANALYSES: dict[str, type] = {
     "axes": AxesAnalysis, "lesion": LesionAnalysis, "propagation": PropagationAnalysis,
     "dynamics": DynamicsAnalysis, "linear_gaussian": LinearGaussianAnalysis,
 }
+
+
+def analysis_block(cfg: DictConfig, name: str) -> DictConfig:
+    """``analysis.<name>`` of ``cfg``; its schema's defaults where that analysis is not selected
+    (another analysis, or prune.py, reads its knobs)."""
+    block = OmegaConf.select(cfg, f"analysis.{name}")
+    return block if block is not None else OmegaConf.structured(ANALYSES[name])
