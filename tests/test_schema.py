@@ -83,8 +83,9 @@ def test_plus_adds_keys_only_to_open_nodes(tmp_path):
         args = ["analysis=lesion", added]
         with pytest.raises(UserError, match="is typed .* takes no new keys"):
             check_composes(Path(CONF), "analyze", args)
-    # a user network's own arguments are open
+    # a user network's own arguments are open; a group's option may still be added
     check_composes(Path(CONF), "train", ["model=custom", "model.net._target_=x.Net", "+model.net.depth=3"])
+    check_composes(Path(CONF), "train", ["~experiment", "+experiment=demo"])
 
 
 def test_a_sweep_checks_each_choice():
@@ -160,7 +161,8 @@ def test_dataset_defaults(data, epochs, batch, image, download, optimizer, tmp_p
 
 @pytest.mark.parametrize("model,lr,extra", [
     ("vgg16", 0.05, {"head": "cifar", "dropout": 0.5}), ("mobilenetv2", 0.01, {"cifar_strides": True, "dropout": 0.2}),
-    ("convnext_t", 1e-3, {"stochastic_depth_prob": 0.1, "layer_scale": 1e-6}), ("torchvision", 0.05, {"arch": "resnet50"}),
+    ("convnext_t", 1e-3, {"stochastic_depth_prob": 0.1, "layer_scale": 1e-6}),
+    ("torchvision", 0.05, {"arch": "resnet50"}),
 ])
 def test_model_defaults(model, lr, extra, tmp_path):
     m = make_cfg("train", [f"model={model}"], tmp_path).model

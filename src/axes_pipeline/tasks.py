@@ -96,16 +96,17 @@ def _sweep_jobs(args: list[str], most: int = 32) -> list[list[str]] | None:
     return jobs[:most]
 
 
-def _added_to_schema(cfg, args: list[str]) -> str | None:
+def _added_to_schema(cfg, args: list[str], conf_dir: Path) -> str | None:
     """The first ``+key=value`` whose parent is a typed config (Hydra's ``+`` adds a key even there),
-    with the schema's name; None when every addition lands in an open node (``+model.net.depth=3``)."""
+    with the schema's name; None when every addition lands in an open node (``+model.net.depth=3``)
+    or adds a config group's option (``+experiment=demo``)."""
     import dataclasses
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     for o in OverridesParser.create().parse_overrides(args):
-        if not o.is_add() or o.is_hydra_override() or "/" in o.key_or_group:
+        if not o.is_add() or o.is_hydra_override() or (conf_dir / o.key_or_group).is_dir():
             continue
         parent = o.key_or_group.rpartition(".")[0]
         node = OmegaConf.select(cfg, parent) if parent else cfg
@@ -136,7 +137,7 @@ def check_composes(conf_dir: Path, config_name: str, args: list[str]) -> None:
                 cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
             except (HydraException, OmegaConfBaseException) as err:
                 raise UserError(_one_line(err)) from None
-            added = _added_to_schema(cfg, job)
+            added = _added_to_schema(cfg, job, conf_dir)
             if added:
                 raise UserError(added)
 

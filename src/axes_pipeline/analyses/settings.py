@@ -101,8 +101,9 @@ class LesionAnalysis:
     n_bins: int = 5               # task_info (I_T) quantile bins for the within-bin Spearman
     predictors: Optional[List[str]] = field(default_factory=lambda: [
         "input_capture", "peer_overlap", "full_explained", "hull_score", "l1", "taylor", "task_info"])
-    base_terms: Any = field(default_factory=lambda: ["input_capture", "task_info"])  # the model the peer terms must improve on
-    peer_terms: Any = field(default_factory=lambda: ["full_explained", "hull_score"])  # incremental R² of these over base_terms
+    # the model the peer terms must improve on, and the peer terms: incremental R² of these over base_terms
+    base_terms: Any = field(default_factory=lambda: ["input_capture", "task_info"])
+    peer_terms: Any = field(default_factory=lambda: ["full_explained", "hull_score"])
     # rank (within-layer percentile ranks of damage and predictors: layers' damage scales and a few
     # huge damages cannot carry the fit) | raw; the other is reported too
     r2_scale: str = "rank"

@@ -27,10 +27,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from axes_pipeline.errors import UserError
 from axes_pipeline.data.device_loader import DeviceBatchLoader, default_device
 from axes_pipeline.data.settings import DataConfig
 from axes_pipeline.data.transforms import TRANSFORM_MODES, crop_transform
+from axes_pipeline.errors import UserError
 
 SPLITS = ("train", "val", "test")
 

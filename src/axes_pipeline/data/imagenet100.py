@@ -53,9 +53,10 @@ class RestrictedImageFolder(ImageFolder):
 class ImageNet100DataModule(BaseDataModule):
     """ImageNet-100 at ``image_size`` (224): RandomResizedCrop + flip / Resize(256) + CenterCrop.
 
-    Knobs and defaults: :class:`~axes_pipeline.data.settings.ImageNet100Data`, with ``class_list``: ``None`` (the shipped CMC list), a
-    path to a list file, or a list of wnids. ``download`` must stay false (ImageNet is obtained by
-    hand from image-net.org); ``verify`` and ``crop_padding`` are unused.
+    Knobs and defaults: :class:`~axes_pipeline.data.settings.ImageNet100Data`, with
+    ``class_list``: ``None`` (the shipped CMC list), a path to a list file, or a list of wnids.
+    ``download`` must stay false (ImageNet is obtained by hand from image-net.org); ``verify`` and
+    ``crop_padding`` are unused.
     """
 
     settings = ImageNet100Data

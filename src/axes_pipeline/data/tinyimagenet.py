@@ -82,8 +82,8 @@ def tiny_val_samples(root: Path, class_to_idx: dict[str, int]) -> list[tuple[str
 class TinyImageNetDataModule(BaseDataModule):
     """Tiny-ImageNet-200 at 64×64: RandomCrop(64, padding=8) + flip; ImageNet mean/std.
 
-    Knobs and defaults: :class:`~axes_pipeline.data.settings.TinyImageNetData`. ``verify=true`` also requires the full 200 classes in
-    ``wnids.txt`` (and the archive's md5 when downloading).
+    Knobs and defaults: :class:`~axes_pipeline.data.settings.TinyImageNetData`. ``verify=true``
+    also requires the full 200 classes in ``wnids.txt`` (and the archive's md5 when downloading).
     """
 
     settings = TinyImageNetData

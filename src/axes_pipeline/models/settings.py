@@ -29,7 +29,8 @@ class ModelConfig:
     _partial_: bool = True
     name: str = MISSING
     width: float = 1.0             # channel multiplier (each family's rounding: its dataclass)
-    pretrained: bool = False       # true: torchvision's ImageNet weights (hub cache; downloaded on first use), or `weights`
+    # true: torchvision's ImageNet weights (hub cache; downloaded on first use), or `weights`
+    pretrained: bool = False
     weights: Optional[str] = None  # path to a local state_dict / torchvision .pth (implies pretrained)
     recipe: ModelRecipe = MISSING
     # experiment=dynamics: pretrained weights become a one-line error instead of a silently different H2
@@ -50,7 +51,8 @@ class VGG16Model(ModelConfig):
     """VGG-16-BN (torchvision cfg "D", batch_norm=True); width on every conv: round8(c * width)."""
 
     name: str = "vgg16"
-    head: str = "cifar"        # cifar: global-avg-pool + Linear(C_last, classes); imagenet: torchvision's 7x7 pool + 4096-4096 MLP
+    # cifar: global-avg-pool + Linear(C_last, classes); imagenet: torchvision's 7x7 pool + 4096-4096 MLP
+    head: str = "cifar"
     dropout: float = 0.5       # imagenet head only
     recipe: ModelRecipe = field(default_factory=lambda: ModelRecipe(lr=0.05))
 
