@@ -27,7 +27,8 @@ from axes_pipeline.data import (
 from axes_pipeline.data.imagenet100 import default_class_list
 from axes_pipeline.errors import UserError
 
-CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
+from .conftest import make_cfg
+
 
 
 # --------------------------------------------------------------------------- fixtures: real formats
@@ -482,7 +483,7 @@ def test_imagenet_cannot_download_and_is_not_on_device(tmp_path):
 # --------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("name", sorted(DATAMODULES))
 def test_config_files_build_their_module(tmp_path, name):
-    cfg = OmegaConf.merge({"paths": {"data_dir": str(tmp_path)}}, {"data": OmegaConf.load(CONF_DATA / f"{name}.yaml")})
+    cfg = make_cfg("train", [f"data={name}", f"paths.data_dir={tmp_path}"], tmp_path)
     dm = build_datamodule(cfg.data)
     assert type(dm) is DATAMODULES[name] and dm.name == name and not dm.on_device
     assert dm.recipe["epochs"] > 0 and isinstance(dm.recipe, dict)

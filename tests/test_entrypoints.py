@@ -102,7 +102,7 @@ def test_run_task_refuses_a_bad_seed_or_name(tmp_path):
     with pytest.raises(UserError, match="seed must be an integer"):
         check_seed("abc")
     cfg = make_cfg("train", ["logger=none"], tmp_path)
-    cfg.seed = "abc"
+    cfg.name = "../escape"            # seed is typed: a bad one fails at composition (test_schema)
     with pytest.raises(SystemExit) as exit_:
         run_task(lambda c: None, cfg, where=lambda c: tmp_path)
     assert exit_.value.code == 2

@@ -70,15 +70,19 @@ def test_old_checkpoint_without_data_is_accepted_with_a_warning(caplog):
 
 
 def test_every_key_holds_the_data_identity_and_the_checkpoint_content(tiny_run, tmp_path):
-    from axes_pipeline.analyses.axes_table import axes_fingerprint, capture_identity
-    from axes_pipeline.analyses.lesions import _fingerprint, lesion_settings
+    from axes_pipeline.analyses.axes_table import axes_fingerprint, axes_settings, capture_identity, capture_settings
+    from axes_pipeline.analyses.lesions import lesion_settings, part_settings
+    from axes_pipeline.runs import run_fingerprint
+
+    def lesion_key(c, k):
+        return run_fingerprint(c, k, **capture_settings(c), **axes_settings(c), **part_settings(lesion_settings(c), 100))
 
     base = _analyze_cfg(tiny_run)
     ckpt = _ckpt(tiny_run)
     copy = tmp_path / "copy.ckpt"
     shutil.copy(ckpt, copy)
     for fn in (axes_fingerprint, capture_identity,
-               lambda c, k: _fingerprint(c, k, lesion_settings(c), 100)):
+               lesion_key):
         want = fn(base, ckpt)
         assert fn(base, copy) == want                       # a copied checkpoint keeps its key
         for extra in ("data.split_seed=7", "data.image_size=32", "data.val_fraction=0.2"):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from axes_pipeline.analyses.settings import AxesKnobs
 from axes_pipeline.errors import UserError
+from axes_pipeline.report.settings import ReportConfig
 
 log = logging.getLogger("axes_pipeline")
 
@@ -57,6 +61,82 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+# ------------------------------------------------------------------ the typed root of each stage
+@dataclass
+class PathsConfig:
+    """conf/paths: every output goes below output_root. A run directory is a pure function of the
+    experiment name, data, model (and width) and seed, so analyze.py / prune.py given the same
+    overrides find it; runs/ for single runs, multirun/ for sweeps (`-m`), later stages look in both."""
+
+    output_root: str = "${oc.env:AXES_OUTPUT_ROOT,.}"
+    data_dir: str = "${oc.env:AXES_DATA_DIR,${paths.output_root}/data}"
+    run_dir: str = ("${paths.output_root}/${axes_mode:}/${axes_name:${name}}/"
+                    "${data.name}-${model.name}-w${model.width}/seed${seed}")
+
+
+@dataclass
+class TrainKnobs:
+    """``train.*``: the training loop's own knobs (beyond conf/trainer and conf/optim)."""
+
+    label_smoothing: float = 0.0
+    warmup_epochs: int = 0
+    channels_last: Any = "auto"   # auto = on for CUDA | true | false: memory format for conv-heavy nets on tensor cores
+    compile: bool = False
+
+
+@dataclass
+class StageConfig(AxesKnobs):
+    """The top-level keys every stage shares (conf/common.yaml selects the groups), so that the same
+    overrides given to any stage point at the same run directory and every overlay composes with
+    every stage. A group's node is typed by its own schema (``base_<group>``); the groups of other
+    rooms (trainer, optim, callbacks, logger, pruning) and ``checkpoint`` are typed there."""
+
+    data: Any = MISSING
+    model: Any = MISSING
+    trainer: Any = MISSING
+    optim: Any = MISSING
+    callbacks: Any = MISSING
+    logger: Any = MISSING
+    paths: Any = MISSING
+    checkpoint: Any = None
+    name: str = "default"         # experiment name; an experiment overlay sets it. First level of the run dir.
+    seed: int = 42
+    # explicit checkpoint (PATH): analyze/prune read it (default: <run_dir>/checkpoints/{best,last}.ckpt);
+    # train.py starts from its weights (weights only)
+    ckpt: Optional[str] = None
+    allow_partial: bool = False   # analyze/prune on a run whose training did not finish (no train_summary.json)
+    train: TrainKnobs = field(default_factory=TrainKnobs)
+    stage: str = MISSING
+
+
+@dataclass
+class TrainStage(StageConfig):
+    stage: str = "train"
+
+
+@dataclass
+class AnalyzeStage(StageConfig):
+    stage: str = "analyze"
+    analysis: Any = MISSING       # one block per selected analysis (conf/analysis/), typed there
+
+
+@dataclass
+class PruneStage(StageConfig):
+    stage: str = "prune"
+    pruning: Any = MISSING
+
+
+@dataclass
+class ReportStage(StageConfig):
+    stage: str = "report"
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+#: config name (train.yaml ...) -> its root schema, stored as ``base_<stage>``
+STAGES: dict[str, type[StageConfig]] = {
+    "train": TrainStage, "analyze": AnalyzeStage, "prune": PruneStage, "report": ReportStage}
 
 
 def register_schemas() -> None:

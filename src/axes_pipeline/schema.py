@@ -18,6 +18,16 @@ def _entries() -> list[tuple[str | None, str, type]]:
     room's module can be imported without Hydra's store being touched."""
     entries: list[tuple[str | None, str, type]] = []
     # --- root, common keys, data, model, axes, analysis, paths, report (typed-config room) ---
+    from axes_pipeline.analyses.settings import ANALYSES
+    from axes_pipeline.config import STAGES, PathsConfig
+    from axes_pipeline.data.settings import DATASETS
+    from axes_pipeline.models.settings import MODELS
+
+    entries += [(None, f"base_{stage}", node) for stage, node in STAGES.items()]
+    entries += [("data", f"base_data_{node.name}", node) for node in DATASETS]
+    entries += [("model", f"base_model_{name}", node) for name, node in MODELS.items()]
+    entries += [("analysis", f"base_{name}", node) for name, node in ANALYSES.items()]
+    entries.append(("paths", "base_paths", PathsConfig))
     # --- pruning (pruning.settings) ---
     from axes_pipeline.pruning.settings import PruningConfig
 

@@ -70,58 +70,90 @@ def check_command_line(conf_dir: Path, args: list[str]) -> None:
 _MULTIRUN_FLAGS = {"-m", "--multirun"}
 
 
-def check_composes(conf_dir: Path, config_name: str, args: list[str]) -> None:
-    """Compose the config once before Hydra does, so that any other override Hydra would reject
-    (``trainer.nosuch=1``, ``optim.lr=abc``, a malformed value) is one line too. A sweep (``-m``)
-    is composed once per value of each swept key (:func:`sweep_variants`), so a bad value in it
-    stops before the first job rather than failing that job. Hydra's other flags (``--cfg``,
-    ``--info``...) are left to Hydra."""
-    if any(a.startswith("-") and a not in _MULTIRUN_FLAGS for a in args):
-        return
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    overrides = [a for a in args if a not in _MULTIRUN_FLAGS]
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            for variant in sweep_variants(overrides):
-                compose(config_name=config_name, overrides=variant, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        lines = [ln.strip().rstrip(".") for ln in str(err).splitlines() if ln.strip()]
-        raise UserError("; ".join(lines) or type(err).__name__) from None
-
-
-def sweep_variants(overrides: list[str]) -> list[list[str]]:
-    """Single-run override lists covering every value of every swept key once (``seed=1,2
-    optim.lr=0.1,abc`` -> 3 lists, not the 4 jobs): the other swept keys take their first value.
-    A sweep Hydra cannot list up front (an optimizer's ``interval(0.01, 0.1)``, a ``glob``) is
-    checked at one value, or left to Hydra."""
+def _sweep_jobs(args: list[str], most: int = 32) -> list[list[str]] | None:
+    """Jobs of a sweep that together hold each choice once: the first job (``seed=1,2`` ->
+    ``seed=1``), then one per other value of a choice sweep (``data.batch_size=64,abc``). A range
+    holds one type, so its first value stands for it. None when the sweep cannot be enumerated
+    here (``glob(...)``, an interval: the sweeper's own business)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = OverridesParser.create().parse_overrides(args)
     except HydraException:
-        return [overrides]   # malformed: composing it gives Hydra's own message
-    choices = []
-    for arg, override in zip(overrides, parsed):
-        if not override.is_sweep_override():
-            choices.append([arg])
+        return [list(args)]            # malformed: composing it gives Hydra's own message
+    values: list[list[str]] = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            values.append([o.input_line])
+        elif o.is_discrete_sweep() and o.value_type.name != "GLOB_CHOICE_SWEEP":
+            choices = list(o.sweep_string_iterator()) if o.is_choice_sweep() else [next(o.sweep_string_iterator())]
+            values.append([f"{o.get_key_element()}={v}" for v in choices])
+        else:
+            return None
+    first = [v[0] for v in values]
+    jobs = [first] + [[*first[:i], v, *first[i + 1:]] for i, vs in enumerate(values) for v in vs[1:]]
+    return jobs[:most]
+
+
+def _added_to_schema(cfg, args: list[str], conf_dir: Path) -> str | None:
+    """The first ``+key=value`` whose parent is a typed config (Hydra's ``+`` adds a key even there),
+    with the schema's name; None when every addition lands in an open node (``+model.net.depth=3``)
+    or adds a config group's option (``+experiment=demo``)."""
+    import dataclasses
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    for o in OverridesParser.create().parse_overrides(args):
+        if not o.is_add() or o.is_hydra_override() or (conf_dir / o.key_or_group).is_dir():
             continue
-        key = override.get_key_element()
-        try:
-            values = list(override.sweep_string_iterator())
-        except Exception:  # noqa: BLE001 - interval(): one value of it; glob(): Hydra expands it later
-            start = getattr(override.value(), "start", None)
-            values = [] if start is None else [str(start)]
-        choices.append([f"{key}={v}" for v in values])
-    choices = [c for c in choices if c]
-    firsts = [c[0] for c in choices]
-    variants = [firsts]
-    for i, values in enumerate(choices):
-        variants += [firsts[:i] + [v] + firsts[i + 1:] for v in values[1:]]
-    return variants
+        parent = o.key_or_group.rpartition(".")[0]
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        schema = OmegaConf.get_type(node) if OmegaConf.is_dict(node) else None
+        if schema is not None and dataclasses.is_dataclass(schema):
+            return (f"+{o.key_or_group}: {parent or 'the config'} is typed ({schema.__module__}.{schema.__name__}) "
+                    f"and takes no new keys; check the name")
+    return None
+
+
+def check_composes(conf_dir: Path, config_name: str, args: list[str]) -> None:
+    """Compose a single run's config (with ``-m``: the sweep's jobs of :func:`_sweep_jobs`) once
+    before Hydra does, so that any other override Hydra would reject (``trainer.nosuch=1``,
+    ``data.batch_size=abc``, a ``+key`` a schema lacks) is one line too. Hydra's other flags are
+    left to Hydra."""
+    flags = [a for a in args if a.startswith("-")]
+    if any(f not in _MULTIRUN_FLAGS for f in flags):
+        return
+    overrides = [a for a in args if not a.startswith("-")]
+    jobs = _sweep_jobs(overrides) if flags else [overrides]
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        for job in jobs or []:
+            try:
+                cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
+            except (HydraException, OmegaConfBaseException) as err:
+                raise UserError(_one_line(err)) from None
+            added = _added_to_schema(cfg, job, conf_dir)
+            if added:
+                raise UserError(added)
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra's message with the first line of its cause, which names the value or key at fault
+    (``Value 'abc' ... could not be converted to Integer``, ``Key 'nosuch' not in 'DigitsData'``).
+    Hydra's hint to append with ``+`` is dropped where the node is typed: it would be refused."""
+    lines = [ln.strip().rstrip(".") for ln in str(err).splitlines() if ln.strip()]
+    cause = str(err.__cause__ or "").strip()
+    if cause and lines and lines[0].startswith(("Error merging override", "Could not override")):
+        reason = cause.splitlines()[0].rstrip(".")
+        if "is not in struct" not in reason:          # a schema's key list, not an open node
+            lines = [ln for ln in lines if not ln.startswith("To append to your config")]
+        lines.insert(1, reason)
+    return "; ".join(lines) or type(err).__name__
 
 
 def hydra_entry(config_name: str, config_path: str = "conf"):

@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from axes_pipeline.analyses.axes_table import layer_analysis, metric_knobs
 from axes_pipeline.analyses.registry import analysis
+from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.capture import POSITIONS, capture_activations, check_finite
 from axes_pipeline.config import run_dir_candidates
 from axes_pipeline.errors import UserError, unknown_name
@@ -81,13 +82,7 @@ class RunPlan:
 
 
 def _knobs(cfg: DictConfig) -> dict:
-    k = cfg.analysis.get("dynamics") or {}
-    get = (lambda key, default: k.get(key, default)) if k else (lambda key, default: default)
-    conv = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
-    return {"layers": conv(get("layers", None)), "k": get("k", 6), "epochs": conv(get("epochs", None)),
-            "seeds": conv(get("seeds", None)), "include_shortcuts": bool(get("include_shortcuts", False)),
-            "required": bool(get("required", True)), "target": str(get("target", "epoch")),
-            "null_shuffles": int(get("null_shuffles", 0))}
+    return OmegaConf.to_container(analysis_block(cfg, "dynamics"), resolve=True)
 
 
 def _skip_reason(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -129,10 +124,7 @@ def _layers(model, knobs: dict) -> list[str]:
         if unknown:
             raise UserError(f"dynamics.layers: unknown layer {unknown[0]!r}; available: {', '.join(units)}")
         return layers
-    try:
-        k = int(knobs["k"])
-    except (TypeError, ValueError):
-        raise UserError(f"dynamics.k must be an integer, got {knobs['k']!r}") from None
+    k = knobs["k"]
     if k < 1:
         raise UserError(f"dynamics.k must be >= 1, got {k}")
     return depth_spaced_layers(model, k, include_shortcuts=knobs["include_shortcuts"])

@@ -44,6 +44,7 @@ from axes_pipeline.analyses.axes_table import axes_settings, capture_settings
 from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluate, hull_members, materialise,
                                                   peer_regression, standardised, trace)
 from axes_pipeline.analyses.registry import analysis
+from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import standardise
 from axes_pipeline.pruning.taylor import taylor_scores
@@ -74,66 +75,43 @@ POOLED = "(all, within-layer ranks)"
 # --------------------------------------------------------------------------------------------
 
 
-#: The knobs of ``conf/analysis/lesion.yaml`` and their defaults.
-DEFAULTS = {
-    "layers": None, "channels": "auto", "seed": 0, "eval_samples": 1000, "batch_size": 256, "max_rows": "auto",
-    "max_gb": 2.0, "replace": list(VARIANTS), "n_bins": 5,
-    "predictors": ["input_capture", "peer_overlap", "full_explained", "hull_score", "l1", "taylor", "task_info"],
-    "base_terms": ["input_capture", "task_info"], "peer_terms": ["full_explained", "hull_score"],
-    "r2_scale": "rank", "n_boot": 2000, "taylor_images": 1024, "min_damage": 1e-4, "resume": True,
-}
-
-
 def lesion_settings(cfg: DictConfig) -> dict:
-    """The ``analysis.lesion`` knobs, validated (:class:`UserError` for a bad value)."""
-    raw = cfg.analysis.get("lesion")
-    s = OmegaConf.to_container(raw, resolve=True) if raw is not None else {}
-    s = {**DEFAULTS, **(s or {})}
-    unknown = sorted(set(s) - set(DEFAULTS))
-    if unknown:
-        raise UserError(f"unknown knob analysis.lesion.{unknown[0]}; valid: {', '.join(DEFAULTS)}")
+    """The ``analysis.lesion`` block as plain values, checked beyond its types
+    (:class:`~axes_pipeline.analyses.settings.LesionAnalysis`; :class:`UserError` for a bad value).
+    Without ``analysis=lesion`` selected: the schema's defaults."""
+    s = OmegaConf.to_container(analysis_block(cfg, "lesion"), resolve=True)
     ch = s["channels"]
     if not (ch in ("all", "auto") or (isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1)):
         raise UserError(f"analysis.lesion.channels must be a positive integer, 'auto' or 'all', got {ch!r}")
-    ev = s["eval_samples"]
-    if not (ev is None or ev == "all" or (isinstance(ev, int) and not isinstance(ev, bool) and ev >= 1)):
+    if s["eval_samples"] is not None and s["eval_samples"] < 1:
         raise UserError(f"analysis.lesion.eval_samples must be a positive integer or null (whole test split), "
-                        f"got {ev!r}")
-    replace = s["replace"]
-    replace = [replace] if isinstance(replace, str) else list(replace or [])
-    for v in replace:
-        if v not in VARIANTS:
-            raise unknown_name("analysis.lesion.replace variant", str(v), VARIANTS)
+                        f"got {s['eval_samples']!r}")
+    replace = _check_names(s["replace"], VARIANTS, "analysis.lesion.replace variant")
     s["replace"] = [v for v in VARIANTS if v in replace]
-    preds = list(s["predictors"] or [])
-    for p in preds:
-        if p not in KNOWN_PREDICTORS:
-            raise unknown_name("analysis.lesion predictor", str(p), KNOWN_PREDICTORS)
-    s["predictors"] = preds
+    s["predictors"] = _check_names(s["predictors"], KNOWN_PREDICTORS, "analysis.lesion predictor")
     for key in ("base_terms", "peer_terms"):
-        terms = [s[key]] if isinstance(s[key], str) else list(s[key] or [])
-        for p in terms:
-            if p not in KNOWN_PREDICTORS:
-                raise unknown_name(f"analysis.lesion.{key} column", str(p), KNOWN_PREDICTORS)
-        if not terms:
+        s[key] = _check_names(s[key], KNOWN_PREDICTORS, f"analysis.lesion.{key} column")
+        if not s[key]:
             raise UserError(f"analysis.lesion.{key} needs at least one column")
-        s[key] = terms
-    if s["r2_scale"] not in R2_SCALES:
-        raise unknown_name("analysis.lesion.r2_scale", str(s["r2_scale"]), R2_SCALES)
-    if s["max_rows"] == "auto":
-        s["max_rows"] = None
-    elif isinstance(s["max_rows"], bool) or not isinstance(s["max_rows"], int) or s["max_rows"] < 1:
-        raise UserError(f"analysis.lesion.max_rows must be a positive integer or auto, got {s['max_rows']!r}")
-    for key in ("n_bins", "batch_size", "n_boot"):
-        v = s[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"analysis.lesion.{key} must be a positive integer, got {v!r}")
-    if isinstance(s["taylor_images"], bool) or not isinstance(s["taylor_images"], int) or s["taylor_images"] < 0:
-        raise UserError(f"analysis.lesion.taylor_images must be an integer >= 0, got {s['taylor_images']!r}")
-    for key in ("max_gb", "min_damage"):
-        if not isinstance(s[key], (int, float)) or isinstance(s[key], bool) or s[key] < 0:
-            raise UserError(f"analysis.lesion.{key} must be a number >= 0, got {s[key]!r}")
+    _check_names(s["r2_scale"], R2_SCALES, "analysis.lesion.r2_scale")
+    rows = s["max_rows"]
+    if rows != "auto" and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise UserError(f"analysis.lesion.max_rows must be a positive integer or auto, got {rows!r}")
+    s["max_rows"] = None if rows == "auto" else rows
+    for key, least in (("n_bins", 1), ("batch_size", 1), ("n_boot", 1), ("taylor_images", 0),
+                       ("max_gb", 0), ("min_damage", 0)):
+        if s[key] < least:
+            raise UserError(f"analysis.lesion.{key} must be at least {least}, got {s[key]!r}")
     return s
+
+
+def _check_names(value, known: tuple[str, ...], what: str) -> list[str]:
+    """``value`` (one name, a list of names or null) as a list of known names."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    for v in names:
+        if v not in known:
+            raise unknown_name(what, str(v), known)
+    return names
 
 
 def lesion_layers(settings: dict, units: dict) -> list[str]:
@@ -417,12 +395,10 @@ def plot_recovery(df: pd.DataFrame, variants: list[str], n_bins: int, path: Path
 # --------------------------------------------------------------------------------------------
 
 
-def _fingerprint(cfg: DictConfig, ckpt, s: dict, n_eval: int) -> dict:
-    """What a finished layer part depends on (a part with another fingerprint is recomputed): the
-    data identity, the checkpoint's content digest, the axes' settings and the lesion knobs."""
-    keep = ("channels", "seed", "replace")
-    return run_fingerprint(cfg, ckpt, **capture_settings(cfg), **axes_settings(cfg),
-                           **{f"lesion.{k}": s[k] for k in keep}, **{"lesion.eval_samples": n_eval})
+def part_settings(s: dict, n_eval: int) -> dict:
+    """The lesion knobs a finished layer part depends on; with the axes' identity
+    (``run_fingerprint``) they key ``lesion_parts/`` (a part with another key is recomputed)."""
+    return {**{f"lesion.{k}": s[k] for k in ("channels", "seed", "replace")}, "lesion.eval_samples": n_eval}
 
 
 def part_schema(replace: list[str]) -> Schema:
@@ -472,8 +448,8 @@ def _part_path(out: Path, layer: str) -> Path:
 def _eval_batches(dm, s: dict, device) -> tuple[list, int]:
     n_test = dm.split_sizes()["test"]
     ev = s["eval_samples"]
-    n = n_test if ev in (None, "all") else min(int(ev), n_test)
-    if ev not in (None, "all") and int(ev) > n_test:
+    n = n_test if ev is None else min(ev, n_test)
+    if ev is not None and ev > n_test:
         log.info("lesion: eval_samples=%s > test split (%d images); using the whole test split", ev, n_test)
     ds = dm.eval_subset(None if n == n_test else n, seed=int(s["seed"]))
     return materialise(dm.loader(ds, batch_size=int(s["batch_size"])), device), n
@@ -503,7 +479,7 @@ def run_lesion_analysis(ctx) -> dict:
     base = evaluate(model, batches, device)
     base_loss, base_acc = float(base.loss[0]), float(base.acc[0])
 
-    fp = _fingerprint(cfg, trained.ckpt, s, n_eval)
+    fp = run_fingerprint(cfg, trained.ckpt, **capture_settings(cfg), **axes_settings(cfg), **part_settings(s, n_eval))
     fp_path = out / PARTS / "fingerprint.json"
     resume = bool(s["resume"]) and _stored_fingerprint(fp_path) == fp
     if not resume and (out / PARTS).exists():

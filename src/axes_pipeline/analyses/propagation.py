@@ -65,6 +65,7 @@ import torch.nn as nn
 
 from axes_pipeline.analyses.alignment import spearman
 from axes_pipeline.analyses.registry import analysis
+from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.errors import UserError
 from axes_pipeline.models.graph import conv_sources, trace
 from axes_pipeline.runs import write_csv
@@ -271,13 +272,8 @@ def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, d
 
 
 def _knobs(cfg) -> dict:
-    k = cfg.analysis.get("propagation") or {}
-    try:
-        return {"null_draws": int(k.get("null_draws", 20)), "null": str(k.get("null_mode", "weights")),
-                "seed": int(k.get("seed", 0)), "residual": str(k.get("residual", DEFAULT_RESIDUAL))}
-    except (TypeError, ValueError):
-        raise UserError("propagation.null_draws and propagation.seed must be integers, got "
-                        f"{k.get('null_draws')!r} and {k.get('seed')!r}") from None
+    k = analysis_block(cfg, "propagation")
+    return {"null_draws": k.null_draws, "null": k.null_mode, "seed": k.seed, "residual": k.residual}
 
 
 def _links(ctx) -> list[tuple[str, str]]:

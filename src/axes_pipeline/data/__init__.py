@@ -60,7 +60,8 @@ def build_datamodule(data_cfg: Mapping[str, Any]) -> BaseDataModule:
             raise cause from None
         if isinstance(cause, TypeError):
             raise UserError(
-                f"bad data config for {cls.__name__}: {cause}; see conf/data/{cls.name}.yaml for the knobs"
+                f"bad data config for {cls.__name__}: {cause}; "
+                f"the knobs: {cls.settings.__module__}.{cls.settings.__name__}"
             ) from None
         raise
 

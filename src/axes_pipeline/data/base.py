@@ -15,11 +15,11 @@ share it. Analyses draw from it with :meth:`BaseDataModule.calibration_set` (tra
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -27,9 +27,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from axes_pipeline.errors import UserError
 from axes_pipeline.data.device_loader import DeviceBatchLoader, default_device
+from axes_pipeline.data.settings import DataConfig
 from axes_pipeline.data.transforms import TRANSFORM_MODES, crop_transform
+from axes_pipeline.errors import UserError
 
 SPLITS = ("train", "val", "test")
 
@@ -124,29 +125,16 @@ class SplitSubset(Dataset):
 class BaseDataModule(L.LightningDataModule):
     """Common behaviour of the dataset modules; subclasses describe their data on disk.
 
-    Subclasses set ``name``, ``mean``, ``std``, ``native_size`` and implement
+    Subclasses set ``settings``, ``name``, ``mean``, ``std``, ``native_size`` and implement
     :meth:`_check_present`, :meth:`_load_source`, and (when downloadable) :meth:`_download`.
 
-    Constructor knobs (the config keys; a subclass's own defaults are in its ``defaults``):
-        data_dir: folder that holds the dataset folders.
-        download: fetch missing data (where the dataset allows it).
-        verify: check checksums / the full class count of the data on disk.
-        batch_size, eval_batch_size: training / evaluation batch sizes.
-        num_workers: DataLoader worker processes (``persistent_workers`` when > 0), at most the
-            CPU cores available (:func:`loader_workers`).
-        val_fraction: fraction of the training source held out as the validation split.
-        split_seed: seed of that split (independent of the training seed).
-        on_device: serve batches from a copy of the data on the accelerator
-            (:class:`DeviceBatchLoader`), augmented there.
-        image_size: side of the square images the network sees.
-        augment: random crop / flip on the training split (off = eval transform).
-        crop_padding: zero padding of the random crop (crop-style datasets).
-        hflip: random horizontal flip.
-        recipe: the dataset's training recipe (``epochs``; optionally ``optimizer``, ``lr``,
-            ``weight_decay``), read by the trainer and optimizer configs; kept as ``self.recipe``.
+    Constructor knobs: the fields of the dataset's typed config (:attr:`settings`, one dataclass
+    per dataset in :mod:`axes_pipeline.data.settings`, where each knob's default and meaning live);
+    a module built directly in Python takes the same defaults as ``data=<name>``. Kept as
+    attributes of the same names; ``recipe`` (read by the trainer and optimizer configs) as a dict.
     """
 
-    name: str = "base"
+    name: str = "base"     # a dataset's module: ``name = <its settings>.name``
     in_channels: int = 3
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
@@ -156,42 +144,40 @@ class BaseDataModule(L.LightningDataModule):
     supports_on_device: bool = True
     #: sources yield float tensors at ``image_size`` instead of PIL images
     tensor_source: bool = False
-    #: this dataset's defaults for the knobs of :meth:`_configure` (its config file repeats them)
-    defaults: dict[str, Any] = {}
-    #: knobs a subclass takes in its own ``__init__`` (listed in the unknown-knob error)
-    extra_knobs: tuple[str, ...] = ()
+    #: the dataset's typed config: its knobs and their defaults
+    settings: ClassVar[type[DataConfig]]
 
     def __init__(self, **knobs: Any) -> None:
         super().__init__()
-        valid = list(inspect.signature(self._configure).parameters)
-        unknown = sorted(set(knobs) - set(valid))
+        defaults = {k: v for k, v in asdict(self.settings()).items() if k != "_target_"}
+        unknown = sorted(set(knobs) - set(defaults))
         if unknown:
             raise UserError(
-                f"unknown data knob(s) {', '.join(unknown)} for {type(self).__name__}; "
-                f"valid: {', '.join(valid + list(self.extra_knobs))}"
+                f"unknown data knob(s) {', '.join(unknown)} for {type(self).__name__}; valid: {', '.join(defaults)}"
             )
-        self._configure(**{**self.defaults, **knobs})
+        self._configure(**{**defaults, **knobs})
 
     def _configure(
         self,
         *,
-        name: str | None = None,
+        name: str,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int,
+        val_fraction: float,
+        split_seed: int,
+        on_device: bool,
+        image_size: int,
+        augment: bool,
+        crop_padding: int,
+        hflip: bool,
+        recipe: Mapping[str, Any],
+        # only datasets read from files have these (FileDataConfig); digits has none
         data_dir: str | Path | None = None,
         download: bool = False,
         verify: bool = True,
-        batch_size: int = 128,
-        eval_batch_size: int = 256,
-        num_workers: int = 4,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        on_device: bool = False,
-        image_size: int = 32,
-        augment: bool = True,
-        crop_padding: int = 4,
-        hflip: bool = True,
-        recipe: Mapping[str, Any] | None = None,
     ) -> None:
-        if name is not None and name != type(self).name:
+        if name != type(self).name:
             raise UserError(
                 f"data.name '{name}' does not match {type(self).__name__} (name '{type(self).name}'); "
                 f"pick the dataset with data={name} instead of editing data.name"

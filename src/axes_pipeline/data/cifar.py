@@ -25,6 +25,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, VisionDataset
 from torchvision.datasets import utils as tv_utils
 
 from axes_pipeline.data.base import BaseDataModule
+from axes_pipeline.data.settings import Cifar10Data, Cifar100Data
 from axes_pipeline.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from axes_pipeline.errors import UserError
 
@@ -153,16 +154,14 @@ class UnverifiedCIFAR100(SafeCIFAR100):
 class _CifarDataModule(BaseDataModule):
     """Shared CIFAR logic; subclasses name the torchvision classes and the statistics.
 
-    Knobs as :class:`BaseDataModule`; RandomCrop(32, padding=4) + flip by default.
+    Knobs and defaults: :class:`~axes_pipeline.data.settings.Cifar10Data` / ``Cifar100Data``
+    (RandomCrop(32, padding=4) + flip; downloaded when missing).
     """
 
     native_size = 32
     title = "CIFAR"
     dataset_cls: type[CIFAR10] = SafeCIFAR10
     unverified_cls: type[CIFAR10] = UnverifiedCIFAR10
-
-    # download: CIFAR is what users try first (`python train.py model=vgg16 data=cifar100`)
-    defaults = dict(image_size=32, crop_padding=4, hflip=True, download=True)
 
     @property
     def folder(self):
@@ -227,7 +226,8 @@ class _CifarDataModule(BaseDataModule):
 class Cifar10DataModule(_CifarDataModule):
     """CIFAR-10: 50,000 train (45,000 / 5,000 train/val by default) and 10,000 test images, 32×32."""
 
-    name = "cifar10"
+    settings = Cifar10Data
+    name = Cifar10Data.name
     title = "CIFAR-10"
     mean = CIFAR10_MEAN
     std = CIFAR10_STD
@@ -239,7 +239,8 @@ class Cifar10DataModule(_CifarDataModule):
 class Cifar100DataModule(_CifarDataModule):
     """CIFAR-100 (fine labels): 50,000 train and 10,000 test images, 32×32, 100 classes."""
 
-    name = "cifar100"
+    settings = Cifar100Data
+    name = Cifar100Data.name
     title = "CIFAR-100"
     mean = CIFAR100_MEAN
     std = CIFAR100_STD

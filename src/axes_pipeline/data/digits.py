@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from axes_pipeline.data.base import BaseDataModule, stratified_split
+from axes_pipeline.data.settings import DigitsData
 from axes_pipeline.errors import UserError
 
 
@@ -47,24 +48,20 @@ def digits_images(image_size: int) -> tuple[torch.Tensor, np.ndarray]:
 class DigitsDataModule(BaseDataModule):
     """The 8×8 digits of scikit-learn, brought to ``[3, image_size, image_size]``.
 
-    Knobs as :class:`BaseDataModule` (defaults: batch 64, no workers, 16×16, no augmentation;
-    ``crop_padding=2`` when ``augment``; never ``hflip``), plus ``test_fraction`` (the test split
-    is carved with the same stratified, seeded split as val). ``data_dir``, ``download`` and
-    ``verify`` are ignored: the data ships with scikit-learn.
+    Knobs and defaults: :class:`~axes_pipeline.data.settings.DigitsData` (batch 64, no workers,
+    16×16, no augmentation; ``crop_padding=2`` when ``augment``; never ``hflip``), with
+    ``test_fraction`` (the test split is carved with the same stratified, seeded split as val).
+    The data ships with scikit-learn: no ``data_dir``.
     """
 
-    name = "digits"
+    settings = DigitsData
+    name = DigitsData.name
     num_classes = 10  # type: ignore[assignment]
     native_size = 8
     tensor_source = True
 
-    defaults = dict(
-        batch_size=64, num_workers=0, image_size=16, augment=False, crop_padding=2, hflip=False
-    )
-    extra_knobs = ("test_fraction",)
-
-    def __init__(self, *, test_fraction: float = 0.2, **knobs) -> None:
-        super().__init__(**knobs)
+    def _configure(self, *, test_fraction: float, **knobs) -> None:
+        super()._configure(**knobs)
         self.test_fraction = float(test_fraction)
         if not 0.0 < self.test_fraction < 1.0 or self.val_fraction + self.test_fraction >= 1.0:
             raise UserError(

@@ -18,6 +18,7 @@ import numpy as np
 from torchvision.datasets import ImageFolder
 
 from axes_pipeline.data.base import BaseDataModule
+from axes_pipeline.data.settings import ImageNet100Data
 from axes_pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform
 from axes_pipeline.errors import UserError
 
@@ -52,29 +53,26 @@ class RestrictedImageFolder(ImageFolder):
 class ImageNet100DataModule(BaseDataModule):
     """ImageNet-100 at ``image_size`` (224): RandomResizedCrop + flip / Resize(256) + CenterCrop.
 
-    Knobs as :class:`BaseDataModule`, plus ``class_list``: ``None`` (the shipped CMC list), a
-    path to a list file, or a list of wnids. ``download`` must stay false (ImageNet is obtained by
-    hand from image-net.org); ``verify`` and ``crop_padding`` are unused.
+    Knobs and defaults: :class:`~axes_pipeline.data.settings.ImageNet100Data`, with
+    ``class_list``: ``None`` (the shipped CMC list), a path to a list file, or a list of wnids.
+    ``download`` must stay false (ImageNet is obtained by hand from image-net.org); ``verify`` and
+    ``crop_padding`` are unused.
     """
 
-    name = "imagenet100"
+    settings = ImageNet100Data
+    name = ImageNet100Data.name
     native_size = None
     supports_on_device = False
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
 
-    defaults = dict(
-        batch_size=64, eval_batch_size=128, num_workers=8, image_size=224, crop_padding=0, hflip=True
-    )
-    extra_knobs = ("class_list",)
-
-    def __init__(self, *, class_list: str | Sequence[str] | None = None, **knobs) -> None:
-        if knobs.get("download"):
+    def _configure(self, *, class_list: str | Sequence[str] | None, **knobs) -> None:
+        if knobs["download"]:
             raise UserError(
                 "ImageNet cannot be downloaded automatically (data.download=true); get ILSVRC2012 from "
-                "image-net.org and " + self._layout_text(knobs.get("data_dir"))
+                "image-net.org and " + self._layout_text(knobs["data_dir"])
             )
-        super().__init__(**knobs)
+        super()._configure(**knobs)
         self.class_list = class_list
         self.wnids_listed = self._read_class_list(class_list)
         self._root: Path | None = None

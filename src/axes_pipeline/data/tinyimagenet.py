@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import pil_loader
 
 from axes_pipeline.data.base import BaseDataModule
+from axes_pipeline.data.settings import TinyImageNetData
 from axes_pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from axes_pipeline.errors import UserError
 
@@ -81,17 +82,15 @@ def tiny_val_samples(root: Path, class_to_idx: dict[str, int]) -> list[tuple[str
 class TinyImageNetDataModule(BaseDataModule):
     """Tiny-ImageNet-200 at 64×64: RandomCrop(64, padding=8) + flip; ImageNet mean/std.
 
-    Knobs as :class:`BaseDataModule`. ``verify=true`` also requires the full 200 classes in
-    ``wnids.txt`` (and the archive's md5 when downloading).
+    Knobs and defaults: :class:`~axes_pipeline.data.settings.TinyImageNetData`. ``verify=true``
+    also requires the full 200 classes in ``wnids.txt`` (and the archive's md5 when downloading).
     """
 
-    name = "tinyimagenet"
+    settings = TinyImageNetData
+    name = TinyImageNetData.name
     native_size = 64
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
-
-    # download: fetched when missing, as CIFAR (METHODS §10 stress test); ImageNet-100 stays local
-    defaults = dict(image_size=64, crop_padding=8, hflip=True, download=True)
 
     def __init__(self, **knobs) -> None:
         super().__init__(**knobs)

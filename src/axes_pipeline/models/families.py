@@ -66,13 +66,13 @@ class FamilyResult:
 
 
 def _axes_cfg():
-    """The analysis knobs of conf/axes.yaml (the defaults live there), without plots' graphs."""
-    from pathlib import Path
-
+    """The analysis knobs at their defaults (:class:`~axes_pipeline.analyses.settings.AxesKnobs`),
+    without plots' graphs."""
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[3] / "conf" / "axes.yaml"
-    cfg = OmegaConf.load(conf)
+    from axes_pipeline.analyses.settings import AxesKnobs
+
+    cfg = OmegaConf.structured(AxesKnobs)
     cfg.graphs.edge_fraction = 0      # community graphs are a plot aid, not an axis
     cfg.gradients.enabled = False
     return cfg

@@ -18,7 +18,9 @@ from axes_pipeline.tables import DamagedTable, Schema, read_table
 
 # Keys that legitimately differ between seeds of one experiment.
 IGNORED_KEYS = ("seed", "paths", "logger", "ckpt", "callbacks", "stage", "trainer.devices", "data.num_workers",
-                "data.data_dir", "trainer.enable_progress_bar")
+                "data.data_dir", "trainer.enable_progress_bar",
+                # the axes knobs every stage's config carries: they do not decide the trained weights
+                "device", "capture", "metrics", "graphs", "gradients", "plots")
 
 
 @dataclass

@@ -60,7 +60,8 @@ def train_settings(cfg: DictConfig) -> dict:
     Stored as ``train_settings.json`` before training starts; a rerun with other values is refused
     with a one-line diff instead of silently keeping (or resuming into) the old run.
     """
-    model = {f"model.{k}": v for k, v in to_container(cfg.model).items()}
+    # from_scratch only guards against pretrained weights: keyed when set, as before it was typed
+    model = {f"model.{k}": v for k, v in to_container(cfg.model).items() if k != "from_scratch" or v}
     optim = {f"optim.{k}": v for k, v in to_container(cfg.optim).items() if not k.startswith("_")}
     rest = {"data.batch_size": int(cfg.data.batch_size),
             "train.label_smoothing": float(cfg.train.label_smoothing),

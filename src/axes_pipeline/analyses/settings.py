@@ -1,0 +1,179 @@
+"""The typed knobs of the analyses: how the two axes are measured (top-level ``capture``,
+``metrics``, ``graphs``, ``gradients``, METHODS §1-§5) and each ``analysis=<name>`` option's own
+block (``analysis.lesion``, ...). The one source of their defaults; conf/analysis/*.yaml only
+select and override.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+
+# ------------------------------------------------------------------ the axes knobs (top level)
+@dataclass
+class CaptureConfig:
+    """METHODS §1: what is sampled."""
+
+    n_cal: int = 2000             # calibration images, a fixed seeded subset of the training split
+    transform: str = "eval"       # eval | train
+    point: str = "pre_bn"         # pre_bn | post_bn | post_act
+    spatial: str = "sample"       # sample (s random positions per image) | gap (one pooled sample per image)
+    samples_per_image: int = 16
+    target: str = "logit_margin"  # logit_margin | true_logit | neg_loss
+    batch_size: int = 256
+    seed: int = 0                 # fixed across training seeds, so every run sees the same images
+    layers: Any = None            # a layer name or a list of them; null = every conv layer
+    cache: bool = True            # keep the captured samples; other metric knobs then reuse them
+
+
+@dataclass
+class MetricsConfig:
+    """METHODS §2-§3: the metric knobs (the names of axes_pipeline.metrics.channel_axes)."""
+
+    sigma0: Any = "median"        # median | mean | p75 | p90 | a number (fixed)
+    hull_eps: float = 0.05
+    hull_max: int = 10
+    hull_order: str = "correlation"  # correlation | greedy
+    ridge: float = 1.0e-3
+    pool: int = 50
+    top: int = 10
+    peers: str = "layer"          # layer | group: peers of a grouped/depthwise conv's channel (METHODS §1)
+    dtype: str = "float64"        # float32 | float64
+
+
+@dataclass
+class GraphsConfig:
+    """METHODS §4."""
+
+    edge_fraction: float = 0.1
+    null_shuffles: int = 20       # shuffled-weight null draws per layer; layers.csv gets their mean, SD, 2.5/97.5%
+    max_channels: Optional[int] = None  # null = every channel; a number = graphs on the first max_channels only
+
+
+@dataclass
+class GradientsConfig:
+    """METHODS §5."""
+
+    enabled: bool = True
+    max_patch_dim: int = 4608     # layers with larger conv patches (Cin·k·k) are skipped
+    sigma_rows: int = 8192        # rows used for Σ_X (only a normaliser of the whitened cosine)
+
+
+@dataclass
+class AxesKnobs:
+    """The top-level keys that say how the axes are measured, shared by every stage so that an
+    overlay (experiment=demo sets capture.n_cal) composes everywhere and prune.py computes a score
+    that needs the axes with the same knobs analyze.py caches."""
+
+    device: str = "auto"          # auto = cuda when available, else cpu
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    graphs: GraphsConfig = field(default_factory=GraphsConfig)
+    gradients: GradientsConfig = field(default_factory=GradientsConfig)
+    plots: bool = True
+
+
+# ------------------------------------------------------------------ analysis=<name> (one block each)
+@dataclass
+class AxesAnalysis:
+    """The two axes for every channel, their alignment and groupings (always computed and cached)."""
+
+    recompute: bool = False       # axes.csv computed with these settings is reused (a re-run skips it); true: redo
+
+
+@dataclass
+class LesionAnalysis:
+    """METHODS §8: the damage of zeroing one channel (filter, bias, BN γ and β) on a held-out test
+    subset, how much of it a linear stand-in from the channel's peers recovers, which axis predicts it."""
+
+    layers: Any = None            # conv layer name(s); null = every analysed layer (capture.layers)
+    # channels lesioned per layer, a seeded sample: auto = 64 (every channel of a smaller layer);
+    # N = exactly N (an error where a layer has fewer); all = every one
+    channels: Any = "auto"
+    seed: int = 0                 # channel sample, evaluation subset and bootstrap
+    eval_samples: Optional[int] = 1000  # images of the test split (seeded subset); null = the whole test split
+    replace: Any = field(default_factory=lambda: ["hull", "all"])  # peer replacement variant(s): hull, all
+    min_damage: float = 1.0e-4    # recovery is NaN when the lesion raises the loss by less than this
+    # analysis
+    n_bins: int = 5               # task_info (I_T) quantile bins for the within-bin Spearman
+    predictors: Optional[List[str]] = field(default_factory=lambda: [
+        "input_capture", "peer_overlap", "full_explained", "hull_score", "l1", "taylor", "task_info"])
+    # the model the peer terms must improve on, and the peer terms: incremental R² of these over base_terms
+    base_terms: Any = field(default_factory=lambda: ["input_capture", "task_info"])
+    peer_terms: Any = field(default_factory=lambda: ["full_explained", "hull_score"])
+    # rank (within-layer percentile ranks of damage and predictors: layers' damage scales and a few
+    # huge damages cannot carry the fit) | raw; the other is reported too
+    r2_scale: str = "rank"
+    n_boot: int = 2000            # bootstrap replicates of the ΔR² CI
+    taylor_images: int = 1024     # calibration images for the Taylor predictor (Σ|w·∂L/∂w|); 0 = skip it
+    # execution
+    batch_size: int = 256         # evaluation images per prefix pass
+    # lesion × image rows per batched pass; auto = 8192 on a GPU, 1024 on a CPU (lower it, or max_gb, for 224 px)
+    max_rows: Any = "auto"
+    max_gb: float = 2.0           # memory for the repeated activations of one pass
+    resume: bool = True           # reuse finished layers from analyze/lesion_parts/ when nothing changed
+
+
+@dataclass
+class PropagationAnalysis:
+    """METHODS §7: route each upstream channel's I_X / I_T through the influence between directly linked
+    conv layers and correlate with the receiving channel's own, against a shuffled-weights null."""
+
+    null_draws: int = 20          # seeded shuffles per pair; null_rho is their mean ρ (0 = no null)
+    # weights: each receiver's |W| reassigned to random upstream channels | columns: one permutation
+    # of A's columns per draw (shuffled upstream labels)
+    null_mode: str = "weights"
+    seed: int = 0
+    # main: a receiver behind a residual add is linked to the add's main-branch conv (METHODS §7;
+    # ResNet-18: 19 pairs) | skip: within-block links only (9 pairs)
+    residual: str = "main"
+
+
+@dataclass
+class DynamicsAnalysis:
+    """METHODS §6: per checkpointed epoch, ρ(I_X, I_T), modularity gap, mean hull size, saturated-hull
+    fraction, S3/S2 on the calibration subset of capture.*."""
+
+    layers: Any = None            # conv layer name(s); null = k depth-spaced layers
+    k: int = 6
+    include_shortcuts: bool = False     # may the depth-spaced pick include 1x1 shortcut convs
+    epochs: Any = None            # null = every checkpointed epoch; N = every N-th (the last always); or a list
+    # null = this run only; a list of seeds = the same experiment/data/model with seed= changed
+    # (stored results are read, missing epochs computed): mean ± SD
+    seeds: Any = None
+    target: str = "epoch"         # T of each epoch's own network (epoch) | of the final network (final)
+    # shuffled-graph nulls per layer and epoch (§6 reads only the modularity gap; each costs a
+    # greedy-modularity run); no null_* columns when 0
+    null_shuffles: int = 0
+    # false: a run without per-epoch checkpoints skips dynamics (noted) instead of failing
+    required: bool = True
+
+
+@dataclass
+class LinearGaussianAnalysis:
+    """METHODS §5: a synthetic linear-Gaussian layer trained by gradient descent."""
+
+    input_dim: int = 128
+    channels: int = 64
+    steps: int = 1200
+    lr: float = 0.01
+    eval_every: int = 100
+    seed: int = 0
+
+
+#: analysis option (conf/analysis/<name>.yaml) -> the schema of its block ``analysis.<name>``,
+#: stored as ``analysis/base_<name>``
+ANALYSES: dict[str, type] = {
+    "axes": AxesAnalysis, "lesion": LesionAnalysis, "propagation": PropagationAnalysis,
+    "dynamics": DynamicsAnalysis, "linear_gaussian": LinearGaussianAnalysis,
+}
+
+
+def analysis_block(cfg: DictConfig, name: str) -> DictConfig:
+    """``analysis.<name>`` of ``cfg``; its schema's defaults where that analysis is not selected
+    (another analysis, or prune.py, reads its knobs)."""
+    block = OmegaConf.select(cfg, f"analysis.{name}")
+    return block if block is not None else OmegaConf.structured(ANALYSES[name])

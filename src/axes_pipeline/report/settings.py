@@ -1,0 +1,21 @@
+"""The typed ``report`` block of report.py (the one source of its defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+
+@dataclass
+class ReportConfig:
+    """One report over every run below the sweep directory (default: multirun/<name>, else runs/<name>)."""
+
+    sweep: Optional[str] = None
+    runs: Optional[List[str]] = None   # explicit run directories instead of a sweep
+    out: Optional[str] = None          # default: <sweep>/report
+    accuracy: str = "acc_before_ft"    # acc_before_ft | acc_after_ft
+    min_seeds: int = 3                 # below this the paired test is "not possible"
+    n_boot: int = 10000
+    test: str = "wilcoxon"             # wilcoxon | permutation
+    ci: str = "bca"                    # bca | percentile: the paired bootstrap CI (scipy.stats.bootstrap)
+    seed: int = 0
