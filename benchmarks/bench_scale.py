@@ -108,6 +108,10 @@ def axes_child(spec: dict) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
+    from axes_pipeline.config import register_schemas
+
+    register_schemas()
+
     import axes_pipeline.analyses.axes_table as at
     import axes_pipeline.config  # noqa: F401  (resolvers)
     from axes_pipeline.analyses.analyze import run_analysis

@@ -11,7 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import axes_pipeline.config  # noqa: F401  (resolvers)
+from axes_pipeline.config import register_schemas
+
+register_schemas()   # the typed config groups, before any test composes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")

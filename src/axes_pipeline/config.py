@@ -140,13 +140,13 @@ STAGES: dict[str, type[StageConfig]] = {
 
 
 def register_schemas() -> None:
-    # Every composition (entry points, tests, check_composes) imports this module first.
+    """Store the typed schemas in Hydra's ConfigStore (:mod:`axes_pipeline.schema`). Called before
+    the first composition (``hydra_entry``, the tests' conftest, benchmarks), not at import: the
+    schemas live in their rooms, which import torch and Lightning (seconds), and a mistake
+    :func:`axes_pipeline.tasks.check_command_line` can name needs none of them."""
     from axes_pipeline.schema import register
 
     register()
-
-
-register_schemas()
 
 
 def run_dir(cfg: DictConfig) -> Path:

@@ -21,7 +21,7 @@ from typing import Callable
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from axes_pipeline.config import _mode, check_name, check_seed, run_dir
+from axes_pipeline.config import _mode, register_schemas, check_name, check_seed, run_dir
 from axes_pipeline.errors import UserError, unknown_name
 
 log = logging.getLogger("axes_pipeline")
@@ -170,6 +170,7 @@ def hydra_entry(config_name: str, config_path: str = "conf"):
         def main():
             try:
                 check_command_line(conf_dir, sys.argv[1:])
+                register_schemas()
                 check_composes(conf_dir, config_name, sys.argv[1:])
             except UserError as err:
                 print(f"error: {err}", file=sys.stderr)
