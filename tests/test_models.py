@@ -340,10 +340,13 @@ def test_pretrained_downloads_into_the_hub_cache_on_first_use(imagenet_resnet18_
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_hydra_config_builds(name):
+def test_hydra_config_builds(name, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    from .conftest import make_cfg
+
+    cfg = make_cfg("train", [f"model={name}"], tmp_path).model   # the YAML over its typed schema
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     keys = set(cfg) - {"_target_", "_partial_", "name", "width", "pretrained", "weights", "recipe"}
     assert keys == set(model_knobs(name)), "config knobs and build_model knobs differ"
     assert cfg.name == name and cfg.pretrained is False and cfg.weights is None

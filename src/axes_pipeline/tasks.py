@@ -111,7 +111,9 @@ def _added_to_schema(cfg, args: list[str], conf_dir: Path) -> str | None:
         parent = o.key_or_group.rpartition(".")[0]
         node = OmegaConf.select(cfg, parent) if parent else cfg
         schema = OmegaConf.get_type(node) if OmegaConf.is_dict(node) else None
-        if schema is not None and dataclasses.is_dataclass(schema):
+        field = o.key_or_group.rpartition(".")[2]
+        # a field the schema declares (left null, e.g. trainer.limit_train_batches) takes `+` as Hydra does
+        if schema is not None and dataclasses.is_dataclass(schema) and field not in {f.name for f in dataclasses.fields(schema)}:
             return (f"+{o.key_or_group}: {parent or 'the config'} is typed ({schema.__module__}.{schema.__name__}) "
                     f"and takes no new keys; check the name")
     return None
