@@ -20,101 +20,122 @@ form ``w' g_T`` (returned as ``w_dot_g``, normalised) is cheaper but checks less
 construction whenever D is computed as ``w' Sigma_X w``.
 
 Sigma_X w never needs the (huge) patch covariance: ``Cov(x_patch, y_i) = X'(Y_i - mean)/(N-1)``
-(:class:`PatchMomentAccumulator`); Sigma_X itself is only formed when D is small enough.
+(:class:`PatchMoments`, streamed by :class:`~axes_pipeline.metrics.moments.Moments`); Sigma_X itself
+is only formed when D is small enough, on a subsample of rows.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from axes_pipeline.errors import UserError
-
-_FLOAT = (torch.float32, torch.float64)
+from axes_pipeline.metrics.moments import Moments
 
 #: Above this patch dimension ``patch_moments`` does not form Sigma_X unless asked to.
 MAX_SIGMA_X_DIM = 4096
 
 
-class PatchMomentAccumulator:
-    """Streams ``Cov(x, y_i)`` (= Sigma_X w_i), ``Cov(x, T)`` and optionally Sigma_X.
+@dataclass
+class PatchMoments:
+    """The streamed input-patch moments of one conv layer, each a :class:`Moments`.
 
-    ``update(x_patches [n, D], y [n, C], t [n])`` per batch, ``compute()`` at the end. Each
-    batch is centred on its own mean and merged with Chan's formula in float64, like
-    :class:`~axes_pipeline.metrics.gaussian.MomentAccumulator`.
+    Over all N rows: ``xy`` (x_patch vs y, ``[D, C]``: Cov(x, y_i) = Σ_X w_i) and ``xt`` (x_patch
+    vs T, ``[D, 1]``). Σ_X costs N·D² and is kept over the first ``sigma_rows`` rows only (``sxx``),
+    with the cross moments of those same rows (``sxy``, ``sxt``): the whitened cosine is 0 only when
+    Σ_X w and Σ_X come from one sample, so it is computed from that subsample
+    (:meth:`whitened_moments`). ``sxx``/``sxy``/``sxt`` are None when Σ_X is not formed.
     """
 
-    def __init__(self, with_sigma_x: bool = False, dtype: torch.dtype = torch.float64) -> None:
-        self.with_sigma_x = with_sigma_x
-        self.dtype = dtype
-        self.count = 0
-        self.mean_x = self.mean_y = self.mean_t = None
-        self.m_xy = self.m_xt = self.m_xx = None
+    xy: Moments
+    xt: Moments
+    sxx: Moments | None = None
+    sxy: Moments | None = None
+    sxt: Moments | None = None
 
-    def update(self, x_patches: Tensor, y: Tensor, t: Tensor) -> None:
-        """Add a batch: ``x_patches: [n, D]``, ``y: [n, C]`` (the channels' outputs), ``t: [n]``."""
-        if x_patches.dim() != 2 or y.dim() != 2 or t.dim() != 1:
-            raise UserError(f"patch moments need x [n, D], y [n, C], t [n]; got {tuple(x_patches.shape)}, "
+    @classmethod
+    def empty(cls, with_sigma_x: bool) -> "PatchMoments":
+        sub = (Moments(upper=True), Moments(), Moments()) if with_sigma_x else (None, None, None)
+        return cls(Moments(), Moments(), *sub)
+
+    def update(self, x: Tensor, y: Tensor, t: Tensor) -> None:
+        """Add rows ``x: [n, D]``, ``y: [n, C]``, ``t: [n]`` (float64 products; Σ_X on every row)."""
+        if x.dim() != 2 or y.dim() != 2 or t.dim() != 1:
+            raise UserError(f"patch moments need x [n, D], y [n, C], t [n]; got {tuple(x.shape)}, "
                             f"{tuple(y.shape)}, {tuple(t.shape)}")
-        n = x_patches.shape[0]
-        if y.shape[0] != n or t.shape[0] != n:
-            raise UserError(f"x, y and t must have the same number of samples, got {n}, {y.shape[0]}, {t.shape[0]}")
-        if n == 0:
-            return
-        x = x_patches.to(self.dtype)
-        yy = y.to(self.dtype)
-        tt = t.to(self.dtype)
-        mx, my, mt = x.mean(0), yy.mean(0), tt.mean()
-        if not (bool(torch.isfinite(mx).all()) and bool(torch.isfinite(my).all()) and bool(torch.isfinite(mt))):
-            raise UserError("patches, channel outputs or target contain NaN/Inf; gradient cosines need finite values")
-        xc, yc, tc = x - mx, yy - my, tt - mt
-        m_xy, m_xt = xc.T @ yc, xc.T @ tc
-        m_xx = xc.T @ xc if self.with_sigma_x else None
-        if self.count == 0:
-            self.count, self.mean_x, self.mean_y, self.mean_t = n, mx, my, mt
-            self.m_xy, self.m_xt, self.m_xx = m_xy, m_xt, m_xx
-            return
-        na, nb = self.count, n
-        tot = na + nb
-        f = na * nb / tot
-        dx, dy, dt = mx - self.mean_x, my - self.mean_y, mt - self.mean_t
-        self.m_xy = self.m_xy + m_xy + torch.outer(dx, dy) * f
-        self.m_xt = self.m_xt + m_xt + dx * dt * f
-        if self.with_sigma_x:
-            self.m_xx = self.m_xx + m_xx + torch.outer(dx, dx) * f
-        self.mean_x = self.mean_x + dx * (nb / tot)
-        self.mean_y = self.mean_y + dy * (nb / tot)
-        self.mean_t = self.mean_t + dt * (nb / tot)
-        self.count = tot
+        if not (y.shape[0] == t.shape[0] == x.shape[0]):
+            raise UserError(f"x, y and t must have the same number of samples, got {x.shape[0]}, {y.shape[0]}, "
+                            f"{t.shape[0]}")
+        x, y, t = x.double(), y.double(), t.double()[:, None]
+        for acc, v in ((self.xy, y), (self.xt, t), (self.sxy, y), (self.sxt, t)):
+            if acc is not None:
+                acc.update(x, v)
+        if self.sxx is not None:
+            self.sxx.update(x)
 
-    def compute(self) -> dict[str, Tensor]:
-        """``sx_w: [C, D]`` (row i = Cov(x, y_i) = Sigma_X w_i), ``c: [D]`` = Cov(x, T), and
-        ``sigma_x: [D, D]`` when accumulated; unbiased (divisor N-1)."""
-        if self.count < 2:
-            raise UserError(f"need at least 2 samples for patch moments, got {self.count}")
-        k = self.count - 1
-        out = {"sx_w": (self.m_xy / k).T.contiguous(), "c": self.m_xt / k}
-        if self.with_sigma_x:
-            s = self.m_xx / k
-            out["sigma_x"] = 0.5 * (s + s.T)
+    @property
+    def n(self) -> int:
+        return self.xy.count
+
+    @property
+    def rows_xx(self) -> int:
+        return 0 if self.sxx is None else self.sxx.count
+
+    def cov_xy(self) -> Tensor:
+        """Cov(x_patch, y) = Σ_X w for a pre-BN channel: ``[D, C]``."""
+        return self.xy.compute()
+
+    def cov_xt(self) -> Tensor:
+        """Cov(x_patch, T): ``[D]``."""
+        return self.xt.compute()[:, 0]
+
+    def sigma_x(self) -> Tensor | None:
+        """Σ_X over the subsample ``[D, D]``, or None (not formed, or fewer than 2 rows)."""
+        return self.sxx.compute() if self.rows_xx >= 2 else None
+
+    def whitened_moments(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(Cov(x, y) [D, C], Cov(x, T) [D], Σ_X [D, D]) all over the Σ_X subsample, or None."""
+        sigma = self.sigma_x()
+        if sigma is None:
+            return None
+        return self.sxy.compute(), self.sxt.compute()[:, 0], sigma
+
+    def free_sigma_x(self) -> None:
+        """Drop the subsample's accumulators (Σ_X is up to 4608² float64, 170 MB)."""
+        self.sxx = self.sxy = self.sxt = None
+
+    def cosines(self, weight: Tensor, with_whitened: bool = True) -> dict[str, Tensor]:
+        """Per-channel gradient cosines of the conv with ``weight`` (METHODS §5): ``cos_euclid``
+        ``[C]`` and, where Σ_X was kept, ``cos_whitened`` ``[C]`` (the built-in ≈ 0 check)."""
+        w = weight.detach().double().flatten(1).to(self.xy.state.device)
+        out = {"cos_euclid": gradient_cosines(self.cov_xy().T.contiguous(), self.cov_xt(), w)["cos_euclid"].cpu()}
+        sub = self.whitened_moments() if with_whitened else None
+        if sub is not None:  # Σ_X w and Σ_X from the same rows, so this must be ≈ 0
+            cxy, cxt, sigma = sub
+            out["cos_whitened"] = gradient_cosines(cxy.T.contiguous(), cxt, w, sigma)["cos_whitened"].cpu()
         return out
 
 
 def patch_moments(x_patches: Tensor, y: Tensor, t: Tensor, *, with_sigma_x: bool | None = None,
                   chunk: int = 65536) -> dict[str, Tensor]:
-    """One-shot :class:`PatchMomentAccumulator` over ``x_patches: [N, D]``, ``y: [N, C]``, ``t: [N]``.
-
-    ``with_sigma_x=None`` forms Sigma_X only when ``D <= MAX_SIGMA_X_DIM``. Processes ``chunk``
-    rows at a time so float64 copies stay small.
-    """
+    """Patch moments of ``x_patches: [N, D]``, ``y: [N, C]``, ``t: [N]`` in one call (streamed in
+    ``chunk`` rows): ``sx_w: [C, D]`` (row i = Cov(x, y_i) = Σ_X w_i), ``c: [D]`` = Cov(x, T) and,
+    with ``with_sigma_x`` (default: when ``D <= MAX_SIGMA_X_DIM``), ``sigma_x: [D, D]``; unbiased."""
     if with_sigma_x is None:
         with_sigma_x = x_patches.shape[-1] <= MAX_SIGMA_X_DIM
-    acc = PatchMomentAccumulator(with_sigma_x=with_sigma_x)
+    acc = PatchMoments(Moments(), Moments(), Moments(upper=True) if with_sigma_x else None)
     for s in range(0, x_patches.shape[0], chunk):
         acc.update(x_patches[s:s + chunk], y[s:s + chunk], t[s:s + chunk])
-    return acc.compute()
+    if acc.n < 2:
+        raise UserError(f"need at least 2 samples for patch moments, got {acc.n}")
+    out = {"sx_w": acc.cov_xy().T.contiguous(), "c": acc.cov_xt()}
+    if with_sigma_x:
+        s = acc.sigma_x()
+        out["sigma_x"] = 0.5 * (s + s.T)
+    return out
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
