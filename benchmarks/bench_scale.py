@@ -2,7 +2,8 @@
 each against its floor measured in the same run.
 
     python benchmarks/bench_scale.py [--models resnet18 vgg16 mobilenetv2] [--n-cal 2000]
-                                     [--prune-images 1000] [--quick] [--out DIR] [--json PATH]
+                                     [--stages axes rest prune] [--prune-images 1000] [--quick]
+                                     [--out DIR] [--json PATH]
 
 Per model (random-pixel CIFAR-100-format data written to ``--out``; a 2-batch training run gives
 the checkpoints: timing and memory do not depend on training):
@@ -19,6 +20,7 @@ the checkpoints: timing and memory do not depend on training):
   point the median total time against its evaluation pass (the floor; ratio), wall, peak RSS.
 - ``disk``: the run directory after all of it.
 
+``--stages``: which of ``axes``, ``rest`` (analyze_rest), ``prune`` to run (default all).
 ``--quick``: ResNet-18 only, 400 calibration images, 200 pruning images (a smoke run).
 Prints a table and writes everything to ``--json``.
 """
@@ -39,6 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("resnet18", "vgg16", "mobilenetv2")
 TARGETS = "[0.7,0.5,0.3]"
+STAGES = ("axes", "rest", "prune")
 
 
 def write_fake_cifar100(root: Path, n_train: int, n_test: int) -> None:
@@ -191,26 +194,42 @@ def bench_model(model: str, args) -> dict:
     print(f"== {model}: training 2 batches (checkpoints only)", flush=True)
     run_child([*py, "train.py", *ov_train, "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
                "+trainer.limit_test_batches=2"])
-    print(f"== {model}: axes stage vs its floor", flush=True)
-    child = run_child([*py, __file__, "--_axes-child", json.dumps({"overrides": ov})])
-    res["axes"] = json.loads(child["stdout"].strip().splitlines()[-1])
-    res["axes"]["child_wall_s"] = child["wall_s"]
-    print(f"   {res['axes']}", flush=True)
+    if "axes" in args.stages:
+        print(f"== {model}: axes stage vs its floor", flush=True)
+        child = run_child([*py, __file__, "--_axes-child", json.dumps({"overrides": ov})])
+        res["axes"] = json.loads(child["stdout"].strip().splitlines()[-1])
+        res["axes"]["child_wall_s"] = child["wall_s"]
+        print(f"   {res['axes']}", flush=True)
+    if "rest" in args.stages:
+        res["analyze_rest"] = analyze_rest(model, ov, args)
+    if "prune" in args.stages:
+        res["prune"] = prune_stage(model, ov, args)
+        res["disk_mb"] = round(dir_bytes(res["prune"].pop("run_dir")) / 1e6, 1)
+    return res
+
+
+def analyze_rest(model: str, ov: list[str], args) -> dict:
+    py = [sys.executable]
     print(f"== {model}: analyze.py analysis=all (lesions limited)", flush=True)
     rest = run_child([*py, "analyze.py", *ov, "analysis=all", f"analysis.lesion.channels={args.lesion_channels}",
                       "analysis.lesion.eval_samples=200", "analysis.lesion.taylor_images=128",
                       "analysis.lesion.n_boot=200", "plots=false"] + (
                           [f"analysis.lesion.layers=[{args.lesion_layers}]"] if args.lesion_layers else []))
-    res["analyze_rest"] = {k: rest[k] for k in ("wall_s", "peak_rss_gb")}
-    print(f"   {res['analyze_rest']}", flush=True)
+    out = {k: rest[k] for k in ("wall_s", "peak_rss_gb")}
+    print(f"   {out}", flush=True)
+    return out
+
+
+def prune_stage(model: str, ov: list[str], args) -> dict:
+    py = [sys.executable]
+    out = Path(args.out)
     print(f"== {model}: prune.py, every score at 3 targets", flush=True)
     pr = run_child([*py, "prune.py", *ov, f"pruning.targets={TARGETS}", f"pruning.eval_samples={args.prune_images}",
                     "pruning.latency=false", "pruning.random_draws=1", "plots=false"])
     run_dir = next(p.parent for p in (out / "runs").rglob("prune") if p.is_dir() and model in str(p))
-    res["prune"] = {"wall_s": pr["wall_s"], "peak_rss_gb": pr["peak_rss_gb"], **prune_ratios(run_dir)}
-    print(f"   {res['prune']}", flush=True)
-    res["disk_mb"] = round(dir_bytes(run_dir) / 1e6, 1)
-    return res
+    res = {"wall_s": pr["wall_s"], "peak_rss_gb": pr["peak_rss_gb"], **prune_ratios(run_dir)}
+    print(f"   {res}", flush=True)
+    return {**res, "run_dir": run_dir}
 
 
 def lesion_layers_for(model: str) -> str:
@@ -222,6 +241,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--n-cal", type=int, default=2000)
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--prune-images", type=int, default=1000)
     ap.add_argument("--lesion-channels", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="ResNet-18 only, 400 calibration / 200 pruning images")
@@ -244,11 +264,14 @@ def main() -> int:
         rows.append(bench_model(model, args))
     print(f"\n{'model':12} {'floor s':>8} {'axes s':>8} {'capture':>8} {'graphs':>7} {'axes/floor':>10} "
           f"{'peak GB':>8} {'cache MB':>9} {'old MB':>8} {'rest s':>7} {'point/eval':>10} {'disk MB':>8}")
+    nan = float("nan")
     for r in rows:
-        a, p = r["axes"], r["prune"]
-        print(f"{r['model']:12} {a['floor_s']:8.1f} {a['axes_stage_s']:8.1f} {a['capture_s']:8.1f} {a['graphs_s']:7.1f} "
-              f"{a['ratio_to_floor']:10.2f} {a['peak_rss_gb']:8.2f} {a['cache_mb']:9.1f} {a['old_cache_mb']:8.0f} "
-              f"{r['analyze_rest']['wall_s']:7.0f} {p['ratio_to_floor']:10.2f} {r['disk_mb']:8.0f}")
+        a = r.get("axes", {})
+        g = lambda d, k: d.get(k, nan)  # noqa: E731 - a stage not run prints nan
+        print(f"{r['model']:12} {g(a, 'floor_s'):8.1f} {g(a, 'axes_stage_s'):8.1f} {g(a, 'capture_s'):8.1f} "
+              f"{g(a, 'graphs_s'):7.1f} {g(a, 'ratio_to_floor'):10.2f} {g(a, 'peak_rss_gb'):8.2f} "
+              f"{g(a, 'cache_mb'):9.1f} {g(a, 'old_cache_mb'):8.0f} {g(r.get('analyze_rest', {}), 'wall_s'):7.0f} "
+              f"{g(r.get('prune', {}), 'ratio_to_floor'):10.2f} {r.get('disk_mb', nan):8.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

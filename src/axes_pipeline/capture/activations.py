@@ -326,7 +326,7 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
                         seed: int = 0, patch_moments: bool = False, max_patch_dim: int = 4608,
                         sigma_rows: int = 8192, device: str | torch.device = "cpu",
                         progress: bool = True, keep_samples: bool = True,
-                        stream_moments: bool | None = None) -> Capture:
+                        stream_moments: bool | None = None, target_values: torch.Tensor | None = None) -> Capture:
     """Run ``model`` once over ``loader`` and record the sampled activations of ``units``.
 
     ``units``: {layer name: ConvUnit} (the conv, the norm after it, the activation after that).
@@ -334,7 +334,8 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     N = images · s, or images with ``gap``) and the patch moments; the lean form (False) keeps
     only the streamed moments and the gradient cosines. ``stream_moments`` (default: when the
     samples are not kept) streams the covariance; with samples kept it is an extra float64 pass
-    that :meth:`Capture.cov` does not need.
+    that :meth:`Capture.cov` does not need. ``target_values``: T of every calibration image in the
+    loader's order, used instead of the network's own (``dynamics.target=final``).
     """
     if point not in POINTS:
         raise unknown_name("activation point (capture.point)", point, POINTS)
@@ -355,7 +356,8 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
         for x, y in tqdm(loader, desc=f"capture ({len(units)} layers)", disable=None if progress else True, leave=False):
             x, y = x.to(device), y.to(device)
             logits = model(x)
-            t = target_from_logits(logits, y, target)
+            t = target_from_logits(logits, y, target) if target_values is None else \
+                target_values[seen: seen + len(y)].to(device=logits.device, dtype=torch.float32)
             if not bool(torch.isfinite(t).all()):
                 # name the first layer that went non-finite (the cause), else blame the logits
                 for r in recorders.values():
