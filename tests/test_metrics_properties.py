@@ -184,6 +184,7 @@ def test_bad_knobs_raise_user_error(kwargs, match):
         channel_axes(acts, target, **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore:.*called before the ..update.. method")
 def test_bad_shapes_raise_user_error():
     acts, target = _layer(n=50, c=6)
     with pytest.raises(UserError, match=r"\[N, C\]"):

@@ -143,8 +143,8 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _sigma_solver(sigma_x: Tensor, ridge: float) -> Callable[[Tensor], Tensor]:
-    """``v -> (Sigma_X + ridge * mean(diag) I)^-1 v`` via one Cholesky (columns of ``v: [D, k]``)."""
+def _cholesky_factor(sigma_x: Tensor, ridge: float) -> Tensor:
+    """Lower L with ``L L' = Sigma_X + ridge * mean(diag) I`` (float64)."""
     s = sigma_x.to(torch.float64)
     scale = float(torch.diagonal(s).mean().clamp(min=torch.finfo(torch.float64).tiny))
     jitter = ridge * scale
@@ -156,7 +156,7 @@ def _sigma_solver(sigma_x: Tensor, ridge: float) -> Callable[[Tensor], Tensor]:
         chol, info = torch.linalg.cholesky_ex(a)
         del a
         if int(info) == 0:
-            return lambda v: torch.cholesky_solve(v.to(torch.float64), chol)
+            return chol
         jitter = max(jitter * 100.0, 1e-12 * scale)
     raise UserError("input covariance Sigma_X is not positive semi-definite; check the patch extraction")
 
@@ -197,13 +197,21 @@ def gradient_cosines(
     cos_e = _safe_div((u * g).sum(1), u.norm(dim=1) * g.norm(dim=1))
     w_dot_g = _safe_div((ww * g).sum(1), ww.norm(dim=1) * g.norm(dim=1))
     out = {"cos_euclid": cos_e, "w_dot_g": w_dot_g, "b": b, "signal": sig}
-    if sigma_x is not None:
-        solve = sigma_x if callable(sigma_x) else _sigma_solver(sigma_x, ridge)
-        zu = solve(u.T).T  # Sigma_X^-1 u, [C, D]
-        zg = solve(g.T).T
+    if callable(sigma_x):
+        zu = sigma_x(u.T).T  # Sigma_X^-1 u, [C, D]
+        zg = sigma_x(g.T).T
         inner = (u * zg).sum(1)
         nu = (u * zu).sum(1).clamp(min=0).sqrt()
         ng = (g * zg).sum(1).clamp(min=0).sqrt()
+    elif sigma_x is not None:
+        # u' Sigma_X^-1 g = (L^-1 u)'(L^-1 g): one triangular solve per side, half a full solve
+        chol = _cholesky_factor(sigma_x, ridge)
+        zu = torch.linalg.solve_triangular(chol, u.T, upper=False)  # [D, C]
+        zg = torch.linalg.solve_triangular(chol, g.T, upper=False)
+        del chol
+        inner = (zu * zg).sum(0)
+        nu, ng = zu.norm(dim=0), zg.norm(dim=0)
+    if sigma_x is not None:
         out["cos_whitened"] = torch.where(dead, torch.zeros_like(inner), _safe_div(inner, nu * ng))
     out["cos_euclid"] = torch.where(dead, torch.zeros_like(cos_e), cos_e)
     out["w_dot_g"] = torch.where(dead, torch.zeros_like(w_dot_g), w_dot_g)
