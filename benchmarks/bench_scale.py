@@ -11,7 +11,8 @@ the checkpoints: timing and memory do not depend on training):
 - ``axes``: the axes stage as analyze.py runs it (capture of ``--n-cal`` images, then axes,
   graphs with the default 20-draw null, hulls, triplets, gradient cosines), in a child process:
   its wall time, the capture part, the graph part, and the **floor**: one plain forward pass over
-  the same calibration images. Ratio = axes stage / floor (goal ≤ 1.5). Peak RSS of that child
+  the same calibration images. Ratio = axes stage / floor (goal ≤ 1.5), in wall and in CPU seconds
+  (on a shared machine the CPU ratio is the one to trust). Peak RSS of that child
   (goal ≤ 2.5 GB for ResNet-18) and the cache file on disk (goal ≤ 300 MB), next to what the
   old full-sample cache would have held for the same capture.
 - ``analyze_rest``: ``analyze.py analysis=all`` on top (lesions limited to
@@ -127,13 +128,13 @@ def axes_child(spec: dict) -> dict:
     loader = dm.loader(dm.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform),
                        batch_size=int(c.batch_size))
     model = trained.model.to(device).eval()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():                 # the floor: the same images, one plain forward pass
         for x, _ in loader:
             model(x.to(device))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    floor = time.perf_counter() - t0
+    floor, floor_cpu = time.perf_counter() - t0, time.process_time() - c0
     model.cpu()
     peak = {"floor": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -160,15 +161,19 @@ def axes_child(spec: dict) -> dict:
     an.get_capture = at.get_capture
     for stale in (Path(trained.run_dir) / "analyze").glob("cache/capture-*.pt"):
         stale.unlink()        # time a fresh capture, not a cached one
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_analysis(cfg)
-    stage = time.perf_counter() - t0
+    stage, stage_cpu = time.perf_counter() - t0, time.process_time() - c0
     units = at.select_units(trained.model, c.layers)
     cache = sorted((Path(trained.run_dir) / "analyze").glob("cache/capture-*.pt"))
     n = int(c.n_cal) * (1 if c.spatial == "gap" else int(c.samples_per_image))
     return {"floor_s": round(floor, 2), "axes_stage_s": round(stage, 2), "capture_s": round(times["capture"], 2),
             "graphs_s": round(times["graphs"], 2), "ratio_to_floor": round(stage / floor, 2),
             "graphs_share": round(times["graphs"] / stage, 3),
+            # CPU seconds of this process: with one torch thread, what the wall times would be on an
+            # idle machine (a shared machine stretches the wall times, not these)
+            "floor_cpu_s": round(floor_cpu, 2), "axes_stage_cpu_s": round(stage_cpu, 2),
+            "ratio_to_floor_cpu": round(stage_cpu / floor_cpu, 2),
             "cache_mb": round(sum(p.stat().st_size for p in cache) / 1e6, 2),
             "old_cache_mb": round(old_cache_bytes(units, n, cfg) / 1e6, 1),
             "channels": int(sum(u.conv.out_channels for u in units.values())), "layers": len(units),

@@ -382,13 +382,16 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
         if patches[name].n > 1:
             gradients[name] = recorders[name].gradient_cosines()
         if not keep_samples:   # free each layer's Σ_X (up to 170 MB) before the next one's solve
+            recorders[name].moments.release()
             recorders[name].moments = None
             del patches[name]
     moments, means = {}, {}
     for name, r in recorders.items():
         if r.acc is not None and r.acc.count > 1:
             moments[name], means[name] = r.acc.compute().cpu(), r.acc.mean.cpu()
-        r.acc = None
+        if r.acc is not None:
+            r.acc.reset()      # now, not whenever the cycle collector gets to the metric
+            r.acc = None
     cap = Capture(acts={}, target=None, image_index=None, knobs=knobs, accuracy=correct / max(1, seen),
                   moments=moments, means=means, n=seen * s, gradients=gradients,
                   per_image={name: int(r.per_image if r.per_image is not None else s) for name, r in recorders.items()})

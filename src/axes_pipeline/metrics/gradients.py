@@ -104,8 +104,19 @@ class PatchMoments:
         return self.sxy.compute(), self.sxt.compute()[:, 0], sigma
 
     def free_sigma_x(self) -> None:
-        """Drop the subsample's accumulators (Σ_X is up to 4608² float64, 170 MB)."""
+        """Drop the subsample's accumulators (Σ_X is up to 4608² float64, 170 MB). Reset first: a
+        Metric is freed by the cycle collector, not when its last reference goes, and its state
+        would live on until then."""
+        for acc in (self.sxx, self.sxy, self.sxt):
+            if acc is not None:
+                acc.reset()
         self.sxx = self.sxy = self.sxt = None
+
+    def release(self) -> None:
+        """Free every accumulator's state now (see :meth:`free_sigma_x`)."""
+        self.free_sigma_x()
+        self.xy.reset()
+        self.xt.reset()
 
     def cosines(self, weight: Tensor, with_whitened: bool = True) -> dict[str, Tensor]:
         """Per-channel gradient cosines of the conv with ``weight`` (METHODS §5): ``cos_euclid``
@@ -115,7 +126,8 @@ class PatchMoments:
         sub = self.whitened_moments() if with_whitened else None
         if sub is not None:  # Σ_X w and Σ_X from the same rows, so this must be ≈ 0
             cxy, cxt, sigma = sub
-            out["cos_whitened"] = gradient_cosines(cxy.T.contiguous(), cxt, w, sigma)["cos_whitened"].cpu()
+            out["cos_whitened"] = gradient_cosines(cxy.T.contiguous(), cxt, w, sigma,
+                                                   overwrite_sigma=True)["cos_whitened"].cpu()
         return out
 
 
@@ -143,18 +155,18 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _cholesky_factor(sigma_x: Tensor, ridge: float) -> Tensor:
-    """Lower L with ``L L' = Sigma_X + ridge * mean(diag) I`` (float64)."""
+def _cholesky_factor(sigma_x: Tensor, ridge: float, overwrite: bool = False) -> Tensor:
+    """Lower L with ``L L' = Sigma_X + jitter I`` (float64), jitter = ``ridge`` * mean(diag), grown
+    only if Sigma_X is numerically singular. ``overwrite``: the jitter goes onto ``sigma_x``'s own
+    diagonal (a caller that owns it saves a D×D copy: 170 MB at D = 4608, the capture's peak)."""
     s = sigma_x.to(torch.float64)
-    scale = float(torch.diagonal(s).mean().clamp(min=torch.finfo(torch.float64).tiny))
-    jitter = ridge * scale
-    for _ in range(8):  # grow the jitter only if Sigma_X is numerically singular
-        # the jitter added on a copy's diagonal, not as s + jitter·I: at D = 4608 each D×D
-        # temporary is 170 MB, and these set the capture's peak memory
-        a = s.clone()
-        a.diagonal().add_(jitter)
+    a = s if overwrite and s.data_ptr() == sigma_x.data_ptr() else s.clone()
+    scale = float(torch.diagonal(a).mean().clamp(min=torch.finfo(torch.float64).tiny))
+    jitter, added = ridge * scale, 0.0
+    for _ in range(8):
+        a.diagonal().add_(jitter - added)
+        added = jitter
         chol, info = torch.linalg.cholesky_ex(a)
-        del a
         if int(info) == 0:
             return chol
         jitter = max(jitter * 100.0, 1e-12 * scale)
@@ -168,6 +180,7 @@ def gradient_cosines(
     sigma_x: Tensor | Callable[[Tensor], Tensor] | None = None,
     *,
     ridge: float = 1e-10,
+    overwrite_sigma: bool = False,
 ) -> dict[str, Tensor]:
     """Cosines between the input-capture and task gradients of every channel of a layer.
 
@@ -178,6 +191,7 @@ def gradient_cosines(
         sigma_x: ``[D, D]`` input covariance, or a callable solving ``Sigma_X z = v`` for
             ``v: [D, k]``; ``None`` skips the whitened cosine.
         ridge: relative ridge (times mean diagonal of Sigma_X) of the whitened solve.
+        overwrite_sigma: the ridge may be added onto ``sigma_x`` in place (a caller's own copy).
 
     Returns ``[C]`` float64 tensors: ``cos_euclid`` = cos(Sigma_X w, g_T); ``cos_whitened``
     (only with ``sigma_x``) = the same in the Sigma_X^-1 metric, by an honest solve, ~0;
@@ -205,7 +219,7 @@ def gradient_cosines(
         ng = (g * zg).sum(1).clamp(min=0).sqrt()
     elif sigma_x is not None:
         # u' Sigma_X^-1 g = (L^-1 u)'(L^-1 g): one triangular solve per side, half a full solve
-        chol = _cholesky_factor(sigma_x, ridge)
+        chol = _cholesky_factor(sigma_x, ridge, overwrite_sigma)
         zu = torch.linalg.solve_triangular(chol, u.T, upper=False)  # [D, C]
         zg = torch.linalg.solve_triangular(chol, g.T, upper=False)
         del chol

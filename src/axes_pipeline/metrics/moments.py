@@ -11,7 +11,7 @@ offsets do not cancel (``E[uv'] − ū v̄'`` would lose every digit at a mean o
 The products of a batch run in the dtype of its rows: float64 rows give float64 products; float32
 rows (what a caller passes where precision allows) give float32 products of at most one batch,
 each added into the float64 sums. ``upper=True`` (``v = u`` only) accumulates the block upper
-triangle of ``u'u`` (10 of 16 blocks at P ≥ 256, no P×P temporary; the lower blocks are mirrored
+triangle of ``u'u`` (36 of 64 blocks at P ≥ 1024, no P×P temporary; the lower blocks are mirrored
 when read), which is what a 4608² Σ_X costs. ``weight`` counts a row as that many rows with the
 same ``u`` and ``v`` (the per-image sums of the T terms: T is one value per image).
 
@@ -36,12 +36,13 @@ _FLOAT = (torch.float32, torch.float64)
 
 
 def _gram_blocks(d: int) -> list[int]:
-    return [round(k * d / 4) for k in range(5)] if d >= 256 else [0, d]
+    k = 8 if d >= 1024 else 4 if d >= 256 else 1     # blocks wide enough to stay efficient GEMMs
+    return [round(i * d / k) for i in range(k + 1)]
 
 
 def _gram_upper_into(acc: Tensor, x: Tensor, weight: Tensor | None = None) -> None:
-    """``acc += x'x`` on the block upper triangle only, in place (Σ_X is symmetric: ~35% fewer
-    flops on the capture's largest product and no P×P temporary)."""
+    """``acc += x'x`` on the block upper triangle only, in place (Σ_X is symmetric: 36 of 64
+    blocks at P ≥ 1024, the capture's largest product, and no P×P temporary)."""
     xw = x if weight is None else x * weight[:, None]
     e = _gram_blocks(x.shape[1])
     for a0, a1 in zip(e[:-1], e[1:]):
@@ -94,6 +95,8 @@ class Moments(Metric):
     is_differentiable = False
 
     def __init__(self, *, upper: bool = False, **kwargs) -> None:
+        # no cached result: a cached Σ_X would hold another 170 MB for as long as the metric lives
+        kwargs.setdefault("compute_with_cache", False)
         super().__init__(**kwargs)
         self.upper = upper
         self.symmetric: bool | None = None    # v = u (a covariance), known at the first batch
