@@ -44,8 +44,8 @@ from axes_pipeline.capture import POSITIONS, capture_activations
 from axes_pipeline.config import run_dir_candidates
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
-from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
 from axes_pipeline.runs import file_digest, read_json, run_fingerprint, settings_diff, write_csv, write_json
+from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.tracking import progress as units_progress
 from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into

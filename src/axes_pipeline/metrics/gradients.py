@@ -57,7 +57,7 @@ class PatchMoments:
     sxt: Moments | None = None
 
     @classmethod
-    def empty(cls, with_sigma_x: bool) -> "PatchMoments":
+    def empty(cls, with_sigma_x: bool) -> PatchMoments:
         sub = (Moments(upper=True), Moments(), Moments()) if with_sigma_x else (None, None, None)
         return cls(Moments(), Moments(), *sub)
 

@@ -25,6 +25,7 @@ The whole state is one packed float64 tensor, so a data-parallel sync (``dist_re
 from __future__ import annotations
 
 from functools import partial
+from itertools import pairwise
 
 import torch
 from torch import Tensor
@@ -45,14 +46,14 @@ def _gram_upper_into(acc: Tensor, x: Tensor, weight: Tensor | None = None) -> No
     blocks at P ≥ 1024, the capture's largest product, and no P×P temporary)."""
     xw = x if weight is None else x * weight[:, None]
     e = _gram_blocks(x.shape[1])
-    for a0, a1 in zip(e[:-1], e[1:]):
+    for a0, a1 in pairwise(e):
         acc[a0:a1, a0:].addmm_(xw[:, a0:a1].T, x[:, a0:])
 
 
 def _mirror_upper(acc: Tensor) -> None:
     """Copy the upper off-diagonal blocks of :func:`_gram_upper_into` onto the lower ones."""
     e = _gram_blocks(acc.shape[0])
-    for a0, a1 in zip(e[:-1], e[1:]):
+    for a0, a1 in pairwise(e):
         acc[a1:, a0:a1] = acc[a0:a1, a1:].T
 
 
