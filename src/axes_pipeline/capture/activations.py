@@ -266,7 +266,7 @@ class _LayerRecorder:
         256) never exist whole. Cov(x, y) over all rows takes the float32 products of one chunk
         into float64 sums (cos_euclid moves by ~1e-8); the Σ_X subsample stays float64 throughout:
         the whitened cosine is a ~1e-8 check that float32 products move by ~1e-6."""
-        pos, H, W = self._pos
+        pos, _, W = self._pos
         B = pos.shape[0]
         k = self.per_image
         step = max(1, PATCH_ROWS // k)

@@ -26,8 +26,8 @@ is only formed when D is small enough, on a subsample of rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
