@@ -65,7 +65,7 @@ def test_weighted_rows_are_repeated_rows():
     _close(got, _slow_cross_covariance(np.repeat(u, w.astype(int), 0), np.repeat(v, w.astype(int), 0)))
 
 
-@pytest.mark.parametrize("p", [7, 300])
+@pytest.mark.parametrize("p", [7, 300, 1100])
 def test_upper_block_gram_equals_the_full_covariance(p):
     u, _ = _rows(n=400, p=p, offset=3.0)
     got = _stream(Moments(upper=True), u, sizes=(150, 250)).compute()

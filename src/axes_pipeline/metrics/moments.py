@@ -10,20 +10,25 @@ Numerics: sums are kept in float64 around a fixed *shift* (the mean of the first
 offsets do not cancel (``E[uv'] − ū v̄'`` would lose every digit at a mean of 1e4 over an SD of 1).
 The products of a batch run in the dtype of its rows: float64 rows give float64 products; float32
 rows (what a caller passes where precision allows) give float32 products of at most one batch,
-each added into the float64 sums. ``upper=True`` (``v = u`` only) accumulates the block upper
-triangle of ``u'u`` (36 of 64 blocks at P ≥ 1024, no P×P temporary; the lower blocks are mirrored
-when read), which is what a 4608² Σ_X costs. ``weight`` counts a row as that many rows with the
+each added into the float64 sums. ``upper=True`` (``v = u`` only) accumulates and stores only the
+block upper triangle of ``u'u`` (36 of 64 blocks at P ≥ 1024; the lower blocks are mirrored when
+read), which is what a 4608² Σ_X costs. ``weight`` counts a row as that many rows with the
 same ``u`` and ``v`` (the per-image sums of the T terms: T is one value per image).
 
 The whole state is one packed float64 tensor, so a data-parallel sync (``dist_reduce_fx``) and
-``merge_state`` merge two accumulators with Chan et al.'s parallel formula, whatever their shifts::
+``merge_state`` merge two accumulators with Chan et al.'s parallel formula, whatever their shifts
+(:func:`chan_reduce`). Its layout (:func:`_views`)::
 
     [0, 0] = n      [0, 2:] = shift_v     [1, 2:] = Σ (v − shift_v)
     [2:, 0] = shift_u                     [2:, 1] = Σ (u − shift_u)     [2:, 2:] = Σ (u − shift_u)(v − shift_v)'
+
+and with ``upper`` a flat vector (n, P, shift, Σ (u − shift), then the upper block strips of the
+gram row by row): 56% of a dense P×P at P ≥ 1024, which is what bounds the capture's memory.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from itertools import pairwise
 
@@ -41,48 +46,87 @@ def _gram_blocks(d: int) -> list[int]:
     return [round(i * d / k) for i in range(k + 1)]
 
 
-def _gram_upper_into(acc: Tensor, x: Tensor, weight: Tensor | None = None) -> None:
-    """``acc += x'x`` on the block upper triangle only, in place (Σ_X is symmetric: 36 of 64
-    blocks at P ≥ 1024, the capture's largest product, and no P×P temporary)."""
-    xw = x if weight is None else x * weight[:, None]
-    e = _gram_blocks(x.shape[1])
-    for a0, a1 in pairwise(e):
-        acc[a0:a1, a0:].addmm_(xw[:, a0:a1].T, x[:, a0:])
+@dataclass
+class _Views:
+    """Views into one packed state (writing to them writes the state)."""
+
+    n: Tensor                      # 0-dim
+    shift_u: Tensor
+    shift_v: Tensor
+    sum_u: Tensor
+    sum_v: Tensor
+    cross: Tensor | None           # [P, Q] Σ (u − shift_u)(v − shift_v)'; None with upper strips
+    strips: list[tuple[int, int, Tensor]]   # upper: (a0, a1, rows a0:a1, columns a0: of the gram)
 
 
-def _mirror_upper(acc: Tensor) -> None:
-    """Copy the upper off-diagonal blocks of :func:`_gram_upper_into` onto the lower ones."""
-    e = _gram_blocks(acc.shape[0])
-    for a0, a1 in pairwise(e):
-        acc[a1:, a0:a1] = acc[a0:a1, a1:].T
+def _new_state(p: int, q: int, upper: bool, device) -> Tensor:
+    if not upper:
+        return torch.zeros(p + 2, q + 2, dtype=torch.float64, device=device)
+    size = sum((a1 - a0) * (p - a0) for a0, a1 in pairwise(_gram_blocks(p)))
+    state = torch.zeros(2 + 2 * p + size, dtype=torch.float64, device=device)
+    state[1] = p
+    return state
 
 
-def _unpack(state: Tensor, upper: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(n, mean_u, mean_v, centred cross products) of one packed state."""
-    n = state[0, 0]
-    su, sv, s = state[2:, 1], state[1, 2:], state[2:, 2:]
+def _views(state: Tensor, upper: bool) -> _Views:
+    if not upper:   # [0,0] n; [2:,0] shift_u, [0,2:] shift_v; [2:,1] sum_u, [1,2:] sum_v; [2:,2:] cross
+        return _Views(state[0, 0], state[2:, 0], state[0, 2:], state[2:, 1], state[1, 2:], state[2:, 2:], [])
+    # flat: n, P, shift (P), sum (P), then the upper block strips of the gram, row-major
+    p = int(state[1])
+    shift, total = state[2:2 + p], state[2 + p:2 + 2 * p]
+    strips, off = [], 2 + 2 * p
+    for a0, a1 in pairwise(_gram_blocks(p)):
+        size = (a1 - a0) * (p - a0)
+        strips.append((a0, a1, state[off:off + size].view(a1 - a0, p - a0)))
+        off += size
+    return _Views(state[0], shift, shift, total, total, None, strips)
+
+
+def _centred(v: _Views) -> Tensor:
+    """Σ (u − ū)(v − v̄)' as a new dense ``[P, Q]`` (one allocation: Σ_X is up to 170 MB)."""
+    if v.cross is not None:
+        m = v.cross.clone()
+    else:
+        p = v.sum_u.shape[0]
+        m = torch.empty(p, p, dtype=torch.float64, device=v.n.device)
+        for a0, a1, strip in v.strips:
+            m[a0:a1, a0:] = strip
+            m[a1:, a0:a1] = strip[:, a1 - a0:].T      # the lower blocks mirror the upper ones
+    return m.addr_(v.sum_u, v.sum_v, alpha=-1.0 / float(v.n))
+
+
+def _pack(n: Tensor, mean_u: Tensor, mean_v: Tensor, m: Tensor, upper: bool) -> Tensor:
+    """A state shifted by the means (sums 0) holding the centred cross products ``m``."""
+    state = _new_state(m.shape[0], m.shape[1], upper, m.device)
+    v = _views(state, upper)
+    v.n.fill_(n)
+    v.shift_u.copy_(mean_u)
+    v.shift_v.copy_(mean_v)
     if upper:
-        _mirror_upper(s)
-    m = torch.addr(s, su, sv, alpha=-1.0 / float(n))      # one P×Q allocation (Σ_X: up to 170 MB)
-    return n, state[2:, 0] + su / n, state[0, 2:] + sv / n, m
+        for a0, a1, strip in v.strips:
+            strip.copy_(m[a0:a1, a0:])
+    else:
+        v.cross.copy_(m)
+    return state
 
 
 def chan_reduce(states: Tensor, upper: bool = False) -> Tensor:
-    """Merge stacked packed states ``[k, 2+P, 2+Q]`` into one (Chan et al.'s parallel formula);
-    the result is shifted by the merged means. States with n = 0 are skipped."""
-    live = [s for s in states if float(s[0, 0]) > 0]
+    """Merge stacked packed states ``[k, ...]`` into one (Chan et al.'s parallel formula); the
+    result is shifted by the merged means. States with n = 0 are skipped."""
+    live = [_views(s, upper) for s in states if s.numel() and float(s.flatten()[0]) > 0]
     if not live:
         return states[0].clone()
-    n, mu, mv, m = _unpack(live[0].clone(), upper)
-    for s in live[1:]:
-        nb, mub, mvb, mb = _unpack(s.clone(), upper)
+    first = live[0]
+    n, mu, mv, m = first.n.clone(), first.shift_u + first.sum_u / first.n, first.shift_v + first.sum_v / first.n, \
+        _centred(first)
+    for b in live[1:]:
+        nb = b.n
         tot = n + nb
-        du, dv = mub - mu, mvb - mv
-        m = m + mb + torch.outer(du, dv) * (n * nb / tot)
+        du, dv = b.shift_u + b.sum_u / nb - mu, b.shift_v + b.sum_v / nb - mv
+        m += _centred(b)
+        m.addr_(du, dv, alpha=float(n * nb / tot))
         mu, mv, n = mu + du * (nb / tot), mv + dv * (nb / tot), tot
-    out = torch.zeros_like(live[0])
-    out[0, 0], out[2:, 0], out[0, 2:], out[2:, 2:] = n, mu, mv, m
-    return out
+    return _pack(n, mu, mv, m, upper)
 
 
 class Moments(Metric):
@@ -116,7 +160,8 @@ class Moments(Metric):
         if self.upper and v is not None:
             raise UserError("upper=True accumulates u'u: pass no v")
         if self.state.numel():
-            want = (self.state.shape[0] - 2, self.state.shape[1] - 2)
+            have = _views(self.state, self.upper)
+            want = (have.sum_u.shape[0], have.sum_v.shape[0])
             got = (u.shape[1], u.shape[1] if v is None else v.shape[1])
             if got != want:
                 raise UserError(f"batch has {got} columns but earlier batches had {want}")
@@ -129,54 +174,56 @@ class Moments(Metric):
         if not self.state.numel():
             self.symmetric = v is None
             q = u.shape[1] if v is None else v.shape[1]
-            self.state = torch.zeros(u.shape[1] + 2, q + 2, dtype=torch.float64, device=u.device)
-            self.state[2:, 0] = _first_mean(u, weight, "u")
-            self.state[0, 2:] = self.state[2:, 0] if v is None else _first_mean(v, weight, "v")
-        st = self.state
-        uc = u - st[2:, 0].to(u.dtype)
-        vc = uc if v is None else v - st[0, 2:].to(v.dtype)
+            self.state = _new_state(u.shape[1], q, self.upper, u.device)
+            first = _views(self.state, self.upper)
+            first.shift_u.copy_(_first_mean(u, weight, "u"))
+            if v is not None:
+                first.shift_v.copy_(_first_mean(v, weight, "v"))
+            elif not self.upper:
+                first.shift_v.copy_(first.shift_u)
+        st = _views(self.state, self.upper)
+        uc = u - st.shift_u.to(u.dtype)
+        vc = uc if v is None else v - st.shift_v.to(v.dtype)
         w = None if weight is None else weight.to(u.dtype)
         if not bool(torch.isfinite(uc.sum()) & torch.isfinite(vc.sum())):
             raise UserError(f"{'activations' if v is None else 'rows'} contain NaN/Inf "
                             f"({int((~torch.isfinite(u)).sum())} values)")
-        st[0, 0] += float(u.shape[0]) if w is None else float(weight.double().sum())
+        st.n += float(u.shape[0]) if w is None else float(weight.double().sum())
         uw = uc if w is None else uc * w[:, None]
-        st[2:, 1] += uw.sum(0, dtype=torch.float64)
-        st[1, 2:] += (vc if w is None else vc * w[:, None]).sum(0, dtype=torch.float64)
-        if self.upper and uc.dtype == torch.float64:
-            _gram_upper_into(st[2:, 2:], uc, w)
-        elif uc.dtype == torch.float64:
-            st[2:, 2:].addmm_(uw.T, vc)       # in place: no [P, Q] temporary
-        else:
-            st[2:, 2:] += (uw.T @ vc).double()
+        st.sum_u += uw.sum(0, dtype=torch.float64)
+        if v is not None:
+            st.sum_v += (vc if w is None else vc * w[:, None]).sum(0, dtype=torch.float64)
+        elif not self.upper:
+            st.sum_v.copy_(st.sum_u)
+        # the products in the rows' dtype; float64 in place (no [P, Q] temporary)
+        pairs = [(s, uw[:, a0:a1], uc[:, a0:]) for a0, a1, s in st.strips] if self.upper else [(st.cross, uw, vc)]
+        for acc, a, b in pairs:
+            if a.dtype == torch.float64:
+                acc.addmm_(a.T, b)
+            else:
+                acc += (a.T @ b).double()
 
     @property
     def count(self) -> int:
-        return int(self.state[0, 0]) if self.state.numel() else 0
-
-    def _moments(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if self.count < 2:
-            raise UserError(f"need at least 2 samples for a covariance, got {self.count}")
-        if self.upper:
-            _mirror_upper(self.state[2:, 2:])
-        return _unpack(self.state, False)
+        return int(_views(self.state, self.upper).n) if self.state.numel() else 0
 
     @property
     def mean_u(self) -> Tensor:
         """``[P]`` float64 means of u."""
-        st = self.state
-        return st[2:, 0] + st[2:, 1] / st[0, 0]
+        v = _views(self.state, self.upper)
+        return v.shift_u + v.sum_u / v.n
 
     @property
     def mean_v(self) -> Tensor:
         """``[Q]`` float64 means of v."""
-        st = self.state
-        return st[0, 2:] + st[1, 2:] / st[0, 0]
+        v = _views(self.state, self.upper)
+        return v.shift_v + v.sum_v / v.n
 
     def compute(self) -> Tensor:
         """The unbiased (cross-)covariance ``[P, Q]``; exactly symmetric when ``v = u``."""
-        n, _, _, m = self._moments()
-        cov = m.div_(float(n) - 1)
+        if self.count < 2:
+            raise UserError(f"need at least 2 samples for a covariance, got {self.count}")
+        cov = _centred(_views(self.state, self.upper)).div_(self.count - 1)
         # the sums are symmetric only up to rounding; downstream code assumes exact symmetry
         return 0.5 * (cov + cov.T) if self.symmetric and not self.upper else cov
 
