@@ -282,7 +282,7 @@ class _LayerRecorder:
             x = _patches_at(inp[b0:b1], self.unit.conv, b_idx, flat // W, flat % W)         # [rows, D] float32
             y = samples[b0 * k: b1 * k]
             m.xy.update(x, y)
-            img_x.append(x.double().reshape(b1 - b0, k, -1).sum(1))                         # [b, D]
+            img_x.append(x.reshape(b1 - b0, k, -1).sum(1, dtype=torch.float64))              # [b, D]
             if m.sxx is not None:    # (rows past sigma_rows add nothing: an all-zero img_take)
                 take = x[: max(0, self.sigma_rows - m.rows_xx)].double()
                 m.sxx.update(take)

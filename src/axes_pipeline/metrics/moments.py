@@ -185,14 +185,16 @@ class Moments(Metric):
         uc = u - st.shift_u.to(u.dtype)
         vc = uc if v is None else v - st.shift_v.to(v.dtype)
         w = None if weight is None else weight.to(u.dtype)
-        if not bool(torch.isfinite(uc.sum()) & torch.isfinite(vc.sum())):
+        uw = uc if w is None else uc * w[:, None]
+        su = uw.sum(0, dtype=torch.float64)
+        sv = None if v is None else (vc if w is None else vc * w[:, None]).sum(0, dtype=torch.float64)
+        if not bool(torch.isfinite(su).all() and (sv is None or torch.isfinite(sv).all())):
             raise UserError(f"{'activations' if v is None else 'rows'} contain NaN/Inf "
                             f"({int((~torch.isfinite(u)).sum())} values)")
         st.n += float(u.shape[0]) if w is None else float(weight.double().sum())
-        uw = uc if w is None else uc * w[:, None]
-        st.sum_u += uw.sum(0, dtype=torch.float64)
+        st.sum_u += su
         if v is not None:
-            st.sum_v += (vc if w is None else vc * w[:, None]).sum(0, dtype=torch.float64)
+            st.sum_v += sv
         elif not self.upper:
             st.sum_v.copy_(st.sum_u)
         # the products in the rows' dtype; float64 in place (no [P, Q] temporary)
