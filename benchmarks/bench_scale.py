@@ -138,15 +138,17 @@ def axes_child(spec: dict) -> dict:
     model.cpu()
     peak = {"floor": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
-    times = {"capture": 0.0, "graphs": 0.0}
+    times = {"capture": 0.0, "graphs": 0.0, "graphs_cpu": 0.0}
 
     def timed(fn, key):
         def wrapper(*a, **k):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
                 times[key] += time.perf_counter() - t
+                if f"{key}_cpu" in times:
+                    times[f"{key}_cpu"] += time.process_time() - c
         return wrapper
 
     def capture_then_peak(*a, **k):
@@ -174,6 +176,7 @@ def axes_child(spec: dict) -> dict:
             # idle machine (a shared machine stretches the wall times, not these)
             "floor_cpu_s": round(floor_cpu, 2), "axes_stage_cpu_s": round(stage_cpu, 2),
             "ratio_to_floor_cpu": round(stage_cpu / floor_cpu, 2),
+            "graphs_share_cpu": round(times["graphs_cpu"] / stage_cpu, 3),
             "cache_mb": round(sum(p.stat().st_size for p in cache) / 1e6, 2),
             "old_cache_mb": round(old_cache_bytes(units, n, cfg) / 1e6, 1),
             "channels": int(sum(u.conv.out_channels for u in units.values())), "layers": len(units),

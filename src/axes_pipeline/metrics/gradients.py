@@ -118,16 +118,15 @@ class PatchMoments:
         self.xy.reset()
         self.xt.reset()
 
-    def cosines(self, weight: Tensor, with_whitened: bool = True) -> dict[str, Tensor]:
+    def cosines(self, weight: Tensor) -> dict[str, Tensor]:
         """Per-channel gradient cosines of the conv with ``weight`` (METHODS §5): ``cos_euclid``
         ``[C]`` and, where Σ_X was kept, ``cos_whitened`` ``[C]`` (the built-in ≈ 0 check)."""
         w = weight.detach().double().flatten(1).to(self.xy.state.device)
         out = {"cos_euclid": gradient_cosines(self.cov_xy().T.contiguous(), self.cov_xt(), w)["cos_euclid"].cpu()}
-        sub = self.whitened_moments() if with_whitened else None
-        if sub is not None:  # Σ_X w and Σ_X from the same rows, so this must be ≈ 0
-            cxy, cxt, sigma = sub
-            out["cos_whitened"] = gradient_cosines(cxy.T.contiguous(), cxt, w, sigma,
-                                                   overwrite_sigma=True)["cos_whitened"].cpu()
+        if self.rows_xx >= 2:  # Σ_X w and Σ_X from the same rows, so this must be ≈ 0
+            cxy, cxt = self.sxy.compute(), self.sxt.compute()[:, 0]
+            out["cos_whitened"] = gradient_cosines(cxy.T.contiguous(), cxt, w,
+                                                   fresh_sigma=self.sxx.compute)["cos_whitened"].cpu()
         return out
 
 
@@ -155,20 +154,22 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _cholesky_factor(sigma_x: Tensor, ridge: float, overwrite: bool = False) -> Tensor:
+def _cholesky_factor(fresh_sigma: Callable[[], Tensor], ridge: float) -> Tensor:
     """Lower L with ``L L' = Sigma_X + jitter I`` (float64), jitter = ``ridge`` * mean(diag), grown
-    only if Sigma_X is numerically singular. ``overwrite``: the jitter goes onto ``sigma_x``'s own
-    diagonal (a caller that owns it saves a D×D copy: 170 MB at D = 4608, the capture's peak)."""
-    s = sigma_x.to(torch.float64)
-    a = s if overwrite and s.data_ptr() == sigma_x.data_ptr() else s.clone()
-    scale = float(torch.diagonal(a).mean().clamp(min=torch.finfo(torch.float64).tiny))
-    jitter, added = ridge * scale, 0.0
+    only if Sigma_X is numerically singular. ``fresh_sigma()`` gives a Sigma_X the factor may
+    overwrite: the factor is computed in place, so one D×D lives at a time (170 MB at D = 4608,
+    the capture's peak memory), and a retry starts from a fresh one."""
+    jitter = scale = None
     for _ in range(8):
-        a.diagonal().add_(jitter - added)
-        added = jitter
-        chol, info = torch.linalg.cholesky_ex(a)
+        a = fresh_sigma()
+        if scale is None:
+            scale = float(torch.diagonal(a).mean().clamp(min=torch.finfo(torch.float64).tiny))
+            jitter = ridge * scale
+        a.diagonal().add_(jitter)
+        chol, info = torch.linalg.cholesky_ex(a, out=(a, torch.empty((), dtype=torch.int32, device=a.device)))
         if int(info) == 0:
             return chol
+        del a, chol
         jitter = max(jitter * 100.0, 1e-12 * scale)
     raise UserError("input covariance Sigma_X is not positive semi-definite; check the patch extraction")
 
@@ -180,7 +181,7 @@ def gradient_cosines(
     sigma_x: Tensor | Callable[[Tensor], Tensor] | None = None,
     *,
     ridge: float = 1e-10,
-    overwrite_sigma: bool = False,
+    fresh_sigma: Callable[[], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Cosines between the input-capture and task gradients of every channel of a layer.
 
@@ -191,7 +192,8 @@ def gradient_cosines(
         sigma_x: ``[D, D]`` input covariance, or a callable solving ``Sigma_X z = v`` for
             ``v: [D, k]``; ``None`` skips the whitened cosine.
         ridge: relative ridge (times mean diagonal of Sigma_X) of the whitened solve.
-        overwrite_sigma: the ridge may be added onto ``sigma_x`` in place (a caller's own copy).
+        fresh_sigma: instead of ``sigma_x``, a builder of a new Sigma_X ``[D, D]`` float64 each call,
+            which the solve may overwrite (it saves a D×D copy).
 
     Returns ``[C]`` float64 tensors: ``cos_euclid`` = cos(Sigma_X w, g_T); ``cos_whitened``
     (only with ``sigma_x``) = the same in the Sigma_X^-1 metric, by an honest solve, ~0;
@@ -217,15 +219,15 @@ def gradient_cosines(
         inner = (u * zg).sum(1)
         nu = (u * zu).sum(1).clamp(min=0).sqrt()
         ng = (g * zg).sum(1).clamp(min=0).sqrt()
-    elif sigma_x is not None:
+    elif sigma_x is not None or fresh_sigma is not None:
         # u' Sigma_X^-1 g = (L^-1 u)'(L^-1 g): one triangular solve per side, half a full solve
-        chol = _cholesky_factor(sigma_x, ridge, overwrite_sigma)
+        chol = _cholesky_factor(fresh_sigma or (lambda: sigma_x.to(torch.float64).clone()), ridge)
         zu = torch.linalg.solve_triangular(chol, u.T, upper=False)  # [D, C]
         zg = torch.linalg.solve_triangular(chol, g.T, upper=False)
         del chol
         inner = (zu * zg).sum(0)
         nu, ng = zu.norm(dim=0), zg.norm(dim=0)
-    if sigma_x is not None:
+    if sigma_x is not None or fresh_sigma is not None:
         out["cos_whitened"] = torch.where(dead, torch.zeros_like(inner), _safe_div(inner, nu * ng))
     out["cos_euclid"] = torch.where(dead, torch.zeros_like(cos_e), cos_e)
     out["w_dot_g"] = torch.where(dead, torch.zeros_like(w_dot_g), w_dot_g)
