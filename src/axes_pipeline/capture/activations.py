@@ -36,7 +36,7 @@ from axes_pipeline.runs import fingerprint
 POINTS = ("pre_bn", "post_bn", "post_act")
 SPATIAL = ("sample", "gap")
 #: Patch rows extracted at once (a chunk of images), see ``_LayerRecorder.stream_patches``.
-PATCH_ROWS = 1024
+PATCH_ROWS = 512
 #: Version of what :func:`save_capture` writes; a cache file of another version is recomputed.
 CACHE_FORMAT = 2
 
@@ -190,7 +190,7 @@ class _LayerRecorder:
         self.sigma_rows = sigma_rows
         self.moments: PatchMoments | None = None
         self.whitened: torch.Tensor | None = None   # cos_whitened, once the Σ_X subsample is complete
-        self._img_x = self._img_take = self._take_count = None
+        self._img_x = self._sub = None
         self._pos = None
         self._pending_y = None
 
@@ -274,7 +274,7 @@ class _LayerRecorder:
         if self.moments is None:
             self.moments = PatchMoments.empty(with_sigma_x=self.sigma_rows > 0)
         m = self.moments
-        img_x, img_take, take_count = [], [], []
+        img_x, full, partial = [], 0, None
         for b0 in range(0, B, step):
             b1 = min(B, b0 + step)
             b_idx = torch.arange(b1 - b0, device=pos.device).repeat_interleave(k)
@@ -283,16 +283,17 @@ class _LayerRecorder:
             y = samples[b0 * k: b1 * k]
             m.xy.update(x, y)
             img_x.append(x.reshape(b1 - b0, k, -1).sum(1, dtype=torch.float64))              # [b, D]
-            if m.sxx is not None:    # (rows past sigma_rows add nothing: an all-zero img_take)
-                take = x[: max(0, self.sigma_rows - m.rows_xx)].double()
+            take = x[: max(0, self.sigma_rows - m.rows_xx)].double() if m.sxx is not None else x[:0]
+            if len(take):
                 m.sxx.update(take)
                 m.sxy.update(take, y[: len(take)].double())
-                rows = b_idx[: len(take)]
-                img_take.append(torch.zeros_like(img_x[-1]).index_add_(0, rows, take))
-                take_count.append(torch.bincount(rows, minlength=b1 - b0).double())
+                # rows are image-major: the subsample holds whole images, then maybe part of one
+                whole, rest = divmod(len(take), k)
+                full = b0 + whole
+                partial = (take[whole * k:].sum(0), rest) if rest else None
         self._img_x = torch.cat(img_x)
-        if img_take:
-            self._img_take, self._take_count = torch.cat(img_take), torch.cat(take_count)
+        if m.sxx is not None or full:
+            self._sub = (full, partial)
 
     def _finish_patches(self, t_img: torch.Tensor) -> None:
         """The T terms, from the per-image patch sums: each image is one row of weight k (its rows)."""
@@ -300,17 +301,19 @@ class _LayerRecorder:
         t = t_img.to(self._img_x.device).double()[:, None]                               # [B, 1]
         k = float(self.per_image)
         m.xt.update(self._img_x / k, t, weight=torch.full_like(t[:, 0], k))
-        if self._img_take is not None:
-            c = self._take_count
-            took = c > 0
-            if bool(took.any()):
-                m.sxt.update(self._img_take[took] / c[took, None], t[took], weight=c[took])
+        if self._sub is not None:
+            full, partial = self._sub
+            if full:
+                m.sxt.update(self._img_x[:full] / k, t[:full], weight=torch.full_like(t[:full, 0], k))
+            if partial is not None:
+                m.sxt.update(partial[0][None] / partial[1], t[full:full + 1],
+                             weight=torch.full_like(t[:1, 0], float(partial[1])))
             if self.lean and 0 < self.sigma_rows <= m.rows_xx:
-                # the subsample is complete: its whitened cosine now, and its Σ_X (up to 170 MB)
+                # the subsample is complete: its whitened cosine now, and its Σ_X (up to 95 MB)
                 # freed for the rest of the pass rather than held by every layer to the end
                 self.whitened = m.cosines(self.unit.conv.weight)["cos_whitened"]
                 m.free_sigma_x()
-        self._img_x = self._img_take = self._take_count = None
+        self._img_x = self._sub = None
 
     def gradient_cosines(self) -> dict[str, torch.Tensor]:
         """The layer's gradient cosines (METHODS §5) from its streamed patch moments."""
