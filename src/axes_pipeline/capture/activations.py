@@ -6,14 +6,16 @@ has run, and streams the unbiased covariance of (T, Y_1..Y_C) (:class:`~axes_pip
 only ``[B·s, C]`` per layer and batch is ever held, never a full feature map nor the N samples.
 Every analysis that reads the capture needs only that covariance and the channel means: the axes,
 graphs, hulls and triplets (the covariance), the lesions' peer regressions (covariance + means),
-propagation (the channel SDs). The raw samples are kept only when asked (``keep_samples``, the
-dynamics analysis and tests) and are never written to the cache.
+propagation (the channel SDs). The raw samples are kept only when asked (``keep_samples``, tests)
+and are never written to the cache.
 
 For the gradient analysis (METHODS §5) the same hook streams the input-patch moments
 Cov(x_patch, y) and Cov(x_patch, T) (and, for moderate patch sizes, Σ_X on a capped number of
 rows) without storing patches. They depend only on the checkpoint and the capture settings, so
 the capture reduces them to the per-channel gradient cosines right away: Σ_X alone is up to
-4608² float64 (170 MB) per layer and was most of the old 1.5 GB cache.
+4608² float64 (170 MB) per layer and was most of the old 1.5 GB cache. Every moment is a
+:class:`~axes_pipeline.metrics.moments.Moments`; each layer's Σ_X is solved and freed as soon as
+its subsample is complete (the first two batches at the defaults).
 """
 
 from __future__ import annotations
