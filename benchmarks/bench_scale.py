@@ -2,7 +2,8 @@
 each against its floor measured in the same run.
 
     python benchmarks/bench_scale.py [--models resnet18 vgg16 mobilenetv2] [--n-cal 2000]
-                                     [--prune-images 1000] [--quick] [--out DIR] [--json PATH]
+                                     [--stages axes rest prune] [--prune-images 1000] [--quick]
+                                     [--out DIR] [--json PATH]
 
 Per model (random-pixel CIFAR-100-format data written to ``--out``; a 2-batch training run gives
 the checkpoints: timing and memory do not depend on training):
@@ -10,7 +11,8 @@ the checkpoints: timing and memory do not depend on training):
 - ``axes``: the axes stage as analyze.py runs it (capture of ``--n-cal`` images, then axes,
   graphs with the default 20-draw null, hulls, triplets, gradient cosines), in a child process:
   its wall time, the capture part, the graph part, and the **floor**: one plain forward pass over
-  the same calibration images. Ratio = axes stage / floor (goal ≤ 1.5). Peak RSS of that child
+  the same calibration images. Ratio = axes stage / floor (goal ≤ 1.5), in wall and in CPU seconds
+  (on a shared machine the CPU ratio is the one to trust). Peak RSS of that child
   (goal ≤ 2.5 GB for ResNet-18) and the cache file on disk (goal ≤ 300 MB), next to what the
   old full-sample cache would have held for the same capture.
 - ``analyze_rest``: ``analyze.py analysis=all`` on top (lesions limited to
@@ -19,6 +21,7 @@ the checkpoints: timing and memory do not depend on training):
   point the median total time against its evaluation pass (the floor; ratio), wall, peak RSS.
 - ``disk``: the run directory after all of it.
 
+``--stages``: which of ``axes``, ``rest`` (analyze_rest), ``prune`` to run (default all).
 ``--quick``: ResNet-18 only, 400 calibration images, 200 pruning images (a smoke run).
 Prints a table and writes everything to ``--json``.
 """
@@ -39,6 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("resnet18", "vgg16", "mobilenetv2")
 TARGETS = "[0.7,0.5,0.3]"
+STAGES = ("axes", "rest", "prune")
 
 
 def write_fake_cifar100(root: Path, n_train: int, n_test: int) -> None:
@@ -128,25 +132,27 @@ def axes_child(spec: dict) -> dict:
     loader = dm.loader(dm.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform),
                        batch_size=int(c.batch_size))
     model = trained.model.to(device).eval()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():                 # the floor: the same images, one plain forward pass
         for x, _ in loader:
             model(x.to(device))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    floor = time.perf_counter() - t0
+    floor, floor_cpu = time.perf_counter() - t0, time.process_time() - c0
     model.cpu()
     peak = {"floor": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
-    times = {"capture": 0.0, "graphs": 0.0}
+    times = {"capture": 0.0, "graphs": 0.0, "graphs_cpu": 0.0}
 
     def timed(fn, key):
         def wrapper(*a, **k):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
                 times[key] += time.perf_counter() - t
+                if f"{key}_cpu" in times:
+                    times[f"{key}_cpu"] += time.process_time() - c
         return wrapper
 
     def capture_then_peak(*a, **k):
@@ -161,15 +167,20 @@ def axes_child(spec: dict) -> dict:
     an.get_capture = at.get_capture
     for stale in (Path(trained.run_dir) / "analyze").glob("cache/capture-*.pt"):
         stale.unlink()        # time a fresh capture, not a cached one
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_analysis(cfg)
-    stage = time.perf_counter() - t0
+    stage, stage_cpu = time.perf_counter() - t0, time.process_time() - c0
     units = at.select_units(trained.model, c.layers)
     cache = sorted((Path(trained.run_dir) / "analyze").glob("cache/capture-*.pt"))
     n = int(c.n_cal) * (1 if c.spatial == "gap" else int(c.samples_per_image))
     return {"floor_s": round(floor, 2), "axes_stage_s": round(stage, 2), "capture_s": round(times["capture"], 2),
             "graphs_s": round(times["graphs"], 2), "ratio_to_floor": round(stage / floor, 2),
             "graphs_share": round(times["graphs"] / stage, 3),
+            # CPU seconds of this process: with one torch thread, what the wall times would be on an
+            # idle machine (a shared machine stretches the wall times, not these)
+            "floor_cpu_s": round(floor_cpu, 2), "axes_stage_cpu_s": round(stage_cpu, 2),
+            "ratio_to_floor_cpu": round(stage_cpu / floor_cpu, 2),
+            "graphs_share_cpu": round(times["graphs_cpu"] / stage_cpu, 3),
             "cache_mb": round(sum(p.stat().st_size for p in cache) / 1e6, 2),
             "old_cache_mb": round(old_cache_bytes(units, n, cfg) / 1e6, 1),
             "channels": int(sum(u.conv.out_channels for u in units.values())), "layers": len(units),
@@ -195,26 +206,42 @@ def bench_model(model: str, args) -> dict:
     print(f"== {model}: training 2 batches (checkpoints only)", flush=True)
     run_child([*py, "train.py", *ov_train, "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
                "+trainer.limit_test_batches=2"])
-    print(f"== {model}: axes stage vs its floor", flush=True)
-    child = run_child([*py, __file__, "--_axes-child", json.dumps({"overrides": ov})])
-    res["axes"] = json.loads(child["stdout"].strip().splitlines()[-1])
-    res["axes"]["child_wall_s"] = child["wall_s"]
-    print(f"   {res['axes']}", flush=True)
+    if "axes" in args.stages:
+        print(f"== {model}: axes stage vs its floor", flush=True)
+        child = run_child([*py, __file__, "--_axes-child", json.dumps({"overrides": ov})])
+        res["axes"] = json.loads(child["stdout"].strip().splitlines()[-1])
+        res["axes"]["child_wall_s"] = child["wall_s"]
+        print(f"   {res['axes']}", flush=True)
+    if "rest" in args.stages:
+        res["analyze_rest"] = analyze_rest(model, ov, args)
+    if "prune" in args.stages:
+        res["prune"] = prune_stage(model, ov, args)
+        res["disk_mb"] = round(dir_bytes(res["prune"].pop("run_dir")) / 1e6, 1)
+    return res
+
+
+def analyze_rest(model: str, ov: list[str], args) -> dict:
+    py = [sys.executable]
     print(f"== {model}: analyze.py analysis=all (lesions limited)", flush=True)
     rest = run_child([*py, "analyze.py", *ov, "analysis=all", f"analysis.lesion.channels={args.lesion_channels}",
                       "analysis.lesion.eval_samples=200", "analysis.lesion.taylor_images=128",
                       "analysis.lesion.n_boot=200", "plots=false"] + (
                           [f"analysis.lesion.layers=[{args.lesion_layers}]"] if args.lesion_layers else []))
-    res["analyze_rest"] = {k: rest[k] for k in ("wall_s", "peak_rss_gb")}
-    print(f"   {res['analyze_rest']}", flush=True)
+    out = {k: rest[k] for k in ("wall_s", "peak_rss_gb")}
+    print(f"   {out}", flush=True)
+    return out
+
+
+def prune_stage(model: str, ov: list[str], args) -> dict:
+    py = [sys.executable]
+    out = Path(args.out)
     print(f"== {model}: prune.py, every score at 3 targets", flush=True)
     pr = run_child([*py, "prune.py", *ov, f"pruning.targets={TARGETS}", f"pruning.eval_samples={args.prune_images}",
                     "pruning.latency=false", "pruning.random_draws=1", "plots=false"])
     run_dir = next(p.parent for p in (out / "runs").rglob("prune") if p.is_dir() and model in str(p))
-    res["prune"] = {"wall_s": pr["wall_s"], "peak_rss_gb": pr["peak_rss_gb"], **prune_ratios(run_dir)}
-    print(f"   {res['prune']}", flush=True)
-    res["disk_mb"] = round(dir_bytes(run_dir) / 1e6, 1)
-    return res
+    res = {"wall_s": pr["wall_s"], "peak_rss_gb": pr["peak_rss_gb"], **prune_ratios(run_dir)}
+    print(f"   {res}", flush=True)
+    return {**res, "run_dir": run_dir}
 
 
 def lesion_layers_for(model: str) -> str:
@@ -226,6 +253,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--n-cal", type=int, default=2000)
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--prune-images", type=int, default=1000)
     ap.add_argument("--lesion-channels", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="ResNet-18 only, 400 calibration / 200 pruning images")
@@ -248,11 +276,14 @@ def main() -> int:
         rows.append(bench_model(model, args))
     print(f"\n{'model':12} {'floor s':>8} {'axes s':>8} {'capture':>8} {'graphs':>7} {'axes/floor':>10} "
           f"{'peak GB':>8} {'cache MB':>9} {'old MB':>8} {'rest s':>7} {'point/eval':>10} {'disk MB':>8}")
+    nan = float("nan")
     for r in rows:
-        a, p = r["axes"], r["prune"]
-        print(f"{r['model']:12} {a['floor_s']:8.1f} {a['axes_stage_s']:8.1f} {a['capture_s']:8.1f} {a['graphs_s']:7.1f} "
-              f"{a['ratio_to_floor']:10.2f} {a['peak_rss_gb']:8.2f} {a['cache_mb']:9.1f} {a['old_cache_mb']:8.0f} "
-              f"{r['analyze_rest']['wall_s']:7.0f} {p['ratio_to_floor']:10.2f} {r['disk_mb']:8.0f}")
+        a = r.get("axes", {})
+        g = lambda d, k: d.get(k, nan)  # noqa: E731 - a stage not run prints nan
+        print(f"{r['model']:12} {g(a, 'floor_s'):8.1f} {g(a, 'axes_stage_s'):8.1f} {g(a, 'capture_s'):8.1f} "
+              f"{g(a, 'graphs_s'):7.1f} {g(a, 'ratio_to_floor'):10.2f} {g(a, 'peak_rss_gb'):8.2f} "
+              f"{g(a, 'cache_mb'):9.1f} {g(a, 'old_cache_mb'):8.0f} {g(r.get('analyze_rest', {}), 'wall_s'):7.0f} "
+              f"{g(r.get('prune', {}), 'ratio_to_floor'):10.2f} {r.get('disk_mb', nan):8.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

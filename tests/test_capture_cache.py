@@ -129,7 +129,6 @@ def test_patch_moments_do_not_depend_on_the_chunking(both, monkeypatch):
     """Patches are turned into float64 a chunk of images at a time (peak memory); the sums, the
     Σ_X subsample that ends inside a chunk, and the per-image T terms must not notice."""
     import axes_pipeline.capture.activations as act
-    from axes_pipeline.capture.activations import PATCH_FIELDS
 
     model, units, full, _ = both
     gen = torch.Generator().manual_seed(1)
@@ -141,8 +140,11 @@ def test_patch_moments_do_not_depend_on_the_chunking(both, monkeypatch):
     for name, m in full.patches.items():
         c = chunked.patches[name]
         assert (c.n, c.rows_xx) == (m.n, m.rows_xx) == (432, 200)
-        for f in PATCH_FIELDS:
-            torch.testing.assert_close(getattr(c, f), getattr(m, f), rtol=1e-12, atol=1e-9, msg=f"{name}.{f}")
+        # Cov(x, y) takes float32 products of one chunk, so a chunking moves it at float32 level
+        torch.testing.assert_close(c.cov_xy(), m.cov_xy(), rtol=1e-5, atol=1e-6, msg=f"{name} cov_xy")
+        torch.testing.assert_close(c.cov_xt(), m.cov_xt(), rtol=1e-12, atol=1e-9, msg=f"{name} cov_xt")
+        for f, a, b in zip(("cov_xy", "cov_xt", "sigma_x"), c.whitened_moments(), m.whitened_moments()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9, msg=f"{name} subsample {f}")
 
 
 def test_patch_moments_agree_with_the_channels_they_produce(both):
@@ -162,18 +164,3 @@ def test_patch_moments_agree_with_the_channels_they_produce(both):
         ref = torch.cov(sub.T)
         torch.testing.assert_close(w @ cxt, ref[1:, 0], **tol)
         torch.testing.assert_close(w @ cxy, ref[1:, 1:], **tol)
-
-
-@pytest.mark.parametrize("d", [40, 300])
-def test_sigma_x_accumulated_on_the_upper_blocks(d):
-    from axes_pipeline.capture.activations import _gram_upper_into, _mirror_upper
-
-    gen = torch.Generator().manual_seed(0)
-    acc = torch.zeros(d, d, dtype=torch.float64)
-    chunks = [torch.randn(50, d, generator=gen, dtype=torch.float64) for _ in range(3)]
-    for x in chunks:
-        _gram_upper_into(acc, x)
-    _mirror_upper(acc)
-    _mirror_upper(acc)                      # idempotent (Σ_X may be read twice)
-    full = torch.cat(chunks)
-    torch.testing.assert_close(acc, full.T @ full, rtol=1e-12, atol=1e-10)

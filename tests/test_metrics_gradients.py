@@ -8,7 +8,7 @@ import torch
 
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics import (
-    PatchMomentAccumulator,
+    PatchMoments,
     gradient_cosines,
     linear_gaussian_study,
     patch_moments,
@@ -87,7 +87,7 @@ def test_float32_inputs_and_bad_inputs():
     bad = x.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(UserError, match="NaN/Inf"):
-        PatchMomentAccumulator().update(bad, y, t)
+        PatchMoments.empty(with_sigma_x=True).update(bad, y, t)
 
 
 def test_spearman_with_ties():

@@ -5,7 +5,9 @@ is the random initialisation) and six depth-spaced conv layers, every selected e
 processed on its own: load its weights into one model instance, capture only those layers on
 the fixed calibration subset (the ``capture.*`` knobs, the same images for every epoch and
 every seed), run :func:`~axes_pipeline.analyses.axes_table.layer_analysis` per layer, write the
-epoch's rows to ``analyze/dynamics_parts/epoch_XXX.csv`` (atomically) and free the samples.
+epoch's rows to ``analyze/dynamics_parts/epoch_XXX.csv`` (atomically). Only the streamed (T, Y)
+moments of the capture are held (:class:`~axes_pipeline.metrics.moments.ActivationMoments`), never
+an epoch's samples.
 A re-run skips every epoch whose part exists for the same settings and the same checkpoint content
 (``dynamics_parts/settings.json`` holds the data identity and the settings, each part its
 checkpoint's content digest; a change of settings recomputes all, a damaged part is recomputed).
@@ -40,12 +42,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from axes_pipeline.analyses.axes_table import layer_analysis, metric_knobs
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
-from axes_pipeline.capture import POSITIONS, capture_activations, check_finite
+from axes_pipeline.capture import POSITIONS, capture_activations
 from axes_pipeline.config import run_dir_candidates
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
-from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
 from axes_pipeline.runs import file_digest, read_json, run_fingerprint, settings_diff, write_csv, write_json
+from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.tracking import progress as units_progress
 from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into
@@ -239,16 +241,14 @@ TARGET_MODES = ("epoch", "final")
 
 
 @torch.no_grad()
-def final_target(model: torch.nn.Module, ckpt: Path, loader, kind: str, repeat: int, device, expect) -> torch.Tensor:
-    """T of the final network (``ckpt``) on the calibration images, in the loader's order, each image
-    repeated over its ``repeat`` samples: the target every epoch is measured against with
-    ``dynamics.target=final``."""
+def final_target(model: torch.nn.Module, ckpt: Path, loader, kind: str, device, expect) -> torch.Tensor:
+    """T of the final network (``ckpt``) per calibration image, in the loader's order: the target
+    every epoch is measured against with ``dynamics.target=final``."""
     from axes_pipeline.capture.targets import target_from_logits
 
     load_into(model, ckpt, expect)
     model.eval().to(device)
-    out = [target_from_logits(model(x.to(device)), y.to(device), kind).cpu().repeat_interleave(repeat)
-           for x, y in loader]
+    out = [target_from_logits(model(x.to(device)), y.to(device), kind).cpu() for x, y in loader]
     model.cpu()
     return torch.cat(out)
 
@@ -336,21 +336,20 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
             loader = datamodule.loader(cal, batch_size=int(c.batch_size))
         if _knobs(cfg)["target"] == "final" and fixed_t is None:
             last = epoch_checkpoints(plan.run_dir / "checkpoints")
-            s = 1 if c.spatial == "gap" else int(c.samples_per_image)
-            fixed_t = final_target(model, last[max(last)], loader, c.target, s, device, expect)
+            fixed_t = final_target(model, last[max(last)], loader, c.target, device, expect)
         load_into(model, ckpt, expect)
         model.eval()
+        # the lean capture: the streamed (T, Y) moments only, never the epoch's samples
         capture = capture_activations(model, units, loader, point=c.point, spatial=c.spatial,
                                       samples_per_image=int(c.samples_per_image), target=c.target,
-                                      seed=int(c.seed), patch_moments=False, device=device, progress=False)
+                                      seed=int(c.seed), patch_moments=False, device=device, progress=False,
+                                      keep_samples=False, target_values=fixed_t)
         model.cpu()
-        if fixed_t is not None:
-            capture.target = fixed_t
-        check_finite(capture)
         rows = []
         for name in layers:
-            res = layer_analysis(name, index[name], capture.acts[name], capture.target_of(name), units[name], knobs=knobs,
-                                 dtype=dtype, device=device, graphs=graphs, seed=int(c.seed))
+            res = layer_analysis(name, index[name], None, None, units[name], knobs=knobs, dtype=dtype, device=device,
+                                 graphs=graphs, seed=int(c.seed), cov=capture.cov(name),
+                                 n_samples=capture.n_samples(name))
             rows.append(res.summary)
         part = pd.DataFrame(rows)
         part.insert(0, "epoch", epoch)

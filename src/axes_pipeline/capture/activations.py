@@ -2,18 +2,20 @@
 of its sampled activations and the target (METHODS §1).
 
 Memory stays bounded: a hook samples ``s`` spatial positions of each image the moment the layer
-has run, and streams the unbiased covariance of (T, Y_1..Y_C) (:class:`MomentAccumulator`), so
+has run, and streams the unbiased covariance of (T, Y_1..Y_C) (:class:`~axes_pipeline.metrics.moments.ActivationMoments`), so
 only ``[B·s, C]`` per layer and batch is ever held, never a full feature map nor the N samples.
 Every analysis that reads the capture needs only that covariance and the channel means: the axes,
 graphs, hulls and triplets (the covariance), the lesions' peer regressions (covariance + means),
-propagation (the channel SDs). The raw samples are kept only when asked (``keep_samples``, the
-dynamics analysis and tests) and are never written to the cache.
+propagation (the channel SDs). The raw samples are kept only when asked (``keep_samples``, tests)
+and are never written to the cache.
 
 For the gradient analysis (METHODS §5) the same hook streams the input-patch moments
 Cov(x_patch, y) and Cov(x_patch, T) (and, for moderate patch sizes, Σ_X on a capped number of
 rows) without storing patches. They depend only on the checkpoint and the capture settings, so
 the capture reduces them to the per-channel gradient cosines right away: Σ_X alone is up to
-4608² float64 (170 MB) per layer and was most of the old 1.5 GB cache.
+4608² float64 (170 MB) per layer and was most of the old 1.5 GB cache. Every moment is a
+:class:`~axes_pipeline.metrics.moments.Moments`; each layer's Σ_X is solved and freed as soon as
+its subsample is complete (the first two batches at the defaults).
 """
 
 from __future__ import annotations
@@ -28,79 +30,17 @@ from tqdm.auto import tqdm
 
 from axes_pipeline.capture.targets import target_from_logits
 from axes_pipeline.errors import UserError, unknown_name
-from axes_pipeline.metrics.gaussian import MomentAccumulator, covariance
-from axes_pipeline.metrics.gradients import gradient_cosines
+from axes_pipeline.metrics.gaussian import covariance
+from axes_pipeline.metrics.gradients import PatchMoments
+from axes_pipeline.metrics.moments import ActivationMoments
+from axes_pipeline.runs import fingerprint
 
 POINTS = ("pre_bn", "post_bn", "post_act")
-PATCH_FIELDS = ("sxy", "sxt", "sx", "sy", "st", "sxx", "sx_xx", "sub_xy", "sub_xt", "sub_y", "sub_t")
 SPATIAL = ("sample", "gap")
-#: Patch rows turned into float64 at once (a chunk of images), see ``_LayerRecorder.stream_patches``.
-PATCH_ROWS = 1024
+#: Patch rows extracted at once (a chunk of images), see ``_LayerRecorder.stream_patches``.
+PATCH_ROWS = 512
 #: Version of what :func:`save_capture` writes; a cache file of another version is recomputed.
 CACHE_FORMAT = 2
-
-
-@dataclass
-class LayerPatchMoments:
-    """Streamed sums for the gradient analysis of one layer (float64).
-
-    ``sxy: [D, C]`` Σ x·y, ``sxt: [D]`` Σ x·t, ``sx: [D]``, ``sy: [C]``, ``st``, ``n`` over all rows.
-    Σ_X (``sxx: [D, D]``) costs N·D² and is kept over the first ``rows_xx`` rows only, together with
-    the cross sums of those same rows (``sub_*``): the whitened cosine is 0 only when Σ_X w and Σ_X
-    come from one sample, so it is computed from that subsample (see :meth:`whitened_moments`).
-    """
-
-    sxy: torch.Tensor
-    sxt: torch.Tensor
-    sx: torch.Tensor
-    sy: torch.Tensor
-    st: torch.Tensor
-    n: int = 0
-    sxx: torch.Tensor | None = None
-    sx_xx: torch.Tensor | None = None
-    rows_xx: int = 0
-    sub_xy: torch.Tensor | None = None
-    sub_xt: torch.Tensor | None = None
-    sub_y: torch.Tensor | None = None
-    sub_t: torch.Tensor | None = None
-
-    def cov_xy(self) -> torch.Tensor:
-        """Cov(x_patch, y) = Σ_X w for a pre-BN channel: ``[D, C]``."""
-        n = self.n
-        return (self.sxy - torch.outer(self.sx, self.sy) / n) / (n - 1)
-
-    def cov_xt(self) -> torch.Tensor:
-        n = self.n
-        return (self.sxt - self.sx * self.st / n) / (n - 1)
-
-    def sigma_x(self) -> torch.Tensor | None:
-        if self.sxx is None or self.rows_xx < 2:
-            return None
-        _mirror_upper(self.sxx)
-        m = self.rows_xx
-        # one D×D allocation (addr), not three: Σ_X is up to 4608² float64
-        return torch.addr(self.sxx, self.sx_xx, self.sx_xx, alpha=-1.0 / m).div_(m - 1)
-
-    def whitened_moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(Cov(x, y) [D, C], Cov(x, T) [D], Σ_X [D, D]) all over the Σ_X subsample, or None."""
-        sigma = self.sigma_x()
-        if sigma is None:
-            return None
-        m = self.rows_xx
-        cxy = (self.sub_xy - torch.outer(self.sx_xx, self.sub_y) / m) / (m - 1)
-        cxt = (self.sub_xt - self.sx_xx * self.sub_t / m) / (m - 1)
-        return cxy, cxt, sigma
-
-    def cosines(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-channel gradient cosines of the conv with ``weight`` (METHODS §5): ``cos_euclid``
-        ``[C]`` and, where Σ_X was kept, ``cos_whitened`` ``[C]`` (the built-in ≈ 0 check)."""
-        w = weight.detach().double().flatten(1).to(self.sxy.device)
-        out = {"cos_euclid": gradient_cosines(self.cov_xy().T.contiguous(), self.cov_xt(), w)["cos_euclid"].cpu()}
-        sub = self.whitened_moments()
-        if sub is not None:  # Σ_X w and Σ_X from the same rows, so this must be ≈ 0
-            cxy, cxt, sigma = sub
-            out["cos_whitened"] = gradient_cosines(cxy.T.contiguous(), cxt, w, sigma)["cos_whitened"].cpu()
-        return out
 
 
 @dataclass
@@ -115,7 +55,7 @@ class Capture:
     Only with ``keep_samples`` (in memory, never cached): ``acts[layer]: [N, C]`` float32,
     ``target: [n_img·s]`` float32 (each image's T repeated over its ``s`` samples),
     ``image_index: [n_img·s]`` (which calibration image a sample came from), ``patches[layer]`` the
-    streamed patch moments. Read the statistics through :meth:`cov`, :meth:`channel_mean` and
+    streamed patch moments (:class:`~axes_pipeline.metrics.gradients.PatchMoments`). Read the statistics through :meth:`cov`, :meth:`channel_mean` and
     :meth:`channel_sd`: they work on either form.
 
     ``per_image[layer]`` is the samples per image that layer gave: ``s``, or H·W when its map has
@@ -128,7 +68,7 @@ class Capture:
     target: torch.Tensor | None
     image_index: torch.Tensor | None
     knobs: dict
-    patches: dict[str, LayerPatchMoments] = field(default_factory=dict)
+    patches: dict[str, PatchMoments] = field(default_factory=dict)
     accuracy: float = float("nan")
     moments: dict[str, torch.Tensor] = field(default_factory=dict)
     means: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -184,8 +124,6 @@ class Capture:
 def capture_key(identity: dict) -> str:
     """The cache file name of a capture: the short key of its ``runs.run_fingerprint`` (data
     identity, checkpoint content digest, capture settings)."""
-    from axes_pipeline.runs import fingerprint
-
     return fingerprint(identity)
 
 
@@ -194,27 +132,6 @@ def _to_nchw(out: torch.Tensor, channels: int) -> torch.Tensor:
     if out.ndim == 4 and out.shape[1] != channels and out.shape[-1] == channels:
         return out.permute(0, 3, 1, 2)
     return out
-
-
-def _gram_blocks(d: int) -> list[int]:
-    return [round(k * d / 4) for k in range(5)] if d >= 256 else [0, d]
-
-
-def _gram_upper_into(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """``acc += x'x`` on the block upper triangle only, in place: Σ_X is symmetric, so 10 of 16
-    blocks (~35% fewer flops on the capture's largest product) and no D×D temporary (170 MB at
-    D = 4608). :func:`_mirror_upper` fills the lower blocks before Σ_X is read."""
-    e = _gram_blocks(x.shape[1])
-    for a0, a1 in zip(e[:-1], e[1:]):
-        acc[a0:a1, a0:].addmm_(x[:, a0:a1].T, x[:, a0:])
-
-
-def _mirror_upper(acc: torch.Tensor) -> None:
-    """Copy the upper off-diagonal blocks written by :func:`_gram_upper_into` onto the lower ones
-    (idempotent: the upper blocks are never changed)."""
-    e = _gram_blocks(acc.shape[0])
-    for a0, a1 in zip(e[:-1], e[1:]):
-        acc[a1:, a0:a1] = acc[a0:a1, a1:].T
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -266,14 +183,16 @@ class _LayerRecorder:
         self.gen = torch.Generator().manual_seed(_layer_seed(seed, name))
         self.chunks: list[torch.Tensor] = []
         self.keep_samples = keep_samples
+        self.lean = not keep_samples          # the patch moments are not returned: free them early
         self.per_image: int | None = None    # samples per image actually taken: min(s, H·W) (1 with gap)
-        self.acc = MomentAccumulator(torch.float64) if stream_moments else None
+        self.acc = ActivationMoments() if stream_moments else None
         conv = unit.conv
         self.want_patches = (patch_moments and point == "pre_bn" and conv.groups == 1
                              and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= max_patch_dim)
         self.sigma_rows = sigma_rows
-        self.moments: LayerPatchMoments | None = None
-        self._img_x = self._img_take = self._take_count = None
+        self.moments: PatchMoments | None = None
+        self.whitened: torch.Tensor | None = None   # cos_whitened, once the Σ_X subsample is complete
+        self._img_x = self._sub = None
         self._pos = None
         self._pending_y = None
 
@@ -345,66 +264,65 @@ class _LayerRecorder:
         """Accumulate the patch moments of this batch that do not involve T, and the per-image
         patch sums that the T terms need (T is one value per image: Σ_rows x·t = Σ_img t·Σ_s x).
 
-        In chunks of images, so the float64 patches of a deep layer (4,096 rows × 4,608 = 151 MB
-        for a batch of 256) never exist whole: they set the capture's peak memory otherwise."""
-        pos, H, W = self._pos
+        In chunks of images, so the patches of a deep layer (4,096 rows × 4,608 for a batch of
+        256) never exist whole. Cov(x, y) over all rows takes the float32 products of one chunk
+        into float64 sums (cos_euclid moves by ~1e-8); the Σ_X subsample stays float64 throughout:
+        the whitened cosine is a ~1e-8 check that float32 products move by ~1e-6."""
+        pos, _, W = self._pos
         B = pos.shape[0]
         k = self.per_image
         step = max(1, PATCH_ROWS // k)
         inp = inp.float()
-        self._img_x, self._img_take, self._take_count = [], [], []
+        if self.moments is None:
+            self.moments = PatchMoments.empty(with_sigma_x=self.sigma_rows > 0)
+        m = self.moments
+        img_x, full, partial = [], 0, None
         for b0 in range(0, B, step):
             b1 = min(B, b0 + step)
-            b_idx = torch.arange(b0, b1, device=pos.device).repeat_interleave(k)
+            b_idx = torch.arange(b1 - b0, device=pos.device).repeat_interleave(k)
             flat = pos[b0:b1].reshape(-1)
-            x = _patches_at(inp, self.unit.conv, b_idx, flat // W, flat % W).double()
-            self._stream_chunk(x, samples[b0 * k: b1 * k].double(), b_idx - b0)
-        self._img_x = torch.cat(self._img_x)
-        self._img_take = torch.cat(self._img_take) if self._img_take[0] is not None else None
-        self._take_count = torch.cat(self._take_count) if self._img_take is not None else None
-
-    def _stream_chunk(self, x: torch.Tensor, y: torch.Tensor, b_idx: torch.Tensor) -> None:
-        B = int(b_idx[-1]) + 1
-        if self.moments is None:
-            D, C = x.shape[1], y.shape[1]
-            z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
-            sub = self.sigma_rows > 0
-            self.moments = LayerPatchMoments(z(D, C), z(D), z(D), z(C), z(()),
-                                             sxx=z(D, D) if sub else None, sx_xx=z(D) if sub else None,
-                                             sub_xy=z(D, C) if sub else None, sub_xt=z(D) if sub else None,
-                                             sub_y=z(C) if sub else None, sub_t=z(()) if sub else None)
-        m = self.moments
-        m.sxy.addmm_(x.T, y)          # in place: no [D, C] temporary per chunk
-        m.sx += x.sum(0)
-        m.sy += y.sum(0)
-        m.n += len(x)
-        img_x = x.reshape(B, self.per_image, -1).sum(1)                             # [B, D]
-        self._img_x.append(img_x)
-        img_take = take_count = None
-        if m.sxx is not None:   # (rows past sigma_rows add nothing: an all-zero img_take)
-            k = max(0, self.sigma_rows - m.rows_xx)
-            take, ty = x[:k], y[:k]
+            x = _patches_at(inp[b0:b1], self.unit.conv, b_idx, flat // W, flat % W)         # [rows, D] float32
+            y = samples[b0 * k: b1 * k]
+            m.xy.update(x, y)
+            img_x.append(x.reshape(b1 - b0, k, -1).sum(1, dtype=torch.float64))              # [b, D]
+            take = x[: max(0, self.sigma_rows - m.rows_xx)].double() if m.sxx is not None else x[:0]
             if len(take):
-                _gram_upper_into(m.sxx, take)
-                m.sx_xx += take.sum(0)
-                m.sub_xy.addmm_(take.T, ty)
-                m.sub_y += ty.sum(0)
-                m.rows_xx += len(take)
-            rows = b_idx[: len(take)]
-            img_take = torch.zeros_like(img_x).index_add_(0, rows, take)
-            take_count = torch.bincount(rows, minlength=B).double()
-        self._img_take.append(img_take)
-        self._take_count.append(take_count)
+                m.sxx.update(take)
+                m.sxy.update(take, y[: len(take)].double())
+                # rows are image-major: the subsample holds whole images, then maybe part of one
+                whole, rest = divmod(len(take), k)
+                full = b0 + whole
+                partial = (take[whole * k:].sum(0), rest) if rest else None
+        self._img_x = torch.cat(img_x)
+        if m.sxx is not None or full:
+            self._sub = (full, partial)
 
     def _finish_patches(self, t_img: torch.Tensor) -> None:
+        """The T terms, from the per-image patch sums: each image is one row of weight k (its rows)."""
         m = self.moments
-        t = t_img.to(self._img_x.device).double()                                    # [B]
-        m.sxt += self._img_x.T @ t
-        m.st += self.per_image * t.sum()
-        if self._img_take is not None:
-            m.sub_xt += self._img_take.T @ t
-            m.sub_t += (self._take_count * t).sum()
-        self._img_x = self._img_take = self._take_count = None
+        t = t_img.to(self._img_x.device).double()[:, None]                               # [B, 1]
+        k = float(self.per_image)
+        m.xt.update(self._img_x / k, t, weight=torch.full_like(t[:, 0], k))
+        if self._sub is not None:
+            full, partial = self._sub
+            if full:
+                m.sxt.update(self._img_x[:full] / k, t[:full], weight=torch.full_like(t[:full, 0], k))
+            if partial is not None:
+                m.sxt.update(partial[0][None] / partial[1], t[full:full + 1],
+                             weight=torch.full_like(t[:1, 0], float(partial[1])))
+            if self.lean and 0 < self.sigma_rows <= m.rows_xx:
+                # the subsample is complete: its whitened cosine now, and its Σ_X (up to 95 MB)
+                # freed for the rest of the pass rather than held by every layer to the end
+                self.whitened = m.cosines(self.unit.conv.weight)["cos_whitened"]
+                m.free_sigma_x()
+        self._img_x = self._sub = None
+
+    def gradient_cosines(self) -> dict[str, torch.Tensor]:
+        """The layer's gradient cosines (METHODS §5) from its streamed patch moments."""
+        out = self.moments.cosines(self.unit.conv.weight)
+        if self.whitened is not None:
+            out["cos_whitened"] = self.whitened
+        return out
 
 
 @torch.no_grad()
@@ -413,7 +331,7 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
                         seed: int = 0, patch_moments: bool = False, max_patch_dim: int = 4608,
                         sigma_rows: int = 8192, device: str | torch.device = "cpu",
                         progress: bool = True, keep_samples: bool = True,
-                        stream_moments: bool | None = None) -> Capture:
+                        stream_moments: bool | None = None, target_values: torch.Tensor | None = None) -> Capture:
     """Run ``model`` once over ``loader`` and record the sampled activations of ``units``.
 
     ``units``: {layer name: ConvUnit} (the conv, the norm after it, the activation after that).
@@ -421,7 +339,8 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     N = images · s, or images with ``gap``) and the patch moments; the lean form (False) keeps
     only the streamed moments and the gradient cosines. ``stream_moments`` (default: when the
     samples are not kept) streams the covariance; with samples kept it is an extra float64 pass
-    that :meth:`Capture.cov` does not need.
+    that :meth:`Capture.cov` does not need. ``target_values``: T of every calibration image in the
+    loader's order, used instead of the network's own (``dynamics.target=final``).
     """
     if point not in POINTS:
         raise unknown_name("activation point (capture.point)", point, POINTS)
@@ -442,7 +361,8 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
         for x, y in tqdm(loader, desc=f"capture ({len(units)} layers)", disable=None if progress else True, leave=False):
             x, y = x.to(device), y.to(device)
             logits = model(x)
-            t = target_from_logits(logits, y, target)
+            t = target_from_logits(logits, y, target) if target_values is None else \
+                target_values[seen: seen + len(y)].to(device=logits.device, dtype=torch.float32)
             if not bool(torch.isfinite(t).all()):
                 # name the first layer that went non-finite (the cause), else blame the logits
                 for r in recorders.values():
@@ -465,14 +385,18 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     gradients = {}
     for name in list(patches):
         if patches[name].n > 1:
-            gradients[name] = patches[name].cosines(units[name].conv.weight)
+            gradients[name] = recorders[name].gradient_cosines()
         if not keep_samples:   # free each layer's Σ_X (up to 170 MB) before the next one's solve
+            recorders[name].moments.release()
             recorders[name].moments = None
             del patches[name]
     moments, means = {}, {}
     for name, r in recorders.items():
         if r.acc is not None and r.acc.count > 1:
             moments[name], means[name] = r.acc.compute().cpu(), r.acc.mean.cpu()
+        if r.acc is not None:
+            r.acc.reset()      # now, not whenever the cycle collector gets to the metric
+            r.acc = None
     cap = Capture(acts={}, target=None, image_index=None, knobs=knobs, accuracy=correct / max(1, seen),
                   moments=moments, means=means, n=seen * s, gradients=gradients,
                   per_image={name: int(r.per_image if r.per_image is not None else s) for name, r in recorders.items()})
@@ -483,11 +407,10 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     return cap
 
 
-def _to_cpu(m: LayerPatchMoments) -> LayerPatchMoments:
-    for f in PATCH_FIELDS:
-        v = getattr(m, f)
-        if v is not None:
-            setattr(m, f, v.cpu())
+def _to_cpu(m: PatchMoments) -> PatchMoments:
+    for acc in (m.xy, m.xt, m.sxx, m.sxy, m.sxt):
+        if acc is not None:
+            acc.state = acc.state.cpu()
     return m
 
 

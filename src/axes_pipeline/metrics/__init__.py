@@ -4,7 +4,8 @@ Everything is computed from the unbiased covariance of (T, Y_1..Y_C) of one laye
 §1–§3), batched over channels, in pure torch on the input's device:
 
 * :func:`channel_axes` / :func:`channel_axes_from_moments`: all per-channel quantities.
-* :class:`MomentAccumulator`: stream calibration batches into that covariance.
+* :class:`ActivationMoments` (a :class:`Moments`, the one streaming accumulator, a
+  ``torchmetrics.Metric``): stream calibration batches into that covariance.
 * :func:`pairwise_overlap`, :func:`pairwise_target_excess` (+ ``_from_moments``): the C x C
   R_X and S matrices (R-graph and S-graph edge weights).
 * :func:`triplet_ratio` (+ ``_from_moments``): the layer's S3/S2.
@@ -21,16 +22,18 @@ from axes_pipeline.metrics.excess import (
     triplet_ratio,
     triplet_ratio_from_moments,
 )
-from axes_pipeline.metrics.gaussian import DEAD_RTOL, RHO_MAX, MomentAccumulator, covariance
-from axes_pipeline.metrics.gradients import PatchMomentAccumulator, gradient_cosines, patch_moments
+from axes_pipeline.metrics.gaussian import DEAD_RTOL, RHO_MAX, covariance
+from axes_pipeline.metrics.gradients import PatchMoments, gradient_cosines, patch_moments
 from axes_pipeline.metrics.linear_gaussian import linear_gaussian_study, spearman
+from axes_pipeline.metrics.moments import ActivationMoments, Moments
 
 __all__ = [
     "AXES_KEYS",
+    "ActivationMoments",
     "DEAD_RTOL",
     "RHO_MAX",
-    "MomentAccumulator",
-    "PatchMomentAccumulator",
+    "Moments",
+    "PatchMoments",
     "channel_axes",
     "channel_axes_from_moments",
     "covariance",

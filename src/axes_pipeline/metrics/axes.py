@@ -113,7 +113,7 @@ def channel_axes_from_moments(
     Args:
         cov: ``[C+1, C+1]`` unbiased covariance of (T, Y_1..Y_C), element 0 = target (from
             :func:`~axes_pipeline.metrics.gaussian.covariance` or
-            :class:`~axes_pipeline.metrics.gaussian.MomentAccumulator`). All-zero row 0 = no
+            :class:`~axes_pipeline.metrics.moments.ActivationMoments`). All-zero row 0 = no
             target (task quantities 0).
         sigma0: scale of input capture: ``median`` | ``mean`` | ``p75`` | ``p90`` of J_i over
             the live channels, or a positive float taken as sigma0^2.

@@ -12,7 +12,7 @@
 
 Every ``*_from_moments`` function takes the joint unbiased covariance ``cov: [C+1, C+1]`` of
 (T, Y_1..Y_C) (element 0 = target), e.g. from
-:class:`~axes_pipeline.metrics.gaussian.MomentAccumulator`.
+:class:`~axes_pipeline.metrics.moments.ActivationMoments`.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Every information quantity of the pipeline is computed from the unbiased covariance of the
 vector ``(T, Y_1..Y_C)`` of one layer (METHODS §1): element 0 is the target, elements 1..C the
-channels. This module turns activations into that covariance (one-shot or streamed with
-:class:`MomentAccumulator`) and that covariance into the *standardised view* every other
-metric reads (:func:`standardise`): clipped correlations, the dead-channel mask and the
+channels. This module turns activations into that covariance (one-shot; streamed:
+:class:`~axes_pipeline.metrics.moments.ActivationMoments`) and that covariance into the
+*standardised view* every other metric reads (:func:`standardise`): clipped correlations, the dead-channel mask and the
 variances.
 
 Conventions shared by the whole ``metrics`` package:
@@ -188,84 +188,6 @@ def covariance(acts: Tensor, target: Tensor | None = None) -> Tensor:
                         f"or rescale them")
     # the matmul is symmetric only up to rounding; downstream code assumes exact symmetry
     return 0.5 * (cov + cov.T)
-
-
-class MomentAccumulator:
-    """Streaming unbiased covariance of ``(T, Y_1..Y_C)`` over calibration batches.
-
-    ``update(acts [n, C], target [n])`` any number of times, then ``compute() -> [C+1, C+1]``
-    (element 0 = target), ready for :func:`~axes_pipeline.metrics.channel_axes_from_moments`.
-
-    Numerically stable: each batch is centred on its own float64 mean and merged with the
-    running (count, mean, M2) by Chan et al.'s parallel update, so large activation offsets do
-    not cancel catastrophically. Sums are kept in ``dtype`` (float64 by default) on the device
-    of the first batch. :meth:`merge` combines two accumulators (e.g. from data-parallel
-    workers) with the same formula.
-    """
-
-    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
-        self.dtype = dtype
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget all batches."""
-        self.count = 0
-        self.mean: Tensor | None = None  # [C+1]
-        self.m2: Tensor | None = None  # [C+1, C+1] sum of centred outer products
-
-    def update(self, acts: Tensor, target: Tensor | None = None) -> None:
-        """Add a batch ``acts: [n, C]``, ``target: [n]`` (``None``: no target, row 0 stays 0)."""
-        if not isinstance(acts, Tensor) or acts.dim() != 2:
-            raise UserError(f"activations must have shape [n, C], got {getattr(acts, 'shape', type(acts))}")
-        n = acts.shape[0]
-        if n == 0:
-            return
-        if acts.dtype not in _FLOAT_DTYPES:
-            raise UserError(f"activations must be float32 or float64, got {acts.dtype}")
-        if target is not None:
-            if not isinstance(target, Tensor) or target.dim() != 1 or target.shape[0] != n:
-                raise UserError(f"target must have shape [n] = [{n}], got {getattr(target, 'shape', type(target))}")
-            if target.device != acts.device:
-                raise UserError(f"target is on {target.device} but activations are on {acts.device}")
-        if self.mean is not None and acts.shape[1] + 1 != self.mean.shape[0]:
-            raise UserError(f"batch has {acts.shape[1]} channels but earlier batches had {self.mean.shape[0] - 1}")
-        z = torch.empty(n, acts.shape[1] + 1, dtype=self.dtype, device=acts.device)
-        z[:, 1:] = acts
-        z[:, 0] = 0.0 if target is None else target
-        mean_b = z.sum(dim=0) / n
-        if not bool(torch.isfinite(mean_b).all()):
-            if not bool(torch.isfinite(z[:, 0]).all()):
-                raise UserError(_nonfinite_message(z[:, 0], "target"))
-            raise UserError(_nonfinite_message(acts, "activations"))
-        zc = z - mean_b
-        m2_b = gram(zc)
-        self._merge_stats(n, mean_b, m2_b)
-
-    def _merge_stats(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
-        if self.mean is None:
-            self.count, self.mean, self.m2 = n_b, mean_b.clone(), m2_b.clone()
-            return
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b.to(self.mean.device) - self.mean
-        self.m2 += m2_b.to(self.m2.device) + torch.outer(delta, delta) * (n_a * n_b / n)
-        self.mean += delta * (n_b / n)
-        self.count = n
-
-    def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":
-        """Fold ``other``'s batches into this accumulator (Chan's parallel formula)."""
-        if other.mean is not None:
-            if self.mean is not None and other.mean.shape != self.mean.shape:
-                raise UserError("cannot merge moment accumulators with different channel counts")
-            self._merge_stats(other.count, other.mean.to(self.dtype), other.m2.to(self.dtype))
-        return self
-
-    def compute(self) -> Tensor:
-        """The unbiased covariance ``[C+1, C+1]`` of (T, Y_1..Y_C) seen so far."""
-        if self.mean is None or self.count < 2:
-            raise UserError(f"need at least 2 samples for a covariance, got {self.count}")
-        cov = self.m2 / (self.count - 1)
-        return 0.5 * (cov + cov.T)
 
 
 # --------------------------------------------------------------------------------------------

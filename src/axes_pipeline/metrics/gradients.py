@@ -20,101 +20,133 @@ form ``w' g_T`` (returned as ``w_dot_g``, normalised) is cheaper but checks less
 construction whenever D is computed as ``w' Sigma_X w``.
 
 Sigma_X w never needs the (huge) patch covariance: ``Cov(x_patch, y_i) = X'(Y_i - mean)/(N-1)``
-(:class:`PatchMomentAccumulator`); Sigma_X itself is only formed when D is small enough.
+(:class:`PatchMoments`, streamed by :class:`~axes_pipeline.metrics.moments.Moments`); Sigma_X itself
+is only formed when D is small enough, on a subsample of rows.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from axes_pipeline.errors import UserError
-
-_FLOAT = (torch.float32, torch.float64)
+from axes_pipeline.metrics.moments import Moments
 
 #: Above this patch dimension ``patch_moments`` does not form Sigma_X unless asked to.
 MAX_SIGMA_X_DIM = 4096
 
 
-class PatchMomentAccumulator:
-    """Streams ``Cov(x, y_i)`` (= Sigma_X w_i), ``Cov(x, T)`` and optionally Sigma_X.
+@dataclass
+class PatchMoments:
+    """The streamed input-patch moments of one conv layer, each a :class:`Moments`.
 
-    ``update(x_patches [n, D], y [n, C], t [n])`` per batch, ``compute()`` at the end. Each
-    batch is centred on its own mean and merged with Chan's formula in float64, like
-    :class:`~axes_pipeline.metrics.gaussian.MomentAccumulator`.
+    Over all N rows: ``xy`` (x_patch vs y, ``[D, C]``: Cov(x, y_i) = Σ_X w_i) and ``xt`` (x_patch
+    vs T, ``[D, 1]``). Σ_X costs N·D² and is kept over the first ``sigma_rows`` rows only (``sxx``),
+    with the cross moments of those same rows (``sxy``, ``sxt``): the whitened cosine is 0 only when
+    Σ_X w and Σ_X come from one sample, so it is computed from that subsample
+    (:meth:`whitened_moments`). ``sxx``/``sxy``/``sxt`` are None when Σ_X is not formed.
     """
 
-    def __init__(self, with_sigma_x: bool = False, dtype: torch.dtype = torch.float64) -> None:
-        self.with_sigma_x = with_sigma_x
-        self.dtype = dtype
-        self.count = 0
-        self.mean_x = self.mean_y = self.mean_t = None
-        self.m_xy = self.m_xt = self.m_xx = None
+    xy: Moments
+    xt: Moments
+    sxx: Moments | None = None
+    sxy: Moments | None = None
+    sxt: Moments | None = None
 
-    def update(self, x_patches: Tensor, y: Tensor, t: Tensor) -> None:
-        """Add a batch: ``x_patches: [n, D]``, ``y: [n, C]`` (the channels' outputs), ``t: [n]``."""
-        if x_patches.dim() != 2 or y.dim() != 2 or t.dim() != 1:
-            raise UserError(f"patch moments need x [n, D], y [n, C], t [n]; got {tuple(x_patches.shape)}, "
+    @classmethod
+    def empty(cls, with_sigma_x: bool) -> PatchMoments:
+        sub = (Moments(upper=True), Moments(), Moments()) if with_sigma_x else (None, None, None)
+        return cls(Moments(), Moments(), *sub)
+
+    def update(self, x: Tensor, y: Tensor, t: Tensor) -> None:
+        """Add rows ``x: [n, D]``, ``y: [n, C]``, ``t: [n]`` (float64 products; Σ_X on every row)."""
+        if x.dim() != 2 or y.dim() != 2 or t.dim() != 1:
+            raise UserError(f"patch moments need x [n, D], y [n, C], t [n]; got {tuple(x.shape)}, "
                             f"{tuple(y.shape)}, {tuple(t.shape)}")
-        n = x_patches.shape[0]
-        if y.shape[0] != n or t.shape[0] != n:
-            raise UserError(f"x, y and t must have the same number of samples, got {n}, {y.shape[0]}, {t.shape[0]}")
-        if n == 0:
-            return
-        x = x_patches.to(self.dtype)
-        yy = y.to(self.dtype)
-        tt = t.to(self.dtype)
-        mx, my, mt = x.mean(0), yy.mean(0), tt.mean()
-        if not (bool(torch.isfinite(mx).all()) and bool(torch.isfinite(my).all()) and bool(torch.isfinite(mt))):
-            raise UserError("patches, channel outputs or target contain NaN/Inf; gradient cosines need finite values")
-        xc, yc, tc = x - mx, yy - my, tt - mt
-        m_xy, m_xt = xc.T @ yc, xc.T @ tc
-        m_xx = xc.T @ xc if self.with_sigma_x else None
-        if self.count == 0:
-            self.count, self.mean_x, self.mean_y, self.mean_t = n, mx, my, mt
-            self.m_xy, self.m_xt, self.m_xx = m_xy, m_xt, m_xx
-            return
-        na, nb = self.count, n
-        tot = na + nb
-        f = na * nb / tot
-        dx, dy, dt = mx - self.mean_x, my - self.mean_y, mt - self.mean_t
-        self.m_xy = self.m_xy + m_xy + torch.outer(dx, dy) * f
-        self.m_xt = self.m_xt + m_xt + dx * dt * f
-        if self.with_sigma_x:
-            self.m_xx = self.m_xx + m_xx + torch.outer(dx, dx) * f
-        self.mean_x = self.mean_x + dx * (nb / tot)
-        self.mean_y = self.mean_y + dy * (nb / tot)
-        self.mean_t = self.mean_t + dt * (nb / tot)
-        self.count = tot
+        if not (y.shape[0] == t.shape[0] == x.shape[0]):
+            raise UserError(f"x, y and t must have the same number of samples, got {x.shape[0]}, {y.shape[0]}, "
+                            f"{t.shape[0]}")
+        x, y, t = x.double(), y.double(), t.double()[:, None]
+        for acc, v in ((self.xy, y), (self.xt, t), (self.sxy, y), (self.sxt, t)):
+            if acc is not None:
+                acc.update(x, v)
+        if self.sxx is not None:
+            self.sxx.update(x)
 
-    def compute(self) -> dict[str, Tensor]:
-        """``sx_w: [C, D]`` (row i = Cov(x, y_i) = Sigma_X w_i), ``c: [D]`` = Cov(x, T), and
-        ``sigma_x: [D, D]`` when accumulated; unbiased (divisor N-1)."""
-        if self.count < 2:
-            raise UserError(f"need at least 2 samples for patch moments, got {self.count}")
-        k = self.count - 1
-        out = {"sx_w": (self.m_xy / k).T.contiguous(), "c": self.m_xt / k}
-        if self.with_sigma_x:
-            s = self.m_xx / k
-            out["sigma_x"] = 0.5 * (s + s.T)
+    @property
+    def n(self) -> int:
+        return self.xy.count
+
+    @property
+    def rows_xx(self) -> int:
+        return 0 if self.sxx is None else self.sxx.count
+
+    def cov_xy(self) -> Tensor:
+        """Cov(x_patch, y) = Σ_X w for a pre-BN channel: ``[D, C]``."""
+        return self.xy.compute()
+
+    def cov_xt(self) -> Tensor:
+        """Cov(x_patch, T): ``[D]``."""
+        return self.xt.compute()[:, 0]
+
+    def sigma_x(self) -> Tensor | None:
+        """Σ_X over the subsample ``[D, D]``, or None (not formed, or fewer than 2 rows)."""
+        return self.sxx.compute() if self.rows_xx >= 2 else None
+
+    def whitened_moments(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(Cov(x, y) [D, C], Cov(x, T) [D], Σ_X [D, D]) all over the Σ_X subsample, or None."""
+        sigma = self.sigma_x()
+        if sigma is None:
+            return None
+        return self.sxy.compute(), self.sxt.compute()[:, 0], sigma
+
+    def free_sigma_x(self) -> None:
+        """Drop the subsample's accumulators (Σ_X is up to 4608² float64, 170 MB). Reset first: a
+        Metric is freed by the cycle collector, not when its last reference goes, and its state
+        would live on until then."""
+        for acc in (self.sxx, self.sxy, self.sxt):
+            if acc is not None:
+                acc.reset()
+        self.sxx = self.sxy = self.sxt = None
+
+    def release(self) -> None:
+        """Free every accumulator's state now (see :meth:`free_sigma_x`)."""
+        self.free_sigma_x()
+        self.xy.reset()
+        self.xt.reset()
+
+    def cosines(self, weight: Tensor) -> dict[str, Tensor]:
+        """Per-channel gradient cosines of the conv with ``weight`` (METHODS §5): ``cos_euclid``
+        ``[C]`` and, where Σ_X was kept, ``cos_whitened`` ``[C]`` (the built-in ≈ 0 check)."""
+        w = weight.detach().double().flatten(1).to(self.xy.state.device)
+        out = {"cos_euclid": gradient_cosines(self.cov_xy().T.contiguous(), self.cov_xt(), w)["cos_euclid"].cpu()}
+        if self.rows_xx >= 2:  # Σ_X w and Σ_X from the same rows, so this must be ≈ 0
+            cxy, cxt = self.sxy.compute(), self.sxt.compute()[:, 0]
+            out["cos_whitened"] = gradient_cosines(cxy.T.contiguous(), cxt, w,
+                                                   fresh_sigma=self.sxx.compute)["cos_whitened"].cpu()
         return out
 
 
 def patch_moments(x_patches: Tensor, y: Tensor, t: Tensor, *, with_sigma_x: bool | None = None,
                   chunk: int = 65536) -> dict[str, Tensor]:
-    """One-shot :class:`PatchMomentAccumulator` over ``x_patches: [N, D]``, ``y: [N, C]``, ``t: [N]``.
-
-    ``with_sigma_x=None`` forms Sigma_X only when ``D <= MAX_SIGMA_X_DIM``. Processes ``chunk``
-    rows at a time so float64 copies stay small.
-    """
+    """Patch moments of ``x_patches: [N, D]``, ``y: [N, C]``, ``t: [N]`` in one call (streamed in
+    ``chunk`` rows): ``sx_w: [C, D]`` (row i = Cov(x, y_i) = Σ_X w_i), ``c: [D]`` = Cov(x, T) and,
+    with ``with_sigma_x`` (default: when ``D <= MAX_SIGMA_X_DIM``), ``sigma_x: [D, D]``; unbiased."""
     if with_sigma_x is None:
         with_sigma_x = x_patches.shape[-1] <= MAX_SIGMA_X_DIM
-    acc = PatchMomentAccumulator(with_sigma_x=with_sigma_x)
+    acc = PatchMoments(Moments(), Moments(), Moments(upper=True) if with_sigma_x else None)
     for s in range(0, x_patches.shape[0], chunk):
         acc.update(x_patches[s:s + chunk], y[s:s + chunk], t[s:s + chunk])
-    return acc.compute()
+    if acc.n < 2:
+        raise UserError(f"need at least 2 samples for patch moments, got {acc.n}")
+    out = {"sx_w": acc.cov_xy().T.contiguous(), "c": acc.cov_xt()}
+    if with_sigma_x:
+        s = acc.sigma_x()
+        out["sigma_x"] = 0.5 * (s + s.T)
+    return out
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -122,20 +154,22 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _sigma_solver(sigma_x: Tensor, ridge: float) -> Callable[[Tensor], Tensor]:
-    """``v -> (Sigma_X + ridge * mean(diag) I)^-1 v`` via one Cholesky (columns of ``v: [D, k]``)."""
-    s = sigma_x.to(torch.float64)
-    scale = float(torch.diagonal(s).mean().clamp(min=torch.finfo(torch.float64).tiny))
-    jitter = ridge * scale
-    for _ in range(8):  # grow the jitter only if Sigma_X is numerically singular
-        # the jitter added on a copy's diagonal, not as s + jitter·I: at D = 4608 each D×D
-        # temporary is 170 MB, and these set the capture's peak memory
-        a = s.clone()
+def _cholesky_factor(fresh_sigma: Callable[[], Tensor], ridge: float) -> Tensor:
+    """Lower L with ``L L' = Sigma_X + jitter I`` (float64), jitter = ``ridge`` * mean(diag), grown
+    only if Sigma_X is numerically singular. ``fresh_sigma()`` gives a Sigma_X the factor may
+    overwrite: the factor is computed in place, so one D×D lives at a time (170 MB at D = 4608,
+    the capture's peak memory), and a retry starts from a fresh one."""
+    jitter = scale = None
+    for _ in range(8):
+        a = fresh_sigma()
+        if scale is None:
+            scale = float(torch.diagonal(a).mean().clamp(min=torch.finfo(torch.float64).tiny))
+            jitter = ridge * scale
         a.diagonal().add_(jitter)
-        chol, info = torch.linalg.cholesky_ex(a)
-        del a
+        chol, info = torch.linalg.cholesky_ex(a, out=(a, torch.empty((), dtype=torch.int32, device=a.device)))
         if int(info) == 0:
-            return lambda v: torch.cholesky_solve(v.to(torch.float64), chol)
+            return chol
+        del a, chol
         jitter = max(jitter * 100.0, 1e-12 * scale)
     raise UserError("input covariance Sigma_X is not positive semi-definite; check the patch extraction")
 
@@ -147,6 +181,7 @@ def gradient_cosines(
     sigma_x: Tensor | Callable[[Tensor], Tensor] | None = None,
     *,
     ridge: float = 1e-10,
+    fresh_sigma: Callable[[], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Cosines between the input-capture and task gradients of every channel of a layer.
 
@@ -157,6 +192,8 @@ def gradient_cosines(
         sigma_x: ``[D, D]`` input covariance, or a callable solving ``Sigma_X z = v`` for
             ``v: [D, k]``; ``None`` skips the whitened cosine.
         ridge: relative ridge (times mean diagonal of Sigma_X) of the whitened solve.
+        fresh_sigma: instead of ``sigma_x``, a builder of a new Sigma_X ``[D, D]`` float64 each call,
+            which the solve may overwrite (it saves a D×D copy).
 
     Returns ``[C]`` float64 tensors: ``cos_euclid`` = cos(Sigma_X w, g_T); ``cos_whitened``
     (only with ``sigma_x``) = the same in the Sigma_X^-1 metric, by an honest solve, ~0;
@@ -176,13 +213,21 @@ def gradient_cosines(
     cos_e = _safe_div((u * g).sum(1), u.norm(dim=1) * g.norm(dim=1))
     w_dot_g = _safe_div((ww * g).sum(1), ww.norm(dim=1) * g.norm(dim=1))
     out = {"cos_euclid": cos_e, "w_dot_g": w_dot_g, "b": b, "signal": sig}
-    if sigma_x is not None:
-        solve = sigma_x if callable(sigma_x) else _sigma_solver(sigma_x, ridge)
-        zu = solve(u.T).T  # Sigma_X^-1 u, [C, D]
-        zg = solve(g.T).T
+    if callable(sigma_x):
+        zu = sigma_x(u.T).T  # Sigma_X^-1 u, [C, D]
+        zg = sigma_x(g.T).T
         inner = (u * zg).sum(1)
         nu = (u * zu).sum(1).clamp(min=0).sqrt()
         ng = (g * zg).sum(1).clamp(min=0).sqrt()
+    elif sigma_x is not None or fresh_sigma is not None:
+        # u' Sigma_X^-1 g = (L^-1 u)'(L^-1 g): one triangular solve per side, half a full solve
+        chol = _cholesky_factor(fresh_sigma or (lambda: sigma_x.to(torch.float64).clone()), ridge)
+        zu = torch.linalg.solve_triangular(chol, u.T, upper=False)  # [D, C]
+        zg = torch.linalg.solve_triangular(chol, g.T, upper=False)
+        del chol
+        inner = (zu * zg).sum(0)
+        nu, ng = zu.norm(dim=0), zg.norm(dim=0)
+    if sigma_x is not None or fresh_sigma is not None:
         out["cos_whitened"] = torch.where(dead, torch.zeros_like(inner), _safe_div(inner, nu * ng))
     out["cos_euclid"] = torch.where(dead, torch.zeros_like(cos_e), cos_e)
     out["w_dot_g"] = torch.where(dead, torch.zeros_like(w_dot_g), w_dot_g)
