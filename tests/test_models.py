@@ -347,7 +347,7 @@ def test_hydra_config_builds(name, tmp_path):
 
     cfg = make_cfg("train", [f"model={name}"], tmp_path).model   # the YAML over its typed schema
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    keys = set(cfg) - {"_target_", "_partial_", "name", "width", "pretrained", "weights", "recipe"}
+    keys = set(cfg) - {"_target_", "_partial_", "name", "width", "pretrained", "weights", "recipe", "from_scratch"}
     assert keys == set(model_knobs(name)), "config knobs and build_model knobs differ"
     assert cfg.name == name and cfg.pretrained is False and cfg.weights is None
     cfg.width = SMALL
