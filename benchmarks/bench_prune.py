@@ -44,8 +44,6 @@ from axes_pipeline.pruning import (
 from axes_pipeline.pruning.evaluate import evaluate
 
 
-
-
 def best(fn, repeats: int):
     times, out = [], None
     for _ in range(repeats):

@@ -16,13 +16,12 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from bench_scale import write_fake_cifar100  # the one writer of fake CIFAR-100 files (benchmarks/)
 
 from axes_pipeline.data import Cifar100DataModule, DigitsDataModule
 from axes_pipeline.models import build_model
 from axes_pipeline.training import ClassifierModule, optimizer_factory
 from axes_pipeline.training.optim import OptimConfig, warmup_cosine
-from bench_scale import write_fake_cifar100   # the one writer of fake CIFAR-100 files (benchmarks/)
-
 
 SGD = optimizer_factory(OptimConfig(name="sgd", lr=0.05, weight_decay=5e-4))   # the CIFAR-100 recipe's
 
@@ -68,7 +67,7 @@ def data_paths(n_train: int = 5000, batches: int = 30) -> tuple[float, float]:
             it = iter(loader)
             next(it)  # warm-up (device copy, first worker start)
             images, t0 = 0, time.perf_counter()
-            for _, (x, y) in zip(range(batches), it):
+            for _, (_x, y) in zip(range(batches), it):
                 images += len(y)
             rates.append(images / (time.perf_counter() - t0))
         return rates[0], rates[1]

@@ -121,7 +121,7 @@ def run_check(out: Path, device: str, *, tiny: bool = False) -> dict:
         runs["on_device_compiled"] = ("data.on_device=true", "train.compile=true")
     report["train"] = {k: train_run(bs, py, ov, f"gpu_check_{k}", *extra) for k, extra in runs.items()}
     ceiling = report["synthetic"]["images_per_s"]
-    for k, r in report["train"].items():
+    for _k, r in report["train"].items():
         r["ratio_to_synthetic"] = round(r["images_per_s"] / ceiling, 3) if r["images_per_s"] else None
     tr = report["train"]
     if tr["dataloader"]["images_per_s"]:

@@ -13,7 +13,7 @@ from axes_pipeline.capture import capture_activations, load_capture, save_captur
 from axes_pipeline.capture.activations import _sample_positions
 from axes_pipeline.models import conv_norm_pairs
 
-from .conftest import make_cfg
+from .helpers import make_cfg
 
 
 def test_positions_distinct_or_every_one_once():

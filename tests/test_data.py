@@ -27,8 +27,7 @@ from axes_pipeline.data import (
 from axes_pipeline.data.imagenet100 import default_class_list
 from axes_pipeline.errors import UserError
 
-from .conftest import make_cfg
-
+from .helpers import make_cfg
 
 
 # --------------------------------------------------------------------------- fixtures: real formats

@@ -11,7 +11,7 @@ import torch
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import read_json
 
-from .conftest import run_entry
+from .helpers import run_entry
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=64", "model.width=0.125",
        "checkpoint.every_epoch=true", "callbacks.progress_bar=false", "logger=none", "seed=5",
@@ -24,7 +24,7 @@ def _val_accuracy(ckpt: Path, root: Path) -> tuple[float, int]:
     from axes_pipeline.models import build_model
     from axes_pipeline.training.checkpoints import load_into
 
-    from .conftest import make_cfg
+    from .helpers import make_cfg
 
     cfg = make_cfg("train", DDP[3:], root)
     dm = build_datamodule(cfg.data)

@@ -11,7 +11,7 @@ import pytest
 from axes_pipeline.config import trained_run_dir
 from axes_pipeline.errors import UserError
 
-from .conftest import make_cfg, run_entry
+from .helpers import make_cfg, run_entry
 
 # The plain defaults (digits, ResNet-18, every score, the default capture.n_cal=2000 > digits'
 # 1,258 training images) with only what keeps a CPU test short: one epoch, a narrow backbone and one

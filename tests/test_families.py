@@ -15,7 +15,7 @@ from axes_pipeline.errors import UserError
 from axes_pipeline.models import build_model, capture_point, conv_norm_pairs, model_knobs
 from axes_pipeline.models.families import REPRESENTATIVES, check_family
 
-from .conftest import make_cfg
+from .helpers import make_cfg
 
 #: families whose pruning Torch-Pruning refuses, and the words their one-line reason must hold
 PRUNE_REFUSED = {"ShuffleNetV2": "channel shuffle"}
@@ -194,7 +194,7 @@ class _Grouped(nn.Module):
 @pytest.mark.parametrize("arch,width,side,pick", [
     ("densenet121", 0.25, 32, ["features.denseblock1.denselayer2.conv2", "features.transition1.conv"]),  # concat, no norm
     ("efficientnet_b0", 0.25, 32, ["features.2.0.block.2.fc1", "features.2.0.block.3.0"]),                # SE conv, project
-    ("googlenet", 1.0, 32, ["inception3a.branch2.1.conv"]),                                                 # a concatenated branch
+    ("googlenet", 1.0, 32, ["inception3a.branch2.1.conv"]),                                    # a concatenated branch
 ])
 def test_batched_lesions_equal_the_weight_path_on_general_graphs(arch, width, side, pick):
     import numpy as np

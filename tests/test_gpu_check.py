@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would run")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 import pytest
-import torch
 from networkx.algorithms.community import greedy_modularity_communities, modularity
 
 from axes_pipeline.analyses.axes_table import select_units
@@ -13,7 +12,7 @@ from axes_pipeline.analyses.graphs import compare_groupings, partition, top_edge
 from axes_pipeline.capture import capture_activations
 from axes_pipeline.metrics import covariance, pairwise_overlap_from_moments, pairwise_target_excess_from_moments
 
-from .conftest import make_cfg
+from .helpers import make_cfg
 
 
 def _networkx_q(C, i, j, w) -> float:

@@ -14,8 +14,15 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.analyses.analyze import run_analysis
-from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluate, peer_regression, trace,
-                                                  weight_lesion_eval, zeroed)
+from axes_pipeline.analyses.lesion_engine import (
+    LesionEngine,
+    Lesions,
+    evaluate,
+    peer_regression,
+    trace,
+    weight_lesion_eval,
+    zeroed,
+)
 from axes_pipeline.analyses.lesions import check_lesion_analysis, lesion_layer, recovery, select_channels
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics import channel_axes
@@ -24,9 +31,7 @@ from axes_pipeline.models.synthetic import with_bn_statistics
 from axes_pipeline.pruning.taylor import taylor_scores
 from axes_pipeline.runs import read_json
 
-from .conftest import make_cfg
-
-
+from .helpers import make_cfg
 
 
 def _batches(size: int, n: int = 24, b: int = 16) -> list:

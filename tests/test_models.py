@@ -128,7 +128,7 @@ def test_resnet18_units():
     u = units["layer2.0.downsample.0"]
     assert (u.norm_name, u.act_name, u.act_call, u.residual) == ("layer2.0.downsample.1", "layer2.0.relu", 1, True)
     assert units["conv1"].norm_name == "bn1" and units["conv1"].act_name == "relu"
-    for name, unit in units.items():
+    for _name, unit in units.items():
         assert unit.norm is model.get_submodule(unit.norm_name)
         assert unit.norm.num_features == unit.conv.out_channels
 
@@ -343,7 +343,7 @@ def test_pretrained_downloads_into_the_hub_cache_on_first_use(imagenet_resnet18_
 def test_hydra_config_builds(name, tmp_path):
     from hydra.utils import instantiate
 
-    from .conftest import make_cfg
+    from .helpers import make_cfg
 
     cfg = make_cfg("train", [f"model={name}"], tmp_path).model   # the YAML over its typed schema
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

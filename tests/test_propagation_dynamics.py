@@ -15,14 +15,20 @@ import torch.nn as nn
 from hydra import compose, initialize_config_dir
 
 from axes_pipeline.analyses.axes_table import layer_analysis
-from axes_pipeline.analyses.propagation import (conv_links, influence_matrix, pair_propagation, post_norm_sigma,
-                                                propagation_table, routed)
+from axes_pipeline.analyses.propagation import (
+    conv_links,
+    influence_matrix,
+    pair_propagation,
+    post_norm_sigma,
+    propagation_table,
+    routed,
+)
 from axes_pipeline.capture import capture_activations
 from axes_pipeline.errors import UserError
 from axes_pipeline.models import conv_norm_pairs
 from axes_pipeline.runs import read_json
 
-from .conftest import CONF, make_cfg
+from .helpers import CONF, make_cfg
 
 KNOBS = {"sigma0": "median", "hull_eps": 0.05, "hull_max": 10, "hull_order": "correlation", "ridge": 1e-3,
          "pool": 50, "top": 10}

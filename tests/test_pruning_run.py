@@ -17,7 +17,7 @@ from axes_pipeline.pruning import sweep as prune_sweep
 from axes_pipeline.pruning.run import PruneSettings, run_prune
 from axes_pipeline.runs import read_json
 
-from .conftest import make_cfg, run_entry
+from .helpers import make_cfg, run_entry
 
 FAST = ["pruning.latency=false"]
 AXES_COLUMNS = ["input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_saturated",

@@ -16,7 +16,7 @@ from axes_pipeline.errors import UserError
 from axes_pipeline.runs import read_json
 from axes_pipeline.tables import DamagedTable
 
-from .conftest import make_cfg, run_entry
+from .helpers import make_cfg, run_entry
 from .test_analyze import SMALL
 from .test_data import write_cifar10
 from .test_report import _report, fake_run

@@ -12,7 +12,7 @@ import pytest
 from axes_pipeline.errors import UserError
 from axes_pipeline.report.build import run_report
 
-from .conftest import make_cfg, run_entry
+from .helpers import make_cfg, run_entry
 
 TARGETS = [0.9, 0.7, 0.5, 0.3, 0.1]
 
@@ -159,7 +159,7 @@ def test_slurm_without_sbatch_is_refused(tmp_path):
 def test_launcher_configs_compose(launcher, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from .conftest import CONF
+    from .helpers import CONF
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)

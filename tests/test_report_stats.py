@@ -11,7 +11,6 @@ from scipy import stats as st
 from axes_pipeline import stats as S
 from axes_pipeline.stats import compare_paired, flops_auc, holm
 
-
 # ----------------------------------------------------------------------------- FLOPs-AUC
 
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from axes_pipeline.errors import UserError
 from axes_pipeline.tasks import check_composes
 
-from .conftest import CONF, make_cfg, run_entry
+from .helpers import CONF, make_cfg, run_entry
 
 STAGES = ("train", "analyze", "prune", "report")
 EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))

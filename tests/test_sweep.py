@@ -11,7 +11,7 @@ import json
 import pandas as pd
 import pytest
 
-from .conftest import run_entry
+from .helpers import run_entry
 
 SEEDS = "seed=1,2,3"
 SMALL = ["name=sweep", "logger=none", "data.batch_size=64", "model.width=0.125", "trainer.max_epochs=2",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import TINY, make_cfg
+from .helpers import TINY, make_cfg
 
 
 def _offline_runs(where):
@@ -122,7 +122,7 @@ def test_offline_run_makes_no_network_request(tmp_path, monkeypatch):
     import os
     import shutil
 
-    from .conftest import ROOT, run_entry
+    from .helpers import ROOT, run_entry
 
     spy_dir = tmp_path / "spy"
     spy_dir.mkdir()
@@ -221,7 +221,7 @@ def test_training_log_holds_one_line_per_epoch_and_no_bar(tmp_path):
     import subprocess
     import sys
 
-    from .conftest import ROOT
+    from .helpers import ROOT
 
     log_file = tmp_path / "train.log"
     args = ["logger=none", "model.width=0.125", "trainer.max_epochs=2", "+trainer.limit_train_batches=3",

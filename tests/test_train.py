@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import read_json
@@ -13,7 +14,7 @@ from axes_pipeline.tasks import run_task
 from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into, read_checkpoint
 from axes_pipeline.training.train import instantiate_model, run_training
 
-from .conftest import CONF, TINY, make_cfg, run_entry
+from .helpers import CONF, TINY, make_cfg, run_entry
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))
 # Entry-point configs only: common.yaml is a shared piece, not a stage.
@@ -34,13 +35,19 @@ def test_every_experiment_composes(stage, experiment, tmp_path):
 def test_data_model_grid_composes(data, model, tmp_path):
     cfg = make_cfg("train", [f"data={data}", f"model={model}"], tmp_path)
     assert cfg.data.name == data and cfg.model.name == model
-    assert cfg.run_dir if False else cfg.paths.run_dir.endswith(f"{data}-{model}-w1.0/seed42")
+    assert cfg.paths.run_dir.endswith(f"{data}-{model}-w1.0/seed42")
 
 
 @pytest.mark.parametrize("group,choice", [("trainer", "gpu"), ("trainer", "ddp"), ("logger", "csv"),
                                           ("logger", "none"), ("debug", "fast")])
 def test_other_groups_compose(group, choice, tmp_path):
-    make_cfg("train", [f"{group}={choice}"], tmp_path)
+    cfg = make_cfg("train", [f"{group}={choice}"], tmp_path)
+    expected = {("trainer", "gpu"): lambda c: (c.trainer.accelerator, c.trainer.precision) == ("gpu", "bf16-mixed"),
+                ("trainer", "ddp"): lambda c: c.trainer.strategy == "ddp" and c.trainer.devices == -1,
+                ("logger", "csv"): lambda c: c.logger is not None and "csv" in c.logger._target_.lower(),
+                ("logger", "none"): lambda c: c.logger is None,
+                ("debug", "fast"): lambda c: c.trainer.max_epochs == 1 and c.trainer.limit_train_batches == 2}
+    assert expected[group, choice](cfg), OmegaConf.to_yaml(cfg[group if group != "debug" else "trainer"])
 
 
 @pytest.mark.parametrize("overrides", [["trainer.max_epochs=abc"], ["trainer.nosuch=1"], ["optim.lr=abc"],
@@ -108,7 +115,7 @@ def test_train_entry_returns_best_val_acc(tiny_run):
     """The objective a sweeper reads: train.py's main returns the best checkpoint's val/acc."""
     import importlib.util
 
-    from .conftest import ROOT
+    from .helpers import ROOT
 
     spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
     entry = importlib.util.module_from_spec(spec)
@@ -412,7 +419,7 @@ def test_resume_after_kill_9_is_the_uninterrupted_run(tmp_path):
 
     from axes_pipeline.training.checkpoints import model_state
 
-    from .conftest import ROOT
+    from .helpers import ROOT
 
     args = [o for o in TINY if not o.startswith(("logger=", "trainer.max_epochs"))] + [
         "logger=csv", "trainer.max_epochs=4"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TINY, make_cfg
+from .helpers import TINY, make_cfg
 
 BLOCK = 32768   # wandb's run file is a LevelDB-style log: 32 KiB blocks of (crc, length, type) chunks
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4

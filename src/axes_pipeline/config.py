@@ -6,7 +6,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -105,7 +105,7 @@ class StageConfig(AxesKnobs):
     seed: int = 42
     # explicit checkpoint (PATH): analyze/prune read it (default: <run_dir>/checkpoints/{best,last}.ckpt);
     # train.py starts from its weights (weights only)
-    ckpt: Optional[str] = None
+    ckpt: str | None = None
     allow_partial: bool = False   # analyze/prune on a run whose training did not finish (no train_summary.json)
     train: TrainKnobs = field(default_factory=TrainKnobs)
     stage: str = MISSING

@@ -29,7 +29,7 @@ raise ``ValueError``.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import stats as _st

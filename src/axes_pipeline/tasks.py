@@ -15,13 +15,13 @@ import logging
 import re
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from axes_pipeline.config import _mode, register_schemas, check_name, check_seed, run_dir
+from axes_pipeline.config import _mode, check_name, check_seed, register_schemas, run_dir
 from axes_pipeline.errors import UserError, unknown_name
 
 log = logging.getLogger("axes_pipeline")

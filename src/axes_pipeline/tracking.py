@@ -27,7 +27,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import DictConfig
 
@@ -43,7 +42,7 @@ class WandbConfig:
 
     _target_: str = "axes_pipeline.tracking.WandbTracking"
     project: str = "axes-pipeline"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "offline"     # online for real use (needs WANDB_API_KEY; never prompts)
     group: str = "${name}"
     run_name: str = "${data.name}-${model.name}-seed${seed}"

@@ -20,8 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 # Importing an analysis module registers it (@analysis): the order here is the order of the list
 # in the "unknown analysis" message.
 from axes_pipeline.analyses import dynamics, lesions, linear_study, plots, propagation  # noqa: F401
-from axes_pipeline.analyses.axes_table import (analyze_capture, axes_fingerprint, check_capture_size, depth_index,
-                                               get_capture, resolve_device, select_units, stored_axes, write_axes)
+from axes_pipeline.analyses.axes_table import (
+    analyze_capture,
+    axes_fingerprint,
+    check_capture_size,
+    depth_index,
+    get_capture,
+    resolve_device,
+    select_units,
+    stored_axes,
+    write_axes,
+)
 from axes_pipeline.analyses.registry import ANALYSES
 from axes_pipeline.config import run_dir, to_container
 from axes_pipeline.errors import UserError

@@ -18,13 +18,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.analyses.alignment import layer_alignment
 from axes_pipeline.analyses.graphs import compare_groupings
-from axes_pipeline.capture import (POSITIONS, Capture, capture_activations, capture_key, check_finite, load_capture,
-                                   save_capture)
+from axes_pipeline.capture import (
+    POSITIONS,
+    Capture,
+    capture_activations,
+    capture_key,
+    check_finite,
+    load_capture,
+    save_capture,
+)
 from axes_pipeline.devices import resolve_device
 from axes_pipeline.errors import UserError
-from axes_pipeline.metrics import (covariance,
-                                   pairwise_overlap_from_moments, pairwise_target_excess_from_moments,
-                                   triplet_ratio_from_moments)
+from axes_pipeline.metrics import (
+    covariance,
+    pairwise_overlap_from_moments,
+    pairwise_target_excess_from_moments,
+    triplet_ratio_from_moments,
+)
 from axes_pipeline.metrics.peers import channel_axes_by_peers, check_peers
 from axes_pipeline.models import capture_point, conv_norm_pairs
 from axes_pipeline.runs import read_json, run_fingerprint, settings_diff, write_csv, write_json
@@ -96,7 +106,8 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: tor
     rows.update({k: v.numpy() for k, v in axes.items()})
     rows.update(filter_stats(unit))
     arr = {k: v.numpy() for k, v in axes.items()}
-    summary = {"layer": name, "layer_index": index, "channels": C, "n_samples": int(acts.shape[0] if n_samples is None else n_samples), "dead": int(arr["dead"].sum()),
+    summary = {"layer": name, "layer_index": index, "channels": C,
+               "n_samples": int(acts.shape[0] if n_samples is None else n_samples), "dead": int(arr["dead"].sum()),
                **layer_alignment(arr),
                "hull_size_mean": float(arr["hull_size"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0,
                "hull_saturated_frac": float(arr["hull_saturated"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0}

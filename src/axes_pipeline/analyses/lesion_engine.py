@@ -42,9 +42,9 @@ family against :func:`zeroed`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,8 @@ from torch import Tensor
 
 from axes_pipeline.metrics.gaussian import covariance, peer_ranking, standardise
 from axes_pipeline.metrics.hulls import ridge_gram
-from axes_pipeline.models.graph import split as split_at, trace
+from axes_pipeline.models.graph import split as split_at
+from axes_pipeline.models.graph import trace
 
 log = logging.getLogger("axes_pipeline")
 
@@ -96,24 +97,24 @@ class Lesions:
         return int(self.channel.numel())
 
     @classmethod
-    def zero(cls, channels: Sequence[int], n_channels: int) -> "Lesions":
+    def zero(cls, channels: Sequence[int], n_channels: int) -> Lesions:
         """Plain lesions of ``channels``."""
         ch = torch.as_tensor(list(channels), dtype=torch.int64)
         return cls(ch, torch.zeros(len(ch), n_channels, dtype=torch.float64),
                    torch.zeros(len(ch), dtype=torch.float64), torch.ones(len(ch), dtype=torch.bool))
 
     @classmethod
-    def replace(cls, channels: Sequence[int], coef: Tensor, offset: Tensor) -> "Lesions":
+    def replace(cls, channels: Sequence[int], coef: Tensor, offset: Tensor) -> Lesions:
         """Replacements of ``channels`` by ``offset + coef @ Y`` (see :func:`peer_regression`)."""
         ch = torch.as_tensor(list(channels), dtype=torch.int64)
         return cls(ch, coef.to(torch.float64), offset.to(torch.float64), torch.zeros(len(ch), dtype=torch.bool))
 
     @classmethod
-    def cat(cls, parts: Sequence["Lesions"]) -> "Lesions":
+    def cat(cls, parts: Sequence[Lesions]) -> Lesions:
         return cls(torch.cat([p.channel for p in parts]), torch.cat([p.coef for p in parts]),
                    torch.cat([p.offset for p in parts]), torch.cat([p.zero_post for p in parts]))
 
-    def __getitem__(self, sl: slice) -> "Lesions":
+    def __getitem__(self, sl: slice) -> Lesions:
         return Lesions(self.channel[sl], self.coef[sl], self.offset[sl], self.zero_post[sl])
 
 

@@ -41,8 +41,16 @@ from scipy import stats as _st
 
 from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.axes_table import axes_settings, capture_settings
-from axes_pipeline.analyses.lesion_engine import (LesionEngine, Lesions, evaluate, hull_members, materialise,
-                                                  peer_regression, standardised, trace)
+from axes_pipeline.analyses.lesion_engine import (
+    LesionEngine,
+    Lesions,
+    evaluate,
+    hull_members,
+    materialise,
+    peer_regression,
+    standardised,
+    trace,
+)
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.errors import UserError, unknown_name

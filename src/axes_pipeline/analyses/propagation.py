@@ -333,8 +333,9 @@ def headline(table: pd.DataFrame) -> dict:
 
 def heatmap(table: pd.DataFrame, path):
     """Pairings × linked pairs (depth order): ρ, and ρ minus its shuffled null."""
-    from axes_pipeline.analyses import plots
     import matplotlib.pyplot as plt
+
+    from axes_pipeline.analyses import plots
 
     pairs = table[["pair_index", "upstream", "downstream"]].drop_duplicates().sort_values("pair_index")
     names = [p for p, _, _ in PAIRINGS]

@@ -7,8 +7,8 @@ network runs. analyze.py imports the modules, which registers them, in the order
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)

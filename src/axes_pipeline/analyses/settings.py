@@ -7,7 +7,7 @@ select and override.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,7 +50,7 @@ class GraphsConfig:
 
     edge_fraction: float = 0.1
     null_shuffles: int = 20       # shuffled-weight null draws per layer; layers.csv gets their mean, SD, 2.5/97.5%
-    max_channels: Optional[int] = None  # null = every channel; a number = graphs on the first max_channels only
+    max_channels: int | None = None  # null = every channel; a number = graphs on the first max_channels only
 
 
 @dataclass
@@ -94,12 +94,12 @@ class LesionAnalysis:
     # N = exactly N (an error where a layer has fewer); all = every one
     channels: Any = "auto"
     seed: int = 0                 # channel sample, evaluation subset and bootstrap
-    eval_samples: Optional[int] = 1000  # images of the test split (seeded subset); null = the whole test split
+    eval_samples: int | None = 1000  # images of the test split (seeded subset); null = the whole test split
     replace: Any = field(default_factory=lambda: ["hull", "all"])  # peer replacement variant(s): hull, all
     min_damage: float = 1.0e-4    # recovery is NaN when the lesion raises the loss by less than this
     # analysis
     n_bins: int = 5               # task_info (I_T) quantile bins for the within-bin Spearman
-    predictors: Optional[List[str]] = field(default_factory=lambda: [
+    predictors: list[str] | None = field(default_factory=lambda: [
         "input_capture", "peer_overlap", "full_explained", "hull_score", "l1", "taylor", "task_info"])
     # the model the peer terms must improve on, and the peer terms: incremental R² of these over base_terms
     base_terms: Any = field(default_factory=lambda: ["input_capture", "task_info"])

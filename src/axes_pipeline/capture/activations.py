@@ -55,8 +55,9 @@ class Capture:
     Only with ``keep_samples`` (in memory, never cached): ``acts[layer]: [N, C]`` float32,
     ``target: [n_img·s]`` float32 (each image's T repeated over its ``s`` samples),
     ``image_index: [n_img·s]`` (which calibration image a sample came from), ``patches[layer]`` the
-    streamed patch moments (:class:`~axes_pipeline.metrics.gradients.PatchMoments`). Read the statistics through :meth:`cov`, :meth:`channel_mean` and
-    :meth:`channel_sd`: they work on either form.
+    streamed patch moments (:class:`~axes_pipeline.metrics.gradients.PatchMoments`). Read the
+    statistics through :meth:`cov`, :meth:`channel_mean` and :meth:`channel_sd`: they work on
+    either form.
 
     ``per_image[layer]`` is the samples per image that layer gave: ``s``, or H·W when its map has
     fewer positions (every position once), so its N is ``n_images·per_image`` (:meth:`n_samples`).

@@ -8,7 +8,8 @@ loaders; and for the analyses ``check()``, ``calibration_set(n, seed, transform)
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from axes_pipeline.data.base import BaseDataModule, SplitSubset, stratified_split
 from axes_pipeline.data.cifar import Cifar10DataModule, Cifar100DataModule

@@ -16,7 +16,7 @@ sequence). Single-process only: under DDP every rank would see the whole split.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 class _EpochSampler:
     """Lightning calls ``dataloader.sampler.set_epoch(epoch)`` before each epoch; forward it."""
 
-    def __init__(self, owner: "DeviceBatchLoader") -> None:
+    def __init__(self, owner: DeviceBatchLoader) -> None:
         self._owner = owner
 
     def set_epoch(self, epoch: int) -> None:

@@ -10,9 +10,9 @@ ImageNet's val set is our *test* split; our val split is carved from train.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from torchvision.datasets import ImageFolder

@@ -10,7 +10,7 @@ every key but the loading ones is part of a result's identity (``runs.data_ident
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -54,7 +54,7 @@ class DataConfig:
 class FileDataConfig(DataConfig):
     """A dataset read from files below ``data_dir``."""
 
-    data_dir: Optional[str] = None   # conf/data/*.yaml: ${paths.data_dir}
+    data_dir: str | None = None   # conf/data/*.yaml: ${paths.data_dir}
     download: bool = True            # fetched into data_dir when missing (one-line error offline); false: must be there
     verify: bool = True              # md5 check of the files (CIFAR) / all classes present (Tiny-ImageNet)
 

@@ -11,7 +11,7 @@ Two families:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torchvision import transforms as T
 

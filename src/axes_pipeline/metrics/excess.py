@@ -28,8 +28,8 @@ from axes_pipeline.metrics.gaussian import (
     mi_from_rho,
     peer_ranking,
     r2_three,
-    small_ops,
     r2_two,
+    small_ops,
     standardise,
 )
 

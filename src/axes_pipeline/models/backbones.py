@@ -13,7 +13,8 @@ rounding, which is the same rule (and, like torchvision, keeps the last 1×1 con
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 from torchvision.models._utils import _make_divisible

@@ -90,8 +90,18 @@ def check_family(arch: str, width: float, side: int, *, score: str = "task_info"
     from axes_pipeline.analyses.propagation import link_report, propagation_table
     from axes_pipeline.capture import capture_activations
     from axes_pipeline.models import build_model, capture_point, conv_layers, conv_norm_pairs
-    from axes_pipeline.pruning import (CostModel, ScoreContext, build_groups, fvcore_macs, group_scores,
-                                       keep_masks, make_allocation, match_flops, prune_physically, resolve_score)
+    from axes_pipeline.pruning import (
+        CostModel,
+        ScoreContext,
+        build_groups,
+        fvcore_macs,
+        group_scores,
+        keep_masks,
+        make_allocation,
+        match_flops,
+        prune_physically,
+        resolve_score,
+    )
 
     torch.manual_seed(seed)
     res = FamilyResult(arch)
@@ -108,7 +118,7 @@ def check_family(arch: str, width: float, side: int, *, score: str = "task_info"
     axes, _, _ = analyze_capture(cap, units, cfg, torch.device("cpu"), progress=False)
     res.analysed = int(axes.groupby("layer").size().reindex(list(units)).eq(
         [u.conv.out_channels for u in units.values()]).sum())
-    for name, unit in units.items():
+    for _name, unit in units.items():
         label = capture_point(unit, str(cfg.capture.point))
         res.capture_points[label] = res.capture_points.get(label, 0) + 1
     res.analyze_s = time.perf_counter() - t0

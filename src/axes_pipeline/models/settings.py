@@ -9,7 +9,7 @@ a dataset's recipe may override it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -31,7 +31,7 @@ class ModelConfig:
     width: float = 1.0             # channel multiplier (each family's rounding: its dataclass)
     # true: torchvision's ImageNet weights (hub cache; downloaded on first use), or `weights`
     pretrained: bool = False
-    weights: Optional[str] = None  # path to a local state_dict / torchvision .pth (implies pretrained)
+    weights: str | None = None  # path to a local state_dict / torchvision .pth (implies pretrained)
     recipe: ModelRecipe = MISSING
     # experiment=dynamics: pretrained weights become a one-line error instead of a silently different H2
     from_scratch: bool = False
@@ -99,7 +99,7 @@ class CustomModel(ModelConfig):
 
     name: str = "custom_${.net._target_}"
     # required: net._target_, the class (or function returning an nn.Module); its kwargs beside it
-    net: Dict[str, Any] = field(default_factory=lambda: {"_target_": None})
+    net: dict[str, Any] = field(default_factory=lambda: {"_target_": None})
     recipe: ModelRecipe = field(default_factory=lambda: ModelRecipe(lr=0.05))
 
 

@@ -12,7 +12,8 @@ auxiliary classifiers only exist in training mode.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn

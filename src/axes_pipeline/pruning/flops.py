@@ -136,7 +136,7 @@ class CostModel:
         return int(self.macs_counts(np.array([int(k.sum()) for k in keep], dtype=np.int64)))
 
     @classmethod
-    def build(cls, model: nn.Module, groups: GroupSet, example: torch.Tensor) -> "CostModel":
+    def build(cls, model: nn.Module, groups: GroupSet, example: torch.Tensor) -> CostModel:
         total, unsupported, per_module = fvcore_macs(model, example, by_module=True)
         G = len(groups.groups)
         # module -> dim -> {group: member channels per root channel}. A dimension may be made of

@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ class Score:
     doc: str = ""
     columns: frozenset = frozenset()   # the axes.csv columns it reads (checked finite before use)
 
-    def __call__(self, ctx: "ScoreContext", draw: int = 0) -> dict[str, np.ndarray]:
+    def __call__(self, ctx: ScoreContext, draw: int = 0) -> dict[str, np.ndarray]:
         raw = self.fn(ctx, draw)
         out = {}
         for layer, conv in ctx.layers.items():

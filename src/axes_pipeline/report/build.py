@@ -31,10 +31,16 @@ from omegaconf import DictConfig
 from axes_pipeline.config import to_container
 from axes_pipeline.errors import UserError
 from axes_pipeline.report import figures, tables
-from axes_pipeline.report.collect import (discover, group_runs, require_runs, resolve_roots, skipped_inputs,
-                                         split_by_pruning)
+from axes_pipeline.report.collect import (
+    discover,
+    group_runs,
+    require_runs,
+    resolve_roots,
+    skipped_inputs,
+    split_by_pruning,
+)
 from axes_pipeline.runs import write_csv, write_json, write_text
-from axes_pipeline.stats import CI_METHODS, compare_paired
+from axes_pipeline.stats import CI_METHODS
 from axes_pipeline.tracking import StageTracker, log_report
 
 TESTS = ("wilcoxon", "permutation")
@@ -110,7 +116,7 @@ def run_report(cfg: DictConfig) -> dict:
         for name, df in t.items():
             if df is not None and not df.empty:
                 tracker.table(f"report/{name}", df)
-        for label, p in figs.items():
+        for _label, p in figs.items():
             tracker.image(f"report/{p.stem}", p)
         log_report(tracker, runs, out, t.get("headline"), cfg.name)
     finally:

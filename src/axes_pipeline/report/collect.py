@@ -106,7 +106,7 @@ PRUNE_KEYS = ("mode", "allocation", "targets", "tolerance", "max_fraction", "eva
               "magnitude", "depthwise_in_group_score", "hybrid_counts_from")
 
 
-def split_by_pruning(groups: dict[str, list["Run"]]) -> tuple[dict[str, list["Run"]], list[str]]:
+def split_by_pruning(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]], list[str]]:
     """The groups for the pruning tables: a group whose seeds were pruned under different
     protocols is split (label ``<group> [prune <sig>]``), with a notice naming what differs."""
     out, notices = {}, []

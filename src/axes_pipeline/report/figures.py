@@ -12,8 +12,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from axes_pipeline.report.collect import Run  # noqa: E402
-from axes_pipeline.stats import PAPER_REFERENCE  # noqa: E402
 from axes_pipeline.runs import atomic_path  # noqa: E402
+from axes_pipeline.stats import PAPER_REFERENCE  # noqa: E402
 
 AXIS_COLORS = {"local": "tab:blue", "target": "tab:red", "mixed": "tab:purple", "baseline": "tab:gray"}
 # Within an axis every score gets its own shade of the axis's colour map (and a marker), so any line

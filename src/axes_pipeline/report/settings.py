@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
 
 
 @dataclass
 class ReportConfig:
     """One report over every run below the sweep directory (default: multirun/<name>, else runs/<name>)."""
 
-    sweep: Optional[str] = None
-    runs: Optional[List[str]] = None   # explicit run directories instead of a sweep
-    out: Optional[str] = None          # default: <sweep>/report
+    sweep: str | None = None
+    runs: list[str] | None = None   # explicit run directories instead of a sweep
+    out: str | None = None          # default: <sweep>/report
     accuracy: str = "acc_before_ft"    # acc_before_ft | acc_after_ft
     min_seeds: int = 3                 # below this the paired test is "not possible"
     n_boot: int = 10000
