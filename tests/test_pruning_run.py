@@ -365,3 +365,48 @@ def test_curves_and_summary_change_together(run, monkeypatch):
         prune_summary.write_stage(out, pd.read_csv(out / "prune_curves.csv").iloc[:1], {"scores": {}})
     assert {n: (out / n).read_bytes() for n in before} == before     # both old, none half-new
     assert not list(out.glob(".prune_*tmp-*"))
+
+
+PLUGIN = '''
+import numpy as np
+
+from axes_pipeline.analyses.registry import analysis
+from axes_pipeline.pruning.scores import register
+
+
+@register("filter_mean_abs", "baseline")
+def filter_mean_abs(ctx, draw):
+    """Mean |w| of the filter (a user's score)."""
+    return {layer: conv.weight.detach().abs().mean(dim=(1, 2, 3)).numpy() for layer, conv in ctx.layers.items()}
+
+
+@analysis("layer_count")
+def layer_count(ctx):
+    return {"layers": len(ctx.units)}
+'''
+
+
+def test_a_plugin_adds_a_score_and_an_analysis(run, tmp_path, monkeypatch):
+    # README "Extending": one file (a module on PYTHONPATH) plus one config entry (plugins=[...])
+    from axes_pipeline.analyses.analyze import run_analysis
+    from axes_pipeline.pruning import run_prune
+    from axes_pipeline.tasks import run_task
+
+    (tmp_path / "plugin_mod").mkdir()
+    (tmp_path / "plugin_mod" / "__init__.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = _cfg(run, "plugins=[plugin_mod]", "pruning.scores=[filter_mean_abs,l1]", "pruning.targets=[0.7]",
+               "pruning.fvcore_check=false", "pruning.eval_samples=128")
+    summary = run_task(run_prune, cfg)
+    assert summary is not None
+    curves = pd.read_csv(Path(cfg.paths.run_dir) / "prune" / "prune_curves.csv")
+    assert set(curves["score"]) == {"filter_mean_abs", "l1"}
+    root, overrides = run
+    acfg = make_cfg("analyze", [*overrides, "plugins=[plugin_mod]", "+analysis.layer_count={}", "plots=false"], root)
+    result = run_task(run_analysis, acfg)
+    assert result["layer_count"]["layers"] > 0
+    bad = _cfg(run, "plugins=[no_such_plugin_module]")
+    from axes_pipeline.config import load_plugins
+
+    with pytest.raises(UserError, match="plugins: cannot import 'no_such_plugin_module'"):
+        load_plugins(bad.plugins)

@@ -108,6 +108,9 @@ class StageConfig(AxesKnobs):
     ckpt: str | None = None
     allow_partial: bool = False   # analyze/prune on a run whose training did not finish (no train_summary.json)
     train: TrainKnobs = field(default_factory=TrainKnobs)
+    # modules imported before the stage runs: their @register (pruning scores) and @analysis
+    # decorators add to the registries, e.g. plugins=[my_pkg.scores] (README "Extending")
+    plugins: list[str] = field(default_factory=list)
     stage: str = MISSING
 
 
@@ -232,3 +235,16 @@ def check_seed(value) -> int:
 def check_positive(value, key: str) -> None:
     if value is None or value <= 0:
         raise UserError(f"{key} must be positive, got {value}")
+
+
+def load_plugins(modules) -> None:
+    """Import the ``plugins`` modules (their decorators register scores and analyses); a module
+    that cannot be imported is one UserError line naming it."""
+    import importlib
+
+    for name in modules or []:
+        try:
+            importlib.import_module(str(name))
+        except Exception as err:  # noqa: BLE001 - any failure of a user's module is one line
+            raise UserError(f"plugins: cannot import {name!r} ({type(err).__name__}: {err}); "
+                            f"is it on PYTHONPATH?") from None

@@ -21,7 +21,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from axes_pipeline.config import _mode, check_name, check_seed, register_schemas, run_dir
+from axes_pipeline.config import _mode, check_name, check_seed, load_plugins, register_schemas, run_dir
 from axes_pipeline.errors import UserError, unknown_name
 
 log = logging.getLogger("axes_pipeline")
@@ -201,6 +201,7 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
     try:
         check_name(cfg.name)
         seed = check_seed(cfg.seed)
+        load_plugins(cfg.get("plugins"))
         out = where(cfg)
         marker = out / f"{stage}.failed"
         L.seed_everything(seed, workers=True, verbose=False)

@@ -17,9 +17,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-# Importing an analysis module registers it (@analysis): the order here is the order of the list
-# in the "unknown analysis" message.
-from axes_pipeline.analyses import dynamics, lesions, linear_study, plots, propagation  # noqa: F401
+from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.axes_table import (
     analyze_capture,
     axes_fingerprint,
@@ -38,6 +36,23 @@ from axes_pipeline.runs import read_json, write_json
 from axes_pipeline.tracking import StageTracker, cfg_artifact_name, log_axes
 
 log = logging.getLogger("axes_pipeline")
+
+
+def _register_analyses() -> None:
+    """Import every module of this package: an analysis module registers itself (``@analysis``),
+    so a new analysis is one module here plus its conf/analysis/<name>.yaml (README "Extending").
+    A user's module outside the package comes in through ``plugins=[my_pkg.my_analysis]``."""
+    import importlib
+    import pkgutil
+
+    import axes_pipeline.analyses as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name != "analyze":
+            importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+_register_analyses()
 
 @dataclass
 class Context:

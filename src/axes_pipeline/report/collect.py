@@ -20,7 +20,7 @@ from axes_pipeline.tables import DamagedTable, Schema, read_table
 IGNORED_KEYS = ("seed", "paths", "logger", "ckpt", "callbacks", "stage", "trainer.devices", "data.num_workers",
                 "data.data_dir", "trainer.enable_progress_bar",
                 # the axes knobs every stage's config carries: they do not decide the trained weights
-                "device", "capture", "metrics", "graphs", "gradients", "plots")
+                "device", "capture", "metrics", "graphs", "gradients", "plots", "plugins")
 
 
 @dataclass
