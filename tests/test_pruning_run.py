@@ -389,9 +389,15 @@ def layer_count(ctx):
 def test_a_plugin_adds_a_score_and_an_analysis(run, tmp_path, monkeypatch):
     # README "Extending": one file (a module on PYTHONPATH) plus one config entry (plugins=[...])
     from axes_pipeline.analyses.analyze import run_analysis
+    from axes_pipeline.analyses.registry import ANALYSES
     from axes_pipeline.pruning import run_prune
+    from axes_pipeline.pruning.scores import SCORES
     from axes_pipeline.tasks import run_task
 
+    # the registries are process-wide: leave them as found for the tests that list them
+    monkeypatch.setitem(SCORES, "filter_mean_abs", None)
+    monkeypatch.setitem(ANALYSES, "layer_count", None)
+    monkeypatch.delitem(sys.modules, "plugin_mod", raising=False)
     (tmp_path / "plugin_mod").mkdir()
     (tmp_path / "plugin_mod" / "__init__.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
