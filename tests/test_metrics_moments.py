@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from axes_pipeline.capture import capture_activations
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics import ActivationMoments, Moments, covariance
+from axes_pipeline.metrics.gaussian import gram
 from axes_pipeline.models import conv_norm_pairs
 
 
@@ -114,6 +115,32 @@ def test_activation_moments_equal_the_one_shot_covariance():
     torch.testing.assert_close(acc.mean[1:], acts.float().double().mean(0), rtol=1e-12, atol=0)
     with pytest.raises(UserError, match="NaN/Inf"):
         ActivationMoments().update(torch.full((3, 6), float("nan")), torch.zeros(3))
+
+
+@pytest.mark.parametrize("channels", [6, 300])   # 300: the blocked gram
+def test_activation_moments_are_the_per_batch_chan_merge_to_the_bit(channels):
+    # the published axes were computed this way; any other summation order moves the covariance
+    # by ~1e-16 and flips discrete steps downstream (communities, hulls), so the demo's tables
+    # would not repeat to the digit
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(40 + k, channels, generator=gen) * 2 + 7, torch.randn(40 + k, generator=gen))
+               for k in range(4)]
+    acc, n, mean, m2 = ActivationMoments(), 0, None, None
+    for x, t in batches:
+        acc.update(x, t)
+        z = torch.cat([t.double()[:, None], x.double()], 1)
+        mean_b = z.sum(0) / len(z)
+        zc = z - mean_b
+        m2_b = gram(zc)
+        if mean is None:
+            n, mean, m2 = len(z), mean_b, m2_b
+            continue
+        delta, tot = mean_b - mean, n + len(z)
+        m2 = m2 + (m2_b + torch.outer(delta, delta) * (n * len(z) / tot))
+        mean, n = mean + delta * (len(z) / tot), tot
+    cov = m2 / (n - 1)
+    assert torch.equal(acc.compute(), 0.5 * (cov + cov.T))
+    assert torch.equal(acc.mean, mean)
 
 
 def test_float32_rows_stay_within_float32_of_float64():

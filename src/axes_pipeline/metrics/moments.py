@@ -37,6 +37,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from axes_pipeline.errors import UserError
+from axes_pipeline.metrics.gaussian import gram
 
 _FLOAT = (torch.float32, torch.float64)
 
@@ -242,7 +243,14 @@ def _first_mean(x: Tensor, weight: Tensor | None, name: str) -> Tensor:
 class ActivationMoments(Moments):
     """The streaming unbiased covariance of ``(T, Y_1..Y_C)`` of one layer: ``update(acts [n, C],
     target [n] | None)``, ``compute() -> [C+1, C+1]`` float64 (element 0 = T; no target: row 0 is 0),
-    ready for :func:`~axes_pipeline.metrics.channel_axes_from_moments`. :attr:`mean` ``[C+1]``."""
+    ready for :func:`~axes_pipeline.metrics.channel_axes_from_moments`. :attr:`mean` ``[C+1]``.
+
+    Each batch is centred on its own float64 mean and its centred gram is merged into the running
+    (n, mean, M2) by Chan et al.'s update, so the state is always shifted by the running mean with
+    zero sums. That is the arithmetic the axes were first published with: a shifted-sum update
+    moves the covariance by ~1e-16 relative, which flips discrete steps downstream (a community
+    split, a hull member), so the tables would not repeat to the digit across versions.
+    """
 
     def update(self, acts: Tensor, target: Tensor | None = None) -> None:  # type: ignore[override]
         if not isinstance(acts, Tensor) or acts.dim() != 2:
@@ -259,10 +267,27 @@ class ActivationMoments(Moments):
                 raise UserError(f"the target contains NaN/Inf ({int((~torch.isfinite(target)).sum())} values)")
         if self.state.numel() and acts.shape[1] + 3 != self.state.shape[0]:
             raise UserError(f"batch has {acts.shape[1]} channels but earlier batches had {self.state.shape[0] - 3}")
+        if n == 0:
+            return
         z = torch.empty(n, acts.shape[1] + 1, dtype=torch.float64, device=acts.device)
         z[:, 1:] = acts
         z[:, 0] = 0.0 if target is None else target
-        super().update(z)
+        mean_b = z.sum(dim=0) / n
+        if not bool(torch.isfinite(mean_b).all()):
+            raise UserError(f"activations contain NaN/Inf ({int((~torch.isfinite(acts)).sum())} values)")
+        m2_b = gram(z - mean_b)
+        if not self.state.numel():
+            self.symmetric = True
+            self.state = _pack(n, mean_b, mean_b, m2_b, upper=False)
+            return
+        st = _views(self.state, False)
+        n_a = int(st.n)
+        tot = n_a + n
+        delta = mean_b - st.shift_u
+        st.cross += m2_b + torch.outer(delta, delta) * (n_a * n / tot)
+        st.shift_u += delta * (n / tot)
+        st.shift_v.copy_(st.shift_u)
+        st.n.fill_(tot)
 
     @property
     def mean(self) -> Tensor:
