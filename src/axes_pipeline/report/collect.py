@@ -191,19 +191,17 @@ def skipped_inputs(runs: list[Run]) -> list[dict]:
 
 REBUILD = {"prune": "python prune.py <the run's overrides>", "analyze": "python analyze.py <the run's overrides>"}
 
+# the per-layer quantities the report summarises (any may be absent from an older run)
+LAYER_COLS = ("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
+              "modularity_gap", "null_modularity_gap", "nmi", "ari", "hull_size_mean", "hull_saturated_frac", "s3_s2")
+
 REPORT_SCHEMAS: dict[str, Schema] = {
     "prune/prune_curves.csv": Schema(
         "prune_curves.csv", columns={"score": "str", "axis": "str", "achieved_flops": "float",
                                      "acc_before_ft": "float", "target_flops": "float", "draw": "int"},
         finite=("achieved_flops", "acc_before_ft"), optional=("target_flops", "draw")),
-    "analyze/layers.csv": Schema(
-        "layers.csv", columns={"layer": "str", "layer_index": "int", **dict.fromkeys(
-            ("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
-             "modularity_gap", "null_modularity_gap", "nmi", "ari", "hull_size_mean", "hull_saturated_frac",
-             "s3_s2"), "float")},
-        optional=("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
-                  "modularity_gap", "null_modularity_gap", "nmi", "ari", "hull_size_mean", "hull_saturated_frac",
-                  "s3_s2")),
+    "analyze/layers.csv": Schema("layers.csv", columns={"layer": "str", "layer_index": "int",
+                                                        **dict.fromkeys(LAYER_COLS, "float")}, optional=LAYER_COLS),
     "analyze/dynamics.csv": Schema("dynamics.csv", columns={"epoch": "int", "layer": "str"}),
     "analyze/propagation.csv": Schema("propagation.csv", columns={"pairing": "str", "rho": "float"},
                                       optional=("pairing", "rho")),
