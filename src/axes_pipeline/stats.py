@@ -71,9 +71,7 @@ def _paired(a, b) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _is_constant(d: np.ndarray) -> bool:
-    """True when the values of ``d`` differ only by rounding."""
-    if d.size == 0:
-        return True
+    """True when the values of ``d`` (not empty) differ only by rounding."""
     scale = max(float(np.max(np.abs(d))), np.finfo(float).tiny)
     return float(np.ptp(d)) <= _REL_TOL * scale
 
@@ -280,11 +278,10 @@ CI_METHODS = ("bca", "percentile")
 
 def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: int = 0,
                         method: str = "bca") -> tuple[float, float, float]:
-    """Bootstrap CI of the mean paired difference ``a − b`` (:func:`scipy.stats.bootstrap`).
+    """Bootstrap CI of the mean paired difference ``a − b: [n]`` (:func:`scipy.stats.bootstrap`).
 
-    ``a, b: [n]`` paired by position; pairs with a NaN are dropped. The pair is the unit that is
-    resampled (a seed gives both scores), ``n_boot`` replicates; ``method`` is ``"bca"``
-    (bias-corrected and accelerated, the default) or ``"percentile"``.
+    The pair is the unit that is resampled (a seed gives both scores), ``n_boot`` replicates;
+    ``method`` is ``"bca"`` (bias-corrected and accelerated, the default) or ``"percentile"``.
 
     Returns ``(diff_mean, lo, hi)`` with ``diff_mean`` the observed mean difference. With
     n = 0 everything is NaN; with n = 1 the difference is reported but the interval is NaN
@@ -315,9 +312,7 @@ def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: in
 
 
 def paired_test(a, b, method: str = "wilcoxon", seed: int = 0, *, n_perm: int = _N_PERM) -> float:
-    """Two-sided p-value for "a and b differ", paired by position.
-
-    ``a, b: [n]``; pairs with a NaN are dropped; NaN when no pair is left.
+    """Two-sided p-value for "a and b differ" (``a, b: [n]`` paired by position); NaN when no pair is left.
 
     - ``"wilcoxon"``: :func:`scipy.stats.wilcoxon` on ``a − b`` with scipy's defaults
       (``zero_method="wilcox"`` drops zero differences; ``method="auto"`` is exact for
@@ -351,9 +346,7 @@ def paired_test(a, b, method: str = "wilcoxon", seed: int = 0, *, n_perm: int = 
 
 
 def effect_size_paired(a, b) -> float:
-    """Cohen's d_z = mean(d) / sd(d) of the paired differences ``d = a − b`` (sd: ddof=1).
-
-    ``a, b: [n]``; pairs with a NaN are dropped. Edge cases:
+    """Cohen's d_z = mean(d) / sd(d) of the paired differences ``d = a − b`` (sd: ddof=1). Edge cases:
 
     - n < 2: NaN (no spread can be estimated);
     - every difference exactly 0: 0.0 (no effect, rather than 0/0);
@@ -386,9 +379,7 @@ def compare_paired(a, b, *, min_n: int = 3, n_boot: int = 10000, seed: int = 0, 
     """The headline comparison of METHODS §9 in one call: score A vs score B across seeds.
 
     ``a, b: [n_seeds]`` (e.g. FLOPs-AUC of the best local and the best target score per
-    seed), paired by position; pairs with a NaN are dropped first.
-
-    Returns a dict:
+    seed), paired by position. Returns a dict:
 
     - ``n``: pairs used; ``mean_a``, ``mean_b``, ``diff`` (= mean(a − b));
     - ``ci_lo``, ``ci_hi``: paired bootstrap CI of ``diff`` at ``level`` (``ci``: ``"bca"`` or
@@ -515,11 +506,8 @@ def incremental_r2(y, base_X, extra_X, n_boot: int = 2000, seed: int = 0, level:
         groups = [np.flatnonzero(labels == s) for s in dict.fromkeys(labels.tolist())]
     n = int(yv.size)
     nan = math.nan
-    out = {
-        "n": n, "r2_base": nan, "r2_full": nan, "delta_r2": nan, "delta_r2_adj": nan,
-        "ci_lo": nan, "ci_hi": nan, "ci_adj_lo": nan, "ci_adj_hi": nan, "p_f": nan,
-        "n_boot": int(n_boot),
-    }  # fmt: skip
+    out = {"n": n, "r2_base": nan, "r2_full": nan, "delta_r2": nan, "delta_r2_adj": nan, "ci_lo": nan, "ci_hi": nan,
+           "ci_adj_lo": nan, "ci_adj_hi": nan, "p_f": nan, "n_boot": int(n_boot)}
     if n <= B.shape[1] + E.shape[1] + 1 or np.ptp(yv) == 0:
         return out
 

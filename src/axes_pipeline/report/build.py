@@ -232,9 +232,7 @@ def fmt(x) -> str:
 
 def fmt_ci(lo, hi) -> str:
     """A confidence interval as ``[lo, hi]``; "—" when it could not be computed."""
-    if _missing(lo) and _missing(hi):
-        return "—"
-    return f"[{fmt(lo)}, {fmt(hi)}]"
+    return "—" if _missing(lo) and _missing(hi) else f"[{fmt(lo)}, {fmt(hi)}]"
 
 
 def fmt_pm(mean, sd, n=None, seeds=None) -> str:
@@ -346,17 +344,14 @@ _HEADLINE_KNOWN = ("group", "comparison", "n", "mean_a", "mean_b", "diff", "ci_l
 
 
 def headline_view(head: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
-    extra = [c for c in head.columns if c not in _HEADLINE_KNOWN]
     v = pd.DataFrame({"group": head["group"], "comparison": head["comparison"],
                       "verdict": [verdict(r, min_seeds) for _, r in head.iterrows()],
                       "local − target": [fmt(x) for x in head["diff"]],
                       "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(head["ci_lo"], head["ci_hi"])]})
-    for col, name in (("p_value", "p"), ("p_holm", "p_holm"), ("p_min", "p_min"), ("effect_size", "d_z"),
-                      ("mean_a", "local"), ("mean_b", "target"), ("n", "seeds")):
-        if col in head:
-            v[name] = [fmt(x) for x in head[col].astype(object)]
-    for col in extra:
-        v[col] = [fmt(x) for x in head[col].astype(object)]
+    renamed = {"p_value": "p", "p_holm": "p_holm", "p_min": "p_min", "effect_size": "d_z", "mean_a": "local",
+               "mean_b": "target", "n": "seeds"}
+    for col in [c for c in renamed if c in head] + [c for c in head.columns if c not in _HEADLINE_KNOWN]:
+        v[renamed.get(col, col)] = [fmt(x) for x in head[col].astype(object)]
     for col in ("candidates", "note"):
         if col in head:
             v[col] = head[col].fillna("").astype(str).to_numpy()

@@ -135,7 +135,6 @@ def alignment_depth(layers: pd.DataFrame, path: Path) -> Path:
 
 def dynamics_curves(groups: dict[str, list[Run]], path: Path) -> Path | None:
     quantities = ("align_input_capture_task_info", "modularity_gap", "hull_size_mean", "hull_saturated_frac", "s3_s2")
-    ref = {"hull_size_mean": "hull_size_mean", "hull_saturated_frac": "hull_saturated_frac", "s3_s2": "s3_s2"}
     found = False
     fig, axes = plt.subplots(1, len(quantities), figsize=(4 * len(quantities), 3.3))
     for g, runs in groups.items():
@@ -150,8 +149,8 @@ def dynamics_curves(groups: dict[str, list[Run]], path: Path) -> Path | None:
             st = per_seed.groupby("epoch")[q].agg(["mean", "std"]).reset_index()
             ax.plot(st["epoch"], st["mean"], marker="o", ms=3, label=g)
             ax.fill_between(st["epoch"], st["mean"] - st["std"].fillna(0), st["mean"] + st["std"].fillna(0), alpha=0.2)
-            if q in ref:
-                (mi, si), (mt, stt) = PAPER_REFERENCE[ref[q]]["init"], PAPER_REFERENCE[ref[q]]["trained"]
+            if q in PAPER_REFERENCE:
+                (mi, si), (mt, stt) = PAPER_REFERENCE[q]["init"], PAPER_REFERENCE[q]["trained"]
                 x0, x1 = st["epoch"].min(), st["epoch"].max()
                 ax.errorbar([x0, x1], [mi, mt], yerr=[si, stt], fmt="s--", color="k", ms=4, capsize=3,
                             label="paper (init → trained)")

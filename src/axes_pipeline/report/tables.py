@@ -30,6 +30,7 @@ def runs_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
 # (stats.grid_aucs).
 
 SELECTED_ON, MEASURED_ON = "val", "test"
+CURVES = "prune/prune_curves.csv"
 
 
 def curves_schema(accuracy: str) -> Schema:
@@ -46,27 +47,24 @@ def read_curves(run: Run, accuracy: str) -> tuple[pd.DataFrame | None, str | Non
     """``(curves, None)`` for a run whose pruning results are sound; ``(None, None)`` for a run that
     was not pruned; ``(None, reason)`` for one whose results cannot be used. The reason is also
     recorded on the run (``Run.skip``), so the report lists it: never a silent drop."""
-    rel = "prune/prune_curves.csv"
-    path = run.path / rel
-    if not path.is_file():
+    if not (run.path / CURVES).is_file():
         return None, None
     why = _curves_problem(run, accuracy)
     if why:
-        run.skip(rel, why)
+        run.skip(CURVES, why)
         return None, why
-    return run.read_csv(rel), None
+    return run.read_csv(CURVES), None
 
 
 def _curves_problem(run: Run, accuracy: str) -> str | None:
     """What makes a run's pruning curves unusable for ``accuracy``, or None."""
-    rel = "prune/prune_curves.csv"
-    path = run.path / rel
+    path = run.path / CURVES
     summary = run.read_json("prune/prune_summary.json")
     if not summary:
         return "prune/prune_summary.json is missing (prune did not finish); rerun prune.py"
-    curves = run.read_csv(rel)          # the run's generic checks: schema, truncation (collect.py)
+    curves = run.read_csv(CURVES)          # the run's generic checks: schema, truncation (collect.py)
     if curves is None:
-        return run.skipped.get(rel, f"{path} cannot be read")
+        return run.skipped.get(CURVES, f"{path} cannot be read")
     if accuracy in curves and len(curves) and curves[accuracy].isna().all():
         return f"prune_curves.csv has no {accuracy} (pruned without fine-tuning?)"
     try:
