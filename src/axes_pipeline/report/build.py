@@ -141,7 +141,7 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
                                     seed=int(rc.seed), ci=rc.ci),
         "layers": _with_counts(tables.layers_table(groups), groups),
         "reference": tables.reference_table(groups),
-        "lesions": tables.scalar_summary(groups, "analyze/lesion_summary.json", ""),
+        "lesions": tables.scalar_summary(groups, "analyze/lesion_summary.json"),
         "propagation": tables.propagation_table(groups),
     }
     for name, df in t.items():

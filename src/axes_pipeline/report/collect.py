@@ -217,8 +217,7 @@ def _complete_curves(df: pd.DataFrame, path: Path, rebuild: str) -> None:
     keys = ["score", "draw"] if "draw" in df else ["score"]
     counts = df.groupby(keys, sort=False).size()
     if counts.nunique() > 1:
-        short = counts.idxmin()
-        raise DamagedTable(f"{path} is damaged (truncated: {short} has {counts.min()} point(s), the others up to "
+        raise DamagedTable(f"{path} is damaged (truncated: {counts.idxmin()} has {counts.min()} point(s), the others up to "
                            f"{counts.max()}); rebuild it with `{rebuild}`")
 
 

@@ -61,9 +61,8 @@ def pruning_curves(acc: pd.DataFrame, group: str, path: Path, ylabel: str = "acc
         for score in scores:
             c = d[(d["score"] == score) & (d["axis"] == axis)].sort_values("achieved_flops_mean")
             x, y = 1 - c["achieved_flops_mean"], c["acc_mean"]
-            st = styles[score]
-            ax.plot(x, y, color=st["color"], ls=st["ls"], marker=st["marker"], ms=4, lw=st["lw"], alpha=st["alpha"],
-                    zorder=st["zorder"], label=st["label"])
+            st = styles[score]     # colour, line style, marker, width, alpha, zorder, label
+            ax.plot(x, y, ms=4, **st)
             emphasised = axis in ("local", "target") and best.get(axis) == score
             if emphasised and "acc_sd" in c and c["acc_sd"].notna().any():
                 sd = c["acc_sd"].fillna(0)

@@ -307,17 +307,13 @@ def reference_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def scalar_summary(groups: dict[str, list[Run]], rel: str, section: str) -> pd.DataFrame:
+def scalar_summary(groups: dict[str, list[Run]], rel: str) -> pd.DataFrame:
     """Mean ± SD over seeds of every numeric field of a per-run JSON summary (lesions, propagation...)."""
     rows = []
     for g, runs in groups.items():
         values: dict[str, list] = {}
         for r in runs:
-            js = r.read_json(rel)
-            if not js:
-                continue
-            part = js.get(section, js) if section else js
-            for k, v in _numeric(part).items():
+            for k, v in _numeric(r.read_json(rel)).items():
                 values.setdefault(k, []).append(v)
         for k, vs in values.items():
             m, sd, n = mean_sd(vs)
