@@ -77,13 +77,6 @@ def pruning_curves(acc: pd.DataFrame, group: str, path: Path, ylabel: str = "acc
     return _save(fig, path)
 
 
-def verdict_color(lo: float, hi: float) -> str:
-    """Colour of a difference by what its CI says: above 0 local, below 0 target, else gray."""
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return "lightgray"
-    return AXIS_COLORS["local"] if lo > 0 else AXIS_COLORS["target"] if hi < 0 else "dimgray"
-
-
 def headline_forest(head: pd.DataFrame, path: Path, min_seeds: int = 3, ci_label: str = "95% CI") -> Path:
     """The paired FLOPs-AUC difference (local − target) of every headline row with its CI,
     coloured by which side of 0 the CI lies."""
@@ -93,8 +86,8 @@ def headline_forest(head: pd.DataFrame, path: Path, min_seeds: int = 3, ci_label
     y = np.arange(len(head))[::-1]
     for yi, (_, r) in zip(y, head.iterrows()):
         lo, hi = r.get("ci_lo", np.nan), r.get("ci_hi", np.nan)
-        col = verdict_color(lo, hi)
-        if np.isfinite(lo) and np.isfinite(hi):
+        if np.isfinite(lo) and np.isfinite(hi):   # coloured by the CI: above 0 local, below 0 target, else gray
+            col = AXIS_COLORS["local"] if lo > 0 else AXIS_COLORS["target"] if hi < 0 else "dimgray"
             ax.errorbar([r["diff"]], [yi], xerr=[[r["diff"] - lo], [hi - r["diff"]]], fmt="o", color=col,
                         capsize=4, lw=2, ms=6)
         else:
