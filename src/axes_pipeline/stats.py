@@ -7,17 +7,11 @@ intervals. Confidence intervals of the paired difference come from :func:`scipy.
 (BCa by default) and the sign-flip test from :func:`scipy.stats.permutation_test`; the one
 hand-written resampler left (:func:`incremental_r2`) says why beside it.
 
-What uses what (METHODS §8, §9):
-
-- pruning curves → :func:`shared_grid` and :func:`flops_auc_on_grid` (every score of a comparison
-  over one removed-FLOPs interval); :func:`flops_auc` is the plain area over a curve's own span;
-- headline comparison (best local vs best target score, paired across seeds) →
-  :func:`compare_paired` (which wraps :func:`paired_bootstrap_ci`, :func:`paired_test`,
-  :func:`effect_size_paired`), corrected over several scores with :func:`holm`;
-- lesion analysis (damage vs predictors within task-information bins, and whether the peer
-  terms add over ``input_capture`` + ``task_info``) → :func:`binned_spearman`,
-  :func:`incremental_r2`;
-- the paper's reference numbers (METHODS §11) → :data:`PAPER_REFERENCE`.
+What uses what (METHODS §8, §9): pruning curves → :func:`grid_aucs` (every score of a comparison
+over one removed-FLOPs interval); the headline comparison (best local vs best target score, paired
+across seeds) → :func:`compare_paired`, corrected over several rows with :func:`holm`; the lesion
+analysis → :func:`binned_spearman`, :func:`incremental_r2`; the paper's numbers (METHODS §11) →
+:data:`PAPER_REFERENCE`.
 
 NaN convention: a NaN marks a missing run (a seed that failed, a channel without a lesion).
 Functions on paired data drop a pair when either side is NaN; functions that cannot produce a
@@ -34,24 +28,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats as _st
 
-__all__ = [
-    "CI_METHODS",
-    "PAPER_REFERENCE",
-    "binned_spearman",
-    "compare_paired",
-    "effect_size_paired",
-    "flops_auc",
-    "flops_auc_on_grid",
-    "grid_aucs",
-    "flops_auc_relative",
-    "holm",
-    "incremental_r2",
-    "mean_sd",
-    "paired_bootstrap_ci",
-    "paired_test",
-    "shared_grid",
-    "spearman",
-]
+__all__ = ["CI_METHODS", "PAPER_REFERENCE", "binned_spearman", "compare_paired", "effect_size_paired", "flops_auc",
+           "flops_auc_on_grid", "grid_aucs", "flops_auc_relative", "holm", "incremental_r2", "mean_sd",
+           "paired_bootstrap_ci", "paired_test", "shared_grid", "spearman"]
 
 #: METHODS §11: the paper's numbers for six depth-spaced layers, CIFAR-100, as (mean, sd).
 PAPER_REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
@@ -83,12 +62,8 @@ def _vec(x, name: str) -> np.ndarray:
 
 
 def _paired(a, b) -> tuple[np.ndarray, np.ndarray, int]:
-    """Return (a, b, n_dropped) with pairs containing a NaN removed.
-
-    ``a, b: [n]`` paired by position (seed i of score A with seed i of score B).
-    """
-    a = _vec(a, "a")
-    b = _vec(b, "b")
+    """``(a, b, n_dropped)``: ``a, b: [n]`` paired by position, pairs containing a NaN removed."""
+    a, b = _vec(a, "a"), _vec(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"paired inputs must have equal length, got {a.size} and {b.size}")
     keep = ~(np.isnan(a) | np.isnan(b))
@@ -96,21 +71,9 @@ def _paired(a, b) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _is_constant(d: np.ndarray) -> bool:
-    """True when the values of ``d`` differ only by rounding."""
-    if d.size == 0:
-        return True
+    """True when the values of ``d`` (not empty) differ only by rounding."""
     scale = max(float(np.max(np.abs(d))), np.finfo(float).tiny)
     return float(np.ptp(d)) <= _REL_TOL * scale
-
-
-def _chunks(total: int, per_item: int):
-    """Yield chunk sizes summing to ``total`` with ``size * per_item <= _CHUNK_ELEMS``."""
-    step = max(1, _CHUNK_ELEMS // max(1, per_item))
-    done = 0
-    while done < total:
-        size = min(step, total - done)
-        yield size
-        done += size
 
 
 def _as_2d(x, n: int, name: str) -> np.ndarray:
@@ -121,6 +84,20 @@ def _as_2d(x, n: int, name: str) -> np.ndarray:
     if arr.ndim != 2 or arr.shape[0] != n:
         raise ValueError(f"{name} must have shape [{n}] or [{n}, k], got {arr.shape}")
     return arr
+
+
+def _curve(removed_frac, acc) -> tuple[np.ndarray, np.ndarray]:
+    """A curve's sorted distinct x and the mean y at each (NaN pairs dropped): repeated x values are
+    averaged, otherwise the trapezoid would depend on the order of the repeats."""
+    x, y, _ = _paired(removed_frac, acc)
+    ux, inv = np.unique(x, return_inverse=True)
+    return ux, np.bincount(inv, weights=y) / np.bincount(inv)
+
+
+def _mean_height(x: np.ndarray, y: np.ndarray) -> float:
+    """Trapezoidal area under ``y(x)`` divided by the span of ``x``."""
+    area = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
+    return area / float(x[-1] - x[0])
 
 
 # ----------------------------------------------------------------------------- FLOPs-AUC
@@ -135,21 +112,15 @@ def flops_auc(removed_frac, acc) -> float:
     Dividing by the span turns the area into an average accuracy, so curves over different
     grids stay comparable in accuracy units. The span is that of the points given: include
     ``(0, unpruned accuracy)`` yourself if the curve should start at the unpruned model.
-    Points with a NaN in either coordinate are dropped (a failed target). Repeated x values
-    are averaged first — otherwise the trapezoid would depend on the order of the repeats.
+    NaN points are dropped (a failed target), repeated x values averaged.
 
     Raises ``ValueError`` when fewer than two distinct x values remain: an area over a
     single point has no meaning and a silent NaN would hide a broken pruning sweep.
     """
-    x, y, _ = _paired(removed_frac, acc)
-    ux, inv = np.unique(x, return_inverse=True)  # sorted distinct x
+    ux, uy = _curve(removed_frac, acc)
     if ux.size < 2:
-        raise ValueError(
-            f"flops_auc needs at least 2 distinct removed-FLOPs fractions, got {ux.size}"
-        )
-    uy = np.bincount(inv, weights=y) / np.bincount(inv)
-    area = float(np.sum(np.diff(ux) * (uy[1:] + uy[:-1]) / 2.0))
-    return area / float(ux[-1] - ux[0])
+        raise ValueError(f"flops_auc needs at least 2 distinct removed-FLOPs fractions, got {ux.size}")
+    return _mean_height(ux, uy)
 
 
 def shared_grid(removed_targets, reaches=None) -> np.ndarray:
@@ -163,15 +134,14 @@ def shared_grid(removed_targets, reaches=None) -> np.ndarray:
     Dividing each curve's area by its *own* span made two identical accuracy curves of different
     reach get different AUCs; one interval for all removes that.
     """
-    t = _vec(np.asarray(removed_targets, dtype=float).ravel(), "removed_targets")
+    t = np.asarray(removed_targets, dtype=float).ravel()
     grid = np.unique(np.concatenate([[0.0], t[np.isfinite(t)]]))
-    if reaches is not None:
-        r = _vec(np.asarray(reaches, dtype=float).ravel(), "reaches")
-        if r.size:
-            end = float(np.min(r)) if np.isfinite(r).all() else math.nan
-            if not np.isfinite(end):
-                raise ValueError("a curve has no reach (no finite point)")
-            grid = np.unique(np.concatenate([grid[grid < end], [end]]))
+    r = np.asarray([] if reaches is None else reaches, dtype=float).ravel()
+    if r.size:
+        if not np.isfinite(r).all():
+            raise ValueError("a curve has no reach (no finite point)")
+        end = float(np.min(r))
+        grid = np.unique(np.concatenate([grid[grid < end], [end]]))
     return grid
 
 
@@ -185,26 +155,18 @@ def flops_auc_on_grid(removed_frac, acc, grid) -> float:
     curve does not cover it (no extrapolation: an AUC over a range a curve never reached would be
     invented).
     """
-    g = np.unique(_vec(np.asarray(grid, dtype=float).ravel(), "grid"))
+    g = np.unique(np.asarray(grid, dtype=float).ravel())
     if g.size < 2:
         raise ValueError(f"the FLOPs-AUC grid needs at least 2 points, got {g.size}")
-    x, y, _ = _paired(removed_frac, acc)
-    ux, inv = np.unique(x, return_inverse=True)
+    ux, uy = _curve(removed_frac, acc)
     if ux.size == 0:
         raise ValueError("the curve has no point")
-    uy = np.bincount(inv, weights=y) / np.bincount(inv)
     # a grid built from the same numbers matches exactly; the slack only absorbs float noise
     eps = 1e-9
     if ux[0] > g[0] + eps or ux[-1] < g[-1] - eps:
         raise ValueError(f"the curve covers removed FLOPs [{ux[0]:.4g}, {ux[-1]:.4g}], not the grid "
                          f"[{g[0]:.4g}, {g[-1]:.4g}]")
-    gy = np.interp(g, ux, uy)
-    area = float(np.sum(np.diff(g) * (gy[1:] + gy[:-1]) / 2.0))
-    return area / float(g[-1] - g[0])
-
-
-#: what stops a sweep from having a FLOPs-AUC (written in the summary instead of a NaN)
-TOO_FEW_TARGETS = "FLOPs-AUC needs at least two targets"
+    return _mean_height(g, np.interp(g, ux, uy))
 
 
 def grid_aucs(curves, acc_cols: Sequence[str], base_of, *, mode: str, tolerance: float,
@@ -232,7 +194,7 @@ def grid_aucs(curves, acc_cols: Sequence[str], base_of, *, mode: str, tolerance:
 
     by = list(by)
     target_col = "target_flops" if mode == "flops" else "target_channels"
-    df = curves.copy()
+    df = curves
     if targets is None:
         targets = pd.to_numeric(df[target_col], errors="coerce").dropna().unique() if target_col in df else []
     targets = sorted({float(t) for t in targets})
@@ -240,7 +202,7 @@ def grid_aucs(curves, acc_cols: Sequence[str], base_of, *, mode: str, tolerance:
     out = {"grid": None, "aucs": {k: {c: None for c in acc_cols} for k in keys}, "off_target": 0,
            "note": "", "no_auc": {}}
     if len(targets) < 2:
-        out["note"] = f"{len(targets)} target(s): {TOO_FEW_TARGETS}; the points are written, no AUC"
+        out["note"] = f"{len(targets)} target(s): FLOPs-AUC needs at least two targets; the points are written, no AUC"
         return out
     target = pd.to_numeric(df[target_col], errors="coerce")
     achieved = pd.to_numeric(df["achieved_flops"], errors="coerce")
@@ -258,9 +220,8 @@ def grid_aucs(curves, acc_cols: Sequence[str], base_of, *, mode: str, tolerance:
         per = {}
         for c in acc_cols:
             ok = d[c].notna() & d["_x"].notna()
-            x = np.concatenate([[0.0], d.loc[ok, "_x"].to_numpy(float)])
-            y = np.concatenate([[float(base.get(c, np.nan))], d.loc[ok, c].to_numpy(float)])
-            per[c] = (x, y)
+            per[c] = (np.concatenate([[0.0], d.loc[ok, "_x"].to_numpy(float)]),
+                      np.concatenate([[float(base.get(c, np.nan))], d.loc[ok, c].to_numpy(float)]))
         reach = min(float(np.max(x)) for x, _ in per.values())
         if reach <= 0 or not all(np.isfinite(y[0]) for _, y in per.values()):
             out["no_auc"][k] = "no point within tolerance" if reach <= 0 else "no unpruned accuracy"
@@ -268,8 +229,8 @@ def grid_aucs(curves, acc_cols: Sequence[str], base_of, *, mode: str, tolerance:
         points[k] = per
         reaches.append(reach)
     for k in keys:
-        if k not in points and k not in out["no_auc"]:
-            out["no_auc"][k] = "no point within tolerance"
+        if k not in points:
+            out["no_auc"].setdefault(k, "no point within tolerance")
     if not points:
         out["note"] = "no curve has a point within tolerance of a target; no AUC"
         return out
@@ -299,17 +260,12 @@ def flops_auc_relative(removed_frac, acc, base_acc: float) -> float:
 
 
 def mean_sd(values) -> tuple[float, float, int]:
-    """``(mean, sd, n)`` over the non-NaN entries of ``values: [k]``.
-
-    ``sd`` is the sample standard deviation (ddof=1), NaN when n < 2; ``mean`` is NaN when
-    n = 0.
-    """
-    v = _vec(np.ravel(np.asarray(values, dtype=float)), "values")
+    """``(mean, sd, n)`` over the non-NaN entries of ``values: [k]``: sd with ddof=1, NaN when
+    n < 2; mean NaN when n = 0."""
+    v = np.asarray(values, dtype=float).ravel()
     v = v[~np.isnan(v)]
     n = int(v.size)
-    mean = float(v.mean()) if n else math.nan
-    sd = float(v.std(ddof=1)) if n >= 2 else math.nan
-    return mean, sd, n
+    return (float(v.mean()) if n else math.nan), (float(v.std(ddof=1)) if n >= 2 else math.nan), n
 
 
 # ----------------------------------------------------------------------------- paired tests
@@ -320,14 +276,12 @@ def mean_sd(values) -> tuple[float, float, int]:
 CI_METHODS = ("bca", "percentile")
 
 
-def paired_bootstrap_ci(
-    a, b, n_boot: int = 10000, level: float = 0.95, seed: int = 0, method: str = "bca"
-) -> tuple[float, float, float]:
-    """Bootstrap CI of the mean paired difference ``a − b`` (:func:`scipy.stats.bootstrap`).
+def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: int = 0,
+                        method: str = "bca") -> tuple[float, float, float]:
+    """Bootstrap CI of the mean paired difference ``a − b: [n]`` (:func:`scipy.stats.bootstrap`).
 
-    ``a, b: [n]`` paired by position; pairs with a NaN are dropped. The pair is the unit that is
-    resampled (a seed gives both scores), ``n_boot`` replicates; ``method`` is ``"bca"``
-    (bias-corrected and accelerated, the default) or ``"percentile"``.
+    The pair is the unit that is resampled (a seed gives both scores), ``n_boot`` replicates;
+    ``method`` is ``"bca"`` (bias-corrected and accelerated, the default) or ``"percentile"``.
 
     Returns ``(diff_mean, lo, hi)`` with ``diff_mean`` the observed mean difference. With
     n = 0 everything is NaN; with n = 1 the difference is reported but the interval is NaN
@@ -341,59 +295,35 @@ def paired_bootstrap_ci(
         raise ValueError(f"unknown CI method '{method}'; choose one of: {', '.join(CI_METHODS)}")
     a, b, _ = _paired(a, b)
     d = a - b
-    n = d.size
-    if n == 0:
+    if d.size == 0:
         return math.nan, math.nan, math.nan
     diff = float(d.mean())
-    if n == 1:
+    if d.size == 1:
         return diff, math.nan, math.nan
     if _is_constant(d):
         # Every resample of a constant has that mean: the interval is the point. scipy's BCa
         # would return NaN here (its jackknife acceleration is 0/0) and warn.
         return diff, diff, diff
-    res = _st.bootstrap(
-        (d,), np.mean, n_resamples=int(n_boot), confidence_level=level,
-        method="BCa" if method == "bca" else "percentile",
-        rng=np.random.default_rng(seed),
-        # a bound on memory: at most _CHUNK_ELEMS resampled numbers at a time
-        batch=max(1, _CHUNK_ELEMS // n),
-    )  # fmt: skip
+    res = _st.bootstrap((d,), np.mean, n_resamples=int(n_boot), confidence_level=level,
+                        method="BCa" if method == "bca" else "percentile", rng=np.random.default_rng(seed),
+                        batch=max(1, _CHUNK_ELEMS // d.size))   # at most _CHUNK_ELEMS resampled numbers at a time
     lo, hi = res.confidence_interval
     return diff, float(lo), float(hi)
 
 
-def _signflip_p(d: np.ndarray, seed: int, n_perm: int) -> float:
-    """Two-sided sign-flip permutation p-value of ``|mean(d)|`` (H0: d symmetric about 0).
-
-    :func:`scipy.stats.permutation_test` with one sample flips the sign of each observation;
-    all 2^n flips are enumerated (exact) when n ≤ ``_EXACT_PERM_MAX_N``, otherwise ``n_perm``
-    seeded random flips with p = (1 + hits) / (1 + n_perm), never 0 (Phipson & Smyth 2010).
-    The statistic is |mean| with ``alternative="greater"``: flips as extreme in either direction
-    count, and scipy counts sums equal to the observed one up to rounding as "as extreme".
-    """
-    n = d.size
-    exact = n <= _EXACT_PERM_MAX_N
-    res = _st.permutation_test(
-        (d,), lambda x, axis: np.abs(np.mean(x, axis=axis)), permutation_type="samples",
-        vectorized=True, alternative="greater", n_resamples=2**n if exact else int(n_perm),
-        rng=np.random.default_rng(seed), batch=max(1, _CHUNK_ELEMS // n),
-    )  # fmt: skip
-    return float(res.pvalue)
-
-
-def paired_test(
-    a, b, method: str = "wilcoxon", seed: int = 0, *, n_perm: int = _N_PERM
-) -> float:
-    """Two-sided p-value for "a and b differ", paired by position.
-
-    ``a, b: [n]``; pairs with a NaN are dropped; NaN when no pair is left.
+def paired_test(a, b, method: str = "wilcoxon", seed: int = 0, *, n_perm: int = _N_PERM) -> float:
+    """Two-sided p-value for "a and b differ" (``a, b: [n]`` paired by position); NaN when no pair is left.
 
     - ``"wilcoxon"``: :func:`scipy.stats.wilcoxon` on ``a − b`` with scipy's defaults
       (``zero_method="wilcox"`` drops zero differences; ``method="auto"`` is exact for
       n ≤ 50 without ties and an exhaustive permutation for n ≤ 13 with ties). All-zero
       differences give p = 1.0 (scipy would return NaN: there is no evidence of a difference).
-    - ``"permutation"``: sign-flip test of ``|mean(a − b)|``; all 2^n flips are enumerated
-      when n ≤ 16 (exact), otherwise ``n_perm`` seeded Monte-Carlo flips.
+    - ``"permutation"``: sign-flip test of ``|mean(a − b)|`` (H0: d symmetric about 0) by
+      :func:`scipy.stats.permutation_test`: all 2^n flips are enumerated (exact) when
+      n ≤ ``_EXACT_PERM_MAX_N``, otherwise ``n_perm`` seeded random flips with
+      p = (1 + hits) / (1 + n_perm), never 0 (Phipson & Smyth 2010). With
+      ``alternative="greater"`` on |mean|, flips as extreme in either direction count, and scipy
+      counts sums equal to the observed one up to rounding as "as extreme".
 
     With n pairs and no ties neither test can go below 2 / 2^n (5 seeds: 0.0625).
     """
@@ -405,15 +335,18 @@ def paired_test(
         return 1.0
     if method == "wilcoxon":
         return float(_st.wilcoxon(d, alternative="two-sided").pvalue)
-    if method == "permutation":
-        return _signflip_p(d, seed, n_perm)
-    raise ValueError(f"unknown paired test '{method}'; choose one of: permutation, wilcoxon")
+    if method != "permutation":
+        raise ValueError(f"unknown paired test '{method}'; choose one of: permutation, wilcoxon")
+    n = d.size
+    res = _st.permutation_test(
+        (d,), lambda x, axis: np.abs(np.mean(x, axis=axis)), permutation_type="samples", vectorized=True,
+        alternative="greater", n_resamples=2**n if n <= _EXACT_PERM_MAX_N else int(n_perm),
+        rng=np.random.default_rng(seed), batch=max(1, _CHUNK_ELEMS // n))
+    return float(res.pvalue)
 
 
 def effect_size_paired(a, b) -> float:
-    """Cohen's d_z = mean(d) / sd(d) of the paired differences ``d = a − b`` (sd: ddof=1).
-
-    ``a, b: [n]``; pairs with a NaN are dropped. Edge cases:
+    """Cohen's d_z = mean(d) / sd(d) of the paired differences ``d = a − b`` (sd: ddof=1). Edge cases:
 
     - n < 2: NaN (no spread can be estimated);
     - every difference exactly 0: 0.0 (no effect, rather than 0/0);
@@ -431,33 +364,22 @@ def effect_size_paired(a, b) -> float:
     return float(d.mean() / d.std(ddof=1))
 
 
-def _p_floor(d: np.ndarray, method: str, n_perm: int) -> float:
+def _p_floor(d: np.ndarray, method: str) -> float:
     """Smallest two-sided p the test can return for these differences (no ties assumed)."""
     k = int(np.count_nonzero(d))  # zero differences carry no sign information
     if k == 0:
         return 1.0
     if method == "permutation" and d.size > _EXACT_PERM_MAX_N:
-        return 1.0 / (1.0 + n_perm)
+        return 1.0 / (1.0 + _N_PERM)
     return min(1.0, 2.0 / 2.0**k)
 
 
-def compare_paired(
-    a,
-    b,
-    *,
-    min_n: int = 3,
-    n_boot: int = 10000,
-    seed: int = 0,
-    method: str = "wilcoxon",
-    level: float = 0.95,
-    ci: str = "bca",
-) -> dict:
+def compare_paired(a, b, *, min_n: int = 3, n_boot: int = 10000, seed: int = 0, method: str = "wilcoxon",
+                   level: float = 0.95, ci: str = "bca") -> dict:
     """The headline comparison of METHODS §9 in one call: score A vs score B across seeds.
 
     ``a, b: [n_seeds]`` (e.g. FLOPs-AUC of the best local and the best target score per
-    seed), paired by position; pairs with a NaN are dropped first.
-
-    Returns a dict:
+    seed), paired by position. Returns a dict:
 
     - ``n``: pairs used; ``mean_a``, ``mean_b``, ``diff`` (= mean(a − b));
     - ``ci_lo``, ``ci_hi``: paired bootstrap CI of ``diff`` at ``level`` (``ci``: ``"bca"`` or
@@ -480,32 +402,17 @@ def compare_paired(
     n = int(a.size)
     d = a - b
     notes: list[str] = []
-    out = {
-        "n": n,
-        "mean_a": float(a.mean()) if n else math.nan,
-        "mean_b": float(b.mean()) if n else math.nan,
-        "diff": float(d.mean()) if n else math.nan,
-        "ci_lo": math.nan,
-        "ci_hi": math.nan,
-        "p_value": math.nan,
-        "effect_size": math.nan,
-        "test": method,
-        "ci_method": ci,
-        "p_min": math.nan,
-        "note": "",
-    }
+    nan = math.nan
+    out = {"n": n, "mean_a": float(a.mean()) if n else nan, "mean_b": float(b.mean()) if n else nan,
+           "diff": float(d.mean()) if n else nan, "ci_lo": nan, "ci_hi": nan, "p_value": nan, "effect_size": nan,
+           "test": method, "ci_method": ci, "p_min": nan, "note": ""}
     if n < min_n:
         notes.append(f"n={n} < {min_n} seeds: the paired test is not possible")
     else:
         _, lo, hi = paired_bootstrap_ci(a, b, n_boot=n_boot, level=level, seed=seed, method=ci)
         es = effect_size_paired(a, b)
-        out.update(
-            ci_lo=lo,
-            ci_hi=hi,
-            p_value=paired_test(a, b, method=method, seed=seed),
-            effect_size=es,
-            p_min=_p_floor(d, method, _N_PERM),
-        )
+        out.update(ci_lo=lo, ci_hi=hi, p_value=paired_test(a, b, method=method, seed=seed), effect_size=es,
+                   p_min=_p_floor(d, method))
         if math.isinf(es):
             notes.append("the difference is the same in every seed: effect size is infinite")
     if dropped:
@@ -527,8 +434,7 @@ def holm(pvalues) -> np.ndarray:
     if m == 0:
         return out
     order = ok[np.argsort(p[ok], kind="stable")]
-    scaled = (m - np.arange(m)) * p[order]
-    out[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     return out
 
 
@@ -557,17 +463,14 @@ def _r2_weighted(y: np.ndarray, X: np.ndarray, W: np.ndarray) -> np.ndarray:
     r = W @ (X * y[:, None])  # [B, k]
     beta = np.einsum("bij,bj->bi", np.linalg.pinv(G, hermitian=True), r)
     resid = y[None, :] - beta @ X.T  # [B, N]
-    wsum = W.sum(axis=1)
-    ybar = (W @ y) / wsum
+    ybar = (W @ y) / W.sum(axis=1)
     sst = np.einsum("bn,bn->b", W, (y[None, :] - ybar[:, None]) ** 2)
     ssr = np.einsum("bn,bn->b", W, resid**2)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(sst > 0, 1.0 - ssr / sst, np.nan)
 
 
-def incremental_r2(
-    y, base_X, extra_X, n_boot: int = 2000, seed: int = 0, level: float = 0.95, strata=None
-) -> dict:
+def incremental_r2(y, base_X, extra_X, n_boot: int = 2000, seed: int = 0, level: float = 0.95, strata=None) -> dict:
     """Does ``extra_X`` explain ``y`` beyond ``base_X``? ΔR² of nested OLS fits with a CI.
 
     ``y: [N]`` (e.g. lesion damage per channel), ``base_X: [N] or [N, p]`` (e.g.
@@ -602,22 +505,17 @@ def incremental_r2(
         labels = np.asarray(strata)[keep]
         groups = [np.flatnonzero(labels == s) for s in dict.fromkeys(labels.tolist())]
     n = int(yv.size)
-    p, q = B.shape[1], E.shape[1]
     nan = math.nan
-    out = {
-        "n": n, "r2_base": nan, "r2_full": nan, "delta_r2": nan, "delta_r2_adj": nan,
-        "ci_lo": nan, "ci_hi": nan, "ci_adj_lo": nan, "ci_adj_hi": nan, "p_f": nan,
-        "n_boot": int(n_boot),
-    }  # fmt: skip
-    if n <= p + q + 1 or np.ptp(yv) == 0:
+    out = {"n": n, "r2_base": nan, "r2_full": nan, "delta_r2": nan, "delta_r2_adj": nan, "ci_lo": nan, "ci_hi": nan,
+           "ci_adj_lo": nan, "ci_adj_hi": nan, "p_f": nan, "n_boot": int(n_boot)}
+    if n <= B.shape[1] + E.shape[1] + 1 or np.ptp(yv) == 0:
         return out
 
     def _std(M):
         sd = M.std(axis=0)
         return (M - M.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
 
-    ones = np.ones((n, 1))
-    Xb = np.hstack([ones, _std(B)])
+    Xb = np.hstack([np.ones((n, 1)), _std(B)])
     Xf = np.hstack([Xb, _std(E)])
     ys = (yv - yv.mean()) / yv.std()
     r2b, r2f = _r2_point(ys, Xb), _r2_point(ys, Xf)
@@ -633,18 +531,18 @@ def incremental_r2(
         p_f = float(_st.f.sf(max(f, 0.0), df1, df2))
     else:
         p_f = 0.0 if r2f > r2b else 1.0
-    out.update(
-        r2_base=r2b, r2_full=r2f, delta_r2=r2f - r2b,
-        delta_r2_adj=adj(r2f, kf) - adj(r2b, kb), p_f=p_f,
-    )  # fmt: skip
+    out.update(r2_base=r2b, r2_full=r2f, delta_r2=r2f - r2b, delta_r2_adj=adj(r2f, kf) - adj(r2b, kb), p_f=p_f)
 
     # Hand-written rather than scipy.stats.bootstrap, for two reasons: the resampling is stratified
     # (scipy resamples the whole sample only) and the B refits are batched weighted normal
     # equations (scipy would call the statistic on B resampled copies of the [N, k] design, one
     # lstsq each). Percentile interval: BCa's jackknife would cost N more refits per call.
+    # Replicates are drawn in batches of at most _CHUNK_ELEMS numbers.
     rng = np.random.default_rng(seed)
     deltas, deltas_adj = [], []
-    for m in _chunks(int(n_boot), n * (Xf.shape[1] + 2)):
+    step = max(1, _CHUNK_ELEMS // max(1, n * (Xf.shape[1] + 2)))
+    for done in range(0, int(n_boot), step):
+        m = min(step, int(n_boot) - done)
         if groups is None:
             idx = rng.integers(0, n, size=(m, n))
         else:   # each stratum resampled from its own rows, its size kept
@@ -680,23 +578,7 @@ def spearman(x, y) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def _quantile_bins(v: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin index 0..n_bins-1 of each value by rank: equal counts, tied values share a bin.
-
-    A tied block goes to the bin of its lowest rank, so bin 0 always holds the smallest
-    values; a large tied block can leave a later bin empty (``pd.qcut`` instead fails on
-    the repeated edges that many equal values, e.g. zero task information, produce).
-    """
-    r = _st.rankdata(v, method="min")
-    return np.minimum(((r - 0.5) / v.size * n_bins).astype(int), n_bins - 1)
-
-
-def binned_spearman(
-    damage,
-    predictors: Mapping[str, Sequence[float]],
-    bin_by,
-    n_bins: int = 5,
-):
+def binned_spearman(damage, predictors: Mapping[str, Sequence[float]], bin_by, n_bins: int = 5):
     """Within quantile bins of ``bin_by``, Spearman between ``damage`` and each predictor.
 
     ``damage: [N]`` (lesion damage per channel), ``predictors``: name → ``[N]`` (a dict or
@@ -705,6 +587,11 @@ def binned_spearman(
     within-bin correlation says what a predictor adds at a given task relevance (METHODS
     §8). Rows with NaN damage or NaN ``bin_by`` are dropped before binning; NaN in one
     predictor only drops that predictor's pairs.
+
+    Bins are by rank, equal counts, tied values sharing a bin: a tied block goes to the bin of its
+    lowest rank, so bin 0 always holds the smallest values; a large tied block can leave a later
+    bin empty (``pd.qcut`` instead fails on the repeated edges that many equal values, e.g. zero
+    task information, produce).
 
     Returns a ``pandas.DataFrame`` in long form, one row per (bin, predictor), with columns
     ``bin`` (0 = lowest ``bin_by``), ``predictor``, ``rho``, ``p``, ``n`` (pairs used),
@@ -727,7 +614,8 @@ def binned_spearman(
     preds = {k: v[keep] for k, v in preds.items()}
     rows = []
     if dmg.size:
-        bins = _quantile_bins(by, n_bins)
+        r = _st.rankdata(by, method="min")
+        bins = np.minimum(((r - 0.5) / by.size * n_bins).astype(int), n_bins - 1)
         for b in range(n_bins):
             sel = bins == b
             if not sel.any():
@@ -736,9 +624,6 @@ def binned_spearman(
             for name, v in preds.items():
                 ok = sel & ~np.isnan(v)
                 rho, p = spearman(dmg[ok], v[ok])
-                rows.append(
-                    {"bin": b, "predictor": name, "rho": rho, "p": p, "n": int(ok.sum()),
-                     "bin_lo": lo, "bin_hi": hi}
-                )  # fmt: skip
-    cols = ["bin", "predictor", "rho", "p", "n", "bin_lo", "bin_hi"]
-    return pd.DataFrame(rows, columns=cols)
+                rows.append({"bin": b, "predictor": name, "rho": rho, "p": p, "n": int(ok.sum()),
+                             "bin_lo": lo, "bin_hi": hi})
+    return pd.DataFrame(rows, columns=["bin", "predictor", "rho", "p", "n", "bin_lo", "bin_hi"])

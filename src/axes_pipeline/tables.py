@@ -66,8 +66,8 @@ def problems(df: pd.DataFrame, schema: Schema, rows_per_layer: Mapping[str, int]
                 continue
             if kind == "int" and (num.dropna() % 1 != 0).any():
                 out.append(f"column {col} holds non-integer values")
-            if col in schema.finite and not np.isfinite(num.to_numpy(dtype=float)).all():
-                n_bad = int((~np.isfinite(num.to_numpy(dtype=float))).sum())
+            n_bad = int((~np.isfinite(num.to_numpy(dtype=float))).sum())
+            if col in schema.finite and n_bad:
                 out.append(f"column {col} holds {n_bad} NaN/Inf value(s)")
         elif kind == "bool":
             ok = s.isin([True, False, 0, 1, "True", "False", "true", "false"])

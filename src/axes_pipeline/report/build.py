@@ -116,7 +116,7 @@ def run_report(cfg: DictConfig) -> dict:
         for name, df in t.items():
             if df is not None and not df.empty:
                 tracker.table(f"report/{name}", df)
-        for _label, p in figs.items():
+        for p in figs.values():
             tracker.image(f"report/{p.stem}", p)
         log_report(tracker, runs, out, t.get("headline"), cfg.name)
     finally:
@@ -131,8 +131,7 @@ def run_report(cfg: DictConfig) -> dict:
 
 def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, t0) -> tuple[dict, dict, dict]:
     """Every table, figure and page of the report, written under ``out`` (the temporary folder)."""
-    rc = cfg.report
-    accuracy = rc.accuracy
+    rc, accuracy = cfg.report, cfg.report.accuracy
     t = {
         "runs": tables.runs_table(groups),
         "flops_auc": tables.auc_table(per_seed := tables.auc_per_seed(prune_groups, accuracy)),
@@ -142,7 +141,7 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
                                     seed=int(rc.seed), ci=rc.ci),
         "layers": _with_counts(tables.layers_table(groups), groups),
         "reference": tables.reference_table(groups),
-        "lesions": tables.scalar_summary(groups, "analyze/lesion_summary.json", ""),
+        "lesions": tables.scalar_summary(groups, "analyze/lesion_summary.json"),
         "propagation": tables.propagation_table(groups),
     }
     for name, df in t.items():
@@ -161,14 +160,13 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
                                                    ci_label=f"paired bootstrap 95% CI, {CI_LABEL[rc.ci]}")
     if not t["layers"].empty:
         figs["alignment over depth"] = figures.alignment_depth(t["layers"], out / "alignment_depth.png")
-    dyn = figures.dynamics_curves(groups, out / "dynamics.png")
-    if dyn is not None:
+    if (dyn := figures.dynamics_curves(groups, out / "dynamics.png")) is not None:
         figs["training dynamics"] = dyn
 
     # every input left out (read after the tables and figures, which are what read the inputs)
     skipped = skipped + skipped_inputs(runs)
     ctx = page_context(cfg, roots, groups, notices, t, figs, skipped)
-    write_text(out / "report.md", render_markdown(ctx, figs))
+    write_text(out / "report.md", render("report.md.j2", ctx, figs, html=False))
     write_text(out / "report.html", render_html(ctx, figs))
     summary = {"roots": [str(r) for r in roots], "groups": {g: [r.seed for r in rs] for g, rs in groups.items()},
                "notices": notices, "skipped": skipped, "headline": t["headline"].to_dict(orient="records"),
@@ -181,15 +179,10 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
 ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft": "accuracy after fine-tuning"}
 # What a report writes: those of an earlier report that the new one lacks (a group since removed,
 # a stage no longer present) are removed once the new one is in place, never sitting beside it
-# looking current.
-# Only these names: report.out may be a folder that holds other files too.
+# looking current. Only these names: report.out may be a folder that holds other files too.
 REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
                 "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "curves_*.png", "headline.png",
                 "alignment_depth.png", "dynamics.png", "report.md", "report.html", "report_summary.json")
-
-
-def _report_files(folder: Path) -> set[str]:
-    return {f.name for pattern in REPORT_FILES for f in folder.glob(pattern) if f.is_file()}
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -200,7 +193,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     new = {f.name for f in tmp.iterdir() if f.is_file()}      # everything this report wrote
     for name in sorted(new, key=lambda n: (n == "report.md", n)):
         os.replace(tmp / name, out / name)
-    for name in _report_files(out) - new:
+    for name in {f.name for pattern in REPORT_FILES for f in out.glob(pattern) if f.is_file()} - new:
         (out / name).unlink()
 
 
@@ -239,9 +232,7 @@ def fmt(x) -> str:
 
 def fmt_ci(lo, hi) -> str:
     """A confidence interval as ``[lo, hi]``; "—" when it could not be computed."""
-    if _missing(lo) and _missing(hi):
-        return "—"
-    return f"[{fmt(lo)}, {fmt(hi)}]"
+    return "—" if _missing(lo) and _missing(hi) else f"[{fmt(lo)}, {fmt(hi)}]"
 
 
 def fmt_pm(mean, sd, n=None, seeds=None) -> str:
@@ -274,21 +265,13 @@ def _present(df: pd.DataFrame) -> pd.DataFrame:
             out[base] = [fmt_pm(m, s, k, sd) for m, s, k, sd in zip(df[col], df[f"{base}_sd"], n, seeds)]
             used |= {col, f"{base}_sd", f"{base}_n"}
             continue
-        pair = _ci_pair(col, df)
-        if pair:
-            out[pair[2]] = [fmt_ci(lo, hi) for lo, hi in zip(df[pair[0]], df[pair[1]])]
-            used |= {pair[0], pair[1]}
+        if col.endswith(("ci_lo", "ci_adj_lo")) and (hi := col[: -len("_lo")] + "_hi") in df:   # <x>ci_hi, <x>ci_adj_hi
+            out[col[: -len("_lo")]] = [fmt_ci(lo, h) for lo, h in zip(df[col], df[hi])]
+            used |= {col, hi}
             continue
         out[col] = [fmt(v) for v in df[col].astype(object)]
         used.add(col)
     return out
-
-
-def _ci_pair(col: str, df: pd.DataFrame) -> tuple[str, str, str] | None:
-    for lo_suffix, hi_suffix in (("ci_lo", "ci_hi"), ("ci_adj_lo", "ci_adj_hi")):
-        if col.endswith(lo_suffix) and (hi := col[: -len(lo_suffix)] + hi_suffix) in df:
-            return col, hi, col[: -len(lo_suffix)] + lo_suffix[: -len("_lo")]
-    return None
 
 
 _NUMERIC = re.compile(r"^[−+]?(\d|∞|\[)")
@@ -361,21 +344,23 @@ _HEADLINE_KNOWN = ("group", "comparison", "n", "mean_a", "mean_b", "diff", "ci_l
 
 
 def headline_view(head: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
-    extra = [c for c in head.columns if c not in _HEADLINE_KNOWN]
     v = pd.DataFrame({"group": head["group"], "comparison": head["comparison"],
                       "verdict": [verdict(r, min_seeds) for _, r in head.iterrows()],
                       "local − target": [fmt(x) for x in head["diff"]],
                       "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(head["ci_lo"], head["ci_hi"])]})
-    for col, name in (("p_value", "p"), ("p_holm", "p_holm"), ("p_min", "p_min"), ("effect_size", "d_z"),
-                      ("mean_a", "local"), ("mean_b", "target"), ("n", "seeds")):
-        if col in head:
-            v[name] = [fmt(x) for x in head[col].astype(object)]
-    for col in extra:
-        v[col] = [fmt(x) for x in head[col].astype(object)]
+    renamed = {"p_value": "p", "p_holm": "p_holm", "p_min": "p_min", "effect_size": "d_z", "mean_a": "local",
+               "mean_b": "target", "n": "seeds"}
+    for col in [c for c in renamed if c in head] + [c for c in head.columns if c not in _HEADLINE_KNOWN]:
+        v[renamed.get(col, col)] = [fmt(x) for x in head[col].astype(object)]
     for col in ("candidates", "note"):
         if col in head:
             v[col] = head[col].fillna("").astype(str).to_numpy()
     return v
+
+
+def _pm(row) -> str:
+    """A summary row's ``mean ± sd``; "—" when the summary lacks it."""
+    return fmt_pm(row.mean, row.sd) if row else "—"
 
 
 def _lesion_views(les: pd.DataFrame) -> list[dict]:
@@ -389,26 +374,20 @@ def _lesion_views(les: pd.DataFrame) -> list[dict]:
         d["rest"] = d["key"].str[len(prefix):]
         return d
 
-    rec = pick("recovery.")
     rows = []
-    for g, d in rec.groupby("group", sort=False):
+    for g, d in pick("recovery.").groupby("group", sort=False):
         m = {r.rest: r for r in d.itertuples()}
         variants = sorted({k[: -len("_mean")] for k in m if k.endswith("_mean")})
         for v in variants:
-            get = lambda k: m.get(k)  # noqa: E731
-            mean, med, n, rho = get(f"{v}_mean"), get(f"{v}_median"), get(f"{v}_n"), get(f"rho_{v}_full_explained")
-            rows.append({"group": g, "replaced from": f"{v} peers",
-                         "recovery (mean)": fmt_pm(mean.mean, mean.sd) if mean else "—",
-                         "recovery (median)": fmt_pm(med.mean, med.sd) if med else "—",
-                         "channels": fmt(n.mean) if n else "—",
-                         "ρ(recovery, E_full)": fmt_pm(rho.mean, rho.sd) if rho else "—",
-                         "seeds": fmt(int(mean.seeds)) if mean else "—"})
+            mean, med, n, rho = (m.get(k) for k in (f"{v}_mean", f"{v}_median", f"{v}_n", f"rho_{v}_full_explained"))
+            rows.append({"group": g, "replaced from": f"{v} peers", "recovery (mean)": _pm(mean),
+                         "recovery (median)": _pm(med), "channels": fmt(n.mean) if n else "—",
+                         "ρ(recovery, E_full)": _pm(rho), "seeds": fmt(int(mean.seeds)) if mean else "—"})
     if rows:
         parts.append(_table(pd.DataFrame(rows), "Recovery by peer replacement (1 = the peers undo the lesion)"))
 
-    r2 = pick("incremental_r2.")
     rows = []
-    for g, d in r2.groupby("group", sort=False):
+    for g, d in pick("incremental_r2.").groupby("group", sort=False):
         m = {r.rest: r for r in d.itertuples()}
         fits = sorted({k.rsplit(".", 1)[0] for k in m if k.endswith(".delta_r2") and "per_layer" not in k},
                       key=lambda f: (f != "pooled", f))
@@ -419,34 +398,21 @@ def _lesion_views(les: pd.DataFrame) -> list[dict]:
             get = lambda k: m.get(f"{f}.{k}")  # noqa: E731
             val = lambda k: get(k).mean if get(k) else math.nan  # noqa: E731
             dr, adj = get("delta_r2"), get("delta_r2_adj")
-            rows.append({"group": g, "fit": f"all layers, {main} scale" if f == "pooled" else
-                         f"all layers, {f.removeprefix('pooled_')} scale",
-                         "ΔR²": fmt_pm(dr.mean, dr.sd) if dr else "—", "95% CI": fmt_ci(val("ci_lo"), val("ci_hi")),
-                         "adjusted ΔR²": fmt_pm(adj.mean, adj.sd) if adj else "—",
+            rows.append({"group": g, "fit": f"all layers, {main if f == 'pooled' else f.removeprefix('pooled_')} scale",
+                         "ΔR²": _pm(dr), "95% CI": fmt_ci(val("ci_lo"), val("ci_hi")), "adjusted ΔR²": _pm(adj),
                          "95% CI (adjusted)": fmt_ci(val("ci_adj_lo"), val("ci_adj_hi")),
                          "F-test p": fmt(val("p_f")), "channels": fmt(val("n")),
                          "seeds": fmt(int(dr.seeds)) if dr else "—"})
     if rows:
         parts.append(_table(pd.DataFrame(rows), "Do the peer terms add over I_X + I_T? (incremental R²)"))
 
-    rho = pick("binned_rho_mean.")
     overall = {(r.group, r.rest): r for r in pick("spearman_overall.").itertuples()}
-    rows = [{"group": r.group, "predictor": r.rest, "ρ within I_T bins": fmt_pm(r.mean, r.sd),
-             "ρ over all channels": fmt_pm(o.mean, o.sd) if (o := overall.get((r.group, r.rest))) else "—",
-             "seeds": fmt(int(r.seeds))} for r in rho.itertuples()]
+    rows = [{"group": r.group, "predictor": r.rest, "ρ within I_T bins": _pm(r),
+             "ρ over all channels": _pm(overall.get((r.group, r.rest))), "seeds": fmt(int(r.seeds))}
+            for r in pick("binned_rho_mean.").itertuples()]
     if rows:
         parts.append(_table(pd.DataFrame(rows), "Damage against each predictor (Spearman ρ)"))
     return parts
-
-
-def _rel_to(base: Path):
-    """A function that writes a path (or a text holding paths) relative to ``base``."""
-    prefix = str(base).rstrip(os.sep) + os.sep
-
-    def rel(x) -> str:
-        text = str(x)
-        return text.replace(prefix, "").replace(str(base), ".")
-    return rel
 
 
 HOW = {
@@ -475,67 +441,54 @@ def page_context(cfg, roots, groups, notices, t, figs, skipped: list[dict] | Non
     """Everything the two templates show, as formatted tables (DataFrames of strings) and text."""
     rc = cfg.report
     base = Path(os.path.commonpath([str(r) for r in roots])) if len(roots) > 1 else roots[0]
-    rel = _rel_to(base)
+    prefix = str(base).rstrip(os.sep) + os.sep
     min_seeds = int(rc.min_seeds)
     acc_label = ACCURACY_LABEL.get(rc.accuracy, rc.accuracy)
-    ci = CI_LABEL[rc.ci]
     head = t["headline"]
-    fig_of = {label: p for label, p in figs.items()}
-    top = [label for label in fig_of if label == "headline"] + [label for label in fig_of
-                                                                 if label.startswith("pruning curves")]
-
     sections = []
+
+    def rel(x) -> str:
+        """A path (or a text holding paths) relative to the sweep."""
+        return str(x).replace(prefix, "").replace(str(base), ".")
+
+    def section(id_: str, title: str, parts: list[dict]) -> None:
+        sections.append({"id": id_, "title": title, "how": HOW[id_], "parts": parts})
+
+    def table_or(df: pd.DataFrame, missing: str, **rename) -> list[dict]:
+        return [_text(missing)] if df.empty else [_table(_present(df).rename(columns=rename))]
+
     auc = t["flops_auc"]
-    cols = [c for c in ("group", "score", "axis", "flops_auc_mean", "flops_auc_sd", "flops_auc_rel_mean",
-                        "flops_auc_rel_sd", "seeds") if c in auc] + \
-        [c for c in auc.columns if c not in ("group", "score", "axis", "flops_auc_mean", "flops_auc_sd",
-                                            "flops_auc_rel_mean", "flops_auc_rel_sd", "seeds")]
-    sections.append({"id": "auc", "title": f"FLOPs-AUC per score ({acc_label})", "how": HOW["auc"],
-                     "parts": [_table(_present(auc[cols]).rename(columns={"flops_auc": "FLOPs-AUC",
-                                                                          "flops_auc_rel": "relative"}))]
-                     if not auc.empty else [_text("No pruning results.")]})
-    sections[-1]["parts"].append(_text("Accuracy at every FLOPs target: accuracy_by_target.csv; per seed: "
-                                       "flops_auc_per_seed.csv."))
+    first = ("group", "score", "axis", "flops_auc_mean", "flops_auc_sd", "flops_auc_rel_mean", "flops_auc_rel_sd", "seeds")
+    cols = [c for c in first if c in auc] + [c for c in auc.columns if c not in first]
+    section("auc", f"FLOPs-AUC per score ({acc_label})",
+            table_or(auc[cols], "No pruning results.", flops_auc="FLOPs-AUC", flops_auc_rel="relative")
+            + [_text("Accuracy at every FLOPs target: accuracy_by_target.csv; per seed: flops_auc_per_seed.csv.")])
 
     lay = t["layers"]
-    parts = []
-    if "alignment over depth" in fig_of:
-        parts.append({"kind": "figure", "label": "alignment over depth"})
+    parts = [{"kind": "figure", "label": "alignment over depth"}] if "alignment over depth" in figs else []
     if lay.empty:
         parts.append(_text("No analysis results (run analyze.py on these runs)."))
     else:
         keep = ["group", "layer", "seeds"] + [c for c in lay.columns if c.endswith(("_mean", "_sd", "_n"))
                                               and not c.startswith("null")]
-        parts.append(_table(_present(lay[keep]).drop(columns=[], errors="ignore")))
-    sections.append({"id": "layers", "title": "The two axes per layer", "how": HOW["layers"], "parts": parts})
-
-    ref = t["reference"]
-    sections.append({"id": "reference", "title": "Against the paper's reference values (METHODS §11)",
-                     "how": HOW["reference"],
-                     "parts": [_table(_present(ref))] if not ref.empty else [_text("No analysis results.")]})
-
+        parts.append(_table(_present(lay[keep])))
+    section("layers", "The two axes per layer", parts)
+    section("reference", "Against the paper's reference values (METHODS §11)",
+            table_or(t["reference"], "No analysis results."))
     les = t["lesions"]
-    parts = _lesion_views(les) if not les.empty else []
-    parts.append(_text("Every number of each run's lesion summary (mean ± SD over seeds): lesions.csv.")
-                 if not les.empty else _text("No lesion results (analysis=lesion)."))
-    sections.append({"id": "lesions", "title": "Lesions and peer replacement (H4)", "how": HOW["lesions"],
-                     "parts": parts})
-
-    prop = t["propagation"]
-    sections.append({"id": "propagation", "title": "Cross-layer propagation (H3)", "how": HOW["propagation"],
-                     "parts": [_table(_present(prop).rename(columns={"rho": "ρ", "null_rho_mean": "null ρ"}))]
-                     if not prop.empty else [_text("No propagation results (analysis=propagation).")]})
-
-    if "training dynamics" in fig_of:
-        sections.append({"id": "dynamics", "title": "Training dynamics (H2)", "how": HOW["dynamics"],
-                         "parts": [{"kind": "figure", "label": "training dynamics"}]})
-
+    section("lesions", "Lesions and peer replacement (H4)",
+            [_text("No lesion results (analysis=lesion).")] if les.empty else
+            _lesion_views(les) + [_text("Every number of each run's lesion summary (mean ± SD over seeds): lesions.csv.")])
+    section("propagation", "Cross-layer propagation (H3)",
+            table_or(t["propagation"], "No propagation results (analysis=propagation).", rho="ρ", null_rho_mean="null ρ"))
+    if "training dynamics" in figs:
+        section("dynamics", "Training dynamics (H2)", [{"kind": "figure", "label": "training dynamics"}])
     runs = t["runs"]
     runs_view = runs[[c for c in ("group", "seed", "val_acc", "test_acc", "epochs", "analyze", "prune", "run_dir")
                       if c in runs]].copy()
     if "run_dir" in runs_view:
         runs_view["run_dir"] = [rel(p) for p in runs_view["run_dir"]]
-    sections.append({"id": "runs", "title": "Runs", "how": HOW["runs"], "parts": [_table(_present(runs_view))]})
+    section("runs", "Runs", [_table(_present(runs_view))])
 
     tests = ", ".join(sorted(set(head["test"]))) if "test" in head else rc.test
     return {
@@ -545,12 +498,13 @@ def page_context(cfg, roots, groups, notices, t, figs, skipped: list[dict] | Non
         "notices": [rel(n) for n in notices],
         "skipped": [{"seed": s["seed"], "run": rel(s["run"]), "file": rel(s["file"]), "reason": rel(s["reason"])}
                     for s in (skipped or [])],
-        "top": top,
+        "top": [label for label in figs if label == "headline"] + [label for label in figs
+                                                                   if label.startswith("pruning curves")],
         "headline": None if head.empty else headline_view(head, min_seeds),
         "how": {"answer": HOW["answer"],
                 "headline_columns": f"FLOPs-AUC of {acc_label}, paired across seeds: the difference local − target "
-                f"with a paired bootstrap 95% CI ({ci}), {tests} p-value, Holm-adjusted p_holm over the group's rows, "
-                f"p_min (the smallest p the test can reach with these seeds) and effect size d_z; fewer than "
+                f"with a paired bootstrap 95% CI ({CI_LABEL[rc.ci]}), {tests} p-value, Holm-adjusted p_holm over the group's "
+                f"rows, p_min (the smallest p the test can reach with these seeds) and effect size d_z; fewer than "
                 f"{min_seeds} seeds make the test impossible. Every best score is chosen on the validation "
                 "split and measured on the test split; choosing on the same seeds that are compared still "
                 "favours the axis with more candidates a little, which the row chosen on the other seeds "
@@ -580,11 +534,6 @@ def _code(text: str) -> Markup:
 _ENV.filters["code"] = _code
 
 
-def render_markdown(ctx: dict, figs: dict[str, Path]) -> str:
-    """``report.md``: tables in markdown, figures linked by file name."""
-    return render("report.md.j2", ctx, figs, html=False)
-
-
 def render_html(ctx: dict, figs: dict[str, Path]) -> str:
     """``report.html``: one self-contained page, figures inlined."""
     return render("report.html.j2", ctx, figs, html=True)
@@ -603,18 +552,14 @@ def render(template: str, ctx: dict, figs: dict[str, Path], *, html: bool) -> st
         return {"label": CAPTIONS.get(label, label), "file": p.name,
                 "data": base64.b64encode(p.read_bytes()).decode() if html else ""}
 
-    sections = []
-    for sec in ctx["sections"]:
-        parts = []
-        for part in sec["parts"]:
-            if part["kind"] == "table":
-                rendered = table(part["df"])
-                parts.append({**part, "html": rendered, "md": rendered})
-            elif part["kind"] == "figure":
-                parts.append({"kind": "figure", **figure(part["label"])})
-            else:
-                parts.append(part)
-        sections.append({**sec, "parts": parts})
+    def rendered(part):
+        if part["kind"] == "table":
+            text = table(part["df"])
+            return {**part, "html": text, "md": text}
+        return {"kind": "figure", **figure(part["label"])} if part["kind"] == "figure" else part
+
+    # the sections' tables first, then the headline: the order that numbers the HTML tables' ids
+    sections = [{**sec, "parts": [rendered(part) for part in sec["parts"]]} for sec in ctx["sections"]]
     page = {**ctx, "sections": sections, "top_figures": [figure(label) for label in ctx["top"]],
             "headline": None if ctx["headline"] is None else table(ctx["headline"])}
     text = _ENV.get_template(template).render(**page)

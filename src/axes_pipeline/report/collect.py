@@ -66,9 +66,9 @@ class Run:
             if schema is None:
                 df = pd.read_csv(p)
             else:
-                df = read_table(p, schema, rebuild=REBUILD.get(rel.split("/")[0], "the stage that wrote it"))
-                for check in EXTRA_CHECKS.get(rel, ()):
-                    check(df, p, REBUILD.get(rel.split("/")[0], "the stage that wrote it"))
+                df = read_table(p, schema, rebuild=_rebuild(rel))
+                if rel == "prune/prune_curves.csv":
+                    _complete_curves(df, p, _rebuild(rel))
         except DamagedTable as err:
             self.skip(rel, str(err))
             return None
@@ -85,8 +85,7 @@ class Run:
         try:
             found = read_json(p)
         except (OSError, ValueError) as err:
-            self.skip(rel, f"{p} is not valid JSON ({type(err).__name__}); rebuild it with "
-                           f"`{REBUILD.get(rel.split('/')[0], 'the stage that wrote it')}`")
+            self.skip(rel, f"{p} is not valid JSON ({type(err).__name__}); rebuild it with `{_rebuild(rel)}`")
             return None
         self.inputs[rel] = file_digest(p)
         return found
@@ -189,21 +188,23 @@ def skipped_inputs(runs: list[Run]) -> list[dict]:
 # listed in the report). Only what the report uses is required: older runs may lack other columns.
 # ---------------------------------------------------------------------------------------------
 
-REBUILD = {"prune": "python prune.py <the run's overrides>", "analyze": "python analyze.py <the run's overrides>"}
+def _rebuild(rel: str) -> str:
+    """The command that rebuilds a run's file ``rel`` (``<stage>/<name>``)."""
+    stage = rel.split("/")[0]
+    return f"python {stage}.py <the run's overrides>" if stage in ("prune", "analyze") else "the stage that wrote it"
+
+
+# the per-layer quantities the report summarises (any may be absent from an older run)
+LAYER_COLS = ("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
+              "modularity_gap", "null_modularity_gap", "nmi", "ari", "hull_size_mean", "hull_saturated_frac", "s3_s2")
 
 REPORT_SCHEMAS: dict[str, Schema] = {
     "prune/prune_curves.csv": Schema(
         "prune_curves.csv", columns={"score": "str", "axis": "str", "achieved_flops": "float",
                                      "acc_before_ft": "float", "target_flops": "float", "draw": "int"},
         finite=("achieved_flops", "acc_before_ft"), optional=("target_flops", "draw")),
-    "analyze/layers.csv": Schema(
-        "layers.csv", columns={"layer": "str", "layer_index": "int", **dict.fromkeys(
-            ("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
-             "modularity_gap", "null_modularity_gap", "nmi", "ari", "hull_size_mean", "hull_saturated_frac",
-             "s3_s2"), "float")},
-        optional=("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
-                  "modularity_gap", "null_modularity_gap", "nmi", "ari", "hull_size_mean", "hull_saturated_frac",
-                  "s3_s2")),
+    "analyze/layers.csv": Schema("layers.csv", columns={"layer": "str", "layer_index": "int",
+                                                        **dict.fromkeys(LAYER_COLS, "float")}, optional=LAYER_COLS),
     "analyze/dynamics.csv": Schema("dynamics.csv", columns={"epoch": "int", "layer": "str"}),
     "analyze/propagation.csv": Schema("propagation.csv", columns={"pairing": "str", "rho": "float"},
                                       optional=("pairing", "rho")),
@@ -216,12 +217,8 @@ def _complete_curves(df: pd.DataFrame, path: Path, rebuild: str) -> None:
     keys = ["score", "draw"] if "draw" in df else ["score"]
     counts = df.groupby(keys, sort=False).size()
     if counts.nunique() > 1:
-        short = counts.idxmin()
-        raise DamagedTable(f"{path} is damaged (truncated: {short} has {counts.min()} point(s), the others up to "
+        raise DamagedTable(f"{path} is damaged (truncated: {counts.idxmin()} has {counts.min()} point(s), the others up to "
                            f"{counts.max()}); rebuild it with `{rebuild}`")
-
-
-EXTRA_CHECKS = {"prune/prune_curves.csv": (_complete_curves,)}
 
 
 def group_runs(runs: list[Run]) -> tuple[dict[str, list[Run]], list[str]]:

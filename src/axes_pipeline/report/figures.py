@@ -61,9 +61,8 @@ def pruning_curves(acc: pd.DataFrame, group: str, path: Path, ylabel: str = "acc
         for score in scores:
             c = d[(d["score"] == score) & (d["axis"] == axis)].sort_values("achieved_flops_mean")
             x, y = 1 - c["achieved_flops_mean"], c["acc_mean"]
-            st = styles[score]
-            ax.plot(x, y, color=st["color"], ls=st["ls"], marker=st["marker"], ms=4, lw=st["lw"], alpha=st["alpha"],
-                    zorder=st["zorder"], label=st["label"])
+            st = styles[score]     # colour, line style, marker, width, alpha, zorder, label
+            ax.plot(x, y, ms=4, **st)
             emphasised = axis in ("local", "target") and best.get(axis) == score
             if emphasised and "acc_sd" in c and c["acc_sd"].notna().any():
                 sd = c["acc_sd"].fillna(0)
@@ -78,13 +77,6 @@ def pruning_curves(acc: pd.DataFrame, group: str, path: Path, ylabel: str = "acc
     return _save(fig, path)
 
 
-def verdict_color(lo: float, hi: float) -> str:
-    """Colour of a difference by what its CI says: above 0 local, below 0 target, else gray."""
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return "lightgray"
-    return AXIS_COLORS["local"] if lo > 0 else AXIS_COLORS["target"] if hi < 0 else "dimgray"
-
-
 def headline_forest(head: pd.DataFrame, path: Path, min_seeds: int = 3, ci_label: str = "95% CI") -> Path:
     """The paired FLOPs-AUC difference (local − target) of every headline row with its CI,
     coloured by which side of 0 the CI lies."""
@@ -94,8 +86,8 @@ def headline_forest(head: pd.DataFrame, path: Path, min_seeds: int = 3, ci_label
     y = np.arange(len(head))[::-1]
     for yi, (_, r) in zip(y, head.iterrows()):
         lo, hi = r.get("ci_lo", np.nan), r.get("ci_hi", np.nan)
-        col = verdict_color(lo, hi)
-        if np.isfinite(lo) and np.isfinite(hi):
+        if np.isfinite(lo) and np.isfinite(hi):   # coloured by the CI: above 0 local, below 0 target, else gray
+            col = AXIS_COLORS["local"] if lo > 0 else AXIS_COLORS["target"] if hi < 0 else "dimgray"
             ax.errorbar([r["diff"]], [yi], xerr=[[r["diff"] - lo], [hi - r["diff"]]], fmt="o", color=col,
                         capsize=4, lw=2, ms=6)
         else:
@@ -135,7 +127,6 @@ def alignment_depth(layers: pd.DataFrame, path: Path) -> Path:
 
 def dynamics_curves(groups: dict[str, list[Run]], path: Path) -> Path | None:
     quantities = ("align_input_capture_task_info", "modularity_gap", "hull_size_mean", "hull_saturated_frac", "s3_s2")
-    ref = {"hull_size_mean": "hull_size_mean", "hull_saturated_frac": "hull_saturated_frac", "s3_s2": "s3_s2"}
     found = False
     fig, axes = plt.subplots(1, len(quantities), figsize=(4 * len(quantities), 3.3))
     for g, runs in groups.items():
@@ -150,8 +141,8 @@ def dynamics_curves(groups: dict[str, list[Run]], path: Path) -> Path | None:
             st = per_seed.groupby("epoch")[q].agg(["mean", "std"]).reset_index()
             ax.plot(st["epoch"], st["mean"], marker="o", ms=3, label=g)
             ax.fill_between(st["epoch"], st["mean"] - st["std"].fillna(0), st["mean"] + st["std"].fillna(0), alpha=0.2)
-            if q in ref:
-                (mi, si), (mt, stt) = PAPER_REFERENCE[ref[q]]["init"], PAPER_REFERENCE[ref[q]]["trained"]
+            if q in PAPER_REFERENCE:
+                (mi, si), (mt, stt) = PAPER_REFERENCE[q]["init"], PAPER_REFERENCE[q]["trained"]
                 x0, x1 = st["epoch"].min(), st["epoch"].max()
                 ax.errorbar([x0, x1], [mi, mt], yerr=[si, stt], fmt="s--", color="k", ms=4, capsize=3,
                             label="paper (init → trained)")

@@ -7,41 +7,30 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-from axes_pipeline.report.collect import Run
+from axes_pipeline.report.collect import LAYER_COLS, Run
 from axes_pipeline.stats import PAPER_REFERENCE, compare_paired, grid_aucs, holm, mean_sd
 from axes_pipeline.tables import DamagedTable, Schema, check_table
 
 AXES = ("local", "target")
 
 
-def _ms(values) -> dict:
-    m, s, n = mean_sd(np.asarray(values, float))
-    return {"mean": m, "sd": s, "n": n}
-
-
 def runs_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
-    rows = []
-    for g, runs in groups.items():
-        for r in runs:
-            rows.append({"group": g, "seed": r.seed, "experiment": r.experiment, "val_acc": r.train.get("val_acc"),
-                         "test_acc": r.train.get("test_acc"), "epochs": r.train.get("epochs"),
-                         "analyze": (r.path / "analyze" / "axes.csv").is_file(),
-                         "prune": (r.path / "prune" / "prune_curves.csv").is_file(), "run_dir": str(r.path)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"group": g, "seed": r.seed, "experiment": r.experiment, "val_acc": r.train.get("val_acc"),
+                          "test_acc": r.train.get("test_acc"), "epochs": r.train.get("epochs"),
+                          "analyze": (r.path / "analyze" / "axes.csv").is_file(),
+                          "prune": (r.path / "prune" / "prune_curves.csv").is_file(), "run_dir": str(r.path)}
+                         for g, runs in groups.items() for r in runs])
 
 
 # ---------------------------------------------------------------- pruning
 #
 # Selection and measurement (METHODS §9): every "best" score is chosen on the validation split's
-# FLOPs-AUC (``val_<accuracy>`` columns of prune_curves.csv) and measured on the test split's;
-# every score of a group is integrated over one removed-FLOPs grid (stats.grid_aucs).
+# FLOPs-AUC (the ``val_<accuracy>`` column of prune_curves.csv beside each test ``<accuracy>``) and
+# measured on the test split's; every score of a group is integrated over one removed-FLOPs grid
+# (stats.grid_aucs).
 
 SELECTED_ON, MEASURED_ON = "val", "test"
-
-
-def val_column(accuracy: str) -> str:
-    """The validation counterpart of a test accuracy column (``acc_before_ft`` -> ``val_acc_before_ft``)."""
-    return f"val_{accuracy}"
+CURVES = "prune/prune_curves.csv"
 
 
 def curves_schema(accuracy: str) -> Schema:
@@ -49,38 +38,33 @@ def curves_schema(accuracy: str) -> Schema:
     FLOPs and (test and validation) accuracy, finite; prune validates its points before writing,
     so a NaN here means a damaged file, not a missing measurement."""
     return Schema("prune_curves.csv",
-                  {"score": "str", "axis": "str", "draw": "int", "achieved_flops": "float",
-                   "target_flops": "float", "target_channels": "float", accuracy: "float",
-                   val_column(accuracy): "float"},
-                  finite=("score", "axis", "achieved_flops", accuracy, val_column(accuracy)),
-                  optional=("draw",))
+                  {"score": "str", "axis": "str", "draw": "int", "achieved_flops": "float", "target_flops": "float",
+                   "target_channels": "float", accuracy: "float", f"val_{accuracy}": "float"},
+                  finite=("score", "axis", "achieved_flops", accuracy, f"val_{accuracy}"), optional=("draw",))
 
 
 def read_curves(run: Run, accuracy: str) -> tuple[pd.DataFrame | None, str | None]:
     """``(curves, None)`` for a run whose pruning results are sound; ``(None, None)`` for a run that
     was not pruned; ``(None, reason)`` for one whose results cannot be used. The reason is also
     recorded on the run (``Run.skip``), so the report lists it: never a silent drop."""
-    rel = "prune/prune_curves.csv"
-    path = run.path / rel
-    if not path.is_file():
+    if not (run.path / CURVES).is_file():
         return None, None
     why = _curves_problem(run, accuracy)
     if why:
-        run.skip(rel, why)
+        run.skip(CURVES, why)
         return None, why
-    return run.read_csv(rel), None
+    return run.read_csv(CURVES), None
 
 
 def _curves_problem(run: Run, accuracy: str) -> str | None:
     """What makes a run's pruning curves unusable for ``accuracy``, or None."""
-    rel = "prune/prune_curves.csv"
-    path = run.path / rel
+    path = run.path / CURVES
     summary = run.read_json("prune/prune_summary.json")
     if not summary:
         return "prune/prune_summary.json is missing (prune did not finish); rerun prune.py"
-    curves = run.read_csv(rel)          # the run's generic checks: schema, truncation (collect.py)
+    curves = run.read_csv(CURVES)          # the run's generic checks: schema, truncation (collect.py)
     if curves is None:
-        return run.skipped.get(rel, f"{path} cannot be read")
+        return run.skipped.get(CURVES, f"{path} cannot be read")
     if accuracy in curves and len(curves) and curves[accuracy].isna().all():
         return f"prune_curves.csv has no {accuracy} (pruned without fine-tuning?)"
     try:
@@ -109,13 +93,7 @@ def skipped_prune_runs(groups: dict[str, list[Run]], accuracy: str) -> list[tupl
     """``[(run_dir, reason)]`` of the pruned runs whose curves the report cannot use (damaged,
     unfinished, without validation accuracies): they are left out of every pruning table, and the
     report lists them rather than dropping them silently."""
-    out = []
-    for runs in groups.values():
-        for r in runs:
-            _, why = read_curves(r, accuracy)
-            if why:
-                out.append((str(r.path), why))
-    return out
+    return [(str(r.path), why) for runs in groups.values() for r in runs if (why := read_curves(r, accuracy)[1])]
 
 
 def seed_curves(run: Run, accuracy: str = "acc_before_ft") -> pd.DataFrame | None:
@@ -140,7 +118,7 @@ def auc_per_seed(groups: dict[str, list[Run]], accuracy: str) -> pd.DataFrame:
     Every curve of a group is integrated over the same removed-FLOPs grid. Runs that cannot be
     used are left out here and named by :func:`skipped_prune_runs`."""
     rows = []
-    val = val_column(accuracy)
+    val = f"val_{accuracy}"
     for g, runs in groups.items():
         frames, info = [], {}
         for r in runs:
@@ -189,10 +167,10 @@ def auc_table(per_seed: pd.DataFrame) -> pd.DataFrame:
         return per_seed
     rows = []
     for (g, score, axis), d in per_seed.groupby(["group", "score", "axis"]):
-        a, rel, v = _ms(d["flops_auc"]), _ms(d["flops_auc_rel"]), _ms(d["val_flops_auc"])
-        rows.append({"group": g, "score": score, "axis": axis, "flops_auc_mean": a["mean"], "flops_auc_sd": a["sd"],
-                     "flops_auc_rel_mean": rel["mean"], "flops_auc_rel_sd": rel["sd"],
-                     "val_flops_auc_mean": v["mean"], "val_flops_auc_sd": v["sd"], "seeds": a["n"],
+        (a, a_sd, n), (rel, rel_sd, _), (v, v_sd, _) = (mean_sd(d[c]) for c in ("flops_auc", "flops_auc_rel", "val_flops_auc"))
+        rows.append({"group": g, "score": score, "axis": axis, "flops_auc_mean": a, "flops_auc_sd": a_sd,
+                     "flops_auc_rel_mean": rel, "flops_auc_rel_sd": rel_sd, "val_flops_auc_mean": v, "val_flops_auc_sd": v_sd,
+                     "seeds": n,
                      "grid_end": float(d["grid_end"].iloc[0]),
                      "off_target_points": int(d.groupby("seed")["off_target_points"].first().sum())})
     return pd.DataFrame(rows).sort_values(["group", "flops_auc_mean"], ascending=[True, False])
@@ -206,10 +184,9 @@ def accuracy_by_target(groups: dict[str, list[Run]], accuracy: str) -> pd.DataFr
             continue
         allc = pd.concat(frames)
         for (score, axis, t), d in allc.groupby(["score", "axis", "target"]):
-            s = _ms(d["acc"])
+            m, sd, n = mean_sd(d["acc"])
             rows.append({"group": g, "score": score, "axis": axis, "target": t,
-                         "achieved_flops_mean": d["achieved_flops"].mean(), "acc_mean": s["mean"], "acc_sd": s["sd"],
-                         "seeds": s["n"]})
+                         "achieved_flops_mean": d["achieved_flops"].mean(), "acc_mean": m, "acc_sd": sd, "seeds": n})
     return pd.DataFrame(rows)
 
 
@@ -261,10 +238,8 @@ def headline(per_seed: pd.DataFrame, *, min_n: int, n_boot: int, method: str, se
                         test[bl], test[bt], "", SELECTED_ON)]
         if len(val) >= 2:
             a, b, picks = held_out_best(val, test, cols["local"], cols["target"])
-            chosen = sorted(set(picks))
             comparisons.append(("best local − best target, chosen on validation of the other seeds, measured on test",
-                                a, b,
-                                "choices: " + ", ".join(chosen), SELECTED_ON))
+                                a, b, "choices: " + ", ".join(sorted(set(picks))), SELECTED_ON))
         comparisons.append(("local-axis mean − target-axis mean, measured on test", test[cols["local"]].mean(axis=1),
                             test[cols["target"]].mean(axis=1), "", "none (no choice)"))
         group_rows = []
@@ -274,18 +249,13 @@ def headline(per_seed: pd.DataFrame, *, min_n: int, n_boot: int, method: str, se
                 res["note"] = "; ".join(x for x in (res.get("note") or "", note) if x)
             group_rows.append({"group": g, "comparison": label, "candidates": cand, "selected_on": chosen_on,
                                "measured_on": MEASURED_ON, **res})
-        p_holm = holm([r["p_value"] for r in group_rows])
-        for r, ph in zip(group_rows, p_holm):
+        for r, ph in zip(group_rows, holm([r["p_value"] for r in group_rows])):
             r["p_holm"] = ph
         rows.extend(group_rows)
     return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- axes
-
-LAYER_COLS = ("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
-              "modularity_gap", "null_modularity_gap", "nmi", "ari", "hull_size_mean", "hull_saturated_frac", "s3_s2")
-
 
 def layers_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
     rows = []
@@ -298,8 +268,7 @@ def layers_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
             row = {"group": g, "layer_index": idx, "layer": layer, "seeds": d["seed"].nunique()}
             for c in LAYER_COLS:
                 if c in d:
-                    s = _ms(d[c])
-                    row[f"{c}_mean"], row[f"{c}_sd"] = s["mean"], s["sd"]
+                    row[f"{c}_mean"], row[f"{c}_sd"], _ = mean_sd(d[c])
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -310,50 +279,45 @@ def reference_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
     With dynamics results, "init" and "trained" come from the first and last epoch of the
     six depth-spaced layers (the paper's protocol); otherwise "trained" is over all analysed layers.
     """
-    ours_cols = {"hull_size_mean": "hull_size_mean", "hull_saturated_frac": "hull_saturated_frac", "s3_s2": "s3_s2"}
     rows = []
     for g, runs in groups.items():
-        per = {k: {"init": [], "trained": []} for k in ours_cols}
+        per = {k: {"init": [], "trained": []} for k in PAPER_REFERENCE}   # the same column names in our tables
         source = "all analysed layers (trained)"
         for r in runs:
             dyn = r.read_csv("analyze/dynamics.csv")
             if dyn is not None and "epoch" in dyn:
                 source = "dynamics: six depth-spaced layers, first vs last epoch"
                 first, last = dyn[dyn.epoch == dyn.epoch.min()], dyn[dyn.epoch == dyn.epoch.max()]
-                for k, col in ours_cols.items():
-                    if col in dyn:
-                        per[k]["init"].append(first[col].mean())
-                        per[k]["trained"].append(last[col].mean())
+                for k in per:
+                    if k in dyn:
+                        per[k]["init"].append(first[k].mean())
+                        per[k]["trained"].append(last[k].mean())
                 continue
             lay = r.read_csv("analyze/layers.csv")
             if lay is not None:
-                for k, col in ours_cols.items():
-                    if col in lay:
-                        per[k]["trained"].append(lay[col].mean())
-        for k in ours_cols:
+                for k in per:
+                    if k in lay:
+                        per[k]["trained"].append(lay[k].mean())
+        for k in per:
             for phase in ("init", "trained"):
-                ours = _ms(per[k][phase])
+                m, sd, n = mean_sd(per[k][phase])
                 ref_m, ref_sd = PAPER_REFERENCE[k][phase]
-                rows.append({"group": g, "quantity": k, "phase": phase, "ours_mean": ours["mean"], "ours_sd": ours["sd"],
-                             "seeds": ours["n"], "paper_mean": ref_m, "paper_sd": ref_sd, "source": source})
+                rows.append({"group": g, "quantity": k, "phase": phase, "ours_mean": m, "ours_sd": sd,
+                             "seeds": n, "paper_mean": ref_m, "paper_sd": ref_sd, "source": source})
     return pd.DataFrame(rows)
 
 
-def scalar_summary(groups: dict[str, list[Run]], rel: str, section: str) -> pd.DataFrame:
+def scalar_summary(groups: dict[str, list[Run]], rel: str) -> pd.DataFrame:
     """Mean ± SD over seeds of every numeric field of a per-run JSON summary (lesions, propagation...)."""
     rows = []
     for g, runs in groups.items():
         values: dict[str, list] = {}
         for r in runs:
-            js = r.read_json(rel)
-            if not js:
-                continue
-            part = js.get(section, js) if section else js
-            for k, v in _numeric(part).items():
+            for k, v in _numeric(r.read_json(rel)).items():
                 values.setdefault(k, []).append(v)
         for k, vs in values.items():
-            s = _ms(vs)
-            rows.append({"group": g, "quantity": k, "mean": s["mean"], "sd": s["sd"], "seeds": s["n"]})
+            m, sd, n = mean_sd(vs)
+            rows.append({"group": g, "quantity": k, "mean": m, "sd": sd, "seeds": n})
     return pd.DataFrame(rows)
 
 
@@ -388,8 +352,8 @@ def propagation_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
         per_seed = allf.groupby(["pairing", "seed"], as_index=False).agg(
             rho=("rho", "mean"), **({"null_rho": ("null_rho", "mean")} if "null_rho" in allf else {}))
         for p, d in per_seed.groupby("pairing"):
-            s = _ms(d["rho"])
-            row = {"group": g, "pairing": p, "rho_mean": s["mean"], "rho_sd": s["sd"], "seeds": s["n"]}
+            m, sd, n = mean_sd(d["rho"])
+            row = {"group": g, "pairing": p, "rho_mean": m, "rho_sd": sd, "seeds": n}
             if "null_rho" in d:
                 row["null_rho_mean"] = d["null_rho"].mean()
             rows.append(row)
