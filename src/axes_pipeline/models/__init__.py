@@ -21,9 +21,8 @@ from typing import Any
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError, unknown_name
-from axes_pipeline.models.backbones import BUILDERS, DEFAULT_IMAGE_SIZE, default_image_size
+from axes_pipeline.models.backbones import BUILDERS
 from axes_pipeline.models.layers import (
-    CAPTURE_POINTS,
     ConvUnit,
     FunctionalAct,
     analysable_layers,
@@ -33,19 +32,14 @@ from axes_pipeline.models.layers import (
     conv_norm_pairs,
     depth_spaced_layers,
     example_input,
-    is_depthwise,
 )
-from axes_pipeline.models.torchvision_any import build_custom, build_torchvision, torchvision_archs
-from axes_pipeline.models.weights import (
-    LoadReport,
-    download_weights,
-    hub_cache_file,
-    hub_checkpoints,
-    load_weights,
-    resolve_weights,
-)
+from axes_pipeline.models.torchvision_any import build_custom, build_torchvision
+from axes_pipeline.models.weights import load_weights, resolve_weights
 
 log = logging.getLogger(__name__)
+
+__all__ = ["MODEL_NAMES", "ConvUnit", "FunctionalAct", "analysable_layers", "build_model", "capture_point",
+           "classifier_name", "conv_layers", "conv_norm_pairs", "depth_spaced_layers", "example_input", "model_knobs"]
 
 MODEL_NAMES: tuple[str, ...] = tuple(BUILDERS)
 #: ``model=torchvision`` names its model ``tv_<arch>`` (so run directories of two archs differ);
@@ -67,31 +61,6 @@ def _builder(name: str, knobs: dict[str, Any]):
         return build_custom, None, knobs
     raise unknown_name("model", str(name), (*MODEL_NAMES, "torchvision", "custom"))
 
-__all__ = [
-    "CAPTURE_POINTS",
-    "DEFAULT_IMAGE_SIZE",
-    "MODEL_NAMES",
-    "ConvUnit",
-    "FunctionalAct",
-    "LoadReport",
-    "analysable_layers",
-    "build_model",
-    "capture_point",
-    "classifier_name",
-    "conv_layers",
-    "conv_norm_pairs",
-    "default_image_size",
-    "depth_spaced_layers",
-    "download_weights",
-    "example_input",
-    "hub_cache_file",
-    "hub_checkpoints",
-    "is_depthwise",
-    "load_weights",
-    "model_knobs",
-    "torchvision_archs",
-]
-
 
 def model_knobs(name: str) -> dict[str, Any]:
     """The backbone-specific knobs of ``name`` and their defaults (beyond ``width``)."""
@@ -100,15 +69,8 @@ def model_knobs(name: str) -> dict[str, Any]:
     return {k: p.default for k, p in params.items() if k not in ("num_classes", "width")}
 
 
-def build_model(
-    name: str,
-    num_classes: int,
-    width: float = 1.0,
-    pretrained: bool = False,
-    weights: str | None = None,
-    from_scratch: bool = False,
-    **knobs: Any,
-) -> nn.Module:
+def build_model(name: str, num_classes: int, width: float = 1.0, pretrained: bool = False, weights: str | None = None,
+                from_scratch: bool = False, **knobs: Any) -> nn.Module:
     """Build backbone ``name`` for ``num_classes`` classes with channel multiplier ``width``.
 
     ``pretrained=True`` loads ImageNet weights from ``weights`` (a local state_dict / torchvision
@@ -125,24 +87,17 @@ def build_model(
     builder, weights_key, knobs = _builder(str(name), dict(knobs))
     wants_weights = bool(pretrained) or weights not in (None, "")
     if from_scratch and wants_weights:
-        raise UserError(
-            "experiment=dynamics trains from random initialisation (H2, METHODS §6: epoch 0 must be the "
-            "untrained network); drop model.pretrained=true / model.weights, or use another experiment"
-        )
+        raise UserError("experiment=dynamics trains from random initialisation (H2, METHODS §6: epoch 0 must be the "
+                        "untrained network); drop model.pretrained=true / model.weights, or use another experiment")
     valid = model_knobs(name)
-    unknown = sorted(set(knobs) - set(valid))
-    if unknown:
-        raise UserError(
-            f"unknown option(s) {', '.join(unknown)} for model {name}; valid: "
-            f"{', '.join(sorted(valid)) or '(none)'}, plus width, pretrained, weights, from_scratch"
-        )
+    if unknown := sorted(set(knobs) - set(valid)):
+        raise UserError(f"unknown option(s) {', '.join(unknown)} for model {name}; valid: "
+                        f"{', '.join(sorted(valid)) or '(none)'}, plus width, pretrained, weights, from_scratch")
     try:
         width = float(width)
         num_classes = int(num_classes)
     except (TypeError, ValueError):
-        raise UserError(
-            f"model.width must be a number and num_classes an integer (got {width!r}, {num_classes!r})"
-        ) from None
+        raise UserError(f"model.width must be a number and num_classes an integer (got {width!r}, {num_classes!r})") from None
     if not width > 0:
         raise UserError(f"model.width must be > 0, got {width}")
     if num_classes < 1:
@@ -162,16 +117,9 @@ def build_model(
     model = builder(num_classes=num_classes, width=width, **knobs)
 
     if path is not None:
-        report = load_weights(model, path)
-        model.pretrained_report = report
+        model.pretrained_report = report = load_weights(model, path)
         log.info("model %s: %s", name, report.summary())
         if report.skipped_shape or report.unexpected:
-            log.warning(
-                "model %s: %d tensors of %s did not fit (width=%s, knobs=%s) and stay at init",
-                name,
-                len(report.skipped_shape) + len(report.unexpected),
-                path,
-                width,
-                knobs,
-            )
+            log.warning("model %s: %d tensors of %s did not fit (width=%s, knobs=%s) and stay at init",
+                        name, len(report.skipped_shape) + len(report.unexpected), path, width, knobs)
     return model

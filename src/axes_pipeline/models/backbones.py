@@ -31,9 +31,7 @@ def scaled(channels: int, width: float) -> int:
     return int(_make_divisible(channels * width, 8))
 
 
-# --------------------------------------------------------------------------------------------
-# ResNet-18
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- ResNet-18
 
 
 class ScaledResNet(ResNet):
@@ -45,16 +43,8 @@ class ScaledResNet(ResNet):
     torchvision's).
     """
 
-    def __init__(
-        self,
-        layers: list[int],
-        widths: list[int],
-        num_classes: int,
-        cifar_stem: bool = True,
-        block: type[nn.Module] = BasicBlock,
-        groups: int = 1,
-        width_per_group: int = 64,
-    ) -> None:
+    def __init__(self, layers: list[int], widths: list[int], num_classes: int, cifar_stem: bool = True,
+                 block: type[nn.Module] = BasicBlock, groups: int = 1, width_per_group: int = 64) -> None:
         nn.Module.__init__(self)  # ResNet.__init__ would build the width-1 network first
         self._norm_layer = nn.BatchNorm2d
         self.inplanes = widths[0]
@@ -92,9 +82,7 @@ def resnet18(num_classes: int, width: float = 1.0, cifar_stem: bool = True) -> n
     return ScaledResNet([2, 2, 2, 2], widths, num_classes, cifar_stem=bool(cifar_stem))
 
 
-# --------------------------------------------------------------------------------------------
-# VGG-16-BN
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- VGG-16-BN
 
 VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
@@ -119,15 +107,9 @@ class ScaledVGG(VGG):
             self.classifier = nn.Linear(c_last, num_classes)
         else:
             self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-            self.classifier = nn.Sequential(
-                nn.Linear(c_last * 7 * 7, hidden),
-                nn.ReLU(True),
-                nn.Dropout(p=dropout),
-                nn.Linear(hidden, hidden),
-                nn.ReLU(True),
-                nn.Dropout(p=dropout),
-                nn.Linear(hidden, num_classes),
-            )
+            self.classifier = nn.Sequential(nn.Linear(c_last * 7 * 7, hidden), nn.ReLU(True), nn.Dropout(p=dropout),
+                                            nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(p=dropout),
+                                            nn.Linear(hidden, num_classes))
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -155,20 +137,11 @@ def vgg16(num_classes: int, width: float = 1.0, head: str = "cifar", dropout: fl
     return ScaledVGG(features, int(c_last), num_classes, head=head, dropout=float(dropout))
 
 
-# --------------------------------------------------------------------------------------------
-# MobileNetV2
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- MobileNetV2
 
-MOBILENETV2_SETTING = [
-    # t, c, n, s  (torchvision's ImageNet setting)
-    [1, 16, 1, 1],
-    [6, 24, 2, 2],
-    [6, 32, 3, 2],
-    [6, 64, 4, 2],
-    [6, 96, 3, 1],
-    [6, 160, 3, 2],
-    [6, 320, 1, 1],
-]
+# t, c, n, s  (torchvision's ImageNet setting)
+MOBILENETV2_SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
+                       [6, 320, 1, 1]]
 
 
 def mobilenetv2(num_classes: int, width: float = 1.0, cifar_strides: bool = True, dropout: float = 0.2) -> nn.Module:
@@ -183,22 +156,16 @@ def mobilenetv2(num_classes: int, width: float = 1.0, cifar_strides: bool = True
     setting = [list(row) for row in MOBILENETV2_SETTING]
     if cifar_strides:
         setting[1][3] = 1
-    model = MobileNetV2(
-        num_classes=num_classes, width_mult=width, inverted_residual_setting=setting, dropout=float(dropout)
-    )
+    model = MobileNetV2(num_classes=num_classes, width_mult=width, inverted_residual_setting=setting, dropout=float(dropout))
     if cifar_strides:
         model.features[0][0].stride = (1, 1)
     return model
 
 
-# --------------------------------------------------------------------------------------------
-# ConvNeXt-Tiny
-# --------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------- ConvNeXt-Tiny
 
 
-def convnext_t(
-    num_classes: int, width: float = 1.0, stochastic_depth_prob: float = 0.1, layer_scale: float = 1e-6
-) -> nn.Module:
+def convnext_t(num_classes: int, width: float = 1.0, stochastic_depth_prob: float = 0.1, layer_scale: float = 1e-6) -> nn.Module:
     """torchvision's ConvNeXt-Tiny: stages of [3, 3, 9, 3] blocks, widths ``round8([96, 192, 384,
     768] * width)``, ``stochastic_depth_prob`` 0.1 (torchvision's value for Tiny).
 
@@ -208,30 +175,15 @@ def convnext_t(
     2×2 stride-2 downsampling convs (``features.{2,4,6}.1``).
     """
     w = [scaled(c, width) for c in (96, 192, 384, 768)]
-    setting = [
-        CNBlockConfig(w[0], w[1], 3),
-        CNBlockConfig(w[1], w[2], 3),
-        CNBlockConfig(w[2], w[3], 9),
-        CNBlockConfig(w[3], None, 3),
-    ]
-    return ConvNeXt(
-        setting,
-        stochastic_depth_prob=float(stochastic_depth_prob),
-        layer_scale=float(layer_scale),
-        num_classes=num_classes,
-    )
+    setting = [CNBlockConfig(w[i], w[i + 1] if i < 3 else None, blocks) for i, blocks in enumerate((3, 3, 9, 3))]
+    return ConvNeXt(setting, stochastic_depth_prob=float(stochastic_depth_prob), layer_scale=float(layer_scale),
+                    num_classes=num_classes)
 
 
-# --------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- Registry
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": resnet18,
-    "vgg16": vgg16,
-    "mobilenetv2": mobilenetv2,
-    "convnext_t": convnext_t,
-}
+    "resnet18": resnet18, "vgg16": vgg16, "mobilenetv2": mobilenetv2, "convnext_t": convnext_t}
 
 # Input side length each backbone is meant for with its default knobs (METHODS §10).
 DEFAULT_IMAGE_SIZE: dict[str, int] = {"resnet18": 32, "vgg16": 32, "mobilenetv2": 32, "convnext_t": 224}

@@ -36,9 +36,7 @@ log = logging.getLogger("axes_pipeline")
 __all__ = ["NORM_TYPES", "ConvGraph", "ConvUnit", "FunctionalAct", "Tracer", "conv_graph", "conv_sources",
            "is_add", "is_depthwise", "split", "trace"]
 
-# --------------------------------------------------------------------------------------------
-# The op catalogue
-# --------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------- The op catalogue
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
@@ -81,9 +79,7 @@ _GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 _MULS = {operator.mul, operator.imul, torch.mul}
 _SPLITS = {"chunk", "split", "view", "reshape", "transpose", "flatten", "narrow", "unbind"}
 
-# --------------------------------------------------------------------------------------------
-# Tracing
-# --------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------- Tracing
 
 
 class Tracer(fx.Tracer):
@@ -115,20 +111,20 @@ def _module(node: fx.Node, model: nn.Module) -> nn.Module | None:
     return model.get_submodule(str(node.target)) if node.op == "call_module" else None
 
 
+def _calls(node: fx.Node, functions=(), methods=()) -> bool:
+    """``node`` calls one of ``functions`` or one of the tensor ``methods``."""
+    return (node.op == "call_function" and node.target in functions) or (
+        node.op == "call_method" and node.target in methods)
+
+
 def is_add(node: fx.Node | None) -> bool:
     """A residual add (``a + b``, ``a += b``, ``torch.add``, ``a.add(b)``, ``a.add_(b)``)."""
-    if node is None:
-        return False
-    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _ADD_METHODS)
+    return node is not None and _calls(node, _ADD_FUNCTIONS, _ADD_METHODS)
 
 
 def _is_permute(node: fx.Node, model: nn.Module) -> bool:
-    if node.op == "call_module":
-        module = _module(node, model)
-        return type(module).__name__ == "Permute" and hasattr(module, "dims")
-    return (node.op == "call_function" and node.target is torch.permute) or (
-        node.op == "call_method" and node.target == "permute")
+    module = _module(node, model)
+    return (type(module).__name__ == "Permute" and hasattr(module, "dims")) or _calls(node, {torch.permute}, {"permute"})
 
 
 def _permute_dims(node: fx.Node, model: nn.Module) -> list[int] | None:
@@ -145,33 +141,23 @@ def _permute_dims(node: fx.Node, model: nn.Module) -> list[int] | None:
 
 
 def _is_transparent(node: fx.Node, model: nn.Module) -> bool:
-    """Ops that neither mix channels nor change values per channel (for walking conv → norm)."""
-    if _is_permute(node, model):
-        return True
-    if node.op == "call_module":
-        module = _module(node, model)
-        return isinstance(module, _TRANSPARENT_MODULES) or type(module).__name__ == "StochasticDepth"
-    return node.op == "call_method" and node.target in _TRANSPARENT_METHODS
+    """Ops other than permutes that neither mix channels nor change values (for walking conv → norm)."""
+    module = _module(node, model)
+    return (isinstance(module, _TRANSPARENT_MODULES) or type(module).__name__ == "StochasticDepth"
+            or _calls(node, methods=_TRANSPARENT_METHODS))
 
 
 def _keeps_channels(node: fx.Node, model: nn.Module) -> bool:
-    if node.op == "call_module":
-        m = _module(node, model)
-        return isinstance(m, _CHANNELWISE_MODULES) or type(m).__name__ in _CHANNELWISE_MODULE_NAMES
-    if node.op == "call_function":
-        return node.target in _CHANNELWISE_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _CHANNELWISE_METHODS
-    return False
+    module = _module(node, model)
+    return (isinstance(module, _CHANNELWISE_MODULES) or type(module).__name__ in _CHANNELWISE_MODULE_NAMES
+            or _calls(node, _CHANNELWISE_FUNCTIONS, _CHANNELWISE_METHODS))
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if n.op != "get_attr"]
 
 
-# --------------------------------------------------------------------------------------------
-# Convs and what follows them (METHODS §1)
-# --------------------------------------------------------------------------------------------
+# -------------------------------------------------------- Convs and what follows them (METHODS §1)
 
 
 def is_depthwise(conv: nn.Conv2d) -> bool:
@@ -202,7 +188,6 @@ class ConvUnit:
 
     @property
     def depthwise(self) -> bool:
-        """True for a depthwise conv (one group per input channel)."""
         return is_depthwise(self.conv)
 
 
@@ -243,8 +228,6 @@ def _next_op(node: fx.Node, model: nn.Module, channel_dim: int, ndim: int = 4) -
         if len(users) != 1:
             return None, channel_dim
         node = users[0]
-        if not _is_transparent(node, model):
-            return node, channel_dim
         if _is_permute(node, model):
             dims = _permute_dims(node, model)
             if dims is None:
@@ -252,6 +235,8 @@ def _next_op(node: fx.Node, model: nn.Module, channel_dim: int, ndim: int = 4) -
             channel_dim = dims.index(channel_dim % ndim)
             if channel_dim == ndim - 1:
                 channel_dim = -1
+        elif not _is_transparent(node, model):
+            return node, channel_dim
 
 
 def _activation(node: fx.Node | None, model: nn.Module) -> tuple[nn.Module | None, str | None]:
@@ -267,14 +252,13 @@ def _activation(node: fx.Node | None, model: nn.Module) -> tuple[nn.Module | Non
     return None, None
 
 
-def _norm_fits(norm: nn.Module, channels: int) -> bool:
-    if isinstance(norm, nn.modules.batchnorm._NormBase):
-        return norm.num_features == channels
+def _norm_fits(norm: nn.Module | None, channels: int) -> bool:
+    """``norm`` is a norm (:data:`NORM_TYPES`) of ``channels`` channels."""
     if isinstance(norm, nn.LayerNorm):
         return tuple(norm.normalized_shape) == (channels,)
     if isinstance(norm, nn.GroupNorm):
         return norm.num_channels == channels
-    return False
+    return isinstance(norm, nn.modules.batchnorm._NormBase) and norm.num_features == channels
 
 
 def conv_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
@@ -290,24 +274,23 @@ def conv_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
         return _module_order_graph(model, convs)
 
     call_count: dict[str, int] = {}
-    call_index: dict[fx.Node, int] = {}
+    call_index: dict[fx.Node, int] = {}  # a module's n-th call in one forward
     for node in graph.nodes:
         if node.op == "call_module":
-            target = str(node.target)
-            call_index[node] = call_count.get(target, 0)
-            call_count[target] = call_index[node] + 1
+            call_index[node] = call_count.get(node.target, 0)
+            call_count[node.target] = call_index[node] + 1
 
     units: dict[str, ConvUnit] = {}
     conv_nodes: dict[str, fx.Node] = {}
     for node in graph.nodes:
-        if node.op != "call_module" or str(node.target) not in convs or str(node.target) in units:
-            continue
         name = str(node.target)
+        if node.op != "call_module" or name not in convs or name in units:
+            continue
         conv = convs[name]
         conv_nodes[name] = node
         nxt, cdim = _next_op(node, model, 1)
         norm = _module(nxt, model) if nxt is not None else None
-        norm = norm if isinstance(norm, NORM_TYPES) and _norm_fits(norm, conv.out_channels) else None
+        norm = norm if _norm_fits(norm, conv.out_channels) else None
         residual = False
         if norm is not None:
             after, _ = _next_op(nxt, model, cdim)
@@ -323,17 +306,13 @@ def conv_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
                                act=act, act_name=act_name, act_call=call_index[after] if act_name is not None else 0,
                                residual=residual, channel_dim=cdim)
 
-    unused = [n for n in convs if n not in units]
-    if unused:
+    if unused := [n for n in convs if n not in units]:
         log.debug("conv modules never called in forward (not analysable): %s", unused)
 
-    shortcuts: set[str] = set()
-    for name, node in conv_nodes.items():
-        if convs[name].kernel_size != (1, 1) or not node.args:
-            continue
-        siblings = [u for u in getattr(node.args[0], "users", {}) if u is not node and u in conv_nodes.values()]
-        if any(_module(u, model).kernel_size != (1, 1) for u in siblings):
-            shortcuts.add(name)
+    conv_calls = set(conv_nodes.values())
+    shortcuts = {name for name, node in conv_nodes.items() if convs[name].kernel_size == (1, 1) and node.args
+                 and any(u is not node and u in conv_calls and _module(u, model).kernel_size != (1, 1)
+                         for u in getattr(node.args[0], "users", {}))}
     return ConvGraph(units, shortcuts)
 
 
@@ -347,7 +326,7 @@ def _module_order_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGr
             continue
         norm = norm_name = act = act_name = None
         nxt = modules[i + 1][1] if i + 1 < len(modules) else None
-        if isinstance(nxt, NORM_TYPES) and _norm_fits(nxt, m.out_channels):
+        if _norm_fits(nxt, m.out_channels):
             norm_name, norm = modules[i + 1]
             if i + 2 < len(modules) and isinstance(modules[i + 2][1], _ACT_MODULES):
                 act_name, act = modules[i + 2]
@@ -356,9 +335,7 @@ def _module_order_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGr
     return ConvGraph(units, shortcuts)
 
 
-# --------------------------------------------------------------------------------------------
-# Cross-layer links (METHODS §7)
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------ Cross-layer links (METHODS §7)
 
 #: a channel segment of a conv's input: (upstream conv, channel offset, channels)
 Segment = tuple[str, int, int]
@@ -415,10 +392,7 @@ def _branch_depth(node: fx.Node, convs: dict) -> int:
 
 def _is_gate(node: fx.Node, model: nn.Module) -> bool:
     """The output of a squeeze-and-excitation gate (a sigmoid / hard sigmoid)."""
-    if node.op == "call_module":
-        return isinstance(_module(node, model), _GATE_MODULES)
-    return (node.op == "call_function" and node.target in _GATE_FUNCTIONS) or (
-        node.op == "call_method" and node.target == "sigmoid")
+    return isinstance(_module(node, model), _GATE_MODULES) or _calls(node, _GATE_FUNCTIONS, {"sigmoid"})
 
 
 def _segments(node: fx.Node, model: nn.Module, convs: dict, residual: str, depth: int = 0) -> list[Segment] | str:
@@ -448,21 +422,19 @@ def _segments(node: fx.Node, model: nn.Module, convs: dict, residual: str, depth
                 sub = _segments(part, model, convs, residual, depth + 1)
                 if isinstance(sub, str):
                     return f"a concatenated input ({sub})"
-                for conv, o, c in sub:
-                    out.append((conv, off + o, c))
+                out += [(conv, off + o, c) for conv, o, c in sub]
                 off += sum(c for _, _, c in sub)
             return out
-        if (node.op == "call_function" and node.target in _MULS) or (
-                node.op == "call_method" and node.target in ("mul", "mul_")):
+        if _calls(node, _MULS, {"mul", "mul_"}):
             inputs = [n for n in _tensor_inputs(node) if not _is_gate(n, model)]
             if len(inputs) != 1 or len(_tensor_inputs(node)) != 2:
                 return "a product of two feature maps"
             node = inputs[0]
             continue
-        if node.op in ("call_method", "call_function") and str(getattr(node.target, "__name__", node.target)) in _SPLITS:
-            return f"a channel split/shuffle ({getattr(node.target, '__name__', node.target)})"
+        what = getattr(node.target, "__name__", node.target)
+        if node.op in ("call_method", "call_function") and str(what) in _SPLITS:
+            return f"a channel split/shuffle ({what})"
         if not _keeps_channels(node, model):
-            what = node.target if node.op != "call_function" else getattr(node.target, "__name__", node.target)
             return f"an op that mixes or reshapes channels ({what})"
         inputs = _tensor_inputs(node)
         if len(inputs) != 1:
@@ -494,9 +466,7 @@ def conv_sources(model: nn.Module, graph: fx.Graph, receivers, residual: str
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Prefix and suffix of a conv (METHODS §8)
-# --------------------------------------------------------------------------------------------
+# -------------------------------------------------------- Prefix and suffix of a conv (METHODS §8)
 
 
 def split(model: nn.Module, graph: fx.Graph, conv_name: str) -> tuple[fx.GraphModule, fx.GraphModule] | None:
@@ -520,24 +490,21 @@ def split(model: nn.Module, graph: fx.Graph, conv_name: str) -> tuple[fx.GraphMo
             after.add(node)
     output = next(n for n in graph.nodes if n.op == "output")
     consumers = after | {output}
-    attrs = [n for n in graph.nodes if n.op == "get_attr" and n not in after and any(u in consumers for u in n.users)]
-    boundary = [n for n in graph.nodes if n not in after and n.op not in ("output", "get_attr")
-                and any(u in consumers for u in n.users)]
+    crossing = [n for n in graph.nodes if n not in after and any(u in consumers for u in n.users)]
+    attrs = [n for n in crossing if n.op == "get_attr"]
+    boundary = [n for n in crossing if n.op != "get_attr"]  # the output node has no users
     if cut not in boundary:
         return None
 
     pre = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
-        if node in after or node.op == "output":
-            continue
-        env[node] = pre.node_copy(node, lambda a: env[a])
+        if node not in after and node.op != "output":
+            env[node] = pre.node_copy(node, lambda a: env[a])
     pre.output(tuple(env[b] for b in boundary))
 
     post = fx.Graph()
-    env = {}
-    for i, b in enumerate(boundary):
-        env[b] = post.placeholder(f"cut_{i}")
+    env = {b: post.placeholder(f"cut_{i}") for i, b in enumerate(boundary)}
     for node in attrs:
         env[node] = post.node_copy(node, lambda a: env[a])
     for node in graph.nodes:

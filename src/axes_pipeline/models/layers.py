@@ -43,26 +43,11 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError
+from axes_pipeline.models.backbones import default_image_size
 from axes_pipeline.models.graph import ConvGraph, ConvUnit, FunctionalAct, conv_graph, is_depthwise
 
-__all__ = [
-    "CAPTURE_POINTS",
-    "ConvUnit",
-    "FunctionalAct",
-    "analysable_layers",
-    "capture_point",
-    "classifier_name",
-    "conv_layers",
-    "conv_norm_pairs",
-    "depth_spaced_layers",
-    "example_input",
-    "is_depthwise",
-]
-
-
-#: Labels of :func:`capture_point` (the ``capture_point`` column of axes.csv, METHODS §1).
-CAPTURE_POINTS = ("pre_bn", "pre_ln", "pre_gn", "pre_in", "post_bn", "post_ln", "post_gn", "post_in",
-                  "post_act", "conv_act", "conv_out")
+__all__ = ["ConvUnit", "FunctionalAct", "analysable_layers", "capture_point", "classifier_name", "conv_layers",
+           "conv_norm_pairs", "depth_spaced_layers", "example_input", "is_depthwise"]
 
 
 def _norm_kind(norm: nn.Module) -> str:
@@ -116,7 +101,6 @@ def _conv_graph(model: nn.Module) -> ConvGraph:
     return conv_graph(model, {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name != head})
 
 
-
 def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
     """Every ``nn.Conv2d`` the forward calls, in forward order, keyed by qualified name."""
     return {name: unit.conv for name, unit in _conv_graph(model).units.items()}
@@ -156,12 +140,8 @@ def depth_spaced_layers(
     if k < 1:
         raise UserError(f"depth_spaced_layers needs k >= 1, got {k}")
     info = _conv_graph(model)
-    names = [
-        n
-        for n in info.units
-        if (include_shortcuts or n not in info.shortcuts)
-        and (include_depthwise or not is_depthwise(info.units[n].conv))
-    ]
+    names = [n for n, unit in info.units.items() if (include_shortcuts or n not in info.shortcuts)
+             and (include_depthwise or not is_depthwise(unit.conv))]
     if not names:
         names = list(info.units)
     if len(names) <= k:
@@ -172,13 +152,8 @@ def depth_spaced_layers(
     return [names[i] for i in picks]
 
 
-def example_input(
-    spec: int | tuple[int, ...] | list[int] | Mapping[str, Any],
-    batch: int = 1,
-    *,
-    device: torch.device | str | None = None,
-    seed: int = 0,
-) -> torch.Tensor:
+def example_input(spec: int | tuple[int, ...] | list[int] | Mapping[str, Any], batch: int = 1, *,
+                  device: torch.device | str | None = None, seed: int = 0) -> torch.Tensor:
     """A dummy image batch ``[batch, C, H, W]`` (seeded standard normal), for FLOP counting and
     dependency graphs.
 
@@ -187,8 +162,6 @@ def example_input(
     with ``name`` (and knobs), which gives that backbone's default input size (32 for the CIFAR
     adaptations, 224 for ConvNeXt-T and ResNet-18 with ``cifar_stem: false``).
     """
-    from axes_pipeline.models.backbones import default_image_size
-
     channels = 3
     if isinstance(spec, Mapping) or hasattr(spec, "keys"):
         cfg = dict(spec.items())
@@ -201,15 +174,10 @@ def example_input(
             raise UserError("example_input needs an image size: give an int, (H, W) or a config with image_size")
     else:
         size = spec
-    if isinstance(size, int):
-        hw = (int(size), int(size))
-    else:
-        dims = [int(d) for d in size]
-        if len(dims) == 3:
-            channels, dims = dims[0], dims[1:]
-        if len(dims) != 2:
-            raise UserError(f"example_input: image size must be H, (H, W) or (C, H, W), got {size!r}")
-        hw = (dims[0], dims[1])
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, *hw, generator=gen)
+    dims = [size, size] if isinstance(size, int) else [int(d) for d in size]
+    if len(dims) == 3:
+        channels, dims = dims[0], dims[1:]
+    if len(dims) != 2:
+        raise UserError(f"example_input: image size must be H, (H, W) or (C, H, W), got {size!r}")
+    x = torch.randn(batch, channels, *dims, generator=torch.Generator().manual_seed(seed))
     return x.to(device) if device is not None else x

@@ -12,23 +12,19 @@ auxiliary classifiers only exist in training mode.
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from axes_pipeline.errors import UserError
+from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.models.backbones import ScaledResNet, ScaledVGG, scaled
+from axes_pipeline.models.layers import classifier_name
 
 __all__ = ["WIDTH_FAMILIES", "build_custom", "build_torchvision", "family_of", "torchvision_archs"]
-
-
-def scaled(channels: float, width: float, divisor: int = 8) -> int:
-    """``channels * width`` rounded as torchvision rounds widths (nearest multiple of ``divisor``,
-    at least ``divisor``, never more than 10% below)."""
-    from torchvision.models._utils import _make_divisible
-
-    return int(_make_divisible(channels * width, divisor))
 
 
 def torchvision_archs() -> list[str]:
@@ -55,15 +51,11 @@ def family_of(arch: str) -> str:
 def _resnet(arch: str, width: float, num_classes: int) -> nn.Module:
     from torchvision.models import resnet as R
 
-    from axes_pipeline.models.backbones import ScaledResNet
-
     depth_cfg = {18: ([2, 2, 2, 2], R.BasicBlock), 34: ([3, 4, 6, 3], R.BasicBlock),
                  50: ([3, 4, 6, 3], R.Bottleneck), 101: ([3, 4, 23, 3], R.Bottleneck),
                  152: ([3, 8, 36, 3], R.Bottleneck)}
     groups, per_group = {"resnext50_32x4d": (32, 4), "resnext101_32x8d": (32, 8), "resnext101_64x4d": (64, 4),
                          "wide_resnet50_2": (1, 128), "wide_resnet101_2": (1, 128)}.get(arch, (1, 64))
-    import re
-
     found = re.search(r"res(?:net|next)(\d+)", arch)
     depth = int(found.group(1)) if found else 0
     if depth not in depth_cfg:
@@ -78,8 +70,6 @@ def _resnet(arch: str, width: float, num_classes: int) -> nn.Module:
 
 def _vgg(arch: str, width: float, num_classes: int) -> nn.Module:
     from torchvision.models import vgg as V
-
-    from axes_pipeline.models.backbones import ScaledVGG
 
     letter = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}[arch.replace("_bn", "")]
     cfg = [v if v == "M" else scaled(int(v), width) for v in V.cfgs[letter]]
@@ -154,8 +144,7 @@ def _regnet(arch: str, width: float, num_classes: int) -> nn.Module:
     gw_s = max(1, round(gw * width))
     bp = Rg.BlockParams.from_init_params(depth=depth, w_0=max(gw_s, scaled(w0, width)), w_a=wa * width, w_m=wm,
                                          group_width=gw_s, se_ratio=se)
-    return Rg.RegNet(bp, num_classes=num_classes, stem_width=scaled(32, width),
-                     norm_layer=None)
+    return Rg.RegNet(bp, num_classes=num_classes, stem_width=scaled(32, width), norm_layer=None)
 
 
 def _convnext(arch: str, width: float, num_classes: int) -> nn.Module:
@@ -214,8 +203,6 @@ def build_torchvision(num_classes: int, width: float = 1.0, arch: str = "resnet5
 
     archs = torchvision_archs()
     if arch not in archs:
-        from axes_pipeline.errors import unknown_name
-
         raise unknown_name("model.arch", str(arch), archs)
     family = family_of(arch)
     if width != 1.0:
@@ -224,9 +211,7 @@ def build_torchvision(num_classes: int, width: float = 1.0, arch: str = "resnet5
                             f"(families with one: {', '.join(sorted(WIDTH_FAMILIES))})")
         model = WIDTH_FAMILIES[family][0](arch, float(width), num_classes)
     else:
-        kwargs: dict[str, Any] = {}
-        if family in ("googlenet", "inception"):
-            kwargs = {"aux_logits": False, "init_weights": True}
+        kwargs = {"aux_logits": False, "init_weights": True} if family in ("googlenet", "inception") else {}
         model = tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     if family in MIN_IMAGE_SIZE:
         model.register_forward_pre_hook(_InputSizeCheck(arch, MIN_IMAGE_SIZE[family]))
@@ -256,8 +241,6 @@ def build_custom(num_classes: int, width: float = 1.0, net: Any = None) -> nn.Mo
     except (ImportError, AttributeError, ValueError) as exc:
         raise UserError(f"model.net._target_={target} cannot be imported ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}); put its package on PYTHONPATH") from None
-    import inspect
-
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -273,12 +256,11 @@ def build_custom(num_classes: int, width: float = 1.0, net: Any = None) -> nn.Mo
         raise UserError(f"model.net._target_={target} returned a {type(model).__name__}, not an nn.Module")
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise UserError(f"model.net {target} has no nn.Conv2d layer: there is nothing to analyse")
-    from axes_pipeline.models.layers import classifier_name
-
-    head = model.get_submodule(classifier_name(model))
+    head_name = classifier_name(model)
+    head = model.get_submodule(head_name)
     outputs = head.out_features if isinstance(head, nn.Linear) else head.out_channels
     if outputs != num_classes:  # a wrong head would train and analyse silently on wrong logits
-        raise UserError(f"model.net {target}: its classifier {classifier_name(model)} has {outputs} outputs but the "
+        raise UserError(f"model.net {target}: its classifier {head_name} has {outputs} outputs but the "
                         f"data has {num_classes} classes; let the constructor take num_classes or set "
                         f"model.net.num_classes={num_classes}")
     return model

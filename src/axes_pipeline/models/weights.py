@@ -11,6 +11,7 @@ every tensor whose shape does not fit (``width`` ≠ 1, the CIFAR stem, a differ
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
@@ -55,14 +56,9 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line: counts, and the first few shape-skipped keys."""
-        parts = [
-            f"loaded {len(self.loaded)} tensors from {self.path}",
-            f"skipped {len(self.skipped_classifier)} classifier",
-            f"{len(self.skipped_shape)} shape-mismatched",
-            f"{len(self.unexpected)} unknown keys",
-            f"{len(self.missing)} model tensors left at init",
-        ]
-        line = "; ".join(parts)
+        line = (f"loaded {len(self.loaded)} tensors from {self.path}; skipped {len(self.skipped_classifier)} classifier; "
+                f"{len(self.skipped_shape)} shape-mismatched; {len(self.unexpected)} unknown keys; "
+                f"{len(self.missing)} model tensors left at init")
         if self.skipped_shape:
             shown = ", ".join(f"{k} {list(a)}→{list(b)}" for k, a, b in self.skipped_shape[:3])
             more = f" (+{len(self.skipped_shape) - 3} more)" if len(self.skipped_shape) > 3 else ""
@@ -74,14 +70,10 @@ def _weights_members(name: str, tag: str | None = None) -> list:
     """torchvision's weight-enum members for backbone ``name`` (``tag`` only, or DEFAULT first and
     then the others); ``[]`` for a backbone torchvision has no weights for. Unknown ``tag``: KeyError."""
     spec = _TORCHVISION_WEIGHTS.get(name)
-    import importlib
-
-    if spec is None:  # any torchvision arch (model=torchvision): torchvision's own registry
-        enum = _arch_weights(name)
-        if enum is None:
-            return []
-    else:
-        enum = getattr(importlib.import_module(spec[0]), spec[1])
+    # any torchvision arch (model=torchvision): torchvision's own registry
+    enum = getattr(importlib.import_module(spec[0]), spec[1]) if spec is not None else _arch_weights(name)
+    if enum is None:
+        return []
     return [enum[tag]] if tag is not None else [enum.DEFAULT, *[m for m in enum if m is not enum.DEFAULT]]
 
 
@@ -121,8 +113,7 @@ def download_weights(name: str, tag: str | None = None) -> Path:
     cache, as ``torchvision`` does on first use: same URL and file name, the hash prefix in the
     file name checked, written to a temporary file and renamed. Offline (or any failure): a
     one-line :class:`UserError` saying where to put the file instead."""
-    member = _weights_members(name, tag)[0]
-    url = member.url
+    url = _weights_members(name, tag)[0].url
     dest = hub_checkpoints() / os.path.basename(url)
     match = torch.hub.HASH_REGEX.search(dest.name)
     log.info("model %s: downloading ImageNet weights %s to %s", name, url, dest)
