@@ -324,12 +324,11 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     """Run ``model`` once over ``loader`` and record the sampled activations of ``units``.
 
     ``units``: {layer name: ConvUnit} (the conv, the norm after it, the activation after that).
-    Returns a :class:`Capture`. ``keep_samples``: also keep the samples (acts ``[N, C]`` with
-    N = images · s, or images with ``gap``) and the patch moments; the lean form (False) keeps
-    only the streamed moments and the gradient cosines. ``stream_moments`` (default: when the
-    samples are not kept) streams the covariance; with samples kept it is an extra float64 pass
-    that :meth:`Capture.cov` does not need. ``target_values``: T of every calibration image in the
-    loader's order, used instead of the network's own (``dynamics.target=final``).
+    ``keep_samples``: also keep the samples and the patch moments (see :class:`Capture`).
+    ``stream_moments`` (default: when the samples are not kept) streams the covariance; with
+    samples kept it is an extra float64 pass that :meth:`Capture.cov` does not need.
+    ``target_values``: T of every calibration image in the loader's order, used instead of the
+    network's own (``dynamics.target=final``).
     """
     if point not in POINTS:
         raise unknown_name("activation point (capture.point)", point, POINTS)
