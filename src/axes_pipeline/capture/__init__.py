@@ -12,15 +12,5 @@ from axes_pipeline.capture.activations import (
 )
 from axes_pipeline.capture.targets import TARGETS, target_from_logits
 
-__all__ = [
-    "POSITIONS",
-    "TARGETS",
-    "Capture",
-    "capture_activations",
-    "capture_key",
-    "check_finite",
-    "load_capture",
-    "refuse_several_processes",
-    "save_capture",
-    "target_from_logits",
-]
+__all__ = ["POSITIONS", "TARGETS", "Capture", "capture_activations", "capture_key", "check_finite", "load_capture",
+           "refuse_several_processes", "save_capture", "target_from_logits"]

@@ -20,6 +20,7 @@ its subsample is complete (the first two batches at the defaults).
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import covariance
 from axes_pipeline.metrics.gradients import PatchMoments
 from axes_pipeline.metrics.moments import ActivationMoments
-from axes_pipeline.runs import fingerprint
+from axes_pipeline.runs import atomic_path, fingerprint
 
 POINTS = ("pre_bn", "post_bn", "post_act")
 SPATIAL = ("sample", "gap")
@@ -100,7 +101,6 @@ class Capture:
             return self.acts[layer].double().std(dim=0)
         return torch.diagonal(self.moments[layer])[1:].clamp(min=0).sqrt()
 
-
     def n_samples(self, layer: str) -> int:
         """N of ``layer``: the rows its statistics are computed from."""
         if self.acts:
@@ -133,10 +133,6 @@ def _to_nchw(out: torch.Tensor, channels: int) -> torch.Tensor:
     if out.ndim == 4 and out.shape[1] != channels and out.shape[-1] == channels:
         return out.permute(0, 3, 1, 2)
     return out
-
-
-def _layer_seed(seed: int, name: str) -> int:
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
 #: How positions are drawn (part of every capture cache key): ``s`` distinct positions per image, or
@@ -181,10 +177,9 @@ class _LayerRecorder:
     def __init__(self, name, unit, point, spatial, s, seed, patch_moments, max_patch_dim, sigma_rows,
                  keep_samples=True, stream_moments=True):
         self.name, self.unit, self.point, self.spatial, self.s = name, unit, point, spatial, s
-        self.gen = torch.Generator().manual_seed(_layer_seed(seed, name))
+        self.gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
         self.chunks: list[torch.Tensor] = []
         self.keep_samples = keep_samples
-        self.lean = not keep_samples          # the patch moments are not returned: free them early
         self.per_image: int | None = None    # samples per image actually taken: min(s, H·W) (1 with gap)
         self.acc = ActivationMoments() if stream_moments else None
         conv = unit.conv
@@ -193,18 +188,11 @@ class _LayerRecorder:
         self.sigma_rows = sigma_rows
         self.moments: PatchMoments | None = None
         self.whitened: torch.Tensor | None = None   # cos_whitened, once the Σ_X subsample is complete
-        self._img_x = self._sub = None
-        self._pos = None
-        self._pending_y = None
+        self._img_x = self._sub = self._pos = self._pending_y = None
 
-    def hooks(self):
-        conv = self.unit.conv
-        out = []
-        if self.point == "pre_bn" or self.unit.norm is None:
-            out.append(conv.register_forward_hook(self._record))
-        else:
-            out.append(self.unit.norm.register_forward_hook(self._record))
-        return out
+    def hook(self):
+        module = self.unit.conv if self.point == "pre_bn" or self.unit.norm is None else self.unit.norm
+        return module.register_forward_hook(self._record)
 
     def _record(self, module, args, output):
         C = self.unit.conv.out_channels
@@ -311,9 +299,9 @@ class _LayerRecorder:
             if partial is not None:
                 m.sxt.update(partial[0][None] / partial[1], t[full:full + 1],
                              weight=torch.full_like(t[:1, 0], float(partial[1])))
-            if self.lean and 0 < self.sigma_rows <= m.rows_xx:
-                # the subsample is complete: its whitened cosine now, and its Σ_X (up to 95 MB)
-                # freed for the rest of the pass rather than held by every layer to the end
+            if not self.keep_samples and 0 < self.sigma_rows <= m.rows_xx:
+                # the subsample is complete and the patch moments are not returned: its whitened
+                # cosine now, and its Σ_X (up to 95 MB) freed rather than held by every layer to the end
                 self.whitened = m.cosines(self.unit.conv.weight)["cos_whitened"]
                 m.free_sigma_x()
         self._img_x = self._sub = None
@@ -336,12 +324,11 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     """Run ``model`` once over ``loader`` and record the sampled activations of ``units``.
 
     ``units``: {layer name: ConvUnit} (the conv, the norm after it, the activation after that).
-    Returns a :class:`Capture`. ``keep_samples``: also keep the samples (acts ``[N, C]`` with
-    N = images · s, or images with ``gap``) and the patch moments; the lean form (False) keeps
-    only the streamed moments and the gradient cosines. ``stream_moments`` (default: when the
-    samples are not kept) streams the covariance; with samples kept it is an extra float64 pass
-    that :meth:`Capture.cov` does not need. ``target_values``: T of every calibration image in the
-    loader's order, used instead of the network's own (``dynamics.target=final``).
+    ``keep_samples``: also keep the samples and the patch moments (see :class:`Capture`).
+    ``stream_moments`` (default: when the samples are not kept) streams the covariance; with
+    samples kept it is an extra float64 pass that :meth:`Capture.cov` does not need.
+    ``target_values``: T of every calibration image in the loader's order, used instead of the
+    network's own (``dynamics.target=final``).
     """
     if point not in POINTS:
         raise unknown_name("activation point (capture.point)", point, POINTS)
@@ -356,7 +343,7 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     model = model.eval().to(device)
     recorders = {name: _LayerRecorder(name, unit, point, spatial, s, seed, patch_moments, max_patch_dim,
                                       sigma_rows, keep_samples, stream_moments) for name, unit in units.items()}
-    handles = [h for r in recorders.values() for h in r.hooks()]
+    handles = [r.hook() for r in recorders.values()]
     targets, images, correct, seen = [], [], 0, 0
     try:
         for x, y in tqdm(loader, desc=f"capture ({len(units)} layers)", disable=None if progress else True, leave=False):
@@ -404,15 +391,12 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     if keep_samples:
         cap.acts = {name: torch.cat(r.chunks) for name, r in recorders.items()}
         cap.target, cap.image_index = torch.cat(targets), torch.cat(images)
-        cap.patches = {k: _to_cpu(v) for k, v in patches.items()}
+        for m in patches.values():
+            for acc in (m.xy, m.xt, m.sxx, m.sxy, m.sxt):
+                if acc is not None:
+                    acc.state = acc.state.cpu()
+        cap.patches = patches
     return cap
-
-
-def _to_cpu(m: PatchMoments) -> PatchMoments:
-    for acc in (m.xy, m.xt, m.sxx, m.sxy, m.sxt):
-        if acc is not None:
-            acc.state = acc.state.cpu()
-    return m
 
 
 def check_finite(capture: Capture) -> None:
@@ -432,8 +416,6 @@ def save_capture(capture: Capture, path: Path, identity: dict | None = None) -> 
 
     The covariance is symmetric, so only its upper triangle is stored (half the bytes: ~7 MB for
     a full-width ResNet-18 against 1.5 GB of samples and patch moments before)."""
-    from axes_pipeline.runs import atomic_path
-
     if not capture.moments:
         raise ValueError("save_capture needs the streamed moments (capture_activations(keep_samples=False))")
     blob = {"format": CACHE_FORMAT, "knobs": capture.knobs, "accuracy": capture.accuracy, "n": capture.n,
@@ -481,8 +463,6 @@ def refuse_several_processes(stage: str) -> None:
     rank would capture, prune and write the same files N times over (and the moments of one
     rank's shard are not the calibration set's). They refuse rather than run on rank 0 only,
     so the other ranks do not sit idle holding a device."""
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = max(world, torch.distributed.get_world_size())

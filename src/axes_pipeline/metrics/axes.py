@@ -97,17 +97,9 @@ def input_capture(std: Standardised, sigma0) -> Tensor:
     return torch.where(std.dead, torch.zeros_like(ix), ix)
 
 
-def channel_axes_from_moments(
-    cov: Tensor,
-    *,
-    sigma0="median",
-    hull_eps: float = 0.05,
-    hull_max: int = 10,
-    hull_order: str = "correlation",
-    ridge: float = 1e-3,
-    pool: int = 50,
-    top: int = 10,
-) -> dict[str, Tensor]:
+def channel_axes_from_moments(cov: Tensor, *, sigma0="median", hull_eps: float = 0.05, hull_max: int = 10,
+                              hull_order: str = "correlation", ridge: float = 1e-3, pool: int = 50,
+                              top: int = 10) -> dict[str, Tensor]:
     """Both axes of one layer from its joint covariance.
 
     Args:
@@ -128,50 +120,29 @@ def channel_axes_from_moments(
         dict of ``[C]`` tensors on ``cov``'s device, keys :data:`AXES_KEYS`: floats in
         ``cov``'s dtype, ``hull_size`` int64, ``hull_saturated`` and ``dead`` bool.
     """
-    check_knobs(sigma0=sigma0, hull_eps=hull_eps, hull_max=hull_max, hull_order=hull_order,
-                ridge=ridge, pool=pool, top=top)
+    check_knobs(sigma0=sigma0, hull_eps=hull_eps, hull_max=hull_max, hull_order=hull_order, ridge=ridge, pool=pool, top=top)
     with small_ops(cov.device):
-        return _axes(cov, sigma0, float(hull_eps), hull_max, hull_order, float(ridge), pool, top)
+        std = standardise(cov)
+        peer_overlap = _overlap(std).sum(dim=1) / max(int(std.live.sum()) - 1, 1)
+        ranking = peer_ranking(std)  # one sort serves the hull order and the candidate pools
+        hulls = build_hulls(std.corr, std.dead, ranking, ridge=float(ridge), hull_eps=float(hull_eps),
+                            hull_max=hull_max, hull_order=hull_order)
+        target = target_axis(std, ranking, pool, top)
+        out = {
+            "input_capture": input_capture(std, sigma0),
+            "peer_overlap": peer_overlap,
+            **hulls,
+            **{k: v for k, v in target.items() if not k.startswith("_")},
+            "dead": std.dead.clone(),
+        }
+        return {k: (out[k].to(std.out_dtype) if out[k].is_floating_point() else out[k]) for k in AXES_KEYS}
 
 
-def _axes(cov, sigma0, hull_eps, hull_max, hull_order, ridge, pool, top) -> dict[str, Tensor]:
-    std = standardise(cov)
-    r_x = _overlap(std)
-    n_live = std.n_live
-    peer_overlap = r_x.sum(dim=1) / max(n_live - 1, 1)
-    ranking = peer_ranking(std)  # one sort serves the hull order and the candidate pools
-    hulls = build_hulls(std.corr, std.dead, ranking, ridge=ridge, hull_eps=hull_eps,
-                        hull_max=hull_max, hull_order=hull_order)
-    target = target_axis(std, ranking, pool, top)
-    out = {
-        "input_capture": input_capture(std, sigma0),
-        "peer_overlap": peer_overlap,
-        **hulls,
-        **{k: v for k, v in target.items() if not k.startswith("_")},
-        "dead": std.dead.clone(),
-    }
-    return {k: (out[k].to(std.out_dtype) if out[k].is_floating_point() else out[k]) for k in AXES_KEYS}
-
-
-def channel_axes(
-    acts: Tensor,
-    target: Tensor,
-    *,
-    sigma0="median",
-    hull_eps: float = 0.05,
-    hull_max: int = 10,
-    hull_order: str = "correlation",
-    ridge: float = 1e-3,
-    pool: int = 50,
-    top: int = 10,
-) -> dict[str, Tensor]:
+def channel_axes(acts: Tensor, target: Tensor, **knobs) -> dict[str, Tensor]:
     """Both axes of one layer from samples ``acts: [N, C]`` and ``target: [N]``.
 
     Computes the covariance once (one centred N x C matmul in ``acts``' dtype, on its device)
     and calls :func:`channel_axes_from_moments`; see there for knobs and outputs. Raises
     :class:`~axes_pipeline.errors.UserError` for NaN/Inf samples or bad shapes/knobs.
     """
-    check_knobs(sigma0=sigma0, hull_eps=hull_eps, hull_max=hull_max, hull_order=hull_order,
-                ridge=ridge, pool=pool, top=top)
-    return channel_axes_from_moments(covariance(acts, target), sigma0=sigma0, hull_eps=hull_eps,
-                                     hull_max=hull_max, hull_order=hull_order, ridge=ridge, pool=pool, top=top)
+    return channel_axes_from_moments(covariance(acts, target), **knobs)

@@ -41,11 +41,6 @@ def _check_pool_top(pool: int, top: int) -> None:
         raise UserError(f"top must be a positive integer (number of top pairs averaged), got {top!r}")
 
 
-# --------------------------------------------------------------------------------------------
-# pairwise matrices (float64 internals on a Standardised view)
-# --------------------------------------------------------------------------------------------
-
-
 def _overlap(std: Standardised) -> Tensor:
     """R_X [C, C] float64: dead rows/cols and the diagonal are 0."""
     r_x = mi_from_rho(std.corr)
@@ -55,9 +50,7 @@ def _overlap(std: Standardised) -> Tensor:
 
 def _pair_info(std: Standardised) -> Tensor:
     """I(T; Y_i, Y_j) [C, C] float64 (diagonal: I_T(i))."""
-    a = std.rho_t[:, None]
-    b = std.rho_t[None, :]
-    pair = mi_from_r2(r2_two(a, b, std.corr))
+    pair = mi_from_r2(r2_two(std.rho_t[:, None], std.rho_t[None, :], std.corr))
     pair.diagonal().copy_(mi_from_rho(std.rho_t))
     return pair
 
@@ -95,22 +88,6 @@ def pairwise_target_excess(acts: Tensor, target: Tensor) -> Tensor:
     return pairwise_target_excess_from_moments(covariance(acts, target))
 
 
-# --------------------------------------------------------------------------------------------
-# candidate pools and per-channel target excess
-# --------------------------------------------------------------------------------------------
-
-
-def candidate_pools(ranking: tuple[Tensor, Tensor], pool: int) -> tuple[Tensor, Tensor]:
-    """Each channel's candidate peers: the ``pool`` live peers with the largest R_X(i,j).
-
-    ``ranking``: :func:`~axes_pipeline.metrics.gaussian.peer_ranking` (R_X is increasing in
-    |rho|, so its first columns are the largest R_X). When fewer than ``pool`` live peers exist
-    all of them are used. Returns ``(idx [C, P], valid [C, P])`` with ``P = min(pool, C-1)``.
-    """
-    idx, valid = ranking
-    return idx[:, :pool], valid[:, :pool]
-
-
 def target_axis(std: Standardised, ranking: tuple[Tensor, Tensor], pool: int, top: int) -> dict[str, Tensor]:
     """Per-channel ``task_info``, ``target_excess``, ``task_redundancy``, ``task_unique``
     (float64 ``[C]``), plus the intermediates the triplet sampling reuses."""
@@ -124,7 +101,9 @@ def target_axis(std: Standardised, ranking: tuple[Tensor, Tensor], pool: int, to
         return {"task_info": task_info, "target_excess": zeros, "task_redundancy": zeros.clone(),
                 "task_unique": task_info.clone(), "_s": s, "_pair_info": pair_info, "_pool_idx": None,
                 "_pool_valid": None, "_top_idx": None, "_top_valid": None}
-    idx, valid = candidate_pools(ranking, pool)
+    # each channel's candidate pool: its first ``pool`` ranked peers, the live ones with the largest
+    # R_X (increasing in |rho|); all of them when fewer exist. idx, valid: [C, P], P = min(pool, C-1)
+    idx, valid = ranking[0][:, :pool], ranking[1][:, :pool]
     n_valid = valid.sum(dim=1)
     neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
     s_cand = torch.where(valid, s.gather(1, idx), neg_inf)
@@ -152,11 +131,6 @@ def target_axis(std: Standardised, ranking: tuple[Tensor, Tensor], pool: int, to
         "_top_idx": idx.gather(1, top_pos),  # channel index of each anchor's top pairs
         "_top_valid": top_valid,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# triplets
-# --------------------------------------------------------------------------------------------
 
 
 def _triplets(std: Standardised, ta: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -2,10 +2,10 @@
 
 Every information quantity of the pipeline is computed from the unbiased covariance of the
 vector ``(T, Y_1..Y_C)`` of one layer (METHODS §1): element 0 is the target, elements 1..C the
-channels. This module turns activations into that covariance (one-shot; streamed:
+channels. This module turns activations into that covariance in one shot (streamed:
 :class:`~axes_pipeline.metrics.moments.ActivationMoments`) and that covariance into the
-*standardised view* every other metric reads (:func:`standardise`): clipped correlations, the dead-channel mask and the
-variances.
+*standardised view* every other metric reads (:func:`standardise`): clipped correlations, the
+dead-channel mask and the variances.
 
 Conventions shared by the whole ``metrics`` package:
 
@@ -51,20 +51,13 @@ def small_ops(device: torch.device) -> Iterator[None]:
     process holds a core (every parallel region waits for the descheduled thread) - the normal
     case when analyses run side by side. CUDA tensors are unaffected.
     """
-    if device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-# --------------------------------------------------------------------------------------------
-# input checks
-# --------------------------------------------------------------------------------------------
 
 
 def _nonfinite_message(x: Tensor, what: str) -> str:
@@ -73,49 +66,47 @@ def _nonfinite_message(x: Tensor, what: str) -> str:
     n_bad = int(bad.sum())
     if n_bad == 0:  # finite, but the float64 column sums overflowed
         return f"{what} are too large (their sums overflow float64); rescale them"
+    verb, where = "contains", ""
     if x.dim() == 2:
         cols = torch.nonzero(bad.any(dim=0)).flatten().tolist()
         shown = ", ".join(str(c) for c in cols[:8]) + (", ..." if len(cols) > 8 else "")
-        return (f"{what} contain {n_bad} NaN/Inf value(s) (in column(s) {shown}); "
-                f"check the model and the capture point, information metrics need finite values")
-    return (f"{what} contains {n_bad} NaN/Inf value(s); "
+        verb, where = "contain", f" (in column(s) {shown})"
+    return (f"{what} {verb} {n_bad} NaN/Inf value(s){where}; "
             f"check the model and the capture point, information metrics need finite values")
+
+
+def _check_float_tensor(x, what: str) -> None:
+    if not isinstance(x, Tensor):
+        raise UserError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise UserError(f"{what} must be float32 or float64, got {x.dtype}")
 
 
 def check_acts_target(acts: Tensor, target: Tensor | None) -> None:
     """Validate shapes and dtypes of ``acts: [N, C]`` and ``target: [N]`` (finiteness is
     checked later, for free, on the column means)."""
-    if not isinstance(acts, Tensor):
-        raise UserError(f"activations must be a torch.Tensor, got {type(acts).__name__}")
+    _check_float_tensor(acts, "activations")
     if acts.dim() != 2:
         raise UserError(f"activations must have shape [N, C], got shape {tuple(acts.shape)}")
-    if acts.dtype not in _FLOAT_DTYPES:
-        raise UserError(f"activations must be float32 or float64, got {acts.dtype}")
     if acts.shape[0] < 2:
         raise UserError(f"need at least 2 samples for a covariance, got N={acts.shape[0]}")
     if acts.shape[1] < 1:
         raise UserError("activations have no channels (C=0)")
     if target is None:
         return
-    if not isinstance(target, Tensor):
-        raise UserError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    _check_float_tensor(target, "target")
     if target.dim() != 1 or target.shape[0] != acts.shape[0]:
         raise UserError(f"target must have shape [N] = [{acts.shape[0]}], got {tuple(target.shape)}")
-    if target.dtype not in _FLOAT_DTYPES:
-        raise UserError(f"target must be float32 or float64, got {target.dtype}")
     if target.device != acts.device:
         raise UserError(f"target is on {target.device} but activations are on {acts.device}")
 
 
 def check_cov(cov: Tensor) -> None:
     """Validate a joint covariance ``cov: [C+1, C+1]`` of (T, Y_1..Y_C)."""
-    if not isinstance(cov, Tensor):
-        raise UserError(f"covariance must be a torch.Tensor, got {type(cov).__name__}")
+    _check_float_tensor(cov, "covariance")
     if cov.dim() != 2 or cov.shape[0] != cov.shape[1] or cov.shape[0] < 2:
         raise UserError(f"covariance must have shape [C+1, C+1] with C >= 1 (element 0 = target), "
                         f"got {tuple(cov.shape)}")
-    if cov.dtype not in _FLOAT_DTYPES:
-        raise UserError(f"covariance must be float32 or float64, got {cov.dtype}")
     if not bool(torch.isfinite(cov).all()):
         raise UserError("covariance contains NaN/Inf; the activations it was computed from were not finite")
     if bool((torch.diagonal(cov) < 0).any()):
@@ -133,11 +124,6 @@ def _column_means(x: Tensor, what: str) -> Tensor:
     if not bool(torch.isfinite(mean).all()):
         raise UserError(_nonfinite_message(x, what))
     return mean
-
-
-# --------------------------------------------------------------------------------------------
-# covariance: one shot and streamed
-# --------------------------------------------------------------------------------------------
 
 
 def gram(x: Tensor) -> Tensor:
@@ -190,11 +176,6 @@ def covariance(acts: Tensor, target: Tensor | None = None) -> Tensor:
     return 0.5 * (cov + cov.T)
 
 
-# --------------------------------------------------------------------------------------------
-# the standardised view every metric reads
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Standardised:
     """One layer's covariance seen as clipped correlations (float64).
@@ -221,10 +202,6 @@ class Standardised:
     def live(self) -> Tensor:
         return ~self.dead
 
-    @property
-    def n_live(self) -> int:
-        return int(self.live.sum())
-
 
 def standardise(cov: Tensor) -> Standardised:
     """Turn a joint covariance ``cov: [C+1, C+1]`` (element 0 = target) into clipped correlations.
@@ -250,11 +227,6 @@ def standardise(cov: Tensor) -> Standardised:
     else:
         rho_t = torch.zeros_like(var)
     return Standardised(corr=corr, rho_t=rho_t, var=var, var_t=var_t, dead=dead, out_dtype=out_dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# mutual information
-# --------------------------------------------------------------------------------------------
 
 
 def mi_from_r2(r2: Tensor) -> Tensor:

@@ -174,15 +174,8 @@ def _cholesky_factor(fresh_sigma: Callable[[], Tensor], ridge: float) -> Tensor:
     raise UserError("input covariance Sigma_X is not positive semi-definite; check the patch extraction")
 
 
-def gradient_cosines(
-    sx_w: Tensor,
-    c: Tensor,
-    w: Tensor,
-    sigma_x: Tensor | Callable[[Tensor], Tensor] | None = None,
-    *,
-    ridge: float = 1e-10,
-    fresh_sigma: Callable[[], Tensor] | None = None,
-) -> dict[str, Tensor]:
+def gradient_cosines(sx_w: Tensor, c: Tensor, w: Tensor, sigma_x: Tensor | Callable[[Tensor], Tensor] | None = None, *,
+                     ridge: float = 1e-10, fresh_sigma: Callable[[], Tensor] | None = None) -> dict[str, Tensor]:
     """Cosines between the input-capture and task gradients of every channel of a layer.
 
     Args:

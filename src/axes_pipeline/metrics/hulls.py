@@ -66,24 +66,6 @@ def ridge_gram(corr: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
     return gram, chol
 
 
-def full_explained(gram: Tensor, chol: Tensor, ridge: float, dead: Tensor) -> Tensor:
-    """``E_i^full = 1 + ridge - 1/(G^-1)_ii`` for every channel, clipped to [0, 1]; 0 if dead.
-
-    ``gram``/``chol``: from :func:`ridge_gram`; returns float64 ``[C]``.
-    """
-    inv_diag = torch.diagonal(torch.cholesky_inverse(chol))
-    e_full = (1.0 + ridge - 1.0 / inv_diag).clamp(0.0, 1.0)
-    return torch.where(dead, torch.zeros_like(e_full), e_full)
-
-
-def _peer_mask(dead: Tensor) -> Tensor:
-    """``[C, C]`` bool: j is an admissible peer of i (j != i, both live)."""
-    c = dead.shape[0]
-    live = ~dead
-    eye = torch.eye(c, dtype=torch.bool, device=dead.device)
-    return live[:, None] & live[None, :] & ~eye
-
-
 def prefix_explained_correlation(gram: Tensor, idx: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """E of each prefix of the |rho|-ranked peers, for every channel.
 
@@ -116,7 +98,8 @@ def prefix_explained_greedy(gram: Tensor, dead: Tensor, k: int) -> tuple[Tensor,
     c = gram.shape[0]
     dev, dt = gram.device, gram.dtype
     ar = torch.arange(c, device=dev)
-    avail = _peer_mask(dead)
+    live = ~dead
+    avail = live[:, None] & live[None, :] & ~torch.eye(c, dtype=torch.bool, device=dev)  # j != i, both live
     u = torch.zeros(c, k, c, dtype=dt, device=dev)  # u[i, m, j] = Cov(Y_j, innovation m | hull of i)
     d = torch.diagonal(gram).expand(c, c).clone()  # conditional variance of peer j given i's hull
     q = gram.clone()  # q[i, j] = conditional Cov(Y_i, Y_j) given i's hull
@@ -145,16 +128,8 @@ def prefix_explained_greedy(gram: Tensor, dead: Tensor, k: int) -> tuple[Tensor,
     return e_prefix, valid
 
 
-def build_hulls(
-    corr: Tensor,
-    dead: Tensor,
-    ranking: tuple[Tensor, Tensor],
-    *,
-    ridge: float,
-    hull_eps: float,
-    hull_max: int,
-    hull_order: str,
-) -> dict[str, Tensor]:
+def build_hulls(corr: Tensor, dead: Tensor, ranking: tuple[Tensor, Tensor], *, ridge: float, hull_eps: float,
+                hull_max: int, hull_order: str) -> dict[str, Tensor]:
     """All replaceability hulls of one layer from its clipped correlation ``corr: [C, C]``.
 
     ``ranking``: :func:`~axes_pipeline.metrics.gaussian.peer_ranking` of the layer.
@@ -164,7 +139,9 @@ def build_hulls(
     """
     c = corr.shape[0]
     gram, chol = ridge_gram(corr, ridge)
-    e_full = full_explained(gram, chol, ridge, dead)
+    # E_i^full = 1 + ridge - 1/(G^-1)_ii, clipped to [0, 1]; 0 if dead
+    e_full = (1.0 + ridge - 1.0 / torch.diagonal(torch.cholesky_inverse(chol))).clamp(0.0, 1.0)
+    e_full = torch.where(dead, torch.zeros_like(e_full), e_full)
     k = min(hull_max, c - 1)
     if k <= 0:
         zeros = torch.zeros(c, dtype=corr.dtype, device=corr.device)

@@ -51,21 +51,10 @@ def spearman(x: Tensor, y: Tensor) -> float:
     return float((rx @ ry) / den) if float(den) > 0 else 0.0
 
 
-def linear_gaussian_study(
-    *,
-    input_dim: int = 128,
-    channels: int = 64,
-    top_variance: float = 4.0,
-    task_variance: float = 0.01,
-    rest_variance: float = 0.02,
-    top_weight: float = 0.5,
-    task_weight: float = 30.0,
-    noise_var: float = 1.0,
-    steps: int = 2000,
-    lr: float = 0.005,
-    eval_every: int = 100,
-    seed: int = 0,
-) -> dict[str, list]:
+def linear_gaussian_study(*, input_dim: int = 128, channels: int = 64, top_variance: float = 4.0,
+                          task_variance: float = 0.01, rest_variance: float = 0.02, top_weight: float = 0.5,
+                          task_weight: float = 30.0, noise_var: float = 1.0, steps: int = 2000, lr: float = 0.005,
+                          eval_every: int = 100, seed: int = 0) -> dict[str, list]:
     """Train the synthetic layer and track how the two axes relate.
 
     Returns a dict of equal-length lists (one entry per evaluated step, step 0 = init):

@@ -17,7 +17,7 @@ from torch import Tensor
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics.axes import channel_axes_from_moments, sigma0_sq
 
-__all__ = ["PEER_MODES", "channel_axes_by_peers", "check_peers", "peer_sets"]
+__all__ = ["PEER_MODES", "channel_axes_by_peers", "check_peers"]
 
 PEER_MODES = ("layer", "group")
 
@@ -27,26 +27,19 @@ def check_peers(peers: str) -> None:
         raise UserError(f"unknown metrics.peers {peers!r}; choose one of: {', '.join(PEER_MODES)}")
 
 
-def peer_sets(conv: torch.nn.Module, peers: str = "layer") -> list[Tensor] | None:
-    """Channel index sets that are each other's peers, or None for the whole layer."""
-    check_peers(peers)
-    groups = int(getattr(conv, "groups", 1))
-    if peers == "layer" or groups == 1:
-        return None
-    per = conv.out_channels // groups
-    return [torch.arange(g * per, (g + 1) * per) for g in range(groups)]
-
-
 def channel_axes_by_peers(cov: Tensor, unit, *, peers: str = "layer", **knobs) -> dict[str, Tensor]:
     """:func:`channel_axes_from_moments` of one layer (``cov``: ``[C+1, C+1]``, target first)
     with the peers of ``metrics.peers``; ``unit``: the layer's ConvUnit."""
-    sets = peer_sets(unit.conv, peers)
-    if sets is None:
+    check_peers(peers)
+    groups = int(getattr(unit.conv, "groups", 1))
+    if peers == "layer" or groups == 1:
         return channel_axes_from_moments(cov, **knobs)
     var = torch.diagonal(cov)[1:]
     s0 = float(sigma0_sq(var, var <= 0, knobs["sigma0"]))   # the layer's scale, shared by its groups
+    per = unit.conv.out_channels // groups
     out: dict[str, Tensor] = {}
-    for idx in sets:
+    for g in range(groups):   # the channels of one conv group are each other's peers
+        idx = torch.arange(g * per, (g + 1) * per)
         rows = torch.cat([torch.zeros(1, dtype=torch.long), idx + 1]).to(cov.device)
         part = channel_axes_from_moments(cov[rows][:, rows], **{**knobs, "sigma0": s0 if s0 > 0 else 1.0})
         for k, v in part.items():
