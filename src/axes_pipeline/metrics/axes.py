@@ -26,6 +26,8 @@ to a layer changes no live channel's values.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -145,4 +147,7 @@ def channel_axes(acts: Tensor, target: Tensor, **knobs) -> dict[str, Tensor]:
     and calls :func:`channel_axes_from_moments`; see there for knobs and outputs. Raises
     :class:`~axes_pipeline.errors.UserError` for NaN/Inf samples or bad shapes/knobs.
     """
+    # a bad knob fails before the N x C covariance; the defaults live in one signature
+    params = inspect.signature(channel_axes_from_moments).parameters
+    check_knobs(**{k: knobs.get(k, params[k].default) for k in params if k != "cov"})
     return channel_axes_from_moments(covariance(acts, target), **knobs)
