@@ -24,7 +24,7 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100, VisionDataset
 from torchvision.datasets import utils as tv_utils
 
-from axes_pipeline.data.base import BaseDataModule
+from axes_pipeline.data.base import BaseDataModule, first_line
 from axes_pipeline.data.settings import Cifar10Data, Cifar100Data
 from axes_pipeline.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from axes_pipeline.errors import UserError
@@ -70,9 +70,8 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict:
             obj = CifarUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, UnicodeDecodeError, MemoryError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(
-            f"{path} is not a plain CIFAR pickle ({first}); refusing to read it: delete the folder and "
+            f"{path} is not a plain CIFAR pickle ({first_line(err)}); refusing to read it: delete the folder and "
             f"set data.download=true, or restore the official files"
         ) from None
     if not isinstance(obj, dict):
@@ -94,13 +93,12 @@ class _SafeCifarMixin:
     """torchvision's CIFAR dataset with every file read by :func:`read_cifar_pickle`.
 
     Same attributes as torchvision's (``data [N, 32, 32, 3]`` uint8, ``targets``, ``classes``);
-    ``verify`` (class attribute) says whether torchvision's md5 checks apply."""
+    ``verify=False`` skips torchvision's md5 checks (the files need only exist)."""
 
-    verify = True
-
-    def __init__(self, root, train: bool = True, transform=None, target_transform=None) -> None:
+    def __init__(self, root, train: bool = True, transform=None, target_transform=None, verify: bool = True) -> None:
         VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
         self.train = train
+        self.verify = verify
         if not self._check_integrity():
             raise RuntimeError("Dataset not found or corrupted (md5 check)")
         data, targets = [], []
@@ -132,23 +130,11 @@ class _SafeCifarMixin:
 
 
 class SafeCIFAR10(_SafeCifarMixin, CIFAR10):
-    """:class:`torchvision.datasets.CIFAR10` read with :class:`CifarUnpickler`, md5-checked."""
+    """:class:`torchvision.datasets.CIFAR10` read with :class:`CifarUnpickler`."""
 
 
 class SafeCIFAR100(_SafeCifarMixin, CIFAR100):
-    """:class:`torchvision.datasets.CIFAR100` read with :class:`CifarUnpickler`, md5-checked."""
-
-
-class UnverifiedCIFAR10(SafeCIFAR10):
-    """:class:`SafeCIFAR10` without the md5 checks: the files need only exist."""
-
-    verify = False
-
-
-class UnverifiedCIFAR100(SafeCIFAR100):
-    """:class:`SafeCIFAR100` without the md5 checks: the files need only exist."""
-
-    verify = False
+    """:class:`torchvision.datasets.CIFAR100` read with :class:`CifarUnpickler`."""
 
 
 class _CifarDataModule(BaseDataModule):
@@ -161,7 +147,6 @@ class _CifarDataModule(BaseDataModule):
     native_size = 32
     title = "CIFAR"
     dataset_cls: type[CIFAR10] = SafeCIFAR10
-    unverified_cls: type[CIFAR10] = UnverifiedCIFAR10
 
     @property
     def folder(self):
@@ -187,22 +172,14 @@ class _CifarDataModule(BaseDataModule):
             raise UserError(f"{self.title} not found (missing {', '.join(missing)}): {self.layout()}")
 
     def _download(self) -> None:
-        root = self._require_data_dir()
-        root.mkdir(parents=True, exist_ok=True)
+        # the archive only: the batches are read later, by the safe reader
         cls = self.dataset_cls
-        try:  # the archive only: the batches are read later, by the safe reader
-            tv_utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
-        except Exception as err:  # noqa: BLE001 - offline (URLError/OSError), bad archive
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(
-                f"could not download {self.title} from {cls.url} into {root} ({first}); without network, "
-                f"fetch that file elsewhere and extract it into {root}"
-            ) from None
+        self._download_archive(cls.url, f"extract it into {self._require_data_dir()}", filename=cls.filename,
+                               md5=cls.tgz_md5)
 
     def _load_source(self, source: str):
-        cls = self.dataset_cls if self.verify else self.unverified_cls
         try:
-            dataset = cls(str(self._require_data_dir()), train=source == "train")
+            dataset = self.dataset_cls(str(self._require_data_dir()), train=source == "train", verify=self.verify)
         except RuntimeError as err:
             raise UserError(
                 f"{self.title} files under {self.folder} fail torchvision's integrity check ({err}); "
@@ -232,7 +209,6 @@ class Cifar10DataModule(_CifarDataModule):
     mean = CIFAR10_MEAN
     std = CIFAR10_STD
     dataset_cls = SafeCIFAR10
-    unverified_cls = UnverifiedCIFAR10
     num_classes = 10  # type: ignore[assignment]
 
 
@@ -245,5 +221,4 @@ class Cifar100DataModule(_CifarDataModule):
     mean = CIFAR100_MEAN
     std = CIFAR100_STD
     dataset_cls = SafeCIFAR100
-    unverified_cls = UnverifiedCIFAR100
     num_classes = 100  # type: ignore[assignment]

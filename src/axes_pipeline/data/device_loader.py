@@ -98,11 +98,6 @@ class DeviceBatchLoader:
         self.sampler = _EpochSampler(self)
         self.batch_sampler = None
 
-    # ------------------------------------------------------------------ protocol
-    @property
-    def augment(self) -> bool:
-        return self.crop_padding > 0 or self.hflip
-
     @property
     def num_samples(self) -> int:
         return int(self.indices.numel())
@@ -120,7 +115,6 @@ class DeviceBatchLoader:
         self.epoch += 1
         return self._batches(epoch)
 
-    # ------------------------------------------------------------------ work
     def _generator(self, epoch: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63 - 1))
 

@@ -28,10 +28,7 @@ ROOT_NAMES = ("imagenet100", "imagenet")
 
 def parse_class_list(text: str) -> list[str]:
     """One wnid per line (or whitespace-separated); blank lines and ``#`` comments ignored."""
-    wnids: list[str] = []
-    for line in text.splitlines():
-        wnids.extend(line.split("#", 1)[0].split())
-    return wnids
+    return [w for line in text.splitlines() for w in line.split("#", 1)[0].split()]
 
 
 def default_class_list() -> list[str]:
@@ -77,7 +74,6 @@ class ImageNet100DataModule(BaseDataModule):
         self.wnids_listed = self._read_class_list(class_list)
         self._root: Path | None = None
 
-    # ------------------------------------------------------------------ classes
     @staticmethod
     def _read_class_list(class_list) -> list[str]:
         if class_list is None:
@@ -109,7 +105,6 @@ class ImageNet100DataModule(BaseDataModule):
     def num_classes(self) -> int:
         return len(self.wnids_listed)
 
-    # ------------------------------------------------------------------ disk
     @staticmethod
     def _layout_text(data_dir) -> str:
         base = Path(data_dir).expanduser() if data_dir else "<data_dir>"
@@ -153,13 +148,10 @@ class ImageNet100DataModule(BaseDataModule):
             raise UserError(f"ImageNet-100 under {folder}: {err}; {self.layout()}") from err
         return dataset, np.asarray(dataset.targets, dtype=np.int64)
 
-    # ------------------------------------------------------------------ transforms
     def train_transform(self):
         if not self.augment:
             return self.eval_transform()
-        return imagenet_transform(
-            train=True, image_size=self.image_size, mean=self.mean, std=self.std, hflip=self.hflip
-        )
+        return imagenet_transform(train=True, image_size=self.image_size, mean=self.mean, std=self.std, hflip=self.hflip)
 
     def eval_transform(self):
         return imagenet_transform(train=False, image_size=self.image_size, mean=self.mean, std=self.std)

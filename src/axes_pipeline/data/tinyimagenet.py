@@ -88,6 +88,7 @@ class TinyImageNetDataModule(BaseDataModule):
 
     settings = TinyImageNetData
     name = TinyImageNetData.name
+    title = "Tiny-ImageNet"
     native_size = 64
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
@@ -129,18 +130,7 @@ class TinyImageNetDataModule(BaseDataModule):
             )
 
     def _download(self) -> None:
-        from torchvision.datasets.utils import download_and_extract_archive
-
-        root = self._require_data_dir()
-        root.mkdir(parents=True, exist_ok=True)
-        try:
-            download_and_extract_archive(TINY_URL, str(root), md5=TINY_MD5 if self.verify else None)
-        except Exception as err:  # noqa: BLE001 - offline (URLError/OSError), bad archive
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(
-                f"could not download Tiny-ImageNet from {TINY_URL} into {root} ({first}); without network, "
-                f"fetch that file elsewhere and unzip it there (giving {root / TINY_FOLDER}/)"
-            ) from None
+        self._download_archive(TINY_URL, f"unzip it there (giving {self.root}/)", md5=TINY_MD5 if self.verify else None)
 
     def _absent(self) -> bool:
         # Only a missing release is downloaded: a partial copy (fewer than 200 classes) keeps its
