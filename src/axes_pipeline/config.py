@@ -35,11 +35,8 @@ def _mode() -> str:
 
 
 def check_name(value, key: str = "name") -> str:
-    """``value`` if it is safe as one folder name; a UserError otherwise.
-
-    A name with a path separator or ``..`` would put the run (and a report) outside
-    ``paths.output_root`` and could overwrite files there.
-    """
+    """``value`` if it is safe as one folder name: a path separator or ``..`` would put the run (and
+    a report) outside ``paths.output_root`` and could overwrite files there."""
     text = str(value)
     if not _SAFE_NAME.match(text) or ".." in text:
         raise UserError(f"{key}={text!r} is not a plain folder name (letters, digits, _ . + = -; "
@@ -47,20 +44,12 @@ def check_name(value, key: str = "name") -> str:
     return text
 
 
-def _safe_name(value) -> str:
-    # The resolver behind ${axes_name:${name}} in the run and sweep directories: Hydra resolves it
-    # before it creates any folder, so an unsafe name stops before anything is written.
-    return check_name(value)
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("axes_mode"):
-        OmegaConf.register_new_resolver("axes_mode", _mode)
-    if not OmegaConf.has_resolver("axes_name"):
-        OmegaConf.register_new_resolver("axes_name", _safe_name)
-
-
-register_resolvers()
+if not OmegaConf.has_resolver("axes_mode"):
+    OmegaConf.register_new_resolver("axes_mode", _mode)
+# ${axes_name:${name}} in the run and sweep directories: Hydra resolves it before it creates any
+# folder, so an unsafe name stops before anything is written.
+if not OmegaConf.has_resolver("axes_name"):
+    OmegaConf.register_new_resolver("axes_name", check_name)
 
 
 # ------------------------------------------------------------------ the typed root of each stage
@@ -158,10 +147,8 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def run_dir_candidates(cfg: DictConfig) -> list[Path]:
-    """Where a run with these overrides may live: this mode's directory first, then the other's.
-
-    So `analyze.py seed=1` finds a run trained by `train.py -m seed=1,2` and vice versa.
-    """
+    """Where a run with these overrides may live: this mode's directory first, then the other's (so
+    `analyze.py seed=1` finds a run trained by `train.py -m seed=1,2` and vice versa)."""
     own = run_dir(cfg)
     root = Path(cfg.paths.output_root).resolve()
     try:
@@ -169,8 +156,7 @@ def run_dir_candidates(cfg: DictConfig) -> list[Path]:
     except ValueError:
         return [own]
     kind, rest = rel.parts[0], Path(*rel.parts[1:])
-    others = [root / k / rest for k in RUN_KINDS if k != kind]
-    return [own, *others]
+    return [own, *(root / k / rest for k in RUN_KINDS if k != kind)]
 
 
 _ANNOUNCED: set[Path] = set()
@@ -178,11 +164,8 @@ _ANNOUNCED: set[Path] = set()
 
 def external_run_dir(cfg: DictConfig, ckpt: Path) -> Path:
     """Where a later stage writes for a checkpoint outside ``paths.output_root``:
-    ``<output_root>/external/<data>-<model>-w<width>-seed<seed>-<digest of the checkpoint path>``.
-
-    Stable for one checkpoint path (a rerun finds its own results), distinct for two checkpoints
-    of the same settings, and always below the output root.
-    """
+    ``<output_root>/external/<data>-<model>-w<width>-seed<seed>-<digest of the checkpoint path>``,
+    stable for one checkpoint path and distinct for two checkpoints of the same settings."""
     from axes_pipeline.runs import fingerprint
 
     root = Path(cfg.paths.output_root).resolve()
@@ -193,10 +176,9 @@ def external_run_dir(cfg: DictConfig, ckpt: Path) -> Path:
 def trained_run_dir(cfg: DictConfig) -> Path:
     """The directory of the trained run a later stage works on.
 
-    With ``ckpt=PATH``: the run directory holding it (the parent of its ``checkpoints/``) when that
-    lies below ``paths.output_root``, otherwise :func:`external_run_dir` (said once on stdout), so
-    no stage ever writes outside the output root. Without: the first candidate that holds a run,
-    else this mode's own directory (where the stage's error then names the train command).
+    With ``ckpt=PATH``: the run directory holding it when that lies below ``paths.output_root``,
+    otherwise :func:`external_run_dir` (said once on stdout), so no stage writes outside the output
+    root. Without: the first candidate that holds a run, else this mode's own directory.
     """
     ckpt = cfg.get("ckpt")
     if ckpt:

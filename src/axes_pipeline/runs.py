@@ -44,8 +44,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON (NaN written as null-safe strings by default=str)."""
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Atomically write ``obj`` as indented JSON."""
+    return write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -132,7 +132,7 @@ def run_fingerprint(cfg, ckpt: str | os.PathLike | None, **settings: Any) -> dic
     Returns the dict (store it beside the result as JSON, so a mismatch can be shown key by key);
     ``fingerprint(run_fingerprint(...))`` is its short key for file names.
     """
-    parts = {**data_identity(cfg.data), **{k: v for k, v in settings.items()}}
+    parts = {**data_identity(cfg.data), **settings}
     if ckpt is not None:
         parts["ckpt_digest"] = file_digest(ckpt)
     return parts

@@ -1,10 +1,9 @@
-"""The task wrapper every entry point goes through, and ``hydra_entry``, the ``hydra.main`` in front
-of it that turns a command-line mistake into one line and exit status 2 before Hydra runs.
+"""The task wrapper every entry point goes through (:func:`run_task`), and :func:`hydra_entry`, the
+``hydra.main`` in front of it.
 
-It seeds, says where the run lives, turns a user mistake into one line and exit status 2, and
-always closes the experiment tracker so the next job of a multirun starts clean. Inside a sweep
-a failing job leaves a `<stage>.failed` marker and the sweep goes on; `SweepSummary` names the
-failed jobs at the end.
+A user mistake, on the command line or later, is one line and exit status 2. The tracker is always
+closed so the next job of a multirun starts clean. Inside a sweep a failing job leaves a
+`<stage>.failed` marker and the sweep goes on; `SweepSummary` names the failed jobs at the end.
 """
 
 from __future__ import annotations
@@ -52,12 +51,9 @@ def check_command_line(conf_dir: Path, args: list[str]) -> None:
         key = key.lstrip("+~")
         if _SWEEP_SYNTAX.search(value):
             continue
-        if key == "name":
+        if key in ("name", "seed"):
             for v in _values(value):
-                check_name(v)
-        elif key == "seed":
-            for v in _values(value):
-                check_seed(v)
+                (check_name if key == "name" else check_seed)(v)
         elif key in groups:
             options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
             for v in _values(value):
@@ -65,9 +61,6 @@ def check_command_line(conf_dir: Path, args: list[str]) -> None:
                     continue
                 if v not in options:
                     raise unknown_name(f"{key} (conf/{key}/)", v, options)
-
-
-_MULTIRUN_FLAGS = {"-m", "--multirun"}
 
 
 def _sweep_jobs(args: list[str], most: int = 32) -> list[list[str]] | None:
@@ -125,7 +118,7 @@ def check_composes(conf_dir: Path, config_name: str, args: list[str]) -> None:
     ``data.batch_size=abc``, a ``+key`` a schema lacks) is one line too. Hydra's other flags are
     left to Hydra."""
     flags = [a for a in args if a.startswith("-")]
-    if any(f not in _MULTIRUN_FLAGS for f in flags):
+    if any(f not in ("-m", "--multirun") for f in flags):
         return
     overrides = [a for a in args if not a.startswith("-")]
     jobs = _sweep_jobs(overrides) if flags else [overrides]
@@ -159,8 +152,8 @@ def _one_line(err: Exception) -> str:
 
 
 def hydra_entry(config_name: str, config_path: str = "conf"):
-    """``hydra.main`` for an entry point, with :func:`check_command_line` in front of it: a user
-    mistake on the command line is one ``error:`` line and exit status 2, as everywhere else."""
+    """``hydra.main`` for an entry point, with :func:`check_command_line` and :func:`check_composes`
+    in front of it: a command-line mistake is one ``error:`` line and exit status 2."""
 
     def decorate(fn):
         conf_dir = Path(inspect.getfile(fn)).resolve().parent / config_path
@@ -187,10 +180,7 @@ def hydra_entry(config_name: str, config_path: str = "conf"):
 def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
              where: Callable[[DictConfig], Path] = run_dir):
     """Run one stage function ``fn(cfg)`` with seeding, error handling and tracker cleanup.
-
-    ``where(cfg)`` is the directory the stage works in (a run's directory, or for the report the
-    sweep's); a failure marker goes there inside a sweep.
-    """
+    ``where(cfg)`` is the directory the stage works in (a failure marker goes there in a sweep)."""
     import lightning as L
 
     stage = cfg.get("stage", "task")

@@ -60,11 +60,7 @@ def epoch_checkpoint(dirpath: str | Path, every_epoch: bool) -> EpochCheckpoint 
 
 def epoch_checkpoints(ckpt_dir: str | Path) -> dict[int, Path]:
     """{epoch: path} of the per-epoch checkpoints in ``ckpt_dir``, sorted by epoch."""
-    found = {}
-    for path in Path(ckpt_dir).glob("epoch_*.ckpt"):
-        m = EPOCH_RE.search(path.name)
-        if m:
-            found[int(m.group(1))] = path
+    found = {int(m.group(1)): p for p in Path(ckpt_dir).glob("epoch_*.ckpt") if (m := EPOCH_RE.search(p.name))}
     return dict(sorted(found.items()))
 
 
@@ -111,11 +107,8 @@ def check_meta(meta: dict, expect: dict, path: str | Path) -> None:
 
 
 def load_into(model: torch.nn.Module, path: str | Path, expect: dict | None = None) -> dict:
-    """Load the weights of checkpoint ``path`` into ``model``; refuse another model or class count.
-
-    ``expect`` holds the meta fields that must match (model, width, num_classes, data, image_size;
-    see :func:`check_meta`). Returns the checkpoint's meta.
-    """
+    """Load the weights of checkpoint ``path`` into ``model`` and return its meta; refuse another
+    model or class count, and a meta that differs from ``expect`` (:func:`check_meta`)."""
     ckpt = read_checkpoint(path)
     meta = ckpt.get("axes_meta", {})
     check_meta(meta, expect or {}, path)
