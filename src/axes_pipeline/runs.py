@@ -68,9 +68,7 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-# ---------------------------------------------------------------------------------------------
 # Fingerprints: one helper keys every cache and resumable result on everything it depends on.
-# ---------------------------------------------------------------------------------------------
 
 # Data settings that change *how* images are loaded but not *which* images or labels a stage sees.
 # Every other key of cfg.data (name, image_size, split_seed, val_fraction, class_list, augment ...)

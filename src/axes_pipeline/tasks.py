@@ -8,6 +8,7 @@ closed so the next job of a multirun starts clean. Inside a sweep a failing job 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -255,23 +256,18 @@ def _single_log_stream() -> None:
 
 
 def _mark(marker: Path | None, text: str) -> None:
-    if marker is None:
-        return
-    try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(text)
-    except OSError:
-        pass
+    if marker is not None:
+        with contextlib.suppress(OSError):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(text)
 
 
 def _finish_tracker() -> None:
-    try:
+    with contextlib.suppress(Exception):   # closing the tracker must never mask the real outcome
         import wandb
 
         if wandb.run is not None:
             wandb.finish()
-    except Exception:  # noqa: BLE001 - closing the tracker must never mask the real outcome
-        pass
 
 
 class SweepSummary(Callback):

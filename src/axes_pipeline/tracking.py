@@ -63,7 +63,42 @@ class CSVTracking:
     """Training's curves as CSV (kept across a resume); the other stages' own files are the record."""
 
     def training_logger(self, cfg: DictConfig, out: Path, resume_epoch: int = 0, resume_step: int = 0):
-        return _resumable_csv_logger(out, resume_epoch, resume_step)
+        from lightning.pytorch.loggers import CSVLogger
+        from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+        from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+        class _HistoryWriter(ExperimentWriter):
+            # Lightning's writer deletes an existing metrics.csv when it starts; keep the rows of the
+            # epochs the checkpoint holds and append after them.
+            def _check_log_dir_exists(self) -> None:
+                path = Path(self.metrics_file_path)
+                if not path.is_file():
+                    return
+                with open(path, newline="") as f:
+                    reader = csv.DictReader(f)
+                    fields = list(reader.fieldnames or [])
+                    rows = [r for r in reader if _kept(r, resume_epoch, resume_step)]
+                if not rows:
+                    path.unlink()
+                    return
+                from axes_pipeline.runs import atomic_path
+
+                with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows(rows)
+                self.metrics_keys = fields
+
+        class ResumableCSVLogger(CSVLogger):
+            @property
+            @rank_zero_experiment
+            def experiment(self):
+                if self._experiment is None:
+                    self._fs.makedirs(self.root_dir, exist_ok=True)
+                    self._experiment = _HistoryWriter(log_dir=self.log_dir)
+                return self._experiment
+
+        return ResumableCSVLogger(save_dir=str(out), name="logs", version="train")
 
     def stage_run(self, cfg: DictConfig, stage: str, out: Path):
         return None
@@ -160,45 +195,6 @@ def _train_run_id(out: Path, resume_epoch: int) -> str:
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     write_text(path, run_id + "\n")
     return run_id
-
-
-def _resumable_csv_logger(out: Path, resume_epoch: int, resume_step: int):
-    from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-    from lightning.pytorch.loggers.logger import rank_zero_experiment
-
-    class _HistoryWriter(ExperimentWriter):
-        # Lightning's writer deletes an existing metrics.csv when it starts; keep the rows of the
-        # epochs the checkpoint holds and append after them.
-        def _check_log_dir_exists(self) -> None:
-            path = Path(self.metrics_file_path)
-            if not path.is_file():
-                return
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                fields = list(reader.fieldnames or [])
-                rows = [r for r in reader if _kept(r, resume_epoch, resume_step)]
-            if not rows:
-                path.unlink()
-                return
-            from axes_pipeline.runs import atomic_path
-
-            with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(rows)
-            self.metrics_keys = fields
-
-    class ResumableCSVLogger(CSVLogger):
-        @property
-        @rank_zero_experiment
-        def experiment(self):
-            if self._experiment is None:
-                self._fs.makedirs(self.root_dir, exist_ok=True)
-                self._experiment = _HistoryWriter(log_dir=self.log_dir)
-            return self._experiment
-
-    return ResumableCSVLogger(save_dir=str(out), name="logs", version="train")
 
 
 def _kept(row: dict, resume_epoch: int, resume_step: int) -> bool:

@@ -1,15 +1,11 @@
 """The common base of every DataModule: splits, transforms, loaders, and what the analyses need.
 
-A dataset has one or two *sources* on disk (``"train"`` and ``"test"``; digits has one,
-``"all"``). The base carves three *splits* from them:
-
-- ``train``: what the network is fit on;
-- ``val``: a fixed, stratified, seeded part of the training source (``val_fraction``,
-  ``split_seed``), used for every selection (checkpoints, hyper-parameters);
-- ``test``: the official test/validation set, never used for selection.
-
-The split depends only on ``split_seed``, not on the training seed, so runs with different seeds
-share it. Analyses draw from it with :meth:`BaseDataModule.calibration_set` (training portion) and
+A dataset has one or two *sources* on disk (``"train"`` and ``"test"``; digits has one, ``"all"``).
+The base carves three *splits* from them: ``train`` (what the network is fit on); ``val``, a fixed,
+stratified, seeded part of the training source (``val_fraction``, ``split_seed``) used for every
+selection (checkpoints, hyper-parameters); and ``test``, the official test set, never used for
+selection. The split depends only on ``split_seed``, so runs with different seeds share it.
+Analyses draw from it with :meth:`BaseDataModule.calibration_set` (training portion) and
 :meth:`BaseDataModule.eval_subset` (test split); both are nested in ``n`` for a fixed seed.
 """
 

@@ -2,15 +2,12 @@
 
 Layout: ``<data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` and
 ``<data_dir>/cifar-100-python/{train, test, meta}`` (the "python version" archives of
-https://www.cs.toronto.edu/~kriz/cifar.html, which ``data.download=true``, the default, fetches
-when they are missing). ``verify=false`` skips torchvision's md5 checks (files only need to
-exist): for test fixtures or re-packed copies.
+https://www.cs.toronto.edu/~kriz/cifar.html, fetched when missing unless ``data.download=false``).
+``verify=false`` skips torchvision's md5 checks: for test fixtures or re-packed copies.
 
-The batches are pickles. ``pickle.load`` runs whatever callable a file names, so a crafted
-``cifar-100-python/train`` would run code as soon as it is read (and an md5 check guards nothing
-once ``verify=false``). Every CIFAR file is therefore read with :class:`CifarUnpickler`, which
-builds plain containers, numbers, strings and numpy arrays only and refuses anything else,
-whatever ``verify`` says.
+The batches are pickles, and ``pickle.load`` runs whatever callable a file names (an md5 check
+guards nothing once ``verify=false``). Every CIFAR file is therefore read with
+:class:`CifarUnpickler`, which builds plain containers, numbers, strings and numpy arrays only.
 """
 
 from __future__ import annotations
@@ -40,9 +37,8 @@ def _latin1_encode(text: Any, encoding: str = "latin1") -> bytes:
 
 
 class CifarUnpickler(pickle.Unpickler):
-    """An unpickler for CIFAR batches: plain containers, numbers and strings (pickle's own opcodes)
-    plus numpy arrays, dtypes and scalars. Any other global a file names is refused, so no code
-    from the file runs."""
+    """An unpickler for CIFAR batches: pickle's own containers, numbers and strings plus numpy arrays,
+    dtypes and scalars. Any other global a file names is refused, so no code from the file runs."""
 
     ALLOWED: dict[tuple[str, str], Any] = {
         **{(mod, "_reconstruct"): _NP_CORE.multiarray._reconstruct
@@ -61,10 +57,8 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def read_cifar_pickle(path: str | os.PathLike) -> dict:
-    """A CIFAR batch or meta file as a dict (str keys, as torchvision reads them with latin1).
-
-    Raises :class:`UserError` (one line) when the file is not a plain pickled dict, including
-    when it names any callable other than numpy's array reconstruction."""
+    """A CIFAR batch or meta file as a dict (str keys, as torchvision reads them with latin1); a
+    one-line :class:`UserError` when it is not a plain pickled dict (or names another callable)."""
     try:
         with open(path, "rb") as f:
             obj = CifarUnpickler(f, encoding="latin1").load()
@@ -138,11 +132,8 @@ class SafeCIFAR100(_SafeCifarMixin, CIFAR100):
 
 
 class _CifarDataModule(BaseDataModule):
-    """Shared CIFAR logic; subclasses name the torchvision classes and the statistics.
-
-    Knobs and defaults: :class:`~axes_pipeline.data.settings.Cifar10Data` / ``Cifar100Data``
-    (RandomCrop(32, padding=4) + flip; downloaded when missing).
-    """
+    """Shared CIFAR logic; subclasses name the torchvision class and the statistics. Knobs and
+    defaults: :class:`~axes_pipeline.data.settings.Cifar10Data` / ``Cifar100Data``."""
 
     native_size = 32
     title = "CIFAR"

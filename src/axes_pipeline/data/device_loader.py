@@ -57,22 +57,10 @@ class DeviceBatchLoader:
     Yields ``x: [B, C, H, W] float32`` and ``y: [B] int64`` on ``device``.
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        *,
-        indices: torch.Tensor | Sequence[int] | None = None,
-        shuffle: bool = False,
-        crop_padding: int = 0,
-        hflip: bool = False,
-        mean: Sequence[float] = (0.0, 0.0, 0.0),
-        std: Sequence[float] = (1.0, 1.0, 1.0),
-        seed: int | None = None,
-        drop_last: bool = False,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                 indices: torch.Tensor | Sequence[int] | None = None, shuffle: bool = False, crop_padding: int = 0,
+                 hflip: bool = False, mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
+                 seed: int | None = None, drop_last: bool = False, device: torch.device | str | None = None) -> None:
         if images.ndim != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         if batch_size < 1:
@@ -80,8 +68,7 @@ class DeviceBatchLoader:
         self.device = torch.device(device) if device is not None else default_device()
         self.images = images.to(self.device)
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
-        if indices is None:
-            indices = torch.arange(len(self.images))
+        indices = torch.arange(len(self.images)) if indices is None else indices
         self.indices = torch.as_tensor(indices, dtype=torch.long).to(self.device)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)

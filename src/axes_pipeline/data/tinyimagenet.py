@@ -13,6 +13,7 @@ from train. Labels follow the sorted wnids (as torchvision's ImageFolder would n
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +81,9 @@ def tiny_val_samples(root: Path, class_to_idx: dict[str, int]) -> list[tuple[str
 
 
 class TinyImageNetDataModule(BaseDataModule):
-    """Tiny-ImageNet-200 at 64×64: RandomCrop(64, padding=8) + flip; ImageNet mean/std.
-
-    Knobs and defaults: :class:`~axes_pipeline.data.settings.TinyImageNetData`. ``verify=true``
-    also requires the full 200 classes in ``wnids.txt`` (and the archive's md5 when downloading).
-    """
+    """Tiny-ImageNet-200 at 64×64, ImageNet mean/std. Knobs and defaults:
+    :class:`~axes_pipeline.data.settings.TinyImageNetData`; ``verify=true`` also requires the full
+    200 classes in ``wnids.txt`` (and the archive's md5 when downloading)."""
 
     settings = TinyImageNetData
     name = TinyImageNetData.name
@@ -92,10 +91,6 @@ class TinyImageNetDataModule(BaseDataModule):
     native_size = 64
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
-
-    def __init__(self, **knobs) -> None:
-        super().__init__(**knobs)
-        self._wnids: list[str] | None = None
 
     @property
     def root(self) -> Path:
@@ -137,15 +132,13 @@ class TinyImageNetDataModule(BaseDataModule):
         # own error instead of a 237 MB download over it.
         return not (self.root / "wnids.txt").is_file()
 
-    @property
+    @cached_property
     def wnids(self) -> list[str]:
         """The class wnids, sorted (label order)."""
-        if self._wnids is None:
-            path = self.root / "wnids.txt"
-            if not path.is_file():
-                raise UserError(f"Tiny-ImageNet not found (missing wnids.txt): {self.layout()}")
-            self._wnids = sorted(read_wnids(path))
-        return self._wnids
+        path = self.root / "wnids.txt"
+        if not path.is_file():
+            raise UserError(f"Tiny-ImageNet not found (missing wnids.txt): {self.layout()}")
+        return sorted(read_wnids(path))
 
     @property
     def num_classes(self) -> int:

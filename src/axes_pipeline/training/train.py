@@ -53,12 +53,10 @@ def model_meta(cfg: DictConfig, num_classes: int) -> dict:
 
 
 def train_settings(cfg: DictConfig) -> dict:
-    """Everything that decides the trained weights besides the run directory's own parts
-    (name, data, model, width, seed): the data identity, the model's other knobs, the optimizer,
-    the recipe, the epochs and precision, and the content of an initialising ``ckpt=``.
-
-    Stored as ``train_settings.json`` before training starts; a rerun with other values is refused
-    with a one-line diff instead of silently keeping (or resuming into) the old run.
+    """Everything that decides the trained weights besides the run directory's own parts: the data
+    identity, the model's other knobs, the optimizer, the recipe, the epochs and precision, and the
+    content of an initialising ``ckpt=``. Stored as ``train_settings.json``, so that a rerun with
+    other values is refused with a one-line diff instead of keeping (or resuming into) the old run.
     """
     # from_scratch only guards against pretrained weights: keyed when set, as before it was typed
     model = {f"model.{k}": v for k, v in to_container(cfg.model).items() if k != "from_scratch" or v}

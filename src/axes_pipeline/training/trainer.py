@@ -43,13 +43,9 @@ class TrainerConfig:
     limit_test_batches: Any = None
 
 
-def on_gpu(accelerator: str) -> bool:
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-
-
 def ddp_trainer(*, accelerator: str = "auto", precision: str = "auto", sync_batchnorm="auto", **kwargs) -> L.Trainer:
     """``lightning.Trainer`` with ``precision``/``sync_batchnorm`` ``auto`` resolved for the device."""
-    gpu = on_gpu(str(accelerator))
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if precision == "auto":
         precision = "bf16-mixed" if gpu else "32-true"
     if sync_batchnorm == "auto":
