@@ -56,8 +56,8 @@ if not OmegaConf.has_resolver("axes_name"):
 @dataclass
 class PathsConfig:
     """conf/paths: every output goes below output_root. A run directory is a pure function of the
-    experiment name, data, model (and width) and seed, so analyze.py / prune.py given the same
-    overrides find it; runs/ for single runs, multirun/ for sweeps (`-m`), later stages look in both."""
+    experiment name, data, model, width and seed, so later stages given the same overrides find it
+    (under runs/ for single runs, multirun/ for sweeps: they look in both)."""
 
     output_root: str = "${oc.env:AXES_OUTPUT_ROOT,.}"
     data_dir: str = "${oc.env:AXES_DATA_DIR,${paths.output_root}/data}"
@@ -78,9 +78,8 @@ class TrainKnobs:
 @dataclass
 class StageConfig(AxesKnobs):
     """The top-level keys every stage shares (conf/common.yaml selects the groups), so that the same
-    overrides given to any stage point at the same run directory and every overlay composes with
-    every stage. A group's node is typed by its own schema (``base_<group>``); the groups of other
-    rooms (trainer, optim, callbacks, logger, pruning) and ``checkpoint`` are typed there."""
+    overrides point every stage at the same run directory and every overlay composes with every
+    stage. A group's node is typed by its own schema (``base_<group>``, :mod:`axes_pipeline.schema`)."""
 
     data: Any = MISSING
     model: Any = MISSING
@@ -132,9 +131,8 @@ STAGES: dict[str, type[StageConfig]] = {
 
 
 def register_schemas() -> None:
-    """Store the typed schemas in Hydra's ConfigStore (:mod:`axes_pipeline.schema`). Called before
-    the first composition (``hydra_entry``, the tests' conftest, benchmarks), not at import: the
-    schemas live in their rooms, which import torch and Lightning (seconds), and a mistake
+    """Store the typed schemas in Hydra's ConfigStore (:mod:`axes_pipeline.schema`); before the first
+    composition, not at import: their rooms import torch and Lightning (seconds), and a mistake
     :func:`axes_pipeline.tasks.check_command_line` can name needs none of them."""
     from axes_pipeline.schema import register
 

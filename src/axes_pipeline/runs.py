@@ -15,10 +15,7 @@ from typing import Any
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
-
-    The temporary name keeps the final suffix (``.tmp-XXXX.csv``) so libraries that infer the
-    format from the extension (matplotlib, pandas) still work.
-    """
+    It keeps the final suffix (``.tmp-XXXX.csv``) for libraries that infer the format from it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
@@ -78,11 +75,8 @@ DATA_KEYS_NOT_IDENTITY = frozenset({"batch_size", "eval_batch_size", "num_worker
 
 
 def fingerprint(parts: Mapping[str, Any]) -> str:
-    """A short stable digest (16 hex) of ``parts``: plain containers, numbers, strings, Paths.
-
-    Key order does not matter; the JSON encoding is canonical, so the same settings give the same
-    key on every machine and in every process.
-    """
+    """A short stable digest (16 hex) of ``parts`` (plain containers, numbers, strings, Paths); the
+    JSON encoding is canonical, so the same settings give the same key on every machine."""
     blob = json.dumps(parts, sort_keys=True, default=_json_default, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -65,10 +65,9 @@ def check_command_line(conf_dir: Path, args: list[str]) -> None:
 
 
 def _sweep_jobs(args: list[str], most: int = 32) -> list[list[str]] | None:
-    """Jobs of a sweep that together hold each choice once: the first job (``seed=1,2`` ->
-    ``seed=1``), then one per other value of a choice sweep (``data.batch_size=64,abc``). A range
-    holds one type, so its first value stands for it. None when the sweep cannot be enumerated
-    here (``glob(...)``, an interval: the sweeper's own business)."""
+    """Jobs of a sweep that together hold each choice once: the first job, then one per other value
+    of a choice sweep (a range holds one type: its first value stands for it). None when the sweep
+    cannot be enumerated here (``glob(...)``, an interval: the sweeper's own business)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -114,10 +113,9 @@ def _added_to_schema(cfg, args: list[str], conf_dir: Path) -> str | None:
 
 
 def check_composes(conf_dir: Path, config_name: str, args: list[str]) -> None:
-    """Compose a single run's config (with ``-m``: the sweep's jobs of :func:`_sweep_jobs`) once
-    before Hydra does, so that any other override Hydra would reject (``trainer.nosuch=1``,
-    ``data.batch_size=abc``, a ``+key`` a schema lacks) is one line too. Hydra's other flags are
-    left to Hydra."""
+    """Compose the run's config (with ``-m``: the jobs of :func:`_sweep_jobs`) once before Hydra does,
+    so that any other override Hydra would reject (``trainer.nosuch=1``, a ``+key`` a schema lacks)
+    is one line too. Hydra's other flags are left to Hydra."""
     flags = [a for a in args if a.startswith("-")]
     if any(f not in ("-m", "--multirun") for f in flags):
         return

@@ -28,10 +28,8 @@ from axes_pipeline.errors import UserError
 
 @dataclass
 class WandbConfig:
-    """``logger=wandb`` (the default). Offline by default: works with no account and no network;
-    ``wandb sync <dir>/wandb/offline-run-*`` uploads later, for <dir> = <run_dir> (train),
-    <run_dir>/analyze, <run_dir>/prune, <sweep>/report (in that order: producers of artifacts before
-    their consumers; README "Experiment tracking")."""
+    """``logger=wandb`` (the default), offline: no account, no network; ``wandb sync`` uploads later
+    (README "Experiment tracking")."""
 
     _target_: str = "axes_pipeline.tracking.WandbTracking"
     project: str = "axes-pipeline"
@@ -294,10 +292,9 @@ def log_axes(tracker: StageTracker, cfg: DictConfig, out: Path, axes) -> None:
 
 
 def log_report(tracker: StageTracker, runs, out: Path, headline, experiment: str) -> None:
-    """The report's wandb record: every run's checkpoint, axes and curves as inputs, the report
-    files as its output, the headline as a bar chart (difference local − target per group and
-    comparison), its CI as a line series ``report/headline_ci`` (lo, diff, hi) and as summary metrics named
-    ``headline/<group>/<i>/{diff,ci_lo,ci_hi}`` (i = the comparison's row within its group)."""
+    """The report's wandb record: every run's checkpoint, axes and curves as inputs, the report files
+    as its output, the headline (local − target per comparison) as a bar chart, its CI as a line
+    series and as summary metrics ``headline/<group>/<i>/{diff,ci_lo,ci_hi}`` (i: row in the group)."""
     if not tracker.enabled:
         return
     for r in runs:
@@ -381,8 +378,7 @@ def record_artifact(run, kind: str, name: str, files: list[Path], use: bool) -> 
 
 def progress(items, desc: str, *, total: int | None = None, enabled: bool = True, label=None):
     """Iterate ``items`` showing progress: a tqdm bar when stderr is a terminal, else one line on
-    stdout per finished unit (``desc: 3/20 layer4.1.conv2 (12.3s)``), so a log file holds a line
-    per unit and no bar redraws. ``enabled=False`` shows nothing (nested or internal loops)."""
+    stdout per finished unit (``desc: 3/20 layer4.1.conv2 (12.3s)``) instead of bar redraws."""
     if total is None:
         total = len(items) if hasattr(items, "__len__") else None
     if not enabled:

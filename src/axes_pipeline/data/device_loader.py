@@ -1,12 +1,10 @@
 """Batches of a small dataset kept as one tensor on the accelerator, augmented there.
 
 For CIFAR-sized data a per-image PIL pipeline in worker processes is the bottleneck of a GPU run.
-:class:`DeviceBatchLoader` holds the whole split on the device (``uint8`` images, or ``float`` in
-[0, 1] for digits) and builds each batch with a few vectorised ops: gather the batch, zero-pad it,
-take one random crop offset per image by advanced indexing, flip a random half, scale to [0, 1]
-and normalise. The arithmetic is the one torchvision's ``ToTensor`` + ``Normalize`` do, so
-evaluation batches equal those of the DataLoader path (a dataset shown at another ``image_size``
-is resized once, with PIL, when it is copied to the device).
+:class:`DeviceBatchLoader` holds the whole split on the device (``uint8``, or ``float`` in [0, 1]
+for digits) and builds each batch with a few vectorised ops: gather, zero-pad, one random crop
+offset per image, flip a random half, scale to [0, 1] and normalise, with the arithmetic of
+torchvision's ``ToTensor`` + ``Normalize``, so evaluation batches equal the DataLoader path's.
 
 Randomness (order, crop offsets, flips) comes from a CPU generator seeded with ``(seed, epoch)``:
 the same seed and epoch give the same batches on any device. The epoch advances by one at each
@@ -44,8 +42,7 @@ class DeviceBatchLoader:
             Moved to ``device`` once (a no-op when already there).
         labels: ``[N]`` integer class labels.
         batch_size: images per batch; the last batch may be smaller unless ``drop_last``.
-        indices: ``[M]`` rows of ``images`` that form this loader's split (default: all), so
-            several splits can share one device copy.
+        indices: ``[M]`` rows of ``images`` in this loader's split (default: all).
         shuffle: a new seeded order each epoch.
         crop_padding: random crop of the image's own size after zero padding by this many pixels
             on each side (torchvision ``RandomCrop(size, padding=p)``); 0 = no crop.

@@ -36,7 +36,6 @@ class ImageListDataset(Dataset):
 
     def __init__(self, samples: list[tuple[str, int]]) -> None:
         self.samples = samples
-        self.targets = [label for _, label in samples]
 
     def __len__(self) -> int:
         return len(self.samples)

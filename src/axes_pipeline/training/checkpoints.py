@@ -91,9 +91,8 @@ _WARNED: set[str] = set()
 
 
 def check_meta(meta: dict, expect: dict, path: str | Path) -> None:
-    """Refuse a checkpoint whose recorded model/width/class count/dataset/image size differs from
-    ``expect``, in one line. A checkpoint of another dataset with the same class count loads
-    without a shape error, so without this check its axes would be computed on the wrong images."""
+    """Refuse, in one line, a checkpoint whose recorded meta differs from ``expect``: one of another
+    dataset with the same class count loads without a shape error, and its axes would be wrong."""
     for key, want in expect.items():
         have = meta.get(key)
         if have is not None and want is not None and have != want:

@@ -1,11 +1,9 @@
-"""conf/trainer: its schema, and the Trainer of ``trainer=ddp``: the GPU defaults where there are GPUs,
-what works on CPU where not.
+"""conf/trainer: its schema, and the Trainer of ``trainer=ddp``.
 
-One config serves both: ``trainer=ddp`` on a GPU box (bf16, synchronised BatchNorm) and
-``trainer=ddp trainer.accelerator=cpu trainer.devices=2`` (gloo, the CI test). ``auto`` in
-``precision`` and ``sync_batchnorm`` is resolved here, because torch's SyncBatchNorm is CUDA-only
-(on CPU DDP fails with "SyncBatchNorm layers only work with GPU modules") and bf16 autocast on a
-CPU is a slow emulation, not the GPU recipe.
+One config serves a GPU box (bf16, synchronised BatchNorm) and ``trainer.accelerator=cpu
+trainer.devices=2`` (gloo, the CI test): ``auto`` in ``precision`` and ``sync_batchnorm`` is
+resolved here, because torch's SyncBatchNorm is CUDA-only and bf16 autocast on a CPU is a slow
+emulation, not the GPU recipe.
 """
 
 from __future__ import annotations
