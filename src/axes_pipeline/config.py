@@ -35,11 +35,8 @@ def _mode() -> str:
 
 
 def check_name(value, key: str = "name") -> str:
-    """``value`` if it is safe as one folder name; a UserError otherwise.
-
-    A name with a path separator or ``..`` would put the run (and a report) outside
-    ``paths.output_root`` and could overwrite files there.
-    """
+    """``value`` if it is safe as one folder name: a path separator or ``..`` would put the run (and
+    a report) outside ``paths.output_root`` and could overwrite files there."""
     text = str(value)
     if not _SAFE_NAME.match(text) or ".." in text:
         raise UserError(f"{key}={text!r} is not a plain folder name (letters, digits, _ . + = -; "
@@ -47,28 +44,20 @@ def check_name(value, key: str = "name") -> str:
     return text
 
 
-def _safe_name(value) -> str:
-    # The resolver behind ${axes_name:${name}} in the run and sweep directories: Hydra resolves it
-    # before it creates any folder, so an unsafe name stops before anything is written.
-    return check_name(value)
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("axes_mode"):
-        OmegaConf.register_new_resolver("axes_mode", _mode)
-    if not OmegaConf.has_resolver("axes_name"):
-        OmegaConf.register_new_resolver("axes_name", _safe_name)
-
-
-register_resolvers()
+if not OmegaConf.has_resolver("axes_mode"):
+    OmegaConf.register_new_resolver("axes_mode", _mode)
+# ${axes_name:${name}} in the run and sweep directories: Hydra resolves it before it creates any
+# folder, so an unsafe name stops before anything is written.
+if not OmegaConf.has_resolver("axes_name"):
+    OmegaConf.register_new_resolver("axes_name", check_name)
 
 
 # ------------------------------------------------------------------ the typed root of each stage
 @dataclass
 class PathsConfig:
     """conf/paths: every output goes below output_root. A run directory is a pure function of the
-    experiment name, data, model (and width) and seed, so analyze.py / prune.py given the same
-    overrides find it; runs/ for single runs, multirun/ for sweeps (`-m`), later stages look in both."""
+    experiment name, data, model, width and seed, so later stages given the same overrides find it
+    (under runs/ for single runs, multirun/ for sweeps: they look in both)."""
 
     output_root: str = "${oc.env:AXES_OUTPUT_ROOT,.}"
     data_dir: str = "${oc.env:AXES_DATA_DIR,${paths.output_root}/data}"
@@ -89,9 +78,8 @@ class TrainKnobs:
 @dataclass
 class StageConfig(AxesKnobs):
     """The top-level keys every stage shares (conf/common.yaml selects the groups), so that the same
-    overrides given to any stage point at the same run directory and every overlay composes with
-    every stage. A group's node is typed by its own schema (``base_<group>``); the groups of other
-    rooms (trainer, optim, callbacks, logger, pruning) and ``checkpoint`` are typed there."""
+    overrides point every stage at the same run directory and every overlay composes with every
+    stage. A group's node is typed by its own schema (``base_<group>``, :mod:`axes_pipeline.schema`)."""
 
     data: Any = MISSING
     model: Any = MISSING
@@ -143,9 +131,8 @@ STAGES: dict[str, type[StageConfig]] = {
 
 
 def register_schemas() -> None:
-    """Store the typed schemas in Hydra's ConfigStore (:mod:`axes_pipeline.schema`). Called before
-    the first composition (``hydra_entry``, the tests' conftest, benchmarks), not at import: the
-    schemas live in their rooms, which import torch and Lightning (seconds), and a mistake
+    """Store the typed schemas in Hydra's ConfigStore (:mod:`axes_pipeline.schema`); before the first
+    composition, not at import: their rooms import torch and Lightning (seconds), and a mistake
     :func:`axes_pipeline.tasks.check_command_line` can name needs none of them."""
     from axes_pipeline.schema import register
 
@@ -158,10 +145,8 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def run_dir_candidates(cfg: DictConfig) -> list[Path]:
-    """Where a run with these overrides may live: this mode's directory first, then the other's.
-
-    So `analyze.py seed=1` finds a run trained by `train.py -m seed=1,2` and vice versa.
-    """
+    """Where a run with these overrides may live: this mode's directory first, then the other's (so
+    `analyze.py seed=1` finds a run trained by `train.py -m seed=1,2` and vice versa)."""
     own = run_dir(cfg)
     root = Path(cfg.paths.output_root).resolve()
     try:
@@ -169,8 +154,7 @@ def run_dir_candidates(cfg: DictConfig) -> list[Path]:
     except ValueError:
         return [own]
     kind, rest = rel.parts[0], Path(*rel.parts[1:])
-    others = [root / k / rest for k in RUN_KINDS if k != kind]
-    return [own, *others]
+    return [own, *(root / k / rest for k in RUN_KINDS if k != kind)]
 
 
 _ANNOUNCED: set[Path] = set()
@@ -178,11 +162,8 @@ _ANNOUNCED: set[Path] = set()
 
 def external_run_dir(cfg: DictConfig, ckpt: Path) -> Path:
     """Where a later stage writes for a checkpoint outside ``paths.output_root``:
-    ``<output_root>/external/<data>-<model>-w<width>-seed<seed>-<digest of the checkpoint path>``.
-
-    Stable for one checkpoint path (a rerun finds its own results), distinct for two checkpoints
-    of the same settings, and always below the output root.
-    """
+    ``<output_root>/external/<data>-<model>-w<width>-seed<seed>-<digest of the checkpoint path>``,
+    stable for one checkpoint path and distinct for two checkpoints of the same settings."""
     from axes_pipeline.runs import fingerprint
 
     root = Path(cfg.paths.output_root).resolve()
@@ -193,10 +174,9 @@ def external_run_dir(cfg: DictConfig, ckpt: Path) -> Path:
 def trained_run_dir(cfg: DictConfig) -> Path:
     """The directory of the trained run a later stage works on.
 
-    With ``ckpt=PATH``: the run directory holding it (the parent of its ``checkpoints/``) when that
-    lies below ``paths.output_root``, otherwise :func:`external_run_dir` (said once on stdout), so
-    no stage ever writes outside the output root. Without: the first candidate that holds a run,
-    else this mode's own directory (where the stage's error then names the train command).
+    With ``ckpt=PATH``: the run directory holding it when that lies below ``paths.output_root``,
+    otherwise :func:`external_run_dir` (said once on stdout), so no stage writes outside the output
+    root. Without: the first candidate that holds a run, else this mode's own directory.
     """
     ckpt = cfg.get("ckpt")
     if ckpt:

@@ -12,12 +12,6 @@ class UserError(Exception):
     """A mistake in the user's input: the message says what was wrong and what to do."""
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
-    if not condition:
-        raise UserError(message)
-
-
 def unknown_name(kind: str, name: str, valid) -> UserError:
     """The standard error for an unknown choice, listing the valid ones."""
     return UserError(f"unknown {kind} '{name}'; choose one of: {', '.join(sorted(valid))}")

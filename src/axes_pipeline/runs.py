@@ -15,10 +15,7 @@ from typing import Any
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
-
-    The temporary name keeps the final suffix (``.tmp-XXXX.csv``) so libraries that infer the
-    format from the extension (matplotlib, pandas) still work.
-    """
+    It keeps the final suffix (``.tmp-XXXX.csv``) for libraries that infer the format from it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
@@ -44,8 +41,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON (NaN written as null-safe strings by default=str)."""
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Atomically write ``obj`` as indented JSON."""
+    return write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -68,9 +65,7 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-# ---------------------------------------------------------------------------------------------
 # Fingerprints: one helper keys every cache and resumable result on everything it depends on.
-# ---------------------------------------------------------------------------------------------
 
 # Data settings that change *how* images are loaded but not *which* images or labels a stage sees.
 # Every other key of cfg.data (name, image_size, split_seed, val_fraction, class_list, augment ...)
@@ -80,11 +75,8 @@ DATA_KEYS_NOT_IDENTITY = frozenset({"batch_size", "eval_batch_size", "num_worker
 
 
 def fingerprint(parts: Mapping[str, Any]) -> str:
-    """A short stable digest (16 hex) of ``parts``: plain containers, numbers, strings, Paths.
-
-    Key order does not matter; the JSON encoding is canonical, so the same settings give the same
-    key on every machine and in every process.
-    """
+    """A short stable digest (16 hex) of ``parts`` (plain containers, numbers, strings, Paths); the
+    JSON encoding is canonical, so the same settings give the same key on every machine."""
     blob = json.dumps(parts, sort_keys=True, default=_json_default, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -132,7 +124,7 @@ def run_fingerprint(cfg, ckpt: str | os.PathLike | None, **settings: Any) -> dic
     Returns the dict (store it beside the result as JSON, so a mismatch can be shown key by key);
     ``fingerprint(run_fingerprint(...))`` is its short key for file names.
     """
-    parts = {**data_identity(cfg.data), **{k: v for k, v in settings.items()}}
+    parts = {**data_identity(cfg.data), **settings}
     if ckpt is not None:
         parts["ckpt_digest"] = file_digest(ckpt)
     return parts

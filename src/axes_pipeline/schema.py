@@ -10,51 +10,37 @@ through :func:`axes_pipeline.tasks.hydra_entry`).
 
 from __future__ import annotations
 
+import functools
+
 from hydra.core.config_store import ConfigStore
 
 
-def _entries() -> list[tuple[str | None, str, type]]:
-    """(group, name, dataclass) of every schema. Imported here, not at module level, so that a
-    room's module can be imported without Hydra's store being touched."""
-    entries: list[tuple[str | None, str, type]] = []
-    # --- root, common keys, data, model, axes, analysis, paths, report (typed-config room) ---
+@functools.cache
+def register() -> None:
+    """Store every schema in Hydra's ConfigStore (once; called before any composition). The rooms
+    are imported here, not at module level, so that one can be imported without the store."""
     from axes_pipeline.analyses.settings import ANALYSES
     from axes_pipeline.config import STAGES, PathsConfig
     from axes_pipeline.data.settings import DATASETS
     from axes_pipeline.models.settings import MODELS
-
-    entries += [(None, f"base_{stage}", node) for stage, node in STAGES.items()]
-    entries += [("data", f"base_data_{node.name}", node) for node in DATASETS]
-    entries += [("model", f"base_model_{name}", node) for name, node in MODELS.items()]
-    entries += [("analysis", f"base_{name}", node) for name, node in ANALYSES.items()]
-    entries.append(("paths", "base_paths", PathsConfig))
-    # --- pruning (pruning.settings) ---
     from axes_pipeline.pruning.settings import PruningConfig
-
-    entries.append(("pruning", "base_pruning", PruningConfig))
-    # --- trainer, optim, callbacks, logger (training / tracking rooms) ---
     from axes_pipeline.tracking import CSVConfig, WandbConfig
     from axes_pipeline.training.callbacks import CallbacksConfig, CheckpointConfig
     from axes_pipeline.training.optim import OptimConfig
     from axes_pipeline.training.trainer import TrainerConfig
 
-    entries += [("trainer", "base_trainer", TrainerConfig), ("optim", "base_optim", OptimConfig),
-                # conf/callbacks/default.yaml fills two top-level keys: `callbacks` and `checkpoint`
-                ("callbacks", "base_callbacks", CallbacksConfig), ("callbacks", "base_checkpoint", CheckpointConfig),
-                # one schema per logger option: their knobs differ (logger=none is null)
-                ("logger", "base_wandb", WandbConfig), ("logger", "base_csv", CSVConfig)]
-    return entries
-
-
-_REGISTERED = False
-
-
-def register() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent; called before any composition)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
+    entries: list[tuple[str | None, str, type]] = [
+        *((None, f"base_{stage}", node) for stage, node in STAGES.items()),
+        *(("data", f"base_data_{node.name}", node) for node in DATASETS),
+        *(("model", f"base_model_{name}", node) for name, node in MODELS.items()),
+        *(("analysis", f"base_{name}", node) for name, node in ANALYSES.items()),
+        ("paths", "base_paths", PathsConfig), ("pruning", "base_pruning", PruningConfig),
+        ("trainer", "base_trainer", TrainerConfig), ("optim", "base_optim", OptimConfig),
+        # conf/callbacks/default.yaml fills two top-level keys: `callbacks` and `checkpoint`
+        ("callbacks", "base_callbacks", CallbacksConfig), ("callbacks", "base_checkpoint", CheckpointConfig),
+        # one schema per logger option: their knobs differ (logger=none is null)
+        ("logger", "base_wandb", WandbConfig), ("logger", "base_csv", CSVConfig),
+    ]
     store = ConfigStore.instance()
-    for group, name, node in _entries():
+    for group, name, node in entries:
         store.store(group=group, name=name, node=node)
-    _REGISTERED = True

@@ -1,14 +1,14 @@
-"""The task wrapper every entry point goes through, and ``hydra_entry``, the ``hydra.main`` in front
-of it that turns a command-line mistake into one line and exit status 2 before Hydra runs.
+"""The task wrapper every entry point goes through (:func:`run_task`), and :func:`hydra_entry`, the
+``hydra.main`` in front of it.
 
-It seeds, says where the run lives, turns a user mistake into one line and exit status 2, and
-always closes the experiment tracker so the next job of a multirun starts clean. Inside a sweep
-a failing job leaves a `<stage>.failed` marker and the sweep goes on; `SweepSummary` names the
-failed jobs at the end.
+A user mistake, on the command line or later, is one line and exit status 2. The tracker is always
+closed so the next job of a multirun starts clean. Inside a sweep a failing job leaves a
+`<stage>.failed` marker and the sweep goes on; `SweepSummary` names the failed jobs at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -52,12 +52,9 @@ def check_command_line(conf_dir: Path, args: list[str]) -> None:
         key = key.lstrip("+~")
         if _SWEEP_SYNTAX.search(value):
             continue
-        if key == "name":
+        if key in ("name", "seed"):
             for v in _values(value):
-                check_name(v)
-        elif key == "seed":
-            for v in _values(value):
-                check_seed(v)
+                (check_name if key == "name" else check_seed)(v)
         elif key in groups:
             options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
             for v in _values(value):
@@ -67,14 +64,10 @@ def check_command_line(conf_dir: Path, args: list[str]) -> None:
                     raise unknown_name(f"{key} (conf/{key}/)", v, options)
 
 
-_MULTIRUN_FLAGS = {"-m", "--multirun"}
-
-
 def _sweep_jobs(args: list[str], most: int = 32) -> list[list[str]] | None:
-    """Jobs of a sweep that together hold each choice once: the first job (``seed=1,2`` ->
-    ``seed=1``), then one per other value of a choice sweep (``data.batch_size=64,abc``). A range
-    holds one type, so its first value stands for it. None when the sweep cannot be enumerated
-    here (``glob(...)``, an interval: the sweeper's own business)."""
+    """Jobs of a sweep that together hold each choice once: the first job, then one per other value
+    of a choice sweep (a range holds one type: its first value stands for it). None when the sweep
+    cannot be enumerated here (``glob(...)``, an interval: the sweeper's own business)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -120,12 +113,11 @@ def _added_to_schema(cfg, args: list[str], conf_dir: Path) -> str | None:
 
 
 def check_composes(conf_dir: Path, config_name: str, args: list[str]) -> None:
-    """Compose a single run's config (with ``-m``: the sweep's jobs of :func:`_sweep_jobs`) once
-    before Hydra does, so that any other override Hydra would reject (``trainer.nosuch=1``,
-    ``data.batch_size=abc``, a ``+key`` a schema lacks) is one line too. Hydra's other flags are
-    left to Hydra."""
+    """Compose the run's config (with ``-m``: the jobs of :func:`_sweep_jobs`) once before Hydra does,
+    so that any other override Hydra would reject (``trainer.nosuch=1``, a ``+key`` a schema lacks)
+    is one line too. Hydra's other flags are left to Hydra."""
     flags = [a for a in args if a.startswith("-")]
-    if any(f not in _MULTIRUN_FLAGS for f in flags):
+    if any(f not in ("-m", "--multirun") for f in flags):
         return
     overrides = [a for a in args if not a.startswith("-")]
     jobs = _sweep_jobs(overrides) if flags else [overrides]
@@ -159,8 +151,8 @@ def _one_line(err: Exception) -> str:
 
 
 def hydra_entry(config_name: str, config_path: str = "conf"):
-    """``hydra.main`` for an entry point, with :func:`check_command_line` in front of it: a user
-    mistake on the command line is one ``error:`` line and exit status 2, as everywhere else."""
+    """``hydra.main`` for an entry point, with :func:`check_command_line` and :func:`check_composes`
+    in front of it: a command-line mistake is one ``error:`` line and exit status 2."""
 
     def decorate(fn):
         conf_dir = Path(inspect.getfile(fn)).resolve().parent / config_path
@@ -187,10 +179,7 @@ def hydra_entry(config_name: str, config_path: str = "conf"):
 def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
              where: Callable[[DictConfig], Path] = run_dir):
     """Run one stage function ``fn(cfg)`` with seeding, error handling and tracker cleanup.
-
-    ``where(cfg)`` is the directory the stage works in (a run's directory, or for the report the
-    sweep's); a failure marker goes there inside a sweep.
-    """
+    ``where(cfg)`` is the directory the stage works in (a failure marker goes there in a sweep)."""
     import lightning as L
 
     stage = cfg.get("stage", "task")
@@ -265,23 +254,18 @@ def _single_log_stream() -> None:
 
 
 def _mark(marker: Path | None, text: str) -> None:
-    if marker is None:
-        return
-    try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(text)
-    except OSError:
-        pass
+    if marker is not None:
+        with contextlib.suppress(OSError):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(text)
 
 
 def _finish_tracker() -> None:
-    try:
+    with contextlib.suppress(Exception):   # closing the tracker must never mask the real outcome
         import wandb
 
         if wandb.run is not None:
             wandb.finish()
-    except Exception:  # noqa: BLE001 - closing the tracker must never mask the real outcome
-        pass
 
 
 class SweepSummary(Callback):

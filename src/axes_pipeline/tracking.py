@@ -1,20 +1,13 @@
 """Experiment tracking: wandb (offline by default), CSV, or none.
 
 Runs are grouped by experiment name and named data-model-seed, with the stage as job type, so a
-dashboard can put the axes and pruning curves of every seed and backbone side by side.
-Never a login prompt: offline mode needs no account; online mode without credentials fails with
-one line instead of asking. Offline means offline: no network request at all (wandb's telemetry,
-which otherwise looks up the wandb host when a run finishes, is switched off).
+dashboard can put the axes and pruning curves of every seed and backbone side by side. Never a
+login prompt: online mode without credentials fails with one line. Offline means offline: no
+network request at all (wandb's telemetry is switched off).
 
-Every stage's wandb config is the full resolved config, flattened (``capture.point``,
-``metrics.sigma0``, ``pruning.allocation``, ...), so a dashboard can group or filter by any knob.
-Results are Artifacts with lineage (checkpoint -> axes -> pruning curves -> report): see
-:func:`artifact` for how a consumer records its inputs in an offline run.
-
-Long work shows progress (:func:`progress`): a bar on a terminal, one line per finished unit
-otherwise, so a log file holds a line per epoch/layer/point instead of bar redraws.
-
-Training's logs belong to the run, not to one process: a resumed training appends to
+Every stage's wandb config is the full resolved config, flattened (``capture.point``, ...), so a
+dashboard can group or filter by any knob. Results are Artifacts with lineage (checkpoint -> axes
+-> pruning curves -> report; :func:`record_artifact`). A resumed training appends to
 ``logs/train/metrics.csv`` and continues the same wandb run (its id is kept in the run directory).
 """
 
@@ -35,10 +28,8 @@ from axes_pipeline.errors import UserError
 
 @dataclass
 class WandbConfig:
-    """``logger=wandb`` (the default). Offline by default: works with no account and no network;
-    ``wandb sync <dir>/wandb/offline-run-*`` uploads later, for <dir> = <run_dir> (train),
-    <run_dir>/analyze, <run_dir>/prune, <sweep>/report (in that order: producers of artifacts before
-    their consumers; README "Experiment tracking")."""
+    """``logger=wandb`` (the default), offline: no account, no network; ``wandb sync`` uploads later
+    (README "Experiment tracking")."""
 
     _target_: str = "axes_pipeline.tracking.WandbTracking"
     project: str = "axes-pipeline"
@@ -58,9 +49,8 @@ class CSVConfig:
 
 def tracking(cfg: DictConfig):
     """The tracking backend of ``cfg.logger`` (:class:`WandbTracking`, :class:`CSVTracking`), or
-    None with ``logger=none``. The logger node's target is a backend rather than a Lightning logger
-    because one setting serves every stage: training gets its Lightning logger from it, the other
-    stages their wandb run."""
+    None with ``logger=none``: a backend rather than a Lightning logger, because one setting serves
+    every stage (training gets its Lightning logger from it, the other stages their wandb run)."""
     from axes_pipeline.wiring import instantiate_all
 
     built = instantiate_all(cfg.logger, "logger")
@@ -71,7 +61,42 @@ class CSVTracking:
     """Training's curves as CSV (kept across a resume); the other stages' own files are the record."""
 
     def training_logger(self, cfg: DictConfig, out: Path, resume_epoch: int = 0, resume_step: int = 0):
-        return _resumable_csv_logger(out, resume_epoch, resume_step)
+        from lightning.pytorch.loggers import CSVLogger
+        from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+        from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+        class _HistoryWriter(ExperimentWriter):
+            # Lightning's writer deletes an existing metrics.csv when it starts; keep the rows of the
+            # epochs the checkpoint holds and append after them.
+            def _check_log_dir_exists(self) -> None:
+                path = Path(self.metrics_file_path)
+                if not path.is_file():
+                    return
+                with open(path, newline="") as f:
+                    reader = csv.DictReader(f)
+                    fields = list(reader.fieldnames or [])
+                    rows = [r for r in reader if _kept(r, resume_epoch, resume_step)]
+                if not rows:
+                    path.unlink()
+                    return
+                from axes_pipeline.runs import atomic_path
+
+                with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows(rows)
+                self.metrics_keys = fields
+
+        class ResumableCSVLogger(CSVLogger):
+            @property
+            @rank_zero_experiment
+            def experiment(self):
+                if self._experiment is None:
+                    self._fs.makedirs(self.root_dir, exist_ok=True)
+                    self._experiment = _HistoryWriter(log_dir=self.log_dir)
+                return self._experiment
+
+        return ResumableCSVLogger(save_dir=str(out), name="logs", version="train")
 
     def stage_run(self, cfg: DictConfig, stage: str, out: Path):
         return None
@@ -105,8 +130,7 @@ class WandbTracking:
         from lightning.pytorch.loggers import WandbLogger
 
         kw = self.init_kwargs(cfg, "train", out)
-        run_id = _train_run_id(out, resume_epoch)
-        return WandbLogger(save_dir=str(out), id=run_id, resume="allow",
+        return WandbLogger(save_dir=str(out), id=_train_run_id(out, resume_epoch), resume="allow",
                            **{k: v for k, v in kw.items() if k != "dir"})
 
     def stage_run(self, cfg: DictConfig, stage: str, out: Path):
@@ -171,45 +195,6 @@ def _train_run_id(out: Path, resume_epoch: int) -> str:
     return run_id
 
 
-def _resumable_csv_logger(out: Path, resume_epoch: int, resume_step: int):
-    from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-    from lightning.pytorch.loggers.logger import rank_zero_experiment
-
-    class _HistoryWriter(ExperimentWriter):
-        # Lightning's writer deletes an existing metrics.csv when it starts; keep the rows of the
-        # epochs the checkpoint holds and append after them.
-        def _check_log_dir_exists(self) -> None:
-            path = Path(self.metrics_file_path)
-            if not path.is_file():
-                return
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                fields = list(reader.fieldnames or [])
-                rows = [r for r in reader if _kept(r, resume_epoch, resume_step)]
-            if not rows:
-                path.unlink()
-                return
-            from axes_pipeline.runs import atomic_path
-
-            with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(rows)
-            self.metrics_keys = fields
-
-    class ResumableCSVLogger(CSVLogger):
-        @property
-        @rank_zero_experiment
-        def experiment(self):
-            if self._experiment is None:
-                self._fs.makedirs(self.root_dir, exist_ok=True)
-                self._experiment = _HistoryWriter(log_dir=self.log_dir)
-            return self._experiment
-
-    return ResumableCSVLogger(save_dir=str(out), name="logs", version="train")
-
-
 def _kept(row: dict, resume_epoch: int, resume_step: int) -> bool:
     """Whether a metrics row belongs to the history before the resume point: by its epoch, or by
     its step for rows logged without one (the learning-rate monitor's)."""
@@ -222,10 +207,8 @@ def _kept(row: dict, resume_epoch: int, resume_step: int) -> bool:
 
 
 class StageTracker:
-    """Tracking for the non-training stages: scalars, tables and images to wandb when enabled.
-
-    With `logger=csv` or `none` it does nothing (the stage's own CSV/PNG files are the record).
-    """
+    """Tracking for the non-training stages: scalars, tables and images to wandb when enabled; with
+    `logger=csv` or `none` it does nothing (the stage's own CSV/PNG files are the record)."""
 
     def __init__(self, cfg: DictConfig, stage: str, out: Path):
         backend = tracking(cfg)
@@ -240,17 +223,18 @@ class StageTracker:
             self.run.summary.update({f"{prefix}{k}": v for k, v in values.items()
                                      if isinstance(v, (int, float, bool, str))})
 
-    def table(self, key: str, frame) -> None:
-        if self.run is not None:
+    def _log(self, key: str, build, when: bool = True) -> None:
+        """Log ``build(wandb)`` under ``key`` (wandb imported only when there is a run)."""
+        if self.run is not None and when:
             import wandb
 
-            self.run.log({key: wandb.Table(dataframe=frame)})
+            self.run.log({key: build(wandb)})
+
+    def table(self, key: str, frame) -> None:
+        self._log(key, lambda wandb: wandb.Table(dataframe=frame))
 
     def image(self, key: str, path: Path) -> None:
-        if self.run is not None and Path(path).exists():
-            import wandb
-
-            self.run.log({key: wandb.Image(str(path))})
+        self._log(key, lambda wandb: wandb.Image(str(path)), Path(path).exists())
 
     def log_artifact(self, kind: str, name: str, files: list[Path]) -> None:
         """Record ``files`` as this stage's output artifact ``name`` (see :func:`artifact`)."""
@@ -263,24 +247,16 @@ class StageTracker:
             record_artifact(self.run, kind, name, files, use=True)
 
     def scatter(self, key: str, frame, x: str, y: str, title: str) -> None:
-        if self.run is not None:
-            import wandb
-
-            self.run.log({key: wandb.plot.scatter(wandb.Table(dataframe=frame[[x, y]]), x, y, title=title)})
+        self._log(key, lambda wandb: wandb.plot.scatter(wandb.Table(dataframe=frame[[x, y]]), x, y, title=title))
 
     def line_series(self, key: str, xs, ys: dict, title: str, xname: str) -> None:
         """One line per entry of ``ys`` (name -> values over ``xs``), named in the legend."""
-        if self.run is not None and ys:
-            import wandb
-
-            self.run.log({key: wandb.plot.line_series(xs=list(xs), ys=[list(v) for v in ys.values()],
-                                                      keys=list(ys), title=title, xname=xname)})
+        self._log(key, lambda wandb: wandb.plot.line_series(xs=list(xs), ys=[list(v) for v in ys.values()],
+                                                            keys=list(ys), title=title, xname=xname), bool(ys))
 
     def bar(self, key: str, frame, label: str, value: str, title: str) -> None:
-        if self.run is not None and not frame.empty:
-            import wandb
-
-            self.run.log({key: wandb.plot.bar(wandb.Table(dataframe=frame[[label, value]]), label, value, title=title)})
+        self._log(key, lambda wandb: wandb.plot.bar(wandb.Table(dataframe=frame[[label, value]]), label, value,
+                                                    title=title), not frame.empty)
 
     def finish(self) -> None:
         if self.run is not None:
@@ -316,10 +292,9 @@ def log_axes(tracker: StageTracker, cfg: DictConfig, out: Path, axes) -> None:
 
 
 def log_report(tracker: StageTracker, runs, out: Path, headline, experiment: str) -> None:
-    """The report's wandb record: every run's checkpoint, axes and curves as inputs, the report
-    files as its output, the headline as a bar chart (difference local − target per group and
-    comparison), its CI as a line series ``report/headline_ci`` (lo, diff, hi) and as summary metrics named
-    ``headline/<group>/<i>/{diff,ci_lo,ci_hi}`` (i = the comparison's row within its group)."""
+    """The report's wandb record: every run's checkpoint, axes and curves as inputs, the report files
+    as its output, the headline (local − target per comparison) as a bar chart, its CI as a line
+    series and as summary metrics ``headline/<group>/<i>/{diff,ci_lo,ci_hi}`` (i: row in the group)."""
     if not tracker.enabled:
         return
     for r in runs:
@@ -336,23 +311,19 @@ def log_report(tracker: StageTracker, runs, out: Path, headline, experiment: str
     head = headline.assign(row=headline.groupby("group").cumcount())
     head["label"] = [f"{g} #{i}: {c[:60]}" for g, i, c in zip(head["group"], head["row"], head["comparison"])]
     tracker.bar("report/headline_chart", head, "label", "diff", title="FLOPs-AUC difference local − target")
-    # wandb 0.31's presets (wandb/bar, line, lineseries, scatter, histogram, area-under-curve,
-    # confusion_matrix) draw no error bars, and a custom Vega-Lite chart names a spec that must
-    # first be created on the server (an offline run cannot), so the CI goes beside the bars as three lines
-    # over the comparison's position: ci_lo, diff, ci_hi (x = index into the bar labels' order).
-    tracker.line_series("report/headline_ci", range(len(head)),
-                        {"ci_lo": head["ci_lo"].astype(float), "diff": head["diff"].astype(float),
-                         "ci_hi": head["ci_hi"].astype(float)},
+    # wandb's presets draw no error bars, and a custom Vega-Lite chart needs a spec created on the
+    # server first (an offline run cannot), so the CI goes beside the bars as three lines over the
+    # comparison's position (x = index into the bar labels' order).
+    tracker.line_series("report/headline_ci", range(len(head)), {k: head[k].astype(float) for k in ("ci_lo", "diff", "ci_hi")},
                         title="FLOPs-AUC difference local − target with its CI", xname="comparison")
     tracker.scalars({f"headline/{g}/{i}/{k}": float(v) for g, i, lo, hi, d in
                      zip(head["group"], head["row"], head["ci_lo"], head["ci_hi"], head["diff"])
                      for k, v in (("diff", d), ("ci_lo", lo), ("ci_hi", hi))})
 
 
-#: artifact kind -> (wandb artifact type, whether its files are recorded by reference)
-#: A checkpoint is referenced (``file://``), not copied: it is large (one per seed and backbone) and
-#: stays on the machine that trained it; the small CSV/JSON results are copied so that the wandb
-#: app can show and download them.
+#: artifact kind -> (wandb artifact type, whether its files are recorded by reference): a checkpoint
+#: is large and stays on the machine that trained it (``file://``); the small CSV/JSON results are
+#: copied so that the wandb app can show and download them.
 ARTIFACT_KINDS = {"checkpoint": ("model", True), "axes": ("axes", False), "curves": ("prune-curves", False),
                   "report": ("report", False)}
 
@@ -387,13 +358,11 @@ def artifact(kind: str, name: str, files: list[Path]):
 def record_artifact(run, kind: str, name: str, files: list[Path], use: bool) -> None:
     """Log ``files`` as artifact ``name`` (an output) or record it as an input (``use``).
 
-    Offline, ``run.use_artifact`` refuses (it asks the server for the artifact). What it does
-    for an artifact built locally is what is done here: log the artifact with "use after commit"
-    set. The offline run file then holds an artifact record (name, type, manifest digest,
-    use_after_commit); ``wandb sync`` commits it, and wandb keeps one version per digest, so it
-    resolves to the version the producer logged, which it marks as used by this run. The limit:
-    a consumer whose files differ from the producer's (a changed CSV) makes a new version of that
-    name rather than failing, as it would online with ``use_artifact("name:latest")``.
+    Offline, ``run.use_artifact`` refuses (it asks the server), so the artifact is logged with "use
+    after commit" set, as ``use_artifact`` does for a local artifact: ``wandb sync`` commits it, and
+    as wandb keeps one version per manifest digest it resolves to the producer's version, marked as
+    used by this run. The limit: a consumer whose files differ from the producer's makes a new
+    version of that name rather than failing, as it would online with ``use_artifact("name:latest")``.
     """
     files = [Path(f) for f in files]
     if not files or not all(f.is_file() for f in files):
@@ -409,8 +378,7 @@ def record_artifact(run, kind: str, name: str, files: list[Path], use: bool) -> 
 
 def progress(items, desc: str, *, total: int | None = None, enabled: bool = True, label=None):
     """Iterate ``items`` showing progress: a tqdm bar when stderr is a terminal, else one line on
-    stdout per finished unit (``desc: 3/20 layer4.1.conv2 (12.3s)``), so a log file holds a line
-    per unit and no bar redraws. ``enabled=False`` shows nothing (nested or internal loops)."""
+    stdout per finished unit (``desc: 3/20 layer4.1.conv2 (12.3s)``) instead of bar redraws."""
     if total is None:
         total = len(items) if hasattr(items, "__len__") else None
     if not enabled:

@@ -1,10 +1,9 @@
 """The one helper that turns config nodes into objects: callbacks, the tracking logger.
 
-As in lightning-hydra-template, a node is a Hydra ``_target_`` node (``instantiate`` builds it), or
-a mapping of named ``_target_`` nodes (``callbacks.model_checkpoint``, ``callbacks.lr_monitor``...).
-An entry set to ``false`` or ``null`` on the command line is left out (``callbacks.progress_bar=false``,
-``logger=none``), and so is an object its target declines to build (``None``: no progress bar where
-stdout is not a terminal, no per-epoch checkpoints unless ``checkpoint.every_epoch``).
+As in lightning-hydra-template, a node is a Hydra ``_target_`` node or a mapping of named ones
+(``callbacks.model_checkpoint``...). An entry set to ``false`` or ``null`` is left out
+(``callbacks.progress_bar=false``, ``logger=none``), and so is an object its target declines to
+build (``None``: no progress bar where stdout is not a terminal).
 """
 
 from __future__ import annotations

@@ -20,16 +20,8 @@ from axes_pipeline.data.tinyimagenet import TinyImageNetDataModule
 from axes_pipeline.errors import UserError, unknown_name
 
 #: dataset name (the config file under conf/data/) -> DataModule class
-DATAMODULES: dict[str, type[BaseDataModule]] = {
-    cls.name: cls
-    for cls in (
-        DigitsDataModule,
-        Cifar10DataModule,
-        Cifar100DataModule,
-        TinyImageNetDataModule,
-        ImageNet100DataModule,
-    )
-}
+DATAMODULES: dict[str, type[BaseDataModule]] = {cls.name: cls for cls in (
+    DigitsDataModule, Cifar10DataModule, Cifar100DataModule, TinyImageNetDataModule, ImageNet100DataModule)}
 
 
 def build_datamodule(data_cfg: Mapping[str, Any]) -> BaseDataModule:
@@ -41,18 +33,16 @@ def build_datamodule(data_cfg: Mapping[str, Any]) -> BaseDataModule:
     from hydra.utils import get_class, instantiate
 
     target = data_cfg.get("_target_") if hasattr(data_cfg, "get") else None
+    pick = f"pick a dataset with data=<{'|'.join(sorted(DATAMODULES))}>"
     if not target:
-        raise UserError(f"the data config has no _target_; pick a dataset with data=<{'|'.join(sorted(DATAMODULES))}>")
+        raise UserError(f"the data config has no _target_; {pick}")
     try:
         cls = get_class(str(target))
     except Exception:
         valid = [f"axes_pipeline.data.{c.__name__}" for c in DATAMODULES.values()]
         raise unknown_name("data module (_target_)", str(target), valid) from None
     if not (isinstance(cls, type) and issubclass(cls, BaseDataModule)):
-        raise UserError(
-            f"data._target_ {target} is not a DataModule of axes_pipeline.data; "
-            f"pick a dataset with data=<{'|'.join(sorted(DATAMODULES))}>"
-        )
+        raise UserError(f"data._target_ {target} is not a DataModule of axes_pipeline.data; {pick}")
     try:
         return instantiate(data_cfg)
     except InstantiationException as err:
@@ -67,16 +57,6 @@ def build_datamodule(data_cfg: Mapping[str, Any]) -> BaseDataModule:
         raise
 
 
-__all__ = [
-    "BaseDataModule",
-    "Cifar10DataModule",
-    "Cifar100DataModule",
-    "DATAMODULES",
-    "DeviceBatchLoader",
-    "DigitsDataModule",
-    "ImageNet100DataModule",
-    "SplitSubset",
-    "TinyImageNetDataModule",
-    "build_datamodule",
-    "stratified_split",
-]
+__all__ = ["BaseDataModule", "Cifar10DataModule", "Cifar100DataModule", "DATAMODULES", "DeviceBatchLoader",
+           "DigitsDataModule", "ImageNet100DataModule", "SplitSubset", "TinyImageNetDataModule", "build_datamodule",
+           "stratified_split"]

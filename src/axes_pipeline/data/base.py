@@ -1,15 +1,11 @@
 """The common base of every DataModule: splits, transforms, loaders, and what the analyses need.
 
-A dataset has one or two *sources* on disk (``"train"`` and ``"test"``; digits has one,
-``"all"``). The base carves three *splits* from them:
-
-- ``train``: what the network is fit on;
-- ``val``: a fixed, stratified, seeded part of the training source (``val_fraction``,
-  ``split_seed``), used for every selection (checkpoints, hyper-parameters);
-- ``test``: the official test/validation set, never used for selection.
-
-The split depends only on ``split_seed``, not on the training seed, so runs with different seeds
-share it. Analyses draw from it with :meth:`BaseDataModule.calibration_set` (training portion) and
+A dataset has one or two *sources* on disk (``"train"`` and ``"test"``; digits has one, ``"all"``).
+The base carves three *splits* from them: ``train`` (what the network is fit on); ``val``, a fixed,
+stratified, seeded part of the training source (``val_fraction``, ``split_seed``) used for every
+selection (checkpoints, hyper-parameters); and ``test``, the official test set, never used for
+selection. The split depends only on ``split_seed``, so runs with different seeds share it.
+Analyses draw from it with :meth:`BaseDataModule.calibration_set` (training portion) and
 :meth:`BaseDataModule.eval_subset` (test split); both are nested in ``n`` for a fixed seed.
 """
 
@@ -47,14 +43,11 @@ def available_cpus() -> int:
 
 
 def loader_workers(requested: int) -> int:
-    """DataLoader worker processes for ``data.num_workers=requested``: the config's number is an
-    upper bound, the machine's cores the other. More workers than cores only adds processes that
-    wait for a core (and torch warns about it), so a config written for a large node still runs
-    well on a laptop."""
+    """DataLoader workers for ``data.num_workers=requested``, at most the cores available: more only
+    wait for a core (and torch warns), so a config written for a large node still runs on a laptop."""
     return min(int(requested), available_cpus())
 
 
-# --------------------------------------------------------------------------- helpers
 def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Split positions ``0..N-1`` by class into ``[rest, part_1, ..., part_k]``.
 
@@ -88,23 +81,12 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
 
 
 class SplitSubset(Dataset):
-    """Rows ``indices`` of a source dataset, with a transform applied on the fly.
+    """Rows ``indices`` of a source dataset (untransformed PIL images, or float tensors for digits),
+    transformed on the fly. ``source_name`` / ``mode`` let :meth:`BaseDataModule.loader` serve the
+    same rows from the on-device copy."""
 
-    ``source`` yields ``(image, label)`` with the image untransformed (PIL image, or a float
-    tensor for digits). ``source_name`` / ``mode`` let :meth:`BaseDataModule.loader` serve the
-    same rows from the on-device copy.
-    """
-
-    def __init__(
-        self,
-        source: Dataset,
-        indices: Sequence[int],
-        transform: Callable | None,
-        *,
-        source_name: str,
-        mode: str,
-        labels: np.ndarray,
-    ) -> None:
+    def __init__(self, source: Dataset, indices: Sequence[int], transform: Callable | None, *,
+                 source_name: str, mode: str, labels: np.ndarray) -> None:
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
@@ -122,20 +104,19 @@ class SplitSubset(Dataset):
         return image, int(label)
 
 
-# --------------------------------------------------------------------------- base
 class BaseDataModule(L.LightningDataModule):
     """Common behaviour of the dataset modules; subclasses describe their data on disk.
 
     Subclasses set ``settings``, ``name``, ``mean``, ``std``, ``native_size`` and implement
     :meth:`_check_present`, :meth:`_load_source`, and (when downloadable) :meth:`_download`.
 
-    Constructor knobs: the fields of the dataset's typed config (:attr:`settings`, one dataclass
-    per dataset in :mod:`axes_pipeline.data.settings`, where each knob's default and meaning live);
-    a module built directly in Python takes the same defaults as ``data=<name>``. Kept as
-    attributes of the same names; ``recipe`` (read by the trainer and optimizer configs) as a dict.
+    Constructor knobs: the fields of the dataset's typed config (:attr:`settings`, where each
+    knob's default and meaning live), so a module built in Python takes the defaults of
+    ``data=<name>``. Kept as attributes of the same names; ``recipe`` as a dict.
     """
 
     name: str = "base"     # a dataset's module: ``name = <its settings>.name``
+    title: str = "base"    # the dataset as messages name it
     in_channels: int = 3
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
@@ -158,26 +139,11 @@ class BaseDataModule(L.LightningDataModule):
             )
         self._configure(**{**defaults, **knobs})
 
-    def _configure(
-        self,
-        *,
-        name: str,
-        batch_size: int,
-        eval_batch_size: int,
-        num_workers: int,
-        val_fraction: float,
-        split_seed: int,
-        on_device: bool,
-        image_size: int,
-        augment: bool,
-        crop_padding: int,
-        hflip: bool,
-        recipe: Mapping[str, Any],
-        # only datasets read from files have these (FileDataConfig); digits has none
-        data_dir: str | Path | None = None,
-        download: bool = False,
-        verify: bool = True,
-    ) -> None:
+    def _configure(self, *, name: str, batch_size: int, eval_batch_size: int, num_workers: int,
+                   val_fraction: float, split_seed: int, on_device: bool, image_size: int, augment: bool,
+                   crop_padding: int, hflip: bool, recipe: Mapping[str, Any],
+                   # only datasets read from files have these (FileDataConfig); digits has none
+                   data_dir: str | Path | None = None, download: bool = False, verify: bool = True) -> None:
         if name != type(self).name:
             raise UserError(
                 f"data.name '{name}' does not match {type(self).__name__} (name '{type(self).name}'); "
@@ -186,9 +152,9 @@ class BaseDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
         self.download = bool(download)
         self.verify = bool(verify)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
-        self.num_workers = _nonneg_int("num_workers", num_workers)
+        self.batch_size = _int_at_least(1, "batch_size", batch_size)
+        self.eval_batch_size = _int_at_least(1, "eval_batch_size", eval_batch_size)
+        self.num_workers = _int_at_least(0, "num_workers", num_workers)
         if loader_workers(self.num_workers) < self.num_workers:
             log.info("data.num_workers=%d: using %d loader workers (the CPU cores available)",
                      self.num_workers, loader_workers(self.num_workers))
@@ -197,9 +163,9 @@ class BaseDataModule(L.LightningDataModule):
             raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.split_seed = int(split_seed)
         self.on_device = bool(on_device)
-        self.image_size = _positive_int("image_size", image_size)
+        self.image_size = _int_at_least(1, "image_size", image_size)
         self.augment = bool(augment)
-        self.crop_padding = _nonneg_int("crop_padding", crop_padding)
+        self.crop_padding = _int_at_least(0, "crop_padding", crop_padding)
         self.hflip = bool(hflip)
         if isinstance(recipe, DictConfig):
             recipe = OmegaConf.to_container(recipe, resolve=True)
@@ -213,7 +179,6 @@ class BaseDataModule(L.LightningDataModule):
         self._splits: dict[str, tuple[str, np.ndarray]] | None = None
         self._device_data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    # ------------------------------------------------------------------ to implement
     @property
     def num_classes(self) -> int:
         raise NotImplementedError
@@ -233,6 +198,19 @@ class BaseDataModule(L.LightningDataModule):
     def _download(self) -> None:
         raise UserError(f"{self.name} cannot be downloaded automatically; {self.layout()}")
 
+    def _download_archive(self, url: str, then: str, **archive: Any) -> None:
+        """Fetch and extract ``url`` into ``data_dir``; offline or a bad archive is one line that
+        says what to do by hand (``then``, after fetching the file elsewhere)."""
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        root = self._require_data_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            download_and_extract_archive(url, str(root), **archive)
+        except Exception as err:  # noqa: BLE001 - offline (URLError/OSError), bad archive
+            raise UserError(f"could not download {self.title} from {url} into {root} ({first_line(err)}); "
+                            f"without network, fetch that file elsewhere and {then}") from None
+
     def source_names(self) -> tuple[str, ...]:
         return ("train", "test")
 
@@ -250,28 +228,17 @@ class BaseDataModule(L.LightningDataModule):
         return self._crop_transform(train=False)
 
     def _crop_transform(self, train: bool) -> Callable:
-        return crop_transform(
-            train=train,
-            image_size=self.image_size,
-            native_size=self.native_size,
-            mean=self.mean,
-            std=self.std,
-            crop_padding=self.crop_padding,
-            hflip=self.hflip,
-            tensor_input=self.tensor_source,
-        )
+        return crop_transform(train=train, image_size=self.image_size, native_size=self.native_size, mean=self.mean,
+                              std=self.std, crop_padding=self.crop_padding, hflip=self.hflip,
+                              tensor_input=self.tensor_source)
 
-    # ------------------------------------------------------------------ existence
     def _require_data_dir(self) -> Path:
         if self.data_dir is None:
             raise UserError(f"data.data_dir is not set for {self.name}; {self.layout()}")
         return self.data_dir
 
     def check(self) -> None:
-        """Validate, cheaply, that the data exists (or will be downloaded); UserError otherwise.
-
-        Called by the entry points before any expensive work.
-        """
+        """Validate, cheaply, that the data exists (or will be downloaded), before any expensive work."""
         if self.download:
             self._require_data_dir()
             if self._absent():
@@ -300,24 +267,19 @@ class BaseDataModule(L.LightningDataModule):
             self._source(name)
         self._splits = self._partition()
 
-    def _ensure_setup(self) -> None:
-        if self._splits is None:
-            self.prepare_data()
-            self.setup()
-
     def _source(self, source: str) -> tuple[Dataset, np.ndarray]:
         if source not in self._sources:
             dataset, labels = self._load_source(source)
             self._sources[source] = (dataset, np.asarray(labels, dtype=np.int64))
         return self._sources[source]
 
-    # ------------------------------------------------------------------ datasets
     def split_indices(self, split: str) -> tuple[str, np.ndarray]:
         """``(source name, row indices)`` of a split."""
         if split not in SPLITS:
             raise UserError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
-        self._ensure_setup()
-        assert self._splits is not None
+        if self._splits is None:
+            self.prepare_data()
+            self.setup()
         return self._splits[split]
 
     def split_sizes(self) -> dict[str, int]:
@@ -333,20 +295,14 @@ class BaseDataModule(L.LightningDataModule):
         return SplitSubset(dataset, indices, self.transform(mode), source_name=source, mode=mode, labels=labels)
 
     def dataset(self, split: str, transform: str | None = None) -> SplitSubset:
-        """A split as a Dataset of ``(x: [C, H, W] float, y: int)``.
-
-        ``transform``: ``"train"`` | ``"eval"``; default ``"train"`` for the train split and
-        ``"eval"`` otherwise.
-        """
+        """A split as a Dataset of ``(x: [C, H, W] float, y: int)``; ``transform`` (``"train"`` |
+        ``"eval"``) defaults to the split's own."""
         source, indices = self.split_indices(split)
         mode = transform or ("train" if split == "train" else "eval")
         return self._subset(source, indices, mode)
 
     def calibration_set(self, n: int, seed: int, transform: str = "eval") -> SplitSubset:
-        """``n`` images drawn (seeded) from the training portion (never val or test).
-
-        Nested in ``n``: for one seed, the first ``n`` of a larger set are the smaller set.
-        """
+        """``n`` images drawn (seeded) from the training portion (never val or test); nested in ``n``."""
         self.transform(transform)  # validate the name before loading anything
         source, indices = self.split_indices("train")
         return self._subset(source, _draw(indices, n, seed, what=f"{self.name} training portion"), transform)
@@ -358,7 +314,6 @@ class BaseDataModule(L.LightningDataModule):
             indices = _draw(indices, n, seed, what=f"{self.name} test split")
         return self._subset(source, indices, "eval")
 
-    # ------------------------------------------------------------------ loaders
     def train_dataloader(self):
         return self._make_loader(self.dataset("train"), shuffle=True, batch_size=self.batch_size, persistent=True)
 
@@ -369,27 +324,18 @@ class BaseDataModule(L.LightningDataModule):
         return self._make_loader(self.dataset("test"), shuffle=False, batch_size=self.eval_batch_size, persistent=True)
 
     def loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None):
-        """A loader over ``dataset`` (default batch size: ``eval_batch_size``).
-
-        With ``on_device`` and a dataset from this module (``dataset``, ``calibration_set``,
-        ``eval_subset``) it is a :class:`DeviceBatchLoader`; otherwise a DataLoader.
-        """
-        batch_size = batch_size or self.eval_batch_size
-        return self._make_loader(dataset, shuffle=shuffle, batch_size=batch_size, persistent=False)
+        """A loader over ``dataset`` (default batch size: ``eval_batch_size``): a
+        :class:`DeviceBatchLoader` with ``on_device`` and a dataset of this module, else a DataLoader."""
+        return self._make_loader(dataset, shuffle=shuffle, batch_size=batch_size or self.eval_batch_size,
+                                 persistent=False)
 
     def _make_loader(self, dataset: Dataset, *, shuffle: bool, batch_size: int, persistent: bool):
         if self.on_device and isinstance(dataset, SplitSubset):
             return self.device_loader(dataset, shuffle=shuffle, batch_size=batch_size)
         workers = loader_workers(self.num_workers)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            persistent_workers=persistent and workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=False,
-        )
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                          persistent_workers=persistent and workers > 0, pin_memory=torch.cuda.is_available(),
+                          drop_last=False)
 
     def device_loader(
         self, dataset: SplitSubset, *, shuffle: bool = False, batch_size: int | None = None, seed: int | None = None
@@ -397,34 +343,21 @@ class BaseDataModule(L.LightningDataModule):
         """The :class:`DeviceBatchLoader` serving ``dataset``'s rows with its transform mode."""
         images, labels = self._device_source(dataset.source_name)
         train = dataset.mode == "train" and self.augment
-        return DeviceBatchLoader(
-            images,
-            labels,
-            batch_size or self.eval_batch_size,
-            indices=torch.as_tensor(dataset.indices),
-            shuffle=shuffle,
-            crop_padding=self.crop_padding if train else 0,
-            hflip=self.hflip if train else False,
-            mean=self.mean,
-            std=self.std,
-            seed=seed,
-            device=images.device,
-        )
+        return DeviceBatchLoader(images, labels, batch_size or self.eval_batch_size,
+                                 indices=torch.as_tensor(dataset.indices), shuffle=shuffle,
+                                 crop_padding=self.crop_padding if train else 0, hflip=self.hflip if train else False,
+                                 mean=self.mean, std=self.std, seed=seed, device=images.device)
 
     def _device_source(self, source: str) -> tuple[torch.Tensor, torch.Tensor]:
         if source not in self._device_data:
             images = self._source_tensor(source)
             labels = torch.as_tensor(self._source(source)[1], dtype=torch.long)
-            device = default_device()
-            self._device_data[source] = (images.to(device), labels.to(device))
+            self._device_data[source] = (images.to(default_device()), labels.to(default_device()))
         return self._device_data[source]
 
     def _source_tensor(self, source: str) -> torch.Tensor:
-        """A whole source as ``[N, C, H, W]`` uint8 at ``image_size`` (float [0,1] for tensor sources).
-
-        Generic path: decode (and resize) every image once with PIL, as the DataLoader path does,
-        in ``num_workers`` processes. Subclasses with the pixels already in memory override it.
-        """
+        """A whole source as ``[N, C, H, W]`` uint8 at ``image_size``, decoded (and resized) once with
+        PIL as the DataLoader path does. Subclasses with the pixels already in memory override it."""
         from torchvision import transforms as T
 
         dataset, labels = self._source(source)
@@ -432,14 +365,17 @@ class BaseDataModule(L.LightningDataModule):
         if self.native_size is None or self.image_size != self.native_size:
             steps.append(T.Resize((self.image_size, self.image_size)))
         steps.append(T.PILToTensor())
-        every = np.arange(len(dataset))
-        subset = SplitSubset(dataset, every, T.Compose(steps), source_name=source, mode="eval", labels=labels)
+        subset = SplitSubset(dataset, np.arange(len(dataset)), T.Compose(steps), source_name=source, mode="eval",
+                             labels=labels)
         loader = DataLoader(subset, batch_size=512, num_workers=loader_workers(self.num_workers))
         return torch.cat([x for x, _ in loader])
 
     def __repr__(self) -> str:
-        cls = type(self).__name__
-        return f"{cls}(data_dir={self.data_dir}, image_size={self.image_size}, on_device={self.on_device})"
+        return f"{type(self).__name__}(data_dir={self.data_dir}, image_size={self.image_size}, on_device={self.on_device})"
+
+
+def first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _draw(indices: np.ndarray, n: int, seed: int, *, what: str) -> np.ndarray:
@@ -452,13 +388,7 @@ def _draw(indices: np.ndarray, n: int, seed: int, *, what: str) -> np.ndarray:
     return indices[order[:n]]
 
 
-def _positive_int(key: str, value: Any) -> int:
-    if int(value) != value or int(value) < 1:
-        raise UserError(f"data.{key} must be a positive integer, got {value}")
-    return int(value)
-
-
-def _nonneg_int(key: str, value: Any) -> int:
-    if int(value) != value or int(value) < 0:
-        raise UserError(f"data.{key} must be a non-negative integer, got {value}")
+def _int_at_least(least: int, key: str, value: Any) -> int:
+    if int(value) != value or int(value) < least:
+        raise UserError(f"data.{key} must be a {'positive' if least else 'non-negative'} integer, got {value}")
     return int(value)

@@ -2,15 +2,12 @@
 
 Layout: ``<data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` and
 ``<data_dir>/cifar-100-python/{train, test, meta}`` (the "python version" archives of
-https://www.cs.toronto.edu/~kriz/cifar.html, which ``data.download=true``, the default, fetches
-when they are missing). ``verify=false`` skips torchvision's md5 checks (files only need to
-exist): for test fixtures or re-packed copies.
+https://www.cs.toronto.edu/~kriz/cifar.html, fetched when missing unless ``data.download=false``).
+``verify=false`` skips torchvision's md5 checks: for test fixtures or re-packed copies.
 
-The batches are pickles. ``pickle.load`` runs whatever callable a file names, so a crafted
-``cifar-100-python/train`` would run code as soon as it is read (and an md5 check guards nothing
-once ``verify=false``). Every CIFAR file is therefore read with :class:`CifarUnpickler`, which
-builds plain containers, numbers, strings and numpy arrays only and refuses anything else,
-whatever ``verify`` says.
+The batches are pickles, and ``pickle.load`` runs whatever callable a file names (an md5 check
+guards nothing once ``verify=false``). Every CIFAR file is therefore read with
+:class:`CifarUnpickler`, which builds plain containers, numbers, strings and numpy arrays only.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100, VisionDataset
 from torchvision.datasets import utils as tv_utils
 
-from axes_pipeline.data.base import BaseDataModule
+from axes_pipeline.data.base import BaseDataModule, first_line
 from axes_pipeline.data.settings import Cifar10Data, Cifar100Data
 from axes_pipeline.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from axes_pipeline.errors import UserError
@@ -40,9 +37,8 @@ def _latin1_encode(text: Any, encoding: str = "latin1") -> bytes:
 
 
 class CifarUnpickler(pickle.Unpickler):
-    """An unpickler for CIFAR batches: plain containers, numbers and strings (pickle's own opcodes)
-    plus numpy arrays, dtypes and scalars. Any other global a file names is refused, so no code
-    from the file runs."""
+    """An unpickler for CIFAR batches: pickle's own containers, numbers and strings plus numpy arrays,
+    dtypes and scalars. Any other global a file names is refused, so no code from the file runs."""
 
     ALLOWED: dict[tuple[str, str], Any] = {
         **{(mod, "_reconstruct"): _NP_CORE.multiarray._reconstruct
@@ -61,18 +57,15 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def read_cifar_pickle(path: str | os.PathLike) -> dict:
-    """A CIFAR batch or meta file as a dict (str keys, as torchvision reads them with latin1).
-
-    Raises :class:`UserError` (one line) when the file is not a plain pickled dict, including
-    when it names any callable other than numpy's array reconstruction."""
+    """A CIFAR batch or meta file as a dict (str keys, as torchvision reads them with latin1); a
+    one-line :class:`UserError` when it is not a plain pickled dict (or names another callable)."""
     try:
         with open(path, "rb") as f:
             obj = CifarUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, UnicodeDecodeError, MemoryError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(
-            f"{path} is not a plain CIFAR pickle ({first}); refusing to read it: delete the folder and "
+            f"{path} is not a plain CIFAR pickle ({first_line(err)}); refusing to read it: delete the folder and "
             f"set data.download=true, or restore the official files"
         ) from None
     if not isinstance(obj, dict):
@@ -94,13 +87,12 @@ class _SafeCifarMixin:
     """torchvision's CIFAR dataset with every file read by :func:`read_cifar_pickle`.
 
     Same attributes as torchvision's (``data [N, 32, 32, 3]`` uint8, ``targets``, ``classes``);
-    ``verify`` (class attribute) says whether torchvision's md5 checks apply."""
+    ``verify=False`` skips torchvision's md5 checks (the files need only exist)."""
 
-    verify = True
-
-    def __init__(self, root, train: bool = True, transform=None, target_transform=None) -> None:
+    def __init__(self, root, train: bool = True, transform=None, target_transform=None, verify: bool = True) -> None:
         VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
         self.train = train
+        self.verify = verify
         if not self._check_integrity():
             raise RuntimeError("Dataset not found or corrupted (md5 check)")
         data, targets = [], []
@@ -132,36 +124,20 @@ class _SafeCifarMixin:
 
 
 class SafeCIFAR10(_SafeCifarMixin, CIFAR10):
-    """:class:`torchvision.datasets.CIFAR10` read with :class:`CifarUnpickler`, md5-checked."""
+    """:class:`torchvision.datasets.CIFAR10` read with :class:`CifarUnpickler`."""
 
 
 class SafeCIFAR100(_SafeCifarMixin, CIFAR100):
-    """:class:`torchvision.datasets.CIFAR100` read with :class:`CifarUnpickler`, md5-checked."""
-
-
-class UnverifiedCIFAR10(SafeCIFAR10):
-    """:class:`SafeCIFAR10` without the md5 checks: the files need only exist."""
-
-    verify = False
-
-
-class UnverifiedCIFAR100(SafeCIFAR100):
-    """:class:`SafeCIFAR100` without the md5 checks: the files need only exist."""
-
-    verify = False
+    """:class:`torchvision.datasets.CIFAR100` read with :class:`CifarUnpickler`."""
 
 
 class _CifarDataModule(BaseDataModule):
-    """Shared CIFAR logic; subclasses name the torchvision classes and the statistics.
-
-    Knobs and defaults: :class:`~axes_pipeline.data.settings.Cifar10Data` / ``Cifar100Data``
-    (RandomCrop(32, padding=4) + flip; downloaded when missing).
-    """
+    """Shared CIFAR logic; subclasses name the torchvision class and the statistics. Knobs and
+    defaults: :class:`~axes_pipeline.data.settings.Cifar10Data` / ``Cifar100Data``."""
 
     native_size = 32
     title = "CIFAR"
     dataset_cls: type[CIFAR10] = SafeCIFAR10
-    unverified_cls: type[CIFAR10] = UnverifiedCIFAR10
 
     @property
     def folder(self):
@@ -187,22 +163,14 @@ class _CifarDataModule(BaseDataModule):
             raise UserError(f"{self.title} not found (missing {', '.join(missing)}): {self.layout()}")
 
     def _download(self) -> None:
-        root = self._require_data_dir()
-        root.mkdir(parents=True, exist_ok=True)
+        # the archive only: the batches are read later, by the safe reader
         cls = self.dataset_cls
-        try:  # the archive only: the batches are read later, by the safe reader
-            tv_utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
-        except Exception as err:  # noqa: BLE001 - offline (URLError/OSError), bad archive
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(
-                f"could not download {self.title} from {cls.url} into {root} ({first}); without network, "
-                f"fetch that file elsewhere and extract it into {root}"
-            ) from None
+        self._download_archive(cls.url, f"extract it into {self._require_data_dir()}", filename=cls.filename,
+                               md5=cls.tgz_md5)
 
     def _load_source(self, source: str):
-        cls = self.dataset_cls if self.verify else self.unverified_cls
         try:
-            dataset = cls(str(self._require_data_dir()), train=source == "train")
+            dataset = self.dataset_cls(str(self._require_data_dir()), train=source == "train", verify=self.verify)
         except RuntimeError as err:
             raise UserError(
                 f"{self.title} files under {self.folder} fail torchvision's integrity check ({err}); "
@@ -232,7 +200,6 @@ class Cifar10DataModule(_CifarDataModule):
     mean = CIFAR10_MEAN
     std = CIFAR10_STD
     dataset_cls = SafeCIFAR10
-    unverified_cls = UnverifiedCIFAR10
     num_classes = 10  # type: ignore[assignment]
 
 
@@ -245,5 +212,4 @@ class Cifar100DataModule(_CifarDataModule):
     mean = CIFAR100_MEAN
     std = CIFAR100_STD
     dataset_cls = SafeCIFAR100
-    unverified_cls = UnverifiedCIFAR100
     num_classes = 100  # type: ignore[assignment]

@@ -1,12 +1,10 @@
 """Batches of a small dataset kept as one tensor on the accelerator, augmented there.
 
 For CIFAR-sized data a per-image PIL pipeline in worker processes is the bottleneck of a GPU run.
-:class:`DeviceBatchLoader` holds the whole split on the device (``uint8`` images, or ``float`` in
-[0, 1] for digits) and builds each batch with a few vectorised ops: gather the batch, zero-pad it,
-take one random crop offset per image by advanced indexing, flip a random half, scale to [0, 1]
-and normalise. The arithmetic is the one torchvision's ``ToTensor`` + ``Normalize`` do, so
-evaluation batches equal those of the DataLoader path (a dataset shown at another ``image_size``
-is resized once, with PIL, when it is copied to the device).
+:class:`DeviceBatchLoader` holds the whole split on the device (``uint8``, or ``float`` in [0, 1]
+for digits) and builds each batch with a few vectorised ops: gather, zero-pad, one random crop
+offset per image, flip a random half, scale to [0, 1] and normalise, with the arithmetic of
+torchvision's ``ToTensor`` + ``Normalize``, so evaluation batches equal the DataLoader path's.
 
 Randomness (order, crop offsets, flips) comes from a CPU generator seeded with ``(seed, epoch)``:
 the same seed and epoch give the same batches on any device. The epoch advances by one at each
@@ -44,8 +42,7 @@ class DeviceBatchLoader:
             Moved to ``device`` once (a no-op when already there).
         labels: ``[N]`` integer class labels.
         batch_size: images per batch; the last batch may be smaller unless ``drop_last``.
-        indices: ``[M]`` rows of ``images`` that form this loader's split (default: all), so
-            several splits can share one device copy.
+        indices: ``[M]`` rows of ``images`` in this loader's split (default: all).
         shuffle: a new seeded order each epoch.
         crop_padding: random crop of the image's own size after zero padding by this many pixels
             on each side (torchvision ``RandomCrop(size, padding=p)``); 0 = no crop.
@@ -57,22 +54,10 @@ class DeviceBatchLoader:
     Yields ``x: [B, C, H, W] float32`` and ``y: [B] int64`` on ``device``.
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        *,
-        indices: torch.Tensor | Sequence[int] | None = None,
-        shuffle: bool = False,
-        crop_padding: int = 0,
-        hflip: bool = False,
-        mean: Sequence[float] = (0.0, 0.0, 0.0),
-        std: Sequence[float] = (1.0, 1.0, 1.0),
-        seed: int | None = None,
-        drop_last: bool = False,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                 indices: torch.Tensor | Sequence[int] | None = None, shuffle: bool = False, crop_padding: int = 0,
+                 hflip: bool = False, mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
+                 seed: int | None = None, drop_last: bool = False, device: torch.device | str | None = None) -> None:
         if images.ndim != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         if batch_size < 1:
@@ -80,8 +65,7 @@ class DeviceBatchLoader:
         self.device = torch.device(device) if device is not None else default_device()
         self.images = images.to(self.device)
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
-        if indices is None:
-            indices = torch.arange(len(self.images))
+        indices = torch.arange(len(self.images)) if indices is None else indices
         self.indices = torch.as_tensor(indices, dtype=torch.long).to(self.device)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
@@ -97,11 +81,6 @@ class DeviceBatchLoader:
         # What Lightning looks at on a loader: set_epoch via .sampler, no batch sampler.
         self.sampler = _EpochSampler(self)
         self.batch_sampler = None
-
-    # ------------------------------------------------------------------ protocol
-    @property
-    def augment(self) -> bool:
-        return self.crop_padding > 0 or self.hflip
 
     @property
     def num_samples(self) -> int:
@@ -120,7 +99,6 @@ class DeviceBatchLoader:
         self.epoch += 1
         return self._batches(epoch)
 
-    # ------------------------------------------------------------------ work
     def _generator(self, epoch: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63 - 1))
 

@@ -9,6 +9,8 @@ uses the training split's mean and std. Augmentation (off by default) is a small
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -46,13 +48,8 @@ def digits_images(image_size: int) -> tuple[torch.Tensor, np.ndarray]:
 
 
 class DigitsDataModule(BaseDataModule):
-    """The 8×8 digits of scikit-learn, brought to ``[3, image_size, image_size]``.
-
-    Knobs and defaults: :class:`~axes_pipeline.data.settings.DigitsData` (batch 64, no workers,
-    16×16, no augmentation; ``crop_padding=2`` when ``augment``; never ``hflip``), with
-    ``test_fraction`` (the test split is carved with the same stratified, seeded split as val).
-    The data ships with scikit-learn: no ``data_dir``.
-    """
+    """The 8×8 digits of scikit-learn, brought to ``[3, image_size, image_size]``; no ``data_dir``.
+    Knobs and defaults: :class:`~axes_pipeline.data.settings.DigitsData`."""
 
     settings = DigitsData
     name = DigitsData.name
@@ -68,7 +65,6 @@ class DigitsDataModule(BaseDataModule):
                 f"digits needs 0 < data.test_fraction and data.val_fraction + data.test_fraction < 1, "
                 f"got {self.val_fraction} + {self.test_fraction}"
             )
-        self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def layout(self) -> str:
         return "digits ships inside scikit-learn (sklearn.datasets.load_digits); install scikit-learn"
@@ -97,17 +93,16 @@ class DigitsDataModule(BaseDataModule):
     # The training split's statistics, computed once (loads the data).
     @property
     def mean(self) -> tuple[float, ...]:  # type: ignore[override]
-        return self._train_stats()[0]
+        return self._train_stats[0]
 
     @property
     def std(self) -> tuple[float, ...]:  # type: ignore[override]
-        return self._train_stats()[1]
+        return self._train_stats[1]
 
+    @cached_property
     def _train_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        if self._stats is None:
-            source, indices = self.split_indices("train")
-            x = self._source(source)[0].images[torch.as_tensor(indices)]  # [n, 3, S, S]
-            mean = x.mean(dim=(0, 2, 3))
-            std = x.std(dim=(0, 2, 3))
-            self._stats = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
-        return self._stats
+        source, indices = self.split_indices("train")
+        x = self._source(source)[0].images[torch.as_tensor(indices)]  # [n, 3, S, S]
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.std(dim=(0, 2, 3))
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -11,6 +11,7 @@ ImageNet's val set is our *test* split; our val split is carved from train.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -28,10 +29,7 @@ ROOT_NAMES = ("imagenet100", "imagenet")
 
 def parse_class_list(text: str) -> list[str]:
     """One wnid per line (or whitespace-separated); blank lines and ``#`` comments ignored."""
-    wnids: list[str] = []
-    for line in text.splitlines():
-        wnids.extend(line.split("#", 1)[0].split())
-    return wnids
+    return [w for line in text.splitlines() for w in line.split("#", 1)[0].split()]
 
 
 def default_class_list() -> list[str]:
@@ -53,11 +51,9 @@ class RestrictedImageFolder(ImageFolder):
 class ImageNet100DataModule(BaseDataModule):
     """ImageNet-100 at ``image_size`` (224): RandomResizedCrop + flip / Resize(256) + CenterCrop.
 
-    Knobs and defaults: :class:`~axes_pipeline.data.settings.ImageNet100Data`, with
-    ``class_list``: ``None`` (the shipped CMC list), a path to a list file, or a list of wnids.
-    ``download`` must stay false (ImageNet is obtained by hand from image-net.org); ``verify`` and
-    ``crop_padding`` are unused.
-    """
+    Knobs and defaults: :class:`~axes_pipeline.data.settings.ImageNet100Data`. ``download`` must
+    stay false (ImageNet is obtained by hand from image-net.org); ``verify`` and ``crop_padding``
+    are unused."""
 
     settings = ImageNet100Data
     name = ImageNet100Data.name
@@ -75,9 +71,7 @@ class ImageNet100DataModule(BaseDataModule):
         super()._configure(**knobs)
         self.class_list = class_list
         self.wnids_listed = self._read_class_list(class_list)
-        self._root: Path | None = None
 
-    # ------------------------------------------------------------------ classes
     @staticmethod
     def _read_class_list(class_list) -> list[str]:
         if class_list is None:
@@ -109,7 +103,6 @@ class ImageNet100DataModule(BaseDataModule):
     def num_classes(self) -> int:
         return len(self.wnids_listed)
 
-    # ------------------------------------------------------------------ disk
     @staticmethod
     def _layout_text(data_dir) -> str:
         base = Path(data_dir).expanduser() if data_dir else "<data_dir>"
@@ -121,19 +114,14 @@ class ImageNet100DataModule(BaseDataModule):
     def layout(self) -> str:
         return "expected ImageNet in ImageFolder layout: " + self._layout_text(self.data_dir)
 
-    @property
+    @cached_property
     def root(self) -> Path:
         """The first of ``<data_dir>/imagenet100``, ``<data_dir>/imagenet`` with train/ and val/."""
-        if self._root is None:
-            data_dir = self._require_data_dir()
-            for name in ROOT_NAMES:
-                candidate = data_dir / name
-                if (candidate / "train").is_dir() and (candidate / "val").is_dir():
-                    self._root = candidate
-                    break
-            else:
-                raise UserError(f"ImageNet-100 not found under {data_dir}: {self.layout()}")
-        return self._root
+        data_dir = self._require_data_dir()
+        for name in ROOT_NAMES:
+            if (data_dir / name / "train").is_dir() and (data_dir / name / "val").is_dir():
+                return data_dir / name
+        raise UserError(f"ImageNet-100 not found under {data_dir}: {self.layout()}")
 
     def _check_present(self) -> None:
         root = self.root
@@ -153,13 +141,10 @@ class ImageNet100DataModule(BaseDataModule):
             raise UserError(f"ImageNet-100 under {folder}: {err}; {self.layout()}") from err
         return dataset, np.asarray(dataset.targets, dtype=np.int64)
 
-    # ------------------------------------------------------------------ transforms
     def train_transform(self):
         if not self.augment:
             return self.eval_transform()
-        return imagenet_transform(
-            train=True, image_size=self.image_size, mean=self.mean, std=self.std, hflip=self.hflip
-        )
+        return imagenet_transform(train=True, image_size=self.image_size, mean=self.mean, std=self.std, hflip=self.hflip)
 
     def eval_transform(self):
         return imagenet_transform(train=False, image_size=self.image_size, mean=self.mean, std=self.std)

@@ -111,19 +111,18 @@ class TinyImageNetData(FileDataConfig):
 
 @dataclass
 class ImageNet100Data(FileDataConfig):
-    """ImageNet-100 at 224: RandomResizedCrop(224) + flip for train, Resize(256) + CenterCrop(224) for eval."""
+    """ImageNet-100 at 224: RandomResizedCrop(224) + flip for train, Resize(256) + CenterCrop(224) for eval.
+    Never on the device (too large); ``verify`` is unused (an ImageFolder copy has no official checksums)."""
 
     _target_: str = "axes_pipeline.data.ImageNet100DataModule"
     name: str = "imagenet100"
     download: bool = False        # ImageNet cannot be downloaded automatically
-    verify: bool = True           # unused: there are no official checksums for an ImageFolder copy
     # null: the CMC 100-class list shipped in axes_pipeline/data/imagenet100_classes.txt; a list
     # file's path; or a list of wnids
     class_list: Any = None
     batch_size: int = 64
     eval_batch_size: int = 128
     num_workers: int = 8
-    on_device: bool = False       # not available: too large to keep on the device
     image_size: int = 224
     crop_padding: int = 0         # unused (ImageNet-style transforms)
     # METHODS §10: 30 epochs, Adam 1e-3, wd 1e-4.

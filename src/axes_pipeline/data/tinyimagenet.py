@@ -13,6 +13,7 @@ from train. Labels follow the sorted wnids (as torchvision's ImageFolder would n
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,6 @@ class ImageListDataset(Dataset):
 
     def __init__(self, samples: list[tuple[str, int]]) -> None:
         self.samples = samples
-        self.targets = [label for _, label in samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -80,21 +80,16 @@ def tiny_val_samples(root: Path, class_to_idx: dict[str, int]) -> list[tuple[str
 
 
 class TinyImageNetDataModule(BaseDataModule):
-    """Tiny-ImageNet-200 at 64×64: RandomCrop(64, padding=8) + flip; ImageNet mean/std.
-
-    Knobs and defaults: :class:`~axes_pipeline.data.settings.TinyImageNetData`. ``verify=true``
-    also requires the full 200 classes in ``wnids.txt`` (and the archive's md5 when downloading).
-    """
+    """Tiny-ImageNet-200 at 64×64, ImageNet mean/std. Knobs and defaults:
+    :class:`~axes_pipeline.data.settings.TinyImageNetData`; ``verify=true`` also requires the full
+    200 classes in ``wnids.txt`` (and the archive's md5 when downloading)."""
 
     settings = TinyImageNetData
     name = TinyImageNetData.name
+    title = "Tiny-ImageNet"
     native_size = 64
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
-
-    def __init__(self, **knobs) -> None:
-        super().__init__(**knobs)
-        self._wnids: list[str] | None = None
 
     @property
     def root(self) -> Path:
@@ -129,33 +124,20 @@ class TinyImageNetDataModule(BaseDataModule):
             )
 
     def _download(self) -> None:
-        from torchvision.datasets.utils import download_and_extract_archive
-
-        root = self._require_data_dir()
-        root.mkdir(parents=True, exist_ok=True)
-        try:
-            download_and_extract_archive(TINY_URL, str(root), md5=TINY_MD5 if self.verify else None)
-        except Exception as err:  # noqa: BLE001 - offline (URLError/OSError), bad archive
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(
-                f"could not download Tiny-ImageNet from {TINY_URL} into {root} ({first}); without network, "
-                f"fetch that file elsewhere and unzip it there (giving {root / TINY_FOLDER}/)"
-            ) from None
+        self._download_archive(TINY_URL, f"unzip it there (giving {self.root}/)", md5=TINY_MD5 if self.verify else None)
 
     def _absent(self) -> bool:
         # Only a missing release is downloaded: a partial copy (fewer than 200 classes) keeps its
         # own error instead of a 237 MB download over it.
         return not (self.root / "wnids.txt").is_file()
 
-    @property
+    @cached_property
     def wnids(self) -> list[str]:
         """The class wnids, sorted (label order)."""
-        if self._wnids is None:
-            path = self.root / "wnids.txt"
-            if not path.is_file():
-                raise UserError(f"Tiny-ImageNet not found (missing wnids.txt): {self.layout()}")
-            self._wnids = sorted(read_wnids(path))
-        return self._wnids
+        path = self.root / "wnids.txt"
+        if not path.is_file():
+            raise UserError(f"Tiny-ImageNet not found (missing wnids.txt): {self.layout()}")
+        return sorted(read_wnids(path))
 
     @property
     def num_classes(self) -> int:

@@ -26,22 +26,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TRANSFORM_MODES = ("train", "eval")
 
 
-def crop_transform(
-    *,
-    train: bool,
-    image_size: int,
-    native_size: int | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-    crop_padding: int = 0,
-    hflip: bool = False,
-    tensor_input: bool = False,
-) -> Callable:
-    """The crop-style pipeline.
-
-    ``tensor_input``: the dataset already yields float tensors ``[C, H, W]`` in [0, 1] at
-    ``image_size`` (digits), so there is no resize and no to-tensor step.
-    """
+def crop_transform(*, train: bool, image_size: int, native_size: int | None, mean: Sequence[float],
+                   std: Sequence[float], crop_padding: int = 0, hflip: bool = False,
+                   tensor_input: bool = False) -> Callable:
+    """The crop-style pipeline. ``tensor_input``: the dataset already yields float tensors
+    ``[C, H, W]`` in [0, 1] at ``image_size`` (digits), so there is no resize and no to-tensor step."""
     steps: list[Callable] = []
     if not tensor_input and native_size is not None and image_size != native_size:
         steps.append(T.Resize((image_size, image_size)))

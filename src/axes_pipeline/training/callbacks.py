@@ -1,9 +1,8 @@
 """The training callbacks of conf/callbacks: their typed nodes, and the two that are ours.
 
-Every callback is a ``_target_`` node under ``callbacks`` built by
-:func:`axes_pipeline.wiring.instantiate_all`; ``callbacks.<name>=false`` leaves one out. The
-global ``checkpoint`` block holds the knobs users set (``checkpoint.every_epoch=true``); the
-checkpoint callbacks read them by interpolation.
+Every callback is a ``_target_`` node under ``callbacks`` (:func:`axes_pipeline.wiring.instantiate_all`);
+``callbacks.<name>=false`` leaves one out. The checkpoint callbacks read the knobs users set in the
+global ``checkpoint`` block (``checkpoint.every_epoch=true``) by interpolation.
 """
 
 from __future__ import annotations
@@ -74,8 +73,7 @@ class LRMonitorNode:
 
 @dataclass
 class CallbacksConfig:
-    """``callbacks``: name -> ``_target_`` node; ``false``/``null`` leaves one out (typed ``Any`` so
-    that it may be ``false``)."""
+    """``callbacks``: name -> ``_target_`` node, or ``false``/``null`` (hence ``Any``) to leave it out."""
 
     model_checkpoint: Any = field(default_factory=ModelCheckpointNode)
     epoch_checkpoint: Any = field(default_factory=EpochCheckpointNode)

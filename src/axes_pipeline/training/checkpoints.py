@@ -60,11 +60,7 @@ def epoch_checkpoint(dirpath: str | Path, every_epoch: bool) -> EpochCheckpoint 
 
 def epoch_checkpoints(ckpt_dir: str | Path) -> dict[int, Path]:
     """{epoch: path} of the per-epoch checkpoints in ``ckpt_dir``, sorted by epoch."""
-    found = {}
-    for path in Path(ckpt_dir).glob("epoch_*.ckpt"):
-        m = EPOCH_RE.search(path.name)
-        if m:
-            found[int(m.group(1))] = path
+    found = {int(m.group(1)): p for p in Path(ckpt_dir).glob("epoch_*.ckpt") if (m := EPOCH_RE.search(p.name))}
     return dict(sorted(found.items()))
 
 
@@ -95,9 +91,8 @@ _WARNED: set[str] = set()
 
 
 def check_meta(meta: dict, expect: dict, path: str | Path) -> None:
-    """Refuse a checkpoint whose recorded model/width/class count/dataset/image size differs from
-    ``expect``, in one line. A checkpoint of another dataset with the same class count loads
-    without a shape error, so without this check its axes would be computed on the wrong images."""
+    """Refuse, in one line, a checkpoint whose recorded meta differs from ``expect``: one of another
+    dataset with the same class count loads without a shape error, and its axes would be wrong."""
     for key, want in expect.items():
         have = meta.get(key)
         if have is not None and want is not None and have != want:
@@ -111,11 +106,8 @@ def check_meta(meta: dict, expect: dict, path: str | Path) -> None:
 
 
 def load_into(model: torch.nn.Module, path: str | Path, expect: dict | None = None) -> dict:
-    """Load the weights of checkpoint ``path`` into ``model``; refuse another model or class count.
-
-    ``expect`` holds the meta fields that must match (model, width, num_classes, data, image_size;
-    see :func:`check_meta`). Returns the checkpoint's meta.
-    """
+    """Load the weights of checkpoint ``path`` into ``model`` and return its meta; refuse another
+    model or class count, and a meta that differs from ``expect`` (:func:`check_meta`)."""
     ckpt = read_checkpoint(path)
     meta = ckpt.get("axes_meta", {})
     check_meta(meta, expect or {}, path)

@@ -13,12 +13,8 @@ from axes_pipeline.training.optim import warmup_cosine
 
 
 class ClassifierModule(L.LightningModule):
-    """Wraps a backbone for training.
-
-    ``optimizer`` is a partial (``params -> Optimizer``) built from config. ``meta`` (model name,
-    width, class count, data name...) is stored in every checkpoint so later stages can refuse a
-    checkpoint from another model or class count with a clear message.
-    """
+    """Wraps a backbone for training. ``optimizer``: ``params -> Optimizer``. ``meta`` (model, width,
+    class count, data...) is stored in every checkpoint so later stages can refuse another model's."""
 
     def __init__(self, model: torch.nn.Module, optimizer: Callable, num_classes: int,
                  label_smoothing: float = 0.0, warmup_epochs: int = 0,

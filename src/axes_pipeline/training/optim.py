@@ -13,10 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.errors import unknown_name
 
-#: The one lookup from a recipe's optimizer name to its class. The recipe names its optimizer in a
-#: config value (``data.recipe.optimizer``, else ``model.recipe.optimizer``), and Hydra picks a
-#: config-group option only from the command line, never from a value; so ``optim._target_`` is
-#: ``${optimizer:${.name}}`` and the name is resolved here.
+#: A recipe's optimizer name -> its class. The recipe names it in a config value, and Hydra picks a
+#: config-group option only from the command line, so ``optim._target_`` is ``${optimizer:${.name}}``.
 OPTIMIZERS = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"}
 
 

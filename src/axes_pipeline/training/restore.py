@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from axes_pipeline.config import run_dir_candidates, trained_run_dir
 from axes_pipeline.errors import UserError
-from axes_pipeline.training.checkpoints import load_into, read_checkpoint
+from axes_pipeline.training.checkpoints import load_into
 from axes_pipeline.training.train import build_datamodule, instantiate_model
 
 log = logging.getLogger("axes_pipeline")
@@ -66,8 +66,7 @@ def check_finished(cfg: DictConfig, run: Path) -> None:
 
 
 def expected_meta(cfg: DictConfig, num_classes: int) -> dict:
-    """The checkpoint meta this config needs (see checkpoints.check_meta): model, width, class
-    count, dataset and image size."""
+    """The checkpoint meta this config needs (see checkpoints.check_meta)."""
     return {"model": cfg.model.name, "num_classes": int(num_classes), "width": float(cfg.model.width),
             "data": cfg.data.name, "image_size": int(cfg.data.image_size)}
 
@@ -95,6 +94,3 @@ def restore_trained(cfg: DictConfig, ckpt: Path | None = None) -> Trained:
     meta = load_into(model, ckpt, expect=expected_meta(cfg, dm.num_classes))
     model.eval()
     return Trained(run_dir=out, ckpt=ckpt, model=model, datamodule=dm, meta=meta)
-
-
-__all__ = ["Trained", "architecture", "check_finished", "expected_meta", "locate_run", "restore_trained", "read_checkpoint"]

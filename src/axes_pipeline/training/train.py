@@ -53,12 +53,10 @@ def model_meta(cfg: DictConfig, num_classes: int) -> dict:
 
 
 def train_settings(cfg: DictConfig) -> dict:
-    """Everything that decides the trained weights besides the run directory's own parts
-    (name, data, model, width, seed): the data identity, the model's other knobs, the optimizer,
-    the recipe, the epochs and precision, and the content of an initialising ``ckpt=``.
-
-    Stored as ``train_settings.json`` before training starts; a rerun with other values is refused
-    with a one-line diff instead of silently keeping (or resuming into) the old run.
+    """Everything that decides the trained weights besides the run directory's own parts: the data
+    identity, the model's other knobs, the optimizer, the recipe, the epochs and precision, and the
+    content of an initialising ``ckpt=``. Stored as ``train_settings.json``, so that a rerun with
+    other values is refused with a one-line diff instead of keeping (or resuming into) the old run.
     """
     # from_scratch only guards against pretrained weights: keyed when set, as before it was typed
     model = {f"model.{k}": v for k, v in to_container(cfg.model).items() if k != "from_scratch" or v}
@@ -88,12 +86,10 @@ def check_settings(out: Path, want: dict) -> None:
 
 
 def resume_point(out: Path) -> tuple[Path | None, int, int]:
-    """(``last.ckpt`` to resume from or None, the first epoch and the first optimizer step this
-    process trains).
+    """(``last.ckpt`` to resume from or None, the first epoch and optimizer step this process trains).
 
     A damaged ``last.ckpt`` is a one-line error that says how to start over, not a traceback from
-    deep inside Lightning (nor a silent fresh start that would throw away finished epochs).
-    """
+    deep inside Lightning (nor a silent fresh start that would throw away finished epochs)."""
     last = out / "checkpoints" / "last.ckpt"
     if not last.exists():
         return None, 0, 0
@@ -115,8 +111,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class EpochRNG(L.Callback):
-    """Make each epoch's randomness a function of (seed, epoch), so a resumed run is the run it
-    resumes.
+    """Make each epoch's randomness a function of (seed, epoch), so a resumed run is the run it resumes.
 
     Lightning's resume restores weights, optimizer, scheduler and loop counters but not the random
     state: the shuffling of the training loader (its sampler draws from the global generator when
@@ -148,17 +143,6 @@ class EpochRNG(L.Callback):
         # The logger's rows of finished epochs go to disk now: a kill during this epoch keeps them.
         if trainer.logger is not None:
             trainer.logger.save()
-
-
-def _init_weights(model: torch.nn.Module, cfg: DictConfig, num_classes: int) -> None:
-    """``ckpt=PATH`` in train.py initialises the backbone with that checkpoint's weights (weights
-    only: optimizer, schedule and epoch start afresh). It must be a checkpoint of this model,
-    width, class count and dataset; anything else is a one-line error before training."""
-    if not cfg.ckpt:
-        return
-    load_into(model, cfg.ckpt, expect={"model": cfg.model.name, "width": float(cfg.model.width),
-                                       "num_classes": int(num_classes), "data": cfg.data.name})
-    log.info("initialised the weights from ckpt=%s", cfg.ckpt)
 
 
 class Throughput(L.Callback):
@@ -202,7 +186,10 @@ def run_training(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg)
     dm.check()
     model = instantiate_model(cfg, dm.num_classes)
-    _init_weights(model, cfg, dm.num_classes)
+    if cfg.ckpt:   # initial weights only (optimizer, schedule and epoch start afresh) of this model and data
+        load_into(model, cfg.ckpt, expect={"model": cfg.model.name, "width": float(cfg.model.width),
+                                           "num_classes": int(dm.num_classes), "data": cfg.data.name})
+        log.info("initialised the weights from ckpt=%s", cfg.ckpt)
     write_json(out / "train_settings.json", settings)
     channels_last = cfg.train.channels_last
     if channels_last == "auto":

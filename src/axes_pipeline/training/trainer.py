@@ -1,11 +1,9 @@
-"""conf/trainer: its schema, and the Trainer of ``trainer=ddp``: the GPU defaults where there are GPUs,
-what works on CPU where not.
+"""conf/trainer: its schema, and the Trainer of ``trainer=ddp``.
 
-One config serves both: ``trainer=ddp`` on a GPU box (bf16, synchronised BatchNorm) and
-``trainer=ddp trainer.accelerator=cpu trainer.devices=2`` (gloo, the CI test). ``auto`` in
-``precision`` and ``sync_batchnorm`` is resolved here, because torch's SyncBatchNorm is CUDA-only
-(on CPU DDP fails with "SyncBatchNorm layers only work with GPU modules") and bf16 autocast on a
-CPU is a slow emulation, not the GPU recipe.
+One config serves a GPU box (bf16, synchronised BatchNorm) and ``trainer.accelerator=cpu
+trainer.devices=2`` (gloo, the CI test): ``auto`` in ``precision`` and ``sync_batchnorm`` is
+resolved here, because torch's SyncBatchNorm is CUDA-only and bf16 autocast on a CPU is a slow
+emulation, not the GPU recipe.
 """
 
 from __future__ import annotations
@@ -43,13 +41,9 @@ class TrainerConfig:
     limit_test_batches: Any = None
 
 
-def on_gpu(accelerator: str) -> bool:
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-
-
 def ddp_trainer(*, accelerator: str = "auto", precision: str = "auto", sync_batchnorm="auto", **kwargs) -> L.Trainer:
     """``lightning.Trainer`` with ``precision``/``sync_batchnorm`` ``auto`` resolved for the device."""
-    gpu = on_gpu(str(accelerator))
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if precision == "auto":
         precision = "bf16-mixed" if gpu else "32-true"
     if sync_batchnorm == "auto":
