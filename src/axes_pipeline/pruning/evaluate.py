@@ -3,6 +3,7 @@ fine-tune, latency."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -11,11 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 
-__all__ = ["evaluate", "evaluate_splits", "finetune", "latency", "test_loader", "val_loader"]
+__all__ = ["evaluate", "evaluate_splits", "evaluate_test_val", "finetune", "latency"]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, max_batches: int | None = None) -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
     """Top-1, top-5 accuracy and mean cross-entropy of ``model`` over ``loader`` (eval mode)."""
     was = model.training
     model.eval()
@@ -23,9 +24,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_batches: int | 
     loss = 0.0
     top1 = top5 = None  # built on the first batch: torchmetrics needs num_classes
     try:
-        for b, (x, y) in enumerate(loader):
-            if max_batches is not None and b >= max_batches:
-                break
+        for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x).float()
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -101,8 +100,6 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64),
     At most ``repeats`` timed forwards, fewer (but at least 3) once ``budget_s`` is spent on one
     (device, batch size): a large batch on a CPU would otherwise dominate a pruning sweep.
     """
-    import copy
-
     out = {}
     c, h, w = input_shape[-3:]
     for dev in devices:
@@ -131,24 +128,21 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64),
     return out
 
 
-def test_loader(dm, eval_samples: int | None, eval_seed: int):
-    """The test split, or a seeded subset of ``eval_samples`` of its images (``pruning.eval_samples``)."""
-    if eval_samples is None:
-        return dm.test_dataloader()
-    return dm.loader(dm.eval_subset(int(eval_samples), eval_seed))
-
-
-def val_loader(dm):
-    """The validation split training carved from the training data (every "best" is chosen on
-    it); None when there is none (``data.val_fraction=0``)."""
-    return dm.val_dataloader() if dm.split_sizes().get("val", 0) > 0 else None
+def evaluate_test_val(model: nn.Module, dm, settings, device: torch.device) -> tuple[dict, dict | None]:
+    """:func:`evaluate` on the test split (or a seeded subset of ``pruning.eval_samples`` of its
+    images) and on the validation split training carved from the training data (every "best" is
+    chosen on it; None when there is none, ``data.val_fraction=0``)."""
+    if settings.eval_samples is None:
+        test = evaluate(model, dm.test_dataloader(), device)
+    else:
+        test = evaluate(model, dm.loader(dm.eval_subset(int(settings.eval_samples), settings.eval_seed)), device)
+    val = dm.val_dataloader() if dm.split_sizes().get("val", 0) > 0 else None
+    return test, (evaluate(model, val, device) if val is not None else None)
 
 
 def evaluate_splits(model: nn.Module, dm, settings, device: torch.device, suffix: str = "before_ft") -> dict:
     """``acc_<suffix>`` etc. on the test split and ``val_acc_<suffix>`` on the validation split."""
-    test = evaluate(model, test_loader(dm, settings.eval_samples, settings.eval_seed), device)
-    val = val_loader(dm)
-    val = evaluate(model, val, device) if val is not None else None
+    test, val = evaluate_test_val(model, dm, settings, device)
     tail = "" if suffix == "before_ft" else "_after_ft"
     return {f"acc_{suffix}": test["acc"], f"top5{tail}": test["top5"], f"loss{tail}": test["loss"],
             f"val_acc_{suffix}": val["acc"] if val else None, f"val_loss{tail}": val["loss"] if val else None}

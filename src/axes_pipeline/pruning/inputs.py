@@ -3,6 +3,7 @@ checked before any point) and the calibration batches of taylor / hrank / chip."
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
@@ -11,15 +12,9 @@ from omegaconf import DictConfig
 from axes_pipeline.errors import UserError
 from axes_pipeline.pruning.scores import Score
 from axes_pipeline.pruning.settings import PruneSettings
-from axes_pipeline.runs import frame_digest
 from axes_pipeline.tables import Schema, check_table, read_table
 
-__all__ = ["axes_digest", "axes_loader", "axes_schema", "calibration_batches"]
-
-
-def axes_digest(table: pd.DataFrame | None) -> str | None:
-    """A content digest of the analysis table the axes scores read (part of their points' keys)."""
-    return None if table is None else frame_digest(table)
+__all__ = ["axes_loader", "axes_schema", "calibration_batches"]
 
 
 def _analyze_hint(cfg: DictConfig) -> str:
@@ -65,8 +60,8 @@ def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
         try:
             from axes_pipeline.analyses.axes_table import load_or_compute_axes
         except ImportError:
-            load_or_compute_axes = None
-        if load_or_compute_axes is not None:
+            pass
+        else:
             try:
                 return checked(load_or_compute_axes(cfg, trained), cached)
             except (ConfigAttributeError, ConfigKeyError, KeyError, AttributeError) as err:
@@ -75,8 +70,7 @@ def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
                                     f"and cannot be computed from the prune config ({type(err).__name__}: "
                                     f"{str(err).splitlines()[0][:100]}); run `{_analyze_hint(cfg)}` first") from None
         if cached.is_file():
-            table = read_table(cached, Schema("axes.csv", {"layer": "str"}), rebuild=rebuild)
-            return checked(table, cached)
+            return checked(read_table(cached, Schema("axes.csv", {"layer": "str"}), rebuild=rebuild), cached)
         raise UserError(f"scores {', '.join(names)} need the analysis results ({cached}), which do not "
                         f"exist; run `{_analyze_hint(cfg)}` first")
     return load
@@ -88,11 +82,9 @@ def calibration_batches(dm, settings: PruneSettings, which: str = "n"):
     n = settings.calibration["n"]
     if which == "feature_maps" and settings.calibration.get("n_feature_maps"):
         n = int(settings.calibration["n_feature_maps"])
-    held: list = []
 
+    @cache
     def batches():
-        if not held:
-            ds = dm.calibration_set(n, settings.calibration["seed"], transform=settings.calibration["transform"])
-            held.append(list(dm.loader(ds, batch_size=settings.calibration["batch_size"])))
-        return held[0]
+        ds = dm.calibration_set(n, settings.calibration["seed"], transform=settings.calibration["transform"])
+        return list(dm.loader(ds, batch_size=settings.calibration["batch_size"]))
     return batches
