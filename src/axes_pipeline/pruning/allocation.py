@@ -32,19 +32,10 @@ from axes_pipeline.pruning.flops import CostModel
 from axes_pipeline.pruning.groups import GroupSet
 from axes_pipeline.pruning.scores import minmax
 
-__all__ = [
-    "ALLOCATIONS",
-    "Allocation",
-    "SearchResult",
-    "group_scores",
-    "keep_masks",
-    "make_allocation",
-    "match_flops",
-    "nominal_fraction",
-]
+__all__ = ["ALLOCATIONS", "Allocation", "SearchResult", "group_scores", "keep_masks", "make_allocation", "match_flops",
+           "nominal_fraction"]
 
 ALLOCATIONS = ("global", "uniform", "hybrid")
-
 
 log = logging.getLogger("axes_pipeline")
 
@@ -55,8 +46,7 @@ def group_scores(groups: GroupSet, per_layer: dict[str, np.ndarray], depthwise: 
     for layer, v in per_layer.items():
         v = np.asarray(v, dtype=np.float64)
         norm[layer] = np.full(v.shape, np.nan) if not np.isfinite(v).any() else minmax(v)
-    out = []
-    empty = []
+    out, empty = [], []
     for g in groups.groups:
         members = list(g.convs)
         if not depthwise and len(g.depthwise) < len(g.convs):
@@ -148,13 +138,10 @@ def make_allocation(kind: str, groups: GroupSet, scores: list[np.ndarray], cap: 
     caps = _caps(sizes, cap)
     orders = [_order(s) for s in scores]
     ranked = [s[o] for s, o in zip(scores, orders)]
-    if kind == "global":
-        seq = _global_seq(scores, caps, seed)
-        return Allocation(kind, sizes, orders, ranked, caps, int(seq.size), _seq=seq)
-    if kind == "hybrid":
-        if counts_from is None:
+    if kind in ("global", "hybrid"):
+        if kind == "hybrid" and counts_from is None:
             raise ValueError("hybrid allocation needs the scores its per-layer counts come from")
-        seq = _global_seq(counts_from, caps, seed)
+        seq = _global_seq(scores if kind == "global" else counts_from, caps, seed)
         return Allocation(kind, sizes, orders, ranked, caps, int(seq.size), _seq=seq)
     steps = sorted({j / int(n) for n, c in zip(sizes, caps) for j in range(1, int(c) + 1)})
     fractions = np.array([0.0] + steps)

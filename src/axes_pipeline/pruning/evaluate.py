@@ -45,10 +45,7 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
 
 
 def accuracy_metrics(num_classes: int, device: torch.device):
-    """Plain top-1 and top-5 accuracy (micro average = correct / n) from torchmetrics.
-
-    The top-5 metric is None below 5 classes (see ``evaluate``).
-    """
+    """Top-1 and top-5 accuracy (micro average = correct / n) from torchmetrics; top-5 is None below 5 classes."""
     from torchmetrics.classification import MulticlassAccuracy
 
     # float64: the counts are integers, and a float64 quotient equals the former correct / n
@@ -56,9 +53,7 @@ def accuracy_metrics(num_classes: int, device: torch.device):
     def make(k):
         return MulticlassAccuracy(num_classes=num_classes, top_k=k, average="micro").set_dtype(torch.float64).to(device)
 
-    top1 = make(1)
-    top5 = make(5) if num_classes >= 5 else None
-    return top1, top5
+    return make(1), (make(5) if num_classes >= 5 else None)
 
 
 def finetune(model: nn.Module, loader, device: torch.device, epochs: int, max_batches: int | None,

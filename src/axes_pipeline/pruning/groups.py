@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,15 +40,7 @@ from axes_pipeline.errors import UserError
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = [
-    "ChannelGroup",
-    "GroupSet",
-    "Member",
-    "build_groups",
-    "full_keep",
-    "masked",
-    "prune_physically",
-]
+__all__ = ["ChannelGroup", "GroupSet", "Member", "build_groups", "full_keep", "masked", "prune_physically"]
 
 
 @dataclass
@@ -71,7 +64,7 @@ class ChannelGroup:
 
     ``convs``: the conv layers whose output channels are in the group, each with
     ``channel_of[conv]: [size]`` (the conv channel of every root channel); ``depthwise``: the
-    subset of ``convs`` that are depthwise. ``prunable``: at least one conv member.
+    subset of ``convs`` that are depthwise. Only a group with a conv member is pruned.
     """
 
     name: str
@@ -80,10 +73,6 @@ class ChannelGroup:
     convs: list[str]
     depthwise: list[str]
     channel_of: dict[str, np.ndarray]
-
-    @property
-    def prunable(self) -> bool:
-        return bool(self.convs)
 
 
 @dataclass
@@ -110,18 +99,13 @@ def full_keep(groups: GroupSet) -> list[np.ndarray]:
     return [np.ones(g.size, dtype=bool) for g in groups.groups]
 
 
-# --------------------------------------------------------------------------------------------
-# Building the groups
-# --------------------------------------------------------------------------------------------
-
-
+# --- Building the groups ---
 def _trace_graph(model: nn.Module, example: torch.Tensor):
     """DependencyGraph of ``model``; a tracing failure names the layer it happened in."""
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
     stack: list[str] = []
-    failed: list[str] = []
     hooks = []
     # grad_fn of a parameter-free module's output -> its name: Torch-Pruning sees pools and
     # activations only as autograd nodes, and the MAC model needs to know their channels
@@ -207,12 +191,12 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
             for item in grp:
                 dep = item.dep
                 mod = dep.target.module
+                idxs = np.asarray([int(i) for i in item.idxs], dtype=np.int64)
+                root = np.asarray([int(i) for i in item.root_idxs], dtype=np.int64)
                 if not isinstance(mod, nn.Module) or mod not in names:
                     op_name = by_grad_fn.get(getattr(dep.target, "grad_fn", None))
                     if op_name is not None and dg.is_out_channel_pruning_fn(dep.handler):
-                        members.append(Member(op_name, "elem",
-                                              np.asarray([int(i) for i in item.idxs], dtype=np.int64),
-                                              np.asarray([int(i) for i in item.root_idxs], dtype=np.int64)))
+                        members.append(Member(op_name, "elem", idxs, root))
                     continue  # functional ops, unwrapped parameters: pruned along, no cost of their own
                 name = names[mod]
                 if _grouped(mod) and blocked is None:
@@ -223,8 +207,6 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
                     dim = "in"
                 else:
                     continue
-                idxs = np.asarray([int(i) for i in item.idxs], dtype=np.int64)
-                root = np.asarray([int(i) for i in item.root_idxs], dtype=np.int64)
                 members.append(Member(name, dim, idxs, root))
                 if dim == "out" and name in conv_set:
                     ch = np.full(size, -1, dtype=np.int64)
@@ -244,7 +226,7 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
                                           "Torch-Pruning cannot prune channel by channel; kept whole")
                 frozen.append(g)
                 continue
-            (groups if g.prunable else frozen).append(g)
+            (groups if g.convs else frozen).append(g)
         seen = {c for g in groups for c in g.convs} | set(refused)
         lost = [n for n in conv_names if n not in seen]
         if lost:
@@ -252,10 +234,8 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
                             f"{type(model).__name__} in a pruning group; this backbone cannot be pruned")
         order = {n: i for i, n in enumerate(conv_names)}
         groups.sort(key=lambda g: min(order[c] for c in g.convs))
-        head = None
-        for i, g in enumerate(groups):
-            if any(m.module == classifier and m.dim == "in" for m in g.members):
-                head = i
+        head = max((i for i, g in enumerate(groups) if any(m.module == classifier and m.dim == "in" for m in g.members)),
+                   default=None)
         if refused:
             log.warning("pruning: %d conv layers kept whole: %s", len(refused),
                         "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3]))
@@ -264,11 +244,7 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
         model.train(was_training)
 
 
-# --------------------------------------------------------------------------------------------
-# Masked model (reference) and physical pruning
-# --------------------------------------------------------------------------------------------
-
-
+# --- Masked model (reference) and physical pruning ---
 def _channel_dim(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return -1
@@ -283,37 +259,28 @@ def _shape_mask(mask: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
     return mask.view(shape)
 
 
-class masked:  # noqa: N801 - used as a context manager: `with masked(model, groups, keep):`
-    """Zero the removed channels of ``model`` in place of removing them (a reference model).
+@contextmanager
+def masked(model: nn.Module, groups: GroupSet, keep: list[np.ndarray]):
+    """``with masked(model, groups, keep):`` zero the removed channels of ``model`` in place of
+    removing them (a reference model).
 
     Every out-member of a group has its output multiplied by the keep mask; a LayerNorm over a
     pruned group normalises over the kept channels only (so the result equals the physically
     pruned network, LayerNorm backbones included). Hooks are removed on exit.
     """
-
-    def __init__(self, model: nn.Module, groups: GroupSet, keep: list[np.ndarray]):
-        self.model, self.groups, self.keep = model, groups, keep
-        self.handles = []
-
-    def __enter__(self):
-        for g, k in zip(self.groups.groups, self.keep):
-            if k.all():
-                continue
+    handles = []
+    try:
+        for g, k in zip(groups.groups, keep):
             for m in g.members:
-                if m.dim != "out":
-                    continue
-                mod = self.model.get_submodule(m.module)
-                size = _member_size(mod)
-                mk = torch.ones(size)
-                mk[torch.as_tensor(m.idxs)] = torch.as_tensor(k[m.root], dtype=torch.float32)
-                self.handles.append(mod.register_forward_hook(_mask_hook(mod, mk)))
-        return self.model
-
-    def __exit__(self, *exc):
-        for h in self.handles:
+                if m.dim == "out" and not k.all():
+                    mod = model.get_submodule(m.module)
+                    mk = torch.ones(_member_size(mod))
+                    mk[torch.as_tensor(m.idxs)] = torch.as_tensor(k[m.root], dtype=torch.float32)
+                    handles.append(mod.register_forward_hook(_mask_hook(mod, mk)))
+        yield model
+    finally:
+        for h in handles:
             h.remove()
-        self.handles = []
-        return False
 
 
 def _member_size(mod: nn.Module) -> int:

@@ -101,10 +101,7 @@ def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, groups,
         return {"score": name, "chosen_on": SELECTION_SPLIT, "measured_on": MEASUREMENT_SPLIT,
                 f"val_{key}": val, key: per_score[name][key], f"{key}_rel": per_score[name][f"{key}_rel"]}
 
-    axis_means = {}
-    for axis in AXES:
-        vals = [v["flops_auc"] for v in per_score.values() if v["axis"] == axis and v["flops_auc"] is not None]
-        axis_means[axis] = float(np.mean(vals)) if vals else None
+    axis_means = {axis: _mean_or_none(v["flops_auc"] for v in per_score.values() if v["axis"] == axis) for axis in AXES}
     bl, bt = best("local"), best("target")
     sweeps = {}
     for prefix, fam in FAMILIES.items():
