@@ -6,24 +6,33 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.benchmark as benchmark
 
-__all__ = ["evaluate", "evaluate_splits", "evaluate_test_val", "finetune", "latency"]
+__all__ = ["eval_mode", "evaluate", "evaluate_splits", "evaluate_test_val", "finetune", "latency"]
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode inside the block; its own mode is restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
     """Top-1, top-5 accuracy and mean cross-entropy of ``model`` over ``loader`` (eval mode)."""
-    was = model.training
-    model.eval()
     n = 0
     loss = 0.0
     top1 = top5 = None  # built on the first batch: torchmetrics needs num_classes
-    try:
+    with eval_mode(model):
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x).float()
@@ -34,8 +43,6 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
             if top5 is not None:
                 top5.update(logits, y)
             n += len(y)
-    finally:
-        model.train(was)
     if n == 0:
         return {"acc": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
     # With fewer than 5 classes the 5 best guesses hold every class, so top-5 is 1 by definition
@@ -95,6 +102,8 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64),
     At most ``repeats`` timed forwards, fewer (but at least 3) once ``budget_s`` is spent on one
     (device, batch size): a large batch on a CPU would otherwise dominate a pruning sweep.
     """
+    import torch.utils.benchmark as benchmark  # slow to import; this module (eval_mode) is imported everywhere
+
     out = {}
     c, h, w = input_shape[-3:]
     for dev in devices:

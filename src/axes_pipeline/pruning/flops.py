@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from axes_pipeline.pruning.evaluate import eval_mode
 from axes_pipeline.pruning.groups import GroupSet
 
 log = logging.getLogger("axes_pipeline")
@@ -51,9 +52,7 @@ def fvcore_macs(model: nn.Module, example: torch.Tensor, by_module: bool = False
     Returns ``(total, unsupported)`` where ``unsupported`` maps each operator fvcore skipped to
     its number of calls; with ``by_module`` also the per-module totals (``{name: MACs}``).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             from fvcore.nn import FlopCountAnalysis
@@ -65,8 +64,6 @@ def fvcore_macs(model: nn.Module, example: torch.Tensor, by_module: bool = False
             total = int(fa.total())
             unsupported = {str(k): int(v) for k, v in fa.unsupported_ops().items()}
             per_module = {k: dict(v) for k, v in fa.by_module_and_operator().items()} if by_module else None
-    finally:
-        model.train(was_training)
     return (total, unsupported, per_module) if by_module else (total, unsupported)
 
 
@@ -86,13 +83,10 @@ def _channel_counts(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
                 if isinstance(out, torch.Tensor) and out.ndim >= 2:
                     counts.setdefault(name, int(out.shape[1]))
             hooks.append(mod.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return counts

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError
+from axes_pipeline.pruning.evaluate import eval_mode
 
 log = logging.getLogger("axes_pipeline")
 
@@ -164,9 +165,7 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
     """
     from axes_pipeline.models import classifier_name, conv_layers
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         classifier = classifier or classifier_name(model)
         conv_names = list(conv_names if conv_names is not None else conv_layers(model))
         dg = _trace_graph(model, example)
@@ -240,8 +239,6 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
             log.warning("pruning: %d conv layers kept whole: %s", len(refused),
                         "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3]))
         return GroupSet(groups, classifier, tuple(example.shape), head, frozen, refused)
-    finally:
-        model.train(was_training)
 
 
 # --- Masked model (reference) and physical pruning ---
@@ -327,32 +324,25 @@ def prune_physically(model: nn.Module, groups: GroupSet, keep: list[np.ndarray],
     (:func:`axes_pipeline.pruning.export.load_pruned`). ``model`` is not modified.
     """
     pruned = copy.deepcopy(model)
-    was_training = pruned.training
-    pruned.eval()
     if example is None:
         example = torch.randn(groups.input_shape)
-    example = example.to(next(pruned.parameters()).device)
-    dg = _trace_graph(pruned, example)
-    for g, k in zip(groups.groups, keep):
-        removed = np.flatnonzero(~k)
-        if removed.size == 0:
-            continue
-        if removed.size >= g.size:
-            raise ValueError(f"group {g.name}: cannot remove all {g.size} channels")
-        root = pruned.get_submodule(g.name)
-        pruner = dg.get_pruner_of_module(root)
-        grp = dg.get_pruning_group(root, pruner.prune_out_channels, [int(i) for i in removed])
-        grp.prune()
-    pruned.train(was_training)
+    with eval_mode(pruned):
+        dg = _trace_graph(pruned, example.to(next(pruned.parameters()).device))
+        for g, k in zip(groups.groups, keep):
+            removed = np.flatnonzero(~k)
+            if removed.size == 0:
+                continue
+            if removed.size >= g.size:
+                raise ValueError(f"group {g.name}: cannot remove all {g.size} channels")
+            root = pruned.get_submodule(g.name)
+            pruner = dg.get_pruner_of_module(root)
+            dg.get_pruning_group(root, pruner.prune_out_channels, [int(i) for i in removed]).prune()
     history = [[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in dg.pruning_history()]
     return pruned, history
 
 
 def redo_pruning(model: nn.Module, history: list, example: torch.Tensor) -> nn.Module:
     """Apply a pruning ``history`` (from :func:`prune_physically`) to a fresh ``model`` in place."""
-    was_training = model.training
-    model.eval()
-    dg = _trace_graph(model, example)
-    dg.load_pruning_history([[n, o, list(idx)] for n, o, idx in history])
-    model.train(was_training)
+    with eval_mode(model):
+        _trace_graph(model, example).load_pruning_history([[n, o, list(idx)] for n, o, idx in history])
     return model

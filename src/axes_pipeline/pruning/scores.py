@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.pruning.evaluate import eval_mode
 from axes_pipeline.pruning.taylor import taylor_scores
 
 log = logging.getLogger("axes_pipeline")
@@ -363,17 +364,14 @@ def _feature_map_stat(ctx: ScoreContext, reduce: Callable[[torch.Tensor], torch.
         target = conv if unit is None or unit.norm is None else unit.norm
         handles.append(target.register_forward_hook(make_hook(layer, unit)))
     n = 0
-    was = ctx.model.training
-    ctx.model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(ctx.model), torch.no_grad():
             for x, y in ctx.feature_map_batches():
                 ctx.model(x.to(ctx.device))
                 n += len(y)
     finally:
         for h in handles:
             h.remove()
-        ctx.model.train(was)
     return {layer: (s / max(1, n)).numpy() for layer, s in sums.items()}
 
 
