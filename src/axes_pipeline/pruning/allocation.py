@@ -184,8 +184,7 @@ def match_flops(alloc: Allocation, cost: CostModel, target: float, tol: float) -
         m = int(cost.macs_counts(alloc.sizes - counts))
         return SearchResult(counts, m, m / total, matched, int(i), evals[0], refined)
 
-    hi_bound = target + tol
-    lo_bound = target - tol
+    lo_bound, hi_bound = target - tol, target + tol
     c0 = alloc.counts(0)
     if frac(c0) <= hi_bound:
         return result(c0, frac(c0) >= lo_bound, 0)

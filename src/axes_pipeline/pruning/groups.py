@@ -107,7 +107,6 @@ def _trace_graph(model: nn.Module, example: torch.Tensor):
 
     names = {m: n for n, m in model.named_modules()}
     stack: list[str] = []
-    hooks = []
     # grad_fn of a parameter-free module's output -> its name: Torch-Pruning sees pools and
     # activations only as autograd nodes, and the MAC model needs to know their channels
     by_grad_fn: dict = {}
@@ -123,9 +122,7 @@ def _trace_graph(model: nn.Module, example: torch.Tensor):
             by_grad_fn.setdefault(out.grad_fn, names.get(m))
 
     finished: list[bool] = []
-    for m in model.modules():
-        hooks.append(m.register_forward_pre_hook(pre))
-        hooks.append(m.register_forward_hook(post))
+    hooks = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     hooks.append(model.register_forward_hook(lambda *_: finished.append(True)))
     try:
         with torch.enable_grad():
@@ -223,9 +220,7 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
                 for c in convs:
                     refused.setdefault(c, f"channels reach grouped conv {blocked} (groups={conv.groups}), which "
                                           "Torch-Pruning cannot prune channel by channel; kept whole")
-                frozen.append(g)
-                continue
-            (groups if g.convs else frozen).append(g)
+            (groups if g.convs and blocked is None else frozen).append(g)
         seen = {c for g in groups for c in g.convs} | set(refused)
         lost = [n for n in conv_names if n not in seen]
         if lost:

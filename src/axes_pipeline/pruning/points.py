@@ -106,19 +106,14 @@ class ScoreCache:
             if saved.get("fingerprint") != fp:
                 return None
             values = {k: np.asarray(v, dtype=np.float64) for k, v in saved["values"].items()}
-            if _scores_sound(values, self.ctx.layers):
+            layers = self.ctx.layers   # sound: one finite value per channel of every layer
+            if set(values) == set(layers) and all(v.shape == (layers[n].out_channels,) and np.isfinite(v).all()
+                                                  for n, v in values.items()):
                 return values
             print(f"prune: note: score cache {path.name} is damaged; recomputing it")
         except (ValueError, OSError, KeyError, TypeError, AttributeError):
             print(f"prune: note: score cache {path.name} cannot be read; recomputing it")
         return None
-
-
-def _scores_sound(values: dict, layers: dict) -> bool:
-    """A cached score has one finite value per channel of every layer."""
-    return (set(values) == set(layers)
-            and all(v.shape == (conv.out_channels,) and np.isfinite(v).all()
-                    for v, conv in ((values[n], layers[n]) for n in layers)))
 
 
 def read_point(path: Path, key: dict, score: Score, draw: int, target: float, settings: PruneSettings,
@@ -140,9 +135,7 @@ def read_point(path: Path, key: dict, score: Score, draw: int, target: float, se
                      settings_diff(rec["fingerprint"], key))
         return None, ""
     bad = point_problems(rec, score, draw, target, settings, n_val=int(base.get("n_val") or 0))
-    if bad:
-        return None, f"point {path.name} is damaged ({bad})"
-    return rec, ""
+    return (None, f"point {path.name} is damaged ({bad})") if bad else (rec, "")
 
 
 def point_problems(rec: dict, score: Score, draw: int, target: float, settings: PruneSettings, n_val: int) -> str:

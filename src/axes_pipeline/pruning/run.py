@@ -42,8 +42,7 @@ def run_prune(cfg: DictConfig) -> dict:
     out = Path(trained.run_dir) / "prune"
     dm = trained.datamodule
     model = trained.model.to(device).eval()
-    example = example_input({"image_size": dm.image_size, "in_channels": getattr(dm, "in_channels", 3)},
-                            device=device)
+    example = example_input({"image_size": dm.image_size, "in_channels": getattr(dm, "in_channels", 3)}, device=device)
     groups = build_groups(model, example)
     cost = CostModel.build(model, groups, example)
     layers = conv_layers(model)
@@ -88,8 +87,7 @@ def run_prune(cfg: DictConfig) -> dict:
         write_stage(out, curves, summary)
         tracker.scalars(flat_scalars(summary), prefix="prune/")
         tracker.table("prune/curves", curves)
-        tracker.log_artifact("curves", cfg_artifact_name("curves", cfg), [out / "prune_curves.csv",
-                                                                           out / "prune_summary.json"])
+        tracker.log_artifact("curves", cfg_artifact_name("curves", cfg), [out / "prune_curves.csv", out / "prune_summary.json"])
         log_curves(tracker, curves)
         for key, p in plots.items():
             tracker.image(f"prune/{key}", p)

@@ -175,8 +175,7 @@ class ScoreContext:
                 if len(rows) != conv.out_channels:
                     raise UserError(f"the analysis table has {len(rows)} rows for layer '{layer}' "
                                     f"({conv.out_channels} channels): stale or partial; rerun `python analyze.py`")
-                rows = rows.sort_values("channel")
-                out[layer] = rows[column].to_numpy(dtype=np.float64)
+                out[layer] = rows.sort_values("channel")[column].to_numpy(dtype=np.float64)
             self._cache[key] = out
         return self._cache[key]
 
@@ -203,10 +202,7 @@ def minmax(x: np.ndarray) -> np.ndarray:
     if not ok.any():
         return np.full(x.shape, 0.5)
     lo, hi = float(x[ok].min()), float(x[ok].max())
-    if hi - lo <= 1e-12 * max(1.0, abs(hi), abs(lo)):
-        out = np.full(x.shape, 0.5)
-    else:
-        out = (x - lo) / (hi - lo)
+    out = np.full(x.shape, 0.5) if hi - lo <= 1e-12 * max(1.0, abs(hi), abs(lo)) else (x - lo) / (hi - lo)
     out[~ok] = 0.0
     return out
 

@@ -39,13 +39,8 @@ CURVE_COLUMNS = ["score", "axis", "draw", "family", "param", "mode", "allocation
 
 def curves_frame(records: list[dict]) -> pd.DataFrame:
     """``prune_curves.csv``: one row per point (the validated records of this sweep, in order)."""
-    rows = [{k: v for k, v in r.items() if k not in ("group_kept", "fingerprint")} for r in records]
-    df = pd.DataFrame(rows)
-    for c in CURVE_COLUMNS:
-        if c not in df.columns:
-            df[c] = np.nan
-    extra = [c for c in df.columns if c not in CURVE_COLUMNS]
-    return df[CURVE_COLUMNS + extra]
+    df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("group_kept", "fingerprint")} for r in records])
+    return df.reindex(columns=CURVE_COLUMNS + [c for c in df.columns if c not in CURVE_COLUMNS])   # missing: NaN
 
 
 #: the AUC keys of the summary and the curve column each integrates (test = measured, val = chooses)
@@ -92,10 +87,8 @@ def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, groups,
 
     def best(axis: str, key: str = "flops_auc"):
         """The axis's best score by its validation AUC; its test AUC is what is reported."""
-        if not has_val:
-            return None
         cands = [(v[f"val_{key}"], k) for k, v in per_score.items() if v["axis"] == axis and v.get(f"val_{key}") is not None]
-        if not cands:
+        if not has_val or not cands:
             return None
         val, name = max(cands)   # ties broken by name: deterministic
         return {"score": name, "chosen_on": SELECTION_SPLIT, "measured_on": MEASUREMENT_SPLIT,

@@ -128,8 +128,7 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
     if s.finetune:
         t5 = time.perf_counter()
         tuned = copy.deepcopy(pruned)
-        ft = finetune(tuned, dm.train_dataloader(), device, s.ft["epochs"], s.ft["max_batches"],
-                      s.ft["lr"], s.ft["optimizer"], s.ft["weight_decay"])
+        ft = finetune(tuned, dm.train_dataloader(), device, **s.ft)   # s.ft: pruning.finetune but `enabled`
         rec.update(evaluate_splits(tuned, dm, s, device, "after_ft"))
         rec.update({"finetune_steps": ft["steps"], "finetune_loss": ft["loss"], "finetune_s": time.perf_counter() - t5})
         if s.export:
