@@ -74,16 +74,12 @@ def _caps(sizes: np.ndarray, cap: float) -> np.ndarray:
 
 @dataclass
 class Allocation:
-    """Per-group prune counts from one integer parameter; the order inside each group.
-
-    ``counts(i): [G]`` for ``i`` in ``0..n_params``; ``orders[g]``: root channels of group
-    ``g``, first pruned first; ``ranked[g]``: the group scores in that order (for refining).
-    """
+    """Per-group prune counts ``counts(i): [G]`` from one integer parameter ``i`` in ``0..n_params``."""
 
     kind: str
     sizes: np.ndarray
-    orders: list[np.ndarray]
-    ranked: list[np.ndarray]
+    orders: list[np.ndarray]   # root channels of each group, first pruned first
+    ranked: list[np.ndarray]   # the group scores in that order (for refining)
     caps: np.ndarray
     n_params: int
     _seq: np.ndarray | None = None       # global/hybrid: group id of the i-th pruned channel

@@ -29,8 +29,7 @@ def eval_mode(model: nn.Module):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
     """Top-1, top-5 accuracy and mean cross-entropy of ``model`` over ``loader`` (eval mode)."""
-    n = 0
-    loss = 0.0
+    n, loss = 0, 0.0
     top1 = top5 = None  # built on the first batch: torchmetrics needs num_classes
     with eval_mode(model):
         for x, y in loader:

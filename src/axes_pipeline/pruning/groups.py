@@ -46,34 +46,25 @@ __all__ = ["ChannelGroup", "GroupSet", "Member", "build_groups", "full_keep", "m
 
 @dataclass
 class Member:
-    """One module dimension inside a group.
+    """One module dimension inside a group."""
 
-    ``module``: qualified module name; ``dim``: ``"out"`` (output channels; a depthwise conv's
-    input is tied to them), or ``"in"`` (input channels); ``idxs: [m]`` the member's channel
-    indices and ``root: [m]`` the group root channel each one belongs to.
-    """
-
-    module: str
-    dim: str
-    idxs: np.ndarray
-    root: np.ndarray
+    module: str        # qualified module name
+    dim: str           # "out" (output channels; a depthwise conv's input is tied to them), "in" or "elem"
+    idxs: np.ndarray   # [m] the member's channel indices
+    root: np.ndarray   # [m] the group root channel each one belongs to
 
 
 @dataclass
 class ChannelGroup:
-    """Coupled output channels, indexed by the root module's output channels ``0..size-1``.
-
-    ``convs``: the conv layers whose output channels are in the group, each with
-    ``channel_of[conv]: [size]`` (the conv channel of every root channel); ``depthwise``: the
-    subset of ``convs`` that are depthwise. Only a group with a conv member is pruned.
-    """
+    """Coupled output channels, indexed by the root module's output channels ``0..size-1``; only a
+    group with a conv member is pruned."""
 
     name: str
     size: int
     members: list[Member]
-    convs: list[str]
-    depthwise: list[str]
-    channel_of: dict[str, np.ndarray]
+    convs: list[str]                    # the conv layers whose output channels are in the group
+    depthwise: list[str]                # the depthwise ones among them
+    channel_of: dict[str, np.ndarray]   # conv -> [size]: the conv channel of every root channel
 
 
 @dataclass

@@ -14,7 +14,7 @@ from axes_pipeline.pruning.scores import Score
 from axes_pipeline.pruning.settings import PruneSettings
 from axes_pipeline.tables import Schema, check_table, read_table
 
-__all__ = ["axes_loader", "axes_schema", "calibration_batches"]
+__all__ = ["axes_loader", "calibration_batches"]
 
 
 def _analyze_hint(cfg: DictConfig) -> str:
@@ -31,20 +31,15 @@ def _analyze_hint(cfg: DictConfig) -> str:
     return "python analyze.py " + " ".join(p for p in parts if p)
 
 
-def axes_schema(scores: list[Score]) -> Schema:
-    """What prune needs of ``analyze/axes.csv``: one row per channel of every conv layer and
-    finite values in every column the configured scores read. A NaN would otherwise become the
-    lowest keep value after min-max normalisation (:func:`minmax`) and silently move a curve."""
-    cols = sorted(set().union(*(s.columns for s in scores))) if scores else []
-    return Schema("axes.csv", {"layer": "str", "channel": "int", **{c: "float" for c in cols}},
-                  finite=tuple(cols), layer="layer")
-
-
 def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
     """A loader of the run's checked analysis table: analyze.py's cached one for the same overrides,
     or computed now with them; a one-line error naming the command to run when neither is possible."""
     names = [s.name for s in scores]
-    schema = axes_schema(scores)
+    # one row per channel of every conv layer and finite values in every column the scores read: a NaN
+    # would otherwise become the lowest keep value after min-max normalisation and silently move a curve
+    cols = sorted(set().union(*(s.columns for s in scores))) if scores else []
+    schema = Schema("axes.csv", {"layer": "str", "channel": "int", **{c: "float" for c in cols}}, finite=tuple(cols),
+                    layer="layer")
     rows_per_layer = {name: conv.out_channels for name, conv in layers.items()}
     rebuild = f"{_analyze_hint(cfg)} analysis.axes.recompute=true"
 

@@ -48,10 +48,9 @@ def run_prune(cfg: DictConfig) -> dict:
     layers = conv_layers(model)
 
     axes_scores = settings.needs("axes")
-    ctx = ScoreContext(model, layers, axes_loader=axes_loader(cfg, trained, axes_scores, layers),
-                       calibration=calibration_batches(dm, settings),
-                       feature_maps=calibration_batches(dm, settings, "feature_maps"), seed=int(cfg.seed),
-                       magnitude=settings.magnitude, device=device)
+    ctx = ScoreContext(model, layers, axes_loader=axes_loader(cfg, trained, axes_scores, layers), seed=int(cfg.seed),
+                       calibration=calibration_batches(dm, settings), magnitude=settings.magnitude, device=device,
+                       feature_maps=calibration_batches(dm, settings, "feature_maps"))
     # the analysis table's content is part of the axes scores' keys; fail (or compute) now, before any point
     digest = frame_digest(ctx.axes()) if axes_scores else None
     if len(settings.targets) < 2:

@@ -191,9 +191,7 @@ def flat_scalars(summary: dict) -> dict:
         for key in ("flops_auc", "flops_auc_rel", "val_flops_auc"):
             if v.get(key) is not None:
                 flat[f"{key}/{name}"] = v[key]
-    for axis, v in summary["axis_means"].items():
-        if v is not None:
-            flat[f"axis_mean/{axis}"] = v
+    flat.update({f"axis_mean/{axis}": v for axis, v in summary["axis_means"].items() if v is not None})
     if summary["best_local_minus_best_target"] is not None:
         flat["best_local_minus_best_target"] = summary["best_local_minus_best_target"]
     return flat
