@@ -94,4 +94,3 @@ def run_prune(cfg: DictConfig) -> dict:
         return summary
     finally:
         tracker.finish()
-
