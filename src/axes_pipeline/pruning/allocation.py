@@ -32,19 +32,10 @@ from axes_pipeline.pruning.flops import CostModel
 from axes_pipeline.pruning.groups import GroupSet
 from axes_pipeline.pruning.scores import minmax
 
-__all__ = [
-    "ALLOCATIONS",
-    "Allocation",
-    "SearchResult",
-    "group_scores",
-    "keep_masks",
-    "make_allocation",
-    "match_flops",
-    "nominal_fraction",
-]
+__all__ = ["ALLOCATIONS", "Allocation", "SearchResult", "group_scores", "keep_masks", "make_allocation", "match_flops",
+           "nominal_fraction"]
 
 ALLOCATIONS = ("global", "uniform", "hybrid")
-
 
 log = logging.getLogger("axes_pipeline")
 
@@ -55,8 +46,7 @@ def group_scores(groups: GroupSet, per_layer: dict[str, np.ndarray], depthwise: 
     for layer, v in per_layer.items():
         v = np.asarray(v, dtype=np.float64)
         norm[layer] = np.full(v.shape, np.nan) if not np.isfinite(v).any() else minmax(v)
-    out = []
-    empty = []
+    out, empty = [], []
     for g in groups.groups:
         members = list(g.convs)
         if not depthwise and len(g.depthwise) < len(g.convs):
@@ -84,16 +74,12 @@ def _caps(sizes: np.ndarray, cap: float) -> np.ndarray:
 
 @dataclass
 class Allocation:
-    """Per-group prune counts from one integer parameter; the order inside each group.
-
-    ``counts(i): [G]`` for ``i`` in ``0..n_params``; ``orders[g]``: root channels of group
-    ``g``, first pruned first; ``ranked[g]``: the group scores in that order (for refining).
-    """
+    """Per-group prune counts ``counts(i): [G]`` from one integer parameter ``i`` in ``0..n_params``."""
 
     kind: str
     sizes: np.ndarray
-    orders: list[np.ndarray]
-    ranked: list[np.ndarray]
+    orders: list[np.ndarray]   # root channels of each group, first pruned first
+    ranked: list[np.ndarray]   # the group scores in that order (for refining)
     caps: np.ndarray
     n_params: int
     _seq: np.ndarray | None = None       # global/hybrid: group id of the i-th pruned channel
@@ -148,13 +134,10 @@ def make_allocation(kind: str, groups: GroupSet, scores: list[np.ndarray], cap: 
     caps = _caps(sizes, cap)
     orders = [_order(s) for s in scores]
     ranked = [s[o] for s, o in zip(scores, orders)]
-    if kind == "global":
-        seq = _global_seq(scores, caps, seed)
-        return Allocation(kind, sizes, orders, ranked, caps, int(seq.size), _seq=seq)
-    if kind == "hybrid":
-        if counts_from is None:
+    if kind in ("global", "hybrid"):
+        if kind == "hybrid" and counts_from is None:
             raise ValueError("hybrid allocation needs the scores its per-layer counts come from")
-        seq = _global_seq(counts_from, caps, seed)
+        seq = _global_seq(scores if kind == "global" else counts_from, caps, seed)
         return Allocation(kind, sizes, orders, ranked, caps, int(seq.size), _seq=seq)
     steps = sorted({j / int(n) for n, c in zip(sizes, caps) for j in range(1, int(c) + 1)})
     fractions = np.array([0.0] + steps)
@@ -197,8 +180,7 @@ def match_flops(alloc: Allocation, cost: CostModel, target: float, tol: float) -
         m = int(cost.macs_counts(alloc.sizes - counts))
         return SearchResult(counts, m, m / total, matched, int(i), evals[0], refined)
 
-    hi_bound = target + tol
-    lo_bound = target - tol
+    lo_bound, hi_bound = target - tol, target + tol
     c0 = alloc.counts(0)
     if frac(c0) <= hi_bound:
         return result(c0, frac(c0) >= lo_bound, 0)

@@ -3,29 +3,36 @@ fine-tune, latency."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.benchmark as benchmark
 
-__all__ = ["evaluate", "evaluate_splits", "finetune", "latency", "test_loader", "val_loader"]
+__all__ = ["eval_mode", "evaluate", "evaluate_splits", "evaluate_test_val", "finetune", "latency"]
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode inside the block; its own mode is restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, max_batches: int | None = None) -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
     """Top-1, top-5 accuracy and mean cross-entropy of ``model`` over ``loader`` (eval mode)."""
-    was = model.training
-    model.eval()
-    n = 0
-    loss = 0.0
+    n, loss = 0, 0.0
     top1 = top5 = None  # built on the first batch: torchmetrics needs num_classes
-    try:
-        for b, (x, y) in enumerate(loader):
-            if max_batches is not None and b >= max_batches:
-                break
+    with eval_mode(model):
+        for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x).float()
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -35,8 +42,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_batches: int | 
             if top5 is not None:
                 top5.update(logits, y)
             n += len(y)
-    finally:
-        model.train(was)
     if n == 0:
         return {"acc": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
     # With fewer than 5 classes the 5 best guesses hold every class, so top-5 is 1 by definition
@@ -46,10 +51,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_batches: int | 
 
 
 def accuracy_metrics(num_classes: int, device: torch.device):
-    """Plain top-1 and top-5 accuracy (micro average = correct / n) from torchmetrics.
-
-    The top-5 metric is None below 5 classes (see ``evaluate``).
-    """
+    """Top-1 and top-5 accuracy (micro average = correct / n) from torchmetrics; top-5 is None below 5 classes."""
     from torchmetrics.classification import MulticlassAccuracy
 
     # float64: the counts are integers, and a float64 quotient equals the former correct / n
@@ -57,9 +59,7 @@ def accuracy_metrics(num_classes: int, device: torch.device):
     def make(k):
         return MulticlassAccuracy(num_classes=num_classes, top_k=k, average="micro").set_dtype(torch.float64).to(device)
 
-    top1 = make(1)
-    top5 = make(5) if num_classes >= 5 else None
-    return top1, top5
+    return make(1), (make(5) if num_classes >= 5 else None)
 
 
 def finetune(model: nn.Module, loader, device: torch.device, epochs: int, max_batches: int | None,
@@ -101,7 +101,7 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64),
     At most ``repeats`` timed forwards, fewer (but at least 3) once ``budget_s`` is spent on one
     (device, batch size): a large batch on a CPU would otherwise dominate a pruning sweep.
     """
-    import copy
+    import torch.utils.benchmark as benchmark  # slow to import; this module (eval_mode) is imported everywhere
 
     out = {}
     c, h, w = input_shape[-3:]
@@ -131,24 +131,21 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64),
     return out
 
 
-def test_loader(dm, eval_samples: int | None, eval_seed: int):
-    """The test split, or a seeded subset of ``eval_samples`` of its images (``pruning.eval_samples``)."""
-    if eval_samples is None:
-        return dm.test_dataloader()
-    return dm.loader(dm.eval_subset(int(eval_samples), eval_seed))
-
-
-def val_loader(dm):
-    """The validation split training carved from the training data (every "best" is chosen on
-    it); None when there is none (``data.val_fraction=0``)."""
-    return dm.val_dataloader() if dm.split_sizes().get("val", 0) > 0 else None
+def evaluate_test_val(model: nn.Module, dm, settings, device: torch.device) -> tuple[dict, dict | None]:
+    """:func:`evaluate` on the test split (or a seeded subset of ``pruning.eval_samples`` of its
+    images) and on the validation split training carved from the training data (every "best" is
+    chosen on it; None when there is none, ``data.val_fraction=0``)."""
+    if settings.eval_samples is None:
+        test = evaluate(model, dm.test_dataloader(), device)
+    else:
+        test = evaluate(model, dm.loader(dm.eval_subset(int(settings.eval_samples), settings.eval_seed)), device)
+    val = dm.val_dataloader() if dm.split_sizes().get("val", 0) > 0 else None
+    return test, (evaluate(model, val, device) if val is not None else None)
 
 
 def evaluate_splits(model: nn.Module, dm, settings, device: torch.device, suffix: str = "before_ft") -> dict:
     """``acc_<suffix>`` etc. on the test split and ``val_acc_<suffix>`` on the validation split."""
-    test = evaluate(model, test_loader(dm, settings.eval_samples, settings.eval_seed), device)
-    val = val_loader(dm)
-    val = evaluate(model, val, device) if val is not None else None
+    test, val = evaluate_test_val(model, dm, settings, device)
     tail = "" if suffix == "before_ft" else "_after_ft"
     return {f"acc_{suffix}": test["acc"], f"top5{tail}": test["top5"], f"loss{tail}": test["loss"],
             f"val_acc_{suffix}": val["acc"] if val else None, f"val_loss{tail}": val["loss"] if val else None}

@@ -42,14 +42,8 @@ def model_spec(model_cfg, num_classes: int) -> dict:
 def save_pruned(path: str | Path, spec: dict, input_shape, history: list, model: nn.Module,
                 meta: dict | None = None) -> Path:
     """Atomically write the pruned ``model`` (structure as ``history``, weights) to ``path``."""
-    payload = {
-        "format": FORMAT,
-        "model": spec,
-        "input_shape": [int(s) for s in input_shape],
-        "pruning_history": history,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "meta": dict(meta or {}),
-    }
+    payload = {"format": FORMAT, "model": spec, "input_shape": [int(s) for s in input_shape], "pruning_history": history,
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": dict(meta or {})}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)

@@ -38,15 +38,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from axes_pipeline.pruning.evaluate import eval_mode
 from axes_pipeline.pruning.groups import GroupSet
 
 log = logging.getLogger("axes_pipeline")
 
 __all__ = ["CostModel", "count_params", "fvcore_macs"]
-
-
-def _zero(inputs, outputs):
-    return 0
 
 
 def fvcore_macs(model: nn.Module, example: torch.Tensor, by_module: bool = False):
@@ -55,25 +52,19 @@ def fvcore_macs(model: nn.Module, example: torch.Tensor, by_module: bool = False
     Returns ``(total, unsupported)`` where ``unsupported`` maps each operator fvcore skipped to
     its number of calls; with ``by_module`` also the per-module totals (``{name: MACs}``).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             from fvcore.nn import FlopCountAnalysis
 
             fa = FlopCountAnalysis(model, example)
             for op in ("aten::batch_norm", "aten::_native_batch_norm_legit_no_training"):
-                fa.set_op_handle(op, _zero)
+                fa.set_op_handle(op, lambda inputs, outputs: 0)
             fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             total = int(fa.total())
             unsupported = {str(k): int(v) for k, v in fa.unsupported_ops().items()}
             per_module = {k: dict(v) for k, v in fa.by_module_and_operator().items()} if by_module else None
-    finally:
-        model.train(was_training)
-    if by_module:
-        return total, unsupported, per_module
-    return total, unsupported
+    return (total, unsupported, per_module) if by_module else (total, unsupported)
 
 
 def _one_channel_set(mod: nn.Module) -> bool:
@@ -92,13 +83,10 @@ def _channel_counts(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
                 if isinstance(out, torch.Tensor) and out.ndim >= 2:
                     counts.setdefault(name, int(out.shape[1]))
             hooks.append(mod.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return counts
@@ -139,9 +127,7 @@ class CostModel:
     def build(cls, model: nn.Module, groups: GroupSet, example: torch.Tensor) -> CostModel:
         total, unsupported, per_module = fvcore_macs(model, example, by_module=True)
         G = len(groups.groups)
-        # module -> dim -> {group: member channels per root channel}. A dimension may be made of
-        # several groups (a conv after a concatenation: DenseNet, GoogLeNet, Inception); channels
-        # of no prunable group (the RGB input, frozen groups) are a constant part.
+        # module -> dim -> {group: member channels per root channel}; a dimension may span several groups
         dims: dict[str, dict[str, dict[int, int]]] = {}
         for gi, g in enumerate(groups.groups):
             for m in g.members:
@@ -167,7 +153,7 @@ class CostModel:
                     out.append((G, rest))
             return out
 
-        coef, a, b, unattributed = [], [], [], {}
+        terms, unattributed = [], {}   # (coef, a, b) of every term
         for name, mod in modules.items():
             counts = Counter(per_module.get(name, {}))
             for child in children[name]:
@@ -180,9 +166,7 @@ class CostModel:
                     # a grouped conv: build_groups keeps its channels whole (frozen), so constant
                     if d:
                         raise ValueError(f"{name}: grouped conv (groups={mod.groups}) inside a prunable group")
-                    coef.append(int(n))
-                    a.append(G)
-                    b.append(G)
+                    terms.append((int(n), G, G))
                     continue
                 if isinstance(mod, (nn.Conv2d, nn.Linear)) and not _one_channel_set(mod):
                     # MACs = c0 · C_in · C_out; each of C_in, C_out a sum over its groups
@@ -193,11 +177,7 @@ class CostModel:
                     if n % (cin * cout):
                         raise ValueError(f"{name} ({op}): {n} MACs do not split over {cin}x{cout} channels")
                     c0 = n // (cin * cout)
-                    for gi, fi in ins:
-                        for go, fo in outs:
-                            coef.append(c0 * fi * fo)
-                            a.append(gi)
-                            b.append(go)
+                    terms += [(c0 * fi * fo, gi, go) for gi, fi in ins for go, fo in outs]
                     continue
                 parts = d.get("out") or d.get("in") or d.get("elem") or {}
                 n_ch = channels.get(name)
@@ -205,22 +185,17 @@ class CostModel:
                     parts, n_ch = {groups.head_group: 1}, int(sizes[groups.head_group])
                 if not parts:
                     unattributed[(name, op)] = int(n)
-                    coef.append(int(n))
-                    a.append(G)
-                    b.append(G)
+                    terms.append((int(n), G, G))
                     continue
                 if n_ch is None:
                     n_ch = sum(fan * int(sizes[gi]) for gi, fan in parts.items())
                 if n % n_ch:
                     raise ValueError(f"{name} ({op}): {n} MACs do not split over {n_ch} channels")
-                for gi, fan in split(parts, n_ch):
-                    coef.append(n // n_ch * fan)
-                    a.append(gi)
-                    b.append(G)
+                terms += [(n // n_ch * fan, gi, G) for gi, fan in split(parts, n_ch)]
         if unattributed:
             log.warning("MAC count: kept constant (no channel group found): %s", unattributed)
-        model_ = cls(np.array(coef, dtype=np.int64), np.array(a, dtype=np.int64), np.array(b, dtype=np.int64),
-                     groups.sizes, total, unsupported, unattributed)
+        coef, a, b = (np.array(column, dtype=np.int64) for column in zip(*terms))
+        model_ = cls(coef, a, b, groups.sizes, total, unsupported, unattributed)
         check = model_.macs_counts(groups.sizes)
         if int(check) != total:
             raise ValueError(f"analytic MACs {int(check)} != fvcore {total} on the unpruned network")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,54 +37,34 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError
+from axes_pipeline.pruning.evaluate import eval_mode
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = [
-    "ChannelGroup",
-    "GroupSet",
-    "Member",
-    "build_groups",
-    "full_keep",
-    "masked",
-    "prune_physically",
-]
+__all__ = ["ChannelGroup", "GroupSet", "Member", "build_groups", "full_keep", "masked", "prune_physically"]
 
 
 @dataclass
 class Member:
-    """One module dimension inside a group.
+    """One module dimension inside a group."""
 
-    ``module``: qualified module name; ``dim``: ``"out"`` (output channels; a depthwise conv's
-    input is tied to them), or ``"in"`` (input channels); ``idxs: [m]`` the member's channel
-    indices and ``root: [m]`` the group root channel each one belongs to.
-    """
-
-    module: str
-    dim: str
-    idxs: np.ndarray
-    root: np.ndarray
+    module: str        # qualified module name
+    dim: str           # "out" (output channels; a depthwise conv's input is tied to them), "in" or "elem"
+    idxs: np.ndarray   # [m] the member's channel indices
+    root: np.ndarray   # [m] the group root channel each one belongs to
 
 
 @dataclass
 class ChannelGroup:
-    """Coupled output channels, indexed by the root module's output channels ``0..size-1``.
-
-    ``convs``: the conv layers whose output channels are in the group, each with
-    ``channel_of[conv]: [size]`` (the conv channel of every root channel); ``depthwise``: the
-    subset of ``convs`` that are depthwise. ``prunable``: at least one conv member.
-    """
+    """Coupled output channels, indexed by the root module's output channels ``0..size-1``; only a
+    group with a conv member is pruned."""
 
     name: str
     size: int
     members: list[Member]
-    convs: list[str]
-    depthwise: list[str]
-    channel_of: dict[str, np.ndarray]
-
-    @property
-    def prunable(self) -> bool:
-        return bool(self.convs)
+    convs: list[str]                    # the conv layers whose output channels are in the group
+    depthwise: list[str]                # the depthwise ones among them
+    channel_of: dict[str, np.ndarray]   # conv -> [size]: the conv channel of every root channel
 
 
 @dataclass
@@ -110,19 +91,13 @@ def full_keep(groups: GroupSet) -> list[np.ndarray]:
     return [np.ones(g.size, dtype=bool) for g in groups.groups]
 
 
-# --------------------------------------------------------------------------------------------
-# Building the groups
-# --------------------------------------------------------------------------------------------
-
-
+# --- Building the groups ---
 def _trace_graph(model: nn.Module, example: torch.Tensor):
     """DependencyGraph of ``model``; a tracing failure names the layer it happened in."""
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
     stack: list[str] = []
-    failed: list[str] = []
-    hooks = []
     # grad_fn of a parameter-free module's output -> its name: Torch-Pruning sees pools and
     # activations only as autograd nodes, and the MAC model needs to know their channels
     by_grad_fn: dict = {}
@@ -138,9 +113,7 @@ def _trace_graph(model: nn.Module, example: torch.Tensor):
             by_grad_fn.setdefault(out.grad_fn, names.get(m))
 
     finished: list[bool] = []
-    for m in model.modules():
-        hooks.append(m.register_forward_pre_hook(pre))
-        hooks.append(m.register_forward_hook(post))
+    hooks = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     hooks.append(model.register_forward_hook(lambda *_: finished.append(True)))
     try:
         with torch.enable_grad():
@@ -180,9 +153,7 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
     """
     from axes_pipeline.models import classifier_name, conv_layers
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         classifier = classifier or classifier_name(model)
         conv_names = list(conv_names if conv_names is not None else conv_layers(model))
         dg = _trace_graph(model, example)
@@ -207,12 +178,12 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
             for item in grp:
                 dep = item.dep
                 mod = dep.target.module
+                idxs = np.asarray([int(i) for i in item.idxs], dtype=np.int64)
+                root = np.asarray([int(i) for i in item.root_idxs], dtype=np.int64)
                 if not isinstance(mod, nn.Module) or mod not in names:
                     op_name = by_grad_fn.get(getattr(dep.target, "grad_fn", None))
                     if op_name is not None and dg.is_out_channel_pruning_fn(dep.handler):
-                        members.append(Member(op_name, "elem",
-                                              np.asarray([int(i) for i in item.idxs], dtype=np.int64),
-                                              np.asarray([int(i) for i in item.root_idxs], dtype=np.int64)))
+                        members.append(Member(op_name, "elem", idxs, root))
                     continue  # functional ops, unwrapped parameters: pruned along, no cost of their own
                 name = names[mod]
                 if _grouped(mod) and blocked is None:
@@ -223,8 +194,6 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
                     dim = "in"
                 else:
                     continue
-                idxs = np.asarray([int(i) for i in item.idxs], dtype=np.int64)
-                root = np.asarray([int(i) for i in item.root_idxs], dtype=np.int64)
                 members.append(Member(name, dim, idxs, root))
                 if dim == "out" and name in conv_set:
                     ch = np.full(size, -1, dtype=np.int64)
@@ -242,9 +211,7 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
                 for c in convs:
                     refused.setdefault(c, f"channels reach grouped conv {blocked} (groups={conv.groups}), which "
                                           "Torch-Pruning cannot prune channel by channel; kept whole")
-                frozen.append(g)
-                continue
-            (groups if g.prunable else frozen).append(g)
+            (groups if g.convs and blocked is None else frozen).append(g)
         seen = {c for g in groups for c in g.convs} | set(refused)
         lost = [n for n in conv_names if n not in seen]
         if lost:
@@ -252,23 +219,15 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
                             f"{type(model).__name__} in a pruning group; this backbone cannot be pruned")
         order = {n: i for i, n in enumerate(conv_names)}
         groups.sort(key=lambda g: min(order[c] for c in g.convs))
-        head = None
-        for i, g in enumerate(groups):
-            if any(m.module == classifier and m.dim == "in" for m in g.members):
-                head = i
+        head = max((i for i, g in enumerate(groups) if any(m.module == classifier and m.dim == "in" for m in g.members)),
+                   default=None)
         if refused:
             log.warning("pruning: %d conv layers kept whole: %s", len(refused),
                         "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3]))
         return GroupSet(groups, classifier, tuple(example.shape), head, frozen, refused)
-    finally:
-        model.train(was_training)
 
 
-# --------------------------------------------------------------------------------------------
-# Masked model (reference) and physical pruning
-# --------------------------------------------------------------------------------------------
-
-
+# --- Masked model (reference) and physical pruning ---
 def _channel_dim(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return -1
@@ -283,37 +242,28 @@ def _shape_mask(mask: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
     return mask.view(shape)
 
 
-class masked:  # noqa: N801 - used as a context manager: `with masked(model, groups, keep):`
-    """Zero the removed channels of ``model`` in place of removing them (a reference model).
+@contextmanager
+def masked(model: nn.Module, groups: GroupSet, keep: list[np.ndarray]):
+    """``with masked(model, groups, keep):`` zero the removed channels of ``model`` in place of
+    removing them (a reference model).
 
     Every out-member of a group has its output multiplied by the keep mask; a LayerNorm over a
     pruned group normalises over the kept channels only (so the result equals the physically
     pruned network, LayerNorm backbones included). Hooks are removed on exit.
     """
-
-    def __init__(self, model: nn.Module, groups: GroupSet, keep: list[np.ndarray]):
-        self.model, self.groups, self.keep = model, groups, keep
-        self.handles = []
-
-    def __enter__(self):
-        for g, k in zip(self.groups.groups, self.keep):
-            if k.all():
-                continue
+    handles = []
+    try:
+        for g, k in zip(groups.groups, keep):
             for m in g.members:
-                if m.dim != "out":
-                    continue
-                mod = self.model.get_submodule(m.module)
-                size = _member_size(mod)
-                mk = torch.ones(size)
-                mk[torch.as_tensor(m.idxs)] = torch.as_tensor(k[m.root], dtype=torch.float32)
-                self.handles.append(mod.register_forward_hook(_mask_hook(mod, mk)))
-        return self.model
-
-    def __exit__(self, *exc):
-        for h in self.handles:
+                if m.dim == "out" and not k.all():
+                    mod = model.get_submodule(m.module)
+                    mk = torch.ones(_member_size(mod))
+                    mk[torch.as_tensor(m.idxs)] = torch.as_tensor(k[m.root], dtype=torch.float32)
+                    handles.append(mod.register_forward_hook(_mask_hook(mod, mk)))
+        yield model
+    finally:
+        for h in handles:
             h.remove()
-        self.handles = []
-        return False
 
 
 def _member_size(mod: nn.Module) -> int:
@@ -360,32 +310,25 @@ def prune_physically(model: nn.Module, groups: GroupSet, keep: list[np.ndarray],
     (:func:`axes_pipeline.pruning.export.load_pruned`). ``model`` is not modified.
     """
     pruned = copy.deepcopy(model)
-    was_training = pruned.training
-    pruned.eval()
     if example is None:
         example = torch.randn(groups.input_shape)
-    example = example.to(next(pruned.parameters()).device)
-    dg = _trace_graph(pruned, example)
-    for g, k in zip(groups.groups, keep):
-        removed = np.flatnonzero(~k)
-        if removed.size == 0:
-            continue
-        if removed.size >= g.size:
-            raise ValueError(f"group {g.name}: cannot remove all {g.size} channels")
-        root = pruned.get_submodule(g.name)
-        pruner = dg.get_pruner_of_module(root)
-        grp = dg.get_pruning_group(root, pruner.prune_out_channels, [int(i) for i in removed])
-        grp.prune()
-    pruned.train(was_training)
+    with eval_mode(pruned):
+        dg = _trace_graph(pruned, example.to(next(pruned.parameters()).device))
+        for g, k in zip(groups.groups, keep):
+            removed = np.flatnonzero(~k)
+            if removed.size == 0:
+                continue
+            if removed.size >= g.size:
+                raise ValueError(f"group {g.name}: cannot remove all {g.size} channels")
+            root = pruned.get_submodule(g.name)
+            pruner = dg.get_pruner_of_module(root)
+            dg.get_pruning_group(root, pruner.prune_out_channels, [int(i) for i in removed]).prune()
     history = [[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in dg.pruning_history()]
     return pruned, history
 
 
 def redo_pruning(model: nn.Module, history: list, example: torch.Tensor) -> nn.Module:
     """Apply a pruning ``history`` (from :func:`prune_physically`) to a fresh ``model`` in place."""
-    was_training = model.training
-    model.eval()
-    dg = _trace_graph(model, example)
-    dg.load_pruning_history([[n, o, list(idx)] for n, o, idx in history])
-    model.train(was_training)
+    with eval_mode(model):
+        _trace_graph(model, example).load_pruning_history([[n, o, list(idx)] for n, o, idx in history])
     return model

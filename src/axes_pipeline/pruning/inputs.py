@@ -3,6 +3,7 @@ checked before any point) and the calibration batches of taylor / hrank / chip."
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
@@ -11,15 +12,9 @@ from omegaconf import DictConfig
 from axes_pipeline.errors import UserError
 from axes_pipeline.pruning.scores import Score
 from axes_pipeline.pruning.settings import PruneSettings
-from axes_pipeline.runs import frame_digest
 from axes_pipeline.tables import Schema, check_table, read_table
 
-__all__ = ["axes_digest", "axes_loader", "axes_schema", "calibration_batches"]
-
-
-def axes_digest(table: pd.DataFrame | None) -> str | None:
-    """A content digest of the analysis table the axes scores read (part of their points' keys)."""
-    return None if table is None else frame_digest(table)
+__all__ = ["axes_loader", "calibration_batches"]
 
 
 def _analyze_hint(cfg: DictConfig) -> str:
@@ -36,20 +31,15 @@ def _analyze_hint(cfg: DictConfig) -> str:
     return "python analyze.py " + " ".join(p for p in parts if p)
 
 
-def axes_schema(scores: list[Score]) -> Schema:
-    """What prune needs of ``analyze/axes.csv``: one row per channel of every conv layer and
-    finite values in every column the configured scores read. A NaN would otherwise become the
-    lowest keep value after min-max normalisation (:func:`minmax`) and silently move a curve."""
-    cols = sorted(set().union(*(s.columns for s in scores))) if scores else []
-    return Schema("axes.csv", {"layer": "str", "channel": "int", **{c: "float" for c in cols}},
-                  finite=tuple(cols), layer="layer")
-
-
 def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
     """A loader of the run's checked analysis table: analyze.py's cached one for the same overrides,
     or computed now with them; a one-line error naming the command to run when neither is possible."""
     names = [s.name for s in scores]
-    schema = axes_schema(scores)
+    # one row per channel of every conv layer and finite values in every column the scores read: a NaN
+    # would otherwise become the lowest keep value after min-max normalisation and silently move a curve
+    cols = sorted(set().union(*(s.columns for s in scores))) if scores else []
+    schema = Schema("axes.csv", {"layer": "str", "channel": "int", **{c: "float" for c in cols}}, finite=tuple(cols),
+                    layer="layer")
     rows_per_layer = {name: conv.out_channels for name, conv in layers.items()}
     rebuild = f"{_analyze_hint(cfg)} analysis.axes.recompute=true"
 
@@ -65,8 +55,8 @@ def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
         try:
             from axes_pipeline.analyses.axes_table import load_or_compute_axes
         except ImportError:
-            load_or_compute_axes = None
-        if load_or_compute_axes is not None:
+            pass
+        else:
             try:
                 return checked(load_or_compute_axes(cfg, trained), cached)
             except (ConfigAttributeError, ConfigKeyError, KeyError, AttributeError) as err:
@@ -75,8 +65,7 @@ def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
                                     f"and cannot be computed from the prune config ({type(err).__name__}: "
                                     f"{str(err).splitlines()[0][:100]}); run `{_analyze_hint(cfg)}` first") from None
         if cached.is_file():
-            table = read_table(cached, Schema("axes.csv", {"layer": "str"}), rebuild=rebuild)
-            return checked(table, cached)
+            return checked(read_table(cached, Schema("axes.csv", {"layer": "str"}), rebuild=rebuild), cached)
         raise UserError(f"scores {', '.join(names)} need the analysis results ({cached}), which do not "
                         f"exist; run `{_analyze_hint(cfg)}` first")
     return load
@@ -88,11 +77,9 @@ def calibration_batches(dm, settings: PruneSettings, which: str = "n"):
     n = settings.calibration["n"]
     if which == "feature_maps" and settings.calibration.get("n_feature_maps"):
         n = int(settings.calibration["n_feature_maps"])
-    held: list = []
 
+    @cache
     def batches():
-        if not held:
-            ds = dm.calibration_set(n, settings.calibration["seed"], transform=settings.calibration["transform"])
-            held.append(list(dm.loader(ds, batch_size=settings.calibration["batch_size"])))
-        return held[0]
+        ds = dm.calibration_set(n, settings.calibration["seed"], transform=settings.calibration["transform"])
+        return list(dm.loader(ds, batch_size=settings.calibration["batch_size"]))
     return batches

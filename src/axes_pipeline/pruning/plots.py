@@ -77,12 +77,7 @@ def plot_curves(curves: pd.DataFrame, base: dict, out: Path) -> dict[str, Path]:
         axes[0].invert_xaxis()
         axes[1].legend(fontsize=7, ncol=2, loc="lower left")
         fig.suptitle("one-shot FLOPs-matched pruning (blue: local, red: target, green: mixed, grey: baseline)")
-        fig.tight_layout()
-        path = out / f"{stem}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        made[stem] = path
+        made[stem] = _save(plt, fig, out / f"{stem}.png")
     return made
 
 
@@ -106,11 +101,14 @@ def plot_sweeps(summary: dict, out: Path) -> dict[str, Path]:
         ax.set_ylabel("FLOPs-AUC (test top-1)")
         ax.set_title(sweep["label"])
         ax.grid(alpha=0.3)
-        fig.tight_layout()
         name = {"magnitude_plus_ix_a": "alpha", "ixy_minus_red_b": "beta"}.get(prefix, prefix)
-        path = out / f"prune_sweep_{name}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        made[f"sweep_{name}"] = path
+        made[f"sweep_{name}"] = _save(plt, fig, out / f"prune_sweep_{name}.png")
     return made
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return path

@@ -17,22 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from axes_pipeline.pruning.evaluate import evaluate, latency, test_loader, val_loader
+from axes_pipeline.pruning.evaluate import evaluate_test_val, latency
 from axes_pipeline.pruning.flops import count_params
 from axes_pipeline.pruning.scores import Score, ScoreContext
 from axes_pipeline.pruning.settings import PruneSettings
-from axes_pipeline.runs import (
-    fingerprint,
-    read_json,
-    run_fingerprint,
-    settings_diff,
-    write_json,
-)
+from axes_pipeline.runs import fingerprint, read_json, run_fingerprint, settings_diff, write_json
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = ["POINT_VERSION", "ScoreCache", "point_fingerprint", "point_label", "point_problems", "read_point",
-           "score_fingerprint", "unpruned"]
+__all__ = ["POINT_VERSION", "ScoreCache", "point_label", "point_problems", "read_point", "unpruned"]
 
 # 2: validation accuracies in every point, keys from runs.run_fingerprint
 POINT_VERSION = 2
@@ -47,61 +40,57 @@ def _plain(d: dict) -> dict:
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
-def score_fingerprint(settings: PruneSettings, score: Score, ckpt: Path, input_shape,
-                      axes_digest: str | None = None) -> dict:
-    """What a score's raw values depend on (the on-disk score cache): the data identity, the
-    checkpoint's content and the score's own inputs; not the allocation, search or evaluation,
-    so changing those never recomputes an expensive calibration score."""
-    parts = {"stage": "prune/score", "v": POINT_VERSION, "score": score.name, "input": list(input_shape),
-             "magnitude": settings.magnitude}
-    if "calibration" in score.needs:
-        parts["calibration"] = settings.calibration
-    if "axes" in score.needs:
-        parts["axes"] = axes_digest      # analyze.py rerun with other knobs -> other values
-    return _plain(run_fingerprint(settings.cfg, ckpt, **parts))
-
-
-def point_fingerprint(settings: PruneSettings, score: Score, ckpt: Path, input_shape,
-                      axes_digest: str | None = None) -> dict:
-    """What a finished point depends on; a point with another fingerprint is recomputed."""
-    s = settings
-    parts = {
-        "stage": "prune/point",
-        "score": fingerprint(score_fingerprint(s, score, ckpt, input_shape, axes_digest)),
-        "mode": s.mode, "allocation": s.allocation, "cap": s.cap, "tol": s.tolerance,
-        "depthwise": s.depthwise, "eval": [s.eval_samples, s.eval_seed],
-        "finetune": s.ft if s.finetune else False, "fvcore": s.fvcore_check,
-        "latency": [s.latency_batch_sizes, s.latency_repeats] if s.latency else False,
-    }
-    if s.allocation == "hybrid":
-        parts["hybrid"] = fingerprint(score_fingerprint(s, s.hybrid_from, ckpt, input_shape, axes_digest))
-    return _plain(run_fingerprint(s.cfg, ckpt, **parts))
-
-
 class ScoreCache:
-    """Raw scores per (score, draw): in memory, and on disk for the calibration-based ones."""
+    """Raw scores per (score, draw): in memory, and on disk for the calibration-based ones. It also
+    keys scores and points, which depend on the same settings, checkpoint, input and analysis table."""
 
     def __init__(self, ctx: ScoreContext, out: Path, settings: PruneSettings, ckpt: Path, shape, axes: str | None):
         self.ctx, self.out, self.settings, self.ckpt, self.shape, self.axes = ctx, out, settings, ckpt, shape, axes
         self.mem: dict[tuple[str, int], dict] = {}
         self.timing: dict[str, float] = {}
 
+    def score_key(self, score: Score) -> dict:
+        """What a score's raw values depend on: the data identity, the checkpoint's content and the
+        score's own inputs; not the allocation, search or evaluation, so changing those never
+        recomputes an expensive calibration score."""
+        s = self.settings
+        parts = {"stage": "prune/score", "v": POINT_VERSION, "score": score.name, "input": list(self.shape),
+                 "magnitude": s.magnitude}
+        if "calibration" in score.needs:
+            parts["calibration"] = s.calibration
+        if "axes" in score.needs:
+            parts["axes"] = self.axes      # analyze.py rerun with other knobs -> other values
+        return _plain(run_fingerprint(s.cfg, self.ckpt, **parts))
+
+    def point_key(self, score: Score) -> dict:
+        """What a finished point depends on; a point with another key is recomputed."""
+        s = self.settings
+        parts = {
+            "stage": "prune/point", "score": fingerprint(self.score_key(score)),
+            "mode": s.mode, "allocation": s.allocation, "cap": s.cap, "tol": s.tolerance,
+            "depthwise": s.depthwise, "eval": [s.eval_samples, s.eval_seed],
+            "finetune": s.ft if s.finetune else False, "fvcore": s.fvcore_check,
+            "latency": [s.latency_batch_sizes, s.latency_repeats] if s.latency else False,
+        }
+        if s.allocation == "hybrid":
+            parts["hybrid"] = fingerprint(self.score_key(s.hybrid_from))
+        return _plain(run_fingerprint(s.cfg, self.ckpt, **parts))
+
     def get(self, score: Score, draw: int) -> dict[str, np.ndarray]:
-        key = (score.name, draw)
+        key, label = (score.name, draw), point_label(score, draw)
         if key in self.mem:
             return self.mem[key]
-        path = self.out / "scores" / f"{point_label(score, draw)}.json"
-        fp = score_fingerprint(self.settings, score, self.ckpt, self.shape, self.axes)
+        path = self.out / "scores" / f"{label}.json"
+        fp = self.score_key(score)
         stored = self._stored(path, fp) if "calibration" in score.needs else None
         if stored is not None:
             self.mem[key] = stored
             return stored
         t0 = time.perf_counter()
         values = score(self.ctx, draw)
-        self.timing[point_label(score, draw)] = time.perf_counter() - t0
+        self.timing[label] = time.perf_counter() - t0
         if "calibration" in score.needs:
-            write_json(path, {"score": score.name, "fingerprint": fp,
-                              "seconds": self.timing[point_label(score, draw)],
+            write_json(path, {"score": score.name, "fingerprint": fp, "seconds": self.timing[label],
                               "values": {k: v.tolist() for k, v in values.items()}})
         if len(self.mem) > 8:
             self.mem.pop(next(iter(self.mem)))
@@ -117,19 +106,14 @@ class ScoreCache:
             if saved.get("fingerprint") != fp:
                 return None
             values = {k: np.asarray(v, dtype=np.float64) for k, v in saved["values"].items()}
-            if _scores_sound(values, self.ctx.layers):
+            layers = self.ctx.layers   # sound: one finite value per channel of every layer
+            if set(values) == set(layers) and all(v.shape == (layers[n].out_channels,) and np.isfinite(v).all()
+                                                  for n, v in values.items()):
                 return values
             print(f"prune: note: score cache {path.name} is damaged; recomputing it")
         except (ValueError, OSError, KeyError, TypeError, AttributeError):
             print(f"prune: note: score cache {path.name} cannot be read; recomputing it")
         return None
-
-
-def _scores_sound(values: dict, layers: dict) -> bool:
-    """A cached score has one finite value per channel of every layer."""
-    return (set(values) == set(layers)
-            and all(v.shape == (conv.out_channels,) and np.isfinite(v).all()
-                    for v, conv in ((values[n], layers[n]) for n in layers)))
 
 
 def read_point(path: Path, key: dict, score: Score, draw: int, target: float, settings: PruneSettings,
@@ -151,9 +135,7 @@ def read_point(path: Path, key: dict, score: Score, draw: int, target: float, se
                      settings_diff(rec["fingerprint"], key))
         return None, ""
     bad = point_problems(rec, score, draw, target, settings, n_val=int(base.get("n_val") or 0))
-    if bad:
-        return None, f"point {path.name} is damaged ({bad})"
-    return rec, ""
+    return (None, f"point {path.name} is damaged ({bad})") if bad else (rec, "")
 
 
 def point_problems(rec: dict, score: Score, draw: int, target: float, settings: PruneSettings, n_val: int) -> str:
@@ -193,9 +175,8 @@ def unpruned(model, dm, cost, example, settings: PruneSettings, device, out: Pat
                 return old
         except (ValueError, OSError, AttributeError):
             print(f"prune: note: {path.name} cannot be read; recomputing it")
-    acc = evaluate(model, test_loader(dm, settings.eval_samples, settings.eval_seed), device)
-    val = val_loader(dm)
-    val = evaluate(model, val, device) if val is not None else {"acc": None, "loss": None, "n": 0}
+    acc, val = evaluate_test_val(model, dm, settings, device)
+    val = val or {"acc": None, "loss": None, "n": 0}
     base = {"key": key, "acc": acc["acc"], "top5": acc["top5"], "loss": acc["loss"], "n_eval": acc["n"],
             "val_acc": val["acc"], "val_loss": val["loss"], "n_val": val["n"],
             "macs": cost.total, "params": count_params(model), "unsupported_ops": cost.unsupported,

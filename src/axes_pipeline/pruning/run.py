@@ -17,20 +17,13 @@ from omegaconf import DictConfig
 from axes_pipeline.devices import resolve_device
 from axes_pipeline.pruning.flops import CostModel
 from axes_pipeline.pruning.groups import build_groups
-from axes_pipeline.pruning.inputs import axes_digest, axes_loader, calibration_batches
+from axes_pipeline.pruning.inputs import axes_loader, calibration_batches
 from axes_pipeline.pruning.points import ScoreCache, unpruned
 from axes_pipeline.pruning.scores import ScoreContext
 from axes_pipeline.pruning.settings import PruneSettings
-from axes_pipeline.pruning.summary import (
-    curves_frame,
-    flat_scalars,
-    log_curves,
-    print_summary,
-    summarise,
-    write_stage,
-)
+from axes_pipeline.pruning.summary import curves_frame, flat_scalars, log_curves, print_summary, summarise, write_stage
 from axes_pipeline.pruning.sweep import Sweep, run_points
-from axes_pipeline.runs import write_csv
+from axes_pipeline.runs import frame_digest, write_csv
 
 log = logging.getLogger("axes_pipeline")
 
@@ -49,18 +42,17 @@ def run_prune(cfg: DictConfig) -> dict:
     out = Path(trained.run_dir) / "prune"
     dm = trained.datamodule
     model = trained.model.to(device).eval()
-    example = example_input({"image_size": dm.image_size, "in_channels": getattr(dm, "in_channels", 3)},
-                            device=device)
+    example = example_input({"image_size": dm.image_size, "in_channels": getattr(dm, "in_channels", 3)}, device=device)
     groups = build_groups(model, example)
     cost = CostModel.build(model, groups, example)
     layers = conv_layers(model)
 
     axes_scores = settings.needs("axes")
-    ctx = ScoreContext(model, layers, axes_loader=axes_loader(cfg, trained, axes_scores, layers),
-                       calibration=calibration_batches(dm, settings),
-                       feature_maps=calibration_batches(dm, settings, "feature_maps"), seed=int(cfg.seed),
-                       magnitude=settings.magnitude, device=device)
-    digest = axes_digest(ctx.axes()) if axes_scores else None   # fail (or compute) now, before any point
+    ctx = ScoreContext(model, layers, axes_loader=axes_loader(cfg, trained, axes_scores, layers), seed=int(cfg.seed),
+                       calibration=calibration_batches(dm, settings), magnitude=settings.magnitude, device=device,
+                       feature_maps=calibration_batches(dm, settings, "feature_maps"))
+    # the analysis table's content is part of the axes scores' keys; fail (or compute) now, before any point
+    digest = frame_digest(ctx.axes()) if axes_scores else None
     if len(settings.targets) < 2:
         print(f"prune: note: one target ({settings.targets[0]:g}): the points are written but a FLOPs-AUC "
               "needs at least two targets, so there is none")
@@ -75,22 +67,26 @@ def run_prune(cfg: DictConfig) -> dict:
         analyzed = Path(trained.run_dir) / "analyze"
         tracker.use_artifact("axes", cfg_artifact_name("axes", cfg), [analyzed / "axes.csv", analyzed / "layers.csv"])
     try:
-        ckpt = Path(trained.ckpt)
         base = unpruned(model, dm, cost, example, settings, device, out, trained.ckpt)
-        cache = ScoreCache(ctx, out, settings, ckpt, example.shape, digest)
-        sweep = Sweep(settings, model, groups, cost, example, dm, device, out, ckpt, base, cache, digest)
-        records, done = run_points(sweep, progress)
+        cache = ScoreCache(ctx, out, settings, Path(trained.ckpt), example.shape, digest)
+        records, done = run_points(Sweep(settings, model, groups, cost, example, dm, device, out, base, cache), progress)
         # curves and summary are computed in full before either is written, then replaced together
         curves = curves_frame(records)
         summary = summarise(curves, base, settings, groups, cache.timing)
         summary["points_computed_this_run"] = done
-        plots = _plots(curves, base, summary, out)
+        plots = {}
+        try:
+            from axes_pipeline.pruning.plots import plot_curves, plot_sweeps
+
+            plots.update(plot_curves(curves, base, out))
+            plots.update(plot_sweeps(summary, out))
+        except Exception as err:  # noqa: BLE001 - a failed plot is a warning, never lost results
+            log.warning("prune plots failed: %s", err)
         summary["plots"] = {k: str(v) for k, v in plots.items()}
         write_stage(out, curves, summary)
         tracker.scalars(flat_scalars(summary), prefix="prune/")
         tracker.table("prune/curves", curves)
-        tracker.log_artifact("curves", cfg_artifact_name("curves", cfg), [out / "prune_curves.csv",
-                                                                           out / "prune_summary.json"])
+        tracker.log_artifact("curves", cfg_artifact_name("curves", cfg), [out / "prune_curves.csv", out / "prune_summary.json"])
         log_curves(tracker, curves)
         for key, p in plots.items():
             tracker.image(f"prune/{key}", p)
@@ -98,16 +94,3 @@ def run_prune(cfg: DictConfig) -> dict:
         return summary
     finally:
         tracker.finish()
-
-
-def _plots(curves: pd.DataFrame, base: dict, summary: dict, out: Path) -> dict:
-    """The curves and sweep plots ({key: path}); a failed plot is a warning, never lost results."""
-    plots = {}
-    try:
-        from axes_pipeline.pruning.plots import plot_curves, plot_sweeps
-
-        plots.update(plot_curves(curves, base, out))
-        plots.update(plot_sweeps(summary, out))
-    except Exception as err:  # noqa: BLE001 - a plot must never lose the results
-        log.warning("prune plots failed: %s", err)
-    return plots

@@ -1,41 +1,36 @@
 """Channel importance scores for pruning: a registry of callables with one signature.
 
-Every score is a :class:`Score`; calling it as ``score(ctx, draw) -> {layer: scores[C]}`` gives
-one raw value per output channel of every analysable conv (higher = keep). The pruning code
-only ever sees :class:`Score` objects: it never branches on a name. What a score needs
-(``needs``: the analysis table, calibration images) and whether it is drawn at random
-(``stochastic``) are attributes, so the caller can check them before any expensive work.
+Every score is a :class:`Score`; ``score(ctx, draw) -> {layer: scores[C]}`` gives one raw value per
+output channel of every analysable conv (higher = keep). The pruning code never branches on a
+name: what a score needs (``needs``: the analysis table, calibration images) and whether it is
+drawn at random (``stochastic``) are attributes, so the caller can check them before any expensive work.
 
 Axes (METHODS §9), carried by every output as ``axis``:
 
 - ``local``: ``input_capture`` (I_X), ``ixy_minus_red_b{β}`` (I_X − β·R̄_X, β ∈ {.15,.3,.5,.7}),
   ``hull_score`` (keep = −E_full/max(1,|H|)), ``composite_local`` (I_X + 0.5·S − 0.3·R̄_X);
-- ``target``: ``task_info`` (I_T), ``composite_target`` (I_T + 0.5·S − 0.3·R_T),
-  ``task_unique`` (U_T + 0.5·S);
+- ``target``: ``task_info`` (I_T), ``composite_target`` (I_T + 0.5·S − 0.3·R_T), ``task_unique`` (U_T + 0.5·S);
 - ``mixed``: ``magnitude_plus_ix_a{α}`` (‖w‖ + α·I_X, α ∈ {.25,.5,.75,1}; ‖w‖ is the filter's
   L2 norm by default, as in the authors' code; knob ``pruning.magnitude``);
-
-Direction (METHODS §9): every score is a *keep* value. Local replaceability (R̄_X = ``peer_overlap``,
-the hull score E_full/max(1,|H|) of ``axes.csv``) predicts *removability*: a channel its peers
-can stand in for is the one to prune first, so a replaceability term always enters with a minus
-sign (``hull_score`` keeps −E_full/max(1,|H|); the ``axes.csv`` column keeps the replaceability
-value itself). Redundancy with the target (R_T) is subtracted for the same reason; I_X, I_T, S,
-U_T and the filter norms enter with a plus sign.
 - ``baseline``: ``random`` (seeded draws), ``l1``, ``l2`` (filter norms), ``bn_scale`` (|γ| of
   the norm after the conv), ``taylor`` (Σ|w·∂L/∂w| over the filter, calibration images),
   ``hrank`` (mean rank of the channel's feature maps), ``chip`` (channel independence: drop of
   the nuclear norm of the feature-map matrix when the channel's row is removed).
 
+Direction (METHODS §9): every score is a *keep* value. Local replaceability (R̄_X = ``peer_overlap``,
+the hull score E_full/max(1,|H|) of ``axes.csv``) predicts *removability*: a channel its peers
+can stand in for is the one to prune first, so a replaceability term always enters with a minus
+sign (the ``axes.csv`` column keeps the replaceability value itself). Redundancy with the target
+(R_T) is subtracted for the same reason; I_X, I_T, S, U_T and the filter norms enter with a plus sign.
+
 Components of a mixed score are min–max normalised within each layer before they are mixed
 (:func:`minmax`); the group code normalises the final score within each layer again.
 ``ixy_minus_red_b<β>`` and ``magnitude_plus_ix_a<α>`` accept any number (``resolve_score``).
 
-The I_X, R̄_X, hull, I_T, S, R_T, U_T columns come from the analysis stage's
-``<run_dir>/analyze/axes.csv`` (computed on demand through
-``axes_pipeline.analyses.axes_table.load_or_compute_axes`` when that exists).
-The feature maps of ``hrank`` / ``chip`` are the post-norm outputs (after the activation where
-one follows directly, i.e. not across a residual add), read at ``ConvUnit`` of
-:func:`axes_pipeline.models.conv_norm_pairs`.
+The axes columns come from the analysis stage's ``<run_dir>/analyze/axes.csv`` (computed on demand
+through ``axes_pipeline.analyses.axes_table.load_or_compute_axes`` when that exists). The feature
+maps of ``hrank`` / ``chip`` are the post-norm outputs (after the activation where one follows
+directly, i.e. not across a residual add), read at ``ConvUnit`` of :func:`axes_pipeline.models.conv_norm_pairs`.
 """
 
 from __future__ import annotations
@@ -50,27 +45,15 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.pruning.evaluate import eval_mode
 from axes_pipeline.pruning.taylor import taylor_scores
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = [
-    "AXES",
-    "DEFAULT_MAGNITUDE",
-    "DEFAULT_SCORES",
-    "FAMILIES",
-    "SCORES",
-    "Score",
-    "ScoreContext",
-    "minmax",
-    "register",
-    "resolve_score",
-    "score_names",
-]
+__all__ = ["AXES", "DEFAULT_MAGNITUDE", "DEFAULT_SCORES", "FAMILIES", "SCORES", "Score", "ScoreContext", "minmax",
+           "register", "resolve_score", "score_names"]
 
 AXES = ("local", "target", "mixed", "baseline")
-AXES_COLUMNS = ("input_capture", "peer_overlap", "hull_score", "task_info", "target_excess",
-                "task_redundancy", "task_unique")
 
 ScoreFn = Callable[["ScoreContext", int], dict]
 
@@ -125,14 +108,10 @@ def register(name: str, axis: str, needs=(), stochastic: bool = False, family: s
 
     def deco(fn: ScoreFn) -> ScoreFn:
         SCORES[name] = Score(name, axis, fn, frozenset(needs), stochastic, family, param,
-                             (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "", frozenset(columns))
+                             fn.__doc__.strip().splitlines()[0] if fn.__doc__ else "", frozenset(columns))
         return fn
 
     return deco
-
-
-def _family_name(prefix: str, value: float) -> str:
-    return f"{prefix}{value:g}"
 
 
 def resolve_score(name: str) -> Score:
@@ -158,30 +137,18 @@ def score_names() -> list[str]:
     return [s.name for axis in AXES for s in SCORES.values() if s.axis == axis]
 
 
-# --------------------------------------------------------------------------------------------
-# Context
-# --------------------------------------------------------------------------------------------
-
-
+# --- Context ---
 @dataclass
 class ScoreContext:
-    """What scores may read. Expensive inputs are loaded on first use and cached.
+    """What scores may read. Expensive inputs are loaded on first use and cached."""
 
-    ``model``: the trained network (eval mode); ``layers``: the analysable convs
-    ``{name: nn.Conv2d}`` in forward order; ``axes_loader()``: the analysis table (a DataFrame
-    with ``layer, channel`` and the axes columns); ``calibration()``: an iterable of
-    ``(x: [B, C, H, W], y: [B])`` batches of the calibration images; ``feature_maps()``: those of
-    hrank/chip (default: the same); ``seed``: the run seed
-    (random draws); ``magnitude``: ``l1`` | ``l2`` (the ‖w‖ of the mixed scores).
-    """
-
-    model: nn.Module
-    layers: dict[str, nn.Conv2d]
-    axes_loader: Callable[[], object] | None = None
-    calibration: Callable[[], object] | None = None
+    model: nn.Module                  # the trained network (eval mode)
+    layers: dict[str, nn.Conv2d]      # the analysable convs, in forward order
+    axes_loader: Callable[[], object] | None = None    # the analysis table: layer, channel, the axes columns
+    calibration: Callable[[], object] | None = None    # batches (x: [B, C, H, W], y: [B]) of calibration images
     feature_maps: Callable[[], object] | None = None   # hrank/chip images (default: calibration)
-    seed: int = 0
-    magnitude: str = DEFAULT_MAGNITUDE
+    seed: int = 0                     # the run seed (random draws)
+    magnitude: str = DEFAULT_MAGNITUDE   # l1 | l2: the ‖w‖ of the mixed scores
     device: torch.device | str = "cpu"
     _cache: dict = field(default_factory=dict)
 
@@ -208,8 +175,7 @@ class ScoreContext:
                 if len(rows) != conv.out_channels:
                     raise UserError(f"the analysis table has {len(rows)} rows for layer '{layer}' "
                                     f"({conv.out_channels} channels): stale or partial; rerun `python analyze.py`")
-                rows = rows.sort_values("channel")
-                out[layer] = rows[column].to_numpy(dtype=np.float64)
+                out[layer] = rows.sort_values("channel")[column].to_numpy(dtype=np.float64)
             self._cache[key] = out
         return self._cache[key]
 
@@ -236,10 +202,7 @@ def minmax(x: np.ndarray) -> np.ndarray:
     if not ok.any():
         return np.full(x.shape, 0.5)
     lo, hi = float(x[ok].min()), float(x[ok].max())
-    if hi - lo <= 1e-12 * max(1.0, abs(hi), abs(lo)):
-        out = np.full(x.shape, 0.5)
-    else:
-        out = (x - lo) / (hi - lo)
+    out = np.full(x.shape, 0.5) if hi - lo <= 1e-12 * max(1.0, abs(hi), abs(lo)) else (x - lo) / (hi - lo)
     out[~ok] = 0.0
     return out
 
@@ -254,32 +217,31 @@ def _col(column: str) -> Callable[[ScoreContext], dict]:
     return lambda ctx: ctx.axes_column(column)
 
 
-# --------------------------------------------------------------------------------------------
-# Local axis
-# --------------------------------------------------------------------------------------------
+def _family(prefix: str, axis: str, symbol: str, label: str, doc: str, grid: tuple, anchor: str, columns: tuple,
+            terms: Callable[[float], list]) -> None:
+    """Register the sweep ``<prefix><p>``, the :func:`_mix` of ``terms(p)``: the scores of ``grid``,
+    and a factory for any other ``p`` (:func:`resolve_score`). ``doc``: ``{p}`` for the parameter."""
+    def make(p: float) -> Score:
+        def fn(ctx, draw):
+            return _mix(ctx, terms(p))
+
+        return Score(f"{prefix}{p:g}", axis, fn, frozenset({"axes"}), False, prefix, float(p), doc.format(p=f"{p:g}"),
+                     frozenset(columns))
+
+    FAMILIES[prefix] = {"symbol": symbol, "label": label, "grid": grid, "anchor": anchor, "make": make}
+    for p in grid:
+        SCORES[f"{prefix}{p:g}"] = make(p)
 
 
+# --- Local axis ---
 @register("input_capture", "local", needs=("axes",), columns=("input_capture",))
 def _input_capture(ctx, draw):
     """I_X: what the channel captures from its input."""
     return ctx.axes_column("input_capture")
 
 
-def _make_ixy_minus_red(beta: float) -> Score:
-    name = _family_name("ixy_minus_red_b", beta)
-
-    def fn(ctx, draw):
-        return _mix(ctx, [(1.0, _col("input_capture")), (-beta, _col("peer_overlap"))])
-
-    fn.__doc__ = f"I_X − {beta:g}·R̄_X"
-    return Score(name, "local", fn, frozenset({"axes"}), False, "ixy_minus_red_b", float(beta), fn.__doc__,
-                 frozenset({"input_capture", "peer_overlap"}))
-
-
-FAMILIES["ixy_minus_red_b"] = {"symbol": "β", "label": "I_X − β·R̄_X", "grid": (0.15, 0.3, 0.5, 0.7),
-                               "anchor": "input_capture", "make": _make_ixy_minus_red}
-for _b in FAMILIES["ixy_minus_red_b"]["grid"]:
-    SCORES[_family_name("ixy_minus_red_b", _b)] = _make_ixy_minus_red(_b)
+_family("ixy_minus_red_b", "local", "β", "I_X − β·R̄_X", "I_X − {p}·R̄_X", (0.15, 0.3, 0.5, 0.7), "input_capture",
+        ("input_capture", "peer_overlap"), lambda beta: [(1.0, _col("input_capture")), (-beta, _col("peer_overlap"))])
 
 
 @register("hull_score", "local", needs=("axes",), columns=("hull_score",))
@@ -297,11 +259,7 @@ def _composite_local(ctx, draw):
     return _mix(ctx, [(1.0, _col("input_capture")), (0.5, _col("target_excess")), (-0.3, _col("peer_overlap"))])
 
 
-# --------------------------------------------------------------------------------------------
-# Target axis
-# --------------------------------------------------------------------------------------------
-
-
+# --- Target axis ---
 @register("task_info", "target", needs=("axes",), columns=("task_info",))
 def _task_info(ctx, draw):
     """I_T: what the channel says about the task."""
@@ -320,11 +278,7 @@ def _task_unique(ctx, draw):
     return _mix(ctx, [(1.0, _col("task_unique")), (0.5, _col("target_excess"))])
 
 
-# --------------------------------------------------------------------------------------------
-# Mixed
-# --------------------------------------------------------------------------------------------
-
-
+# --- Mixed ---
 def _filter_norm(ctx: ScoreContext, p: int) -> dict[str, np.ndarray]:
     return {layer: conv.weight.detach().flatten(1).norm(p=p, dim=1).cpu().numpy()
             for layer, conv in ctx.layers.items()}
@@ -336,28 +290,11 @@ def _magnitude(ctx: ScoreContext) -> dict[str, np.ndarray]:
     return _filter_norm(ctx, 1 if ctx.magnitude == "l1" else 2)
 
 
-def _make_magnitude_plus_ix(alpha: float) -> Score:
-    name = _family_name("magnitude_plus_ix_a", alpha)
-
-    def fn(ctx, draw):
-        return _mix(ctx, [(1.0, _magnitude), (alpha, _col("input_capture"))])
-
-    fn.__doc__ = f"‖w‖ + {alpha:g}·I_X"
-    return Score(name, "mixed", fn, frozenset({"axes"}), False, "magnitude_plus_ix_a", float(alpha), fn.__doc__,
-                 frozenset({"input_capture"}))
+_family("magnitude_plus_ix_a", "mixed", "α", "Magnitude + α·I_X", "‖w‖ + {p}·I_X", (0.25, 0.5, 0.75, 1.0), "{magnitude}",
+        ("input_capture",), lambda alpha: [(1.0, _magnitude), (alpha, _col("input_capture"))])
 
 
-FAMILIES["magnitude_plus_ix_a"] = {"symbol": "α", "label": "Magnitude + α·I_X", "grid": (0.25, 0.5, 0.75, 1.0),
-                                   "anchor": "{magnitude}", "make": _make_magnitude_plus_ix}
-for _a in FAMILIES["magnitude_plus_ix_a"]["grid"]:
-    SCORES[_family_name("magnitude_plus_ix_a", _a)] = _make_magnitude_plus_ix(_a)
-
-
-# --------------------------------------------------------------------------------------------
-# Baselines
-# --------------------------------------------------------------------------------------------
-
-
+# --- Baselines ---
 @register("random", "baseline", stochastic=True)
 def _random(ctx, draw):
     """Uniform random, one seeded draw per ``draw``."""
@@ -405,8 +342,8 @@ def _feature_map_stat(ctx: ScoreContext, reduce: Callable[[torch.Tensor], torch.
     handles = []
 
     def make_hook(layer, unit):
-        act = unit.act if (unit.act is not None and not unit.residual) else None
-        dim = unit.channel_dim if unit.norm is not None else 1
+        act = unit.act if unit is not None and unit.act is not None and not unit.residual else None
+        dim = unit.channel_dim if unit is not None and unit.norm is not None else 1
 
         def hook(_m, _inp, out):
             fm = out.detach()
@@ -418,30 +355,20 @@ def _feature_map_stat(ctx: ScoreContext, reduce: Callable[[torch.Tensor], torch.
             sums[layer] += reduce(fm).sum(0).cpu()
         return hook
 
-    for layer in ctx.layers:
+    for layer, conv in ctx.layers.items():
         unit = units.get(layer)
-        target = ctx.layers[layer] if unit is None or unit.norm is None else unit.norm
-        handles.append(target.register_forward_hook(make_hook(layer, unit) if unit is not None else
-                                                    _plain_hook(layer, sums, reduce)))
+        target = conv if unit is None or unit.norm is None else unit.norm
+        handles.append(target.register_forward_hook(make_hook(layer, unit)))
     n = 0
-    was = ctx.model.training
-    ctx.model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(ctx.model), torch.no_grad():
             for x, y in ctx.feature_map_batches():
                 ctx.model(x.to(ctx.device))
                 n += len(y)
     finally:
         for h in handles:
             h.remove()
-        ctx.model.train(was)
     return {layer: (s / max(1, n)).numpy() for layer, s in sums.items()}
-
-
-def _plain_hook(layer, sums, reduce):
-    def hook(_m, _inp, out):
-        sums[layer] += reduce(out.detach().to(torch.float64)).sum(0).cpu()
-    return hook
 
 
 def _ranks(fm: torch.Tensor) -> torch.Tensor:

@@ -39,13 +39,8 @@ CURVE_COLUMNS = ["score", "axis", "draw", "family", "param", "mode", "allocation
 
 def curves_frame(records: list[dict]) -> pd.DataFrame:
     """``prune_curves.csv``: one row per point (the validated records of this sweep, in order)."""
-    rows = [{k: v for k, v in r.items() if k not in ("group_kept", "fingerprint")} for r in records]
-    df = pd.DataFrame(rows)
-    for c in CURVE_COLUMNS:
-        if c not in df.columns:
-            df[c] = np.nan
-    extra = [c for c in df.columns if c not in CURVE_COLUMNS]
-    return df[CURVE_COLUMNS + extra]
+    df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("group_kept", "fingerprint")} for r in records])
+    return df.reindex(columns=CURVE_COLUMNS + [c for c in df.columns if c not in CURVE_COLUMNS])   # missing: NaN
 
 
 #: the AUC keys of the summary and the curve column each integrates (test = measured, val = chooses)
@@ -92,19 +87,14 @@ def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, groups,
 
     def best(axis: str, key: str = "flops_auc"):
         """The axis's best score by its validation AUC; its test AUC is what is reported."""
-        if not has_val:
-            return None
         cands = [(v[f"val_{key}"], k) for k, v in per_score.items() if v["axis"] == axis and v.get(f"val_{key}") is not None]
-        if not cands:
+        if not has_val or not cands:
             return None
         val, name = max(cands)   # ties broken by name: deterministic
         return {"score": name, "chosen_on": SELECTION_SPLIT, "measured_on": MEASUREMENT_SPLIT,
                 f"val_{key}": val, key: per_score[name][key], f"{key}_rel": per_score[name][f"{key}_rel"]}
 
-    axis_means = {}
-    for axis in AXES:
-        vals = [v["flops_auc"] for v in per_score.values() if v["axis"] == axis and v["flops_auc"] is not None]
-        axis_means[axis] = float(np.mean(vals)) if vals else None
+    axis_means = {axis: _mean_or_none(v["flops_auc"] for v in per_score.values() if v["axis"] == axis) for axis in AXES}
     bl, bt = best("local"), best("target")
     sweeps = {}
     for prefix, fam in FAMILIES.items():
@@ -201,9 +191,7 @@ def flat_scalars(summary: dict) -> dict:
         for key in ("flops_auc", "flops_auc_rel", "val_flops_auc"):
             if v.get(key) is not None:
                 flat[f"{key}/{name}"] = v[key]
-    for axis, v in summary["axis_means"].items():
-        if v is not None:
-            flat[f"axis_mean/{axis}"] = v
+    flat.update({f"axis_mean/{axis}": v for axis, v in summary["axis_means"].items() if v is not None})
     if summary["best_local_minus_best_target"] is not None:
         flat["best_local_minus_best_target"] = summary["best_local_minus_best_target"]
     return flat

@@ -17,22 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from axes_pipeline.pruning.allocation import (
-    group_scores,
-    keep_masks,
-    make_allocation,
-    match_flops,
-    nominal_fraction,
-)
+from axes_pipeline.pruning.allocation import group_scores, keep_masks, make_allocation, match_flops, nominal_fraction
 from axes_pipeline.pruning.evaluate import evaluate_splits, finetune, latency
 from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
 from axes_pipeline.pruning.groups import GroupSet, prune_physically
-from axes_pipeline.pruning.points import (
-    ScoreCache,
-    point_fingerprint,
-    point_label,
-    read_point,
-)
+from axes_pipeline.pruning.points import ScoreCache, point_label, read_point
 from axes_pipeline.pruning.scores import Score
 from axes_pipeline.pruning.settings import PruneSettings
 from axes_pipeline.runs import write_json
@@ -46,7 +35,7 @@ __all__ = ["Sweep", "one_point", "run_points"]
 class Sweep:
     """What every point of one prune run shares: the settings, the unpruned network and its
     coupled groups and cost model, the data, where points go, the unpruned reference (``base``)
-    and the raw-score cache."""
+    and the raw-score cache (which also keys the points)."""
 
     settings: PruneSettings
     model: torch.nn.Module
@@ -56,18 +45,15 @@ class Sweep:
     dm: object
     device: torch.device
     out: Path
-    ckpt: Path
     base: dict
     cache: ScoreCache
-    axes_digest: str | None = None
     hybrid_counts: list | None = None   # hybrid allocation: group scores of the count source, once
 
     def group_scores(self, score: Score, draw: int) -> list[np.ndarray]:
         """The group scores of ``score`` (draw ``draw``); with the hybrid allocation, the count
         source's group scores too (once, on first use)."""
         s = self.settings
-        raw = self.cache.get(score, draw)
-        gscores = group_scores(self.groups, raw, s.depthwise)
+        gscores = group_scores(self.groups, self.cache.get(score, draw), s.depthwise)
         if s.allocation == "hybrid" and self.hybrid_counts is None:
             self.hybrid_counts = group_scores(self.groups, self.cache.get(s.hybrid_from, 0), s.depthwise)
         return gscores
@@ -83,7 +69,7 @@ def run_points(sweep: Sweep, progress) -> tuple[list[dict], int]:
                                         label=lambda p: f"{point_label(p[0], p[1])} @ {p[2]:g}"):
         label = point_label(score, draw)
         path = out / "points" / f"{label}__{target:g}.json"
-        key = point_fingerprint(s, score, sweep.ckpt, sweep.example.shape, sweep.axes_digest)
+        key = sweep.cache.point_key(score)
         model_ok = not s.export or (out / "models" / f"{label}_{target:g}.pt").is_file()
         old, why = read_point(path, key, score, draw, target, s, sweep.base)
         if old is not None and model_ok:
@@ -91,8 +77,7 @@ def run_points(sweep: Sweep, progress) -> tuple[list[dict], int]:
             continue
         if why:
             print(f"prune: note: {why}; recomputing it")
-        gscores = sweep.group_scores(score, draw)
-        record = one_point(sweep, score, draw, target, gscores)
+        record = one_point(sweep, score, draw, target)
         record["fingerprint"] = key
         write_json(path, record)
         records.append(record)
@@ -100,10 +85,11 @@ def run_points(sweep: Sweep, progress) -> tuple[list[dict], int]:
     return records, done
 
 
-def one_point(sweep: Sweep, score: Score, draw: int, target: float, gscores: list[np.ndarray]) -> dict:
-    """Prune the unpruned network to ``target`` by ``gscores`` (the group scores of ``score``,
-    draw ``draw``), measure it and return its record."""
+def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
+    """Prune the unpruned network to ``target`` by the group scores of ``score`` (draw ``draw``),
+    measure it and return its record."""
     s, cost, dm, device, example = sweep.settings, sweep.cost, sweep.dm, sweep.device, sweep.example
+    gscores = sweep.group_scores(score, draw)
     t0 = time.perf_counter()
     alloc = make_allocation(s.allocation, sweep.groups, gscores, s.cap, counts_from=sweep.hybrid_counts,
                             seed=int(s.cfg.seed))
@@ -142,8 +128,7 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float, gscores: lis
     if s.finetune:
         t5 = time.perf_counter()
         tuned = copy.deepcopy(pruned)
-        ft = finetune(tuned, dm.train_dataloader(), device, s.ft["epochs"], s.ft["max_batches"],
-                      s.ft["lr"], s.ft["optimizer"], s.ft["weight_decay"])
+        ft = finetune(tuned, dm.train_dataloader(), device, **s.ft)   # s.ft: pruning.finetune but `enabled`
         rec.update(evaluate_splits(tuned, dm, s, device, "after_ft"))
         rec.update({"finetune_steps": ft["steps"], "finetune_loss": ft["loss"], "finetune_s": time.perf_counter() - t5})
         if s.export:

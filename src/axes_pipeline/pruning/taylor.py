@@ -8,13 +8,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from axes_pipeline.pruning.evaluate import eval_mode
+
 
 def taylor_scores(model: nn.Module, convs: dict[str, nn.Conv2d], batches, device="cpu") -> dict[str, np.ndarray]:
     """Σ|w·∂L/∂w| over each output filter of each conv, ∂L/∂w of the mean cross-entropy over
     ``batches`` (eval mode). Returns ``{name: [C]}``; the model's grads and ``requires_grad``
     flags are left as they were."""
-    was = model.training
-    model.eval()
     weights = {name: conv.weight for name, conv in convs.items()}
     wanted = {id(w) for w in weights.values()}
     saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
@@ -28,7 +28,7 @@ def taylor_scores(model: nn.Module, convs: dict[str, nn.Conv2d], batches, device
         # cuDNN's weight-gradient kernels are not deterministic by default: the same seed must
         # give the same Taylor column (a lesion predictor, a pruning score) on a GPU too.
         cudnn.deterministic, cudnn.benchmark = True, False
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             for x, y in batches:
                 x, y = x.to(device), y.to(device)
                 loss = F.cross_entropy(model(x).float(), y, reduction="sum") / total
@@ -40,4 +40,3 @@ def taylor_scores(model: nn.Module, convs: dict[str, nn.Conv2d], batches, device
         for p, (rg, g) in saved.items():
             p.requires_grad_(rg)
             p.grad = g
-        model.train(was)
