@@ -181,6 +181,21 @@ def test_finetune_export_and_latency(run):
     assert read_json(_prune_dir(cfg) / "prune_summary.json")["unpruned"]["latency_cpu_b1_ms"] > 0
 
 
+def test_a_points_finetune_repeats_whatever_ran_before_it(run):
+    import shutil
+
+    cfg = _cfg(run, "pruning.scores=[l1]", "pruning.targets=[0.5]", "pruning.finetune.enabled=true",
+               "pruning.finetune.epochs=1", "pruning.finetune.max_batches=3")
+    rows = []
+    for draws in (0, 1000):
+        torch.rand(draws)                     # another history of the global RNG (a resume, other points)
+        shutil.rmtree(_prune_dir(cfg), ignore_errors=True)
+        run_prune(cfg)
+        rows.append(pd.read_csv(_prune_dir(cfg) / "prune_curves.csv").iloc[0])
+    assert rows[0]["finetune_loss"] == rows[1]["finetune_loss"]
+    assert rows[0]["acc_after_ft"] == rows[1]["acc_after_ft"]
+
+
 def test_channel_fraction_mode(run):
     cfg = _cfg(run, "pruning.scores=[l1]", "pruning.targets=[0.9,0.7]", "pruning.mode=channel_fraction",
                "pruning.allocation=uniform", "pruning.fvcore_check=false")

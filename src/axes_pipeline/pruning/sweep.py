@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,11 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
     if s.finetune:
         t5 = time.perf_counter()
         tuned = copy.deepcopy(pruned)
-        ft = finetune(tuned, dm.train_dataloader(), device, **s.ft)   # s.ft: pruning.finetune but `enabled`
+        # the shuffle, augmentation and loader workers draw from the global RNG: seeded per point, so a
+        # point's fine-tune repeats whatever ran before it in this process (a resumed sweep included)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(zlib.crc32(f"{s.cfg.seed}|{point_label(score, draw)}|{target!r}".encode()))
+            ft = finetune(tuned, dm.train_dataloader(), device, **s.ft)   # s.ft: pruning.finetune but `enabled`
         rec.update(evaluate_splits(tuned, dm, s, device, "after_ft"))
         rec.update({"finetune_steps": ft["steps"], "finetune_loss": ft["loss"], "finetune_s": time.perf_counter() - t5})
         if s.export:
