@@ -70,7 +70,7 @@ class Context:
 
 
 def selected(cfg: DictConfig) -> list[str]:
-    chosen = [k for k in cfg.analysis.keys()]
+    chosen = list(cfg.analysis)
     unknown = [k for k in chosen if k != "axes" and k not in ANALYSES]
     if unknown:
         raise UserError(f"unknown analysis {unknown[0]!r}; choose from: axes, {', '.join(ANALYSES)}")
@@ -97,9 +97,7 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
     stored = None if recompute else stored_axes(out, want, ctx.units)
     if stored is not None and (plots_there or not requested):
         ctx.axes, ctx.layers = stored
-        headline = axes_headline(ctx.layers)
-        headline["calibration_accuracy"] = capture.accuracy
-        headline["reused"] = True
+        headline = {**axes_headline(ctx.layers), "calibration_accuracy": capture.accuracy, "reused": True}
         if requested:   # this stage's tracker run still gets the tables and figures
             ctx.tracker.table("analyze/layers", ctx.layers)
             ctx.tracker.table("analyze/axes", ctx.axes)
@@ -113,8 +111,7 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
                                                   index=depth_index(trained.model))
     write_axes(out, axes_df, layers_df, want)
     ctx.axes, ctx.layers = axes_df, layers_df
-    headline = axes_headline(layers_df)
-    headline["calibration_accuracy"] = capture.accuracy
+    headline = {**axes_headline(layers_df), "calibration_accuracy": capture.accuracy}
     if cfg.plots:
         figs = [plots.scatter_ix_it(axes_df, out / "plots" / "scatter_ix_it.png"),
                 plots.depth_profile(layers_df, out / "plots" / "depth_profile.png")]

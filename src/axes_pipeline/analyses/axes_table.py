@@ -51,6 +51,13 @@ def metric_knobs(cfg: DictConfig) -> dict:
     return {k: cfg.metrics[k] for k in METRIC_KNOBS}
 
 
+def metric_dtype(cfg: DictConfig) -> torch.dtype:
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.metrics.dtype)
+    if dtype is None:
+        raise UserError(f"metrics.dtype must be float32 or float64, got {cfg.metrics.dtype}")
+    return dtype
+
+
 def select_units(model: torch.nn.Module, layers) -> dict:
     """{name: ConvUnit} of the analysed layers in forward order; an unknown layer name lists the
     available ones."""
@@ -100,17 +107,15 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: tor
         cov = covariance(acts.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype))
     else:
         cov = cov.to(device=device, dtype=dtype)
-    axes = {k: v.cpu() for k, v in channel_axes_by_peers(cov, unit, **knobs).items()}   # metrics.peers
+    arr = {k: v.cpu().numpy() for k, v in channel_axes_by_peers(cov, unit, **knobs).items()}   # metrics.peers
     C = cov.shape[0] - 1
-    rows = {"layer": [name] * C, "layer_index": [index] * C, "channel": np.arange(C)}
-    rows.update({k: v.numpy() for k, v in axes.items()})
-    rows.update(filter_stats(unit))
-    arr = {k: v.numpy() for k, v in axes.items()}
+    rows = {"layer": [name] * C, "layer_index": [index] * C, "channel": np.arange(C), **arr, **filter_stats(unit)}
+    alive = ~arr["dead"]
     summary = {"layer": name, "layer_index": index, "channels": C,
                "n_samples": int(acts.shape[0] if n_samples is None else n_samples), "dead": int(arr["dead"].sum()),
                **layer_alignment(arr),
-               "hull_size_mean": float(arr["hull_size"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0,
-               "hull_saturated_frac": float(arr["hull_saturated"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0}
+               "hull_size_mean": float(arr["hull_size"][alive].mean()) if alive.any() else 0.0,
+               "hull_saturated_frac": float(arr["hull_saturated"][alive].mean()) if alive.any() else 0.0}
     tri = triplet_ratio_from_moments(cov, pool=knobs["pool"], top=knobs["top"])
     summary.update(s3_s2=float(tri["s3_s2"]), mean_s3=float(tri["mean_s3"]), mean_s2=float(tri["mean_s2"]))
     result = LayerResult(rows=pd.DataFrame(rows), summary=summary)
@@ -144,9 +149,7 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
     """Run :func:`layer_analysis` over every captured layer. Returns (axes_df, layers_df, results).
 
     ``index``: each layer's ``layer_index`` (:func:`depth_index`); default: capture order."""
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.metrics.dtype)
-    if dtype is None:
-        raise UserError(f"metrics.dtype must be float32 or float64, got {cfg.metrics.dtype}")
+    dtype = metric_dtype(cfg)
     graphs = OmegaConf.to_container(cfg.graphs) if cfg.graphs.edge_fraction > 0 else None
     grads = OmegaConf.to_container(cfg.gradients) if cfg.gradients.enabled else None
     results = {}

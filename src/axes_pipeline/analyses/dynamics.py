@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from axes_pipeline.analyses.axes_table import layer_analysis, metric_knobs
+from axes_pipeline.analyses.axes_table import layer_analysis, metric_dtype, metric_knobs
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.capture import POSITIONS, capture_activations
@@ -53,9 +53,6 @@ from axes_pipeline.tracking import progress as units_progress
 from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into
 
 log = logging.getLogger("axes_pipeline")
-
-__all__ = ["QUANTITIES", "RunPlan", "check_dynamics_analysis", "dynamics_curves", "dynamics_of_run",
-           "dynamics_settings", "plan_dynamics", "plot_dynamics", "run_dynamics_analysis"]
 
 #: The per-epoch quantities of METHODS §6 (columns of dynamics.csv) and their plot labels.
 QUANTITIES: dict[str, str] = {
@@ -152,14 +149,6 @@ def _select_epochs(grid: list[int], want) -> list[int]:
     return want
 
 
-def _seed_run_dir(cfg: DictConfig, seed: int) -> list[Path]:
-    other = copy.deepcopy(cfg)
-    with open_dict(other):
-        other.seed = int(seed)
-        other.ckpt = None
-    return run_dir_candidates(other)
-
-
 def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPlan]:
     """Which runs and epochs to process; every mistake a :class:`UserError` before any work."""
     knobs = _knobs(cfg)
@@ -183,7 +172,10 @@ def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPl
     for seed in seeds:
         if seed == int(main_seed):
             continue
-        cands = _seed_run_dir(cfg, seed)
+        other = copy.deepcopy(cfg)
+        with open_dict(other):
+            other.seed, other.ckpt = int(seed), None
+        cands = run_dir_candidates(other)
         run = next((c for c in cands if epoch_checkpoints(c / "checkpoints")), None)
         if run is None:
             run = next((c for c in cands if (c / "analyze" / PARTS).is_dir()), None)
@@ -315,9 +307,7 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
     all_units = conv_norm_pairs(model)
     units = {n: all_units[n] for n in layers}
     index = {n: i for i, n in enumerate(all_units)}
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.metrics.dtype)
-    if dtype is None:
-        raise UserError(f"metrics.dtype must be float32 or float64, got {cfg.metrics.dtype}")
+    dtype = metric_dtype(cfg)
     graphs = _graphs(cfg)
     knobs, c = metric_knobs(cfg), cfg.capture
     loader, frames, computed, fixed_t = None, [], 0, None
@@ -347,10 +337,9 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
         model.cpu()
         rows = []
         for name in layers:
-            res = layer_analysis(name, index[name], None, None, units[name], knobs=knobs, dtype=dtype, device=device,
-                                 graphs=graphs, seed=int(c.seed), cov=capture.cov(name),
-                                 n_samples=capture.n_samples(name))
-            rows.append(res.summary)
+            rows.append(layer_analysis(name, index[name], None, None, units[name], knobs=knobs, dtype=dtype,
+                                       device=device, graphs=graphs, seed=int(c.seed), cov=capture.cov(name),
+                                       n_samples=capture.n_samples(name)).summary)
         part = pd.DataFrame(rows)
         part.insert(0, "epoch", epoch)
         part.insert(1, "seed", plan.seed)

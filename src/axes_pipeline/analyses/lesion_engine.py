@@ -60,20 +60,6 @@ from axes_pipeline.models.graph import trace
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = [
-    "EvalResult",
-    "LesionEngine",
-    "Lesions",
-    "default_max_rows",
-    "evaluate",
-    "hull_members",
-    "materialise",
-    "peer_regression",
-    "standardised",
-    "weight_lesion_eval",
-    "zeroed",
-]
-
 # --------------------------------------------------------------------------------------------
 # lesion specs
 # --------------------------------------------------------------------------------------------
@@ -236,8 +222,7 @@ def hull_members(acts: Tensor, hull_size: Sequence[int], channels: Sequence[int]
     out = []
     for c in channels:
         k = int(hull_size[c])
-        members = idx[c, :k][valid[c, :k]]
-        out.append([int(j) for j in members])
+        out.append([int(j) for j in idx[c, :k][valid[c, :k]]])
     return out
 
 
@@ -378,8 +363,7 @@ class LesionEngine:
 
     def _conv_hook(self, module, inputs, out):
         st = self._state
-        b = st["B"]
-        return self._write(out[:b], st["les"], st["coef"], st["off"])
+        return self._write(out[:st["B"]], st["les"], st["coef"], st["off"])
 
     @contextmanager
     def _hooks(self, with_conv: bool):
@@ -436,8 +420,7 @@ class LesionEngine:
                 for start in range(0, n_les, step):
                     les = lesions[start:start + step]
                     n_l = len(les)
-                    y_conv = cut[suffix.cut_index] if self.batched_prefix else None
-                    dtype = y_conv.dtype if y_conv is not None else x.dtype
+                    dtype = cut[suffix.cut_index].dtype if self.batched_prefix else x.dtype
                     self._set_chunk(les, b, c, x.device, dtype)
                     if self.batched_prefix:
                         args = [t.repeat(n_l, *([1] * (t.ndim - 1))) if i != suffix.cut_index else

@@ -167,10 +167,8 @@ def check_lesion_analysis(ctx) -> None:
         if cfg.capture.spatial == "gap":
             log.warning("lesion: capture.spatial=gap fits the peer regression on pooled samples but applies it at "
                         "every position; capture.spatial=sample is the protocol")
-    if ctx.trained is not None:
-        n_test = ctx.trained.datamodule.split_sizes()["test"]
-        if n_test < 1:
-            raise UserError("the test split is empty; lesions are evaluated on it")
+    if ctx.trained is not None and ctx.trained.datamodule.split_sizes()["test"] < 1:
+        raise UserError("the test split is empty; lesions are evaluated on it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,15 +277,13 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
     base, extra = list(s["base_terms"]), list(s["peer_terms"])
     cols = ["damage_loss", *base, *extra]
 
-    layers = live["layer"]
-
     def r2_of(frame: pd.DataFrame, scale: str) -> dict:
         if scale == "rank":
             frame = _ranked(frame, cols)
         # resampled within layers: a layer's channels share a damage scale (not exchangeable)
         return incremental_r2(frame["damage_loss"].to_numpy(float), frame[base].to_numpy(float),
                               frame[extra].to_numpy(float), n_boot=s["n_boot"], seed=s["seed"],
-                              strata=layers.loc[frame.index].to_numpy())
+                              strata=live.loc[frame.index, "layer"].to_numpy())
 
     other = next(x for x in R2_SCALES if x != s["r2_scale"])
     summary["incremental_r2"] = {
@@ -440,19 +436,6 @@ def check_axes_columns(axes: pd.DataFrame, path: Path) -> None:
                            f"reads; rebuild it with `python analyze.py analysis.axes.recompute=true <same overrides>`")
 
 
-def _stored_fingerprint(path: Path) -> dict | None:
-    """The fingerprint the stored parts were made under; None when absent or unreadable (then the
-    parts are recomputed, never trusted)."""
-    try:
-        return read_json(path) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-
-def _part_path(out: Path, layer: str) -> Path:
-    return out / PARTS / f"{layer}.csv"
-
-
 def _eval_batches(dm, s: dict, device) -> tuple[list, int]:
     n_test = dm.split_sizes()["test"]
     ev = s["eval_samples"]
@@ -489,7 +472,11 @@ def run_lesion_analysis(ctx) -> dict:
 
     fp = run_fingerprint(cfg, trained.ckpt, **capture_settings(cfg), **axes_settings(cfg), **part_settings(s, n_eval))
     fp_path = out / PARTS / "fingerprint.json"
-    resume = bool(s["resume"]) and _stored_fingerprint(fp_path) == fp
+    try:
+        stored_fp = read_json(fp_path) if fp_path.is_file() else None
+    except (OSError, ValueError):
+        stored_fp = None   # unreadable: the parts are recomputed, never trusted
+    resume = bool(s["resume"]) and stored_fp == fp
     if not resume and (out / PARTS).exists():
         for stale in (out / PARTS).glob("*.csv"):
             stale.unlink()
@@ -500,7 +487,7 @@ def run_lesion_analysis(ctx) -> dict:
     parts, batched, t_lesion, n_lesions = [], {}, 0.0, 0
     for name in units_progress(layers, "lesion", label=str):
         unit = ctx.units[name]
-        part = _part_path(out, name)
+        part = out / PARTS / f"{name}.csv"
         chans = select_channels(unit.conv.out_channels, s["channels"], s["seed"], name)
         stored = _read_part(part, name, len(chans), s["replace"]) if resume and part.exists() else None
         if stored is not None:
@@ -523,7 +510,7 @@ def run_lesion_analysis(ctx) -> dict:
     model.cpu()
 
     df = pd.concat(parts, ignore_index=True)
-    df = _finish_table(df, axes, taylor, base_loss, base_acc, s)
+    df = _finish_table(df, axes, taylor, s)
     binned_df, stats = analyse(df, s)
     write_csv(out / "lesions.csv", df)
     write_csv(out / "lesion_binned.csv", binned_df)
@@ -553,13 +540,10 @@ def run_lesion_analysis(ctx) -> dict:
     return headline
 
 
-def _finish_table(df: pd.DataFrame, axes: pd.DataFrame, taylor: dict, base_loss: float, base_acc: float,
-                  s: dict) -> pd.DataFrame:
+def _finish_table(df: pd.DataFrame, axes: pd.DataFrame, taylor: dict, s: dict) -> pd.DataFrame:
     """Damage, recovery, the predictors and the I_T bin of every lesioned channel."""
     df = df.copy()
-    # each layer's own unlesioned pass (see lesion_layer); the whole-model pass for older parts
-    loss0 = df["loss_base"] if "loss_base" in df else base_loss
-    acc0 = df["acc_base"] if "acc_base" in df else base_acc
+    loss0, acc0 = df["loss_base"], df["acc_base"]   # each layer's own unlesioned pass (see lesion_layer)
     df["damage_loss"] = df["loss_lesion"] - loss0
     df["damage_acc"] = acc0 - df["acc_lesion"]
     for v in s["replace"]:
@@ -590,8 +574,8 @@ def _headline(summary: dict, s: dict) -> dict:
          "delta_r2": r2["delta_r2"], "delta_r2_ci_lo": r2["ci_lo"], "delta_r2_ci_hi": r2["ci_hi"],
          "delta_r2_adj": r2["delta_r2_adj"], "delta_r2_adj_ci_lo": r2["ci_adj_lo"],
          "delta_r2_adj_ci_hi": r2["ci_adj_hi"], "delta_r2_p_f": r2["p_f"], "r2_n": r2["n"]}
+    rec = summary["recovery"]
     for v in s["replace"]:
-        rec = summary["recovery"]
         h[f"recovery_{v}_mean"] = rec[f"{v}_mean"]
         h[f"recovery_{v}_median"] = rec[f"{v}_median"]
         h[f"rho_recovery_{v}_full_explained"] = rec[f"rho_{v}_full_explained"]

@@ -72,11 +72,6 @@ from axes_pipeline.runs import write_csv
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = ["NULL_MODES", "PAIRINGS", "check_propagation_analysis", "conv_links", "headline", "heatmap", "influence_matrix",
-           "link_report",
-           "pair_propagation", "post_norm_sigma", "propagation_table", "routed",
-           "run_propagation_analysis"]
-
 #: (pairing name, upstream metric m, downstream metric m')
 PAIRINGS: tuple[tuple[str, str, str], ...] = (
     ("local_to_local", "input_capture", "input_capture"),
@@ -111,7 +106,10 @@ def link_report(model: nn.Module, units: dict | None = None, residual: str = DEF
         units = conv_norm_pairs(model)
     graph = trace(model)
     if graph is None:  # pair consecutive layers instead
-        links = [(u, d, 0) for u, d in _fallback_links(units)]
+        names = list(units)
+        links = [(up, down, 0) for up, down in zip(names, names[1:])
+                 if not units[up].residual and units[down].conv.groups == 1
+                 and units[down].conv.in_channels == units[up].conv.out_channels]
         linked = {d for _, d, _ in links}
         return links, [(d, f"torch.fx cannot trace {type(model).__name__}; consecutive layers only")
                        for d in list(units)[1:] if d not in linked]
@@ -140,16 +138,6 @@ def link_report(model: nn.Module, units: dict | None = None, residual: str = DEF
             if link not in links:
                 links.append(link)
     return links, refused
-
-
-def _fallback_links(units: dict) -> list[tuple[str, str]]:
-    names = list(units)
-    out = []
-    for up, down in zip(names, names[1:]):
-        u, d = units[up], units[down]
-        if not u.residual and d.conv.groups == 1 and d.conv.in_channels == u.conv.out_channels:
-            out.append((up, down))
-    return out
 
 
 def conv_links(model: nn.Module, units: dict | None = None,
@@ -239,8 +227,6 @@ def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, d
     ``down_alive: [C_out]`` bool (default all). Returns one dict per pairing: ``pairing, rho,
     null_rho`` (mean over draws), ``null_sd``, ``n`` (receivers in ρ).
     """
-    if null not in NULL_MODES:
-        raise UserError(f"unknown propagation.null_mode {null!r}; choose one of: {', '.join(NULL_MODES)}")
     a = influence_matrix(weight, sigma_post)
     C_out = a.shape[0]
     alive = np.ones(C_out, bool) if down_alive is None else np.asarray(down_alive, bool)
@@ -276,10 +262,6 @@ def _knobs(cfg) -> dict:
     return {"null_draws": k.null_draws, "null": k.null_mode, "seed": k.seed, "residual": k.residual}
 
 
-def _links(ctx) -> list[tuple[str, str]]:
-    return conv_links(ctx.trained.model, ctx.units, _knobs(ctx.cfg)["residual"])
-
-
 def check_propagation_analysis(ctx) -> None:
     """Knobs and that at least one linked pair was selected, before anything runs."""
     k = _knobs(ctx.cfg)
@@ -289,7 +271,7 @@ def check_propagation_analysis(ctx) -> None:
         raise UserError(f"unknown propagation.residual {k['residual']!r}; choose one of: {', '.join(RESIDUAL_MODES)}")
     if k["null_draws"] < 0:
         raise UserError(f"propagation.null_draws must be >= 0, got {k['null_draws']}")
-    if not _links(ctx) and ctx.cfg.capture.layers is not None:
+    if not conv_links(ctx.trained.model, ctx.units, k["residual"]) and ctx.cfg.capture.layers is not None:
         raise UserError("propagation needs two directly linked conv layers (e.g. layer1.0.conv1 and "
                         "layer1.0.conv2), but capture.layers selects none; add the pair or use "
                         "capture.layers=null")
