@@ -75,9 +75,7 @@ class RunPlan:
     epochs: dict[int, Path | None]
 
 
-# --------------------------------------------------------------------------------------------
-# Knobs and plan
-# --------------------------------------------------------------------------------------------
+# ---- Knobs and plan --------------------------------------------------------------------------
 
 
 def _knobs(cfg: DictConfig) -> dict:
@@ -207,9 +205,7 @@ def check_dynamics_analysis(ctx) -> None:
     plan_dynamics(ctx.cfg, ctx.trained.run_dir, int(ctx.cfg.seed))
 
 
-# --------------------------------------------------------------------------------------------
-# One run, epoch by epoch
-# --------------------------------------------------------------------------------------------
+# ---- One run, epoch by epoch -----------------------------------------------------------------
 
 
 def dynamics_settings(cfg: DictConfig, layers: list[str]) -> dict:
@@ -354,9 +350,7 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
     return frame, computed
 
 
-# --------------------------------------------------------------------------------------------
-# Curves, plot, headline
-# --------------------------------------------------------------------------------------------
+# ---- Curves, plot, headline ------------------------------------------------------------------
 
 
 def dynamics_curves(frame: pd.DataFrame) -> pd.DataFrame:
@@ -454,13 +448,10 @@ def run_dynamics_analysis(ctx) -> dict:
     model = architecture(cfg, dm.num_classes)   # its own instance: the restored model stays as is
     layers = _layers(model, knobs)
     expect = expected_meta(cfg, dm.num_classes)
-    frames, computed = [], 0
-    for plan in plans:
-        frame, n = dynamics_of_run(cfg, plan, model, dm, layers, ctx.device, expect)
-        frames.append(frame)
-        computed += n
+    runs = [dynamics_of_run(cfg, plan, model, dm, layers, ctx.device, expect) for plan in plans]
+    computed = sum(n for _, n in runs)
     del model
-    allf = pd.concat(frames, ignore_index=True).drop(columns=["ckpt_digest"], errors="ignore")
+    allf = pd.concat([frame for frame, _ in runs], ignore_index=True).drop(columns=["ckpt_digest"], errors="ignore")
     curves = dynamics_curves(allf)
     if len(plans) > 1:
         write_csv(ctx.out / "dynamics_seeds.csv", allf)

@@ -60,9 +60,7 @@ from axes_pipeline.models.graph import trace
 
 log = logging.getLogger("axes_pipeline")
 
-# --------------------------------------------------------------------------------------------
-# lesion specs
-# --------------------------------------------------------------------------------------------
+# ---- lesion specs ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -123,9 +121,7 @@ class EvalResult:
         return self.correct / max(self.n, 1)
 
 
-# --------------------------------------------------------------------------------------------
-# the weight path: reference and one-at-a-time baseline
-# --------------------------------------------------------------------------------------------
+# ---- the weight path: reference and one-at-a-time baseline -----------------------------------
 
 
 def _lesion_params(unit) -> list[Tensor]:
@@ -200,9 +196,7 @@ def materialise(loader, device: torch.device | str = "cpu", max_bytes: float = 2
     return [(x.to(where), y.to(where)) for x, y in batches]
 
 
-# --------------------------------------------------------------------------------------------
-# peers and their regression
-# --------------------------------------------------------------------------------------------
+# ---- peers and their regression --------------------------------------------------------------
 
 
 def standardised(acts: Tensor, target: Tensor | None = None):
@@ -274,9 +268,7 @@ def peer_regression(acts: Tensor | None, channels: Sequence[int], peers: str | S
     return coef, offset, r2
 
 
-# --------------------------------------------------------------------------------------------
-# the batched engine
-# --------------------------------------------------------------------------------------------
+# ---- the batched engine ----------------------------------------------------------------------
 
 
 def default_max_rows(device: torch.device | str) -> int:

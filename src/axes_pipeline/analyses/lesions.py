@@ -78,9 +78,7 @@ AUTO_CHANNELS = 64   # METHODS §8 default sample per layer
 POOLED = "(all, within-layer ranks)"
 
 
-# --------------------------------------------------------------------------------------------
-# knobs
-# --------------------------------------------------------------------------------------------
+# ---- knobs -----------------------------------------------------------------------------------
 
 
 def lesion_settings(cfg: DictConfig) -> dict:
@@ -171,9 +169,7 @@ def check_lesion_analysis(ctx) -> None:
         raise UserError("the test split is empty; lesions are evaluated on it")
 
 
-# --------------------------------------------------------------------------------------------
-# one layer
-# --------------------------------------------------------------------------------------------
+# ---- one layer -------------------------------------------------------------------------------
 
 
 def lesion_layer(model, unit, acts: torch.Tensor | None, target: torch.Tensor | None, axes_rows: pd.DataFrame,
@@ -219,9 +215,7 @@ def lesion_layer(model, unit, acts: torch.Tensor | None, target: torch.Tensor | 
     return pd.DataFrame(rows), engine.batched_prefix
 
 
-# --------------------------------------------------------------------------------------------
-# statistics
-# --------------------------------------------------------------------------------------------
+# ---- statistics ------------------------------------------------------------------------------
 
 
 def it_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
@@ -344,9 +338,7 @@ def _nanmean(x) -> float:
     return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
 
 
-# --------------------------------------------------------------------------------------------
-# plots
-# --------------------------------------------------------------------------------------------
+# ---- plots -----------------------------------------------------------------------------------
 
 
 def plot_damage(df: pd.DataFrame, predictors: list[str], n_bins: int, path: Path) -> Path:
@@ -394,9 +386,7 @@ def plot_recovery(df: pd.DataFrame, variants: list[str], n_bins: int, path: Path
     return plots.save(fig, path)
 
 
-# --------------------------------------------------------------------------------------------
-# the stage
-# --------------------------------------------------------------------------------------------
+# ---- the stage -------------------------------------------------------------------------------
 
 
 def part_settings(s: dict, n_eval: int) -> dict:

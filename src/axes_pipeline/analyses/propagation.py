@@ -83,9 +83,7 @@ PAIRINGS: tuple[tuple[str, str, str], ...] = (
 #: ``columns``: one permutation of A's columns shared by all receivers (= shuffled upstream labels).
 NULL_MODES = ("weights", "columns")
 
-# --------------------------------------------------------------------------------------------
-# Which conv feeds which
-# --------------------------------------------------------------------------------------------
+# ---- Which conv feeds which ------------------------------------------------------------------
 
 RESIDUAL_MODES = ("main", "skip")
 #: METHODS §7 links across residual adds; conf/analysis/propagation.yaml repeats this value.
@@ -153,9 +151,7 @@ def conv_links(model: nn.Module, units: dict | None = None,
     return list(dict.fromkeys((u, d) for u, d, _ in links))
 
 
-# --------------------------------------------------------------------------------------------
-# Influence and routing
-# --------------------------------------------------------------------------------------------
+# ---- Influence and routing -------------------------------------------------------------------
 
 
 def post_norm_sigma(unit, sigma: torch.Tensor, point: str = "pre_bn") -> torch.Tensor:
@@ -252,9 +248,7 @@ def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, d
     return rows
 
 
-# --------------------------------------------------------------------------------------------
-# The analysis
-# --------------------------------------------------------------------------------------------
+# ---- The analysis ----------------------------------------------------------------------------
 
 
 def _knobs(cfg) -> dict:
