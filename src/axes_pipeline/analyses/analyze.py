@@ -104,8 +104,7 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
             for f in sorted((out / "plots").glob("*.png")) if cfg.plots else []:
                 if f.stem in (*AXES_PLOTS, "communities"):
                     ctx.tracker.image(f"analyze/{f.stem}", f)
-        log.info("axes: reusing %s (computed with these settings; analysis.axes.recompute=true to redo)",
-                 out / "axes.csv")
+        log.info("axes: reusing %s (computed with these settings; analysis.axes.recompute=true to redo)", out / "axes.csv")
         return headline
     axes_df, layers_df, results = analyze_capture(capture, ctx.units, cfg, ctx.device, keep_matrices=True,
                                                   index=depth_index(trained.model))
@@ -160,8 +159,7 @@ def run_analysis(cfg: DictConfig) -> dict:
             if name in ANALYSES and ANALYSES[name].check is not None:
                 ANALYSES[name].check(ctx)
     ctx.tracker = StageTracker(cfg, "analyze", out)
-    summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None,
-                     "analyses": chosen}
+    summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None, "analyses": chosen}
     try:
         if trained is not None:
             ctx.tracker.use_artifact("checkpoint", cfg_artifact_name("checkpoint", cfg), [trained.ckpt])

@@ -59,8 +59,7 @@ def metric_dtype(cfg: DictConfig) -> torch.dtype:
 
 
 def select_units(model: torch.nn.Module, layers) -> dict:
-    """{name: ConvUnit} of the analysed layers in forward order; an unknown layer name lists the
-    available ones."""
+    """{name: ConvUnit} of the analysed layers in forward order; an unknown layer name lists the available ones."""
     units = conv_norm_pairs(model)
     if layers is None:
         return units
@@ -125,8 +124,7 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: tor
         sub = cov[: k + 1, : k + 1]
         r_x = pairwise_overlap_from_moments(sub).cpu().double().numpy()
         s = pairwise_target_excess_from_moments(sub).cpu().double().numpy()
-        g = compare_groupings(r_x, s, fraction=graphs["edge_fraction"], null_shuffles=graphs["null_shuffles"],
-                              seed=seed)
+        g = compare_groupings(r_x, s, fraction=graphs["edge_fraction"], null_shuffles=graphs["null_shuffles"], seed=seed)
         comm_r = np.full(C, -1)
         comm_s = np.full(C, -1)
         comm_r[:k], comm_s[:k] = g.pop("labels_r"), g.pop("labels_s")
@@ -229,8 +227,7 @@ def check_capture_size(cfg: DictConfig, datamodule) -> None:
                  cfg.capture.n_cal, cfg.data.name, n_train)
         cfg.capture.n_cal = n_train
     if n_train < 3:
-        raise UserError(f"the {cfg.data.name} training split has only {n_train} images; "
-                        f"the axes need at least 3")
+        raise UserError(f"the {cfg.data.name} training split has only {n_train} images; the axes need at least 3")
 
 
 def axes_fingerprint(cfg: DictConfig, ckpt: Path) -> dict:
@@ -314,8 +311,7 @@ def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.
     log.info("computing the two axes for %s (no matching analyze/axes.csv)", trained.run_dir)
     device = resolve_device(cfg.get("device", "auto"))
     capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
-    axes_df, layers_df, _ = analyze_capture(capture, units, cfg, device, progress=progress,
-                                            index=depth_index(trained.model))
+    axes_df, layers_df, _ = analyze_capture(capture, units, cfg, device, progress=progress, index=depth_index(trained.model))
     write_axes(out_dir, axes_df, layers_df, want)
     return axes_df
 

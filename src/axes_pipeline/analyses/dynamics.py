@@ -155,8 +155,7 @@ def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPl
     if not found:
         raise _no_checkpoints_error(ckpt_dir)
     if 0 not in found:
-        log.warning("dynamics: %s has no epoch_000.ckpt (random init); curves start at epoch %d",
-                    ckpt_dir, min(found))
+        log.warning("dynamics: %s has no epoch_000.ckpt (random init); curves start at epoch %d", ckpt_dir, min(found))
     epochs = _select_epochs(list(found), knobs["epochs"])
     plans = [RunPlan(int(main_seed), Path(main_run), {e: found[e] for e in epochs})]
     seeds = knobs["seeds"]

@@ -126,13 +126,9 @@ class EvalResult:
 
 def _lesion_params(unit) -> list[Tensor]:
     """The tensors a lesion zeroes along dim 0: filter, bias, norm γ and β (when present)."""
-    params = [unit.conv.weight, unit.conv.bias]
-    norm = unit.norm
-    if norm is not None:
-        c = unit.conv.out_channels
-        params += [p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None))
-                   if p is not None and p.ndim >= 1 and p.shape[0] == c]
-    return [p for p in params if p is not None]
+    norm_affine = [p for p in (getattr(unit.norm, "weight", None), getattr(unit.norm, "bias", None))
+                   if p is not None and p.ndim >= 1 and p.shape[0] == unit.conv.out_channels]
+    return [p for p in (unit.conv.weight, unit.conv.bias) if p is not None] + norm_affine
 
 
 @contextmanager
@@ -173,18 +169,14 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
 
 
 def weight_lesion_eval(model: nn.Module, unit, channels: Sequence[int], batches, device="cpu") -> EvalResult:
-    """One full evaluation per channel with the weights zeroed (:func:`zeroed`), then restored.
-
-    The slow reference for :class:`LesionEngine` (and the baseline of the benchmark).
-    """
-    losses, correct, n = [], [], 0
+    """One full evaluation per channel with the weights zeroed (:func:`zeroed`), then restored: the
+    slow reference for :class:`LesionEngine` (and the baseline of the benchmark)."""
+    runs = []
     for c in channels:
         with zeroed(unit, int(c)):
-            r = evaluate(model, batches, device)
-        losses.append(r.loss_sum[0])
-        correct.append(r.correct[0])
-        n = r.n
-    return EvalResult(np.array(losses, dtype=np.float64), np.array(correct, dtype=np.int64), n)
+            runs.append(evaluate(model, batches, device))
+    return EvalResult(np.array([r.loss_sum[0] for r in runs], dtype=np.float64),
+                      np.array([r.correct[0] for r in runs], dtype=np.int64), runs[-1].n if runs else 0)
 
 
 def materialise(loader, device: torch.device | str = "cpu", max_bytes: float = 2 * 2**30) -> list:
@@ -258,14 +250,12 @@ def peer_regression(acts: Tensor | None, channels: Sequence[int], peers: str | S
             # G's off-diagonal, not the raw correlations: the (PSD-repaired, where ridge_gram had
             # to) correlations the metrics' hull_explained / full_explained were computed from
             beta[row, si] = torch.linalg.solve(gram[si][:, si], gram[si, c])
-    dead_rows = std.dead[ch]
     beta[:, std.dead] = 0.0
-    beta[dead_rows] = 0.0
+    beta[std.dead[ch]] = 0.0
     off_diag = gram - float(ridge) * torch.eye(c_all, dtype=gram.dtype)
     r2 = (beta * off_diag[ch]).sum(1).clamp(0.0, 1.0)
     coef = beta * sd[ch, None] * inv_sd[None, :]
-    offset = mean[ch] - coef @ mean
-    return coef, offset, r2
+    return coef, mean[ch] - coef @ mean, r2
 
 
 # ---- the batched engine ----------------------------------------------------------------------
@@ -294,9 +284,8 @@ class LesionEngine:
         if model.training:
             raise ValueError("LesionEngine needs the model in eval mode (model.eval())")
         self.model, self.unit = model, unit
-        if max_rows is None:
-            max_rows = default_max_rows(unit.conv.weight.device)
-        self.max_rows, self.max_gb = int(max_rows), float(max_gb)
+        self.max_rows = int(max_rows if max_rows is not None else default_max_rows(unit.conv.weight.device))
+        self.max_gb = float(max_gb)
         self._parts = None
         if split:
             graph = graph if graph is not None else trace(model)
@@ -325,13 +314,12 @@ class LesionEngine:
         n_l = len(les)
         b = y.shape[0]
         rows = y.repeat(n_l, *([1] * (y.ndim - 1))).view(n_l, b, *y.shape[1:])
-        ar = torch.arange(n_l, device=y.device)
-        ch = les.channel.to(y.device)
+        off = dev_off.view(n_l, *([1] * (y.ndim - 1)))
         if bool((dev_coef != 0).any()):
-            pred = torch.einsum("lc,bc...->lb...", dev_coef, y) + dev_off.view(n_l, *([1] * (y.ndim - 1)))
+            pred = torch.einsum("lc,bc...->lb...", dev_coef, y) + off
         else:
-            pred = dev_off.view(n_l, *([1] * (y.ndim - 1))).expand(n_l, b, *y.shape[2:])
-        rows[ar, :, ch] = pred.to(rows.dtype)
+            pred = off.expand(n_l, b, *y.shape[2:])
+        rows[torch.arange(n_l, device=y.device), :, les.channel.to(y.device)] = pred.to(rows.dtype)
         return rows.view(n_l * b, *y.shape[1:])
 
     def _norm_hook(self, module, inputs, out):
@@ -391,9 +379,8 @@ class LesionEngine:
         n_les = len(lesions)
         loss = torch.zeros(n_les, dtype=torch.float64, device=device)
         correct = torch.zeros(n_les, dtype=torch.int64, device=device)
-        n = 0
+        n, fallback = 0, False
         c = self.unit.conv.out_channels
-        fallback = False
         with self._hooks(with_conv=not self.batched_prefix):
             for x, y in batches:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -415,21 +402,18 @@ class LesionEngine:
                     dtype = cut[suffix.cut_index].dtype if self.batched_prefix else x.dtype
                     self._set_chunk(les, b, c, x.device, dtype)
                     if self.batched_prefix:
-                        args = [t.repeat(n_l, *([1] * (t.ndim - 1))) if i != suffix.cut_index else
-                                self._write(t, les, self._state["coef"], self._state["off"])
-                                for i, t in enumerate(cut)]
-                        logits = suffix(*args)
+                        logits = suffix(*[t.repeat(n_l, *([1] * (t.ndim - 1))) if i != suffix.cut_index else
+                                          self._write(t, les, self._state["coef"], self._state["off"])
+                                          for i, t in enumerate(cut)])
                     else:
                         logits = self.model(x.repeat(n_l, *([1] * (x.ndim - 1))))
-                    logits = logits.float()
-                    yy = y.repeat(n_l)
+                    logits, yy = logits.float(), y.repeat(n_l)
                     ce = F.cross_entropy(logits, yy, reduction="none").view(n_l, b)
                     loss[start:start + n_l] += ce.sum(1, dtype=torch.float64)
-                    # Hand-written on purpose (issue 12 asks for torchmetrics elsewhere): the
-                    # torchmetrics equivalent, multiclass_accuracy(samplewise) on [n_l, C, b], gives
-                    # the same counts but took 1181 us against 235 us here (CPU, 1 thread, 64
-                    # lesions x 128 images x 10 classes, Timer.blocked_autorange), and it returns
-                    # float fractions where the engine sums exact int64 counts across batches.
+                    # Hand-written on purpose (issue 12 asks for torchmetrics elsewhere): torchmetrics'
+                    # multiclass_accuracy(samplewise) on [n_l, C, b] gives the same counts 5x slower (1181 vs
+                    # 235 us: CPU, 1 thread, 64 lesions x 128 images x 10 classes, Timer.blocked_autorange)
+                    # and as float fractions, where the engine sums exact int64 counts across batches.
                     correct[start:start + n_l] += (logits.argmax(1) == yy).view(n_l, b).sum(1)
                 n += b
         if fallback:  # before any lesion was counted: the first batch already shows it

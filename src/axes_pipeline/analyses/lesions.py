@@ -400,8 +400,7 @@ def part_schema(replace: list[str]) -> Schema:
     cols = {"layer": "str", "layer_index": "int", "channel": "int"}
     for v in ["lesion", *replace, "base"]:
         cols.update({f"loss_{v}": "float", f"acc_{v}": "float"})
-    return Schema("lesion part", columns=cols, finite=tuple(c for c in cols if c.startswith(("loss_", "acc_"))),
-                  layer="layer")
+    return Schema("lesion part", columns=cols, finite=tuple(c for c in cols if c.startswith(("loss_", "acc_"))), layer="layer")
 
 
 def _read_part(path: Path, layer: str, n_rows: int, replace: list[str]) -> pd.DataFrame | None:

@@ -292,8 +292,7 @@ def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_d
                                   {k: da[k].to_numpy() for k in ("input_capture", "task_info")},
                                   null_draws=null_draws, null=null, seed=seed + p,
                                   down_alive=~da["dead"].astype(bool).to_numpy()):
-            rows.append({"upstream": up, "downstream": down, "pair_index": p,
-                         "upstream_index": order[up], **r})
+            rows.append({"upstream": up, "downstream": down, "pair_index": p, "upstream_index": order[up], **r})
     cols = ["upstream", "downstream", "pair_index", "upstream_index", "pairing", "rho", "null_rho", "null_sd", "n"]
     return pd.DataFrame(rows, columns=cols)
 
