@@ -138,15 +138,9 @@ def link_report(model: nn.Module, units: dict | None = None, residual: str = DEF
     return links, refused
 
 
-def conv_links(model: nn.Module, units: dict | None = None,
-               residual: str = DEFAULT_RESIDUAL) -> list[tuple[str, str]]:
-    """``[(upstream, downstream)]`` conv names joined by a direct data-flow link, forward order.
-
-    ``units``: {name: ConvUnit} (default: :func:`axes_pipeline.models.conv_norm_pairs`); only
-    convs among them are linked. See the module docstring for what counts as a link (grouped/
-    depthwise receivers do not; ``residual="main"``, the default, links across an add to its
-    main-branch conv, see :func:`axes_pipeline.models.graph.conv_sources`; ``"skip"`` stops at every add).
-    """
+def conv_links(model: nn.Module, units: dict | None = None, residual: str = DEFAULT_RESIDUAL) -> list[tuple[str, str]]:
+    """``[(upstream, downstream)]`` conv names joined by a direct data-flow link, forward order, among
+    ``units`` (default: every conv unit); the module docstring says what counts as a link."""
     links, _ = link_report(model, units, residual)
     return list(dict.fromkeys((u, d) for u, d, _ in links))
 
@@ -198,8 +192,7 @@ def routed(a: torch.Tensor, m) -> np.ndarray:
     return torch.where(a.sum(-1) > 0, out, torch.full_like(out, math.nan)).numpy()
 
 
-def _null_matrices(weight: torch.Tensor, sigma_post: torch.Tensor, draws: int, mode: str,
-                   seed: int) -> torch.Tensor:
+def _null_matrices(weight: torch.Tensor, sigma_post: torch.Tensor, draws: int, mode: str, seed: int) -> torch.Tensor:
     """``[draws, C_out, C_in]`` influence matrices with shuffled wiring (see :data:`NULL_MODES`)."""
     w = _kernel_abs(weight)
     C_out, C_in = w.shape
@@ -213,9 +206,8 @@ def _null_matrices(weight: torch.Tensor, sigma_post: torch.Tensor, draws: int, m
     return a[:, perm].permute(1, 0, 2)
 
 
-def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, down: dict, *,
-                     null_draws: int = 20, null: str = "weights", seed: int = 0,
-                     down_alive=None) -> list[dict]:
+def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, down: dict, *, null_draws: int = 20,
+                     null: str = "weights", seed: int = 0, down_alive=None) -> list[dict]:
     """The four pairings of one linked pair.
 
     ``weight``: conv ℓ+1's weight ``[C_out, C_in, kh, kw]``; ``sigma_post: [C_in]``;
@@ -224,27 +216,22 @@ def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, d
     null_rho`` (mean over draws), ``null_sd``, ``n`` (receivers in ρ).
     """
     a = influence_matrix(weight, sigma_post)
-    C_out = a.shape[0]
-    alive = np.ones(C_out, bool) if down_alive is None else np.asarray(down_alive, bool)
+    alive = np.ones(a.shape[0], bool) if down_alive is None else np.asarray(down_alive, bool)
     nulls = _null_matrices(weight, sigma_post, int(null_draws), null, seed) if null_draws > 0 else None
+
+    def rho(tilde, target):   # over the receivers alive and reached (a finite routed value)
+        keep = alive & np.isfinite(tilde)
+        return spearman(tilde[keep], target[keep]), int(keep.sum())
+
     rows = []
     for name, m_key, d_key in PAIRINGS:
-        tilde = routed(a, up[m_key])
         target = np.asarray(down[d_key], float)
-        keep = alive & np.isfinite(tilde)
-        rho = spearman(tilde[keep], target[keep])
-        null_rhos = []
-        if nulls is not None:
-            tilde_null = routed(nulls, up[m_key])          # [draws, C_out]
-            for t in tilde_null:
-                k = alive & np.isfinite(t)
-                null_rhos.append(spearman(t[k], target[k]))
-        null_rhos = np.asarray(null_rhos, float)
+        observed, n = rho(routed(a, up[m_key]), target)
+        draws = routed(nulls, up[m_key]) if nulls is not None else []   # [draws, C_out]
+        null_rhos = np.asarray([rho(t, target)[0] for t in draws], float)
         ok = null_rhos[np.isfinite(null_rhos)]
-        rows.append({"pairing": name, "rho": rho,
-                     "null_rho": float(ok.mean()) if ok.size else math.nan,
-                     "null_sd": float(ok.std(ddof=1)) if ok.size > 1 else math.nan,
-                     "n": int(keep.sum())})
+        rows.append({"pairing": name, "rho": observed, "null_rho": float(ok.mean()) if ok.size else math.nan,
+                     "null_sd": float(ok.std(ddof=1)) if ok.size > 1 else math.nan, "n": n})
     return rows
 
 
@@ -266,15 +253,14 @@ def check_propagation_analysis(ctx) -> None:
     if k["null_draws"] < 0:
         raise UserError(f"propagation.null_draws must be >= 0, got {k['null_draws']}")
     if not conv_links(ctx.trained.model, ctx.units, k["residual"]) and ctx.cfg.capture.layers is not None:
-        raise UserError("propagation needs two directly linked conv layers (e.g. layer1.0.conv1 and "
-                        "layer1.0.conv2), but capture.layers selects none; add the pair or use "
-                        "capture.layers=null")
+        raise UserError("propagation needs two directly linked conv layers (e.g. layer1.0.conv1 and layer1.0.conv2), "
+                        "but capture.layers selects none; add the pair or use capture.layers=null")
 
 
 def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_draws: int = 20,
                       null: str = "weights", seed: int = 0, residual: str = DEFAULT_RESIDUAL) -> pd.DataFrame:
     """One row per linked pair and pairing: ``upstream, downstream, pair_index, pairing, rho,
-    null_rho, null_sd, n``. ``capture.acts[layer]: [N, C]``; ``axes``: the per-channel table."""
+    null_rho, null_sd, n``, from the capture's channel SDs and the per-channel ``axes`` table."""
     point = capture.knobs.get("point", "pre_bn")
     order = {n: i for i, n in enumerate(units)}
     rows = []
@@ -285,10 +271,8 @@ def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_d
         weight = units[down].conv.weight[:, offset:offset + units[up].conv.out_channels]
         ua = axes[axes.layer == up].sort_values("channel")
         da = axes[axes.layer == down].sort_values("channel")
-        sigma = capture.channel_sd(up)
-        s_post = post_norm_sigma(units[up], sigma, point)
-        for r in pair_propagation(weight, s_post,
-                                  {k: ua[k].to_numpy() for k in ("input_capture", "task_info")},
+        s_post = post_norm_sigma(units[up], capture.channel_sd(up), point)
+        for r in pair_propagation(weight, s_post, {k: ua[k].to_numpy() for k in ("input_capture", "task_info")},
                                   {k: da[k].to_numpy() for k in ("input_capture", "task_info")},
                                   null_draws=null_draws, null=null, seed=seed + p,
                                   down_alive=~da["dead"].astype(bool).to_numpy()):
