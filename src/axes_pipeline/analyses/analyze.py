@@ -87,8 +87,7 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
     plots exist) it is read back instead of recomputing graphs, hulls, triplets and gradient
     cosines: a re-run sweep skips finished work. ``analysis.axes.recompute=true`` forces it."""
     cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
-    capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out, ctx.units, ctx.device)
-    ctx.capture = capture
+    ctx.capture = capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out, ctx.units, ctx.device)
     want = axes_fingerprint(cfg, trained.ckpt)
     plots_there = not cfg.plots or all((out / "plots" / f"{p}.png").is_file() for p in AXES_PLOTS)
     recompute = bool(OmegaConf.select(cfg, "analysis.axes.recompute", default=False))
@@ -145,12 +144,9 @@ def run_analysis(cfg: DictConfig) -> dict:
     chosen = selected(cfg)
     device = resolve_device(cfg.get("device", "auto"))
     t0 = time.perf_counter()
-    trained = None
-    if "axes" in chosen or any(ANALYSES[name].needs_run for name in chosen if name != "axes"):
-        trained = restore_trained(cfg)
-        out = trained.run_dir / "analyze"
-    else:
-        out = run_dir(cfg) / "analyze"
+    needs_run = "axes" in chosen or any(ANALYSES[name].needs_run for name in chosen if name != "axes")
+    trained = restore_trained(cfg) if needs_run else None
+    out = (trained.run_dir if trained is not None else run_dir(cfg)) / "analyze"
     ctx = Context(cfg=cfg, out=out, tracker=None, device=device, trained=trained)
     if trained is not None:
         check_capture_size(cfg, trained.datamodule)

@@ -248,30 +248,18 @@ def axes_settings(cfg: DictConfig) -> dict:
 # a ranking (a pruning curve, a lesion statistic) instead of failing.
 AXES_SCHEMA = Schema(
     "axes.csv",
-    columns={"layer": "str", "layer_index": "int", "channel": "int", "input_capture": "float",
-             "peer_overlap": "float", "full_explained": "float", "hull_size": "float", "hull_explained": "float",
-             "hull_score": "float", "task_info": "float", "target_excess": "float", "task_redundancy": "float",
-             "task_unique": "float", "hull_saturated": "bool", "dead": "bool", "l1": "float", "l2": "float",
-             "bn_scale": "float"},
+    columns={"layer": "str", "layer_index": "int", "channel": "int", "input_capture": "float", "peer_overlap": "float",
+             "full_explained": "float", "hull_size": "float", "hull_explained": "float", "hull_score": "float",
+             "task_info": "float", "target_excess": "float", "task_redundancy": "float", "task_unique": "float",
+             "hull_saturated": "bool", "dead": "bool", "l1": "float", "l2": "float", "bn_scale": "float"},
     finite=("input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_score",
             "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2"),
     layer="layer")
 LAYERS_SCHEMA = Schema(
     "layers.csv",
-    columns={"layer": "str", "layer_index": "int", "channels": "int", "dead": "int",
-             "hull_size_mean": "float", "hull_saturated_frac": "float", "s3_s2": "float"},
-    finite=("hull_size_mean", "hull_saturated_frac"),
-    layer="layer")
-
-
-def read_axes(out_dir: Path, units: dict, rebuild: str = "python analyze.py <same overrides>"
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``axes.csv`` and ``layers.csv`` of ``out_dir``, checked against their schemas: one row per
-    channel of every analysed layer (``units``) and one row per layer. :class:`DamagedTable` if not."""
-    per_layer = {n: int(u.conv.out_channels) for n, u in units.items()}
-    axes = read_table(out_dir / "axes.csv", AXES_SCHEMA, rebuild=rebuild, rows_per_layer=per_layer)
-    layers = read_table(out_dir / "layers.csv", LAYERS_SCHEMA, rebuild=rebuild, rows_per_layer=dict.fromkeys(per_layer, 1))
-    return axes, layers
+    columns={"layer": "str", "layer_index": "int", "channels": "int", "dead": "int", "hull_size_mean": "float",
+             "hull_saturated_frac": "float", "s3_s2": "float"},
+    finite=("hull_size_mean", "hull_saturated_frac"), layer="layer")
 
 
 def stored_axes(out_dir: Path, want: dict, units: dict) -> tuple[pd.DataFrame, pd.DataFrame] | None:
@@ -288,11 +276,15 @@ def stored_axes(out_dir: Path, want: dict, units: dict) -> tuple[pd.DataFrame, p
         log.info("axes: %s was computed with other settings (%s); recomputing", out_dir / "axes.csv",
                  settings_diff(have, want) if have else "no fingerprint")
         return None
+    per_layer = {n: int(u.conv.out_channels) for n, u in units.items()}   # rows: one per channel, one per layer
+    rebuild = "python analyze.py <same overrides>"
     try:
-        return read_axes(out_dir, units)
+        return (read_table(out_dir / "axes.csv", AXES_SCHEMA, rebuild=rebuild, rows_per_layer=per_layer),
+                read_table(out_dir / "layers.csv", LAYERS_SCHEMA, rebuild=rebuild, rows_per_layer=dict.fromkeys(per_layer, 1)))
     except DamagedTable as err:
-        log.warning("axes: %s; recomputing it", str(err).split("; rebuild")[0])
-        print(f"analyze: note: {str(err).split('; rebuild')[0]}; recomputing it")
+        problem = str(err).split("; rebuild")[0]
+        log.warning("axes: %s; recomputing it", problem)
+        print(f"analyze: note: {problem}; recomputing it")
         return None
 
 

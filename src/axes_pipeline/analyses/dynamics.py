@@ -63,6 +63,7 @@ QUANTITIES: dict[str, str] = {
     "s3_s2": "S3/S2",
 }
 PARTS = "dynamics_parts"
+TARGET_MODES = ("epoch", "final")
 
 
 @dataclass
@@ -222,9 +223,6 @@ def _graphs(cfg: DictConfig) -> dict | None:
     if cfg.graphs.edge_fraction <= 0:
         return None
     return {**OmegaConf.to_container(cfg.graphs), "null_shuffles": _knobs(cfg)["null_shuffles"]}
-
-
-TARGET_MODES = ("epoch", "final")
 
 
 @torch.no_grad()

@@ -448,10 +448,9 @@ def _taylor(cfg, trained, units: dict, layers: list[str], s: dict, device) -> di
 @analysis("lesion", check=check_lesion_analysis)
 def run_lesion_analysis(ctx) -> dict:
     """METHODS §8 on the restored run in ``ctx``; writes the lesion files, returns the headline."""
-    cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
+    cfg, trained, out, device = ctx.cfg, ctx.trained, ctx.out, ctx.device
     s = lesion_settings(cfg)
     t0 = time.perf_counter()
-    device = ctx.device
     layers = lesion_layers(s, ctx.units)
     check_axes_columns(ctx.axes, out / "axes.csv")   # before the network runs
     model = trained.model.to(device).eval()
@@ -485,9 +484,8 @@ def run_lesion_analysis(ctx) -> dict:
         rows_axes = axes[axes["layer"] == name].set_index("channel")
         t = time.perf_counter()
         rows, batched[name] = lesion_layer(
-            model, unit, None, None, rows_axes, chans, batches,
-            replace=s["replace"], ridge=float(cfg.metrics.ridge), device=device, graph=graph,
-            max_rows=s["max_rows"], max_gb=float(s["max_gb"]), cov=ctx.capture.cov(name),
+            model, unit, None, None, rows_axes, chans, batches, replace=s["replace"], ridge=float(cfg.metrics.ridge),
+            device=device, graph=graph, max_rows=s["max_rows"], max_gb=float(s["max_gb"]), cov=ctx.capture.cov(name),
             mean=ctx.capture.channel_mean(name))
         t_lesion += time.perf_counter() - t
         n_lesions += len(chans) * (1 + len(s["replace"]))
