@@ -180,11 +180,9 @@ def run_analysis(cfg: DictConfig) -> dict:
 def _merged(path: Path, summary: dict) -> dict:
     """This call's summary over the stored one: analyses run earlier (``analysis=all``, then
     ``analysis=lesion`` again) keep their headline figures; ``analyses`` lists all of them."""
-    if not path.is_file():
-        return summary
     try:
         old = read_json(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError):   # none yet, or unreadable
         return summary
     merged = {**old, **summary}
     merged["analyses"] = list(dict.fromkeys([*old.get("analyses", []), *summary["analyses"]]))

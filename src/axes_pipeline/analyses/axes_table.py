@@ -182,6 +182,14 @@ def capture_identity(cfg: DictConfig, ckpt: Path) -> dict:
     return run_fingerprint(cfg, ckpt, **capture_settings(cfg))
 
 
+def calibration_loader(cfg: DictConfig, datamodule):
+    """The fixed seeded calibration subset of ``capture.*``: the same images for every run, epoch and seed."""
+    c = cfg.capture
+    datamodule.setup("fit")
+    cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
+    return datamodule.loader(cal, batch_size=int(c.batch_size))
+
+
 def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, units: dict,
                 device: torch.device, progress: bool = True) -> Capture:
     """Captured samples for this checkpoint and these capture knobs: from the cache, or one forward pass."""
@@ -195,12 +203,9 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
             return found
         log.info("captured activations %s are unreadable or from other settings; capturing again", cache)
     c = cfg.capture
-    datamodule.setup("fit")
-    cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
-    loader = datamodule.loader(cal, batch_size=int(c.batch_size))
     capture = capture_activations(
-        model, units, loader, point=c.point, spatial=c.spatial, samples_per_image=int(c.samples_per_image),
-        target=c.target, seed=int(c.seed), patch_moments=settings["gradients"],
+        model, units, calibration_loader(cfg, datamodule), point=c.point, spatial=c.spatial,
+        samples_per_image=int(c.samples_per_image), target=c.target, seed=int(c.seed), patch_moments=settings["gradients"],
         max_patch_dim=settings["gradients.max_patch_dim"], sigma_rows=settings["gradients.sigma_rows"], device=device,
         progress=progress, keep_samples=False)
     model.cpu()
@@ -269,8 +274,8 @@ def stored_axes(out_dir: Path, want: dict, units: dict) -> tuple[pd.DataFrame, p
     if not (out_dir / "axes.csv").is_file():
         return None
     try:
-        have = read_json(meta) if meta.is_file() else {}
-    except (OSError, ValueError):
+        have = read_json(meta)
+    except (OSError, ValueError):   # none, or unreadable
         have = {}
     if have != want:
         log.info("axes: %s was computed with other settings (%s); recomputing", out_dir / "axes.csv",
@@ -312,8 +317,7 @@ def write_axes(out_dir: Path, axes_df: pd.DataFrame, layers_df: pd.DataFrame, fi
     """Write the two tables and their fingerprint. The fingerprint goes last and the old one is
     removed first: tables from an interrupted write never carry a fingerprint that matches."""
     meta = out_dir / "axes_fingerprint.json"
-    if meta.exists():
-        meta.unlink()
+    meta.unlink(missing_ok=True)
     write_csv(out_dir / "axes.csv", axes_df)
     write_csv(out_dir / "layers.csv", layers_df)
     write_json(meta, fingerprint)

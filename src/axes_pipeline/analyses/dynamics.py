@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from axes_pipeline.analyses.axes_table import layer_analysis, metric_dtype, metric_knobs
+from axes_pipeline.analyses.axes_table import calibration_loader, layer_analysis, metric_dtype, metric_knobs
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.capture import POSITIONS, capture_activations
@@ -174,16 +174,13 @@ def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPl
         with open_dict(other):
             other.seed, other.ckpt = int(seed), None
         cands = run_dir_candidates(other)
-        run = next((c for c in cands if epoch_checkpoints(c / "checkpoints")), None)
+        run = (next((c for c in cands if epoch_checkpoints(c / "checkpoints")), None)
+               or next((c for c in cands if (c / "analyze" / PARTS).is_dir()), None))
         if run is None:
-            run = next((c for c in cands if (c / "analyze" / PARTS).is_dir()), None)
-        if run is None:
-            ov = _train_overrides()
             raise UserError(f"dynamics.seeds: no run with per-epoch checkpoints for seed={seed} at {cands[0]}; "
-                            f"train it with `python train.py {ov} seed={seed} checkpoint.every_epoch=true`")
+                            f"train it with `python train.py {_train_overrides()} seed={seed} checkpoint.every_epoch=true`")
         have = epoch_checkpoints(run / "checkpoints")
-        parts = {e for e in epochs if (run / "analyze" / PARTS / _part_name(e)).is_file()}
-        lacking = [e for e in epochs if e not in have and e not in parts]
+        lacking = [e for e in epochs if e not in have and not (run / "analyze" / PARTS / _part_name(e)).is_file()]
         if lacking:
             raise UserError(f"dynamics.seeds: the seed={seed} run {run} has no checkpoint for epoch {lacking[0]}; "
                             f"train it with the same trainer.max_epochs and checkpoint.every_epoch=true, "
@@ -220,9 +217,8 @@ def dynamics_settings(cfg: DictConfig, layers: list[str]) -> dict:
 def _graphs(cfg: DictConfig) -> dict | None:
     """The graph knobs of the dynamics: METHODS §6 reads only the modularity gap, so the shuffled
     nulls (most of the graph time) are off unless dynamics.null_shuffles asks for them."""
-    if cfg.graphs.edge_fraction <= 0:
-        return None
-    return {**OmegaConf.to_container(cfg.graphs), "null_shuffles": _knobs(cfg)["null_shuffles"]}
+    graphs = {**OmegaConf.to_container(cfg.graphs), "null_shuffles": _knobs(cfg)["null_shuffles"]}
+    return None if cfg.graphs.edge_fraction <= 0 else graphs
 
 
 @torch.no_grad()
@@ -300,9 +296,7 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
     all_units = conv_norm_pairs(model)
     units = {n: all_units[n] for n in layers}
     index = {n: i for i, n in enumerate(all_units)}
-    dtype = metric_dtype(cfg)
-    graphs = _graphs(cfg)
-    knobs, c = metric_knobs(cfg), cfg.capture
+    dtype, graphs, knobs, c = metric_dtype(cfg), _graphs(cfg), metric_knobs(cfg), cfg.capture
     loader, frames, computed, fixed_t = None, [], 0, None
     for epoch, ckpt in units_progress(list(plan.epochs.items()), f"dynamics seed{plan.seed}", enabled=progress,
                                       label=lambda e: f"epoch {e[0]}"):
@@ -314,9 +308,7 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
         if ckpt is None:
             raise UserError(f"dynamics: no checkpoint for epoch {epoch} of {plan.run_dir} and no stored result")
         if loader is None:
-            datamodule.setup("fit")
-            cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
-            loader = datamodule.loader(cal, batch_size=int(c.batch_size))
+            loader = calibration_loader(cfg, datamodule)
         if _knobs(cfg)["target"] == "final" and fixed_t is None:
             last = epoch_checkpoints(plan.run_dir / "checkpoints")
             fixed_t = final_target(model, last[max(last)], loader, c.target, device, expect)
@@ -328,12 +320,9 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
                                       seed=int(c.seed), patch_moments=False, device=device, progress=False,
                                       keep_samples=False, target_values=fixed_t)
         model.cpu()
-        rows = []
-        for name in layers:
-            rows.append(layer_analysis(name, index[name], None, None, units[name], knobs=knobs, dtype=dtype,
-                                       device=device, graphs=graphs, seed=int(c.seed), cov=capture.cov(name),
-                                       n_samples=capture.n_samples(name)).summary)
-        part = pd.DataFrame(rows)
+        part = pd.DataFrame([layer_analysis(name, index[name], None, None, units[name], knobs=knobs, dtype=dtype,
+                                            device=device, graphs=graphs, seed=int(c.seed), cov=capture.cov(name),
+                                            n_samples=capture.n_samples(name)).summary for name in layers])
         part.insert(0, "epoch", epoch)
         part.insert(1, "seed", plan.seed)
         part["calibration_accuracy"] = capture.accuracy
@@ -341,7 +330,7 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
         write_csv(path, part)
         frames.append(part)
         computed += 1
-        del capture, rows
+        del capture
     frame = pd.concat(frames, ignore_index=True).sort_values(["epoch", "layer_index"], ignore_index=True)
     write_csv(plan.run_dir / "analyze" / "dynamics.csv", frame.drop(columns=["ckpt_digest"], errors="ignore"))
     return frame, computed
@@ -358,8 +347,7 @@ def dynamics_curves(frame: pd.DataFrame) -> pd.DataFrame:
     for epoch, d in per_seed.groupby("epoch"):
         row = {"epoch": int(epoch), "n_seeds": int(d["seed"].nunique())}
         for q in cols:
-            m, s, _ = mean_sd(d[q].to_numpy(float))
-            row[f"{q}_mean"], row[f"{q}_sd"] = m, s
+            row[f"{q}_mean"], row[f"{q}_sd"], _ = mean_sd(d[q].to_numpy(float))
         rows.append(row)
     return pd.DataFrame(rows)
 

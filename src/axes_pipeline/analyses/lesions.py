@@ -64,14 +64,12 @@ log = logging.getLogger("axes_pipeline")
 
 #: Peer sets a lesioned channel can be replaced from.
 VARIANTS = ("hull", "all")
-#: Columns that can predict damage (axes-table columns, plus ``taylor`` computed here).
-KNOWN_PREDICTORS = ("input_capture", "peer_overlap", "full_explained", "hull_explained", "hull_size", "hull_score",
-                    "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2", "bn_scale",
-                    "taylor")
 #: Axes-table columns copied next to each lesion.
 AXES_COLUMNS = ("input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_saturated",
                 "hull_score", "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2",
                 "bn_scale", "dead")
+#: Columns that can predict damage: the numeric axes-table columns, plus ``taylor`` computed here.
+KNOWN_PREDICTORS = (*(c for c in AXES_COLUMNS if c not in ("hull_saturated", "dead")), "taylor")
 R2_SCALES = ("raw", "rank")
 PARTS = "lesion_parts"
 AUTO_CHANNELS = 64   # METHODS §8 default sample per layer
@@ -255,8 +253,7 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
     # Pooled over layers on within-layer percentile ranks (as the rank-scale ΔR²): on raw values
     # layers differ in both I_T and damage scale, so each I_T bin would mostly sort layers.
     pooled_ranks = _ranked(live, ["damage_loss", "task_info", *[p for p in preds if p != "task_info"]])
-    groups = [(POOLED, pooled_ranks)] + [(name, g) for name, g in live.groupby("layer", sort=False)]
-    for name, g in groups:
+    for name, g in [(POOLED, pooled_ranks), *live.groupby("layer", sort=False)]:
         b = binned_spearman(g["damage_loss"].to_numpy(float), {p: g[p].to_numpy(float) for p in preds},
                             g["task_info"].to_numpy(float), n_bins=s["n_bins"])
         b.insert(0, "layer", name)
@@ -286,8 +283,7 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
         f"pooled_{other}": r2_of(live, other)}
     rec: dict = {}
     for v in s["replace"]:
-        col = f"recovery_{v}"
-        vals = live[col].to_numpy(float)
+        vals = live[f"recovery_{v}"].to_numpy(float)
         rec[f"{v}_mean"] = _nanmean(vals)
         rec[f"{v}_median"] = float(np.nanmedian(vals)) if np.isfinite(vals).any() else math.nan
         rec[f"{v}_n"] = int(np.isfinite(vals).sum())
@@ -322,9 +318,7 @@ def replaceability_spearman(live: pd.DataFrame) -> dict:
     from axes_pipeline.stats import spearman
 
     out: dict = {"expected_sign": -1, "damage": "damage_loss"}
-    for col in REPLACEABILITY:
-        if col not in live:
-            continue
+    for col in (c for c in REPLACEABILITY if c in live):
         per = {name: spearman(g["damage_loss"].to_numpy(float), g[col].to_numpy(float))[0]
                for name, g in live.groupby("layer", sort=False)}
         vals = np.array([v for v in per.values() if np.isfinite(v)])
@@ -461,9 +455,9 @@ def run_lesion_analysis(ctx) -> dict:
     fp = run_fingerprint(cfg, trained.ckpt, **capture_settings(cfg), **axes_settings(cfg), **part_settings(s, n_eval))
     fp_path = out / PARTS / "fingerprint.json"
     try:
-        stored_fp = read_json(fp_path) if fp_path.is_file() else None
+        stored_fp = read_json(fp_path)
     except (OSError, ValueError):
-        stored_fp = None   # unreadable: the parts are recomputed, never trusted
+        stored_fp = None   # none, or unreadable: the parts are recomputed, never trusted
     resume = bool(s["resume"]) and stored_fp == fp
     if not resume and (out / PARTS).exists():
         for stale in (out / PARTS).glob("*.csv"):
