@@ -81,18 +81,14 @@ AXES_PLOTS = ("scatter_ix_it", "depth_profile")   # (communities only where grap
 
 
 def run_axes(ctx: Context, requested: bool = True) -> dict:
-    """Capture (or reuse), compute both axes per layer, write tables, plots and tracker logs.
-
-    When ``axes.csv`` was computed with these settings (and, if the axes were ``requested``, its
-    plots exist) it is read back instead of recomputing graphs, hulls, triplets and gradient
-    cosines: a re-run sweep skips finished work. ``analysis.axes.recompute=true`` forces it."""
+    """Capture (or reuse), compute both axes per layer, write tables, plots and tracker logs. A sound
+    ``axes.csv`` computed with these settings (with its plots, if the axes were ``requested``) is read back
+    instead: a re-run sweep skips finished work; ``analysis.axes.recompute=true`` forces it."""
     cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
     ctx.capture = capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out, ctx.units, ctx.device)
     want = axes_fingerprint(cfg, trained.ckpt)
     plots_there = not cfg.plots or all((out / "plots" / f"{p}.png").is_file() for p in AXES_PLOTS)
     recompute = bool(OmegaConf.select(cfg, "analysis.axes.recompute", default=False))
-    # reused only when the fingerprint matches AND both tables pass their schemas (one row per
-    # channel of every analysed layer, finite axes): a damaged table is recomputed, with a note
     stored = None if recompute else stored_axes(out, want, ctx.units)
     if stored is not None and (plots_there or not requested):
         ctx.axes, ctx.layers = stored

@@ -216,13 +216,9 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
 
 
 def check_capture_size(cfg: DictConfig, datamodule) -> None:
-    """Fit the calibration set to the training split before the network runs.
-
-    ``capture.n_cal`` larger than the training split means "all of it": the defaults (2000) must
-    work on a small dataset such as digits (1,258 training images). ``cfg.capture.n_cal`` is set
-    to the split's size, said in one log line, so every later use and every fingerprint sees the
-    number of images actually captured.
-    """
+    """Fit the calibration set to the training split before the network runs: a larger ``capture.n_cal``
+    means "all of it" (the default 2000 must work on digits' 1,258 training images), and ``cfg.capture.n_cal``
+    is set to the split's size (one log line) so every later use and fingerprint sees the images captured."""
     datamodule.setup("fit")
     n_train = datamodule.split_sizes()["train"]
     if int(cfg.capture.n_cal) < 3:

@@ -268,14 +268,9 @@ def _valid_part(path: Path, ckpt: Path | None, layers: list[str]) -> pd.DataFram
 
 def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, datamodule, layers: list[str],
                     device: torch.device, expect: dict | None = None, progress: bool = True) -> tuple[pd.DataFrame, int]:
-    """Rows (epoch, layer) of one run, streaming its checkpoints through ``model``.
-
-    Returns ``(frame, computed)``: ``computed`` counts the epochs computed now (the rest were read
-    from ``<run>/analyze/dynamics_parts``). ``model`` is overwritten with each epoch's weights.
-    """
+    """``(frame, computed)``: rows (epoch, layer) of one run, streaming its checkpoints through ``model`` (overwritten
+    with each epoch's weights); ``computed`` counts the epochs computed now, the rest are read from dynamics_parts."""
     parts = plan.run_dir / "analyze" / PARTS
-    # the data identity (dataset, image size, split) with the settings; each part also carries
-    # its checkpoint's content digest
     settings = run_fingerprint(cfg, None, **dynamics_settings(cfg, layers))
     meta = parts / "settings.json"
     try:
@@ -377,8 +372,7 @@ def plot_dynamics(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path
             ax.plot(x, m, color="k", lw=2, label="mean over layers" + (f" (±SD, {n_seeds} seeds)" if n_seeds > 1 else ""))
             if n_seeds > 1:
                 ax.fill_between(x, m - s.fillna(0), m + s.fillna(0), color="k", alpha=0.15)
-            ref = PAPER_REFERENCE.get(q)
-            if ref:
+            if ref := PAPER_REFERENCE.get(q):
                 ax.errorbar([first, last], [ref["init"][0], ref["trained"][0]],
                             yerr=[ref["init"][1], ref["trained"][1]], fmt="s", color="tab:red", ms=5,
                             capsize=4, label="paper (CIFAR-100): init, trained")
@@ -404,9 +398,7 @@ def _headline(curves: pd.DataFrame, seeds: list[int], layers: list[str]) -> dict
     init, last = curves.iloc[0], curves.iloc[-1]
     out = {"seeds": seeds, "layers": layers, "epochs": int(len(curves)),
            "first_epoch": int(init["epoch"]), "last_epoch": int(last["epoch"])}
-    for q in QUANTITIES:
-        if f"{q}_mean" not in curves:
-            continue
+    for q in (q for q in QUANTITIES if f"{q}_mean" in curves):
         for tag, row in (("init", init), ("last", last)):
             v = row[f"{q}_mean"]
             out[f"{q}_{tag}"] = float(v) if np.isfinite(v) else None

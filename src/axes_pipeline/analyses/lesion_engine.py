@@ -133,12 +133,9 @@ def _lesion_params(unit) -> list[Tensor]:
 
 @contextmanager
 def zeroed(unit, channels: int | Sequence[int]) -> Iterator[None]:
-    """Lesion ``channels`` of ``unit`` in the weights for the duration of the block.
-
-    Zeroes the conv filter and bias and the norm's γ and β of those channels; on exit (also on
-    an exception) every touched value is copied back from a saved clone, so the model is bit
-    for bit what it was. Running statistics are never touched.
-    """
+    """Lesion ``channels`` of ``unit`` in the weights (conv filter and bias, norm γ and β) for the duration of
+    the block; on exit, also on an exception, every touched value is copied back from a saved clone, so the
+    model is bit for bit what it was. Running statistics are never touched."""
     idx = torch.as_tensor([channels] if isinstance(channels, int) else list(channels), dtype=torch.int64)
     saved = []
     with torch.no_grad():
@@ -199,11 +196,9 @@ def standardised(acts: Tensor, target: Tensor | None = None):
 
 def hull_members(acts: Tensor, hull_size: Sequence[int], channels: Sequence[int],
                  target: Tensor | None = None, std=None) -> list[list[int]]:
-    """Hull peers of ``channels`` under ``hull_order=correlation``: the first ``hull_size[c]``
-    peers of ``c`` ranked by |ρ| (:func:`~axes_pipeline.metrics.gaussian.peer_ranking`, the
-    ranking the metrics take their prefix from). ``acts: [N, C]`` calibration samples,
-    ``hull_size: [C]`` from the axes table.
-    """
+    """Hull peers of ``channels`` under ``hull_order=correlation``: the first ``hull_size[c]`` peers of ``c``
+    ranked by |ρ| (:func:`~axes_pipeline.metrics.gaussian.peer_ranking`, the ranking the metrics take their
+    prefix from), from the samples ``acts: [N, C]`` or their standardised covariance ``std``."""
     idx, valid = peer_ranking(std if std is not None else standardised(acts, target))
     out = []
     for c in channels:

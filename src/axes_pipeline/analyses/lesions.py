@@ -174,11 +174,9 @@ def lesion_layer(model, unit, acts: torch.Tensor | None, target: torch.Tensor | 
                  channels: np.ndarray, batches, *, replace: list[str], ridge: float, device, graph=None,
                  max_rows: int | None = None, max_gb: float = 2.0, cov: torch.Tensor | None = None,
                  mean: torch.Tensor | None = None) -> tuple[pd.DataFrame, bool]:
-    """Lesion and replace ``channels`` of one unit; one row per channel (mean losses/accuracies).
-
-    ``acts: [N, C]`` pre-BN calibration samples, ``axes_rows``: the layer's axes table indexed by
-    channel (``hull_size`` is read from it). Returns ``(rows, batched_prefix)``.
-    """
+    """Lesion and replace ``channels`` of one unit: ``(rows, batched_prefix)``, one row per channel (mean
+    losses/accuracies). ``acts: [N, C]`` pre-BN calibration samples (or the capture's ``cov`` and ``mean``),
+    ``axes_rows``: the layer's axes table indexed by channel (``hull_size`` is read from it)."""
     c = unit.conv.out_channels
     chans = [int(i) for i in channels]
     parts = [Lesions.zero(chans, c)]
@@ -308,13 +306,10 @@ REPLACEABILITY = ("hull_score", "peer_overlap")
 
 
 def replaceability_spearman(live: pd.DataFrame) -> dict:
-    """Within each layer, Spearman between zero-lesion damage (loss) and replaceability.
-
-    The pruning scores treat replaceability (E_full/max(1,|H|), R̄_X) as *removability*: a
+    """Within each layer (layers differ in damage scale), Spearman between zero-lesion damage (loss) and
+    replaceability. The pruning scores treat replaceability (E_full/max(1,|H|), R̄_X) as *removability*: a
     channel its peers stand in for should hurt less when zeroed, so these ρ should be negative.
-    Within a layer only: layers differ in damage scale. ``{column: {"per_layer": {layer: ρ},
-    "mean": mean ρ over layers, "layers_negative": count}}``; ``expected_sign``: -1.
-    """
+    ``{column: {"per_layer": {layer: ρ}, "mean": mean ρ over layers, "layers_negative": count}}``."""
     from axes_pipeline.stats import spearman
 
     out: dict = {"expected_sign": -1, "damage": "damage_loss"}
@@ -490,16 +485,14 @@ def run_lesion_analysis(ctx) -> dict:
     taylor = _taylor(cfg, trained, ctx.units, layers, s, device)
     model.cpu()
 
-    df = pd.concat(parts, ignore_index=True)
-    df = _finish_table(df, axes, taylor, s)
+    df = _finish_table(pd.concat(parts, ignore_index=True), axes, taylor, s)
     binned_df, stats = analyse(df, s)
     write_csv(out / "lesions.csv", df)
     write_csv(out / "lesion_binned.csv", binned_df)
-    wall = time.perf_counter() - t0
     summary = {"base_loss": base_loss, "base_acc": base_acc, "eval_samples": n_eval, "layers": len(layers),
                "channels_lesioned": int(len(df)), "replace": s["replace"], "resumed_layers": len(layers) - len(batched),
-               "batched_prefix": batched,
-               "lesions_per_s": n_lesions / t_lesion if t_lesion > 0 else None, **stats, "wall_time_s": round(wall, 2)}
+               "batched_prefix": batched, "lesions_per_s": n_lesions / t_lesion if t_lesion > 0 else None, **stats,
+               "wall_time_s": round(time.perf_counter() - t0, 2)}
     write_json(out / "lesion_summary.json", summary)
 
     if cfg.plots:
@@ -541,10 +534,8 @@ def _finish_table(df: pd.DataFrame, axes: pd.DataFrame, taylor: dict, s: dict) -
     live_it = df["task_info"].where(~df["dead"].astype(bool))
     df["it_bin"] = live_it.groupby(df["layer"]).transform(lambda v: pd.Series(it_bins(v.to_numpy(float), s["n_bins"]),
                                                                                index=v.index))
-    first = ["layer", "layer_index", "channel", "damage_loss", "damage_acc"]
-    for v in s["replace"]:
-        first += [f"replaced_{v}_damage_loss", f"replaced_{v}_damage_acc"]
-    first += [f"recovery_{v}" for v in s["replace"]]
+    replaced = [f"replaced_{v}_damage_{m}" for v in s["replace"] for m in ("loss", "acc")]
+    first = ["layer", "layer_index", "channel", "damage_loss", "damage_acc", *replaced, *[f"recovery_{v}" for v in s["replace"]]]
     return df[first + [c for c in df.columns if c not in first]]
 
 

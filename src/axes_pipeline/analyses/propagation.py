@@ -92,12 +92,9 @@ DEFAULT_RESIDUAL = "main"
 
 def link_report(model: nn.Module, units: dict | None = None, residual: str = DEFAULT_RESIDUAL
                 ) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
-    """``(links, refused)``: ``links = [(upstream, downstream, offset)]`` where the upstream
-    conv's channels are the downstream conv's input channels ``offset .. offset + C_up`` (0
-    unless a concatenation sits between them), and ``refused = [(downstream, reason)]`` for
-    every analysed conv with no link, with the one-line reason (written to
-    ``propagation_refused.csv``: never a silent skip). The network input and the first conv are
-    not refused."""
+    """``(links, refused)``: ``links = [(upstream, downstream, offset)]`` where the upstream conv's channels are
+    the downstream conv's input channels ``offset .. offset + C_up`` (0 unless a concatenation sits between them);
+    ``refused = [(downstream, reason)]`` for every analysed conv but the first with no link (never a silent skip)."""
     if units is None:
         from axes_pipeline.models import conv_norm_pairs
 
@@ -115,9 +112,7 @@ def link_report(model: nn.Module, units: dict | None = None, residual: str = DEF
     refused: list[tuple[str, str]] = []
     for down, segs in conv_sources(model, graph, units, residual):
         dconv = units[down].conv
-        if dconv.groups != 1:
-            # a grouped/depthwise channel reads its own group's inputs only: A is (block) diagonal
-            # and ρ would restate the upstream metric
+        if dconv.groups != 1:   # A would be (block) diagonal: ρ would restate the upstream metric
             refused.append((down, f"grouped/depthwise receiver (groups={dconv.groups})"))
             continue
         if segs is None:  # the network input
@@ -208,13 +203,9 @@ def _null_matrices(weight: torch.Tensor, sigma_post: torch.Tensor, draws: int, m
 
 def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, down: dict, *, null_draws: int = 20,
                      null: str = "weights", seed: int = 0, down_alive=None) -> list[dict]:
-    """The four pairings of one linked pair.
-
-    ``weight``: conv ℓ+1's weight ``[C_out, C_in, kh, kw]``; ``sigma_post: [C_in]``;
-    ``up`` / ``down``: {metric: ``[C_in]`` / ``[C_out]``} holding ``input_capture`` and ``task_info``;
-    ``down_alive: [C_out]`` bool (default all). Returns one dict per pairing: ``pairing, rho,
-    null_rho`` (mean over draws), ``null_sd``, ``n`` (receivers in ρ).
-    """
+    """The four pairings of one linked pair, one dict each: ``pairing, rho, null_rho`` (mean over draws),
+    ``null_sd``, ``n`` (receivers in ρ). ``weight``: conv ℓ+1's ``[C_out, C_in, kh, kw]``; ``sigma_post: [C_in]``;
+    ``up`` / ``down``: {metric: ``[C_in]`` / ``[C_out]``} holding ``input_capture`` and ``task_info``."""
     a = influence_matrix(weight, sigma_post)
     alive = np.ones(a.shape[0], bool) if down_alive is None else np.asarray(down_alive, bool)
     nulls = _null_matrices(weight, sigma_post, int(null_draws), null, seed) if null_draws > 0 else None
