@@ -180,18 +180,12 @@ def _merged(path: Path, summary: dict) -> dict:
         old = read_json(path)
     except (OSError, ValueError):   # none yet, or unreadable
         return summary
-    merged = {**old, **summary}
-    merged["analyses"] = list(dict.fromkeys([*old.get("analyses", []), *summary["analyses"]]))
-    return merged
+    return {**old, **summary, "analyses": list(dict.fromkeys([*old.get("analyses", []), *summary["analyses"]]))}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     flat = {}
     for k, v in d.items():
-        if k == "config":
-            continue
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            flat[f"{prefix}{k}"] = v
+        if k != "config":
+            flat.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return flat

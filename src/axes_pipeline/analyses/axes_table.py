@@ -135,18 +135,17 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: tor
     if grad_cos is None and patches is not None:
         grad_cos = patches.cosines(unit.conv.weight)
     if grad_cos is not None and gradients is not None:
-        for key in ("cos_euclid", "cos_whitened"):   # whitened: the ≈ 0 check, where Σ_X was kept
-            if key in grad_cos:
-                result.rows[f"grad_{key}"] = grad_cos[key].numpy()
-                summary[f"grad_{key}_median"] = float(grad_cos[key].abs().median())
+        # whitened: the ≈ 0 check, where Σ_X was kept
+        for key in (k for k in ("cos_euclid", "cos_whitened") if k in grad_cos):
+            result.rows[f"grad_{key}"] = grad_cos[key].numpy()
+            summary[f"grad_{key}_median"] = float(grad_cos[key].abs().median())
     return result
 
 
 def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torch.device,
                     keep_matrices: bool = False, progress: bool = True, index: dict[str, int] | None = None):
-    """Run :func:`layer_analysis` over every captured layer. Returns (axes_df, layers_df, results).
-
-    ``index``: each layer's ``layer_index`` (:func:`depth_index`); default: capture order."""
+    """Run :func:`layer_analysis` over every captured layer: ``(axes_df, layers_df, results)``. ``index``: each
+    layer's ``layer_index`` (:func:`depth_index`); default: capture order."""
     dtype = metric_dtype(cfg)
     graphs = OmegaConf.to_container(cfg.graphs) if cfg.graphs.edge_fraction > 0 else None
     grads = OmegaConf.to_container(cfg.gradients) if cfg.gradients.enabled else None

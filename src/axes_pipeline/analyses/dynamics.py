@@ -122,10 +122,9 @@ def _layers(model, knobs: dict) -> list[str]:
         if unknown:
             raise UserError(f"dynamics.layers: unknown layer {unknown[0]!r}; available: {', '.join(units)}")
         return layers
-    k = knobs["k"]
-    if k < 1:
-        raise UserError(f"dynamics.k must be >= 1, got {k}")
-    return depth_spaced_layers(model, k, include_shortcuts=knobs["include_shortcuts"])
+    if knobs["k"] < 1:
+        raise UserError(f"dynamics.k must be >= 1, got {knobs['k']}")
+    return depth_spaced_layers(model, knobs["k"], include_shortcuts=knobs["include_shortcuts"])
 
 
 def _select_epochs(grid: list[int], want) -> list[int]:
@@ -197,9 +196,8 @@ def check_dynamics_analysis(ctx) -> None:
     if knobs["null_shuffles"] < 0:
         raise UserError(f"analysis.dynamics.null_shuffles must be >= 0, got {knobs['null_shuffles']}")
     _layers(ctx.trained.model, knobs)
-    if _skip_reason(ctx.cfg, ctx.trained.run_dir):
-        return
-    plan_dynamics(ctx.cfg, ctx.trained.run_dir, int(ctx.cfg.seed))
+    if not _skip_reason(ctx.cfg, ctx.trained.run_dir):
+        plan_dynamics(ctx.cfg, ctx.trained.run_dir, int(ctx.cfg.seed))
 
 
 # ---- One run, epoch by epoch -----------------------------------------------------------------
@@ -438,8 +436,7 @@ def run_dynamics_analysis(ctx) -> dict:
     ctx.tracker.table("analyze/dynamics", allf)
     ctx.tracker.table("analyze/dynamics_curves", curves)
     seeds = [p.seed for p in plans]
-    head = _headline(curves, seeds, layers)
-    head["epochs_computed"] = computed
+    head = {**_headline(curves, seeds, layers), "epochs_computed": computed}
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     q = "align_input_capture_task_info"
     print(f"analyze: dynamics over {head['epochs']} epochs × {len(layers)} layers × {len(seeds)} seed(s) "

@@ -548,8 +548,7 @@ def _headline(summary: dict, s: dict) -> dict:
          "delta_r2_adj_ci_hi": r2["ci_adj_hi"], "delta_r2_p_f": r2["p_f"], "r2_n": r2["n"]}
     rec = summary["recovery"]
     for v in s["replace"]:
-        h[f"recovery_{v}_mean"] = rec[f"{v}_mean"]
-        h[f"recovery_{v}_median"] = rec[f"{v}_median"]
+        h.update({f"recovery_{v}_{stat}": rec[f"{v}_{stat}"] for stat in ("mean", "median")})
         h[f"rho_recovery_{v}_full_explained"] = rec[f"rho_{v}_full_explained"]
     h.update({f"binned_rho_{p}": v for p, v in summary["binned_rho_mean"].items()})
     return h
