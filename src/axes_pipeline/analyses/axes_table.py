@@ -45,6 +45,24 @@ log = logging.getLogger("axes_pipeline")
 
 METRIC_KNOBS = ("sigma0", "hull_eps", "hull_max", "hull_order", "ridge", "pool", "top", "peers")
 
+# Schemas of the two tables (tables.Schema), checked whenever they are read. The per-channel
+# columns that are defined for every channel must be finite: a NaN there would silently change
+# a ranking (a pruning curve, a lesion statistic) instead of failing.
+AXES_SCHEMA = Schema(
+    "axes.csv",
+    columns={"layer": "str", "layer_index": "int", "channel": "int", "input_capture": "float", "peer_overlap": "float",
+             "full_explained": "float", "hull_size": "float", "hull_explained": "float", "hull_score": "float",
+             "task_info": "float", "target_excess": "float", "task_redundancy": "float", "task_unique": "float",
+             "hull_saturated": "bool", "dead": "bool", "l1": "float", "l2": "float", "bn_scale": "float"},
+    finite=("input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_score",
+            "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2"),
+    layer="layer")
+LAYERS_SCHEMA = Schema(
+    "layers.csv",
+    columns={"layer": "str", "layer_index": "int", "channels": "int", "dead": "int", "hull_size_mean": "float",
+             "hull_saturated_frac": "float", "s3_s2": "float"},
+    finite=("hull_size_mean", "hull_saturated_frac"), layer="layer")
+
 
 def metric_knobs(cfg: DictConfig) -> dict:
     check_peers(str(cfg.metrics.get("peers", "layer")))   # a typo fails before any capture
@@ -238,28 +256,8 @@ def axes_fingerprint(cfg: DictConfig, ckpt: Path) -> dict:
 def axes_settings(cfg: DictConfig) -> dict:
     """The metric and graph knobs of the axes table (beyond what the capture depends on)."""
     graphs = OmegaConf.to_container(cfg.graphs, resolve=True) if cfg.graphs.edge_fraction > 0 else None
-    grads = bool(cfg.gradients.enabled)
     return {**{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()}, "metrics.dtype": cfg.metrics.dtype,
-            "graphs": graphs, "gradients.enabled": grads}
-
-
-# Schemas of the two tables (tables.Schema), checked whenever they are read. The per-channel
-# columns that are defined for every channel must be finite: a NaN there would silently change
-# a ranking (a pruning curve, a lesion statistic) instead of failing.
-AXES_SCHEMA = Schema(
-    "axes.csv",
-    columns={"layer": "str", "layer_index": "int", "channel": "int", "input_capture": "float", "peer_overlap": "float",
-             "full_explained": "float", "hull_size": "float", "hull_explained": "float", "hull_score": "float",
-             "task_info": "float", "target_excess": "float", "task_redundancy": "float", "task_unique": "float",
-             "hull_saturated": "bool", "dead": "bool", "l1": "float", "l2": "float", "bn_scale": "float"},
-    finite=("input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_score",
-            "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2"),
-    layer="layer")
-LAYERS_SCHEMA = Schema(
-    "layers.csv",
-    columns={"layer": "str", "layer_index": "int", "channels": "int", "dead": "int", "hull_size_mean": "float",
-             "hull_saturated_frac": "float", "s3_s2": "float"},
-    finite=("hull_size_mean", "hull_saturated_frac"), layer="layer")
+            "graphs": graphs, "gradients.enabled": bool(cfg.gradients.enabled)}
 
 
 def stored_axes(out_dir: Path, want: dict, units: dict) -> tuple[pd.DataFrame, pd.DataFrame] | None:

@@ -1,26 +1,21 @@
 """Training dynamics (METHODS §6, H2): how the two axes separate over training.
 
 For a run trained with per-epoch checkpoints (``checkpoint.every_epoch=true``; ``epoch_000.ckpt``
-is the random initialisation) and six depth-spaced conv layers, every selected epoch is
-processed on its own: load its weights into one model instance, capture only those layers on
-the fixed calibration subset (the ``capture.*`` knobs, the same images for every epoch and
-every seed), run :func:`~axes_pipeline.analyses.axes_table.layer_analysis` per layer, write the
-epoch's rows to ``analyze/dynamics_parts/epoch_XXX.csv`` (atomically). Only the streamed (T, Y)
-moments of the capture are held (:class:`~axes_pipeline.metrics.moments.ActivationMoments`), never
-an epoch's samples.
-A re-run skips every epoch whose part exists for the same settings and the same checkpoint content
-(``dynamics_parts/settings.json`` holds the data identity and the settings, each part its
-checkpoint's content digest; a change of settings recomputes all, a damaged part is recomputed).
-
-Per (epoch, layer) the rows hold the whole layer summary of ``layers.csv``; the curves are
+is the random initialisation), every selected epoch is processed on its own: its weights are loaded
+into one model instance, six depth-spaced conv layers are captured on the fixed calibration subset
+of ``capture.*`` (the same images for every epoch and seed; only the streamed (T, Y) moments are
+held, never an epoch's samples) and :func:`~axes_pipeline.analyses.axes_table.layer_analysis` writes
+one row per layer (the whole ``layers.csv`` summary) to ``analyze/dynamics_parts/epoch_XXX.csv``.
+A re-run skips every epoch whose part was computed with the same settings
+(``dynamics_parts/settings.json``, with the data identity) from the same checkpoint content (each
+part's digest); other settings recompute all, a damaged part is recomputed. The curves are
 :data:`QUANTITIES`: alignment ρ(I_X, I_T), modularity gap Q_R − Q_S, mean hull size,
 saturated-hull fraction and S3/S2.
 
 Several seeds (``dynamics.seeds``): the runs of the same experiment/data/model with ``seed=``
-changed (found like ``analyze.py seed=N`` finds them); each is processed the same way into its
-own ``analyze/dynamics_parts`` (so stored results are read back, missing epochs computed) and the
-curves show the mean over layers, mean ± SD over seeds, next to the paper's init/trained
-values (METHODS §11).
+changed (found like ``analyze.py seed=N`` finds them), each processed the same way into its own
+``dynamics_parts``; the curves show the mean over layers, mean ± SD over seeds, next to the
+paper's init/trained values (METHODS §11).
 
 Outputs (``<run_dir>/analyze/``): ``dynamics.csv`` (this run, one row per (epoch, layer)),
 ``dynamics_seeds.csv`` (all seeds, column ``seed``), ``dynamics_curves.csv`` (per epoch: mean
@@ -63,6 +58,11 @@ QUANTITIES: dict[str, str] = {
     "s3_s2": "S3/S2",
 }
 PARTS = "dynamics_parts"
+#: A stored epoch part: one row per analysed layer, the checkpoint digest it was computed from.
+PART_SCHEMA = Schema("dynamics part", columns={"epoch": "int", "seed": "int", "layer": "str", "layer_index": "int",
+                                               "channels": "int", "ckpt_digest": "str", "hull_size_mean": "float",
+                                               "hull_saturated_frac": "float"},
+                     finite=("hull_size_mean", "hull_saturated_frac"), layer="layer")
 TARGET_MODES = ("epoch", "final")
 
 
@@ -239,13 +239,6 @@ def _part_name(epoch: int) -> str:
 def _stamp(ckpt: Path | None) -> str:
     """The content digest of an epoch's checkpoint (a retrained run rewrites it: new digest)."""
     return file_digest(ckpt) if ckpt is not None and Path(ckpt).exists() else ""
-
-
-#: A stored epoch part: one row per analysed layer, the checkpoint digest it was computed from.
-PART_SCHEMA = Schema("dynamics part", columns={"epoch": "int", "seed": "int", "layer": "str", "layer_index": "int",
-                                               "channels": "int", "ckpt_digest": "str", "hull_size_mean": "float",
-                                               "hull_saturated_frac": "float"},
-                     finite=("hull_size_mean", "hull_saturated_frac"), layer="layer")
 
 
 def _valid_part(path: Path, ckpt: Path | None, layers: list[str]) -> pd.DataFrame | None:

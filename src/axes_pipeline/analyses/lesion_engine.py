@@ -266,12 +266,10 @@ def default_max_rows(device: torch.device | str) -> int:
 class LesionEngine:
     """Evaluate many single-channel lesions / replacements of one conv unit in batched passes.
 
-    ``model`` must be in eval mode (BatchNorm uses running statistics, so rows of a batch do not
-    interact); ``unit``: its :class:`~axes_pipeline.models.ConvUnit`. ``graph``: a
-    :func:`axes_pipeline.models.graph.trace` of the model to reuse across layers (traced here when omitted);
-    ``split=False`` forces the input-repeating path. ``max_rows`` bounds lesion×image rows per
-    suffix call (``None``: :func:`default_max_rows` of the model's device); ``max_gb`` the memory
-    of the repeated cut tensors of one call.
+    ``model`` must be in eval mode (BatchNorm on running statistics: rows of a batch do not interact).
+    ``graph``: a :func:`axes_pipeline.models.graph.trace` of the model to reuse across layers (traced here
+    when omitted); ``split=False`` forces the input-repeating path; ``max_rows`` bounds lesion×image rows
+    per suffix call (``None``: :func:`default_max_rows`), ``max_gb`` the repeated cut tensors of one call.
     """
 
     def __init__(self, model: nn.Module, unit, *, graph: fx.Graph | None = None, split: bool = True,

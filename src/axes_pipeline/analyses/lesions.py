@@ -70,6 +70,10 @@ AXES_COLUMNS = ("input_capture", "peer_overlap", "full_explained", "hull_size", 
                 "bn_scale", "dead")
 #: Columns that can predict damage: the numeric axes-table columns, plus ``taylor`` computed here.
 KNOWN_PREDICTORS = (*(c for c in AXES_COLUMNS if c not in ("hull_saturated", "dead")), "taylor")
+#: Axes-table columns the lesion analysis reads (hull sizes for the replacement, predictors).
+LESION_AXES_COLUMNS = ("layer", "layer_index", "channel", "hull_size", *AXES_COLUMNS)
+#: the local-axis replaceability columns whose direction the lesions check (METHODS §8, §9)
+REPLACEABILITY = ("hull_score", "peer_overlap")
 R2_SCALES = ("raw", "rank")
 PARTS = "lesion_parts"
 AUTO_CHANNELS = 64   # METHODS §8 default sample per layer
@@ -80,9 +84,8 @@ POOLED = "(all, within-layer ranks)"
 
 
 def lesion_settings(cfg: DictConfig) -> dict:
-    """The ``analysis.lesion`` block as plain values, checked beyond its types
-    (:class:`~axes_pipeline.analyses.settings.LesionAnalysis`; :class:`UserError` for a bad value).
-    Without ``analysis=lesion`` selected: the schema's defaults."""
+    """The ``analysis.lesion`` block (the schema's defaults when another analysis is selected) as plain
+    values, checked beyond its types: :class:`UserError` for a bad value."""
     s = OmegaConf.to_container(analysis_block(cfg, "lesion"), resolve=True)
     ch = s["channels"]
     if not (ch in ("all", "auto") or (isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1)):
@@ -301,10 +304,6 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
     return binned_df, summary
 
 
-#: the local-axis replaceability columns whose direction the lesions check (METHODS §8, §9)
-REPLACEABILITY = ("hull_score", "peer_overlap")
-
-
 def replaceability_spearman(live: pd.DataFrame) -> dict:
     """Within each layer (layers differ in damage scale), Spearman between zero-lesion damage (loss) and
     replaceability. The pruning scores treat replaceability (E_full/max(1,|H|), R̄_X) as *removability*: a
@@ -384,26 +383,17 @@ def part_settings(s: dict, n_eval: int) -> dict:
     return {**{f"lesion.{k}": s[k] for k in ("channels", "seed", "replace")}, "lesion.eval_samples": n_eval}
 
 
-def part_schema(replace: list[str]) -> Schema:
-    """A finished layer part: one row per lesioned channel, every loss and accuracy finite."""
-    cols = {"layer": "str", "layer_index": "int", "channel": "int"}
-    for v in ["lesion", *replace, "base"]:
-        cols.update({f"loss_{v}": "float", f"acc_{v}": "float"})
-    return Schema("lesion part", columns=cols, finite=tuple(c for c in cols if c.startswith(("loss_", "acc_"))), layer="layer")
-
-
 def _read_part(path: Path, layer: str, n_rows: int, replace: list[str]) -> pd.DataFrame | None:
-    """A stored layer part when it is sound; None (recompute, with a note) when it is damaged."""
+    """A stored layer part when it is sound (one row per lesioned channel, every loss and accuracy finite);
+    None (recompute, with a note) when it is damaged."""
+    losses = {f"{m}_{v}": "float" for v in ["lesion", *replace, "base"] for m in ("loss", "acc")}
+    schema = Schema("lesion part", columns={"layer": "str", "layer_index": "int", "channel": "int", **losses},
+                    finite=tuple(losses), layer="layer")
     try:
-        return read_table(path, part_schema(replace), rebuild="python analyze.py analysis=lesion",
-                          rows_per_layer={layer: n_rows})
+        return read_table(path, schema, rebuild="python analyze.py analysis=lesion", rows_per_layer={layer: n_rows})
     except DamagedTable as err:
         log.warning("lesion: %s; recomputing that layer", str(err).split("; rebuild")[0])
         return None
-
-
-#: Axes-table columns the lesion analysis reads (hull sizes for the replacement, predictors).
-LESION_AXES_COLUMNS = ("layer", "layer_index", "channel", "hull_size", *AXES_COLUMNS)
 
 
 def check_axes_columns(axes: pd.DataFrame, path: Path) -> None:

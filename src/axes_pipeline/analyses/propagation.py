@@ -82,12 +82,12 @@ PAIRINGS: tuple[tuple[str, str, str], ...] = (
 #: ``weights``: each receiver's kernel weights reassigned to random upstream channels (per row);
 #: ``columns``: one permutation of A's columns shared by all receivers (= shuffled upstream labels).
 NULL_MODES = ("weights", "columns")
-
-# ---- Which conv feeds which ------------------------------------------------------------------
-
 RESIDUAL_MODES = ("main", "skip")
 #: METHODS §7 links across residual adds; conf/analysis/propagation.yaml repeats this value.
 DEFAULT_RESIDUAL = "main"
+
+
+# ---- Which conv feeds which ------------------------------------------------------------------
 
 
 def link_report(model: nn.Module, units: dict | None = None, residual: str = DEFAULT_RESIDUAL
@@ -144,10 +144,8 @@ def conv_links(model: nn.Module, units: dict | None = None, residual: str = DEFA
 
 
 def post_norm_sigma(unit, sigma: torch.Tensor, point: str = "pre_bn") -> torch.Tensor:
-    """σ^post ``[C]`` of unit ℓ's output channels from the std ``sigma: [C]`` of its captured samples.
-
-    ``point``: where ``sigma`` was measured (``capture.point``); only ``pre_bn`` is converted.
-    """
+    """σ^post ``[C]`` of unit ℓ's output channels from the std ``sigma: [C]`` of its captured samples,
+    measured at ``point`` (``capture.point``; only ``pre_bn`` is converted)."""
     sigma = sigma.double()
     norm = unit.norm
     if point != "pre_bn" or norm is None:
