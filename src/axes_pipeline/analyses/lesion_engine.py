@@ -25,18 +25,16 @@ same path serves BatchNorm, LayerNorm (ConvNeXt, channels-last: ``unit.channel_d
 norm-free units, and ``tests/test_lesions.py`` checks it against :func:`zeroed`.
 
 Peer replacement writes the pre-norm prediction ``Ŷ_c = μ_c + Σ_cS Σ_SS⁻¹ (Y_S − μ_S)`` at every
-spatial position and leaves the norm (and everything after it) as it is.
-:func:`peer_regression` fits the coefficients on calibration samples with the metrics' ridge on
-the correlation scale (the same ``G = R + λI`` as :mod:`axes_pipeline.metrics.hulls`).
+spatial position and leaves the norm (and everything after it) as it is; :func:`peer_regression` fits
+it on calibration samples with the metrics' ridge on the correlation scale (their ``G = R + λI``).
 
-Memory: a suffix call holds ``L·B`` rows; ``L`` is chosen per layer so that
-``L·B ≤ max_rows`` and the repeated cut tensors take at most ``max_gb`` (see
-:meth:`LesionEngine.chunk_size`). A network ``torch.fx`` cannot cut (or a cut that carries a
-non-batch value) falls back to repeating the *input* ``L`` times and hooking the conv output: the
-same lesion, the prefix then runs ``L`` times. The cut assumes no prefix op mutates in place a
-tensor that a suffix op had read before it (true of the torchvision backbones, whose in-place ops
-are ReLUs on fresh tensors and ``+=`` on the residual branch; the tests compare every backbone
-family against :func:`zeroed`).
+Memory: a suffix call holds ``L·B`` rows, ``L`` chosen per layer so that ``L·B ≤ max_rows`` and the
+repeated cut tensors take at most ``max_gb`` (:meth:`LesionEngine.chunk_size`). A network ``torch.fx``
+cannot cut (or a cut that carries a non-batch value) falls back to repeating the *input* ``L`` times
+and hooking the conv output: the same lesion, the prefix then runs ``L`` times. The cut assumes no
+prefix op mutates in place a tensor that a suffix op had read before it (true of the torchvision
+backbones, whose in-place ops are ReLUs on fresh tensors and ``+=`` on the residual branch; the
+tests compare every backbone family against :func:`zeroed`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Lesions and peer replacement (METHODS §8): does peer support refine removability?
 
-For a seeded sample of channels per layer (``analysis.lesion.channels``: ``auto`` = 64 or a smaller layer's all, N, or ``all``):
+For a seeded sample of channels per layer (``analysis.lesion.channels``: ``auto`` = 64, N, ``all``):
 
 - **damage** of a lesion (filter, bias, BN γ and β of the channel zeroed, no fine-tuning) on a
   fixed seeded subset of the test split: ``damage_loss`` = increase of the mean cross-entropy,
@@ -16,10 +16,9 @@ For a seeded sample of channels per layer (``analysis.lesion.channels``: ``auto`
   the explained variance. Dead channels (all their metrics are 0 by definition) are lesioned and
   listed but left out of the statistics.
 
-All lesions of one layer are evaluated together by
-:class:`~axes_pipeline.analyses.lesion_engine.LesionEngine` (prefix once per batch, lesions
-folded into the batch). Each finished layer is kept in ``lesion_parts/`` with a fingerprint of
-everything it depends on, so an interrupted run resumes at the next layer.
+All lesions of one layer are evaluated together by :class:`~axes_pipeline.analyses.lesion_engine.LesionEngine`
+(prefix once per batch, lesions folded into the batch). Each finished layer is kept in ``lesion_parts/``
+with a fingerprint of everything it depends on, so an interrupted run resumes at the next layer.
 
 Outputs in ``<run_dir>/analyze/``: ``lesions.csv``, ``lesion_binned.csv``,
 ``lesion_summary.json``, ``plots/lesion_damage.png``, ``plots/lesion_recovery.png``.

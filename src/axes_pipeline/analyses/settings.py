@@ -1,7 +1,6 @@
-"""The typed knobs of the analyses: how the two axes are measured (top-level ``capture``,
-``metrics``, ``graphs``, ``gradients``, METHODS §1-§5) and each ``analysis=<name>`` option's own
-block (``analysis.lesion``, ...). The one source of their defaults; conf/analysis/*.yaml only
-select and override.
+"""The typed knobs of the analyses: how the two axes are measured (top-level ``capture``, ``metrics``,
+``graphs``, ``gradients``, METHODS §1-§5) and each ``analysis=<name>`` option's own block (``analysis.lesion``,
+...). The one source of their defaults; conf/analysis/*.yaml only select and override.
 """
 
 from __future__ import annotations
