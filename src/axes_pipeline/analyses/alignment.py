@@ -22,5 +22,4 @@ def spearman(x, y) -> float:
 def layer_alignment(axes: dict) -> dict:
     """{column: ρ} for one layer; ``axes`` maps metric key -> ``[C]`` array. Dead channels excluded."""
     alive = ~np.asarray(axes.get("dead", np.zeros(len(axes["input_capture"]), bool)), bool)
-    return {col: spearman(np.asarray(axes[a])[alive], np.asarray(axes[b])[alive])
-            for col, a, b in ALIGNMENTS}
+    return {col: spearman(np.asarray(axes[a])[alive], np.asarray(axes[b])[alive]) for col, a, b in ALIGNMENTS}

@@ -70,7 +70,7 @@ class Context:
 
 
 def selected(cfg: DictConfig) -> list[str]:
-    chosen = [k for k in cfg.analysis.keys()]
+    chosen = list(cfg.analysis)
     unknown = [k for k in chosen if k != "axes" and k not in ANALYSES]
     if unknown:
         raise UserError(f"unknown analysis {unknown[0]!r}; choose from: axes, {', '.join(ANALYSES)}")
@@ -81,40 +81,31 @@ AXES_PLOTS = ("scatter_ix_it", "depth_profile")   # (communities only where grap
 
 
 def run_axes(ctx: Context, requested: bool = True) -> dict:
-    """Capture (or reuse), compute both axes per layer, write tables, plots and tracker logs.
-
-    When ``axes.csv`` was computed with these settings (and, if the axes were ``requested``, its
-    plots exist) it is read back instead of recomputing graphs, hulls, triplets and gradient
-    cosines: a re-run sweep skips finished work. ``analysis.axes.recompute=true`` forces it."""
+    """Capture (or reuse), compute both axes per layer, write tables, plots and tracker logs. A sound
+    ``axes.csv`` computed with these settings (with its plots, if the axes were ``requested``) is read back
+    instead: a re-run sweep skips finished work; ``analysis.axes.recompute=true`` forces it."""
     cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
-    capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out, ctx.units, ctx.device)
-    ctx.capture = capture
+    ctx.capture = capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out, ctx.units, ctx.device)
     want = axes_fingerprint(cfg, trained.ckpt)
     plots_there = not cfg.plots or all((out / "plots" / f"{p}.png").is_file() for p in AXES_PLOTS)
     recompute = bool(OmegaConf.select(cfg, "analysis.axes.recompute", default=False))
-    # reused only when the fingerprint matches AND both tables pass their schemas (one row per
-    # channel of every analysed layer, finite axes): a damaged table is recomputed, with a note
     stored = None if recompute else stored_axes(out, want, ctx.units)
     if stored is not None and (plots_there or not requested):
         ctx.axes, ctx.layers = stored
-        headline = axes_headline(ctx.layers)
-        headline["calibration_accuracy"] = capture.accuracy
-        headline["reused"] = True
+        headline = {**axes_headline(ctx.layers), "calibration_accuracy": capture.accuracy, "reused": True}
         if requested:   # this stage's tracker run still gets the tables and figures
             ctx.tracker.table("analyze/layers", ctx.layers)
             ctx.tracker.table("analyze/axes", ctx.axes)
             for f in sorted((out / "plots").glob("*.png")) if cfg.plots else []:
                 if f.stem in (*AXES_PLOTS, "communities"):
                     ctx.tracker.image(f"analyze/{f.stem}", f)
-        log.info("axes: reusing %s (computed with these settings; analysis.axes.recompute=true to redo)",
-                 out / "axes.csv")
+        log.info("axes: reusing %s (computed with these settings; analysis.axes.recompute=true to redo)", out / "axes.csv")
         return headline
     axes_df, layers_df, results = analyze_capture(capture, ctx.units, cfg, ctx.device, keep_matrices=True,
                                                   index=depth_index(trained.model))
     write_axes(out, axes_df, layers_df, want)
     ctx.axes, ctx.layers = axes_df, layers_df
-    headline = axes_headline(layers_df)
-    headline["calibration_accuracy"] = capture.accuracy
+    headline = {**axes_headline(layers_df), "calibration_accuracy": capture.accuracy}
     if cfg.plots:
         figs = [plots.scatter_ix_it(axes_df, out / "plots" / "scatter_ix_it.png"),
                 plots.depth_profile(layers_df, out / "plots" / "depth_profile.png")]
@@ -149,12 +140,9 @@ def run_analysis(cfg: DictConfig) -> dict:
     chosen = selected(cfg)
     device = resolve_device(cfg.get("device", "auto"))
     t0 = time.perf_counter()
-    trained = None
-    if "axes" in chosen or any(ANALYSES[name].needs_run for name in chosen if name != "axes"):
-        trained = restore_trained(cfg)
-        out = trained.run_dir / "analyze"
-    else:
-        out = run_dir(cfg) / "analyze"
+    needs_run = "axes" in chosen or any(ANALYSES[name].needs_run for name in chosen if name != "axes")
+    trained = restore_trained(cfg) if needs_run else None
+    out = (trained.run_dir if trained is not None else run_dir(cfg)) / "analyze"
     ctx = Context(cfg=cfg, out=out, tracker=None, device=device, trained=trained)
     if trained is not None:
         check_capture_size(cfg, trained.datamodule)
@@ -163,8 +151,7 @@ def run_analysis(cfg: DictConfig) -> dict:
             if name in ANALYSES and ANALYSES[name].check is not None:
                 ANALYSES[name].check(ctx)
     ctx.tracker = StageTracker(cfg, "analyze", out)
-    summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None,
-                     "analyses": chosen}
+    summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None, "analyses": chosen}
     try:
         if trained is not None:
             ctx.tracker.use_artifact("checkpoint", cfg_artifact_name("checkpoint", cfg), [trained.ckpt])
@@ -189,24 +176,16 @@ def run_analysis(cfg: DictConfig) -> dict:
 def _merged(path: Path, summary: dict) -> dict:
     """This call's summary over the stored one: analyses run earlier (``analysis=all``, then
     ``analysis=lesion`` again) keep their headline figures; ``analyses`` lists all of them."""
-    if not path.is_file():
-        return summary
     try:
         old = read_json(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError):   # none yet, or unreadable
         return summary
-    merged = {**old, **summary}
-    merged["analyses"] = list(dict.fromkeys([*old.get("analyses", []), *summary["analyses"]]))
-    return merged
+    return {**old, **summary, "analyses": list(dict.fromkeys([*old.get("analyses", []), *summary["analyses"]]))}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     flat = {}
     for k, v in d.items():
-        if k == "config":
-            continue
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            flat[f"{prefix}{k}"] = v
+        if k != "config":
+            flat.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return flat

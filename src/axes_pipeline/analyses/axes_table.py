@@ -45,15 +45,39 @@ log = logging.getLogger("axes_pipeline")
 
 METRIC_KNOBS = ("sigma0", "hull_eps", "hull_max", "hull_order", "ridge", "pool", "top", "peers")
 
+# Schemas of the two tables (tables.Schema), checked whenever they are read. The per-channel
+# columns that are defined for every channel must be finite: a NaN there would silently change
+# a ranking (a pruning curve, a lesion statistic) instead of failing.
+AXES_SCHEMA = Schema(
+    "axes.csv",
+    columns={"layer": "str", "layer_index": "int", "channel": "int", "input_capture": "float", "peer_overlap": "float",
+             "full_explained": "float", "hull_size": "float", "hull_explained": "float", "hull_score": "float",
+             "task_info": "float", "target_excess": "float", "task_redundancy": "float", "task_unique": "float",
+             "hull_saturated": "bool", "dead": "bool", "l1": "float", "l2": "float", "bn_scale": "float"},
+    finite=("input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_score",
+            "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2"),
+    layer="layer")
+LAYERS_SCHEMA = Schema(
+    "layers.csv",
+    columns={"layer": "str", "layer_index": "int", "channels": "int", "dead": "int", "hull_size_mean": "float",
+             "hull_saturated_frac": "float", "s3_s2": "float"},
+    finite=("hull_size_mean", "hull_saturated_frac"), layer="layer")
+
 
 def metric_knobs(cfg: DictConfig) -> dict:
     check_peers(str(cfg.metrics.get("peers", "layer")))   # a typo fails before any capture
     return {k: cfg.metrics[k] for k in METRIC_KNOBS}
 
 
+def metric_dtype(cfg: DictConfig) -> torch.dtype:
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.metrics.dtype)
+    if dtype is None:
+        raise UserError(f"metrics.dtype must be float32 or float64, got {cfg.metrics.dtype}")
+    return dtype
+
+
 def select_units(model: torch.nn.Module, layers) -> dict:
-    """{name: ConvUnit} of the analysed layers in forward order; an unknown layer name lists the
-    available ones."""
+    """{name: ConvUnit} of the analysed layers in forward order; an unknown layer name lists the available ones."""
     units = conv_norm_pairs(model)
     if layers is None:
         return units
@@ -100,17 +124,15 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: tor
         cov = covariance(acts.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype))
     else:
         cov = cov.to(device=device, dtype=dtype)
-    axes = {k: v.cpu() for k, v in channel_axes_by_peers(cov, unit, **knobs).items()}   # metrics.peers
+    arr = {k: v.cpu().numpy() for k, v in channel_axes_by_peers(cov, unit, **knobs).items()}   # metrics.peers
     C = cov.shape[0] - 1
-    rows = {"layer": [name] * C, "layer_index": [index] * C, "channel": np.arange(C)}
-    rows.update({k: v.numpy() for k, v in axes.items()})
-    rows.update(filter_stats(unit))
-    arr = {k: v.numpy() for k, v in axes.items()}
+    rows = {"layer": [name] * C, "layer_index": [index] * C, "channel": np.arange(C), **arr, **filter_stats(unit)}
+    alive = ~arr["dead"]
     summary = {"layer": name, "layer_index": index, "channels": C,
                "n_samples": int(acts.shape[0] if n_samples is None else n_samples), "dead": int(arr["dead"].sum()),
                **layer_alignment(arr),
-               "hull_size_mean": float(arr["hull_size"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0,
-               "hull_saturated_frac": float(arr["hull_saturated"][~arr["dead"]].mean()) if (~arr["dead"]).any() else 0.0}
+               "hull_size_mean": float(arr["hull_size"][alive].mean()) if alive.any() else 0.0,
+               "hull_saturated_frac": float(arr["hull_saturated"][alive].mean()) if alive.any() else 0.0}
     tri = triplet_ratio_from_moments(cov, pool=knobs["pool"], top=knobs["top"])
     summary.update(s3_s2=float(tri["s3_s2"]), mean_s3=float(tri["mean_s3"]), mean_s2=float(tri["mean_s2"]))
     result = LayerResult(rows=pd.DataFrame(rows), summary=summary)
@@ -120,8 +142,7 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: tor
         sub = cov[: k + 1, : k + 1]
         r_x = pairwise_overlap_from_moments(sub).cpu().double().numpy()
         s = pairwise_target_excess_from_moments(sub).cpu().double().numpy()
-        g = compare_groupings(r_x, s, fraction=graphs["edge_fraction"], null_shuffles=graphs["null_shuffles"],
-                              seed=seed)
+        g = compare_groupings(r_x, s, fraction=graphs["edge_fraction"], null_shuffles=graphs["null_shuffles"], seed=seed)
         comm_r = np.full(C, -1)
         comm_s = np.full(C, -1)
         comm_r[:k], comm_s[:k] = g.pop("labels_r"), g.pop("labels_s")
@@ -132,21 +153,18 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: tor
     if grad_cos is None and patches is not None:
         grad_cos = patches.cosines(unit.conv.weight)
     if grad_cos is not None and gradients is not None:
-        for key in ("cos_euclid", "cos_whitened"):   # whitened: the ≈ 0 check, where Σ_X was kept
-            if key in grad_cos:
-                result.rows[f"grad_{key}"] = grad_cos[key].numpy()
-                summary[f"grad_{key}_median"] = float(grad_cos[key].abs().median())
+        # whitened: the ≈ 0 check, where Σ_X was kept
+        for key in (k for k in ("cos_euclid", "cos_whitened") if k in grad_cos):
+            result.rows[f"grad_{key}"] = grad_cos[key].numpy()
+            summary[f"grad_{key}_median"] = float(grad_cos[key].abs().median())
     return result
 
 
 def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torch.device,
                     keep_matrices: bool = False, progress: bool = True, index: dict[str, int] | None = None):
-    """Run :func:`layer_analysis` over every captured layer. Returns (axes_df, layers_df, results).
-
-    ``index``: each layer's ``layer_index`` (:func:`depth_index`); default: capture order."""
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.metrics.dtype)
-    if dtype is None:
-        raise UserError(f"metrics.dtype must be float32 or float64, got {cfg.metrics.dtype}")
+    """Run :func:`layer_analysis` over every captured layer: ``(axes_df, layers_df, results)``. ``index``: each
+    layer's ``layer_index`` (:func:`depth_index`); default: capture order."""
+    dtype = metric_dtype(cfg)
     graphs = OmegaConf.to_container(cfg.graphs) if cfg.graphs.edge_fraction > 0 else None
     grads = OmegaConf.to_container(cfg.gradients) if cfg.gradients.enabled else None
     results = {}
@@ -181,6 +199,14 @@ def capture_identity(cfg: DictConfig, ckpt: Path) -> dict:
     return run_fingerprint(cfg, ckpt, **capture_settings(cfg))
 
 
+def calibration_loader(cfg: DictConfig, datamodule):
+    """The fixed seeded calibration subset of ``capture.*``: the same images for every run, epoch and seed."""
+    c = cfg.capture
+    datamodule.setup("fit")
+    cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
+    return datamodule.loader(cal, batch_size=int(c.batch_size))
+
+
 def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, units: dict,
                 device: torch.device, progress: bool = True) -> Capture:
     """Captured samples for this checkpoint and these capture knobs: from the cache, or one forward pass."""
@@ -194,12 +220,9 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
             return found
         log.info("captured activations %s are unreadable or from other settings; capturing again", cache)
     c = cfg.capture
-    datamodule.setup("fit")
-    cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
-    loader = datamodule.loader(cal, batch_size=int(c.batch_size))
     capture = capture_activations(
-        model, units, loader, point=c.point, spatial=c.spatial, samples_per_image=int(c.samples_per_image),
-        target=c.target, seed=int(c.seed), patch_moments=settings["gradients"],
+        model, units, calibration_loader(cfg, datamodule), point=c.point, spatial=c.spatial,
+        samples_per_image=int(c.samples_per_image), target=c.target, seed=int(c.seed), patch_moments=settings["gradients"],
         max_patch_dim=settings["gradients.max_patch_dim"], sigma_rows=settings["gradients.sigma_rows"], device=device,
         progress=progress, keep_samples=False)
     model.cpu()
@@ -210,13 +233,9 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
 
 
 def check_capture_size(cfg: DictConfig, datamodule) -> None:
-    """Fit the calibration set to the training split before the network runs.
-
-    ``capture.n_cal`` larger than the training split means "all of it": the defaults (2000) must
-    work on a small dataset such as digits (1,258 training images). ``cfg.capture.n_cal`` is set
-    to the split's size, said in one log line, so every later use and every fingerprint sees the
-    number of images actually captured.
-    """
+    """Fit the calibration set to the training split before the network runs: a larger ``capture.n_cal``
+    means "all of it" (the default 2000 must work on digits' 1,258 training images), and ``cfg.capture.n_cal``
+    is set to the split's size (one log line) so every later use and fingerprint sees the images captured."""
     datamodule.setup("fit")
     n_train = datamodule.split_sizes()["train"]
     if int(cfg.capture.n_cal) < 3:
@@ -226,8 +245,7 @@ def check_capture_size(cfg: DictConfig, datamodule) -> None:
                  cfg.capture.n_cal, cfg.data.name, n_train)
         cfg.capture.n_cal = n_train
     if n_train < 3:
-        raise UserError(f"the {cfg.data.name} training split has only {n_train} images; "
-                        f"the axes need at least 3")
+        raise UserError(f"the {cfg.data.name} training split has only {n_train} images; the axes need at least 3")
 
 
 def axes_fingerprint(cfg: DictConfig, ckpt: Path) -> dict:
@@ -238,40 +256,8 @@ def axes_fingerprint(cfg: DictConfig, ckpt: Path) -> dict:
 def axes_settings(cfg: DictConfig) -> dict:
     """The metric and graph knobs of the axes table (beyond what the capture depends on)."""
     graphs = OmegaConf.to_container(cfg.graphs, resolve=True) if cfg.graphs.edge_fraction > 0 else None
-    grads = bool(cfg.gradients.enabled)
     return {**{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()}, "metrics.dtype": cfg.metrics.dtype,
-            "graphs": graphs, "gradients.enabled": grads}
-
-
-# Schemas of the two tables (tables.Schema), checked whenever they are read. The per-channel
-# columns that are defined for every channel must be finite: a NaN there would silently change
-# a ranking (a pruning curve, a lesion statistic) instead of failing.
-AXES_SCHEMA = Schema(
-    "axes.csv",
-    columns={"layer": "str", "layer_index": "int", "channel": "int", "input_capture": "float",
-             "peer_overlap": "float", "full_explained": "float", "hull_size": "float", "hull_explained": "float",
-             "hull_score": "float", "task_info": "float", "target_excess": "float", "task_redundancy": "float",
-             "task_unique": "float", "hull_saturated": "bool", "dead": "bool", "l1": "float", "l2": "float",
-             "bn_scale": "float"},
-    finite=("input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_score",
-            "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2"),
-    layer="layer")
-LAYERS_SCHEMA = Schema(
-    "layers.csv",
-    columns={"layer": "str", "layer_index": "int", "channels": "int", "dead": "int",
-             "hull_size_mean": "float", "hull_saturated_frac": "float", "s3_s2": "float"},
-    finite=("hull_size_mean", "hull_saturated_frac"),
-    layer="layer")
-
-
-def read_axes(out_dir: Path, units: dict, rebuild: str = "python analyze.py <same overrides>"
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``axes.csv`` and ``layers.csv`` of ``out_dir``, checked against their schemas: one row per
-    channel of every analysed layer (``units``) and one row per layer. :class:`DamagedTable` if not."""
-    per_layer = {n: int(u.conv.out_channels) for n, u in units.items()}
-    axes = read_table(out_dir / "axes.csv", AXES_SCHEMA, rebuild=rebuild, rows_per_layer=per_layer)
-    layers = read_table(out_dir / "layers.csv", LAYERS_SCHEMA, rebuild=rebuild, rows_per_layer=dict.fromkeys(per_layer, 1))
-    return axes, layers
+            "graphs": graphs, "gradients.enabled": bool(cfg.gradients.enabled)}
 
 
 def stored_axes(out_dir: Path, want: dict, units: dict) -> tuple[pd.DataFrame, pd.DataFrame] | None:
@@ -281,18 +267,22 @@ def stored_axes(out_dir: Path, want: dict, units: dict) -> tuple[pd.DataFrame, p
     if not (out_dir / "axes.csv").is_file():
         return None
     try:
-        have = read_json(meta) if meta.is_file() else {}
-    except (OSError, ValueError):
+        have = read_json(meta)
+    except (OSError, ValueError):   # none, or unreadable
         have = {}
     if have != want:
         log.info("axes: %s was computed with other settings (%s); recomputing", out_dir / "axes.csv",
                  settings_diff(have, want) if have else "no fingerprint")
         return None
+    per_layer = {n: int(u.conv.out_channels) for n, u in units.items()}   # rows: one per channel, one per layer
+    rebuild = "python analyze.py <same overrides>"
     try:
-        return read_axes(out_dir, units)
+        return (read_table(out_dir / "axes.csv", AXES_SCHEMA, rebuild=rebuild, rows_per_layer=per_layer),
+                read_table(out_dir / "layers.csv", LAYERS_SCHEMA, rebuild=rebuild, rows_per_layer=dict.fromkeys(per_layer, 1)))
     except DamagedTable as err:
-        log.warning("axes: %s; recomputing it", str(err).split("; rebuild")[0])
-        print(f"analyze: note: {str(err).split('; rebuild')[0]}; recomputing it")
+        problem = str(err).split("; rebuild")[0]
+        log.warning("axes: %s; recomputing it", problem)
+        print(f"analyze: note: {problem}; recomputing it")
         return None
 
 
@@ -311,8 +301,7 @@ def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.
     log.info("computing the two axes for %s (no matching analyze/axes.csv)", trained.run_dir)
     device = resolve_device(cfg.get("device", "auto"))
     capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
-    axes_df, layers_df, _ = analyze_capture(capture, units, cfg, device, progress=progress,
-                                            index=depth_index(trained.model))
+    axes_df, layers_df, _ = analyze_capture(capture, units, cfg, device, progress=progress, index=depth_index(trained.model))
     write_axes(out_dir, axes_df, layers_df, want)
     return axes_df
 
@@ -321,8 +310,7 @@ def write_axes(out_dir: Path, axes_df: pd.DataFrame, layers_df: pd.DataFrame, fi
     """Write the two tables and their fingerprint. The fingerprint goes last and the old one is
     removed first: tables from an interrupted write never carry a fingerprint that matches."""
     meta = out_dir / "axes_fingerprint.json"
-    if meta.exists():
-        meta.unlink()
+    meta.unlink(missing_ok=True)
     write_csv(out_dir / "axes.csv", axes_df)
     write_csv(out_dir / "layers.csv", layers_df)
     write_json(meta, fingerprint)

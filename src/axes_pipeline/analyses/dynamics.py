@@ -1,26 +1,21 @@
 """Training dynamics (METHODS §6, H2): how the two axes separate over training.
 
 For a run trained with per-epoch checkpoints (``checkpoint.every_epoch=true``; ``epoch_000.ckpt``
-is the random initialisation) and six depth-spaced conv layers, every selected epoch is
-processed on its own: load its weights into one model instance, capture only those layers on
-the fixed calibration subset (the ``capture.*`` knobs, the same images for every epoch and
-every seed), run :func:`~axes_pipeline.analyses.axes_table.layer_analysis` per layer, write the
-epoch's rows to ``analyze/dynamics_parts/epoch_XXX.csv`` (atomically). Only the streamed (T, Y)
-moments of the capture are held (:class:`~axes_pipeline.metrics.moments.ActivationMoments`), never
-an epoch's samples.
-A re-run skips every epoch whose part exists for the same settings and the same checkpoint content
-(``dynamics_parts/settings.json`` holds the data identity and the settings, each part its
-checkpoint's content digest; a change of settings recomputes all, a damaged part is recomputed).
-
-Per (epoch, layer) the rows hold the whole layer summary of ``layers.csv``; the curves are
+is the random initialisation), every selected epoch is processed on its own: its weights are loaded
+into one model instance, six depth-spaced conv layers are captured on the fixed calibration subset
+of ``capture.*`` (the same images for every epoch and seed; only the streamed (T, Y) moments are
+held, never an epoch's samples) and :func:`~axes_pipeline.analyses.axes_table.layer_analysis` writes
+one row per layer (the whole ``layers.csv`` summary) to ``analyze/dynamics_parts/epoch_XXX.csv``.
+A re-run skips every epoch whose part was computed with the same settings
+(``dynamics_parts/settings.json``, with the data identity) from the same checkpoint content (each
+part's digest); other settings recompute all, a damaged part is recomputed. The curves are
 :data:`QUANTITIES`: alignment ρ(I_X, I_T), modularity gap Q_R − Q_S, mean hull size,
 saturated-hull fraction and S3/S2.
 
 Several seeds (``dynamics.seeds``): the runs of the same experiment/data/model with ``seed=``
-changed (found like ``analyze.py seed=N`` finds them); each is processed the same way into its
-own ``analyze/dynamics_parts`` (so stored results are read back, missing epochs computed) and the
-curves show the mean over layers, mean ± SD over seeds, next to the paper's init/trained
-values (METHODS §11).
+changed (found like ``analyze.py seed=N`` finds them), each processed the same way into its own
+``dynamics_parts``; the curves show the mean over layers, mean ± SD over seeds, next to the
+paper's init/trained values (METHODS §11).
 
 Outputs (``<run_dir>/analyze/``): ``dynamics.csv`` (this run, one row per (epoch, layer)),
 ``dynamics_seeds.csv`` (all seeds, column ``seed``), ``dynamics_curves.csv`` (per epoch: mean
@@ -39,7 +34,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from axes_pipeline.analyses.axes_table import layer_analysis, metric_knobs
+from axes_pipeline.analyses.axes_table import calibration_loader, layer_analysis, metric_dtype, metric_knobs
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.capture import POSITIONS, capture_activations
@@ -54,9 +49,6 @@ from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = ["QUANTITIES", "RunPlan", "check_dynamics_analysis", "dynamics_curves", "dynamics_of_run",
-           "dynamics_settings", "plan_dynamics", "plot_dynamics", "run_dynamics_analysis"]
-
 #: The per-epoch quantities of METHODS §6 (columns of dynamics.csv) and their plot labels.
 QUANTITIES: dict[str, str] = {
     "align_input_capture_task_info": "ρ(I_X, I_T)",
@@ -66,6 +58,12 @@ QUANTITIES: dict[str, str] = {
     "s3_s2": "S3/S2",
 }
 PARTS = "dynamics_parts"
+#: A stored epoch part: one row per analysed layer, the checkpoint digest it was computed from.
+PART_SCHEMA = Schema("dynamics part", columns={"epoch": "int", "seed": "int", "layer": "str", "layer_index": "int",
+                                               "channels": "int", "ckpt_digest": "str", "hull_size_mean": "float",
+                                               "hull_saturated_frac": "float"},
+                     finite=("hull_size_mean", "hull_saturated_frac"), layer="layer")
+TARGET_MODES = ("epoch", "final")
 
 
 @dataclass
@@ -78,9 +76,7 @@ class RunPlan:
     epochs: dict[int, Path | None]
 
 
-# --------------------------------------------------------------------------------------------
-# Knobs and plan
-# --------------------------------------------------------------------------------------------
+# ---- Knobs and plan --------------------------------------------------------------------------
 
 
 def _knobs(cfg: DictConfig) -> dict:
@@ -126,10 +122,9 @@ def _layers(model, knobs: dict) -> list[str]:
         if unknown:
             raise UserError(f"dynamics.layers: unknown layer {unknown[0]!r}; available: {', '.join(units)}")
         return layers
-    k = knobs["k"]
-    if k < 1:
-        raise UserError(f"dynamics.k must be >= 1, got {k}")
-    return depth_spaced_layers(model, k, include_shortcuts=knobs["include_shortcuts"])
+    if knobs["k"] < 1:
+        raise UserError(f"dynamics.k must be >= 1, got {knobs['k']}")
+    return depth_spaced_layers(model, knobs["k"], include_shortcuts=knobs["include_shortcuts"])
 
 
 def _select_epochs(grid: list[int], want) -> list[int]:
@@ -152,14 +147,6 @@ def _select_epochs(grid: list[int], want) -> list[int]:
     return want
 
 
-def _seed_run_dir(cfg: DictConfig, seed: int) -> list[Path]:
-    other = copy.deepcopy(cfg)
-    with open_dict(other):
-        other.seed = int(seed)
-        other.ckpt = None
-    return run_dir_candidates(other)
-
-
 def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPlan]:
     """Which runs and epochs to process; every mistake a :class:`UserError` before any work."""
     knobs = _knobs(cfg)
@@ -168,8 +155,7 @@ def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPl
     if not found:
         raise _no_checkpoints_error(ckpt_dir)
     if 0 not in found:
-        log.warning("dynamics: %s has no epoch_000.ckpt (random init); curves start at epoch %d",
-                    ckpt_dir, min(found))
+        log.warning("dynamics: %s has no epoch_000.ckpt (random init); curves start at epoch %d", ckpt_dir, min(found))
     epochs = _select_epochs(list(found), knobs["epochs"])
     plans = [RunPlan(int(main_seed), Path(main_run), {e: found[e] for e in epochs})]
     seeds = knobs["seeds"]
@@ -183,17 +169,17 @@ def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPl
     for seed in seeds:
         if seed == int(main_seed):
             continue
-        cands = _seed_run_dir(cfg, seed)
-        run = next((c for c in cands if epoch_checkpoints(c / "checkpoints")), None)
+        other = copy.deepcopy(cfg)
+        with open_dict(other):
+            other.seed, other.ckpt = int(seed), None
+        cands = run_dir_candidates(other)
+        run = (next((c for c in cands if epoch_checkpoints(c / "checkpoints")), None)
+               or next((c for c in cands if (c / "analyze" / PARTS).is_dir()), None))
         if run is None:
-            run = next((c for c in cands if (c / "analyze" / PARTS).is_dir()), None)
-        if run is None:
-            ov = _train_overrides()
             raise UserError(f"dynamics.seeds: no run with per-epoch checkpoints for seed={seed} at {cands[0]}; "
-                            f"train it with `python train.py {ov} seed={seed} checkpoint.every_epoch=true`")
+                            f"train it with `python train.py {_train_overrides()} seed={seed} checkpoint.every_epoch=true`")
         have = epoch_checkpoints(run / "checkpoints")
-        parts = {e for e in epochs if (run / "analyze" / PARTS / _part_name(e)).is_file()}
-        lacking = [e for e in epochs if e not in have and e not in parts]
+        lacking = [e for e in epochs if e not in have and not (run / "analyze" / PARTS / _part_name(e)).is_file()]
         if lacking:
             raise UserError(f"dynamics.seeds: the seed={seed} run {run} has no checkpoint for epoch {lacking[0]}; "
                             f"train it with the same trainer.max_epochs and checkpoint.every_epoch=true, "
@@ -210,14 +196,11 @@ def check_dynamics_analysis(ctx) -> None:
     if knobs["null_shuffles"] < 0:
         raise UserError(f"analysis.dynamics.null_shuffles must be >= 0, got {knobs['null_shuffles']}")
     _layers(ctx.trained.model, knobs)
-    if _skip_reason(ctx.cfg, ctx.trained.run_dir):
-        return
-    plan_dynamics(ctx.cfg, ctx.trained.run_dir, int(ctx.cfg.seed))
+    if not _skip_reason(ctx.cfg, ctx.trained.run_dir):
+        plan_dynamics(ctx.cfg, ctx.trained.run_dir, int(ctx.cfg.seed))
 
 
-# --------------------------------------------------------------------------------------------
-# One run, epoch by epoch
-# --------------------------------------------------------------------------------------------
+# ---- One run, epoch by epoch -----------------------------------------------------------------
 
 
 def dynamics_settings(cfg: DictConfig, layers: list[str]) -> dict:
@@ -232,12 +215,8 @@ def dynamics_settings(cfg: DictConfig, layers: list[str]) -> dict:
 def _graphs(cfg: DictConfig) -> dict | None:
     """The graph knobs of the dynamics: METHODS §6 reads only the modularity gap, so the shuffled
     nulls (most of the graph time) are off unless dynamics.null_shuffles asks for them."""
-    if cfg.graphs.edge_fraction <= 0:
-        return None
-    return {**OmegaConf.to_container(cfg.graphs), "null_shuffles": _knobs(cfg)["null_shuffles"]}
-
-
-TARGET_MODES = ("epoch", "final")
+    graphs = {**OmegaConf.to_container(cfg.graphs), "null_shuffles": _knobs(cfg)["null_shuffles"]}
+    return None if cfg.graphs.edge_fraction <= 0 else graphs
 
 
 @torch.no_grad()
@@ -262,13 +241,6 @@ def _stamp(ckpt: Path | None) -> str:
     return file_digest(ckpt) if ckpt is not None and Path(ckpt).exists() else ""
 
 
-#: A stored epoch part: one row per analysed layer, the checkpoint digest it was computed from.
-PART_SCHEMA = Schema("dynamics part", columns={"epoch": "int", "seed": "int", "layer": "str", "layer_index": "int",
-                                               "channels": "int", "ckpt_digest": "str", "hull_size_mean": "float",
-                                               "hull_saturated_frac": "float"},
-                     finite=("hull_size_mean", "hull_saturated_frac"), layer="layer")
-
-
 def _valid_part(path: Path, ckpt: Path | None, layers: list[str]) -> pd.DataFrame | None:
     """A stored epoch part computed from this very checkpoint and sound; else None (recompute).
     With no checkpoint file left (``ckpt`` None) the part is the only record and is kept."""
@@ -287,14 +259,9 @@ def _valid_part(path: Path, ckpt: Path | None, layers: list[str]) -> pd.DataFram
 
 def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, datamodule, layers: list[str],
                     device: torch.device, expect: dict | None = None, progress: bool = True) -> tuple[pd.DataFrame, int]:
-    """Rows (epoch, layer) of one run, streaming its checkpoints through ``model``.
-
-    Returns ``(frame, computed)``: ``computed`` counts the epochs computed now (the rest were read
-    from ``<run>/analyze/dynamics_parts``). ``model`` is overwritten with each epoch's weights.
-    """
+    """``(frame, computed)``: rows (epoch, layer) of one run, streaming its checkpoints through ``model`` (overwritten
+    with each epoch's weights); ``computed`` counts the epochs computed now, the rest are read from dynamics_parts."""
     parts = plan.run_dir / "analyze" / PARTS
-    # the data identity (dataset, image size, split) with the settings; each part also carries
-    # its checkpoint's content digest
     settings = run_fingerprint(cfg, None, **dynamics_settings(cfg, layers))
     meta = parts / "settings.json"
     try:
@@ -315,11 +282,7 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
     all_units = conv_norm_pairs(model)
     units = {n: all_units[n] for n in layers}
     index = {n: i for i, n in enumerate(all_units)}
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.metrics.dtype)
-    if dtype is None:
-        raise UserError(f"metrics.dtype must be float32 or float64, got {cfg.metrics.dtype}")
-    graphs = _graphs(cfg)
-    knobs, c = metric_knobs(cfg), cfg.capture
+    dtype, graphs, knobs, c = metric_dtype(cfg), _graphs(cfg), metric_knobs(cfg), cfg.capture
     loader, frames, computed, fixed_t = None, [], 0, None
     for epoch, ckpt in units_progress(list(plan.epochs.items()), f"dynamics seed{plan.seed}", enabled=progress,
                                       label=lambda e: f"epoch {e[0]}"):
@@ -331,9 +294,7 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
         if ckpt is None:
             raise UserError(f"dynamics: no checkpoint for epoch {epoch} of {plan.run_dir} and no stored result")
         if loader is None:
-            datamodule.setup("fit")
-            cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
-            loader = datamodule.loader(cal, batch_size=int(c.batch_size))
+            loader = calibration_loader(cfg, datamodule)
         if _knobs(cfg)["target"] == "final" and fixed_t is None:
             last = epoch_checkpoints(plan.run_dir / "checkpoints")
             fixed_t = final_target(model, last[max(last)], loader, c.target, device, expect)
@@ -345,13 +306,9 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
                                       seed=int(c.seed), patch_moments=False, device=device, progress=False,
                                       keep_samples=False, target_values=fixed_t)
         model.cpu()
-        rows = []
-        for name in layers:
-            res = layer_analysis(name, index[name], None, None, units[name], knobs=knobs, dtype=dtype, device=device,
-                                 graphs=graphs, seed=int(c.seed), cov=capture.cov(name),
-                                 n_samples=capture.n_samples(name))
-            rows.append(res.summary)
-        part = pd.DataFrame(rows)
+        part = pd.DataFrame([layer_analysis(name, index[name], None, None, units[name], knobs=knobs, dtype=dtype,
+                                            device=device, graphs=graphs, seed=int(c.seed), cov=capture.cov(name),
+                                            n_samples=capture.n_samples(name)).summary for name in layers])
         part.insert(0, "epoch", epoch)
         part.insert(1, "seed", plan.seed)
         part["calibration_accuracy"] = capture.accuracy
@@ -359,15 +316,13 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
         write_csv(path, part)
         frames.append(part)
         computed += 1
-        del capture, rows
+        del capture
     frame = pd.concat(frames, ignore_index=True).sort_values(["epoch", "layer_index"], ignore_index=True)
     write_csv(plan.run_dir / "analyze" / "dynamics.csv", frame.drop(columns=["ckpt_digest"], errors="ignore"))
     return frame, computed
 
 
-# --------------------------------------------------------------------------------------------
-# Curves, plot, headline
-# --------------------------------------------------------------------------------------------
+# ---- Curves, plot, headline ------------------------------------------------------------------
 
 
 def dynamics_curves(frame: pd.DataFrame) -> pd.DataFrame:
@@ -378,8 +333,7 @@ def dynamics_curves(frame: pd.DataFrame) -> pd.DataFrame:
     for epoch, d in per_seed.groupby("epoch"):
         row = {"epoch": int(epoch), "n_seeds": int(d["seed"].nunique())}
         for q in cols:
-            m, s, _ = mean_sd(d[q].to_numpy(float))
-            row[f"{q}_mean"], row[f"{q}_sd"] = m, s
+            row[f"{q}_mean"], row[f"{q}_sd"], _ = mean_sd(d[q].to_numpy(float))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -409,8 +363,7 @@ def plot_dynamics(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path
             ax.plot(x, m, color="k", lw=2, label="mean over layers" + (f" (±SD, {n_seeds} seeds)" if n_seeds > 1 else ""))
             if n_seeds > 1:
                 ax.fill_between(x, m - s.fillna(0), m + s.fillna(0), color="k", alpha=0.15)
-            ref = PAPER_REFERENCE.get(q)
-            if ref:
+            if ref := PAPER_REFERENCE.get(q):
                 ax.errorbar([first, last], [ref["init"][0], ref["trained"][0]],
                             yerr=[ref["init"][1], ref["trained"][1]], fmt="s", color="tab:red", ms=5,
                             capsize=4, label="paper (CIFAR-100): init, trained")
@@ -436,9 +389,7 @@ def _headline(curves: pd.DataFrame, seeds: list[int], layers: list[str]) -> dict
     init, last = curves.iloc[0], curves.iloc[-1]
     out = {"seeds": seeds, "layers": layers, "epochs": int(len(curves)),
            "first_epoch": int(init["epoch"]), "last_epoch": int(last["epoch"])}
-    for q in QUANTITIES:
-        if f"{q}_mean" not in curves:
-            continue
+    for q in (q for q in QUANTITIES if f"{q}_mean" in curves):
         for tag, row in (("init", init), ("last", last)):
             v = row[f"{q}_mean"]
             out[f"{q}_{tag}"] = float(v) if np.isfinite(v) else None
@@ -465,13 +416,10 @@ def run_dynamics_analysis(ctx) -> dict:
     model = architecture(cfg, dm.num_classes)   # its own instance: the restored model stays as is
     layers = _layers(model, knobs)
     expect = expected_meta(cfg, dm.num_classes)
-    frames, computed = [], 0
-    for plan in plans:
-        frame, n = dynamics_of_run(cfg, plan, model, dm, layers, ctx.device, expect)
-        frames.append(frame)
-        computed += n
+    runs = [dynamics_of_run(cfg, plan, model, dm, layers, ctx.device, expect) for plan in plans]
+    computed = sum(n for _, n in runs)
     del model
-    allf = pd.concat(frames, ignore_index=True).drop(columns=["ckpt_digest"], errors="ignore")
+    allf = pd.concat([frame for frame, _ in runs], ignore_index=True).drop(columns=["ckpt_digest"], errors="ignore")
     curves = dynamics_curves(allf)
     if len(plans) > 1:
         write_csv(ctx.out / "dynamics_seeds.csv", allf)
@@ -481,8 +429,7 @@ def run_dynamics_analysis(ctx) -> dict:
     ctx.tracker.table("analyze/dynamics", allf)
     ctx.tracker.table("analyze/dynamics_curves", curves)
     seeds = [p.seed for p in plans]
-    head = _headline(curves, seeds, layers)
-    head["epochs_computed"] = computed
+    head = {**_headline(curves, seeds, layers), "epochs_computed": computed}
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     q = "align_input_capture_task_info"
     print(f"analyze: dynamics over {head['epochs']} epochs × {len(layers)} layers × {len(seeds)} seed(s) "

@@ -24,15 +24,11 @@ NULL_STATS = ("q_r", "q_s", "modularity_gap", "nmi")
 
 def top_edges(weights: np.ndarray, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, w) of the top ``fraction`` of positive off-diagonal edges of ``weights: [C, C]``."""
-    C = weights.shape[0]
-    iu, ju = np.triu_indices(C, k=1)
+    iu, ju = np.triu_indices(weights.shape[0], k=1)
     w = weights[iu, ju]
     pos = w > 0
     iu, ju, w = iu[pos], ju[pos], w[pos]
-    keep = int(np.ceil(fraction * len(w)))
-    if keep == 0:
-        return iu[:0], ju[:0], w[:0]
-    order = np.argsort(-w, kind="stable")[:keep]
+    order = np.argsort(-w, kind="stable")[:int(np.ceil(fraction * len(w)))]
     return iu[order], ju[order], w[order]
 
 
@@ -41,9 +37,8 @@ def partition(C: int, i: np.ndarray, j: np.ndarray, w: np.ndarray) -> tuple[np.n
 
     The dendrogram is cut where its modularity peaks (``as_clustering()``); Q is recomputed on the
     final partition so it is exactly the weighted Newman modularity of the labels returned."""
-    labels = np.arange(C)
     if len(i) == 0:
-        return labels, 0.0
+        return np.arange(C), 0.0
     graph = igraph.Graph(n=C, edges=np.column_stack([i, j]).tolist())
     graph.es["weight"] = np.asarray(w, dtype=float).tolist()
     clusters = graph.community_fastgreedy(weights="weight").as_clustering()

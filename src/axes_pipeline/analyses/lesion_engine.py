@@ -25,18 +25,16 @@ same path serves BatchNorm, LayerNorm (ConvNeXt, channels-last: ``unit.channel_d
 norm-free units, and ``tests/test_lesions.py`` checks it against :func:`zeroed`.
 
 Peer replacement writes the pre-norm prediction ``Ŷ_c = μ_c + Σ_cS Σ_SS⁻¹ (Y_S − μ_S)`` at every
-spatial position and leaves the norm (and everything after it) as it is.
-:func:`peer_regression` fits the coefficients on calibration samples with the metrics' ridge on
-the correlation scale (the same ``G = R + λI`` as :mod:`axes_pipeline.metrics.hulls`).
+spatial position and leaves the norm (and everything after it) as it is; :func:`peer_regression` fits
+it on calibration samples with the metrics' ridge on the correlation scale (their ``G = R + λI``).
 
-Memory: a suffix call holds ``L·B`` rows; ``L`` is chosen per layer so that
-``L·B ≤ max_rows`` and the repeated cut tensors take at most ``max_gb`` (see
-:meth:`LesionEngine.chunk_size`). A network ``torch.fx`` cannot cut (or a cut that carries a
-non-batch value) falls back to repeating the *input* ``L`` times and hooking the conv output: the
-same lesion, the prefix then runs ``L`` times. The cut assumes no prefix op mutates in place a
-tensor that a suffix op had read before it (true of the torchvision backbones, whose in-place ops
-are ReLUs on fresh tensors and ``+=`` on the residual branch; the tests compare every backbone
-family against :func:`zeroed`).
+Memory: a suffix call holds ``L·B`` rows, ``L`` chosen per layer so that ``L·B ≤ max_rows`` and the
+repeated cut tensors take at most ``max_gb`` (:meth:`LesionEngine.chunk_size`). A network ``torch.fx``
+cannot cut (or a cut that carries a non-batch value) falls back to repeating the *input* ``L`` times
+and hooking the conv output: the same lesion, the prefix then runs ``L`` times. The cut assumes no
+prefix op mutates in place a tensor that a suffix op had read before it (true of the torchvision
+backbones, whose in-place ops are ReLUs on fresh tensors and ``+=`` on the residual branch; the
+tests compare every backbone family against :func:`zeroed`).
 """
 
 from __future__ import annotations
@@ -60,23 +58,7 @@ from axes_pipeline.models.graph import trace
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = [
-    "EvalResult",
-    "LesionEngine",
-    "Lesions",
-    "default_max_rows",
-    "evaluate",
-    "hull_members",
-    "materialise",
-    "peer_regression",
-    "standardised",
-    "weight_lesion_eval",
-    "zeroed",
-]
-
-# --------------------------------------------------------------------------------------------
-# lesion specs
-# --------------------------------------------------------------------------------------------
+# ---- lesion specs ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -137,30 +119,21 @@ class EvalResult:
         return self.correct / max(self.n, 1)
 
 
-# --------------------------------------------------------------------------------------------
-# the weight path: reference and one-at-a-time baseline
-# --------------------------------------------------------------------------------------------
+# ---- the weight path: reference and one-at-a-time baseline -----------------------------------
 
 
 def _lesion_params(unit) -> list[Tensor]:
     """The tensors a lesion zeroes along dim 0: filter, bias, norm γ and β (when present)."""
-    params = [unit.conv.weight, unit.conv.bias]
-    norm = unit.norm
-    if norm is not None:
-        c = unit.conv.out_channels
-        params += [p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None))
-                   if p is not None and p.ndim >= 1 and p.shape[0] == c]
-    return [p for p in params if p is not None]
+    norm_affine = [p for p in (getattr(unit.norm, "weight", None), getattr(unit.norm, "bias", None))
+                   if p is not None and p.ndim >= 1 and p.shape[0] == unit.conv.out_channels]
+    return [p for p in (unit.conv.weight, unit.conv.bias) if p is not None] + norm_affine
 
 
 @contextmanager
 def zeroed(unit, channels: int | Sequence[int]) -> Iterator[None]:
-    """Lesion ``channels`` of ``unit`` in the weights for the duration of the block.
-
-    Zeroes the conv filter and bias and the norm's γ and β of those channels; on exit (also on
-    an exception) every touched value is copied back from a saved clone, so the model is bit
-    for bit what it was. Running statistics are never touched.
-    """
+    """Lesion ``channels`` of ``unit`` in the weights (conv filter and bias, norm γ and β) for the duration of
+    the block; on exit, also on an exception, every touched value is copied back from a saved clone, so the
+    model is bit for bit what it was. Running statistics are never touched."""
     idx = torch.as_tensor([channels] if isinstance(channels, int) else list(channels), dtype=torch.int64)
     saved = []
     with torch.no_grad():
@@ -191,18 +164,14 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
 
 
 def weight_lesion_eval(model: nn.Module, unit, channels: Sequence[int], batches, device="cpu") -> EvalResult:
-    """One full evaluation per channel with the weights zeroed (:func:`zeroed`), then restored.
-
-    The slow reference for :class:`LesionEngine` (and the baseline of the benchmark).
-    """
-    losses, correct, n = [], [], 0
+    """One full evaluation per channel with the weights zeroed (:func:`zeroed`), then restored: the
+    slow reference for :class:`LesionEngine` (and the baseline of the benchmark)."""
+    runs = []
     for c in channels:
         with zeroed(unit, int(c)):
-            r = evaluate(model, batches, device)
-        losses.append(r.loss_sum[0])
-        correct.append(r.correct[0])
-        n = r.n
-    return EvalResult(np.array(losses, dtype=np.float64), np.array(correct, dtype=np.int64), n)
+            runs.append(evaluate(model, batches, device))
+    return EvalResult(np.array([r.loss_sum[0] for r in runs], dtype=np.float64),
+                      np.array([r.correct[0] for r in runs], dtype=np.int64), runs[-1].n if runs else 0)
 
 
 def materialise(loader, device: torch.device | str = "cpu", max_bytes: float = 2 * 2**30) -> list:
@@ -214,9 +183,7 @@ def materialise(loader, device: torch.device | str = "cpu", max_bytes: float = 2
     return [(x.to(where), y.to(where)) for x, y in batches]
 
 
-# --------------------------------------------------------------------------------------------
-# peers and their regression
-# --------------------------------------------------------------------------------------------
+# ---- peers and their regression --------------------------------------------------------------
 
 
 def standardised(acts: Tensor, target: Tensor | None = None):
@@ -227,17 +194,14 @@ def standardised(acts: Tensor, target: Tensor | None = None):
 
 def hull_members(acts: Tensor, hull_size: Sequence[int], channels: Sequence[int],
                  target: Tensor | None = None, std=None) -> list[list[int]]:
-    """Hull peers of ``channels`` under ``hull_order=correlation``: the first ``hull_size[c]``
-    peers of ``c`` ranked by |ρ| (:func:`~axes_pipeline.metrics.gaussian.peer_ranking`, the
-    ranking the metrics take their prefix from). ``acts: [N, C]`` calibration samples,
-    ``hull_size: [C]`` from the axes table.
-    """
+    """Hull peers of ``channels`` under ``hull_order=correlation``: the first ``hull_size[c]`` peers of ``c``
+    ranked by |ρ| (:func:`~axes_pipeline.metrics.gaussian.peer_ranking`, the ranking the metrics take their
+    prefix from), from the samples ``acts: [N, C]`` or their standardised covariance ``std``."""
     idx, valid = peer_ranking(std if std is not None else standardised(acts, target))
     out = []
     for c in channels:
         k = int(hull_size[c])
-        members = idx[c, :k][valid[c, :k]]
-        out.append([int(j) for j in members])
+        out.append([int(j) for j in idx[c, :k][valid[c, :k]]])
     return out
 
 
@@ -279,19 +243,15 @@ def peer_regression(acts: Tensor | None, channels: Sequence[int], peers: str | S
             # G's off-diagonal, not the raw correlations: the (PSD-repaired, where ridge_gram had
             # to) correlations the metrics' hull_explained / full_explained were computed from
             beta[row, si] = torch.linalg.solve(gram[si][:, si], gram[si, c])
-    dead_rows = std.dead[ch]
     beta[:, std.dead] = 0.0
-    beta[dead_rows] = 0.0
+    beta[std.dead[ch]] = 0.0
     off_diag = gram - float(ridge) * torch.eye(c_all, dtype=gram.dtype)
     r2 = (beta * off_diag[ch]).sum(1).clamp(0.0, 1.0)
     coef = beta * sd[ch, None] * inv_sd[None, :]
-    offset = mean[ch] - coef @ mean
-    return coef, offset, r2
+    return coef, mean[ch] - coef @ mean, r2
 
 
-# --------------------------------------------------------------------------------------------
-# the batched engine
-# --------------------------------------------------------------------------------------------
+# ---- the batched engine ----------------------------------------------------------------------
 
 
 def default_max_rows(device: torch.device | str) -> int:
@@ -304,12 +264,10 @@ def default_max_rows(device: torch.device | str) -> int:
 class LesionEngine:
     """Evaluate many single-channel lesions / replacements of one conv unit in batched passes.
 
-    ``model`` must be in eval mode (BatchNorm uses running statistics, so rows of a batch do not
-    interact); ``unit``: its :class:`~axes_pipeline.models.ConvUnit`. ``graph``: a
-    :func:`axes_pipeline.models.graph.trace` of the model to reuse across layers (traced here when omitted);
-    ``split=False`` forces the input-repeating path. ``max_rows`` bounds lesion×image rows per
-    suffix call (``None``: :func:`default_max_rows` of the model's device); ``max_gb`` the memory
-    of the repeated cut tensors of one call.
+    ``model`` must be in eval mode (BatchNorm on running statistics: rows of a batch do not interact).
+    ``graph``: a :func:`axes_pipeline.models.graph.trace` of the model to reuse across layers (traced here
+    when omitted); ``split=False`` forces the input-repeating path; ``max_rows`` bounds lesion×image rows
+    per suffix call (``None``: :func:`default_max_rows`), ``max_gb`` the repeated cut tensors of one call.
     """
 
     def __init__(self, model: nn.Module, unit, *, graph: fx.Graph | None = None, split: bool = True,
@@ -317,9 +275,8 @@ class LesionEngine:
         if model.training:
             raise ValueError("LesionEngine needs the model in eval mode (model.eval())")
         self.model, self.unit = model, unit
-        if max_rows is None:
-            max_rows = default_max_rows(unit.conv.weight.device)
-        self.max_rows, self.max_gb = int(max_rows), float(max_gb)
+        self.max_rows = int(max_rows if max_rows is not None else default_max_rows(unit.conv.weight.device))
+        self.max_gb = float(max_gb)
         self._parts = None
         if split:
             graph = graph if graph is not None else trace(model)
@@ -348,13 +305,12 @@ class LesionEngine:
         n_l = len(les)
         b = y.shape[0]
         rows = y.repeat(n_l, *([1] * (y.ndim - 1))).view(n_l, b, *y.shape[1:])
-        ar = torch.arange(n_l, device=y.device)
-        ch = les.channel.to(y.device)
+        off = dev_off.view(n_l, *([1] * (y.ndim - 1)))
         if bool((dev_coef != 0).any()):
-            pred = torch.einsum("lc,bc...->lb...", dev_coef, y) + dev_off.view(n_l, *([1] * (y.ndim - 1)))
+            pred = torch.einsum("lc,bc...->lb...", dev_coef, y) + off
         else:
-            pred = dev_off.view(n_l, *([1] * (y.ndim - 1))).expand(n_l, b, *y.shape[2:])
-        rows[ar, :, ch] = pred.to(rows.dtype)
+            pred = off.expand(n_l, b, *y.shape[2:])
+        rows[torch.arange(n_l, device=y.device), :, les.channel.to(y.device)] = pred.to(rows.dtype)
         return rows.view(n_l * b, *y.shape[1:])
 
     def _norm_hook(self, module, inputs, out):
@@ -378,8 +334,7 @@ class LesionEngine:
 
     def _conv_hook(self, module, inputs, out):
         st = self._state
-        b = st["B"]
-        return self._write(out[:b], st["les"], st["coef"], st["off"])
+        return self._write(out[:st["B"]], st["les"], st["coef"], st["off"])
 
     @contextmanager
     def _hooks(self, with_conv: bool):
@@ -415,9 +370,8 @@ class LesionEngine:
         n_les = len(lesions)
         loss = torch.zeros(n_les, dtype=torch.float64, device=device)
         correct = torch.zeros(n_les, dtype=torch.int64, device=device)
-        n = 0
+        n, fallback = 0, False
         c = self.unit.conv.out_channels
-        fallback = False
         with self._hooks(with_conv=not self.batched_prefix):
             for x, y in batches:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -436,25 +390,21 @@ class LesionEngine:
                 for start in range(0, n_les, step):
                     les = lesions[start:start + step]
                     n_l = len(les)
-                    y_conv = cut[suffix.cut_index] if self.batched_prefix else None
-                    dtype = y_conv.dtype if y_conv is not None else x.dtype
+                    dtype = cut[suffix.cut_index].dtype if self.batched_prefix else x.dtype
                     self._set_chunk(les, b, c, x.device, dtype)
                     if self.batched_prefix:
-                        args = [t.repeat(n_l, *([1] * (t.ndim - 1))) if i != suffix.cut_index else
-                                self._write(t, les, self._state["coef"], self._state["off"])
-                                for i, t in enumerate(cut)]
-                        logits = suffix(*args)
+                        logits = suffix(*[t.repeat(n_l, *([1] * (t.ndim - 1))) if i != suffix.cut_index else
+                                          self._write(t, les, self._state["coef"], self._state["off"])
+                                          for i, t in enumerate(cut)])
                     else:
                         logits = self.model(x.repeat(n_l, *([1] * (x.ndim - 1))))
-                    logits = logits.float()
-                    yy = y.repeat(n_l)
+                    logits, yy = logits.float(), y.repeat(n_l)
                     ce = F.cross_entropy(logits, yy, reduction="none").view(n_l, b)
                     loss[start:start + n_l] += ce.sum(1, dtype=torch.float64)
-                    # Hand-written on purpose (issue 12 asks for torchmetrics elsewhere): the
-                    # torchmetrics equivalent, multiclass_accuracy(samplewise) on [n_l, C, b], gives
-                    # the same counts but took 1181 us against 235 us here (CPU, 1 thread, 64
-                    # lesions x 128 images x 10 classes, Timer.blocked_autorange), and it returns
-                    # float fractions where the engine sums exact int64 counts across batches.
+                    # Hand-written on purpose (issue 12 asks for torchmetrics elsewhere): torchmetrics'
+                    # multiclass_accuracy(samplewise) on [n_l, C, b] gives the same counts 5x slower (1181 vs
+                    # 235 us: CPU, 1 thread, 64 lesions x 128 images x 10 classes, Timer.blocked_autorange)
+                    # and as float fractions, where the engine sums exact int64 counts across batches.
                     correct[start:start + n_l] += (logits.argmax(1) == yy).view(n_l, b).sum(1)
                 n += b
         if fallback:  # before any lesion was counted: the first batch already shows it

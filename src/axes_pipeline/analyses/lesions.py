@@ -1,6 +1,6 @@
 """Lesions and peer replacement (METHODS §8): does peer support refine removability?
 
-For a seeded sample of channels per layer (``analysis.lesion.channels``: ``auto`` = 64 or a smaller layer's all, N, or ``all``):
+For a seeded sample of channels per layer (``analysis.lesion.channels``: ``auto`` = 64, N, ``all``):
 
 - **damage** of a lesion (filter, bias, BN γ and β of the channel zeroed, no fine-tuning) on a
   fixed seeded subset of the test split: ``damage_loss`` = increase of the mean cross-entropy,
@@ -16,10 +16,9 @@ For a seeded sample of channels per layer (``analysis.lesion.channels``: ``auto`
   the explained variance. Dead channels (all their metrics are 0 by definition) are lesioned and
   listed but left out of the statistics.
 
-All lesions of one layer are evaluated together by
-:class:`~axes_pipeline.analyses.lesion_engine.LesionEngine` (prefix once per batch, lesions
-folded into the batch). Each finished layer is kept in ``lesion_parts/`` with a fingerprint of
-everything it depends on, so an interrupted run resumes at the next layer.
+All lesions of one layer are evaluated together by :class:`~axes_pipeline.analyses.lesion_engine.LesionEngine`
+(prefix once per batch, lesions folded into the batch). Each finished layer is kept in ``lesion_parts/``
+with a fingerprint of everything it depends on, so an interrupted run resumes at the next layer.
 
 Outputs in ``<run_dir>/analyze/``: ``lesions.csv``, ``lesion_binned.csv``,
 ``lesion_summary.json``, ``plots/lesion_damage.png``, ``plots/lesion_recovery.png``.
@@ -64,29 +63,28 @@ log = logging.getLogger("axes_pipeline")
 
 #: Peer sets a lesioned channel can be replaced from.
 VARIANTS = ("hull", "all")
-#: Columns that can predict damage (axes-table columns, plus ``taylor`` computed here).
-KNOWN_PREDICTORS = ("input_capture", "peer_overlap", "full_explained", "hull_explained", "hull_size", "hull_score",
-                    "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2", "bn_scale",
-                    "taylor")
 #: Axes-table columns copied next to each lesion.
 AXES_COLUMNS = ("input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_saturated",
                 "hull_score", "task_info", "target_excess", "task_redundancy", "task_unique", "l1", "l2",
                 "bn_scale", "dead")
+#: Columns that can predict damage: the numeric axes-table columns, plus ``taylor`` computed here.
+KNOWN_PREDICTORS = (*(c for c in AXES_COLUMNS if c not in ("hull_saturated", "dead")), "taylor")
+#: Axes-table columns the lesion analysis reads (hull sizes for the replacement, predictors).
+LESION_AXES_COLUMNS = ("layer", "layer_index", "channel", "hull_size", *AXES_COLUMNS)
+#: the local-axis replaceability columns whose direction the lesions check (METHODS §8, §9)
+REPLACEABILITY = ("hull_score", "peer_overlap")
 R2_SCALES = ("raw", "rank")
 PARTS = "lesion_parts"
 AUTO_CHANNELS = 64   # METHODS §8 default sample per layer
 POOLED = "(all, within-layer ranks)"
 
 
-# --------------------------------------------------------------------------------------------
-# knobs
-# --------------------------------------------------------------------------------------------
+# ---- knobs -----------------------------------------------------------------------------------
 
 
 def lesion_settings(cfg: DictConfig) -> dict:
-    """The ``analysis.lesion`` block as plain values, checked beyond its types
-    (:class:`~axes_pipeline.analyses.settings.LesionAnalysis`; :class:`UserError` for a bad value).
-    Without ``analysis=lesion`` selected: the schema's defaults."""
+    """The ``analysis.lesion`` block (the schema's defaults when another analysis is selected) as plain
+    values, checked beyond its types: :class:`UserError` for a bad value."""
     s = OmegaConf.to_container(analysis_block(cfg, "lesion"), resolve=True)
     ch = s["channels"]
     if not (ch in ("all", "auto") or (isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1)):
@@ -167,26 +165,20 @@ def check_lesion_analysis(ctx) -> None:
         if cfg.capture.spatial == "gap":
             log.warning("lesion: capture.spatial=gap fits the peer regression on pooled samples but applies it at "
                         "every position; capture.spatial=sample is the protocol")
-    if ctx.trained is not None:
-        n_test = ctx.trained.datamodule.split_sizes()["test"]
-        if n_test < 1:
-            raise UserError("the test split is empty; lesions are evaluated on it")
+    if ctx.trained is not None and ctx.trained.datamodule.split_sizes()["test"] < 1:
+        raise UserError("the test split is empty; lesions are evaluated on it")
 
 
-# --------------------------------------------------------------------------------------------
-# one layer
-# --------------------------------------------------------------------------------------------
+# ---- one layer -------------------------------------------------------------------------------
 
 
 def lesion_layer(model, unit, acts: torch.Tensor | None, target: torch.Tensor | None, axes_rows: pd.DataFrame,
                  channels: np.ndarray, batches, *, replace: list[str], ridge: float, device, graph=None,
                  max_rows: int | None = None, max_gb: float = 2.0, cov: torch.Tensor | None = None,
                  mean: torch.Tensor | None = None) -> tuple[pd.DataFrame, bool]:
-    """Lesion and replace ``channels`` of one unit; one row per channel (mean losses/accuracies).
-
-    ``acts: [N, C]`` pre-BN calibration samples, ``axes_rows``: the layer's axes table indexed by
-    channel (``hull_size`` is read from it). Returns ``(rows, batched_prefix)``.
-    """
+    """Lesion and replace ``channels`` of one unit: ``(rows, batched_prefix)``, one row per channel (mean
+    losses/accuracies). ``acts: [N, C]`` pre-BN calibration samples (or the capture's ``cov`` and ``mean``),
+    ``axes_rows``: the layer's axes table indexed by channel (``hull_size`` is read from it)."""
     c = unit.conv.out_channels
     chans = [int(i) for i in channels]
     parts = [Lesions.zero(chans, c)]
@@ -221,9 +213,7 @@ def lesion_layer(model, unit, acts: torch.Tensor | None, target: torch.Tensor | 
     return pd.DataFrame(rows), engine.batched_prefix
 
 
-# --------------------------------------------------------------------------------------------
-# statistics
-# --------------------------------------------------------------------------------------------
+# ---- statistics ------------------------------------------------------------------------------
 
 
 def it_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
@@ -263,8 +253,7 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
     # Pooled over layers on within-layer percentile ranks (as the rank-scale ΔR²): on raw values
     # layers differ in both I_T and damage scale, so each I_T bin would mostly sort layers.
     pooled_ranks = _ranked(live, ["damage_loss", "task_info", *[p for p in preds if p != "task_info"]])
-    groups = [(POOLED, pooled_ranks)] + [(name, g) for name, g in live.groupby("layer", sort=False)]
-    for name, g in groups:
+    for name, g in [(POOLED, pooled_ranks), *live.groupby("layer", sort=False)]:
         b = binned_spearman(g["damage_loss"].to_numpy(float), {p: g[p].to_numpy(float) for p in preds},
                             g["task_info"].to_numpy(float), n_bins=s["n_bins"])
         b.insert(0, "layer", name)
@@ -279,15 +268,13 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
     base, extra = list(s["base_terms"]), list(s["peer_terms"])
     cols = ["damage_loss", *base, *extra]
 
-    layers = live["layer"]
-
     def r2_of(frame: pd.DataFrame, scale: str) -> dict:
         if scale == "rank":
             frame = _ranked(frame, cols)
         # resampled within layers: a layer's channels share a damage scale (not exchangeable)
         return incremental_r2(frame["damage_loss"].to_numpy(float), frame[base].to_numpy(float),
                               frame[extra].to_numpy(float), n_boot=s["n_boot"], seed=s["seed"],
-                              strata=layers.loc[frame.index].to_numpy())
+                              strata=live.loc[frame.index, "layer"].to_numpy())
 
     other = next(x for x in R2_SCALES if x != s["r2_scale"])
     summary["incremental_r2"] = {
@@ -296,8 +283,7 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
         f"pooled_{other}": r2_of(live, other)}
     rec: dict = {}
     for v in s["replace"]:
-        col = f"recovery_{v}"
-        vals = live[col].to_numpy(float)
+        vals = live[f"recovery_{v}"].to_numpy(float)
         rec[f"{v}_mean"] = _nanmean(vals)
         rec[f"{v}_median"] = float(np.nanmedian(vals)) if np.isfinite(vals).any() else math.nan
         rec[f"{v}_n"] = int(np.isfinite(vals).sum())
@@ -317,24 +303,15 @@ def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
     return binned_df, summary
 
 
-#: the local-axis replaceability columns whose direction the lesions check (METHODS §8, §9)
-REPLACEABILITY = ("hull_score", "peer_overlap")
-
-
 def replaceability_spearman(live: pd.DataFrame) -> dict:
-    """Within each layer, Spearman between zero-lesion damage (loss) and replaceability.
-
-    The pruning scores treat replaceability (E_full/max(1,|H|), R̄_X) as *removability*: a
+    """Within each layer (layers differ in damage scale), Spearman between zero-lesion damage (loss) and
+    replaceability. The pruning scores treat replaceability (E_full/max(1,|H|), R̄_X) as *removability*: a
     channel its peers stand in for should hurt less when zeroed, so these ρ should be negative.
-    Within a layer only: layers differ in damage scale. ``{column: {"per_layer": {layer: ρ},
-    "mean": mean ρ over layers, "layers_negative": count}}``; ``expected_sign``: -1.
-    """
+    ``{column: {"per_layer": {layer: ρ}, "mean": mean ρ over layers, "layers_negative": count}}``."""
     from axes_pipeline.stats import spearman
 
     out: dict = {"expected_sign": -1, "damage": "damage_loss"}
-    for col in REPLACEABILITY:
-        if col not in live:
-            continue
+    for col in (c for c in REPLACEABILITY if c in live):
         per = {name: spearman(g["damage_loss"].to_numpy(float), g[col].to_numpy(float))[0]
                for name, g in live.groupby("layer", sort=False)}
         vals = np.array([v for v in per.values() if np.isfinite(v)])
@@ -348,9 +325,7 @@ def _nanmean(x) -> float:
     return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
 
 
-# --------------------------------------------------------------------------------------------
-# plots
-# --------------------------------------------------------------------------------------------
+# ---- plots -----------------------------------------------------------------------------------
 
 
 def plot_damage(df: pd.DataFrame, predictors: list[str], n_bins: int, path: Path) -> Path:
@@ -398,9 +373,7 @@ def plot_recovery(df: pd.DataFrame, variants: list[str], n_bins: int, path: Path
     return plots.save(fig, path)
 
 
-# --------------------------------------------------------------------------------------------
-# the stage
-# --------------------------------------------------------------------------------------------
+# ---- the stage -------------------------------------------------------------------------------
 
 
 def part_settings(s: dict, n_eval: int) -> dict:
@@ -409,27 +382,17 @@ def part_settings(s: dict, n_eval: int) -> dict:
     return {**{f"lesion.{k}": s[k] for k in ("channels", "seed", "replace")}, "lesion.eval_samples": n_eval}
 
 
-def part_schema(replace: list[str]) -> Schema:
-    """A finished layer part: one row per lesioned channel, every loss and accuracy finite."""
-    cols = {"layer": "str", "layer_index": "int", "channel": "int"}
-    for v in ["lesion", *replace, "base"]:
-        cols.update({f"loss_{v}": "float", f"acc_{v}": "float"})
-    return Schema("lesion part", columns=cols, finite=tuple(c for c in cols if c.startswith(("loss_", "acc_"))),
-                  layer="layer")
-
-
 def _read_part(path: Path, layer: str, n_rows: int, replace: list[str]) -> pd.DataFrame | None:
-    """A stored layer part when it is sound; None (recompute, with a note) when it is damaged."""
+    """A stored layer part when it is sound (one row per lesioned channel, every loss and accuracy finite);
+    None (recompute, with a note) when it is damaged."""
+    losses = {f"{m}_{v}": "float" for v in ["lesion", *replace, "base"] for m in ("loss", "acc")}
+    schema = Schema("lesion part", columns={"layer": "str", "layer_index": "int", "channel": "int", **losses},
+                    finite=tuple(losses), layer="layer")
     try:
-        return read_table(path, part_schema(replace), rebuild="python analyze.py analysis=lesion",
-                          rows_per_layer={layer: n_rows})
+        return read_table(path, schema, rebuild="python analyze.py analysis=lesion", rows_per_layer={layer: n_rows})
     except DamagedTable as err:
         log.warning("lesion: %s; recomputing that layer", str(err).split("; rebuild")[0])
         return None
-
-
-#: Axes-table columns the lesion analysis reads (hull sizes for the replacement, predictors).
-LESION_AXES_COLUMNS = ("layer", "layer_index", "channel", "hull_size", *AXES_COLUMNS)
 
 
 def check_axes_columns(axes: pd.DataFrame, path: Path) -> None:
@@ -438,19 +401,6 @@ def check_axes_columns(axes: pd.DataFrame, path: Path) -> None:
     if missing:
         raise DamagedTable(f"{path} lacks column(s) {', '.join(dict.fromkeys(missing))} that the lesion analysis "
                            f"reads; rebuild it with `python analyze.py analysis.axes.recompute=true <same overrides>`")
-
-
-def _stored_fingerprint(path: Path) -> dict | None:
-    """The fingerprint the stored parts were made under; None when absent or unreadable (then the
-    parts are recomputed, never trusted)."""
-    try:
-        return read_json(path) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-
-def _part_path(out: Path, layer: str) -> Path:
-    return out / PARTS / f"{layer}.csv"
 
 
 def _eval_batches(dm, s: dict, device) -> tuple[list, int]:
@@ -476,10 +426,9 @@ def _taylor(cfg, trained, units: dict, layers: list[str], s: dict, device) -> di
 @analysis("lesion", check=check_lesion_analysis)
 def run_lesion_analysis(ctx) -> dict:
     """METHODS §8 on the restored run in ``ctx``; writes the lesion files, returns the headline."""
-    cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
+    cfg, trained, out, device = ctx.cfg, ctx.trained, ctx.out, ctx.device
     s = lesion_settings(cfg)
     t0 = time.perf_counter()
-    device = ctx.device
     layers = lesion_layers(s, ctx.units)
     check_axes_columns(ctx.axes, out / "axes.csv")   # before the network runs
     model = trained.model.to(device).eval()
@@ -489,7 +438,11 @@ def run_lesion_analysis(ctx) -> dict:
 
     fp = run_fingerprint(cfg, trained.ckpt, **capture_settings(cfg), **axes_settings(cfg), **part_settings(s, n_eval))
     fp_path = out / PARTS / "fingerprint.json"
-    resume = bool(s["resume"]) and _stored_fingerprint(fp_path) == fp
+    try:
+        stored_fp = read_json(fp_path)
+    except (OSError, ValueError):
+        stored_fp = None   # none, or unreadable: the parts are recomputed, never trusted
+    resume = bool(s["resume"]) and stored_fp == fp
     if not resume and (out / PARTS).exists():
         for stale in (out / PARTS).glob("*.csv"):
             stale.unlink()
@@ -500,7 +453,7 @@ def run_lesion_analysis(ctx) -> dict:
     parts, batched, t_lesion, n_lesions = [], {}, 0.0, 0
     for name in units_progress(layers, "lesion", label=str):
         unit = ctx.units[name]
-        part = _part_path(out, name)
+        part = out / PARTS / f"{name}.csv"
         chans = select_channels(unit.conv.out_channels, s["channels"], s["seed"], name)
         stored = _read_part(part, name, len(chans), s["replace"]) if resume and part.exists() else None
         if stored is not None:
@@ -509,9 +462,8 @@ def run_lesion_analysis(ctx) -> dict:
         rows_axes = axes[axes["layer"] == name].set_index("channel")
         t = time.perf_counter()
         rows, batched[name] = lesion_layer(
-            model, unit, None, None, rows_axes, chans, batches,
-            replace=s["replace"], ridge=float(cfg.metrics.ridge), device=device, graph=graph,
-            max_rows=s["max_rows"], max_gb=float(s["max_gb"]), cov=ctx.capture.cov(name),
+            model, unit, None, None, rows_axes, chans, batches, replace=s["replace"], ridge=float(cfg.metrics.ridge),
+            device=device, graph=graph, max_rows=s["max_rows"], max_gb=float(s["max_gb"]), cov=ctx.capture.cov(name),
             mean=ctx.capture.channel_mean(name))
         t_lesion += time.perf_counter() - t
         n_lesions += len(chans) * (1 + len(s["replace"]))
@@ -522,16 +474,14 @@ def run_lesion_analysis(ctx) -> dict:
     taylor = _taylor(cfg, trained, ctx.units, layers, s, device)
     model.cpu()
 
-    df = pd.concat(parts, ignore_index=True)
-    df = _finish_table(df, axes, taylor, base_loss, base_acc, s)
+    df = _finish_table(pd.concat(parts, ignore_index=True), axes, taylor, s)
     binned_df, stats = analyse(df, s)
     write_csv(out / "lesions.csv", df)
     write_csv(out / "lesion_binned.csv", binned_df)
-    wall = time.perf_counter() - t0
     summary = {"base_loss": base_loss, "base_acc": base_acc, "eval_samples": n_eval, "layers": len(layers),
                "channels_lesioned": int(len(df)), "replace": s["replace"], "resumed_layers": len(layers) - len(batched),
-               "batched_prefix": batched,
-               "lesions_per_s": n_lesions / t_lesion if t_lesion > 0 else None, **stats, "wall_time_s": round(wall, 2)}
+               "batched_prefix": batched, "lesions_per_s": n_lesions / t_lesion if t_lesion > 0 else None, **stats,
+               "wall_time_s": round(time.perf_counter() - t0, 2)}
     write_json(out / "lesion_summary.json", summary)
 
     if cfg.plots:
@@ -553,13 +503,10 @@ def run_lesion_analysis(ctx) -> dict:
     return headline
 
 
-def _finish_table(df: pd.DataFrame, axes: pd.DataFrame, taylor: dict, base_loss: float, base_acc: float,
-                  s: dict) -> pd.DataFrame:
+def _finish_table(df: pd.DataFrame, axes: pd.DataFrame, taylor: dict, s: dict) -> pd.DataFrame:
     """Damage, recovery, the predictors and the I_T bin of every lesioned channel."""
     df = df.copy()
-    # each layer's own unlesioned pass (see lesion_layer); the whole-model pass for older parts
-    loss0 = df["loss_base"] if "loss_base" in df else base_loss
-    acc0 = df["acc_base"] if "acc_base" in df else base_acc
+    loss0, acc0 = df["loss_base"], df["acc_base"]   # each layer's own unlesioned pass (see lesion_layer)
     df["damage_loss"] = df["loss_lesion"] - loss0
     df["damage_acc"] = acc0 - df["acc_lesion"]
     for v in s["replace"]:
@@ -576,10 +523,8 @@ def _finish_table(df: pd.DataFrame, axes: pd.DataFrame, taylor: dict, base_loss:
     live_it = df["task_info"].where(~df["dead"].astype(bool))
     df["it_bin"] = live_it.groupby(df["layer"]).transform(lambda v: pd.Series(it_bins(v.to_numpy(float), s["n_bins"]),
                                                                                index=v.index))
-    first = ["layer", "layer_index", "channel", "damage_loss", "damage_acc"]
-    for v in s["replace"]:
-        first += [f"replaced_{v}_damage_loss", f"replaced_{v}_damage_acc"]
-    first += [f"recovery_{v}" for v in s["replace"]]
+    replaced = [f"replaced_{v}_damage_{m}" for v in s["replace"] for m in ("loss", "acc")]
+    first = ["layer", "layer_index", "channel", "damage_loss", "damage_acc", *replaced, *[f"recovery_{v}" for v in s["replace"]]]
     return df[first + [c for c in df.columns if c not in first]]
 
 
@@ -590,10 +535,9 @@ def _headline(summary: dict, s: dict) -> dict:
          "delta_r2": r2["delta_r2"], "delta_r2_ci_lo": r2["ci_lo"], "delta_r2_ci_hi": r2["ci_hi"],
          "delta_r2_adj": r2["delta_r2_adj"], "delta_r2_adj_ci_lo": r2["ci_adj_lo"],
          "delta_r2_adj_ci_hi": r2["ci_adj_hi"], "delta_r2_p_f": r2["p_f"], "r2_n": r2["n"]}
+    rec = summary["recovery"]
     for v in s["replace"]:
-        rec = summary["recovery"]
-        h[f"recovery_{v}_mean"] = rec[f"{v}_mean"]
-        h[f"recovery_{v}_median"] = rec[f"{v}_median"]
+        h.update({f"recovery_{v}_{stat}": rec[f"{v}_{stat}"] for stat in ("mean", "median")})
         h[f"rho_recovery_{v}_full_explained"] = rec[f"rho_{v}_full_explained"]
     h.update({f"binned_rho_{p}": v for p, v in summary["binned_rho_mean"].items()})
     return h

@@ -14,8 +14,6 @@ import pandas as pd  # noqa: E402
 
 from axes_pipeline.runs import atomic_path  # noqa: E402
 
-AXIS_COLORS = {"local": "tab:blue", "target": "tab:red", "mixed": "tab:purple", "baseline": "tab:gray"}
-
 
 def save(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:

@@ -72,11 +72,6 @@ from axes_pipeline.runs import write_csv
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = ["NULL_MODES", "PAIRINGS", "check_propagation_analysis", "conv_links", "headline", "heatmap", "influence_matrix",
-           "link_report",
-           "pair_propagation", "post_norm_sigma", "propagation_table", "routed",
-           "run_propagation_analysis"]
-
 #: (pairing name, upstream metric m, downstream metric m')
 PAIRINGS: tuple[tuple[str, str, str], ...] = (
     ("local_to_local", "input_capture", "input_capture"),
@@ -87,31 +82,29 @@ PAIRINGS: tuple[tuple[str, str, str], ...] = (
 #: ``weights``: each receiver's kernel weights reassigned to random upstream channels (per row);
 #: ``columns``: one permutation of A's columns shared by all receivers (= shuffled upstream labels).
 NULL_MODES = ("weights", "columns")
-
-# --------------------------------------------------------------------------------------------
-# Which conv feeds which
-# --------------------------------------------------------------------------------------------
-
 RESIDUAL_MODES = ("main", "skip")
 #: METHODS §7 links across residual adds; conf/analysis/propagation.yaml repeats this value.
 DEFAULT_RESIDUAL = "main"
 
 
+# ---- Which conv feeds which ------------------------------------------------------------------
+
+
 def link_report(model: nn.Module, units: dict | None = None, residual: str = DEFAULT_RESIDUAL
                 ) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
-    """``(links, refused)``: ``links = [(upstream, downstream, offset)]`` where the upstream
-    conv's channels are the downstream conv's input channels ``offset .. offset + C_up`` (0
-    unless a concatenation sits between them), and ``refused = [(downstream, reason)]`` for
-    every analysed conv with no link, with the one-line reason (written to
-    ``propagation_refused.csv``: never a silent skip). The network input and the first conv are
-    not refused."""
+    """``(links, refused)``: ``links = [(upstream, downstream, offset)]`` where the upstream conv's channels are
+    the downstream conv's input channels ``offset .. offset + C_up`` (0 unless a concatenation sits between them);
+    ``refused = [(downstream, reason)]`` for every analysed conv but the first with no link (never a silent skip)."""
     if units is None:
         from axes_pipeline.models import conv_norm_pairs
 
         units = conv_norm_pairs(model)
     graph = trace(model)
     if graph is None:  # pair consecutive layers instead
-        links = [(u, d, 0) for u, d in _fallback_links(units)]
+        names = list(units)
+        links = [(up, down, 0) for up, down in zip(names, names[1:])
+                 if not units[up].residual and units[down].conv.groups == 1
+                 and units[down].conv.in_channels == units[up].conv.out_channels]
         linked = {d for _, d, _ in links}
         return links, [(d, f"torch.fx cannot trace {type(model).__name__}; consecutive layers only")
                        for d in list(units)[1:] if d not in linked]
@@ -119,9 +112,7 @@ def link_report(model: nn.Module, units: dict | None = None, residual: str = DEF
     refused: list[tuple[str, str]] = []
     for down, segs in conv_sources(model, graph, units, residual):
         dconv = units[down].conv
-        if dconv.groups != 1:
-            # a grouped/depthwise channel reads its own group's inputs only: A is (block) diagonal
-            # and ρ would restate the upstream metric
+        if dconv.groups != 1:   # A would be (block) diagonal: ρ would restate the upstream metric
             refused.append((down, f"grouped/depthwise receiver (groups={dconv.groups})"))
             continue
         if segs is None:  # the network input
@@ -142,39 +133,19 @@ def link_report(model: nn.Module, units: dict | None = None, residual: str = DEF
     return links, refused
 
 
-def _fallback_links(units: dict) -> list[tuple[str, str]]:
-    names = list(units)
-    out = []
-    for up, down in zip(names, names[1:]):
-        u, d = units[up], units[down]
-        if not u.residual and d.conv.groups == 1 and d.conv.in_channels == u.conv.out_channels:
-            out.append((up, down))
-    return out
-
-
-def conv_links(model: nn.Module, units: dict | None = None,
-               residual: str = DEFAULT_RESIDUAL) -> list[tuple[str, str]]:
-    """``[(upstream, downstream)]`` conv names joined by a direct data-flow link, forward order.
-
-    ``units``: {name: ConvUnit} (default: :func:`axes_pipeline.models.conv_norm_pairs`); only
-    convs among them are linked. See the module docstring for what counts as a link (grouped/
-    depthwise receivers do not; ``residual="main"``, the default, links across an add to its
-    main-branch conv, see :func:`axes_pipeline.models.graph.conv_sources`; ``"skip"`` stops at every add).
-    """
+def conv_links(model: nn.Module, units: dict | None = None, residual: str = DEFAULT_RESIDUAL) -> list[tuple[str, str]]:
+    """``[(upstream, downstream)]`` conv names joined by a direct data-flow link, forward order, among
+    ``units`` (default: every conv unit); the module docstring says what counts as a link."""
     links, _ = link_report(model, units, residual)
     return list(dict.fromkeys((u, d) for u, d, _ in links))
 
 
-# --------------------------------------------------------------------------------------------
-# Influence and routing
-# --------------------------------------------------------------------------------------------
+# ---- Influence and routing -------------------------------------------------------------------
 
 
 def post_norm_sigma(unit, sigma: torch.Tensor, point: str = "pre_bn") -> torch.Tensor:
-    """σ^post ``[C]`` of unit ℓ's output channels from the std ``sigma: [C]`` of its captured samples.
-
-    ``point``: where ``sigma`` was measured (``capture.point``); only ``pre_bn`` is converted.
-    """
+    """σ^post ``[C]`` of unit ℓ's output channels from the std ``sigma: [C]`` of its captured samples,
+    measured at ``point`` (``capture.point``; only ``pre_bn`` is converted)."""
     sigma = sigma.double()
     norm = unit.norm
     if point != "pre_bn" or norm is None:
@@ -214,8 +185,7 @@ def routed(a: torch.Tensor, m) -> np.ndarray:
     return torch.where(a.sum(-1) > 0, out, torch.full_like(out, math.nan)).numpy()
 
 
-def _null_matrices(weight: torch.Tensor, sigma_post: torch.Tensor, draws: int, mode: str,
-                   seed: int) -> torch.Tensor:
+def _null_matrices(weight: torch.Tensor, sigma_post: torch.Tensor, draws: int, mode: str, seed: int) -> torch.Tensor:
     """``[draws, C_out, C_in]`` influence matrices with shuffled wiring (see :data:`NULL_MODES`)."""
     w = _kernel_abs(weight)
     C_out, C_in = w.shape
@@ -229,55 +199,37 @@ def _null_matrices(weight: torch.Tensor, sigma_post: torch.Tensor, draws: int, m
     return a[:, perm].permute(1, 0, 2)
 
 
-def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, down: dict, *,
-                     null_draws: int = 20, null: str = "weights", seed: int = 0,
-                     down_alive=None) -> list[dict]:
-    """The four pairings of one linked pair.
-
-    ``weight``: conv ℓ+1's weight ``[C_out, C_in, kh, kw]``; ``sigma_post: [C_in]``;
-    ``up`` / ``down``: {metric: ``[C_in]`` / ``[C_out]``} holding ``input_capture`` and ``task_info``;
-    ``down_alive: [C_out]`` bool (default all). Returns one dict per pairing: ``pairing, rho,
-    null_rho`` (mean over draws), ``null_sd``, ``n`` (receivers in ρ).
-    """
-    if null not in NULL_MODES:
-        raise UserError(f"unknown propagation.null_mode {null!r}; choose one of: {', '.join(NULL_MODES)}")
+def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, down: dict, *, null_draws: int = 20,
+                     null: str = "weights", seed: int = 0, down_alive=None) -> list[dict]:
+    """The four pairings of one linked pair, one dict each: ``pairing, rho, null_rho`` (mean over draws),
+    ``null_sd``, ``n`` (receivers in ρ). ``weight``: conv ℓ+1's ``[C_out, C_in, kh, kw]``; ``sigma_post: [C_in]``;
+    ``up`` / ``down``: {metric: ``[C_in]`` / ``[C_out]``} holding ``input_capture`` and ``task_info``."""
     a = influence_matrix(weight, sigma_post)
-    C_out = a.shape[0]
-    alive = np.ones(C_out, bool) if down_alive is None else np.asarray(down_alive, bool)
+    alive = np.ones(a.shape[0], bool) if down_alive is None else np.asarray(down_alive, bool)
     nulls = _null_matrices(weight, sigma_post, int(null_draws), null, seed) if null_draws > 0 else None
+
+    def rho(tilde, target):   # over the receivers alive and reached (a finite routed value)
+        keep = alive & np.isfinite(tilde)
+        return spearman(tilde[keep], target[keep]), int(keep.sum())
+
     rows = []
     for name, m_key, d_key in PAIRINGS:
-        tilde = routed(a, up[m_key])
         target = np.asarray(down[d_key], float)
-        keep = alive & np.isfinite(tilde)
-        rho = spearman(tilde[keep], target[keep])
-        null_rhos = []
-        if nulls is not None:
-            tilde_null = routed(nulls, up[m_key])          # [draws, C_out]
-            for t in tilde_null:
-                k = alive & np.isfinite(t)
-                null_rhos.append(spearman(t[k], target[k]))
-        null_rhos = np.asarray(null_rhos, float)
+        observed, n = rho(routed(a, up[m_key]), target)
+        draws = routed(nulls, up[m_key]) if nulls is not None else []   # [draws, C_out]
+        null_rhos = np.asarray([rho(t, target)[0] for t in draws], float)
         ok = null_rhos[np.isfinite(null_rhos)]
-        rows.append({"pairing": name, "rho": rho,
-                     "null_rho": float(ok.mean()) if ok.size else math.nan,
-                     "null_sd": float(ok.std(ddof=1)) if ok.size > 1 else math.nan,
-                     "n": int(keep.sum())})
+        rows.append({"pairing": name, "rho": observed, "null_rho": float(ok.mean()) if ok.size else math.nan,
+                     "null_sd": float(ok.std(ddof=1)) if ok.size > 1 else math.nan, "n": n})
     return rows
 
 
-# --------------------------------------------------------------------------------------------
-# The analysis
-# --------------------------------------------------------------------------------------------
+# ---- The analysis ----------------------------------------------------------------------------
 
 
 def _knobs(cfg) -> dict:
     k = analysis_block(cfg, "propagation")
     return {"null_draws": k.null_draws, "null": k.null_mode, "seed": k.seed, "residual": k.residual}
-
-
-def _links(ctx) -> list[tuple[str, str]]:
-    return conv_links(ctx.trained.model, ctx.units, _knobs(ctx.cfg)["residual"])
 
 
 def check_propagation_analysis(ctx) -> None:
@@ -289,16 +241,15 @@ def check_propagation_analysis(ctx) -> None:
         raise UserError(f"unknown propagation.residual {k['residual']!r}; choose one of: {', '.join(RESIDUAL_MODES)}")
     if k["null_draws"] < 0:
         raise UserError(f"propagation.null_draws must be >= 0, got {k['null_draws']}")
-    if not _links(ctx) and ctx.cfg.capture.layers is not None:
-        raise UserError("propagation needs two directly linked conv layers (e.g. layer1.0.conv1 and "
-                        "layer1.0.conv2), but capture.layers selects none; add the pair or use "
-                        "capture.layers=null")
+    if not conv_links(ctx.trained.model, ctx.units, k["residual"]) and ctx.cfg.capture.layers is not None:
+        raise UserError("propagation needs two directly linked conv layers (e.g. layer1.0.conv1 and layer1.0.conv2), "
+                        "but capture.layers selects none; add the pair or use capture.layers=null")
 
 
 def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_draws: int = 20,
                       null: str = "weights", seed: int = 0, residual: str = DEFAULT_RESIDUAL) -> pd.DataFrame:
     """One row per linked pair and pairing: ``upstream, downstream, pair_index, pairing, rho,
-    null_rho, null_sd, n``. ``capture.acts[layer]: [N, C]``; ``axes``: the per-channel table."""
+    null_rho, null_sd, n``, from the capture's channel SDs and the per-channel ``axes`` table."""
     point = capture.knobs.get("point", "pre_bn")
     order = {n: i for i, n in enumerate(units)}
     rows = []
@@ -309,15 +260,12 @@ def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_d
         weight = units[down].conv.weight[:, offset:offset + units[up].conv.out_channels]
         ua = axes[axes.layer == up].sort_values("channel")
         da = axes[axes.layer == down].sort_values("channel")
-        sigma = capture.channel_sd(up)
-        s_post = post_norm_sigma(units[up], sigma, point)
-        for r in pair_propagation(weight, s_post,
-                                  {k: ua[k].to_numpy() for k in ("input_capture", "task_info")},
+        s_post = post_norm_sigma(units[up], capture.channel_sd(up), point)
+        for r in pair_propagation(weight, s_post, {k: ua[k].to_numpy() for k in ("input_capture", "task_info")},
                                   {k: da[k].to_numpy() for k in ("input_capture", "task_info")},
                                   null_draws=null_draws, null=null, seed=seed + p,
                                   down_alive=~da["dead"].astype(bool).to_numpy()):
-            rows.append({"upstream": up, "downstream": down, "pair_index": p,
-                         "upstream_index": order[up], **r})
+            rows.append({"upstream": up, "downstream": down, "pair_index": p, "upstream_index": order[up], **r})
     cols = ["upstream", "downstream", "pair_index", "upstream_index", "pairing", "rho", "null_rho", "null_sd", "n"]
     return pd.DataFrame(rows, columns=cols)
 

@@ -1,8 +1,7 @@
 """The analyses of analyze.py after the axes: a registry filled by a decorator, as the pruning scores.
 
-Each analysis module declares ``@analysis("lesion", check=check_lesion_analysis)`` on its run
-function ``fn(ctx) -> dict`` of headline figures; ``check(ctx)`` validates its knobs before the
-network runs. analyze.py imports the modules, which registers them, in the order listed there.
+Each analysis module declares ``@analysis("lesion", check=check_lesion_analysis)`` on its run function
+``fn(ctx) -> dict`` of headline figures; ``check(ctx)`` validates its knobs before the network runs.
 """
 
 from __future__ import annotations

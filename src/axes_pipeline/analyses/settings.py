@@ -1,7 +1,6 @@
-"""The typed knobs of the analyses: how the two axes are measured (top-level ``capture``,
-``metrics``, ``graphs``, ``gradients``, METHODS §1-§5) and each ``analysis=<name>`` option's own
-block (``analysis.lesion``, ...). The one source of their defaults; conf/analysis/*.yaml only
-select and override.
+"""The typed knobs of the analyses: how the two axes are measured (top-level ``capture``, ``metrics``,
+``graphs``, ``gradients``, METHODS §1-§5) and each ``analysis=<name>`` option's own block (``analysis.lesion``,
+...). The one source of their defaults; conf/analysis/*.yaml only select and override.
 """
 
 from __future__ import annotations
@@ -90,9 +89,7 @@ class LesionAnalysis:
     subset, how much of it a linear stand-in from the channel's peers recovers, which axis predicts it."""
 
     layers: Any = None            # conv layer name(s); null = every analysed layer (capture.layers)
-    # channels lesioned per layer, a seeded sample: auto = 64 (every channel of a smaller layer);
-    # N = exactly N (an error where a layer has fewer); all = every one
-    channels: Any = "auto"
+    channels: Any = "auto"        # per layer, seeded: auto = 64 (all of a smaller layer) | N (error where fewer) | all
     seed: int = 0                 # channel sample, evaluation subset and bootstrap
     eval_samples: int | None = 1000  # images of the test split (seeded subset); null = the whole test split
     replace: Any = field(default_factory=lambda: ["hull", "all"])  # peer replacement variant(s): hull, all
@@ -104,15 +101,12 @@ class LesionAnalysis:
     # the model the peer terms must improve on, and the peer terms: incremental R² of these over base_terms
     base_terms: Any = field(default_factory=lambda: ["input_capture", "task_info"])
     peer_terms: Any = field(default_factory=lambda: ["full_explained", "hull_score"])
-    # rank (within-layer percentile ranks of damage and predictors: layers' damage scales and a few
-    # huge damages cannot carry the fit) | raw; the other is reported too
-    r2_scale: str = "rank"
+    r2_scale: str = "rank"        # rank (within-layer percentile ranks) | raw; the other is reported too
     n_boot: int = 2000            # bootstrap replicates of the ΔR² CI
     taylor_images: int = 1024     # calibration images for the Taylor predictor (Σ|w·∂L/∂w|); 0 = skip it
     # execution
     batch_size: int = 256         # evaluation images per prefix pass
-    # lesion × image rows per batched pass; auto = 8192 on a GPU, 1024 on a CPU (lower it, or max_gb, for 224 px)
-    max_rows: Any = "auto"
+    max_rows: Any = "auto"        # lesion × image rows per pass; auto = 8192 on a GPU, 1024 on a CPU (lower for 224 px)
     max_gb: float = 2.0           # memory for the repeated activations of one pass
     resume: bool = True           # reuse finished layers from analyze/lesion_parts/ when nothing changed
 
@@ -123,13 +117,9 @@ class PropagationAnalysis:
     conv layers and correlate with the receiving channel's own, against a shuffled-weights null."""
 
     null_draws: int = 20          # seeded shuffles per pair; null_rho is their mean ρ (0 = no null)
-    # weights: each receiver's |W| reassigned to random upstream channels | columns: one permutation
-    # of A's columns per draw (shuffled upstream labels)
-    null_mode: str = "weights"
+    null_mode: str = "weights"    # weights: each receiver's |W| to random upstream channels | columns: A's columns permuted
     seed: int = 0
-    # main: a receiver behind a residual add is linked to the add's main-branch conv (METHODS §7;
-    # ResNet-18: 19 pairs) | skip: within-block links only (9 pairs)
-    residual: str = "main"
+    residual: str = "main"        # main: across an add to its main-branch conv (METHODS §7; ResNet-18: 19 pairs) | skip: 9
 
 
 @dataclass
@@ -141,15 +131,10 @@ class DynamicsAnalysis:
     k: int = 6
     include_shortcuts: bool = False     # may the depth-spaced pick include 1x1 shortcut convs
     epochs: Any = None            # null = every checkpointed epoch; N = every N-th (the last always); or a list
-    # null = this run only; a list of seeds = the same experiment/data/model with seed= changed
-    # (stored results are read, missing epochs computed): mean ± SD
-    seeds: Any = None
+    seeds: Any = None             # null = this run only; a list = its runs with seed= changed (mean ± SD over them)
     target: str = "epoch"         # T of each epoch's own network (epoch) | of the final network (final)
-    # shuffled-graph nulls per layer and epoch (§6 reads only the modularity gap; each costs a
-    # greedy-modularity run); no null_* columns when 0
-    null_shuffles: int = 0
-    # false: a run without per-epoch checkpoints skips dynamics (noted) instead of failing
-    required: bool = True
+    null_shuffles: int = 0        # shuffled-graph nulls per layer and epoch (each a greedy-modularity run); 0 = none
+    required: bool = True         # false: a run without per-epoch checkpoints skips dynamics (noted) instead of failing
 
 
 @dataclass
@@ -166,10 +151,8 @@ class LinearGaussianAnalysis:
 
 #: analysis option (conf/analysis/<name>.yaml) -> the schema of its block ``analysis.<name>``,
 #: stored as ``analysis/base_<name>``
-ANALYSES: dict[str, type] = {
-    "axes": AxesAnalysis, "lesion": LesionAnalysis, "propagation": PropagationAnalysis,
-    "dynamics": DynamicsAnalysis, "linear_gaussian": LinearGaussianAnalysis,
-}
+ANALYSES: dict[str, type] = {"axes": AxesAnalysis, "lesion": LesionAnalysis, "propagation": PropagationAnalysis,
+                             "dynamics": DynamicsAnalysis, "linear_gaussian": LinearGaussianAnalysis}
 
 
 def analysis_block(cfg: DictConfig, name: str) -> DictConfig:
