@@ -194,6 +194,8 @@ def _null_matrices(weight: torch.Tensor, sigma_post: torch.Tensor, draws: int, m
         perm = torch.rand(draws, C_out, C_in, generator=gen).argsort(-1)
         w = torch.gather(w.expand(draws, C_out, C_in), 2, perm)
         return _row_normalise(w * sigma_post.double()[None, None, :])
+    if mode != "columns":       # the analysis checks it first; a direct caller gets the same line
+        raise UserError(f"unknown propagation.null_mode {mode!r}; choose one of: {', '.join(NULL_MODES)}")
     a = influence_matrix(weight, sigma_post)   # one column permutation of A per draw
     perm = torch.stack([torch.randperm(C_in, generator=gen) for _ in range(draws)])
     return a[:, perm].permute(1, 0, 2)
