@@ -224,28 +224,28 @@ def peer_regression(acts: Tensor | None, channels: Sequence[int], peers: str | S
     sd = torch.where(std.dead, torch.zeros_like(std.var), std.var.sqrt())
     inv_sd = torch.where(std.dead, torch.zeros_like(sd), 1.0 / torch.where(std.dead, torch.ones_like(sd), sd))
     gram, chol = ridge_gram(std.corr, float(ridge))
-    c_all = std.corr.shape[0]
-    ch = torch.as_tensor(list(channels), dtype=torch.int64)
-    beta = torch.zeros(len(ch), c_all, dtype=torch.float64)
+    c_all, dev = std.corr.shape[0], std.corr.device    # on the covariance's device, whichever it is
+    ch = torch.as_tensor(list(channels), dtype=torch.int64, device=dev)
+    beta = torch.zeros(len(ch), c_all, dtype=torch.float64, device=dev)
     if isinstance(peers, str):
         if peers != "all":
             raise ValueError(f"peers must be 'all' or a list of peer sets, got {peers!r}")
         ginv = torch.cholesky_inverse(chol)
         # ridge regression of i on every other channel: β = -(G⁻¹)_{-i,i} / (G⁻¹)_ii
         beta = -ginv[ch] / torch.diagonal(ginv)[ch, None]
-        beta[torch.arange(len(ch)), ch] = 0.0
+        beta[torch.arange(len(ch), device=dev), ch] = 0.0
     else:
         for row, (c, s) in enumerate(zip(ch.tolist(), peers)):
             s = [j for j in s if j != c]
             if not s:
                 continue
-            si = torch.as_tensor(s, dtype=torch.int64)
+            si = torch.as_tensor(s, dtype=torch.int64, device=dev)
             # G's off-diagonal, not the raw correlations: the (PSD-repaired, where ridge_gram had
             # to) correlations the metrics' hull_explained / full_explained were computed from
             beta[row, si] = torch.linalg.solve(gram[si][:, si], gram[si, c])
     beta[:, std.dead] = 0.0
     beta[std.dead[ch]] = 0.0
-    off_diag = gram - float(ridge) * torch.eye(c_all, dtype=gram.dtype)
+    off_diag = gram - float(ridge) * torch.eye(c_all, dtype=gram.dtype, device=dev)
     r2 = (beta * off_diag[ch]).sum(1).clamp(0.0, 1.0)
     coef = beta * sd[ch, None] * inv_sd[None, :]
     return coef, mean[ch] - coef @ mean, r2

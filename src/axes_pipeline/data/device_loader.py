@@ -65,7 +65,7 @@ class DeviceBatchLoader:
         self.device = torch.device(device) if device is not None else default_device()
         self.images = images.to(self.device)
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
-        indices = torch.arange(len(self.images)) if indices is None else indices
+        indices = torch.arange(len(self.images), device=self.device) if indices is None else indices
         self.indices = torch.as_tensor(indices, dtype=torch.long).to(self.device)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)

@@ -39,11 +39,11 @@ def channel_axes_by_peers(cov: Tensor, unit, *, peers: str = "layer", **knobs) -
     per = unit.conv.out_channels // groups
     out: dict[str, Tensor] = {}
     for g in range(groups):   # the channels of one conv group are each other's peers
-        idx = torch.arange(g * per, (g + 1) * per)
-        rows = torch.cat([torch.zeros(1, dtype=torch.long), idx + 1]).to(cov.device)
+        idx = torch.arange(g * per, (g + 1) * per, device=cov.device)
+        rows = torch.cat([torch.zeros(1, dtype=torch.long, device=cov.device), idx + 1])
         part = channel_axes_from_moments(cov[rows][:, rows], **{**knobs, "sigma0": s0 if s0 > 0 else 1.0})
         for k, v in part.items():
             if k not in out:
                 out[k] = torch.zeros((cov.shape[0] - 1,), dtype=v.dtype, device=v.device)
-            out[k][idx.to(v.device)] = v
+            out[k][idx] = v
     return out
