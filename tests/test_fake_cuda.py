@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from axes_pipeline.analyses.lesion_engine import LesionEngine, Lesions, peer_regression, standardised
+from axes_pipeline.analyses.lesion_engine import EvalResult, LesionEngine, Lesions, peer_regression, standardised
 from axes_pipeline.analyses.lesions import lesion_layer
 from axes_pipeline.capture.activations import capture_activations
 from axes_pipeline.data.device_loader import DeviceBatchLoader
@@ -344,7 +344,7 @@ def test_lesion_layer_on_fake_cuda():
         axes_rows = pd.DataFrame({"hull_size": [2] * c}, index=range(c))
         cov = covariance(acts)
         rows, batched = lesion_layer(model, unit, None, None, axes_rows, np.array([0, 1]), batches,
-                                     replace=["hull", "all"], ridge=1e-3, device=device, max_rows=8,
+                                     replace=["hull", "all"], ridge=1e-3, device=device, max_rows=32,
                                      cov=cov, mean=acts.mean(0))
         return rows, batched
 
@@ -460,6 +460,26 @@ def test_a_misplaced_loader_constant_is_caught(monkeypatch):
     assert len(stage("cpu", images)) == 2
     with pytest.raises(RuntimeError, match="cuda:0 and cpu|same device"):
         on_fake_cuda(stage, images)
+
+
+def test_a_result_left_on_the_device_is_caught(monkeypatch):
+    """``.numpy()`` straight off a device tensor (no ``.cpu()``) passes on the CPU and is caught here, as
+    a GPU would refuse it."""
+    def evaluate_without_cpu(self, batches, lesions, device="cpu"):
+        loss = torch.zeros(len(lesions), dtype=torch.float64, device=device)
+        return EvalResult(loss.numpy(), loss.long().numpy(), 0)
+
+    monkeypatch.setattr(LesionEngine, "evaluate", evaluate_without_cpu)
+
+    def stage(device, model):
+        model = model.to(device).eval()
+        unit = conv_norm_pairs(model)["conv1"]
+        return LesionEngine(model, unit, split=False).evaluate([], Lesions.zero([0], unit.conv.out_channels), device)
+
+    model = with_bn_statistics("resnet18", 0.125)
+    assert stage("cpu", copy.deepcopy(model)).loss_sum.shape == (1,)
+    with pytest.raises(TypeError, match="cuda:0 device type tensor to numpy"):
+        on_fake_cuda(stage, model)
 
 
 # ---- the device-placement audit ------------------------------------------------------------------
