@@ -9,12 +9,17 @@ device, and that what must leave it (``.cpu()`` before ``.numpy()``) is moved ex
 What a fake tensor cannot do is give a value (``.item()``, ``bool(t)``, ``.tolist()``, ``.numpy()``) or a
 value-dependent shape (``nonzero``, boolean indexing). The stages here need both (finiteness checks,
 counts, lesion masks), so :func:`on_fake_cuda` runs each stage twice: first for real on the CPU,
-recording every value-dependent answer in order, then on fake CUDA, where those answers are replayed
-(same inputs, same seeds: the same control flow, the same sequence of questions; a different question
-stops the test as a desync). Everything else in the fake pass, the device checks included, is torch's own.
-What even this cannot reach (a value computed on the CPU but never mixed with a device tensor in the
-test's inputs) is covered by the device-placement audit at the end: an AST scan of the same modules for
-``torch.*`` factory calls without ``device=``.
+recording every value-dependent answer in order with the line that asked, then on fake CUDA, where those
+answers are replayed (same inputs, same seeds: the same control flow, the same questions from the same
+lines; a different question stops the test as a desync, and only a library's CPU-only check, such as
+``one_hot``'s class range, may go unasked). Everything else in the fake pass, the device checks included,
+is torch's own. What even this cannot reach (a tensor made on the CPU that never meets a device tensor in
+these small runs) is covered by the device-placement audit at the end: an AST scan of the same modules
+for ``torch.*`` factory calls without ``device=``.
+
+Not reachable this way: a backward pass (autograd's engine asks the CUDA driver for a context first,
+"hasPrimaryContext expects a valid device index"), so training steps and the fine-tune are checked up
+to the loss.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import axes_pipeline
 from axes_pipeline.analyses.lesion_engine import EvalResult, LesionEngine, Lesions, peer_regression, standardised
 from axes_pipeline.analyses.lesions import lesion_layer
 from axes_pipeline.capture.activations import capture_activations
@@ -65,8 +71,8 @@ def _bool_index(func, args) -> bool:
     return func is aten.index.Tensor and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
 
 
-_HERE = str(Path(__file__).resolve())
-_SRC = str(Path(__file__).resolve().parents[1] / "src" / "axes_pipeline")
+SRC = Path(axes_pipeline.__file__).resolve().parent     # the package under test, wherever it is imported from
+_HERE, _SRC = str(Path(__file__).resolve()), str(SRC)
 #: Frames between a question and its asker that ask nothing themselves (this harness, torch's wrappers).
 _PASS_THROUGH = ("__torch_dispatch__", "take", "method", "inner", "_fn")
 
@@ -377,10 +383,8 @@ def test_peer_regressions_and_group_peers_on_fake_cuda():
 
 
 def test_pruning_evaluate_on_fake_cuda():
-    """Pruning's evaluation forward, with its torchmetrics accuracies on the device.
-
-    (Its fine-tune is not here: autograd's engine asks the CUDA driver for a context before running a
-    backward, which a fake tensor cannot satisfy, "hasPrimaryContext expects a valid device index".)"""
+    """Pruning's evaluation forward, with its torchmetrics accuracies on the device (its fine-tune
+    needs a backward: see the module)."""
     def stage(device, model, batches):
         model = model.to(device)
         return evaluate(model, batches, torch.device(device)), next(model.parameters())
@@ -408,7 +412,7 @@ def test_device_loader_augments_on_fake_cuda():
 
 def test_channels_last_training_step_on_fake_cuda():
     """The training module under ``channels_last`` (what ``trainer=gpu`` turns on): moved to the device
-    the way Lightning moves it, forward, loss, metric update (no backward: see the pruning test)."""
+    the way Lightning moves it, forward, loss, metric update (no backward: see the module)."""
     def stage(device, module, batches):
         module = module.to(device)
         x, y = (t.to(device) for t in batches[0])
@@ -483,8 +487,6 @@ def test_a_result_left_on_the_device_is_caught(monkeypatch):
 
 
 # ---- the device-placement audit ------------------------------------------------------------------
-
-SRC = Path(__file__).resolve().parents[1] / "src" / "axes_pipeline"
 
 #: The modules whose tensors live on the model's device (the stages above and their helpers).
 AUDITED = ("capture/activations.py", "capture/targets.py", "metrics/moments.py", "metrics/gradients.py",
