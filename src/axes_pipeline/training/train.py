@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.config import check_positive, run_dir, to_container
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import fingerprint, read_json, run_fingerprint, settings_diff, write_json
+from axes_pipeline.runs import fingerprint, no_space_is_one_line, read_json, run_fingerprint, settings_diff, write_json
 from axes_pipeline.training.checkpoints import load_into, read_checkpoint
 from axes_pipeline.training.module import ClassifierModule
 from axes_pipeline.training.optim import optimizer_factory, optimizer_target
@@ -222,7 +222,8 @@ def run_training(cfg: DictConfig) -> dict:
     if resume is not None:
         log.info("resuming %s at epoch %d", resume, first_epoch)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
+    with no_space_is_one_line(ckpt_dir):   # Lightning's own writes: last.ckpt, best.ckpt, the logger's files
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
     wall = time.perf_counter() - t0
     if trainer.interrupted:
         raise KeyboardInterrupt
