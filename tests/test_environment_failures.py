@@ -5,6 +5,7 @@ than a layer) end in one line and exit status 2, and leave nothing half-written 
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import atomic_path, write_csv
 
-from .helpers import TINY, make_cfg
+from .helpers import make_cfg
 
 DiskUsage = namedtuple("DiskUsage", "total used free")
 
@@ -91,3 +92,106 @@ def test_full_disk_during_an_epoch_checkpoint_leaves_no_tmp(tmp_path):
     with pytest.raises(UserError, match=r"^no space left on device writing .*/epoch_001\.ckpt; "):
         EpochCheckpoint(tmp_path).on_train_epoch_end(FullDiskTrainer(), None)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- 6. read-only output root ------------------------------------------------------------------
+
+def test_output_root_below_a_file_is_one_line_before_any_work(tmp_path, capsys):
+    """A path below a regular file cannot be created, for root too (where chmod 555 is no barrier)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cfg = make_cfg("analyze", ["logger=none"], blocker / "out")
+    worked = []
+    line = _one_line_exit_2(capsys, worked.append, cfg)
+    assert line == (f"error: paths.output_root={blocker / 'out'} cannot be created: {blocker} is a file, "
+                    f"not a folder; choose another paths.output_root")
+    assert worked == []
+
+
+def test_read_only_output_root_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    """A read-only root as os.access sees it (monkeypatched: this suite may run as root, where a
+    chmod 555 folder stays writable; os.access also says no on a read-only mount)."""
+    root = tmp_path / "ro"
+    root.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == root else real(p, mode, **k))
+    cfg = make_cfg("analyze", ["logger=none"], root)
+    worked = []
+    line = _one_line_exit_2(capsys, worked.append, cfg)
+    assert line.startswith(f"error: paths.output_root={root} is not writable (read-only or another user's)")
+    assert worked == [] and list(root.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() == 0, reason="as root chmod 555 does not stop writes")
+def test_chmod_555_output_root_is_refused(tmp_path, capsys):
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o555)
+    try:
+        line = _one_line_exit_2(capsys, lambda cfg: None, make_cfg("analyze", ["logger=none"], root))
+    finally:
+        root.chmod(0o755)
+    assert "is not writable" in line
+
+
+def test_read_only_root_on_the_command_line_leaves_no_folder(tmp_path):
+    """Through analyze.py: checked after composition, before Hydra makes the run folder or its log."""
+    from .helpers import run_entry
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    res = run_entry("analyze.py", "logger=none", f"paths.output_root={blocker}/out", cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"error: paths.output_root={blocker}/out cannot be created: {blocker} is a file, not a folder; "
+        f"choose another paths.output_root"]
+
+
+# ---- 7. out-of-range knobs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "seed=-1 is out of range: it must be in [0, 4294967295] (numpy's seed range)"),
+    ("seed=4294967296", "seed=4294967296 is out of range: it must be in [0, 4294967295] (numpy's seed range)"),
+])
+def test_out_of_range_seed_on_the_command_line_leaves_no_folder(tmp_path, override, message):
+    from .helpers import run_entry
+
+    res = run_entry("train.py", "logger=none", override, cwd=tmp_path, timeout=120)
+    assert (res.returncode, res.stderr.strip()) == (2, f"error: {message}")
+    assert list(tmp_path.iterdir()) == []          # no seed-1/ folder, no Hydra log
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.split_seed=-3", "data.split_seed=-3 is out of range: it must be in [0, 4294967295] (numpy's seed range)"),
+    ("capture.n_cal=0", "capture.n_cal=0 is out of range: it must be >= 1"),
+    ("data.val_fraction=1.5", "data.val_fraction=1.5 is out of range: it must be in (0, 1)"),
+    ("graphs.edge_fraction=0", "graphs.edge_fraction=0.0 is out of range: it must be in (0, 1]"),
+    ("optim.lr=-0.1", "optim.lr=-0.1 is out of range: it must be > 0"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0 is out of range: it must be >= 1"),
+    ("data.batch_size=0", "data.batch_size=0 is out of range: it must be >= 1"),   # digits overrides the default
+    ("capture.seed=-1", "capture.seed=-1 is out of range: it must be in [0, 4294967295] (numpy's seed range)"),
+])
+def test_out_of_range_knob_is_one_line_before_any_folder(tmp_path, capsys, override, message):
+    cfg = make_cfg("analyze", ["logger=none", override], tmp_path)
+    worked = []
+    assert _one_line_exit_2(capsys, worked.append, cfg) == f"error: {message}"
+    assert worked == [] and list(tmp_path.iterdir()) == []
+
+
+def test_every_schema_default_lies_in_its_range(tmp_path):
+    """The ranges and the defaults beside them agree, in every stage's composed config."""
+    from axes_pipeline.bounds import check_bounds
+
+    for stage, extra in (("train", []), ("analyze", ["analysis=all"]),
+                         ("prune", []), ("report", [])):
+        check_bounds(make_cfg(stage, ["logger=none", *extra], tmp_path))
+
+
+def test_values_the_stage_interprets_are_left_to_it(tmp_path):
+    """``auto`` / ``all`` / null are no numbers: the range applies only to a number given."""
+    from axes_pipeline.bounds import check_bounds
+
+    check_bounds(make_cfg("analyze", ["analysis=lesion", "analysis.lesion.channels=all",
+                                      "analysis.lesion.eval_samples=null"], tmp_path))
+    with pytest.raises(UserError, match=r"^analysis\.lesion\.channels=0 is out of range: it must be >= 1$"):
+        check_bounds(make_cfg("analyze", ["analysis=lesion", "analysis.lesion.channels=0"], tmp_path))

@@ -178,3 +178,22 @@ def settings_diff(have: Mapping[str, Any], want: Mapping[str, Any], limit: int =
              for k in keys if have.get(k, "(absent)") != want.get(k, "(absent)")]
     more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
     return ", ".join(diffs[:limit]) + more
+
+
+def check_writable(folder: str | os.PathLike, key: str = "paths.output_root") -> Path:
+    """``folder`` (absolute) if this process can create files in it, or create it: else one line before
+    any work (Hydra's logging traceback, or a stage failing on its last write after all its work).
+    A folder not there yet is judged by its nearest existing parent."""
+    folder = Path(folder).resolve()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{key}={folder} cannot be created: {probe} is a file, not a folder; "
+                        f"choose another {key}")
+    # os.access also says no on a read-only file system, for root too
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == folder else f"cannot be created ({probe} is not writable)"
+        raise UserError(f"{key}={folder} {what} (read-only or another user's); choose another {key} "
+                        f"(or set AXES_OUTPUT_ROOT)")
+    return folder
