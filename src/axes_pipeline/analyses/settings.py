@@ -92,7 +92,8 @@ class LesionAnalysis:
     subset, how much of it a linear stand-in from the channel's peers recovers, which axis predicts it."""
 
     layers: Any = None            # conv layer name(s); null = every analysed layer (capture.layers)
-    channels: Any = count("auto")        # per layer, seeded: auto = 64 (all of a smaller layer) | N (error where fewer) | all
+    # per layer, seeded: auto = 64 | N | all; auto and N are "at most": a smaller layer is lesioned whole
+    channels: Any = count("auto")
     seed: int = seed_field(0)     # channel sample, evaluation subset and bootstrap
     eval_samples: int | None = count(1000)  # images of the test split (seeded subset); null = the whole test split
     replace: Any = field(default_factory=lambda: ["hull", "all"])  # peer replacement variant(s): hull, all
