@@ -195,3 +195,33 @@ def test_values_the_stage_interprets_are_left_to_it(tmp_path):
                                       "analysis.lesion.eval_samples=null"], tmp_path))
     with pytest.raises(UserError, match=r"^analysis\.lesion\.channels=0 is out of range: it must be >= 1$"):
         check_bounds(make_cfg("analyze", ["analysis=lesion", "analysis.lesion.channels=0"], tmp_path))
+
+
+# ---- 10. temporary folders of a killed report ---------------------------------------------------
+
+def test_next_report_removes_the_temp_folders_of_a_killed_one(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from .test_report import _report, fake_run
+
+    for s in (1, 2, 3):
+        fake_run(tmp_path, s, local_gain=0.02)
+    sweep = tmp_path / "multirun" / "demo"
+    # a process that has exited: its pid is free (the folder of a report killed with kill -9)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = sweep / f".report.tmp-{int(dead.stdout)}@{host}-abc123_x"
+    older_version = sweep / ".report.tmp-k2j4h5l6"
+    running = sweep / f".report.tmp-{os.getpid()}@{host}-zzz999_y"        # a report building right now
+    elsewhere = sweep / ".report.tmp-123@another-node-qqq111_z"           # another machine's, fresh
+    for d in (killed, older_version, running, elsewhere):
+        d.mkdir(parents=True)
+        (d / "layers.csv").write_text("half")
+    _report(tmp_path, "report.n_boot=200")
+    assert not killed.exists() and not older_version.exists()
+    assert running.exists() and elsewhere.exists()
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "left by a report that was killed" in ln]
+    assert sorted(said) == sorted(f"report: removed {d}, left by a report that was killed" for d in (killed, older_version))
+    assert sorted(p.name for p in sweep.glob(".report.tmp-*")) == sorted([running.name, elsewhere.name])
