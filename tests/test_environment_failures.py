@@ -225,3 +225,51 @@ def test_next_report_removes_the_temp_folders_of_a_killed_one(tmp_path, capsys):
     said = [ln for ln in capsys.readouterr().out.splitlines() if "left by a report that was killed" in ln]
     assert sorted(said) == sorted(f"report: removed {d}, left by a report that was killed" for d in (killed, older_version))
     assert sorted(p.name for p in sweep.glob(".report.tmp-*")) == sorted([running.name, elsewhere.name])
+
+
+# ---- 8. a truncated last.ckpt -------------------------------------------------------------------
+
+def _finished_run(root: Path, last_epoch: int = 2) -> tuple[object, Path]:
+    """A run directory that says it finished 3 epochs, with small but well-formed checkpoints."""
+    from axes_pipeline.runs import write_json
+
+    cfg = make_cfg("train", ["logger=none", "trainer.max_epochs=3"], root)
+    run = Path(cfg.paths.run_dir)
+    (run / "checkpoints").mkdir(parents=True)
+    state = {"model.fc.weight": torch.zeros(10, 4)}
+    torch.save({"state_dict": state}, run / "checkpoints" / "best.ckpt")
+    torch.save({"state_dict": state, "optimizer_states": [{}], "loops": {}, "epoch": last_epoch, "global_step": 30},
+               run / "checkpoints" / "last.ckpt")
+    write_json(run / "train_summary.json", {"epochs": 3, "val_acc": 0.9})
+    return cfg, run
+
+
+def test_complete_run_with_sound_checkpoints_is_skipped(tmp_path, capsys):
+    from axes_pipeline.tasks import run_task
+    from axes_pipeline.training.train import run_training
+
+    cfg, run = _finished_run(tmp_path)
+    assert run_task(run_training, cfg) == {"epochs": 3, "val_acc": 0.9}
+    assert "train: already complete, nothing to do" in capsys.readouterr().out
+
+
+def test_truncated_last_ckpt_is_not_complete(tmp_path, capsys):
+    from axes_pipeline.training.train import run_training
+
+    cfg, run = _finished_run(tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])     # a full disk, a copy cut short
+    line = _one_line_exit_2(capsys, run_training, cfg)
+    assert line.startswith(f"error: {run / 'train_summary.json'} says training is complete, but checkpoint {last} "
+                           f"is corrupt or not a weights-only checkpoint (RuntimeError: PytorchStreamReader failed")
+    assert line.endswith(f"; to retrain this run, delete {run / 'checkpoints'} and {run / 'train_summary.json'}")
+    assert "already complete" not in capsys.readouterr().out
+    assert last.exists()                                   # what to delete is the user's decision
+
+
+def test_last_ckpt_of_an_earlier_epoch_is_not_complete(tmp_path, capsys):
+    from axes_pipeline.training.train import run_training
+
+    cfg, run = _finished_run(tmp_path, last_epoch=0)
+    line = _one_line_exit_2(capsys, run_training, cfg)
+    assert f"checkpoint {run / 'checkpoints' / 'last.ckpt'} holds epoch 1 of 3" in line
