@@ -273,3 +273,37 @@ def test_last_ckpt_of_an_earlier_epoch_is_not_complete(tmp_path, capsys):
     cfg, run = _finished_run(tmp_path, last_epoch=0)
     line = _one_line_exit_2(capsys, run_training, cfg)
     assert f"checkpoint {run / 'checkpoints' / 'last.ckpt'} holds epoch 1 of 3" in line
+
+
+# ---- 9. wandb online without a network ----------------------------------------------------------
+
+@pytest.fixture
+def wandb_server_closed(monkeypatch):
+    """wandb online against a closed port on the loopback address (never an outside host): no server
+    answers there, so wandb.init gives up after init_timeout."""
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")     # wandb's crash reports would go to an outside host
+    monkeypatch.setenv("WANDB_MODE", "online")
+
+
+def test_unreachable_wandb_is_one_line_after_the_stated_timeout(tmp_path, wandb_server_closed, capsys):
+    import time
+
+    from axes_pipeline.tracking import StageTracker
+
+    cfg = make_cfg("analyze", ["logger=wandb", "logger.mode=online", "logger.init_timeout=3"], tmp_path)
+    t0 = time.perf_counter()
+    line = _one_line_exit_2(capsys, lambda cfg: StageTracker(cfg, "analyze", tmp_path / "out"), cfg)
+    took = time.perf_counter() - t0
+    assert line.startswith("error: wandb unreachable: ") and "127.0.0.1:9" in line, line
+    assert line.endswith("(gave up after logger.init_timeout=3 s); use logger.mode=offline and `wandb sync` later")
+    assert took < 30, took                   # 3 s and wandb's start, not wandb's 90 s
+
+
+def test_unreachable_wandb_stops_training_before_any_epoch(tmp_path, wandb_server_closed):
+    from axes_pipeline.tracking import tracking
+
+    cfg = make_cfg("train", ["logger=wandb", "logger.mode=online", "logger.init_timeout=3"], tmp_path)
+    with pytest.raises(UserError, match=r"^wandb unreachable: .*use logger\.mode=offline"):
+        tracking(cfg).training_logger(cfg, tmp_path / "run")
