@@ -165,7 +165,7 @@ def test_out_of_range_seed_on_the_command_line_leaves_no_folder(tmp_path, overri
     ("data.split_seed=-3", "data.split_seed=-3 is out of range: it must be in [0, 4294967295] (numpy's seed range)"),
     ("capture.n_cal=0", "capture.n_cal=0 is out of range: it must be >= 1"),
     ("data.val_fraction=1.5", "data.val_fraction=1.5 is out of range: it must be in (0, 1)"),
-    ("graphs.edge_fraction=0", "graphs.edge_fraction=0.0 is out of range: it must be in (0, 1]"),
+    ("graphs.edge_fraction=1.5", "graphs.edge_fraction=1.5 is out of range: it must be in [0, 1]"),
     ("optim.lr=-0.1", "optim.lr=-0.1 is out of range: it must be > 0"),
     ("trainer.max_epochs=0", "trainer.max_epochs=0 is out of range: it must be >= 1"),
     ("data.batch_size=0", "data.batch_size=0 is out of range: it must be >= 1"),   # digits overrides the default

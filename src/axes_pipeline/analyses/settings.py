@@ -49,7 +49,7 @@ class MetricsConfig:
 class GraphsConfig:
     """METHODS §4."""
 
-    edge_fraction: float = fraction(0.1, lo_open=True)
+    edge_fraction: float = fraction(0.1)   # 0 = no community graphs
     # shuffled-weight null draws per layer; layers.csv gets their mean, SD, 2.5/97.5%
     null_shuffles: int = count(20, least=0)
     max_channels: int | None = count(None)  # null = every channel; a number = graphs on the first max_channels only
