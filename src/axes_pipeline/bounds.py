@@ -15,6 +15,8 @@ import dataclasses
 import math
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from axes_pipeline.errors import UserError
 
 #: numpy's legacy seeding (np.random.seed, which Lightning's seed_everything calls) takes [0, 2**32 - 1]
@@ -81,8 +83,6 @@ def non_negative(default: Any) -> Any:
 def check_bounds(cfg, prefix: str = "") -> None:
     """Raise :class:`UserError` (one line) for the first numeric value of ``cfg`` outside its
     schema's range; Hydra's own node (``hydra``) is skipped."""
-    from omegaconf import DictConfig, OmegaConf
-
     ranges = _ranges(OmegaConf.get_type(cfg))
     for key in cfg.keys():
         name = f"{prefix}{key}"
