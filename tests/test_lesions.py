@@ -188,13 +188,19 @@ def test_taylor_leaves_the_model_as_it_was():
     assert all(p.grad is None and p.requires_grad for p in model.parameters()) and not model.training
 
 
-def test_too_many_channels_is_a_user_error(tmp_path):
+def test_a_count_above_a_layer_takes_the_whole_layer_and_says_so_once(tmp_path, caplog):
+    """Issue 23 item 11: N means at most N per layer (EfficientNet-B0's SE convs have 4 channels)."""
     cfg = make_cfg("analyze", ["logger=none", "model.width=0.125", "analysis=lesion",
-                               "analysis.lesion.channels=100"], tmp_path)
+                               "analysis.lesion.channels=20"], tmp_path)
     units = conv_norm_pairs(build_model("resnet18", num_classes=10, width=0.125))
     ctx = SimpleNamespace(cfg=cfg, units=units, trained=None)
-    with pytest.raises(UserError, match=r"layer conv1 has only 8 channels; use analysis.lesion.channels<=8"):
+    with caplog.at_level("INFO", logger="axes_pipeline"):
         check_lesion_analysis(ctx)
+    said = [r.getMessage() for r in caplog.records if "lesion.channels" in r.getMessage()]
+    small = [n for n, u in units.items() if u.conv.out_channels < 20]      # the 8- and 16-channel layers
+    assert len(said) == 1 and said[0].startswith(f"analysis.lesion.channels=20: {len(small)} layer(s) have fewer "
+                                                 f"channels and are lesioned whole: conv1 (8), ")
+    assert len(select_channels(8, 20, 0, "conv1")) == 8 and len(select_channels(32, 20, 0, "x")) == 20
     for bad in ("analysis.lesion.replace=[nope]", "analysis.lesion.layers=[nope]", "analysis.lesion.channels=0"):
         cfg = make_cfg("analyze", ["logger=none", "analysis=lesion", bad], tmp_path)
         with pytest.raises(UserError):
@@ -209,9 +215,9 @@ SMALL = ["capture.n_cal=300", "capture.samples_per_image=4", "capture.batch_size
 
 def test_lesion_count_checked_before_any_work(tiny_run):
     root, overrides = tiny_run
-    cfg = make_cfg("analyze", [*overrides, "analysis=lesion", *SMALL, "analysis.lesion.channels=9"], root)
+    cfg = make_cfg("analyze", [*overrides, "analysis=lesion", *SMALL, "analysis.lesion.channels=0"], root)
     out = Path(cfg.paths.run_dir) / "analyze"
-    with pytest.raises(UserError, match="has only 8 channels"):
+    with pytest.raises(UserError, match="analysis.lesion.channels must be a positive integer"):
         run_analysis(cfg)
     assert not (out / "lesions.csv").exists()
 

@@ -296,8 +296,9 @@ def test_checkpoint_missing_corrupt_or_other_model(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["model=nosuch"], "nosuch"),
-    (["trainer.max_epochs=0"], "trainer.max_epochs must be positive"),
-    (["data.batch_size=-1"], "data.batch_size must be positive"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0 is out of range: it must be >= 1"),   # the schema's range
+    (["data.batch_size=-1"], "data.batch_size=-1 is out of range: it must be >= 1"),
+    (["seed=-1"], "seed=-1 is out of range"),
     (["trainer=gpu"], "use trainer=cpu"),
     (["data=cifar100", "data.download=false"], "cifar-100-python"),   # never the network in tests
     (["model.weights=no_such_weights.pth"], "model.weights"),
@@ -328,7 +329,8 @@ def test_bad_input_one_line(args, needle, tmp_path):
     assert needle in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert not list(tmp_path.rglob("train_summary.json"))
-    refused_by_composition = ("optim.lr=abc", "trainer.nosuch=1", "checkpoint.every_epoch=maybe", "callbacks.nosuch=1")
+    refused_by_composition = ("optim.lr=abc", "trainer.nosuch=1", "checkpoint.every_epoch=maybe", "callbacks.nosuch=1",
+                              "trainer.max_epochs=0", "data.batch_size=-1", "seed=-1")
     if args[0] in ("seed=abc", "data=nosuch", "model=nosuch", *refused_by_composition) or \
             args[0].startswith(("name=", "-")):
         assert res.stderr.strip().count("\n") == 0, res.stderr     # one line, and nothing written

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from axes_pipeline.analyses.settings import AxesKnobs
+from axes_pipeline.bounds import SEED_MAX, count, fraction, seed_field
 from axes_pipeline.errors import UserError
 from axes_pipeline.report.settings import ReportConfig
 
@@ -69,8 +70,8 @@ class PathsConfig:
 class TrainKnobs:
     """``train.*``: the training loop's own knobs (beyond conf/trainer and conf/optim)."""
 
-    label_smoothing: float = 0.0
-    warmup_epochs: int = 0
+    label_smoothing: float = fraction(0.0, hi_open=True)
+    warmup_epochs: int = count(0, least=0)
     channels_last: Any = "auto"   # auto = on for CUDA | true | false: memory format for conv-heavy nets on tensor cores
     compile: bool = False
 
@@ -90,7 +91,7 @@ class StageConfig(AxesKnobs):
     paths: Any = MISSING
     checkpoint: Any = None
     name: str = "default"         # experiment name; an experiment overlay sets it. First level of the run dir.
-    seed: int = 42
+    seed: int = seed_field(42)
     # explicit checkpoint (PATH): analyze/prune read it (default: <run_dir>/checkpoints/{best,last}.ckpt);
     # train.py starts from its weights (weights only)
     ckpt: str | None = None
@@ -203,12 +204,15 @@ def to_container(cfg: DictConfig) -> dict:
 
 
 def check_seed(value) -> int:
-    """The seed as an int; a UserError for anything else (``seed=abc``)."""
+    """The seed as an int; a UserError for anything else (``seed=abc``) and for a seed numpy refuses
+    (``seed=-1``: a numpy traceback once a ``seed-1/`` folder was made)."""
     if isinstance(value, bool) or not isinstance(value, int):
         try:
-            return int(str(value), 10)
+            value = int(str(value), 10)
         except ValueError:
             raise UserError(f"seed must be an integer, got {value!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise UserError(f"seed={value} is out of range: it must be in [0, {SEED_MAX}] (numpy's seed range)")
     return int(value)
 
 

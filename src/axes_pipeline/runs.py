@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from axes_pipeline.errors import UserError
 
 
 @contextmanager
@@ -22,7 +26,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with no_space_is_one_line(path):
+            yield tmp_path
         # mkstemp creates 0600; an artifact should carry the usual permissions (0666 minus umask).
         umask = os.umask(0)
         os.umask(umask)
@@ -31,6 +36,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# What torch.save's zip writer says when a write fails (it hides the errno): "PytorchStreamWriter failed
+# writing file data/0: file write failed", "enforce fail at inline_container.cc", "basic_ios::clear: iostream error".
+_TORCH_WRITE_FAILED = ("inline_container.cc", "file write failed", "iostream error")
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+def is_disk_full(err: BaseException, where: str | os.PathLike) -> bool:
+    """True when ``err`` is a write that failed because the file system of ``where`` is full: ENOSPC
+    (or EDQUOT, a quota), or torch's writer failing while that file system has under 64 MiB free
+    (torch drops the errno, so the free space is what tells a full disk from another failure)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(err, RuntimeError) and any(m in str(err) for m in _TORCH_WRITE_FAILED):
+        try:
+            return shutil.disk_usage(Path(where)).free < _NEARLY_FULL_BYTES
+        except OSError:
+            return False
+    return False
+
+
+@contextmanager
+def no_space_is_one_line(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a disk-full failure of the block (writing ``path``) into one line (:class:`UserError`, exit
+    status 2) instead of torch's or pandas' traceback; other failures pass unchanged. The caller removes
+    its temporary file (``atomic_path`` does)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if is_disk_full(err, Path(path).parent):
+            # around several writes (``path`` a folder) an OSError names the file it failed on
+            where = (getattr(err, "filename", None) or path) if Path(path).is_dir() else path
+            raise UserError(f"no space left on device writing {where}; free some space (or point "
+                            f"paths.output_root elsewhere) and run the same command again") from None
+        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -137,3 +178,22 @@ def settings_diff(have: Mapping[str, Any], want: Mapping[str, Any], limit: int =
              for k in keys if have.get(k, "(absent)") != want.get(k, "(absent)")]
     more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
     return ", ".join(diffs[:limit]) + more
+
+
+def check_writable(folder: str | os.PathLike, key: str = "paths.output_root") -> Path:
+    """``folder`` (absolute) if this process can create files in it, or create it: else one line before
+    any work (Hydra's logging traceback, or a stage failing on its last write after all its work).
+    A folder not there yet is judged by its nearest existing parent."""
+    folder = Path(folder).resolve()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{key}={folder} cannot be created: {probe} is a file, not a folder; "
+                        f"choose another {key}")
+    # os.access also says no on a read-only file system, for root too
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == folder else f"cannot be created ({probe} is not writable)"
+        raise UserError(f"{key}={folder} {what} (read-only or another user's); choose another {key} "
+                        f"(or set AXES_OUTPUT_ROOT)")
+    return folder

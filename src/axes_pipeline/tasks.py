@@ -19,10 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from axes_pipeline.bounds import check_bounds
 from axes_pipeline.config import _mode, check_name, check_seed, load_plugins, register_schemas, run_dir
 from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.runs import check_writable
 
 log = logging.getLogger("axes_pipeline")
 
@@ -134,6 +136,17 @@ def check_composes(conf_dir: Path, config_name: str, args: list[str]) -> None:
             added = _added_to_schema(cfg, job, conf_dir)
             if added:
                 raise UserError(added)
+            check_before_work(cfg)
+
+
+def check_before_work(cfg: DictConfig) -> None:
+    """What the composed config must satisfy before anything is written: every bounded knob in its
+    schema's range, and an output root (and report.out) this process can write to."""
+    check_bounds(cfg)
+    check_writable(cfg.paths.output_root)
+    out = OmegaConf.select(cfg, "report.out")
+    if out:
+        check_writable(out, "report.out")
 
 
 def _one_line(err: Exception) -> str:
@@ -190,6 +203,7 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
     try:
         check_name(cfg.name)
         seed = check_seed(cfg.seed)
+        check_before_work(cfg)     # again: a stage called from Python (tests, notebooks) skips hydra_entry
         load_plugins(cfg.get("plugins"))
         out = where(cfg)
         marker = out / f"{stage}.failed"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from axes_pipeline.bounds import positive
 from axes_pipeline.errors import UserError
 
 
@@ -38,6 +39,9 @@ class WandbConfig:
     group: str = "${name}"
     run_name: str = "${data.name}-${model.name}-seed${seed}"
     tags: list[str] = field(default_factory=list)
+    # online: seconds wandb.init waits for the server before one line says it is unreachable (wandb's
+    # own default, 90 s, ends in a CommError traceback)
+    init_timeout: float = positive(20.0)
 
 
 @dataclass
@@ -109,12 +113,15 @@ class WandbTracking:
     """wandb runs grouped by experiment and named data-model-seed-stage; a resumed training continues
     its run. Refuses ``mode=online`` without credentials (one line, never a login prompt)."""
 
-    def __init__(self, project: str, entity: str | None, mode: str, group: str, run_name: str, tags):
+    def __init__(self, project: str, entity: str | None, mode: str, group: str, run_name: str, tags,
+                 init_timeout: float = 20.0):
         self.project, self.entity, self.mode, self.group = project, entity, mode, group
-        self.run_name, self.tags = run_name, list(tags)
+        self.run_name, self.tags, self.init_timeout = run_name, list(tags), float(init_timeout)
         _wandb_env(mode)
 
     def init_kwargs(self, cfg: DictConfig, stage: str, out: Path) -> dict:
+        import wandb
+
         return dict(
             project=self.project, entity=self.entity, mode=self.mode, group=self.group,
             # a report spans many runs: name it after the experiment, not after one run's seed
@@ -123,6 +130,7 @@ class WandbTracking:
             # (`data.name`, `model.name`, `model.width`, `seed` come with the flattened config; a bare
             # `data` key beside them would collide with the `data.*` columns in wandb's run table)
             config={**flat_config(cfg), "experiment": cfg.name, "stage": stage},
+            settings=wandb.Settings(init_timeout=self.init_timeout),
         )
 
     def training_logger(self, cfg: DictConfig, out: Path, resume_epoch: int = 0, resume_step: int = 0):
@@ -130,14 +138,29 @@ class WandbTracking:
         from lightning.pytorch.loggers import WandbLogger
 
         kw = self.init_kwargs(cfg, "train", out)
-        return WandbLogger(save_dir=str(out), id=_train_run_id(out, resume_epoch), resume="allow",
-                           **{k: v for k, v in kw.items() if k != "dir"})
+        logger = WandbLogger(save_dir=str(out), id=_train_run_id(out, resume_epoch), resume="allow",
+                             **{k: v for k, v in kw.items() if k != "dir"})
+        if self.mode == "online":    # reach the server now, before any training, not at the first logged step
+            self._reach(lambda: logger.experiment)
+        return logger
 
     def stage_run(self, cfg: DictConfig, stage: str, out: Path):
         import wandb
 
         out.mkdir(parents=True, exist_ok=True)
-        return wandb.init(**self.init_kwargs(cfg, stage, out))
+        return self._reach(lambda: wandb.init(**self.init_kwargs(cfg, stage, out)))
+
+    def _reach(self, init):
+        """``init()``; an unreachable server (no network, a firewall, a wrong WANDB_BASE_URL) is one
+        line after ``init_timeout`` seconds instead of wandb's CommError traceback."""
+        from wandb.errors import CommError
+
+        try:
+            return init()
+        except CommError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"wandb unreachable: {reason} (gave up after logger.init_timeout={self.init_timeout:g} s); "
+                            f"use logger.mode=offline and `wandb sync` later") from None
 
     def record_training(self, logger, cfg: DictConfig, best: Path, summary: dict) -> None:
         log_training(logger.experiment, cfg, best, summary)

@@ -149,12 +149,13 @@ def check_lesion_analysis(ctx) -> None:
     cfg = ctx.cfg
     s = lesion_settings(cfg)
     layers = lesion_layers(s, ctx.units)
-    if s["channels"] not in ("all", "auto"):   # an explicit count is a promise: refuse rather than shrink it
-        for name in layers:
-            c = ctx.units[name].conv.out_channels
-            if s["channels"] > c:
-                raise UserError(f"layer {name} has only {c} channels; use analysis.lesion.channels<={c} "
-                                f"or analysis.lesion.channels=all")
+    if s["channels"] not in ("all", "auto"):
+        # N is "at most N per layer", as auto's 64 is: a smaller layer (EfficientNet-B0's squeeze-excitation
+        # convs have 4 channels) is lesioned whole, said once; only N < 1, wrong on every layer, is refused
+        small = [f"{name} ({c})" for name in layers if (c := ctx.units[name].conv.out_channels) < s["channels"]]
+        if small:
+            log.info("analysis.lesion.channels=%d: %d layer(s) have fewer channels and are lesioned whole: %s",
+                     s["channels"], len(small), ", ".join(small[:5]) + (f" (+{len(small) - 5} more)" if len(small) > 5 else ""))
     if s["replace"]:
         if cfg.capture.point != "pre_bn":
             raise UserError(f"peer replacement is fitted on pre-BN samples but capture.point={cfg.capture.point}; "

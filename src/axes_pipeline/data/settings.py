@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from axes_pipeline.bounds import count, fraction, seed_field
+
 
 @dataclass
 class DataRecipe:
@@ -37,15 +39,16 @@ class DataConfig:
 
     _target_: str = MISSING
     name: str = MISSING
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    num_workers: int = 4          # loader processes, at most the CPU cores available
-    val_fraction: float = 0.1     # of the training source; the test set is never used for selection
-    split_seed: int = 0           # the split is fixed independently of the training seed so seeds share it
+    batch_size: int = count(128)
+    eval_batch_size: int = count(256)
+    num_workers: int = count(4, least=0)          # loader processes, at most the CPU cores available
+    # of the training source; the test set is never used for selection
+    val_fraction: float = fraction(0.1, lo_open=True, hi_open=True)
+    split_seed: int = seed_field(0)           # the split is fixed independently of the training seed so seeds share it
     on_device: bool = False       # true: keep the data on the GPU and augment there (small datasets)
-    image_size: int = 32
+    image_size: int = count(32)
     augment: bool = True          # random crop (crop_padding) + horizontal flip (hflip) on the train split
-    crop_padding: int = 4
+    crop_padding: int = count(4, least=0)
     hflip: bool = True
     recipe: DataRecipe = MISSING
 
@@ -67,7 +70,7 @@ class DigitsData(DataConfig):
     name: str = "digits"
     batch_size: int = 64
     num_workers: int = 0          # the data is one small in-memory tensor
-    test_fraction: float = 0.2    # carved with the same stratified, seeded split as val
+    test_fraction: float = fraction(0.2, lo_open=True, hi_open=True)    # carved with the same stratified, seeded split as val
     image_size: int = 16
     augment: bool = False         # true: random shift (crop with zero padding); never flips for digits
     crop_padding: int = 2

@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from axes_pipeline.bounds import fraction, positive
+
 
 @dataclass
 class ModelRecipe:
@@ -28,7 +30,7 @@ class ModelConfig:
     _target_: str = "axes_pipeline.models.build_model"
     _partial_: bool = True
     name: str = MISSING
-    width: float = 1.0             # channel multiplier (each family's rounding: its dataclass)
+    width: float = positive(1.0)             # channel multiplier (each family's rounding: its dataclass)
     # true: torchvision's ImageNet weights (hub cache; downloaded on first use), or `weights`
     pretrained: bool = False
     weights: str | None = None  # path to a local state_dict / torchvision .pth (implies pretrained)
@@ -53,7 +55,7 @@ class VGG16Model(ModelConfig):
     name: str = "vgg16"
     # cifar: global-avg-pool + Linear(C_last, classes); imagenet: torchvision's 7x7 pool + 4096-4096 MLP
     head: str = "cifar"
-    dropout: float = 0.5       # imagenet head only
+    dropout: float = fraction(0.5, hi_open=True)       # imagenet head only
     recipe: ModelRecipe = field(default_factory=lambda: ModelRecipe(lr=0.05))
 
 
@@ -63,7 +65,7 @@ class MobileNetV2Model(ModelConfig):
 
     name: str = "mobilenetv2"
     cifar_strides: bool = True  # stride 1 in the stem and the first stride-2 stage (32x32 inputs); false: torchvision's
-    dropout: float = 0.2        # before the classifier, as torchvision
+    dropout: float = fraction(0.2, hi_open=True)        # before the classifier, as torchvision
     recipe: ModelRecipe = field(default_factory=lambda: ModelRecipe(lr=0.01))
 
 
@@ -73,8 +75,8 @@ class ConvNeXtTModel(ModelConfig):
     depthwise 7x7, downsampling (its 1x1s are nn.Linear)."""
 
     name: str = "convnext_t"
-    stochastic_depth_prob: float = 0.1   # torchvision's value for Tiny
-    layer_scale: float = 1.0e-6
+    stochastic_depth_prob: float = fraction(0.1, hi_open=True)   # torchvision's value for Tiny
+    layer_scale: float = positive(1.0e-6)
     recipe: ModelRecipe = field(default_factory=lambda: ModelRecipe(optimizer="adam", lr=1.0e-3, weight_decay=1.0e-4))
 
 

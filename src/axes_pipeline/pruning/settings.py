@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from axes_pipeline.bounds import bounded, count, non_negative, positive, seed_field
 from axes_pipeline.errors import UserError, unknown_name
 
 __all__ = ["MODES", "Calibration", "Finetune", "PruneSettings", "PruningConfig"]
@@ -28,22 +29,22 @@ class Finetune:
     """A short fine-tune of every pruned network on the training split (``acc_after_ft``)."""
 
     enabled: bool = False   # true: fine-tune each pruned network, acc_after_ft recorded
-    epochs: int = 5
-    max_batches: int | None = 200   # per epoch; null = the whole training split
-    lr: float = 1.0e-4
+    epochs: int = count(5)
+    max_batches: int | None = count(200)   # per epoch; null = the whole training split
+    lr: float = positive(1.0e-4)
     optimizer: str = "adam"
-    weight_decay: float = 0.0
+    weight_decay: float = non_negative(0.0)
 
 
 @dataclass
 class Calibration:
     """The images of the calibration scores taylor / hrank / chip (training split, seeded)."""
 
-    n: int = 1024
-    seed: int = 0                # fixed across training seeds, like capture.seed
+    n: int = count(1024)
+    seed: int = seed_field(0)                # fixed across training seeds, like capture.seed
     transform: str = "eval"
-    batch_size: int = 128
-    n_feature_maps: int | None = None   # hrank / chip only; null = n
+    batch_size: int = count(128)
+    n_feature_maps: int | None = count(None)   # hrank / chip only; null = n
 
 
 @dataclass
@@ -58,11 +59,12 @@ class PruningConfig:
         "hull_score", "composite_local", "task_info", "composite_target", "task_unique",
         "magnitude_plus_ix_a0.25", "magnitude_plus_ix_a0.5", "magnitude_plus_ix_a0.75", "magnitude_plus_ix_a1",
         "random", "l1", "l2", "bn_scale", "taylor", "hrank", "chip"])
-    random_draws: int = 3         # seeded draws of the `random` score (draw column)
+    random_draws: int = count(3)         # seeded draws of the `random` score (draw column)
     # Fractions of the unpruned MACs kept (mode=flops) or of the channels kept (mode=channel_fraction).
     targets: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
     mode: str = "flops"           # one of MODES
-    tolerance: float = 0.005      # |achieved - target| allowed, in fractions of the unpruned MACs
+    # |achieved - target| allowed, in fractions of the unpruned MACs
+    tolerance: float = bounded(0.005, 0.0, 0.5, lo_open=True, hi_open=True)
     allocation: str = "auto"      # auto | global | uniform | hybrid
     # what `auto` picks per backbone (anything else: global)
     allocation_defaults: dict[str, str] = field(default_factory=lambda: {
@@ -75,12 +77,12 @@ class PruningConfig:
     magnitude: str = "l2"         # ||w|| of magnitude_plus_ix_a<α>: l2 (the authors' code) | l1
     fvcore_check: bool = True     # count every pruned network with fvcore (achieved_flops); false: analytic count only
     finetune: Finetune = field(default_factory=Finetune)
-    eval_samples: int | None = None    # test images evaluated per point; null = the whole test split
-    eval_seed: int = 0
+    eval_samples: int | None = count(None)    # test images evaluated per point; null = the whole test split
+    eval_seed: int = seed_field(0)
     calibration: Calibration = field(default_factory=Calibration)
     latency: bool = True          # median CPU (and GPU if visible) latency, pruned vs unpruned
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
-    latency_repeats: int = 10
+    latency_repeats: int = count(10)
     export: bool = False          # true: prune/models/<score>_<target>.pt (reload: axes_pipeline.pruning.load_pruned)
 
 

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -101,9 +102,12 @@ def run_report(cfg: DictConfig) -> dict:
     notices = notices + prune_notices
     out = report_dir(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for old in remove_stale_tmp(out):
+        print(f"report: removed {old}, left by a report that was killed")
     # Built in a temporary folder next to the final one and moved in only when complete: a report
-    # that fails half way leaves the previous one as it was.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # that fails half way leaves the previous one as it was. Its name says who builds it, so the
+    # next report removes it if that process was killed (:func:`remove_stale_tmp`).
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}@{socket.gethostname()}-", dir=out.parent))
     try:
         summary, t, figs = _build(cfg, tmp, roots, runs, groups, prune_groups, notices, skipped, t0)
         _swap_in(tmp, out)
@@ -127,6 +131,49 @@ def run_report(cfg: DictConfig) -> dict:
         print(f"report: skipped: seed {sk['seed']} {sk['file']}: {sk['reason']}")
     print(f"report: {len(runs)} runs in {len(groups)} group(s) -> {out / 'report.html'}")
     return summary
+
+
+def _tmp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-"
+
+
+#: another machine's temporary report folder (a shared file system) is removed only at this age:
+#: its process cannot be looked up from here, and no report takes a day to build
+STALE_ELSEWHERE_S = 24 * 3600
+
+
+def remove_stale_tmp(out: Path) -> list[Path]:
+    """Remove the temporary folders of reports into ``out`` whose process is gone (a kill -9, a lost
+    node); return them. A folder of a report still running on this machine is left alone (two reports
+    at once), one of another machine only once it is a day old, one of an older version (no owner in
+    its name) always."""
+    gone = []
+    owner = re.compile(re.escape(_tmp_prefix(out)) + r"(?P<pid>\d+)@(?P<host>.+)-[a-z0-9_]+$")
+    for d in out.parent.glob(f"{_tmp_prefix(out)}*"):
+        m = owner.match(d.name)
+        if m is None:
+            stale = True
+        elif m["host"] == socket.gethostname():
+            stale = not _alive(int(m["pid"]))
+        else:
+            try:
+                stale = time.time() - d.stat().st_mtime > STALE_ELSEWHERE_S
+            except OSError:
+                stale = False
+        if stale and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)       # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: alive
+        return True
+    return True
 
 
 def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, t0) -> tuple[dict, dict, dict]:

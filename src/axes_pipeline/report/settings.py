@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from axes_pipeline.bounds import count, seed_field
+
 
 @dataclass
 class ReportConfig:
@@ -13,8 +15,8 @@ class ReportConfig:
     runs: list[str] | None = None   # explicit run directories instead of a sweep
     out: str | None = None          # default: <sweep>/report
     accuracy: str = "acc_before_ft"    # acc_before_ft | acc_after_ft
-    min_seeds: int = 3                 # below this the paired test is "not possible"
-    n_boot: int = 10000
+    min_seeds: int = count(3)                 # below this the paired test is "not possible"
+    n_boot: int = count(10000)
     test: str = "wilcoxon"             # wilcoxon | permutation
     ci: str = "bca"                    # bca | percentile: the paired bootstrap CI (scipy.stats.bootstrap)
-    seed: int = 0
+    seed: int = seed_field(0)

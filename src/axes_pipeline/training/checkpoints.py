@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from axes_pipeline.errors import UserError
+from axes_pipeline.runs import no_space_is_one_line
 
 log = logging.getLogger("axes_pipeline")
 
@@ -28,9 +29,16 @@ def epoch_ckpt_name(epoch: int) -> str:
 
 def _save_atomic(trainer: L.Trainer, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(str(tmp), weights_only=False)   # full state: a resume point too
-    if trainer.is_global_zero:
-        os.replace(tmp, path)
+    try:
+        with no_space_is_one_line(path):
+            trainer.save_checkpoint(str(tmp), weights_only=False)   # full state: a resume point too
+            if trainer.is_global_zero:
+                os.replace(tmp, path)
+    except BaseException:
+        # a failed save (a full disk, a kill) must not leave a partial checkpoint behind
+        if trainer.is_global_zero:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 class EpochCheckpoint(L.Callback):

@@ -11,6 +11,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from axes_pipeline.bounds import fraction, non_negative, positive
 from axes_pipeline.errors import unknown_name
 
 #: A recipe's optimizer name -> its class. The recipe names it in a config value, and Hydra picks a
@@ -38,9 +39,9 @@ class OptimConfig:
     _target_: str = "${optimizer:${.name}}"   # torch.optim.SGD / Adam / AdamW (see OPTIMIZERS)
     _partial_: bool = True
     name: str = "${oc.select:data.recipe.optimizer,${model.recipe.optimizer}}"   # sgd, adam or adamw
-    lr: float = "${oc.select:data.recipe.lr,${model.recipe.lr}}"
-    weight_decay: float = "${oc.select:data.recipe.weight_decay,${model.recipe.weight_decay}}"
-    momentum: float = 0.9       # SGD only
+    lr: float = positive("${oc.select:data.recipe.lr,${model.recipe.lr}}")
+    weight_decay: float = non_negative("${oc.select:data.recipe.weight_decay,${model.recipe.weight_decay}}")
+    momentum: float = fraction(0.9, hi_open=True)       # SGD only
     nesterov: bool = False      # SGD only
 
 

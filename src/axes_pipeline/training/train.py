@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.config import check_positive, run_dir, to_container
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import fingerprint, read_json, run_fingerprint, settings_diff, write_json
+from axes_pipeline.runs import fingerprint, no_space_is_one_line, read_json, run_fingerprint, settings_diff, write_json
 from axes_pipeline.training.checkpoints import load_into, read_checkpoint
 from axes_pipeline.training.module import ClassifierModule
 from axes_pipeline.training.optim import optimizer_factory, optimizer_target
@@ -85,6 +85,32 @@ def check_settings(out: Path, want: dict) -> None:
                         f"or delete that directory to retrain")
 
 
+RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "epoch", "global_step")
+
+
+def check_complete(out: Path, max_epochs: int) -> None:
+    """A run that says it is complete (``train_summary.json``) is skipped only when its checkpoints
+    are: ``best.ckpt`` (what analyze and prune read) and ``last.ckpt`` load (a truncated file, from a
+    full disk or a copy cut short, does not), and ``last.ckpt`` holds the final epoch. Otherwise one
+    line says what was found and how to retrain; nothing is deleted on the user's behalf."""
+    found = []
+    for name, keys in (("best.ckpt", ("state_dict",)), ("last.ckpt", RESUME_KEYS)):
+        path = out / "checkpoints" / name
+        try:
+            ckpt = read_checkpoint(path)
+        except UserError as err:
+            found.append(str(err))
+            continue
+        missing = [k for k in keys if k not in ckpt]
+        if missing:
+            found.append(f"checkpoint {path} has no {', '.join(missing)}")
+        elif name == "last.ckpt" and int(ckpt["epoch"]) + 1 < max_epochs:
+            found.append(f"checkpoint {path} holds epoch {int(ckpt['epoch']) + 1} of {max_epochs}")
+    if found:
+        raise UserError(f"{out / 'train_summary.json'} says training is complete, but {'; '.join(found)}; "
+                        f"to retrain this run, delete {out / 'checkpoints'} and {out / 'train_summary.json'}")
+
+
 def resume_point(out: Path) -> tuple[Path | None, int, int]:
     """(``last.ckpt`` to resume from or None, the first epoch and optimizer step this process trains).
 
@@ -95,7 +121,7 @@ def resume_point(out: Path) -> tuple[Path | None, int, int]:
         return None, 0, 0
     try:
         ckpt = read_checkpoint(last)
-        missing = [k for k in ("state_dict", "optimizer_states", "loops", "epoch", "global_step") if k not in ckpt]
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
         if missing:
             raise UserError(f"no {', '.join(missing)}: not a resume point written by train.py")
         epoch, step = int(ckpt["epoch"]), int(ckpt["global_step"])
@@ -178,6 +204,7 @@ def run_training(cfg: DictConfig) -> dict:
     if summary_path.exists():
         done = read_json(summary_path)
         if done.get("epochs") == max_epochs and (ckpt_dir / "last.ckpt").exists():
+            check_complete(out, max_epochs)
             log.info("training already complete (%d epochs): %s", max_epochs, summary_path)
             print(f"train: already complete, nothing to do ({summary_path})")
             return done
@@ -222,7 +249,8 @@ def run_training(cfg: DictConfig) -> dict:
     if resume is not None:
         log.info("resuming %s at epoch %d", resume, first_epoch)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
+    with no_space_is_one_line(ckpt_dir):   # Lightning's own writes: last.ckpt, best.ckpt, the logger's files
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
     wall = time.perf_counter() - t0
     if trainer.interrupted:
         raise KeyboardInterrupt

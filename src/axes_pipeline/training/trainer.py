@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from axes_pipeline.bounds import bounded, count
 from axes_pipeline.errors import UserError
 
 
@@ -26,9 +27,9 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1                             # a count, a list of devices, -1 (all) or auto
     precision: str = "32-true"                   # gpu: bf16-mixed; ddp: auto (by device)
-    max_epochs: int = "${data.recipe.epochs}"
-    log_every_n_steps: int = 10
-    num_sanity_val_steps: int = 0
+    max_epochs: int = count("${data.recipe.epochs}")
+    log_every_n_steps: int = count(10)
+    num_sanity_val_steps: int = bounded(0, -1)     # -1: every validation batch (Lightning)
     enable_model_summary: bool = False
     deterministic: Any = False                   # true, false or warn
     benchmark: bool = False
