@@ -4,11 +4,14 @@ For a linear channel ``y = w'x`` with input covariance Sigma_X, task covariance
 ``c = Cov(x, T)``, ``b = w'c`` and ``D = w' Sigma_X w``:
 
 * input-capture gradient  ``grad_w I_X  ∝ Sigma_X w``
-* task gradient           ``grad_w I_T  ∝ g_T = c - (b / D) Sigma_X w``
+* task gradient           ``grad_w I_T  = k b g_T``, ``g_T = c - (b / D) Sigma_X w``
 
-(``I_T = -1/2 log(1 - b^2 / (D sigma_T^2))`` differentiates to a positive multiple of g_T.)
-Per channel we report the cosine of (Sigma_X w, g_T) in the Euclidean metric and in the
-whitened metric ``<u, v> = u' Sigma_X^-1 v``. In the whitened metric the two are exactly
+(``I_T = -1/2 log(1 - rho^2)`` with ``rho^2 = b^2 / (D sigma_T^2)`` differentiates to
+``b / (sigma_T^2 D (1 - rho^2)) * g_T``: ``k > 0``, so the gradient is ``b·g_T`` up to a positive
+factor and its sign follows ``b``; with ``b < 0`` it points along ``-g_T``.) Per channel we report
+the cosine of (Sigma_X w, g_T) - of g_T itself, not of the signed gradient - in the Euclidean
+metric (``axes.csv`` column ``grad_cos_euclid``) and in the whitened metric
+``<u, v> = u' Sigma_X^-1 v`` (``grad_cos_whitened``). In the whitened metric the two are exactly
 orthogonal: ``<Sigma_X w, g_T> = w' g_T = b - (b / D) D = 0``.
 
 How the whitened cosine is computed here (the built-in correctness check): **honestly**, by a
