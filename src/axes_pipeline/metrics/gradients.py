@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from axes_pipeline.errors import UserError
+from axes_pipeline.metrics.gaussian import dead_channels
 from axes_pipeline.metrics.moments import Moments
 
 #: Above this patch dimension ``patch_moments`` does not form Sigma_X unless asked to.
@@ -194,7 +195,8 @@ def gradient_cosines(sx_w: Tensor, c: Tensor, w: Tensor, sigma_x: Tensor | Calla
     Returns ``[C]`` float64 tensors: ``cos_euclid`` = cos(Sigma_X w, g_T); ``cos_whitened``
     (only with ``sigma_x``) = the same in the Sigma_X^-1 metric, by an honest solve, ~0;
     ``w_dot_g`` = the closed form w'g_T / (|w| |g_T|) (0 by construction);
-    ``b`` = w'c; ``signal`` = D = w' Sigma_X w; ``dead`` (D <= 0: all cosines 0).
+    ``b`` = w'c; ``signal`` = D = w' Sigma_X w; ``dead`` (all cosines 0): D, the channel's variance, is dead
+    by the one rule of :func:`~axes_pipeline.metrics.gaussian.dead_channels`.
     """
     if sx_w.dim() != 2 or w.shape != sx_w.shape or c.dim() != 1 or c.shape[0] != sx_w.shape[1]:
         raise UserError(f"gradient cosines need sx_w [C, D], c [D], w [C, D]; got {tuple(sx_w.shape)}, "
@@ -204,7 +206,7 @@ def gradient_cosines(sx_w: Tensor, c: Tensor, w: Tensor, sigma_x: Tensor | Calla
     ww = w.to(torch.float64)
     b = ww @ cc  # [C]
     sig = (ww * u).sum(dim=1)  # D_i = w' Sigma_X w
-    dead = sig <= 0
+    dead = dead_channels(sig)   # D is the channel's (pre-BN) variance: the layer's one dead rule
     g = cc[None, :] - _safe_div(b, sig)[:, None] * u  # [C, D] task gradient direction
     cos_e = _safe_div((u * g).sum(1), u.norm(dim=1) * g.norm(dim=1))
     w_dot_g = _safe_div((ww * g).sum(1), ww.norm(dim=1) * g.norm(dim=1))
