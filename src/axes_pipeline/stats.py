@@ -30,9 +30,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["CI_COVERAGE", "CI_METHODS", "DEFAULT_CI", "PAPER_REFERENCE", "binned_spearman", "compare_paired", "effect_size_paired", "flops_auc",
-           "flops_auc_on_grid", "grid_aucs", "flops_auc_relative", "holm", "incremental_r2", "mean_sd",
-           "paired_bootstrap_ci", "paired_ci", "paired_t_ci", "paired_test", "shared_grid", "spearman", "t_interval"]
+__all__ = ["CI_COVERAGE", "CI_METHODS", "DEFAULT_CI", "PAPER_REFERENCE", "binned_spearman", "compare_paired",
+           "effect_size_paired", "flops_auc", "flops_auc_on_grid", "grid_aucs", "flops_auc_relative", "holm",
+           "incremental_r2", "mean_sd", "paired_bootstrap_ci", "paired_ci", "paired_t_ci", "paired_test", "shared_grid",
+           "spearman", "t_interval"]
 
 #: METHODS §11: the paper's numbers for six depth-spaced layers, CIFAR-100, as (mean, sd).
 PAPER_REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
