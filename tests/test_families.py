@@ -178,6 +178,34 @@ def test_peers_layer_or_group():
         channel_axes_by_peers(cov, unit, peers="block", **knobs)
 
 
+def test_one_dead_rule_in_layer_and_group_peers_and_gradients():
+    # METHODS §1: dead = variance <= DEAD_RTOL x the layer's largest (metrics.gaussian.dead_channels), in
+    # every module. Conv group 1 holds only channels ~1e-9 of the layer's scale (variance ~1e-18 of the
+    # largest): dead for the layer, and for its group too, though they are the group's own largest.
+    from axes_pipeline.metrics import covariance, dead_channels, gradient_cosines
+    from axes_pipeline.metrics.peers import channel_axes_by_peers
+
+    unit = conv_norm_pairs(_Grouped().eval())["conv"]
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    acts[:, 3:] *= 1e-9
+    cov = covariance(acts, acts[:, 0] + torch.randn(300, generator=g, dtype=torch.float64))
+    knobs = dict(sigma0="median", hull_eps=0.05, hull_max=10, hull_order="correlation", ridge=1e-3, pool=50, top=10)
+    expect = [False] * 3 + [True] * 3
+    assert dead_channels(torch.diagonal(cov)[1:]).tolist() == expect
+    for peers in ("layer", "group"):
+        out = channel_axes_by_peers(cov, unit, peers=peers, **knobs)
+        assert out["dead"].tolist() == expect, peers
+        assert (out["input_capture"][3:] == 0).all() and (out["task_info"][3:] == 0).all(), peers
+    # the gradient analysis: D = w'Σ_X w is the channel's variance, dead by the same rule (cosines 0)
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    w[2] *= 1e-9
+    sigma = torch.eye(5, dtype=torch.float64) + 0.1
+    cos = gradient_cosines(w @ sigma, torch.randn(5, generator=g, dtype=torch.float64), w)
+    assert cos["dead"].tolist() == [False, False, True] and float(cos["cos_euclid"][2]) == 0.0
+    assert torch.equal(cos["dead"], dead_channels(cos["signal"]))
+
+
 class _Grouped(nn.Module):
     def __init__(self):
         super().__init__()

@@ -6,6 +6,7 @@ import networkx as nx
 import numpy as np
 import pytest
 from networkx.algorithms.community import greedy_modularity_communities, modularity
+from sklearn.metrics import normalized_mutual_info_score
 
 from axes_pipeline.analyses.axes_table import select_units
 from axes_pipeline.analyses.graphs import compare_groupings, partition, top_edges
@@ -21,6 +22,24 @@ def _networkx_q(C, i, j, w) -> float:
     g.add_nodes_from(range(C))
     g.add_weighted_edges_from(zip(i.tolist(), j.tolist(), w.tolist()))
     return modularity(g, greedy_modularity_communities(g, weight="weight"), weight="weight")
+
+
+def _networkx_labels(C, i, j, w) -> np.ndarray:
+    g = nx.Graph()
+    g.add_nodes_from(range(C))
+    g.add_weighted_edges_from(zip(i.tolist(), j.tolist(), w.tolist()))
+    labels = np.zeros(C, dtype=int)
+    for k, comm in enumerate(greedy_modularity_communities(g, weight="weight")):
+        labels[list(comm)] = k
+    return labels
+
+
+def _nmi(C, weights) -> float:
+    """NMI between igraph's and networkx's partitions of one graph (1 = the same grouping)."""
+    edges = top_edges(weights, 0.1)
+    if len(edges[0]) == 0:
+        return 1.0
+    return float(normalized_mutual_info_score(partition(C, *edges)[0], _networkx_labels(C, *edges)))
 
 
 def _rel(C, weights) -> float:
@@ -64,12 +83,19 @@ def test_modularity_matches_networkx_on_the_demo_graphs(demo_graphs):
     rel = [_rel(r.shape[0], m) for r, s in demo_graphs.values() for m in (r, s)]
     assert len(rel) == 40
     print("demo graphs: relative Q difference igraph vs networkx:", np.round(sorted(rel), 4).tolist())
+    nmi = [_nmi(r.shape[0], m) for r, s in demo_graphs.values() for m in (r, s)]
+    print("demo graphs: NMI of the igraph and networkx partitions:", np.round(sorted(nmi), 3).tolist())
     # CNM merges greedily: where two merges tie up to rounding, the libraries may break the tie
-    # differently and stop in another local optimum (seen: one graph of 40 at -2.1% with one torch
-    # thread, another at +0.8% with two). The same algorithm: nearly every graph to the rounding,
-    # and no graph far off.
+    # differently and stop in another local optimum. The same algorithm: nearly every graph to the
+    # rounding, and no graph far off. Measured (METHODS §4): these graphs, 40 of 40 identical, NMI 1.0
+    # (2026-12-06; earlier runs saw one graph at -2.1% with one torch thread, +0.8% with two); the
+    # demo's 80 graphs (2 seeds, ResNet-18 w0.25), 72 identical, worst +1.03% (|ΔQ| <= 0.0039), NMI
+    # median 1.0, min 0.63. Tolerance: the worst seen (2.1%) + 0.9 points.
     assert sum(abs(x) <= 1e-6 for x in rel) >= 38, sorted(rel)
-    assert max(abs(x) for x in rel) <= 0.05, sorted(rel)
+    assert max(abs(x) for x in rel) <= 0.03, sorted(rel)
+    # a graph whose Q is the same to rounding is the same partition; the others stay related
+    same = [n for x, n in zip(rel, nmi) if abs(x) <= 1e-6]
+    assert min(same) >= 1 - 1e-9 and min(nmi) >= 0.5, sorted(nmi)
 
 
 @pytest.mark.parametrize("strength", [0.5, 1.0])

@@ -325,6 +325,81 @@ def test_chip_matches_explicit_nuclear_norms():
                 assert got[b, c] == pytest.approx(float(full - torch.linalg.matrix_norm(Ar, ord="nuc")), abs=1e-8)
 
 
+def test_fpgm_is_the_summed_distance_to_the_other_filters():
+    torch.manual_seed(0)
+    model = build_model("vgg16", 10, width=0.125).eval()
+    ctx = fake_context(model, 32)
+    got = SCORES["fpgm"](ctx, 0)
+    for layer in ("features.0", "features.3"):
+        w = model.get_submodule(layer).weight.detach().double()
+        expect = []
+        for i in range(w.shape[0]):          # the obvious loop (He et al. 2019, eq. 4 summed over the layer)
+            total = 0.0
+            for j in range(w.shape[0]):
+                total += float(torch.sqrt(((w[i] - w[j]) ** 2).sum()))
+            expect.append(total)
+        assert np.allclose(got[layer], expect, rtol=1e-10)
+    assert SCORES["fpgm"].axis == "baseline" and not SCORES["fpgm"].needs
+    # a filter at the layer's geometric median (here: a copy of the mean of two symmetric ones) goes first
+    conv = nn.Conv2d(1, 3, 1, bias=False)
+    conv.weight.data = torch.tensor([-1.0, 0.0, 1.0]).reshape(3, 1, 1, 1)
+    one = ScoreContext(nn.Sequential(conv), {"c": conv})
+    assert np.argmin(SCORES["fpgm"](one, 0)["c"]) == 1
+
+
+@pytest.mark.parametrize("beta", ["0.1", "0.25", "0.5", "1"])
+def test_two_axis_is_normalised_ix_minus_beta_normalised_it(beta):
+    rng = np.random.default_rng(3)
+    ix, it = rng.random(7) * 5 + 2, rng.random(7) * 0.3
+    score = SCORES[f"two_axis_a1_b{beta}"]
+    got = score(_one_layer_context({"input_capture": ix, "task_info": it}), 0)["c"]
+    expect = [(ix[i] - ix.min()) / (ix.max() - ix.min()) - float(beta) * (it[i] - it.min()) / (it.max() - it.min())
+              for i in range(7)]
+    assert np.allclose(got, expect)
+    assert score.axis == "mixed" and score.columns == {"input_capture", "task_info"} and score.family == "two_axis_a1_b"
+    assert resolve_score("two_axis_a1_b0.3").param == pytest.approx(0.3)
+
+
+def test_dead_channels_are_removed_first_by_every_score():
+    # METHODS §9. Zeroed filters (no bias) give constant outputs: dead. One channel of an internal conv
+    # and one channel coupled through the residual adds, dead in every conv of its group. The analysis
+    # table gives dead channels 0 in every column, as the analysis does (hull_score's keep value −0 was
+    # then the layer's maximum: kept first).
+    torch.manual_seed(0)
+    model = _randomise_norms(build_model("resnet18", 10, width=0.125))
+    groups = build_groups(model, torch.randn(1, 3, 16, 16))
+    inner = next(i for i, g in enumerate(groups.groups) if list(g.convs) == ["layer1.0.conv1"])
+    coupled = next(i for i, g in enumerate(groups.groups) if "conv1" in g.convs)
+    with torch.no_grad():
+        model.get_submodule("layer1.0.conv1").weight[2] = 0
+        for c in groups.groups[coupled].convs:
+            model.get_submodule(c).weight[groups.groups[coupled].channel_of[c][1]] = 0   # root channel 1
+    g = torch.Generator().manual_seed(0)
+    batch = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g))]   # few images: chip
+    table = fake_axes(model)
+    ctx = ScoreContext(model, conv_layers(model), axes_loader=lambda: table, calibration=lambda: batch)
+    dead_rows = (table.layer == "layer1.0.conv1") & (table.channel == 2)
+    for c in groups.groups[coupled].convs:
+        dead_rows |= (table.layer == c) & (table.channel == groups.groups[coupled].channel_of[c][1])
+    table.loc[dead_rows, AXES_COLUMNS] = 0.0
+    dead = ctx.dead()
+    assert dead["layer1.0.conv1"].tolist() == [i == 2 for i in range(dead["layer1.0.conv1"].size)]
+    assert sum(int(d.sum()) for d in dead.values()) == 1 + len(groups.groups[coupled].convs)
+    for name in DEFAULT_SCORES:
+        gs = group_scores(groups, SCORES[name](ctx, 0), dead=dead)
+        for g, ch in ((inner, 2), (coupled, 1)):
+            live = np.delete(gs[g], ch)
+            assert gs[g][ch] < live.min(), name                      # below every live channel of its group
+        for kind in ("global", "uniform"):
+            alloc = make_allocation(kind, groups, gs, 0.9)
+            assert alloc.orders[inner][0] == 2 and alloc.orders[coupled][0] == 1, (name, kind)
+        first_two = set(make_allocation("global", groups, gs, 0.9).counts(2).nonzero()[0].tolist())
+        assert first_two == {inner, coupled}, name                   # globally, the dead ones go first
+    # without the mask the old order stands: hull_score kept its dead channel first
+    gs = group_scores(groups, SCORES["hull_score"](ctx, 0))
+    assert gs[inner][2] == gs[inner].max()
+
+
 # ---------------------------------------------------------------------------------- allocation, search
 
 

@@ -317,14 +317,19 @@ def test_page_answers_first_and_reads_plainly(tmp_path):
 def test_report_ci_choice(tmp_path):
     for s in (1, 2, 3):
         fake_run(tmp_path, s, local_gain=0.05)
-    with pytest.raises(UserError, match="report.ci must be one of bca, percentile"):
+    with pytest.raises(UserError, match="report.ci must be one of t, bca, percentile"):
         _report(tmp_path, "report.ci=studentized")
+    out = tmp_path / "multirun" / "demo" / "report"
     _report(tmp_path)
-    head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
-    assert (head.ci_method == "bca").all()
+    head = pd.read_csv(out / "headline.csv")
+    assert (head.ci_method == "t").all()
+    # the sentence under the forest plot names the interval
+    assert "paired Student t 95% CI" in (out / "report.md").read_text()
     _report(tmp_path, "report.ci=percentile")
-    head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
+    head = pd.read_csv(out / "headline.csv")
     assert (head.ci_method == "percentile").all()
+    # a bootstrap interval is labelled with its measured coverage
+    assert "percentile bootstrap 95% CI (covers ~85% at 5 seeds)" in (out / "report.md").read_text()
 
 
 def test_pruning_curve_lines_are_named_and_best_emphasised():

@@ -141,7 +141,7 @@ def test_defaults_are_the_old_yaml_values(tmp_path):
     report = make_cfg("report", [], tmp_path).report
     assert OmegaConf.to_container(report) == {
         "sweep": None, "runs": None, "out": None, "accuracy": "acc_before_ft", "min_seeds": 3, "n_boot": 10000,
-        "test": "wilcoxon", "ci": "bca", "seed": 0}
+        "test": "wilcoxon", "ci": "t", "seed": 0}
 
 
 @pytest.mark.parametrize("data,epochs,batch,image,download,optimizer", [

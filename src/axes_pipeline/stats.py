@@ -3,8 +3,10 @@ binned correlations, ΔR² and the paper's reference values.
 
 Pure numpy/scipy and deterministic given ``seed``: every random draw comes from
 ``numpy.random.default_rng(seed)``, so a report rebuilt from the same results prints the same
-intervals. Confidence intervals of the paired difference come from :func:`scipy.stats.bootstrap`
-(BCa by default) and the sign-flip test from :func:`scipy.stats.permutation_test`; the one
+intervals. The confidence interval of the paired difference is the Student t interval
+(:data:`scipy.stats.t`) by default, which holds its level at 3–10 seeds; the bootstrap intervals of
+:func:`scipy.stats.bootstrap` (BCa, percentile) stay a knob, labelled with their measured coverage
+(:data:`CI_COVERAGE`). The sign-flip test comes from :func:`scipy.stats.permutation_test`; the one
 hand-written resampler left (:func:`incremental_r2`) says why beside it.
 
 What uses what (METHODS §8, §9): pruning curves → :func:`grid_aucs` (every score of a comparison
@@ -28,9 +30,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["CI_METHODS", "PAPER_REFERENCE", "binned_spearman", "compare_paired", "effect_size_paired", "flops_auc",
-           "flops_auc_on_grid", "grid_aucs", "flops_auc_relative", "holm", "incremental_r2", "mean_sd",
-           "paired_bootstrap_ci", "paired_test", "shared_grid", "spearman"]
+__all__ = ["CI_COVERAGE", "CI_METHODS", "DEFAULT_CI", "PAPER_REFERENCE", "binned_spearman", "compare_paired",
+           "effect_size_paired", "flops_auc", "flops_auc_on_grid", "grid_aucs", "flops_auc_relative", "holm",
+           "incremental_r2", "mean_sd", "paired_bootstrap_ci", "paired_ci", "paired_t_ci", "paired_test", "shared_grid",
+           "spearman", "t_interval"]
 
 #: METHODS §11: the paper's numbers for six depth-spaced layers, CIFAR-100, as (mean, sd).
 PAPER_REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
@@ -271,9 +274,65 @@ def mean_sd(values) -> tuple[float, float, int]:
 # ----------------------------------------------------------------------------- paired tests
 
 
-#: Bootstrap CI methods (``report.ci``): BCa corrects the percentile interval for bias and skew
-#: of the bootstrap distribution (Efron 1987); ``percentile`` is the plain quantile interval.
-CI_METHODS = ("bca", "percentile")
+#: CI methods of the paired difference (``report.ci``): ``t`` the Student t interval on the paired
+#: differences; ``bca`` the bias-corrected and accelerated bootstrap (Efron 1987); ``percentile``
+#: the plain bootstrap quantile interval.
+CI_METHODS = ("t", "bca", "percentile")
+#: The headline interval (METHODS §9). With 3–10 seeds the bootstrap intervals under-cover: the
+#: resampled mean of n values has at most C(2n−1, n) distinct values and its spread is the
+#: plug-in SD (ddof=0), about √((n−1)/n) of the true one, before any quantile is read. The t
+#: interval carries the small-n correction in its t_{n−1} quantile.
+DEFAULT_CI = "t"
+#: Measured coverage of a nominal 95% interval of a zero mean paired difference, 5 seeds, normal
+#: differences (tests/test_report_stats.py::test_default_interval_covers for "t"; the bootstrap
+#: figures from 2,000 simulated null samples, scipy.stats.bootstrap with 2,000 resamples: 85.3% both,
+#: ±0.8%; with Student t (df=3) differences 81.5% BCa, 83.2% percentile). The report labels a
+#: bootstrap interval with its figure.
+CI_COVERAGE = {"t": 0.95, "bca": 0.85, "percentile": 0.85}
+
+
+def t_interval(d, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Student t interval of the mean of ``d: [..., n]`` along its last axis: ``(lo, hi)``, each ``[...]``.
+
+    mean ± t_{n−1, (1+level)/2} · sd/√n (sd: ddof=1). Vectorised over the leading axes, so a
+    coverage simulation is one call. Needs n ≥ 2 and finite values (:func:`paired_t_ci` handles the rest).
+    """
+    d = np.asarray(d, dtype=float)
+    n = d.shape[-1]
+    mean = d.mean(axis=-1)
+    half = float(_st.t.ppf(0.5 + level / 2, n - 1)) * d.std(axis=-1, ddof=1) / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def paired_t_ci(a, b, level: float = 0.95) -> tuple[float, float, float]:
+    """Student t CI of the mean paired difference ``a − b: [n]`` (:func:`t_interval`).
+
+    Returns ``(diff_mean, lo, hi)``; n = 0: all NaN; n = 1: the difference, NaN interval (one pair
+    carries no information about spread); a constant difference (spread at rounding level): the point.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    a, b, _ = _paired(a, b)
+    d = a - b
+    if d.size == 0:
+        return math.nan, math.nan, math.nan
+    diff = float(d.mean())
+    if d.size == 1:
+        return diff, math.nan, math.nan
+    if _is_constant(d):
+        return diff, diff, diff
+    lo, hi = t_interval(d, level)
+    return diff, float(lo), float(hi)
+
+
+def paired_ci(a, b, method: str = DEFAULT_CI, level: float = 0.95, n_boot: int = 10000,
+              seed: int = 0) -> tuple[float, float, float]:
+    """CI of the mean paired difference by ``method`` (:data:`CI_METHODS`): ``(diff_mean, lo, hi)``."""
+    if method not in CI_METHODS:
+        raise ValueError(f"unknown CI method '{method}'; choose one of: {', '.join(CI_METHODS)}")
+    if method == "t":
+        return paired_t_ci(a, b, level=level)
+    return paired_bootstrap_ci(a, b, n_boot=n_boot, level=level, seed=seed, method=method)
 
 
 def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: int = 0,
@@ -281,7 +340,8 @@ def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: in
     """Bootstrap CI of the mean paired difference ``a − b: [n]`` (:func:`scipy.stats.bootstrap`).
 
     The pair is the unit that is resampled (a seed gives both scores), ``n_boot`` replicates;
-    ``method`` is ``"bca"`` (bias-corrected and accelerated, the default) or ``"percentile"``.
+    ``method`` is ``"bca"`` (bias-corrected and accelerated) or ``"percentile"``. Both under-cover
+    at a few seeds (:data:`CI_COVERAGE`); the headline uses :func:`paired_t_ci` unless asked otherwise.
 
     Returns ``(diff_mean, lo, hi)`` with ``diff_mean`` the observed mean difference. With
     n = 0 everything is NaN; with n = 1 the difference is reported but the interval is NaN
@@ -291,8 +351,8 @@ def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: in
         raise ValueError(f"level must be in (0, 1), got {level}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if method not in CI_METHODS:
-        raise ValueError(f"unknown CI method '{method}'; choose one of: {', '.join(CI_METHODS)}")
+    if method not in ("bca", "percentile"):
+        raise ValueError(f"unknown bootstrap CI method '{method}'; choose one of: bca, percentile")
     a, b, _ = _paired(a, b)
     d = a - b
     if d.size == 0:
@@ -375,15 +435,15 @@ def _p_floor(d: np.ndarray, method: str) -> float:
 
 
 def compare_paired(a, b, *, min_n: int = 3, n_boot: int = 10000, seed: int = 0, method: str = "wilcoxon",
-                   level: float = 0.95, ci: str = "bca") -> dict:
+                   level: float = 0.95, ci: str = DEFAULT_CI) -> dict:
     """The headline comparison of METHODS §9 in one call: score A vs score B across seeds.
 
     ``a, b: [n_seeds]`` (e.g. FLOPs-AUC of the best local and the best target score per
     seed), paired by position. Returns a dict:
 
     - ``n``: pairs used; ``mean_a``, ``mean_b``, ``diff`` (= mean(a − b));
-    - ``ci_lo``, ``ci_hi``: paired bootstrap CI of ``diff`` at ``level`` (``ci``: ``"bca"`` or
-      ``"percentile"``, :func:`paired_bootstrap_ci`); ``ci_method``: which;
+    - ``ci_lo``, ``ci_hi``: CI of ``diff`` at ``level`` (``ci``: ``"t"``, the Student t interval,
+      or the bootstrap ``"bca"`` / ``"percentile"``, :func:`paired_ci`); ``ci_method``: which;
     - ``p_value``: two-sided p from :func:`paired_test` with ``method``;
     - ``effect_size``: Cohen's d_z (:func:`effect_size_paired`);
     - ``test``: the test used; ``p_min``: the smallest p that test can reach with these
@@ -409,7 +469,7 @@ def compare_paired(a, b, *, min_n: int = 3, n_boot: int = 10000, seed: int = 0, 
     if n < min_n:
         notes.append(f"n={n} < {min_n} seeds: the paired test is not possible")
     else:
-        _, lo, hi = paired_bootstrap_ci(a, b, n_boot=n_boot, level=level, seed=seed, method=ci)
+        _, lo, hi = paired_ci(a, b, method=ci, level=level, n_boot=n_boot, seed=seed)
         es = effect_size_paired(a, b)
         out.update(ci_lo=lo, ci_hi=hi, p_value=paired_test(a, b, method=method, seed=seed), effect_size=es,
                    p_min=_p_floor(d, method))

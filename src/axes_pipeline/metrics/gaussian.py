@@ -39,6 +39,18 @@ RHO_MAX = 0.999
 #: A channel whose variance is at most this fraction of the layer's largest variance is dead.
 DEAD_RTOL = 1e-12
 
+
+def dead_channels(var: Tensor) -> Tensor:
+    """The one definition of a dead channel (METHODS §1), for every module that needs one.
+
+    ``var: [C]`` the channels' variances over one layer -> ``[C]`` bool: ``var <= DEAD_RTOL * max(var)``.
+    Relative, not ``var <= 0``: a constant channel's variance is 0 only up to the rounding of the
+    covariance, which scales with the layer's values. An all-zero layer is all dead.
+    """
+    if var.numel() == 0:
+        return torch.zeros(var.shape, dtype=torch.bool, device=var.device)
+    return var <= DEAD_RTOL * var.max()
+
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
@@ -214,7 +226,7 @@ def standardise(cov: Tensor) -> Standardised:
     cov = 0.5 * (cov + cov.T)  # tolerate rounding asymmetry from any producer
     var_all = torch.diagonal(cov)
     var_t, var = var_all[0], var_all[1:]
-    dead = var <= DEAD_RTOL * var.max()  # all-zero layer: every channel dead
+    dead = dead_channels(var)  # all-zero layer: every channel dead
     sd = torch.where(dead, torch.zeros_like(var), var.sqrt())
     inv_sd = torch.where(dead, torch.zeros_like(var), 1.0 / torch.where(dead, torch.ones_like(sd), sd))
     corr = cov[1:, 1:] * inv_sd[:, None] * inv_sd[None, :]

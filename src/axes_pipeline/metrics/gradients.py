@@ -4,11 +4,14 @@ For a linear channel ``y = w'x`` with input covariance Sigma_X, task covariance
 ``c = Cov(x, T)``, ``b = w'c`` and ``D = w' Sigma_X w``:
 
 * input-capture gradient  ``grad_w I_X  ∝ Sigma_X w``
-* task gradient           ``grad_w I_T  ∝ g_T = c - (b / D) Sigma_X w``
+* task gradient           ``grad_w I_T  = k b g_T``, ``g_T = c - (b / D) Sigma_X w``
 
-(``I_T = -1/2 log(1 - b^2 / (D sigma_T^2))`` differentiates to a positive multiple of g_T.)
-Per channel we report the cosine of (Sigma_X w, g_T) in the Euclidean metric and in the
-whitened metric ``<u, v> = u' Sigma_X^-1 v``. In the whitened metric the two are exactly
+(``I_T = -1/2 log(1 - rho^2)`` with ``rho^2 = b^2 / (D sigma_T^2)`` differentiates to
+``b / (sigma_T^2 D (1 - rho^2)) * g_T``: ``k > 0``, so the gradient is ``b·g_T`` up to a positive
+factor and its sign follows ``b``; with ``b < 0`` it points along ``-g_T``.) Per channel we report
+the cosine of (Sigma_X w, g_T) - of g_T itself, not of the signed gradient - in the Euclidean
+metric (``axes.csv`` column ``grad_cos_euclid``) and in the whitened metric
+``<u, v> = u' Sigma_X^-1 v`` (``grad_cos_whitened``). In the whitened metric the two are exactly
 orthogonal: ``<Sigma_X w, g_T> = w' g_T = b - (b / D) D = 0``.
 
 How the whitened cosine is computed here (the built-in correctness check): **honestly**, by a
@@ -33,6 +36,7 @@ import torch
 from torch import Tensor
 
 from axes_pipeline.errors import UserError
+from axes_pipeline.metrics.gaussian import dead_channels
 from axes_pipeline.metrics.moments import Moments
 
 #: Above this patch dimension ``patch_moments`` does not form Sigma_X unless asked to.
@@ -191,7 +195,8 @@ def gradient_cosines(sx_w: Tensor, c: Tensor, w: Tensor, sigma_x: Tensor | Calla
     Returns ``[C]`` float64 tensors: ``cos_euclid`` = cos(Sigma_X w, g_T); ``cos_whitened``
     (only with ``sigma_x``) = the same in the Sigma_X^-1 metric, by an honest solve, ~0;
     ``w_dot_g`` = the closed form w'g_T / (|w| |g_T|) (0 by construction);
-    ``b`` = w'c; ``signal`` = D = w' Sigma_X w; ``dead`` (D <= 0: all cosines 0).
+    ``b`` = w'c; ``signal`` = D = w' Sigma_X w; ``dead`` (all cosines 0): D, the channel's variance, is dead
+    by the one rule of :func:`~axes_pipeline.metrics.gaussian.dead_channels`.
     """
     if sx_w.dim() != 2 or w.shape != sx_w.shape or c.dim() != 1 or c.shape[0] != sx_w.shape[1]:
         raise UserError(f"gradient cosines need sx_w [C, D], c [D], w [C, D]; got {tuple(sx_w.shape)}, "
@@ -201,7 +206,7 @@ def gradient_cosines(sx_w: Tensor, c: Tensor, w: Tensor, sigma_x: Tensor | Calla
     ww = w.to(torch.float64)
     b = ww @ cc  # [C]
     sig = (ww * u).sum(dim=1)  # D_i = w' Sigma_X w
-    dead = sig <= 0
+    dead = dead_channels(sig)   # D is the channel's (pre-BN) variance: the layer's one dead rule
     g = cc[None, :] - _safe_div(b, sig)[:, None] * u  # [C, D] task gradient direction
     cos_e = _safe_div((u * g).sum(1), u.norm(dim=1) * g.norm(dim=1))
     w_dot_g = _safe_div((ww * g).sum(1), ww.norm(dim=1) * g.norm(dim=1))

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics.axes import channel_axes_from_moments, sigma0_sq
+from axes_pipeline.metrics.gaussian import dead_channels
 
 __all__ = ["PEER_MODES", "channel_axes_by_peers", "check_peers"]
 
@@ -35,7 +36,12 @@ def channel_axes_by_peers(cov: Tensor, unit, *, peers: str = "layer", **knobs) -
     if peers == "layer" or groups == 1:
         return channel_axes_from_moments(cov, **knobs)
     var = torch.diagonal(cov)[1:]
-    s0 = float(sigma0_sq(var, var <= 0, knobs["sigma0"]))   # the layer's scale, shared by its groups
+    dead = dead_channels(var)
+    s0 = float(sigma0_sq(var, dead, knobs["sigma0"]))   # the layer's scale, shared by its groups
+    # the layer decides who is dead, as in ``layer`` mode: a group's own relative threshold would
+    # call a channel live that is dead next to the layer's largest variance; a zero row is dead in any group
+    mask = torch.cat([torch.ones(1, dtype=cov.dtype, device=cov.device), (~dead).to(cov.dtype)])   # target row kept
+    cov = cov * mask[:, None] * mask[None, :]
     per = unit.conv.out_channels // groups
     out: dict[str, Tensor] = {}
     for g in range(groups):   # the channels of one conv group are each other's peers

@@ -2,7 +2,8 @@
 
 - :func:`group_scores`: each conv's scores min–max normalised within the layer, then a group's
   score per root channel is the mean over its conv members (coupled channels are pruned
-  together). ``depthwise=False`` leaves depthwise convs out of the mean where the group has
+  together); dead channels score below every live one, so every score removes them first.
+  ``depthwise=False`` leaves depthwise convs out of the mean where the group has
   another conv (they are never scored on their own either way).
 - An :class:`Allocation` turns one integer parameter ``i`` into per-group prune counts
   ``counts(i): [G]``, non-decreasing in ``i`` (so the MACs fall monotonically):
@@ -32,20 +33,33 @@ from axes_pipeline.pruning.flops import CostModel
 from axes_pipeline.pruning.groups import GroupSet
 from axes_pipeline.pruning.scores import minmax
 
-__all__ = ["ALLOCATIONS", "Allocation", "SearchResult", "group_scores", "keep_masks", "make_allocation", "match_flops",
-           "nominal_fraction"]
+__all__ = ["ALLOCATIONS", "DEAD_SCORE", "Allocation", "SearchResult", "group_scores", "keep_masks", "make_allocation",
+           "match_flops", "nominal_fraction"]
 
 ALLOCATIONS = ("global", "uniform", "hybrid")
 
 log = logging.getLogger("axes_pipeline")
 
 
-def group_scores(groups: GroupSet, per_layer: dict[str, np.ndarray], depthwise: bool = True) -> list[np.ndarray]:
-    """Per-group scores ``[size_g]`` (mean of the members' layer-normalised scores)."""
+#: the group score of a dead channel: below every live channel's (those lie in [0, 1])
+DEAD_SCORE = -1.0
+
+
+def group_scores(groups: GroupSet, per_layer: dict[str, np.ndarray], depthwise: bool = True,
+                 dead: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Per-group scores ``[size_g]`` (mean of the members' layer-normalised scores).
+
+    ``dead``: ``{layer: bool [C]}`` (:meth:`ScoreContext.dead`). Dead channels are removed first by
+    every score (METHODS §9): a layer is normalised over its live channels (a dead channel's value,
+    e.g. hull_score's −0, would otherwise sit anywhere in the order), a dead member counts as the
+    layer's lowest (0) in a group's mean, and a channel dead in every conv of its group scores
+    :data:`DEAD_SCORE`."""
     norm = {}
     for layer, v in per_layer.items():
         v = np.asarray(v, dtype=np.float64)
-        norm[layer] = np.full(v.shape, np.nan) if not np.isfinite(v).any() else minmax(v)
+        d = _dead_of(dead, layer, v.shape)
+        live = np.where(d, np.nan, v)
+        norm[layer] = np.full(v.shape, np.nan) if not np.isfinite(live).any() else np.where(d, 0.0, minmax(live))
     out, empty = [], []
     for g in groups.groups:
         members = list(g.convs)
@@ -53,13 +67,21 @@ def group_scores(groups: GroupSet, per_layer: dict[str, np.ndarray], depthwise: 
             members = [c for c in g.convs if c not in g.depthwise]
         stack = np.stack([norm[c][g.channel_of[c]] for c in members])  # [members, size]
         rows = stack[~np.isnan(stack).all(axis=1)]  # a layer without values (no norm for bn_scale)
-        out.append(rows.mean(axis=0) if rows.size else np.full(g.size, 0.5))
+        score = rows.mean(axis=0) if rows.size else np.full(g.size, 0.5)
+        all_dead = np.logical_and.reduce([_dead_of(dead, c, norm[c].shape)[g.channel_of[c]] for c in g.convs])
+        out.append(np.where(all_dead, DEAD_SCORE, score))
         if not rows.size:
             empty.append(g.name)
     if empty:  # e.g. bn_scale where no norm follows (AlexNet, SE convs): ranked by tie-break only
         log.warning("score undefined for %d of %d channel groups (e.g. %s): their channels all score 0.5 and are "
                     "ordered by the seeded tie-break", len(empty), len(groups.groups), empty[0])
     return out
+
+
+def _dead_of(dead: dict[str, np.ndarray] | None, layer: str, shape) -> np.ndarray:
+    if dead is None or layer not in dead:
+        return np.zeros(shape, dtype=bool)
+    return np.asarray(dead[layer], dtype=bool).reshape(shape)
 
 
 def _order(scores: np.ndarray) -> np.ndarray:

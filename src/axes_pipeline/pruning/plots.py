@@ -101,7 +101,7 @@ def plot_sweeps(summary: dict, out: Path) -> dict[str, Path]:
         ax.set_ylabel("FLOPs-AUC (test top-1)")
         ax.set_title(sweep["label"])
         ax.grid(alpha=0.3)
-        name = {"magnitude_plus_ix_a": "alpha", "ixy_minus_red_b": "beta"}.get(prefix, prefix)
+        name = {"magnitude_plus_ix_a": "alpha", "ixy_minus_red_b": "beta", "two_axis_a1_b": "two_axis"}.get(prefix, prefix)
         made[f"sweep_{name}"] = _save(plt, fig, out / f"prune_sweep_{name}.png")
     return made
 

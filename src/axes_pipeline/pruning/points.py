@@ -71,6 +71,8 @@ class ScoreCache:
             "depthwise": s.depthwise, "eval": [s.eval_samples, s.eval_seed],
             "finetune": s.ft if s.finetune else False, "fvcore": s.fvcore_check,
             "latency": [s.latency_batch_sizes, s.latency_repeats] if s.latency else False,
+            # dead channels first (ScoreContext.dead): the mask comes from the calibration images
+            "dead_first": s.calibration,
         }
         if s.allocation == "hybrid":
             parts["hybrid"] = fingerprint(self.score_key(s.hybrid_from))

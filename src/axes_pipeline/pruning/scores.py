@@ -11,11 +11,13 @@ Axes (METHODS §9), carried by every output as ``axis``:
   ``hull_score`` (keep = −E_full/max(1,|H|)), ``composite_local`` (I_X + 0.5·S − 0.3·R̄_X);
 - ``target``: ``task_info`` (I_T), ``composite_target`` (I_T + 0.5·S − 0.3·R_T), ``task_unique`` (U_T + 0.5·S);
 - ``mixed``: ``magnitude_plus_ix_a{α}`` (‖w‖ + α·I_X, α ∈ {.25,.5,.75,1}; ‖w‖ is the filter's
-  L2 norm by default, as in the authors' code; knob ``pruning.magnitude``);
+  L2 norm by default, as in the authors' code; knob ``pruning.magnitude``); ``two_axis_a1_b{β}``
+  (norm(I_X) − β·norm(I_T), β ∈ {.1,.25,.5,1}, the authors' two-axis rule; norm = min–max within the layer);
 - ``baseline``: ``random`` (seeded draws), ``l1``, ``l2`` (filter norms), ``bn_scale`` (|γ| of
   the norm after the conv), ``taylor`` (Σ|w·∂L/∂w| over the filter, calibration images),
   ``hrank`` (mean rank of the channel's feature maps), ``chip`` (channel independence: drop of
-  the nuclear norm of the feature-map matrix when the channel's row is removed).
+  the nuclear norm of the feature-map matrix when the channel's row is removed), ``fpgm``
+  (Σ_j ‖F_i − F_j‖₂ over the layer's filters, He et al. 2019: filters near the geometric median go first).
 
 Direction (METHODS §9): every score is a *keep* value. Local replaceability (R̄_X = ``peer_overlap``,
 the hull score E_full/max(1,|H|) of ``axes.csv``) predicts *removability*: a channel its peers
@@ -23,9 +25,14 @@ can stand in for is the one to prune first, so a replaceability term always ente
 sign (the ``axes.csv`` column keeps the replaceability value itself). Redundancy with the target
 (R_T) is subtracted for the same reason; I_X, I_T, S, U_T and the filter norms enter with a plus sign.
 
+Dead channels (METHODS §1's rule) are removed first by every score: the raw values here are the
+score's own, and :func:`~axes_pipeline.pruning.allocation.group_scores` puts the channels of
+:meth:`ScoreContext.dead` below every live one (``hull_score`` alone would keep them first: −0 is its
+largest keep value).
+
 Components of a mixed score are min–max normalised within each layer before they are mixed
 (:func:`minmax`); the group code normalises the final score within each layer again.
-``ixy_minus_red_b<β>`` and ``magnitude_plus_ix_a<α>`` accept any number (``resolve_score``).
+``ixy_minus_red_b<β>``, ``magnitude_plus_ix_a<α>`` and ``two_axis_a1_b<β>`` accept any number (``resolve_score``).
 
 The axes columns come from the analysis stage's ``<run_dir>/analyze/axes.csv`` (computed on demand
 through ``axes_pipeline.analyses.axes_table.load_or_compute_axes`` when that exists). The feature
@@ -45,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.metrics.gaussian import dead_channels
 from axes_pipeline.pruning.evaluate import eval_mode
 from axes_pipeline.pruning.taylor import taylor_scores
 
@@ -194,6 +202,53 @@ class ScoreContext:
     def feature_map_batches(self):
         return self.feature_maps() if self.feature_maps is not None else self.batches()
 
+    def dead(self) -> dict[str, np.ndarray] | None:
+        """``{layer: bool [C]}``: the dead channels, removed first by every score (METHODS §9).
+
+        One mask for every score of the run: the variance of each layer's output (pre-norm, the
+        analysis' capture point) over the calibration images, dead by the rule of
+        :func:`~axes_pipeline.metrics.gaussian.dead_channels`. None without calibration images.
+        """
+        if self.calibration is None:
+            return None
+        if "dead" not in self._cache:
+            self._cache["dead"] = {layer: dead_channels(v).numpy() for layer, v in self._output_variances().items()}
+        return self._cache["dead"]
+
+    def _output_variances(self) -> dict[str, torch.Tensor]:
+        """``{layer: [C]}`` float64 variance of each layer's output over images and positions
+        (Chan et al.'s pairwise merge of per-batch centred sums: no cancellation for a constant channel)."""
+        stats: dict[str, list] = {layer: [0, None, None] for layer in self.layers}   # n, mean, M2
+        handles = []
+
+        def make_hook(layer, module):
+            dim = -1 if isinstance(module, nn.Linear) else 1   # channels-last Linear units, else NCHW
+
+            def hook(_m, _inp, out):
+                x = out.detach().to(torch.float64).movedim(dim, -1).reshape(-1, out.shape[dim]).cpu()
+                n_b, mean_b = x.shape[0], x.mean(0)
+                m2_b = ((x - mean_b) ** 2).sum(0)
+                n, mean, m2 = stats[layer]
+                if mean is None:
+                    stats[layer] = [n_b, mean_b, m2_b]
+                else:
+                    delta, tot = mean_b - mean, n + n_b
+                    stats[layer] = [tot, mean + delta * n_b / tot, m2 + m2_b + delta ** 2 * n * n_b / tot]
+            return hook
+
+        for layer, module in self.layers.items():
+            handles.append(module.register_forward_hook(make_hook(layer, module)))
+        try:
+            with eval_mode(self.model), torch.no_grad():
+                for x, _y in self.batches():
+                    self.model(x.to(self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        return {layer: (m2 / max(1, n - 1) if m2 is not None else torch.zeros(self.layers[layer].out_channels,
+                                                                                dtype=torch.float64))
+                for layer, (n, _mean, m2) in stats.items()}
+
 
 def minmax(x: np.ndarray) -> np.ndarray:
     """``x: [C]`` rescaled to [0, 1] within the layer; NaN -> 0, a constant layer -> 0.5."""
@@ -292,6 +347,12 @@ def _magnitude(ctx: ScoreContext) -> dict[str, np.ndarray]:
 
 _family("magnitude_plus_ix_a", "mixed", "α", "Magnitude + α·I_X", "‖w‖ + {p}·I_X", (0.25, 0.5, 0.75, 1.0), "{magnitude}",
         ("input_capture",), lambda alpha: [(1.0, _magnitude), (alpha, _col("input_capture"))])
+
+# The authors' two-axis rule, taken as their sweep configs write it (α = 1): high input capture keeps
+# a channel, high task information lowers its keep value. At β = 0 it ranks as input_capture.
+_family("two_axis_a1_b", "mixed", "β", "norm(I_X) − β·norm(I_T)", "norm(I_X) − {p}·norm(I_T)", (0.1, 0.25, 0.5, 1.0),
+        "input_capture", ("input_capture", "task_info"),
+        lambda beta: [(1.0, _col("input_capture")), (-beta, _col("task_info"))])
 
 
 # --- Baselines ---
@@ -419,6 +480,21 @@ def _hrank(ctx, draw):
 def _chip(ctx, draw):
     """Channel independence: nuclear-norm drop when the channel's row is removed."""
     return _feature_map_stat(ctx, _channel_independence)
+
+
+def geometric_median_distance(weight: torch.Tensor) -> torch.Tensor:
+    """FPGM (He et al. 2019): ``weight: [C, ...]`` -> ``[C]``, Σ_j ‖F_i − F_j‖₂ over the layer's other filters.
+
+    The filter minimising this sum is the layer's geometric median among its filters; the ones near
+    it are the ones the others can stand in for, so a small sum is pruned first (float64)."""
+    w = weight.detach().flatten(1).to(torch.float64)
+    return torch.cdist(w[None], w[None])[0].sum(1)
+
+
+@register("fpgm", "baseline")
+def _fpgm(ctx, draw):
+    """Σ of distances to the layer's other filters: filters near the geometric median go first."""
+    return {layer: geometric_median_distance(conv.weight).cpu().numpy() for layer, conv in ctx.layers.items()}
 
 
 #: every registered score, local first, then target, mixed, baseline (pruning.scores: null)

@@ -53,10 +53,10 @@ class Sweep:
     def group_scores(self, score: Score, draw: int) -> list[np.ndarray]:
         """The group scores of ``score`` (draw ``draw``); with the hybrid allocation, the count
         source's group scores too (once, on first use)."""
-        s = self.settings
-        gscores = group_scores(self.groups, self.cache.get(score, draw), s.depthwise)
+        s, dead = self.settings, self.cache.ctx.dead()   # dead channels go first, whatever the score
+        gscores = group_scores(self.groups, self.cache.get(score, draw), s.depthwise, dead=dead)
         if s.allocation == "hybrid" and self.hybrid_counts is None:
-            self.hybrid_counts = group_scores(self.groups, self.cache.get(s.hybrid_from, 0), s.depthwise)
+            self.hybrid_counts = group_scores(self.groups, self.cache.get(s.hybrid_from, 0), s.depthwise, dead=dead)
         return gscores
 
 

@@ -41,7 +41,7 @@ from axes_pipeline.report.collect import (
     split_by_pruning,
 )
 from axes_pipeline.runs import write_csv, write_json, write_text
-from axes_pipeline.stats import CI_METHODS
+from axes_pipeline.stats import CI_COVERAGE, CI_METHODS
 from axes_pipeline.tracking import StageTracker, log_report
 
 TESTS = ("wilcoxon", "permutation")
@@ -204,7 +204,7 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
                 ylabel=f"accuracy ({ACCURACY_LABEL.get(accuracy, accuracy)})", best=best_scores(t["flops_auc"], g))
     if not t["headline"].empty:
         figs["headline"] = figures.headline_forest(t["headline"], out / "headline.png", min_seeds=int(rc.min_seeds),
-                                                   ci_label=f"paired bootstrap 95% CI, {CI_LABEL[rc.ci]}")
+                                                   ci_label=CI_LABEL[rc.ci])
     if not t["layers"].empty:
         figs["alignment over depth"] = figures.alignment_depth(t["layers"], out / "alignment_depth.png")
     if (dyn := figures.dynamics_curves(groups, out / "dynamics.png")) is not None:
@@ -246,7 +246,11 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- rendering
 
-CI_LABEL = {"bca": "BCa", "percentile": "percentile"}
+#: how the report names each interval of report.ci; a bootstrap interval carries its measured coverage
+#: at 5 seeds (stats.CI_COVERAGE), so a reader sees that its "95%" is not one
+CI_LABEL = {"t": "paired Student t 95% CI",
+            "bca": f"paired BCa bootstrap 95% CI (covers ~{CI_COVERAGE['bca']:.0%} at 5 seeds)",
+            "percentile": f"paired percentile bootstrap 95% CI (covers ~{CI_COVERAGE['percentile']:.0%} at 5 seeds)"}
 
 
 def fmt(x) -> str:
@@ -550,7 +554,7 @@ def page_context(cfg, roots, groups, notices, t, figs, skipped: list[dict] | Non
         "headline": None if head.empty else headline_view(head, min_seeds),
         "how": {"answer": HOW["answer"],
                 "headline_columns": f"FLOPs-AUC of {acc_label}, paired across seeds: the difference local − target "
-                f"with a paired bootstrap 95% CI ({CI_LABEL[rc.ci]}), {tests} p-value, Holm-adjusted p_holm over the group's "
+                f"with its {CI_LABEL[rc.ci]}, {tests} p-value, Holm-adjusted p_holm over the group's "
                 f"rows, p_min (the smallest p the test can reach with these seeds) and effect size d_z; fewer than "
                 f"{min_seeds} seeds make the test impossible. Every best score is chosen on the validation "
                 "split and measured on the test split; choosing on the same seeds that are compared still "

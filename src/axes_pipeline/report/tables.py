@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from axes_pipeline.report.collect import LAYER_COLS, Run
-from axes_pipeline.stats import PAPER_REFERENCE, compare_paired, grid_aucs, holm, mean_sd
+from axes_pipeline.stats import DEFAULT_CI, PAPER_REFERENCE, compare_paired, grid_aucs, holm, mean_sd
 from axes_pipeline.tables import DamagedTable, Schema, check_table
 
 AXES = ("local", "target")
@@ -212,7 +212,7 @@ def held_out_best(val: pd.DataFrame, test: pd.DataFrame, local: list[str], targe
 
 
 def headline(per_seed: pd.DataFrame, *, min_n: int, n_boot: int, method: str, seed: int = 0,
-             ci: str = "bca") -> pd.DataFrame:
+             ci: str = DEFAULT_CI) -> pd.DataFrame:
     """Best local vs best target score, and the axis means, paired across seeds, per group.
 
     Three rows per group: the best score of each axis chosen on the validation AUC of all seeds,
