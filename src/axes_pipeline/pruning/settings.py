@@ -58,14 +58,9 @@ class PruningConfig:
         "input_capture", "ixy_minus_red_b0.15", "ixy_minus_red_b0.3", "ixy_minus_red_b0.5", "ixy_minus_red_b0.7",
         "hull_score", "composite_local", "task_info", "composite_target", "task_unique",
         "magnitude_plus_ix_a0.25", "magnitude_plus_ix_a0.5", "magnitude_plus_ix_a0.75", "magnitude_plus_ix_a1",
-<<<<<<< HEAD
-        "random", "l1", "l2", "bn_scale", "taylor", "hrank", "chip"])
-    random_draws: int = count(3)         # seeded draws of the `random` score (draw column)
-=======
         "two_axis_a1_b0.1", "two_axis_a1_b0.25", "two_axis_a1_b0.5", "two_axis_a1_b1",
         "random", "l1", "l2", "bn_scale", "taylor", "hrank", "chip", "fpgm"])
-    random_draws: int = 3         # seeded draws of the `random` score (draw column)
->>>>>>> science
+    random_draws: int = count(3)         # seeded draws of the `random` score (draw column)
     # Fractions of the unpruned MACs kept (mode=flops) or of the channels kept (mode=channel_fraction).
     targets: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
     mode: str = "flops"           # one of MODES
