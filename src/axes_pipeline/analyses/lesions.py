@@ -151,7 +151,7 @@ def check_lesion_analysis(ctx) -> None:
     layers = lesion_layers(s, ctx.units)
     if s["channels"] not in ("all", "auto"):   # an explicit count is a promise: refuse rather than shrink it
         for name in layers:
-            c = ctx.units[name].conv.out_channels
+            c = ctx.units[name].out_channels
             if s["channels"] > c:
                 raise UserError(f"layer {name} has only {c} channels; use analysis.lesion.channels<={c} "
                                 f"or analysis.lesion.channels=all")
@@ -179,7 +179,7 @@ def lesion_layer(model, unit, acts: torch.Tensor | None, target: torch.Tensor | 
     """Lesion and replace ``channels`` of one unit: ``(rows, batched_prefix)``, one row per channel (mean
     losses/accuracies). ``acts: [N, C]`` pre-BN calibration samples (or the capture's ``cov`` and ``mean``),
     ``axes_rows``: the layer's axes table indexed by channel (``hull_size`` is read from it)."""
-    c = unit.conv.out_channels
+    c = unit.out_channels
     chans = [int(i) for i in channels]
     parts = [Lesions.zero(chans, c)]
     rows = {"channel": np.asarray(chans)}
@@ -454,7 +454,7 @@ def run_lesion_analysis(ctx) -> dict:
     for name in units_progress(layers, "lesion", label=str):
         unit = ctx.units[name]
         part = out / PARTS / f"{name}.csv"
-        chans = select_channels(unit.conv.out_channels, s["channels"], s["seed"], name)
+        chans = select_channels(unit.out_channels, s["channels"], s["seed"], name)
         stored = _read_part(part, name, len(chans), s["replace"]) if resume and part.exists() else None
         if stored is not None:
             parts.append(stored)
