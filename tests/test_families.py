@@ -212,7 +212,7 @@ def test_batched_lesions_equal_the_weight_path_on_general_graphs(arch, width, si
     graph = trace(model)
     for layer in pick:
         unit = units[layer]
-        c = unit.conv.out_channels
+        c = unit.out_channels
         chans = [0, c - 1]
         ref = weight_lesion_eval(model, unit, chans, batches)
         for split in (True, False):
