@@ -5,8 +5,10 @@ the analysis and pruning stages (:func:`axes_pipeline.models.families.check_fami
 
 Random weights and random images at the small width and input side of
 :data:`~axes_pipeline.models.families.REPRESENTATIVES`, CPU. Per family: units analysed
-(of all; convs and channels-last ``Linear``\ s, the latter counted in brackets), the activation points used, propagation pairs linked and layers refused a link, prunable channel groups (in brackets
-those rooted in a ``Linear``: ConvNeXt's MLP hidden features), layers kept whole by the pruning (grouped convs), time for analyze (capture + both axes of every layer;
+(of all: convs and channels-last ``Linear`` layers, the latter counted in brackets), the
+activation points used, propagation pairs linked and layers refused a link, prunable channel
+groups (in brackets those rooted in a ``Linear``: ConvNeXt's MLP hidden features), layers kept
+whole by the pruning (grouped convs), time for analyze (capture + both axes of every layer;
 lesions and propagation are not timed), time for a 3-target FLOPs-matched prune of ``task_info``
 (dependency graph, MAC model, search, physical pruning, fvcore check), max |achieved − target|
 of the fvcore count, and whether every pruned network runs. ``--write-readme`` replaces the
