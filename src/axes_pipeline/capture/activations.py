@@ -152,7 +152,7 @@ def _sample_positions(batch: int, hw: int, s: int, gen: torch.Generator) -> torc
     return torch.arange(hw).expand(batch, hw)
 
 
-def _patches_at(x: torch.Tensor, conv: torch.nn.Conv2d, b_idx: torch.Tensor, oh: torch.Tensor,
+def _patches_at(x: torch.Tensor, conv: torch.nn.Module, b_idx: torch.Tensor, oh: torch.Tensor,
                 ow: torch.Tensor) -> torch.Tensor:
     """Input patches of ``conv`` at output positions (b, oh, ow): ``[n, Cin·kh·kw]`` (weight layout).
 
