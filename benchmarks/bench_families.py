@@ -4,9 +4,11 @@ the analysis and pruning stages (:func:`axes_pipeline.models.families.check_fami
     python benchmarks/bench_families.py [--families ResNet DenseNet ...] [--write-readme]
 
 Random weights and random images at the small width and input side of
-:data:`~axes_pipeline.models.families.REPRESENTATIVES`, CPU. Per family: conv layers analysed
-(of all), the activation points used, propagation pairs linked and layers refused a link, layers
-kept whole by the pruning (grouped convs), time for analyze (capture + both axes of every layer;
+:data:`~axes_pipeline.models.families.REPRESENTATIVES`, CPU. Per family: units analysed
+(of all: convs and channels-last ``Linear`` layers, the latter counted in brackets), the
+activation points used, propagation pairs linked and layers refused a link, prunable channel
+groups (in brackets those rooted in a ``Linear``: ConvNeXt's MLP hidden features), layers kept
+whole by the pruning (grouped convs), time for analyze (capture + both axes of every layer;
 lesions and propagation are not timed), time for a 3-target FLOPs-matched prune of ``task_info``
 (dependency graph, MAC model, search, physical pruning, fvcore check), max |achieved − target|
 of the fvcore count, and whether every pruned network runs. ``--write-readme`` replaces the
@@ -36,13 +38,16 @@ def row(family: str) -> str:
     points = ", ".join(f"{k} {v}" for k, v in sorted(r.capture_points.items()))
     if r.prune_error:
         prune = f"refused: {r.prune_error}"
-        err, runs = "—", "—"
+        err, runs, groups = "—", "—", "—"
     else:
         kept = f"; {len(r.prune_refused)} layers kept whole (grouped convs)" if r.prune_refused else ""
         prune = f"{r.prune_s:.1f} s{kept}"
         err, runs = f"{r.max_flops_error:.4f}", "yes" if r.pruned_runs else "NO"
-    return (f"| {family} | `{arch}` | {width:g} | {side} | {r.analysed}/{r.layers} | {points} | "
-            f"{r.propagation_pairs} / {len(r.propagation_refused)} | {r.analyze_s:.1f} s | {prune} | {err} | {runs} |")
+        groups = f"{r.groups}" + (f" ({r.linear_groups} Linear)" if r.linear_groups else "")
+    linear = f" ({r.linear_units} Linear)" if r.linear_units else ""
+    return (f"| {family} | `{arch}` | {width:g} | {side} | {r.analysed}/{r.layers}{linear} | {points} | "
+            f"{r.propagation_pairs} / {len(r.propagation_refused)} | {groups} | {r.analyze_s:.1f} s | {prune} | {err} | "
+            f"{runs} |")
 
 
 def main() -> None:
@@ -53,9 +58,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    lines = ["| family | arch | width | input | layers analysed | activation point | propagation pairs / "
-             "refused | analyze | 3-target prune | max \\|achieved − target\\| | pruned runs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| family | arch | width | input | units analysed | activation point | propagation pairs / "
+             "refused | prunable groups | analyze | 3-target prune | max \\|achieved − target\\| | pruned runs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for family in args.families:
         lines.append(row(family))
         print(lines[-1], flush=True)

@@ -49,7 +49,9 @@ def test_family_end_to_end(family):
     assert r.layers > 0 and r.analysed == r.layers, family                # every conv has its axes rows
     assert r.lesioned == 3, family                                        # three layers lesioned
     assert all(reason and "\n" not in reason for _, reason in r.propagation_refused)
-    assert r.propagation_pairs > 0 or family == "ConvNeXt"                # its 1x1s are nn.Linear
+    assert r.propagation_pairs > 0, family
+    if family == "ConvNeXt":   # its 1x1 convs are channels-last nn.Linear: units, linked, prunable (issue 20)
+        assert (r.layers, r.linear_units, r.propagation_pairs, r.linear_groups) == (58, 36, 39, 18)
     if family in PRUNE_REFUSED:
         assert r.prune_error and "\n" not in r.prune_error and PRUNE_REFUSED[family] in r.prune_error
         return
@@ -223,6 +225,7 @@ class _Grouped(nn.Module):
     ("densenet121", 0.25, 32, ["features.denseblock1.denselayer2.conv2", "features.transition1.conv"]),  # concat, no norm
     ("efficientnet_b0", 0.25, 32, ["features.2.0.block.2.fc1", "features.2.0.block.3.0"]),                # SE conv, project
     ("googlenet", 1.0, 32, ["inception3a.branch2.1.conv"]),                                    # a concatenated branch
+    ("convnext_tiny", 0.125, 32, ["features.1.0.block.3", "features.1.0.block.5"]),          # channels-last Linears
 ])
 def test_batched_lesions_equal_the_weight_path_on_general_graphs(arch, width, side, pick):
     import numpy as np
@@ -237,7 +240,7 @@ def test_batched_lesions_equal_the_weight_path_on_general_graphs(arch, width, si
     graph = trace(model)
     for layer in pick:
         unit = units[layer]
-        c = unit.conv.out_channels
+        c = unit.out_channels
         chans = [0, c - 1]
         ref = weight_lesion_eval(model, unit, chans, batches)
         for split in (True, False):

@@ -27,6 +27,7 @@ from axes_pipeline.models import (
     example_input,
     model_knobs,
 )
+from axes_pipeline.models.graph import out_channels
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 SMALL = 0.125
@@ -46,11 +47,13 @@ def _empty_torch_home(tmp_path, monkeypatch):
 
 
 def _forward_call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Convs, and Linears that run on a 4-d (channels-last) map, in the order the forward calls them."""
     order: list[str] = []
     handles = [
-        m.register_forward_hook(lambda mod, inp, out, n=name: order.append(n) if n not in order else None)
+        m.register_forward_hook(lambda mod, inp, out, n=name: order.append(n)
+                                if n not in order and (isinstance(mod, nn.Conv2d) or out.ndim == 4) else None)
         for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
+        if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
     with torch.no_grad():
         model(x)
@@ -88,7 +91,7 @@ def test_width_scales_channels_exactly(name):
     b = conv_layers(build_model(name, 10, width=0.5))
     assert list(a) == list(b)
     for key in a:
-        assert b[key].out_channels == 2 * a[key].out_channels, key
+        assert out_channels(b[key]) == 2 * out_channels(a[key]), key
 
 
 def test_width_scales_mobilenetv2_and_resnet_widths():
@@ -111,7 +114,8 @@ def test_conv_layers_stable_and_in_forward_order(name):
     names = list(conv_layers(m1))
     assert names == list(conv_layers(m2))
     assert names == _forward_call_order(m1, example_input(32, 1))
-    assert set(names) == {n for n, m in m1.named_modules() if isinstance(m, nn.Conv2d)}
+    assert {n for n in names if isinstance(m1.get_submodule(n), nn.Conv2d)} == {
+        n for n, m in m1.named_modules() if isinstance(m, nn.Conv2d)}
     assert all(m1.get_submodule(n) is c for n, c in conv_layers(m1).items())
 
 
@@ -169,7 +173,7 @@ def test_vgg16_and_mobilenetv2_units():
 def test_convnext_units():
     model = build_model("convnext_t", 10, width=SMALL)
     units = conv_norm_pairs(model)
-    assert len(units) == 1 + 18 + 3
+    assert len(units) == 1 + 18 + 3 + 2 * 18   # the pointwise Linears are units too (METHODS §1)
     stem = units["features.0.0"]
     assert stem.norm_name == "features.0.1" and stem.channel_dim == 1
     blk = units["features.1.0.block.0"]
@@ -177,7 +181,10 @@ def test_convnext_units():
     assert isinstance(blk.norm, nn.LayerNorm) and blk.act is None  # LN feeds the pointwise Linear
     down = units["features.2.1"]
     assert down.norm is None and down.act is None
-    assert not any(isinstance(model.get_submodule(n), nn.Linear) for n in units)
+    pw1, pw2 = units["features.1.0.block.3"], units["features.1.0.block.5"]
+    assert isinstance(pw1.conv, nn.Linear) and pw1.channels_last and pw1.act_name == "features.1.0.block.4"
+    assert pw2.norm is None and pw2.act is None and pw2.out_channels == blk.conv.out_channels
+    assert classifier_name(model) not in units
 
 
 def test_functional_activation_and_untraceable_fallback(caplog):

@@ -151,7 +151,7 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: tor
         if keep_matrices:
             result.r_x, result.s = r_x, s
     if grad_cos is None and patches is not None:
-        grad_cos = patches.cosines(unit.conv.weight)
+        grad_cos = patches.cosines(unit.weight)
     if grad_cos is not None and gradients is not None:
         # whitened: the ≈ 0 check, where Σ_X was kept
         for key in (k for k in ("cos_euclid", "cos_whitened") if k in grad_cos):
@@ -274,7 +274,7 @@ def stored_axes(out_dir: Path, want: dict, units: dict) -> tuple[pd.DataFrame, p
         log.info("axes: %s was computed with other settings (%s); recomputing", out_dir / "axes.csv",
                  settings_diff(have, want) if have else "no fingerprint")
         return None
-    per_layer = {n: int(u.conv.out_channels) for n, u in units.items()}   # rows: one per channel, one per layer
+    per_layer = {n: u.out_channels for n, u in units.items()}   # rows: one per channel, one per layer
     rebuild = "python analyze.py <same overrides>"
     try:
         return (read_table(out_dir / "axes.csv", AXES_SCHEMA, rebuild=rebuild, rows_per_layer=per_layer),

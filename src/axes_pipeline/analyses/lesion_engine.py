@@ -125,7 +125,7 @@ class EvalResult:
 def _lesion_params(unit) -> list[Tensor]:
     """The tensors a lesion zeroes along dim 0: filter, bias, norm γ and β (when present)."""
     norm_affine = [p for p in (getattr(unit.norm, "weight", None), getattr(unit.norm, "bias", None))
-                   if p is not None and p.ndim >= 1 and p.shape[0] == unit.conv.out_channels]
+                   if p is not None and p.ndim >= 1 and p.shape[0] == unit.out_channels]
     return [p for p in (unit.conv.weight, unit.conv.bias) if p is not None] + norm_affine
 
 
@@ -300,8 +300,11 @@ class LesionEngine:
     # -- the two interventions --------------------------------------------------------------
 
     @staticmethod
-    def _write(y: Tensor, les: Lesions, dev_coef: Tensor, dev_off: Tensor) -> Tensor:
-        """``y: [B, C, H, W]`` conv output → ``[L·B, C, H, W]`` with each lesion's channel written."""
+    def _write(y: Tensor, les: Lesions, dev_coef: Tensor, dev_off: Tensor, channels_last: bool = False) -> Tensor:
+        """``y: [B, C, H, W]`` conv output → ``[L·B, C, H, W]`` with each lesion's channel written.
+        ``channels_last``: ``y: [B, H, W, C]`` (a ``Linear`` unit's output), returned in that layout."""
+        if channels_last:
+            return LesionEngine._write(y.movedim(-1, 1), les, dev_coef, dev_off).movedim(1, -1)
         n_l = len(les)
         b = y.shape[0]
         rows = y.repeat(n_l, *([1] * (y.ndim - 1))).view(n_l, b, *y.shape[1:])
@@ -334,7 +337,7 @@ class LesionEngine:
 
     def _conv_hook(self, module, inputs, out):
         st = self._state
-        return self._write(out[:st["B"]], st["les"], st["coef"], st["off"])
+        return self._write(out[:st["B"]], st["les"], st["coef"], st["off"], self.unit.channels_last)
 
     @contextmanager
     def _hooks(self, with_conv: bool):
@@ -371,7 +374,7 @@ class LesionEngine:
         loss = torch.zeros(n_les, dtype=torch.float64, device=device)
         correct = torch.zeros(n_les, dtype=torch.int64, device=device)
         n, fallback = 0, False
-        c = self.unit.conv.out_channels
+        c = self.unit.out_channels
         with self._hooks(with_conv=not self.batched_prefix):
             for x, y in batches:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -394,7 +397,8 @@ class LesionEngine:
                     self._set_chunk(les, b, c, x.device, dtype)
                     if self.batched_prefix:
                         logits = suffix(*[t.repeat(n_l, *([1] * (t.ndim - 1))) if i != suffix.cut_index else
-                                          self._write(t, les, self._state["coef"], self._state["off"])
+                                          self._write(t, les, self._state["coef"], self._state["off"],
+                                                      self.unit.channels_last)
                                           for i, t in enumerate(cut)])
                     else:
                         logits = self.model(x.repeat(n_l, *([1] * (x.ndim - 1))))

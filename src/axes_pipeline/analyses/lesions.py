@@ -152,7 +152,7 @@ def check_lesion_analysis(ctx) -> None:
     if s["channels"] not in ("all", "auto"):
         # N is "at most N per layer", as auto's 64 is: a smaller layer (EfficientNet-B0's squeeze-excitation
         # convs have 4 channels) is lesioned whole, said once; only N < 1, wrong on every layer, is refused
-        small = [f"{name} ({c})" for name in layers if (c := ctx.units[name].conv.out_channels) < s["channels"]]
+        small = [f"{name} ({c})" for name in layers if (c := ctx.units[name].out_channels) < s["channels"]]
         if small:
             log.info("analysis.lesion.channels=%d: %d layer(s) have fewer channels and are lesioned whole: %s",
                      s["channels"], len(small), ", ".join(small[:5]) + (f" (+{len(small) - 5} more)" if len(small) > 5 else ""))
@@ -180,7 +180,7 @@ def lesion_layer(model, unit, acts: torch.Tensor | None, target: torch.Tensor | 
     """Lesion and replace ``channels`` of one unit: ``(rows, batched_prefix)``, one row per channel (mean
     losses/accuracies). ``acts: [N, C]`` pre-BN calibration samples (or the capture's ``cov`` and ``mean``),
     ``axes_rows``: the layer's axes table indexed by channel (``hull_size`` is read from it)."""
-    c = unit.conv.out_channels
+    c = unit.out_channels
     chans = [int(i) for i in channels]
     parts = [Lesions.zero(chans, c)]
     rows = {"channel": np.asarray(chans)}
@@ -455,7 +455,7 @@ def run_lesion_analysis(ctx) -> dict:
     for name in units_progress(layers, "lesion", label=str):
         unit = ctx.units[name]
         part = out / PARTS / f"{name}.csv"
-        chans = select_channels(unit.conv.out_channels, s["channels"], s["seed"], name)
+        chans = select_channels(unit.out_channels, s["channels"], s["seed"], name)
         stored = _read_part(part, name, len(chans), s["replace"]) if resume and part.exists() else None
         if stored is not None:
             parts.append(stored)

@@ -103,15 +103,15 @@ def link_report(model: nn.Module, units: dict | None = None, residual: str = DEF
     if graph is None:  # pair consecutive layers instead
         names = list(units)
         links = [(up, down, 0) for up, down in zip(names, names[1:])
-                 if not units[up].residual and units[down].conv.groups == 1
-                 and units[down].conv.in_channels == units[up].conv.out_channels]
+                 if not units[up].residual and units[down].groups == 1
+                 and units[down].in_channels == units[up].out_channels]
         linked = {d for _, d, _ in links}
         return links, [(d, f"torch.fx cannot trace {type(model).__name__}; consecutive layers only")
                        for d in list(units)[1:] if d not in linked]
     links: list[tuple[str, str, int]] = []
     refused: list[tuple[str, str]] = []
     for down, segs in conv_sources(model, graph, units, residual):
-        dconv = units[down].conv
+        dconv = units[down]   # a conv or a channels-last Linear (ConvUnit reads either)
         if dconv.groups != 1:   # A would be (block) diagonal: ρ would restate the upstream metric
             refused.append((down, f"grouped/depthwise receiver (groups={dconv.groups})"))
             continue
@@ -259,7 +259,7 @@ def propagation_table(model, units: dict, capture, axes: pd.DataFrame, *, null_d
     for p, (up, down, offset) in enumerate(links):
         if up not in capture.layers or down not in capture.layers:
             continue
-        weight = units[down].conv.weight[:, offset:offset + units[up].conv.out_channels]
+        weight = units[down].weight[:, offset:offset + units[up].out_channels]   # conv layout, Linear too
         ua = axes[axes.layer == up].sort_values("channel")
         da = axes[axes.layer == down].sort_values("channel")
         s_post = post_norm_sigma(units[up], capture.channel_sd(up), point)

@@ -152,9 +152,14 @@ def _sample_positions(batch: int, hw: int, s: int, gen: torch.Generator) -> torc
     return torch.arange(hw).expand(batch, hw)
 
 
-def _patches_at(x: torch.Tensor, conv: torch.nn.Conv2d, b_idx: torch.Tensor, oh: torch.Tensor,
+def _patches_at(x: torch.Tensor, conv: torch.nn.Module, b_idx: torch.Tensor, oh: torch.Tensor,
                 ow: torch.Tensor) -> torch.Tensor:
-    """Input patches of ``conv`` at output positions (b, oh, ow): ``[n, Cin·kh·kw]`` (weight layout)."""
+    """Input patches of ``conv`` at output positions (b, oh, ow): ``[n, Cin·kh·kw]`` (weight layout).
+
+    ``x: [B, Cin, H, W]``. A channels-last ``nn.Linear`` unit is a 1×1 conv: its patch is the input
+    feature vector at the position (``x`` already brought to ``[B, Cin, H, W]``)."""
+    if isinstance(conv, torch.nn.Linear):
+        return x[b_idx, :, oh, ow]
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     dh, dw = conv.dilation
@@ -182,9 +187,8 @@ class _LayerRecorder:
         self.keep_samples = keep_samples
         self.per_image: int | None = None    # samples per image actually taken: min(s, H·W) (1 with gap)
         self.acc = ActivationMoments() if stream_moments else None
-        conv = unit.conv
-        self.want_patches = (patch_moments and point == "pre_bn" and conv.groups == 1
-                             and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= max_patch_dim)
+        self.want_patches = (patch_moments and point == "pre_bn" and unit.groups == 1
+                             and unit.in_channels * unit.kernel_size[0] * unit.kernel_size[1] <= max_patch_dim)
         self.sigma_rows = sigma_rows
         self.moments: PatchMoments | None = None
         self.whitened: torch.Tensor | None = None   # cos_whitened, once the Σ_X subsample is complete
@@ -195,8 +199,10 @@ class _LayerRecorder:
         return module.register_forward_hook(self._record)
 
     def _record(self, module, args, output):
-        C = self.unit.conv.out_channels
-        y = _to_nchw(output.detach(), C)
+        C = self.unit.out_channels
+        # a Linear unit's own output is [B, H, W, C] (a norm's layout is read off its shape)
+        y = output.detach().movedim(-1, 1) if module is self.unit.conv and self.unit.channels_last \
+            else _to_nchw(output.detach(), C)
         if self.point == "post_act":  # after the norm, or on the conv output where no norm follows
             y = self._activate(y)
         B, _, H, W = y.shape
@@ -220,7 +226,8 @@ class _LayerRecorder:
         if self.want_patches and self.spatial == "sample":
             # the conv's input is args[0] here (pre_bn: this is the conv's forward hook); reduce it
             # to patch sums now rather than hold every layer's input map until T is known
-            self.stream_patches(args[0].detach(), samples)
+            inp = args[0].detach()
+            self.stream_patches(inp.movedim(-1, 1) if self.unit.channels_last else inp, samples)
 
     def _activate(self, y):
         act = self.unit.act
@@ -302,13 +309,13 @@ class _LayerRecorder:
             if not self.keep_samples and 0 < self.sigma_rows <= m.rows_xx:
                 # the subsample is complete and the patch moments are not returned: its whitened
                 # cosine now, and its Σ_X (up to 95 MB) freed rather than held by every layer to the end
-                self.whitened = m.cosines(self.unit.conv.weight)["cos_whitened"]
+                self.whitened = m.cosines(self.unit.weight)["cos_whitened"]
                 m.free_sigma_x()
         self._img_x = self._sub = None
 
     def gradient_cosines(self) -> dict[str, torch.Tensor]:
         """The layer's gradient cosines (METHODS §5) from its streamed patch moments."""
-        out = self.moments.cosines(self.unit.conv.weight)
+        out = self.moments.cosines(self.unit.weight)
         if self.whitened is not None:
             out["cos_whitened"] = self.whitened
         return out

@@ -46,7 +46,8 @@ REPRESENTATIVES: dict[str, tuple[str, float, int]] = {
 @dataclass
 class FamilyResult:
     arch: str
-    layers: int = 0                       # analysable conv layers
+    layers: int = 0                       # analysable units: convs and channels-last Linears
+    linear_units: int = 0                 # of which channels-last nn.Linear (ConvNeXt's pointwise convs)
     analysed: int = 0                     # layers with a full axes row per channel
     capture_points: dict = field(default_factory=dict)   # label -> layers
     lesioned: int = 0
@@ -54,6 +55,8 @@ class FamilyResult:
     propagation_refused: list = field(default_factory=list)   # [(layer, reason)]
     prune_refused: dict = field(default_factory=dict)         # layer -> reason (kept whole)
     prune_error: str | None = None         # the one-line refusal of the whole network
+    groups: int = 0                        # prunable coupled channel groups
+    linear_groups: int = 0                 # of which rooted in a channels-last Linear's outputs
     targets: list = field(default_factory=list)
     achieved: list = field(default_factory=list)             # fvcore MACs fraction of each pruned net
     pruned_runs: bool = False
@@ -113,11 +116,12 @@ def check_family(arch: str, width: float, side: int, *, score: str = "task_info"
     t0 = time.perf_counter()
     units = conv_norm_pairs(model)
     res.layers = len(units)
+    res.linear_units = sum(u.channels_last for u in units.values())
     cfg = _axes_cfg()
     cap = capture_activations(model, units, data, samples_per_image=4, seed=seed, progress=False)
     axes, _, _ = analyze_capture(cap, units, cfg, torch.device("cpu"), progress=False)
     res.analysed = int(axes.groupby("layer").size().reindex(list(units)).eq(
-        [u.conv.out_channels for u in units.values()]).sum())
+        [u.out_channels for u in units.values()]).sum())
     for _name, unit in units.items():
         label = capture_point(unit, str(cfg.capture.point))
         res.capture_points[label] = res.capture_points.get(label, 0) + 1
@@ -129,7 +133,7 @@ def check_family(arch: str, width: float, side: int, *, score: str = "task_info"
                    key=names.index)
     for layer in picks:
         rows = axes[axes.layer == layer].set_index("channel")
-        chans = np.arange(min(lesion_channels, units[layer].conv.out_channels))
+        chans = np.arange(min(lesion_channels, units[layer].out_channels))
         df, _ = lesion_layer(model, units[layer], cap.acts[layer], cap.target_of(layer), rows, chans, data,
                              replace=["hull", "all"], ridge=1e-3, device="cpu", graph=graph)
         res.lesioned += int(np.isfinite(df["loss_lesion"].to_numpy()).all())
@@ -146,6 +150,8 @@ def check_family(arch: str, width: float, side: int, *, score: str = "task_info"
         res.prune_s = time.perf_counter() - t1
         return res
     res.prune_refused = dict(groups.refused)
+    res.groups = len(groups.groups)
+    res.linear_groups = sum(g.name in units and units[g.name].channels_last for g in groups.groups)
     cost = CostModel.build(model, groups, x)
     ctx = ScoreContext(model, conv_layers(model), axes_loader=lambda: axes, seed=seed)
     per_layer = resolve_score(score)(ctx, 0)

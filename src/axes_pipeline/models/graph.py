@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = ["NORM_TYPES", "ConvGraph", "ConvUnit", "FunctionalAct", "Tracer", "conv_graph", "conv_sources",
-           "is_add", "is_depthwise", "split", "trace"]
+__all__ = ["NORM_TYPES", "ConvGraph", "ConvUnit", "FunctionalAct", "Tracer", "channels_last_linears", "conv_graph",
+           "conv_sources", "conv_weight", "in_channels", "is_add", "is_depthwise", "out_channels", "split", "trace"]
 
 # -------------------------------------------------------------------------------- The op catalogue
 
@@ -150,7 +150,13 @@ def _is_transparent(node: fx.Node, model: nn.Module) -> bool:
 def _keeps_channels(node: fx.Node, model: nn.Module) -> bool:
     module = _module(node, model)
     return (isinstance(module, _CHANNELWISE_MODULES) or type(module).__name__ in _CHANNELWISE_MODULE_NAMES
-            or _calls(node, _CHANNELWISE_FUNCTIONS, _CHANNELWISE_METHODS))
+            or _calls(node, _CHANNELWISE_FUNCTIONS, _CHANNELWISE_METHODS) or _is_scaling(node))
+
+
+def _is_scaling(node: fx.Node) -> bool:
+    """A product of one feature map with a parameter or a constant (ConvNeXt's layer scale
+    ``gamma * x``): elementwise, so every channel stays separate."""
+    return _calls(node, _MULS, {"mul", "mul_"}) and len(_tensor_inputs(node)) == 1
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -160,9 +166,28 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 # -------------------------------------------------------- Convs and what follows them (METHODS §1)
 
 
-def is_depthwise(conv: nn.Conv2d) -> bool:
-    """True when ``conv`` has one group per input channel (and more than one group)."""
-    return conv.groups > 1 and conv.groups == conv.in_channels
+def is_depthwise(conv: nn.Module) -> bool:
+    """True when ``conv`` has one group per input channel (and more than one group); never for a
+    ``nn.Linear`` unit."""
+    groups = getattr(conv, "groups", 1)
+    return groups > 1 and groups == conv.in_channels
+
+
+def out_channels(module: nn.Module) -> int:
+    """Output channels of a unit's module: a conv's ``out_channels``, a channels-last ``Linear``'s
+    ``out_features`` (its output features are channels, METHODS §1)."""
+    return int(module.out_features if isinstance(module, nn.Linear) else module.out_channels)
+
+
+def in_channels(module: nn.Module) -> int:
+    """Input channels of a unit's module (``in_features`` for a ``Linear``)."""
+    return int(module.in_features if isinstance(module, nn.Linear) else module.in_channels)
+
+
+def conv_weight(module: nn.Module) -> torch.Tensor:
+    """The filters in conv layout ``[C_out, C_in/groups, kh, kw]``: a ``Linear`` is a 1×1 conv
+    (``[C_out, C_in, 1, 1]``, a view of its weight)."""
+    return module.weight[:, :, None, None] if isinstance(module, nn.Linear) else module.weight
 
 
 @dataclass(frozen=True)
@@ -174,10 +199,15 @@ class ConvUnit:
     elementwise activation after the norm (after the residual add when ``residual``), or
     ``None``. ``act_call``: which call of ``act`` (0-based) in one forward belongs to this unit.
     ``channel_dim``: the channel axis of the norm's (and activation's) output.
+
+    ``conv`` is an ``nn.Conv2d`` or a channels-last ``nn.Linear`` (ConvNeXt's pointwise convs,
+    :func:`conv_graph`): a 1×1 conv whose output ``[B, H, W, C]`` has the channels last
+    (``channels_last``). ``out_channels``, ``in_channels``, ``groups``, ``kernel_size`` and
+    ``weight`` (conv layout) read either the same way.
     """
 
     name: str
-    conv: nn.Conv2d
+    conv: nn.Module
     norm: nn.Module | None
     norm_name: str | None
     act: nn.Module | None
@@ -189,6 +219,32 @@ class ConvUnit:
     @property
     def depthwise(self) -> bool:
         return is_depthwise(self.conv)
+
+    @property
+    def channels_last(self) -> bool:
+        """The unit's own output (the ``pre_bn`` tensor) is ``[B, H, W, C]``: a ``Linear`` unit."""
+        return isinstance(self.conv, nn.Linear)
+
+    @property
+    def out_channels(self) -> int:
+        return out_channels(self.conv)
+
+    @property
+    def in_channels(self) -> int:
+        return in_channels(self.conv)
+
+    @property
+    def groups(self) -> int:
+        return int(getattr(self.conv, "groups", 1))
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (1, 1) if self.channels_last else tuple(self.conv.kernel_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``[C_out, C_in/groups, kh, kw]`` (:func:`conv_weight`)."""
+        return conv_weight(self.conv)
 
 
 class FunctionalAct(nn.Module):
@@ -261,8 +317,55 @@ def _norm_fits(norm: nn.Module | None, channels: int) -> bool:
     return isinstance(norm, nn.modules.batchnorm._NormBase) and norm.num_features == channels
 
 
-def conv_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
+def _channels_last_input(node: fx.Node, model: nn.Module, linears: set[str]) -> bool:
+    """The input of the ``nn.Linear`` call ``node`` is a feature map with its channels last.
+
+    Walks back through ops that keep every channel separate (norms, activations, dropout): a
+    permute that moves dim 1 last (``[0, 2, 3, 1]``, ConvNeXt's ``Permute`` before the block
+    LayerNorm) or another channels-last Linear in ``linears`` (``pwconv1`` → GELU → ``pwconv2``)
+    says yes; a flatten, a mean, a reshape (a classifier MLP: VGG's ``classifier.0``) says no."""
+    x = node.args[0] if node.args else None
+    seen = 0
+    while isinstance(x, fx.Node) and seen < 10_000:
+        seen += 1
+        if _is_permute(x, model):
+            dims = _permute_dims(x, model)
+            return dims is not None and len(dims) == 4 and dims[-1] == 1
+        if x.op == "call_module" and str(x.target) in linears:
+            return True
+        inputs = _tensor_inputs(x)
+        if not _keeps_channels(x, model) or len(inputs) != 1:
+            return False
+        x = inputs[0]
+    return False
+
+
+def channels_last_linears(model: nn.Module, graph: fx.Graph, candidates: dict[str, nn.Module] | None = None
+                          ) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules (of ``candidates``, default every one) called once on a
+    channels-last feature map, in forward order (:func:`_channels_last_input`): 1×1 convs
+    spelled as a ``Linear`` (METHODS §1). The classifier reads a flattened vector and never is one."""
+    if candidates is None:
+        candidates = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    found: dict[str, nn.Linear] = {}
+    for node in graph.nodes:
+        name = str(node.target)
+        if (node.op == "call_module" and isinstance(candidates.get(name), nn.Linear) and calls[name] == 1
+                and _channels_last_input(node, model, set(found))):
+            found[name] = candidates[name]
+    return found
+
+
+def conv_graph(model: nn.Module, convs: dict[str, nn.Module]) -> ConvGraph:
     """The units of the convs in ``convs`` ({qualified name: conv}) that the forward calls.
+
+    ``convs`` may hold ``nn.Linear`` modules: those called on a channels-last feature map
+    (:func:`channels_last_linears`) are units whose output channels sit on the last axis; any
+    other ``Linear`` is left out (a classifier MLP).
 
     Each conv's norm is the first op its output alone feeds (through permutes, dropout, identity),
     if that is a norm of as many channels; the activation is the op after the norm (after a
@@ -270,8 +373,10 @@ def conv_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
     Untraceable network: module-registration order (:func:`_module_order_graph`).
     """
     graph = trace(model)
-    if graph is None:
-        return _module_order_graph(model, convs)
+    if graph is None:  # a Linear's layout cannot be told without the graph: convs only
+        return _module_order_graph(model, {n: m for n, m in convs.items() if not isinstance(m, nn.Linear)})
+    linears = channels_last_linears(model, graph, {n: m for n, m in convs.items() if isinstance(m, nn.Linear)})
+    convs = {n: m for n, m in convs.items() if not isinstance(m, nn.Linear) or n in linears}
 
     call_count: dict[str, int] = {}
     call_index: dict[fx.Node, int] = {}  # a module's n-th call in one forward
@@ -288,9 +393,10 @@ def conv_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
             continue
         conv = convs[name]
         conv_nodes[name] = node
-        nxt, cdim = _next_op(node, model, 1)
+        start = -1 if isinstance(conv, nn.Linear) else 1   # the channel axis of the unit's own output
+        nxt, cdim = _next_op(node, model, start)
         norm = _module(nxt, model) if nxt is not None else None
-        norm = norm if _norm_fits(norm, conv.out_channels) else None
+        norm = norm if _norm_fits(norm, out_channels(conv)) else None
         residual = False
         if norm is not None:
             after, _ = _next_op(nxt, model, cdim)
@@ -300,7 +406,7 @@ def conv_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
         else:
             # no norm (AlexNet, VGG without BN, SE convs, DenseNet's convs before a concat): the
             # activation, if one directly follows the conv, is this unit's nonlinearity
-            cdim, after = 1, nxt
+            cdim, after = start, nxt
         act, act_name = _activation(after, model)
         units[name] = ConvUnit(name=name, conv=conv, norm=norm, norm_name=str(nxt.target) if norm is not None else None,
                                act=act, act_name=act_name, act_call=call_index[after] if act_name is not None else 0,
@@ -309,10 +415,10 @@ def conv_graph(model: nn.Module, convs: dict[str, nn.Conv2d]) -> ConvGraph:
     if unused := [n for n in convs if n not in units]:
         log.debug("conv modules never called in forward (not analysable): %s", unused)
 
-    conv_calls = set(conv_nodes.values())
-    shortcuts = {name for name, node in conv_nodes.items() if convs[name].kernel_size == (1, 1) and node.args
-                 and any(u is not node and u in conv_calls and _module(u, model).kernel_size != (1, 1)
-                         for u in getattr(node.args[0], "users", {}))}
+    conv_calls = {n for name, n in conv_nodes.items() if isinstance(convs[name], nn.Conv2d)}
+    shortcuts = {name for name, node in conv_nodes.items() if node in conv_calls and convs[name].kernel_size == (1, 1)
+                 and node.args and any(u is not node and u in conv_calls and _module(u, model).kernel_size != (1, 1)
+                                       for u in getattr(node.args[0], "users", {}))}
     return ConvGraph(units, shortcuts)
 
 
@@ -407,12 +513,12 @@ def _segments(node: fx.Node, model: nn.Module, convs: dict, residual: str, depth
     while isinstance(node, fx.Node) and seen < 10_000 and depth < 200:
         seen += 1
         if node.op == "call_module" and str(node.target) in convs:
-            return [(str(node.target), 0, int(convs[str(node.target)].out_channels))]
+            return [(str(node.target), 0, out_channels(convs[str(node.target)]))]
         if is_add(node):
             if residual != "main":
                 return "a residual add joins two branches (propagation.residual=skip)"
             src = _source_conv(node, model, convs, residual)
-            return [(src, 0, int(convs[src].out_channels))] if src else "a residual add with no conv branch"
+            return [(src, 0, out_channels(convs[src]))] if src else "a residual add with no conv branch"
         if node.op == "call_function" and node.target is torch.cat:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             if dim not in (1, -3):
@@ -427,7 +533,7 @@ def _segments(node: fx.Node, model: nn.Module, convs: dict, residual: str, depth
             return out
         if _calls(node, _MULS, {"mul", "mul_"}):
             inputs = [n for n in _tensor_inputs(node) if not _is_gate(n, model)]
-            if len(inputs) != 1 or len(_tensor_inputs(node)) != 2:
+            if len(inputs) != 1 or len(_tensor_inputs(node)) > 2:  # 1 input: a layer scale (_is_scaling)
                 return "a product of two feature maps"
             node = inputs[0]
             continue
@@ -454,6 +560,7 @@ def conv_sources(model: nn.Module, graph: fx.Graph, receivers, residual: str
     main branch (:func:`_source_conv`), ``"skip"`` stops there.
     """
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    convs.update(channels_last_linears(model, graph))
     out: list[tuple[str, list[Segment] | str | None]] = []
     for node in graph.nodes:
         down = str(node.target) if node.op == "call_module" else None

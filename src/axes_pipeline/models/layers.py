@@ -1,13 +1,16 @@
 """The analysable conv layers of a backbone, and what follows each conv (norm, activation).
 
 Everything here is read off the model's ``torch.fx`` trace (:mod:`axes_pipeline.models.graph`,
-no per-architecture tables): every ``nn.Conv2d`` that the forward calls is an analysable layer (METHODS §1; the classifier is
-an ``nn.Linear`` and never is). Names are the modules' qualified names (``layer1.0.conv1``), so
+no per-architecture tables): every ``nn.Conv2d`` that the forward calls is an analysable layer, and so is
+every ``nn.Linear`` applied to a channels-last feature map, a 1×1 conv spelled as a ``Linear``
+(ConvNeXt's ``pwconv1``/``pwconv2``, ``block.3``/``block.5``; METHODS §1). The classifier reads
+a flattened vector and never is one. Names are the modules' qualified names (``layer1.0.conv1``), so
 they are the same in every build of the same backbone and match ``model.get_submodule(name)``.
 
 What the capture stage hooks, per :class:`ConvUnit`:
 
-- ``pre_bn``: forward hook on ``unit.conv`` (its output ``[B, C, H, W]``).
+- ``pre_bn``: forward hook on ``unit.conv`` (its output ``[B, C, H, W]``; ``[B, H, W, C]`` for a
+  ``Linear`` unit, ``unit.channels_last``).
 - ``post_bn``: forward hook on ``unit.norm``; its output has the channels on
   ``unit.channel_dim`` (1 for BatchNorm / LayerNorm2d, -1 for ConvNeXt's block LayerNorm, which
   runs on a channels-last permute of the conv output). ``norm is None`` (ConvNeXt's
@@ -96,17 +99,21 @@ def classifier_name(model: nn.Module) -> str:
 
 
 def _conv_graph(model: nn.Module) -> ConvGraph:
-    """The units of every conv but a conv classifier (SqueezeNet's gives class scores, not features)."""
+    """The units of every conv and channels-last ``Linear`` but the classifier (SqueezeNet's conv
+    classifier gives class scores, not features)."""
     head = classifier_name(model)
-    return conv_graph(model, {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name != head})
+    return conv_graph(model, {name: m for name, m in model.named_modules()
+                              if isinstance(m, (nn.Conv2d, nn.Linear)) and name != head})
 
 
-def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """Every ``nn.Conv2d`` the forward calls, in forward order, keyed by qualified name."""
+def conv_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every analysable layer the forward calls, in forward order, keyed by qualified name: the
+    ``nn.Conv2d`` modules and the channels-last ``nn.Linear`` ones (read their channels with
+    :func:`~axes_pipeline.models.graph.out_channels`)."""
     return {name: unit.conv for name, unit in _conv_graph(model).units.items()}
 
 
-def analysable_layers(model: nn.Module, include_depthwise: bool = True) -> dict[str, nn.Conv2d]:
+def analysable_layers(model: nn.Module, include_depthwise: bool = True) -> dict[str, nn.Module]:
     """:func:`conv_layers`, optionally without depthwise convs (MobileNetV2's 3×3 depthwise,
     ConvNeXt's 7×7 depthwise): a depthwise channel sees one input channel only."""
     layers = conv_layers(model)

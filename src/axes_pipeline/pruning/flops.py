@@ -11,8 +11,8 @@ channel dimensions that belongs to a group:
 
 - a dense conv / linear scales with its input and its output group: ``c · k_in · k_out``;
 - a depthwise conv, a norm, a pooling scales with its one channel group: ``c · k``;
-- a dimension outside every prunable group (the RGB input, the class logits, ConvNeXt's
-  MLP hidden units) is a constant.
+- a dimension outside every prunable group (the RGB input, the class logits) is a constant;
+  ConvNeXt's channels-last ``Linear`` units are dense 1×1 convs here, their hidden features a group.
 - a dimension made of several groups (a conv after a concatenation: DenseNet, GoogLeNet,
   Inception) is the sum of its parts, ``C_in = Σ_g fan_g · k_g + const``, so a dense conv is
   one term per (input part, output part); a grouped (non-depthwise) conv is a constant, since

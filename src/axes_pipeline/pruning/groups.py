@@ -7,9 +7,10 @@ consumers). Groups come from ``torch_pruning.DependencyGraph`` (no per-architect
 Each group is indexed by its *root* channels (the output channels of its root module); a
 state of the network is one boolean keep mask per group, ``keep[g]: [size_g]``.
 
-Which groups can be pruned: those whose out-channels include at least one ``nn.Conv2d`` (the
-analysable layers carry the scores). The classifier's outputs are never pruned; groups whose
-members are ``nn.Linear`` only (ConvNeXt's MLP hidden units) have no conv score and stay whole.
+Which groups can be pruned: those whose out-channels include at least one analysable unit (an
+``nn.Conv2d`` or a channels-last ``nn.Linear``; the units carry the scores). ConvNeXt's MLP
+hidden features (``pwconv1`` out, ``pwconv2`` in) are such a group, scored by ``pwconv1``. The
+classifier's outputs are never pruned; groups whose out-members are no unit stay whole.
 
 Grouped convolutions that are not depthwise (ResNeXt, RegNet): Torch-Pruning's conv pruner
 indexes a grouped conv's weight ``[C_out, C_in/groups, k, k]`` with network-wide channel indices
@@ -148,8 +149,9 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
     """Trace ``model`` on ``example: [1, C, H, W]`` and return its coupled channel groups.
 
     ``classifier``: qualified name of the classifier (default: the last ``nn.Linear``);
-    ``conv_names``: the analysable convs (default: every ``nn.Conv2d`` the forward calls). A
-    conv that the graph does not reach is a :class:`UserError` naming the layer.
+    ``conv_names``: the analysable units (default: every ``nn.Conv2d`` the forward calls and every
+    channels-last ``nn.Linear``, :func:`~axes_pipeline.models.conv_layers`). A unit that the graph
+    does not reach is a :class:`UserError` naming the layer.
     """
     from axes_pipeline.models import classifier_name, conv_layers
 

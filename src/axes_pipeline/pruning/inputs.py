@@ -10,6 +10,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from axes_pipeline.errors import UserError
+from axes_pipeline.models.graph import out_channels
 from axes_pipeline.pruning.scores import Score
 from axes_pipeline.pruning.settings import PruneSettings
 from axes_pipeline.tables import Schema, check_table, read_table
@@ -40,7 +41,7 @@ def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
     cols = sorted(set().union(*(s.columns for s in scores))) if scores else []
     schema = Schema("axes.csv", {"layer": "str", "channel": "int", **{c: "float" for c in cols}}, finite=tuple(cols),
                     layer="layer")
-    rows_per_layer = {name: conv.out_channels for name, conv in layers.items()}
+    rows_per_layer = {name: out_channels(conv) for name, conv in layers.items()}
     rebuild = f"{_analyze_hint(cfg)} analysis.axes.recompute=true"
 
     def checked(table: pd.DataFrame, path: Path) -> pd.DataFrame:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from axes_pipeline.models.graph import out_channels
 from axes_pipeline.pruning.evaluate import evaluate_test_val, latency
 from axes_pipeline.pruning.flops import count_params
 from axes_pipeline.pruning.scores import Score, ScoreContext
@@ -109,7 +110,7 @@ class ScoreCache:
                 return None
             values = {k: np.asarray(v, dtype=np.float64) for k, v in saved["values"].items()}
             layers = self.ctx.layers   # sound: one finite value per channel of every layer
-            if set(values) == set(layers) and all(v.shape == (layers[n].out_channels,) and np.isfinite(v).all()
+            if set(values) == set(layers) and all(v.shape == (out_channels(layers[n]),) and np.isfinite(v).all()
                                                   for n, v in values.items()):
                 return values
             print(f"prune: note: score cache {path.name} is damaged; recomputing it")

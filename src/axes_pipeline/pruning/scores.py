@@ -53,6 +53,7 @@ import torch.nn as nn
 
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import dead_channels
+from axes_pipeline.models.graph import out_channels
 from axes_pipeline.pruning.evaluate import eval_mode
 from axes_pipeline.pruning.taylor import taylor_scores
 
@@ -91,9 +92,9 @@ class Score:
             if layer not in raw:
                 raise UserError(f"score '{self.name}' has no values for layer '{layer}'")
             v = np.asarray(raw[layer], dtype=np.float64).reshape(-1)
-            if v.size != conv.out_channels:
+            if v.size != out_channels(conv):
                 raise UserError(f"score '{self.name}': layer '{layer}' has {v.size} values for "
-                                f"{conv.out_channels} channels (stale analysis results?)")
+                                f"{out_channels(conv)} channels (stale analysis results?)")
             out[layer] = v
         return out
 
@@ -151,7 +152,7 @@ class ScoreContext:
     """What scores may read. Expensive inputs are loaded on first use and cached."""
 
     model: nn.Module                  # the trained network (eval mode)
-    layers: dict[str, nn.Conv2d]      # the analysable convs, in forward order
+    layers: dict[str, nn.Module]      # the analysable convs (and channels-last Linears), in forward order
     axes_loader: Callable[[], object] | None = None    # the analysis table: layer, channel, the axes columns
     calibration: Callable[[], object] | None = None    # batches (x: [B, C, H, W], y: [B]) of calibration images
     feature_maps: Callable[[], object] | None = None   # hrank/chip images (default: calibration)
@@ -180,9 +181,9 @@ class ScoreContext:
                 if len(rows) == 0:
                     raise UserError(f"the analysis table has no rows for layer '{layer}'; pruning needs every "
                                     f"conv layer analysed (capture.layers=null)")
-                if len(rows) != conv.out_channels:
+                if len(rows) != out_channels(conv):
                     raise UserError(f"the analysis table has {len(rows)} rows for layer '{layer}' "
-                                    f"({conv.out_channels} channels): stale or partial; rerun `python analyze.py`")
+                                    f"({out_channels(conv)} channels): stale or partial; rerun `python analyze.py`")
                 out[layer] = rows.sort_values("channel")[column].to_numpy(dtype=np.float64)
             self._cache[key] = out
         return self._cache[key]
@@ -360,7 +361,7 @@ _family("two_axis_a1_b", "mixed", "β", "norm(I_X) − β·norm(I_T)", "norm(I_X
 def _random(ctx, draw):
     """Uniform random, one seeded draw per ``draw``."""
     rng = np.random.default_rng([int(ctx.seed), int(draw), 7919])
-    return {layer: rng.random(conv.out_channels) for layer, conv in ctx.layers.items()}
+    return {layer: rng.random(out_channels(conv)) for layer, conv in ctx.layers.items()}
 
 
 @register("l1", "baseline")
@@ -383,8 +384,8 @@ def _bn_scale(ctx, draw):
         unit = ctx.units().get(layer)
         norm = None if unit is None else unit.norm
         w = getattr(norm, "weight", None)
-        if w is None or w.numel() != conv.out_channels:
-            out[layer] = np.full(conv.out_channels, np.nan)
+        if w is None or w.numel() != out_channels(conv):
+            out[layer] = np.full(out_channels(conv), np.nan)
         else:
             out[layer] = w.detach().abs().cpu().numpy()
     return out
@@ -399,12 +400,13 @@ def _taylor(ctx, draw):
 def _feature_map_stat(ctx: ScoreContext, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, np.ndarray]:
     """Σ over calibration images of ``reduce(fm: [B, C, H, W]) -> [B, C]`` per layer, / n."""
     units = ctx.units()
-    sums = {layer: torch.zeros(conv.out_channels, dtype=torch.float64) for layer, conv in ctx.layers.items()}
+    sums = {layer: torch.zeros(out_channels(conv), dtype=torch.float64) for layer, conv in ctx.layers.items()}
     handles = []
 
     def make_hook(layer, unit):
         act = unit.act if unit is not None and unit.act is not None and not unit.residual else None
-        dim = unit.channel_dim if unit is not None and unit.norm is not None else 1
+        # the norm output, or a channels-last Linear's own output ([B, H, W, C]), has its channels elsewhere
+        dim = unit.channel_dim if unit is not None and (unit.norm is not None or unit.channels_last) else 1
 
         def hook(_m, _inp, out):
             fm = out.detach()

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from axes_pipeline.pruning.evaluate import eval_mode
 
 
-def taylor_scores(model: nn.Module, convs: dict[str, nn.Conv2d], batches, device="cpu") -> dict[str, np.ndarray]:
-    """Σ|w·∂L/∂w| over each output filter of each conv, ∂L/∂w of the mean cross-entropy over
-    ``batches`` (eval mode). Returns ``{name: [C]}``; the model's grads and ``requires_grad``
-    flags are left as they were."""
+def taylor_scores(model: nn.Module, convs: dict[str, nn.Module], batches, device="cpu") -> dict[str, np.ndarray]:
+    """Σ|w·∂L/∂w| over each output filter of each conv (a channels-last Linear unit: each weight
+    row), ∂L/∂w of the mean cross-entropy over ``batches`` (eval mode). Returns ``{name: [C]}``;
+    the model's grads and ``requires_grad`` flags are left as they were."""
     weights = {name: conv.weight for name, conv in convs.items()}
     wanted = {id(w) for w in weights.values()}
     saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
