@@ -162,7 +162,7 @@ def predict_suite(runs: list[SuiteRun], *, train_images_per_s: float, speed: dic
     rows = []
     for r in runs:
         f = speed[r.model]
-        train = r.epochs * r.train_images / (train_images_per_s * f) + r.eval_images * EVAL_COST / (train_images_per_s * f)
+        train = (r.epochs * r.train_images + r.eval_images * EVAL_COST) / (train_images_per_s * f)
         analyze = analyze_s / f
         prune = (prune_fixed_s + r.prune_points * prune_point_s) / f
         per_seed = train + analyze + prune
@@ -197,9 +197,9 @@ def run_check(out: Path, device: str, *, tiny: bool = False) -> dict:
     width = 0.125 if tiny else 1.0
     bs.write_fake_cifar100(out / "data", n_train=n_train, n_test=n_test)
     ov = ["data=cifar100", f"data.data_dir={out / 'data'}", "data.verify=false", "model=resnet18",
-          f"model.width={width}", "model.pretrained=false", "logger=none", "callbacks.progress_bar=false", f"paths.output_root={out}",
-          f"trainer={'gpu' if cuda else 'cpu'}", f"trainer.max_epochs={epochs}", "checkpoint.every_epoch=true",
-          "seed=0"]
+          f"model.width={width}", "model.pretrained=false",   # no network here; weights do not change timings
+          "logger=none", "callbacks.progress_bar=false", f"paths.output_root={out}",
+          f"trainer={'gpu' if cuda else 'cpu'}", f"trainer.max_epochs={epochs}", "checkpoint.every_epoch=true", "seed=0"]
     ana = [f"capture.n_cal={n_cal}", f"device={device}"]     # analyze/prune keys (train.py has none)
     report: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
                     "sizes": {"train_images": n_train, "test_images": n_test, "n_cal": n_cal, "epochs": epochs,
