@@ -64,8 +64,10 @@ def write_fake_cifar100(root: Path, n_train: int, n_test: int) -> None:
 
 
 def common_overrides(model: str, out: Path) -> list[str]:
+    # ~setup: the backbone's own knobs (CIFAR head and strides, random init) that these figures were
+    # measured with, not the paper's pair setup (conf/setup/cifar100_<model>.yaml, ImageNet weights)
     return ["data=cifar100", f"data.data_dir={out / 'data'}", "data.verify=false", "data.num_workers=0",
-            f"model={model}", "name=bench_scale", "logger=none", "callbacks.progress_bar=false",
+            f"model={model}", "~setup", "name=bench_scale", "logger=none", "callbacks.progress_bar=false",
             f"paths.output_root={out}", "checkpoint.every_epoch=true", "trainer.max_epochs=1"]
 
 

@@ -343,3 +343,21 @@ def test_pruning_curve_lines_are_named_and_best_emphasised():
     assert styles["hull_score"]["label"] == "hull_score (best local)" and styles["hull_score"]["lw"] == 3.0
     assert styles["task_info"]["label"] == "task_info (best target)" and styles["task_info"]["ls"] == "--"
     assert styles["random"]["lw"] == styles["input_capture"]["lw"] < 3.0    # baselines are not emphasised
+
+
+def test_backbones_side_by_side(tmp_path):
+    # two backbones of one report: one headline row each, and the page's table with a column per backbone
+    for s in (1, 2, 3):
+        fake_run(tmp_path, s, local_gain=0.05)
+        fake_run(tmp_path, s, local_gain=0.0, model="vgg16")
+    _report(tmp_path)
+    out = tmp_path / "multirun" / "demo" / "report"
+    side = pd.read_csv(out / "backbones.csv")
+    assert list(side.group) == ["digits-resnet18-w0.25", "digits-vgg16-w0.25"]
+    head = pd.read_csv(out / "headline.csv")
+    assert (side.set_index("group")["diff"] == head.drop_duplicates("group").set_index("group")["diff"]).all()
+    assert side.comparison.str.startswith("best local (input_capture)").all()
+    md = (out / "report.md").read_text()
+    section = md.split("## Backbones side by side", 1)[1].split("\n## ", 1)[0]
+    assert "| quantity | digits-resnet18-w0.25 | digits-vgg16-w0.25 |" in section
+    assert "| best local / best target | input_capture / task_info | input_capture / task_info |" in section

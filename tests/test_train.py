@@ -128,10 +128,11 @@ def test_train_entry_returns_best_val_acc(tiny_run):
 
 
 def test_paper_recipe_from_plain_overrides(tmp_path):
-    # `python train.py model=vgg16 data=cifar100` is the paper's recipe without an experiment overlay.
+    # `python train.py model=vgg16 data=cifar100` is the paper's setup without an experiment overlay.
     cfg = make_cfg("train", ["model=vgg16", "data=cifar100"], tmp_path)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("sgd", 0.05, 5e-4)
     assert cfg.trainer.max_epochs == 100 and cfg.data.batch_size == 128
+    assert (cfg.model.head, cfg.model.pretrained, cfg.name) == ("imagenet", True, "cifar100_vgg16")
     cfg = make_cfg("train", ["model=resnet18", "data=tinyimagenet"], tmp_path)
     assert (cfg.optim.name, cfg.optim.lr, cfg.trainer.max_epochs) == ("adam", 1e-3, 50)
 
@@ -144,6 +145,62 @@ PAPER_RECIPES = {
     "cifar100_mobilenetv2": ("cifar100", "mobilenetv2", {"cifar_strides": False}, True, "sgd", 0.01, 5e-4, 128, 100),
     "imagenet100_convnext_t": ("imagenet100", "convnext_t", {}, False, "adam", 1e-3, 1e-4, 64, 30),
 }
+
+
+# conf/setup/<data>_<model>.yaml -> the overlay that names the same setup (METHODS §10: the bare pair
+# composes what the experiment does)
+SETUPS = sorted(p.stem for p in Path(CONF, "setup").glob("*.yaml"))
+PAIR_EXPERIMENT = {**{f"cifar100_{m}": [f"experiment=cifar100_{m}"] for m in ("resnet18", "vgg16", "mobilenetv2")},
+                   **{f"cifar10_{m}": ["experiment=stress_cifar10", f"model={m}"] for m in ("resnet18", "vgg16", "mobilenetv2")},
+                   "imagenet100_convnext_t": ["experiment=imagenet100_convnext_t"]}
+RECIPE_KEYS = ("max_epochs",)   # the rest of conf/trainer is the device, not the recipe
+
+
+def _setup_of(cfg) -> dict:
+    """What the pair decides: model, data, optimiser, the trainer's recipe keys, train.*, the run name."""
+    return {"name": cfg.name, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "optim", "train")},
+            "trainer": {k: cfg.trainer.get(k) for k in RECIPE_KEYS}}
+
+
+def test_every_setup_has_its_experiment():
+    assert SETUPS == sorted(PAIR_EXPERIMENT)
+    assert set(PAPER_RECIPES) <= set(SETUPS)      # every headline pair of METHODS §10
+
+
+@pytest.mark.parametrize("stage", ["train", "analyze", "prune"])
+@pytest.mark.parametrize("setup", SETUPS)
+def test_bare_pair_composes_its_experiment(setup, stage, tmp_path):
+    # compose only: pretrained=true would download weights when built, and tests never touch the network
+    data, model = setup.split("_", 1)
+    bare = make_cfg(stage, [f"data={data}", f"model={model}"], tmp_path)
+    overlay = make_cfg(stage, PAIR_EXPERIMENT[setup], tmp_path)
+    assert _setup_of(bare) == _setup_of(overlay)
+    assert bare.paths.run_dir == overlay.paths.run_dir          # later stages find the run either way
+    if data.startswith("cifar"):                                 # the authors' ImageNet initialisation
+        assert bare.model.pretrained is True
+    if setup in PAPER_RECIPES:
+        _, _, knobs, pretrained, opt, lr, _, batch, epochs = PAPER_RECIPES[setup]
+        assert {k: bare.model[k] for k in knobs} == knobs and bare.model.pretrained is pretrained
+        assert (bare.optim.name, bare.optim.lr, bare.data.batch_size, bare.trainer.max_epochs) == (opt, lr, batch, epochs)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "vgg16", "mobilenetv2", "convnext_t", "torchvision"])
+def test_digits_never_downloads_weights(model, tmp_path):
+    # the offline default: no pair setup, random init, the small CIFAR head and strides
+    cfg = make_cfg("train", [f"model={model}"], tmp_path)
+    assert cfg.data.name == "digits" and cfg.model.pretrained is False and cfg.model.weights is None
+    assert cfg.name == "default" and cfg.model.get("head", "cifar") == "cifar" and cfg.model.get("cifar_strides", True)
+
+
+def test_paper_setup_knobs_stay_knobs(tmp_path):
+    cfg = make_cfg("train", ["model=vgg16", "data=cifar100", "model.head=cifar", "model.pretrained=false"], tmp_path)
+    assert (cfg.model.head, cfg.model.pretrained, cfg.name) == ("cifar", False, "cifar100_vgg16")
+    cfg = make_cfg("train", ["experiment=cifar100_mobilenetv2", "model.cifar_strides=true"], tmp_path)
+    assert cfg.model.cifar_strides is True and cfg.model.pretrained is True
+    cfg = make_cfg("train", ["model=vgg16", "data=cifar100", "~setup"], tmp_path)      # the backbone's own knobs
+    assert (cfg.model.head, cfg.model.pretrained, cfg.name) == ("cifar", False, "default")
+    cfg = make_cfg("train", ["experiment=dynamics", "model=vgg16", "data=cifar100"], tmp_path)
+    assert (cfg.model.head, cfg.model.pretrained, cfg.name) == ("imagenet", False, "dynamics")   # H2: random init
 
 
 @pytest.mark.parametrize("experiment", sorted(PAPER_RECIPES))

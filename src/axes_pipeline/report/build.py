@@ -191,6 +191,7 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
         "lesions": tables.scalar_summary(groups, "analyze/lesion_summary.json"),
         "propagation": tables.propagation_table(groups),
     }
+    t["backbones"] = tables.backbones_table(t["headline"])
     for name, df in t.items():
         if df is not None and not df.empty:
             write_csv(out / f"{name}.csv", df)
@@ -228,7 +229,7 @@ ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft"
 # a stage no longer present) are removed once the new one is in place, never sitting beside it
 # looking current. Only these names: report.out may be a folder that holds other files too.
 REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
-                "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "curves_*.png", "headline.png",
+                "backbones.csv", "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "curves_*.png", "headline.png",
                 "alignment_depth.png", "dynamics.png", "report.md", "report.html", "report_summary.json")
 
 
@@ -470,6 +471,9 @@ HOW = {
     "answer": "Each point is the paired difference in FLOPs-AUC (mean accuracy over the removed-FLOPs range) "
               "between the local and the target axis, across seeds: right of 0 (blue) the local axis keeps more "
               "accuracy at equal FLOPs, left of 0 (red) the target axis does; the curves beside it show where.",
+    "backbones": "The headline comparison of each backbone in one column (as the paper's table): the best score "
+                 "of each axis chosen on validation of all seeds, their test FLOPs-AUCs, the paired difference and "
+                 "its CI; every row of each backbone is in the headline table above.",
     "auc": "One row per pruning score: its FLOPs-AUC as mean ± SD over seeds, absolute and relative to the unpruned "
            "accuracy (1 = no loss); higher is better.",
     "layers": "One row per analysed layer, mean ± SD over seeds: how strongly the two axes agree (Spearman ρ of "
@@ -508,6 +512,11 @@ def page_context(cfg, roots, groups, notices, t, figs, skipped: list[dict] | Non
     def table_or(df: pd.DataFrame, missing: str, **rename) -> list[dict]:
         return [_text(missing)] if df.empty else [_table(_present(df).rename(columns=rename))]
 
+    if not t["backbones"].empty and len(t["backbones"]) > 1:      # several backbones: the paper's table
+        side = headline_view(t["backbones"], min_seeds).drop(columns=["comparison"], errors="ignore")
+        side.insert(1, "best local / best target", t["backbones"]["comparison"].str.extract(
+            r"best local \((.*?)\) − best target \((.*?)\)").agg(" / ".join, axis=1).to_numpy())
+        section("backbones", "Backbones side by side", [_table(side.set_index("group").T.reset_index(names="quantity"))])
     auc = t["flops_auc"]
     first = ("group", "score", "axis", "flops_auc_mean", "flops_auc_sd", "flops_auc_rel_mean", "flops_auc_rel_sd", "seeds")
     cols = [c for c in first if c in auc] + [c for c in auc.columns if c not in first]

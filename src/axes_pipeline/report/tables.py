@@ -255,6 +255,16 @@ def headline(per_seed: pd.DataFrame, *, min_n: int, n_boot: int, method: str, se
     return pd.DataFrame(rows)
 
 
+def backbones_table(head: pd.DataFrame) -> pd.DataFrame:
+    """The paper's table: one row per group (backbone × data × width) with its headline comparison
+    (best local − best target, chosen on validation of all seeds, measured on test), so that the
+    backbones of one report stand side by side. Columns as :func:`headline`'s."""
+    if head.empty:
+        return head
+    first = head[head["comparison"].str.startswith("best local (")]
+    return first.drop_duplicates("group").reset_index(drop=True)
+
+
 # ---------------------------------------------------------------- axes
 
 def layers_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
