@@ -190,7 +190,8 @@ ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft"
 # looking current. Only these names: report.out may be a folder that holds other files too.
 REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
                 "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "definitions.csv", "curves_*.png",
-                "headline.png", "alignment_depth.png", "dynamics.png", "definitions_*.png", "report.md", "report.html", "report_summary.json")
+                "headline.png", "alignment_depth.png", "dynamics.png", "definitions_*.png", "report.md", "report.html",
+                "report_summary.json")
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
