@@ -143,6 +143,16 @@ class DynamicsAnalysis:
 
 
 @dataclass
+class DefinitionsAnalysis:
+    """METHODS §1/§6: the dynamics' quantities at init and after training under every activation point ×
+    sampling, on the depth-spaced layers of analysis.dynamics (k, layers), BN in eval mode."""
+
+    points: list[str] = field(default_factory=lambda: ["pre_bn", "post_bn", "post_act"])
+    spatial: list[str] = field(default_factory=lambda: ["sample", "gap"])
+    init: str = "epoch_000.ckpt"  # the initial checkpoint, in the run's checkpoints/ (train.py always writes it)
+
+
+@dataclass
 class LinearGaussianAnalysis:
     """METHODS §5: a synthetic linear-Gaussian layer trained by gradient descent."""
 
@@ -157,7 +167,8 @@ class LinearGaussianAnalysis:
 #: analysis option (conf/analysis/<name>.yaml) -> the schema of its block ``analysis.<name>``,
 #: stored as ``analysis/base_<name>``
 ANALYSES: dict[str, type] = {"axes": AxesAnalysis, "lesion": LesionAnalysis, "propagation": PropagationAnalysis,
-                             "dynamics": DynamicsAnalysis, "linear_gaussian": LinearGaussianAnalysis}
+                             "dynamics": DynamicsAnalysis, "definitions": DefinitionsAnalysis,
+                             "linear_gaussian": LinearGaussianAnalysis}
 
 
 def analysis_block(cfg: DictConfig, name: str) -> DictConfig:

@@ -29,6 +29,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from omegaconf import DictConfig
 
+from axes_pipeline.analyses.definitions import plot_definitions, reproduces_init_coupling
 from axes_pipeline.config import to_container
 from axes_pipeline.errors import UserError
 from axes_pipeline.report import figures, tables
@@ -190,6 +191,7 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
         "reference": tables.reference_table(groups),
         "lesions": tables.scalar_summary(groups, "analyze/lesion_summary.json"),
         "propagation": tables.propagation_table(groups),
+        "definitions": tables.definitions_table(groups),
     }
     t["backbones"] = tables.backbones_table(t["headline"])
     for name, df in t.items():
@@ -210,6 +212,12 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
         figs["alignment over depth"] = figures.alignment_depth(t["layers"], out / "alignment_depth.png")
     if (dyn := figures.dynamics_curves(groups, out / "dynamics.png")) is not None:
         figs["training dynamics"] = dyn
+    if not t["definitions"].empty:
+        for g, d in t["definitions"].groupby("group", sort=False):
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g)
+            figs[f"definitions: {g}"] = plot_definitions(d, out / f"definitions_{safe}.png",
+                                                         title=f"{g}: init (open) → trained (filled); blue: the paper's "
+                                                         "direction, red: the opposite")
 
     # every input left out (read after the tables and figures, which are what read the inputs)
     skipped = skipped + skipped_inputs(runs)
@@ -229,8 +237,9 @@ ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft"
 # a stage no longer present) are removed once the new one is in place, never sitting beside it
 # looking current. Only these names: report.out may be a folder that holds other files too.
 REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
-                "backbones.csv", "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "curves_*.png", "headline.png",
-                "alignment_depth.png", "dynamics.png", "report.md", "report.html", "report_summary.json")
+                "backbones.csv", "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "definitions.csv",
+                "curves_*.png", "headline.png", "alignment_depth.png", "dynamics.png", "definitions_*.png", "report.md",
+                "report.html", "report_summary.json")
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -488,6 +497,10 @@ HOW = {
                    "and the downstream one for each pairing of axes, beside a shuffled-weights null.",
     "dynamics": "Each quantity over training epochs (mean ± SD over seeds), with the paper's init and trained "
                 "values as black squares.",
+    "definitions": "The paper does not fix where a channel's activation is read (before the norm, after it, after the "
+                   "nonlinearity) nor how a feature map becomes samples (random positions or one pooled value per "
+                   "image); its init-coupling claim depends on that. Each row: a quantity at init and after training "
+                   "(mean ± SD over seeds) under one definition, its direction, and whether that is the paper's.",
     "runs": "Every run the report read, with its accuracies and which stages it has (paths relative to the sweep).",
 }
 
@@ -543,6 +556,21 @@ def page_context(cfg, roots, groups, notices, t, figs, skipped: list[dict] | Non
             table_or(t["propagation"], "No propagation results (analysis=propagation).", rho="ρ", null_rho_mean="null ρ"))
     if "training dynamics" in figs:
         section("dynamics", "Training dynamics (H2)", [{"kind": "figure", "label": "training dynamics"}])
+    defs = t["definitions"]
+    if not defs.empty:
+        parts = []
+        for g, d in defs.groupby("group", sort=False):
+            ok = reproduces_init_coupling(d)
+            parts.append(_text(f"{g}: ρ(I_X, I_T) is positive at init and falls after training (the paper's init "
+                               f"coupling) under {', '.join(ok) if ok else 'no definition'}; the defaults measure "
+                               f"{cfg.capture.point}/{cfg.capture.spatial}."))
+            parts.append({"kind": "figure", "label": f"definitions: {g}"})
+        view = defs.assign(definition=[f"{p}/{s}" for p, s in zip(defs.point, defs.spatial)],
+                           matches_paper=[{True: "yes", False: "no"}.get(m, "—") for m in defs.matches_paper])
+        cols = ["group", "definition", "quantity", "init_mean", "init_sd", "trained_mean", "trained_sd", "seeds",
+                "direction", "paper_direction", "matches_paper"]
+        parts.append(_table(_present(view[cols])))
+        section("definitions", "Do the conclusions depend on the definitions?", parts)
     runs = t["runs"]
     runs_view = runs[[c for c in ("group", "seed", "val_acc", "test_acc", "epochs", "analyze", "prune", "run_dir")
                       if c in runs]].copy()

@@ -206,6 +206,8 @@ REPORT_SCHEMAS: dict[str, Schema] = {
     "analyze/layers.csv": Schema("layers.csv", columns={"layer": "str", "layer_index": "int",
                                                         **dict.fromkeys(LAYER_COLS, "float")}, optional=LAYER_COLS),
     "analyze/dynamics.csv": Schema("dynamics.csv", columns={"epoch": "int", "layer": "str"}),
+    "analyze/definitions.csv": Schema("definitions.csv", columns={"point": "str", "spatial": "str", "checkpoint": "str",
+                                                                  "layer": "str"}),
     "analyze/propagation.csv": Schema("propagation.csv", columns={"pairing": "str", "rho": "float"},
                                       optional=("pairing", "rho")),
 }

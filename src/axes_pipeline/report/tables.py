@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 import pandas as pd
 
+from axes_pipeline.analyses.definitions import directions
 from axes_pipeline.report.collect import LAYER_COLS, Run
 from axes_pipeline.stats import DEFAULT_CI, PAPER_REFERENCE, compare_paired, grid_aucs, holm, mean_sd
 from axes_pipeline.tables import DamagedTable, Schema, check_table
@@ -315,6 +316,20 @@ def reference_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
                 rows.append({"group": g, "quantity": k, "phase": phase, "ours_mean": m, "ours_sd": sd,
                              "seeds": n, "paper_mean": ref_m, "paper_sd": ref_sd, "source": source})
     return pd.DataFrame(rows)
+
+
+def definitions_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
+    """Per group, definition (activation point × sampling) and quantity: the init and trained values as
+    mean ± SD over seeds, their direction and whether it is the paper's (analysis=definitions)."""
+    out = []
+    for g, runs in groups.items():
+        frames = [f.assign(seed=r.seed) for r in runs if (f := r.read_csv("analyze/definitions.csv")) is not None]
+        if frames:
+            out.append(directions(pd.concat(frames, ignore_index=True)).assign(group=g))
+    if not out:
+        return pd.DataFrame()
+    df = pd.concat(out, ignore_index=True)
+    return df[["group", *[c for c in df.columns if c != "group"]]]
 
 
 def scalar_summary(groups: dict[str, list[Run]], rel: str) -> pd.DataFrame:

@@ -1,0 +1,292 @@
+"""Do the conclusions depend on the definitions? (METHODS §1, §6, §11)
+
+The paper does not pin down where a channel's activation is read (before the norm, after it, after
+the nonlinearity) nor how an image's feature map becomes samples (random positions or one pooled
+value), and its init-coupling claim (the axes strongly coupled at random initialisation, weakly
+after training) depends on that choice. This analysis makes the choice a measured part of the
+result instead of a hidden one: on the initial checkpoint (``epoch_000.ckpt``) and the analysed one
+(``best.ckpt`` by default) it recomputes, under every activation point × sampling of
+:data:`DEFINITIONS`, the quantities of METHODS §6 on the same depth-spaced layers as the dynamics
+(``analysis.dynamics.k`` / ``layers``), with BatchNorm in eval mode and the calibration images of
+``capture.*``. Only the streamed (T, Y) moments are held, as in the dynamics.
+
+Each (definition, checkpoint) is stored as a part (``analyze/definitions_parts/<point>-<spatial>_<init|trained>.csv``)
+with the fingerprint of what made it (data identity, checkpoint content digest, capture and metric
+settings): a re-run skips sound parts computed from the same inputs and recomputes the rest.
+
+Outputs (``<run_dir>/analyze/``): ``definitions.csv`` (one row per definition, checkpoint and layer)
+and ``plots/definitions.png`` (small multiples: one panel per quantity, init → trained per
+definition). The report pools seeds (mean ± SD) and says, per definition, whether each quantity
+moves from init to trained in the paper's direction.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from axes_pipeline.analyses.axes_table import calibration_loader, layer_analysis, metric_dtype, metric_knobs
+from axes_pipeline.analyses.dynamics import _graphs, _layers
+from axes_pipeline.analyses.registry import analysis
+from axes_pipeline.analyses.settings import analysis_block
+from axes_pipeline.capture import POSITIONS, capture_activations
+from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.models import conv_norm_pairs
+from axes_pipeline.runs import fingerprint, run_fingerprint, write_csv
+from axes_pipeline.tables import DamagedTable, Schema, read_table
+from axes_pipeline.tracking import progress as units_progress
+from axes_pipeline.training.checkpoints import load_into
+
+log = logging.getLogger("axes_pipeline")
+
+POINTS = ("pre_bn", "post_bn", "post_act")
+SPATIAL = ("sample", "gap")
+#: Every activation point × sampling the analysis measures, in the order of the table and figure.
+DEFINITIONS: tuple[tuple[str, str], ...] = tuple((p, s) for p in POINTS for s in SPATIAL)
+CHECKPOINTS = ("init", "trained")
+
+#: The quantities of METHODS §6 (the dynamics' columns) and the paper's init → trained direction
+#: (METHODS §11 and its qualitative claims): "falls", "rises", or None where the paper states none.
+PAPER_DIRECTION: dict[str, str | None] = {
+    "align_input_capture_task_info": "falls",   # strongly coupled at init, weakly aligned after training
+    "modularity_gap": None,                      # some local-topology bias already at init: no direction stated
+    "hull_size_mean": "rises",                   # 3.08 → 4.27
+    "hull_saturated_frac": "rises",              # 0.067 → 0.195
+    "s3_s2": "rises",                            # 0.192 → 0.381
+}
+LABELS = {"align_input_capture_task_info": "ρ(I_X, I_T)", "modularity_gap": "modularity gap Q_R − Q_S",
+          "hull_size_mean": "mean hull size", "hull_saturated_frac": "saturated-hull fraction", "s3_s2": "S3/S2"}
+PARTS = "definitions_parts"
+PART_SCHEMA = Schema("definitions part", columns={"point": "str", "spatial": "str", "checkpoint": "str",
+                                                  "layer": "str", "layer_index": "int", "channels": "int",
+                                                  "fingerprint": "str", "hull_size_mean": "float"},
+                     finite=("hull_size_mean",), layer="layer")
+
+
+def _knobs(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(analysis_block(cfg, "definitions"), resolve=True)
+
+
+def definitions_of(knobs: dict) -> list[tuple[str, str]]:
+    """The (point, spatial) pairs selected by ``analysis.definitions.points`` × ``spatial``."""
+    points, spatial = list(knobs["points"]), list(knobs["spatial"])
+    for p in points:
+        if p not in POINTS:
+            raise unknown_name("analysis.definitions.points", p, POINTS)
+    for s in spatial:
+        if s not in SPATIAL:
+            raise unknown_name("analysis.definitions.spatial", s, SPATIAL)
+    if not points or not spatial:
+        raise UserError("analysis.definitions: points and spatial each need at least one value")
+    return [(p, s) for p, s in DEFINITIONS if p in points and s in spatial]
+
+
+def _init_checkpoint(run_dir: Path, knobs: dict) -> Path:
+    path = Path(run_dir) / "checkpoints" / knobs["init"]
+    if not path.is_file():
+        raise UserError(f"definitions: no initial checkpoint {path} (train.py writes epoch_000.ckpt before the "
+                        f"first step); retrain the run, or set analysis.definitions.init to another file in checkpoints/")
+    return path
+
+
+def check_definitions_analysis(ctx) -> None:
+    """Knobs, layers and the initial checkpoint, before the network runs."""
+    knobs = _knobs(ctx.cfg)
+    definitions_of(knobs)
+    _layers(ctx.trained.model, _layer_knobs(ctx.cfg))
+    _init_checkpoint(ctx.trained.run_dir, knobs)
+
+
+def _layer_knobs(cfg: DictConfig) -> dict:
+    """The depth-spaced layers of the dynamics (METHODS §6): the same six layers in both analyses."""
+    dyn = OmegaConf.to_container(analysis_block(cfg, "dynamics"), resolve=True)
+    return {k: dyn[k] for k in ("layers", "k", "include_shortcuts")}
+
+
+def _definition_cfg(cfg: DictConfig, point: str, spatial: str) -> DictConfig:
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.capture.point, out.capture.spatial = point, spatial
+    return out
+
+
+def part_fingerprint(cfg: DictConfig, ckpt: Path, layers: list[str]) -> str:
+    """What a part depends on: data identity, checkpoint content, capture and metric settings."""
+    c = cfg.capture
+    settings = {"layers": list(layers), "n_cal": int(c.n_cal), "transform": c.transform, "point": c.point,
+                "spatial": c.spatial, "samples_per_image": int(c.samples_per_image), "target": c.target,
+                "capture_seed": int(c.seed), "positions": POSITIONS,
+                **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()}, "metrics.dtype": cfg.metrics.dtype,
+                "graphs": _graphs(cfg)}
+    return fingerprint(run_fingerprint(cfg, ckpt, **settings))
+
+
+def _stored(path: Path, want: str, layers: list[str]) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        part = read_table(path, PART_SCHEMA, rebuild="python analyze.py analysis=definitions",
+                          rows_per_layer=dict.fromkeys(layers, 1))
+    except DamagedTable as err:
+        log.warning("definitions: %s; recomputing it", str(err).split("; rebuild")[0])
+        return None
+    return part if str(part["fingerprint"].iloc[0]) == want else None
+
+
+def definitions_table(cfg: DictConfig, model, datamodule, checkpoints: dict[str, Path], run_dir: Path, device,
+                      expect: dict | None = None, progress: bool = True) -> tuple[pd.DataFrame, int]:
+    """``(frame, computed)``: one row per (definition, checkpoint, layer); ``model`` is overwritten with
+    each checkpoint's weights. ``computed`` counts the parts computed now (the rest were stored)."""
+    knobs = _knobs(cfg)
+    defs = definitions_of(knobs)
+    layers = _layers(model, _layer_knobs(cfg))
+    all_units = conv_norm_pairs(model)
+    units = {n: all_units[n] for n in layers}
+    index = {n: i for i, n in enumerate(all_units)}
+    parts = Path(run_dir) / "analyze" / PARTS
+    dtype, graphs, metrics, c = metric_dtype(cfg), _graphs(cfg), metric_knobs(cfg), cfg.capture
+    loader, frames, computed, loaded = None, [], 0, None
+    jobs = [(tag, ckpt, p, s) for tag, ckpt in checkpoints.items() for p, s in defs]
+    for tag, ckpt, point, spatial in units_progress(jobs, "definitions", enabled=progress,
+                                                    label=lambda j: f"{j[2]}/{j[3]} {j[0]}"):
+        dcfg = _definition_cfg(cfg, point, spatial)
+        key = part_fingerprint(dcfg, ckpt, layers)
+        path = parts / f"{point}-{spatial}_{tag}.csv"
+        part = _stored(path, key, layers)
+        if part is None:
+            if loader is None:
+                loader = calibration_loader(cfg, datamodule)
+            if loaded != ckpt:      # the jobs are ordered by checkpoint: each is loaded once
+                load_into(model, ckpt, expect)
+                loaded = ckpt
+            model.eval()            # BatchNorm in eval mode: its running statistics, as at inference
+            capture = capture_activations(model, units, loader, point=point, spatial=spatial,
+                                          samples_per_image=int(c.samples_per_image), target=c.target,
+                                          seed=int(c.seed), patch_moments=False, device=device, progress=False,
+                                          keep_samples=False)
+            model.cpu()
+            part = pd.DataFrame([layer_analysis(n, index[n], None, None, units[n], knobs=metrics, dtype=dtype,
+                                                device=device, graphs=graphs, seed=int(c.seed), cov=capture.cov(n),
+                                                n_samples=capture.n_samples(n)).summary for n in layers])
+            part.insert(0, "point", point)
+            part.insert(1, "spatial", spatial)
+            part.insert(2, "checkpoint", tag)
+            part["calibration_accuracy"] = capture.accuracy
+            part["fingerprint"] = key
+            write_csv(path, part)
+            computed += 1
+            del capture
+        frames.append(part)
+    frame = pd.concat(frames, ignore_index=True)
+    return frame, computed
+
+
+def direction(init: float, trained: float) -> str:
+    """``rises`` / ``falls`` / ``flat`` (|Δ| below 1e-9) / ``n/a`` (a value undefined)."""
+    if not (np.isfinite(init) and np.isfinite(trained)):
+        return "n/a"
+    delta = trained - init
+    return "flat" if abs(delta) < 1e-9 else ("rises" if delta > 0 else "falls")
+
+
+def directions(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per definition × quantity: the seed-level mean ± SD at init and trained (each seed's mean over
+    layers first), the direction of the means, the paper's direction and whether they match.
+    ``frame`` holds the rows of one or several seeds (column ``seed``; one seed when absent)."""
+    frame = frame if "seed" in frame else frame.assign(seed=0)
+    cols = [q for q in PAPER_DIRECTION if q in frame]
+    per_seed = frame.groupby(["point", "spatial", "checkpoint", "seed"], sort=False)[cols].mean().reset_index()
+    rows = []
+    for (point, spatial), d in per_seed.groupby(["point", "spatial"], sort=False):
+        for q in cols:
+            row = {"point": point, "spatial": spatial, "quantity": q}
+            for tag in CHECKPOINTS:
+                v = d.loc[d.checkpoint == tag, q].to_numpy(float)
+                v = v[np.isfinite(v)]
+                row[f"{tag}_mean"] = float(v.mean()) if v.size else np.nan
+                row[f"{tag}_sd"] = float(v.std(ddof=1)) if v.size > 1 else np.nan
+            row["seeds"] = int(d["seed"].nunique())
+            row["direction"] = direction(row["init_mean"], row["trained_mean"])
+            paper = PAPER_DIRECTION[q]
+            row["paper_direction"] = paper or "not stated"
+            row["matches_paper"] = None if paper is None or row["direction"] == "n/a" else row["direction"] == paper
+            rows.append(row)
+    order = {d: i for i, d in enumerate(DEFINITIONS)}
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out["_o"] = [order[(p, s)] for p, s in zip(out.point, out.spatial)]
+    return out.sort_values(["_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
+
+
+def reproduces_init_coupling(table: pd.DataFrame) -> list[str]:
+    """The definitions under which ρ(I_X, I_T) is positive at init and falls after training (the paper's claim)."""
+    q = table[table.quantity == "align_input_capture_task_info"]
+    return [f"{p}/{s}" for p, s, i, d in zip(q.point, q.spatial, q.init_mean, q.direction) if i > 0 and d == "falls"]
+
+
+def plot_definitions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Small multiples: one panel per quantity; per definition its init (open) and trained (filled)
+    mean ± SD over seeds, joined by an arrow; the paper's direction in the panel title."""
+    import matplotlib.pyplot as plt
+
+    from axes_pipeline.analyses import plots
+
+    quantities = [q for q in PAPER_DIRECTION if q in set(table.quantity)]
+    fig, axs = plt.subplots(1, len(quantities), figsize=(3.2 * len(quantities), 3.4), squeeze=False)
+    for ax, q in zip(axs[0], quantities):
+        d = table[table.quantity == q].reset_index(drop=True)
+        x = np.arange(len(d))
+        for i, r in d.iterrows():
+            color = {True: "tab:blue", False: "tab:red"}.get(r["matches_paper"], "0.4")
+            ax.errorbar([i - 0.12], [r["init_mean"]], yerr=[np.nan_to_num(r["init_sd"])], fmt="o", mfc="white",
+                        color=color, ms=5, capsize=2)
+            ax.errorbar([i + 0.12], [r["trained_mean"]], yerr=[np.nan_to_num(r["trained_sd"])], fmt="o",
+                        color=color, ms=5, capsize=2)
+            if np.isfinite(r["init_mean"]) and np.isfinite(r["trained_mean"]):
+                ax.annotate("", xy=(i + 0.12, r["trained_mean"]), xytext=(i - 0.12, r["init_mean"]),
+                            arrowprops={"arrowstyle": "->", "color": color, "lw": 0.8})
+        ax.set_xticks(x, [f"{p}\n{s}" for p, s in zip(d.point, d.spatial)], fontsize=7)
+        paper = PAPER_DIRECTION[q]
+        ax.set_title(f"{LABELS[q]}\npaper: {paper or 'no direction stated'}", fontsize=9)
+        if q.startswith("align") or q == "modularity_gap":
+            ax.axhline(0, color="gray", lw=0.5)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(title or "init (open) → trained (filled) under each definition; blue: the paper's direction, "
+                 "red: the opposite", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return plots.save(fig, path)
+
+
+@analysis("definitions", check=check_definitions_analysis)
+def run_definitions_analysis(ctx) -> dict:
+    """Both checkpoints under every definition (resumable); the table, the figure and a headline."""
+    from axes_pipeline.training.restore import architecture, expected_meta
+
+    cfg, trained = ctx.cfg, ctx.trained
+    dm = trained.datamodule
+    model = architecture(cfg, dm.num_classes)   # its own instance: the restored model stays as is
+    checkpoints = {"init": _init_checkpoint(trained.run_dir, _knobs(cfg)), "trained": Path(trained.ckpt)}
+    frame, computed = definitions_table(cfg, model, dm, checkpoints, trained.run_dir, ctx.device,
+                                        expect=expected_meta(cfg, dm.num_classes))
+    del model
+    frame = frame.drop(columns=["fingerprint"]).assign(seed=int(cfg.seed))
+    write_csv(ctx.out / "definitions.csv", frame)
+    table = directions(frame)
+    if cfg.plots:
+        ctx.tracker.image("analyze/definitions", plot_definitions(table, ctx.out / "plots" / "definitions.png"))
+    ctx.tracker.table("analyze/definitions", frame)
+    rho = table[table.quantity == "align_input_capture_task_info"]
+    head = {"definitions": len(rho), "parts_computed": computed,
+            "init_coupling_reproduced_by": reproduces_init_coupling(table),
+            **{f"rho_{p}_{s}_{tag}": float(r[f"{tag}_mean"]) for p, s, (_, r) in zip(rho.point, rho.spatial, rho.iterrows())
+               for tag in CHECKPOINTS}}
+    ok = ", ".join(head["init_coupling_reproduced_by"]) or "none"
+    print(f"analyze: definitions: {len(rho)} definitions × 2 checkpoints ({computed} computed now); "
+          f"ρ(I_X, I_T) positive at init and falling after training under: {ok}")
+    return head
