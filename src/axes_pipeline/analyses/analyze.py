@@ -32,7 +32,7 @@ from axes_pipeline.analyses.axes_table import (
 from axes_pipeline.analyses.registry import ANALYSES
 from axes_pipeline.config import run_dir, to_container
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import read_json, write_json
+from axes_pipeline.runs import flatten, read_json, write_json
 from axes_pipeline.tracking import StageTracker, cfg_artifact_name, log_axes
 
 log = logging.getLogger("axes_pipeline")
@@ -165,7 +165,7 @@ def run_analysis(cfg: DictConfig) -> dict:
                 summary[name] = ANALYSES[name].run(ctx)
         summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
         summary["config"] = to_container(cfg)
-        ctx.tracker.scalars(_flatten(summary))
+        ctx.tracker.scalars(flatten(summary, skip={"config"}))   # the config is the run's wandb config already
         write_json(out / "analyze_summary.json", _merged(out / "analyze_summary.json", summary))
     finally:
         ctx.tracker.finish()
@@ -181,11 +181,3 @@ def _merged(path: Path, summary: dict) -> dict:
     except (OSError, ValueError):   # none yet, or unreadable
         return summary
     return {**old, **summary, "analyses": list(dict.fromkeys([*old.get("analyses", []), *summary["analyses"]]))}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if k != "config":
-            flat.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return flat
