@@ -306,7 +306,7 @@ def heatmap(table: pd.DataFrame, path):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5.5)
         fig.colorbar(im, ax=ax, shrink=0.8)
     axs[1, 0].set_xlabel("linked conv pair (upstream → downstream), by depth")
-    return plots.save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 @analysis("propagation", check=check_propagation_analysis)
