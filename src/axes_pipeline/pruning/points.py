@@ -68,13 +68,13 @@ class ScoreCache:
         s = self.settings
         parts = {
             "stage": "prune/point", "score": fingerprint(self.score_key(score)),
-            "mode": s.mode, "allocation": s.allocation, "cap": s.cap, "tol": s.tolerance,
-            "depthwise": s.depthwise, "eval": [s.eval_samples, s.eval_seed],
-            "finetune": s.ft if s.finetune else False, "fvcore": s.fvcore_check,
+            "mode": s.mode, "allocation": s.allocation, "cap": s.max_fraction, "tol": s.tolerance,
+            "depthwise": s.depthwise_in_group_score, "eval": [s.eval_samples, s.eval_seed],
+            "finetune": s.finetune or False, "fvcore": s.fvcore_check,
             "latency": [s.latency_batch_sizes, s.latency_repeats] if s.latency else False,
         }
         if s.allocation == "hybrid":
-            parts["hybrid"] = fingerprint(self.score_key(s.hybrid_from))
+            parts["hybrid"] = fingerprint(self.score_key(s.hybrid_counts_from))
         return _plain(run_fingerprint(s.cfg, self.ckpt, **parts))
 
     def get(self, score: Score, draw: int) -> dict[str, np.ndarray]:

@@ -116,7 +116,7 @@ def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, groups,
     return {
         "unpruned": {k: v for k, v in base.items() if k != "key"},
         "unpruned_acc": base_acc, "unpruned_val_acc": base_val, "unpruned_macs": int(base["macs"]),
-        "mode": settings.mode, "allocation": settings.allocation, "max_fraction": settings.cap,
+        "mode": settings.mode, "allocation": settings.allocation, "max_fraction": settings.max_fraction,
         "tolerance": settings.tolerance, "targets": settings.targets,
         "selection": {"chosen_on": SELECTION_SPLIT if has_val else None, "measured_on": MEASUREMENT_SPLIT,
                       "n_val": int(base.get("n_val") or 0), "n_test": int(base.get("n_eval") or 0),
