@@ -21,8 +21,8 @@ from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.axes_table import (
     analyze_capture,
     axes_fingerprint,
-    check_capture_size,
     depth_index,
+    fitted_n_cal,
     get_capture,
     resolve_device,
     select_units,
@@ -145,7 +145,11 @@ def run_analysis(cfg: DictConfig) -> dict:
     out = (trained.run_dir if trained is not None else run_dir(cfg)) / "analyze"
     ctx = Context(cfg=cfg, out=out, tracker=None, device=device, trained=trained)
     if trained is not None:
-        check_capture_size(cfg, trained.datamodule)
+        n_cal = fitted_n_cal(cfg, trained.datamodule)   # stored: the fingerprints must hold the images captured
+        if n_cal != cfg.capture.n_cal:
+            log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
+                     cfg.capture.n_cal, cfg.data.name, n_cal)
+            cfg.capture.n_cal = n_cal
         ctx.units = select_units(trained.model, cfg.capture.layers)
         for name in chosen:   # each analysis validates its own knobs before the network runs
             if name in ANALYSES and ANALYSES[name].check is not None:
