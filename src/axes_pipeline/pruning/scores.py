@@ -499,5 +499,6 @@ def _fpgm(ctx, draw):
     return {layer: geometric_median_distance(conv.weight).cpu().numpy() for layer, conv in ctx.layers.items()}
 
 
-#: every registered score, local first, then target, mixed, baseline (pruning.scores: null)
+#: the package's own scores, local first, then target, mixed, baseline. The default sweep
+#: (pruning.scores: null) reads score_names() when a run starts instead, so a plugin's scores join it.
 DEFAULT_SCORES: tuple[str, ...] = tuple(score_names())
