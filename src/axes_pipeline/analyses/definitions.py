@@ -37,10 +37,12 @@ from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.capture import POSITIONS, capture_activations
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs
+from axes_pipeline.plotting import save_figure
 from axes_pipeline.runs import fingerprint, run_fingerprint, write_csv
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.tracking import progress as units_progress
 from axes_pipeline.training.checkpoints import load_into
+from axes_pipeline.training.restore import architecture, expected_meta
 
 log = logging.getLogger("axes_pipeline")
 
@@ -233,9 +235,7 @@ def reproduces_init_coupling(table: pd.DataFrame) -> list[str]:
 def plot_definitions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     """Small multiples: one panel per quantity; per definition its init (open) and trained (filled)
     mean ± SD over seeds, joined by an arrow; the paper's direction in the panel title."""
-    import matplotlib.pyplot as plt
-
-    from axes_pipeline.analyses import plots
+    import matplotlib.pyplot as plt  # deferred: matplotlib loads in seconds, and only a finished analysis is plotted
 
     quantities = [q for q in PAPER_DIRECTION if q in set(table.quantity)]
     fig, axs = plt.subplots(1, len(quantities), figsize=(3.2 * len(quantities), 3.4), squeeze=False)
@@ -260,14 +260,12 @@ def plot_definitions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     fig.suptitle(title or "init (open) → trained (filled) under each definition; blue: the paper's direction, "
                  "red: the opposite", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    return plots.save(fig, path)
+    return save_figure(fig, path)
 
 
 @analysis("definitions", check=check_definitions_analysis)
 def run_definitions_analysis(ctx) -> dict:
     """Both checkpoints under every definition (resumable); the table, the figure and a headline."""
-    from axes_pipeline.training.restore import architecture, expected_meta
-
     cfg, trained = ctx.cfg, ctx.trained
     dm = trained.datamodule
     model = architecture(cfg, dm.num_classes)   # its own instance: the restored model stays as is
