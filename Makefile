@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) scripts/demo.py
 
-# loadgroup: tests conftest.py groups each file's tests on one worker (as loadfile did) and hands the
+# loadgroup: tests/conftest.py groups each file's tests on one worker (as loadfile did) and hands the
 # long `slow` runs out first, one at a time, so that the two workers finish together.
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
