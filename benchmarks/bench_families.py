@@ -1,4 +1,4 @@
-"""The family table of the README: one representative of each torchvision CNN family through
+"""The family table of docs/usage.md ("Any CNN"): one representative of each torchvision CNN family through
 the analysis and pruning stages (:func:`axes_pipeline.models.families.check_family`).
 
     python benchmarks/bench_families.py [--families ResNet DenseNet ...] [--write-readme]
@@ -10,7 +10,7 @@ kept whole by the pruning (grouped convs), time for analyze (capture + both axes
 lesions and propagation are not timed), time for a 3-target FLOPs-matched prune of ``task_info``
 (dependency graph, MAC model, search, physical pruning, fvcore check), max |achieved − target|
 of the fvcore count, and whether every pruned network runs. ``--write-readme`` replaces the
-table between the ``families-table`` markers of README.md (written to a temporary file, then
+table between the ``families-table`` markers of docs/usage.md (written to a temporary file, then
 renamed).
 """
 
@@ -48,7 +48,7 @@ def row(family: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", nargs="*", default=list(REPRESENTATIVES), choices=list(REPRESENTATIVES))
-    ap.add_argument("--write-readme", action="store_true", help="replace the table in README.md")
+    ap.add_argument("--write-readme", action="store_true", help="replace the table in docs/usage.md")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -61,10 +61,10 @@ def main() -> None:
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     if args.write_readme:
-        readme = Path(__file__).resolve().parents[1] / "README.md"
+        readme = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
         text = readme.read_text()
         if BEGIN not in text or END not in text:
-            raise SystemExit(f"README.md has no {BEGIN} ... {END} markers")
+            raise SystemExit(f"docs/usage.md has no {BEGIN} ... {END} markers")
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
         write_text(readme, f"{head}{BEGIN}\n{table}\n{END}{tail}")
