@@ -41,18 +41,19 @@ def test_defaults_run_end_to_end(tmp_path):
 @pytest.mark.parametrize("seed", [1, 2])
 def test_default_sweep_jobs_fit_the_calibration_set(seed, tmp_path, caplog):
     # Each job of `analyze.py -m seed=1,2` composes this config: n_cal=2000 becomes the whole split.
-    from axes_pipeline.analyses.axes_table import check_capture_size
+    from axes_pipeline.analyses.axes_table import fitted_n_cal
     from axes_pipeline.training.train import build_datamodule
 
     cfg = make_cfg("analyze", [f"seed={seed}"], tmp_path)
     assert cfg.capture.n_cal == 2000
     with caplog.at_level(logging.INFO, logger="axes_pipeline"):
-        check_capture_size(cfg, build_datamodule(cfg))
-    assert cfg.capture.n_cal == 1258
-    assert [r for r in caplog.records if "using all 1258 training images" in r.getMessage()]
+        assert fitted_n_cal(cfg, build_datamodule(cfg)) == 1258
+    assert cfg.capture.n_cal == 2000 and not caplog.records       # it returns the fit; the caller stores it
     cfg = make_cfg("analyze", ["capture.n_cal=500"], tmp_path)       # a smaller n_cal is kept
-    check_capture_size(cfg, build_datamodule(cfg))
-    assert cfg.capture.n_cal == 500
+    assert fitted_n_cal(cfg, build_datamodule(cfg)) == 500
+    cfg.capture.n_cal = 2
+    with pytest.raises(UserError, match="capture.n_cal must be at least 3, got 2"):
+        fitted_n_cal(cfg, build_datamodule(cfg))
 
 
 @pytest.mark.parametrize("script", ["analyze.py", "prune.py", "report.py"])

@@ -12,8 +12,8 @@ from axes_pipeline.metrics import (
     gradient_cosines,
     linear_gaussian_study,
     patch_moments,
-    spearman,
 )
+from axes_pipeline.stats import spearman
 
 
 def _conv_like(n=4000, d=27, c=8, seed=0):
@@ -91,12 +91,23 @@ def test_float32_inputs_and_bad_inputs():
 
 
 def test_spearman_with_ties():
-    x = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0])
-    y = torch.tensor([2.0, 1.0, 4.0, 4.0, 9.0])
+    # the one Spearman (stats.spearman) serves the synthetic study too: average ranks for ties, and NaN,
+    # never 0, when a side is constant (a constant layer has no rank order to correlate)
     from scipy.stats import spearmanr
 
-    assert spearman(x, y) == pytest.approx(spearmanr(x.numpy(), y.numpy())[0], abs=1e-12)
-    assert spearman(x, torch.ones(5)) == 0.0
+    import axes_pipeline.analyses.alignment as alignment
+    import axes_pipeline.analyses.propagation as propagation
+    import axes_pipeline.metrics.linear_gaussian as lg
+
+    x = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0])
+    y = torch.tensor([2.0, 1.0, 4.0, 4.0, 9.0])
+    assert spearman(x.numpy(), y.numpy())[0] == pytest.approx(spearmanr(x.numpy(), y.numpy())[0], abs=1e-12)
+    assert np.isnan(spearman(x.numpy(), np.ones(5))[0])
+    assert lg.spearman is spearman and alignment.spearman is spearman and propagation.spearman is spearman
+    ones = np.ones(5)
+    rhos = alignment.layer_alignment({"input_capture": ones, "task_info": y.numpy(), "peer_overlap": ones,
+                                      "target_excess": y.numpy(), "hull_score": ones, "task_unique": y.numpy()})
+    assert all(np.isnan(v) for v in rhos.values())
 
 
 @pytest.mark.parametrize("seed", [0, 3])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -252,12 +253,31 @@ def test_unknown_pruning_key_from_the_command_line(tmp_path):
 
 
 def test_schema_defaults_are_the_registry(tmp_path):
-    from axes_pipeline.pruning.scores import DEFAULT_SCORES
+    from dataclasses import fields
+
+    from axes_pipeline.pruning.scores import DEFAULT_SCORES, SCORES, register, score_names
     from axes_pipeline.pruning.settings import PruningConfig
 
-    assert PruningConfig().scores == list(DEFAULT_SCORES)   # the default is every registered score, in order
-    settings = PruneSettings(make_cfg("prune", ["logger=none"], tmp_path))
+    assert PruningConfig().scores is None   # null: every registered score when the run starts, in order
+    cfg = make_cfg("prune", ["logger=none"], tmp_path)
+    settings = PruneSettings(cfg)
     assert [s.name for s in settings.scores] == list(DEFAULT_SCORES) and settings.tolerance == 0.005
+    # the settings keep the schema's field names (plus the config itself and the progress display)
+    assert set(vars(settings)) - {f.name for f in fields(PruningConfig)} == {"cfg", "progress"}
+    assert settings.max_fraction == cfg.pruning.max_fraction["global"] and settings.finetune is None
+
+    @register("plugin_probe", "target")   # what a plugins=[my_pkg.scores] module does
+    def _probe(ctx, draw):
+        """A plugin's score."""
+        return {}
+
+    try:
+        names = [s.name for s in PruneSettings(cfg).scores]
+        assert "plugin_probe" in names and names == score_names()   # it joins the default sweep, with its axis
+        assert names.index("plugin_probe") < names.index("magnitude_plus_ix_a0.25")
+        assert "plugin_probe" not in [s.name for s in PruneSettings(make_cfg("prune", ["pruning.scores=[l1]"], tmp_path)).scores]
+    finally:
+        del SCORES["plugin_probe"]
 
 
 def test_cuda_device_without_a_gpu_is_one_line():
@@ -431,3 +451,17 @@ def test_a_plugin_adds_a_score_and_an_analysis(run, tmp_path, monkeypatch):
 
     with pytest.raises(UserError, match="plugins: cannot import 'no_such_plugin_module'"):
         load_plugins(bad.plugins)
+
+
+def test_unmatched_target_warns_with_the_count_it_was_judged_on(run, monkeypatch, caplog):
+    # fvcore counting 4% more than the analytic cost model: the search hits the target on its own count,
+    # the point is judged (matched=False) on fvcore's, and the warning must quote that same number
+    real = prune_sweep.fvcore_macs
+    monkeypatch.setattr(prune_sweep, "fvcore_macs", lambda m, x: (lambda fv, u: (int(fv * 1.04), u))(*real(m, x)))
+    cfg = _cfg(run, "pruning.scores=[l2]", "pruning.targets=[0.5]")
+    with caplog.at_level(logging.WARNING, logger="axes_pipeline"):
+        run_prune(cfg)
+    row = pd.read_csv(_prune_dir(cfg) / "prune_curves.csv").iloc[0]
+    assert not row["matched"] and abs(row["achieved_flops_analytic"] - 0.5) <= 0.005
+    (line,) = [r.getMessage() for r in caplog.records if "not matched" in r.getMessage()]
+    assert f"achieved {row['achieved_flops']:.4f}, fvcore count" in line

@@ -338,3 +338,41 @@ def test_pruning_curve_lines_are_named_and_best_emphasised():
     assert styles["hull_score"]["label"] == "hull_score (best local)" and styles["hull_score"]["lw"] == 3.0
     assert styles["task_info"]["label"] == "task_info (best target)" and styles["task_info"]["ls"] == "--"
     assert styles["random"]["lw"] == styles["input_capture"]["lw"] < 3.0    # baselines are not emphasised
+
+
+def test_one_colour_per_axis_in_every_figure():
+    import colorsys
+
+    import matplotlib
+    from matplotlib.colors import to_rgb
+
+    import axes_pipeline.pruning.plots as prune_plots
+    import axes_pipeline.report.figures as report_figures
+    from axes_pipeline import plotting
+
+    assert prune_plots.AXIS_CMAPS is plotting.AXIS_CMAPS and report_figures.AXIS_CMAPS is plotting.AXIS_CMAPS
+    assert report_figures.AXIS_COLORS is plotting.AXIS_COLORS
+    # an axis's colour map is the hue of its colour (mixed: purple in the pruning plots and the report alike)
+    for axis, colour in plotting.AXIS_COLORS.items():
+        h, _, s = colorsys.rgb_to_hls(*to_rgb(colour))
+        h_map, _, s_map = colorsys.rgb_to_hls(*matplotlib.colormaps[plotting.AXIS_CMAPS[axis]](0.75)[:3])
+        assert (s < 0.1 and s_map < 0.1) or min(abs(h - h_map), 1 - abs(h - h_map)) < 0.06, axis
+    curves = pd.DataFrame({"score": ["magnitude_plus_ix_a0.5"], "axis": ["mixed"]})
+    got = prune_plots._styles(curves)["magnitude_plus_ix_a0.5"][0]
+    want = report_figures.score_styles({"mixed": ["magnitude_plus_ix_a0.5"]}, {})["magnitude_plus_ix_a0.5"]["color"]
+    assert colorsys.rgb_to_hls(*got[:3])[0] == pytest.approx(colorsys.rgb_to_hls(*want[:3])[0], abs=0.06)
+    assert plotting.axis_legend() == "blue: local, red: target, purple: mixed, gray: baseline"
+
+
+def test_every_figure_is_saved_atomically_at_one_dpi(tmp_path):
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from axes_pipeline.plotting import DPI, save_figure
+
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.plot([0, 1], [0, 1])
+    path = save_figure(fig, tmp_path / "sub" / "f.png")
+    assert not plt.fignum_exists(fig.number)                      # closed: a sweep draws hundreds
+    assert [p.name for p in path.parent.iterdir()] == ["f.png"]   # no temporary file left beside it
+    assert Image.open(path).info["dpi"] == pytest.approx((DPI, DPI), abs=0.01)

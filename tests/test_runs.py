@@ -5,7 +5,16 @@ import pandas as pd
 import pytest
 
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import data_identity, file_digest, fingerprint, settings_diff
+from axes_pipeline.runs import (
+    data_identity,
+    file_digest,
+    fingerprint,
+    flatten,
+    json_default,
+    read_json,
+    settings_diff,
+    write_json,
+)
 from axes_pipeline.tables import DamagedTable, Schema, problems, read_table
 
 SCHEMA = Schema("t.csv", {"layer": "str", "channel": "int", "value": "float", "flag": "bool"},
@@ -17,6 +26,40 @@ def test_fingerprint_is_order_free_and_value_sensitive():
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
     assert fingerprint({"a": 1}) != fingerprint({"a": "1"})
     assert len(fingerprint({})) == 16
+
+
+def test_flatten_is_the_one_dotted_flattener():
+    import axes_pipeline.analyses.analyze as analyze
+    import axes_pipeline.report.collect as collect
+    import axes_pipeline.report.tables as report_tables
+    import axes_pipeline.tracking as tracking
+
+    d = {"capture": {"point": "post", "layers": [1, 2]}, "x": {}, "config": {"a": 1},
+         "lesion": {"recovery": {"full_mean": 0.5, "config": 3}, "n_boot": 9}}
+    assert flatten(d) == {"capture.point": "post", "capture.layers": [1, 2], "x": {}, "config.a": 1,
+                          "lesion.recovery.full_mean": 0.5, "lesion.recovery.config": 3, "lesion.n_boot": 9}
+    # skip drops a key at any depth (analyze leaves its config out of the wandb summary)
+    assert flatten(d, skip={"config"}) == {"capture.point": "post", "capture.layers": [1, 2], "x": {},
+                                            "lesion.recovery.full_mean": 0.5, "lesion.n_boot": 9}
+    # every reader of flattened keys uses it: the wandb config and summary, the report's settings and quantities
+    assert tracking.flatten is flatten and collect.flatten is flatten and analyze.flatten is flatten
+    assert report_tables._numeric(d) == {"lesion.recovery.full_mean": 0.5}   # config, n_boot: not summarised
+
+
+def test_json_default_encodes_numpy_torch_and_paths_like_write_json(tmp_path):
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from axes_pipeline.pruning.points import _plain
+
+    obj = {"f": np.float32(0.5), "i": np.int64(3), "a": np.arange(3), "t": torch.tensor([1.0, 2.0]), "p": Path("/x/y")}
+    want = {"f": 0.5, "i": 3, "a": [0, 1, 2], "t": [1.0, 2.0], "p": "/x/y"}
+    assert json.loads(json.dumps(obj, default=json_default)) == want
+    write_json(tmp_path / "k.json", obj)
+    # a stored key and the key it is compared with are encoded alike (a numpy number is a number in both)
+    assert read_json(tmp_path / "k.json") == _plain(obj) == want
 
 
 def test_file_digest_follows_content_not_path(tmp_path):

@@ -42,7 +42,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON."""
-    return write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -56,13 +56,39 @@ def write_csv(path: str | os.PathLike, frame) -> Path:
     return Path(path)
 
 
-def _json_default(obj: Any) -> Any:
-    # numpy / torch scalars and arrays, Paths: everything a summary may carry.
+def json_default(obj: Any) -> Any:
+    """The ``default=`` of every ``json.dumps`` in the package: numpy / torch scalars and arrays as
+    numbers and lists, anything else (a Path) as its string, so a summary, a fingerprint and the
+    key it is compared with encode the same value the same way."""
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if hasattr(obj, "item"):
         return obj.item()
     return str(obj)
+
+
+#: The separator of :func:`flatten`'s keys: the dotted path a user types for a config key
+#: (``capture.point``), so a flattened key reads the same in wandb, in the report's tables and on the
+#: command line.
+KEY_SEP = "."
+
+
+def flatten(d: Mapping, skip: frozenset[str] | set[str] = frozenset(), prefix: str = "") -> dict:
+    """``d`` with nested mappings flattened into dotted keys (``{"a": {"b": 1}}`` → ``{"a.b": 1}``).
+
+    The package's one flattener: wandb's config and summary keys, the report's run settings and its
+    summary quantities. A key in ``skip`` is left out at any depth; an empty mapping stays as a value
+    (``{}``), so a key the config holds never silently disappears."""
+    out = {}
+    for k, v in d.items():
+        if k in skip:
+            continue
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, skip, key + KEY_SEP))
+        else:
+            out[key] = v
+    return out
 
 
 # Fingerprints: one helper keys every cache and resumable result on everything it depends on.
@@ -77,7 +103,7 @@ DATA_KEYS_NOT_IDENTITY = frozenset({"batch_size", "eval_batch_size", "num_worker
 def fingerprint(parts: Mapping[str, Any]) -> str:
     """A short stable digest (16 hex) of ``parts`` (plain containers, numbers, strings, Paths); the
     JSON encoding is canonical, so the same settings give the same key on every machine."""
-    blob = json.dumps(parts, sort_keys=True, default=_json_default, separators=(",", ":"))
+    blob = json.dumps(parts, sort_keys=True, default=json_default, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

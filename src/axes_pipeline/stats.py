@@ -566,10 +566,13 @@ def incremental_r2(y, base_X, extra_X, n_boot: int = 2000, seed: int = 0, level:
 
 
 def spearman(x, y) -> tuple[float, float]:
-    """Spearman ``(rho, p)`` of ``x, y: [n]`` over the pairs without NaN.
+    """Spearman ``(rho, p)`` of ``x, y: [n]`` over the pairs without NaN (average ranks for ties).
 
-    ``(nan, nan)`` with fewer than 3 pairs or when either side is constant (scipy would
-    warn and return NaN anyway; here it is silent and explicit).
+    The package's one Spearman: the alignment columns of ``layers.csv``, propagation, the lesion
+    correlations and the synthetic linear-Gaussian study all call it, so they agree on ties and on
+    degenerate input. ``(nan, nan)`` with fewer than 3 pairs or when either side is constant: a
+    constant side has no rank order, so its correlation is undefined, not 0 (scipy would warn and
+    return NaN anyway; here it is silent and explicit).
     """
     x, y, _ = _paired(x, y)
     if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:

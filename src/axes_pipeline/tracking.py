@@ -24,6 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from axes_pipeline.errors import UserError
+from axes_pipeline.runs import flatten
 
 
 @dataclass
@@ -166,17 +167,7 @@ def flat_config(cfg: DictConfig) -> dict:
     filters by top-level config keys, so nesting would hide every knob below the first level."""
     from axes_pipeline.config import to_container
 
-    return _flatten(to_container(cfg))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    return flatten(to_container(cfg))
 
 
 def _train_run_id(out: Path, resume_epoch: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from axes_pipeline.stats import spearman as _spearman_with_p
+from axes_pipeline.stats import spearman
 
 # (column name in layers.csv, local-axis key, target-axis key)
 ALIGNMENTS = (
@@ -14,12 +14,7 @@ ALIGNMENTS = (
 )
 
 
-def spearman(x, y) -> float:
-    """Spearman ρ that is NaN (not an error) for constant input or fewer than 3 channels."""
-    return _spearman_with_p(x, y)[0]
-
-
 def layer_alignment(axes: dict) -> dict:
     """{column: ρ} for one layer; ``axes`` maps metric key -> ``[C]`` array. Dead channels excluded."""
     alive = ~np.asarray(axes.get("dead", np.zeros(len(axes["input_capture"]), bool)), bool)
-    return {col: spearman(np.asarray(axes[a])[alive], np.asarray(axes[b])[alive]) for col, a, b in ALIGNMENTS}
+    return {col: spearman(np.asarray(axes[a])[alive], np.asarray(axes[b])[alive])[0] for col, a, b in ALIGNMENTS}

@@ -21,8 +21,8 @@ from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.axes_table import (
     analyze_capture,
     axes_fingerprint,
-    check_capture_size,
     depth_index,
+    fitted_n_cal,
     get_capture,
     resolve_device,
     select_units,
@@ -32,7 +32,7 @@ from axes_pipeline.analyses.axes_table import (
 from axes_pipeline.analyses.registry import ANALYSES
 from axes_pipeline.config import run_dir, to_container
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import read_json, write_json
+from axes_pipeline.runs import flatten, read_json, write_json
 from axes_pipeline.tracking import StageTracker, cfg_artifact_name, log_axes
 
 log = logging.getLogger("axes_pipeline")
@@ -145,7 +145,11 @@ def run_analysis(cfg: DictConfig) -> dict:
     out = (trained.run_dir if trained is not None else run_dir(cfg)) / "analyze"
     ctx = Context(cfg=cfg, out=out, tracker=None, device=device, trained=trained)
     if trained is not None:
-        check_capture_size(cfg, trained.datamodule)
+        n_cal = fitted_n_cal(cfg, trained.datamodule)   # stored: the fingerprints must hold the images captured
+        if n_cal != cfg.capture.n_cal:
+            log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
+                     cfg.capture.n_cal, cfg.data.name, n_cal)
+            cfg.capture.n_cal = n_cal
         ctx.units = select_units(trained.model, cfg.capture.layers)
         for name in chosen:   # each analysis validates its own knobs before the network runs
             if name in ANALYSES and ANALYSES[name].check is not None:
@@ -165,7 +169,7 @@ def run_analysis(cfg: DictConfig) -> dict:
                 summary[name] = ANALYSES[name].run(ctx)
         summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
         summary["config"] = to_container(cfg)
-        ctx.tracker.scalars(_flatten(summary))
+        ctx.tracker.scalars(flatten(summary, skip={"config"}))   # the config is the run's wandb config already
         write_json(out / "analyze_summary.json", _merged(out / "analyze_summary.json", summary))
     finally:
         ctx.tracker.finish()
@@ -181,11 +185,3 @@ def _merged(path: Path, summary: dict) -> dict:
     except (OSError, ValueError):   # none yet, or unreadable
         return summary
     return {**old, **summary, "analyses": list(dict.fromkeys([*old.get("analyses", []), *summary["analyses"]]))}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if k != "config":
-            flat.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return flat

@@ -232,20 +232,18 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
     return capture
 
 
-def check_capture_size(cfg: DictConfig, datamodule) -> None:
-    """Fit the calibration set to the training split before the network runs: a larger ``capture.n_cal``
-    means "all of it" (the default 2000 must work on digits' 1,258 training images), and ``cfg.capture.n_cal``
-    is set to the split's size (one log line) so every later use and fingerprint sees the images captured."""
+def fitted_n_cal(cfg: DictConfig, datamodule) -> int:
+    """The calibration set's size fitted to the training split, checked before the network runs: a
+    larger ``capture.n_cal`` means "all of it" (the default 2000 must work on digits' 1,258 training
+    images). It changes nothing: the caller stores the value in ``cfg.capture.n_cal``, with a log line
+    when it differs, so every later use and fingerprint sees the images captured."""
     datamodule.setup("fit")
     n_train = datamodule.split_sizes()["train"]
     if int(cfg.capture.n_cal) < 3:
         raise UserError(f"capture.n_cal must be at least 3, got {cfg.capture.n_cal}")
-    if int(cfg.capture.n_cal) > n_train:
-        log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
-                 cfg.capture.n_cal, cfg.data.name, n_train)
-        cfg.capture.n_cal = n_train
     if n_train < 3:
         raise UserError(f"the {cfg.data.name} training split has only {n_train} images; the axes need at least 3")
+    return min(int(cfg.capture.n_cal), n_train)
 
 
 def axes_fingerprint(cfg: DictConfig, ckpt: Path) -> dict:
@@ -292,7 +290,11 @@ def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.
     out_dir = Path(trained.run_dir) / "analyze"
     # first: it fits capture.n_cal to the split, and the fingerprint must hold the fitted number
     # (as analyze.py's does), or prune and analyze would keep replacing each other's axes.csv
-    check_capture_size(cfg, trained.datamodule)
+    n_cal = fitted_n_cal(cfg, trained.datamodule)
+    if n_cal != cfg.capture.n_cal:
+        log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
+                 cfg.capture.n_cal, cfg.data.name, n_cal)
+        cfg.capture.n_cal = n_cal
     want = axes_fingerprint(cfg, trained.ckpt)
     units = select_units(trained.model, cfg.capture.layers)
     found = stored_axes(out_dir, want, units)

@@ -382,7 +382,7 @@ def plot_dynamics(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path
     handles, labels = axs[0, 2].get_legend_handles_labels()   # hull size: layers, mean and the paper
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return plots.save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def _headline(curves: pd.DataFrame, seeds: list[int], layers: list[str]) -> dict:

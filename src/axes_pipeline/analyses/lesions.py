@@ -349,7 +349,7 @@ def plot_damage(df: pd.DataFrame, predictors: list[str], n_bins: int, path: Path
     fig.supylabel("damage_loss  (Δ cross-entropy)")
     if sc is not None:
         fig.colorbar(sc, ax=grid, shrink=0.6, ticks=range(n_bins), label="task_info bin")
-    return plots.save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def plot_recovery(df: pd.DataFrame, variants: list[str], n_bins: int, path: Path) -> Path:
@@ -370,7 +370,7 @@ def plot_recovery(df: pd.DataFrame, variants: list[str], n_bins: int, path: Path
     if sc is not None:
         fig.colorbar(sc, ax=grid, ticks=range(n_bins), label="task_info bin", shrink=0.8)
     fig.suptitle("recovery = 1 − damage_replaced / damage_lesion (clipped to [−1, 1.5])", fontsize=9)
-    return plots.save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 # ---- the stage -------------------------------------------------------------------------------

@@ -12,14 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from axes_pipeline.runs import atomic_path  # noqa: E402
-
-
-def save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+from axes_pipeline.plotting import save_figure  # noqa: E402
 
 
 def scatter_ix_it(axes_df: pd.DataFrame, path: Path, max_panels: int = 24) -> Path:
@@ -40,7 +33,7 @@ def scatter_ix_it(axes_df: pd.DataFrame, path: Path, max_panels: int = 24) -> Pa
     fig.supxlabel("input_capture  I_X")
     fig.supylabel("task_info  I_T")
     fig.colorbar(sc, ax=grid, shrink=0.6, label="hull_score")
-    return save(fig, path)
+    return save_figure(fig, path)
 
 
 def depth_profile(layers_df: pd.DataFrame, path: Path) -> Path:
@@ -61,7 +54,7 @@ def depth_profile(layers_df: pd.DataFrame, path: Path) -> Path:
         b.axhline(0, color="k", lw=0.5)
         b.set(xlabel="conv layer (depth)", ylabel="modularity gap", title="R-graph vs S-graph")
         b.legend(fontsize=7)
-    return save(fig, path)
+    return save_figure(fig, path)
 
 
 def communities(matrices: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path) -> Path:
@@ -78,7 +71,7 @@ def communities(matrices: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], 
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("channels ordered by R-graph community", fontsize=9)
-    return save(fig, path)
+    return save_figure(fig, path)
 
 
 def linear_gaussian(study: pd.DataFrame, path: Path) -> Path:
@@ -92,4 +85,4 @@ def linear_gaussian(study: pd.DataFrame, path: Path) -> Path:
     b.plot(study["step"], study["cos_whitened"], label="|cos| whitened (≈0)")
     b.set(xlabel="gradient step", ylabel="cos(Σ_X w, g_T)", title="residualised task gradient")
     b.legend(fontsize=7)
-    return save(fig, path)
+    return save_figure(fig, path)

@@ -63,12 +63,12 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from axes_pipeline.analyses.alignment import spearman
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.errors import UserError
 from axes_pipeline.models.graph import conv_sources, trace
 from axes_pipeline.runs import write_csv
+from axes_pipeline.stats import spearman
 
 log = logging.getLogger("axes_pipeline")
 
@@ -212,7 +212,7 @@ def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, d
 
     def rho(tilde, target):   # over the receivers alive and reached (a finite routed value)
         keep = alive & np.isfinite(tilde)
-        return spearman(tilde[keep], target[keep]), int(keep.sum())
+        return spearman(tilde[keep], target[keep])[0], int(keep.sum())
 
     rows = []
     for name, m_key, d_key in PAIRINGS:
@@ -306,7 +306,7 @@ def heatmap(table: pd.DataFrame, path):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5.5)
         fig.colorbar(im, ax=ax, shrink=0.8)
     axs[1, 0].set_xlabel("linked conv pair (upstream → downstream), by depth")
-    return plots.save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 @analysis("propagation", check=check_propagation_analysis)

@@ -24,12 +24,12 @@ from axes_pipeline.metrics.excess import (
 )
 from axes_pipeline.metrics.gaussian import DEAD_RTOL, RHO_MAX, covariance
 from axes_pipeline.metrics.gradients import PatchMoments, gradient_cosines, patch_moments
-from axes_pipeline.metrics.linear_gaussian import linear_gaussian_study, spearman
+from axes_pipeline.metrics.linear_gaussian import linear_gaussian_study
 from axes_pipeline.metrics.moments import ActivationMoments, Moments
 
 __all__ = [
     "AXES_KEYS", "ActivationMoments", "DEAD_RTOL", "RHO_MAX", "Moments", "PatchMoments", "channel_axes",
     "channel_axes_from_moments", "covariance", "gradient_cosines", "linear_gaussian_study", "pairwise_overlap",
     "pairwise_overlap_from_moments", "pairwise_target_excess", "pairwise_target_excess_from_moments", "patch_moments",
-    "spearman", "triplet_ratio", "triplet_ratio_from_moments",
+    "triplet_ratio", "triplet_ratio_from_moments",
 ]

@@ -24,31 +24,11 @@ one stays at 0 (the built-in check), the Euclidean one does not.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from axes_pipeline.metrics.axes import input_capture
 from axes_pipeline.metrics.gaussian import mi_from_rho, small_ops, standardise
 from axes_pipeline.metrics.gradients import gradient_cosines
-
-
-def spearman(x: Tensor, y: Tensor) -> float:
-    """Spearman rank correlation of two ``[C]`` tensors (average ranks for ties); 0 if constant."""
-
-    def ranks(v: Tensor) -> Tensor:
-        v = v.to(torch.float64)
-        order = torch.argsort(v, stable=True)
-        r = torch.empty_like(v)
-        r[order] = torch.arange(v.numel(), dtype=torch.float64, device=v.device)
-        # average ranks over ties
-        uniq, inv = torch.unique(v, return_inverse=True)
-        sums = torch.zeros(uniq.numel(), dtype=torch.float64, device=v.device).index_add_(0, inv, r)
-        counts = torch.zeros(uniq.numel(), dtype=torch.float64, device=v.device).index_add_(0, inv, torch.ones_like(r))
-        return (sums / counts)[inv]
-
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = rx.norm() * ry.norm()
-    return float((rx @ ry) / den) if float(den) > 0 else 0.0
+from axes_pipeline.stats import spearman
 
 
 def linear_gaussian_study(*, input_dim: int = 128, channels: int = 64, top_variance: float = 4.0,
@@ -109,7 +89,7 @@ def _study(d, c_out, top_variance, task_variance, rest_variance, top_weight, tas
             table["step"].append(step)
             table["loss"].append(loss)
             table["loss_ratio"].append(loss / var_t)
-            table["rho_axes"].append(spearman(i_x, i_t))
+            table["rho_axes"].append(spearman(i_x.cpu().numpy(), i_t.cpu().numpy())[0])
             table["cos_euclid"].append(float(cos["cos_euclid"].abs().mean()))
             table["cos_whitened"].append(float(cos["cos_whitened"].abs().mean()))
             table["cos_whitened_max"].append(float(cos["cos_whitened"].abs().max()))

@@ -1,4 +1,4 @@
-"""Pruning plots: accuracy vs retained / removed FLOPs (one line per score, coloured by axis)
+"""Pruning plots: accuracy vs retained / removed FLOPs (one line per score, coloured by axis as in the report)
 and the two sweeps (FLOPs-AUC vs α for Magnitude+αI_X, vs β for I_X − βR̄_X)."""
 
 from __future__ import annotations
@@ -8,12 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from axes_pipeline.runs import atomic_path
+from axes_pipeline.plotting import AXIS_CMAPS, AXIS_COLORS, axis_legend, save_figure
 
-__all__ = ["AXIS_COLORMAPS", "plot_curves", "plot_sweeps"]
-
-#: one colour family per axis
-AXIS_COLORMAPS = {"local": "Blues", "target": "Reds", "mixed": "Greens", "baseline": "Greys"}
+__all__ = ["plot_curves", "plot_sweeps"]
 
 
 def _plt():
@@ -33,7 +30,7 @@ def _styles(curves: pd.DataFrame) -> dict[str, tuple]:
     import matplotlib
 
     out = {}
-    for axis, cmap_name in AXIS_COLORMAPS.items():
+    for axis, cmap_name in AXIS_CMAPS.items():
         names = list(dict.fromkeys(curves.loc[curves["axis"] == axis, "score"]))
         cmap = matplotlib.colormaps[cmap_name]
         for i, name in enumerate(names):
@@ -76,8 +73,8 @@ def plot_curves(curves: pd.DataFrame, base: dict, out: Path) -> dict[str, Path]:
             ax.grid(alpha=0.3)
         axes[0].invert_xaxis()
         axes[1].legend(fontsize=7, ncol=2, loc="lower left")
-        fig.suptitle("one-shot FLOPs-matched pruning (blue: local, red: target, green: mixed, grey: baseline)")
-        made[stem] = _save(plt, fig, out / f"{stem}.png")
+        fig.suptitle(f"one-shot FLOPs-matched pruning ({axis_legend()})")
+        made[stem] = _save(fig, out / f"{stem}.png")
     return made
 
 
@@ -92,7 +89,8 @@ def plot_sweeps(summary: dict, out: Path) -> dict[str, Path]:
         fig, ax = plt.subplots(figsize=(5, 4))
         xs = [p["param"] for p in pts]
         ys = [p["flops_auc"] for p in pts]
-        ax.plot(xs, ys, "o-", color="tab:purple")
+        # the colour of the sweep's axis (its members' axis; the last point is always a member)
+        ax.plot(xs, ys, "o-", color=AXIS_COLORS.get(summary["scores"][pts[-1]["score"]]["axis"], "k"))
         for p in pts:
             if p["param"] == 0.0:
                 ax.annotate(p["score"], (p["param"], p["flops_auc"]), fontsize=7, xytext=(3, 3),
@@ -102,13 +100,10 @@ def plot_sweeps(summary: dict, out: Path) -> dict[str, Path]:
         ax.set_title(sweep["label"])
         ax.grid(alpha=0.3)
         name = {"magnitude_plus_ix_a": "alpha", "ixy_minus_red_b": "beta"}.get(prefix, prefix)
-        made[f"sweep_{name}"] = _save(plt, fig, out / f"prune_sweep_{name}.png")
+        made[f"sweep_{name}"] = _save(fig, out / f"prune_sweep_{name}.png")
     return made
 
 
-def _save(plt, fig, path: Path) -> Path:
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -21,7 +21,7 @@ from axes_pipeline.pruning.evaluate import evaluate_test_val, latency
 from axes_pipeline.pruning.flops import count_params
 from axes_pipeline.pruning.scores import Score, ScoreContext
 from axes_pipeline.pruning.settings import PruneSettings
-from axes_pipeline.runs import fingerprint, read_json, run_fingerprint, settings_diff, write_json
+from axes_pipeline.runs import fingerprint, json_default, read_json, run_fingerprint, settings_diff, write_json
 
 log = logging.getLogger("axes_pipeline")
 
@@ -36,8 +36,9 @@ def point_label(score: Score, draw: int) -> str:
 
 
 def _plain(d: dict) -> dict:
-    """``d`` as it reads back from JSON (tuples -> lists ...), so a stored key compares equal."""
-    return json.loads(json.dumps(d, sort_keys=True, default=str))
+    """``d`` as it reads back from JSON (tuples -> lists ...), so a stored key compares equal: encoded
+    with write_json's own fallback, or a numpy number would be a string here and a number on disk."""
+    return json.loads(json.dumps(d, sort_keys=True, default=json_default))
 
 
 class ScoreCache:
@@ -67,13 +68,13 @@ class ScoreCache:
         s = self.settings
         parts = {
             "stage": "prune/point", "score": fingerprint(self.score_key(score)),
-            "mode": s.mode, "allocation": s.allocation, "cap": s.cap, "tol": s.tolerance,
-            "depthwise": s.depthwise, "eval": [s.eval_samples, s.eval_seed],
-            "finetune": s.ft if s.finetune else False, "fvcore": s.fvcore_check,
+            "mode": s.mode, "allocation": s.allocation, "cap": s.max_fraction, "tol": s.tolerance,
+            "depthwise": s.depthwise_in_group_score, "eval": [s.eval_samples, s.eval_seed],
+            "finetune": s.finetune or False, "fvcore": s.fvcore_check,
             "latency": [s.latency_batch_sizes, s.latency_repeats] if s.latency else False,
         }
         if s.allocation == "hybrid":
-            parts["hybrid"] = fingerprint(self.score_key(s.hybrid_from))
+            parts["hybrid"] = fingerprint(self.score_key(s.hybrid_counts_from))
         return _plain(run_fingerprint(s.cfg, self.ckpt, **parts))
 
     def get(self, score: Score, draw: int) -> dict[str, np.ndarray]:

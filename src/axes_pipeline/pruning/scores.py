@@ -421,5 +421,6 @@ def _chip(ctx, draw):
     return _feature_map_stat(ctx, _channel_independence)
 
 
-#: every registered score, local first, then target, mixed, baseline (pruning.scores: null)
+#: the package's own scores, local first, then target, mixed, baseline. The default sweep
+#: (pruning.scores: null) reads score_names() when a run starts instead, so a plugin's scores join it.
 DEFAULT_SCORES: tuple[str, ...] = tuple(score_names())

@@ -50,14 +50,10 @@ class Calibration:
 class PruningConfig:
     """``cfg.pruning`` (METHODS §9). ``python prune.py [same overrides as train.py] [pruning.*=...]``."""
 
-    # Every registered score, in the registry's order (scores.DEFAULT_SCORES; a test keeps them
-    # equal). null or `all` = the same; one name = that score; any β / α also works:
-    # ixy_minus_red_b<β>, magnitude_plus_ix_a<α>.
-    scores: Any = field(default_factory=lambda: [
-        "input_capture", "ixy_minus_red_b0.15", "ixy_minus_red_b0.3", "ixy_minus_red_b0.5", "ixy_minus_red_b0.7",
-        "hull_score", "composite_local", "task_info", "composite_target", "task_unique",
-        "magnitude_plus_ix_a0.25", "magnitude_plus_ix_a0.5", "magnitude_plus_ix_a0.75", "magnitude_plus_ix_a1",
-        "random", "l1", "l2", "bn_scale", "taylor", "hrank", "chip"])
+    # null or `all`: every score registered when the run starts, in the registry's order
+    # (scores.score_names(): the built-in ones, then a plugin's `@register`ed ones join the sweep).
+    # One name = that score; a list = those; any β / α also works: ixy_minus_red_b<β>, magnitude_plus_ix_a<α>.
+    scores: Any = None
     random_draws: int = 3         # seeded draws of the `random` score (draw column)
     # Fractions of the unpruned MACs kept (mode=flops) or of the channels kept (mode=channel_fraction).
     targets: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
@@ -122,33 +118,38 @@ def _target_list(targets, mode: str) -> list[float]:
 
 class PruneSettings:
     """The validated ``cfg.pruning`` block, with ``auto`` resolved (the allocation of the backbone)
-    and the score names resolved to :class:`~axes_pipeline.pruning.scores.Score` objects."""
+    and the score names resolved to :class:`~axes_pipeline.pruning.scores.Score` objects. Each
+    attribute has its schema field's name (:class:`PruningConfig`); where it holds the resolved
+    value, the comment beside it says what was resolved."""
 
     def __init__(self, cfg: DictConfig):
         from axes_pipeline.pruning.allocation import ALLOCATIONS
-        from axes_pipeline.pruning.scores import DEFAULT_SCORES, resolve_score
+        from axes_pipeline.pruning.scores import resolve_score, score_names
 
         pc = cfg.pruning
         self.cfg = cfg
-        self.scores = _score_list(pc.scores, resolve_score, DEFAULT_SCORES)
+        # the registry is read now, not at import, so a score registered by a plugin is in the default
+        self.scores = _score_list(pc.scores, resolve_score, score_names())
         self.targets = _target_list(pc.targets, pc.mode)
         self.mode = _choice("pruning.mode", pc.mode, MODES)
         alloc = pc.allocation if pc.allocation != "auto" else pc.allocation_defaults.get(cfg.model.name, "global")
         self.allocation = _choice("allocation (pruning.allocation)", alloc, ALLOCATIONS, ("auto",) + ALLOCATIONS)
         _require(alloc in pc.max_fraction, f"pruning.max_fraction has no entry for the allocation {alloc}")
-        self.cap = pc.max_fraction[alloc]
-        _require(0.0 < self.cap < 1.0, f"pruning.max_fraction.{alloc} must be in (0, 1), got {self.cap}")
+        self.max_fraction = pc.max_fraction[alloc]   # the resolved allocation's cap
+        _require(0.0 < self.max_fraction < 1.0,
+                 f"pruning.max_fraction.{alloc} must be in (0, 1), got {self.max_fraction}")
         self.tolerance = pc.tolerance
         _require(0.0 < self.tolerance < 0.5, f"pruning.tolerance must be in (0, 0.5), got {self.tolerance}")
         self.random_draws = pc.random_draws
         _require(self.random_draws >= 1, f"pruning.random_draws must be >= 1, got {self.random_draws}")
-        self.hybrid_from = resolve_score(pc.hybrid_counts_from)
-        self.depthwise = pc.depthwise_in_group_score
+        self.hybrid_counts_from = resolve_score(pc.hybrid_counts_from)
+        self.depthwise_in_group_score = pc.depthwise_in_group_score
         self.magnitude = _choice("magnitude norm (pruning.magnitude)", pc.magnitude, ("l1", "l2"))
-        self.finetune = pc.finetune.enabled
-        # the fine-tune's knobs (the point's key holds them when it is enabled)
-        self.ft = {k: v for k, v in OmegaConf.to_container(pc.finetune).items() if k != "enabled"}
-        _require(not self.finetune or (self.ft["epochs"] >= 1 and self.ft["lr"] > 0),
+        # the fine-tune's knobs (pruning.finetune without `enabled`; the point's key holds them), None
+        # when it is off
+        knobs = {k: v for k, v in OmegaConf.to_container(pc.finetune).items() if k != "enabled"}
+        self.finetune: dict | None = knobs if pc.finetune.enabled else None
+        _require(self.finetune is None or (knobs["epochs"] >= 1 and knobs["lr"] > 0),
                  "pruning.finetune needs epochs >= 1 and lr > 0")
         self.eval_samples, self.eval_seed = pc.eval_samples, pc.eval_seed
         _require(self.eval_samples is None or self.eval_samples >= 1,
@@ -167,5 +168,5 @@ class PruneSettings:
 
     def needs(self, what: str) -> list:
         """The scores (the hybrid's count source included) that need ``what`` (axes, calibration)."""
-        extra = [self.hybrid_from] if self.allocation == "hybrid" else []
+        extra = [self.hybrid_counts_from] if self.allocation == "hybrid" else []
         return [s for s in self.scores + extra if what in s.needs]

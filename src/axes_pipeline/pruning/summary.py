@@ -21,7 +21,7 @@ import pandas as pd
 from axes_pipeline.config import to_container
 from axes_pipeline.pruning.scores import AXES, FAMILIES
 from axes_pipeline.pruning.settings import PruneSettings
-from axes_pipeline.runs import atomic_path
+from axes_pipeline.runs import atomic_path, json_default
 from axes_pipeline.stats import grid_aucs
 
 __all__ = ["AUC_KEYS", "CURVE_COLUMNS", "curves_frame", "flat_scalars", "log_curves", "print_summary", "summarise",
@@ -116,7 +116,7 @@ def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, groups,
     return {
         "unpruned": {k: v for k, v in base.items() if k != "key"},
         "unpruned_acc": base_acc, "unpruned_val_acc": base_val, "unpruned_macs": int(base["macs"]),
-        "mode": settings.mode, "allocation": settings.allocation, "max_fraction": settings.cap,
+        "mode": settings.mode, "allocation": settings.allocation, "max_fraction": settings.max_fraction,
         "tolerance": settings.tolerance, "targets": settings.targets,
         "selection": {"chosen_on": SELECTION_SPLIT if has_val else None, "measured_on": MEASUREMENT_SPLIT,
                       "n_val": int(base.get("n_val") or 0), "n_test": int(base.get("n_eval") or 0),
@@ -168,21 +168,13 @@ def write_stage(out: Path, curves: pd.DataFrame, summary: dict) -> None:
     """
     text = curves.to_csv(index=False)
     summary["curves_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    blob = json.dumps(summary, indent=2, default=_json_safe) + "\n"
+    blob = json.dumps(summary, indent=2, default=json_default) + "\n"
     with atomic_path(out / "prune_summary.json") as tmp_summary:
         with atomic_path(out / "prune_curves.csv") as tmp_curves:
             tmp_curves.write_text(text)
             tmp_summary.write_text(blob)
             (out / "prune_summary.json").unlink(missing_ok=True)
         # here: new curves, no summary; next line: the new summary
-
-
-def _json_safe(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    return str(obj)
 
 
 def flat_scalars(summary: dict) -> dict:

@@ -54,9 +54,10 @@ class Sweep:
         """The group scores of ``score`` (draw ``draw``); with the hybrid allocation, the count
         source's group scores too (once, on first use)."""
         s = self.settings
-        gscores = group_scores(self.groups, self.cache.get(score, draw), s.depthwise)
+        gscores = group_scores(self.groups, self.cache.get(score, draw), s.depthwise_in_group_score)
         if s.allocation == "hybrid" and self.hybrid_counts is None:
-            self.hybrid_counts = group_scores(self.groups, self.cache.get(s.hybrid_from, 0), s.depthwise)
+            self.hybrid_counts = group_scores(self.groups, self.cache.get(s.hybrid_counts_from, 0),
+                                              s.depthwise_in_group_score)
         return gscores
 
 
@@ -92,7 +93,7 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
     s, cost, dm, device, example = sweep.settings, sweep.cost, sweep.dm, sweep.device, sweep.example
     gscores = sweep.group_scores(score, draw)
     t0 = time.perf_counter()
-    alloc = make_allocation(s.allocation, sweep.groups, gscores, s.cap, counts_from=sweep.hybrid_counts,
+    alloc = make_allocation(s.allocation, sweep.groups, gscores, s.max_fraction, counts_from=sweep.hybrid_counts,
                             seed=int(s.cfg.seed))
     res = match_flops(alloc, cost, target, s.tolerance) if s.mode == "flops" else nominal_fraction(alloc, cost, target)
     keep = keep_masks(alloc, res.counts)
@@ -122,8 +123,9 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
         "eval_s": t4 - t3,
     }
     if s.mode == "flops" and not rec["matched"]:
-        log.warning("%s: target %.3f not matched within %.3f (achieved %.4f)", point_label(score, draw), target,
-                    s.tolerance, res.frac)
+        # the value the decision was made on (fvcore's count when it checks), not the search's analytic one
+        log.warning("%s: target %.3f not matched within %.3f (achieved %.4f, %s count)", point_label(score, draw),
+                    target, s.tolerance, rec["achieved_flops"], "fvcore" if fv is not None else "analytic")
     if fv is not None and fv != res.macs:
         log.warning("%s @ %g: analytic MACs %d != fvcore %d", point_label(score, draw), target, res.macs, fv)
     if s.finetune:
@@ -133,7 +135,7 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
         # point's fine-tune repeats whatever ran before it in this process (a resumed sweep included)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(zlib.crc32(f"{s.cfg.seed}|{point_label(score, draw)}|{target!r}".encode()))
-            ft = finetune(tuned, dm.train_dataloader(), device, **s.ft)   # s.ft: pruning.finetune but `enabled`
+            ft = finetune(tuned, dm.train_dataloader(), device, **s.finetune)   # pruning.finetune but `enabled`
         rec.update(evaluate_splits(tuned, dm, s, device, "after_ft"))
         rec.update({"finetune_steps": ft["steps"], "finetune_loss": ft["loss"], "finetune_s": time.perf_counter() - t5})
         if s.export:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import file_digest, fingerprint, read_json
+from axes_pipeline.runs import file_digest, fingerprint, flatten, read_json
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 
 # Keys that legitimately differ between seeds of one experiment.
@@ -130,17 +130,6 @@ def split_by_pruning(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]]
     return out, notices
 
 
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _kept(key: str) -> bool:
     return not any(key == ig or key.startswith(ig + ".") for ig in IGNORED_KEYS)
 
@@ -168,7 +157,7 @@ def discover(roots: list[Path], skipped: list[dict] | None = None) -> list[Run]:
                                     "reason": f"{summary} is damaged ({type(err).__name__}: {err}); the run is "
                                               f"left out of every table (rerun `python train.py` for it)"})
                 continue
-            flat = {k: v for k, v in _flatten(cfg).items() if _kept(k)}
+            flat = {k: v for k, v in flatten(cfg).items() if _kept(k)}
             sig = fingerprint(flat)[:8]
             run = Run(path=path, seed=seed, data=data, model=model, width=width,
                       experiment=cfg.get("name", "default"), train=train, signature=sig, flat_config=flat)

@@ -11,24 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from axes_pipeline.plotting import AXIS_CMAPS, AXIS_COLORS, save_figure  # noqa: E402
 from axes_pipeline.report.collect import Run  # noqa: E402
-from axes_pipeline.runs import atomic_path  # noqa: E402
 from axes_pipeline.stats import PAPER_REFERENCE  # noqa: E402
 
-AXIS_COLORS = {"local": "tab:blue", "target": "tab:red", "mixed": "tab:purple", "baseline": "tab:gray"}
-# Within an axis every score gets its own shade of the axis's colour map (and a marker), so any line
-# can be told from the others while the axis still reads at a glance.
-AXIS_CMAPS = {"local": "Blues", "target": "Reds", "mixed": "Purples", "baseline": "Greys"}
+# Beside its colour (axes_pipeline.plotting) each axis has a line style, so the report reads in grey too.
 AXIS_STYLES = {"local": "-", "target": "--", "mixed": "-.", "baseline": ":"}
-AXIS_ORDER = ("local", "target", "mixed", "baseline")
+AXIS_ORDER = tuple(AXIS_COLORS)
 MARKERS = "osD^vP*X<>"
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def score_styles(scores_by_axis: dict[str, list[str]], best: dict[str, str]) -> dict[str, dict]:
@@ -74,7 +64,7 @@ def pruning_curves(acc: pd.DataFrame, group: str, path: Path, ylabel: str = "acc
            title=f"{group}: mean over {seeds} seed(s); thick = best of its axis (±SD band)")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def headline_forest(head: pd.DataFrame, path: Path, min_seeds: int = 3, ci_label: str = "95% CI") -> Path:
@@ -105,7 +95,7 @@ def headline_forest(head: pd.DataFrame, path: Path, min_seeds: int = 3, ci_label
                plt.Line2D([], [], marker="o", ls="", mfc="white", color="gray", label=f"no CI (< {min_seeds} seeds)")]
     ax.legend(handles=handles, fontsize=6.5, loc="best", framealpha=0.85)
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def alignment_depth(layers: pd.DataFrame, path: Path) -> Path:
@@ -122,7 +112,7 @@ def alignment_depth(layers: pd.DataFrame, path: Path) -> Path:
     for ax in (a, b):
         ax.axhline(0, color="k", lw=0.5)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def dynamics_curves(groups: dict[str, list[Run]], path: Path) -> Path | None:
@@ -151,4 +141,4 @@ def dynamics_curves(groups: dict[str, list[Run]], path: Path) -> Path | None:
         plt.close(fig)
         return None
     axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

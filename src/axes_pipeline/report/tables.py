@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from axes_pipeline.report.collect import LAYER_COLS, Run
+from axes_pipeline.runs import flatten
 from axes_pipeline.stats import PAPER_REFERENCE, compare_paired, grid_aucs, holm, mean_sd
 from axes_pipeline.tables import DamagedTable, Schema, check_table
 
@@ -326,18 +327,12 @@ def scalar_summary(groups: dict[str, list[Run]], rel: str) -> pd.DataFrame:
 _NOT_SUMMARISED = {"config", "per_layer", "n_boot", "resumed_layers", "wall_time_s"}
 
 
-def _numeric(d, prefix=""):
-    out = {}
+def _numeric(d) -> dict[str, float]:
+    """The numbers of a per-run JSON summary under their flattened keys (``recovery.full_mean``)."""
     if not isinstance(d, dict):
-        return out
-    for k, v in d.items():
-        if k in _NOT_SUMMARISED:
-            continue
-        if isinstance(v, dict):
-            out.update(_numeric(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
+        return {}
+    return {k: float(v) for k, v in flatten(d, skip=_NOT_SUMMARISED).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def propagation_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
