@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) scripts/demo.py
 
+# loadgroup: tests/conftest.py groups each file's tests on one worker (as loadfile did) and hands the
+# long `slow` runs out first, one at a time, so that the two workers finish together.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 # Every benchmark at a size a laptop finishes; bench_scale's paper-scale run (hours on 2 CPU
 # cores) is `make bench-scale`.

@@ -5,9 +5,16 @@ Kept out of ``conftest.py``, which pytest owns (fixtures and process settings on
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -31,7 +38,76 @@ def make_cfg(config_name: str, overrides: list[str], root: Path) -> DictConfig:
 
 
 def run_entry(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
-    """Run an entry point as a user would; returns CompletedProcess (text)."""
+    """Run an entry point as a user would, in a process of its own; returns CompletedProcess (text).
+
+    Where it is safe, the process is a fork of this one running the script as ``__main__``: it starts
+    with torch, Lightning and Hydra already imported (a fresh interpreter spends most of a refused
+    command's seconds importing them). A fresh interpreter is started instead where the environment
+    asks for one (``PYTHON*`` variables, read at start-up) or where torch runs several threads (an
+    OpenMP pool does not survive a fork; under pytest-xdist each worker runs one thread)."""
     full_env = dict(os.environ, AXES_OUTPUT_ROOT=str(cwd), PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    argv = [sys.executable, str(ROOT / script), *args]
+    if any(k.startswith("PYTHON") and k != "PYTHONUNBUFFERED" for k in env or {}) or not _fork_safe():
+        return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return _run_forked(argv, cwd, full_env, timeout)
+
+
+def _fork_safe() -> bool:
+    import torch
+
+    return hasattr(os, "fork") and torch.get_num_threads() == 1
+
+
+def _run_forked(argv: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:                                           # the child: never returns
+            _child(argv, cwd, env, out.fileno(), err.fileno())
+        deadline = time.monotonic() + timeout
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(argv, timeout)
+            time.sleep(0.02)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(done[1]),
+                                           out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+
+
+def _child(argv: list[str], cwd: Path, env: dict, out: int, err: int) -> None:
+    """Run ``argv[1]`` as ``python argv[1:]`` would, in this forked process, and exit with its status."""
+    code = 1
+    try:
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        # pytest's capture replaced sys.stdout/err and the root logger's handlers: a fresh process has neither
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        for handler in list(logging.root.handlers):
+            logging.root.removeHandler(handler)
+        logging.root.setLevel(logging.WARNING)
+        atexit._clear()                                        # the test process' exit handlers are not ours
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = argv[1:]
+        sys.path.insert(0, str(Path(argv[1]).parent))
+        try:
+            runpy.run_path(argv[1], run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        atexit._run_exitfuncs()                                # wandb and the like flush here
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)

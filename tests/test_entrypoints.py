@@ -25,6 +25,7 @@ def _ok(res):
     return res
 
 
+@pytest.mark.slow   # the four entry points on the plain defaults (every image, every score)
 def test_defaults_run_end_to_end(tmp_path):
     root = f"paths.output_root={tmp_path}"
     _ok(run_entry("train.py", root, *SHORT, cwd=tmp_path))

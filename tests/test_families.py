@@ -42,6 +42,7 @@ class TinyNet(nn.Module):
 # ------------------------------------------------------------------------------ the 16 families
 
 
+@pytest.mark.slow   # 16 stage runs of 5–30 s each: each a unit of its own for the two workers
 @pytest.mark.parametrize("family", list(REPRESENTATIVES))
 def test_family_end_to_end(family):
     arch, width, side = REPRESENTATIVES[family]

@@ -52,6 +52,7 @@ def _chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow   # a three-seed report, then headless Chromium
 def test_report_in_a_real_browser(tmp_path):
     out = full_sweep(tmp_path)
     _report(tmp_path)

@@ -27,6 +27,7 @@ def _ok(res):
     return res
 
 
+@pytest.mark.slow   # four entry points × three seeds
 def test_three_seed_sweep_end_to_end(tmp_path):
     _ok(run_entry("train.py", "-m", SEEDS, *SMALL, "hydra/launcher=parallel", cwd=tmp_path))
     sweep = tmp_path / "multirun" / "sweep"
@@ -65,6 +66,7 @@ def test_three_seed_sweep_end_to_end(tmp_path):
     assert all((r / "train_summary.json").stat().st_mtime_ns == t for r, t in stamps.items())
 
 
+@pytest.mark.slow
 def test_failed_job_is_named_and_others_kept(tmp_path):
     # seed 2 was never trained: its analyze job fails, seeds 1 and 3 still finish
     _ok(run_entry("train.py", "-m", "seed=1,3", *SMALL, "trainer.max_epochs=1", cwd=tmp_path))
