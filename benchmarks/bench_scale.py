@@ -116,7 +116,7 @@ def axes_child(spec: dict) -> dict:
 
     register_schemas()
 
-    import axes_pipeline.analyses.axes_table as at
+    import axes_pipeline.axes.table as at
     import axes_pipeline.config  # noqa: F401  (resolvers)
     from axes_pipeline.analyses.analyze import run_analysis
     from axes_pipeline.training.restore import restore_trained

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from axes_pipeline.analyses.settings import AxesKnobs
+from axes_pipeline.axes.settings import AxesKnobs
 from axes_pipeline.errors import UserError
 from axes_pipeline.report.settings import ReportConfig
 

@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 def register() -> None:
     """Store every schema in Hydra's ConfigStore (once; called before any composition). The rooms
     are imported here, not at module level, so that one can be imported without the store."""
-    from axes_pipeline.analyses.settings import ANALYSES
+    from axes_pipeline.analyses.settings import ANALYSIS_SCHEMAS
     from axes_pipeline.config import STAGES, PathsConfig
     from axes_pipeline.data.settings import DATASETS
     from axes_pipeline.models.settings import MODELS
@@ -33,7 +33,7 @@ def register() -> None:
         *((None, f"base_{stage}", node) for stage, node in STAGES.items()),
         *(("data", f"base_data_{node.name}", node) for node in DATASETS),
         *(("model", f"base_model_{name}", node) for name, node in MODELS.items()),
-        *(("analysis", f"base_{name}", node) for name, node in ANALYSES.items()),
+        *(("analysis", f"base_{name}", node) for name, node in ANALYSIS_SCHEMAS.items()),
         ("paths", "base_paths", PathsConfig), ("pruning", "base_pruning", PruningConfig),
         ("trainer", "base_trainer", TrainerConfig), ("optim", "base_optim", OptimConfig),
         # conf/callbacks/default.yaml fills two top-level keys: `callbacks` and `checkpoint`

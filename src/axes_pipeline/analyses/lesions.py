@@ -39,7 +39,6 @@ from omegaconf import DictConfig, OmegaConf
 from scipy import stats as _st
 
 from axes_pipeline.analyses import plots
-from axes_pipeline.analyses.axes_table import axes_settings, capture_settings
 from axes_pipeline.analyses.lesion_engine import (
     LesionEngine,
     Lesions,
@@ -52,9 +51,10 @@ from axes_pipeline.analyses.lesion_engine import (
 )
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
+from axes_pipeline.axes.table import axes_settings, capture_settings
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import standardise
-from axes_pipeline.pruning.taylor import taylor_scores
+from axes_pipeline.models.taylor import taylor_scores
 from axes_pipeline.runs import read_json, run_fingerprint, write_csv, write_json
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.tracking import progress as units_progress

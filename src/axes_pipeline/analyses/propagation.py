@@ -63,9 +63,9 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from axes_pipeline.analyses.alignment import spearman
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
+from axes_pipeline.axes.alignment import spearman
 from axes_pipeline.errors import UserError
 from axes_pipeline.models.graph import conv_sources, trace
 from axes_pipeline.runs import write_csv

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError
-from axes_pipeline.pruning.evaluate import eval_mode
+from axes_pipeline.models.modes import eval_mode
 
 log = logging.getLogger("axes_pipeline")
 
