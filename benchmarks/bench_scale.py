@@ -112,7 +112,7 @@ def axes_child(spec: dict) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from axes_pipeline.config import register_schemas
+    from axes_pipeline.schema import register as register_schemas
 
     register_schemas()
 

@@ -41,9 +41,6 @@ def _register_analyses() -> None:
             importlib.import_module(f"{__package__}.{info.name}")
 
 
-_register_analyses()
-
-
 @dataclass
 class Context:
     """What the analyses share: config, restored run, captured samples, axes, output dir, tracker."""
@@ -181,3 +178,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         if k != "config":
             flat.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return flat
+
+
+# last: ``axes`` (above) registers first, then every analysis module of this package
+_register_analyses()

@@ -34,10 +34,12 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.axes.table import calibration_loader, capture_knobs, layer_analysis, metric_dtype, metric_knobs
 from axes_pipeline.capture import POSITIONS, capture_activations
+from axes_pipeline.capture.targets import target_from_logits
 from axes_pipeline.config import run_dir_candidates
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
@@ -46,6 +48,7 @@ from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.tracking import progress as units_progress
 from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into
+from axes_pipeline.training.restore import architecture, expected_meta
 
 log = logging.getLogger("axes_pipeline")
 
@@ -223,8 +226,6 @@ def _graphs(cfg: DictConfig) -> dict | None:
 def final_target(model: torch.nn.Module, ckpt: Path, loader, kind: str, device, expect) -> torch.Tensor:
     """T of the final network (``ckpt``) per calibration image, in the loader's order: the target
     every epoch is measured against with ``dynamics.target=final``."""
-    from axes_pipeline.capture.targets import target_from_logits
-
     load_into(model, ckpt, expect)
     model.eval().to(device)
     out = [target_from_logits(model(x.to(device)), y.to(device), kind).cpu() for x, y in loader]
@@ -344,8 +345,6 @@ def plot_dynamics(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from axes_pipeline.analyses import plots
-
     panels = [q for q in QUANTITIES if q in frame] + ["calibration_accuracy"]
     fig, axs = plt.subplots(2, 3, figsize=(13, 6.6), squeeze=False)
     layers = list(dict.fromkeys(frame.sort_values("layer_index")["layer"]))
@@ -402,8 +401,6 @@ def _headline(curves: pd.DataFrame, seeds: list[int], layers: list[str]) -> dict
 @analysis("dynamics", check=check_dynamics_analysis)
 def run_dynamics_analysis(ctx) -> dict:
     """Process every planned run epoch by epoch (resumable); write tables, curves and logs."""
-    from axes_pipeline.training.restore import architecture, expected_meta
-
     cfg, trained = ctx.cfg, ctx.trained
     knobs = _knobs(cfg)
     skip = _skip_reason(cfg, trained.run_dir)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from axes_pipeline.models.modes import eval_mode
+from axes_pipeline.training.optim import OptimConfig, optimizer_factory
 
 __all__ = ["evaluate", "evaluate_splits", "evaluate_test_val", "finetune", "latency"]
 
@@ -56,8 +57,6 @@ def finetune(model: nn.Module, loader, device: torch.device, epochs: int, max_ba
              lr: float, optimizer: str = "adam", weight_decay: float = 0.0) -> dict:
     """Short fine-tune on the training split (train mode; the final weights are kept, nothing is
     selected on any held-out split). Returns steps, seconds and the mean loss of the last epoch."""
-    from axes_pipeline.training.optim import OptimConfig, optimizer_factory
-
     opt = optimizer_factory(OptimConfig(name=optimizer, lr=lr, weight_decay=weight_decay))(model.parameters())
     was = model.training
     model.train()

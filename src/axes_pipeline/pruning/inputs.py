@@ -10,8 +10,8 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from axes_pipeline.axes.table import load_or_compute_axes
+from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import Score
-from axes_pipeline.pruning.settings import PruneSettings
 from axes_pipeline.tables import Schema, check_table
 
 __all__ = ["axes_loader", "calibration_batches"]

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.models import conv_norm_pairs
 from axes_pipeline.models.modes import eval_mode
 from axes_pipeline.models.taylor import taylor_scores
 
@@ -181,8 +182,6 @@ class ScoreContext:
 
     def units(self):
         if "units" not in self._cache:
-            from axes_pipeline.models import conv_norm_pairs
-
             self._cache["units"] = conv_norm_pairs(self.model)
         return self._cache["units"]
 
