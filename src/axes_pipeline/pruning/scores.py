@@ -28,7 +28,7 @@ Components of a mixed score are min–max normalised within each layer before th
 ``ixy_minus_red_b<β>`` and ``magnitude_plus_ix_a<α>`` accept any number (``resolve_score``).
 
 The axes columns come from the analysis stage's ``<run_dir>/analyze/axes.csv`` (computed on demand
-through ``axes_pipeline.axes.table.load_or_compute_axes`` when that exists). The feature
+through ``axes_pipeline.axes.table.load_or_compute_axes`` when its fingerprint does not match). The feature
 maps of ``hrank`` / ``chip`` are the post-norm outputs (after the activation where one follows
 directly, i.e. not across a residual add), read at ``ConvUnit`` of :func:`axes_pipeline.models.conv_norm_pairs`.
 """
