@@ -162,9 +162,7 @@ def axes_child(spec: dict) -> dict:
 
     a_get_capture = at.get_capture
     at.get_capture = timed(capture_then_peak, "capture")
-    at.compare_groupings = timed(at.compare_groupings, "graphs")
-    import axes_pipeline.analyses.analyze as an
-    an.get_capture = at.get_capture
+    at.compare_groupings = timed(at.compare_groupings, "graphs")   # the one axes step (axes_step) calls both
     for stale in (Path(trained.run_dir) / "analyze").glob("cache/capture-*.pt"):
         stale.unlink()        # time a fresh capture, not a cached one
     t0, c0 = time.perf_counter(), time.process_time()
