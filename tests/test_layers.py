@@ -144,3 +144,56 @@ def test_the_checker_sees_a_cycle_and_an_undocumented_local_import(tmp_path):
     edges, local = _imports(pkg, "toy")
     assert _cycles(edges) == [["toy.a.x", "toy.b"]]
     assert [(m, t) for m, t, _, _ in local] == [("toy.b", "toy.a.x")]
+
+
+# ------------------------------------------------------------------------------ the axes layer
+
+
+def test_capture_knobs_are_read_from_their_schema():
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from axes_pipeline.analyses.dynamics import dynamics_settings
+    from axes_pipeline.axes.settings import NOT_IN_IDENTITY, AxesKnobs, CaptureConfig
+    from axes_pipeline.axes.table import capture_settings
+
+    cfg = OmegaConf.structured(AxesKnobs)
+    knobs = {f"capture.{f.name}" for f in fields(CaptureConfig) if f.name not in NOT_IN_IDENTITY}
+    assert knobs <= set(capture_settings(cfg))
+    # the dynamics key their parts on the same names (their own layers instead of capture.layers)
+    assert knobs - {"capture.layers"} <= set(dynamics_settings(cfg, ["conv1"]))
+    cfg.capture.layers = "conv1"   # one name stays one name (it once became a list of its letters)
+    assert capture_settings(cfg)["capture.layers"] == "conv1"
+
+
+def test_axes_registers_like_every_analysis():
+    from omegaconf import OmegaConf
+
+    from axes_pipeline.analyses.analyze import selected
+    from axes_pipeline.analyses.registry import ANALYSES
+    from axes_pipeline.analyses.settings import ANALYSIS_SCHEMAS
+    from axes_pipeline.errors import UserError
+
+    assert set(ANALYSES) == set(ANALYSIS_SCHEMAS)   # axes included: one entry per analysis option
+    cfg = OmegaConf.create({"analysis": ["axes", "lesion"]})
+    assert selected(cfg) == ["axes", "lesion"]
+    with pytest.raises(UserError, match="choose from: axes, "):
+        selected(OmegaConf.create({"analysis": ["axis"]}))
+
+
+def test_capture_keeps_no_samples_unless_asked():
+    import torch
+
+    from axes_pipeline.capture import capture_activations
+    from axes_pipeline.models import conv_norm_pairs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    units = conv_norm_pairs(model)
+    data = [(torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,)))]
+    lean = capture_activations(model, units, data, samples_per_image=2, progress=False)
+    assert lean.acts == {} and lean.target is None and set(lean.moments) == set(units)
+    full = capture_activations(model, units, data, samples_per_image=2, progress=False, keep_samples=True)
+    assert torch.allclose(full.cov(next(iter(units))), lean.cov(next(iter(units))), atol=1e-6)

@@ -61,7 +61,7 @@ def selected(cfg: DictConfig) -> list[str]:
     chosen = list(cfg.analysis)
     unknown = [k for k in chosen if k not in ANALYSES]
     if unknown:
-        raise UserError(f"unknown analysis {unknown[0]!r}; choose from: {', '.join(ANALYSES)}")
+        raise UserError(f"unknown analysis {unknown[0]!r}; choose from: {', '.join(sorted(ANALYSES))}")
     return chosen
 
 
