@@ -1,10 +1,10 @@
 """The family table of docs/usage.md ("Any CNN"): one representative of each torchvision CNN family through
-the analysis and pruning stages (:func:`axes_pipeline.models.families.check_family`).
+the analysis and pruning stages (:func:`tests.reference.families.check_family`).
 
     python benchmarks/bench_families.py [--families ResNet DenseNet ...] [--write-readme]
 
 Random weights and random images at the small width and input side of
-:data:`~axes_pipeline.models.families.REPRESENTATIVES`, CPU. Per family: conv layers analysed
+:data:`~tests.reference.families.REPRESENTATIVES`, CPU. Per family: conv layers analysed
 (of all), the activation points used, propagation pairs linked and layers refused a link, layers
 kept whole by the pruning (grouped convs), time for analyze (capture + both axes of every layer;
 lesions and propagation are not timed), time for a 3-target FLOPs-matched prune of ``task_info``
@@ -19,13 +19,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from axes_pipeline.models.families import REPRESENTATIVES, check_family
 from axes_pipeline.runs import write_text
+
+# the repository root: tests/reference (oracles and harnesses kept out of the package) is imported from there
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.reference.families import REPRESENTATIVES, check_family  # noqa: E402
 
 BEGIN, END = "<!-- families-table:begin -->", "<!-- families-table:end -->"
 

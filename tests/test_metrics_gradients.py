@@ -95,7 +95,7 @@ def test_spearman_with_ties():
     # never 0, when a side is constant (a constant layer has no rank order to correlate)
     from scipy.stats import spearmanr
 
-    import axes_pipeline.analyses.alignment as alignment
+    import axes_pipeline.axes.alignment as alignment
     import axes_pipeline.analyses.propagation as propagation
     import axes_pipeline.metrics.linear_gaussian as lg
 

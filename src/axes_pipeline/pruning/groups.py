@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError
-from axes_pipeline.pruning.evaluate import eval_mode
+from axes_pipeline.models import classifier_name, conv_layers
+from axes_pipeline.models.modes import eval_mode
 
 log = logging.getLogger("axes_pipeline")
 
@@ -151,8 +152,6 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
     ``conv_names``: the analysable convs (default: every ``nn.Conv2d`` the forward calls). A
     conv that the graph does not reach is a :class:`UserError` naming the layer.
     """
-    from axes_pipeline.models import classifier_name, conv_layers
-
     with eval_mode(model):
         classifier = classifier or classifier_name(model)
         conv_names = list(conv_names if conv_names is not None else conv_layers(model))
