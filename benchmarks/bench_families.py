@@ -1,10 +1,10 @@
 """The family table of docs/usage.md ("Any CNN"): one representative of each torchvision CNN family through
-the analysis and pruning stages (:func:`axes_pipeline.models.families.check_family`).
+the analysis and pruning stages (:func:`tests.reference.families.check_family`).
 
     python benchmarks/bench_families.py [--families ResNet DenseNet ...] [--write-readme]
 
 Random weights and random images at the small width and input side of
-:data:`~axes_pipeline.models.families.REPRESENTATIVES`, CPU. Per family: units analysed
+:data:`~tests.reference.families.REPRESENTATIVES`, CPU. Per family: units analysed
 (of all: convs and channels-last ``Linear`` layers, the latter counted in brackets), the
 activation points used, propagation pairs linked and layers refused a link, prunable channel
 groups (in brackets those rooted in a ``Linear``: ConvNeXt's MLP hidden features), layers kept
@@ -21,13 +21,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from axes_pipeline.models.families import REPRESENTATIVES, check_family
 from axes_pipeline.runs import write_text
+
+# the repository root: tests/reference (oracles and harnesses kept out of the package) is imported from there
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.reference.families import REPRESENTATIVES, check_family  # noqa: E402
 
 BEGIN, END = "<!-- families-table:begin -->", "<!-- families-table:end -->"
 

@@ -13,15 +13,21 @@ is the best of ``--repeats`` runs, so load from other processes disturbs it less
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from axes_pipeline.analyses.lesion_engine import LesionEngine, Lesions, materialise, trace, weight_lesion_eval
+from axes_pipeline.analyses.lesion_engine import LesionEngine, Lesions, materialise, trace
 from axes_pipeline.data import DigitsDataModule
 from axes_pipeline.models import conv_norm_pairs
 from axes_pipeline.models.synthetic import with_bn_statistics
+
+# the repository root: tests/reference (oracles and harnesses kept out of the package) is imported from there
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.reference.lesions import weight_lesion_eval  # noqa: E402
 
 DEFAULT_LAYERS = ["conv1", "layer1.1.conv2", "layer2.0.conv1", "layer3.0.conv2", "layer4.1.conv2"]
 

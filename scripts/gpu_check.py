@@ -128,8 +128,8 @@ def headline_suite() -> list[SuiteRun]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from axes_pipeline.config import register_schemas
     from axes_pipeline.pruning.scores import DEFAULT_SCORES
+    from axes_pipeline.schema import register as register_schemas
 
     register_schemas()
     n_fit, n_test = 50_000, 10_000          # CIFAR-100's training and test splits

@@ -20,7 +20,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from axes_pipeline.config import register_schemas
+from axes_pipeline.schema import register as register_schemas
 
 register_schemas()  # the typed config groups, before any test composes
 

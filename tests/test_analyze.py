@@ -85,8 +85,8 @@ def test_capture_is_seeded_and_matches_channel_axes():
     model = build_model("resnet18", 10, width=0.125).eval()
     units = {k: v for k, v in list(conv_norm_pairs(model).items())[:3]}
     data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
-    a = capture_activations(model, units, data, samples_per_image=5, seed=3, progress=False)
-    b = capture_activations(model, units, data, samples_per_image=5, seed=3, progress=False)
+    a = capture_activations(model, units, data, samples_per_image=5, seed=3, progress=False, keep_samples=True)
+    b = capture_activations(model, units, data, samples_per_image=5, seed=3, progress=False, keep_samples=True)
     name = next(iter(units))
     assert a.acts[name].shape == (16 * 5, units[name].conv.out_channels)
     assert torch.equal(a.acts[name], b.acts[name]) and torch.equal(a.target, b.target)
@@ -95,7 +95,7 @@ def test_capture_is_seeded_and_matches_channel_axes():
         full = units[name].conv(data[0][0])
     vals = set(np.round(full[0, 0].flatten().numpy(), 5))
     assert all(np.round(v, 5) in vals for v in a.acts[name][:5, 0].numpy())
-    gap = capture_activations(model, units, data, spatial="gap", progress=False)
+    gap = capture_activations(model, units, data, spatial="gap", progress=False, keep_samples=True)
     assert gap.acts[name].shape[0] == 16
     out = channel_axes(a.acts[name].double(), a.target.double())
     assert set(AXES_KEYS) <= set(out)
@@ -108,9 +108,9 @@ def test_post_act_does_not_change_the_forward():
     x = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))]
     with torch.no_grad():
         ref = model(x[0][0])
-    cap = capture_activations(model, units, x, point="post_act", samples_per_image=3, progress=False)
+    cap = capture_activations(model, units, x, point="post_act", samples_per_image=3, progress=False, keep_samples=True)
     assert torch.allclose(cap.target, capture_activations(model, units, x, samples_per_image=3,
-                                                          progress=False).target)
+                                                          progress=False, keep_samples=True).target)
     with torch.no_grad():
         assert torch.equal(model(x[0][0]), ref)
     assert all((a >= 0).all() for a in cap.acts.values() if True)  # ReLU after every BN in ResNet
@@ -172,16 +172,16 @@ def test_patches_reproduce_the_conv_output(padding):
 
 def test_analyses_are_registered_with_their_checks():
     """Each analysis module declares itself (@analysis); analyze.py imports them, nothing else lists them."""
-    from axes_pipeline.analyses.analyze import ANALYSES
+    from axes_pipeline.analyses.analyze import ANALYSES, axes_analysis
     from axes_pipeline.analyses.dynamics import check_dynamics_analysis, run_dynamics_analysis
     from axes_pipeline.analyses.lesions import check_lesion_analysis, run_lesion_analysis
     from axes_pipeline.analyses.linear_study import run_linear_gaussian
     from axes_pipeline.analyses.propagation import check_propagation_analysis, run_propagation_analysis
 
-    want = {"lesion": (run_lesion_analysis, check_lesion_analysis, True),
+    want = {"axes": (axes_analysis, None, True), "lesion": (run_lesion_analysis, check_lesion_analysis, True),
             "propagation": (run_propagation_analysis, check_propagation_analysis, True),
             "dynamics": (run_dynamics_analysis, check_dynamics_analysis, True),
             "linear_gaussian": (run_linear_gaussian, None, False)}
     assert {k: (a.run, a.check, a.needs_run) for k, a in ANALYSES.items()} == want
-    analysis_options = {p.stem for p in Path(CONF, "analysis").glob("*.yaml")} - {"axes", "all"}
+    analysis_options = {p.stem for p in Path(CONF, "analysis").glob("*.yaml")} - {"all"}
     assert analysis_options == set(ANALYSES)

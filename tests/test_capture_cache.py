@@ -7,12 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from axes_pipeline.analyses.axes_table import layer_analysis
 from axes_pipeline.analyses.lesion_engine import peer_regression, standardised
+from axes_pipeline.axes.table import layer_analysis
 from axes_pipeline.capture import capture_activations, load_capture, save_capture
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics.gaussian import standardise
 from axes_pipeline.models import build_model, conv_norm_pairs
+
+from .reference.samples import layer_analysis_from_samples
 
 KNOBS = dict(sigma0="median", hull_eps=0.05, hull_max=10, hull_order="correlation", ridge=1e-3, pool=50, top=10)
 GRAPHS = {"edge_fraction": 0.1, "null_shuffles": 3, "max_channels": None}
@@ -62,11 +64,10 @@ def test_lean_capture_gives_the_full_sample_tables_to_1e6(both, tmp_path):
     cached = load_capture(path)
     common = dict(knobs=KNOBS, dtype=torch.float64, device=torch.device("cpu"), graphs=GRAPHS,
                   gradients={"enabled": True}, seed=0)
-    old = _tables(units, lambda i, n: layer_analysis(n, i, full.acts[n], full.target_of(n), units[n],
-                                                     patches=full.patches[n], **common))
-    new = _tables(units, lambda i, n: layer_analysis(n, i, None, None, units[n], cov=cached.cov(n),
-                                                     grad_cos=cached.gradients[n], n_samples=cached.n_samples(n),
-                                                     **common))
+    old = _tables(units, lambda i, n: layer_analysis_from_samples(n, i, full.acts[n], full.target_of(n), units[n],
+                                                                  patches=full.patches[n], **common))
+    new = _tables(units, lambda i, n: layer_analysis(n, i, cached.cov(n), units[n], grad_cos=cached.gradients[n],
+                                                     n_samples=cached.n_samples(n), **common))
     assert {"grad_cos_euclid", "grad_cos_whitened", "community_r", "hull_size"} <= set(old[0].columns)
     _assert_same(*[t[0] for t in (old, new)])
     _assert_same(*[t[1] for t in (old, new)])

@@ -48,7 +48,7 @@ def test_small_map_rows_are_the_whole_map_and_n_is_recorded(tmp_path):
     units = conv_norm_pairs(model)
     x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
     loader = [(x[:5], y[:5]), (x[5:], y[5:])]
-    cap = capture_activations(model, units, loader, samples_per_image=16, patch_moments=True, progress=False,
+    cap = capture_activations(model, units, loader, samples_per_image=16, patch_moments=True, progress=False, keep_samples=True,
                               stream_moments=True)   # moments too: the cache holds them
     assert cap.per_image == {"conv1": 16, "conv2": 4}
     assert cap.n_samples("conv1") == 12 * 16 and cap.n_samples("conv2") == 12 * 4
@@ -91,5 +91,5 @@ def test_layers_csv_carries_n_samples(tiny_run, tmp_path):
 def test_gap_is_one_sample_per_image():
     model = BigThenSmall().eval()
     batch = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))]
-    cap = capture_activations(model, conv_norm_pairs(model), batch, spatial="gap", progress=False)
+    cap = capture_activations(model, conv_norm_pairs(model), batch, spatial="gap", progress=False, keep_samples=True)
     assert cap.per_image == {"conv1": 1, "conv2": 1} and cap.n_samples("conv2") == 4

@@ -77,9 +77,9 @@ def test_other_backbones_have_no_linear_units(arch, width):
 
 def test_linear_capture_equals_the_1x1_conv_oracle():
     """A Linear unit's samples, gradient patches and axes equal those of a 1×1 Conv2d with its weights."""
-    from axes_pipeline.analyses.axes_table import analyze_capture
+    from axes_pipeline.axes.table import analyze_capture
     from axes_pipeline.capture import capture_activations
-    from axes_pipeline.models.families import _axes_cfg
+    from tests.reference.families import _axes_cfg
 
     torch.manual_seed(0)
     lin = _Block(conv=False).eval()

@@ -42,7 +42,7 @@ def test_defaults_run_end_to_end(tmp_path):
 @pytest.mark.parametrize("seed", [1, 2])
 def test_default_sweep_jobs_fit_the_calibration_set(seed, tmp_path, caplog):
     # Each job of `analyze.py -m seed=1,2` composes this config: n_cal=2000 becomes the whole split.
-    from axes_pipeline.analyses.axes_table import fitted_n_cal
+    from axes_pipeline.axes.table import fitted_n_cal
     from axes_pipeline.training.train import build_datamodule
 
     cfg = make_cfg("analyze", [f"seed={seed}"], tmp_path)

@@ -13,9 +13,9 @@ import torch.nn as nn
 
 from axes_pipeline.errors import UserError
 from axes_pipeline.models import build_model, capture_point, conv_norm_pairs, model_knobs
-from axes_pipeline.models.families import REPRESENTATIVES, check_family
 
 from .helpers import make_cfg
+from .reference.families import REPRESENTATIVES, check_family
 
 #: families whose pruning Torch-Pruning refuses, and the words their one-line reason must hold
 PRUNE_REFUSED = {"ShuffleNetV2": "channel shuffle"}
@@ -151,8 +151,9 @@ def test_capture_point_per_unit():
     model = TinyNet().eval()
     data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))]
     cap = capture_activations(model, {"a": conv_norm_pairs(model)["a"]}, data, point="post_act",
-                              samples_per_image=4, progress=False)
-    raw = capture_activations(model, {"a": conv_norm_pairs(model)["a"]}, data, samples_per_image=4, progress=False)
+                              samples_per_image=4, progress=False, keep_samples=True)
+    raw = capture_activations(model, {"a": conv_norm_pairs(model)["a"]}, data, samples_per_image=4, progress=False,
+                              keep_samples=True)
     assert (cap.acts["a"] >= 0).all() and torch.equal(cap.acts["a"], raw.acts["a"].clamp_min(0))
 
 
@@ -231,7 +232,9 @@ class _Grouped(nn.Module):
 def test_batched_lesions_equal_the_weight_path_on_general_graphs(arch, width, side, pick):
     import numpy as np
 
-    from axes_pipeline.analyses.lesion_engine import LesionEngine, Lesions, trace, weight_lesion_eval
+    from axes_pipeline.analyses.lesion_engine import LesionEngine, Lesions, trace
+
+    from .reference.lesions import weight_lesion_eval
 
     torch.manual_seed(0)
     model = build_model(f"tv_{arch}", 10, width=width).eval()

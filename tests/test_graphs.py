@@ -8,8 +8,8 @@ import pytest
 from networkx.algorithms.community import greedy_modularity_communities, modularity
 from sklearn.metrics import normalized_mutual_info_score
 
-from axes_pipeline.analyses.axes_table import select_units
-from axes_pipeline.analyses.graphs import compare_groupings, partition, top_edges
+from axes_pipeline.axes.graphs import compare_groupings, partition, top_edges
+from axes_pipeline.axes.table import select_units
 from axes_pipeline.capture import capture_activations
 from axes_pipeline.metrics import covariance, pairwise_overlap_from_moments, pairwise_target_excess_from_moments
 
@@ -71,7 +71,7 @@ def demo_graphs(tiny_run):
     dm.setup("fit")
     loader = dm.loader(dm.calibration_set(400, seed=0, transform="eval"), batch_size=200)
     units = select_units(trained.model, None)
-    cap = capture_activations(trained.model, units, loader, samples_per_image=4, progress=False)
+    cap = capture_activations(trained.model, units, loader, samples_per_image=4, progress=False, keep_samples=True)
     out = {}
     for name in units:
         cov = covariance(cap.acts[name].double(), cap.target.double())
@@ -140,7 +140,7 @@ def test_null_reports_its_spread_and_is_reproducible():
 
 
 def test_shuffled_null_keeps_the_kept_weights():
-    from axes_pipeline.analyses.graphs import _shuffled_top
+    from axes_pipeline.axes.graphs import _shuffled_top
 
     rng = np.random.default_rng(1)
     a = rng.random((50, 50))
@@ -160,7 +160,7 @@ def test_graphs_cover_every_channel_by_default(tiny_run):
 
 def test_graph_knobs_are_part_of_the_axes_fingerprint(tmp_path):
     """layers.csv holds the graph statistics: one computed with another null is never reused."""
-    from axes_pipeline.analyses.axes_table import axes_fingerprint
+    from axes_pipeline.axes.table import axes_fingerprint
 
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"0")

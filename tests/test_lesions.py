@@ -20,7 +20,6 @@ from axes_pipeline.analyses.lesion_engine import (
     evaluate,
     peer_regression,
     trace,
-    weight_lesion_eval,
     zeroed,
 )
 from axes_pipeline.analyses.lesions import check_lesion_analysis, lesion_layer, recovery, select_channels
@@ -28,10 +27,11 @@ from axes_pipeline.errors import UserError
 from axes_pipeline.metrics import channel_axes
 from axes_pipeline.models import build_model, conv_norm_pairs
 from axes_pipeline.models.synthetic import with_bn_statistics
-from axes_pipeline.pruning.taylor import taylor_scores
+from axes_pipeline.models.taylor import taylor_scores
 from axes_pipeline.runs import read_json
 
 from .helpers import make_cfg
+from .reference.lesions import weight_lesion_eval
 
 
 def _batches(size: int, n: int = 24, b: int = 16) -> list:

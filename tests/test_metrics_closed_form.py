@@ -21,7 +21,8 @@ from axes_pipeline.metrics import (
     triplet_ratio,
 )
 from axes_pipeline.metrics.gaussian import covariance
-from axes_pipeline.metrics.oracle import sample_with_covariance
+
+from .reference.oracle import sample_with_covariance
 
 LAM = 1e-3
 

@@ -95,8 +95,8 @@ def test_spearman_with_ties():
     # never 0, when a side is constant (a constant layer has no rank order to correlate)
     from scipy.stats import spearmanr
 
-    import axes_pipeline.analyses.alignment as alignment
     import axes_pipeline.analyses.propagation as propagation
+    import axes_pipeline.axes.alignment as alignment
     import axes_pipeline.metrics.linear_gaussian as lg
 
     x = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0])

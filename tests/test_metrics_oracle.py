@@ -12,7 +12,8 @@ from axes_pipeline.metrics import (
     pairwise_target_excess,
     triplet_ratio,
 )
-from axes_pipeline.metrics.oracle import LoopOracle, oracle_channel_axes, oracle_triplet_ratio
+
+from .reference.oracle import LoopOracle, oracle_channel_axes, oracle_triplet_ratio
 
 
 def _layer(n: int, c: int, latent: int, seed: int, noise: float = 0.3):

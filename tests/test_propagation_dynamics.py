@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 from hydra import compose, initialize_config_dir
 
-from axes_pipeline.analyses.axes_table import layer_analysis
 from axes_pipeline.analyses.propagation import (
     conv_links,
     influence_matrix,
@@ -29,6 +28,7 @@ from axes_pipeline.models import conv_norm_pairs
 from axes_pipeline.runs import read_json
 
 from .helpers import CONF, make_cfg
+from .reference.samples import layer_analysis_from_samples
 
 KNOBS = {"sigma0": "median", "hull_eps": 0.05, "hull_max": 10, "hull_order": "correlation", "ridge": 1e-3,
          "pool": 50, "top": 10}
@@ -74,9 +74,9 @@ def _known_routing(gamma_power: float, C: int = 24):
     x = torch.randn(256, 3, 8, 8, generator=g)
     y = torch.randint(0, 4, (256,), generator=g)
     loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
-    cap = capture_activations(model, units, loader, samples_per_image=8, progress=False)
-    rows = [layer_analysis(n, i, cap.acts[n], cap.target, units[n], knobs=KNOBS, dtype=torch.float64,
-                           device=torch.device("cpu"), graphs=None).rows for i, n in enumerate(units)]
+    cap = capture_activations(model, units, loader, samples_per_image=8, progress=False, keep_samples=True)
+    rows = [layer_analysis_from_samples(n, i, cap.acts[n], cap.target, units[n], knobs=KNOBS, dtype=torch.float64,
+                                        device=torch.device("cpu"), graphs=None).rows for i, n in enumerate(units)]
     return model, units, cap, pd.concat(rows, ignore_index=True), perm
 
 

@@ -13,6 +13,7 @@ import torch
 
 from axes_pipeline.errors import UserError
 from axes_pipeline.models import conv_layers
+from axes_pipeline.pruning import inputs as prune_inputs
 from axes_pipeline.pruning import summary as prune_summary
 from axes_pipeline.pruning import sweep as prune_sweep
 from axes_pipeline.pruning.run import PruneSettings, run_prune
@@ -50,8 +51,10 @@ def _prune_dir(cfg) -> Path:
 
 @pytest.fixture
 def no_axes_module(monkeypatch):
-    """Pretend `analyses.axes_table` is not importable, so the cached-CSV path is exercised."""
-    monkeypatch.setitem(sys.modules, "axes_pipeline.analyses.axes_table", None)
+    """The axes step hands back the table the test wrote (``_write_fake_axes``) instead of capturing:
+    the scores then read made-up axes, without the seconds of a real capture."""
+    monkeypatch.setattr(prune_inputs, "load_or_compute_axes",
+                        lambda cfg, trained: pd.read_csv(Path(trained.run_dir) / "analyze" / "axes.csv"))
 
 
 def _write_fake_axes(cfg) -> Path:
@@ -296,16 +299,21 @@ def test_auto_allocation_per_backbone(tmp_path):
         assert PruneSettings(make_cfg("prune", [f"model={model}"], tmp_path)).allocation == want
 
 
-def test_missing_analysis_results_say_what_to_run(run, no_axes_module):
+def test_a_failing_axes_step_is_not_replaced_by_a_stale_table(run, monkeypatch):
+    # issue 21: a bug in the axes step once fell back to reading axes.csv without its fingerprint
     cfg = _cfg(run, "pruning.scores=[hull_score]", "pruning.targets=[0.5]")
-    assert not (Path(cfg.paths.run_dir) / "analyze" / "axes.csv").exists()
-    with pytest.raises(UserError, match="python analyze.py") as err:
+    _write_fake_axes(cfg)   # a table of unknown settings (no fingerprint)
+
+    def broken(cfg, trained):
+        raise KeyError("capture")
+
+    monkeypatch.setattr(prune_inputs, "load_or_compute_axes", broken)
+    with pytest.raises(KeyError, match="capture"):
         run_prune(cfg)
-    assert "hull_score" in str(err.value) and not (_prune_dir(cfg) / "points").exists()
+    assert not (_prune_dir(cfg) / "points").exists()
 
 
 def test_axes_scores_compute_the_analysis_on_demand(run):
-    pytest.importorskip("axes_pipeline.analyses.axes_table")
     cfg = _cfg(run, "pruning.scores=[input_capture]", "pruning.targets=[0.7]", "capture.n_cal=200",
                "capture.samples_per_image=4", "gradients.enabled=false", "graphs.null_shuffles=0")
     summary = run_prune(cfg)
@@ -340,11 +348,10 @@ def test_nan_in_axes_csv_stops_prune_naming_the_rebuild(run, no_axes_module):
 
 
 def test_nan_from_the_analysis_stage_is_caught_too(run, monkeypatch):
-    axes_table = pytest.importorskip("axes_pipeline.analyses.axes_table")
     cfg = _cfg(run, "pruning.scores=[input_capture]", "pruning.targets=[0.8,0.6]")
     table = pd.read_csv(_write_fake_axes(cfg))
     table.loc[0, "input_capture"] = np.nan
-    monkeypatch.setattr(axes_table, "load_or_compute_axes", lambda *a, **k: table)
+    monkeypatch.setattr(prune_inputs, "load_or_compute_axes", lambda *a, **k: table)
     with pytest.raises(UserError, match="input_capture holds 1 NaN"):
         run_prune(cfg)
 

@@ -70,8 +70,8 @@ def test_old_checkpoint_without_data_is_accepted_with_a_warning(caplog):
 
 
 def test_every_key_holds_the_data_identity_and_the_checkpoint_content(tiny_run, tmp_path):
-    from axes_pipeline.analyses.axes_table import axes_fingerprint, axes_settings, capture_identity, capture_settings
     from axes_pipeline.analyses.lesions import lesion_settings, part_settings
+    from axes_pipeline.axes.table import axes_fingerprint, axes_settings, capture_identity, capture_settings
     from axes_pipeline.runs import run_fingerprint
 
     def lesion_key(c, k):
@@ -150,7 +150,7 @@ def test_damaged_axes_table_is_recomputed_with_a_note(tiny_run, how, capsys):
 
 
 def test_prune_axes_read_recomputes_a_damaged_table(tiny_run):
-    from axes_pipeline.analyses.axes_table import load_or_compute_axes
+    from axes_pipeline.axes.table import load_or_compute_axes
     from axes_pipeline.training.restore import restore_trained
 
     cfg = _analyze_cfg(tiny_run, "plots=false")
@@ -339,7 +339,7 @@ def test_prune_reuses_the_axes_analyze_computed_from_a_whole_small_split(tiny_ru
     the same fitted number, or each would recompute (and replace) the other's table."""
     import logging
 
-    from axes_pipeline.analyses.axes_table import load_or_compute_axes
+    from axes_pipeline.axes.table import load_or_compute_axes
     from axes_pipeline.training.restore import restore_trained
 
     big = ["capture.n_cal=100000", "capture.samples_per_image=2", "graphs.null_shuffles=1", "plots=false",

@@ -1,19 +1,17 @@
-"""Config helpers shared by every stage: resolvers, the run directory, validation of common knobs."""
+"""Config helpers shared by every stage: resolvers, the run directory, validation of common knobs.
+(The typed schema of each stage's root is :mod:`axes_pipeline.schema`.)"""
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from axes_pipeline.analyses.settings import AxesKnobs
-from axes_pipeline.bounds import SEED_MAX, count, fraction, seed_field
+from axes_pipeline.bounds import SEED_MAX
 from axes_pipeline.errors import UserError
-from axes_pipeline.report.settings import ReportConfig
+from axes_pipeline.runs import fingerprint
 
 log = logging.getLogger("axes_pipeline")
 
@@ -53,93 +51,6 @@ if not OmegaConf.has_resolver("axes_name"):
     OmegaConf.register_new_resolver("axes_name", check_name)
 
 
-# ------------------------------------------------------------------ the typed root of each stage
-@dataclass
-class PathsConfig:
-    """conf/paths: every output goes below output_root. A run directory is a pure function of the
-    experiment name, data, model, width and seed, so later stages given the same overrides find it
-    (under runs/ for single runs, multirun/ for sweeps: they look in both)."""
-
-    output_root: str = "${oc.env:AXES_OUTPUT_ROOT,.}"
-    data_dir: str = "${oc.env:AXES_DATA_DIR,${paths.output_root}/data}"
-    run_dir: str = ("${paths.output_root}/${axes_mode:}/${axes_name:${name}}/"
-                    "${data.name}-${model.name}-w${model.width}/seed${seed}")
-
-
-@dataclass
-class TrainKnobs:
-    """``train.*``: the training loop's own knobs (beyond conf/trainer and conf/optim)."""
-
-    label_smoothing: float = fraction(0.0, hi_open=True)
-    warmup_epochs: int = count(0, least=0)
-    channels_last: Any = "auto"   # auto = on for CUDA | true | false: memory format for conv-heavy nets on tensor cores
-    compile: bool = False
-
-
-@dataclass
-class StageConfig(AxesKnobs):
-    """The top-level keys every stage shares (conf/common.yaml selects the groups), so that the same
-    overrides point every stage at the same run directory and every overlay composes with every
-    stage. A group's node is typed by its own schema (``base_<group>``, :mod:`axes_pipeline.schema`)."""
-
-    data: Any = MISSING
-    model: Any = MISSING
-    trainer: Any = MISSING
-    optim: Any = MISSING
-    callbacks: Any = MISSING
-    logger: Any = MISSING
-    paths: Any = MISSING
-    checkpoint: Any = None
-    name: str = "default"         # experiment name; an experiment overlay sets it. First level of the run dir.
-    seed: int = seed_field(42)
-    # explicit checkpoint (PATH): analyze/prune read it (default: <run_dir>/checkpoints/{best,last}.ckpt);
-    # train.py starts from its weights (weights only)
-    ckpt: str | None = None
-    allow_partial: bool = False   # analyze/prune on a run whose training did not finish (no train_summary.json)
-    train: TrainKnobs = field(default_factory=TrainKnobs)
-    # modules imported before the stage runs: their @register (pruning scores) and @analysis
-    # decorators add to the registries, e.g. plugins=[my_pkg.scores] (README "Extending")
-    plugins: list[str] = field(default_factory=list)
-    stage: str = MISSING
-
-
-@dataclass
-class TrainStage(StageConfig):
-    stage: str = "train"
-
-
-@dataclass
-class AnalyzeStage(StageConfig):
-    stage: str = "analyze"
-    analysis: Any = MISSING       # one block per selected analysis (conf/analysis/), typed there
-
-
-@dataclass
-class PruneStage(StageConfig):
-    stage: str = "prune"
-    pruning: Any = MISSING
-
-
-@dataclass
-class ReportStage(StageConfig):
-    stage: str = "report"
-    report: ReportConfig = field(default_factory=ReportConfig)
-
-
-#: config name (train.yaml ...) -> its root schema, stored as ``base_<stage>``
-STAGES: dict[str, type[StageConfig]] = {
-    "train": TrainStage, "analyze": AnalyzeStage, "prune": PruneStage, "report": ReportStage}
-
-
-def register_schemas() -> None:
-    """Store the typed schemas in Hydra's ConfigStore (:mod:`axes_pipeline.schema`); before the first
-    composition, not at import: their rooms import torch and Lightning (seconds), and a mistake
-    :func:`axes_pipeline.tasks.check_command_line` can name needs none of them."""
-    from axes_pipeline.schema import register
-
-    register()
-
-
 def run_dir(cfg: DictConfig) -> Path:
     """The run directory of this config (absolute)."""
     return Path(cfg.paths.run_dir).resolve()
@@ -165,8 +76,6 @@ def external_run_dir(cfg: DictConfig, ckpt: Path) -> Path:
     """Where a later stage writes for a checkpoint outside ``paths.output_root``:
     ``<output_root>/external/<data>-<model>-w<width>-seed<seed>-<digest of the checkpoint path>``,
     stable for one checkpoint path and distinct for two checkpoints of the same settings."""
-    from axes_pipeline.runs import fingerprint
-
     root = Path(cfg.paths.output_root).resolve()
     tag = f"{cfg.data.name}-{cfg.model.name}-w{cfg.model.width}-seed{cfg.seed}"
     return root / "external" / f"{tag}-{fingerprint({'ckpt': str(ckpt)})[:8]}"

@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.bounds import check_bounds
-from axes_pipeline.config import _mode, check_name, check_seed, load_plugins, register_schemas, run_dir
+from axes_pipeline.config import _mode, check_name, check_seed, load_plugins, run_dir
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.runs import check_writable
 
@@ -177,7 +177,11 @@ def hydra_entry(config_name: str, config_path: str = "conf"):
         def main():
             try:
                 check_command_line(conf_dir, sys.argv[1:])
-                register_schemas()
+                # deferred: the schemas' rooms import torch and Lightning (seconds); a command-line mistake
+                # is refused before any of them loads
+                from axes_pipeline.schema import register
+
+                register()   # the explicit setup call: every typed config group, before the first composition
                 check_composes(conf_dir, config_name, sys.argv[1:])
             except UserError as err:
                 print(f"error: {err}", file=sys.stderr)

@@ -24,8 +24,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from axes_pipeline.bounds import positive
+from axes_pipeline.config import to_container
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import flatten
+from axes_pipeline.runs import atomic_path, flatten, write_text
+from axes_pipeline.wiring import instantiate_all
 
 
 @dataclass
@@ -56,8 +58,6 @@ def tracking(cfg: DictConfig):
     """The tracking backend of ``cfg.logger`` (:class:`WandbTracking`, :class:`CSVTracking`), or
     None with ``logger=none``: a backend rather than a Lightning logger, because one setting serves
     every stage (training gets its Lightning logger from it, the other stages their wandb run)."""
-    from axes_pipeline.wiring import instantiate_all
-
     built = instantiate_all(cfg.logger, "logger")
     return built[0] if built else None
 
@@ -84,7 +84,6 @@ class CSVTracking:
                 if not rows:
                     path.unlink()
                     return
-                from axes_pipeline.runs import atomic_path
 
                 with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
                     writer = csv.DictWriter(f, fieldnames=fields)
@@ -188,8 +187,6 @@ def _has_netrc() -> bool:
 def flat_config(cfg: DictConfig) -> dict:
     """The full resolved config with dotted keys (``capture.point``): wandb's run table groups and
     filters by top-level config keys, so nesting would hide every knob below the first level."""
-    from axes_pipeline.config import to_container
-
     return flatten(to_container(cfg))
 
 
@@ -198,7 +195,6 @@ def _train_run_id(out: Path, resume_epoch: int) -> str:
     import secrets
     import string
 
-    from axes_pipeline.runs import write_text
 
     path = out / "wandb" / "train_run_id"
     if resume_epoch > 0 and path.is_file() and path.read_text().strip():

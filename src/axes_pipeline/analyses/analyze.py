@@ -7,7 +7,9 @@ analysis uses them; then each selected analysis (``analysis=lesion``, ``[axes,pr
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,22 +20,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.analyses import plots
-from axes_pipeline.analyses.axes_table import (
-    analyze_capture,
-    axes_fingerprint,
-    depth_index,
-    fitted_n_cal,
-    get_capture,
-    resolve_device,
-    select_units,
-    stored_axes,
-    write_axes,
-)
-from axes_pipeline.analyses.registry import ANALYSES
+from axes_pipeline.analyses.registry import ANALYSES, analysis
+from axes_pipeline.axes.table import axes_step, fitted_n_cal, select_units
 from axes_pipeline.config import run_dir, to_container
+from axes_pipeline.devices import resolve_device
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import flatten, read_json, write_json
 from axes_pipeline.tracking import StageTracker, cfg_artifact_name, log_axes
+from axes_pipeline.training.restore import restore_trained
 
 log = logging.getLogger("axes_pipeline")
 
@@ -42,17 +36,10 @@ def _register_analyses() -> None:
     """Import every module of this package: an analysis module registers itself (``@analysis``),
     so a new analysis is one module here plus its conf/analysis/<name>.yaml (README "Extending").
     A user's module outside the package comes in through ``plugins=[my_pkg.my_analysis]``."""
-    import importlib
-    import pkgutil
-
-    import axes_pipeline.analyses as package
-
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
         if info.name != "analyze":
-            importlib.import_module(f"{package.__name__}.{info.name}")
+            importlib.import_module(f"{__package__}.{info.name}")
 
-
-_register_analyses()
 
 @dataclass
 class Context:
@@ -67,13 +54,14 @@ class Context:
     capture: object = None
     axes: pd.DataFrame | None = None
     layers: pd.DataFrame | None = None
+    axes_headline: dict | None = None
 
 
 def selected(cfg: DictConfig) -> list[str]:
     chosen = list(cfg.analysis)
-    unknown = [k for k in chosen if k != "axes" and k not in ANALYSES]
+    unknown = [k for k in chosen if k not in ANALYSES]
     if unknown:
-        raise UserError(f"unknown analysis {unknown[0]!r}; choose from: axes, {', '.join(ANALYSES)}")
+        raise UserError(f"unknown analysis {unknown[0]!r}; choose from: {', '.join(sorted(ANALYSES))}")
     return chosen
 
 
@@ -85,13 +73,14 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
     ``axes.csv`` computed with these settings (with its plots, if the axes were ``requested``) is read back
     instead: a re-run sweep skips finished work; ``analysis.axes.recompute=true`` forces it."""
     cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
-    ctx.capture = capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out, ctx.units, ctx.device)
-    want = axes_fingerprint(cfg, trained.ckpt)
     plots_there = not cfg.plots or all((out / "plots" / f"{p}.png").is_file() for p in AXES_PLOTS)
     recompute = bool(OmegaConf.select(cfg, "analysis.axes.recompute", default=False))
-    stored = None if recompute else stored_axes(out, want, ctx.units)
-    if stored is not None and (plots_there or not requested):
-        ctx.axes, ctx.layers = stored
+    # the other analyses read the capture: taken (or read from its cache) even when the tables are reused
+    step = axes_step(cfg, trained, ctx.units, ctx.device, out, reuse=not recompute and (plots_there or not requested),
+                     need_capture=True, keep_matrices=True)
+    ctx.capture = capture = step.capture
+    ctx.axes, ctx.layers = step.axes, step.layers
+    if step.reused:
         headline = {**axes_headline(ctx.layers), "calibration_accuracy": capture.accuracy, "reused": True}
         if requested:   # this stage's tracker run still gets the tables and figures
             ctx.tracker.table("analyze/layers", ctx.layers)
@@ -101,10 +90,7 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
                     ctx.tracker.image(f"analyze/{f.stem}", f)
         log.info("axes: reusing %s (computed with these settings; analysis.axes.recompute=true to redo)", out / "axes.csv")
         return headline
-    axes_df, layers_df, results = analyze_capture(capture, ctx.units, cfg, ctx.device, keep_matrices=True,
-                                                  index=depth_index(trained.model))
-    write_axes(out, axes_df, layers_df, want)
-    ctx.axes, ctx.layers = axes_df, layers_df
+    axes_df, layers_df, results = step.axes, step.layers, step.results
     headline = {**axes_headline(layers_df), "calibration_accuracy": capture.accuracy}
     if cfg.plots:
         figs = [plots.scatter_ix_it(axes_df, out / "plots" / "scatter_ix_it.png"),
@@ -134,13 +120,19 @@ def axes_headline(layers_df: pd.DataFrame) -> dict:
                 "grad_cos_whitened_median")}}
 
 
-def run_analysis(cfg: DictConfig) -> dict:
-    from axes_pipeline.training.restore import restore_trained
+@analysis("axes")
+def axes_analysis(ctx: Context) -> dict:
+    """``analysis=axes``: the tables themselves come from :func:`run_axes`, which runs before every
+    analysis (they all read the axes); asking for them also logs them as this run's artifact."""
+    log_axes(ctx.tracker, ctx.cfg, ctx.out, ctx.axes)
+    return ctx.axes_headline
 
+
+def run_analysis(cfg: DictConfig) -> dict:
     chosen = selected(cfg)
     device = resolve_device(cfg.get("device", "auto"))
     t0 = time.perf_counter()
-    needs_run = "axes" in chosen or any(ANALYSES[name].needs_run for name in chosen if name != "axes")
+    needs_run = any(ANALYSES[name].needs_run for name in chosen)
     trained = restore_trained(cfg) if needs_run else None
     out = (trained.run_dir if trained is not None else run_dir(cfg)) / "analyze"
     ctx = Context(cfg=cfg, out=out, tracker=None, device=device, trained=trained)
@@ -152,21 +144,18 @@ def run_analysis(cfg: DictConfig) -> dict:
             cfg.capture.n_cal = n_cal
         ctx.units = select_units(trained.model, cfg.capture.layers)
         for name in chosen:   # each analysis validates its own knobs before the network runs
-            if name in ANALYSES and ANALYSES[name].check is not None:
+            if ANALYSES[name].check is not None:
                 ANALYSES[name].check(ctx)
     ctx.tracker = StageTracker(cfg, "analyze", out)
     summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None, "analyses": chosen}
     try:
         if trained is not None:
             ctx.tracker.use_artifact("checkpoint", cfg_artifact_name("checkpoint", cfg), [trained.ckpt])
-            summary["axes"] = run_axes(ctx, requested="axes" in chosen)
-            if "axes" in chosen:
-                log_axes(ctx.tracker, cfg, out, ctx.axes)
+            summary["axes"] = ctx.axes_headline = run_axes(ctx, requested="axes" in chosen)
             print(f"analyze: axes of {summary['axes']['channels']} channels in {summary['axes']['layers']} layers; "
                   f"mean ρ(I_X, I_T) = {summary['axes']['mean_align_input_capture_task_info']:.3f}")
         for name in chosen:
-            if name in ANALYSES:
-                summary[name] = ANALYSES[name].run(ctx)
+            summary[name] = ANALYSES[name].run(ctx)
         summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
         summary["config"] = to_container(cfg)
         ctx.tracker.scalars(flatten(summary, skip={"config"}))   # the config is the run's wandb config already
@@ -185,3 +174,7 @@ def _merged(path: Path, summary: dict) -> dict:
     except (OSError, ValueError):   # none yet, or unreadable
         return summary
     return {**old, **summary, "analyses": list(dict.fromkeys([*old.get("analyses", []), *summary["analyses"]]))}
+
+
+# last: ``axes`` (above) registers first, then every analysis module of this package
+_register_analyses()

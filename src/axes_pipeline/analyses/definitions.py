@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from axes_pipeline.analyses.axes_table import calibration_loader, layer_analysis, metric_dtype, metric_knobs
 from axes_pipeline.analyses.dynamics import _graphs, _layers
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
+from axes_pipeline.axes.table import calibration_loader, capture_knobs, layer_analysis, metric_dtype, metric_knobs
 from axes_pipeline.capture import POSITIONS, capture_activations
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs
@@ -119,10 +119,9 @@ def _definition_cfg(cfg: DictConfig, point: str, spatial: str) -> DictConfig:
 
 def part_fingerprint(cfg: DictConfig, ckpt: Path, layers: list[str]) -> str:
     """What a part depends on: data identity, checkpoint content, capture and metric settings."""
-    c = cfg.capture
-    settings = {"layers": list(layers), "n_cal": int(c.n_cal), "transform": c.transform, "point": c.point,
-                "spatial": c.spatial, "samples_per_image": int(c.samples_per_image), "target": c.target,
-                "capture_seed": int(c.seed), "positions": POSITIONS,
+    # the capture knobs as the axes table reads them from their schema, less capture.layers: the
+    # definitions analysis picks the dynamics' layers
+    settings = {"layers": list(layers), **capture_knobs(cfg, without=("layers",)), "positions": POSITIONS,
                 **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()}, "metrics.dtype": cfg.metrics.dtype,
                 "graphs": _graphs(cfg)}
     return fingerprint(run_fingerprint(cfg, ckpt, **settings))
@@ -172,8 +171,8 @@ def definitions_table(cfg: DictConfig, model, datamodule, checkpoints: dict[str,
                                           seed=int(c.seed), patch_moments=False, device=device, progress=False,
                                           keep_samples=False)
             model.cpu()
-            part = pd.DataFrame([layer_analysis(n, index[n], None, None, units[n], knobs=metrics, dtype=dtype,
-                                                device=device, graphs=graphs, seed=int(c.seed), cov=capture.cov(n),
+            part = pd.DataFrame([layer_analysis(n, index[n], capture.cov(n), units[n], knobs=metrics, dtype=dtype,
+                                                device=device, graphs=graphs, seed=int(c.seed),
                                                 n_samples=capture.n_samples(n)).summary for n in layers])
             part.insert(0, "point", point)
             part.insert(1, "spatial", spatial)

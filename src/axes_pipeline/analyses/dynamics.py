@@ -4,7 +4,7 @@ For a run trained with per-epoch checkpoints (``checkpoint.every_epoch=true``; `
 is the random initialisation), every selected epoch is processed on its own: its weights are loaded
 into one model instance, six depth-spaced conv layers are captured on the fixed calibration subset
 of ``capture.*`` (the same images for every epoch and seed; only the streamed (T, Y) moments are
-held, never an epoch's samples) and :func:`~axes_pipeline.analyses.axes_table.layer_analysis` writes
+held, never an epoch's samples) and :func:`~axes_pipeline.axes.table.layer_analysis` writes
 one row per layer (the whole ``layers.csv`` summary) to ``analyze/dynamics_parts/epoch_XXX.csv``.
 A re-run skips every epoch whose part was computed with the same settings
 (``dynamics_parts/settings.json``, with the data identity) from the same checkpoint content (each
@@ -34,10 +34,12 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from axes_pipeline.analyses.axes_table import calibration_loader, layer_analysis, metric_dtype, metric_knobs
+from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
+from axes_pipeline.axes.table import calibration_loader, capture_knobs, layer_analysis, metric_dtype, metric_knobs
 from axes_pipeline.capture import POSITIONS, capture_activations
+from axes_pipeline.capture.targets import target_from_logits
 from axes_pipeline.config import run_dir_candidates
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
@@ -46,6 +48,7 @@ from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.tracking import progress as units_progress
 from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into
+from axes_pipeline.training.restore import architecture, expected_meta
 
 log = logging.getLogger("axes_pipeline")
 
@@ -205,10 +208,10 @@ def check_dynamics_analysis(ctx) -> None:
 
 def dynamics_settings(cfg: DictConfig, layers: list[str]) -> dict:
     """Everything a stored epoch part depends on besides its checkpoint file."""
-    c = cfg.capture
-    return {"layers": list(layers), "n_cal": int(c.n_cal), "transform": c.transform, "point": c.point,
-            "spatial": c.spatial, "samples_per_image": int(c.samples_per_image), "target": c.target,
-            "capture_seed": int(c.seed), "positions": POSITIONS, **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
+    # the capture knobs as the axes table reads them from their schema, less capture.layers: the
+    # dynamics pick their own layers
+    return {"layers": list(layers), **capture_knobs(cfg, without=("layers",)), "positions": POSITIONS,
+            **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
             "metrics.dtype": cfg.metrics.dtype, "graphs": _graphs(cfg), "dynamics_target": _knobs(cfg)["target"]}
 
 
@@ -223,8 +226,6 @@ def _graphs(cfg: DictConfig) -> dict | None:
 def final_target(model: torch.nn.Module, ckpt: Path, loader, kind: str, device, expect) -> torch.Tensor:
     """T of the final network (``ckpt``) per calibration image, in the loader's order: the target
     every epoch is measured against with ``dynamics.target=final``."""
-    from axes_pipeline.capture.targets import target_from_logits
-
     load_into(model, ckpt, expect)
     model.eval().to(device)
     out = [target_from_logits(model(x.to(device)), y.to(device), kind).cpu() for x, y in loader]
@@ -306,8 +307,8 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
                                       seed=int(c.seed), patch_moments=False, device=device, progress=False,
                                       keep_samples=False, target_values=fixed_t)
         model.cpu()
-        part = pd.DataFrame([layer_analysis(name, index[name], None, None, units[name], knobs=knobs, dtype=dtype,
-                                            device=device, graphs=graphs, seed=int(c.seed), cov=capture.cov(name),
+        part = pd.DataFrame([layer_analysis(name, index[name], capture.cov(name), units[name], knobs=knobs, dtype=dtype,
+                                            device=device, graphs=graphs, seed=int(c.seed),
                                             n_samples=capture.n_samples(name)).summary for name in layers])
         part.insert(0, "epoch", epoch)
         part.insert(1, "seed", plan.seed)
@@ -343,8 +344,6 @@ def plot_dynamics(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path
     and the paper's init / trained values where METHODS §11 has them."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-
-    from axes_pipeline.analyses import plots
 
     panels = [q for q in QUANTITIES if q in frame] + ["calibration_accuracy"]
     fig, axs = plt.subplots(2, 3, figsize=(13, 6.6), squeeze=False)
@@ -402,8 +401,6 @@ def _headline(curves: pd.DataFrame, seeds: list[int], layers: list[str]) -> dict
 @analysis("dynamics", check=check_dynamics_analysis)
 def run_dynamics_analysis(ctx) -> dict:
     """Process every planned run epoch by epoch (resumable); write tables, curves and logs."""
-    from axes_pipeline.training.restore import architecture, expected_meta
-
     cfg, trained = ctx.cfg, ctx.trained
     knobs = _knobs(cfg)
     skip = _skip_reason(cfg, trained.run_dir)

@@ -163,17 +163,6 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
     return EvalResult(np.array([loss]), np.array([correct], dtype=np.int64), n)
 
 
-def weight_lesion_eval(model: nn.Module, unit, channels: Sequence[int], batches, device="cpu") -> EvalResult:
-    """One full evaluation per channel with the weights zeroed (:func:`zeroed`), then restored: the
-    slow reference for :class:`LesionEngine` (and the baseline of the benchmark)."""
-    runs = []
-    for c in channels:
-        with zeroed(unit, int(c)):
-            runs.append(evaluate(model, batches, device))
-    return EvalResult(np.array([r.loss_sum[0] for r in runs], dtype=np.float64),
-                      np.array([r.correct[0] for r in runs], dtype=np.int64), runs[-1].n if runs else 0)
-
-
 def materialise(loader, device: torch.device | str = "cpu", max_bytes: float = 2 * 2**30) -> list:
     """The batches of ``loader`` as a list of ``(x, y)``, on ``device`` when they fit in
     ``max_bytes`` (else on the CPU; the engine moves each batch when it is used)."""

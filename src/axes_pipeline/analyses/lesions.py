@@ -39,7 +39,6 @@ from omegaconf import DictConfig, OmegaConf
 from scipy import stats as _st
 
 from axes_pipeline.analyses import plots
-from axes_pipeline.analyses.axes_table import axes_settings, capture_settings
 from axes_pipeline.analyses.lesion_engine import (
     LesionEngine,
     Lesions,
@@ -52,10 +51,12 @@ from axes_pipeline.analyses.lesion_engine import (
 )
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
+from axes_pipeline.axes.table import axes_settings, capture_settings
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import standardise
-from axes_pipeline.pruning.taylor import taylor_scores
+from axes_pipeline.models.taylor import taylor_scores
 from axes_pipeline.runs import read_json, run_fingerprint, write_csv, write_json
+from axes_pipeline.stats import binned_spearman, incremental_r2, spearman
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.tracking import progress as units_progress
 
@@ -246,8 +247,6 @@ def recovery(damage_lesion: np.ndarray, damage_replaced: np.ndarray, min_damage:
 
 def analyse(df: pd.DataFrame, s: dict) -> tuple[pd.DataFrame, dict]:
     """Binned Spearman table and the summary statistics of a finished lesion table."""
-    from axes_pipeline.stats import binned_spearman, incremental_r2, spearman
-
     live = df[~df["dead"].astype(bool)].copy()
     preds = [p for p in s["predictors"] if p in live]
     binned = []
@@ -309,8 +308,6 @@ def replaceability_spearman(live: pd.DataFrame) -> dict:
     replaceability. The pruning scores treat replaceability (E_full/max(1,|H|), R̄_X) as *removability*: a
     channel its peers stand in for should hurt less when zeroed, so these ρ should be negative.
     ``{column: {"per_layer": {layer: ρ}, "mean": mean ρ over layers, "layers_negative": count}}``."""
-    from axes_pipeline.stats import spearman
-
     out: dict = {"expected_sign": -1, "damage": "damage_loss"}
     for col in (c for c in REPLACEABILITY if c in live):
         per = {name: spearman(g["damage_loss"].to_numpy(float), g[col].to_numpy(float))[0]

@@ -63,9 +63,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.registry import analysis
 from axes_pipeline.analyses.settings import analysis_block
 from axes_pipeline.errors import UserError
+from axes_pipeline.models import conv_norm_pairs
 from axes_pipeline.models.graph import conv_sources, trace
 from axes_pipeline.runs import write_csv
 from axes_pipeline.stats import spearman
@@ -96,8 +98,6 @@ def link_report(model: nn.Module, units: dict | None = None, residual: str = DEF
     the downstream conv's input channels ``offset .. offset + C_up`` (0 unless a concatenation sits between them);
     ``refused = [(downstream, reason)]`` for every analysed conv but the first with no link (never a silent skip)."""
     if units is None:
-        from axes_pipeline.models import conv_norm_pairs
-
         units = conv_norm_pairs(model)
     graph = trace(model)
     if graph is None:  # pair consecutive layers instead
@@ -284,8 +284,6 @@ def headline(table: pd.DataFrame) -> dict:
 def heatmap(table: pd.DataFrame, path):
     """Pairings × linked pairs (depth order): ρ, and ρ minus its shuffled null."""
     import matplotlib.pyplot as plt
-
-    from axes_pipeline.analyses import plots
 
     pairs = table[["pair_index", "upstream", "downstream"]].drop_duplicates().sort_values("pair_index")
     names = [p for p, _, _ in PAIRINGS]

@@ -180,7 +180,7 @@ class _LayerRecorder:
     keeps the ``[B·s, C]`` samples only with ``keep_samples``."""
 
     def __init__(self, name, unit, point, spatial, s, seed, patch_moments, max_patch_dim, sigma_rows,
-                 keep_samples=True, stream_moments=True):
+                 keep_samples=False, stream_moments=True):
         self.name, self.unit, self.point, self.spatial, self.s = name, unit, point, spatial, s
         self.gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
         self.chunks: list[torch.Tensor] = []
@@ -326,7 +326,7 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
                         spatial: str = "sample", samples_per_image: int = 16, target: str = "logit_margin",
                         seed: int = 0, patch_moments: bool = False, max_patch_dim: int = 4608,
                         sigma_rows: int = 8192, device: str | torch.device = "cpu",
-                        progress: bool = True, keep_samples: bool = True,
+                        progress: bool = True, keep_samples: bool = False,
                         stream_moments: bool | None = None, target_values: torch.Tensor | None = None) -> Capture:
     """Run ``model`` once over ``loader`` and record the sampled activations of ``units``.
 

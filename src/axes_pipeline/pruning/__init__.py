@@ -1,9 +1,9 @@
 """FLOPs-matched structured pruning (METHODS §9).
 
-- :mod:`.settings`: the typed ``cfg.pruning`` schema (``PruningConfig``, every default) and the
-  validated settings of a run (``PruneSettings``);
+- :mod:`.settings`: the typed ``cfg.pruning`` schema (``PruningConfig``, every default);
+  :mod:`.resolved`: the validated settings of a run (``PruneSettings``);
 - :mod:`.scores`: the score registry (``SCORES``, ``resolve_score``; ``Score(ctx, draw) ->
-  {layer: [C]}``, each with its axis: local / target / mixed / baseline); :mod:`.taylor`:
+  {layer: [C]}``, each with its axis: local / target / mixed / baseline); :mod:`axes_pipeline.models.taylor`:
   Σ|w·∂L/∂w| (also a lesion predictor of analyze.py); :mod:`.inputs`: the analysis table and
   calibration batches the scores read;
 - :mod:`.groups`: coupled channel groups from Torch-Pruning's dependency graph
@@ -32,7 +32,8 @@ _WHERE = {
     **dict.fromkeys(("ChannelGroup", "GroupSet", "build_groups", "full_keep", "masked", "prune_physically"), "groups"),
     **dict.fromkeys(("AXES", "DEFAULT_SCORES", "FAMILIES", "SCORES", "Score", "ScoreContext", "minmax", "register",
                      "resolve_score", "score_names"), "scores"),
-    **dict.fromkeys(("PruneSettings", "PruningConfig"), "settings"),
+    "PruneSettings": "resolved",
+    "PruningConfig": "settings",
     "run_prune": "run",
 }
 

@@ -6,24 +6,15 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["eval_mode", "evaluate", "evaluate_splits", "evaluate_test_val", "finetune", "latency"]
+from axes_pipeline.models.modes import eval_mode
+from axes_pipeline.training.optim import OptimConfig, optimizer_factory
 
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """``model`` in eval mode inside the block; its own mode is restored after."""
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
+__all__ = ["evaluate", "evaluate_splits", "evaluate_test_val", "finetune", "latency"]
 
 
 @torch.no_grad()
@@ -66,8 +57,6 @@ def finetune(model: nn.Module, loader, device: torch.device, epochs: int, max_ba
              lr: float, optimizer: str = "adam", weight_decay: float = 0.0) -> dict:
     """Short fine-tune on the training split (train mode; the final weights are kept, nothing is
     selected on any held-out split). Returns steps, seconds and the mean loss of the last epoch."""
-    from axes_pipeline.training.optim import OptimConfig, optimizer_factory
-
     opt = optimizer_factory(OptimConfig(name=optimizer, lr=lr, weight_decay=weight_decay))(model.parameters())
     was = model.training
     model.train()
@@ -101,7 +90,7 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64),
     At most ``repeats`` timed forwards, fewer (but at least 3) once ``budget_s`` is spent on one
     (device, batch size): a large batch on a CPU would otherwise dominate a pruning sweep.
     """
-    import torch.utils.benchmark as benchmark  # slow to import; this module (eval_mode) is imported everywhere
+    import torch.utils.benchmark as benchmark  # deferred: slow to import, and only latency needs it
 
     out = {}
     c, h, w = input_shape[-3:]

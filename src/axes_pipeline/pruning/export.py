@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError
+from axes_pipeline.models import build_model
 from axes_pipeline.pruning.groups import redo_pruning
 from axes_pipeline.runs import atomic_path
 
@@ -51,8 +52,6 @@ def save_pruned(path: str | Path, spec: dict, input_shape, history: list, model:
 
 def load_pruned(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a network written by :func:`save_pruned` (eval mode)."""
-    from axes_pipeline.models import build_model
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"pruned model not found: {path}")

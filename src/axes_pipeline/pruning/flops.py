@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from axes_pipeline.pruning.evaluate import eval_mode
+from axes_pipeline.models.modes import eval_mode
 from axes_pipeline.pruning.groups import GroupSet
 
 log = logging.getLogger("axes_pipeline")

@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 
 from axes_pipeline.errors import UserError
-from axes_pipeline.pruning.evaluate import eval_mode
+from axes_pipeline.models import classifier_name, conv_layers
+from axes_pipeline.models.modes import eval_mode
 
 log = logging.getLogger("axes_pipeline")
 
@@ -153,8 +154,6 @@ def build_groups(model: nn.Module, example: torch.Tensor, classifier: str | None
     channels-last ``nn.Linear``, :func:`~axes_pipeline.models.conv_layers`). A unit that the graph
     does not reach is a :class:`UserError` naming the layer.
     """
-    from axes_pipeline.models import classifier_name, conv_layers
-
     with eval_mode(model):
         classifier = classifier or classifier_name(model)
         conv_names = list(conv_names if conv_names is not None else conv_layers(model))

@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from axes_pipeline.errors import UserError
+from axes_pipeline.axes.table import load_or_compute_axes
 from axes_pipeline.models.graph import out_channels
+from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import Score
-from axes_pipeline.pruning.settings import PruneSettings
-from axes_pipeline.tables import Schema, check_table, read_table
+from axes_pipeline.tables import Schema, check_table
 
 __all__ = ["axes_loader", "calibration_batches"]
 
@@ -34,8 +34,7 @@ def _analyze_hint(cfg: DictConfig) -> str:
 
 def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
     """A loader of the run's checked analysis table: analyze.py's cached one for the same overrides,
-    or computed now with them; a one-line error naming the command to run when neither is possible."""
-    names = [s.name for s in scores]
+    or computed now with them (:func:`~axes_pipeline.axes.table.load_or_compute_axes`)."""
     # one row per channel of every conv layer and finite values in every column the scores read: a NaN
     # would otherwise become the lowest keep value after min-max normalisation and silently move a curve
     cols = sorted(set().union(*(s.columns for s in scores))) if scores else []
@@ -50,25 +49,9 @@ def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
         return check_table(part, schema, path=path, rebuild=rebuild, rows_per_layer=rows_per_layer)
 
     def load():
-        from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-        cached = Path(trained.run_dir) / "analyze" / "axes.csv"
-        try:
-            from axes_pipeline.analyses.axes_table import load_or_compute_axes
-        except ImportError:
-            pass
-        else:
-            try:
-                return checked(load_or_compute_axes(cfg, trained), cached)
-            except (ConfigAttributeError, ConfigKeyError, KeyError, AttributeError) as err:
-                if not cached.is_file():
-                    raise UserError(f"scores {', '.join(names)} need the analysis results, which do not exist "
-                                    f"and cannot be computed from the prune config ({type(err).__name__}: "
-                                    f"{str(err).splitlines()[0][:100]}); run `{_analyze_hint(cfg)}` first") from None
-        if cached.is_file():
-            return checked(read_table(cached, Schema("axes.csv", {"layer": "str"}), rebuild=rebuild), cached)
-        raise UserError(f"scores {', '.join(names)} need the analysis results ({cached}), which do not "
-                        f"exist; run `{_analyze_hint(cfg)}` first")
+        # the one axes step (axes.table): analyze.py's cached table when its fingerprint matches, else
+        # computed now; any failure there is a bug or a user mistake to see, never a stale table read instead
+        return checked(load_or_compute_axes(cfg, trained), Path(trained.run_dir) / "analyze" / "axes.csv")
     return load
 
 

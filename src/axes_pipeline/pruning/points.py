@@ -20,8 +20,8 @@ import numpy as np
 from axes_pipeline.models.graph import out_channels
 from axes_pipeline.pruning.evaluate import evaluate_test_val, latency
 from axes_pipeline.pruning.flops import count_params
+from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import Score, ScoreContext
-from axes_pipeline.pruning.settings import PruneSettings
 from axes_pipeline.runs import fingerprint, json_default, read_json, run_fingerprint, settings_diff, write_json
 
 log = logging.getLogger("axes_pipeline")

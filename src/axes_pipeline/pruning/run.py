@@ -15,15 +15,18 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from axes_pipeline.devices import resolve_device
+from axes_pipeline.models import conv_layers, example_input
 from axes_pipeline.pruning.flops import CostModel
 from axes_pipeline.pruning.groups import build_groups
 from axes_pipeline.pruning.inputs import axes_loader, calibration_batches
 from axes_pipeline.pruning.points import ScoreCache, unpruned
+from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import ScoreContext
-from axes_pipeline.pruning.settings import PruneSettings
 from axes_pipeline.pruning.summary import curves_frame, flat_scalars, log_curves, print_summary, summarise, write_stage
 from axes_pipeline.pruning.sweep import Sweep, run_points
 from axes_pipeline.runs import frame_digest, write_csv
+from axes_pipeline.tracking import StageTracker, cfg_artifact_name, progress
+from axes_pipeline.training.restore import restore_trained
 
 log = logging.getLogger("axes_pipeline")
 
@@ -32,10 +35,6 @@ __all__ = ["PruneSettings", "run_prune"]
 
 def run_prune(cfg: DictConfig) -> dict:
     """FLOPs-matched pruning of the trained run named by ``cfg``; returns the summary."""
-    from axes_pipeline.models import conv_layers, example_input
-    from axes_pipeline.tracking import StageTracker, cfg_artifact_name, progress
-    from axes_pipeline.training.restore import restore_trained
-
     settings = PruneSettings(cfg)   # validates cfg.pruning: a mistake is one line, before any work
     device = resolve_device(cfg.device)
     trained = restore_trained(cfg)
@@ -76,6 +75,7 @@ def run_prune(cfg: DictConfig) -> dict:
         summary["points_computed_this_run"] = done
         plots = {}
         try:
+            # deferred: matplotlib loads in seconds, and only a finished sweep is plotted
             from axes_pipeline.pruning.plots import plot_curves, plot_sweeps
 
             plots.update(plot_curves(curves, base, out))

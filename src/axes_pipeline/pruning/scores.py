@@ -35,7 +35,7 @@ Components of a mixed score are min–max normalised within each layer before th
 ``ixy_minus_red_b<β>``, ``magnitude_plus_ix_a<α>`` and ``two_axis_a1_b<β>`` accept any number (``resolve_score``).
 
 The axes columns come from the analysis stage's ``<run_dir>/analyze/axes.csv`` (computed on demand
-through ``axes_pipeline.analyses.axes_table.load_or_compute_axes`` when that exists). The feature
+through ``axes_pipeline.axes.table.load_or_compute_axes`` when its fingerprint does not match). The feature
 maps of ``hrank`` / ``chip`` are the post-norm outputs (after the activation where one follows
 directly, i.e. not across a residual add), read at ``ConvUnit`` of :func:`axes_pipeline.models.conv_norm_pairs`.
 """
@@ -53,9 +53,10 @@ import torch.nn as nn
 
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import dead_channels
+from axes_pipeline.models import conv_norm_pairs
 from axes_pipeline.models.graph import out_channels
-from axes_pipeline.pruning.evaluate import eval_mode
-from axes_pipeline.pruning.taylor import taylor_scores
+from axes_pipeline.models.modes import eval_mode
+from axes_pipeline.models.taylor import taylor_scores
 
 log = logging.getLogger("axes_pipeline")
 
@@ -190,8 +191,6 @@ class ScoreContext:
 
     def units(self):
         if "units" not in self._cache:
-            from axes_pipeline.models import conv_norm_pairs
-
             self._cache["units"] = conv_norm_pairs(self.model)
         return self._cache["units"]
 

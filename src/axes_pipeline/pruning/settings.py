@@ -1,11 +1,11 @@
 """The pruning config: its typed schema (:class:`PruningConfig`, the one source of every pruning
-default) and the validated, resolved settings of one prune run (:class:`PruneSettings`).
+default).
 
 ``PruningConfig`` is registered as ``pruning/base_pruning`` (:mod:`axes_pipeline.schema`), so a
 wrong type or an unknown key under ``pruning.*`` fails at composition. What a type cannot say
-(a target outside (0, 1], an unknown score or allocation) is checked by ``PruneSettings``,
-before anything expensive. This module is imported at every composition: it imports no torch
-(the score registry and the allocations are imported when settings are built).
+(a target outside (0, 1], an unknown score or allocation) is checked by
+:class:`~axes_pipeline.pruning.resolved.PruneSettings`, before anything expensive. Like every
+package's settings, this module imports nothing of its package.
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from axes_pipeline.bounds import bounded, count, non_negative, positive, seed_field
-from axes_pipeline.errors import UserError, unknown_name
 
-__all__ = ["MODES", "Calibration", "Finetune", "PruneSettings", "PruningConfig"]
+__all__ = ["MODES", "Calibration", "Finetune", "PruningConfig"]
 
 #: flops: search so the achieved MACs match each target | channel_fraction: the authors' literal protocol
 MODES = ("flops", "channel_fraction")
@@ -81,95 +78,3 @@ class PruningConfig:
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     latency_repeats: int = count(10)
     export: bool = False          # true: prune/models/<score>_<target>.pt (reload: axes_pipeline.pruning.load_pruned)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
-
-def _choice(key: str, value: str, allowed: tuple, shown: tuple | None = None) -> str:
-    if value not in allowed:
-        raise unknown_name(key, value, shown or allowed)
-    return value
-
-
-def _score_list(names, resolve_score, default: tuple) -> list:
-    """The :class:`Score` objects named by ``pruning.scores`` (null / `all` / one name / a list),
-    without duplicates (b0.3 and b0.30 are one score)."""
-    if names is None or names == "all":
-        names = default
-    elif isinstance(names, str):
-        names = [names]
-    _require(len(names) > 0, "pruning.scores is empty; give at least one score name")
-    scores = {}
-    for name in dict.fromkeys(str(n) for n in names):
-        score = resolve_score(name)
-        scores.setdefault(score.name, score)
-    return list(scores.values())
-
-
-def _target_list(targets, mode: str) -> list[float]:
-    """The targets, largest first, each checked to lie in (0, 1]."""
-    _require(len(targets) > 0, "pruning.targets is empty; give fractions in (0, 1], e.g. [0.9,0.5,0.1]")
-    what = "MACs" if mode == "flops" else "channels"
-    for t in targets:   # NaN fails the comparison too
-        _require(0.0 < t <= 1.0, f"pruning.targets: {t} is outside (0, 1]; a target is the fraction of the "
-                                 f"unpruned {what} kept")
-    return sorted({float(t) for t in targets}, reverse=True)
-
-
-class PruneSettings:
-    """The validated ``cfg.pruning`` block, with ``auto`` resolved (the allocation of the backbone)
-    and the score names resolved to :class:`~axes_pipeline.pruning.scores.Score` objects. Each
-    attribute has its schema field's name (:class:`PruningConfig`); where it holds the resolved
-    value, the comment beside it says what was resolved."""
-
-    def __init__(self, cfg: DictConfig):
-        from axes_pipeline.pruning.allocation import ALLOCATIONS
-        from axes_pipeline.pruning.scores import resolve_score, score_names
-
-        pc = cfg.pruning
-        self.cfg = cfg
-        # the registry is read now, not at import, so a score registered by a plugin is in the default
-        self.scores = _score_list(pc.scores, resolve_score, score_names())
-        self.targets = _target_list(pc.targets, pc.mode)
-        self.mode = _choice("pruning.mode", pc.mode, MODES)
-        alloc = pc.allocation if pc.allocation != "auto" else pc.allocation_defaults.get(cfg.model.name, "global")
-        self.allocation = _choice("allocation (pruning.allocation)", alloc, ALLOCATIONS, ("auto",) + ALLOCATIONS)
-        _require(alloc in pc.max_fraction, f"pruning.max_fraction has no entry for the allocation {alloc}")
-        self.max_fraction = pc.max_fraction[alloc]   # the resolved allocation's cap
-        _require(0.0 < self.max_fraction < 1.0,
-                 f"pruning.max_fraction.{alloc} must be in (0, 1), got {self.max_fraction}")
-        self.tolerance = pc.tolerance
-        _require(0.0 < self.tolerance < 0.5, f"pruning.tolerance must be in (0, 0.5), got {self.tolerance}")
-        self.random_draws = pc.random_draws
-        _require(self.random_draws >= 1, f"pruning.random_draws must be >= 1, got {self.random_draws}")
-        self.hybrid_counts_from = resolve_score(pc.hybrid_counts_from)
-        self.depthwise_in_group_score = pc.depthwise_in_group_score
-        self.magnitude = _choice("magnitude norm (pruning.magnitude)", pc.magnitude, ("l1", "l2"))
-        # the fine-tune's knobs (pruning.finetune without `enabled`; the point's key holds them), None
-        # when it is off
-        knobs = {k: v for k, v in OmegaConf.to_container(pc.finetune).items() if k != "enabled"}
-        self.finetune: dict | None = knobs if pc.finetune.enabled else None
-        _require(self.finetune is None or (knobs["epochs"] >= 1 and knobs["lr"] > 0),
-                 "pruning.finetune needs epochs >= 1 and lr > 0")
-        self.eval_samples, self.eval_seed = pc.eval_samples, pc.eval_seed
-        _require(self.eval_samples is None or self.eval_samples >= 1,
-                 f"pruning.eval_samples must be a positive number or null, got {self.eval_samples}")
-        self.calibration = OmegaConf.to_container(pc.calibration)
-        _require(self.calibration["n"] >= 1, f"pruning.calibration.n must be positive, got {self.calibration['n']}")
-        self.latency, self.latency_batch_sizes = pc.latency, list(pc.latency_batch_sizes)
-        self.latency_repeats = pc.latency_repeats
-        self.export, self.fvcore_check = pc.export, pc.fvcore_check
-        # a bar on a terminal, one line per finished point in a log file (tracking.progress)
-        self.progress = bool(OmegaConf.select(cfg, "callbacks.progress_bar", default=True))
-
-    def points(self) -> list[tuple]:
-        """Every (score, draw, target) of the sweep, in the order they are computed and written."""
-        return [(score, d, t) for score in self.scores for d in score.draws(self.random_draws) for t in self.targets]
-
-    def needs(self, what: str) -> list:
-        """The scores (the hybrid's count source included) that need ``what`` (axes, calibration)."""
-        extra = [self.hybrid_counts_from] if self.allocation == "hybrid" else []
-        return [s for s in self.scores + extra if what in s.needs]

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from axes_pipeline.config import to_container
+from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import AXES, FAMILIES
-from axes_pipeline.pruning.settings import PruneSettings
 from axes_pipeline.runs import atomic_path, json_default
 from axes_pipeline.stats import grid_aucs
 

@@ -20,11 +20,12 @@ import torch
 
 from axes_pipeline.pruning.allocation import group_scores, keep_masks, make_allocation, match_flops, nominal_fraction
 from axes_pipeline.pruning.evaluate import evaluate_splits, finetune, latency
+from axes_pipeline.pruning.export import model_spec, save_pruned
 from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
 from axes_pipeline.pruning.groups import GroupSet, prune_physically
 from axes_pipeline.pruning.points import ScoreCache, point_label, read_point
+from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import Score
-from axes_pipeline.pruning.settings import PruneSettings
 from axes_pipeline.runs import write_json
 
 log = logging.getLogger("axes_pipeline")
@@ -160,8 +161,6 @@ def _latency(pruned, sweep: Sweep) -> dict:
 
 
 def _export(pruned, history, sweep: Sweep, score: Score, draw: int, target: float, achieved: float) -> Path:
-    from axes_pipeline.pruning.export import model_spec, save_pruned
-
     s = sweep.settings
     path = sweep.out / "models" / f"{point_label(score, draw)}_{target:g}.pt"
     save_pruned(path, model_spec(s.cfg.model, sweep.dm.num_classes), sweep.example.shape, history, pruned,

@@ -14,11 +14,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.config import check_positive, run_dir, to_container
+from axes_pipeline.data import build_datamodule as _build
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import fingerprint, no_space_is_one_line, read_json, run_fingerprint, settings_diff, write_json
+from axes_pipeline.tracking import tracking
 from axes_pipeline.training.checkpoints import load_into, read_checkpoint
 from axes_pipeline.training.module import ClassifierModule
 from axes_pipeline.training.optim import optimizer_factory, optimizer_target
+from axes_pipeline.wiring import instantiate_all
 
 log = logging.getLogger("axes_pipeline")
 
@@ -30,8 +33,6 @@ def instantiate_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
 
 
 def build_datamodule(cfg: DictConfig):
-    from axes_pipeline.data import build_datamodule as _build
-
     return _build(cfg.data)
 
 
@@ -230,8 +231,6 @@ def run_training(cfg: DictConfig) -> dict:
 
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
-    from axes_pipeline.tracking import tracking
-    from axes_pipeline.wiring import instantiate_all
 
     throughput = Throughput()
     # Throughput and EpochRNG are no options: the summary reads one, a resume needs the other.

@@ -1,14 +1,15 @@
 """The two axes of every channel of every conv layer (METHODS §1-§5), as tables.
 
-``layer_analysis`` turns one layer's captured samples into its per-channel row block and its
-per-layer summary; ``analyze_capture`` runs it over all layers; ``load_or_compute_axes`` is what
-later stages (lesions, pruning) call: the cached ``axes.csv`` when it matches, else capture+compute.
+``layer_analysis`` turns one layer's captured moments into its per-channel row block and its
+per-layer summary; ``analyze_capture`` runs it over all layers; ``axes_step`` is the one axes step
+(the cached ``axes.csv`` when it matches, else capture+compute+write): analyze.py runs it with its
+plots, and ``load_or_compute_axes`` is what the stages that only read the table (pruning) call.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from axes_pipeline.analyses.alignment import layer_alignment
-from axes_pipeline.analyses.graphs import compare_groupings
+from axes_pipeline.axes.alignment import layer_alignment
+from axes_pipeline.axes.graphs import compare_groupings
+from axes_pipeline.axes.settings import NOT_IN_IDENTITY, CaptureConfig, MetricsConfig
 from axes_pipeline.capture import (
     POSITIONS,
     Capture,
@@ -30,7 +32,6 @@ from axes_pipeline.capture import (
 from axes_pipeline.devices import resolve_device
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics import (
-    covariance,
     pairwise_overlap_from_moments,
     pairwise_target_excess_from_moments,
     triplet_ratio_from_moments,
@@ -43,7 +44,10 @@ from axes_pipeline.tracking import progress as units_progress
 
 log = logging.getLogger("axes_pipeline")
 
-METRIC_KNOBS = ("sigma0", "hull_eps", "hull_max", "hull_order", "ridge", "pool", "top", "peers")
+#: the metric knobs passed to channel_axes (every MetricsConfig field but the dtype of the solve)
+METRIC_KNOBS = tuple(f.name for f in fields(MetricsConfig) if f.name != "dtype")
+#: the capture knobs that change what is captured, read from their schema
+CAPTURE_KNOBS = tuple(f.name for f in fields(CaptureConfig) if f.name not in NOT_IN_IDENTITY)
 
 # Schemas of the two tables (tables.Schema), checked whenever they are read. The per-channel
 # columns that are defined for every channel must be finite: a NaN there would silently change
@@ -111,25 +115,19 @@ class LayerResult:
     s: np.ndarray | None = None
 
 
-def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: torch.Tensor | None, unit, *,
-                   knobs: dict, dtype: torch.dtype, device: torch.device, graphs: dict | None, patches=None,
-                   gradients: dict | None = None, seed: int = 0, keep_matrices: bool = False,
-                   cov: torch.Tensor | None = None, grad_cos: dict | None = None,
-                   n_samples: int | None = None) -> LayerResult:
-    """Both axes, alignment, groupings, S3/S2 and gradient cosines of one layer.
-
-    From the samples (``acts``, ``target``) or, in the lean form, from their covariance ``cov``
-    ``[C+1, C+1]`` (:attr:`Capture.moments`) and the capture's gradient cosines ``grad_cos``."""
-    if cov is None:
-        cov = covariance(acts.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype))
-    else:
-        cov = cov.to(device=device, dtype=dtype)
+def layer_analysis(name: str, index: int, cov: torch.Tensor, unit, *, knobs: dict, dtype: torch.dtype,
+                   device: torch.device, graphs: dict | None, n_samples: int, gradients: dict | None = None,
+                   seed: int = 0, keep_matrices: bool = False, grad_cos: dict | None = None) -> LayerResult:
+    """Both axes, alignment, groupings, S3/S2 and gradient cosines of one layer, from the covariance
+    ``cov`` ``[C+1, C+1]`` of its channels and the target (:attr:`Capture.moments`) and the capture's
+    gradient cosines ``grad_cos``. (From raw samples: ``tests/reference/samples.py``.)"""
+    cov = cov.to(device=device, dtype=dtype)
     arr = {k: v.cpu().numpy() for k, v in channel_axes_by_peers(cov, unit, **knobs).items()}   # metrics.peers
     C = cov.shape[0] - 1
     rows = {"layer": [name] * C, "layer_index": [index] * C, "channel": np.arange(C), **arr, **filter_stats(unit)}
     alive = ~arr["dead"]
     summary = {"layer": name, "layer_index": index, "channels": C,
-               "n_samples": int(acts.shape[0] if n_samples is None else n_samples), "dead": int(arr["dead"].sum()),
+               "n_samples": int(n_samples), "dead": int(arr["dead"].sum()),
                **layer_alignment(arr),
                "hull_size_mean": float(arr["hull_size"][alive].mean()) if alive.any() else 0.0,
                "hull_saturated_frac": float(arr["hull_saturated"][alive].mean()) if alive.any() else 0.0}
@@ -150,8 +148,6 @@ def layer_analysis(name: str, index: int, acts: torch.Tensor | None, target: tor
         summary.update(g)
         if keep_matrices:
             result.r_x, result.s = r_x, s
-    if grad_cos is None and patches is not None:
-        grad_cos = patches.cosines(unit.weight)
     if grad_cos is not None and gradients is not None:
         # whitened: the ≈ 0 check, where Σ_X was kept
         for key in (k for k in ("cos_euclid", "cos_whitened") if k in grad_cos):
@@ -170,9 +166,8 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
     results = {}
     for i, name in enumerate(units_progress(capture.layers, "axes", enabled=progress, label=str)):
         results[name] = layer_analysis(
-            name, index[name] if index else i, None, None, units[name], knobs=metric_knobs(cfg), dtype=dtype,
-            device=device, graphs=graphs, patches=capture.patches.get(name), gradients=grads,
-            seed=int(cfg.capture.seed), keep_matrices=keep_matrices, cov=capture.cov(name),
+            name, index[name] if index else i, capture.cov(name), units[name], knobs=metric_knobs(cfg), dtype=dtype,
+            device=device, graphs=graphs, gradients=grads, seed=int(cfg.capture.seed), keep_matrices=keep_matrices,
             grad_cos=capture.gradients.get(name), n_samples=capture.n_samples(name))
     axes_df = pd.concat([r.rows for r in results.values()], ignore_index=True)
     axes_df["capture_point"] = axes_df["layer"].map({n: capture_point(units[n], str(cfg.capture.point)) for n in results})
@@ -180,15 +175,17 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
     return axes_df, layers_df, results
 
 
+def capture_knobs(cfg: DictConfig, without: tuple[str, ...] = ()) -> dict:
+    """``{"capture.<knob>": value}`` of the :data:`CAPTURE_KNOBS` (plain values), less ``without``."""
+    c = OmegaConf.to_container(cfg.capture, resolve=True)
+    return {f"capture.{k}": c[k] for k in CAPTURE_KNOBS if k not in without}
+
+
 def capture_settings(cfg: DictConfig) -> dict:
     """The capture knobs that change what is captured; with the data identity and the checkpoint's
     content digest (:func:`capture_identity`) they key the cache. Metric knobs are not in it."""
     c = cfg.capture
-    return {"capture.n_cal": int(c.n_cal), "capture.transform": c.transform, "capture.point": c.point,
-            "capture.spatial": c.spatial, "capture.samples_per_image": int(c.samples_per_image),
-            "capture.target": c.target, "capture.seed": int(c.seed),
-            "capture.layers": None if c.layers is None else list(c.layers),
-            "gradients": bool(cfg.gradients.enabled) and c.point == "pre_bn",
+    return {**capture_knobs(cfg), "gradients": bool(cfg.gradients.enabled) and c.point == "pre_bn",
             "gradients.max_patch_dim": int(cfg.gradients.max_patch_dim),
             "gradients.sigma_rows": int(cfg.gradients.sigma_rows), "capture.positions": POSITIONS}
 
@@ -284,10 +281,45 @@ def stored_axes(out_dir: Path, want: dict, units: dict) -> tuple[pd.DataFrame, p
         return None
 
 
+@dataclass
+class AxesStep:
+    """What the axes step returns: the two tables, the capture (None when the tables were read back
+    without capturing) and the per-layer results (None when read back)."""
+
+    axes: pd.DataFrame
+    layers: pd.DataFrame
+    capture: Capture | None = None
+    results: dict | None = None
+
+    @property
+    def reused(self) -> bool:
+        return self.results is None
+
+
+def axes_step(cfg: DictConfig, trained, units: dict, device: torch.device, out_dir: Path, *, reuse: bool = True,
+              need_capture: bool = False, keep_matrices: bool = False, progress: bool = True) -> AxesStep:
+    """The axes step, the one code that produces ``axes.csv``: the stored tables when they were computed with
+    these settings and are sound (and ``reuse``), otherwise captured (or the cached capture), computed and
+    written. ``need_capture``: capture (or read the cached capture) even when the tables are reused, for the
+    analyses that read it. ``cfg.capture.n_cal`` must already be fitted (:func:`fitted_n_cal`)."""
+    capture = (get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
+               if need_capture else None)
+    want = axes_fingerprint(cfg, trained.ckpt)
+    stored = stored_axes(out_dir, want, units) if reuse else None
+    if stored is not None:
+        return AxesStep(*stored, capture=capture)
+    if capture is None:
+        log.info("computing the two axes for %s (no matching analyze/axes.csv)", trained.run_dir)
+        capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
+    axes_df, layers_df, results = analyze_capture(capture, units, cfg, device, keep_matrices=keep_matrices,
+                                                  progress=progress, index=depth_index(trained.model))
+    write_axes(out_dir, axes_df, layers_df, want)
+    return AxesStep(axes_df, layers_df, capture=capture, results=results)
+
+
 def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.DataFrame:
     """The per-channel axes table of a trained run: the cached ``analyze/axes.csv`` when it was
     computed with these settings and is sound, otherwise captured and computed now (and cached)."""
-    out_dir = Path(trained.run_dir) / "analyze"
     # first: it fits capture.n_cal to the split, and the fingerprint must hold the fitted number
     # (as analyze.py's does), or prune and analyze would keep replacing each other's axes.csv
     n_cal = fitted_n_cal(cfg, trained.datamodule)
@@ -295,17 +327,9 @@ def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.
         log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
                  cfg.capture.n_cal, cfg.data.name, n_cal)
         cfg.capture.n_cal = n_cal
-    want = axes_fingerprint(cfg, trained.ckpt)
     units = select_units(trained.model, cfg.capture.layers)
-    found = stored_axes(out_dir, want, units)
-    if found is not None:
-        return found[0]
-    log.info("computing the two axes for %s (no matching analyze/axes.csv)", trained.run_dir)
     device = resolve_device(cfg.get("device", "auto"))
-    capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
-    axes_df, layers_df, _ = analyze_capture(capture, units, cfg, device, progress=progress, index=depth_index(trained.model))
-    write_axes(out_dir, axes_df, layers_df, want)
-    return axes_df
+    return axes_step(cfg, trained, units, device, Path(trained.run_dir) / "analyze", progress=progress).axes
 
 
 def write_axes(out_dir: Path, axes_df: pd.DataFrame, layers_df: pd.DataFrame, fingerprint: dict) -> None:

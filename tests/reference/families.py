@@ -7,7 +7,8 @@ images, what ``analyze.py`` and ``prune.py`` run on a trained network: capture �
 every analysable conv → lesions (a few channels of three layers) → propagation → a FLOPs-matched
 prune of one score at three targets, checked by fvcore, and a forward of each pruned network.
 Each stage either works or records the one-line reason it refused (never a silent skip).
-``tests/test_families.py`` asserts on its result; ``benchmarks/bench_families.py`` tabulates it.
+``tests/test_families.py`` asserts on its result; ``benchmarks/bench_families.py`` tabulates it
+(a test harness: it lives here, not in the package, because it drives analyses and pruning together).
 """
 
 from __future__ import annotations
@@ -17,8 +18,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from axes_pipeline.analyses.lesion_engine import trace
+from axes_pipeline.analyses.lesions import lesion_layer
+from axes_pipeline.analyses.propagation import link_report, propagation_table
+from axes_pipeline.axes.settings import AxesKnobs
+from axes_pipeline.axes.table import analyze_capture
+from axes_pipeline.capture import capture_activations
 from axes_pipeline.errors import UserError
+from axes_pipeline.models import build_model, capture_point, conv_layers, conv_norm_pairs
+from axes_pipeline.pruning import (
+    CostModel,
+    ScoreContext,
+    build_groups,
+    fvcore_macs,
+    group_scores,
+    keep_masks,
+    make_allocation,
+    match_flops,
+    prune_physically,
+    resolve_score,
+)
 
 __all__ = ["REPRESENTATIVES", "FamilyResult", "check_family"]
 
@@ -69,12 +90,8 @@ class FamilyResult:
 
 
 def _axes_cfg():
-    """The analysis knobs at their defaults (:class:`~axes_pipeline.analyses.settings.AxesKnobs`),
+    """The analysis knobs at their defaults (:class:`~axes_pipeline.axes.settings.AxesKnobs`),
     without plots' graphs."""
-    from omegaconf import OmegaConf
-
-    from axes_pipeline.analyses.settings import AxesKnobs
-
     cfg = OmegaConf.structured(AxesKnobs)
     cfg.graphs.edge_fraction = 0      # community graphs are a plot aid, not an axis
     cfg.gradients.enabled = False
@@ -87,25 +104,6 @@ def check_family(arch: str, width: float, side: int, *, score: str = "task_info"
     """Run the analysis and pruning stages on torchvision ``arch`` (random weights, random
     images of ``side``²); see the module docstring. A network the pruning stage refuses has
     ``prune_error`` set to its one-line :class:`UserError`."""
-    from axes_pipeline.analyses.axes_table import analyze_capture
-    from axes_pipeline.analyses.lesion_engine import trace
-    from axes_pipeline.analyses.lesions import lesion_layer
-    from axes_pipeline.analyses.propagation import link_report, propagation_table
-    from axes_pipeline.capture import capture_activations
-    from axes_pipeline.models import build_model, capture_point, conv_layers, conv_norm_pairs
-    from axes_pipeline.pruning import (
-        CostModel,
-        ScoreContext,
-        build_groups,
-        fvcore_macs,
-        group_scores,
-        keep_masks,
-        make_allocation,
-        match_flops,
-        prune_physically,
-        resolve_score,
-    )
-
     torch.manual_seed(seed)
     res = FamilyResult(arch)
     model = build_model(f"tv_{arch}", 10, width=width).eval()
@@ -118,7 +116,7 @@ def check_family(arch: str, width: float, side: int, *, score: str = "task_info"
     res.layers = len(units)
     res.linear_units = sum(u.channels_last for u in units.values())
     cfg = _axes_cfg()
-    cap = capture_activations(model, units, data, samples_per_image=4, seed=seed, progress=False)
+    cap = capture_activations(model, units, data, samples_per_image=4, seed=seed, progress=False, keep_samples=True)
     axes, _, _ = analyze_capture(cap, units, cfg, torch.device("cpu"), progress=False)
     res.analysed = int(axes.groupby("layer").size().reindex(list(units)).eq(
         [u.out_channels for u in units.values()]).sum())

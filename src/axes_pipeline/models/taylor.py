@@ -1,5 +1,6 @@
 """Taylor importance of conv filters: Σ|w·∂L/∂w| (Molchanov et al.), the `taylor` pruning score
-(prune.py); the lesion predictors (analyze.py) read the same function, so both rank filters the same way."""
+(prune.py) and a lesion predictor (analyze.py). It lives here, below both analyses and pruning, so
+both import the one function and rank filters the same way."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from axes_pipeline.pruning.evaluate import eval_mode
+from axes_pipeline.models.modes import eval_mode
 
 
 def taylor_scores(model: nn.Module, convs: dict[str, nn.Module], batches, device="cpu") -> dict[str, np.ndarray]:
