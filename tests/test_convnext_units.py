@@ -97,7 +97,7 @@ def test_linear_capture_equals_the_1x1_conv_oracle():
     for key, model, units in (("lin", lin, ul), ("conv", conv, uc)):
         for point in ("pre_bn", "post_act"):
             caps[key, point] = capture_activations(model, units, data, point=point, samples_per_image=4,
-                                                   patch_moments=True, progress=False)
+                                                   patch_moments=True, progress=False, keep_samples=True)
     for point in ("pre_bn", "post_act"):
         for layer in ("pw1", "pw2"):
             a, b = caps["lin", point].acts[layer], caps["conv", point].acts[layer]
@@ -151,8 +151,8 @@ def test_channels_last_hook_is_not_fooled_by_a_square_map():
     lin = _Block(conv=False, c=6, hidden=6).eval()
     conv = lin.copy_to_conv()
     data = [(torch.randn(4, 6, 6, 6), torch.randint(0, 3, (4,)))]
-    a = capture_activations(lin, conv_norm_pairs(lin), data, samples_per_image=4, progress=False).acts["pw1"]
-    b = capture_activations(conv, conv_norm_pairs(conv), data, samples_per_image=4, progress=False).acts["pw1"]
+    a = capture_activations(lin, conv_norm_pairs(lin), data, samples_per_image=4, progress=False, keep_samples=True).acts["pw1"]
+    b = capture_activations(conv, conv_norm_pairs(conv), data, samples_per_image=4, progress=False, keep_samples=True).acts["pw1"]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
