@@ -52,9 +52,11 @@ def _train_tiny(root: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, worker_id) -> tuple[Path, list[str]]:
+def tiny_run(tmp_path_factory) -> tuple[Path, list[str]]:
     """(output_root, overrides) of a trained tiny digits run, shared by the analysis/pruning tests
     (trained once per session; each xdist worker writes into a copy of its own)."""
+    # xdist's worker_id fixture does not exist without xdist (`-p no:xdist`): its variable says the same
+    worker_id = os.environ.get("PYTEST_XDIST_WORKER", "master")
     return built_once(tmp_path_factory, worker_id, "tiny", _train_tiny), list(TINY)
 
 
