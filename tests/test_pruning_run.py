@@ -289,7 +289,9 @@ def test_axes_scores_compute_the_analysis_on_demand(run):
     cfg = _cfg(run, "pruning.scores=[input_capture]", "pruning.targets=[0.7]", "capture.n_cal=200",
                "capture.samples_per_image=4", "gradients.enabled=false", "graphs.null_shuffles=0")
     summary = run_prune(cfg)
-    assert (Path(cfg.paths.run_dir) / "analyze" / "axes.csv").is_file()     # computed and cached
+    # computed and cached in prune's own place: analyze's folder is analyze.py's (tables, plots, summary together)
+    assert (_prune_dir(cfg) / "axes" / "axes.csv").is_file() and summary["axes_from"] == str(_prune_dir(cfg) / "axes")
+    assert not (Path(cfg.paths.run_dir) / "analyze" / "axes.csv").exists()
     assert summary["scores"]["input_capture"]["points"] == 1
 
 

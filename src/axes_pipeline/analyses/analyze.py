@@ -2,7 +2,8 @@
 
 The axes of every channel are always computed first (or read from the cache) because every other
 analysis uses them; then each selected analysis (``analysis=lesion``, ``[axes,propagation]``,
-``all``...) runs on the same restored model and captured samples. Outputs: ``<run_dir>/analyze/``.
+``all``...) runs on the same restored model and captured samples. Outputs: ``<run_dir>/analyze/``
+(``<run_dir>/analyze@<ckpt stem>/`` for another checkpoint than the run's best.ckpt, else last.ckpt).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from axes_pipeline.analyses.axes_table import (
 from axes_pipeline.analyses.registry import ANALYSES
 from axes_pipeline.config import run_dir, to_container
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import read_json, write_json
+from axes_pipeline.runs import file_digest, read_json, write_json
 from axes_pipeline.tracking import StageTracker, cfg_artifact_name, log_axes
 
 log = logging.getLogger("axes_pipeline")
@@ -87,12 +88,13 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
     cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
     ctx.capture = capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out, ctx.units, ctx.device)
     want = axes_fingerprint(cfg, trained.ckpt)
-    plots_there = not cfg.plots or all((out / "plots" / f"{p}.png").is_file() for p in AXES_PLOTS)
+    plots_there = not cfg.plots or plots_current(out, want)
     recompute = bool(OmegaConf.select(cfg, "analysis.axes.recompute", default=False))
     stored = None if recompute else stored_axes(out, want, ctx.units)
     if stored is not None and (plots_there or not requested):
         ctx.axes, ctx.layers = stored
-        headline = {**axes_headline(ctx.layers), "calibration_accuracy": capture.accuracy, "reused": True}
+        headline = {**axes_headline(ctx.layers), "calibration_accuracy": capture.accuracy, "reused": True,
+                    "fingerprint": want}
         if requested:   # this stage's tracker run still gets the tables and figures
             ctx.tracker.table("analyze/layers", ctx.layers)
             ctx.tracker.table("analyze/axes", ctx.axes)
@@ -105,7 +107,9 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
                                                   index=depth_index(trained.model))
     write_axes(out, axes_df, layers_df, want)
     ctx.axes, ctx.layers = axes_df, layers_df
-    headline = {**axes_headline(layers_df), "calibration_accuracy": capture.accuracy}
+    # the summary's axes part carries the table's fingerprint (it is rewritten with the table, below)
+    headline = {**axes_headline(layers_df), "calibration_accuracy": capture.accuracy, "fingerprint": want}
+    drop_axes_plots(out)   # plots of the old table never sit beside the new one, drawn or not
     if cfg.plots:
         figs = [plots.scatter_ix_it(axes_df, out / "plots" / "scatter_ix_it.png"),
                 plots.depth_profile(layers_df, out / "plots" / "depth_profile.png")]
@@ -115,11 +119,31 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
             mats = {n: (results[n].r_x, results[n].s, axes_df.loc[axes_df.layer == n, "community_r"].to_numpy()
                         [: results[n].r_x.shape[0]]) for n in pick}
             figs.append(plots.communities(mats, out / "plots" / "communities.png"))
+        write_json(out / "plots" / PLOTS_FINGERPRINT, want)
         for f in figs:
             ctx.tracker.image(f"analyze/{f.stem}", f)
     ctx.tracker.table("analyze/layers", layers_df)
     ctx.tracker.table("analyze/axes", axes_df)
     return headline
+
+
+PLOTS_FINGERPRINT = "fingerprint.json"   # in plots/: the axes fingerprint the axes plots were drawn from
+
+
+def plots_current(out: Path, want: dict) -> bool:
+    """The axes plots exist and were drawn from a table with fingerprint ``want``."""
+    try:
+        drawn = read_json(out / "plots" / PLOTS_FINGERPRINT)
+    except (OSError, ValueError):   # none (drawn before plots recorded it) or unreadable: redraw
+        return False
+    return drawn == want and all((out / "plots" / f"{p}.png").is_file() for p in AXES_PLOTS)
+
+
+def drop_axes_plots(out: Path) -> None:
+    """Remove the axes plots and their fingerprint: the table they were drawn from is being replaced."""
+    (out / "plots" / PLOTS_FINGERPRINT).unlink(missing_ok=True)
+    for name in (*AXES_PLOTS, "communities"):
+        (out / "plots" / f"{name}.png").unlink(missing_ok=True)
 
 
 def axes_headline(layers_df: pd.DataFrame) -> dict:
@@ -142,7 +166,8 @@ def run_analysis(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     needs_run = "axes" in chosen or any(ANALYSES[name].needs_run for name in chosen if name != "axes")
     trained = restore_trained(cfg) if needs_run else None
-    out = (trained.run_dir if trained is not None else run_dir(cfg)) / "analyze"
+    # another checkpoint than the run's default writes to analyze@<stem>/ (restore.Trained.stage_dir)
+    out = trained.stage_dir("analyze") if trained is not None else run_dir(cfg) / "analyze"
     ctx = Context(cfg=cfg, out=out, tracker=None, device=device, trained=trained)
     if trained is not None:
         check_capture_size(cfg, trained.datamodule)
@@ -151,7 +176,8 @@ def run_analysis(cfg: DictConfig) -> dict:
             if name in ANALYSES and ANALYSES[name].check is not None:
                 ANALYSES[name].check(ctx)
     ctx.tracker = StageTracker(cfg, "analyze", out)
-    summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None, "analyses": chosen}
+    summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None, "analyses": chosen,
+                     "checkpoint_digest": file_digest(trained.ckpt) if trained else None}
     try:
         if trained is not None:
             ctx.tracker.use_artifact("checkpoint", cfg_artifact_name("checkpoint", cfg), [trained.ckpt])

@@ -289,7 +289,7 @@ def stored_axes(out_dir: Path, want: dict, units: dict) -> tuple[pd.DataFrame, p
 def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.DataFrame:
     """The per-channel axes table of a trained run: the cached ``analyze/axes.csv`` when it was
     computed with these settings and is sound, otherwise captured and computed now (and cached)."""
-    out_dir = Path(trained.run_dir) / "analyze"
+    out_dir = analyze_dir(trained)
     # first: it fits capture.n_cal to the split, and the fingerprint must hold the fitted number
     # (as analyze.py's does), or prune and analyze would keep replacing each other's axes.csv
     check_capture_size(cfg, trained.datamodule)
@@ -299,11 +299,38 @@ def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.
     if found is not None:
         return found[0]
     log.info("computing the two axes for %s (no matching analyze/axes.csv)", trained.run_dir)
+    return compute_axes(cfg, trained, units, out_dir, want, progress)
+
+
+def compute_axes(cfg: DictConfig, trained, units: dict, out_dir: Path, want: dict, progress: bool = True) -> pd.DataFrame:
+    """Capture (or reuse the capture cache in ``out_dir``), compute the axes and write them with fingerprint ``want``."""
     device = resolve_device(cfg.get("device", "auto"))
     capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
     axes_df, layers_df, _ = analyze_capture(capture, units, cfg, device, progress=progress, index=depth_index(trained.model))
     write_axes(out_dir, axes_df, layers_df, want)
     return axes_df
+
+
+def analyze_dir(trained) -> Path:
+    """analyze.py's folder for this checkpoint (``analyze/``, or ``analyze@<stem>/`` for a non-default one)."""
+    stage_dir = getattr(trained, "stage_dir", None)
+    return stage_dir("analyze") if stage_dir is not None else Path(trained.run_dir) / "analyze"
+
+
+def stage_axes(cfg: DictConfig, trained, own_dir: Path, progress: bool = True) -> tuple[pd.DataFrame, Path, dict]:
+    """The axes table a later stage (prune) reads, with the folder it came from and its fingerprint:
+    analyze.py's table when it was computed under these settings, else the stage's own one in ``own_dir``
+    (e.g. ``prune/axes/``), computed there now if needed. analyze.py's table, plots and summary are never
+    rewritten under other settings by another stage: they describe each other."""
+    check_capture_size(cfg, trained.datamodule)   # first: the fingerprint holds the fitted n_cal
+    want = axes_fingerprint(cfg, trained.ckpt)
+    units = select_units(trained.model, cfg.capture.layers)
+    for folder in (analyze_dir(trained), Path(own_dir)):
+        found = stored_axes(folder, want, units)
+        if found is not None:
+            return found[0], folder, want
+    log.info("computing the two axes into %s (analyze's table was computed with other settings, or is absent)", own_dir)
+    return compute_axes(cfg, trained, units, Path(own_dir), want, progress), Path(own_dir), want
 
 
 def write_axes(out_dir: Path, axes_df: pd.DataFrame, layers_df: pd.DataFrame, fingerprint: dict) -> None:

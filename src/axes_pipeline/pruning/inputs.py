@@ -51,14 +51,19 @@ def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
     def load():
         from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-        cached = Path(trained.run_dir) / "analyze" / "axes.csv"
+        analyzed = trained.stage_dir("analyze") if hasattr(trained, "stage_dir") else Path(trained.run_dir) / "analyze"
+        cached = analyzed / "axes.csv"
+        load.source.update(folder=analyzed, fingerprint=None)
         try:
-            from axes_pipeline.analyses.axes_table import load_or_compute_axes
+            from axes_pipeline.analyses.axes_table import stage_axes
         except ImportError:
             pass
         else:
             try:
-                return checked(load_or_compute_axes(cfg, trained), cached)
+                own = (trained.stage_dir("prune") if hasattr(trained, "stage_dir") else Path(trained.run_dir) / "prune")
+                table, folder, fp = stage_axes(cfg, trained, own / "axes")
+                load.source.update(folder=folder, fingerprint=fp)
+                return checked(table, folder / "axes.csv")
             except (ConfigAttributeError, ConfigKeyError, KeyError, AttributeError) as err:
                 if not cached.is_file():
                     raise UserError(f"scores {', '.join(names)} need the analysis results, which do not exist "
@@ -68,6 +73,8 @@ def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
             return checked(read_table(cached, Schema("axes.csv", {"layer": "str"}), rebuild=rebuild), cached)
         raise UserError(f"scores {', '.join(names)} need the analysis results ({cached}), which do not "
                         f"exist; run `{_analyze_hint(cfg)}` first")
+    # where the table came from (analyze's folder, or prune's own prune/axes/) and its fingerprint, once loaded
+    load.source = {}
     return load
 
 

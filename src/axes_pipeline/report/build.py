@@ -34,9 +34,11 @@ from axes_pipeline.report import figures, tables
 from axes_pipeline.report.collect import (
     discover,
     group_runs,
+    provenance_notices,
     require_runs,
     resolve_roots,
     skipped_inputs,
+    split_by_axes,
     split_by_pruning,
 )
 from axes_pipeline.runs import write_csv, write_json, write_text
@@ -98,14 +100,15 @@ def run_report(cfg: DictConfig) -> dict:
     require_runs(runs, roots)
     groups, notices = group_runs(runs)
     prune_groups, prune_notices = split_by_pruning(groups)
-    notices = notices + prune_notices
+    axes_groups, axes_notices = split_by_axes(groups)   # the analysis tables pool only equal fingerprints
+    notices = notices + prune_notices + axes_notices + provenance_notices(groups)
     out = report_dir(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Built in a temporary folder next to the final one and moved in only when complete: a report
     # that fails half way leaves the previous one as it was.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        summary, t, figs = _build(cfg, tmp, roots, runs, groups, prune_groups, notices, skipped, t0)
+        summary, t, figs = _build(cfg, tmp, roots, runs, groups, prune_groups, notices, skipped, t0, axes_groups)
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,9 +132,12 @@ def run_report(cfg: DictConfig) -> dict:
     return summary
 
 
-def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, t0) -> tuple[dict, dict, dict]:
-    """Every table, figure and page of the report, written under ``out`` (the temporary folder)."""
+def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, t0,
+           axes_groups=None) -> tuple[dict, dict, dict]:
+    """Every table, figure and page of the report, written under ``out`` (the temporary folder).
+    ``prune_groups`` / ``axes_groups``: ``groups`` split where seeds were pruned / analysed differently."""
     rc, accuracy = cfg.report, cfg.report.accuracy
+    axes_groups = groups if axes_groups is None else axes_groups
     t = {
         "runs": tables.runs_table(groups),
         "flops_auc": tables.auc_table(per_seed := tables.auc_per_seed(prune_groups, accuracy)),
@@ -139,10 +145,10 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
         "accuracy_by_target": tables.accuracy_by_target(prune_groups, accuracy),
         "headline": tables.headline(per_seed, min_n=int(rc.min_seeds), n_boot=int(rc.n_boot), method=rc.test,
                                     seed=int(rc.seed), ci=rc.ci),
-        "layers": _with_counts(tables.layers_table(groups), groups),
-        "reference": tables.reference_table(groups),
-        "lesions": tables.scalar_summary(groups, "analyze/lesion_summary.json"),
-        "propagation": tables.propagation_table(groups),
+        "layers": _with_counts(tables.layers_table(axes_groups), axes_groups),
+        "reference": tables.reference_table(axes_groups),
+        "lesions": tables.scalar_summary(axes_groups, "analyze/lesion_summary.json"),
+        "propagation": tables.propagation_table(axes_groups),
     }
     for name, df in t.items():
         if df is not None and not df.empty:
