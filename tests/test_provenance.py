@@ -113,8 +113,8 @@ def test_another_split_is_refused(tiny_run, stage):
 def test_another_split_cli_one_line_before_any_work(tiny_run):
     root, overrides = tiny_run
     run = Path(make_cfg("prune", overrides, root).paths.run_dir)
-    def results():   # what the stages wrote (Hydra's own .hydra/ and <stage>.log aside)
-        return sorted(p.name for p in run.iterdir() if p.name != ".hydra" and p.suffix != ".log")
+    def results():   # what the stages wrote (Hydra's own .hydra/, <stage>.log and the failure marker aside)
+        return sorted(p.name for p in run.iterdir() if p.name != ".hydra" and p.suffix not in (".log", ".failed"))
 
     before = results()
     res = run_entry("prune.py", *overrides, "data.split_seed=3", "pruning.latency=false", cwd=root)

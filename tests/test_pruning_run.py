@@ -326,7 +326,7 @@ def test_nan_from_the_analysis_stage_is_caught_too(run, monkeypatch):
     cfg = _cfg(run, "pruning.scores=[input_capture]", "pruning.targets=[0.8,0.6]")
     table = pd.read_csv(_write_fake_axes(cfg))
     table.loc[0, "input_capture"] = np.nan
-    monkeypatch.setattr(axes_table, "load_or_compute_axes", lambda *a, **k: table)
+    monkeypatch.setattr(axes_table, "stage_axes", lambda c, trained, own, *a, **k: (table, Path(own), {}))
     with pytest.raises(UserError, match="input_capture holds 1 NaN"):
         run_prune(cfg)
 

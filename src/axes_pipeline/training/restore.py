@@ -131,11 +131,13 @@ def restore_trained(cfg: DictConfig, ckpt: Path | None = None) -> Trained:
     """Datamodule + backbone with the run's weights (eval mode, CPU); checks meta matches."""
     out, found = locate_run(cfg)
     ckpt = Path(ckpt) if ckpt is not None else found
-    owner = ckpt.resolve().parent.parent if ckpt.resolve().parent.name == "checkpoints" else out
-    check_data_identity(cfg, owner)
     dm = build_datamodule(cfg)
     dm.check()
     model = architecture(cfg, dm.num_classes)
     meta = load_into(model, ckpt, expect=expected_meta(cfg, dm.num_classes))
+    # after the checkpoint's own meta check (which names another dataset or image size more plainly), before
+    # any stage work: the split and every other data identity key must be the ones the run was trained on
+    owner = ckpt.resolve().parent.parent if ckpt.resolve().parent.name == "checkpoints" else out
+    check_data_identity(cfg, owner)
     model.eval()
     return Trained(run_dir=out, ckpt=ckpt, model=model, datamodule=dm, meta=meta, tag=results_tag(out, ckpt))
