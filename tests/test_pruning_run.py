@@ -53,8 +53,11 @@ def _prune_dir(cfg) -> Path:
 def no_axes_module(monkeypatch):
     """The axes step hands back the table the test wrote (``_write_fake_axes``) instead of capturing:
     the scores then read made-up axes, without the seconds of a real capture."""
-    monkeypatch.setattr(prune_inputs, "load_or_compute_axes",
-                        lambda cfg, trained: pd.read_csv(Path(trained.run_dir) / "analyze" / "axes.csv"))
+    def fake(cfg, trained, own, *a, **k):
+        folder = Path(trained.run_dir) / "analyze"
+        return pd.read_csv(folder / "axes.csv"), folder, {}
+
+    monkeypatch.setattr(prune_inputs, "stage_axes", fake)
 
 
 def _write_fake_axes(cfg) -> Path:
@@ -304,10 +307,10 @@ def test_a_failing_axes_step_is_not_replaced_by_a_stale_table(run, monkeypatch):
     cfg = _cfg(run, "pruning.scores=[hull_score]", "pruning.targets=[0.5]")
     _write_fake_axes(cfg)   # a table of unknown settings (no fingerprint)
 
-    def broken(cfg, trained):
+    def broken(cfg, trained, own, *a, **k):
         raise KeyError("capture")
 
-    monkeypatch.setattr(prune_inputs, "load_or_compute_axes", broken)
+    monkeypatch.setattr(prune_inputs, "stage_axes", broken)
     with pytest.raises(KeyError, match="capture"):
         run_prune(cfg)
     assert not (_prune_dir(cfg) / "points").exists()
@@ -317,7 +320,9 @@ def test_axes_scores_compute_the_analysis_on_demand(run):
     cfg = _cfg(run, "pruning.scores=[input_capture]", "pruning.targets=[0.7]", "capture.n_cal=200",
                "capture.samples_per_image=4", "gradients.enabled=false", "graphs.null_shuffles=0")
     summary = run_prune(cfg)
-    assert (Path(cfg.paths.run_dir) / "analyze" / "axes.csv").is_file()     # computed and cached
+    # computed and cached in prune's own place: analyze's folder is analyze.py's (tables, plots, summary together)
+    assert (_prune_dir(cfg) / "axes" / "axes.csv").is_file() and summary["axes_from"] == str(_prune_dir(cfg) / "axes")
+    assert not (Path(cfg.paths.run_dir) / "analyze" / "axes.csv").exists()
     assert summary["scores"]["input_capture"]["points"] == 1
 
 
@@ -351,7 +356,7 @@ def test_nan_from_the_analysis_stage_is_caught_too(run, monkeypatch):
     cfg = _cfg(run, "pruning.scores=[input_capture]", "pruning.targets=[0.8,0.6]")
     table = pd.read_csv(_write_fake_axes(cfg))
     table.loc[0, "input_capture"] = np.nan
-    monkeypatch.setattr(prune_inputs, "load_or_compute_axes", lambda *a, **k: table)
+    monkeypatch.setattr(prune_inputs, "stage_axes", lambda c, trained, own, *a, **k: (table, Path(own), {}))
     with pytest.raises(UserError, match="input_capture holds 1 NaN"):
         run_prune(cfg)
 

@@ -95,16 +95,16 @@ def test_every_key_holds_the_data_identity_and_the_checkpoint_content(tiny_run, 
     assert axes_fingerprint(base, other)["ckpt_digest"] != axes_fingerprint(base, ckpt)["ckpt_digest"]
 
 
-def test_changed_split_seed_does_not_reuse_axes(tiny_run):
+def test_changed_split_seed_is_refused_and_keeps_the_axes(tiny_run):
+    """Another split than the run was trained on is refused (issue 23 item 2), so it never replaces the axes."""
     cfg = _analyze_cfg(tiny_run, "plots=false")
     run_analysis(cfg)
     out = Path(cfg.paths.run_dir) / "analyze"
     stamp = (out / "axes.csv").stat().st_mtime_ns
-    summary = run_analysis(_analyze_cfg(tiny_run, "plots=false", "data.split_seed=7"))
-    assert not summary["axes"].get("reused") and (out / "axes.csv").stat().st_mtime_ns != stamp
-    assert read_json(out / "axes_fingerprint.json")["data.split_seed"] == 7
-    summary = run_analysis(cfg)    # back to the default split: recomputed again, not the split-7 table
-    assert not summary["axes"].get("reused")
+    with pytest.raises(UserError, match=r"data.split_seed: 0 -> 7"):
+        run_analysis(_analyze_cfg(tiny_run, "plots=false", "data.split_seed=7"))
+    assert (out / "axes.csv").stat().st_mtime_ns == stamp
+    assert read_json(out / "axes_fingerprint.json")["data.split_seed"] == 0    # the data identity is in the key
 
 
 def test_capture_cache_checks_its_identity(tmp_path):

@@ -2,7 +2,8 @@
 
 The axes of every channel are always computed first (or read from the cache) because every other
 analysis uses them; then each selected analysis (``analysis=lesion``, ``[axes,propagation]``,
-``all``...) runs on the same restored model and captured samples. Outputs: ``<run_dir>/analyze/``.
+``all``...) runs on the same restored model and captured samples. Outputs: ``<run_dir>/analyze/``
+(``<run_dir>/analyze@<ckpt stem>/`` for another checkpoint than the run's best.ckpt, else last.ckpt).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.registry import ANALYSES, analysis
-from axes_pipeline.axes.table import axes_step, fitted_n_cal, select_units
+from axes_pipeline.axes.table import axes_fingerprint, axes_step, fit_capture_size, select_units
 from axes_pipeline.config import run_dir, to_container
 from axes_pipeline.devices import resolve_device
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import flatten, read_json, write_json
+from axes_pipeline.runs import file_digest, flatten, read_json, write_json
 from axes_pipeline.tracking import StageTracker, cfg_artifact_name, log_axes
 from axes_pipeline.training.restore import restore_trained
 
@@ -73,7 +74,8 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
     ``axes.csv`` computed with these settings (with its plots, if the axes were ``requested``) is read back
     instead: a re-run sweep skips finished work; ``analysis.axes.recompute=true`` forces it."""
     cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
-    plots_there = not cfg.plots or all((out / "plots" / f"{p}.png").is_file() for p in AXES_PLOTS)
+    want = axes_fingerprint(cfg, trained.ckpt)
+    plots_there = not cfg.plots or plots_current(out, want)
     recompute = bool(OmegaConf.select(cfg, "analysis.axes.recompute", default=False))
     # the other analyses read the capture: taken (or read from its cache) even when the tables are reused
     step = axes_step(cfg, trained, ctx.units, ctx.device, out, reuse=not recompute and (plots_there or not requested),
@@ -81,7 +83,8 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
     ctx.capture = capture = step.capture
     ctx.axes, ctx.layers = step.axes, step.layers
     if step.reused:
-        headline = {**axes_headline(ctx.layers), "calibration_accuracy": capture.accuracy, "reused": True}
+        headline = {**axes_headline(ctx.layers), "calibration_accuracy": capture.accuracy, "reused": True,
+                    "fingerprint": want}
         if requested:   # this stage's tracker run still gets the tables and figures
             ctx.tracker.table("analyze/layers", ctx.layers)
             ctx.tracker.table("analyze/axes", ctx.axes)
@@ -91,7 +94,9 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
         log.info("axes: reusing %s (computed with these settings; analysis.axes.recompute=true to redo)", out / "axes.csv")
         return headline
     axes_df, layers_df, results = step.axes, step.layers, step.results
-    headline = {**axes_headline(layers_df), "calibration_accuracy": capture.accuracy}
+    # the summary's axes part carries the table's fingerprint (it is rewritten with the table, below)
+    headline = {**axes_headline(layers_df), "calibration_accuracy": capture.accuracy, "fingerprint": want}
+    drop_axes_plots(out)   # plots of the old table never sit beside the new one, drawn or not
     if cfg.plots:
         figs = [plots.scatter_ix_it(axes_df, out / "plots" / "scatter_ix_it.png"),
                 plots.depth_profile(layers_df, out / "plots" / "depth_profile.png")]
@@ -101,11 +106,31 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
             mats = {n: (results[n].r_x, results[n].s, axes_df.loc[axes_df.layer == n, "community_r"].to_numpy()
                         [: results[n].r_x.shape[0]]) for n in pick}
             figs.append(plots.communities(mats, out / "plots" / "communities.png"))
+        write_json(out / "plots" / PLOTS_FINGERPRINT, want)
         for f in figs:
             ctx.tracker.image(f"analyze/{f.stem}", f)
     ctx.tracker.table("analyze/layers", layers_df)
     ctx.tracker.table("analyze/axes", axes_df)
     return headline
+
+
+PLOTS_FINGERPRINT = "fingerprint.json"   # in plots/: the axes fingerprint the axes plots were drawn from
+
+
+def plots_current(out: Path, want: dict) -> bool:
+    """The axes plots exist and were drawn from a table with fingerprint ``want``."""
+    try:
+        drawn = read_json(out / "plots" / PLOTS_FINGERPRINT)
+    except (OSError, ValueError):   # none (drawn before plots recorded it) or unreadable: redraw
+        return False
+    return drawn == want and all((out / "plots" / f"{p}.png").is_file() for p in AXES_PLOTS)
+
+
+def drop_axes_plots(out: Path) -> None:
+    """Remove the axes plots and their fingerprint: the table they were drawn from is being replaced."""
+    (out / "plots" / PLOTS_FINGERPRINT).unlink(missing_ok=True)
+    for name in (*AXES_PLOTS, "communities"):
+        (out / "plots" / f"{name}.png").unlink(missing_ok=True)
 
 
 def axes_headline(layers_df: pd.DataFrame) -> dict:
@@ -134,20 +159,18 @@ def run_analysis(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     needs_run = any(ANALYSES[name].needs_run for name in chosen)
     trained = restore_trained(cfg) if needs_run else None
-    out = (trained.run_dir if trained is not None else run_dir(cfg)) / "analyze"
+    # another checkpoint than the run's default writes to analyze@<stem>/ (restore.Trained.stage_dir)
+    out = trained.stage_dir("analyze") if trained is not None else run_dir(cfg) / "analyze"
     ctx = Context(cfg=cfg, out=out, tracker=None, device=device, trained=trained)
     if trained is not None:
-        n_cal = fitted_n_cal(cfg, trained.datamodule)   # stored: the fingerprints must hold the images captured
-        if n_cal != cfg.capture.n_cal:
-            log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
-                     cfg.capture.n_cal, cfg.data.name, n_cal)
-            cfg.capture.n_cal = n_cal
+        fit_capture_size(cfg, trained.datamodule)
         ctx.units = select_units(trained.model, cfg.capture.layers)
         for name in chosen:   # each analysis validates its own knobs before the network runs
             if ANALYSES[name].check is not None:
                 ANALYSES[name].check(ctx)
     ctx.tracker = StageTracker(cfg, "analyze", out)
-    summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None, "analyses": chosen}
+    summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None, "analyses": chosen,
+                     "checkpoint_digest": file_digest(trained.ckpt) if trained else None}
     try:
         if trained is not None:
             ctx.tracker.use_artifact("checkpoint", cfg_artifact_name("checkpoint", cfg), [trained.ckpt])

@@ -3,7 +3,7 @@
 ``layer_analysis`` turns one layer's captured moments into its per-channel row block and its
 per-layer summary; ``analyze_capture`` runs it over all layers; ``axes_step`` is the one axes step
 (the cached ``axes.csv`` when it matches, else capture+compute+write): analyze.py runs it with its
-plots, and ``load_or_compute_axes`` is what the stages that only read the table (pruning) call.
+plots, and ``stage_axes`` is what the stages that only read the table (pruning) call.
 """
 
 from __future__ import annotations
@@ -317,19 +317,45 @@ def axes_step(cfg: DictConfig, trained, units: dict, device: torch.device, out_d
     return AxesStep(axes_df, layers_df, capture=capture, results=results)
 
 
-def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.DataFrame:
-    """The per-channel axes table of a trained run: the cached ``analyze/axes.csv`` when it was
-    computed with these settings and is sound, otherwise captured and computed now (and cached)."""
-    # first: it fits capture.n_cal to the split, and the fingerprint must hold the fitted number
-    # (as analyze.py's does), or prune and analyze would keep replacing each other's axes.csv
-    n_cal = fitted_n_cal(cfg, trained.datamodule)
+def fit_capture_size(cfg: DictConfig, datamodule) -> None:
+    """Set ``cfg.capture.n_cal`` to :func:`fitted_n_cal` (said in one log line when it changes), first:
+    every fingerprint must hold the number of images captured, or prune and analyze would keep
+    replacing each other's tables."""
+    n_cal = fitted_n_cal(cfg, datamodule)
     if n_cal != cfg.capture.n_cal:
         log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
                  cfg.capture.n_cal, cfg.data.name, n_cal)
         cfg.capture.n_cal = n_cal
+
+
+def analyze_dir(trained) -> Path:
+    """analyze.py's folder for this checkpoint (``analyze/``, or ``analyze@<stem>/`` for a non-default one)."""
+    return trained.stage_dir("analyze")
+
+
+def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.DataFrame:
+    """The per-channel axes table of a trained run, in analyze.py's folder: the stored table when it
+    was computed with these settings and is sound, otherwise captured and computed now (and stored)."""
+    fit_capture_size(cfg, trained.datamodule)
     units = select_units(trained.model, cfg.capture.layers)
     device = resolve_device(cfg.get("device", "auto"))
-    return axes_step(cfg, trained, units, device, Path(trained.run_dir) / "analyze", progress=progress).axes
+    return axes_step(cfg, trained, units, device, analyze_dir(trained), progress=progress).axes
+
+
+def stage_axes(cfg: DictConfig, trained, own_dir: Path, progress: bool = True) -> tuple[pd.DataFrame, Path, dict]:
+    """The axes table a later stage (prune) reads, with the folder it came from and its fingerprint:
+    analyze.py's table when it was computed under these settings, else the stage's own one in ``own_dir``
+    (e.g. ``prune/axes/``), computed there now if needed. analyze.py's table, plots and summary are never
+    rewritten under other settings by another stage: they describe each other."""
+    fit_capture_size(cfg, trained.datamodule)
+    want = axes_fingerprint(cfg, trained.ckpt)
+    units = select_units(trained.model, cfg.capture.layers)
+    found = stored_axes(analyze_dir(trained), want, units)
+    if found is not None:
+        return found[0], analyze_dir(trained), want
+    device = resolve_device(cfg.get("device", "auto"))
+    step = axes_step(cfg, trained, units, device, Path(own_dir), progress=progress)
+    return step.axes, Path(own_dir), want
 
 
 def write_axes(out_dir: Path, axes_df: pd.DataFrame, layers_df: pd.DataFrame, fingerprint: dict) -> None:

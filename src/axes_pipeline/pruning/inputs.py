@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from axes_pipeline.axes.table import load_or_compute_axes
+from axes_pipeline.axes.table import stage_axes
 from axes_pipeline.models.graph import out_channels
 from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import Score
@@ -34,7 +34,7 @@ def _analyze_hint(cfg: DictConfig) -> str:
 
 def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
     """A loader of the run's checked analysis table: analyze.py's cached one for the same overrides,
-    or computed now with them (:func:`~axes_pipeline.axes.table.load_or_compute_axes`)."""
+    or prune's own, computed now with them (:func:`~axes_pipeline.axes.table.stage_axes`)."""
     # one row per channel of every conv layer and finite values in every column the scores read: a NaN
     # would otherwise become the lowest keep value after min-max normalisation and silently move a curve
     cols = sorted(set().union(*(s.columns for s in scores))) if scores else []
@@ -49,9 +49,16 @@ def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
         return check_table(part, schema, path=path, rebuild=rebuild, rows_per_layer=rows_per_layer)
 
     def load():
-        # the one axes step (axes.table): analyze.py's cached table when its fingerprint matches, else
-        # computed now; any failure there is a bug or a user mistake to see, never a stale table read instead
-        return checked(load_or_compute_axes(cfg, trained), Path(trained.run_dir) / "analyze" / "axes.csv")
+        # the one axes step (axes.table): analyze.py's table when its fingerprint matches, else prune's
+        # own (prune/axes/), computed now if needed; analyze.py's table, plots and summary are never
+        # rewritten under other settings. Any failure is a bug or a user mistake to see, never a stale
+        # table read instead.
+        table, folder, fp = stage_axes(cfg, trained, trained.stage_dir("prune") / "axes")
+        load.source.update(folder=folder, fingerprint=fp)
+        return checked(table, folder / "axes.csv")
+
+    # where the table came from (analyze's folder, or prune's own prune/axes/) and its fingerprint, once loaded
+    load.source = {}
     return load
 
 

@@ -24,7 +24,7 @@ from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import ScoreContext
 from axes_pipeline.pruning.summary import curves_frame, flat_scalars, log_curves, print_summary, summarise, write_stage
 from axes_pipeline.pruning.sweep import Sweep, run_points
-from axes_pipeline.runs import frame_digest, write_csv
+from axes_pipeline.runs import file_digest, frame_digest, write_csv
 from axes_pipeline.tracking import StageTracker, cfg_artifact_name, progress
 from axes_pipeline.training.restore import restore_trained
 
@@ -38,7 +38,7 @@ def run_prune(cfg: DictConfig) -> dict:
     settings = PruneSettings(cfg)   # validates cfg.pruning: a mistake is one line, before any work
     device = resolve_device(cfg.device)
     trained = restore_trained(cfg)
-    out = Path(trained.run_dir) / "prune"
+    out = trained.stage_dir("prune")   # prune@<stem>/ for another checkpoint than the run's default
     dm = trained.datamodule
     model = trained.model.to(device).eval()
     example = example_input({"image_size": dm.image_size, "in_channels": getattr(dm, "in_channels", 3)}, device=device)
@@ -47,7 +47,8 @@ def run_prune(cfg: DictConfig) -> dict:
     layers = conv_layers(model)
 
     axes_scores = settings.needs("axes")
-    ctx = ScoreContext(model, layers, axes_loader=axes_loader(cfg, trained, axes_scores, layers), seed=int(cfg.seed),
+    load_axes = axes_loader(cfg, trained, axes_scores, layers)
+    ctx = ScoreContext(model, layers, axes_loader=load_axes, seed=int(cfg.seed),
                        calibration=calibration_batches(dm, settings), magnitude=settings.magnitude, device=device,
                        feature_maps=calibration_batches(dm, settings, "feature_maps"))
     # the analysis table's content is part of the axes scores' keys; fail (or compute) now, before any point
@@ -62,8 +63,8 @@ def run_prune(cfg: DictConfig) -> dict:
         write_csv(out / "prune_refused.csv", pd.DataFrame(sorted(groups.refused.items()), columns=["layer", "reason"]))
     tracker = StageTracker(cfg, "prune", out)
     tracker.use_artifact("checkpoint", cfg_artifact_name("checkpoint", cfg), [trained.ckpt])
-    if axes_scores:   # ctx.axes() above reused or wrote the run's analyze/axes.csv: that is the input
-        analyzed = Path(trained.run_dir) / "analyze"
+    if axes_scores:   # ctx.axes() above read analyze's axes.csv, or prune's own prune/axes/: that is the input
+        analyzed = Path(load_axes.source.get("folder", trained.stage_dir("analyze")))
         tracker.use_artifact("axes", cfg_artifact_name("axes", cfg), [analyzed / "axes.csv", analyzed / "layers.csv"])
     try:
         base = unpruned(model, dm, cost, example, settings, device, out, trained.ckpt)
@@ -73,6 +74,11 @@ def run_prune(cfg: DictConfig) -> dict:
         curves = curves_frame(records)
         summary = summarise(curves, base, settings, groups, cache.timing)
         summary["points_computed_this_run"] = done
+        # provenance: the report checks that the axes it shows beside these curves come from this checkpoint
+        summary["checkpoint"], summary["checkpoint_digest"] = str(trained.ckpt), file_digest(trained.ckpt)
+        if axes_scores:
+            summary["axes_from"] = str(load_axes.source.get("folder"))
+            summary["axes_fingerprint"] = load_axes.source.get("fingerprint")
         plots = {}
         try:
             # deferred: matplotlib loads in seconds, and only a finished sweep is plotted

@@ -36,9 +36,11 @@ from axes_pipeline.report import figures, tables
 from axes_pipeline.report.collect import (
     discover,
     group_runs,
+    provenance_notices,
     require_runs,
     resolve_roots,
     skipped_inputs,
+    split_by_axes,
     split_by_pruning,
 )
 from axes_pipeline.runs import write_csv, write_json, write_text
@@ -100,7 +102,8 @@ def run_report(cfg: DictConfig) -> dict:
     require_runs(runs, roots)
     groups, notices = group_runs(runs)
     prune_groups, prune_notices = split_by_pruning(groups)
-    notices = notices + prune_notices
+    axes_groups, axes_notices = split_by_axes(groups)   # the analysis tables pool only equal fingerprints
+    notices = notices + prune_notices + axes_notices + provenance_notices(groups)
     out = report_dir(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in remove_stale_tmp(out):
@@ -110,7 +113,7 @@ def run_report(cfg: DictConfig) -> dict:
     # next report removes it if that process was killed (:func:`remove_stale_tmp`).
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}@{socket.gethostname()}-", dir=out.parent))
     try:
-        summary, t, figs = _build(cfg, tmp, roots, runs, groups, prune_groups, notices, skipped, t0)
+        summary, t, figs = _build(cfg, tmp, roots, runs, groups, prune_groups, notices, skipped, t0, axes_groups)
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,9 +180,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, t0) -> tuple[dict, dict, dict]:
-    """Every table, figure and page of the report, written under ``out`` (the temporary folder)."""
+def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, t0,
+           axes_groups=None) -> tuple[dict, dict, dict]:
+    """Every table, figure and page of the report, written under ``out`` (the temporary folder).
+    ``prune_groups`` / ``axes_groups``: ``groups`` split where seeds were pruned / analysed differently."""
     rc, accuracy = cfg.report, cfg.report.accuracy
+    axes_groups = groups if axes_groups is None else axes_groups
     t = {
         "runs": tables.runs_table(groups),
         "flops_auc": tables.auc_table(per_seed := tables.auc_per_seed(prune_groups, accuracy)),
@@ -187,11 +193,11 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
         "accuracy_by_target": tables.accuracy_by_target(prune_groups, accuracy),
         "headline": tables.headline(per_seed, min_n=int(rc.min_seeds), n_boot=int(rc.n_boot), method=rc.test,
                                     seed=int(rc.seed), ci=rc.ci),
-        "layers": _with_counts(tables.layers_table(groups), groups),
-        "reference": tables.reference_table(groups),
-        "lesions": tables.scalar_summary(groups, "analyze/lesion_summary.json"),
-        "propagation": tables.propagation_table(groups),
-        "definitions": tables.definitions_table(groups),
+        "layers": _with_counts(tables.layers_table(axes_groups), axes_groups),
+        "reference": tables.reference_table(axes_groups),
+        "lesions": tables.scalar_summary(axes_groups, "analyze/lesion_summary.json"),
+        "propagation": tables.propagation_table(axes_groups),
+        "definitions": tables.definitions_table(axes_groups),
     }
     t["backbones"] = tables.backbones_table(t["headline"])
     for name, df in t.items():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import file_digest, fingerprint, flatten, read_json
+from axes_pipeline.runs import file_digest, fingerprint, flatten, read_json, settings_diff
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 
 # Keys that legitimately differ between seeds of one experiment.
@@ -128,6 +128,82 @@ def split_by_pruning(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]]
         for sig, members in by_sig.items():
             out[f"{label} [prune {sig}]"] = members
     return out, notices
+
+
+# What decides a run's axes besides its trained weights: analyze/axes_fingerprint.json (data identity,
+# capture.*, metrics.*, graphs, gradients) minus what legitimately differs between seeds: the checkpoint.
+AXES_SEED_KEYS = ("ckpt_digest",)
+
+
+def axes_settings(run: Run) -> dict | None:
+    """How this run's axes tables were measured (None when it was not analysed); a table without its
+    fingerprint reads as ``{"fingerprint": "(none recorded)"}``, pooled only with others like it."""
+    if not (run.path / "analyze" / "layers.csv").is_file():
+        return None
+    fp = run.read_json("analyze/axes_fingerprint.json")
+    if not fp:
+        return {"fingerprint": "(none recorded)"}
+    return {k: v for k, v in fp.items() if k not in AXES_SEED_KEYS}
+
+
+def split_by_axes(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]], list[str]]:
+    """The groups for the analysis tables (layers, reference, lesions, propagation): a group whose seeds
+    were analysed under different settings (``capture.n_cal``, any ``capture.*``/``metrics.*``...) is
+    split (label ``<group> [axes <sig>]``), with a notice naming what differs: never one mean of both."""
+    out, notices = {}, []
+    for label, runs in groups.items():
+        by_sig: dict[str, list[Run]] = {}
+        settings = {}
+        for r in runs:
+            s = axes_settings(r)
+            if s is None:
+                continue
+            sig = fingerprint(s)[:6]
+            by_sig.setdefault(sig, []).append(r)
+            settings[sig] = s
+        if len(by_sig) <= 1:
+            out[label] = runs
+            continue
+        first, *rest = settings.values()
+        diffs = "; ".join(settings_diff(first, other) for other in rest)
+        notices.append(f"{label}: seeds were analysed with different settings ({diffs}); their analysis tables "
+                       f"are reported as {len(by_sig)} separate groups, never pooled")
+        for sig, members in by_sig.items():
+            out[f"{label} [axes {sig}]"] = members
+    return out, notices
+
+
+def provenance_notices(groups: dict[str, list[Run]]) -> list[str]:
+    """Where the report would put side by side the axes of one network and the pruning results of
+    another: a run whose ``analyze/`` and ``prune/`` results come from different checkpoints (content
+    digests), or whose axes scores were pruned with axes computed under other settings than its tables."""
+    notices = []
+    for label, runs in groups.items():
+        for r in runs:
+            axes = r.read_json("analyze/axes_fingerprint.json") if (r.path / "analyze" / "axes.csv").is_file() else None
+            prune = r.read_json("prune/prune_summary.json") if (r.path / "prune" / "prune_curves.csv").is_file() else None
+            if not axes or not prune:
+                continue
+            a, p = axes.get("ckpt_digest"), prune.get("checkpoint_digest")
+            if a and p and a != p:
+                notices.append(f"{label} seed {r.seed}: its axes (analyze/, checkpoint {a[:8]}) and its pruning curves "
+                               f"(prune/, checkpoint {p[:8]}) come from different checkpoints; rerun `python analyze.py` "
+                               f"and `python prune.py` on the run's checkpoint before comparing them")
+            elif (used := prune.get("axes_fingerprint")) and used != axes:
+                notices.append(f"{label} seed {r.seed}: its axes scores were pruned with axes computed under other "
+                               f"settings than its analysis tables ({settings_diff(axes, used)}; prune/axes/)")
+    return notices
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def _kept(key: str) -> bool:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from axes_pipeline.config import run_dir_candidates, trained_run_dir
 from axes_pipeline.errors import UserError
+from axes_pipeline.runs import DATA_KEYS_NOT_IDENTITY, data_identity, read_json, settings_diff
 from axes_pipeline.training.checkpoints import load_into
 from axes_pipeline.training.train import build_datamodule, instantiate_model
 
@@ -24,6 +25,14 @@ class Trained:
     model: torch.nn.Module
     datamodule: object
     meta: dict
+    #: "" for the run's default checkpoint, "@<stem>" for another one (:func:`results_tag`)
+    tag: str = ""
+
+    def stage_dir(self, stage: str) -> Path:
+        """Where ``stage`` ("analyze", "prune") writes the results of this checkpoint: ``<run_dir>/<stage>``
+        for the run's default checkpoint, ``<run_dir>/<stage>@<ckpt stem>`` for any other, so a look at an
+        earlier epoch never replaces the trained network's results."""
+        return Path(self.run_dir) / f"{stage}{self.tag}"
 
 
 def _train_command(cfg: DictConfig) -> str:
@@ -52,6 +61,40 @@ def locate_run(cfg: DictConfig) -> tuple[Path, Path]:
                 return cand, cand / "checkpoints" / name
     raise UserError(f"no trained run at {run_dir_candidates(cfg)[0]}; train it first with "
                     f"`{_train_command(cfg)}` (or pass ckpt=PATH)")
+
+
+def default_ckpt(run: Path) -> Path | None:
+    """The checkpoint a stage uses when none is named: ``best.ckpt``, else ``last.ckpt``; None if neither."""
+    for name in ("best.ckpt", "last.ckpt"):
+        if (Path(run) / "checkpoints" / name).is_file():
+            return Path(run) / "checkpoints" / name
+    return None
+
+
+def results_tag(run: Path, ckpt: Path) -> str:
+    """"" when ``ckpt`` is the run's default checkpoint (or the run has none: a foreign checkpoint owns its
+    folder), else ``"@<stem>"``: the suffix of the stage folders that hold that checkpoint's results."""
+    default = default_ckpt(run)
+    if default is None or default.resolve() == Path(ckpt).resolve():
+        return ""
+    return f"@{Path(ckpt).stem}"
+
+
+def check_data_identity(cfg: DictConfig, run: Path) -> None:
+    """Refuse data settings that would show this stage other images than the run was trained on: another
+    split (``data.split_seed``, ``data.val_fraction``) puts training images into the held-out splits. The
+    run's ``train_settings.json`` records its data identity (:func:`runs.data_identity`); a run without
+    one (older, or a foreign checkpoint) cannot be checked."""
+    path = Path(run) / "train_settings.json"
+    try:
+        recorded = read_json(path)
+    except (OSError, ValueError):
+        return
+    have = {k: v for k, v in recorded.items() if k.startswith("data.") and k[5:] not in DATA_KEYS_NOT_IDENTITY}
+    want = data_identity(cfg.data)
+    if have and have != want:
+        raise UserError(f"{run} was trained on other data ({settings_diff(have, want)}); its held-out splits would "
+                        f"hold training images: use the data.* settings it was trained with")
 
 
 def check_finished(cfg: DictConfig, run: Path) -> None:
@@ -92,5 +135,9 @@ def restore_trained(cfg: DictConfig, ckpt: Path | None = None) -> Trained:
     dm.check()
     model = architecture(cfg, dm.num_classes)
     meta = load_into(model, ckpt, expect=expected_meta(cfg, dm.num_classes))
+    # after the checkpoint's own meta check (which names another dataset or image size more plainly), before
+    # any stage work: the split and every other data identity key must be the ones the run was trained on
+    owner = ckpt.resolve().parent.parent if ckpt.resolve().parent.name == "checkpoints" else out
+    check_data_identity(cfg, owner)
     model.eval()
-    return Trained(run_dir=out, ckpt=ckpt, model=model, datamodule=dm, meta=meta)
+    return Trained(run_dir=out, ckpt=ckpt, model=model, datamodule=dm, meta=meta, tag=results_tag(out, ckpt))
