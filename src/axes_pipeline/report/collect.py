@@ -195,17 +195,6 @@ def provenance_notices(groups: dict[str, list[Run]]) -> list[str]:
     return notices
 
 
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _kept(key: str) -> bool:
     return not any(key == ig or key.startswith(ig + ".") for ig in IGNORED_KEYS)
 
