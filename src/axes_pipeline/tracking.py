@@ -33,7 +33,7 @@ from axes_pipeline.wiring import instantiate_all
 @dataclass
 class WandbConfig:
     """``logger=wandb`` (the default), offline: no account, no network; ``wandb sync`` uploads later
-    (README "Experiment tracking")."""
+    (docs/tracking.md)."""
 
     _target_: str = "axes_pipeline.tracking.WandbTracking"
     project: str = "axes-pipeline"

@@ -83,7 +83,7 @@ class ConvNeXtTModel(ModelConfig):
 @dataclass
 class TorchvisionModel(ModelConfig):
     """Any torchvision classification CNN: model=torchvision model.arch=<name> (resnet50, densenet121,
-    efficientnet_b0, ... see the README's family table). The name carries the arch so that run
+    efficientnet_b0, ... see the family table in docs/usage.md). The name carries the arch so that run
     directories of two archs never collide; width where the family has a multiplier (README "Any
     CNN"), 1.0 elsewhere; weights may also be a torchvision tag (IMAGENET1K_V2)."""
 
