@@ -173,6 +173,7 @@ def test_patches_reproduce_the_conv_output(padding):
 def test_analyses_are_registered_with_their_checks():
     """Each analysis module declares itself (@analysis); analyze.py imports them, nothing else lists them."""
     from axes_pipeline.analyses.analyze import ANALYSES, axes_analysis
+    from axes_pipeline.analyses.definitions import check_definitions_analysis, run_definitions_analysis
     from axes_pipeline.analyses.dynamics import check_dynamics_analysis, run_dynamics_analysis
     from axes_pipeline.analyses.lesions import check_lesion_analysis, run_lesion_analysis
     from axes_pipeline.analyses.linear_study import run_linear_gaussian
@@ -181,6 +182,7 @@ def test_analyses_are_registered_with_their_checks():
     want = {"axes": (axes_analysis, None, True), "lesion": (run_lesion_analysis, check_lesion_analysis, True),
             "propagation": (run_propagation_analysis, check_propagation_analysis, True),
             "dynamics": (run_dynamics_analysis, check_dynamics_analysis, True),
+            "definitions": (run_definitions_analysis, check_definitions_analysis, True),
             "linear_gaussian": (run_linear_gaussian, None, False)}
     assert {k: (a.run, a.check, a.needs_run) for k, a in ANALYSES.items()} == want
     analysis_options = {p.stem for p in Path(CONF, "analysis").glob("*.yaml")} - {"all"}

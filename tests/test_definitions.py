@@ -90,3 +90,8 @@ def test_definitions_analysis_rows_resume_and_refusals(def_root):
     with pytest.raises(UserError, match="no initial checkpoint"):
         run_analysis(make_cfg("analyze", [*overrides, "analysis=definitions", *SMALL,
                                           "analysis.definitions.init=epoch_999.ckpt"], root))
+    # analysis=all sets required=false: a run without its initial checkpoint skips definitions, with a note
+    skipped = run_analysis(make_cfg("analyze", [*overrides, "analysis=definitions", *SMALL, "plots=false",
+                                                "analysis.definitions.init=epoch_999.ckpt",
+                                                "analysis.definitions.required=false"], root))
+    assert "no initial checkpoint" in skipped["definitions"]["skipped"]

@@ -75,7 +75,7 @@ def test_command_line_mistakes_are_one_line(script, args, needle, tmp_path):
 
 def test_unknown_choice_lists_the_options(tmp_path):
     res = run_entry("analyze.py", "analysis=[axes,nosuch]", cwd=tmp_path)
-    assert res.returncode == 2 and "choose one of: all, axes, dynamics" in res.stderr, res.stderr
+    assert res.returncode == 2 and "choose one of: all, axes, definitions, dynamics" in res.stderr, res.stderr
 
 
 def test_ckpt_outside_the_output_root_goes_to_external(tiny_run, tmp_path, capsys):

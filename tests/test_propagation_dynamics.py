@@ -270,8 +270,8 @@ def test_dynamics_without_epoch_checkpoints(dyn_root):
     assert "every_epoch" in summary["dynamics"]["skipped"] and (plain / "analyze" / "axes.csv").is_file()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         every = compose(config_name="analyze", overrides=["analysis=all"])
-    assert set(every.analysis) == {"axes", "lesion", "propagation", "dynamics", "linear_gaussian"}
-    assert every.analysis.dynamics.required is False
+    assert set(every.analysis) == {"axes", "lesion", "propagation", "dynamics", "definitions", "linear_gaussian"}
+    assert every.analysis.dynamics.required is False and every.analysis.definitions.required is False
 
 
 def test_propagation_stage_on_tiny_run(dyn_root, capsys):

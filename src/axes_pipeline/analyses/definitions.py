@@ -96,12 +96,20 @@ def _init_checkpoint(run_dir: Path, knobs: dict) -> Path:
     return path
 
 
+def _skip_reason(cfg: DictConfig, run_dir: Path) -> str | None:
+    """Why definitions is skipped on this run (``required=false`` and no initial checkpoint), else None."""
+    knobs = _knobs(cfg)
+    path = Path(run_dir) / "checkpoints" / knobs["init"]
+    return None if knobs["required"] or path.is_file() else f"no initial checkpoint {path}"
+
+
 def check_definitions_analysis(ctx) -> None:
     """Knobs, layers and the initial checkpoint, before the network runs."""
     knobs = _knobs(ctx.cfg)
     definitions_of(knobs)
     _layers(ctx.trained.model, _layer_knobs(ctx.cfg))
-    _init_checkpoint(ctx.trained.run_dir, knobs)
+    if not _skip_reason(ctx.cfg, ctx.trained.run_dir):
+        _init_checkpoint(ctx.trained.run_dir, knobs)
 
 
 def _layer_knobs(cfg: DictConfig) -> dict:
@@ -266,6 +274,11 @@ def plot_definitions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
 def run_definitions_analysis(ctx) -> dict:
     """Both checkpoints under every definition (resumable); the table, the figure and a headline."""
     cfg, trained = ctx.cfg, ctx.trained
+    skip = _skip_reason(cfg, trained.run_dir)
+    if skip:   # analysis=all on a run without its initial checkpoint: the other analyses still run
+        log.warning("definitions: skipped: %s", skip)
+        print(f"definitions: skipped: {skip}")
+        return {"skipped": skip}
     dm = trained.datamodule
     model = architecture(cfg, dm.num_classes)   # its own instance: the restored model stays as is
     checkpoints = {"init": _init_checkpoint(trained.run_dir, _knobs(cfg)), "trained": Path(trained.ckpt)}

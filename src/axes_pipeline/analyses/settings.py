@@ -79,6 +79,7 @@ class DefinitionsAnalysis:
     points: list[str] = field(default_factory=lambda: ["pre_bn", "post_bn", "post_act"])
     spatial: list[str] = field(default_factory=lambda: ["sample", "gap"])
     init: str = "epoch_000.ckpt"  # the initial checkpoint, in the run's checkpoints/ (train.py always writes it)
+    required: bool = True         # false: a run without the initial checkpoint skips definitions (noted) instead of failing
 
 
 @dataclass
