@@ -191,3 +191,27 @@ def test_plots_and_summary_carry_the_table_fingerprint(tiny_run):
     assert other["axes"]["fingerprint"]["capture.n_cal"] == 200
     assert not (plots / "fingerprint.json").exists() and not (plots / "scatter_ix_it.png").exists()
     assert read_json(run / "analyze" / "analyze_summary.json")["axes"]["fingerprint"]["capture.n_cal"] == 200
+
+
+def test_checkpoints_are_verified_against_their_training_digest(tiny_run, tmp_path):
+    """Issue 23: training records every checkpoint's content digest (train_summary.json); a later read of a
+    checkpoint that loads but is not the file training wrote stops in one line, and so does the skip check."""
+    from axes_pipeline.training.checkpoints import changed_since_training
+    from axes_pipeline.training.restore import restore_trained
+    from axes_pipeline.training.train import check_complete
+
+    root, overrides = tiny_run
+    mine = tmp_path / "root"
+    shutil.copytree(root, mine, ignore=shutil.ignore_patterns("analyze", "prune"))
+    run = mine / "runs" / "default" / "digits-resnet18-w0.125" / "seed42"
+    digests = read_json(run / "train_summary.json")["checkpoint_digests"]
+    assert {"best.ckpt", "last.ckpt", "epoch_000.ckpt"} <= set(digests)
+    assert digests["best.ckpt"] == file_digest(run / "checkpoints" / "best.ckpt")   # a copy keeps its digest
+    assert changed_since_training(run / "checkpoints" / "best.ckpt") is None
+    # another checkpoint of the same run put in best.ckpt's place: it loads, but it is not what was trained
+    shutil.copy(run / "checkpoints" / "epoch_000.ckpt", run / "checkpoints" / "best.ckpt")
+    assert "is not the file training wrote" in changed_since_training(run / "checkpoints" / "best.ckpt")
+    with pytest.raises(UserError, match="is not the file training wrote"):
+        restore_trained(make_cfg("analyze", overrides, mine))
+    with pytest.raises(UserError, match="is not the file training wrote"):
+        check_complete(run, 3)

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import no_space_is_one_line
+from axes_pipeline.runs import file_digest, no_space_is_one_line, read_json
 
 log = logging.getLogger("axes_pipeline")
 
@@ -70,6 +70,24 @@ def epoch_checkpoints(ckpt_dir: str | Path) -> dict[int, Path]:
     """{epoch: path} of the per-epoch checkpoints in ``ckpt_dir``, sorted by epoch."""
     found = {int(m.group(1)): p for p in Path(ckpt_dir).glob("epoch_*.ckpt") if (m := EPOCH_RE.search(p.name))}
     return dict(sorted(found.items()))
+
+
+def changed_since_training(path: str | Path) -> str | None:
+    """One line saying that the checkpoint at ``path`` is not the file training wrote (its content digest
+    differs from the one ``train_summary.json`` recorded, ``checkpoint_digests``), else None: the same
+    file, or nothing recorded (a run trained before digests were recorded, a checkpoint outside a run)."""
+    path = Path(path)
+    if path.parent.name != "checkpoints":
+        return None
+    try:
+        recorded = read_json(path.parent.parent / "train_summary.json").get("checkpoint_digests", {}).get(path.name)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not recorded:
+        return None
+    have = file_digest(path)
+    return None if have == recorded else (f"checkpoint {path} is not the file training wrote (content digest "
+                                           f"{recorded} when written, {have} now)")
 
 
 def read_checkpoint(path: str | Path) -> dict:

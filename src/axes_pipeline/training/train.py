@@ -16,9 +16,17 @@ from omegaconf import DictConfig, OmegaConf
 from axes_pipeline.config import check_positive, run_dir, to_container
 from axes_pipeline.data import build_datamodule as _build
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import fingerprint, no_space_is_one_line, read_json, run_fingerprint, settings_diff, write_json
+from axes_pipeline.runs import (
+    file_digest,
+    fingerprint,
+    no_space_is_one_line,
+    read_json,
+    run_fingerprint,
+    settings_diff,
+    write_json,
+)
 from axes_pipeline.tracking import tracking
-from axes_pipeline.training.checkpoints import load_into, read_checkpoint
+from axes_pipeline.training.checkpoints import changed_since_training, load_into, read_checkpoint
 from axes_pipeline.training.module import ClassifierModule
 from axes_pipeline.training.optim import optimizer_factory, optimizer_target
 from axes_pipeline.wiring import instantiate_all
@@ -107,6 +115,8 @@ def check_complete(out: Path, max_epochs: int) -> None:
             found.append(f"checkpoint {path} has no {', '.join(missing)}")
         elif name == "last.ckpt" and int(ckpt["epoch"]) + 1 < max_epochs:
             found.append(f"checkpoint {path} holds epoch {int(ckpt['epoch']) + 1} of {max_epochs}")
+        elif (changed := changed_since_training(path)) is not None:
+            found.append(changed)
     if found:
         raise UserError(f"{out / 'train_summary.json'} says training is complete, but {'; '.join(found)}; "
                         f"to retrain this run, delete {out / 'checkpoints'} and {out / 'train_summary.json'}")
@@ -267,6 +277,8 @@ def run_training(cfg: DictConfig) -> dict:
     }
     if not trainer.is_global_zero:   # under DDP every rank gets here: one summary, one log line
         return summary
+    # what training wrote, by content: every later read (restore_trained, the skip check) verifies it
+    summary["checkpoint_digests"] = {p.name: file_digest(p) for p in sorted(ckpt_dir.glob("*.ckpt"))}
     write_json(summary_path, summary)
     if backend is not None:
         backend.record_training(logger, cfg, best, summary)
