@@ -133,10 +133,13 @@ def check_meta(meta: dict, expect: dict, path: str | Path) -> None:
 
 def load_into(model: torch.nn.Module, path: str | Path, expect: dict | None = None) -> dict:
     """Load the weights of checkpoint ``path`` into ``model`` and return its meta; refuse another
-    model or class count, and a meta that differs from ``expect`` (:func:`check_meta`)."""
+    model or class count, a meta that differs from ``expect`` (:func:`check_meta`), and a file that is
+    not the one training wrote (:func:`changed_since_training`): every stage reads through here."""
     ckpt = read_checkpoint(path)
     meta = ckpt.get("axes_meta", {})
     check_meta(meta, expect or {}, path)
+    if (changed := changed_since_training(path)) is not None:   # it loads, but is it the network that was trained?
+        raise UserError(f"{changed}; put the original back, or retrain that run")
     state = model_state(ckpt)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from axes_pipeline.config import run_dir_candidates, trained_run_dir
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import DATA_KEYS_NOT_IDENTITY, data_identity, read_json, settings_diff
-from axes_pipeline.training.checkpoints import changed_since_training, load_into
+from axes_pipeline.training.checkpoints import load_into
 from axes_pipeline.training.train import build_datamodule, instantiate_model
 
 log = logging.getLogger("axes_pipeline")
@@ -135,8 +135,6 @@ def restore_trained(cfg: DictConfig, ckpt: Path | None = None) -> Trained:
     dm.check()
     model = architecture(cfg, dm.num_classes)
     meta = load_into(model, ckpt, expect=expected_meta(cfg, dm.num_classes))
-    if (changed := changed_since_training(ckpt)) is not None:   # loads, but is it the network that was trained?
-        raise UserError(f"{changed}; put the original back, or retrain: `{_train_command(cfg)}`")
     # after the checkpoint's own meta check (which names another dataset or image size more plainly), before
     # any stage work: the split and every other data identity key must be the ones the run was trained on
     owner = ckpt.resolve().parent.parent if ckpt.resolve().parent.name == "checkpoints" else out
