@@ -148,16 +148,17 @@ def fingerprint(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+_FILE_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def file_digest(path: str | os.PathLike) -> str:
     """Content digest (16 hex) of a file, e.g. a checkpoint: a retrained or replaced checkpoint at
-    the same path gets a new key, a copied one keeps its key. Memoised per (path, size, mtime) so a
-    stage that asks several times reads the file once."""
+    the same path gets a new key, a copied one keeps its key. Memoised per (path, inode, size, mtime,
+    ctime) so a stage that asks several times reads the file once: a file replaced by a rename (a new
+    inode) or rewritten in place (a new ctime) is read again, even at the same size and mtime."""
     path = Path(path).resolve()
     st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _FILE_DIGESTS:
         h = hashlib.sha256()
         with open(path, "rb") as f:
