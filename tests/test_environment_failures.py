@@ -267,12 +267,26 @@ def test_truncated_last_ckpt_is_not_complete(tmp_path, capsys):
     assert last.exists()                                   # what to delete is the user's decision
 
 
-def test_last_ckpt_of_an_earlier_epoch_is_not_complete(tmp_path, capsys):
+def test_last_ckpt_replaced_since_training_is_not_complete(tmp_path, capsys):
+    from axes_pipeline.runs import file_digest, read_json, write_json
     from axes_pipeline.training.train import run_training
 
+    # Lightning's last.ckpt is the last saved checkpoint (the best epoch's when validation stopped improving):
+    # an earlier epoch there is sound, as long as it is the file training wrote
     cfg, run = _finished_run(tmp_path, last_epoch=0)
+    summary = read_json(run / "train_summary.json")
+    write_json(run / "train_summary.json", {**summary, "checkpoint_digests": {
+        p.name: file_digest(p) for p in (run / "checkpoints").glob("*.ckpt")}})
+    capsys.readouterr()
+    from axes_pipeline.tasks import run_task
+
+    assert run_task(run_training, cfg)["epochs"] == 3
+    assert "train: already complete, nothing to do" in capsys.readouterr().out
+    # another file put in its place (here: the final epoch's) loads, but is not what training wrote
+    torch.save({"state_dict": {"model.fc.weight": torch.zeros(10, 4)}, "optimizer_states": [{}], "loops": {},
+                "epoch": 2, "global_step": 30}, run / "checkpoints" / "last.ckpt")
     line = _one_line_exit_2(capsys, run_training, cfg)
-    assert f"checkpoint {run / 'checkpoints' / 'last.ckpt'} holds epoch 1 of 3" in line
+    assert f"checkpoint {run / 'checkpoints' / 'last.ckpt'} is not the file training wrote" in line
 
 
 # ---- 9. wandb online without a network ----------------------------------------------------------

@@ -100,7 +100,8 @@ RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "epoch", "global_step"
 def check_complete(out: Path, max_epochs: int) -> None:
     """A run that says it is complete (``train_summary.json``) is skipped only when its checkpoints
     are: ``best.ckpt`` (what analyze and prune read) and ``last.ckpt`` load (a truncated file, from a
-    full disk or a copy cut short, does not), and ``last.ckpt`` holds the final epoch. Otherwise one
+    full disk or a copy cut short, does not) and are the files training wrote (their content digests,
+    recorded in ``train_summary.json``). Otherwise one
     line says what was found and how to retrain; nothing is deleted on the user's behalf."""
     found = []
     for name, keys in (("best.ckpt", ("state_dict",)), ("last.ckpt", RESUME_KEYS)):
@@ -113,8 +114,8 @@ def check_complete(out: Path, max_epochs: int) -> None:
         missing = [k for k in keys if k not in ckpt]
         if missing:
             found.append(f"checkpoint {path} has no {', '.join(missing)}")
-        elif name == "last.ckpt" and int(ckpt["epoch"]) + 1 < max_epochs:
-            found.append(f"checkpoint {path} holds epoch {int(ckpt['epoch']) + 1} of {max_epochs}")
+        # (not its epoch: Lightning's last.ckpt is the last *saved* one, the best epoch's when validation
+        # stopped improving, so a sound finished run may hold an earlier epoch there)
         elif (changed := changed_since_training(path)) is not None:
             found.append(changed)
     if found:
