@@ -312,17 +312,26 @@ def paired_t_ci(a, b, level: float = 0.95) -> tuple[float, float, float]:
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    d, settled = _paired_differences(a, b)
+    if settled is not None:
+        return settled
+    lo, hi = t_interval(d, level)
+    return float(d.mean()), float(lo), float(hi)
+
+
+def _paired_differences(a, b) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+    """``(d, settled)``: the paired differences ``a − b`` and, where no interval needs computing, the
+    answer of every paired CI: n = 0 all NaN; n = 1 the difference with a NaN interval (one pair carries
+    no information about spread); a constant difference (spread at rounding level) the point itself
+    (scipy's BCa would return NaN there: its jackknife acceleration is 0/0)."""
     a, b, _ = _paired(a, b)
     d = a - b
     if d.size == 0:
-        return math.nan, math.nan, math.nan
+        return d, (math.nan, math.nan, math.nan)
     diff = float(d.mean())
     if d.size == 1:
-        return diff, math.nan, math.nan
-    if _is_constant(d):
-        return diff, diff, diff
-    lo, hi = t_interval(d, level)
-    return diff, float(lo), float(hi)
+        return d, (diff, math.nan, math.nan)
+    return d, ((diff, diff, diff) if _is_constant(d) else None)
 
 
 def paired_ci(a, b, method: str = DEFAULT_CI, level: float = 0.95, n_boot: int = 10000,
@@ -353,17 +362,10 @@ def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: in
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     if method not in ("bca", "percentile"):
         raise ValueError(f"unknown bootstrap CI method '{method}'; choose one of: bca, percentile")
-    a, b, _ = _paired(a, b)
-    d = a - b
-    if d.size == 0:
-        return math.nan, math.nan, math.nan
+    d, settled = _paired_differences(a, b)
+    if settled is not None:
+        return settled
     diff = float(d.mean())
-    if d.size == 1:
-        return diff, math.nan, math.nan
-    if _is_constant(d):
-        # Every resample of a constant has that mean: the interval is the point. scipy's BCa
-        # would return NaN here (its jackknife acceleration is 0/0) and warn.
-        return diff, diff, diff
     res = _st.bootstrap((d,), np.mean, n_resamples=int(n_boot), confidence_level=level,
                         method="BCa" if method == "bca" else "percentile", rng=np.random.default_rng(seed),
                         batch=max(1, _CHUNK_ELEMS // d.size))   # at most _CHUNK_ELEMS resampled numbers at a time
