@@ -108,12 +108,24 @@ PRUNE_KEYS = ("mode", "allocation", "targets", "tolerance", "max_fraction", "eva
 def split_by_pruning(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]], list[str]]:
     """The groups for the pruning tables: a group whose seeds were pruned under different
     protocols is split (label ``<group> [prune <sig>]``), with a notice naming what differs."""
+    def notice(label: str, settings: list[dict]) -> str:
+        keys = sorted({k for a in settings for b in settings for k in PRUNE_KEYS if a[k] != b[k]})
+        return (f"{label}: seeds were pruned with different pruning.{', pruning.'.join(keys)}; their curves "
+                f"are reported as {len(settings)} separate groups, never paired")
+
+    return _split(groups, Run.prune_settings, "prune", notice)
+
+
+def _split(groups: dict[str, list[Run]], settings_of, tag: str, notice) -> tuple[dict[str, list[Run]], list[str]]:
+    """``groups`` split where a group's runs differ in ``settings_of(run)`` (None: the run lacks that
+    stage and does not count), labelled ``<group> [<tag> <sig>]``, each split named by ``notice(label,
+    [settings of each part])``: never one mean, nor one pairing, over runs measured differently."""
     out, notices = {}, []
     for label, runs in groups.items():
         by_sig: dict[str, list[Run]] = {}
         settings = {}
         for r in runs:
-            s = r.prune_settings()
+            s = settings_of(r)
             if s is None:
                 continue
             sig = fingerprint(s)[:6]
@@ -122,11 +134,9 @@ def split_by_pruning(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]]
         if len(by_sig) <= 1:
             out[label] = runs
             continue
-        keys = sorted({k for a in settings.values() for b in settings.values() for k in PRUNE_KEYS if a[k] != b[k]})
-        notices.append(f"{label}: seeds were pruned with different pruning.{', pruning.'.join(keys)}; their curves "
-                       f"are reported as {len(by_sig)} separate groups, never paired")
+        notices.append(notice(label, list(settings.values())))
         for sig, members in by_sig.items():
-            out[f"{label} [prune {sig}]"] = members
+            out[f"{label} [{tag} {sig}]"] = members
     return out, notices
 
 
@@ -150,27 +160,13 @@ def split_by_axes(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]], l
     """The groups for the analysis tables (layers, reference, lesions, propagation): a group whose seeds
     were analysed under different settings (``capture.n_cal``, any ``capture.*``/``metrics.*``...) is
     split (label ``<group> [axes <sig>]``), with a notice naming what differs: never one mean of both."""
-    out, notices = {}, []
-    for label, runs in groups.items():
-        by_sig: dict[str, list[Run]] = {}
-        settings = {}
-        for r in runs:
-            s = axes_settings(r)
-            if s is None:
-                continue
-            sig = fingerprint(s)[:6]
-            by_sig.setdefault(sig, []).append(r)
-            settings[sig] = s
-        if len(by_sig) <= 1:
-            out[label] = runs
-            continue
-        first, *rest = settings.values()
+    def notice(label: str, settings: list[dict]) -> str:
+        first, *rest = settings
         diffs = "; ".join(settings_diff(first, other) for other in rest)
-        notices.append(f"{label}: seeds were analysed with different settings ({diffs}); their analysis tables "
-                       f"are reported as {len(by_sig)} separate groups, never pooled")
-        for sig, members in by_sig.items():
-            out[f"{label} [axes {sig}]"] = members
-    return out, notices
+        return (f"{label}: seeds were analysed with different settings ({diffs}); their analysis tables "
+                f"are reported as {len(settings)} separate groups, never pooled")
+
+    return _split(groups, axes_settings, "axes", notice)
 
 
 def provenance_notices(groups: dict[str, list[Run]]) -> list[str]:
