@@ -21,8 +21,10 @@ demo: install
 
 # loadgroup: tests/conftest.py groups each file's tests on one worker (as loadfile did) and hands the
 # long `slow` runs out first, one at a time, so that the two workers finish together.
+# --max-worker-restart=0: a worker that crashes (a segfault) ends the run as a failure at once; a
+# replaced worker once left xdist's loadgroup scheduler waiting until CI's limit.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --max-worker-restart=0
 
 # Every benchmark at a size a laptop finishes; bench_scale's paper-scale run (hours on 2 CPU
 # cores) is `make bench-scale`.

@@ -69,7 +69,9 @@ def pytest_collection_modifyitems(config, items) -> None:
     the tiny run); each slow test is a unit of its own, handed out first so that the two workers
     finish together instead of one waiting on the other's last long run."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)       # stable: file order kept
-    if config.getoption("dist", "no") != "loadgroup":
+    # on an xdist worker (where collection runs and the groups are read) `dist` is "no" and
+    # `loadgroup` says what the controller was asked for
+    if config.getoption("dist", "no") != "loadgroup" and not getattr(config.option, "loadgroup", False):
         return
     for item in items:
         if item.get_closest_marker("slow") is None:

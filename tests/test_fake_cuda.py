@@ -194,6 +194,18 @@ def _host_copies(record: _Record | None, replay: _Replay | None):
                 setattr(cls, name, original)
 
 
+@pytest.fixture(autouse=True)
+def _pinned_cuda_answer(monkeypatch):
+    """``torch.cuda.is_available()`` asked once, its answer kept for the test. FakeTensorMode asks it
+    on every dispatched op (``avoid_device_init``), and Lightning's import sets
+    ``PYTORCH_NVML_BASED_CUDA_CHECK=1``, which makes each ask a ``dlopen("libnvidia-ml.so.1")`` that fails
+    here, then a CUDA runtime probe without a driver, thousands of times a test. Unpinned, 3 of 8 runs of
+    this file segfaulted with a corrupted heap (in the garbage collector at exit, under glibc's
+    MALLOC_CHECK_=3), and in CI it once took both xdist workers down. Pinned: 0 of 8."""
+    answer = torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: answer)
+
+
 def on_fake_cuda(stage, *args):
     """``(stage("cpu", *copies of args), stage("cuda", *args))``: for real on the CPU, then on fake CUDA
     with the real pass's values replayed (see the module). ``args`` are real CPU objects (models, batches);
