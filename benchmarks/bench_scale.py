@@ -10,7 +10,8 @@ the checkpoints: timing and memory do not depend on training):
 
 - ``axes``: the axes stage as analyze.py runs it (capture of ``--n-cal`` images, then axes,
   graphs with the default 20-draw null, hulls, triplets, gradient cosines), in a child process:
-  its wall time, the capture part, the graph part, and the **floor**: one plain forward pass over
+  its wall time, the capture part, the graph part (the time the stage waits for its graph worker
+  processes after its own work; CPU seconds include the workers'), and the **floor**: one plain forward pass over
   the same calibration images. Ratio = axes stage / floor (goal ≤ 1.5), in wall and in CPU seconds
   (on a shared machine the CPU ratio is the one to trust). Peak RSS of that child
   (goal ≤ 2.5 GB for ResNet-18) and the cache file on disk (goal ≤ 300 MB), next to what the
@@ -164,12 +165,18 @@ def axes_child(spec: dict) -> dict:
 
     a_get_capture = at.get_capture
     at.get_capture = timed(capture_then_peak, "capture")
-    at.compare_groupings = timed(at.compare_groupings, "graphs")   # the one axes step (axes_step) calls both
+    # the graphs run in worker processes (axes.graphs.graph_workers) beside the other layers' axes:
+    # what they add to the stage is the time it then waits for them
+    at.LayerResult.resolve = timed(at.LayerResult.resolve, "graphs")
     for stale in (Path(trained.run_dir) / "analyze").glob("cache/capture-*.pt"):
         stale.unlink()        # time a fresh capture, not a cached one
-    t0, c0 = time.perf_counter(), time.process_time()
+    def children_cpu():   # the graph workers' CPU seconds, once they have exited
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu()
     run_analysis(cfg)
-    stage, stage_cpu = time.perf_counter() - t0, time.process_time() - c0
+    stage, stage_cpu = time.perf_counter() - t0, time.process_time() - c0 + children_cpu() - k0
     units = at.select_units(trained.model, c.layers)
     cache = sorted((Path(trained.run_dir) / "analyze").glob("cache/capture-*.pt"))
     n = int(c.n_cal) * (1 if c.spatial == "gap" else int(c.samples_per_image))

@@ -42,11 +42,31 @@ def test_analyze_end_to_end(tiny_run):
         assert col in layers.columns, col
     assert not axes[list(AXES_KEYS)].isna().any().any()
     assert layers["grad_cos_whitened_median"].abs().max() < 1e-4      # the built-in correctness check
+    # ... on gradients.check_layers = 6 depth-spaced layers (METHODS §5), first and last included
+    checked = layers.loc[layers["grad_cos_whitened_median"].notna(), "layer"].tolist()
+    assert len(checked) == 6 and checked[0] == layers["layer"].iloc[0] and checked[-1] == layers["layer"].iloc[-1]
+    assert layers["grad_cos_euclid_median"].notna().all()
     for png in ("scatter_ix_it", "depth_profile", "communities"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000
     saved = read_json(out / "analyze_summary.json")
     assert saved["axes"]["layers"] == 20 and "config" in saved
     assert summary["axes"]["mean_hull_size_mean"] == pytest.approx(layers["hull_size_mean"].mean())
+
+
+def test_whitened_check_layers_are_depth_spaced_dense_layers():
+    """gradients.check_layers: that many layers spaced over depth among those with patch moments
+    (dense convs: MobileNetV2's depthwise ones have none); null = every one, 0 = none."""
+    from axes_pipeline.axes.table import whitened_check_layers
+
+    units = conv_norm_pairs(build_model("mobilenetv2", 10, width=0.25))
+    dense = [n for n, u in units.items() if u.groups == 1]
+    assert len(dense) < len(units)
+    settings = {"gradients.check_layers": 6, "gradients.max_patch_dim": 4608}
+    picked = whitened_check_layers(units, settings, "pre_bn")
+    assert len(picked) == 6 and set(picked) <= set(dense) and (picked[0], picked[-1]) == (dense[0], dense[-1])
+    assert picked == sorted(picked, key=dense.index)
+    assert whitened_check_layers(units, {**settings, "gradients.check_layers": None}, "pre_bn") is None
+    assert whitened_check_layers(units, {**settings, "gradients.check_layers": 0}, "pre_bn") == []
 
 
 def test_metric_knobs_reuse_the_capture(tiny_run):

@@ -142,8 +142,9 @@ def test_patch_moments_do_not_depend_on_the_chunking(both, monkeypatch):
         # Cov(x, y) takes float32 products of one chunk, so a chunking moves it at float32 level
         torch.testing.assert_close(c.cov_xy(), m.cov_xy(), rtol=1e-5, atol=1e-6, msg=f"{name} cov_xy")
         torch.testing.assert_close(c.cov_xt(), m.cov_xt(), rtol=1e-12, atol=1e-9, msg=f"{name} cov_xt")
+        # the Σ_X subsample takes float32 products too (the whitened check is held to 1e-4, METHODS §5)
         for f, a, b in zip(("cov_xy", "cov_xt", "sigma_x"), c.whitened_moments(), m.whitened_moments()):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9, msg=f"{name} subsample {f}")
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} subsample {f}")
 
 
 def test_patch_moments_agree_with_the_channels_they_produce(both):

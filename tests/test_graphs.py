@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import networkx as nx
 import numpy as np
 import pytest
@@ -139,6 +141,40 @@ def test_null_reports_its_spread_and_is_reproducible():
     assert compare_groupings(r, s, null_shuffles=0).keys().isdisjoint({"null_q_r", "null_modularity_gap_sd"})
 
 
+def test_null_stops_at_its_standard_error_bound():
+    """graphs.null_se (METHODS §4): after 5 draws, stop once SE(null gap mean) ≤ the bound; the draws
+    taken are the first ones of the full sequence (same seed), so the stopped null is a prefix."""
+    rng = np.random.default_rng(1)
+    C = 120
+    r, s = rng.random((C, C)), rng.random((C, C))
+    r, s = (r + r.T) / 2, (s + s.T) / 2
+    full = compare_groupings(r, s, null_shuffles=20, seed=3)
+    loose = compare_groupings(r, s, null_shuffles=20, seed=3, null_se=1.0)
+    assert loose["null_draws"] == 5 and loose["null_modularity_gap_se"] <= 1.0
+    five = compare_groupings(r, s, null_shuffles=5, seed=3)
+    assert {k: v for k, v in loose.items() if not k.startswith("labels")} == \
+        {k: v for k, v in five.items() if not k.startswith("labels")}
+    tight = compare_groupings(r, s, null_shuffles=20, seed=3, null_se=1e-9)
+    assert tight["null_draws"] == 20 and tight["null_modularity_gap"] == full["null_modularity_gap"]
+    middle = compare_groupings(r, s, null_shuffles=20, seed=3, null_se=full["null_modularity_gap_se"] * 1.5)
+    assert 5 <= middle["null_draws"] < 20
+    assert middle["null_modularity_gap_se"] <= full["null_modularity_gap_se"] * 1.5
+    # the observed statistics never depend on the null
+    for key in ("q_r", "q_s", "modularity_gap", "nmi", "ari"):
+        assert loose[key] == tight[key] == full[key]
+
+
+def test_partition_leaves_the_garbage_collector_as_it_found_it():
+    import gc
+
+    i, j, w = np.array([0, 1]), np.array([1, 2]), np.array([1.0, 2.0])
+    for state in (True, False):
+        (gc.enable if state else gc.disable)()
+        partition(3, i, j, w)
+        assert gc.isenabled() is state
+    gc.enable()
+
+
 def test_shuffled_null_keeps_the_kept_weights():
     from axes_pipeline.axes.graphs import _shuffled_top
 
@@ -167,3 +203,36 @@ def test_graph_knobs_are_part_of_the_axes_fingerprint(tmp_path):
     a = axes_fingerprint(make_cfg("analyze", ["logger=none"], tmp_path), ckpt)
     b = axes_fingerprint(make_cfg("analyze", ["logger=none", "graphs.null_shuffles=2"], tmp_path), ckpt)
     assert a != b and a["graphs"]["null_shuffles"] == 20
+
+
+def test_graph_workers_give_the_serial_tables(tmp_path):
+    """analyze_capture's graphs in worker processes (graph_workers) equal the serial loop's: the same
+    rows, summaries and column order, whatever order the workers finish in."""
+    import pandas as pd
+    import torch
+
+    import axes_pipeline.axes.table as table
+    from axes_pipeline.models import build_model, conv_norm_pairs
+
+    model = build_model("resnet18", 10, width=0.125).eval()
+    units = dict(list(conv_norm_pairs(model).items())[:4])
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 3, 16, 16, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(3)]
+    cap = capture_activations(model, units, data, samples_per_image=4, patch_moments=True, sigma_rows=100,
+                              progress=False)
+    cfg = make_cfg("analyze", [], tmp_path)
+    with table.graph_workers(4) as pool:
+        assert pool is not None                      # this machine has 2 cores: the workers run
+    pooled = table.analyze_capture(cap, units, cfg, torch.device("cpu"), progress=False)
+
+    @contextmanager
+    def serial(tasks):
+        yield None
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(table, "graph_workers", serial)
+        alone = table.analyze_capture(cap, units, cfg, torch.device("cpu"), progress=False)
+    pd.testing.assert_frame_equal(pooled[0], alone[0])
+    pd.testing.assert_frame_equal(pooled[1], alone[1])
+    cols = list(pooled[0].columns)
+    assert cols.index("community_s") < cols.index("grad_cos_euclid")     # the serial run's order

@@ -54,6 +54,8 @@ class GraphsConfig:
     edge_fraction: float = fraction(0.1)   # 0 = no community graphs
     # shuffled-weight null draws per layer; layers.csv gets their mean, SD, 2.5/97.5%
     null_shuffles: int = count(20, least=0)
+    # stop drawing once the null gap mean's standard error is ≤ this (after 5 draws); 0 = all draws
+    null_se: float = non_negative(0.002)
     max_channels: int | None = count(None)  # null = every channel; a number = graphs on the first max_channels only
 
 
@@ -64,6 +66,9 @@ class GradientsConfig:
     enabled: bool = True
     max_patch_dim: int = count(4608)     # layers with larger conv patches (Cin·k·k) are skipped
     sigma_rows: int = count(8192)        # rows used for Σ_X (only a normaliser of the whitened cosine)
+    # the whitened check (a zero check, METHODS §5) on this many depth-spaced layers of those with
+    # patch moments; null = on every one (Σ_X costs sigma_rows·D² per layer)
+    check_layers: int | None = count(6)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.axes.alignment import layer_alignment
-from axes_pipeline.axes.graphs import compare_groupings
+from axes_pipeline.axes.graphs import compare_groupings, graph_workers
 from axes_pipeline.axes.settings import NOT_IN_IDENTITY, CaptureConfig, MetricsConfig
 from axes_pipeline.capture import (
     POSITIONS,
@@ -26,6 +26,7 @@ from axes_pipeline.capture import (
     capture_activations,
     capture_key,
     check_finite,
+    has_patch_moments,
     load_capture,
     save_capture,
 )
@@ -37,7 +38,7 @@ from axes_pipeline.metrics import (
     triplet_ratio_from_moments,
 )
 from axes_pipeline.metrics.peers import channel_axes_by_peers, check_peers
-from axes_pipeline.models import capture_point, conv_norm_pairs
+from axes_pipeline.models import capture_point, conv_norm_pairs, evenly_spaced
 from axes_pipeline.runs import read_json, run_fingerprint, settings_diff, write_csv, write_json
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.tracking import progress as units_progress
@@ -113,14 +114,39 @@ class LayerResult:
     summary: dict                 # one row of layers.csv
     r_x: np.ndarray | None = None  # [C', C'] for plots (C' ≤ graphs.max_channels)
     s: np.ndarray | None = None
+    pending: tuple | None = None   # (future of compare_groupings, C, k) while a graph worker runs it
+
+    def add_groupings(self, g: dict, C: int, k: int) -> None:
+        """Community labels into the rows, graph statistics into the summary, both ahead of the
+        gradient columns (the order of the serial run, whenever the graphs arrive)."""
+        comm_r, comm_s = np.full(C, -1), np.full(C, -1)
+        comm_r[:k], comm_s[:k] = g.pop("labels_r"), g.pop("labels_s")
+        grad_cols = [c for c in self.rows.columns if c.startswith("grad_")]
+        tail = self.rows[grad_cols]
+        self.rows = self.rows.drop(columns=grad_cols)
+        self.rows["community_r"], self.rows["community_s"] = comm_r, comm_s
+        self.rows[grad_cols] = tail
+        grads = {key: self.summary.pop(key) for key in [key for key in self.summary if key.startswith("grad_")]}
+        self.summary.update(g)
+        self.summary.update(grads)
+
+    def resolve(self) -> None:
+        """Wait for the graphs of this layer, if a worker is computing them."""
+        if self.pending is not None:
+            future, C, k = self.pending
+            self.pending = None
+            self.add_groupings(future.result(), C, k)
 
 
 def layer_analysis(name: str, index: int, cov: torch.Tensor, unit, *, knobs: dict, dtype: torch.dtype,
                    device: torch.device, graphs: dict | None, n_samples: int, gradients: dict | None = None,
-                   seed: int = 0, keep_matrices: bool = False, grad_cos: dict | None = None) -> LayerResult:
+                   seed: int = 0, keep_matrices: bool = False, grad_cos: dict | None = None,
+                   graph_pool=None) -> LayerResult:
     """Both axes, alignment, groupings, S3/S2 and gradient cosines of one layer, from the covariance
     ``cov`` ``[C+1, C+1]`` of its channels and the target (:attr:`Capture.moments`) and the capture's
-    gradient cosines ``grad_cos``. (From raw samples: ``tests/reference/samples.py``.)"""
+    gradient cosines ``grad_cos``. (From raw samples: ``tests/reference/samples.py``.) With a
+    ``graph_pool`` (:func:`~axes_pipeline.axes.graphs.graph_workers`) the groupings are computed there:
+    call :meth:`LayerResult.resolve` before reading the result."""
     cov = cov.to(device=device, dtype=dtype)
     arr = {k: v.cpu().numpy() for k, v in channel_axes_by_peers(cov, unit, **knobs).items()}   # metrics.peers
     C = cov.shape[0] - 1
@@ -140,12 +166,12 @@ def layer_analysis(name: str, index: int, cov: torch.Tensor, unit, *, knobs: dic
         sub = cov[: k + 1, : k + 1]
         r_x = pairwise_overlap_from_moments(sub).cpu().double().numpy()
         s = pairwise_target_excess_from_moments(sub).cpu().double().numpy()
-        g = compare_groupings(r_x, s, fraction=graphs["edge_fraction"], null_shuffles=graphs["null_shuffles"], seed=seed)
-        comm_r = np.full(C, -1)
-        comm_s = np.full(C, -1)
-        comm_r[:k], comm_s[:k] = g.pop("labels_r"), g.pop("labels_s")
-        result.rows["community_r"], result.rows["community_s"] = comm_r, comm_s
-        summary.update(g)
+        kw = dict(fraction=graphs["edge_fraction"], null_shuffles=graphs["null_shuffles"], seed=seed,
+                  null_se=graphs.get("null_se"))
+        if graph_pool is None:
+            result.add_groupings(compare_groupings(r_x, s, **kw), C, k)
+        else:
+            result.pending = (graph_pool.submit(compare_groupings, r_x, s, **kw), C, k)
         if keep_matrices:
             result.r_x, result.s = r_x, s
     if grad_cos is not None and gradients is not None:
@@ -164,11 +190,16 @@ def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torc
     graphs = OmegaConf.to_container(cfg.graphs) if cfg.graphs.edge_fraction > 0 else None
     grads = OmegaConf.to_container(cfg.gradients) if cfg.gradients.enabled else None
     results = {}
-    for i, name in enumerate(units_progress(capture.layers, "axes", enabled=progress, label=str)):
-        results[name] = layer_analysis(
-            name, index[name] if index else i, capture.cov(name), units[name], knobs=metric_knobs(cfg), dtype=dtype,
-            device=device, graphs=graphs, gradients=grads, seed=int(cfg.capture.seed), keep_matrices=keep_matrices,
-            grad_cos=capture.gradients.get(name), n_samples=capture.n_samples(name))
+    # the graphs (CPU-bound, single-threaded igraph) run in worker processes beside the other layers' axes
+    with graph_workers(len(capture.layers) if graphs else 0) as pool:
+        for i, name in enumerate(units_progress(capture.layers, "axes", enabled=progress, label=str)):
+            results[name] = layer_analysis(
+                name, index[name] if index else i, capture.cov(name), units[name], knobs=metric_knobs(cfg),
+                dtype=dtype, device=device, graphs=graphs, gradients=grads, seed=int(cfg.capture.seed),
+                keep_matrices=keep_matrices, grad_cos=capture.gradients.get(name), n_samples=capture.n_samples(name),
+                graph_pool=pool)
+        for r in results.values():
+            r.resolve()
     axes_df = pd.concat([r.rows for r in results.values()], ignore_index=True)
     axes_df["capture_point"] = axes_df["layer"].map({n: capture_point(units[n], str(cfg.capture.point)) for n in results})
     layers_df = pd.DataFrame([r.summary for r in results.values()])
@@ -187,7 +218,18 @@ def capture_settings(cfg: DictConfig) -> dict:
     c = cfg.capture
     return {**capture_knobs(cfg), "gradients": bool(cfg.gradients.enabled) and c.point == "pre_bn",
             "gradients.max_patch_dim": int(cfg.gradients.max_patch_dim),
-            "gradients.sigma_rows": int(cfg.gradients.sigma_rows), "capture.positions": POSITIONS}
+            "gradients.sigma_rows": int(cfg.gradients.sigma_rows),
+            "gradients.check_layers": cfg.gradients.check_layers, "capture.positions": POSITIONS}
+
+
+def whitened_check_layers(units: dict, settings: dict, point: str) -> list[str] | None:
+    """The layers the whitened check runs on (``gradients.check_layers`` depth-spaced ones among those
+    with patch moments, in forward order); None: every one."""
+    k = settings["gradients.check_layers"]
+    if k is None:
+        return None
+    dense = [n for n, u in units.items() if has_patch_moments(u, point, settings["gradients.max_patch_dim"])]
+    return evenly_spaced(dense, int(k)) if int(k) > 0 else []
 
 
 def capture_identity(cfg: DictConfig, ckpt: Path) -> dict:
@@ -220,8 +262,9 @@ def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, u
     capture = capture_activations(
         model, units, calibration_loader(cfg, datamodule), point=c.point, spatial=c.spatial,
         samples_per_image=int(c.samples_per_image), target=c.target, seed=int(c.seed), patch_moments=settings["gradients"],
-        max_patch_dim=settings["gradients.max_patch_dim"], sigma_rows=settings["gradients.sigma_rows"], device=device,
-        progress=progress, keep_samples=False)
+        max_patch_dim=settings["gradients.max_patch_dim"], sigma_rows=settings["gradients.sigma_rows"],
+        sigma_layers=whitened_check_layers(units, settings, c.point), device=device, progress=progress,
+        keep_samples=False)
     model.cpu()
     check_finite(capture)
     if cfg.capture.cache:

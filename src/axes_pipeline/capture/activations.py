@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,8 +188,7 @@ class _LayerRecorder:
         self.keep_samples = keep_samples
         self.per_image: int | None = None    # samples per image actually taken: min(s, H·W) (1 with gap)
         self.acc = ActivationMoments() if stream_moments else None
-        self.want_patches = (patch_moments and point == "pre_bn" and unit.groups == 1
-                             and unit.in_channels * unit.kernel_size[0] * unit.kernel_size[1] <= max_patch_dim)
+        self.want_patches = patch_moments and has_patch_moments(unit, point, max_patch_dim)
         self.sigma_rows = sigma_rows
         self.moments: PatchMoments | None = None
         self.whitened: torch.Tensor | None = None   # cos_whitened, once the Σ_X subsample is complete
@@ -262,8 +262,9 @@ class _LayerRecorder:
 
         In chunks of images, so the patches of a deep layer (4,096 rows × 4,608 for a batch of
         256) never exist whole. Cov(x, y) over all rows takes the float32 products of one chunk
-        into float64 sums (cos_euclid moves by ~1e-8); the Σ_X subsample stays float64 throughout:
-        the whitened cosine is a ~1e-8 check that float32 products move by ~1e-6."""
+        into float64 sums (cos_euclid moves by ~1e-8); the whitened cosine is a zero check held
+        to 1e-4 (METHODS §5), so the Σ_X subsample takes float32 products too (they move it by
+        ~1e-6), summed in float64 and solved in float64."""
         pos, _, W = self._pos
         B = pos.shape[0]
         k = self.per_image
@@ -280,15 +281,15 @@ class _LayerRecorder:
             x = _patches_at(inp[b0:b1], self.unit.conv, b_idx, flat // W, flat % W)         # [rows, D] float32
             y = samples[b0 * k: b1 * k]
             m.xy.update(x, y)
-            img_x.append(x.reshape(b1 - b0, k, -1).sum(1, dtype=torch.float64))              # [b, D]
-            take = x[: max(0, self.sigma_rows - m.rows_xx)].double() if m.sxx is not None else x[:0]
+            img_x.append(x.reshape(b1 - b0, k, -1).sum(1).double())    # [b, D]; k float32 values each
+            take = x[: max(0, self.sigma_rows - m.rows_xx)] if m.sxx is not None else x[:0]
             if len(take):
                 m.sxx.update(take)
-                m.sxy.update(take, y[: len(take)].double())
+                m.sxy.update(take, y[: len(take)])
                 # rows are image-major: the subsample holds whole images, then maybe part of one
                 whole, rest = divmod(len(take), k)
                 full = b0 + whole
-                partial = (take[whole * k:].sum(0), rest) if rest else None
+                partial = (take[whole * k:].sum(0, dtype=torch.float64), rest) if rest else None
         self._img_x = torch.cat(img_x)
         if m.sxx is not None or full:
             self._sub = (full, partial)
@@ -321,11 +322,19 @@ class _LayerRecorder:
         return out
 
 
+def has_patch_moments(unit, point: str, max_patch_dim: int) -> bool:
+    """Whether the gradient analysis (METHODS §5) streams this unit's input-patch moments: a dense
+    (groups = 1) conv captured pre-BN whose patch (Cin·k·k) is at most ``max_patch_dim``."""
+    return (point == "pre_bn" and unit.groups == 1
+            and unit.in_channels * unit.kernel_size[0] * unit.kernel_size[1] <= max_patch_dim)
+
+
 @torch.no_grad()
 def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: str = "pre_bn",
                         spatial: str = "sample", samples_per_image: int = 16, target: str = "logit_margin",
                         seed: int = 0, patch_moments: bool = False, max_patch_dim: int = 4608,
-                        sigma_rows: int = 8192, device: str | torch.device = "cpu",
+                        sigma_rows: int = 8192, sigma_layers: Collection[str] | None = None,
+                        device: str | torch.device = "cpu",
                         progress: bool = True, keep_samples: bool = False,
                         stream_moments: bool | None = None, target_values: torch.Tensor | None = None) -> Capture:
     """Run ``model`` once over ``loader`` and record the sampled activations of ``units``.
@@ -336,6 +345,8 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     samples kept it is an extra float64 pass that :meth:`Capture.cov` does not need.
     ``target_values``: T of every calibration image in the loader's order, used instead of the
     network's own (``dynamics.target=final``).
+    ``sigma_layers``: the layers whose Σ_X subsample (``sigma_rows``) is formed for the whitened
+    check (METHODS §5); None: every layer with patch moments.
     """
     if point not in POINTS:
         raise unknown_name("activation point (capture.point)", point, POINTS)
@@ -349,7 +360,8 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
         stream_moments = not keep_samples
     model = model.eval().to(device)
     recorders = {name: _LayerRecorder(name, unit, point, spatial, s, seed, patch_moments, max_patch_dim,
-                                      sigma_rows, keep_samples, stream_moments) for name, unit in units.items()}
+                                      sigma_rows if sigma_layers is None or name in sigma_layers else 0,
+                                      keep_samples, stream_moments) for name, unit in units.items()}
     handles = [r.hook() for r in recorders.values()]
     targets, images, correct, seen = [], [], 0, 0
     try:

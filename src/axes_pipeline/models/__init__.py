@@ -31,6 +31,7 @@ from axes_pipeline.models.layers import (
     conv_layers,
     conv_norm_pairs,
     depth_spaced_layers,
+    evenly_spaced,
     example_input,
 )
 from axes_pipeline.models.torchvision_any import build_custom, build_torchvision
@@ -39,7 +40,8 @@ from axes_pipeline.models.weights import load_weights, resolve_weights
 log = logging.getLogger(__name__)
 
 __all__ = ["MODEL_NAMES", "ConvUnit", "FunctionalAct", "analysable_layers", "build_model", "capture_point",
-           "classifier_name", "conv_layers", "conv_norm_pairs", "depth_spaced_layers", "example_input", "model_knobs"]
+           "classifier_name", "conv_layers", "conv_norm_pairs", "depth_spaced_layers", "evenly_spaced", "example_input",
+           "model_knobs"]
 
 MODEL_NAMES: tuple[str, ...] = tuple(BUILDERS)
 #: ``model=torchvision`` names its model ``tv_<arch>`` (so run directories of two archs differ);

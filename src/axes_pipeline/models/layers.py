@@ -50,7 +50,7 @@ from axes_pipeline.models.backbones import default_image_size
 from axes_pipeline.models.graph import ConvGraph, ConvUnit, FunctionalAct, conv_graph, is_depthwise
 
 __all__ = ["ConvUnit", "FunctionalAct", "analysable_layers", "capture_point", "classifier_name", "conv_layers",
-           "conv_norm_pairs", "depth_spaced_layers", "example_input", "is_depthwise"]
+           "conv_norm_pairs", "depth_spaced_layers", "evenly_spaced", "example_input", "is_depthwise"]
 
 
 def _norm_kind(norm: nn.Module) -> str:
@@ -151,8 +151,14 @@ def depth_spaced_layers(
              and (include_depthwise or not is_depthwise(unit.conv))]
     if not names:
         names = list(info.units)
+    return evenly_spaced(names, k)
+
+
+def evenly_spaced(names: list[str], k: int) -> list[str]:
+    """``k`` of ``names`` (in order) at positions ``round(linspace(0, n-1, k))``: first and last
+    included; one: the last; fewer than ``k``: all of them."""
     if len(names) <= k:
-        return names
+        return list(names)
     if k == 1:
         return [names[-1]]
     picks = [round(i * (len(names) - 1) / (k - 1)) for i in range(k)]
