@@ -67,8 +67,8 @@ class GradientsConfig:
     max_patch_dim: int = count(4608)     # layers with larger conv patches (Cin·k·k) are skipped
     sigma_rows: int = count(8192)        # rows used for Σ_X (only a normaliser of the whitened cosine)
     # the whitened check (a zero check, METHODS §5) on this many depth-spaced layers of those with
-    # patch moments; null = on every one (Σ_X costs sigma_rows·D² per layer)
-    check_layers: int | None = count(6)
+    # patch moments; null = on every one, 0 = on none (Σ_X costs sigma_rows·D² per layer)
+    check_layers: int | None = count(6, least=0)
 
 
 @dataclass
