@@ -114,28 +114,31 @@ class LayerResult:
     summary: dict                 # one row of layers.csv
     r_x: np.ndarray | None = None  # [C', C'] for plots (C' ≤ graphs.max_channels)
     s: np.ndarray | None = None
-    pending: tuple | None = None   # (future of compare_groupings, C, k) while a graph worker runs it
+    # (future of compare_groupings, C, k, gradient cosines) while a graph worker runs the groupings
+    pending: tuple | None = None
 
     def add_groupings(self, g: dict, C: int, k: int) -> None:
-        """Community labels into the rows, graph statistics into the summary, both ahead of the
-        gradient columns (the order of the serial run, whenever the graphs arrive)."""
+        """Community labels (``-1`` past ``k``) into the rows, graph statistics into the summary."""
         comm_r, comm_s = np.full(C, -1), np.full(C, -1)
         comm_r[:k], comm_s[:k] = g.pop("labels_r"), g.pop("labels_s")
-        grad_cols = [c for c in self.rows.columns if c.startswith("grad_")]
-        tail = self.rows[grad_cols]
-        self.rows = self.rows.drop(columns=grad_cols)
         self.rows["community_r"], self.rows["community_s"] = comm_r, comm_s
-        self.rows[grad_cols] = tail
-        grads = {key: self.summary.pop(key) for key in [key for key in self.summary if key.startswith("grad_")]}
         self.summary.update(g)
-        self.summary.update(grads)
+
+    def add_gradients(self, grad_cos: dict | None) -> None:
+        """The gradient cosines (METHODS §5) per channel and their medians; whitened: the ≈ 0 check,
+        on the layers where Σ_X was kept."""
+        for key in (k for k in ("cos_euclid", "cos_whitened") if grad_cos and k in grad_cos):
+            self.rows[f"grad_{key}"] = grad_cos[key].numpy()
+            self.summary[f"grad_{key}_median"] = float(grad_cos[key].abs().median())
 
     def resolve(self) -> None:
-        """Wait for the graphs of this layer, if a worker is computing them."""
+        """Wait for the graphs of this layer, if a worker is computing them, then add what follows
+        them (the columns in the serial run's order)."""
         if self.pending is not None:
-            future, C, k = self.pending
+            future, C, k, grad_cos = self.pending
             self.pending = None
             self.add_groupings(future.result(), C, k)
+            self.add_gradients(grad_cos)
 
 
 def layer_analysis(name: str, index: int, cov: torch.Tensor, unit, *, knobs: dict, dtype: torch.dtype,
@@ -160,25 +163,22 @@ def layer_analysis(name: str, index: int, cov: torch.Tensor, unit, *, knobs: dic
     tri = triplet_ratio_from_moments(cov, pool=knobs["pool"], top=knobs["top"])
     summary.update(s3_s2=float(tri["s3_s2"]), mean_s3=float(tri["mean_s3"]), mean_s2=float(tri["mean_s2"]))
     result = LayerResult(rows=pd.DataFrame(rows), summary=summary)
+    grads = grad_cos if gradients is not None else None
     if graphs is not None:
         cap = graphs.get("max_channels")
         k = C if cap is None else min(C, int(cap))   # no cap by default: MobileNetV2 ends at 1280
         sub = cov[: k + 1, : k + 1]
         r_x = pairwise_overlap_from_moments(sub).cpu().double().numpy()
         s = pairwise_target_excess_from_moments(sub).cpu().double().numpy()
-        kw = dict(fraction=graphs["edge_fraction"], null_shuffles=graphs["null_shuffles"], seed=seed,
-                  null_se=graphs.get("null_se"))
-        if graph_pool is None:
-            result.add_groupings(compare_groupings(r_x, s, **kw), C, k)
-        else:
-            result.pending = (graph_pool.submit(compare_groupings, r_x, s, **kw), C, k)
         if keep_matrices:
             result.r_x, result.s = r_x, s
-    if grad_cos is not None and gradients is not None:
-        # whitened: the ≈ 0 check, where Σ_X was kept
-        for key in (k for k in ("cos_euclid", "cos_whitened") if k in grad_cos):
-            result.rows[f"grad_{key}"] = grad_cos[key].numpy()
-            summary[f"grad_{key}_median"] = float(grad_cos[key].abs().median())
+        kw = dict(fraction=graphs["edge_fraction"], null_shuffles=graphs["null_shuffles"], seed=seed,
+                  null_se=graphs.get("null_se"))
+        if graph_pool is not None:   # the groupings and what follows them arrive in resolve()
+            result.pending = (graph_pool.submit(compare_groupings, r_x, s, **kw), C, k, grads)
+            return result
+        result.add_groupings(compare_groupings(r_x, s, **kw), C, k)
+    result.add_gradients(grads)
     return result
 
 
