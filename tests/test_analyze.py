@@ -177,7 +177,7 @@ def test_analyze_cli_one_line_error(tmp_path):
 def test_patches_reproduce_the_conv_output(padding):
     """Patch · filter at sampled positions equals the conv's output there, for every padding form
     (the gradient cosines are built from these patches)."""
-    from axes_pipeline.capture.activations import _patches_at
+    from axes_pipeline.capture.activations import _patches_at, patch_order
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 5, (3, 4), padding=padding, dilation=(1, 2), bias=False)
@@ -186,7 +186,7 @@ def test_patches_reproduce_the_conv_output(padding):
     b = torch.tensor([0, 1, 1, 0])
     oh = torch.tensor([0, y.shape[2] - 1, 2, 1])
     ow = torch.tensor([0, y.shape[3] - 1, 1, 3])
-    got = _patches_at(x, conv, b, oh, ow) @ conv.weight.flatten(1).T
+    got = _patches_at(x, conv, b, oh, ow) @ conv.weight.flatten(1)[:, patch_order(conv)].T   # (kh, kw, Cin) order
     torch.testing.assert_close(got, y[b, :, oh, ow], rtol=1e-5, atol=1e-5)
 
 

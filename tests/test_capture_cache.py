@@ -159,8 +159,11 @@ def test_patch_moments_agree_with_the_channels_they_produce(both):
         tol = dict(rtol=1e-4, atol=1e-6 * float(cov.abs().max()))
         torch.testing.assert_close(w @ m.cov_xt(), cov[1:, 0], **tol)
         torch.testing.assert_close(w @ m.cov_xy(), cov[1:, 1:], **tol)
-        cxy, cxt, _ = m.whitened_moments()
+        cxy, cxt, sigma = m.whitened_moments()
         sub = torch.cat([t[:200, None], a[:200]], 1)
         ref = torch.cov(sub.T)
         torch.testing.assert_close(w @ cxt, ref[1:, 0], **tol)
         torch.testing.assert_close(w @ cxy, ref[1:, 1:], **tol)
+        torch.testing.assert_close(w @ sigma @ w.T, ref[1:, 1:], **tol)
+        # the capture streams 3×3 patches in (kh, kw, Cin) order: the readers above return the filter's
+        assert m.perm is not None and not torch.equal(m.perm, torch.arange(len(m.perm)))

@@ -153,9 +153,21 @@ def _sample_positions(batch: int, hw: int, s: int, gen: torch.Generator) -> torc
     return torch.arange(hw).expand(batch, hw)
 
 
+def patch_order(conv: torch.nn.Module) -> torch.Tensor | None:
+    """Where :func:`_patches_at`'s coordinates sit in the flattened filter: coordinate r of a patch is
+    coordinate ``perm[r]`` of ``weight.flatten(1)`` (None: the same order, as for 1×1 convs)."""
+    if isinstance(conv, torch.nn.Linear) or tuple(conv.kernel_size) == (1, 1):
+        return None
+    kh, kw = conv.kernel_size
+    coords = torch.arange(conv.in_channels * kh * kw, device=conv.weight.device)
+    return coords.view(conv.in_channels, kh, kw).permute(1, 2, 0).reshape(-1)
+
+
 def _patches_at(x: torch.Tensor, conv: torch.nn.Module, b_idx: torch.Tensor, oh: torch.Tensor,
                 ow: torch.Tensor) -> torch.Tensor:
-    """Input patches of ``conv`` at output positions (b, oh, ow): ``[n, Cin·kh·kw]`` (weight layout).
+    """Input patches of ``conv`` at output positions (b, oh, ow): ``[n, kh·kw·Cin]``, in the order
+    the gather yields them, (kh, kw, Cin) (:func:`patch_order` maps it to the filter's (Cin, kh, kw):
+    permuting the patches instead would copy every patch matrix once more).
 
     ``x: [B, Cin, H, W]``. A channels-last ``nn.Linear`` unit is a 1×1 conv: its patch is the input
     feature vector at the position (``x`` already brought to ``[B, Cin, H, W]``)."""
@@ -173,7 +185,7 @@ def _patches_at(x: torch.Tensor, conv: torch.nn.Module, b_idx: torch.Tensor, oh:
     rows = oh[:, None] * sh + torch.arange(kh, device=x.device)[None] * dh      # [n, kh]
     cols = ow[:, None] * sw + torch.arange(kw, device=x.device)[None] * dw      # [n, kw]
     patch = xp[b_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]     # [n, kh, kw, Cin]
-    return patch.permute(0, 3, 1, 2).reshape(len(b_idx), -1)
+    return patch.reshape(len(b_idx), -1)
 
 
 class _LayerRecorder:
@@ -262,18 +274,20 @@ class _LayerRecorder:
 
         In chunks of images, so the patches of a deep layer (4,096 rows × 4,608 for a batch of
         256) never exist whole. Cov(x, y) over all rows takes the float32 products of one chunk
-        into float64 sums (cos_euclid moves by ~1e-8); the whitened cosine is a zero check held
-        to 1e-4 (METHODS §5), so the Σ_X subsample takes float32 products too (they move it by
-        ~1e-6), summed in float64 and solved in float64."""
+        into float64 sums (cos_euclid moves by < 5e-7); the whitened cosine is a zero check held
+        to 1e-4 (METHODS §5), so the Σ_X subsample takes float32 products too, one per batch
+        (they move it by < 4e-5), summed in float64 and solved in float64."""
         pos, _, W = self._pos
         B = pos.shape[0]
         k = self.per_image
         step = max(1, PATCH_ROWS // k)
         inp = inp.float()
         if self.moments is None:
-            self.moments = PatchMoments.empty(with_sigma_x=self.sigma_rows > 0)
+            self.moments = PatchMoments.empty(with_sigma_x=self.sigma_rows > 0, perm=patch_order(self.unit.conv))
         m = self.moments
         img_x, full, partial = [], 0, None
+        sub_x, sub_y = [], []
+        wanted = max(0, self.sigma_rows - m.rows_xx) if m.sxx is not None else 0
         for b0 in range(0, B, step):
             b1 = min(B, b0 + step)
             b_idx = torch.arange(b1 - b0, device=pos.device).repeat_interleave(k)
@@ -282,14 +296,22 @@ class _LayerRecorder:
             y = samples[b0 * k: b1 * k]
             m.xy.update(x, y)
             img_x.append(x.reshape(b1 - b0, k, -1).sum(1).double())    # [b, D]; k float32 values each
-            take = x[: max(0, self.sigma_rows - m.rows_xx)] if m.sxx is not None else x[:0]
+            take = x[: max(0, wanted - sum(len(t) for t in sub_x))]
             if len(take):
-                m.sxx.update(take)
-                m.sxy.update(take, y[: len(take)])
+                sub_x.append(take)
+                sub_y.append(y[: len(take)])
                 # rows are image-major: the subsample holds whole images, then maybe part of one
                 whole, rest = divmod(len(take), k)
                 full = b0 + whole
                 partial = (take[whole * k:].sum(0, dtype=torch.float64), rest) if rest else None
+        if sub_x:
+            # the subsample's rows of this batch in one update: the float64 accumulation of a D×D
+            # product is as costly as the product itself, so it is done once per batch, not per
+            # chunk (the check's float32 products then span up to a batch of rows: METHODS §5)
+            take = torch.cat(sub_x)
+            m.sxx.update(take)
+            m.sxy.update(take, torch.cat(sub_y))
+            del take, sub_x, sub_y
         self._img_x = torch.cat(img_x)
         if m.sxx is not None or full:
             self._sub = (full, partial)

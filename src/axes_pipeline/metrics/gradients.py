@@ -59,11 +59,23 @@ class PatchMoments:
     sxx: Moments | None = None
     sxy: Moments | None = None
     sxt: Moments | None = None
+    #: the streamed rows' patch order: coordinate r of the rows is coordinate ``perm[r]`` of the
+    #: flattened filter (None: the filter's own order). The capture streams patches in the order
+    #: its gather yields them, (kh, kw, Cin), which saves a copy of every patch matrix; every
+    #: reader below returns the filter's (Cin, kh, kw) order.
+    perm: Tensor | None = None
 
     @classmethod
-    def empty(cls, with_sigma_x: bool) -> PatchMoments:
+    def empty(cls, with_sigma_x: bool, perm: Tensor | None = None) -> PatchMoments:
         sub = (Moments(upper=True), Moments(), Moments()) if with_sigma_x else (None, None, None)
-        return cls(Moments(), Moments(), *sub)
+        return cls(Moments(), Moments(), *sub, perm=perm)
+
+    def _filter_order(self, m: Tensor, both: bool = False) -> Tensor:
+        """``m`` (rows in streamed order; ``both``: columns too) in the filter's order."""
+        if self.perm is None:
+            return m
+        inv = torch.argsort(self.perm.to(m.device))
+        return m[inv][:, inv] if both else m[inv]
 
     def update(self, x: Tensor, y: Tensor, t: Tensor) -> None:
         """Add rows ``x: [n, D]``, ``y: [n, C]``, ``t: [n]`` (float64 products; Σ_X on every row)."""
@@ -90,22 +102,22 @@ class PatchMoments:
 
     def cov_xy(self) -> Tensor:
         """Cov(x_patch, y) = Σ_X w for a pre-BN channel: ``[D, C]``."""
-        return self.xy.compute()
+        return self._filter_order(self.xy.compute())
 
     def cov_xt(self) -> Tensor:
         """Cov(x_patch, T): ``[D]``."""
-        return self.xt.compute()[:, 0]
+        return self._filter_order(self.xt.compute())[:, 0]
 
     def sigma_x(self) -> Tensor | None:
         """Σ_X over the subsample ``[D, D]``, or None (not formed, or fewer than 2 rows)."""
-        return self.sxx.compute() if self.rows_xx >= 2 else None
+        return self._filter_order(self.sxx.compute(), both=True) if self.rows_xx >= 2 else None
 
     def whitened_moments(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """(Cov(x, y) [D, C], Cov(x, T) [D], Σ_X [D, D]) all over the Σ_X subsample, or None."""
         sigma = self.sigma_x()
         if sigma is None:
             return None
-        return self.sxy.compute(), self.sxt.compute()[:, 0], sigma
+        return self._filter_order(self.sxy.compute()), self._filter_order(self.sxt.compute())[:, 0], sigma
 
     def free_sigma_x(self) -> None:
         """Drop the subsample's accumulators (Σ_X is up to 4608² float64, 170 MB). Reset first: a
@@ -126,7 +138,10 @@ class PatchMoments:
         """Per-channel gradient cosines of the conv with ``weight`` (METHODS §5): ``cos_euclid``
         ``[C]`` and, where Σ_X was kept, ``cos_whitened`` ``[C]`` (the built-in ≈ 0 check)."""
         w = weight.detach().double().flatten(1).to(self.xy.state.device)
-        out = {"cos_euclid": gradient_cosines(self.cov_xy().T.contiguous(), self.cov_xt(), w)["cos_euclid"].cpu()}
+        if self.perm is not None:   # the filter in the streamed order (the cosines do not depend on it)
+            w = w[:, self.perm.to(w.device)]
+        out = {"cos_euclid": gradient_cosines(self.xy.compute().T.contiguous(), self.xt.compute()[:, 0],
+                                              w)["cos_euclid"].cpu()}
         if self.rows_xx >= 2:  # Σ_X w and Σ_X from the same rows, so this must be ≈ 0
             cxy, cxt = self.sxy.compute(), self.sxt.compute()[:, 0]
             out["cos_whitened"] = gradient_cosines(cxy.T.contiguous(), cxt, w,
@@ -218,11 +233,13 @@ def gradient_cosines(sx_w: Tensor, c: Tensor, w: Tensor, sigma_x: Tensor | Calla
         nu = (u * zu).sum(1).clamp(min=0).sqrt()
         ng = (g * zg).sum(1).clamp(min=0).sqrt()
     elif sigma_x is not None or fresh_sigma is not None:
-        # u' Sigma_X^-1 g = (L^-1 u)'(L^-1 g): one triangular solve per side, half a full solve
+        # u' Sigma_X^-1 g = (L^-1 u)'(L^-1 g), and as g_i = c - a_i u_i, L^-1 g_i = L^-1 c - a_i L^-1 u_i:
+        # one triangular solve with C columns and one with a single column
         chol = _cholesky_factor(fresh_sigma or (lambda: sigma_x.to(torch.float64).clone()), ridge)
         zu = torch.linalg.solve_triangular(chol, u.T, upper=False)  # [D, C]
-        zg = torch.linalg.solve_triangular(chol, g.T, upper=False)
+        zc = torch.linalg.solve_triangular(chol, cc[:, None], upper=False)  # [D, 1]
         del chol
+        zg = zc - _safe_div(b, sig)[None, :] * zu
         inner = (zu * zg).sum(0)
         nu, ng = zu.norm(dim=0), zg.norm(dim=0)
     if sigma_x is not None or fresh_sigma is not None:
