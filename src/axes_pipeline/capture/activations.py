@@ -42,7 +42,8 @@ SPATIAL = ("sample", "gap")
 #: Patch rows extracted at once (a chunk of images), see ``_LayerRecorder.stream_patches``.
 PATCH_ROWS = 512
 #: Version of what :func:`save_capture` writes; a cache file of another version is recomputed.
-CACHE_FORMAT = 2
+#: 3: the whitened check's Σ_X products per batch (its cached values moved by up to ~1e-5).
+CACHE_FORMAT = 3
 
 
 @dataclass
