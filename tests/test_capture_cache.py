@@ -10,6 +10,7 @@ import torch
 from axes_pipeline.analyses.lesion_engine import peer_regression, standardised
 from axes_pipeline.axes.table import layer_analysis
 from axes_pipeline.capture import capture_activations, load_capture, save_capture
+from axes_pipeline.capture.activations import CACHE_FORMAT
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics.gaussian import standardise
 from axes_pipeline.models import build_model, conv_norm_pairs
@@ -100,7 +101,7 @@ def test_cache_holds_no_samples_and_is_small(both, tmp_path):
     path = tmp_path / "c.pt"
     save_capture(lean, path)
     blob = torch.load(path, weights_only=True)
-    assert blob["format"] == 2 and not {"acts", "target", "patches"} & set(blob)
+    assert blob["format"] == CACHE_FORMAT and not {"acts", "target", "patches"} & set(blob)
     c_plus_1 = sum(u.conv.out_channels + 1 for u in units.values())
     # upper triangles of the (T, Y) covariances dominate: well under a float64 square each
     assert path.stat().st_size < 8 * sum((u.conv.out_channels + 1) ** 2 for u in units.values()) + 200_000
