@@ -42,9 +42,11 @@ def test_analyze_end_to_end(tiny_run):
         assert col in layers.columns, col
     assert not axes[list(AXES_KEYS)].isna().any().any()
     assert layers["grad_cos_whitened_median"].abs().max() < 1e-4      # the built-in correctness check
-    # ... on gradients.check_layers = 6 depth-spaced layers (METHODS §5), first and last included
+    # ... on gradients.check_layers = 6 depth-spaced layers (METHODS §5), first and last included, and
+    # the narrowest layer of a patch geometry none of them has (ResNet-18's 1×1 stride-2 shortcut here)
     checked = layers.loc[layers["grad_cos_whitened_median"].notna(), "layer"].tolist()
-    assert len(checked) == 6 and checked[0] == layers["layer"].iloc[0] and checked[-1] == layers["layer"].iloc[-1]
+    assert len(checked) == 7 and checked[0] == layers["layer"].iloc[0] and checked[-1] == layers["layer"].iloc[-1]
+    assert "layer2.0.downsample.0" in checked
     assert layers["grad_cos_euclid_median"].notna().all()
     for png in ("scatter_ix_it", "depth_profile", "communities"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000
@@ -61,12 +63,30 @@ def test_whitened_check_layers_are_depth_spaced_dense_layers():
     units = conv_norm_pairs(build_model("mobilenetv2", 10, width=0.25))
     dense = [n for n, u in units.items() if u.groups == 1]
     assert len(dense) < len(units)
-    settings = {"gradients.check_layers": 6, "gradients.max_patch_dim": 4608}
+    settings = {"gradients.check_layers": 6, "gradients.max_patch_dim": 4608, "gradients.check_max_dim": None}
     picked = whitened_check_layers(units, settings, "pre_bn")
     assert len(picked) == 6 and set(picked) <= set(dense) and (picked[0], picked[-1]) == (dense[0], dense[-1])
     assert picked == sorted(picked, key=dense.index)
     assert whitened_check_layers(units, {**settings, "gradients.check_layers": None}, "pre_bn") is None
     assert whitened_check_layers(units, {**settings, "gradients.check_layers": 0}, "pre_bn") == []
+
+
+def test_whitened_check_layers_skip_wide_patches_but_cover_every_geometry():
+    """gradients.check_max_dim: the depth-spaced layers are chosen among patches at most that wide
+    (VGG-16's 4,608-wide last six convs are not checked at the default 2,304), and each patch
+    geometry (kernel, stride, padding, dilation) is checked at its narrowest layer when none of the
+    chosen ones has it (ResNet-18's 3×3 stride-2 convs, all wider than the cap here)."""
+    from axes_pipeline.axes.table import whitened_check_layers
+    from axes_pipeline.capture import patch_dim
+
+    settings = {"gradients.check_layers": 6, "gradients.max_patch_dim": 4608, "gradients.check_max_dim": 2304}
+    vgg = conv_norm_pairs(build_model("vgg16", 100))
+    picked = whitened_check_layers(vgg, settings, "pre_bn")
+    assert len(picked) == 6 and max(patch_dim(vgg[n]) for n in picked) == 2304
+    assert picked[0] == next(iter(vgg)) and picked == sorted(picked, key=list(vgg).index)
+    resnet = conv_norm_pairs(build_model("resnet18", 100))
+    picked = whitened_check_layers(resnet, {**settings, "gradients.check_max_dim": 100}, "pre_bn")
+    assert picked == ["conv1", "layer2.0.conv1", "layer2.0.downsample.0"]     # 27, 576 (3×3 stride 2), 64 wide
 
 
 def test_metric_knobs_reuse_the_capture(tiny_run):
@@ -188,6 +208,29 @@ def test_patches_reproduce_the_conv_output(padding):
     ow = torch.tensor([0, y.shape[3] - 1, 1, 3])
     got = _patches_at(x, conv, b, oh, ow) @ conv.weight.flatten(1)[:, patch_order(conv)].T   # (kh, kw, Cin) order
     torch.testing.assert_close(got, y[b, :, oh, ow], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding, stride", [(1, 1), ("same", 1), ("valid", 1), ((2, 0), 2)])
+def test_patch_blocks_are_the_patches_without_their_padding(padding, stride):
+    """Streamed by kernel offset, each block holds exactly the rows where that offset falls inside
+    the map, and the blocks put back together (zeros elsewhere) are the patches."""
+    from axes_pipeline.capture.activations import _patch_blocks, _patches_at
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, (3, 4), padding=padding, stride=stride, dilation=(1, 2), bias=False)
+    x = torch.randn(2, 3, 9, 10) + 5.0       # no input value is 0: a 0 in the patches is padding
+    y = conv(x)
+    b = torch.tensor([0, 1, 1, 0, 1])
+    oh = torch.tensor([0, y.shape[2] - 1, 2, 1, 0])
+    ow = torch.tensor([0, y.shape[3] - 1, 1, y.shape[3] - 1, min(2, y.shape[3] - 1)])
+    dense = _patches_at(x, conv, b, oh, ow)
+    blocks = _patch_blocks(x, conv, b, oh, ow)
+    assert blocks.n == len(b) and blocks.width == dense.shape[1] and len(blocks.blocks) == 12
+    rebuilt = torch.zeros_like(dense)
+    for i, (rows, vals) in enumerate(blocks.blocks):
+        rebuilt[rows, 3 * i:3 * i + 3] = vals
+    torch.testing.assert_close(rebuilt, dense, rtol=0, atol=0)
+    assert sum(len(r) for r, _ in blocks.blocks) * 3 == int((dense != 0).sum())    # no padding in a block
 
 
 def test_analyses_are_registered_with_their_checks():

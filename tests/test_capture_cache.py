@@ -148,6 +148,28 @@ def test_patch_moments_do_not_depend_on_the_chunking(both, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} subsample {f}")
 
 
+def test_patch_moments_streamed_by_kernel_offset_equal_the_dense_patches(both, monkeypatch):
+    """Cov(x, y) streamed by kernel offset (wide convs, the padding's zeros skipped) is the dense
+    patches' to float32 level, and so is everything else the capture streams beside it."""
+    import axes_pipeline.capture.activations as act
+
+    model, units, full, _ = both
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(24, 3, 16, 16, generator=gen) + 3.0, torch.randint(0, 10, (24,), generator=gen))
+            for _ in range(3)]
+    monkeypatch.setattr(act, "BLOCK_MIN_CIN", 1)     # every 3×3 conv of the small ResNet
+    monkeypatch.setattr(act, "BLOCK_ROWS", 13)       # 2 images of 6 samples per chunk
+    blocked = capture_activations(model, units, data, samples_per_image=6, seed=2, patch_moments=True,
+                                  sigma_rows=200, progress=False, keep_samples=True)
+    for name, m in full.patches.items():
+        c = blocked.patches[name]
+        assert (c.n, c.rows_xx) == (m.n, m.rows_xx) == (432, 200)
+        torch.testing.assert_close(c.cov_xy(), m.cov_xy(), rtol=1e-5, atol=1e-6, msg=f"{name} cov_xy")
+        torch.testing.assert_close(c.cov_xt(), m.cov_xt(), rtol=1e-6, atol=1e-7, msg=f"{name} cov_xt")
+        for f, a, b in zip(("cov_xy", "cov_xt", "sigma_x"), c.whitened_moments(), m.whitened_moments()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} subsample {f}")
+
+
 def test_patch_moments_agree_with_the_channels_they_produce(both):
     """y = w'x (+ bias) for a pre-BN channel, so W·Cov(x, T) = Cov(Y, T) and W·Cov(x, Y) = Cov(Y, Y)
     over the same rows: an independent check of the per-image T sums and of the Σ_X subsample.

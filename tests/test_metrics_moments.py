@@ -13,6 +13,7 @@ from axes_pipeline.capture import capture_activations
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics import ActivationMoments, Moments, covariance
 from axes_pipeline.metrics.gaussian import gram
+from axes_pipeline.metrics.moments import RowBlocks
 from axes_pipeline.models import conv_norm_pairs
 
 
@@ -143,6 +144,37 @@ def test_activation_moments_are_the_per_batch_chan_merge_to_the_bit(channels):
     assert torch.equal(acc.mean, mean)
 
 
+def _blocks(u: np.ndarray, lo: int, hi: int, width: int, seed: int = 3):
+    """Rows lo:hi of ``u`` as RowBlocks of ``width`` columns, each block zero on a random half of
+    the rows (``u`` is zeroed there in place, so the dense rows are the same numbers)."""
+    gen = np.random.default_rng(seed + lo)
+    blocks = []
+    for a0 in range(0, u.shape[1], width):
+        listed = np.sort(gen.choice(hi - lo, size=min(hi - lo, (hi - lo) // 2 + a0 % 3), replace=False))
+        zero = np.setdiff1d(np.arange(hi - lo), listed)
+        u[lo + zero, a0:a0 + width] = 0.0
+        blocks.append((torch.from_numpy(listed), torch.from_numpy(u[lo + listed, a0:a0 + width])))
+    return RowBlocks(hi - lo, blocks)
+
+
+def test_row_blocks_equal_their_dense_rows():
+    """Rows given by column blocks with implicit zeros (a conv's patches at a padded border) give
+    the moments of the dense rows: against the slow loop, far from 0 (the zeros are −shift)."""
+    u, v = _rows(n=400, p=6, offset=50.0)
+    acc, start = Moments(), 0
+    for size in (1, 150, 249):
+        acc.update(_blocks(u, start, start + size, width=2), torch.from_numpy(v[start:start + size]))
+        start += size
+    assert (u == 0).mean() > 0.3
+    _close(acc.compute(), _slow_cross_covariance(u, v))
+    np.testing.assert_allclose(acc.mean_u.numpy(), u.mean(0), rtol=1e-12)
+    assert acc.count == len(u)
+    with pytest.raises(UserError, match="columns"):
+        acc.update(_blocks(u[:10, :4].copy(), 0, 10, width=2), torch.from_numpy(v[:10]))
+    with pytest.raises(UserError, match="one row per row"):
+        Moments().update(_blocks(u[:10].copy(), 0, 10, width=2), torch.from_numpy(v[:9]))
+
+
 def test_float32_rows_stay_within_float32_of_float64():
     u, v = _rows(n=2000, p=40, q=8, offset=5.0)
     exact = _stream(Moments(), u, v, sizes=(1000, 1000)).compute()
@@ -203,8 +235,14 @@ def _old_cosines(x: np.ndarray, y: np.ndarray, t: np.ndarray, w: np.ndarray, row
             "cos_whitened": cosines(cov(xs, ys), cov(xs, ts)[:, 0], cov(xs, xs))}
 
 
-def test_capture_gradient_cosines_equal_the_old_float64_sums(monkeypatch):
+@pytest.mark.parametrize("by_offset", [False, True])
+def test_capture_gradient_cosines_equal_the_old_float64_sums(monkeypatch, by_offset):
+    """Both ways the capture streams Cov(x, y): dense patches, and by kernel offset with the padding
+    skipped (4×4 maps: 7 of 16 positions have padding in their patch)."""
     import axes_pipeline.capture.activations as act
+
+    monkeypatch.setattr(act, "BLOCK_MIN_CIN", 1 if by_offset else 10**9)
+    monkeypatch.setattr(act, "BLOCK_ROWS", 50)
 
     torch.manual_seed(0)
     model = _Tiny().eval()

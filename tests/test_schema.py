@@ -115,11 +115,11 @@ def test_defaults_are_the_old_yaml_values(tmp_path):
     assert OmegaConf.to_container(cfg.metrics) == {
         "sigma0": "median", "hull_eps": 0.05, "hull_max": 10, "hull_order": "correlation", "ridge": 1e-3, "pool": 50,
         "top": 10, "peers": "layer", "dtype": "float64"}
-    # null_se, check_layers: issue 22 (the null's standard-error stop, the whitened check's layers)
+    # null_se, check_layers, check_max_dim: issue 22 (the null's standard-error stop, the whitened check's layers)
     assert OmegaConf.to_container(cfg.graphs) == {"edge_fraction": 0.1, "null_shuffles": 20, "null_se": 0.002,
                                                   "max_channels": None}
     assert OmegaConf.to_container(cfg.gradients) == {"enabled": True, "max_patch_dim": 4608, "sigma_rows": 8192,
-                                                     "check_layers": 6}
+                                                     "check_layers": 6, "check_max_dim": 2304}
     assert OmegaConf.to_container(cfg.analysis) == {"axes": {"recompute": False}}
     assert cfg.paths.run_dir == str(tmp_path / "runs" / "default" / "digits-resnet18-w1.0" / "seed42")
     assert OmegaConf.to_container(cfg.data) == {

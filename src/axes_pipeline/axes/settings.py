@@ -69,6 +69,10 @@ class GradientsConfig:
     # the whitened check (a zero check, METHODS §5) on this many depth-spaced layers of those with
     # patch moments; null = on every one, 0 = on none (Σ_X costs sigma_rows·D² per layer)
     check_layers: int | None = count(6, least=0)
+    # ... chosen among the patches at most this wide (null: any), plus every patch geometry at its
+    # narrowest layer (Σ_X costs D² a row, its solve D³: with two 4,608-wide layers the check was 0.9×
+    # VGG-16-BN's forward pass; METHODS §5)
+    check_max_dim: int | None = count(2304)
 
 
 @dataclass

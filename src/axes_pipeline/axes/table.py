@@ -28,6 +28,8 @@ from axes_pipeline.capture import (
     check_finite,
     has_patch_moments,
     load_capture,
+    patch_dim,
+    patch_geometry,
     save_capture,
 )
 from axes_pipeline.devices import resolve_device
@@ -219,17 +221,32 @@ def capture_settings(cfg: DictConfig) -> dict:
     return {**capture_knobs(cfg), "gradients": bool(cfg.gradients.enabled) and c.point == "pre_bn",
             "gradients.max_patch_dim": int(cfg.gradients.max_patch_dim),
             "gradients.sigma_rows": int(cfg.gradients.sigma_rows),
-            "gradients.check_layers": cfg.gradients.check_layers, "capture.positions": POSITIONS}
+            "gradients.check_layers": cfg.gradients.check_layers,
+            "gradients.check_max_dim": cfg.gradients.check_max_dim, "capture.positions": POSITIONS}
 
 
 def whitened_check_layers(units: dict, settings: dict, point: str) -> list[str] | None:
-    """The layers the whitened check runs on (``gradients.check_layers`` depth-spaced ones among those
-    with patch moments, in forward order); None: every one."""
+    """The layers the whitened check runs on (METHODS §5), in forward order; None: every one.
+
+    ``gradients.check_layers`` depth-spaced ones among the layers with patch moments whose patch is
+    at most ``gradients.check_max_dim`` wide, and every patch geometry (kernel, stride, padding,
+    dilation) of the layers with patch moments at its narrowest layer when none of those has it:
+    what the check can catch (a wrong patch extraction, a filter/channel mismatch, a broken solve)
+    depends on the geometry, not on the width, while its Σ_X costs D² a row and its solve D³."""
     k = settings["gradients.check_layers"]
     if k is None:
         return None
+    if int(k) == 0:
+        return []
     dense = [n for n, u in units.items() if has_patch_moments(u, point, settings["gradients.max_patch_dim"])]
-    return evenly_spaced(dense, int(k)) if int(k) > 0 else []
+    cap = settings["gradients.check_max_dim"]
+    picked = set(evenly_spaced([n for n in dense if cap is None or patch_dim(units[n]) <= cap], int(k)))
+    covered = {patch_geometry(units[n]) for n in picked}
+    for n in sorted(dense, key=lambda n: patch_dim(units[n])):
+        if patch_geometry(units[n]) not in covered:
+            covered.add(patch_geometry(units[n]))
+            picked.add(n)
+    return [n for n in dense if n in picked]
 
 
 def capture_identity(cfg: DictConfig, ckpt: Path) -> dict:

@@ -34,7 +34,7 @@ from axes_pipeline.capture.targets import target_from_logits
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import covariance
 from axes_pipeline.metrics.gradients import PatchMoments
-from axes_pipeline.metrics.moments import ActivationMoments
+from axes_pipeline.metrics.moments import ActivationMoments, RowBlocks
 from axes_pipeline.runs import atomic_path, fingerprint
 
 POINTS = ("pre_bn", "post_bn", "post_act")
@@ -177,16 +177,55 @@ def _patches_at(x: torch.Tensor, conv: torch.nn.Module, b_idx: torch.Tensor, oh:
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     dh, dw = conv.dilation
-    if conv.padding == "same":   # stride 1 only (torch's rule); the total padding may be odd
-        th, tw = dh * (kh - 1), dw * (kw - 1)
-        xp = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
-    else:
-        ph, pw = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
-        xp = F.pad(x, (pw, pw, ph, ph))
+    top, bottom, left, right = _pads(conv)
+    xp = F.pad(x, (left, right, top, bottom))
     rows = oh[:, None] * sh + torch.arange(kh, device=x.device)[None] * dh      # [n, kh]
     cols = ow[:, None] * sw + torch.arange(kw, device=x.device)[None] * dw      # [n, kw]
     patch = xp[b_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]     # [n, kh, kw, Cin]
     return patch.reshape(len(b_idx), -1)
+
+
+def _pads(conv: torch.nn.Conv2d) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding of ``conv``'s input."""
+    kh, kw = conv.kernel_size
+    dh, dw = conv.dilation
+    if conv.padding == "same":   # stride 1 only (torch's rule); the total padding may be odd
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return th // 2, th - th // 2, tw // 2, tw - tw // 2
+    ph, pw = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
+    return ph, ph, pw, pw
+
+
+def _patch_blocks(x: torch.Tensor, conv: torch.nn.Conv2d, b_idx: torch.Tensor, oh: torch.Tensor,
+                  ow: torch.Tensor) -> RowBlocks:
+    """:func:`_patches_at`'s rows as :class:`RowBlocks`, one block per kernel offset (kh, kw) (the
+    same (kh, kw, Cin) column order): each block holds the ``[m, Cin]`` input vectors of the rows
+    whose offset falls inside the map, and the rows where it falls on the padding are zeros that
+    are never formed nor multiplied (5 of 9 offsets of a 2×2 map's corner positions)."""
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    top, _, left, _ = _pads(conv)
+    H, W = x.shape[-2:]
+    # the input's pixels as rows (one copy of the map): each block is then one gather of whole rows
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    blocks = []
+    for i in range(kh):
+        r = oh * sh + i * dh - top
+        for j in range(kw):
+            c = ow * sw + j * dw - left
+            rows = ((r >= 0) & (r < H) & (c >= 0) & (c < W)).nonzero()[:, 0]
+            blocks.append((rows, pixels.index_select(0, (b_idx[rows] * H + r[rows]) * W + c[rows])))
+    return RowBlocks(len(b_idx), blocks)
+
+
+#: Conv inputs from this many channels on stream Cov(x, y) by kernel offset (:func:`_patch_blocks`):
+#: from 256 channels it took a third to two thirds of the dense patches' time per batch, at 128
+#: (16×16 maps) about the same, at 64 half as much again (small GEMMs, nine times the calls).
+BLOCK_MIN_CIN = 256
+#: Rows per Cov(x, y) product when streamed by kernel offset (a batch of 256 images at s = 16):
+#: nothing of D width is formed there, so the chunk can be a batch.
+BLOCK_ROWS = 4096
 
 
 class _LayerRecorder:
@@ -202,6 +241,8 @@ class _LayerRecorder:
         self.per_image: int | None = None    # samples per image actually taken: min(s, H·W) (1 with gap)
         self.acc = ActivationMoments() if stream_moments else None
         self.want_patches = patch_moments and has_patch_moments(unit, point, max_patch_dim)
+        self.by_offset = (isinstance(unit.conv, torch.nn.Conv2d) and tuple(unit.kernel_size) != (1, 1)
+                          and unit.in_channels >= BLOCK_MIN_CIN)
         self.sigma_rows = sigma_rows
         self.moments: PatchMoments | None = None
         self.whitened: torch.Tensor | None = None   # cos_whitened, once the Σ_X subsample is complete
@@ -273,49 +314,59 @@ class _LayerRecorder:
         """Accumulate the patch moments of this batch that do not involve T, and the per-image
         patch sums that the T terms need (T is one value per image: Σ_rows x·t = Σ_img t·Σ_s x).
 
-        In chunks of images, so the patches of a deep layer (4,096 rows × 4,608 for a batch of
-        256) never exist whole. Cov(x, y) over all rows takes the float32 products of one chunk
-        into float64 sums (cos_euclid moves by < 5e-7); the whitened cosine is a zero check held
-        to 1e-4 (METHODS §5), so the Σ_X subsample takes float32 products too, one per batch
-        (they move it by < 4e-5), summed in float64 and solved in float64."""
+        Cov(x, y) over all rows takes float32 products into float64 sums (cos_euclid moves by
+        < 5e-7), in chunks of images so that the patches of a deep layer (4,096 rows × 4,608 for
+        a batch of 256) never exist whole; a conv with a kernel and ≥ ``BLOCK_MIN_CIN`` input
+        channels streams them by kernel offset instead (:func:`_patch_blocks`: no patch matrix at
+        all, and the padding's zeros skipped). The whitened cosine is a zero check held to 1e-4
+        (METHODS §5), so the Σ_X subsample takes float32 products too, one per batch (they move it
+        by < 4e-5), summed in float64 and solved in float64."""
         pos, _, W = self._pos
         B = pos.shape[0]
         k = self.per_image
-        step = max(1, PATCH_ROWS // k)
         inp = inp.float()
         if self.moments is None:
             self.moments = PatchMoments.empty(with_sigma_x=self.sigma_rows > 0, perm=patch_order(self.unit.conv))
-        m = self.moments
-        img_x, full, partial = [], 0, None
-        sub_x, sub_y = [], []
-        wanted = max(0, self.sigma_rows - m.rows_xx) if m.sxx is not None else 0
+        m, conv = self.moments, self.unit.conv
+        step = max(1, (BLOCK_ROWS if self.by_offset else PATCH_ROWS) // k)
+        img_x = []
         for b0 in range(0, B, step):
             b1 = min(B, b0 + step)
             b_idx = torch.arange(b1 - b0, device=pos.device).repeat_interleave(k)
             flat = pos[b0:b1].reshape(-1)
-            x = _patches_at(inp[b0:b1], self.unit.conv, b_idx, flat // W, flat % W)         # [rows, D] float32
             y = samples[b0 * k: b1 * k]
-            m.xy.update(x, y)
-            img_x.append(x.reshape(b1 - b0, k, -1).sum(1).double())    # [b, D]; k float32 values each
-            take = x[: max(0, wanted - sum(len(t) for t in sub_x))]
-            if len(take):
-                sub_x.append(take)
-                sub_y.append(y[: len(take)])
-                # rows are image-major: the subsample holds whole images, then maybe part of one
-                whole, rest = divmod(len(take), k)
-                full = b0 + whole
-                partial = (take[whole * k:].sum(0, dtype=torch.float64), rest) if rest else None
-        if sub_x:
-            # the subsample's rows of this batch in one update: the float64 accumulation of a D×D
-            # product is as costly as the product itself, so it is done once per batch, not per
-            # chunk (the check's float32 products then span up to a batch of rows: METHODS §5)
-            take = torch.cat(sub_x)
-            m.sxx.update(take)
-            m.sxy.update(take, torch.cat(sub_y))
-            del take, sub_x, sub_y
+            if self.by_offset:
+                x = _patch_blocks(inp[b0:b1], conv, b_idx, flat // W, flat % W)
+                m.xy.update(x, y)
+                img_x.append(torch.cat([inp.new_zeros(b1 - b0, v.shape[1]).index_add_(0, b_idx[rows], v)
+                                        for rows, v in x.blocks], dim=1).double())
+            else:
+                x = _patches_at(inp[b0:b1], conv, b_idx, flat // W, flat % W)              # [rows, D] float32
+                m.xy.update(x, y)
+                img_x.append(x.reshape(b1 - b0, k, -1).sum(1).double())    # [b, D]; k float32 values each
+            del x
         self._img_x = torch.cat(img_x)
-        if m.sxx is not None or full:
-            self._sub = (full, partial)
+        wanted = max(0, self.sigma_rows - m.rows_xx) if m.sxx is not None else 0
+        if wanted:
+            self._sub = self._stream_subsample(inp, samples, min(wanted, B * k))
+
+    def _stream_subsample(self, inp: torch.Tensor, samples: torch.Tensor, rows: int) -> tuple:
+        """Add the batch's first ``rows`` rows to the Σ_X subsample, as dense patches: the
+        whitened check's products, in one float64 accumulation for the batch (that accumulation
+        of a D×D product costs as much as the product, so it is not done per chunk; the check's
+        float32 products then span up to a batch of rows: METHODS §5). Rows are image-major, so
+        the subsample holds whole images, then maybe part of one: returns (whole images, the
+        partial image's (patch sum, rows) or None) for the T terms."""
+        pos, _, W = self._pos
+        k = self.per_image
+        n_img = -(-rows // k)
+        b_idx = torch.arange(n_img, device=pos.device).repeat_interleave(k)[:rows]
+        flat = pos[:n_img].reshape(-1)[:rows]
+        x = _patches_at(inp[:n_img], self.unit.conv, b_idx, flat // W, flat % W)
+        self.moments.sxx.update(x)
+        self.moments.sxy.update(x, samples[:rows])
+        whole, rest = divmod(rows, k)
+        return whole, ((x[whole * k:].sum(0, dtype=torch.float64), rest) if rest else None)
 
     def _finish_patches(self, t_img: torch.Tensor) -> None:
         """The T terms, from the per-image patch sums: each image is one row of weight k (its rows)."""
@@ -345,11 +396,25 @@ class _LayerRecorder:
         return out
 
 
+def patch_dim(unit) -> int:
+    """D of the unit's input patch, Cin·kh·kw (a ``Linear`` unit's: its input features)."""
+    return unit.in_channels * unit.kernel_size[0] * unit.kernel_size[1]
+
+
+def patch_geometry(unit) -> tuple:
+    """What the patch extraction of the unit depends on besides its width: kernel, stride, padding,
+    dilation (a ``Linear`` unit: its own kind)."""
+    conv = unit.conv
+    if unit.channels_last:
+        return ("linear",)
+    return ("conv", tuple(conv.kernel_size), tuple(conv.stride), conv.padding if isinstance(conv.padding, str)
+            else tuple(conv.padding), tuple(conv.dilation))
+
+
 def has_patch_moments(unit, point: str, max_patch_dim: int) -> bool:
     """Whether the gradient analysis (METHODS §5) streams this unit's input-patch moments: a dense
     (groups = 1) conv captured pre-BN whose patch (Cin·k·k) is at most ``max_patch_dim``."""
-    return (point == "pre_bn" and unit.groups == 1
-            and unit.in_channels * unit.kernel_size[0] * unit.kernel_size[1] <= max_patch_dim)
+    return point == "pre_bn" and unit.groups == 1 and patch_dim(unit) <= max_patch_dim
 
 
 @torch.no_grad()

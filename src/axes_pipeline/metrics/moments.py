@@ -60,6 +60,22 @@ class _Views:
     strips: list[tuple[int, int, Tensor]]   # upper: (a0, a1, rows a0:a1, columns a0: of the gram)
 
 
+@dataclass
+class RowBlocks:
+    """Rows ``u: [n, P]`` given by column blocks, zero outside the rows each block lists: ``blocks``
+    = ``[(rows, values), ...]`` in column order, ``rows: [m]`` indices into the n rows and
+    ``values: [m, w]`` the block's columns on those rows (0 on every other row). A conv's input
+    patches at a padded border are these (one block per kernel offset, the rows where the offset
+    falls inside the map): :meth:`Moments.update` then never multiplies the zeros."""
+
+    n: int
+    blocks: list[tuple[Tensor, Tensor]]
+
+    @property
+    def width(self) -> int:
+        return sum(int(b.shape[1]) for _, b in self.blocks)
+
+
 def _new_state(p: int, q: int, upper: bool, device) -> Tensor:
     if not upper:
         return torch.zeros(p + 2, q + 2, dtype=torch.float64, device=device)
@@ -167,8 +183,12 @@ class Moments(Metric):
             if got != want:
                 raise UserError(f"batch has {got} columns but earlier batches had {want}")
 
-    def update(self, u: Tensor, v: Tensor | None = None, weight: Tensor | None = None) -> None:
-        """Add rows ``u: [n, P]``, ``v: [n, Q]`` (None: v = u), each counted ``weight`` times."""
+    def update(self, u: Tensor | RowBlocks, v: Tensor | None = None, weight: Tensor | None = None) -> None:
+        """Add rows ``u: [n, P]`` (or :class:`RowBlocks`, with a ``v``), ``v: [n, Q]`` (None: v = u),
+        each counted ``weight`` times."""
+        if isinstance(u, RowBlocks):
+            self._update_blocks(u, v)
+            return
         self._check(u, v, weight)
         if u.shape[0] == 0:
             return
@@ -205,6 +225,58 @@ class Moments(Metric):
                 acc.addmm_(a.T, b)
             else:
                 acc += (a.T @ b).double()
+
+    def _update_blocks(self, u: RowBlocks, v: Tensor | None) -> None:
+        """:meth:`update` with ``u`` as :class:`RowBlocks`: the same sums as with the dense rows.
+
+        Per block, the listed rows' centred products are one GEMM; each unlisted row is
+        ``u = 0``, i.e. ``u − shift = −shift``, so the block's products gain
+        ``−shift ⊗ Σ (v − shift_v)`` over those rows (in float64) and its sum ``−shift`` per row."""
+        if self.upper or v is None or v.dim() != 2 or v.shape[0] != u.n:
+            raise UserError(f"row blocks need a v with one row per row ({u.n}), got "
+                            f"{None if v is None else tuple(v.shape)}{' and upper=True' if self.upper else ''}")
+        for rows, vals in u.blocks:
+            if vals.dim() != 2 or vals.dtype not in _FLOAT or rows.shape != vals.shape[:1] or vals.device != v.device:
+                raise UserError(f"a row block needs rows [m] and values [m, w] on {v.device}, got "
+                                f"{tuple(rows.shape)} and {tuple(vals.shape)} {vals.dtype} on {vals.device}")
+        if self.state.numel():
+            have = _views(self.state, False)
+            if (u.width, v.shape[1]) != (have.sum_u.shape[0], have.sum_v.shape[0]):
+                raise UserError(f"batch has {(u.width, v.shape[1])} columns but earlier batches had "
+                                f"{(have.sum_u.shape[0], have.sum_v.shape[0])}")
+        if u.n == 0:
+            return
+        first = not self.state.numel()
+        if first:
+            self.symmetric = False
+            self.state = _new_state(u.width, v.shape[1], False, v.device)
+            _views(self.state, False).shift_v.copy_(_first_mean(v, None, "v"))
+        st = _views(self.state, False)
+        vc = v - st.shift_v.to(v.dtype)
+        sv = _batch_sum(vc)
+        if not bool(torch.isfinite(sv).all()):
+            raise UserError(f"rows contain NaN/Inf ({int((~torch.isfinite(v)).sum())} values)")
+        st.n += float(u.n)
+        st.sum_v += sv
+        a0 = 0
+        for rows, vals in u.blocks:
+            a1 = a0 + vals.shape[1]
+            shift = st.shift_u[a0:a1]
+            if first:   # the dense column means (the unlisted rows are zeros), in the rows' dtype
+                shift.copy_((vals.sum(0, dtype=torch.float64) / u.n).to(vals.dtype).double())
+            uc = vals - shift.to(vals.dtype)
+            vr = vc[rows]
+            su = _batch_sum(uc)
+            if not bool(torch.isfinite(su).all()):
+                raise UserError(f"rows contain NaN/Inf ({int((~torch.isfinite(vals)).sum())} values)")
+            st.sum_u[a0:a1] += su - (u.n - len(rows)) * shift
+            cross = st.cross[a0:a1]
+            if uc.dtype == torch.float64:
+                cross.addmm_(uc.T, vr)
+            else:
+                cross += (uc.T @ vr).double()
+            cross.addr_(shift, sv - _batch_sum(vr), alpha=-1.0)    # the unlisted rows: (0 − shift)(v − shift_v)'
+            a0 = a1
 
     @property
     def count(self) -> int:
