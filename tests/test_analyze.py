@@ -193,14 +193,15 @@ def test_analyze_cli_one_line_error(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("padding", [1, "same", "valid", (2, 0)])
-def test_patches_reproduce_the_conv_output(padding):
-    """Patch · filter at sampled positions equals the conv's output there, for every padding form
-    (the gradient cosines are built from these patches)."""
+@pytest.mark.parametrize("padding, mode", [(1, "zeros"), ("same", "zeros"), ("valid", "zeros"), ((2, 0), "zeros"),
+                                           (1, "reflect"), ((2, 1), "circular"), ("same", "replicate")])
+def test_patches_reproduce_the_conv_output(padding, mode):
+    """Patch · filter at sampled positions equals the conv's output there, for every padding form and
+    mode (the gradient cosines are built from these patches)."""
     from axes_pipeline.capture.activations import _patches_at, patch_order
 
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 5, (3, 4), padding=padding, dilation=(1, 2), bias=False)
+    conv = torch.nn.Conv2d(3, 5, (3, 4), padding=padding, dilation=(1, 2), bias=False, padding_mode=mode)
     x = torch.randn(2, 3, 9, 10)
     y = conv(x)
     b = torch.tensor([0, 1, 1, 0])

@@ -178,7 +178,8 @@ def _patches_at(x: torch.Tensor, conv: torch.nn.Module, b_idx: torch.Tensor, oh:
     sh, sw = conv.stride
     dh, dw = conv.dilation
     top, bottom, left, right = _pads(conv)
-    xp = F.pad(x, (left, right, top, bottom))
+    # the conv's own padding: zeros, or its reflect / replicate / circular border
+    xp = F.pad(x, (left, right, top, bottom), mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
     rows = oh[:, None] * sh + torch.arange(kh, device=x.device)[None] * dh      # [n, kh]
     cols = ow[:, None] * sw + torch.arange(kw, device=x.device)[None] * dw      # [n, kw]
     patch = xp[b_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]     # [n, kh, kw, Cin]
@@ -242,7 +243,7 @@ class _LayerRecorder:
         self.acc = ActivationMoments() if stream_moments else None
         self.want_patches = patch_moments and has_patch_moments(unit, point, max_patch_dim)
         self.by_offset = (isinstance(unit.conv, torch.nn.Conv2d) and tuple(unit.kernel_size) != (1, 1)
-                          and unit.in_channels >= BLOCK_MIN_CIN)
+                          and unit.conv.padding_mode == "zeros" and unit.in_channels >= BLOCK_MIN_CIN)
         self.sigma_rows = sigma_rows
         self.moments: PatchMoments | None = None
         self.whitened: torch.Tensor | None = None   # cos_whitened, once the Σ_X subsample is complete
@@ -402,13 +403,13 @@ def patch_dim(unit) -> int:
 
 
 def patch_geometry(unit) -> tuple:
-    """What the patch extraction of the unit depends on besides its width: kernel, stride, padding,
-    dilation (a ``Linear`` unit: its own kind)."""
+    """What the patch extraction of the unit depends on besides its width: kernel, stride, padding
+    (and its mode), dilation (a ``Linear`` unit: its own kind)."""
     conv = unit.conv
     if unit.channels_last:
         return ("linear",)
     return ("conv", tuple(conv.kernel_size), tuple(conv.stride), conv.padding if isinstance(conv.padding, str)
-            else tuple(conv.padding), tuple(conv.dilation))
+            else tuple(conv.padding), conv.padding_mode, tuple(conv.dilation))
 
 
 def has_patch_moments(unit, point: str, max_patch_dim: int) -> bool:
