@@ -125,47 +125,32 @@ def test_non_finite_activations_stop_the_capture_naming_the_layer():
         capture_activations(model, units, data, samples_per_image=2, progress=False, keep_samples=False)
 
 
-def test_patch_moments_do_not_depend_on_the_chunking(both, monkeypatch):
-    """Patches are turned into float64 a chunk of images at a time (peak memory); the sums, the
-    Σ_X subsample that ends inside a chunk, and the per-image T terms must not notice."""
+@pytest.mark.parametrize("knobs, xt_tol", [
+    ({"PATCH_ROWS": 13}, (1e-12, 1e-9)),                      # dense patches, 2 images of 6 samples per chunk
+    ({"BLOCK_MIN_CIN": 1, "BLOCK_ROWS": 13}, (1e-6, 1e-7)),   # every 3×3 conv by kernel offset, the same chunks
+], ids=["chunked", "by-offset"])
+def test_patch_moments_do_not_depend_on_the_chunking_nor_the_streaming(both, monkeypatch, knobs, xt_tol):
+    """Patches are streamed a chunk of images at a time (peak memory), and wide convs by kernel offset
+    with the padding's zeros never formed: the sums, the Σ_X subsample that ends inside a chunk, and
+    the per-image T terms must not notice beyond float32 level."""
     import axes_pipeline.capture.activations as act
 
     model, units, full, _ = both
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(24, 3, 16, 16, generator=gen) + 3.0, torch.randint(0, 10, (24,), generator=gen))
             for _ in range(3)]
-    monkeypatch.setattr(act, "PATCH_ROWS", 13)        # 2 images of 6 samples per chunk
-    chunked = capture_activations(model, units, data, samples_per_image=6, seed=2, patch_moments=True,
-                                  sigma_rows=200, progress=False, keep_samples=True)
+    for knob, value in knobs.items():
+        monkeypatch.setattr(act, knob, value)
+    other = capture_activations(model, units, data, samples_per_image=6, seed=2, patch_moments=True,
+                                sigma_rows=200, progress=False, keep_samples=True)
     for name, m in full.patches.items():
-        c = chunked.patches[name]
+        c = other.patches[name]
         assert (c.n, c.rows_xx) == (m.n, m.rows_xx) == (432, 200)
         # Cov(x, y) takes float32 products of one chunk, so a chunking moves it at float32 level
         torch.testing.assert_close(c.cov_xy(), m.cov_xy(), rtol=1e-5, atol=1e-6, msg=f"{name} cov_xy")
-        torch.testing.assert_close(c.cov_xt(), m.cov_xt(), rtol=1e-12, atol=1e-9, msg=f"{name} cov_xt")
+        # the per-image patch sums: float32 sums of k values (by offset: in another order)
+        torch.testing.assert_close(c.cov_xt(), m.cov_xt(), rtol=xt_tol[0], atol=xt_tol[1], msg=f"{name} cov_xt")
         # the Σ_X subsample takes float32 products too (the whitened check is held to 1e-4, METHODS §5)
-        for f, a, b in zip(("cov_xy", "cov_xt", "sigma_x"), c.whitened_moments(), m.whitened_moments()):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} subsample {f}")
-
-
-def test_patch_moments_streamed_by_kernel_offset_equal_the_dense_patches(both, monkeypatch):
-    """Cov(x, y) streamed by kernel offset (wide convs, the padding's zeros skipped) is the dense
-    patches' to float32 level, and so is everything else the capture streams beside it."""
-    import axes_pipeline.capture.activations as act
-
-    model, units, full, _ = both
-    gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(24, 3, 16, 16, generator=gen) + 3.0, torch.randint(0, 10, (24,), generator=gen))
-            for _ in range(3)]
-    monkeypatch.setattr(act, "BLOCK_MIN_CIN", 1)     # every 3×3 conv of the small ResNet
-    monkeypatch.setattr(act, "BLOCK_ROWS", 13)       # 2 images of 6 samples per chunk
-    blocked = capture_activations(model, units, data, samples_per_image=6, seed=2, patch_moments=True,
-                                  sigma_rows=200, progress=False, keep_samples=True)
-    for name, m in full.patches.items():
-        c = blocked.patches[name]
-        assert (c.n, c.rows_xx) == (m.n, m.rows_xx) == (432, 200)
-        torch.testing.assert_close(c.cov_xy(), m.cov_xy(), rtol=1e-5, atol=1e-6, msg=f"{name} cov_xy")
-        torch.testing.assert_close(c.cov_xt(), m.cov_xt(), rtol=1e-6, atol=1e-7, msg=f"{name} cov_xt")
         for f, a, b in zip(("cov_xy", "cov_xt", "sigma_x"), c.whitened_moments(), m.whitened_moments()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} subsample {f}")
 
