@@ -126,7 +126,7 @@ def test_non_finite_activations_stop_the_capture_naming_the_layer():
 
 
 @pytest.mark.parametrize("knobs, xt_tol", [
-    ({"PATCH_ROWS": 13}, (1e-12, 1e-9)),                      # dense patches, 2 images of 6 samples per chunk
+    ({"PATCH_ELEMS": 13 * 27}, (1e-12, 1e-9)),                # dense patches, 2 images of 6 samples per chunk (conv1)
     ({"BLOCK_MIN_CIN": 1, "BLOCK_ROWS": 13}, (1e-6, 1e-7)),   # every 3×3 conv by kernel offset, the same chunks
 ], ids=["chunked", "by-offset"])
 def test_patch_moments_do_not_depend_on_the_chunking_nor_the_streaming(both, monkeypatch, knobs, xt_tol):

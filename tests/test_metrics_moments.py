@@ -250,7 +250,7 @@ def test_capture_gradient_cosines_equal_the_old_float64_sums(monkeypatch, by_off
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(b, 3, 4, 4, generator=gen) + 2.0, torch.randint(0, 5, (b,), generator=gen))
             for b in (13, 20, 7)]
-    monkeypatch.setattr(act, "PATCH_ROWS", 50)          # several chunks per batch
+    monkeypatch.setattr(act, "PATCH_ELEMS", 50 * 27)    # several chunks per batch
     kw = {"samples_per_image": 17, "patch_moments": True, "sigma_rows": 200, "progress": False}
     lean = capture_activations(model, units, data, keep_samples=False, **kw)
     full = capture_activations(model, units, data, keep_samples=True, **kw)

@@ -39,8 +39,10 @@ from axes_pipeline.runs import atomic_path, fingerprint
 
 POINTS = ("pre_bn", "post_bn", "post_act")
 SPATIAL = ("sample", "gap")
-#: Patch rows extracted at once (a chunk of images), see ``_LayerRecorder.stream_patches``.
-PATCH_ROWS = 512
+#: Patch values extracted at once (a chunk of images, see ``_LayerRecorder.stream_patches``): 512
+#: rows of the widest patch (4,608), more rows of a narrower one (a 576-wide patch: 4,096 rows, a
+#: batch of 256 images at s = 16), where a chunk of 512 rows cost more in calls than in products.
+PATCH_ELEMS = 512 * 4608
 #: Version of what :func:`save_capture` writes; a cache file of another version is recomputed.
 #: 3: the whitened check's Σ_X products per batch (its cached values moved by up to ~1e-5).
 CACHE_FORMAT = 3
@@ -178,11 +180,19 @@ def _patches_at(x: torch.Tensor, conv: torch.nn.Module, b_idx: torch.Tensor, oh:
     sh, sw = conv.stride
     dh, dw = conv.dilation
     top, bottom, left, right = _pads(conv)
-    # the conv's own padding: zeros, or its reflect / replicate / circular border
-    xp = F.pad(x, (left, right, top, bottom), mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
-    rows = oh[:, None] * sh + torch.arange(kh, device=x.device)[None] * dh      # [n, kh]
-    cols = ow[:, None] * sw + torch.arange(kw, device=x.device)[None] * dw      # [n, kw]
-    patch = xp[b_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]     # [n, kh, kw, Cin]
+    rows = oh[:, None] * sh + torch.arange(kh, device=x.device)[None] * dh - top      # [n, kh], in x
+    cols = ow[:, None] * sw + torch.arange(kw, device=x.device)[None] * dw - left     # [n, kw]
+    if conv.padding_mode == "zeros":
+        # read inside the map and zero what falls on the padding, rather than pad the whole map (a
+        # copy of every position for the few sampled ones)
+        H, W = x.shape[-2:]
+        inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
+        patch = x[b_idx[:, None, None], :, rows.clamp(0, H - 1)[:, :, None], cols.clamp(0, W - 1)[:, None, :]]
+        if top or bottom or left or right:
+            patch.mul_(inside[..., None])                                              # [n, kh, kw, Cin]
+    else:   # the conv's reflect / replicate / circular border
+        xp = F.pad(x, (left, right, top, bottom), mode=conv.padding_mode)
+        patch = xp[b_idx[:, None, None], :, (rows + top)[:, :, None], (cols + left)[:, None, :]]
     return patch.reshape(len(b_idx), -1)
 
 
@@ -221,9 +231,9 @@ def _patch_blocks(x: torch.Tensor, conv: torch.nn.Conv2d, b_idx: torch.Tensor, o
 
 
 #: Conv inputs from this many channels on stream Cov(x, y) by kernel offset (:func:`_patch_blocks`):
-#: from 256 channels it took a third to two thirds of the dense patches' time per batch, at 128
-#: (16×16 maps) about the same, at 64 half as much again (small GEMMs, nine times the calls).
-BLOCK_MIN_CIN = 256
+#: per batch of 256 images at s = 16, 512 channels took 0.66–0.76× the dense patches' time at 4×4 and
+#: 0.73× at 2×2; 256 channels 0.83–1.12×, 64 and 128 channels 2–3.5× (small GEMMs, nine times the calls).
+BLOCK_MIN_CIN = 512
 #: Rows per Cov(x, y) product when streamed by kernel offset (a batch of 256 images at s = 16):
 #: nothing of D width is formed there, so the chunk can be a batch.
 BLOCK_ROWS = 4096
@@ -329,7 +339,7 @@ class _LayerRecorder:
         if self.moments is None:
             self.moments = PatchMoments.empty(with_sigma_x=self.sigma_rows > 0, perm=patch_order(self.unit.conv))
         m, conv = self.moments, self.unit.conv
-        step = max(1, (BLOCK_ROWS if self.by_offset else PATCH_ROWS) // k)
+        step = max(1, (BLOCK_ROWS if self.by_offset else PATCH_ELEMS // patch_dim(self.unit)) // k)
         img_x = []
         for b0 in range(0, B, step):
             b1 = min(B, b0 + step)
