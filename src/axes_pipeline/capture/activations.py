@@ -197,7 +197,7 @@ def _patches_at(x: torch.Tensor, conv: torch.nn.Module, b_idx: torch.Tensor, oh:
 
 
 def _pads(conv: torch.nn.Conv2d) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) zero padding of ``conv``'s input."""
+    """(top, bottom, left, right): how far ``conv`` pads its input (with zeros or its ``padding_mode``)."""
     kh, kw = conv.kernel_size
     dh, dw = conv.dilation
     if conv.padding == "same":   # stride 1 only (torch's rule); the total padding may be odd
