@@ -244,11 +244,14 @@ def _batches(n: int = 2, b: int = 4, size: int = 16, classes: int = 10, seed: in
 # ---- the stages ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("keep_samples", [False, True])
-def test_capture_and_gradient_moments_on_fake_cuda(keep_samples):
+@pytest.mark.parametrize("keep_samples, by_offset", [(False, False), (True, False), (False, True)])
+def test_capture_and_gradient_moments_on_fake_cuda(keep_samples, by_offset, monkeypatch):
     """The capture hooks, the (T, Y) and input-patch moment accumulators and the gradient cosines
     (Σ_X solved once its subsample is complete) stay on the model's device; what the Capture holds is
-    moved to the CPU explicitly."""
+    moved to the CPU explicitly. ``by_offset``: the 3×3 convs stream Cov(x, y) by kernel offset."""
+    import axes_pipeline.capture.activations as act
+
+    monkeypatch.setattr(act, "BLOCK_MIN_CIN", 1 if by_offset else act.BLOCK_MIN_CIN)
     def stage(device, model, data):
         units = dict(list(conv_norm_pairs(model).items())[:3])
         return capture_activations(model, units, data, samples_per_image=4, patch_moments=True, sigma_rows=20,
