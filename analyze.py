@@ -2,8 +2,7 @@
 
 from omegaconf import DictConfig
 
-from axes_pipeline.config import trained_run_dir  # (importing it registers the config resolvers)
-from axes_pipeline.tasks import hydra_entry, run_task
+from axes_pipeline.tasks import hydra_entry, run_task, trained_dir  # (it registers the config resolvers)
 
 
 @hydra_entry(config_name="analyze")
@@ -13,13 +12,11 @@ def main(cfg: DictConfig) -> float | None:
     or metric knobs would track."""
     from axes_pipeline.analyses.analyze import run_analysis
 
-    def one_process(cfg):   # refused under torchrun / DDP launchers: one process, one device
-        from axes_pipeline.capture import refuse_several_processes
-
-        refuse_several_processes("analyze.py")
+    def axes_headline(cfg):
         return run_analysis(cfg).get("axes", {}).get("mean_align_input_capture_task_info")
 
-    return run_task(one_process, cfg, where=trained_run_dir)   # a -m run found by a single run, etc.
+    # where: a -m run found by a single run, etc.; one process, one device (refused under torchrun / DDP)
+    return run_task(axes_headline, cfg, where=trained_dir, one_process=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,7 @@
 
 from omegaconf import DictConfig
 
-from axes_pipeline.config import trained_run_dir  # (importing it registers the config resolvers)
-from axes_pipeline.tasks import hydra_entry, run_task
+from axes_pipeline.tasks import hydra_entry, run_task, trained_dir  # (it registers the config resolvers)
 
 
 @hydra_entry(config_name="prune")
@@ -13,14 +12,12 @@ def main(cfg: DictConfig) -> float | None:
     a sweeper selects on it; None without a validation split or for a job that failed in a sweep."""
     from axes_pipeline.pruning.run import run_prune
 
-    def one_process(cfg):   # refused under torchrun / DDP launchers: one process, one device
-        from axes_pipeline.capture import refuse_several_processes
-
-        refuse_several_processes("prune.py")
+    def first_val_auc(cfg):
         scores = run_prune(cfg)["scores"]   # in the order of pruning.scores
         return next(iter(scores.values()), {}).get("val_flops_auc")
 
-    return run_task(one_process, cfg, where=trained_run_dir)   # a -m run found by a single run, etc.
+    # where: a -m run found by a single run, etc.; one process, one device (refused under torchrun / DDP)
+    return run_task(first_val_auc, cfg, where=trained_dir, one_process=True)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ from axes_pipeline.tasks import hydra_entry, run_task
 
 @hydra_entry(config_name="report")
 def main(cfg: DictConfig):
-    from axes_pipeline.report.build import report_dir, run_report
+    from axes_pipeline.report.build import report_dir, report_inputs, run_report
 
-    return run_task(run_report, cfg, where=report_dir)
+    return run_task(run_report, cfg, where=lambda cfg: report_dir(report_inputs(cfg)))
 
 
 if __name__ == "__main__":

@@ -125,16 +125,18 @@ def axes_child(spec: dict) -> dict:
     import axes_pipeline.axes.table as at
     import axes_pipeline.config  # noqa: F401  (resolvers)
     from axes_pipeline.analyses.analyze import run_analysis
+    from axes_pipeline.stage import stage_inputs
     from axes_pipeline.training.restore import restore_trained
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="analyze", overrides=[*spec["overrides"], "analysis=axes", "plots=false",
                                                         "analysis.axes.recompute=true"])
-    trained = restore_trained(cfg)
+    inputs = stage_inputs(cfg)
+    trained = restore_trained(inputs)
     dm = trained.datamodule
     dm.setup("fit")
-    c = cfg.capture
-    device = at.resolve_device(cfg.device)
+    c = at.fit_capture_size(inputs.knobs, dm).capture
+    device = at.resolve_device(inputs.knobs.device)
     loader = dm.loader(dm.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform),
                        batch_size=int(c.batch_size))
     model = trained.model

@@ -75,4 +75,4 @@ def pytest_collection_modifyitems(config, items) -> None:
         return
     for item in items:
         if item.get_closest_marker("slow") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))   # its file (doctests too)

@@ -18,9 +18,10 @@ import traceback
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.schema import register as register_schemas
+from axes_pipeline.stage import StageInputs, stage_inputs
 
 register_schemas()  # the typed config groups, before any test composes
 
@@ -35,6 +36,25 @@ TINY = ["data.batch_size=64", "model.width=0.125", "trainer.max_epochs=3", "chec
 def make_cfg(config_name: str, overrides: list[str], root: Path) -> DictConfig:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose(config_name=config_name, overrides=[f"paths.output_root={root}", *overrides])
+
+
+def inputs(cfg: DictConfig) -> StageInputs:
+    """What a stage body builds from ``cfg`` (:func:`axes_pipeline.stage.stage_inputs`)."""
+    return stage_inputs(cfg)
+
+
+def restore(cfg: DictConfig):
+    """The trained run ``cfg`` names, restored as a stage restores it."""
+    from axes_pipeline.training.restore import restore_trained
+
+    return restore_trained(stage_inputs(cfg))
+
+
+def prune_settings(cfg: DictConfig):
+    """The validated pruning settings of a composed prune config, as ``run_prune`` builds them."""
+    from axes_pipeline.pruning.resolved import PruneSettings
+
+    return PruneSettings(OmegaConf.to_object(cfg.pruning), cfg.model.name, cfg.seed)
 
 
 def run_entry(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600):

@@ -79,7 +79,7 @@ def test_linear_capture_equals_the_1x1_conv_oracle():
     """A Linear unit's samples, gradient patches and axes equal those of a 1×1 Conv2d with its weights."""
     from axes_pipeline.axes.table import analyze_capture
     from axes_pipeline.capture import capture_activations
-    from tests.reference.families import _axes_cfg
+    from tests.reference.families import axes_knobs
 
     torch.manual_seed(0)
     lin = _Block(conv=False).eval()
@@ -91,8 +91,7 @@ def test_linear_capture_equals_the_1x1_conv_oracle():
     ul, uc = conv_norm_pairs(lin), conv_norm_pairs(conv)
     assert list(ul) == list(uc) == ["dw", "pw1", "pw2"]
     assert ul["pw1"].channels_last and not uc["pw1"].channels_last
-    cfg = _axes_cfg()
-    cfg.gradients.enabled = True
+    knobs = axes_knobs(gradients=True)
     caps = {}
     for key, model, units in (("lin", lin, ul), ("conv", conv, uc)):
         for point in ("pre_bn", "post_act"):
@@ -103,7 +102,7 @@ def test_linear_capture_equals_the_1x1_conv_oracle():
             a, b = caps["lin", point].acts[layer], caps["conv", point].acts[layer]
             assert a.shape == b.shape == (24 * 4, ul[layer].out_channels)
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    axes = {k: analyze_capture(caps[k, "pre_bn"], u, cfg, torch.device("cpu"), progress=False)[0]
+    axes = {k: analyze_capture(caps[k, "pre_bn"], u, knobs, torch.device("cpu"), progress=False)[0]
             for k, u in (("lin", ul), ("conv", uc))}
     for col in ("input_capture", "task_info", "peer_overlap", "grad_cos_euclid"):
         np.testing.assert_allclose(axes["lin"][col].to_numpy(), axes["conv"][col].to_numpy(), atol=1e-4, err_msg=col)

@@ -11,7 +11,7 @@ import torch
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import read_json
 
-from .helpers import run_entry
+from .helpers import make_cfg, run_entry
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=64", "model.width=0.125",
        "checkpoint.every_epoch=true", "callbacks.progress_bar=false", "logger=none", "seed=5",
@@ -79,12 +79,17 @@ def test_analyze_and_prune_refuse_several_processes(tmp_path, script):
     assert line.startswith(f"error: {script} runs in one process") and "rank 1 of 2" in line, res.stderr[-500:]
 
 
-def test_capture_refuses_several_processes(monkeypatch):
-    from axes_pipeline.capture import capture_activations
+def test_the_task_wrapper_refuses_several_processes(monkeypatch, tmp_path):
+    """The stages that run in one process (analyze, prune) are refused by the task wrapper, from Python too."""
+    from axes_pipeline.tasks import refuse_several_processes, run_task
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="the activation capture runs in one process"):
-        capture_activations(torch.nn.Identity(), {}, [], progress=False)
+    with pytest.raises(UserError, match="the capture runs in one process"):
+        refuse_several_processes("the capture")
+    ran = []
+    with pytest.raises(SystemExit) as exit_:
+        run_task(ran.append, make_cfg("analyze", ["logger=none"], tmp_path), where=lambda c: tmp_path, one_process=True)
+    assert exit_.value.code == 2 and not ran
 
 
 def test_sync_batchnorm_on_cpu_is_refused_and_auto_resolves():

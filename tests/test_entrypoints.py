@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from axes_pipeline.config import trained_run_dir
 from axes_pipeline.errors import UserError
 
-from .helpers import make_cfg, run_entry
+from .helpers import inputs, make_cfg, run_entry
 
 # The plain defaults (digits, ResNet-18, every score, the default capture.n_cal=2000 > digits'
 # 1,258 training images) with only what keeps a CPU test short: one epoch, a narrow backbone and one
@@ -42,19 +41,22 @@ def test_defaults_run_end_to_end(tmp_path):
 @pytest.mark.parametrize("seed", [1, 2])
 def test_default_sweep_jobs_fit_the_calibration_set(seed, tmp_path, caplog):
     # Each job of `analyze.py -m seed=1,2` composes this config: n_cal=2000 becomes the whole split.
-    from axes_pipeline.axes.table import fitted_n_cal
-    from axes_pipeline.training.train import build_datamodule
+    from dataclasses import replace
 
-    cfg = make_cfg("analyze", [f"seed={seed}"], tmp_path)
-    assert cfg.capture.n_cal == 2000
+    from axes_pipeline.axes.table import fit_capture_size
+    from axes_pipeline.data import build_datamodule
+
+    knobs = inputs(make_cfg("analyze", [f"seed={seed}"], tmp_path)).knobs
+    assert knobs.capture.n_cal == 2000
+    dm = build_datamodule(make_cfg("analyze", [], tmp_path).data)
     with caplog.at_level(logging.INFO, logger="axes_pipeline"):
-        assert fitted_n_cal(cfg, build_datamodule(cfg)) == 1258
-    assert cfg.capture.n_cal == 2000 and not caplog.records       # it returns the fit; the caller stores it
-    cfg = make_cfg("analyze", ["capture.n_cal=500"], tmp_path)       # a smaller n_cal is kept
-    assert fitted_n_cal(cfg, build_datamodule(cfg)) == 500
-    cfg.capture.n_cal = 2
+        fitted = fit_capture_size(knobs, dm)
+    assert fitted.capture.n_cal == 1258 and "using all 1258 training images" in caplog.text
+    assert knobs.capture.n_cal == 2000                  # new knobs: the stage's own are never changed
+    small = inputs(make_cfg("analyze", ["capture.n_cal=500"], tmp_path)).knobs   # a smaller n_cal is kept
+    assert fit_capture_size(small, dm) is small
     with pytest.raises(UserError, match="capture.n_cal must be at least 3, got 2"):
-        fitted_n_cal(cfg, build_datamodule(cfg))
+        fit_capture_size(replace(small, capture=replace(small.capture, n_cal=2)), dm)
 
 
 @pytest.mark.parametrize("script", ["analyze.py", "prune.py", "report.py"])
@@ -81,19 +83,21 @@ def test_unknown_choice_lists_the_options(tmp_path):
 def test_ckpt_outside_the_output_root_goes_to_external(tiny_run, tmp_path, capsys):
     root, overrides = tiny_run
     ckpt = Path(make_cfg("train", overrides, root).paths.run_dir) / "checkpoints" / "best.ckpt"
+    from axes_pipeline.tasks import trained_dir
+    from axes_pipeline.training.restore import locate_run
+
     # inside the output root: the run directory that holds the checkpoint
-    assert trained_run_dir(make_cfg("analyze", [*overrides, f"ckpt={ckpt}"], root)) == ckpt.parent.parent
+    assert trained_dir(make_cfg("analyze", [*overrides, f"ckpt={ckpt}"], root)) == ckpt.parent.parent
     # outside: <output_root>/external/<data>-<model>-w<width>-seed<seed>-<digest>, said on stdout
     other = tmp_path / "elsewhere"
     cfg = make_cfg("analyze", [*overrides, f"ckpt={ckpt}"], other)
-    out = trained_run_dir(cfg)
+    out = trained_dir(cfg)
     assert out.parent == other.resolve() / "external"
     assert out.name.startswith("digits-resnet18-w0.125-seed42-")
+    run, found = locate_run(inputs(cfg).run, inputs(cfg).ckpt)
+    assert (run.dir, found) == (out, ckpt.resolve())
     assert str(out) in capsys.readouterr().out
-    assert trained_run_dir(cfg) == out                 # stable: a rerun finds its own results
-    from axes_pipeline.training.restore import locate_run
-
-    assert locate_run(cfg) == (out, ckpt.resolve())
+    assert trained_dir(cfg) == out                 # stable: a rerun finds its own results
 
 
 def test_run_task_refuses_a_bad_seed_or_name(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import atomic_path, write_csv
 
-from .helpers import make_cfg
+from .helpers import inputs, make_cfg
 
 DiskUsage = namedtuple("DiskUsage", "total used free")
 
@@ -308,7 +308,7 @@ def test_unreachable_wandb_is_one_line_after_the_stated_timeout(tmp_path, wandb_
 
     cfg = make_cfg("analyze", ["logger=wandb", "logger.mode=online", "logger.init_timeout=3"], tmp_path)
     t0 = time.perf_counter()
-    line = _one_line_exit_2(capsys, lambda cfg: StageTracker(cfg, "analyze", tmp_path / "out"), cfg)
+    line = _one_line_exit_2(capsys, lambda cfg: StageTracker(inputs(cfg).tracked, "analyze", tmp_path / "out"), cfg)
     took = time.perf_counter() - t0
     assert line.startswith("error: wandb unreachable: ") and "127.0.0.1:9" in line, line
     assert line.endswith("(gave up after logger.init_timeout=3 s); use logger.mode=offline and `wandb sync` later")
@@ -323,13 +323,14 @@ def test_unreachable_wandb_stops_training_before_any_epoch(tmp_path, wandb_serve
     # in a process of its own: a timed-out online wandb leaves its service behind, and under xdist that
     # once took the test worker down with it (seen once under heavy load)
     code = ("import pathlib, sys\n"
-            "from tests.helpers import make_cfg\n"
+            "from tests.helpers import inputs, make_cfg\n"
             "from axes_pipeline.errors import UserError\n"
-            "from axes_pipeline.tracking import tracking\n"
+
             "root = pathlib.Path(sys.argv[1])\n"
             "cfg = make_cfg('train', ['logger=wandb', 'logger.mode=online', 'logger.init_timeout=3'], root)\n"
             "try:\n"
-            "    tracking(cfg).training_logger(cfg, root / 'run')\n"
+            "    tracked = inputs(cfg).tracked\n"
+            "    tracked.backend.training_logger(tracked, root / 'run')\n"
             "except UserError as err:\n"
             "    print(err)\n"
             "    sys.exit(2)\n")

@@ -120,13 +120,13 @@ def test_torchvision_and_custom_configs(tmp_path):
     a = make_cfg("train", ["model=torchvision", "model.arch=efficientnet_b0", "model.width=0.25"], tmp_path)
     b = make_cfg("train", ["model=torchvision", "model.arch=regnet_y_400mf", "model.width=0.25"], tmp_path)
     assert a.model.name == "tv_efficientnet_b0" and a.paths.run_dir != b.paths.run_dir
-    assert instantiate_model(a, 10).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert instantiate_model(a.model, 10).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     c = make_cfg("train", ["model=custom", "model.net._target_=tests.test_families.TinyNet", "+model.net.width=4"],
                  tmp_path)
-    net = instantiate_model(c, 3)
+    net = instantiate_model(c.model, 3)
     assert isinstance(net, TinyNet) and net.head.out_features == 3 and net.a.out_channels == 4
     with pytest.raises(UserError, match="model.net._target_"):
-        instantiate_model(make_cfg("train", ["model=custom"], tmp_path), 10)
+        instantiate_model(make_cfg("train", ["model=custom"], tmp_path).model, 10)
     with pytest.raises(UserError, match="4 outputs but the data has 10"):
         build_model("custom", 10, net={"_target_": "tests.test_families.TinyNet", "num_classes": 4})
     with pytest.raises(UserError, match="cannot be imported"):

@@ -15,7 +15,7 @@ from axes_pipeline.axes.table import select_units
 from axes_pipeline.capture import capture_activations
 from axes_pipeline.metrics import covariance, pairwise_overlap_from_moments, pairwise_target_excess_from_moments
 
-from .helpers import make_cfg
+from .helpers import inputs, make_cfg, restore
 
 
 def _networkx_q(C, i, j, w) -> float:
@@ -64,11 +64,10 @@ def _rel(C, weights) -> float:
 @pytest.fixture(scope="module")
 def demo_graphs(tiny_run):
     """R and S matrices of every layer of the tiny trained digits run (the demo's recipe, narrower)."""
-    from axes_pipeline.training.restore import restore_trained
 
     root, overrides = tiny_run
     cfg = make_cfg("analyze", overrides, root)
-    trained = restore_trained(cfg)
+    trained = restore(cfg)
     dm = trained.datamodule
     dm.setup("fit")
     loader = dm.loader(dm.calibration_set(400, seed=0, transform="eval"), batch_size=200)
@@ -200,8 +199,11 @@ def test_graph_knobs_are_part_of_the_axes_fingerprint(tmp_path):
 
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"0")
-    a = axes_fingerprint(make_cfg("analyze", ["logger=none"], tmp_path), ckpt)
-    b = axes_fingerprint(make_cfg("analyze", ["logger=none", "graphs.null_shuffles=2"], tmp_path), ckpt)
+    def fp(*over):
+        i = inputs(make_cfg("analyze", ["logger=none", *over], tmp_path))
+        return axes_fingerprint(i.knobs, i.data_id, ckpt)
+
+    a, b = fp(), fp("graphs.null_shuffles=2")
     assert a != b and a["graphs"]["null_shuffles"] == 20
 
 
@@ -220,10 +222,10 @@ def test_graph_workers_give_the_serial_tables(tmp_path):
     data = [(torch.randn(16, 3, 16, 16, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(3)]
     cap = capture_activations(model, units, data, samples_per_image=4, patch_moments=True, sigma_rows=100,
                               progress=False)
-    cfg = make_cfg("analyze", [], tmp_path)
+    knobs = inputs(make_cfg("analyze", ["logger=none"], tmp_path)).knobs
     with table.graph_workers(4) as pool:
         assert pool is not None                      # this machine has 2 cores: the workers run
-    pooled = table.analyze_capture(cap, units, cfg, torch.device("cpu"), progress=False)
+    pooled = table.analyze_capture(cap, units, knobs, torch.device("cpu"), progress=False)
 
     @contextmanager
     def serial(tasks):
@@ -231,7 +233,7 @@ def test_graph_workers_give_the_serial_tables(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(table, "graph_workers", serial)
-        alone = table.analyze_capture(cap, units, cfg, torch.device("cpu"), progress=False)
+        alone = table.analyze_capture(cap, units, knobs, torch.device("cpu"), progress=False)
     pd.testing.assert_frame_equal(pooled[0], alone[0])
     pd.testing.assert_frame_equal(pooled[1], alone[1])
     cols = list(pooled[0].columns)

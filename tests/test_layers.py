@@ -150,36 +150,32 @@ def test_the_checker_sees_a_cycle_and_an_undocumented_local_import(tmp_path):
 
 
 def test_capture_knobs_are_read_from_their_schema():
-    from dataclasses import fields
-
-    from omegaconf import OmegaConf
+    from dataclasses import fields, replace
 
     from axes_pipeline.analyses.dynamics import dynamics_settings
+    from axes_pipeline.analyses.settings import DynamicsAnalysis
     from axes_pipeline.axes.settings import NOT_IN_IDENTITY, AxesKnobs, CaptureConfig
     from axes_pipeline.axes.table import capture_settings
 
-    cfg = OmegaConf.structured(AxesKnobs)
-    knobs = {f"capture.{f.name}" for f in fields(CaptureConfig) if f.name not in NOT_IN_IDENTITY}
-    assert knobs <= set(capture_settings(cfg))
+    knobs = AxesKnobs()
+    names = {f"capture.{f.name}" for f in fields(CaptureConfig) if f.name not in NOT_IN_IDENTITY}
+    assert names <= set(capture_settings(knobs))
     # the dynamics key their parts on the same names (their own layers instead of capture.layers)
-    assert knobs - {"capture.layers"} <= set(dynamics_settings(cfg, ["conv1"]))
-    cfg.capture.layers = "conv1"   # one name stays one name (it once became a list of its letters)
-    assert capture_settings(cfg)["capture.layers"] == "conv1"
+    assert names - {"capture.layers"} <= set(dynamics_settings(knobs, DynamicsAnalysis(), ["conv1"]))
+    one = replace(knobs, capture=replace(knobs.capture, layers="conv1"))   # one name stays one name (it once
+    assert capture_settings(one)["capture.layers"] == "conv1"               # became a list of its letters)
 
 
 def test_axes_registers_like_every_analysis():
-    from omegaconf import OmegaConf
-
     from axes_pipeline.analyses.analyze import selected
     from axes_pipeline.analyses.registry import ANALYSES
     from axes_pipeline.analyses.settings import ANALYSIS_SCHEMAS
     from axes_pipeline.errors import UserError
 
     assert set(ANALYSES) == set(ANALYSIS_SCHEMAS)   # axes included: one entry per analysis option
-    cfg = OmegaConf.create({"analysis": ["axes", "lesion"]})
-    assert selected(cfg) == ["axes", "lesion"]
+    assert selected(["axes", "lesion"]) == ["axes", "lesion"]
     with pytest.raises(UserError, match="choose from: axes, "):
-        selected(OmegaConf.create({"analysis": ["axis"]}))
+        selected(["axis"])
 
 
 def test_capture_keeps_no_samples_unless_asked():

@@ -14,7 +14,7 @@ from axes_pipeline.analyses.analyze import run_analysis
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import file_digest, read_json
 
-from .helpers import make_cfg, run_entry
+from .helpers import inputs, make_cfg, restore, run_entry
 from .test_analyze import SMALL
 from .test_report import _report, fake_run
 
@@ -40,7 +40,6 @@ def _copy_run(tiny_run, name: str) -> tuple[Path, list[str], Path]:
 
 def test_another_checkpoint_writes_its_own_folder(tiny_run):
     """The issue's case: analyze.py ckpt=<run>/checkpoints/epoch_000.ckpt replaced the trained run's axes.csv."""
-    from axes_pipeline.training.restore import restore_trained
 
     root, over, run = _copy_run(tiny_run, "prov-ckpt")
     run_analysis(make_cfg("analyze", [*over, "plots=false"], root))
@@ -53,9 +52,9 @@ def test_another_checkpoint_writes_its_own_folder(tiny_run):
     assert summary["checkpoint_digest"] == file_digest(early)
     assert read_json(run / "analyze" / "axes_fingerprint.json")["ckpt_digest"] == file_digest(run / "checkpoints" / "best.ckpt")
     # the default checkpoint named explicitly is the default: same folders; prune follows the same rule
-    best = restore_trained(make_cfg("prune", [*over, f"ckpt={run / 'checkpoints' / 'best.ckpt'}"], root))
+    best = restore(make_cfg("prune", [*over, f"ckpt={run / 'checkpoints' / 'best.ckpt'}"], root))
     assert best.stage_dir("analyze") == run / "analyze" and best.stage_dir("prune") == run / "prune"
-    other = restore_trained(make_cfg("prune", [*over, f"ckpt={run / 'checkpoints' / 'last.ckpt'}"], root))
+    other = restore(make_cfg("prune", [*over, f"ckpt={run / 'checkpoints' / 'last.ckpt'}"], root))
     assert other.stage_dir("prune") == run / "prune@last"
 
 
@@ -100,14 +99,13 @@ def test_report_says_when_axes_and_pruning_come_from_different_checkpoints(tmp_p
 @pytest.mark.parametrize("stage", ["analyze", "prune"])
 def test_another_split_is_refused(tiny_run, stage):
     """The issue's case: prune.py data.split_seed=3 on a run trained with split_seed=0 evaluated on training images."""
-    from axes_pipeline.training.restore import restore_trained
 
     root, overrides = tiny_run
     with pytest.raises(UserError, match=r"trained on other data \(data.split_seed: 0 -> 3\)"):
-        restore_trained(make_cfg(stage, [*overrides, *LEAN, "data.split_seed=3"], root))
+        restore(make_cfg(stage, [*overrides, *LEAN, "data.split_seed=3"], root))
     with pytest.raises(UserError, match=r"data.val_fraction"):
-        restore_trained(make_cfg(stage, [*overrides, *LEAN, "data.val_fraction=0.3"], root))
-    restore_trained(make_cfg(stage, [*overrides, *LEAN, "data.num_workers=0"], root))   # how, not which: accepted
+        restore(make_cfg(stage, [*overrides, *LEAN, "data.val_fraction=0.3"], root))
+    restore(make_cfg(stage, [*overrides, *LEAN, "data.num_workers=0"], root))   # how, not which: accepted
 
 
 def test_another_split_cli_one_line_before_any_work(tiny_run):
@@ -158,20 +156,19 @@ def test_report_pools_seeds_whose_fingerprints_differ_only_in_the_checkpoint(tmp
 def test_prune_never_rewrites_analyze_tables_under_other_settings(tiny_run):
     """The issue's case: analyze.py capture.n_cal=300, then prune (another n_cal) rewrote axes.csv/layers.csv."""
     from axes_pipeline.axes.table import stage_axes
-    from axes_pipeline.training.restore import restore_trained
 
     root, over, run = _copy_run(tiny_run, "prov-stage")
     run_analysis(make_cfg("analyze", [*over, "plots=false", "capture.n_cal=200"], root))
     kept = {f: (run / "analyze" / f).read_bytes() for f in ("axes.csv", "layers.csv", "axes_fingerprint.json")}
     cfg = make_cfg("prune", [*over, "capture.n_cal=240"], root)
-    trained = restore_trained(cfg)
-    table, folder, fp = stage_axes(cfg, trained, run / "prune" / "axes")
+    trained = restore(cfg)
+    table, folder, fp = stage_axes(inputs(cfg).knobs, trained, run / "prune" / "axes")
     assert folder == run / "prune" / "axes" and fp["capture.n_cal"] == 240
     assert {f: (run / "analyze" / f).read_bytes() for f in kept} == kept
     assert read_json(folder / "axes_fingerprint.json") == fp and len(table)
     # the same settings as analyze's: analyze's table is read, nothing is written
     cfg = make_cfg("prune", [*over, "capture.n_cal=200"], root)
-    assert stage_axes(cfg, restore_trained(cfg), run / "prune" / "axes")[1] == run / "analyze"
+    assert stage_axes(inputs(cfg).knobs, restore(cfg), run / "prune" / "axes")[1] == run / "analyze"
 
 
 def test_plots_and_summary_carry_the_table_fingerprint(tiny_run):
@@ -197,7 +194,6 @@ def test_checkpoints_are_verified_against_their_training_digest(tiny_run, tmp_pa
     """Issue 23: training records every checkpoint's content digest (train_summary.json); a later read of a
     checkpoint that loads but is not the file training wrote stops in one line, and so does the skip check."""
     from axes_pipeline.training.checkpoints import changed_since_training
-    from axes_pipeline.training.restore import restore_trained
     from axes_pipeline.training.train import check_complete
 
     root, overrides = tiny_run
@@ -212,6 +208,6 @@ def test_checkpoints_are_verified_against_their_training_digest(tiny_run, tmp_pa
     shutil.copy(run / "checkpoints" / "epoch_000.ckpt", run / "checkpoints" / "best.ckpt")
     assert "is not the file training wrote" in changed_since_training(run / "checkpoints" / "best.ckpt")
     with pytest.raises(UserError, match="is not the file training wrote"):
-        restore_trained(make_cfg("analyze", overrides, mine))
+        restore(make_cfg("analyze", overrides, mine))
     with pytest.raises(UserError, match="is not the file training wrote"):
         check_complete(run, 3)

@@ -16,10 +16,10 @@ from axes_pipeline.models import conv_layers
 from axes_pipeline.pruning import inputs as prune_inputs
 from axes_pipeline.pruning import summary as prune_summary
 from axes_pipeline.pruning import sweep as prune_sweep
-from axes_pipeline.pruning.run import PruneSettings, run_prune
+from axes_pipeline.pruning.run import run_prune
 from axes_pipeline.runs import read_json
 
-from .helpers import make_cfg, run_entry
+from .helpers import make_cfg, prune_settings, restore, run_entry
 
 FAST = ["pruning.latency=false"]
 AXES_COLUMNS = ["input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_saturated",
@@ -53,7 +53,7 @@ def _prune_dir(cfg) -> Path:
 def no_axes_module(monkeypatch):
     """The axes step hands back the table the test wrote (``_write_fake_axes``) instead of capturing:
     the scores then read made-up axes, without the seconds of a real capture."""
-    def fake(cfg, trained, own, *a, **k):
+    def fake(knobs, trained, own, *a, **k):
         folder = Path(trained.run_dir) / "analyze"
         return pd.read_csv(folder / "axes.csv"), folder, {}
 
@@ -61,9 +61,8 @@ def no_axes_module(monkeypatch):
 
 
 def _write_fake_axes(cfg) -> Path:
-    from axes_pipeline.training.restore import restore_trained
 
-    trained = restore_trained(cfg)
+    trained = restore(cfg)
     rng = np.random.default_rng(0)
     rows = [{"layer": layer, "channel": c, **{k: float(rng.random()) for k in AXES_COLUMNS}}
             for layer, conv in conv_layers(trained.model).items() for c in range(conv.out_channels)]
@@ -170,7 +169,6 @@ def test_resume_after_interrupt_skips_finished_points(run, monkeypatch):
 def test_finetune_export_and_latency(run):
     from axes_pipeline.pruning.evaluate import evaluate
     from axes_pipeline.pruning.export import load_pruned
-    from axes_pipeline.training.restore import restore_trained
 
     cfg = _cfg(run, "pruning.scores=[l1]", "pruning.targets=[0.5]", "pruning.finetune.enabled=true",
                "pruning.finetune.epochs=1", "pruning.finetune.max_batches=3", "pruning.export=true",
@@ -182,7 +180,7 @@ def test_finetune_export_and_latency(run):
     path = _prune_dir(cfg) / "models" / "l1_0.5.pt"
     torch.load(path, weights_only=True)
     model = load_pruned(path)
-    dm = restore_trained(cfg).datamodule
+    dm = restore(cfg).datamodule
     acc = evaluate(model, dm.test_dataloader(), torch.device("cpu"))
     assert acc["acc"] == pytest.approx(row["acc_after_ft"])               # the exported net is the evaluated one
     assert read_json(_prune_dir(cfg) / "prune_summary.json")["unpruned"]["latency_cpu_b1_ms"] > 0
@@ -225,9 +223,12 @@ def test_channel_fraction_mode(run):
     ("pruning.tolerance=0", "tolerance"),
 ])
 def test_bad_settings_fail_in_one_line(tmp_path, override, match):
+    from axes_pipeline.bounds import check_bounds
+
     cfg = make_cfg("prune", ["logger=none", override], tmp_path)
     with pytest.raises(UserError, match=match) as err:
-        PruneSettings(cfg)
+        check_bounds(cfg)            # the schema's ranges, before the stage (run_task)
+        prune_settings(cfg)          # what a type cannot say
     assert "\n" not in str(err.value)
 
 
@@ -266,10 +267,10 @@ def test_schema_defaults_are_the_registry(tmp_path):
 
     assert PruningConfig().scores is None   # null: every registered score when the run starts, in order
     cfg = make_cfg("prune", ["logger=none"], tmp_path)
-    settings = PruneSettings(cfg)
+    settings = prune_settings(cfg)
     assert [s.name for s in settings.scores] == list(DEFAULT_SCORES) and settings.tolerance == 0.005
-    # the settings keep the schema's field names (plus the config itself and the progress display)
-    assert set(vars(settings)) - {f.name for f in fields(PruningConfig)} == {"cfg", "progress"}
+    # the settings keep the schema's field names (plus the run's seed and the progress display)
+    assert set(vars(settings)) - {f.name for f in fields(PruningConfig)} == {"seed", "progress"}
     assert settings.max_fraction == cfg.pruning.max_fraction["global"] and settings.finetune is None
 
     @register("plugin_probe", "target")   # what a plugins=[my_pkg.scores] module does
@@ -278,10 +279,10 @@ def test_schema_defaults_are_the_registry(tmp_path):
         return {}
 
     try:
-        names = [s.name for s in PruneSettings(cfg).scores]
+        names = [s.name for s in prune_settings(cfg).scores]
         assert "plugin_probe" in names and names == score_names()   # it joins the default sweep, with its axis
         assert names.index("plugin_probe") < names.index("magnitude_plus_ix_a0.25")
-        assert "plugin_probe" not in [s.name for s in PruneSettings(make_cfg("prune", ["pruning.scores=[l1]"], tmp_path)).scores]
+        assert "plugin_probe" not in [s.name for s in prune_settings(make_cfg("prune", ["pruning.scores=[l1]"], tmp_path)).scores]
     finally:
         del SCORES["plugin_probe"]
 
@@ -299,7 +300,7 @@ def test_cuda_device_without_a_gpu_is_one_line():
 def test_auto_allocation_per_backbone(tmp_path):
     for model, want in (("resnet18", "global"), ("vgg16", "global"), ("mobilenetv2", "uniform"),
                         ("convnext_t", "uniform")):
-        assert PruneSettings(make_cfg("prune", [f"model={model}"], tmp_path)).allocation == want
+        assert prune_settings(make_cfg("prune", [f"model={model}"], tmp_path)).allocation == want
 
 
 def test_a_failing_axes_step_is_not_replaced_by_a_stale_table(run, monkeypatch):
@@ -307,7 +308,7 @@ def test_a_failing_axes_step_is_not_replaced_by_a_stale_table(run, monkeypatch):
     cfg = _cfg(run, "pruning.scores=[hull_score]", "pruning.targets=[0.5]")
     _write_fake_axes(cfg)   # a table of unknown settings (no fingerprint)
 
-    def broken(cfg, trained, own, *a, **k):
+    def broken(knobs, trained, own, *a, **k):
         raise KeyError("capture")
 
     monkeypatch.setattr(prune_inputs, "stage_axes", broken)
@@ -381,11 +382,10 @@ def test_damaged_point_is_recomputed_with_a_note(run, monkeypatch, capsys):
 def test_points_are_keyed_by_checkpoint_content_not_its_time(run, monkeypatch):
     import os
 
-    from axes_pipeline.training.restore import restore_trained
 
     cfg = _cfg(run, "pruning.scores=[l2]", "pruning.targets=[0.8,0.6]", "pruning.fvcore_check=false")
     run_prune(cfg)
-    ckpt = Path(restore_trained(cfg).ckpt)
+    ckpt = Path(restore(cfg).ckpt)
     os.utime(ckpt, (1e9, 1e9))                  # the same weights, touched
     calls = []
     monkeypatch.setattr(prune_sweep, "one_point", lambda *a, **k: calls.append(1))
@@ -428,7 +428,7 @@ def filter_mean_abs(ctx, draw):
 
 
 @analysis("layer_count")
-def layer_count(ctx):
+def layer_count(ctx, block):
     return {"layers": len(ctx.units)}
 '''
 

@@ -16,7 +16,7 @@ from axes_pipeline.errors import UserError
 from axes_pipeline.runs import read_json
 from axes_pipeline.tables import DamagedTable
 
-from .helpers import make_cfg, run_entry
+from .helpers import inputs, make_cfg, restore, run_entry
 from .test_analyze import SMALL
 from .test_data import write_cifar10
 from .test_report import _report, fake_run
@@ -41,7 +41,6 @@ def test_checkpoint_records_its_data(tiny_run):
 
 def test_checkpoint_of_another_dataset_is_refused(tiny_run, tmp_path):
     """The issue's case: data=cifar10 with a digits checkpoint (same class count) used to load."""
-    from axes_pipeline.training.restore import restore_trained
 
     write_cifar10(tmp_path / "data")
     cfg = _analyze_cfg(tiny_run, "data=cifar10", f"data.data_dir={tmp_path / 'data'}", "data.verify=false",
@@ -50,7 +49,7 @@ def test_checkpoint_of_another_dataset_is_refused(tiny_run, tmp_path):
         run_analysis(cfg)
     cfg = _analyze_cfg(tiny_run, "data.image_size=32")
     with pytest.raises(UserError, match=r"image_size=16, but this run has image_size=32"):
-        restore_trained(cfg)
+        restore(cfg)
     root, overrides = tiny_run
     res = run_entry("analyze.py", *overrides, *SMALL, "data=cifar10", f"data.data_dir={tmp_path / 'data'}",
                     "data.verify=false", "data.num_workers=0", f"ckpt={_ckpt(tiny_run)}", cwd=root)
@@ -71,11 +70,17 @@ def test_old_checkpoint_without_data_is_accepted_with_a_warning(caplog):
 
 def test_every_key_holds_the_data_identity_and_the_checkpoint_content(tiny_run, tmp_path):
     from axes_pipeline.analyses.lesions import lesion_settings, part_settings
-    from axes_pipeline.axes.table import axes_fingerprint, axes_settings, capture_identity, capture_settings
-    from axes_pipeline.runs import run_fingerprint
+    from axes_pipeline.analyses.settings import LesionAnalysis
+    from axes_pipeline.axes import table
 
-    def lesion_key(c, k):
-        return run_fingerprint(c, k, **capture_settings(c), **axes_settings(c), **part_settings(lesion_settings(c), 100))
+    def axes_fingerprint(c, k):
+        return table.axes_fingerprint(inputs(c).knobs, inputs(c).data_id, k)
+
+    def capture_identity(c, k):
+        return table.capture_identity(inputs(c).knobs, inputs(c).data_id, k)
+
+    def lesion_key(c, k):   # what the lesion parts' stamp holds
+        return {**axes_fingerprint(c, k), **part_settings(lesion_settings(LesionAnalysis()), 100)}
 
     base = _analyze_cfg(tiny_run)
     ckpt = _ckpt(tiny_run)
@@ -151,13 +156,12 @@ def test_damaged_axes_table_is_recomputed_with_a_note(tiny_run, how, capsys):
 
 def test_prune_axes_read_recomputes_a_damaged_table(tiny_run):
     from axes_pipeline.axes.table import load_or_compute_axes
-    from axes_pipeline.training.restore import restore_trained
 
     cfg = _analyze_cfg(tiny_run, "plots=false")
     run_analysis(cfg)
     path = Path(cfg.paths.run_dir) / "analyze" / "axes.csv"
     _damage(path, "nan")
-    axes = load_or_compute_axes(cfg, restore_trained(cfg), progress=False)
+    axes = load_or_compute_axes(inputs(cfg).knobs, restore(cfg), progress=False)
     assert np.isfinite(axes["task_info"]).all() and np.isfinite(pd.read_csv(path)["task_info"]).all()
 
 
@@ -296,15 +300,14 @@ def _partial_run(tiny_run, name="partial") -> tuple[list[str], Path]:
 
 
 def test_partial_run_is_refused_unless_allowed(tiny_run):
-    from axes_pipeline.training.restore import restore_trained
 
     root, _ = tiny_run
     over, dst = _partial_run(tiny_run)
     with pytest.raises(UserError, match=r"is not finished \(no train_summary.json.*allow_partial=true"):
-        restore_trained(make_cfg("analyze", over, root))
+        restore(make_cfg("analyze", over, root))
     with pytest.raises(UserError, match="allow_partial=true"):          # its checkpoint named directly
-        restore_trained(make_cfg("analyze", [*over, f"ckpt={dst / 'checkpoints' / 'last.ckpt'}"], root))
-    trained = restore_trained(make_cfg("analyze", [*over, "allow_partial=true"], root))
+        restore(make_cfg("analyze", [*over, f"ckpt={dst / 'checkpoints' / 'last.ckpt'}"], root))
+    trained = restore(make_cfg("analyze", [*over, "allow_partial=true"], root))
     assert trained.run_dir == dst
 
 
@@ -322,7 +325,6 @@ def test_restoring_a_headline_run_never_fetches_imagenet_weights(tiny_run, monke
     """A checkpoint overwrites every tensor, so analyze/prune of a `model.pretrained=true` run build
     the bare architecture: offline (no cached weights) they still work."""
     import axes_pipeline.models.weights as weights
-    from axes_pipeline.training.restore import restore_trained
 
     def offline(*a, **k):
         raise AssertionError("restoring a trained run tried to fetch ImageNet weights")
@@ -330,7 +332,7 @@ def test_restoring_a_headline_run_never_fetches_imagenet_weights(tiny_run, monke
     monkeypatch.setattr(weights, "download_weights", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
     cfg = _analyze_cfg(tiny_run, "model.pretrained=true")
-    trained = restore_trained(cfg)
+    trained = restore(cfg)
     assert trained.meta["data"] == "digits"
 
 
@@ -340,7 +342,6 @@ def test_prune_reuses_the_axes_analyze_computed_from_a_whole_small_split(tiny_ru
     import logging
 
     from axes_pipeline.axes.table import load_or_compute_axes
-    from axes_pipeline.training.restore import restore_trained
 
     big = ["capture.n_cal=100000", "capture.samples_per_image=2", "graphs.null_shuffles=1", "plots=false",
            "gradients.enabled=false"]
@@ -351,5 +352,5 @@ def test_prune_reuses_the_axes_analyze_computed_from_a_whole_small_split(tiny_ru
     run_analysis(make_cfg("analyze", over, root))
     cfg = make_cfg("analyze", over, root)
     with caplog.at_level(logging.INFO, logger="axes_pipeline"):
-        load_or_compute_axes(cfg, restore_trained(cfg), progress=False)
+        load_or_compute_axes(inputs(cfg).knobs, restore(cfg), progress=False)
     assert not any("computing the two axes" in r.getMessage() for r in caplog.records)

@@ -32,7 +32,7 @@ def test_flatten_is_the_one_dotted_flattener():
     import axes_pipeline.analyses.analyze as analyze
     import axes_pipeline.report.collect as collect
     import axes_pipeline.report.tables as report_tables
-    import axes_pipeline.tracking as tracking
+    import axes_pipeline.stage as stage
 
     d = {"capture": {"point": "post", "layers": [1, 2]}, "x": {}, "config": {"a": 1},
          "lesion": {"recovery": {"full_mean": 0.5, "config": 3}, "n_boot": 9}}
@@ -42,7 +42,7 @@ def test_flatten_is_the_one_dotted_flattener():
     assert flatten(d, skip={"config"}) == {"capture.point": "post", "capture.layers": [1, 2], "x": {},
                                             "lesion.recovery.full_mean": 0.5, "lesion.n_boot": 9}
     # every reader of flattened keys uses it: the wandb config and summary, the report's settings and quantities
-    assert tracking.flatten is flatten and collect.flatten is flatten and analyze.flatten is flatten
+    assert stage.flatten is flatten and collect.flatten is flatten and analyze.flatten is flatten
     assert report_tables._numeric(d) == {"lesion.recovery.full_mean": 0.5}   # config, n_boot: not summarised
 
 
@@ -52,14 +52,14 @@ def test_json_default_encodes_numpy_torch_and_paths_like_write_json(tmp_path):
 
     import torch
 
-    from axes_pipeline.pruning.points import _plain
+    from axes_pipeline.runs import plain
 
     obj = {"f": np.float32(0.5), "i": np.int64(3), "a": np.arange(3), "t": torch.tensor([1.0, 2.0]), "p": Path("/x/y")}
     want = {"f": 0.5, "i": 3, "a": [0, 1, 2], "t": [1.0, 2.0], "p": "/x/y"}
     assert json.loads(json.dumps(obj, default=json_default)) == want
     write_json(tmp_path / "k.json", obj)
     # a stored key and the key it is compared with are encoded alike (a numpy number is a number in both)
-    assert read_json(tmp_path / "k.json") == _plain(obj) == want
+    assert read_json(tmp_path / "k.json") == plain(obj) == want
 
 
 def test_file_digest_follows_content_not_path(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import TINY, make_cfg
+from .helpers import TINY, inputs, make_cfg
 
 
 def _offline_runs(where):
@@ -26,30 +26,29 @@ def wandb_root(tmp_path_factory):
 
 def test_train_and_analyze_write_offline_runs(wandb_root):
     from axes_pipeline.analyses.analyze import run_analysis
-    from axes_pipeline.config import run_dir
 
     root, overrides = wandb_root
     cfg = make_cfg("analyze", [*overrides, "capture.n_cal=200", "capture.samples_per_image=4",
                                "graphs.null_shuffles=1", "gradients.enabled=false", "plots=false"], root)
-    assert cfg.logger.mode == "offline" and cfg.logger.group == "tracked"
+    assert cfg.logger.mode == "offline" and cfg.logger.group is None     # null: the experiment's name
     run_analysis(cfg)
-    run = run_dir(cfg)
+    run = inputs(cfg).run.dir
     assert len(_offline_runs(run)) == 1                 # training's run
     assert len(_offline_runs(run / "analyze")) == 1     # the analysis' run, beside its tables
 
 
 def test_tracker_names_and_groups(wandb_root):
-    from axes_pipeline.tracking import WandbTracking, tracking
+    from axes_pipeline.tracking import WandbTracking
 
     root, overrides = wandb_root
-    cfg = make_cfg("analyze", overrides, root)
-    backend = tracking(cfg)
-    assert isinstance(backend, WandbTracking)
-    kw = backend.init_kwargs(cfg, "analyze", root)
+    tracked = inputs(make_cfg("analyze", overrides, root)).tracked
+    assert isinstance(tracked.backend, WandbTracking)
+    kw = tracked.backend.init_kwargs(tracked, "analyze", root)
     assert kw["group"] == "tracked" and kw["job_type"] == "analyze" and kw["mode"] == "offline"
-    assert kw["name"] == "digits-resnet18-seed42-analyze"
-    report = make_cfg("report", overrides, root)
-    assert tracking(report).init_kwargs(report, "report", root)["name"] == "tracked-report"
+    # the run's slug, width included: the run folder's name (digits-resnet18-w0.125/seed42)
+    assert kw["name"] == "digits-resnet18-w0.125-seed42-analyze" == f"{tracked.id.slug('-')}-analyze"
+    report = inputs(make_cfg("report", overrides, root)).tracked
+    assert report.backend.init_kwargs(report, "report", root)["name"] == "tracked-report"
 
 
 def test_online_without_credentials_is_one_line(tmp_path, monkeypatch):
@@ -60,7 +59,7 @@ def test_online_without_credentials_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     cfg = make_cfg("train", ["logger=wandb", "logger.mode=online"], tmp_path)
     with pytest.raises(UserError, match="WANDB_API_KEY"):
-        tracking(cfg)
+        tracking(cfg.logger)
 
 
 @pytest.mark.parametrize("overrides", [["logger.nosuch=1"], ["logger.tags=3"], ["logger=csv", "logger.mode=online"]])
@@ -74,12 +73,12 @@ def test_logger_schema_refuses_wrong_types_and_unknown_keys(overrides, tmp_path)
 def test_logger_option_is_a_tracking_backend(tmp_path):
     from axes_pipeline.tracking import CSVTracking, WandbTracking, tracking
 
-    assert tracking(make_cfg("train", ["logger=none"], tmp_path)) is None
-    assert isinstance(tracking(make_cfg("train", ["logger=csv"], tmp_path)), CSVTracking)
-    wandb = tracking(make_cfg("train", ["name=x"], tmp_path))        # the default: wandb, offline
+    assert tracking(make_cfg("train", ["logger=none"], tmp_path).logger) is None
+    assert isinstance(tracking(make_cfg("train", ["logger=csv"], tmp_path).logger), CSVTracking)
+    wandb = tracking(make_cfg("train", ["name=x"], tmp_path).logger)        # the default: wandb, offline
     assert isinstance(wandb, WandbTracking)
-    assert (wandb.mode, wandb.project, wandb.group, wandb.run_name) == ("offline", "axes-pipeline", "x",
-                                                                      "digits-resnet18-seed42")
+    # group and run name null: the experiment's name and the run's slug (RunId), at init
+    assert (wandb.mode, wandb.project, wandb.group, wandb.run_name) == ("offline", "axes-pipeline", None, None)
 
 
 SPY = '''
@@ -187,31 +186,7 @@ def test_resumed_training_continues_its_wandb_run(tmp_path, monkeypatch):
     assert len(runs) == 2 and all(re.search(rf"-{run_id}(-\d+)?$", p.name) for p in runs), runs
 
 
-# --- long work shows progress: a bar on a terminal, one line per finished unit in a log -----------
 
-
-def test_progress_writes_one_line_per_finished_unit_when_not_a_terminal(capsys):
-    from axes_pipeline.tracking import progress
-
-    seen = list(progress(["conv1", "layer1.0.conv1"], "axes", label=str))
-    out, err = capsys.readouterr()
-    assert seen == ["conv1", "layer1.0.conv1"]
-    lines = out.splitlines()
-    assert [line.split(" (")[0] for line in lines] == ["axes: 1/2 conv1", "axes: 2/2 layer1.0.conv1"]
-    assert "\r" not in out + err
-
-
-def test_progress_is_a_bar_on_a_terminal_and_silent_when_disabled(capsys, monkeypatch):
-    import sys
-
-    from axes_pipeline.tracking import progress
-
-    assert list(progress(range(3), "quiet", enabled=False)) == [0, 1, 2]
-    assert capsys.readouterr() == ("", "")
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    assert list(progress(range(3), "bar")) == [0, 1, 2]
-    out, err = capsys.readouterr()
-    assert out == "" and "bar" in err          # tqdm draws on stderr; no unit lines on stdout
 
 
 def test_training_log_holds_one_line_per_epoch_and_no_bar(tmp_path):

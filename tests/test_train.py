@@ -226,11 +226,11 @@ def test_headline_architectures_are_torchvision_at_32px(tmp_path):
     # the built networks (narrow, no weights): torchvision's VGG classifier and MobileNetV2 strides
     x = torch.randn(2, 3, 32, 32)
     vgg = instantiate_model(make_cfg("train", ["experiment=cifar100_vgg16", "model.pretrained=false",
-                                               "model.width=0.125"], tmp_path), 100)
+                                               "model.width=0.125"], tmp_path).model, 100)
     linears = [m for m in vgg.classifier if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in linears] == [4096, 4096, 100] and linears[0].in_features == 64 * 7 * 7
     mnv2 = instantiate_model(make_cfg("train", ["experiment=cifar100_mobilenetv2", "model.pretrained=false",
-                                                "model.width=0.25"], tmp_path), 100)
+                                                "model.width=0.25"], tmp_path).model, 100)
     assert mnv2.features[0][0].stride == (2, 2) and mnv2.features[2].conv[1][0].stride == (2, 2)
     with torch.no_grad():
         assert vgg.eval()(x).shape == mnv2.eval()(x).shape == (2, 100)
@@ -239,10 +239,10 @@ def test_headline_architectures_are_torchvision_at_32px(tmp_path):
 def test_dynamics_experiment_refuses_pretrained(tmp_path):
     cfg = make_cfg("train", ["experiment=dynamics", "model.width=0.125"], tmp_path)
     assert cfg.model.pretrained is False and cfg.model.from_scratch is True and cfg.checkpoint.every_epoch
-    instantiate_model(cfg, 10)                                      # random init builds
+    instantiate_model(cfg.model, 10)                                      # random init builds
     for bad in ("model.pretrained=true", "model.weights=/some/resnet18.pth"):
         with pytest.raises(UserError, match="experiment=dynamics trains from random initialisation"):
-            instantiate_model(make_cfg("train", ["experiment=dynamics", "model.width=0.125", bad], tmp_path), 10)
+            instantiate_model(make_cfg("train", ["experiment=dynamics", "model.width=0.125", bad], tmp_path).model, 10)
 
 
 def test_one_epoch_digits_train(tiny_run):
@@ -312,14 +312,14 @@ def test_train_ckpt_initialises_the_weights(tiny_run, tmp_path):
 def test_epoch0_checkpoint_equals_initial_weights(tmp_path):
     import lightning as L
 
+    from axes_pipeline.data import build_datamodule
     from axes_pipeline.training.checkpoints import EpochCheckpoint, model_state
     from axes_pipeline.training.module import ClassifierModule
     from axes_pipeline.training.optim import optimizer_factory
-    from axes_pipeline.training.train import build_datamodule
 
     cfg = make_cfg("train", [*TINY, "trainer.max_epochs=1", "+trainer.limit_train_batches=2"], tmp_path)
-    dm = build_datamodule(cfg)
-    module = ClassifierModule(instantiate_model(cfg, dm.num_classes), optimizer_factory(cfg.optim), dm.num_classes)
+    dm = build_datamodule(cfg.data)
+    module = ClassifierModule(instantiate_model(cfg.model, dm.num_classes), optimizer_factory(cfg.optim), dm.num_classes)
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
                         enable_progress_bar=False, enable_checkpointing=False,
@@ -343,10 +343,10 @@ def test_checkpoint_missing_corrupt_or_other_model(tiny_run, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="corrupt"):
         read_checkpoint(bad)
-    other = instantiate_model(make_cfg("train", ["model=vgg16", "model.width=0.125"], tmp_path), 10)
+    other = instantiate_model(make_cfg("train", ["model=vgg16", "model.width=0.125"], tmp_path).model, 10)
     with pytest.raises(UserError, match="model=resnet18"):
         load_into(other, good, expect={"model": "vgg16"})
-    wrong_classes = instantiate_model(cfg, 7)
+    wrong_classes = instantiate_model(cfg.model, 7)
     with pytest.raises(UserError, match="does not fit"):
         load_into(wrong_classes, good)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import TINY, make_cfg
+from .helpers import TINY, inputs, make_cfg
 
 BLOCK = 32768   # wandb's run file is a LevelDB-style log: 32 KiB blocks of (crc, length, type) chunks
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -82,7 +82,6 @@ def read_run(folder: Path) -> dict:
 def demo(tmp_path_factory):
     """The four stages of a one-seed demo with logger=wandb (offline), on tiny settings."""
     from axes_pipeline.analyses.analyze import run_analysis
-    from axes_pipeline.config import run_dir
     from axes_pipeline.pruning.run import run_prune
     from axes_pipeline.report.build import run_report
     from axes_pipeline.tasks import run_task
@@ -100,7 +99,7 @@ def demo(tmp_path_factory):
     cfgs["prune"] = make_cfg("prune", [*base, *axes, "pruning.scores=[input_capture,task_info]", "pruning.targets=[0.9,0.7]",
                                        "pruning.latency=false", "pruning.fvcore_check=false"], root)
     run_prune(cfgs["prune"])
-    run = run_dir(cfgs["train"])
+    run = inputs(cfgs["train"]).run.dir
     cfgs["report"] = make_cfg("report", [*base, f"report.runs=[{run}]", "report.n_boot=200",
                                          f"report.out={root / 'report'}"], root)
     run_report(cfgs["report"])
@@ -109,11 +108,10 @@ def demo(tmp_path_factory):
 
 
 def test_every_stage_logs_the_full_flattened_config(demo):
-    from axes_pipeline.tracking import flat_config
 
     cfgs, runs = demo
     for stage, rec in runs.items():
-        want = set(flat_config(cfgs[stage])) | {"experiment", "stage"}
+        want = set(inputs(cfgs[stage]).tracked.config) | {"experiment", "stage"}
         assert want <= set(rec["config"]), (stage, sorted(want - set(rec["config"]))[:10])
     for key in ("capture.point", "metrics.sigma0"):
         assert key in runs["analyze"]["config"]

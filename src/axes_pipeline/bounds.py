@@ -80,16 +80,16 @@ def non_negative(default: Any) -> Any:
     return bounded(default, 0.0)
 
 
-def check_bounds(cfg, prefix: str = "") -> None:
-    """Raise :class:`UserError` (one line) for the first numeric value of ``cfg`` outside its
-    schema's range; Hydra's own node (``hydra``) is skipped."""
-    ranges = _ranges(OmegaConf.get_type(cfg))
-    for key in cfg.keys():
+def check_bounds(node, prefix: str = "") -> None:
+    """Raise :class:`UserError` (one line) for the first numeric value of the config ``node`` (and the nodes
+    below it) outside its schema's range; Hydra's own node (``hydra``) is skipped."""
+    ranges = _ranges(OmegaConf.get_type(node))
+    for key in node.keys():
         name = f"{prefix}{key}"
         if name == "hydra":
             continue
         try:
-            value = cfg[key]
+            value = node[key]
         except Exception:  # noqa: BLE001 - missing or not resolvable here: the stage reports it
             continue
         if isinstance(value, DictConfig):

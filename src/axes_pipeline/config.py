@@ -1,26 +1,24 @@
-"""Config helpers shared by every stage: resolvers, the run directory, validation of common knobs.
+"""Config helpers shared by every stage: the resolvers of the run folder, validation of common knobs.
 (The typed schema of each stage's root is :mod:`axes_pipeline.schema`.)"""
 
 from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.bounds import SEED_MAX
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import fingerprint
+from axes_pipeline.layout import RunId
 
 log = logging.getLogger("axes_pipeline")
 
-RUN_KINDS = ("runs", "multirun")
 # Characters a name may hold: it becomes one folder of the run directory, never a path of its own.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
 
 
-def _mode() -> str:
+def run_kind() -> str:
     """'multirun' inside a Hydra sweep job, else 'runs' (also when composed outside Hydra, e.g. tests)."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -44,72 +42,20 @@ def check_name(value, key: str = "name") -> str:
 
 
 if not OmegaConf.has_resolver("axes_mode"):
-    OmegaConf.register_new_resolver("axes_mode", _mode)
+    OmegaConf.register_new_resolver("axes_mode", run_kind)
 # ${axes_name:${name}} in the run and sweep directories: Hydra resolves it before it creates any
 # folder, so an unsafe name stops before anything is written.
 if not OmegaConf.has_resolver("axes_name"):
     OmegaConf.register_new_resolver("axes_name", check_name)
+# ${axes_slug:${data.name},${model.name},${model.width},${seed}}: the run folder below the experiment's and
+# Hydra's sweep subfolder, spelled by the one RunId.slug()
+if not OmegaConf.has_resolver("axes_slug"):
+    OmegaConf.register_new_resolver("axes_slug", lambda data, model, width, seed: RunId("", data, model, width, seed).slug())
 
 
-def run_dir(cfg: DictConfig) -> Path:
-    """The run directory of this config (absolute)."""
-    return Path(cfg.paths.run_dir).resolve()
-
-
-def run_dir_candidates(cfg: DictConfig) -> list[Path]:
-    """Where a run with these overrides may live: this mode's directory first, then the other's (so
-    `analyze.py seed=1` finds a run trained by `train.py -m seed=1,2` and vice versa)."""
-    own = run_dir(cfg)
-    root = Path(cfg.paths.output_root).resolve()
-    try:
-        rel = own.relative_to(root)
-    except ValueError:
-        return [own]
-    kind, rest = rel.parts[0], Path(*rel.parts[1:])
-    return [own, *(root / k / rest for k in RUN_KINDS if k != kind)]
-
-
-_ANNOUNCED: set[Path] = set()
-
-
-def external_run_dir(cfg: DictConfig, ckpt: Path) -> Path:
-    """Where a later stage writes for a checkpoint outside ``paths.output_root``:
-    ``<output_root>/external/<data>-<model>-w<width>-seed<seed>-<digest of the checkpoint path>``,
-    stable for one checkpoint path and distinct for two checkpoints of the same settings."""
-    root = Path(cfg.paths.output_root).resolve()
-    tag = f"{cfg.data.name}-{cfg.model.name}-w{cfg.model.width}-seed{cfg.seed}"
-    return root / "external" / f"{tag}-{fingerprint({'ckpt': str(ckpt)})[:8]}"
-
-
-def trained_run_dir(cfg: DictConfig) -> Path:
-    """The directory of the trained run a later stage works on.
-
-    With ``ckpt=PATH``: the run directory holding it when that lies below ``paths.output_root``,
-    otherwise :func:`external_run_dir` (said once on stdout), so no stage writes outside the output
-    root. Without: the first candidate that holds a run, else this mode's own directory.
-    """
-    ckpt = cfg.get("ckpt")
-    if ckpt:
-        p = Path(str(ckpt)).resolve()
-        owner = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-        root = Path(cfg.paths.output_root).resolve()
-        if owner == root or root in owner.parents:
-            return owner
-        out = external_run_dir(cfg, p)
-        if out not in _ANNOUNCED:
-            _ANNOUNCED.add(out)
-            print(f"{cfg.get('stage', 'stage')}: ckpt={ckpt} lies outside paths.output_root ({root}); "
-                  f"writing to {out}")
-        return out
-    for cand in run_dir_candidates(cfg):
-        if (cand / "train_summary.json").is_file() or (cand / "checkpoints").is_dir():
-            return cand
-    return run_dir(cfg)
-
-
-def to_container(cfg: DictConfig) -> dict:
-    """The resolved config as plain Python containers (safe for JSON and weights_only checkpoints)."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+def to_container(node: DictConfig) -> dict:
+    """A resolved config node as plain Python containers (safe for JSON and weights_only checkpoints)."""
+    return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
 
 
 def check_seed(value) -> int:

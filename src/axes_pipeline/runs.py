@@ -1,4 +1,5 @@
-"""Where a run lives, and how its artifacts are written so a half-written file never looks finished."""
+"""How a result is written (atomically: a half-written file never looks finished), fingerprinted and
+reused only when its fingerprint matches. Where a run's files are: :mod:`axes_pipeline.layout`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,23 +178,20 @@ def frame_digest(frame) -> str:
     return fingerprint({"rows": pd.util.hash_pandas_object(frame, index=False).tolist()})
 
 
-def data_identity(data_cfg: Mapping[str, Any]) -> dict:
-    """The keys of a data config that decide which images, labels and splits a stage sees."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(data_cfg, DictConfig):
-        data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
-    return {f"data.{k}": v for k, v in sorted(data_cfg.items()) if k not in DATA_KEYS_NOT_IDENTITY}
+def data_identity(data: Mapping[str, Any]) -> dict:
+    """The keys of a data block (plain values) that decide which images, labels and splits a stage sees."""
+    return {f"data.{k}": v for k, v in sorted(data.items()) if k not in DATA_KEYS_NOT_IDENTITY}
 
 
-def run_fingerprint(cfg, ckpt: str | os.PathLike | None, **settings: Any) -> dict:
-    """The identity of a result computed from checkpoint ``ckpt`` under ``cfg``: the data identity,
-    the checkpoint's content digest and the stage's own ``settings`` (already plain values).
+def run_fingerprint(data_id: Mapping[str, Any], ckpt: str | os.PathLike | None, **settings: Any) -> dict:
+    """The identity of a result computed from checkpoint ``ckpt`` on the data ``data_id``
+    (:func:`data_identity` of the data block): the data identity, the checkpoint's content digest and the
+    stage's own ``settings`` (already plain values).
 
     Returns the dict (store it beside the result as JSON, so a mismatch can be shown key by key);
     ``fingerprint(run_fingerprint(...))`` is its short key for file names.
     """
-    parts = {**data_identity(cfg.data), **settings}
+    parts = {**data_id, **settings}
     if ckpt is not None:
         parts["ckpt_digest"] = file_digest(ckpt)
     return parts
@@ -205,6 +204,86 @@ def settings_diff(have: Mapping[str, Any], want: Mapping[str, Any], limit: int =
              for k in keys if have.get(k, "(absent)") != want.get(k, "(absent)")]
     more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
     return ", ".join(diffs[:limit]) + more
+
+
+# ---- One "reuse this result if its fingerprint matches" rule -----------------------------------
+# Every cached or resumable result (the axes table, its plots, lesion/dynamics/definitions parts, pruning
+# points, the capture, the unpruned reference, a run's training settings) is written with the fingerprint
+# of everything it depends on and read back only when that fingerprint is the one wanted now. A result is
+# stored either beside its fingerprint (:class:`Stamp`, a JSON file next to a table or a folder of parts) or
+# as a JSON record carrying it (:func:`write_record` / :func:`read_record`); both compare with
+# :func:`mismatch`, which says why a result cannot be reused.
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples -> lists, numpy numbers -> numbers, Paths -> strings), so a
+    fingerprint computed now compares equal to the same fingerprint read from disk."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=json_default))
+
+
+def mismatch(have: Any, want: Any) -> str | None:
+    """None when the stored fingerprint ``have`` is ``want``; otherwise why not, worded to follow "made
+    with": ``other settings (lr: 0.1 -> 0.5)``, ``other inputs``, ``no recorded fingerprint``."""
+    if have is None:
+        return "no recorded fingerprint"
+    if plain(have) == plain(want):
+        return None
+    if isinstance(have, Mapping) and isinstance(want, Mapping):
+        return f"other settings ({settings_diff(plain(have), plain(want))})"
+    return "other inputs"
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """The fingerprint file of a result (a table, a folder of parts, plots): :meth:`writing` surrounds the
+    result's writes, :meth:`why_not` says whether the stored result may be reused."""
+
+    path: Path
+    want: Any
+
+    def why_not(self) -> str | None:
+        """None when the stored fingerprint is :attr:`want`; else why the result cannot be reused, worded
+        to follow "made with" (:func:`mismatch`)."""
+        try:
+            have = read_json(self.path)
+        except FileNotFoundError:
+            return "no recorded fingerprint"
+        except (OSError, ValueError):
+            return f"an unreadable fingerprint ({self.path.name})"
+        return mismatch(have, self.want)
+
+    @property
+    def current(self) -> bool:
+        return self.why_not() is None
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around the writes of the result: the old fingerprint is removed first and the new one written
+        last, so results from an interrupted write never carry a fingerprint that matches."""
+        self.path.unlink(missing_ok=True)
+        yield
+        write_json(self.path, self.want)
+
+
+def write_record(path: str | os.PathLike, record: Mapping[str, Any], want: Any) -> Path:
+    """Atomically write the JSON ``record`` carrying its fingerprint ``want`` (key ``fingerprint``)."""
+    return write_json(path, {**record, "fingerprint": want})
+
+
+def read_record(path: str | os.PathLike, want: Any) -> tuple[dict | None, str]:
+    """``(record, "")`` when the JSON record at ``path`` carries fingerprint ``want``; else ``(None, why)``:
+    ``why`` is "" when there is no file, else one line (unreadable, made with other settings)."""
+    path = Path(path)
+    if not path.is_file():
+        return None, ""
+    try:
+        rec = read_json(path)
+    except (OSError, ValueError) as err:
+        return None, f"{path.name} cannot be read ({type(err).__name__})"
+    if not isinstance(rec, dict):
+        return None, f"{path.name} is not a record"
+    why = mismatch(rec.get("fingerprint"), want)
+    return (rec, "") if why is None else (None, f"{path.name} was made with {why}")
 
 
 def check_writable(folder: str | os.PathLike, key: str = "paths.output_root") -> Path:

@@ -40,8 +40,9 @@ class PathsConfig:
 
     output_root: str = "${oc.env:AXES_OUTPUT_ROOT,.}"
     data_dir: str = "${oc.env:AXES_DATA_DIR,${paths.output_root}/data}"
+    # the run folder: RunLayout.dir (axes_pipeline.layout), spelled here for Hydra's own files
     run_dir: str = ("${paths.output_root}/${axes_mode:}/${axes_name:${name}}/"
-                    "${data.name}-${model.name}-w${model.width}/seed${seed}")
+                    "${axes_slug:${data.name},${model.name},${model.width},${seed}}")
 
 
 @dataclass

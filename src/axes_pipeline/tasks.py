@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import re
 import sys
 import traceback
@@ -22,9 +23,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.bounds import check_bounds
-from axes_pipeline.config import _mode, check_name, check_seed, load_plugins, run_dir
+from axes_pipeline.config import check_name, check_seed, load_plugins, run_kind
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.runs import check_writable
+from axes_pipeline.stage import stage_inputs
 
 log = logging.getLogger("axes_pipeline")
 
@@ -193,14 +195,42 @@ def hydra_entry(config_name: str, config_path: str = "conf"):
     return decorate
 
 
+def refuse_several_processes(stage: str) -> None:
+    """Stop when started as one of several processes (torchrun, srun -n, a DDP launcher).
+
+    Capture, analysis and pruning run in one process on one device: under N processes every
+    rank would capture, prune and write the same files N times over (and the moments of one
+    rank's shard are not the calibration set's). They refuse rather than run on rank 0 only,
+    so the other ranks do not sit idle holding a device."""
+    import torch  # deferred: a command-line mistake is refused before torch loads (hydra_entry)
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = max(world, torch.distributed.get_world_size())
+    if world > 1:
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "?"))
+        raise UserError(f"{stage} runs in one process on one device, but this is rank {rank} of {world} "
+                        f"(WORLD_SIZE={world}); start it with plain python, not torchrun or a DDP launcher "
+                        f"(only train.py uses trainer=ddp)")
+
+
+def trained_dir(cfg: DictConfig) -> Path:
+    """The folder of the trained run a later stage (analyze, prune) works on, as its stage will find it:
+    the folder holding ``ckpt=`` (or its ``external/`` folder), else the first candidate that holds a run."""
+    run = stage_inputs(cfg).run
+    return (run.for_checkpoint(Path(str(cfg.ckpt))) if cfg.ckpt else run.found()).dir
+
+
 def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
-             where: Callable[[DictConfig], Path] = run_dir):
+             where: Callable[[DictConfig], Path] | None = None, one_process: bool = False):
     """Run one stage function ``fn(cfg)`` with seeding, error handling and tracker cleanup.
-    ``where(cfg)`` is the directory the stage works in (a failure marker goes there in a sweep)."""
+    ``where(cfg)`` is the directory the stage works in (a failure marker goes there in a sweep); default:
+    the run's own folder. ``one_process``: refuse to run as one of several processes (analyze, prune:
+    :func:`refuse_several_processes`)."""
     import lightning as L
 
-    stage = cfg.get("stage", "task")
-    in_sweep = _mode() == "multirun"
+    stage = cfg.stage
+    in_sweep = run_kind() == "multirun"
     _single_log_stream()
     _share_cores()
     marker = None
@@ -208,8 +238,10 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
         check_name(cfg.name)
         seed = check_seed(cfg.seed)
         check_before_work(cfg)     # again: a stage called from Python (tests, notebooks) skips hydra_entry
-        load_plugins(cfg.get("plugins"))
-        out = where(cfg)
+        if one_process:
+            refuse_several_processes(f"{stage}.py")
+        load_plugins(cfg.plugins)
+        out = where(cfg) if where is not None else stage_inputs(cfg).run.dir
         marker = out / f"{stage}.failed"
         L.seed_everything(seed, workers=True, verbose=False)
         log.info("%s: working in %s", stage, out)
@@ -302,7 +334,7 @@ class SweepSummary(Callback):
             sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        stage = config.get("stage", "task")
+        stage = config.stage
         sweep_dir = Path(config.hydra.sweep.dir)
         failed = sorted(sweep_dir.rglob(f"{stage}.failed"))
         if failed:

@@ -16,17 +16,13 @@ from __future__ import annotations
 import csv
 import os
 import re
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from axes_pipeline.bounds import positive
-from axes_pipeline.config import to_container
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import atomic_path, flatten, write_text
+from axes_pipeline.layout import AXES_CSV, LAYERS_CSV, RunId
+from axes_pipeline.runs import atomic_path, write_text
 from axes_pipeline.wiring import instantiate_all
 
 
@@ -39,8 +35,8 @@ class WandbConfig:
     project: str = "axes-pipeline"
     entity: str | None = None
     mode: str = "offline"     # online for real use (needs WANDB_API_KEY; never prompts)
-    group: str = "${name}"
-    run_name: str = "${data.name}-${model.name}-seed${seed}"
+    group: str | None = None      # null: the experiment's name (RunId.name)
+    run_name: str | None = None   # null: the run's slug, <data>-<model>-w<width>-seed<seed> (RunId.slug), then -<stage>
     tags: list[str] = field(default_factory=list)
     # online: seconds wandb.init waits for the server before one line says it is unreachable (wandb's
     # own default, 90 s, ends in a CommError traceback)
@@ -54,18 +50,28 @@ class CSVConfig:
     _target_: str = "axes_pipeline.tracking.CSVTracking"
 
 
-def tracking(cfg: DictConfig):
-    """The tracking backend of ``cfg.logger`` (:class:`WandbTracking`, :class:`CSVTracking`), or
+def tracking(logger):
+    """The tracking backend of the ``logger`` block (:class:`WandbTracking`, :class:`CSVTracking`), or
     None with ``logger=none``: a backend rather than a Lightning logger, because one setting serves
     every stage (training gets its Lightning logger from it, the other stages their wandb run)."""
-    built = instantiate_all(cfg.logger, "logger")
+    built = instantiate_all(logger, "logger")
     return built[0] if built else None
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """What the tracker records a stage of a run under: the run's identity, its whole resolved config
+    flattened (``capture.point``: wandb's run table filters by any knob) and the backend (None: no tracking)."""
+
+    id: RunId
+    config: dict = field(repr=False)
+    backend: object | None = None
 
 
 class CSVTracking:
     """Training's curves as CSV (kept across a resume); the other stages' own files are the record."""
 
-    def training_logger(self, cfg: DictConfig, out: Path, resume_epoch: int = 0, resume_step: int = 0):
+    def training_logger(self, run: TrackedRun, out: Path, resume_epoch: int = 0, resume_step: int = 0):
         from lightning.pytorch.loggers import CSVLogger
         from lightning.pytorch.loggers.csv_logs import ExperimentWriter
         from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -102,53 +108,55 @@ class CSVTracking:
 
         return ResumableCSVLogger(save_dir=str(out), name="logs", version="train")
 
-    def stage_run(self, cfg: DictConfig, stage: str, out: Path):
+    def stage_run(self, run: TrackedRun, stage: str, out: Path):
         return None
 
-    def record_training(self, logger, cfg: DictConfig, best: Path, summary: dict) -> None:
+    def record_training(self, logger, run: TrackedRun, best: Path, summary: dict) -> None:
         pass
 
 
 class WandbTracking:
-    """wandb runs grouped by experiment and named data-model-seed-stage; a resumed training continues
-    its run. Refuses ``mode=online`` without credentials (one line, never a login prompt)."""
+    """wandb runs grouped by experiment and named after the run's slug and the stage
+    (``digits-resnet18-w0.25-seed42-analyze``); a resumed training continues its run. Refuses
+    ``mode=online`` without credentials (one line, never a login prompt)."""
 
-    def __init__(self, project: str, entity: str | None, mode: str, group: str, run_name: str, tags,
+    def __init__(self, project: str, entity: str | None, mode: str, group: str | None, run_name: str | None, tags,
                  init_timeout: float = 20.0):
         self.project, self.entity, self.mode, self.group = project, entity, mode, group
         self.run_name, self.tags, self.init_timeout = run_name, list(tags), float(init_timeout)
         _wandb_env(mode)
 
-    def init_kwargs(self, cfg: DictConfig, stage: str, out: Path) -> dict:
+    def init_kwargs(self, run: TrackedRun, stage: str, out: Path) -> dict:
         import wandb
 
+        name = run.id.name
         return dict(
-            project=self.project, entity=self.entity, mode=self.mode, group=self.group,
+            project=self.project, entity=self.entity, mode=self.mode, group=self.group or name,
             # a report spans many runs: name it after the experiment, not after one run's seed
-            name=f"{cfg.name}-report" if stage == "report" else f"{self.run_name}-{stage}", job_type=stage,
-            tags=self.tags + [stage], dir=str(out), reinit="finish_previous",
+            name=f"{name}-report" if stage == "report" else f"{self.run_name or run.id.slug('-')}-{stage}",
+            job_type=stage, tags=self.tags + [stage], dir=str(out), reinit="finish_previous",
             # (`data.name`, `model.name`, `model.width`, `seed` come with the flattened config; a bare
             # `data` key beside them would collide with the `data.*` columns in wandb's run table)
-            config={**flat_config(cfg), "experiment": cfg.name, "stage": stage},
+            config={**run.config, "experiment": name, "stage": stage},
             settings=wandb.Settings(init_timeout=self.init_timeout),
         )
 
-    def training_logger(self, cfg: DictConfig, out: Path, resume_epoch: int = 0, resume_step: int = 0):
+    def training_logger(self, run: TrackedRun, out: Path, resume_epoch: int = 0, resume_step: int = 0):
         """Lightning's WandbLogger; ``resume_epoch`` > 0 continues the run this training started."""
         from lightning.pytorch.loggers import WandbLogger
 
-        kw = self.init_kwargs(cfg, "train", out)
+        kw = self.init_kwargs(run, "train", out)
         logger = WandbLogger(save_dir=str(out), id=_train_run_id(out, resume_epoch), resume="allow",
                              **{k: v for k, v in kw.items() if k != "dir"})
         if self.mode == "online":    # reach the server now, before any training, not at the first logged step
             self._reach(lambda: logger.experiment)
         return logger
 
-    def stage_run(self, cfg: DictConfig, stage: str, out: Path):
+    def stage_run(self, run: TrackedRun, stage: str, out: Path):
         import wandb
 
         out.mkdir(parents=True, exist_ok=True)
-        return self._reach(lambda: wandb.init(**self.init_kwargs(cfg, stage, out)))
+        return self._reach(lambda: wandb.init(**self.init_kwargs(run, stage, out)))
 
     def _reach(self, init):
         """``init()``; an unreachable server (no network, a firewall, a wrong WANDB_BASE_URL) is one
@@ -162,8 +170,8 @@ class WandbTracking:
             raise UserError(f"wandb unreachable: {reason} (gave up after logger.init_timeout={self.init_timeout:g} s); "
                             f"use logger.mode=offline and `wandb sync` later") from None
 
-    def record_training(self, logger, cfg: DictConfig, best: Path, summary: dict) -> None:
-        log_training(logger.experiment, cfg, best, summary)
+    def record_training(self, logger, run: TrackedRun, best: Path, summary: dict) -> None:
+        log_training(logger.experiment, run.id, best, summary)
 
 
 def _wandb_env(mode: str) -> None:
@@ -182,12 +190,6 @@ def _wandb_env(mode: str) -> None:
 def _has_netrc() -> bool:
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def flat_config(cfg: DictConfig) -> dict:
-    """The full resolved config with dotted keys (``capture.point``): wandb's run table groups and
-    filters by top-level config keys, so nesting would hide every knob below the first level."""
-    return flatten(to_container(cfg))
 
 
 def _train_run_id(out: Path, resume_epoch: int) -> str:
@@ -220,9 +222,8 @@ class StageTracker:
     """Tracking for the non-training stages: scalars, tables and images to wandb when enabled; with
     `logger=csv` or `none` it does nothing (the stage's own CSV/PNG files are the record)."""
 
-    def __init__(self, cfg: DictConfig, stage: str, out: Path):
-        backend = tracking(cfg)
-        self.run = backend.stage_run(cfg, stage, out) if backend is not None else None
+    def __init__(self, run: TrackedRun, stage: str, out: Path):
+        self.run = run.backend.stage_run(run, stage, out) if run.backend is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -274,10 +275,10 @@ class StageTracker:
             self.run = None
 
 
-def log_training(run, cfg: DictConfig, best: Path, summary: dict) -> None:
+def log_training(run, run_id: RunId, best: Path, summary: dict) -> None:
     """Training's wandb record beyond Lightning's curves: the checkpoint as an artifact and the
     final metrics under stable summary names (``train/test_acc``) for run tables."""
-    record_artifact(run, "checkpoint", cfg_artifact_name("checkpoint", cfg), [best], use=False)
+    record_artifact(run, "checkpoint", artifact_name("checkpoint", run_id), [best], use=False)
     run.summary.update({f"train/{k}": v for k, v in summary.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
@@ -286,12 +287,12 @@ def log_training(run, cfg: DictConfig, best: Path, summary: dict) -> None:
 PROFILE_AXES = ("input_capture", "peer_overlap", "task_info", "target_excess")
 
 
-def log_axes(tracker: StageTracker, cfg: DictConfig, out: Path, axes) -> None:
+def log_axes(tracker: StageTracker, run_id: RunId, out: Path, axes) -> None:
     """Analyze's wandb record: ``axes.csv`` and ``layers.csv`` as an artifact, an I_X vs I_T scatter
     per layer, and the depth profile of each axis (mean over a layer's channels) as line series."""
     if not tracker.enabled or axes is None or axes.empty:
         return
-    tracker.log_artifact("axes", cfg_artifact_name("axes", cfg), [out / "axes.csv", out / "layers.csv"])
+    tracker.log_artifact("axes", artifact_name("axes", run_id), [out / AXES_CSV, out / LAYERS_CSV])
     for layer, d in axes.groupby("layer", sort=False):
         tracker.scatter(f"analyze/ix_vs_it/{layer}", d, "input_capture", "task_info",
                         title=f"{layer}: input_capture (I_X) vs task_info (I_T)")
@@ -308,12 +309,8 @@ def log_report(tracker: StageTracker, runs, out: Path, headline, experiment: str
     if not tracker.enabled:
         return
     for r in runs:
-        ident = (r.experiment, r.data, r.model, r.width, r.seed)
-        p = Path(r.path)
-        for kind, files in (("checkpoint", [p / "checkpoints" / "best.ckpt"]),
-                            ("axes", [p / "analyze" / "axes.csv", p / "analyze" / "layers.csv"]),
-                            ("curves", [p / "prune" / "prune_curves.csv", p / "prune" / "prune_summary.json"])):
-            tracker.use_artifact(kind, artifact_name(kind, *ident), files)
+        for kind, files in r.artifacts().items():
+            tracker.use_artifact(kind, artifact_name(kind, r.id), files)
     tracker.log_artifact("report", re.sub(r"[^A-Za-z0-9_.-]", "_", f"report-{experiment}"),
                          [f for f in (out / "report.html", out / "report.md", out / "headline.csv") if f.is_file()])
     if headline is None or headline.empty:
@@ -338,15 +335,10 @@ ARTIFACT_KINDS = {"checkpoint": ("model", True), "axes": ("axes", False), "curve
                   "report": ("report", False)}
 
 
-def artifact_name(kind: str, experiment: str, data: str, model: str, width, seed) -> str:
-    """The stable artifact name of one run's result: every stage derives it from the run's identity,
-    so a consumer can name its producer's artifact without asking the wandb server."""
-    raw = f"{kind}-{experiment}-{data}-{model}-w{float(width):g}-seed{seed}"
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", raw)
-
-
-def cfg_artifact_name(kind: str, cfg: DictConfig) -> str:
-    return artifact_name(kind, cfg.name, cfg.data.name, cfg.model.name, cfg.model.width, cfg.seed)
+def artifact_name(kind: str, run_id: RunId) -> str:
+    """The stable artifact name of one run's result: every stage derives it from the run's identity
+    (its slug), so a consumer can name its producer's artifact without asking the wandb server."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{kind}-{run_id.name}-{run_id.slug('-')}")
 
 
 def artifact(kind: str, name: str, files: list[Path]):
@@ -384,24 +376,3 @@ def record_artifact(run, kind: str, name: str, files: list[Path], use: bool) -> 
         run._log_artifact(art, is_user_created=True, use_after_commit=True)
     else:
         run.use_artifact(art)
-
-
-def progress(items, desc: str, *, total: int | None = None, enabled: bool = True, label=None):
-    """Iterate ``items`` showing progress: a tqdm bar when stderr is a terminal, else one line on
-    stdout per finished unit (``desc: 3/20 layer4.1.conv2 (12.3s)``) instead of bar redraws."""
-    if total is None:
-        total = len(items) if hasattr(items, "__len__") else None
-    if not enabled:
-        yield from items
-        return
-    if sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        yield from tqdm(items, desc=desc, total=total, leave=False)
-        return
-    t0 = time.perf_counter()
-    of = f"/{total}" if total is not None else ""
-    for i, item in enumerate(items, 1):
-        yield item
-        what = f" {label(item)}" if label is not None else ""
-        print(f"{desc}: {i}{of}{what} ({time.perf_counter() - t0:.1f}s)", flush=True)

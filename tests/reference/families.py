@@ -14,11 +14,10 @@ Each stage either works or records the one-line reason it refused (never a silen
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from axes_pipeline.analyses.lesion_engine import trace
 from axes_pipeline.analyses.lesions import lesion_layer
@@ -89,13 +88,12 @@ class FamilyResult:
         return max((abs(a - t) for a, t in zip(self.achieved, self.targets)), default=float("nan"))
 
 
-def _axes_cfg():
-    """The analysis knobs at their defaults (:class:`~axes_pipeline.axes.settings.AxesKnobs`),
-    without plots' graphs."""
-    cfg = OmegaConf.structured(AxesKnobs)
-    cfg.graphs.edge_fraction = 0      # community graphs are a plot aid, not an axis
-    cfg.gradients.enabled = False
-    return cfg
+def axes_knobs(gradients: bool = False) -> AxesKnobs:
+    """The axes knobs' defaults, without the community graphs (a plot aid, not an axis) and, unless asked,
+    without the gradient analysis."""
+    knobs = AxesKnobs()
+    return replace(knobs, graphs=replace(knobs.graphs, edge_fraction=0),
+                   gradients=replace(knobs.gradients, enabled=gradients))
 
 
 def check_family(arch: str, width: float, side: int, *, score: str = "task_info",
@@ -115,13 +113,13 @@ def check_family(arch: str, width: float, side: int, *, score: str = "task_info"
     units = conv_norm_pairs(model)
     res.layers = len(units)
     res.linear_units = sum(u.channels_last for u in units.values())
-    cfg = _axes_cfg()
+    knobs = axes_knobs()
     cap = capture_activations(model, units, data, samples_per_image=4, seed=seed, progress=False, keep_samples=True)
-    axes, _, _ = analyze_capture(cap, units, cfg, torch.device("cpu"), progress=False)
+    axes, _, _ = analyze_capture(cap, units, knobs, torch.device("cpu"), progress=False)
     res.analysed = int(axes.groupby("layer").size().reindex(list(units)).eq(
         [u.out_channels for u in units.values()]).sum())
     for _name, unit in units.items():
-        label = capture_point(unit, str(cfg.capture.point))
+        label = capture_point(unit, str(knobs.capture.point))
         res.capture_points[label] = res.capture_points.get(label, 0) + 1
     res.analyze_s = time.perf_counter() - t0
 

@@ -12,22 +12,27 @@ import importlib
 import logging
 import pkgutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.registry import ANALYSES, analysis
+from axes_pipeline.analyses.settings import ANALYSIS_SCHEMAS
+from axes_pipeline.axes.settings import AxesKnobs
 from axes_pipeline.axes.table import axes_fingerprint, axes_step, fit_capture_size, select_units
-from axes_pipeline.config import run_dir, to_container
+from axes_pipeline.config import to_container
 from axes_pipeline.devices import resolve_device
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import file_digest, flatten, read_json, write_json
-from axes_pipeline.tracking import StageTracker, cfg_artifact_name, log_axes
+from axes_pipeline.layout import ANALYZE_SUMMARY, AXES_CSV, PLOTS
+from axes_pipeline.runs import Stamp, file_digest, flatten, read_json, write_json
+from axes_pipeline.stage import StageInputs, stage_inputs, typed
+from axes_pipeline.tracking import StageTracker, artifact_name, log_axes
 from axes_pipeline.training.restore import restore_trained
 
 log = logging.getLogger("axes_pipeline")
@@ -44,12 +49,17 @@ def _register_analyses() -> None:
 
 @dataclass
 class Context:
-    """What the analyses share: config, restored run, captured samples, axes, output dir, tracker."""
+    """What the analyses share: the stage's inputs (the run's identity and layout, the tracker's run), how
+    the axes are measured (``knobs``, fitted to the data), every analysis' typed block (an analysis' own is
+    passed to its run function; another's is read here, as definitions reads the dynamics' layers), the
+    restored run, its captured samples and axes, the output folder and the tracker."""
 
-    cfg: DictConfig
+    inputs: StageInputs
+    knobs: AxesKnobs
     out: Path
-    tracker: StageTracker
+    tracker: StageTracker | None
     device: torch.device
+    blocks: dict[str, Any] = field(default_factory=dict)
     trained: object = None
     units: dict | None = None
     capture: object = None
@@ -58,8 +68,8 @@ class Context:
     axes_headline: dict | None = None
 
 
-def selected(cfg: DictConfig) -> list[str]:
-    chosen = list(cfg.analysis)
+def selected(chosen: list[str]) -> list[str]:
+    """The analyses named by ``analysis=``, each one registered."""
     unknown = [k for k in chosen if k not in ANALYSES]
     if unknown:
         raise UserError(f"unknown analysis {unknown[0]!r}; choose from: {', '.join(sorted(ANALYSES))}")
@@ -73,12 +83,12 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
     """Capture (or reuse), compute both axes per layer, write tables, plots and tracker logs. A sound
     ``axes.csv`` computed with these settings (with its plots, if the axes were ``requested``) is read back
     instead: a re-run sweep skips finished work; ``analysis.axes.recompute=true`` forces it."""
-    cfg, trained, out = ctx.cfg, ctx.trained, ctx.out
-    want = axes_fingerprint(cfg, trained.ckpt)
-    plots_there = not cfg.plots or plots_current(out, want)
-    recompute = bool(OmegaConf.select(cfg, "analysis.axes.recompute", default=False))
+    knobs, trained, out = ctx.knobs, ctx.trained, ctx.out
+    want = axes_fingerprint(knobs, trained.data_id, trained.ckpt)
+    plots_there = not knobs.plots or plots_current(out, want)
+    recompute = bool(ctx.blocks["axes"].recompute)
     # the other analyses read the capture: taken (or read from its cache) even when the tables are reused
-    step = axes_step(cfg, trained, ctx.units, ctx.device, out, reuse=not recompute and (plots_there or not requested),
+    step = axes_step(knobs, trained, ctx.units, ctx.device, out, reuse=not recompute and (plots_there or not requested),
                      need_capture=True, keep_matrices=True)
     ctx.capture = capture = step.capture
     ctx.axes, ctx.layers = step.axes, step.layers
@@ -88,25 +98,25 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
         if requested:   # this stage's tracker run still gets the tables and figures
             ctx.tracker.table("analyze/layers", ctx.layers)
             ctx.tracker.table("analyze/axes", ctx.axes)
-            for f in sorted((out / "plots").glob("*.png")) if cfg.plots else []:
+            for f in sorted((out / PLOTS).glob("*.png")) if knobs.plots else []:
                 if f.stem in (*AXES_PLOTS, "communities"):
                     ctx.tracker.image(f"analyze/{f.stem}", f)
-        log.info("axes: reusing %s (computed with these settings; analysis.axes.recompute=true to redo)", out / "axes.csv")
+        log.info("axes: reusing %s (computed with these settings; analysis.axes.recompute=true to redo)", out / AXES_CSV)
         return headline
     axes_df, layers_df, results = step.axes, step.layers, step.results
     # the summary's axes part carries the table's fingerprint (it is rewritten with the table, below)
     headline = {**axes_headline(layers_df), "calibration_accuracy": capture.accuracy, "fingerprint": want}
     drop_axes_plots(out)   # plots of the old table never sit beside the new one, drawn or not
-    if cfg.plots:
-        figs = [plots.scatter_ix_it(axes_df, out / "plots" / "scatter_ix_it.png"),
-                plots.depth_profile(layers_df, out / "plots" / "depth_profile.png")]
+    if knobs.plots:
+        figs = [plots.scatter_ix_it(axes_df, out / PLOTS / "scatter_ix_it.png"),
+                plots.depth_profile(layers_df, out / PLOTS / "depth_profile.png")]
         with_graphs = [n for n, r in results.items() if r.r_x is not None]
         if with_graphs:
             pick = [with_graphs[i] for i in sorted(set(np.linspace(0, len(with_graphs) - 1, 3).round().astype(int)))]
             mats = {n: (results[n].r_x, results[n].s, axes_df.loc[axes_df.layer == n, "community_r"].to_numpy()
                         [: results[n].r_x.shape[0]]) for n in pick}
-            figs.append(plots.communities(mats, out / "plots" / "communities.png"))
-        write_json(out / "plots" / PLOTS_FINGERPRINT, want)
+            figs.append(plots.communities(mats, out / PLOTS / "communities.png"))
+        write_json(plots_stamp(out, want).path, want)   # last: the plots are drawn
         for f in figs:
             ctx.tracker.image(f"analyze/{f.stem}", f)
     ctx.tracker.table("analyze/layers", layers_df)
@@ -114,23 +124,21 @@ def run_axes(ctx: Context, requested: bool = True) -> dict:
     return headline
 
 
-PLOTS_FINGERPRINT = "fingerprint.json"   # in plots/: the axes fingerprint the axes plots were drawn from
+def plots_stamp(out: Path, want: dict) -> Stamp:
+    """The fingerprint of the axes plots (``plots/fingerprint.json``): the axes table they were drawn from."""
+    return Stamp(out / PLOTS / "fingerprint.json", want)
 
 
 def plots_current(out: Path, want: dict) -> bool:
     """The axes plots exist and were drawn from a table with fingerprint ``want``."""
-    try:
-        drawn = read_json(out / "plots" / PLOTS_FINGERPRINT)
-    except (OSError, ValueError):   # none (drawn before plots recorded it) or unreadable: redraw
-        return False
-    return drawn == want and all((out / "plots" / f"{p}.png").is_file() for p in AXES_PLOTS)
+    return plots_stamp(out, want).current and all((out / PLOTS / f"{p}.png").is_file() for p in AXES_PLOTS)
 
 
 def drop_axes_plots(out: Path) -> None:
     """Remove the axes plots and their fingerprint: the table they were drawn from is being replaced."""
-    (out / "plots" / PLOTS_FINGERPRINT).unlink(missing_ok=True)
+    (out / PLOTS / "fingerprint.json").unlink(missing_ok=True)
     for name in (*AXES_PLOTS, "communities"):
-        (out / "plots" / f"{name}.png").unlink(missing_ok=True)
+        (out / PLOTS / f"{name}.png").unlink(missing_ok=True)
 
 
 def axes_headline(layers_df: pd.DataFrame) -> dict:
@@ -146,43 +154,58 @@ def axes_headline(layers_df: pd.DataFrame) -> dict:
 
 
 @analysis("axes")
-def axes_analysis(ctx: Context) -> dict:
+def axes_analysis(ctx: Context, block) -> dict:
     """``analysis=axes``: the tables themselves come from :func:`run_axes`, which runs before every
     analysis (they all read the axes); asking for them also logs them as this run's artifact."""
-    log_axes(ctx.tracker, ctx.cfg, ctx.out, ctx.axes)
+    log_axes(ctx.tracker, ctx.inputs.id, ctx.out, ctx.axes)
     return ctx.axes_headline
 
 
+def analysis_blocks(analysis: DictConfig) -> dict[str, Any]:
+    """Every registered analysis' block: the selected ones as composed, as their schema's dataclass (a
+    plugin's without a schema as plain values), the others their schema's defaults (another analysis
+    reads them: definitions uses the dynamics' layers)."""
+    blocks = {name: typed(analysis.get(name), schema) for name, schema in ANALYSIS_SCHEMAS.items()}
+    for name in ANALYSES:
+        if name not in blocks:
+            node = analysis.get(name)
+            blocks[name] = to_container(node) if node is not None else {}
+    return blocks
+
+
 def run_analysis(cfg: DictConfig) -> dict:
-    chosen = selected(cfg)
-    device = resolve_device(cfg.get("device", "auto"))
+    inputs = stage_inputs(cfg)
+    chosen = selected(list(cfg.analysis))
+    blocks = analysis_blocks(cfg.analysis)
+    device = resolve_device(inputs.knobs.device)
     t0 = time.perf_counter()
     needs_run = any(ANALYSES[name].needs_run for name in chosen)
-    trained = restore_trained(cfg) if needs_run else None
+    trained = restore_trained(inputs) if needs_run else None
     # another checkpoint than the run's default writes to analyze@<stem>/ (restore.Trained.stage_dir)
-    out = trained.stage_dir("analyze") if trained is not None else run_dir(cfg) / "analyze"
-    ctx = Context(cfg=cfg, out=out, tracker=None, device=device, trained=trained)
+    out = trained.stage_dir("analyze") if trained is not None else inputs.run.stage_dir("analyze")
+    knobs = fit_capture_size(inputs.knobs, trained.datamodule) if trained is not None else inputs.knobs
+    ctx = Context(inputs=inputs, knobs=knobs, out=out, tracker=None, device=device, blocks=blocks, trained=trained)
     if trained is not None:
-        fit_capture_size(cfg, trained.datamodule)
-        ctx.units = select_units(trained.model, cfg.capture.layers)
+        ctx.units = select_units(trained.model, knobs.capture.layers)
         for name in chosen:   # each analysis validates its own knobs before the network runs
             if ANALYSES[name].check is not None:
-                ANALYSES[name].check(ctx)
-    ctx.tracker = StageTracker(cfg, "analyze", out)
+                ANALYSES[name].check(ctx, blocks[name])
+    ctx.tracker = StageTracker(inputs.tracked, "analyze", out)
     summary: dict = {"run_dir": str(out.parent), "checkpoint": str(trained.ckpt) if trained else None, "analyses": chosen,
                      "checkpoint_digest": file_digest(trained.ckpt) if trained else None}
     try:
         if trained is not None:
-            ctx.tracker.use_artifact("checkpoint", cfg_artifact_name("checkpoint", cfg), [trained.ckpt])
+            ctx.tracker.use_artifact("checkpoint", artifact_name("checkpoint", inputs.id), [trained.ckpt])
             summary["axes"] = ctx.axes_headline = run_axes(ctx, requested="axes" in chosen)
             print(f"analyze: axes of {summary['axes']['channels']} channels in {summary['axes']['layers']} layers; "
                   f"mean ρ(I_X, I_T) = {summary['axes']['mean_align_input_capture_task_info']:.3f}")
         for name in chosen:
-            summary[name] = ANALYSES[name].run(ctx)
+            summary[name] = ANALYSES[name].run(ctx, blocks[name])
         summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
-        summary["config"] = to_container(cfg)
+        # the config as run: capture.n_cal as fitted to the data (the images captured)
+        summary["config"] = {**inputs.config, "capture": asdict(knobs.capture)}
         ctx.tracker.scalars(flatten(summary, skip={"config"}))   # the config is the run's wandb config already
-        write_json(out / "analyze_summary.json", _merged(out / "analyze_summary.json", summary))
+        write_json(out / ANALYZE_SUMMARY, _merged(out / ANALYZE_SUMMARY, summary))
     finally:
         ctx.tracker.finish()
     print(f"analyze: done in {summary['wall_time_s']:.1f}s -> {out}")

@@ -11,8 +11,8 @@ result instead of a hidden one: on the initial checkpoint (``epoch_000.ckpt``) a
 ``capture.*``. Only the streamed (T, Y) moments are held, as in the dynamics.
 
 Each (definition, checkpoint) is stored as a part (``analyze/definitions_parts/<point>-<spatial>_<init|trained>.csv``)
-with the fingerprint of what made it (data identity, checkpoint content digest, capture and metric
-settings): a re-run skips sound parts computed from the same inputs and recomputes the rest.
+beside the fingerprint of what made it (``<part>.fingerprint.json``: data identity, checkpoint content digest,
+capture and metric settings): a re-run skips sound parts computed from the same inputs and recomputes the rest.
 
 Outputs (``<run_dir>/analyze/``): ``definitions.csv`` (one row per definition, checkpoint and layer)
 and ``plots/definitions.png`` (small multiples: one panel per quantity, init → trained per
@@ -22,25 +22,25 @@ moves from init to trained in the paper's direction.
 
 from __future__ import annotations
 
-import copy
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf, open_dict
 
-from axes_pipeline.analyses.dynamics import _graphs, _layers
+from axes_pipeline.analyses.dynamics import _layers, dynamics_knobs
 from axes_pipeline.analyses.registry import analysis
-from axes_pipeline.analyses.settings import analysis_block
-from axes_pipeline.axes.table import calibration_loader, capture_knobs, layer_analysis, metric_dtype, metric_knobs
-from axes_pipeline.capture import POSITIONS, capture_activations
+from axes_pipeline.analyses.settings import DefinitionsAnalysis, DynamicsAnalysis
+from axes_pipeline.axes.settings import AxesKnobs
+from axes_pipeline.axes.table import axes_identity, calibration_loader, graph_knobs, layer_analysis, metric_dtype, metric_knobs
+from axes_pipeline.capture import capture_activations
+from axes_pipeline.console import progress as units_progress
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs
 from axes_pipeline.plotting import save_figure
-from axes_pipeline.runs import fingerprint, run_fingerprint, write_csv
+from axes_pipeline.runs import Stamp, run_fingerprint, write_csv
 from axes_pipeline.tables import DamagedTable, Schema, read_table
-from axes_pipeline.tracking import progress as units_progress
 from axes_pipeline.training.checkpoints import load_into
 from axes_pipeline.training.restore import architecture, expected_meta
 
@@ -66,17 +66,13 @@ LABELS = {"align_input_capture_task_info": "ρ(I_X, I_T)", "modularity_gap": "mo
 PARTS = "definitions_parts"
 PART_SCHEMA = Schema("definitions part", columns={"point": "str", "spatial": "str", "checkpoint": "str",
                                                   "layer": "str", "layer_index": "int", "channels": "int",
-                                                  "fingerprint": "str", "hull_size_mean": "float"},
+                                                  "hull_size_mean": "float"},
                      finite=("hull_size_mean",), layer="layer")
 
 
-def _knobs(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(analysis_block(cfg, "definitions"), resolve=True)
-
-
-def definitions_of(knobs: dict) -> list[tuple[str, str]]:
+def definitions_of(block: DefinitionsAnalysis) -> list[tuple[str, str]]:
     """The (point, spatial) pairs selected by ``analysis.definitions.points`` × ``spatial``."""
-    points, spatial = list(knobs["points"]), list(knobs["spatial"])
+    points, spatial = list(block.points), list(block.spatial)
     for p in points:
         if p not in POINTS:
             raise unknown_name("analysis.definitions.points", p, POINTS)
@@ -88,88 +84,71 @@ def definitions_of(knobs: dict) -> list[tuple[str, str]]:
     return [(p, s) for p, s in DEFINITIONS if p in points and s in spatial]
 
 
-def _init_checkpoint(run_dir: Path, knobs: dict) -> Path:
-    path = Path(run_dir) / "checkpoints" / knobs["init"]
+def _init_checkpoint(run_dir: Path, block: DefinitionsAnalysis) -> Path:
+    path = Path(run_dir) / "checkpoints" / block.init
     if not path.is_file():
         raise UserError(f"definitions: no initial checkpoint {path} (train.py writes epoch_000.ckpt before the "
                         f"first step); retrain the run, or set analysis.definitions.init to another file in checkpoints/")
     return path
 
 
-def _skip_reason(cfg: DictConfig, run_dir: Path) -> str | None:
+def _skip_reason(block: DefinitionsAnalysis, run_dir: Path) -> str | None:
     """Why definitions is skipped on this run (``required=false`` and no initial checkpoint), else None."""
-    knobs = _knobs(cfg)
-    path = Path(run_dir) / "checkpoints" / knobs["init"]
-    return None if knobs["required"] or path.is_file() else f"no initial checkpoint {path}"
+    path = Path(run_dir) / "checkpoints" / block.init
+    return None if block.required or path.is_file() else f"no initial checkpoint {path}"
 
 
-def check_definitions_analysis(ctx) -> None:
-    """Knobs, layers and the initial checkpoint, before the network runs."""
-    knobs = _knobs(ctx.cfg)
-    definitions_of(knobs)
-    _layers(ctx.trained.model, _layer_knobs(ctx.cfg))
-    if not _skip_reason(ctx.cfg, ctx.trained.run_dir):
-        _init_checkpoint(ctx.trained.run_dir, knobs)
+def check_definitions_analysis(ctx, block: DefinitionsAnalysis) -> None:
+    """Knobs, layers (the dynamics' depth-spaced ones) and the initial checkpoint, before the network runs."""
+    definitions_of(block)
+    _layers(ctx.trained.model, ctx.blocks["dynamics"])
+    if not _skip_reason(block, ctx.trained.run_dir):
+        _init_checkpoint(ctx.trained.run_dir, block)
 
 
-def _layer_knobs(cfg: DictConfig) -> dict:
-    """The depth-spaced layers of the dynamics (METHODS §6): the same six layers in both analyses."""
-    dyn = OmegaConf.to_container(analysis_block(cfg, "dynamics"), resolve=True)
-    return {k: dyn[k] for k in ("layers", "k", "include_shortcuts")}
+def part_stamp(path: Path, knobs: AxesKnobs, data_id: dict, ckpt: Path, layers: list[str]) -> Stamp:
+    """The fingerprint of a stored part (``<part>.fingerprint.json``): the data identity, the checkpoint's
+    content and the axes identity of the definition's knobs on the chosen layers."""
+    return Stamp(path.with_suffix(".fingerprint.json"), run_fingerprint(data_id, ckpt, **axes_identity(knobs, layers)))
 
 
-def _definition_cfg(cfg: DictConfig, point: str, spatial: str) -> DictConfig:
-    out = copy.deepcopy(cfg)
-    with open_dict(out):
-        out.capture.point, out.capture.spatial = point, spatial
-    return out
-
-
-def part_fingerprint(cfg: DictConfig, ckpt: Path, layers: list[str]) -> str:
-    """What a part depends on: data identity, checkpoint content, capture and metric settings."""
-    # the capture knobs as the axes table reads them from their schema, less capture.layers: the
-    # definitions analysis picks the dynamics' layers
-    settings = {"layers": list(layers), **capture_knobs(cfg, without=("layers",)), "positions": POSITIONS,
-                **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()}, "metrics.dtype": cfg.metrics.dtype,
-                "graphs": _graphs(cfg)}
-    return fingerprint(run_fingerprint(cfg, ckpt, **settings))
-
-
-def _stored(path: Path, want: str, layers: list[str]) -> pd.DataFrame | None:
-    if not path.is_file():
+def _stored(path: Path, stamp: Stamp, layers: list[str]) -> pd.DataFrame | None:
+    """The stored part at ``path`` when its fingerprint is ``stamp``'s and it is sound; else None."""
+    if not path.is_file() or not stamp.current:
         return None
     try:
-        part = read_table(path, PART_SCHEMA, rebuild="python analyze.py analysis=definitions",
+        return read_table(path, PART_SCHEMA, rebuild="python analyze.py analysis=definitions",
                           rows_per_layer=dict.fromkeys(layers, 1))
     except DamagedTable as err:
         log.warning("definitions: %s; recomputing it", str(err).split("; rebuild")[0])
         return None
-    return part if str(part["fingerprint"].iloc[0]) == want else None
 
 
-def definitions_table(cfg: DictConfig, model, datamodule, checkpoints: dict[str, Path], run_dir: Path, device,
-                      expect: dict | None = None, progress: bool = True) -> tuple[pd.DataFrame, int]:
-    """``(frame, computed)``: one row per (definition, checkpoint, layer); ``model`` is overwritten with
-    each checkpoint's weights. ``computed`` counts the parts computed now (the rest were stored)."""
-    knobs = _knobs(cfg)
-    defs = definitions_of(knobs)
-    layers = _layers(model, _layer_knobs(cfg))
+def definitions_table(knobs: AxesKnobs, block: DefinitionsAnalysis, dynamics: DynamicsAnalysis, data_id: dict, model,
+                      datamodule, checkpoints: dict[str, Path], run_dir: Path, device, expect: dict | None = None,
+                      progress: bool = True) -> tuple[pd.DataFrame, int]:
+    """``(frame, computed)``: one row per (definition, checkpoint, layer) on the dynamics' layers; ``model`` is
+    overwritten with each checkpoint's weights. ``computed`` counts the parts computed now (the rest were
+    stored). ``knobs``: the run's axes knobs; each definition replaces its activation point and sampling."""
+    defs = definitions_of(block)
+    layers = _layers(model, dynamics)
+    knobs = dynamics_knobs(knobs, dynamics)
     all_units = conv_norm_pairs(model)
     units = {n: all_units[n] for n in layers}
     index = {n: i for i, n in enumerate(all_units)}
     parts = Path(run_dir) / "analyze" / PARTS
-    dtype, graphs, metrics, c = metric_dtype(cfg), _graphs(cfg), metric_knobs(cfg), cfg.capture
+    dtype, graphs, metrics, c = metric_dtype(knobs.metrics), graph_knobs(knobs.graphs), metric_knobs(knobs.metrics), knobs.capture
     loader, frames, computed, loaded = None, [], 0, None
     jobs = [(tag, ckpt, p, s) for tag, ckpt in checkpoints.items() for p, s in defs]
     for tag, ckpt, point, spatial in units_progress(jobs, "definitions", enabled=progress,
                                                     label=lambda j: f"{j[2]}/{j[3]} {j[0]}"):
-        dcfg = _definition_cfg(cfg, point, spatial)
-        key = part_fingerprint(dcfg, ckpt, layers)
+        definition = replace(knobs, capture=replace(c, point=point, spatial=spatial))
         path = parts / f"{point}-{spatial}_{tag}.csv"
-        part = _stored(path, key, layers)
+        stamp = part_stamp(path, definition, data_id, ckpt, layers)
+        part = _stored(path, stamp, layers)
         if part is None:
             if loader is None:
-                loader = calibration_loader(cfg, datamodule)
+                loader = calibration_loader(c, datamodule)
             if loaded != ckpt:      # the jobs are ordered by checkpoint: each is loaded once
                 load_into(model, ckpt, expect)
                 loaded = ckpt
@@ -186,8 +165,8 @@ def definitions_table(cfg: DictConfig, model, datamodule, checkpoints: dict[str,
             part.insert(1, "spatial", spatial)
             part.insert(2, "checkpoint", tag)
             part["calibration_accuracy"] = capture.accuracy
-            part["fingerprint"] = key
-            write_csv(path, part)
+            with stamp.writing():
+                write_csv(path, part)
             computed += 1
             del capture
         frames.append(part)
@@ -271,24 +250,25 @@ def plot_definitions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
 
 
 @analysis("definitions", check=check_definitions_analysis)
-def run_definitions_analysis(ctx) -> dict:
+def run_definitions_analysis(ctx, block: DefinitionsAnalysis) -> dict:
     """Both checkpoints under every definition (resumable); the table, the figure and a headline."""
-    cfg, trained = ctx.cfg, ctx.trained
-    skip = _skip_reason(cfg, trained.run_dir)
+    trained = ctx.trained
+    skip = _skip_reason(block, trained.run_dir)
     if skip:   # analysis=all on a run without its initial checkpoint: the other analyses still run
         log.warning("definitions: skipped: %s", skip)
         print(f"definitions: skipped: {skip}")
         return {"skipped": skip}
     dm = trained.datamodule
-    model = architecture(cfg, dm.num_classes)   # its own instance: the restored model stays as is
-    checkpoints = {"init": _init_checkpoint(trained.run_dir, _knobs(cfg)), "trained": Path(trained.ckpt)}
-    frame, computed = definitions_table(cfg, model, dm, checkpoints, trained.run_dir, ctx.device,
-                                        expect=expected_meta(cfg, dm.num_classes))
+    model = architecture(ctx.inputs.model, dm.num_classes)   # its own instance: the restored model stays as is
+    checkpoints = {"init": _init_checkpoint(trained.run_dir, block), "trained": Path(trained.ckpt)}
+    frame, computed = definitions_table(ctx.knobs, block, ctx.blocks["dynamics"], trained.data_id, model, dm, checkpoints,
+                                        trained.run_dir, ctx.device,
+                                        expect=expected_meta(ctx.inputs.run, dm.num_classes, dm.image_size))
     del model
-    frame = frame.drop(columns=["fingerprint"]).assign(seed=int(cfg.seed))
+    frame = frame.drop(columns=["fingerprint"], errors="ignore").assign(seed=ctx.inputs.id.seed)
     write_csv(ctx.out / "definitions.csv", frame)
     table = directions(frame)
-    if cfg.plots:
+    if ctx.knobs.plots:
         ctx.tracker.image("analyze/definitions", plot_definitions(table, ctx.out / "plots" / "definitions.png"))
     ctx.tracker.table("analyze/definitions", frame)
     rho = table[table.quantity == "align_input_capture_task_info"]

@@ -24,29 +24,28 @@ and SD over seeds of the layer means), ``plots/dynamics.png``.
 
 from __future__ import annotations
 
-import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
 
 from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.registry import analysis
-from axes_pipeline.analyses.settings import analysis_block
-from axes_pipeline.axes.table import calibration_loader, capture_knobs, layer_analysis, metric_dtype, metric_knobs
-from axes_pipeline.capture import POSITIONS, capture_activations
+from axes_pipeline.analyses.settings import DynamicsAnalysis
+from axes_pipeline.axes.settings import AxesKnobs
+from axes_pipeline.axes.table import axes_identity, calibration_loader, graph_knobs, layer_analysis, metric_dtype, metric_knobs
+from axes_pipeline.capture import capture_activations
 from axes_pipeline.capture.targets import target_from_logits
-from axes_pipeline.config import run_dir_candidates
+from axes_pipeline.console import progress as units_progress
 from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.layout import RunLayout
 from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
-from axes_pipeline.runs import file_digest, read_json, run_fingerprint, settings_diff, write_csv, write_json
+from axes_pipeline.runs import Stamp, file_digest, mismatch, run_fingerprint, write_csv
 from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
 from axes_pipeline.tables import DamagedTable, Schema, read_table
-from axes_pipeline.tracking import progress as units_progress
 from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into
 from axes_pipeline.training.restore import architecture, expected_meta
 
@@ -82,14 +81,10 @@ class RunPlan:
 # ---- Knobs and plan --------------------------------------------------------------------------
 
 
-def _knobs(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(analysis_block(cfg, "dynamics"), resolve=True)
-
-
-def _skip_reason(cfg: DictConfig, run_dir: Path) -> str | None:
+def _skip_reason(block: DynamicsAnalysis, run_dir: Path) -> str | None:
     """Why dynamics is skipped on this run (``required=false`` and no per-epoch checkpoints), else None."""
     ckpt_dir = Path(run_dir) / "checkpoints"
-    if _knobs(cfg)["required"] or epoch_checkpoints(ckpt_dir):
+    if block.required or epoch_checkpoints(ckpt_dir):
         return None
     return f"no per-epoch checkpoints in {ckpt_dir} (train with checkpoint.every_epoch=true)"
 
@@ -117,17 +112,17 @@ def _no_checkpoints_error(ckpt_dir: Path) -> UserError:
         f"change name=) or `python train.py {other} experiment=dynamics`, then analyze that run")
 
 
-def _layers(model, knobs: dict) -> list[str]:
+def _layers(model, block: DynamicsAnalysis) -> list[str]:
+    """The dynamics' layers (``analysis.dynamics.layers``, else ``k`` depth-spaced ones): the definitions'
+    too (METHODS §6)."""
     units = conv_norm_pairs(model)
-    if knobs["layers"] is not None:
-        layers = [knobs["layers"]] if isinstance(knobs["layers"], str) else list(knobs["layers"])
+    if block.layers is not None:
+        layers = [block.layers] if isinstance(block.layers, str) else list(block.layers)
         unknown = [n for n in layers if n not in units]
         if unknown:
             raise UserError(f"dynamics.layers: unknown layer {unknown[0]!r}; available: {', '.join(units)}")
         return layers
-    if knobs["k"] < 1:
-        raise UserError(f"dynamics.k must be >= 1, got {knobs['k']}")
-    return depth_spaced_layers(model, knobs["k"], include_shortcuts=knobs["include_shortcuts"])
+    return depth_spaced_layers(model, block.k, include_shortcuts=block.include_shortcuts)
 
 
 def _select_epochs(grid: list[int], want) -> list[int]:
@@ -150,18 +145,19 @@ def _select_epochs(grid: list[int], want) -> list[int]:
     return want
 
 
-def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPlan]:
-    """Which runs and epochs to process; every mistake a :class:`UserError` before any work."""
-    knobs = _knobs(cfg)
+def plan_dynamics(block: DynamicsAnalysis, run: RunLayout, main_run: Path) -> list[RunPlan]:
+    """Which runs and epochs to process: ``main_run`` (the analysed run's folder) and the same experiment's
+    runs of ``dynamics.seeds``; every mistake a :class:`UserError` before any work."""
+    main_seed = run.id.seed
     ckpt_dir = Path(main_run) / "checkpoints"
     found = epoch_checkpoints(ckpt_dir)
     if not found:
         raise _no_checkpoints_error(ckpt_dir)
     if 0 not in found:
         log.warning("dynamics: %s has no epoch_000.ckpt (random init); curves start at epoch %d", ckpt_dir, min(found))
-    epochs = _select_epochs(list(found), knobs["epochs"])
+    epochs = _select_epochs(list(found), block.epochs)
     plans = [RunPlan(int(main_seed), Path(main_run), {e: found[e] for e in epochs})]
-    seeds = knobs["seeds"]
+    seeds = block.seeds
     if seeds is None:
         return plans
     seeds = [seeds] if isinstance(seeds, (int, str)) else list(seeds)
@@ -172,10 +168,7 @@ def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPl
     for seed in seeds:
         if seed == int(main_seed):
             continue
-        other = copy.deepcopy(cfg)
-        with open_dict(other):
-            other.seed, other.ckpt = int(seed), None
-        cands = run_dir_candidates(other)
+        cands = run.with_seed(seed).candidates()
         run = (next((c for c in cands if epoch_checkpoints(c / "checkpoints")), None)
                or next((c for c in cands if (c / "analyze" / PARTS).is_dir()), None))
         if run is None:
@@ -191,35 +184,27 @@ def plan_dynamics(cfg: DictConfig, main_run: Path, main_seed: int) -> list[RunPl
     return plans
 
 
-def check_dynamics_analysis(ctx) -> None:
+def check_dynamics_analysis(ctx, block: DynamicsAnalysis) -> None:
     """Per-epoch checkpoints, layers, epochs and seeds, before anything runs."""
-    knobs = _knobs(ctx.cfg)
-    if knobs["target"] not in TARGET_MODES:
-        raise unknown_name("analysis.dynamics.target", knobs["target"], TARGET_MODES)
-    if knobs["null_shuffles"] < 0:
-        raise UserError(f"analysis.dynamics.null_shuffles must be >= 0, got {knobs['null_shuffles']}")
-    _layers(ctx.trained.model, knobs)
-    if not _skip_reason(ctx.cfg, ctx.trained.run_dir):
-        plan_dynamics(ctx.cfg, ctx.trained.run_dir, int(ctx.cfg.seed))
+    if block.target not in TARGET_MODES:
+        raise unknown_name("analysis.dynamics.target", block.target, TARGET_MODES)
+    _layers(ctx.trained.model, block)
+    if not _skip_reason(block, ctx.trained.run_dir):
+        plan_dynamics(block, ctx.inputs.run, ctx.trained.run_dir)
 
 
 # ---- One run, epoch by epoch -----------------------------------------------------------------
 
 
-def dynamics_settings(cfg: DictConfig, layers: list[str]) -> dict:
-    """Everything a stored epoch part depends on besides its checkpoint file."""
-    # the capture knobs as the axes table reads them from their schema, less capture.layers: the
-    # dynamics pick their own layers
-    return {"layers": list(layers), **capture_knobs(cfg, without=("layers",)), "positions": POSITIONS,
-            **{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()},
-            "metrics.dtype": cfg.metrics.dtype, "graphs": _graphs(cfg), "dynamics_target": _knobs(cfg)["target"]}
+def dynamics_knobs(knobs: AxesKnobs, block: DynamicsAnalysis) -> AxesKnobs:
+    """The axes knobs of the dynamics (and the definitions): METHODS §6 reads only the modularity gap, so
+    the shuffled nulls (most of the graph time) are off unless ``dynamics.null_shuffles`` asks for them."""
+    return replace(knobs, graphs=replace(knobs.graphs, null_shuffles=block.null_shuffles))
 
 
-def _graphs(cfg: DictConfig) -> dict | None:
-    """The graph knobs of the dynamics: METHODS §6 reads only the modularity gap, so the shuffled
-    nulls (most of the graph time) are off unless dynamics.null_shuffles asks for them."""
-    graphs = {**OmegaConf.to_container(cfg.graphs), "null_shuffles": _knobs(cfg)["null_shuffles"]}
-    return None if cfg.graphs.edge_fraction <= 0 else graphs
+def dynamics_settings(knobs: AxesKnobs, block: DynamicsAnalysis, layers: list[str]) -> dict:
+    """Everything a stored epoch part depends on besides its checkpoint file (``knobs``: :func:`dynamics_knobs`)."""
+    return {**axes_identity(knobs, layers), "dynamics_target": block.target}
 
 
 @torch.no_grad()
@@ -237,7 +222,7 @@ def _part_name(epoch: int) -> str:
     return f"epoch_{epoch:03d}.csv"
 
 
-def _stamp(ckpt: Path | None) -> str:
+def _digest(ckpt: Path | None) -> str:
     """The content digest of an epoch's checkpoint (a retrained run rewrites it: new digest)."""
     return file_digest(ckpt) if ckpt is not None and Path(ckpt).exists() else ""
 
@@ -253,37 +238,37 @@ def _valid_part(path: Path, ckpt: Path | None, layers: list[str]) -> pd.DataFram
     except DamagedTable as err:
         log.warning("dynamics: %s; recomputing that epoch", str(err).split("; rebuild")[0])
         return None
-    if ckpt is not None and str(part["ckpt_digest"].iloc[0]) != _stamp(ckpt):
+    if ckpt is not None and mismatch(str(part["ckpt_digest"].iloc[0]), _digest(ckpt)) is not None:
         return None     # the checkpoint was rewritten (retrained) since this part was computed
     return part
 
 
-def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, datamodule, layers: list[str],
-                    device: torch.device, expect: dict | None = None, progress: bool = True) -> tuple[pd.DataFrame, int]:
+def dynamics_of_run(knobs: AxesKnobs, block: DynamicsAnalysis, data_id: dict, plan: RunPlan, model: torch.nn.Module,
+                    datamodule, layers: list[str], device: torch.device, expect: dict | None = None,
+                    progress: bool = True) -> tuple[pd.DataFrame, int]:
     """``(frame, computed)``: rows (epoch, layer) of one run, streaming its checkpoints through ``model`` (overwritten
-    with each epoch's weights); ``computed`` counts the epochs computed now, the rest are read from dynamics_parts."""
+    with each epoch's weights); ``computed`` counts the epochs computed now, the rest are read from dynamics_parts.
+    ``knobs``: :func:`dynamics_knobs`."""
     parts = plan.run_dir / "analyze" / PARTS
-    settings = run_fingerprint(cfg, None, **dynamics_settings(cfg, layers))
-    meta = parts / "settings.json"
-    try:
-        stored = read_json(meta) if meta.exists() else None
-    except (OSError, ValueError):
-        stored = {}     # unreadable: the parts cannot be trusted
-    if stored is not None and stored != settings:
+    stamp = Stamp(parts / "settings.json", run_fingerprint(data_id, None, **dynamics_settings(knobs, block, layers)))
+    # no settings recorded yet: the stored parts (if any) stay, each checked against its checkpoint below
+    why = stamp.why_not() if stamp.path.exists() else None
+    if why is not None:
         lacking = [e for e, ckpt in plan.epochs.items() if ckpt is None]
         if lacking:   # the stored parts are the only record of these epochs: never discard them
-            raise UserError(f"dynamics: {parts} was computed with other settings and {plan.run_dir} has no "
-                            f"checkpoint for epoch {lacking[0]}; use the settings in {meta} or retrain that run")
-        stale = sorted(parts.glob("epoch_*.csv"))
-        log.info("dynamics: settings changed for %s (%s); recomputing %d stored epochs", plan.run_dir,
-                 settings_diff(stored, settings), len(stale))
-        for p in stale:
-            p.unlink()
-    write_json(meta, settings)
+            raise UserError(f"dynamics: {parts} was made with {why} and {plan.run_dir} has no checkpoint for "
+                            f"epoch {lacking[0]}; use the settings in {stamp.path} or retrain that run")
+    if why is not None or not stamp.path.exists():
+        with stamp.writing():
+            stale = sorted(parts.glob("epoch_*.csv")) if why is not None else []
+            if stale:
+                log.info("dynamics: %s was made with %s; recomputing %d stored epochs", parts, why, len(stale))
+            for p in stale:
+                p.unlink()
     all_units = conv_norm_pairs(model)
     units = {n: all_units[n] for n in layers}
     index = {n: i for i, n in enumerate(all_units)}
-    dtype, graphs, knobs, c = metric_dtype(cfg), _graphs(cfg), metric_knobs(cfg), cfg.capture
+    dtype, graphs, metrics, c = metric_dtype(knobs.metrics), graph_knobs(knobs.graphs), metric_knobs(knobs.metrics), knobs.capture
     loader, frames, computed, fixed_t = None, [], 0, None
     for epoch, ckpt in units_progress(list(plan.epochs.items()), f"dynamics seed{plan.seed}", enabled=progress,
                                       label=lambda e: f"epoch {e[0]}"):
@@ -295,8 +280,8 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
         if ckpt is None:
             raise UserError(f"dynamics: no checkpoint for epoch {epoch} of {plan.run_dir} and no stored result")
         if loader is None:
-            loader = calibration_loader(cfg, datamodule)
-        if _knobs(cfg)["target"] == "final" and fixed_t is None:
+            loader = calibration_loader(c, datamodule)
+        if block.target == "final" and fixed_t is None:
             last = epoch_checkpoints(plan.run_dir / "checkpoints")
             fixed_t = final_target(model, last[max(last)], loader, c.target, device, expect)
         load_into(model, ckpt, expect)
@@ -307,13 +292,13 @@ def dynamics_of_run(cfg: DictConfig, plan: RunPlan, model: torch.nn.Module, data
                                       seed=int(c.seed), patch_moments=False, device=device, progress=False,
                                       keep_samples=False, target_values=fixed_t)
         model.cpu()
-        part = pd.DataFrame([layer_analysis(name, index[name], capture.cov(name), units[name], knobs=knobs, dtype=dtype,
+        part = pd.DataFrame([layer_analysis(name, index[name], capture.cov(name), units[name], knobs=metrics, dtype=dtype,
                                             device=device, graphs=graphs, seed=int(c.seed),
                                             n_samples=capture.n_samples(name)).summary for name in layers])
         part.insert(0, "epoch", epoch)
         part.insert(1, "seed", plan.seed)
         part["calibration_accuracy"] = capture.accuracy
-        part["ckpt_digest"] = _stamp(ckpt)
+        part["ckpt_digest"] = _digest(ckpt)
         write_csv(path, part)
         frames.append(part)
         computed += 1
@@ -399,21 +384,21 @@ def _headline(curves: pd.DataFrame, seeds: list[int], layers: list[str]) -> dict
 
 
 @analysis("dynamics", check=check_dynamics_analysis)
-def run_dynamics_analysis(ctx) -> dict:
+def run_dynamics_analysis(ctx, block: DynamicsAnalysis) -> dict:
     """Process every planned run epoch by epoch (resumable); write tables, curves and logs."""
-    cfg, trained = ctx.cfg, ctx.trained
-    knobs = _knobs(cfg)
-    skip = _skip_reason(cfg, trained.run_dir)
+    trained = ctx.trained
+    skip = _skip_reason(block, trained.run_dir)
     if skip:   # analysis=all on a run trained without per-epoch checkpoints: the other analyses still run
         log.warning("dynamics: skipped: %s", skip)
         print(f"dynamics: skipped: {skip}")
         return {"skipped": skip}
-    plans = plan_dynamics(cfg, trained.run_dir, int(cfg.seed))
+    plans = plan_dynamics(block, ctx.inputs.run, trained.run_dir)
     dm = trained.datamodule
-    model = architecture(cfg, dm.num_classes)   # its own instance: the restored model stays as is
-    layers = _layers(model, knobs)
-    expect = expected_meta(cfg, dm.num_classes)
-    runs = [dynamics_of_run(cfg, plan, model, dm, layers, ctx.device, expect) for plan in plans]
+    model = architecture(ctx.inputs.model, dm.num_classes)   # its own instance: the restored model stays as is
+    layers = _layers(model, block)
+    expect = expected_meta(ctx.inputs.run, dm.num_classes, dm.image_size)
+    knobs = dynamics_knobs(ctx.knobs, block)
+    runs = [dynamics_of_run(knobs, block, trained.data_id, plan, model, dm, layers, ctx.device, expect) for plan in plans]
     computed = sum(n for _, n in runs)
     del model
     allf = pd.concat([frame for frame, _ in runs], ignore_index=True).drop(columns=["ckpt_digest"], errors="ignore")
@@ -421,7 +406,7 @@ def run_dynamics_analysis(ctx) -> dict:
     if len(plans) > 1:
         write_csv(ctx.out / "dynamics_seeds.csv", allf)
     write_csv(ctx.out / "dynamics_curves.csv", curves)
-    if cfg.plots:
+    if ctx.knobs.plots:
         ctx.tracker.image("analyze/dynamics", plot_dynamics(allf, curves, ctx.out / "plots" / "dynamics.png"))
     ctx.tracker.table("analyze/dynamics", allf)
     ctx.tracker.table("analyze/dynamics_curves", curves)

@@ -30,12 +30,12 @@ import logging
 import math
 import time
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
 from scipy import stats as _st
 
 from axes_pipeline.analyses import plots
@@ -50,15 +50,15 @@ from axes_pipeline.analyses.lesion_engine import (
     trace,
 )
 from axes_pipeline.analyses.registry import analysis
-from axes_pipeline.analyses.settings import analysis_block
-from axes_pipeline.axes.table import axes_settings, capture_settings
+from axes_pipeline.analyses.settings import LesionAnalysis
+from axes_pipeline.axes.table import axes_fingerprint
+from axes_pipeline.console import progress as units_progress
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import standardise
 from axes_pipeline.models.taylor import taylor_scores
-from axes_pipeline.runs import read_json, run_fingerprint, write_csv, write_json
+from axes_pipeline.runs import Stamp, write_csv, write_json
 from axes_pipeline.stats import binned_spearman, incremental_r2, spearman
 from axes_pipeline.tables import DamagedTable, Schema, read_table
-from axes_pipeline.tracking import progress as units_progress
 
 log = logging.getLogger("axes_pipeline")
 
@@ -83,16 +83,14 @@ POOLED = "(all, within-layer ranks)"
 # ---- knobs -----------------------------------------------------------------------------------
 
 
-def lesion_settings(cfg: DictConfig) -> dict:
-    """The ``analysis.lesion`` block (the schema's defaults when another analysis is selected) as plain
-    values, checked beyond its types: :class:`UserError` for a bad value."""
-    s = OmegaConf.to_container(analysis_block(cfg, "lesion"), resolve=True)
+def lesion_settings(block: LesionAnalysis) -> dict:
+    """The ``analysis.lesion`` block as plain values, checked beyond what its schema declares (the numeric
+    ranges are the schema's, checked before the stage: :func:`axes_pipeline.bounds.check_bounds`):
+    :class:`UserError` for a bad value."""
+    s = asdict(block)
     ch = s["channels"]
-    if not (ch in ("all", "auto") or (isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1)):
+    if not (ch in ("all", "auto") or (isinstance(ch, int) and not isinstance(ch, bool))):
         raise UserError(f"analysis.lesion.channels must be a positive integer, 'auto' or 'all', got {ch!r}")
-    if s["eval_samples"] is not None and s["eval_samples"] < 1:
-        raise UserError(f"analysis.lesion.eval_samples must be a positive integer or null (whole test split), "
-                        f"got {s['eval_samples']!r}")
     replace = _check_names(s["replace"], VARIANTS, "analysis.lesion.replace variant")
     s["replace"] = [v for v in VARIANTS if v in replace]
     s["predictors"] = _check_names(s["predictors"], KNOWN_PREDICTORS, "analysis.lesion predictor")
@@ -102,13 +100,9 @@ def lesion_settings(cfg: DictConfig) -> dict:
             raise UserError(f"analysis.lesion.{key} needs at least one column")
     _check_names(s["r2_scale"], R2_SCALES, "analysis.lesion.r2_scale")
     rows = s["max_rows"]
-    if rows != "auto" and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+    if rows != "auto" and (isinstance(rows, bool) or not isinstance(rows, int)):
         raise UserError(f"analysis.lesion.max_rows must be a positive integer or auto, got {rows!r}")
     s["max_rows"] = None if rows == "auto" else rows
-    for key, least in (("n_bins", 1), ("batch_size", 1), ("n_boot", 1), ("taylor_images", 0),
-                       ("max_gb", 0), ("min_damage", 0)):
-        if s[key] < least:
-            raise UserError(f"analysis.lesion.{key} must be at least {least}, got {s[key]!r}")
     return s
 
 
@@ -145,10 +139,10 @@ def select_channels(n_channels: int, count, seed: int, layer: str) -> np.ndarray
     return np.sort(rng.choice(n_channels, size=int(count), replace=False))
 
 
-def check_lesion_analysis(ctx) -> None:
+def check_lesion_analysis(ctx, block: LesionAnalysis) -> None:
     """Validate the lesion knobs against the restored model before the network runs."""
-    cfg = ctx.cfg
-    s = lesion_settings(cfg)
+    capture, metrics = ctx.knobs.capture, ctx.knobs.metrics
+    s = lesion_settings(block)
     layers = lesion_layers(s, ctx.units)
     if s["channels"] not in ("all", "auto"):
         # N is "at most N per layer", as auto's 64 is: a smaller layer (EfficientNet-B0's squeeze-excitation
@@ -158,13 +152,13 @@ def check_lesion_analysis(ctx) -> None:
             log.info("analysis.lesion.channels=%d: %d layer(s) have fewer channels and are lesioned whole: %s",
                      s["channels"], len(small), ", ".join(small[:5]) + (f" (+{len(small) - 5} more)" if len(small) > 5 else ""))
     if s["replace"]:
-        if cfg.capture.point != "pre_bn":
-            raise UserError(f"peer replacement is fitted on pre-BN samples but capture.point={cfg.capture.point}; "
+        if capture.point != "pre_bn":
+            raise UserError(f"peer replacement is fitted on pre-BN samples but capture.point={capture.point}; "
                             f"use capture.point=pre_bn or analysis.lesion.replace=[]")
-        if "hull" in s["replace"] and cfg.metrics.hull_order != "correlation":
+        if "hull" in s["replace"] and metrics.hull_order != "correlation":
             raise UserError("hull replacement needs each channel's hull members, which the metrics expose only for "
                             "metrics.hull_order=correlation; use it, or analysis.lesion.replace=[all]")
-        if cfg.capture.spatial == "gap":
+        if capture.spatial == "gap":
             log.warning("lesion: capture.spatial=gap fits the peer regression on pooled samples but applies it at "
                         "every position; capture.spatial=sample is the protocol")
     if ctx.trained is not None and ctx.trained.datamodule.split_sizes()["test"] < 1:
@@ -411,21 +405,22 @@ def _eval_batches(dm, s: dict, device) -> tuple[list, int]:
     return materialise(dm.loader(ds, batch_size=int(s["batch_size"])), device), n
 
 
-def _taylor(cfg, trained, units: dict, layers: list[str], s: dict, device) -> dict[str, np.ndarray]:
+def _taylor(capture, trained, units: dict, layers: list[str], s: dict, device) -> dict[str, np.ndarray]:
+    """The Taylor predictor (Σ|w·∂L/∂w|) on ``taylor_images`` calibration images of ``capture.*``'s seed."""
     if s["taylor_images"] == 0 or "taylor" not in s["predictors"]:
         return {}
     dm = trained.datamodule
     n = min(int(s["taylor_images"]), dm.split_sizes()["train"])
-    cal = dm.calibration_set(n, seed=int(cfg.capture.seed), transform=cfg.capture.transform)
-    batches = materialise(dm.loader(cal, batch_size=int(cfg.capture.batch_size)), device)
+    cal = dm.calibration_set(n, seed=int(capture.seed), transform=capture.transform)
+    batches = materialise(dm.loader(cal, batch_size=int(capture.batch_size)), device)
     return taylor_scores(trained.model, {n_: units[n_].conv for n_ in layers}, batches, device)
 
 
 @analysis("lesion", check=check_lesion_analysis)
-def run_lesion_analysis(ctx) -> dict:
+def run_lesion_analysis(ctx, block: LesionAnalysis) -> dict:
     """METHODS §8 on the restored run in ``ctx``; writes the lesion files, returns the headline."""
-    cfg, trained, out, device = ctx.cfg, ctx.trained, ctx.out, ctx.device
-    s = lesion_settings(cfg)
+    knobs, trained, out, device = ctx.knobs, ctx.trained, ctx.out, ctx.device
+    s = lesion_settings(block)
     t0 = time.perf_counter()
     layers = lesion_layers(s, ctx.units)
     check_axes_columns(ctx.axes, out / "axes.csv")   # before the network runs
@@ -434,17 +429,14 @@ def run_lesion_analysis(ctx) -> dict:
     base = evaluate(model, batches, device)
     base_loss, base_acc = float(base.loss[0]), float(base.acc[0])
 
-    fp = run_fingerprint(cfg, trained.ckpt, **capture_settings(cfg), **axes_settings(cfg), **part_settings(s, n_eval))
-    fp_path = out / PARTS / "fingerprint.json"
-    try:
-        stored_fp = read_json(fp_path)
-    except (OSError, ValueError):
-        stored_fp = None   # none, or unreadable: the parts are recomputed, never trusted
-    resume = bool(s["resume"]) and stored_fp == fp
-    if not resume and (out / PARTS).exists():
-        for stale in (out / PARTS).glob("*.csv"):
-            stale.unlink()
-    write_json(fp_path, fp)
+    # the parts depend on the axes table they were computed beside, the lesion knobs and the images
+    stamp = Stamp(out / PARTS / "fingerprint.json",
+                  {**axes_fingerprint(knobs, trained.data_id, trained.ckpt), **part_settings(s, n_eval)})
+    resume = bool(s["resume"]) and stamp.current   # none, unreadable or other: the parts are recomputed, never trusted
+    if not resume:
+        with stamp.writing():
+            for stale in (out / PARTS).glob("*.csv"):
+                stale.unlink()
 
     graph = trace(model)
     axes = ctx.axes
@@ -460,7 +452,7 @@ def run_lesion_analysis(ctx) -> dict:
         rows_axes = axes[axes["layer"] == name].set_index("channel")
         t = time.perf_counter()
         rows, batched[name] = lesion_layer(
-            model, unit, None, None, rows_axes, chans, batches, replace=s["replace"], ridge=float(cfg.metrics.ridge),
+            model, unit, None, None, rows_axes, chans, batches, replace=s["replace"], ridge=float(knobs.metrics.ridge),
             device=device, graph=graph, max_rows=s["max_rows"], max_gb=float(s["max_gb"]), cov=ctx.capture.cov(name),
             mean=ctx.capture.channel_mean(name))
         t_lesion += time.perf_counter() - t
@@ -469,7 +461,7 @@ def run_lesion_analysis(ctx) -> dict:
         rows.insert(1, "layer_index", int(rows_axes["layer_index"].iloc[0]) if len(rows_axes) else -1)
         write_csv(part, rows)
         parts.append(rows)
-    taylor = _taylor(cfg, trained, ctx.units, layers, s, device)
+    taylor = _taylor(knobs.capture, trained, ctx.units, layers, s, device)
     model.cpu()
 
     df = _finish_table(pd.concat(parts, ignore_index=True), axes, taylor, s)
@@ -482,7 +474,7 @@ def run_lesion_analysis(ctx) -> dict:
                "wall_time_s": round(time.perf_counter() - t0, 2)}
     write_json(out / "lesion_summary.json", summary)
 
-    if cfg.plots:
+    if knobs.plots:
         figs = [plot_damage(df, s["predictors"], s["n_bins"], out / "plots" / "lesion_damage.png")]
         if s["replace"]:
             figs.append(plot_recovery(df, s["replace"], s["n_bins"], out / "plots" / "lesion_recovery.png"))

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pandas as pd
 
 from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.registry import analysis
+from axes_pipeline.analyses.settings import LinearGaussianAnalysis
 from axes_pipeline.metrics import linear_gaussian_study
 from axes_pipeline.runs import write_csv
 
 
 @analysis("linear_gaussian", needs_run=False)
-def run_linear_gaussian(ctx) -> dict:
-    knobs = dict(ctx.cfg.analysis.linear_gaussian)
+def run_linear_gaussian(ctx, block: LinearGaussianAnalysis) -> dict:
+    knobs = asdict(block)
     study = pd.DataFrame(linear_gaussian_study(**knobs))
     write_csv(ctx.out / "linear_gaussian.csv", study)
-    if ctx.cfg.plots:
+    if ctx.knobs.plots:
         ctx.tracker.image("analyze/linear_gaussian", plots.linear_gaussian(study, ctx.out / "plots" / "linear_gaussian.png"))
     ctx.tracker.table("analyze/linear_gaussian", study)
     first, last = study.iloc[0], study.iloc[-1]

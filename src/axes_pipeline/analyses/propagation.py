@@ -65,7 +65,7 @@ import torch.nn as nn
 
 from axes_pipeline.analyses import plots
 from axes_pipeline.analyses.registry import analysis
-from axes_pipeline.analyses.settings import analysis_block
+from axes_pipeline.analyses.settings import PropagationAnalysis
 from axes_pipeline.errors import UserError
 from axes_pipeline.models import conv_norm_pairs
 from axes_pipeline.models.graph import conv_sources, trace
@@ -229,21 +229,20 @@ def pair_propagation(weight: torch.Tensor, sigma_post: torch.Tensor, up: dict, d
 # ---- The analysis ----------------------------------------------------------------------------
 
 
-def _knobs(cfg) -> dict:
-    k = analysis_block(cfg, "propagation")
-    return {"null_draws": k.null_draws, "null": k.null_mode, "seed": k.seed, "residual": k.residual}
+def _knobs(block: PropagationAnalysis) -> dict:
+    return {"null_draws": block.null_draws, "null": block.null_mode, "seed": block.seed, "residual": block.residual}
 
 
-def check_propagation_analysis(ctx) -> None:
+def check_propagation_analysis(ctx, block: PropagationAnalysis) -> None:
     """Knobs and that at least one linked pair was selected, before anything runs."""
-    k = _knobs(ctx.cfg)
+    k = _knobs(block)
     if k["null"] not in NULL_MODES:
         raise UserError(f"unknown propagation.null_mode {k['null']!r}; choose one of: {', '.join(NULL_MODES)}")
     if k["residual"] not in RESIDUAL_MODES:
         raise UserError(f"unknown propagation.residual {k['residual']!r}; choose one of: {', '.join(RESIDUAL_MODES)}")
     if k["null_draws"] < 0:
         raise UserError(f"propagation.null_draws must be >= 0, got {k['null_draws']}")
-    if not conv_links(ctx.trained.model, ctx.units, k["residual"]) and ctx.cfg.capture.layers is not None:
+    if not conv_links(ctx.trained.model, ctx.units, k["residual"]) and ctx.knobs.capture.layers is not None:
         raise UserError("propagation needs two directly linked conv layers (e.g. layer1.0.conv1 and layer1.0.conv2), "
                         "but capture.layers selects none; add the pair or use capture.layers=null")
 
@@ -308,10 +307,10 @@ def heatmap(table: pd.DataFrame, path):
 
 
 @analysis("propagation", check=check_propagation_analysis)
-def run_propagation_analysis(ctx) -> dict:
+def run_propagation_analysis(ctx, block: PropagationAnalysis) -> dict:
     """``propagation.csv``, ``plots/propagation.png`` and tracker logs; returns mean ρ per pairing,
     the number of linked pairs analysed (``pairs``) and the linking rule (``residual``)."""
-    k = _knobs(ctx.cfg)
+    k = _knobs(block)
     table = propagation_table(ctx.trained.model, ctx.units, ctx.capture, ctx.axes, **k)
     write_csv(ctx.out / "propagation.csv", table)
     _, refused = link_report(ctx.trained.model, ctx.units, k["residual"])
@@ -326,7 +325,7 @@ def run_propagation_analysis(ctx) -> dict:
         log.warning("propagation: %s has no directly linked conv pairs (all links pass residual adds "
                     "or end in depthwise convs); propagation.csv is empty", type(ctx.trained.model).__name__)
         return head
-    if ctx.cfg.plots:
+    if ctx.knobs.plots:
         ctx.tracker.image("analyze/propagation", heatmap(table, ctx.out / "plots" / "propagation.png"))
     ctx.tracker.table("analyze/propagation", table)
     line = "propagation over {} linked pairs (residual={}): ".format(head["pairs"], k["residual"]) + ", ".join(

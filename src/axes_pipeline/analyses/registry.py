@@ -1,7 +1,8 @@
 """The analyses of analyze.py after the axes: a registry filled by a decorator, as the pruning scores.
 
 Each analysis module declares ``@analysis("lesion", check=check_lesion_analysis)`` on its run function
-``fn(ctx) -> dict`` of headline figures; ``check(ctx)`` validates its knobs before the network runs.
+``fn(ctx, block) -> dict`` of headline figures, where ``block`` is its own knobs (``analysis.<name>``, as its
+schema's dataclass); ``check(ctx, block)`` validates them before the network runs.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Analysis:
     name: str
-    run: Callable                  # ctx -> dict of headline figures
-    check: Callable | None = None  # ctx -> None, raises UserError; None: nothing to check up front
+    run: Callable                  # (ctx, block) -> dict of headline figures
+    check: Callable | None = None  # (ctx, block) -> None, raises UserError; None: nothing to check up front
     needs_run: bool = True         # false: works without a trained run (the synthetic study)
 
 
@@ -22,7 +23,7 @@ ANALYSES: dict[str, Analysis] = {}
 
 
 def analysis(name: str, check: Callable | None = None, needs_run: bool = True):
-    """Decorator: register ``fn(ctx) -> dict`` as analysis ``name`` (``analysis=<name>``)."""
+    """Decorator: register ``fn(ctx, block) -> dict`` as analysis ``name`` (``analysis=<name>``)."""
 
     def deco(fn: Callable) -> Callable:
         ANALYSES[name] = Analysis(name, fn, check, needs_run)

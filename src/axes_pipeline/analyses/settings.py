@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from axes_pipeline.axes.settings import AxesAnalysis
 from axes_pipeline.bounds import count, non_negative, positive, seed_field
 
@@ -99,10 +97,3 @@ class LinearGaussianAnalysis:
 ANALYSIS_SCHEMAS: dict[str, type] = {
     "axes": AxesAnalysis, "lesion": LesionAnalysis, "propagation": PropagationAnalysis, "dynamics": DynamicsAnalysis,
     "definitions": DefinitionsAnalysis, "linear_gaussian": LinearGaussianAnalysis}
-
-
-def analysis_block(cfg: DictConfig, name: str) -> DictConfig:
-    """``analysis.<name>`` of ``cfg``; its schema's defaults where that analysis is not selected
-    (another analysis, or prune.py, reads its knobs)."""
-    block = OmegaConf.select(cfg, f"analysis.{name}")
-    return block if block is not None else OmegaConf.structured(ANALYSIS_SCHEMAS[name])

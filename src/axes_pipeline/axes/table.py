@@ -9,17 +9,16 @@ plots, and ``stage_axes`` is what the stages that only read the table (pruning) 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.axes.alignment import layer_alignment
 from axes_pipeline.axes.graphs import compare_groupings, graph_workers
-from axes_pipeline.axes.settings import NOT_IN_IDENTITY, CaptureConfig, MetricsConfig
+from axes_pipeline.axes.settings import NOT_IN_IDENTITY, AxesKnobs, CaptureConfig, GraphsConfig, MetricsConfig
 from axes_pipeline.capture import (
     POSITIONS,
     Capture,
@@ -32,8 +31,10 @@ from axes_pipeline.capture import (
     patch_geometry,
     save_capture,
 )
+from axes_pipeline.console import progress as units_progress
 from axes_pipeline.devices import resolve_device
 from axes_pipeline.errors import UserError
+from axes_pipeline.layout import AXES_CSV, AXES_FINGERPRINT, LAYERS_CSV
 from axes_pipeline.metrics import (
     pairwise_overlap_from_moments,
     pairwise_target_excess_from_moments,
@@ -41,9 +42,8 @@ from axes_pipeline.metrics import (
 )
 from axes_pipeline.metrics.peers import channel_axes_by_peers, check_peers
 from axes_pipeline.models import capture_point, conv_norm_pairs, evenly_spaced
-from axes_pipeline.runs import read_json, run_fingerprint, settings_diff, write_csv, write_json
+from axes_pipeline.runs import Stamp, run_fingerprint, write_csv
 from axes_pipeline.tables import DamagedTable, Schema, read_table
-from axes_pipeline.tracking import progress as units_progress
 
 log = logging.getLogger("axes_pipeline")
 
@@ -71,16 +71,22 @@ LAYERS_SCHEMA = Schema(
     finite=("hull_size_mean", "hull_saturated_frac"), layer="layer")
 
 
-def metric_knobs(cfg: DictConfig) -> dict:
-    check_peers(str(cfg.metrics.get("peers", "layer")))   # a typo fails before any capture
-    return {k: cfg.metrics[k] for k in METRIC_KNOBS}
+def metric_knobs(metrics: MetricsConfig) -> dict:
+    """The knobs of :func:`~axes_pipeline.metrics.peers.channel_axes_by_peers` (every metric knob but the dtype)."""
+    check_peers(str(metrics.peers))   # a typo fails before any capture
+    return {k: getattr(metrics, k) for k in METRIC_KNOBS}
 
 
-def metric_dtype(cfg: DictConfig) -> torch.dtype:
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.metrics.dtype)
+def metric_dtype(metrics: MetricsConfig) -> torch.dtype:
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(metrics.dtype)
     if dtype is None:
-        raise UserError(f"metrics.dtype must be float32 or float64, got {cfg.metrics.dtype}")
+        raise UserError(f"metrics.dtype must be float32 or float64, got {metrics.dtype}")
     return dtype
+
+
+def graph_knobs(graphs: GraphsConfig) -> dict | None:
+    """The graph knobs as plain values, None when no graphs are drawn (``graphs.edge_fraction=0``)."""
+    return asdict(graphs) if graphs.edge_fraction > 0 else None
 
 
 def select_units(model: torch.nn.Module, layers) -> dict:
@@ -184,45 +190,44 @@ def layer_analysis(name: str, index: int, cov: torch.Tensor, unit, *, knobs: dic
     return result
 
 
-def analyze_capture(capture: Capture, units: dict, cfg: DictConfig, device: torch.device,
+def analyze_capture(capture: Capture, units: dict, knobs: AxesKnobs, device: torch.device,
                     keep_matrices: bool = False, progress: bool = True, index: dict[str, int] | None = None):
     """Run :func:`layer_analysis` over every captured layer: ``(axes_df, layers_df, results)``. ``index``: each
     layer's ``layer_index`` (:func:`depth_index`); default: capture order."""
-    dtype = metric_dtype(cfg)
-    graphs = OmegaConf.to_container(cfg.graphs) if cfg.graphs.edge_fraction > 0 else None
-    grads = OmegaConf.to_container(cfg.gradients) if cfg.gradients.enabled else None
+    dtype = metric_dtype(knobs.metrics)
+    graphs = graph_knobs(knobs.graphs)
+    grads = asdict(knobs.gradients) if knobs.gradients.enabled else None
     results = {}
     # the graphs (CPU-bound, single-threaded igraph) run in worker processes beside the other layers' axes
     with graph_workers(len(capture.layers) if graphs else 0) as pool:
         for i, name in enumerate(units_progress(capture.layers, "axes", enabled=progress, label=str)):
             results[name] = layer_analysis(
-                name, index[name] if index else i, capture.cov(name), units[name], knobs=metric_knobs(cfg),
-                dtype=dtype, device=device, graphs=graphs, gradients=grads, seed=int(cfg.capture.seed),
+                name, index[name] if index else i, capture.cov(name), units[name], knobs=metric_knobs(knobs.metrics),
+                dtype=dtype, device=device, graphs=graphs, gradients=grads, seed=int(knobs.capture.seed),
                 keep_matrices=keep_matrices, grad_cos=capture.gradients.get(name), n_samples=capture.n_samples(name),
                 graph_pool=pool)
         for r in results.values():
             r.resolve()
     axes_df = pd.concat([r.rows for r in results.values()], ignore_index=True)
-    axes_df["capture_point"] = axes_df["layer"].map({n: capture_point(units[n], str(cfg.capture.point)) for n in results})
+    axes_df["capture_point"] = axes_df["layer"].map({n: capture_point(units[n], str(knobs.capture.point)) for n in results})
     layers_df = pd.DataFrame([r.summary for r in results.values()])
     return axes_df, layers_df, results
 
 
-def capture_knobs(cfg: DictConfig, without: tuple[str, ...] = ()) -> dict:
+def capture_knobs(capture: CaptureConfig, without: tuple[str, ...] = ()) -> dict:
     """``{"capture.<knob>": value}`` of the :data:`CAPTURE_KNOBS` (plain values), less ``without``."""
-    c = OmegaConf.to_container(cfg.capture, resolve=True)
+    c = asdict(capture)
     return {f"capture.{k}": c[k] for k in CAPTURE_KNOBS if k not in without}
 
 
-def capture_settings(cfg: DictConfig) -> dict:
+def capture_settings(knobs: AxesKnobs) -> dict:
     """The capture knobs that change what is captured; with the data identity and the checkpoint's
     content digest (:func:`capture_identity`) they key the cache. Metric knobs are not in it."""
-    c = cfg.capture
-    return {**capture_knobs(cfg), "gradients": bool(cfg.gradients.enabled) and c.point == "pre_bn",
-            "gradients.max_patch_dim": int(cfg.gradients.max_patch_dim),
-            "gradients.sigma_rows": int(cfg.gradients.sigma_rows),
-            "gradients.check_layers": cfg.gradients.check_layers,
-            "gradients.check_max_dim": cfg.gradients.check_max_dim, "capture.positions": POSITIONS}
+    c, g = knobs.capture, knobs.gradients
+    return {**capture_knobs(c), "gradients": bool(g.enabled) and c.point == "pre_bn",
+            "gradients.max_patch_dim": int(g.max_patch_dim), "gradients.sigma_rows": int(g.sigma_rows),
+            "gradients.check_layers": g.check_layers, "gradients.check_max_dim": g.check_max_dim,
+            "capture.positions": POSITIONS}
 
 
 def whitened_check_layers(units: dict, settings: dict, point: str) -> list[str] | None:
@@ -249,91 +254,103 @@ def whitened_check_layers(units: dict, settings: dict, point: str) -> list[str] 
     return [n for n in dense if n in picked]
 
 
-def capture_identity(cfg: DictConfig, ckpt: Path) -> dict:
-    """What a capture depends on: data identity (dataset, image size, split seed ...), the
+def capture_identity(knobs: AxesKnobs, data_id: dict, ckpt: Path) -> dict:
+    """What a capture depends on: the data identity (dataset, image size, split seed ...), the
     checkpoint's content digest and the capture knobs (``runs.run_fingerprint``)."""
-    return run_fingerprint(cfg, ckpt, **capture_settings(cfg))
+    return run_fingerprint(data_id, ckpt, **capture_settings(knobs))
 
 
-def calibration_loader(cfg: DictConfig, datamodule):
+def calibration_loader(capture: CaptureConfig, datamodule):
     """The fixed seeded calibration subset of ``capture.*``: the same images for every run, epoch and seed."""
-    c = cfg.capture
     datamodule.setup("fit")
-    cal = datamodule.calibration_set(int(c.n_cal), seed=int(c.seed), transform=c.transform)
-    return datamodule.loader(cal, batch_size=int(c.batch_size))
+    cal = datamodule.calibration_set(int(capture.n_cal), seed=int(capture.seed), transform=capture.transform)
+    return datamodule.loader(cal, batch_size=int(capture.batch_size))
 
 
-def get_capture(cfg: DictConfig, model, datamodule, ckpt: Path, out_dir: Path, units: dict,
-                device: torch.device, progress: bool = True) -> Capture:
-    """Captured samples for this checkpoint and these capture knobs: from the cache, or one forward pass."""
-    identity = capture_identity(cfg, ckpt)
-    settings = capture_settings(cfg)
+def get_capture(knobs: AxesKnobs, trained, out_dir: Path, units: dict, device: torch.device,
+                progress: bool = True) -> Capture:
+    """Captured samples of ``trained`` (its checkpoint, model and data) under these capture knobs: from the
+    cache, or one forward pass."""
+    identity = capture_identity(knobs, trained.data_id, trained.ckpt)
+    settings = capture_settings(knobs)
+    c = knobs.capture
     cache = out_dir / "cache" / f"capture-{capture_key(identity)}.pt"
-    if cfg.capture.cache and cache.exists():
+    if c.cache and cache.exists():
         found = load_capture(cache, identity)
         if found is not None:
             log.info("reusing captured activations %s", cache)
             return found
         log.info("captured activations %s are unreadable or from other settings; capturing again", cache)
-    c = cfg.capture
     capture = capture_activations(
-        model, units, calibration_loader(cfg, datamodule), point=c.point, spatial=c.spatial,
+        trained.model, units, calibration_loader(c, trained.datamodule), point=c.point, spatial=c.spatial,
         samples_per_image=int(c.samples_per_image), target=c.target, seed=int(c.seed), patch_moments=settings["gradients"],
         max_patch_dim=settings["gradients.max_patch_dim"], sigma_rows=settings["gradients.sigma_rows"],
         sigma_layers=whitened_check_layers(units, settings, c.point), device=device, progress=progress,
         keep_samples=False)
-    model.cpu()
+    trained.model.cpu()
     check_finite(capture)
-    if cfg.capture.cache:
+    if c.cache:
         save_capture(capture, cache, identity)
     return capture
 
 
-def fitted_n_cal(cfg: DictConfig, datamodule) -> int:
-    """The calibration set's size fitted to the training split, checked before the network runs: a
+def fit_capture_size(knobs: AxesKnobs, datamodule) -> AxesKnobs:
+    """``knobs`` with ``capture.n_cal`` fitted to the training split, checked before the network runs: a
     larger ``capture.n_cal`` means "all of it" (the default 2000 must work on digits' 1,258 training
-    images). It changes nothing: the caller stores the value in ``cfg.capture.n_cal``, with a log line
-    when it differs, so every later use and fingerprint sees the images captured."""
+    images), said in one log line. Every later use and fingerprint must see the number of images
+    captured, or prune and analyze would keep replacing each other's tables: hence new knobs, not a note."""
+    c = knobs.capture
     datamodule.setup("fit")
     n_train = datamodule.split_sizes()["train"]
-    if int(cfg.capture.n_cal) < 3:
-        raise UserError(f"capture.n_cal must be at least 3, got {cfg.capture.n_cal}")
+    if int(c.n_cal) < 3:
+        raise UserError(f"capture.n_cal must be at least 3, got {c.n_cal}")
     if n_train < 3:
-        raise UserError(f"the {cfg.data.name} training split has only {n_train} images; the axes need at least 3")
-    return min(int(cfg.capture.n_cal), n_train)
+        raise UserError(f"the {datamodule.name} training split has only {n_train} images; the axes need at least 3")
+    n_cal = min(int(c.n_cal), n_train)
+    if n_cal == c.n_cal:
+        return knobs
+    log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
+             c.n_cal, datamodule.name, n_cal)
+    return replace(knobs, capture=replace(c, n_cal=n_cal))
 
 
-def axes_fingerprint(cfg: DictConfig, ckpt: Path) -> dict:
+def axes_identity(knobs: AxesKnobs, layers: list[str] | None = None) -> dict:
+    """What a table of the two axes depends on besides the data and the checkpoint: the one place it is
+    built. The whole table's (``layers`` None: :func:`axes_step`) is its capture settings (gradients
+    included), metric and graph knobs; a table of chosen layers (the dynamics', the definitions', which
+    capture no gradients) names those layers instead of ``capture.layers``."""
+    metrics = {**{f"metrics.{k}": v for k, v in metric_knobs(knobs.metrics).items()}, "metrics.dtype": knobs.metrics.dtype}
+    if layers is None:
+        return {**capture_settings(knobs), **metrics, "graphs": graph_knobs(knobs.graphs),
+                "gradients.enabled": bool(knobs.gradients.enabled)}
+    return {"layers": list(layers), **capture_knobs(knobs.capture, without=("layers",)), "positions": POSITIONS,
+            **metrics, "graphs": graph_knobs(knobs.graphs)}
+
+
+def axes_fingerprint(knobs: AxesKnobs, data_id: dict, ckpt: Path) -> dict:
     """What axes.csv depends on: data identity, checkpoint digest, capture and metric knobs."""
-    return run_fingerprint(cfg, ckpt, **capture_settings(cfg), **axes_settings(cfg))
+    return run_fingerprint(data_id, ckpt, **axes_identity(knobs))
 
 
-def axes_settings(cfg: DictConfig) -> dict:
-    """The metric and graph knobs of the axes table (beyond what the capture depends on)."""
-    graphs = OmegaConf.to_container(cfg.graphs, resolve=True) if cfg.graphs.edge_fraction > 0 else None
-    return {**{f"metrics.{k}": v for k, v in metric_knobs(cfg).items()}, "metrics.dtype": cfg.metrics.dtype,
-            "graphs": graphs, "gradients.enabled": bool(cfg.gradients.enabled)}
+def axes_stamp(out_dir: Path, want: dict) -> Stamp:
+    """The fingerprint file of the axes tables in ``out_dir`` (``axes_fingerprint.json``)."""
+    return Stamp(Path(out_dir) / AXES_FINGERPRINT, want)
 
 
 def stored_axes(out_dir: Path, want: dict, units: dict) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """The stored tables when they were computed under ``want`` (the fingerprint) and pass their
     schemas; None otherwise (a one-line note says why when tables exist but cannot be used)."""
-    meta = out_dir / "axes_fingerprint.json"
-    if not (out_dir / "axes.csv").is_file():
+    if not (out_dir / AXES_CSV).is_file():
         return None
-    try:
-        have = read_json(meta)
-    except (OSError, ValueError):   # none, or unreadable
-        have = {}
-    if have != want:
-        log.info("axes: %s was computed with other settings (%s); recomputing", out_dir / "axes.csv",
-                 settings_diff(have, want) if have else "no fingerprint")
+    why = axes_stamp(out_dir, want).why_not()
+    if why is not None:
+        log.info("axes: %s was made with %s; recomputing", out_dir / AXES_CSV, why)
         return None
     per_layer = {n: u.out_channels for n, u in units.items()}   # rows: one per channel, one per layer
     rebuild = "python analyze.py <same overrides>"
     try:
-        return (read_table(out_dir / "axes.csv", AXES_SCHEMA, rebuild=rebuild, rows_per_layer=per_layer),
-                read_table(out_dir / "layers.csv", LAYERS_SCHEMA, rebuild=rebuild, rows_per_layer=dict.fromkeys(per_layer, 1)))
+        return (read_table(out_dir / AXES_CSV, AXES_SCHEMA, rebuild=rebuild, rows_per_layer=per_layer),
+                read_table(out_dir / LAYERS_CSV, LAYERS_SCHEMA, rebuild=rebuild, rows_per_layer=dict.fromkeys(per_layer, 1)))
     except DamagedTable as err:
         problem = str(err).split("; rebuild")[0]
         log.warning("axes: %s; recomputing it", problem)
@@ -356,36 +373,26 @@ class AxesStep:
         return self.results is None
 
 
-def axes_step(cfg: DictConfig, trained, units: dict, device: torch.device, out_dir: Path, *, reuse: bool = True,
+def axes_step(knobs: AxesKnobs, trained, units: dict, device: torch.device, out_dir: Path, *, reuse: bool = True,
               need_capture: bool = False, keep_matrices: bool = False, progress: bool = True) -> AxesStep:
     """The axes step, the one code that produces ``axes.csv``: the stored tables when they were computed with
     these settings and are sound (and ``reuse``), otherwise captured (or the cached capture), computed and
     written. ``need_capture``: capture (or read the cached capture) even when the tables are reused, for the
-    analyses that read it. ``cfg.capture.n_cal`` must already be fitted (:func:`fitted_n_cal`)."""
-    capture = (get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
-               if need_capture else None)
-    want = axes_fingerprint(cfg, trained.ckpt)
+    analyses that read it. ``knobs`` must already be fitted to the data (:func:`fit_capture_size`)."""
+    capture = get_capture(knobs, trained, out_dir, units, device, progress) if need_capture else None
+    want = axes_fingerprint(knobs, trained.data_id, trained.ckpt)
     stored = stored_axes(out_dir, want, units) if reuse else None
     if stored is not None:
         return AxesStep(*stored, capture=capture)
     if capture is None:
         log.info("computing the two axes for %s (no matching analyze/axes.csv)", trained.run_dir)
-        capture = get_capture(cfg, trained.model, trained.datamodule, trained.ckpt, out_dir, units, device, progress)
-    axes_df, layers_df, results = analyze_capture(capture, units, cfg, device, keep_matrices=keep_matrices,
+        capture = get_capture(knobs, trained, out_dir, units, device, progress)
+    axes_df, layers_df, results = analyze_capture(capture, units, knobs, device, keep_matrices=keep_matrices,
                                                   progress=progress, index=depth_index(trained.model))
-    write_axes(out_dir, axes_df, layers_df, want)
+    with axes_stamp(out_dir, want).writing():   # tables from an interrupted write never carry a matching fingerprint
+        write_csv(out_dir / AXES_CSV, axes_df)
+        write_csv(out_dir / LAYERS_CSV, layers_df)
     return AxesStep(axes_df, layers_df, capture=capture, results=results)
-
-
-def fit_capture_size(cfg: DictConfig, datamodule) -> None:
-    """Set ``cfg.capture.n_cal`` to :func:`fitted_n_cal` (said in one log line when it changes), first:
-    every fingerprint must hold the number of images captured, or prune and analyze would keep
-    replacing each other's tables."""
-    n_cal = fitted_n_cal(cfg, datamodule)
-    if n_cal != cfg.capture.n_cal:
-        log.info("capture.n_cal=%s is larger than the %s training split: using all %d training images",
-                 cfg.capture.n_cal, cfg.data.name, n_cal)
-        cfg.capture.n_cal = n_cal
 
 
 def analyze_dir(trained) -> Path:
@@ -393,36 +400,24 @@ def analyze_dir(trained) -> Path:
     return trained.stage_dir("analyze")
 
 
-def load_or_compute_axes(cfg: DictConfig, trained, progress: bool = True) -> pd.DataFrame:
+def load_or_compute_axes(knobs: AxesKnobs, trained, progress: bool = True) -> pd.DataFrame:
     """The per-channel axes table of a trained run, in analyze.py's folder: the stored table when it
     was computed with these settings and is sound, otherwise captured and computed now (and stored)."""
-    fit_capture_size(cfg, trained.datamodule)
-    units = select_units(trained.model, cfg.capture.layers)
-    device = resolve_device(cfg.get("device", "auto"))
-    return axes_step(cfg, trained, units, device, analyze_dir(trained), progress=progress).axes
+    knobs = fit_capture_size(knobs, trained.datamodule)
+    units = select_units(trained.model, knobs.capture.layers)
+    return axes_step(knobs, trained, units, resolve_device(knobs.device), analyze_dir(trained), progress=progress).axes
 
 
-def stage_axes(cfg: DictConfig, trained, own_dir: Path, progress: bool = True) -> tuple[pd.DataFrame, Path, dict]:
+def stage_axes(knobs: AxesKnobs, trained, own_dir: Path, progress: bool = True) -> tuple[pd.DataFrame, Path, dict]:
     """The axes table a later stage (prune) reads, with the folder it came from and its fingerprint:
     analyze.py's table when it was computed under these settings, else the stage's own one in ``own_dir``
     (e.g. ``prune/axes/``), computed there now if needed. analyze.py's table, plots and summary are never
     rewritten under other settings by another stage: they describe each other."""
-    fit_capture_size(cfg, trained.datamodule)
-    want = axes_fingerprint(cfg, trained.ckpt)
-    units = select_units(trained.model, cfg.capture.layers)
+    knobs = fit_capture_size(knobs, trained.datamodule)
+    want = axes_fingerprint(knobs, trained.data_id, trained.ckpt)
+    units = select_units(trained.model, knobs.capture.layers)
     found = stored_axes(analyze_dir(trained), want, units)
     if found is not None:
         return found[0], analyze_dir(trained), want
-    device = resolve_device(cfg.get("device", "auto"))
-    step = axes_step(cfg, trained, units, device, Path(own_dir), progress=progress)
+    step = axes_step(knobs, trained, units, resolve_device(knobs.device), Path(own_dir), progress=progress)
     return step.axes, Path(own_dir), want
-
-
-def write_axes(out_dir: Path, axes_df: pd.DataFrame, layers_df: pd.DataFrame, fingerprint: dict) -> None:
-    """Write the two tables and their fingerprint. The fingerprint goes last and the old one is
-    removed first: tables from an interrupted write never carry a fingerprint that matches."""
-    meta = out_dir / "axes_fingerprint.json"
-    meta.unlink(missing_ok=True)
-    write_csv(out_dir / "axes.csv", axes_df)
-    write_csv(out_dir / "layers.csv", layers_df)
-    write_json(meta, fingerprint)

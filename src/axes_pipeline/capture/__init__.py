@@ -10,10 +10,9 @@ from axes_pipeline.capture.activations import (
     load_capture,
     patch_dim,
     patch_geometry,
-    refuse_several_processes,
     save_capture,
 )
 from axes_pipeline.capture.targets import TARGETS, target_from_logits
 
 __all__ = ["POSITIONS", "TARGETS", "Capture", "capture_activations", "capture_key", "check_finite", "has_patch_moments",
-           "load_capture", "patch_dim", "patch_geometry", "refuse_several_processes", "save_capture", "target_from_logits"]
+           "load_capture", "patch_dim", "patch_geometry", "save_capture", "target_from_logits"]

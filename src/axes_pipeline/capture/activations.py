@@ -20,7 +20,6 @@ its subsample is complete (the first two batches at the defaults).
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -454,7 +453,6 @@ def capture_activations(model: torch.nn.Module, units: dict, loader, *, point: s
     s = 1 if spatial == "gap" else int(samples_per_image)
     if s <= 0:
         raise UserError(f"capture.samples_per_image must be positive, got {samples_per_image}")
-    refuse_several_processes("the activation capture")
     if stream_moments is None:
         stream_moments = not keep_samples
     model = model.eval().to(device)
@@ -572,20 +570,3 @@ def _full(upper: torch.Tensor) -> torch.Tensor:
     cov[i, j] = upper
     cov[j, i] = upper
     return cov
-
-
-def refuse_several_processes(stage: str) -> None:
-    """Stop when started as one of several processes (torchrun, srun -n, a DDP launcher).
-
-    Capture, analysis and pruning run in one process on one device: under N processes every
-    rank would capture, prune and write the same files N times over (and the moments of one
-    rank's shard are not the calibration set's). They refuse rather than run on rank 0 only,
-    so the other ranks do not sit idle holding a device."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = max(world, torch.distributed.get_world_size())
-    if world > 1:
-        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "?"))
-        raise UserError(f"{stage} runs in one process on one device, but this is rank {rank} of {world} "
-                        f"(WORLD_SIZE={world}); start it with plain python, not torchrun or a DDP launcher "
-                        f"(only train.py uses trainer=ddp)")

@@ -121,6 +121,21 @@ def channel_axes_from_moments(cov: Tensor, *, sigma0="median", hull_eps: float =
     Returns:
         dict of ``[C]`` tensors on ``cov``'s device, keys :data:`AXES_KEYS`: floats in
         ``cov``'s dtype, ``hull_size`` int64, ``hull_saturated`` and ``dead`` bool.
+
+    Example (closed form: unit variances, ρ(T, Y_1) = ρ(T, Y_2) = 0.5, ρ(Y_1, Y_2) = 0.9, Y_3 independent)::
+
+        >>> import math, torch
+        >>> cov = torch.tensor([[1.0, 0.5, 0.5, 0.0], [0.5, 1.0, 0.9, 0.0],
+        ...                     [0.5, 0.9, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+        >>> axes = channel_axes_from_moments(cov)
+        >>> [round(v, 4) for v in axes["task_info"].tolist()]          # -½ ln(1 − 0.5²) for Y_1, Y_2
+        [0.1438, 0.1438, 0.0]
+        >>> round(-0.5 * math.log(1 - 0.5 ** 2), 4)
+        0.1438
+        >>> [round(v, 4) for v in axes["peer_overlap"].tolist()]       # -½ ln(1 − 0.9²) over 2 peers
+        [0.4152, 0.4152, 0.0]
+        >>> axes["hull_size"].tolist()                                  # Y_1 and Y_2 stand in for each other
+        [1, 1, 0]
     """
     check_knobs(sigma0=sigma0, hull_eps=hull_eps, hull_max=hull_max, hull_order=hull_order, ridge=ridge, pool=pool, top=top)
     with small_ops(cov.device):

@@ -64,7 +64,13 @@ def _target_excess(std: Standardised, pair_info: Tensor, task_info: Tensor) -> T
 
 
 def pairwise_overlap_from_moments(cov: Tensor) -> Tensor:
-    """R_X(i,j) = -1/2 log(1 - rho_ij^2) from ``cov: [C+1, C+1]`` -> ``[C, C]`` (diag 0)."""
+    """R_X(i,j) = -1/2 log(1 - rho_ij^2) from ``cov: [C+1, C+1]`` -> ``[C, C]`` (diag 0): the R-graph's weights.
+
+    >>> import math, torch
+    >>> cov = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.9], [0.0, 0.9, 1.0]], dtype=torch.float64)
+    >>> round(float(pairwise_overlap_from_moments(cov)[0, 1]), 4), round(-0.5 * math.log(1 - 0.9 ** 2), 4)
+    (0.8304, 0.8304)
+    """
     with small_ops(cov.device):
         std = standardise(cov)
         return _overlap(std).to(std.out_dtype)

@@ -46,6 +46,9 @@ def dead_channels(var: Tensor) -> Tensor:
     ``var: [C]`` the channels' variances over one layer -> ``[C]`` bool: ``var <= DEAD_RTOL * max(var)``.
     Relative, not ``var <= 0``: a constant channel's variance is 0 only up to the rounding of the
     covariance, which scales with the layer's values. An all-zero layer is all dead.
+
+    >>> dead_channels(torch.tensor([4.0, 1e-14, 0.5])).tolist()
+    [False, True, False]
     """
     if var.numel() == 0:
         return torch.zeros(var.shape, dtype=torch.bool, device=var.device)
@@ -166,6 +169,10 @@ def covariance(acts: Tensor, target: Tensor | None = None) -> Tensor:
     arithmetic floor of the whole metric). Centring first avoids the cancellation of
     ``E[YY'] - mm'`` when means are large next to standard deviations, and makes a constant
     channel's variance exactly 0 (the float64 mean of identical float32 values is exact).
+
+    >>> acts = torch.tensor([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
+    >>> covariance(acts, torch.tensor([0.0, 1.0, 2.0])).tolist()   # the constant channel: variance 0
+    [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
     """
     check_acts_target(acts, target)
     n, c = acts.shape

@@ -7,9 +7,10 @@ from functools import cache
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig
 
+from axes_pipeline.axes.settings import AxesKnobs
 from axes_pipeline.axes.table import stage_axes
+from axes_pipeline.layout import AXES_CSV, RunId
 from axes_pipeline.models.graph import out_channels
 from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import Score
@@ -18,7 +19,9 @@ from axes_pipeline.tables import Schema, check_table
 __all__ = ["axes_loader", "calibration_batches"]
 
 
-def _analyze_hint(cfg: DictConfig) -> str:
+def _analyze_hint(run_id: RunId) -> str:
+    """The analyze command with the user's own overrides (those of this prune run but its pruning knobs),
+    else the run's identity."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -27,21 +30,19 @@ def _analyze_hint(cfg: DictConfig) -> str:
             return "python analyze.py " + " ".join(over)
     except Exception:  # noqa: BLE001 - only a hint
         pass
-    parts = [f"name={cfg.name}" if cfg.name != "default" else "", f"data={cfg.data.name}",
-             f"model={cfg.model.name}", f"model.width={cfg.model.width}", f"seed={cfg.seed}"]
-    return "python analyze.py " + " ".join(p for p in parts if p)
+    return run_id.command("analyze")
 
 
-def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
+def axes_loader(knobs: AxesKnobs, run_id: RunId, trained, scores: list[Score], layers: dict):
     """A loader of the run's checked analysis table: analyze.py's cached one for the same overrides,
     or prune's own, computed now with them (:func:`~axes_pipeline.axes.table.stage_axes`)."""
     # one row per channel of every conv layer and finite values in every column the scores read: a NaN
     # would otherwise become the lowest keep value after min-max normalisation and silently move a curve
     cols = sorted(set().union(*(s.columns for s in scores))) if scores else []
-    schema = Schema("axes.csv", {"layer": "str", "channel": "int", **{c: "float" for c in cols}}, finite=tuple(cols),
+    schema = Schema(AXES_CSV, {"layer": "str", "channel": "int", **{c: "float" for c in cols}}, finite=tuple(cols),
                     layer="layer")
     rows_per_layer = {name: out_channels(conv) for name, conv in layers.items()}
-    rebuild = f"{_analyze_hint(cfg)} analysis.axes.recompute=true"
+    rebuild = f"{_analyze_hint(run_id)} analysis.axes.recompute=true"
 
     def checked(table: pd.DataFrame, path: Path) -> pd.DataFrame:
         # only the pruned convs are checked: a table may hold more layers than prune reads
@@ -53,9 +54,9 @@ def axes_loader(cfg: DictConfig, trained, scores: list[Score], layers: dict):
         # own (prune/axes/), computed now if needed; analyze.py's table, plots and summary are never
         # rewritten under other settings. Any failure is a bug or a user mistake to see, never a stale
         # table read instead.
-        table, folder, fp = stage_axes(cfg, trained, trained.stage_dir("prune") / "axes")
+        table, folder, fp = stage_axes(knobs, trained, trained.stage_dir("prune") / "axes")
         load.source.update(folder=folder, fingerprint=fp)
-        return checked(table, folder / "axes.csv")
+        return checked(table, folder / AXES_CSV)
 
     # where the table came from (analyze's folder, or prune's own prune/axes/) and its fingerprint, once loaded
     load.source = {}

@@ -9,7 +9,6 @@ cached the same way under ``scores/``, keyed only by what they depend on.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,7 +21,7 @@ from axes_pipeline.pruning.evaluate import evaluate_test_val, latency
 from axes_pipeline.pruning.flops import count_params
 from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import Score, ScoreContext
-from axes_pipeline.runs import fingerprint, json_default, read_json, run_fingerprint, settings_diff, write_json
+from axes_pipeline.runs import fingerprint, plain, read_record, run_fingerprint, write_record
 
 log = logging.getLogger("axes_pipeline")
 
@@ -36,18 +35,14 @@ def point_label(score: Score, draw: int) -> str:
     return f"{score.name}-d{draw}" if score.stochastic else score.name
 
 
-def _plain(d: dict) -> dict:
-    """``d`` as it reads back from JSON (tuples -> lists ...), so a stored key compares equal: encoded
-    with write_json's own fallback, or a numpy number would be a string here and a number on disk."""
-    return json.loads(json.dumps(d, sort_keys=True, default=json_default))
-
-
 class ScoreCache:
     """Raw scores per (score, draw): in memory, and on disk for the calibration-based ones. It also
     keys scores and points, which depend on the same settings, checkpoint, input and analysis table."""
 
-    def __init__(self, ctx: ScoreContext, out: Path, settings: PruneSettings, ckpt: Path, shape, axes: str | None):
+    def __init__(self, ctx: ScoreContext, out: Path, settings: PruneSettings, ckpt: Path, shape, axes: str | None,
+                 data_id: dict):
         self.ctx, self.out, self.settings, self.ckpt, self.shape, self.axes = ctx, out, settings, ckpt, shape, axes
+        self.data_id = data_id
         self.mem: dict[tuple[str, int], dict] = {}
         self.timing: dict[str, float] = {}
 
@@ -62,7 +57,7 @@ class ScoreCache:
             parts["calibration"] = s.calibration
         if "axes" in score.needs:
             parts["axes"] = self.axes      # analyze.py rerun with other knobs -> other values
-        return _plain(run_fingerprint(s.cfg, self.ckpt, **parts))
+        return plain(run_fingerprint(self.data_id, self.ckpt, **parts))
 
     def point_key(self, score: Score) -> dict:
         """What a finished point depends on; a point with another key is recomputed."""
@@ -78,7 +73,7 @@ class ScoreCache:
         }
         if s.allocation == "hybrid":
             parts["hybrid"] = fingerprint(self.score_key(s.hybrid_counts_from))
-        return _plain(run_fingerprint(s.cfg, self.ckpt, **parts))
+        return plain(run_fingerprint(self.data_id, self.ckpt, **parts))
 
     def get(self, score: Score, draw: int) -> dict[str, np.ndarray]:
         key, label = (score.name, draw), point_label(score, draw)
@@ -94,8 +89,8 @@ class ScoreCache:
         values = score(self.ctx, draw)
         self.timing[label] = time.perf_counter() - t0
         if "calibration" in score.needs:
-            write_json(path, {"score": score.name, "fingerprint": fp, "seconds": self.timing[label],
-                              "values": {k: v.tolist() for k, v in values.items()}})
+            write_record(path, {"score": score.name, "seconds": self.timing[label],
+                                "values": {k: v.tolist() for k, v in values.items()}}, fp)
         if len(self.mem) > 8:
             self.mem.pop(next(iter(self.mem)))
         self.mem[key] = values
@@ -103,19 +98,19 @@ class ScoreCache:
 
     def _stored(self, path: Path, fp: dict) -> dict[str, np.ndarray] | None:
         """The values cached at ``path`` when they carry key ``fp`` and are sound; else None."""
-        if not path.is_file():
+        saved, why = read_record(path, fp)
+        if saved is None:
+            if "cannot be read" in why or "not a record" in why:
+                print(f"prune: note: score cache {path.name} cannot be read; recomputing it")
             return None
         try:
-            saved = read_json(path)
-            if saved.get("fingerprint") != fp:
-                return None
             values = {k: np.asarray(v, dtype=np.float64) for k, v in saved["values"].items()}
             layers = self.ctx.layers   # sound: one finite value per channel of every layer
             if set(values) == set(layers) and all(v.shape == (out_channels(layers[n]),) and np.isfinite(v).all()
                                                   for n, v in values.items()):
                 return values
             print(f"prune: note: score cache {path.name} is damaged; recomputing it")
-        except (ValueError, OSError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             print(f"prune: note: score cache {path.name} cannot be read; recomputing it")
         return None
 
@@ -125,18 +120,12 @@ def read_point(path: Path, key: dict, score: Score, draw: int, target: float, se
     """A stored point when it is usable as is: ``(record, "")``; else ``(None, why)`` with ``why``
     empty when there is simply nothing (or a point of other settings) to reuse, and a one-line
     note when the file is damaged."""
-    if not path.is_file():
-        return None, ""
-    try:
-        rec = read_json(path)
-    except (ValueError, OSError) as err:
-        return None, f"point {path.name} cannot be read ({type(err).__name__})"
-    if not isinstance(rec, dict):
-        return None, f"point {path.name} is not a record"
-    if rec.get("fingerprint") != key:
-        if isinstance(rec.get("fingerprint"), dict):
-            log.info("prune: %s was computed with other settings (%s)", path.name,
-                     settings_diff(rec["fingerprint"], key))
+    rec, why = read_record(path, key)
+    if rec is None:
+        if "cannot be read" in why or "not a record" in why:
+            return None, f"point {why}"
+        if why:   # a point of other settings: recomputed, said in the log
+            log.info("prune: %s", why)
         return None, ""
     bad = point_problems(rec, score, draw, target, settings, n_val=int(base.get("n_val") or 0))
     return (None, f"point {path.name} is damaged ({bad})") if bad else (rec, "")
@@ -164,28 +153,25 @@ def point_problems(rec: dict, score: Score, draw: int, target: float, settings: 
     return ""
 
 
-def unpruned(model, dm, cost, example, settings: PruneSettings, device, out: Path, ckpt) -> dict:
+def unpruned(model, dm, cost, example, settings: PruneSettings, device, out: Path, ckpt, data_id: dict) -> dict:
     """Accuracy (validation and test), MACs, params and latency of the unpruned network
     (cached next to the points, keyed like them)."""
     path = out / "unpruned.json"
-    key = _plain(run_fingerprint(settings.cfg, ckpt, stage="prune/unpruned", v=POINT_VERSION,
-                                 eval=[settings.eval_samples, settings.eval_seed],
-                                 latency=settings.latency and settings.latency_batch_sizes))
-    if path.is_file():
-        try:
-            old = read_json(path)
-            if (old.get("key") == key and isinstance(old.get("acc"), float) and math.isfinite(old["acc"])
-                    and "val_acc" in old):
-                return old
-        except (ValueError, OSError, AttributeError):
-            print(f"prune: note: {path.name} cannot be read; recomputing it")
+    key = plain(run_fingerprint(data_id, ckpt, stage="prune/unpruned", v=POINT_VERSION,
+                                eval=[settings.eval_samples, settings.eval_seed],
+                                latency=settings.latency and settings.latency_batch_sizes))
+    old, why = read_record(path, key)
+    if old is not None and isinstance(old.get("acc"), float) and math.isfinite(old["acc"]) and "val_acc" in old:
+        return old
+    if "cannot be read" in why or "not a record" in why:
+        print(f"prune: note: {path.name} cannot be read; recomputing it")
     acc, val = evaluate_test_val(model, dm, settings, device)
     val = val or {"acc": None, "loss": None, "n": 0}
-    base = {"key": key, "acc": acc["acc"], "top5": acc["top5"], "loss": acc["loss"], "n_eval": acc["n"],
+    base = {"acc": acc["acc"], "top5": acc["top5"], "loss": acc["loss"], "n_eval": acc["n"],
             "val_acc": val["acc"], "val_loss": val["loss"], "n_val": val["n"],
             "macs": cost.total, "params": count_params(model), "unsupported_ops": cost.unsupported,
             "unattributed_macs": {f"{m}:{o}": v for (m, o), v in cost.unattributed.items()}}
     if settings.latency:
         base.update(latency(model, tuple(example.shape), settings.latency_batch_sizes, settings.latency_repeats))
-    write_json(path, base)
-    return base
+    write_record(path, base, key)
+    return {**base, "fingerprint": key}

@@ -12,10 +12,14 @@ import logging
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from axes_pipeline.config import to_container
+from axes_pipeline.console import progress
 from axes_pipeline.devices import resolve_device
+from axes_pipeline.layout import AXES_CSV, LAYERS_CSV, PRUNE_CURVES, PRUNE_SUMMARY
 from axes_pipeline.models import conv_layers, example_input
+from axes_pipeline.pruning.export import model_spec
 from axes_pipeline.pruning.flops import CostModel
 from axes_pipeline.pruning.groups import build_groups
 from axes_pipeline.pruning.inputs import axes_loader, calibration_batches
@@ -25,7 +29,8 @@ from axes_pipeline.pruning.scores import ScoreContext
 from axes_pipeline.pruning.summary import curves_frame, flat_scalars, log_curves, print_summary, summarise, write_stage
 from axes_pipeline.pruning.sweep import Sweep, run_points
 from axes_pipeline.runs import file_digest, frame_digest, write_csv
-from axes_pipeline.tracking import StageTracker, cfg_artifact_name, progress
+from axes_pipeline.stage import stage_inputs
+from axes_pipeline.tracking import StageTracker, artifact_name
 from axes_pipeline.training.restore import restore_trained
 
 log = logging.getLogger("axes_pipeline")
@@ -35,9 +40,12 @@ __all__ = ["PruneSettings", "run_prune"]
 
 def run_prune(cfg: DictConfig) -> dict:
     """FLOPs-matched pruning of the trained run named by ``cfg``; returns the summary."""
-    settings = PruneSettings(cfg)   # validates cfg.pruning: a mistake is one line, before any work
-    device = resolve_device(cfg.device)
-    trained = restore_trained(cfg)
+    inputs = stage_inputs(cfg)
+    run_id = inputs.id
+    # validates the pruning block: a mistake is one line, before any work
+    settings = PruneSettings(OmegaConf.to_object(cfg.pruning), run_id.model, run_id.seed, inputs.progress)
+    device = resolve_device(inputs.knobs.device)
+    trained = restore_trained(inputs)
     out = trained.stage_dir("prune")   # prune@<stem>/ for another checkpoint than the run's default
     dm = trained.datamodule
     model = trained.model.to(device).eval()
@@ -47,8 +55,8 @@ def run_prune(cfg: DictConfig) -> dict:
     layers = conv_layers(model)
 
     axes_scores = settings.needs("axes")
-    load_axes = axes_loader(cfg, trained, axes_scores, layers)
-    ctx = ScoreContext(model, layers, axes_loader=load_axes, seed=int(cfg.seed),
+    load_axes = axes_loader(inputs.knobs, run_id, trained, axes_scores, layers)
+    ctx = ScoreContext(model, layers, axes_loader=load_axes, seed=run_id.seed,
                        calibration=calibration_batches(dm, settings), magnitude=settings.magnitude, device=device,
                        feature_maps=calibration_batches(dm, settings, "feature_maps"))
     # the analysis table's content is part of the axes scores' keys; fail (or compute) now, before any point
@@ -61,18 +69,20 @@ def run_prune(cfg: DictConfig) -> dict:
 
     if groups.refused:   # convs never pruned (grouped convs): the reason travels with the results
         write_csv(out / "prune_refused.csv", pd.DataFrame(sorted(groups.refused.items()), columns=["layer", "reason"]))
-    tracker = StageTracker(cfg, "prune", out)
-    tracker.use_artifact("checkpoint", cfg_artifact_name("checkpoint", cfg), [trained.ckpt])
+    tracker = StageTracker(inputs.tracked, "prune", out)
+    tracker.use_artifact("checkpoint", artifact_name("checkpoint", run_id), [trained.ckpt])
     if axes_scores:   # ctx.axes() above read analyze's axes.csv, or prune's own prune/axes/: that is the input
         analyzed = Path(load_axes.source.get("folder", trained.stage_dir("analyze")))
-        tracker.use_artifact("axes", cfg_artifact_name("axes", cfg), [analyzed / "axes.csv", analyzed / "layers.csv"])
+        tracker.use_artifact("axes", artifact_name("axes", run_id), [analyzed / AXES_CSV, analyzed / LAYERS_CSV])
     try:
-        base = unpruned(model, dm, cost, example, settings, device, out, trained.ckpt)
-        cache = ScoreCache(ctx, out, settings, Path(trained.ckpt), example.shape, digest)
-        records, done = run_points(Sweep(settings, model, groups, cost, example, dm, device, out, base, cache), progress)
+        base = unpruned(model, dm, cost, example, settings, device, out, trained.ckpt, trained.data_id)
+        cache = ScoreCache(ctx, out, settings, Path(trained.ckpt), example.shape, digest, trained.data_id)
+        sweep = Sweep(settings, model, groups, cost, example, dm, device, out, base, cache,
+                      model_spec=model_spec(to_container(inputs.model), dm.num_classes))
+        records, done = run_points(sweep, progress)
         # curves and summary are computed in full before either is written, then replaced together
         curves = curves_frame(records)
-        summary = summarise(curves, base, settings, groups, cache.timing)
+        summary = summarise(curves, base, settings, groups, cache.timing, inputs.config)
         summary["points_computed_this_run"] = done
         # provenance: the report checks that the axes it shows beside these curves come from this checkpoint
         summary["checkpoint"], summary["checkpoint_digest"] = str(trained.ckpt), file_digest(trained.ckpt)
@@ -92,7 +102,7 @@ def run_prune(cfg: DictConfig) -> dict:
         write_stage(out, curves, summary)
         tracker.scalars(flat_scalars(summary), prefix="prune/")
         tracker.table("prune/curves", curves)
-        tracker.log_artifact("curves", cfg_artifact_name("curves", cfg), [out / "prune_curves.csv", out / "prune_summary.json"])
+        tracker.log_artifact("curves", artifact_name("curves", run_id), [out / PRUNE_CURVES, out / PRUNE_SUMMARY])
         log_curves(tracker, curves)
         for key, p in plots.items():
             tracker.image(f"prune/{key}", p)

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from axes_pipeline.config import to_container
 from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import AXES, FAMILIES
 from axes_pipeline.runs import atomic_path, json_default
@@ -53,7 +52,8 @@ def _mean_or_none(values) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, groups, score_timing: dict) -> dict:
+def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, groups, score_timing: dict,
+              config: dict) -> dict:
     """FLOPs-AUC per score over one shared removed-FLOPs grid (validation and test), the best local
     and best target score chosen on validation (their test AUC reported), axis means, sweeps."""
     base_acc = float(base["acc"])
@@ -114,7 +114,7 @@ def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, groups,
     fv_diff = (curves["macs"] - curves["macs_analytic"]).abs() if len(curves) else pd.Series(dtype=float)
     grid = res["grid"]
     return {
-        "unpruned": {k: v for k, v in base.items() if k != "key"},
+        "unpruned": {k: v for k, v in base.items() if k != "fingerprint"},
         "unpruned_acc": base_acc, "unpruned_val_acc": base_val, "unpruned_macs": int(base["macs"]),
         "mode": settings.mode, "allocation": settings.allocation, "max_fraction": settings.max_fraction,
         "tolerance": settings.tolerance, "targets": settings.targets,
@@ -136,7 +136,7 @@ def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, groups,
                      "max_abs_deviation": float(dev.max()) if len(dev.dropna()) else None},
         "analytic_vs_fvcore_max_abs_macs": float(fv_diff.max()) if len(fv_diff.dropna()) else None,
         "score_seconds": score_timing,
-        "config": to_container(settings.cfg),
+        "config": config,
     }
 
 

@@ -20,7 +20,7 @@ import torch
 
 from axes_pipeline.pruning.allocation import group_scores, keep_masks, make_allocation, match_flops, nominal_fraction
 from axes_pipeline.pruning.evaluate import evaluate_splits, finetune, latency
-from axes_pipeline.pruning.export import model_spec, save_pruned
+from axes_pipeline.pruning.export import save_pruned
 from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
 from axes_pipeline.pruning.groups import GroupSet, prune_physically
 from axes_pipeline.pruning.points import ScoreCache, point_label, read_point
@@ -49,6 +49,7 @@ class Sweep:
     out: Path
     base: dict
     cache: ScoreCache
+    model_spec: dict | None = None      # the backbone's build arguments (export.model_spec), for exported networks
     hybrid_counts: list | None = None   # hybrid allocation: group scores of the count source, once
 
     def group_scores(self, score: Score, draw: int) -> list[np.ndarray]:
@@ -95,7 +96,7 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
     gscores = sweep.group_scores(score, draw)
     t0 = time.perf_counter()
     alloc = make_allocation(s.allocation, sweep.groups, gscores, s.max_fraction, counts_from=sweep.hybrid_counts,
-                            seed=int(s.cfg.seed))
+                            seed=s.seed)
     res = match_flops(alloc, cost, target, s.tolerance) if s.mode == "flops" else nominal_fraction(alloc, cost, target)
     keep = keep_masks(alloc, res.counts)
     t1 = time.perf_counter()
@@ -135,7 +136,7 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
         # the shuffle, augmentation and loader workers draw from the global RNG: seeded per point, so a
         # point's fine-tune repeats whatever ran before it in this process (a resumed sweep included)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(zlib.crc32(f"{s.cfg.seed}|{point_label(score, draw)}|{target!r}".encode()))
+            torch.manual_seed(zlib.crc32(f"{s.seed}|{point_label(score, draw)}|{target!r}".encode()))
             ft = finetune(tuned, dm.train_dataloader(), device, **s.finetune)   # pruning.finetune but `enabled`
         rec.update(evaluate_splits(tuned, dm, s, device, "after_ft"))
         rec.update({"finetune_steps": ft["steps"], "finetune_loss": ft["loss"], "finetune_s": time.perf_counter() - t5})
@@ -163,7 +164,7 @@ def _latency(pruned, sweep: Sweep) -> dict:
 def _export(pruned, history, sweep: Sweep, score: Score, draw: int, target: float, achieved: float) -> Path:
     s = sweep.settings
     path = sweep.out / "models" / f"{point_label(score, draw)}_{target:g}.pt"
-    save_pruned(path, model_spec(s.cfg.model, sweep.dm.num_classes), sweep.example.shape, history, pruned,
+    save_pruned(path, sweep.model_spec, sweep.example.shape, history, pruned,
                 meta={"score": score.name, "draw": int(draw), "target": target, "achieved_flops": achieved,
                       "finetuned": bool(s.finetune)})
     return path

@@ -21,17 +21,18 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.analyses.definitions import plot_definitions, reproduces_init_coupling
-from axes_pipeline.config import to_container
 from axes_pipeline.errors import UserError
+from axes_pipeline.layout import RUN_KINDS
 from axes_pipeline.report import figures, tables
 from axes_pipeline.report.collect import (
     discover,
@@ -43,21 +44,36 @@ from axes_pipeline.report.collect import (
     split_by_axes,
     split_by_pruning,
 )
+from axes_pipeline.report.settings import ReportConfig
 from axes_pipeline.runs import write_csv, write_json, write_text
+from axes_pipeline.stage import stage_inputs
 from axes_pipeline.stats import CI_COVERAGE, CI_METHODS
-from axes_pipeline.tracking import StageTracker, log_report
+from axes_pipeline.tracking import StageTracker, TrackedRun, log_report
 
 TESTS = ("wilcoxon", "permutation")
 
 
-def _roots(cfg: DictConfig) -> list[Path]:
-    rc = cfg.report
+@dataclass(frozen=True)
+class ReportInputs:
+    """What a report reads of its stage's config: its own block, the experiment's name, the output root,
+    how the runs' axes were measured by default (named in the definitions section) and the whole config
+    (recorded in ``report_summary.json``)."""
+
+    report: ReportConfig
+    name: str
+    root: Path
+    definition: str = "pre_bn/sample"    # capture.point/capture.spatial
+    config: dict = field(default_factory=dict, repr=False)
+    tracked: TrackedRun | None = field(default=None, repr=False)
+
+
+def _roots(ri: ReportInputs) -> list[Path]:
+    rc = ri.report
     if rc.runs:
         return resolve_roots(list(rc.runs))
     if rc.sweep:
         return resolve_roots([rc.sweep])
-    root = Path(cfg.paths.output_root).resolve()
-    cands = [root / "multirun" / cfg.name, root / "runs" / cfg.name]
+    cands = [ri.root / kind / ri.name for kind in reversed(RUN_KINDS)]   # multirun/<name>, then runs/<name>
     found = [c for c in cands if c.exists()]
     if not found:
         raise UserError(f"report: neither {cands[0]} nor {cands[1]} exists; pass report.sweep=DIR or "
@@ -65,14 +81,14 @@ def _roots(cfg: DictConfig) -> list[Path]:
     return found[:1]
 
 
-def report_dir(cfg: DictConfig) -> Path:
+def report_dir(ri: ReportInputs) -> Path:
     """Where this report is written: report.out, else <first sweep root>/report."""
-    if cfg.report.out:
-        return Path(cfg.report.out).resolve()
+    if ri.report.out:
+        return Path(ri.report.out).resolve()
     try:
-        return _roots(cfg)[0] / "report"
+        return _roots(ri)[0] / "report"
     except UserError:
-        return Path(cfg.paths.output_root).resolve() / "reports" / cfg.name
+        return ri.root / "reports" / ri.name
 
 
 def _with_counts(layers: pd.DataFrame, groups) -> pd.DataFrame:
@@ -89,14 +105,23 @@ def _with_counts(layers: pd.DataFrame, groups) -> pd.DataFrame:
     return layers.merge(counts, on=["group", "layer_index", "layer"], how="left")
 
 
+def report_inputs(cfg: DictConfig) -> ReportInputs:
+    """The report's inputs from its stage's config (the entry's one read of it)."""
+    inputs = stage_inputs(cfg)
+    capture = inputs.knobs.capture
+    return ReportInputs(OmegaConf.to_object(cfg.report), inputs.id.name, inputs.run.root,
+                        f"{capture.point}/{capture.spatial}", inputs.config, inputs.tracked)
+
+
 def run_report(cfg: DictConfig) -> dict:
-    rc = cfg.report
+    ri = report_inputs(cfg)
+    rc = ri.report
     if rc.test not in TESTS:
         raise UserError(f"report.test must be one of {', '.join(TESTS)}, got {rc.test}")
     if rc.ci not in CI_METHODS:
         raise UserError(f"report.ci must be one of {', '.join(CI_METHODS)}, got {rc.ci}")
     t0 = time.perf_counter()
-    roots = _roots(cfg)
+    roots = _roots(ri)
     skipped: list[dict] = []
     runs = discover(roots, skipped)
     require_runs(runs, roots)
@@ -104,7 +129,7 @@ def run_report(cfg: DictConfig) -> dict:
     prune_groups, prune_notices = split_by_pruning(groups)
     axes_groups, axes_notices = split_by_axes(groups)   # the analysis tables pool only equal fingerprints
     notices = notices + prune_notices + axes_notices + provenance_notices(groups)
-    out = report_dir(cfg)
+    out = report_dir(ri)
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in remove_stale_tmp(out):
         print(f"report: removed {old}, left by a report that was killed")
@@ -113,20 +138,20 @@ def run_report(cfg: DictConfig) -> dict:
     # next report removes it if that process was killed (:func:`remove_stale_tmp`).
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}@{socket.gethostname()}-", dir=out.parent))
     try:
-        summary, t, figs = _build(cfg, tmp, roots, runs, groups, prune_groups, notices, skipped, t0, axes_groups)
+        summary, t, figs = _build(ri, tmp, roots, runs, groups, prune_groups, notices, skipped, t0, axes_groups)
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     figs = {label: out / p.name for label, p in figs.items()}
 
-    tracker = StageTracker(cfg, "report", out)
+    tracker = StageTracker(ri.tracked, "report", out)
     try:
         for name, df in t.items():
             if df is not None and not df.empty:
                 tracker.table(f"report/{name}", df)
         for p in figs.values():
             tracker.image(f"report/{p.stem}", p)
-        log_report(tracker, runs, out, t.get("headline"), cfg.name)
+        log_report(tracker, runs, out, t.get("headline"), ri.name)
     finally:
         tracker.finish()
     for n in notices:
@@ -180,11 +205,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, t0,
+def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notices, skipped, t0,
            axes_groups=None) -> tuple[dict, dict, dict]:
     """Every table, figure and page of the report, written under ``out`` (the temporary folder).
     ``prune_groups`` / ``axes_groups``: ``groups`` split where seeds were pruned / analysed differently."""
-    rc, accuracy = cfg.report, cfg.report.accuracy
+    rc, accuracy = ri.report, ri.report.accuracy
     axes_groups = groups if axes_groups is None else axes_groups
     t = {
         "runs": tables.runs_table(groups),
@@ -227,13 +252,13 @@ def _build(cfg, out: Path, roots, runs, groups, prune_groups, notices, skipped, 
 
     # every input left out (read after the tables and figures, which are what read the inputs)
     skipped = skipped + skipped_inputs(runs)
-    ctx = page_context(cfg, roots, groups, notices, t, figs, skipped)
+    ctx = page_context(ri, roots, groups, notices, t, figs, skipped)
     write_text(out / "report.md", render("report.md.j2", ctx, figs, html=False))
     write_text(out / "report.html", render_html(ctx, figs))
     summary = {"roots": [str(r) for r in roots], "groups": {g: [r.seed for r in rs] for g, rs in groups.items()},
                "notices": notices, "skipped": skipped, "headline": t["headline"].to_dict(orient="records"),
                "inputs": {str(r.path / rel): digest for r in runs for rel, digest in sorted(r.inputs.items())},
-               "wall_time_s": round(time.perf_counter() - t0, 2), "config": to_container(cfg)}
+               "wall_time_s": round(time.perf_counter() - t0, 2), "config": ri.config}
     write_json(out / "report_summary.json", summary)
     return summary, t, figs
 
@@ -511,9 +536,9 @@ HOW = {
 }
 
 
-def page_context(cfg, roots, groups, notices, t, figs, skipped: list[dict] | None = None) -> dict:
+def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: list[dict] | None = None) -> dict:
     """Everything the two templates show, as formatted tables (DataFrames of strings) and text."""
-    rc = cfg.report
+    rc = ri.report
     base = Path(os.path.commonpath([str(r) for r in roots])) if len(roots) > 1 else roots[0]
     prefix = str(base).rstrip(os.sep) + os.sep
     min_seeds = int(rc.min_seeds)
@@ -569,7 +594,7 @@ def page_context(cfg, roots, groups, notices, t, figs, skipped: list[dict] | Non
             ok = reproduces_init_coupling(d)
             parts.append(_text(f"{g}: ρ(I_X, I_T) is positive at init and falls after training (the paper's init "
                                f"coupling) under {', '.join(ok) if ok else 'no definition'}; the defaults measure "
-                               f"{cfg.capture.point}/{cfg.capture.spatial}."))
+                               f"{ri.definition}."))
             parts.append({"kind": "figure", "label": f"definitions: {g}"})
         view = defs.assign(definition=[f"{p}/{s}" for p, s in zip(defs.point, defs.spatial)],
                            matches_paper=[{True: "yes", False: "no"}.get(m, "—") for m in defs.matches_paper])
@@ -586,7 +611,7 @@ def page_context(cfg, roots, groups, notices, t, figs, skipped: list[dict] | Non
 
     tests = ", ".join(sorted(set(head["test"]))) if "test" in head else rc.test
     return {
-        "name": cfg.name,
+        "name": ri.name,
         "sweep": ", ".join(rel(r) if len(roots) > 1 else r.name for r in roots),
         "groups": [{"name": g, "seeds": ", ".join(str(r.seed) for r in rs)} for g, rs in groups.items()],
         "notices": [rel(n) for n in notices],

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from axes_pipeline.errors import UserError
+from axes_pipeline.layout import AXES_CSV, BEST_CKPT, LAYERS_CSV, PRUNE_CURVES, PRUNE_SUMMARY, RunId, RunLayout
 from axes_pipeline.runs import file_digest, fingerprint, flatten, read_json, settings_diff
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 
@@ -36,8 +37,20 @@ class Run:
     flat_config: dict = field(repr=False, default_factory=dict)
 
     @property
+    def id(self) -> RunId:
+        return RunId(self.experiment, self.data, self.model, self.width, self.seed)
+
+    @property
     def group(self) -> str:
-        return f"{self.data}-{self.model}-w{self.width:g}"
+        """The seeds' label: the folder above them (``RunId.group``, e.g. ``digits-resnet18-w1.0``)."""
+        return self.id.group
+
+    def artifacts(self) -> dict[str, list[Path]]:
+        """This run's results by artifact kind (checkpoint, axes, curves), for the report's lineage."""
+        layout = RunLayout.at(self.id, self.path.parent).in_folder(self.path)
+        analyze, prune = layout.stage_dir("analyze"), layout.stage_dir("prune")
+        return {"checkpoint": [layout.checkpoints / BEST_CKPT], "axes": [analyze / AXES_CSV, analyze / LAYERS_CSV],
+                "curves": [prune / PRUNE_CURVES, prune / PRUNE_SUMMARY]}
 
     #: {relative path: why it was left out} of every input of this run that could not be used
     skipped: dict = field(repr=False, default_factory=dict)

@@ -11,21 +11,14 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from axes_pipeline.config import check_positive, run_dir, to_container
-from axes_pipeline.data import build_datamodule as _build
+from axes_pipeline.config import check_positive, to_container
+from axes_pipeline.data import build_datamodule
 from axes_pipeline.errors import UserError
-from axes_pipeline.runs import (
-    file_digest,
-    fingerprint,
-    no_space_is_one_line,
-    read_json,
-    run_fingerprint,
-    settings_diff,
-    write_json,
-)
-from axes_pipeline.tracking import tracking
+from axes_pipeline.layout import BEST_CKPT, LAST_CKPT, RunId, RunLayout
+from axes_pipeline.runs import Stamp, file_digest, fingerprint, no_space_is_one_line, read_json, run_fingerprint, write_json
+from axes_pipeline.stage import stage_inputs
 from axes_pipeline.training.checkpoints import changed_since_training, load_into, read_checkpoint
 from axes_pipeline.training.module import ClassifierModule
 from axes_pipeline.training.optim import optimizer_factory, optimizer_target
@@ -34,64 +27,48 @@ from axes_pipeline.wiring import instantiate_all
 log = logging.getLogger("axes_pipeline")
 
 
-def instantiate_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
-    """Build the backbone from ``cfg.model`` (the recipe block is for the optimizer, not the model)."""
-    model_cfg = {k: v for k, v in cfg.model.items() if k != "recipe"}
-    return instantiate(model_cfg, _recursive_=False)(num_classes=num_classes)
+def instantiate_model(model: DictConfig, num_classes: int) -> torch.nn.Module:
+    """Build the backbone from the ``model`` block (its recipe is for the optimizer, not the model)."""
+    return instantiate({k: v for k, v in model.items() if k != "recipe"}, _recursive_=False)(num_classes=num_classes)
 
 
-def build_datamodule(cfg: DictConfig):
-    return _build(cfg.data)
-
-
-def check_trainer(cfg: DictConfig) -> None:
+def check_trainer(max_epochs: int, batch_size: int, optimizer: str, accelerator: str) -> None:
     """Refuse settings that would fail late, before any expensive work."""
-    check_positive(cfg.trainer.max_epochs, "trainer.max_epochs")
-    check_positive(cfg.data.batch_size, "data.batch_size")
-    optimizer_target(cfg.optim.name)   # an unknown optim.name: one line now, not a resolver traceback later
-    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    check_positive(max_epochs, "trainer.max_epochs")
+    check_positive(batch_size, "data.batch_size")
+    optimizer_target(optimizer)   # an unknown optim.name: one line now, not a resolver traceback later
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError("trainer=gpu but no CUDA GPU is visible on this machine; use trainer=cpu")
 
 
-def model_meta(cfg: DictConfig, num_classes: int) -> dict:
+def model_meta(run_id: RunId, image_size: int, num_classes: int) -> dict:
     # data, image_size and num_classes let a later stage refuse a checkpoint of another dataset
     # that happens to have the same class count (restore.check_meta).
-    return {"model": cfg.model.name, "width": float(cfg.model.width), "num_classes": int(num_classes),
-            "data": cfg.data.name, "image_size": int(cfg.data.image_size), "seed": int(cfg.seed),
-            "experiment": cfg.name}
+    return {"model": run_id.model, "width": run_id.width, "num_classes": int(num_classes),
+            "data": run_id.data, "image_size": int(image_size), "seed": run_id.seed, "experiment": run_id.name}
 
 
-def train_settings(cfg: DictConfig) -> dict:
-    """Everything that decides the trained weights besides the run directory's own parts: the data
-    identity, the model's other knobs, the optimizer, the recipe, the epochs and precision, and the
-    content of an initialising ``ckpt=``. Stored as ``train_settings.json``, so that a rerun with
-    other values is refused with a one-line diff instead of keeping (or resuming into) the old run.
+def train_settings(data_id: dict, model: dict, optim: dict, recipe: dict, init_ckpt: Path | None) -> dict:
+    """Everything that decides the trained weights besides the run folder's own parts: the data identity,
+    the model's other knobs (``model``: the block as plain values), the optimizer (``optim``), the recipe
+    (``recipe``: batch size, label smoothing, warm-up, epochs, precision, batches per epoch) and the
+    content of an initialising ``ckpt=``. Stored as ``train_settings.json``, so that a rerun with other
+    values is refused with a one-line diff instead of keeping (or resuming into) the old run.
     """
     # from_scratch only guards against pretrained weights: keyed when set, as before it was typed
-    model = {f"model.{k}": v for k, v in to_container(cfg.model).items() if k != "from_scratch" or v}
-    optim = {f"optim.{k}": v for k, v in to_container(cfg.optim).items() if not k.startswith("_")}
-    rest = {"data.batch_size": int(cfg.data.batch_size),
-            "train.label_smoothing": float(cfg.train.label_smoothing),
-            "train.warmup_epochs": int(cfg.train.warmup_epochs),
-            "trainer.max_epochs": int(cfg.trainer.max_epochs),
-            "trainer.precision": str(cfg.trainer.precision),
-            "trainer.limit_train_batches": OmegaConf.select(cfg, "trainer.limit_train_batches")}
-    parts = run_fingerprint(cfg, cfg.ckpt or None, **model, **optim, **rest)
+    model_keys = {f"model.{k}": v for k, v in model.items() if k != "from_scratch" or v}
+    optim_keys = {f"optim.{k}": v for k, v in optim.items() if not k.startswith("_")}
+    parts = run_fingerprint(data_id, init_ckpt, **model_keys, **optim_keys, **recipe)
     if "ckpt_digest" in parts:        # an initialisation, not a checkpoint of this run
         parts["init_ckpt_digest"] = parts.pop("ckpt_digest")
     return parts
 
 
-def check_settings(out: Path, want: dict) -> None:
-    """Refuse to reuse or resume a run directory whose run was started with other settings."""
-    path = out / "train_settings.json"
-    if not path.exists():
-        return
-    have = read_json(path)
-    if have != want:
-        raise UserError(f"{out} holds a run trained with other settings ({settings_diff(have, want)}); "
-                        f"give this variant its own name= (e.g. name=lr0.5 for another optim.lr), "
-                        f"or delete that directory to retrain")
+def check_settings(run: RunLayout, want: dict) -> None:
+    """Refuse to reuse or resume a run folder whose run was started with other settings."""
+    if run.train_settings.exists() and (why := Stamp(run.train_settings, want).why_not()) is not None:
+        raise UserError(f"{run.dir} holds a run trained with {why}; give this variant its own name= (e.g. "
+                        f"name=lr0.5 for another optim.lr), or delete that directory to retrain")
 
 
 RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "epoch", "global_step")
@@ -204,56 +181,62 @@ class Throughput(L.Callback):
 
 def run_training(cfg: DictConfig) -> dict:
     """Train (or resume, or skip when complete) and write ``train_summary.json`` next to checkpoints."""
-    check_trainer(cfg)
-    out = run_dir(cfg)
-    summary_path = out / "train_summary.json"
-    ckpt_dir = out / "checkpoints"
-    max_epochs = int(cfg.trainer.max_epochs)
-    if cfg.ckpt and not Path(str(cfg.ckpt)).is_file():
-        raise UserError(f"ckpt={cfg.ckpt} does not exist (train.py uses it as the initial weights)")
-    settings = train_settings(cfg)
-    check_settings(out, settings)
-    if summary_path.exists():
-        done = read_json(summary_path)
-        if done.get("epochs") == max_epochs and (ckpt_dir / "last.ckpt").exists():
+    inputs = stage_inputs(cfg)
+    trainer_cfg, train = cfg.trainer, cfg.train
+    check_trainer(trainer_cfg.max_epochs, cfg.data.batch_size, cfg.optim.name, trainer_cfg.accelerator)
+    run, init = inputs.run, inputs.ckpt
+    out = run.dir
+    ckpt_dir = run.checkpoints
+    max_epochs = int(trainer_cfg.max_epochs)
+    if init is not None and not init.is_file():
+        raise UserError(f"ckpt={init} does not exist (train.py uses it as the initial weights)")
+    recipe = {"data.batch_size": int(cfg.data.batch_size), "train.label_smoothing": float(train.label_smoothing),
+              "train.warmup_epochs": int(train.warmup_epochs), "trainer.max_epochs": max_epochs,
+              "trainer.precision": str(trainer_cfg.precision),
+              "trainer.limit_train_batches": trainer_cfg.limit_train_batches}
+    settings = train_settings(inputs.data_id, to_container(cfg.model), to_container(cfg.optim), recipe, init)
+    check_settings(run, settings)
+    if run.train_summary.exists():
+        done = read_json(run.train_summary)
+        if done.get("epochs") == max_epochs and (ckpt_dir / LAST_CKPT).exists():
             check_complete(out, max_epochs)
-            log.info("training already complete (%d epochs): %s", max_epochs, summary_path)
-            print(f"train: already complete, nothing to do ({summary_path})")
+            log.info("training already complete (%d epochs): %s", max_epochs, run.train_summary)
+            print(f"train: already complete, nothing to do ({run.train_summary})")
             return done
 
     resume, first_epoch, first_step = resume_point(out)
-    dm = build_datamodule(cfg)
+    dm = build_datamodule(inputs.data)
     dm.check()
-    model = instantiate_model(cfg, dm.num_classes)
-    if cfg.ckpt:   # initial weights only (optimizer, schedule and epoch start afresh) of this model and data
-        load_into(model, cfg.ckpt, expect={"model": cfg.model.name, "width": float(cfg.model.width),
-                                           "num_classes": int(dm.num_classes), "data": cfg.data.name})
-        log.info("initialised the weights from ckpt=%s", cfg.ckpt)
-    write_json(out / "train_settings.json", settings)
-    channels_last = cfg.train.channels_last
+    model = instantiate_model(inputs.model, dm.num_classes)
+    if init is not None:   # initial weights only (optimizer, schedule and epoch start afresh) of this model and data
+        load_into(model, init, expect={"model": run.id.model, "width": run.id.width,
+                                       "num_classes": int(dm.num_classes), "data": run.id.data})
+        log.info("initialised the weights from ckpt=%s", init)
+    write_json(run.train_settings, settings)
+    channels_last = train.channels_last
     if channels_last == "auto":
-        channels_last = cfg.trainer.accelerator in ("gpu", "cuda")
+        channels_last = trainer_cfg.accelerator in ("gpu", "cuda")
     module = ClassifierModule(
         model, optimizer=optimizer_factory(cfg.optim), num_classes=dm.num_classes,
-        label_smoothing=cfg.train.label_smoothing, warmup_epochs=cfg.train.warmup_epochs,
-        channels_last=bool(channels_last), meta=model_meta(cfg, dm.num_classes))
-    if cfg.train.compile:
+        label_smoothing=train.label_smoothing, warmup_epochs=train.warmup_epochs,
+        channels_last=bool(channels_last), meta=model_meta(run.id, dm.image_size, dm.num_classes))
+    if train.compile:
         module.model = torch.compile(module.model)
 
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
-
     throughput = Throughput()
     # Throughput and EpochRNG are no options: the summary reads one, a resume needs the other.
-    callbacks = [throughput, EpochRNG(int(cfg.seed), first_epoch), *instantiate_all(cfg.callbacks, "callbacks")]
+    callbacks = [throughput, EpochRNG(run.id.seed, first_epoch), *instantiate_all(cfg.callbacks, "callbacks")]
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
         raise UserError("callbacks.model_checkpoint cannot be left out: it writes best.ckpt (validated and "
                         "tested below, read by analyze.py and prune.py) and last.ckpt (the resume point)")
-    backend = tracking(cfg)
-    logger = backend.training_logger(cfg, out, first_epoch, first_step) if backend is not None else False
+    tracked = inputs.tracked
+    backend = tracked.backend
+    logger = backend.training_logger(tracked, out, first_epoch, first_step) if backend is not None else False
     if not logger:   # Lightning refuses a learning-rate monitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger,
                                      default_root_dir=str(out),
                                      enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks))
     if resume is not None:
@@ -264,7 +247,7 @@ def run_training(cfg: DictConfig) -> dict:
     wall = time.perf_counter() - t0
     if trainer.interrupted:
         raise KeyboardInterrupt
-    best = ckpt_dir / "best.ckpt"
+    best = ckpt_dir / BEST_CKPT
     val = trainer.validate(module, datamodule=dm, ckpt_path=str(best), verbose=False)[0]
     test = trainer.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)[0]
     summary = {
@@ -272,17 +255,17 @@ def run_training(cfg: DictConfig) -> dict:
         "test_acc": test.get("test/acc"), "test_acc5": test.get("test/acc5"), "test_loss": test.get("test/loss"),
         "epochs": max_epochs, "wall_time_s": round(wall, 2),
         "train_images_per_s": round(throughput.images / throughput.seconds, 1) if throughput.seconds else None,
-        "best_checkpoint": str(best), "last_checkpoint": str(ckpt_dir / "last.ckpt"),
+        "best_checkpoint": str(best), "last_checkpoint": str(ckpt_dir / LAST_CKPT),
         "num_classes": dm.num_classes, "device": str(trainer.strategy.root_device),
-        "config": to_container(cfg),
+        "config": inputs.config,
     }
     if not trainer.is_global_zero:   # under DDP every rank gets here: one summary, one log line
         return summary
     # what training wrote, by content: every later read (restore_trained, the skip check) verifies it
     summary["checkpoint_digests"] = {p.name: file_digest(p) for p in sorted(ckpt_dir.glob("*.ckpt"))}
-    write_json(summary_path, summary)
+    write_json(run.train_summary, summary)
     if backend is not None:
-        backend.record_training(logger, cfg, best, summary)
+        backend.record_training(logger, tracked, best, summary)
     print(f"train: val_acc={summary['val_acc']:.4f} test_acc={summary['test_acc']:.4f} "
           f"({wall:.1f}s, {summary['train_images_per_s']} img/s) -> {out}")
     return summary

@@ -1,0 +1,29 @@
+"""axes_pipeline.console: what a long stage shows while it works."""
+
+from __future__ import annotations
+
+# --- long work shows progress: a bar on a terminal, one line per finished unit in a log -----------
+
+
+def test_progress_writes_one_line_per_finished_unit_when_not_a_terminal(capsys):
+    from axes_pipeline.console import progress
+
+    seen = list(progress(["conv1", "layer1.0.conv1"], "axes", label=str))
+    out, err = capsys.readouterr()
+    assert seen == ["conv1", "layer1.0.conv1"]
+    lines = out.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["axes: 1/2 conv1", "axes: 2/2 layer1.0.conv1"]
+    assert "\r" not in out + err
+
+
+def test_progress_is_a_bar_on_a_terminal_and_silent_when_disabled(capsys, monkeypatch):
+    import sys
+
+    from axes_pipeline.console import progress
+
+    assert list(progress(range(3), "quiet", enabled=False)) == [0, 1, 2]
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert list(progress(range(3), "bar")) == [0, 1, 2]
+    out, err = capsys.readouterr()
+    assert out == "" and "bar" in err          # tqdm draws on stderr; no unit lines on stdout
