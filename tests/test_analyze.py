@@ -251,3 +251,32 @@ def test_analyses_are_registered_with_their_checks():
     assert {k: (a.run, a.check, a.needs_run) for k, a in ANALYSES.items()} == want
     analysis_options = {p.stem for p in Path(CONF, "analysis").glob("*.yaml")} - {"all"}
     assert analysis_options == set(ANALYSES)
+
+
+def test_capture_knobs_are_read_from_their_schema():
+    from dataclasses import fields, replace
+
+    from axes_pipeline.analyses.dynamics import dynamics_settings
+    from axes_pipeline.analyses.settings import DynamicsAnalysis
+    from axes_pipeline.axes.settings import NOT_IN_IDENTITY, AxesKnobs, CaptureConfig
+    from axes_pipeline.axes.table import capture_settings
+
+    knobs = AxesKnobs()
+    names = {f"capture.{f.name}" for f in fields(CaptureConfig) if f.name not in NOT_IN_IDENTITY}
+    assert names <= set(capture_settings(knobs))
+    # the dynamics key their parts on the same names (their own layers instead of capture.layers)
+    assert names - {"capture.layers"} <= set(dynamics_settings(knobs, DynamicsAnalysis(), ["conv1"]))
+    one = replace(knobs, capture=replace(knobs.capture, layers="conv1"))   # one name stays one name (it once
+    assert capture_settings(one)["capture.layers"] == "conv1"               # became a list of its letters)
+
+
+def test_axes_registers_like_every_analysis():
+    from axes_pipeline.analyses.analyze import selected
+    from axes_pipeline.analyses.registry import ANALYSES
+    from axes_pipeline.analyses.settings import ANALYSIS_SCHEMAS
+    from axes_pipeline.errors import UserError
+
+    assert set(ANALYSES) == set(ANALYSIS_SCHEMAS)   # axes included: one entry per analysis option
+    assert selected(["axes", "lesion"]) == ["axes", "lesion"]
+    with pytest.raises(UserError, match="choose from: axes, "):
+        selected(["axis"])

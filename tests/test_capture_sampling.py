@@ -93,3 +93,20 @@ def test_gap_is_one_sample_per_image():
     batch = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))]
     cap = capture_activations(model, conv_norm_pairs(model), batch, spatial="gap", progress=False, keep_samples=True)
     assert cap.per_image == {"conv1": 1, "conv2": 1} and cap.n_samples("conv2") == 4
+
+
+def test_capture_keeps_no_samples_unless_asked():
+    import torch
+
+    from axes_pipeline.capture import capture_activations
+    from axes_pipeline.models import conv_norm_pairs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    units = conv_norm_pairs(model)
+    data = [(torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,)))]
+    lean = capture_activations(model, units, data, samples_per_image=2, progress=False)
+    assert lean.acts == {} and lean.target is None and set(lean.moments) == set(units)
+    full = capture_activations(model, units, data, samples_per_image=2, progress=False, keep_samples=True)
+    assert torch.allclose(full.cov(next(iter(units))), lean.cov(next(iter(units))), atol=1e-6)

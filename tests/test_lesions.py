@@ -23,12 +23,14 @@ from axes_pipeline.analyses.lesion_engine import (
     zeroed,
 )
 from axes_pipeline.analyses.lesions import check_lesion_analysis, lesion_layer, recovery, select_channels
+from axes_pipeline.analyses.settings import LesionAnalysis
 from axes_pipeline.errors import UserError
 from axes_pipeline.metrics import channel_axes
 from axes_pipeline.models import build_model, conv_norm_pairs
 from axes_pipeline.models.synthetic import with_bn_statistics
 from axes_pipeline.models.taylor import taylor_scores
 from axes_pipeline.runs import read_json
+from axes_pipeline.stage import stage_inputs, typed
 
 from .helpers import make_cfg
 from .reference.lesions import weight_lesion_eval
@@ -188,23 +190,32 @@ def test_taylor_leaves_the_model_as_it_was():
     assert all(p.grad is None and p.requires_grad for p in model.parameters()) and not model.training
 
 
+def _lesion_check_ctx(cfg, units):
+    """What check_lesion_analysis reads: the typed capture/metrics knobs, the units, no trained run."""
+    knobs = stage_inputs(cfg).knobs
+    return SimpleNamespace(knobs=knobs, units=units, trained=None), typed(cfg.analysis.lesion, LesionAnalysis)
+
+
 def test_a_count_above_a_layer_takes_the_whole_layer_and_says_so_once(tmp_path, caplog):
     """Issue 23 item 11: N means at most N per layer (EfficientNet-B0's SE convs have 4 channels)."""
     cfg = make_cfg("analyze", ["logger=none", "model.width=0.125", "analysis=lesion",
                                "analysis.lesion.channels=20"], tmp_path)
     units = conv_norm_pairs(build_model("resnet18", num_classes=10, width=0.125))
-    ctx = SimpleNamespace(cfg=cfg, units=units, trained=None)
     with caplog.at_level("INFO", logger="axes_pipeline"):
-        check_lesion_analysis(ctx)
+        check_lesion_analysis(*_lesion_check_ctx(cfg, units))
     said = [r.getMessage() for r in caplog.records if "lesion.channels" in r.getMessage()]
     small = [n for n, u in units.items() if u.conv.out_channels < 20]      # the 8- and 16-channel layers
     assert len(said) == 1 and said[0].startswith(f"analysis.lesion.channels=20: {len(small)} layer(s) have fewer "
                                                  f"channels and are lesioned whole: conv1 (8), ")
     assert len(select_channels(8, 20, 0, "conv1")) == 8 and len(select_channels(32, 20, 0, "x")) == 20
-    for bad in ("analysis.lesion.replace=[nope]", "analysis.lesion.layers=[nope]", "analysis.lesion.channels=0"):
+    for bad in ("analysis.lesion.replace=[nope]", "analysis.lesion.layers=[nope]"):
         cfg = make_cfg("analyze", ["logger=none", "analysis=lesion", bad], tmp_path)
         with pytest.raises(UserError):
-            check_lesion_analysis(SimpleNamespace(cfg=cfg, units=units, trained=None))
+            check_lesion_analysis(*_lesion_check_ctx(cfg, units))
+    # the range (N >= 1) is the schema's, checked when the stage builds its inputs
+    cfg = make_cfg("analyze", ["logger=none", "analysis=lesion", "analysis.lesion.channels=0"], tmp_path)
+    with pytest.raises(UserError, match=r"analysis.lesion.channels=0 is out of range: it must be >= 1"):
+        stage_inputs(cfg)
 
 
 LAYERS = "[conv1,layer2.0.conv1,layer4.1.conv2]"
@@ -217,7 +228,7 @@ def test_lesion_count_checked_before_any_work(tiny_run):
     root, overrides = tiny_run
     cfg = make_cfg("analyze", [*overrides, "analysis=lesion", *SMALL, "analysis.lesion.channels=0"], root)
     out = Path(cfg.paths.run_dir) / "analyze"
-    with pytest.raises(UserError, match="analysis.lesion.channels must be a positive integer"):
+    with pytest.raises(UserError, match="analysis.lesion.channels=0 is out of range"):
         run_analysis(cfg)
     assert not (out / "lesions.csv").exists()
 

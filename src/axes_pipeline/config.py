@@ -7,6 +7,7 @@ import logging
 import re
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from axes_pipeline.bounds import SEED_MAX
 from axes_pipeline.errors import UserError
@@ -54,8 +55,18 @@ if not OmegaConf.has_resolver("axes_slug"):
 
 
 def to_container(node: DictConfig) -> dict:
-    """A resolved config node as plain Python containers (safe for JSON and weights_only checkpoints)."""
-    return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+    """A resolved config node as plain Python containers (safe for JSON and weights_only checkpoints).
+    A resolver's refusal (an unknown ``optim.name``) is raised as itself: one line, exit 2, not wrapped in
+    OmegaConf's interpolation error."""
+    try:
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+    except InterpolationResolutionError as err:
+        cause = err   # OmegaConf wraps the resolver's error in its own, once per nesting level
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise UserError(str(cause)) from None
+        raise
 
 
 def check_seed(value) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.axes.settings import AxesKnobs, CaptureConfig, GradientsConfig, GraphsConfig, MetricsConfig
+from axes_pipeline.bounds import check_bounds
 from axes_pipeline.config import run_kind, to_container
 from axes_pipeline.errors import UserError
 from axes_pipeline.layout import RunId, RunLayout
@@ -57,7 +58,10 @@ def typed(node: Any, schema: type) -> Any:
 
 
 def stage_inputs(cfg: DictConfig) -> StageInputs:
-    """The typed inputs every stage body builds from its composed config."""
+    """The typed inputs every stage body builds from its composed config. The schema's ranges are checked
+    here too: a stage body called from Python (not through the task wrapper) refuses a bad knob in one line
+    before any work as well."""
+    check_bounds(cfg)
     run_id = RunId(str(cfg.name), str(cfg.data.name), str(cfg.model.name), cfg.model.width, cfg.seed)
     knobs = AxesKnobs(device=str(cfg.device), capture=typed(cfg.capture, CaptureConfig),
                       metrics=typed(cfg.metrics, MetricsConfig), graphs=typed(cfg.graphs, GraphsConfig),
