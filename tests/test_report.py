@@ -247,15 +247,19 @@ def test_curves_from_another_prune_run_than_the_summary_are_skipped(tmp_path):
 
 def add_lesions_and_propagation(run: Path, seed: int) -> None:
     """A per-run lesion summary and propagation table shaped like analyze.py's."""
-    def fit(d):
+    def fit(d, p_f=0.01):
         return {"n": 160, "r2_base": 0.2, "r2_full": 0.2 + d, "delta_r2": d, "delta_r2_adj": d - 0.01,
-                "ci_lo": d / 2, "ci_hi": 2 * d, "ci_adj_lo": -0.01, "ci_adj_hi": 2 * d, "p_f": 0.01, "n_boot": 200}
+                "ci_lo": d / 2, "ci_hi": 2 * d, "ci_adj_lo": -0.01, "ci_adj_hi": 2 * d, "p_f": p_f, "n_boot": 200}
     summary = {"base_loss": 0.3, "layers": 2, "channels_lesioned": 16,
                "spearman_overall": {"input_capture": 0.1, "task_info": 0.3},
                "binned_rho_mean": {"input_capture": 0.05 + 0.01 * seed, "task_info": 0.2},
                "incremental_r2": {"base": ["input_capture", "task_info"], "extra": ["full_explained"], "scale": "rank",
-                                  "pooled": fit(0.04), "pooled_raw": fit(0.1), "per_layer": {"conv1": fit(0.2)}},
+                                  # the seeds' own F-test p as in the issue's demo (their mean, 0.210, is no test)
+                                  "pooled": fit(0.03 + 0.005 * seed, p_f={1: 0.324, 2: 0.176, 3: 0.13}.get(seed, 0.5)),
+                                  "pooled_raw": fit(0.1), "per_layer": {"conv1": fit(0.2)}},
                "recovery": {"hull_mean": 0.4, "hull_median": 0.7, "hull_n": 12, "rho_hull_full_explained": 0.35},
+               "replaceability_spearman": {"expected_sign": -1, "hull_score": {"per_layer": {"conv1": 0.1},
+                                           "mean": [0.003, 0.07, -0.06][seed % 3], "layers_negative": 0, "layers": 1}},
                "per_layer": {"conv1": {"lesioned": 8}}}
     (run / "analyze" / "lesion_summary.json").write_text(json.dumps(summary))
     pd.DataFrame({"upstream": ["conv1"] * 2, "downstream": ["layer1.0.conv1"] * 2, "pairing": ["local_to_local",
@@ -267,6 +271,34 @@ def full_sweep(root: Path, seeds=(1, 2, 3)) -> Path:
     for s in seeds:
         add_lesions_and_propagation(fake_run(root, s, local_gain=0.05), s)
     return root / "multirun" / "demo" / "report"
+
+
+def test_lesion_section_pools_seeds_by_their_estimates(tmp_path):
+    from scipy import stats as st
+
+    from axes_pipeline.report.build import fmt, fmt_ci
+
+    out = full_sweep(tmp_path)
+    _report(tmp_path)
+    md = (out / "report.md").read_text()
+    section = md.split("## Lesions and peer replacement", 1)[1].split("\n## ", 1)[0]
+    # the pooled ΔR² of seeds 1, 2, 3 is 0.035, 0.040, 0.045: its Student t interval over the seeds
+    d = np.array([0.035, 0.040, 0.045])
+    half = st.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert fmt_ci(d.mean() - half, d.mean() + half) in section
+    # never an average of the seeds' own intervals or p-values: not the mean F-test p (0.210) nor the
+    # mean bootstrap CI ([0.0200, 0.0800]); the F-tests are counted instead
+    assert fmt(np.mean([0.324, 0.176, 0.13])) not in section and "0.21" not in section
+    assert fmt_ci(d.mean() / 2, 2 * d.mean()) not in section
+    assert "0 of 3" in section
+    les = pd.read_csv(out / "lesions.csv")
+    assert not les["quantity"].str.contains(r"\.(?:ci_lo|ci_hi|ci_adj_lo|ci_adj_hi|p_f)$").any()
+    row = les.set_index("quantity").loc["incremental_r2.pooled.delta_r2"]
+    assert row.ci_lo == pytest.approx(d.mean() - half) and row.seeds == 3
+    seeds = pd.read_csv(out / "lesions_per_seed.csv")
+    assert sorted(seeds.loc[seeds.quantity == "incremental_r2.pooled.p_f", "value"]) == [0.13, 0.176, 0.324]
+    # the direction check of METHODS §8 is shown, with its verdict, and the two scales are explained
+    assert "Direction check" in section and "no clear relation" in section and "rank scale fits" in section
 
 
 def test_fmt_three_significant_digits():
@@ -294,9 +326,9 @@ def test_page_answers_first_and_reads_plainly(tmp_path):
     # every section opens with one sentence on how to read it
     assert html.count("<h2") == html.count('<p class="how">') >= 7
     # H4 in readable tables (ΔR² with its CI as [lo, hi]); the key/value dump only in the CSV
-    assert "ΔR²" in html and "[0.0200, 0.0800]" in html and "ρ within I_T bins" in html and "Recovery" in html
+    assert "ΔR²" in html and "95% t CI" in html and "ρ within I_T bins" in html and "Recovery" in html
     assert "incremental_r2.pooled" not in html and "incremental_r2.pooled" not in md
-    assert "incremental_r2.pooled.ci_adj_hi" in set(pd.read_csv(out / "lesions.csv")["quantity"])
+    assert "incremental_r2.pooled.ci_adj_hi" in set(pd.read_csv(out / "lesions_per_seed.csv")["quantity"])
     assert "local_to_local" in html
     # no machine paths, no literal markdown, every table scrolls inside its own box, nothing external
     for page in (html, md):

@@ -30,7 +30,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from omegaconf import DictConfig, OmegaConf
 
-from axes_pipeline.analyses.definitions import plot_definitions, reproduces_init_coupling
+from axes_pipeline.analyses.definitions import LABELS, plot_definitions, reproduces_init_coupling
 from axes_pipeline.errors import UserError
 from axes_pipeline.layout import RUN_KINDS
 from axes_pipeline.report import figures, tables
@@ -47,7 +47,7 @@ from axes_pipeline.report.collect import (
 from axes_pipeline.report.settings import ReportConfig
 from axes_pipeline.runs import write_csv, write_json, write_text
 from axes_pipeline.stage import stage_inputs
-from axes_pipeline.stats import CI_COVERAGE, CI_METHODS
+from axes_pipeline.stats import CI_COVERAGE, CI_METHODS, change_verdict
 from axes_pipeline.tracking import StageTracker, TrackedRun, log_report
 
 TESTS = ("wilcoxon", "permutation")
@@ -220,7 +220,8 @@ def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notic
                                     seed=int(rc.seed), ci=rc.ci),
         "layers": _with_counts(tables.layers_table(axes_groups), axes_groups),
         "reference": tables.reference_table(axes_groups),
-        "lesions": tables.scalar_summary(axes_groups, "analyze/lesion_summary.json"),
+        "lesions_per_seed": (les_seed := tables.per_seed_values(axes_groups, "analyze/lesion_summary.json")),
+        "lesions": tables.across_seed_table(les_seed),
         "propagation": tables.propagation_table(axes_groups),
         "definitions": tables.definitions_table(axes_groups),
     }
@@ -269,6 +270,7 @@ ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft"
 # looking current. Only these names: report.out may be a folder that holds other files too.
 REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
                 "backbones.csv", "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "definitions.csv",
+                "lesions_per_seed.csv",
                 "curves_*.png", "headline.png", "alignment_depth.png", "dynamics.png", "definitions_*.png", "report.md",
                 "report.html", "report_summary.json")
 
@@ -450,16 +452,30 @@ def headline_view(head: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
     return v
 
 
-def _pm(row) -> str:
-    """A summary row's ``mean ± sd``; "—" when the summary lacks it."""
-    return fmt_pm(row.mean, row.sd) if row else "—"
+def _across(r, *, p: bool = True) -> dict:
+    """The across-seed columns of one estimate (a row of :func:`tables.across_seed_table` or alike):
+    mean ± SD, the Student t interval and its p over seeds."""
+    if r is None:
+        return {"mean ± SD": "—", "95% t CI": "—", "p": "—"}
+    return {"mean ± SD": fmt_pm(r.mean, r.sd), "95% t CI": fmt_ci(r.ci_lo, r.ci_hi), "p": fmt(r.p) if p else "—"}
 
 
-def _lesion_views(les: pd.DataFrame) -> list[dict]:
-    """The few lesion numbers that test H4, out of the per-run summary's flattened keys: recovery by
-    peer replacement, the ΔR² of the peer terms with its CI, and the within-bin ρ per predictor."""
+#: why the two scales of the incremental R² can disagree, said wherever both are shown
+RANK_RAW = ("The rank scale fits within-layer percentile ranks of damage and predictors (every channel counts the "
+            "same); the raw scale fits the damages themselves, where a few channels whose lesion costs far more "
+            "than the rest dominate the sums of squares. The peer terms can therefore add on one scale and not on "
+            "the other: on the raw scale only, they predict the few costly lesions; on the rank scale only, the "
+            "order of the bulk.")
+
+
+def _lesion_views(les: pd.DataFrame, per_seed: pd.DataFrame | None = None) -> list[dict]:
+    """The lesion numbers that test H4, each from one estimate per seed (``les``: the across-seed table
+    of :func:`tables.across_seed_table`): recovery by peer replacement, the ΔR² of the peer terms, the
+    direction check (damage against replaceability, METHODS §8) and the within-bin ρ per predictor.
+    A seed's own bootstrap CI and F-test stay in ``lesions_per_seed.csv``; here they are only counted."""
     parts = []
     q = les.assign(key=les["quantity"].astype(str))
+    per_seed = pd.DataFrame(columns=["group", "seed", "quantity", "value"]) if per_seed is None else per_seed
 
     def pick(prefix: str):
         d = q[q["key"].str.startswith(prefix)].copy()
@@ -469,16 +485,16 @@ def _lesion_views(les: pd.DataFrame) -> list[dict]:
     rows = []
     for g, d in pick("recovery.").groupby("group", sort=False):
         m = {r.rest: r for r in d.itertuples()}
-        variants = sorted({k[: -len("_mean")] for k in m if k.endswith("_mean")})
-        for v in variants:
-            mean, med, n, rho = (m.get(k) for k in (f"{v}_mean", f"{v}_median", f"{v}_n", f"rho_{v}_full_explained"))
-            rows.append({"group": g, "replaced from": f"{v} peers", "recovery (mean)": _pm(mean),
-                         "recovery (median)": _pm(med), "channels": fmt(n.mean) if n else "—",
-                         "ρ(recovery, E_full)": _pm(rho), "seeds": fmt(int(mean.seeds)) if mean else "—"})
+        for v in sorted({k[: -len("_mean")] for k in m if k.endswith("_mean")}):
+            for key, what in ((f"{v}_mean", "mean recovery"), (f"{v}_median", "median recovery"),
+                              (f"rho_{v}_full_explained", "ρ(recovery, E_full)")):
+                if key in m:
+                    rows.append({"group": g, "replaced from": f"{v} peers", "estimate": what, **_across(m[key]),
+                                 "seeds": fmt(int(m[key].seeds))})
     if rows:
         parts.append(_table(pd.DataFrame(rows), "Recovery by peer replacement (1 = the peers undo the lesion)"))
 
-    rows = []
+    rows, scales = [], set()
     for g, d in pick("incremental_r2.").groupby("group", sort=False):
         m = {r.rest: r for r in d.itertuples()}
         fits = sorted({k.rsplit(".", 1)[0] for k in m if k.endswith(".delta_r2") and "per_layer" not in k},
@@ -486,25 +502,63 @@ def _lesion_views(les: pd.DataFrame) -> list[dict]:
         # the summary names the other scale's fit (pooled_raw or pooled_rank); "pooled" is the main one
         others = {f.removeprefix("pooled_") for f in fits if f != "pooled"}
         main = {"raw": "rank", "rank": "raw"}.get(next(iter(others)), "main") if len(others) == 1 else "main"
+        ps = per_seed[per_seed["group"] == g]
         for f in fits:
-            get = lambda k: m.get(f"{f}.{k}")  # noqa: E731
-            val = lambda k: get(k).mean if get(k) else math.nan  # noqa: E731
-            dr, adj = get("delta_r2"), get("delta_r2_adj")
-            rows.append({"group": g, "fit": f"all layers, {main if f == 'pooled' else f.removeprefix('pooled_')} scale",
-                         "ΔR²": _pm(dr), "95% CI": fmt_ci(val("ci_lo"), val("ci_hi")), "adjusted ΔR²": _pm(adj),
-                         "95% CI (adjusted)": fmt_ci(val("ci_adj_lo"), val("ci_adj_hi")),
-                         "F-test p": fmt(val("p_f")), "channels": fmt(val("n")),
-                         "seeds": fmt(int(dr.seeds)) if dr else "—"})
+            scale = main if f == "pooled" else f.removeprefix("pooled_")
+            scales.add(scale)
+            pf = ps.loc[ps["quantity"] == f"incremental_r2.{f}.p_f", "value"].dropna()
+            for stat, what in (("delta_r2", "ΔR²"), ("delta_r2_adj", "adjusted ΔR²")):
+                r = m.get(f"{f}.{stat}")
+                rows.append({"group": g, "fit": f"all layers, {scale} scale", "estimate": what,
+                             # nested OLS never loses R²: the plain ΔR² is above 0 in every seed, so it gets no test
+                             **_across(r, p=stat == "delta_r2_adj"),
+                             "seeds with own F-test p < 0.05": f"{int((pf < 0.05).sum())} of {len(pf)}" if len(pf) else "—",
+                             "seeds": fmt(int(r.seeds)) if r else "—"})
     if rows:
         parts.append(_table(pd.DataFrame(rows), "Do the peer terms add over I_X + I_T? (incremental R²)"))
+        if len(scales) > 1:
+            parts.append(_text(RANK_RAW))
+
+    rows = []
+    for r in pick("replaceability_spearman.").itertuples():
+        if not r.rest.endswith(".mean"):
+            continue
+        rows.append({"group": r.group, "replaceability": r.rest[: -len(".mean")],
+                     **_across(r), "verdict": change_verdict(r.ci_lo, r.ci_hi, down="as expected: damage falls as "
+                                                             "replaceability rises", up="opposite: damage rises with "
+                                                             "replaceability", flat="no clear relation (CI includes 0)"),
+                     "seeds": fmt(int(r.seeds))})
+    if rows:
+        parts.append(_table(pd.DataFrame(rows), "Direction check: does damage fall as replaceability rises? (within-layer "
+                                  "Spearman ρ, mean over layers per seed; expected below 0)"))
 
     overall = {(r.group, r.rest): r for r in pick("spearman_overall.").itertuples()}
-    rows = [{"group": r.group, "predictor": r.rest, "ρ within I_T bins": _pm(r),
+    rows = [{"group": r.group, "predictor": r.rest, **{f"ρ within I_T bins: {k}": v for k, v in _across(r).items()},
              "ρ over all channels": _pm(overall.get((r.group, r.rest))), "seeds": fmt(int(r.seeds))}
             for r in pick("binned_rho_mean.").itertuples()]
     if rows:
         parts.append(_table(pd.DataFrame(rows), "Damage against each predictor (Spearman ρ)"))
     return parts
+
+
+def _reference_view(ref: pd.DataFrame) -> list[dict]:
+    """The §11 table as read: ours at init and trained (mean ± SD, t interval over seeds), the paper's,
+    our per-seed change with its interval, and the verdict in words; which epoch is "trained"."""
+    rows = [{"group": r.group, "quantity": LABELS.get(r.quantity, r.quantity),
+             "ours at init": fmt_pm(r.init_mean, r.init_sd), "init 95% t CI": fmt_ci(r.init_ci_lo, r.init_ci_hi),
+             "ours trained": fmt_pm(r.trained_mean, r.trained_sd),
+             "trained 95% t CI": fmt_ci(r.trained_ci_lo, r.trained_ci_hi),
+             "paper init → trained": f"{fmt_pm(r.paper_init_mean, r.paper_init_sd)} → "
+                                     f"{fmt_pm(r.paper_trained_mean, r.paper_trained_sd)}",
+             "our change: 95% t CI": fmt_ci(r.change_ci_lo, r.change_ci_hi), "verdict": r.verdict,
+             "seeds": fmt(int(r.seeds))} for r in ref.itertuples()]
+    when = "; ".join(sorted({f"{r.group}: trained = {r.trained_at} ({r.source})" for r in ref.itertuples()}))
+    return [_table(pd.DataFrame(rows)), _text(when + ". The paper trained for 100 epochs (METHODS §11).")]
+
+
+def _pm(row) -> str:
+    """An across-seed row's ``mean ± sd``; "—" when the table lacks it."""
+    return fmt_pm(row.mean, row.sd) if row else "—"
 
 
 HOW = {
@@ -519,11 +573,15 @@ HOW = {
     "layers": "One row per analysed layer, mean ± SD over seeds: how strongly the two axes agree (Spearman ρ of "
               "I_X and I_T and the other alignments) and the replaceability hulls; \"(n=k)\" marks a value "
               "defined in fewer seeds.",
-    "reference": "Our values beside the paper's (METHODS §11) for the same quantities; agreement within a few SDs "
-                 "is a reproduction.",
+    "reference": "Our values beside the paper's (METHODS §11) for the same quantities, one value per seed (the mean "
+                 "over its layers) and their Student t interval: \"consistent\" when the paper's values lie inside "
+                 "it, \"same direction, other magnitude\" when our init → trained change has the paper's sign beyond "
+                 "its interval, \"different\" otherwise; a hull measure at its own cap in most layers measures the "
+                 "cap, so it is \"not comparable at this setting\", with the knob that would make it comparable.",
     "lesions": "H4, peer support refines removability: recovery near 1 means the peers can stand in for a "
-               "lesioned channel, a ΔR² whose adjusted CI lies above 0 means the peer terms predict damage beyond "
-               "I_X and I_T; values are means ± SD over seeds (CIs: each seed's bootstrap CI, averaged).",
+               "lesioned channel, an adjusted ΔR² whose interval lies above 0 means the peer terms predict damage beyond "
+               "I_X and I_T. Every number is across seeds: one estimate per seed, their mean ± SD, the Student t 95% "
+               "interval and its p (against 0); a seed's own bootstrap CI and F-test are counted, never averaged.",
     "propagation": "H3, what a layer inherits from the one before: Spearman ρ between the routed upstream metric "
                    "and the downstream one for each pairing of axes, beside a shuffled-weights null.",
     "dynamics": "Each quantity over training epochs (mean ± SD over seeds), with the paper's init and trained "
@@ -578,13 +636,17 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
         parts.append(_table(_present(lay[keep])))
     section("layers", "The two axes per layer", parts)
     section("reference", "Against the paper's reference values (METHODS §11)",
-            table_or(t["reference"], "No analysis results."))
+            [_text("No analysis results.")] if t["reference"].empty else _reference_view(t["reference"]))
     les = t["lesions"]
     section("lesions", "Lesions and peer replacement (H4)",
             [_text("No lesion results (analysis=lesion).")] if les.empty else
-            _lesion_views(les) + [_text("Every number of each run's lesion summary (mean ± SD over seeds): lesions.csv.")])
+            _lesion_views(les, t.get("lesions_per_seed"))
+            + [_text("Every estimate of the runs' lesion summaries across seeds (mean, SD, t interval, p): lesions.csv; "
+                     "each seed's own numbers, its bootstrap CIs and F-test p included: lesions_per_seed.csv.")])
     section("propagation", "Cross-layer propagation (H3)",
-            table_or(t["propagation"], "No propagation results (analysis=propagation).", rho="ρ", null_rho_mean="null ρ"))
+            table_or(t["propagation"], "No propagation results (analysis=propagation).", rho="ρ", rho_ci="ρ: 95% t CI",
+                     null_rho_mean="null ρ", above_null_mean="ρ − null", above_null_ci="ρ − null: 95% t CI",
+                     above_null_p="p (ρ − null)"))
     if "training dynamics" in figs:
         section("dynamics", "Training dynamics (H2)", [{"kind": "figure", "label": "training dynamics"}])
     defs = t["definitions"]
