@@ -249,7 +249,8 @@ def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notic
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g)
             figs[f"definitions: {g}"] = plot_definitions(d, out / f"definitions_{safe}.png",
                                                          title=f"{g}: init (open) → trained (filled); blue: the paper's "
-                                                         "direction, red: the opposite")
+                                                         "direction, red: the opposite, gray: no clear change "
+                                                         "(the t interval over seeds includes 0)")
 
     # every input left out (read after the tables and figures, which are what read the inputs)
     skipped = skipped + skipped_inputs(runs)
@@ -372,19 +373,25 @@ _NUMERIC = re.compile(r"^[−+]?(\d|∞|\[)")
 
 
 def _cell_style(v: str) -> str:
-    """Numbers (and CIs) right-aligned in tabular figures; verdicts coloured by the axis they favour."""
+    """Numbers (and CIs) right-aligned in tabular figures, kept on one line (text wraps instead, so a
+    table fits its page: the page's check is tests/test_report_browser.py); verdicts coloured by the
+    axis they favour."""
     v = str(v)
     if v.startswith("local axis better"):
         return "color:#1f5fa8;font-weight:600"
     if v.startswith("target axis better"):
         return "color:#b22222;font-weight:600"
-    return "text-align:right;font-variant-numeric:tabular-nums" if _NUMERIC.match(v) else ""
+    if not _NUMERIC.match(v):
+        return ""
+    # "mean ± sd" may break before its "±" only (_html_table joins "±" to the sd); a CI or number never breaks
+    return "text-align:right;font-variant-numeric:tabular-nums" + ("" if "±" in v else ";white-space:nowrap")
 
 
 def _html_table(df: pd.DataFrame, uid: str) -> Markup:
     """``df`` (already formatted strings) as an HTML table by pandas' Styler, cells escaped.
     ``uid`` names the table's cell styles: unique on the page, and fixed (Styler's default is
     random) so the same results give the same page."""
+    df = df.map(lambda v: v.replace(" ± ", " ±\u00a0") if isinstance(v, str) else v)
     styler = (df.style.hide(axis="index").format(escape="html").map(_cell_style).set_uuid(uid)
               .set_table_attributes('class="report"'))
     return Markup(styler.to_html(doctype_html=False))
@@ -633,7 +640,7 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
     else:
         keep = ["group", "layer", "seeds"] + [c for c in lay.columns if c.endswith(("_mean", "_sd", "_n"))
                                               and not c.startswith("null")]
-        parts.append(_table(_present(lay[keep])))
+        parts.append(_table(_present(lay[keep]).rename(columns=LABELS)))
     section("layers", "The two axes per layer", parts)
     section("reference", "Against the paper's reference values (METHODS §11)",
             [_text("No analysis results.")] if t["reference"].empty else _reference_view(t["reference"]))
@@ -658,11 +665,26 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
                                f"coupling) under {', '.join(ok) if ok else 'no definition'}; the defaults measure "
                                f"{ri.definition}."))
             parts.append({"kind": "figure", "label": f"definitions: {g}"})
-        view = defs.assign(definition=[f"{p}/{s}" for p, s in zip(defs.point, defs.spatial)],
-                           matches_paper=[{True: "yes", False: "no"}.get(m, "—") for m in defs.matches_paper])
-        cols = ["group", "definition", "quantity", "init_mean", "init_sd", "trained_mean", "trained_sd", "seeds",
-                "direction", "paper_direction", "matches_paper"]
-        parts.append(_table(_present(view[cols])))
+        note = defs["note"].fillna("") if "note" in defs else pd.Series("", index=defs.index)
+        view = defs.assign(definition=[f"{p}/{s}" + (f" {n.split(' (')[0]}" if n.startswith("=") else "")
+                                       for p, s, n in zip(defs.point, defs.spatial, note)],
+                           quantity=[LABELS.get(q, q) for q in defs.quantity],
+                           matches_paper=[{True: "yes", False: "no"}.get(m, "—") for m in defs.matches_paper],
+                           note=[n if not n.startswith("=") else n[n.find("(") + 1:].rstrip(")") for n in note])
+        cols = ["group", "definition", "quantity", "init_mean", "init_sd", "trained_mean", "trained_sd",
+                "change_ci_lo", "change_ci_hi", "change_p", "direction", "paper_direction", "matches_paper", "seeds",
+                "note"]
+        parts.append(_table(_present(view[[c for c in cols if c in view]]).rename(columns={
+            "init": "init", "trained": "trained", "change_ci": "change: 95% t CI", "change_p": "p",
+            "paper_direction": "paper", "matches_paper": "matches the paper"})))
+        trained = sorted(set(defs["trained_checkpoint"].dropna())) if "trained_checkpoint" in defs else []
+        parts.append(_text("Trained = " + (", ".join(trained) if trained else "the analysed checkpoint")
+                           + " (analyze.py's checkpoint, best.ckpt by default: the epoch of best validation accuracy, "
+                           "which may differ between seeds); the dynamics and the reference values use the last "
+                           "checkpointed epoch. Each row's change is trained − init per seed; its direction is read "
+                           "off the Student t interval over seeds, and it matches the paper only where that interval "
+                           "excludes 0 on the paper's side. A definition identical to another by construction is "
+                           "shown once and names the other."))
         section("definitions", "Do the conclusions depend on the definitions?", parts)
     runs = t["runs"]
     runs_view = runs[[c for c in ("group", "seed", "val_acc", "test_acc", "epochs", "analyze", "prune", "run_dir")

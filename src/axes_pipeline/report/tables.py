@@ -420,12 +420,17 @@ def reference_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
 
 def definitions_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
     """Per group, definition (activation point × sampling) and quantity: the init and trained values as
-    mean ± SD over seeds, their direction and whether it is the paper's (analysis=definitions)."""
+    mean ± SD over seeds, the per-seed change with its t interval, the direction read off it and whether
+    it is the paper's (:func:`~axes_pipeline.analyses.definitions.directions`; analysis=definitions)."""
     out = []
     for g, runs in groups.items():
         frames = [f.assign(seed=r.seed) for r in runs if (f := r.read_csv("analyze/definitions.csv")) is not None]
         if frames:
-            out.append(directions(pd.concat(frames, ignore_index=True)).assign(group=g))
+            allf = pd.concat(frames, ignore_index=True)
+            d = directions(allf).assign(group=g)
+            if "trained_ckpt" in allf:     # which checkpoint "trained" is: named on the page
+                d["trained_checkpoint"] = ", ".join(sorted(set(allf["trained_ckpt"].dropna().astype(str))))
+            out.append(d)
     if not out:
         return pd.DataFrame()
     df = pd.concat(out, ignore_index=True)
