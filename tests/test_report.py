@@ -374,7 +374,9 @@ def test_pruning_curve_lines_are_named_and_best_emphasised():
     assert len(set(colours)) == len(colours)                     # every line can be told from the others
     assert styles["hull_score"]["label"] == "hull_score (best local)" and styles["hull_score"]["lw"] == 3.0
     assert styles["task_info"]["label"] == "task_info (best target)" and styles["task_info"]["ls"] == "--"
-    assert styles["random"]["lw"] == styles["input_capture"]["lw"] < 3.0    # baselines are not emphasised
+    # taylor and random in full weight (the references a reader looks for), every other score faded
+    assert styles["input_capture"]["lw"] < styles["random"]["lw"] < 3.0
+    assert styles["random"]["alpha"] == 1.0 and styles["input_capture"]["alpha"] < 0.5
 
 
 def test_backbones_side_by_side(tmp_path):

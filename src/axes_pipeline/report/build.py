@@ -224,6 +224,9 @@ def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notic
         "lesions": tables.across_seed_table(les_seed),
         "propagation": tables.propagation_table(axes_groups),
         "definitions": tables.definitions_table(axes_groups),
+        "alignment": tables.alignment_table(axes_groups),
+        "dynamics": tables.dynamics_table(groups),
+        "linear_gaussian": tables.linear_gaussian_table(groups),
     }
     t["backbones"] = tables.backbones_table(t["headline"])
     for name, df in t.items():
@@ -236,7 +239,8 @@ def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notic
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g)
             figs[f"pruning curves: {g}"] = figures.pruning_curves(
                 t["accuracy_by_target"], g, out / f"curves_{safe}.png",
-                ylabel=f"accuracy ({ACCURACY_LABEL.get(accuracy, accuracy)})", best=best_scores(t["flops_auc"], g))
+                ylabel=f"accuracy ({ACCURACY_LABEL.get(accuracy, accuracy)})", best=best_scores(t["flops_auc"], g),
+                unpruned=unpruned_accuracy(prune_groups.get(g, [])), chance=chance_accuracy(prune_groups.get(g, [])))
     if not t["headline"].empty:
         figs["headline"] = figures.headline_forest(t["headline"], out / "headline.png", min_seeds=int(rc.min_seeds),
                                                    ci_label=CI_LABEL[rc.ci])
@@ -271,7 +275,7 @@ ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft"
 # looking current. Only these names: report.out may be a folder that holds other files too.
 REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
                 "backbones.csv", "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "definitions.csv",
-                "lesions_per_seed.csv",
+                "lesions_per_seed.csv", "alignment.csv", "dynamics.csv", "linear_gaussian.csv",
                 "curves_*.png", "headline.png", "alignment_depth.png", "dynamics.png", "definitions_*.png", "report.md",
                 "report.html", "report_summary.json")
 
@@ -412,6 +416,40 @@ def _text(text: str) -> dict:
     return {"kind": "text", "text": text}
 
 
+def unpruned_accuracy(runs) -> float | None:
+    """The unpruned network's test accuracy over a group's pruned seeds (prune_summary.json): the
+    point at 0 removed FLOPs where every pruning curve and its FLOPs-AUC start."""
+    vals = [v for r in runs if isinstance(v := (r.read_json("prune/prune_summary.json") or {}).get("unpruned_acc"),
+                                          (int, float))]
+    return float(np.mean(vals)) if vals else None
+
+
+def chance_accuracy(runs) -> float | None:
+    """1 / classes of a group's runs (train_summary.json), or None when not recorded."""
+    n = {r.train.get("num_classes") for r in runs} - {None}
+    return 1.0 / float(n.pop()) if len(n) == 1 else None
+
+
+def separating_range(acc: pd.DataFrame, group: str, best: dict[str, str]) -> str:
+    """Where along the removed-FLOPs axis the best local and best target score still separate: their
+    mean accuracies differ by more than the sum of their seeds' SDs."""
+    d = acc[acc.group == group]
+    if "local" not in best or "target" not in best or d.empty:
+        return ""
+    a = d[d.score == best["local"]].set_index("target")
+    b = d[d.score == best["target"]].set_index("target")
+    both = a.index.intersection(b.index)
+    if both.empty:
+        return ""
+    gap = (a.loc[both, "acc_mean"] - b.loc[both, "acc_mean"]).abs()
+    spread = a.loc[both, "acc_sd"].fillna(0) + b.loc[both, "acc_sd"].fillna(0)
+    removed = (1 - a.loc[both, "achieved_flops_mean"]).round(2)
+    sep = sorted(removed[gap > spread].tolist())
+    where = ", ".join(fmt(x) for x in sep) if sep else "none of the targets"
+    return (f"{group}: the best local ({best['local']}) and best target ({best['target']}) score differ by more than "
+            f"their seeds' SDs at removed FLOPs {where} (of {', '.join(fmt(x) for x in sorted(removed.tolist()))}).")
+
+
 def best_scores(auc: pd.DataFrame, group: str) -> dict[str, str]:
     """axis → the score drawn as that axis's best in the pruning curves: the headline's choice, the
     highest mean FLOPs-AUC on the validation split over the group's seeds (METHODS §9: chosen on
@@ -440,8 +478,10 @@ def verdict(row, min_seeds: int) -> str:
 
 # headline columns the page shows in its own form; any other column a table carries (which split
 # chose the best score and which measured it, ...) is shown as it is, after the verdict
+# (which split chose the best score and which measured it are said under the table and kept in headline.csv,
+# so that the table fits a 1400 px page)
 _HEADLINE_KNOWN = ("group", "comparison", "n", "mean_a", "mean_b", "diff", "ci_lo", "ci_hi", "p_value", "p_holm",
-                   "p_min", "effect_size", "candidates", "note", "test", "ci_method")
+                   "p_min", "effect_size", "candidates", "note", "test", "ci_method", "selected_on", "measured_on")
 
 
 def headline_view(head: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
@@ -563,6 +603,16 @@ def _reference_view(ref: pd.DataFrame) -> list[dict]:
     return [_table(pd.DataFrame(rows)), _text(when + ". The paper trained for 100 epochs (METHODS §11).")]
 
 
+def _verdict_view(d: pd.DataFrame, first: str, last: str) -> pd.DataFrame:
+    """Rows of an init → trained verdict (:func:`tables.dynamics_table` and alike) as read."""
+    return pd.DataFrame([{"group": r.group, "quantity": LABELS.get(r.quantity, r.quantity),
+                          first: fmt_pm(r.first_mean, r.first_sd), last: fmt_pm(r.last_mean, r.last_sd),
+                          "change: 95% t CI": fmt_ci(r.change_ci_lo, r.change_ci_hi), "p": fmt(r.change_p),
+                          "direction": r.direction, "paper": r.paper_direction,
+                          "matches the paper": {True: "yes", False: "no"}.get(r.matches_paper, "—"),
+                          "seeds": fmt(int(r.seeds))} for r in d.itertuples()])
+
+
 def _pm(row) -> str:
     """An across-seed row's ``mean ± sd``; "—" when the table lacks it."""
     return fmt_pm(row.mean, row.sd) if row else "—"
@@ -592,11 +642,18 @@ HOW = {
     "propagation": "H3, what a layer inherits from the one before: Spearman ρ between the routed upstream metric "
                    "and the downstream one for each pairing of axes, beside a shuffled-weights null.",
     "dynamics": "Each quantity over training epochs (mean ± SD over seeds), with the paper's init and trained "
-                "values as black squares.",
+                "values as black squares; below, each quantity's change from the first to the last epoch per seed, "
+                "its Student t interval over seeds and the direction read off it (\"matches the paper\" only where "
+                "the interval excludes 0 on the paper's side).",
+    "linear_gaussian": "A synthetic linear-Gaussian layer trained by gradient descent (METHODS §5), drawn from each "
+                       "run's seed: ρ(I_X, I_T) at init and after training, the change across seeds with its t "
+                       "interval, and the largest |cos(Σ_X w, g_T)| in the whitened metric (about 1e-12: the "
+                       "check of METHODS §5).",
     "definitions": "The paper does not fix where a channel's activation is read (before the norm, after it, after the "
                    "nonlinearity) nor how a feature map becomes samples (random positions or one pooled value per "
                    "image); its init-coupling claim depends on that. Each row: a quantity at init and after training "
-                   "(mean ± SD over seeds) under one definition, its direction, and whether that is the paper's.",
+                   "(mean ± SD over seeds) under one definition, the Student t interval over seeds of its per-seed "
+                   "change, the direction read off that interval, and whether that is the paper's.",
     "runs": "Every run the report read, with its accuracies and which stages it has (paths relative to the sweep).",
 }
 
@@ -629,8 +686,11 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
     auc = t["flops_auc"]
     first = ("group", "score", "axis", "flops_auc_mean", "flops_auc_sd", "flops_auc_rel_mean", "flops_auc_rel_sd", "seeds")
     cols = [c for c in first if c in auc] + [c for c in auc.columns if c not in first]
+    apart = [line for g in t["accuracy_by_target"].get("group", pd.Series(dtype=str)).unique()
+             if (line := separating_range(t["accuracy_by_target"], g, best_scores(auc, g)))]
     section("auc", f"FLOPs-AUC per score ({acc_label})",
             table_or(auc[cols], "No pruning results.", flops_auc="FLOPs-AUC", flops_auc_rel="relative")
+            + [_text(line) for line in apart]
             + [_text("Accuracy at every FLOPs target: accuracy_by_target.csv; per seed: flops_auc_per_seed.csv.")])
 
     lay = t["layers"]
@@ -641,6 +701,11 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
         keep = ["group", "layer", "seeds"] + [c for c in lay.columns if c.endswith(("_mean", "_sd", "_n"))
                                               and not c.startswith("null")]
         parts.append(_table(_present(lay[keep]).rename(columns=LABELS)))
+    if not t["alignment"].empty:
+        al = t["alignment"]
+        parts.append(_table(pd.DataFrame([{"group": r.group, "quantity": LABELS.get(r.quantity, r.quantity),
+                                           **_across(r), "seeds": fmt(int(r.seeds))} for r in al.itertuples()]),
+                            "Across seeds: each seed's mean over its layers, Student t interval and p (against 0)"))
     section("layers", "The two axes per layer", parts)
     section("reference", "Against the paper's reference values (METHODS §11)",
             [_text("No analysis results.")] if t["reference"].empty else _reference_view(t["reference"]))
@@ -655,7 +720,22 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
                      null_rho_mean="null ρ", above_null_mean="ρ − null", above_null_ci="ρ − null: 95% t CI",
                      above_null_p="p (ρ − null)"))
     if "training dynamics" in figs:
-        section("dynamics", "Training dynamics (H2)", [{"kind": "figure", "label": "training dynamics"}])
+        dyn = t["dynamics"]
+        parts = [{"kind": "figure", "label": "training dynamics"}]
+        if not dyn.empty:
+            parts += [_table(_verdict_view(dyn, "first epoch", "last epoch")),
+                      _text(f"Epochs {'; '.join(sorted(set(dyn['epochs'])))} (first → last checkpointed); the paper's "
+                            "values are after 100 epochs, so they are drawn as its two endpoints only.")]
+        section("dynamics", "Training dynamics (H2)", parts)
+    lg = t["linear_gaussian"]
+    if not lg.empty:
+        parts = [_table(_verdict_view(lg, "at init", "after training").assign(
+            **{"max |whitened cos|": [fmt(x) for x in lg["cos_whitened_max"]]}))]
+        if lg["identical"].any():
+            parts.append(_text("Every seed computed the same study (a fixed analysis.linear_gaussian.seed): the seeds "
+                               "are one draw repeated, so no interval is shown; leave the seed at null to follow "
+                               "the run's seed."))
+        section("linear_gaussian", "The linear-Gaussian study (METHODS §5)", parts)
     defs = t["definitions"]
     if not defs.empty:
         parts = []
@@ -703,7 +783,9 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
                     for s in (skipped or [])],
         "top": [label for label in figs if label == "headline"] + [label for label in figs
                                                                    if label.startswith("pruning curves")],
-        "headline": None if head.empty else headline_view(head, min_seeds),
+        # one group: named at the top of the page, not on every row
+        "headline": None if head.empty else headline_view(head, min_seeds).drop(
+            columns=["group"] if head["group"].nunique() == 1 else []),
         "how": {"answer": HOW["answer"],
                 "headline_columns": f"FLOPs-AUC of {acc_label}, paired across seeds: the difference local − target "
                 f"with its {CI_LABEL[rc.ci]}, {tests} p-value, Holm-adjusted p_holm over the group's "

@@ -11,7 +11,7 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-from axes_pipeline.analyses.definitions import directions
+from axes_pipeline.analyses.definitions import PAPER_DIRECTION, directions
 from axes_pipeline.axes.settings import MetricsConfig
 from axes_pipeline.report.collect import LAYER_COLS, Run
 from axes_pipeline.runs import flatten
@@ -506,4 +506,97 @@ def propagation_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
                 row.update(null_rho_mean=float(d["null_rho"].mean()), above_null_mean=x["mean"],
                            above_null_ci_lo=x["ci_lo"], above_null_ci_hi=x["ci_hi"], above_null_p=x["p"])
             rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- across-seed verdicts of the analyses
+
+def _verdict_row(g: str, quantity: str, first: dict[int, float], last: dict[int, float]) -> dict:
+    """One quantity's init → trained across seeds: each phase's mean ± SD, the per-seed change with its
+    Student t interval and p, the direction read off it, the paper's direction and whether they match."""
+    seeds = sorted(set(first) & set(last))
+    change = across_seeds([last[s] - first[s] for s in seeds])
+    a, b = across_seeds(list(first.values())), across_seeds(list(last.values()))
+    paper = PAPER_DIRECTION.get(quantity)
+    verdict = change_verdict(change["ci_lo"], change["ci_hi"])
+    return {"group": g, "quantity": quantity, "first_mean": a["mean"], "first_sd": a["sd"], "last_mean": b["mean"],
+            "last_sd": b["sd"], "change_mean": change["mean"], "change_ci_lo": change["ci_lo"],
+            "change_ci_hi": change["ci_hi"], "change_p": change["p"], "direction": verdict,
+            "paper_direction": paper or "not stated",
+            "matches_paper": None if paper is None or change["n"] < 2 else verdict == paper, "seeds": change["n"]}
+
+
+def dynamics_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
+    """Per group and METHODS §6 quantity: first and last checkpointed epoch (each seed's mean over its
+    layers), the per-seed change with its t interval over seeds and its direction against the paper's.
+    ``epochs`` names the first and last epoch: the paper's "trained" is after 100 epochs."""
+    rows = []
+    for g, runs in groups.items():
+        first: dict[str, dict[int, float]] = {}
+        last: dict[str, dict[int, float]] = {}
+        epochs = set()
+        for r in runs:
+            dyn = r.read_csv("analyze/dynamics.csv")
+            if dyn is None or "epoch" not in dyn or not len(dyn):
+                continue
+            lo, hi = int(dyn.epoch.min()), int(dyn.epoch.max())
+            epochs.add((lo, hi))
+            for q in PAPER_DIRECTION:
+                if q in dyn:
+                    first.setdefault(q, {})[r.seed] = float(dyn.loc[dyn.epoch == lo, q].mean())
+                    last.setdefault(q, {})[r.seed] = float(dyn.loc[dyn.epoch == hi, q].mean())
+        for q in first:
+            rows.append({**_verdict_row(g, q, first[q], last[q]),
+                         "epochs": "; ".join(f"{lo} → {hi}" for lo, hi in sorted(epochs))})
+    return pd.DataFrame(rows)
+
+
+#: the alignment columns of layers.csv summarised across seeds (METHODS §4: H1)
+ALIGNMENT = ("align_input_capture_task_info", "align_peer_overlap_target_excess", "align_hull_score_task_unique",
+             "modularity_gap", "nmi", "ari")
+
+
+def alignment_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
+    """Per group and alignment quantity: each seed's mean over its analysed layers, then across seeds the
+    mean, SD, Student t interval and t-test p against 0 (H1: weak alignment, different groupings)."""
+    rows = []
+    for g, runs in groups.items():
+        per: dict[str, list[float]] = {}
+        for r in runs:
+            lay = r.read_csv("analyze/layers.csv")
+            if lay is None:
+                continue
+            for q in ALIGNMENT:
+                if q in lay:
+                    per.setdefault(q, []).append(float(lay[q].mean()))
+        for q, vals in per.items():
+            a = across_seeds(vals)
+            rows.append({"group": g, "quantity": q, "mean": a["mean"], "sd": a["sd"], "ci_lo": a["ci_lo"],
+                         "ci_hi": a["ci_hi"], "p": a["p"], "seeds": a["n"]})
+    return pd.DataFrame(rows)
+
+
+def linear_gaussian_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
+    """The synthetic linear-Gaussian study (METHODS §5) of every seed: ρ(I_X, I_T) at init and after
+    training, the change with its t interval over seeds, the largest whitened cosine (the check, ~1e-12).
+    ``identical``: every seed computed the same study (one fixed ``analysis.linear_gaussian.seed``): then
+    the seeds are one draw repeated, not replicates, and the interval is not shown."""
+    rows = []
+    for g, runs in groups.items():
+        init, trained, cos = {}, {}, []
+        for r in runs:
+            lg = r.read_csv("analyze/linear_gaussian.csv")
+            if lg is None or "rho_axes" not in lg or not len(lg):
+                continue
+            lg = lg.sort_values("step")
+            init[r.seed], trained[r.seed] = float(lg.rho_axes.iloc[0]), float(lg.rho_axes.iloc[-1])
+            if "cos_whitened_max" in lg:
+                cos.append(float(lg.cos_whitened_max.max()))
+        if not init:
+            continue
+        row = _verdict_row(g, "align_input_capture_task_info", init, trained)
+        identical = len(init) > 1 and len({(init[s], trained[s]) for s in init}) == 1
+        if identical:
+            row.update(change_ci_lo=np.nan, change_ci_hi=np.nan, change_p=np.nan, direction="—", matches_paper=None)
+        rows.append({**row, "cos_whitened_max": max(cos) if cos else np.nan, "identical": identical})
     return pd.DataFrame(rows)
