@@ -267,10 +267,106 @@ def add_lesions_and_propagation(run: Path, seed: int) -> None:
                  ).to_csv(run / "analyze" / "propagation.csv", index=False)
 
 
-def full_sweep(root: Path, seeds=(1, 2, 3)) -> Path:
+QUANTITIES = ("align_input_capture_task_info", "modularity_gap", "hull_size_mean", "hull_saturated_frac", "s3_s2")
+
+
+def add_dynamics_definitions_and_study(run: Path, seed: int, *, hull_cap: float | None = None) -> None:
+    """dynamics.csv, definitions.csv and linear_gaussian.csv shaped like analyze.py's (six layers, epochs
+    0..20; post_bn equal to pre_bn where it is by construction). ``hull_cap``: every layer's hull at it."""
+    from axes_pipeline.analyses.definitions import DEFINITIONS
+
+    rng = np.random.default_rng(seed)
+    layers = [f"layer{i}.conv" for i in range(6)]
+
+    def values(init: bool, i: int) -> dict:
+        hull = hull_cap if hull_cap is not None else 3.0 + 0.1 * i + (0.0 if init else 1.0) + rng.normal(0, 0.05)
+        return {"align_input_capture_task_info": (0.4 if init else 0.1) + rng.normal(0, 0.03),
+                "modularity_gap": rng.normal(0.05, 0.02), "hull_size_mean": hull,
+                "hull_saturated_frac": 1.0 if hull_cap is not None else (0.07 if init else 0.2) + rng.normal(0, 0.01),
+                "s3_s2": (0.2 if init else 0.35) + rng.normal(0, 0.01)}
+
+    pd.DataFrame([{"epoch": ep, "seed": seed, "layer": lay, "layer_index": i, **values(ep == 0, i)}
+                  for ep in range(0, 21, 4) for i, lay in enumerate(layers)]).to_csv(run / "analyze" / "dynamics.csv",
+                                                                                   index=False)
+    rows = []
+    for tag in ("init", "trained"):
+        for i, lay in enumerate(layers):
+            shared = {spatial: values(tag == "init", i) for spatial in ("sample", "gap")}
+            for point, spatial in DEFINITIONS:
+                v = dict(shared[spatial])
+                if point != "post_bn":       # ρ differs between the points; the affine-invariant ones do not
+                    v["align_input_capture_task_info"] += rng.normal(0, 0.02)
+                rows.append({"point": point, "spatial": spatial, "checkpoint": tag, "layer": lay, "layer_index": i,
+                             "channels": 16, **v, "seed": seed, "trained_ckpt": "best.ckpt"})
+    pd.DataFrame(rows).to_csv(run / "analyze" / "definitions.csv", index=False)
+    from axes_pipeline.metrics import linear_gaussian_study
+
+    pd.DataFrame(linear_gaussian_study(steps=100, eval_every=50, seed=seed)).to_csv(
+        run / "analyze" / "linear_gaussian.csv", index=False)
+
+
+def full_sweep(root: Path, seeds=(1, 2, 3), *, every: bool = False, hull_cap: float | None = None) -> Path:
+    """A sweep of fake runs with lesions and propagation; ``every``: dynamics, definitions and the
+    linear-Gaussian study too (every section of the report)."""
     for s in seeds:
-        add_lesions_and_propagation(fake_run(root, s, local_gain=0.05), s)
+        run = fake_run(root, s, local_gain=0.05)
+        add_lesions_and_propagation(run, s)
+        if every:
+            add_dynamics_definitions_and_study(run, s, hull_cap=hull_cap)
     return root / "multirun" / "demo" / "report"
+
+
+def test_every_section_reads_its_verdict_off_the_seeds(tmp_path):
+    out = full_sweep(tmp_path, every=True)
+    _report(tmp_path)
+    md = (out / "report.md").read_text()
+    sec = {s.split("\n", 1)[0]: s for s in md.split("\n## ")[1:]}
+    # definitions: the change's interval per row, matches_paper only where it excludes 0 on the paper's side
+    defs = pd.read_csv(out / "definitions.csv")
+    assert {"change_ci_lo", "change_ci_hi", "change_p"} <= set(defs.columns)
+    falls = {"align_input_capture_task_info"}
+    for r in defs.itertuples():
+        side = r.change_ci_hi < 0 if r.quantity in falls else r.change_ci_lo > 0
+        assert (r.matches_paper is True or r.matches_paper == "True") == (r.paper_direction != "not stated" and side)
+    # post_bn is shown once where it equals pre_bn by construction, and the page says which "trained" is
+    hull = defs[defs.quantity == "hull_size_mean"]
+    assert "post_bn" not in set(hull.point) and hull[hull.point == "pre_bn"].note.str.contains("eval-mode BN").all()
+    assert "post_bn" in set(defs[defs.quantity == "align_input_capture_task_info"].point)     # ρ is not invariant
+    assert "Trained = best.ckpt" in sec["Do the conclusions depend on the definitions?"]
+    # dynamics and the reference values: the last epoch, named; verdicts in words
+    assert "Epochs 0 → 20" in sec["Training dynamics (H2)"] and "matches the paper" in sec["Training dynamics (H2)"]
+    ref = pd.read_csv(out / "reference.csv")
+    assert set(ref.trained_at) == {"epoch 20"} and ref.verdict.notna().all()
+    assert not ref.verdict.str.startswith("not comparable").any()     # hulls of 3-4 under a cap of 10
+    # the linear-Gaussian study is in the report, one draw per seed: its seeds differ, so it has an interval
+    lg = pd.read_csv(out / "linear_gaussian.csv")
+    assert not lg.identical.any() and np.isfinite(lg.change_ci_lo).all()
+    assert "The linear-Gaussian study (METHODS §5)" in sec
+
+
+def test_reference_marks_a_capped_hull_not_comparable(tmp_path):
+    out = full_sweep(tmp_path, every=True, hull_cap=10.0)     # every layer's hull at the default hull_max
+    _report(tmp_path)
+    ref = pd.read_csv(out / "reference.csv").set_index("quantity")
+    for q in ("hull_size_mean", "hull_saturated_frac"):
+        assert ref.loc[q, "verdict"].startswith("not comparable at this setting"), ref.loc[q, "verdict"]
+        assert "metrics.hull_max" in ref.loc[q, "verdict"] and "6 of 6 layers" in ref.loc[q, "verdict"]
+    assert not ref.loc["s3_s2", "verdict"].startswith("not comparable")
+    assert "not comparable at this setting" in (out / "report.md").read_text()
+
+
+def test_reference_verdicts_by_hand():
+    from axes_pipeline.report.tables import reference_verdict
+    from axes_pipeline.stats import across_seeds
+
+    paper = (3.08, 4.27)
+    ours = {"init": across_seeds([3.0, 3.1, 3.2]), "trained": across_seeds([4.2, 4.3, 4.25])}
+    change = across_seeds([1.2, 1.2, 1.05])
+    assert reference_verdict(ours, change, paper).startswith("consistent")
+    far = {"init": across_seeds([9.0, 9.1, 9.2]), "trained": across_seeds([9.5, 9.6, 9.55])}
+    assert reference_verdict(far, across_seeds([0.5, 0.5, 0.35]), paper) == "same direction (rises), other magnitude"
+    assert reference_verdict(far, across_seeds([-0.5, -0.4, -0.45]), paper) == "different"
+    assert reference_verdict(far, change, paper, "capped").startswith("not comparable at this setting: capped")
 
 
 def test_lesion_section_pools_seeds_by_their_estimates(tmp_path):
