@@ -529,3 +529,27 @@ def test_every_figure_is_saved_atomically_at_one_dpi(tmp_path):
     assert not plt.fignum_exists(fig.number)                      # closed: a sweep draws hundreds
     assert [p.name for p in path.parent.iterdir()] == ["f.png"]   # no temporary file left beside it
     assert Image.open(path).info["dpi"] == pytest.approx((DPI, DPI), abs=0.01)
+
+
+def test_linear_gaussian_study_follows_the_run_seed(tmp_path):
+    from types import SimpleNamespace
+
+    from axes_pipeline.analyses.linear_study import run_linear_gaussian
+    from axes_pipeline.analyses.settings import LinearGaussianAnalysis
+
+    block = LinearGaussianAnalysis(steps=50, eval_every=25)
+    assert block.seed is None                     # the default: the run's seed, not one draw for every seed
+    heads = {}
+    for seed in (1, 2):
+        out = tmp_path / f"seed{seed}"
+        out.mkdir()
+        ctx = SimpleNamespace(inputs=SimpleNamespace(id=SimpleNamespace(seed=seed)), out=out,
+                              knobs=SimpleNamespace(plots=False), tracker=SimpleNamespace(table=lambda *a: None))
+        heads[seed] = run_linear_gaussian(ctx, block)
+    assert heads[1]["seed"] == 1 and heads[2]["seed"] == 2 and heads[1]["rho_init"] != heads[2]["rho_init"]
+    # a seed given explicitly is used as it is, by every run
+    out = tmp_path / "fixed"
+    out.mkdir()
+    ctx = SimpleNamespace(inputs=SimpleNamespace(id=SimpleNamespace(seed=2)), out=out,
+                          knobs=SimpleNamespace(plots=False), tracker=SimpleNamespace(table=lambda *a: None))
+    assert run_linear_gaussian(ctx, LinearGaussianAnalysis(steps=50, eval_every=25, seed=1)) == heads[1]
