@@ -291,14 +291,18 @@ def _share_cores() -> None:
 
 
 def _single_log_stream() -> None:
-    # Lightning adds its own console handler; under Hydra the root logger already prints (and
-    # writes <stage>.log), so every Lightning line would appear twice. Let them propagate once.
+    # Lightning adds its own console handler (on "lightning" itself since lightning 2.x's umbrella
+    # package, on its subpackages before); under Hydra the root logger already prints (and writes
+    # <stage>.log), so every Lightning line would appear twice. Let them propagate once.
     if logging.getLogger().handlers:
-        for name in ("lightning.pytorch", "lightning.fabric"):
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             lg = logging.getLogger(name)
             for h in list(lg.handlers):
                 lg.removeHandler(h)
             lg.propagate = True
+    # torch.utils.cpp_extension (imported by torch.compile's machinery) warns "No CUDA runtime is found"
+    # on any machine with a CUDA toolkit but no GPU: on a CPU run that is expected, not news.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # Lightning announces its default at every checkpoint save; once per epoch and file is noise.
     logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
 
