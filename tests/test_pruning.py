@@ -567,3 +567,27 @@ def test_latency_uses_the_benchmark_timer_and_keeps_its_keys_and_repeat_cap():
         latency(model, (1, 8, 8), batch_sizes=(1,), repeats=repeats, warmup=2, devices=("cpu",))
         counts.append(len(seen))
     assert counts[0] < counts[1] <= 3 * 8 + 4
+
+
+def test_a_run_without_dead_channels_says_so_once(capsys):
+    # Issue 28 item 7: the demo's networks have no dead channel, so the dead-first rule is idle there;
+    # the prune stage says which, once per run.
+    from types import SimpleNamespace
+
+    from axes_pipeline.pruning.sweep import Sweep
+
+    model = _randomise_norms(build_model("resnet18", 10, width=0.125))
+    groups = build_groups(model, torch.randn(1, 3, 16, 16))
+    ctx = fake_context(model, 16)
+    raw = SCORES["l1"](ctx, 0)
+    none = {layer: np.zeros(np.asarray(v).size, bool) for layer, v in raw.items()}
+    one = {**none, "layer1.0.conv1": np.eye(1, none["layer1.0.conv1"].size, 2, dtype=bool)[0]}
+    for dead, want in ((none, "no dead channels on the calibration images"), (one, "1 dead channel(s)")):
+        sweep = SimpleNamespace(settings=SimpleNamespace(allocation="global", depthwise_in_group_score=True),
+                                cache=SimpleNamespace(ctx=SimpleNamespace(dead=lambda d=dead: d),
+                                                      get=lambda score, draw: raw),
+                                groups=groups, hybrid_counts=None, dead_said=False)
+        Sweep.group_scores(sweep, "l1", 0)
+        Sweep.group_scores(sweep, "l1", 1)
+        out = capsys.readouterr().out
+        assert out.count("prune: note:") == 1 and want in out, out
