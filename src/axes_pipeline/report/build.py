@@ -338,7 +338,9 @@ def fmt_pm(mean, sd, n=None, seeds=None) -> str:
     """``mean ± sd`` over seeds, with "(n=k)" when fewer seeds than the row's define the value."""
     if _missing(mean):
         return "—"
-    text = fmt(mean) + ("" if _missing(sd) else f" ± {fmt(sd)}")
+    # an SD at rounding level (every seed the same value) reads as the 0 it is, not as 1.70e−17
+    tiny = not _missing(sd) and abs(float(sd)) <= 1e-12 * max(abs(float(mean)), 1e-300)
+    text = fmt(mean) + ("" if _missing(sd) else " ± 0" if tiny else f" ± {fmt(sd)}")
     if not _missing(n) and not _missing(seeds) and int(n) != int(seeds):
         text += f" (n={int(n)})"
     return text
