@@ -631,7 +631,8 @@ HOW = {
            "accuracy (1 = no loss); higher is better.",
     "layers": "One row per analysed layer, mean ± SD over seeds: how strongly the two axes agree (Spearman ρ of "
               "I_X and I_T and the other alignments) and the replaceability hulls; \"(n=k)\" marks a value "
-              "defined in fewer seeds.",
+              "defined in fewer seeds. Below it, each alignment's verdict across seeds: one value per seed (its "
+              "mean over layers), the Student t interval and p.",
     "reference": "Our values beside the paper's (METHODS §11) for the same quantities, one value per seed (the mean "
                  "over its layers) and their Student t interval: \"consistent\" when the paper's values lie inside "
                  "it, \"same direction, other magnitude\" when our init → trained change has the paper's sign beyond "
@@ -642,7 +643,8 @@ HOW = {
                "I_X and I_T. Every number is across seeds: one estimate per seed, their mean ± SD, the Student t 95% "
                "interval and its p (against 0); a seed's own bootstrap CI and F-test are counted, never averaged.",
     "propagation": "H3, what a layer inherits from the one before: Spearman ρ between the routed upstream metric "
-                   "and the downstream one for each pairing of axes, beside a shuffled-weights null.",
+                   "and the downstream one for each pairing of axes, beside a shuffled-weights null; each seed's "
+                   "mean over its layer pairs, with the Student t interval over seeds of ρ and of ρ − null.",
     "dynamics": "Each quantity over training epochs (mean ± SD over seeds), with the paper's init and trained "
                 "values as black squares; below, each quantity's change from the first to the last epoch per seed, "
                 "its Student t interval over seeds and the direction read off it (\"matches the paper\" only where "
