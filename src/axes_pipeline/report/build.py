@@ -240,7 +240,7 @@ def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notic
             figs[f"pruning curves: {g}"] = figures.pruning_curves(
                 t["accuracy_by_target"], g, out / f"curves_{safe}.png",
                 ylabel=f"accuracy ({ACCURACY_LABEL.get(accuracy, accuracy)})", best=best_scores(t["flops_auc"], g),
-                unpruned=unpruned_accuracy(prune_groups.get(g, [])), chance=chance_accuracy(prune_groups.get(g, [])))
+                unpruned=tables.unpruned_accuracy(prune_groups.get(g, [])), chance=chance_accuracy(prune_groups.get(g, [])))
     if not t["headline"].empty:
         figs["headline"] = figures.headline_forest(t["headline"], out / "headline.png", min_seeds=int(rc.min_seeds),
                                                    ci_label=CI_LABEL[rc.ci])
@@ -416,14 +416,6 @@ def _table(df: pd.DataFrame, title: str = "") -> dict:
 
 def _text(text: str) -> dict:
     return {"kind": "text", "text": text}
-
-
-def unpruned_accuracy(runs) -> float | None:
-    """The unpruned network's test accuracy over a group's pruned seeds (prune_summary.json): the
-    point at 0 removed FLOPs where every pruning curve and its FLOPs-AUC start."""
-    vals = [v for r in runs if isinstance(v := (r.read_json("prune/prune_summary.json") or {}).get("unpruned_acc"),
-                                          (int, float))]
-    return float(np.mean(vals)) if vals else None
 
 
 def chance_accuracy(runs) -> float | None:

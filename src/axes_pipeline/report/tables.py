@@ -105,6 +105,13 @@ def _prune_info(run: Run) -> dict:
             "targets": s.get("targets", pc.get("targets")), "acc": s.get("unpruned_acc"), "val_acc": s.get("unpruned_val_acc")}
 
 
+def unpruned_accuracy(runs: list[Run]) -> float | None:
+    """The unpruned network's test accuracy over a group's pruned seeds (prune_summary.json): the
+    point at 0 removed FLOPs where every pruning curve and its FLOPs-AUC start."""
+    vals = [v for r in runs if isinstance(v := _prune_info(r)["acc"], (int, float)) and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
 def skipped_prune_runs(groups: dict[str, list[Run]], accuracy: str) -> list[tuple[str, str]]:
     """``[(run_dir, reason)]`` of the pruned runs whose curves the report cannot use (damaged,
     unfinished, without validation accuracies): they are left out of every pruning table, and the
@@ -307,9 +314,13 @@ HULL_QUANTITIES = ("hull_size_mean", "hull_saturated_frac")
 
 
 def hull_max_of(run: Run) -> int:
-    """The run's ``metrics.hull_max`` (its config; the schema's default when the config predates it)."""
-    v = run.flat_config.get("metrics.hull_max")
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else MetricsConfig().hull_max
+    """The ``metrics.hull_max`` the run's axes were measured with: its analysis' fingerprint
+    (``analyze/axes_fingerprint.json``, what analyze.py was given), else its config, else the schema's default."""
+    for v in ((run.read_json("analyze/axes_fingerprint.json") or {}).get("metrics.hull_max"),
+              run.flat_config.get("metrics.hull_max")):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return int(v)
+    return MetricsConfig().hull_max
 
 
 def _saturated_layers(layer_rows: pd.DataFrame, hull_max: int) -> tuple[int, int]:
