@@ -553,3 +553,30 @@ def test_linear_gaussian_study_follows_the_run_seed(tmp_path):
     ctx = SimpleNamespace(inputs=SimpleNamespace(id=SimpleNamespace(seed=2)), out=out,
                           knobs=SimpleNamespace(plots=False), tracker=SimpleNamespace(table=lambda *a: None))
     assert run_linear_gaussian(ctx, LinearGaussianAnalysis(steps=50, eval_every=25, seed=1)) == heads[1]
+
+
+def test_curves_start_at_the_unpruned_point_and_draw_chance(tmp_path, monkeypatch):
+    import axes_pipeline.report.figures as figures
+
+    seen = {}
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: seen.setdefault("fig", fig) and path)
+    rows = [{"group": "g", "score": s, "axis": a, "target": t, "achieved_flops_mean": t, "acc_mean": acc * t,
+             "acc_sd": 0.01, "seeds": 3}
+            for s, a, acc in (("input_capture", "local", 0.9), ("task_info", "target", 0.8), ("random", "baseline", 0.5),
+                              ("l1", "baseline", 0.6))
+            for t in (0.9, 0.5, 0.1)]
+    figures.pruning_curves(pd.DataFrame(rows), "g", tmp_path / "c.png", best={"local": "input_capture",
+                                                                            "target": "task_info"},
+                           unpruned=0.95, chance=0.1)
+    ax = seen["fig"].axes[0]
+    lines = {ln.get_label(): ln for ln in ax.lines}
+    for label in ("input_capture (best local)", "task_info (best target)", "random", "l1"):
+        x, y = lines[label].get_data()
+        assert x[0] == 0.0 and y[0] == 0.95, label              # every curve starts at the unpruned network
+    assert lines["random"].get_alpha() == 1.0 and lines["l1"].get_alpha() < 0.5
+    assert any(ln.get_ydata()[0] == 0.1 and ln.get_linestyle() == ":" for ln in ax.lines)   # chance, reached here
+    # where the best local and best target still separate (mean gap > the sum of their SDs): not at 90% removed
+    from axes_pipeline.report.build import separating_range
+
+    line = separating_range(pd.DataFrame(rows), "g", {"local": "input_capture", "target": "task_info"})
+    assert "removed FLOPs 0.100, 0.500 (of 0.100, 0.500, 0.900)" in line
