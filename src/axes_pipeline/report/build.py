@@ -470,10 +470,9 @@ def verdict(row, min_seeds: int) -> str:
     return "no clear difference (CI includes 0)"
 
 
-# headline columns the page shows in its own form; any other column a table carries (which split
-# chose the best score and which measured it, ...) is shown as it is, after the verdict
-# (which split chose the best score and which measured it are said under the table and kept in headline.csv,
-# so that the table fits a 1400 px page)
+# headline columns the page shows in its own form or leaves to headline.csv (which split chose the best
+# score and which measured it: said once under the table, so that the table fits a 1400 px page); any
+# other column a table carries is shown as it is, after the verdict
 _HEADLINE_KNOWN = ("group", "comparison", "n", "mean_a", "mean_b", "diff", "ci_lo", "ci_hi", "p_value", "p_holm",
                    "p_min", "effect_size", "candidates", "note", "test", "ci_method", "selected_on", "measured_on")
 
