@@ -389,8 +389,10 @@ def _cell_style(v: str) -> str:
         return "color:#b22222;font-weight:600"
     if not _NUMERIC.match(v):
         return ""
-    # "mean ± sd" may break before its "±" only (_html_table joins "±" to the sd); a CI or number never breaks
-    return "text-align:right;font-variant-numeric:tabular-nums" + ("" if "±" in v else ";white-space:nowrap")
+    # "mean ± sd" may break before its "±" only (_html_table joins "±" to the sd, and no digit run breaks);
+    # a CI or number never breaks
+    return "text-align:right;font-variant-numeric:tabular-nums;" + ("overflow-wrap:normal" if "±" in v
+                                                                   else "white-space:nowrap")
 
 
 def _html_table(df: pd.DataFrame, uid: str) -> Markup:
@@ -492,6 +494,11 @@ def headline_view(head: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
     return v
 
 
+#: the paper's names (METHODS §4, §6) of the per-layer columns, for every table and heading of the page
+PAPER_NAMES = {**LABELS, "align_peer_overlap_target_excess": "ρ(R̄_X, S)", "align_hull_score_task_unique": "ρ(hull score, U_T)",
+               "nmi": "NMI", "ari": "ARI"}
+
+
 def _across(r, *, p: bool = True) -> dict:
     """The across-seed columns of one estimate (a row of :func:`tables.across_seed_table` or alike):
     mean ± SD, the Student t interval and its p over seeds."""
@@ -518,7 +525,8 @@ def _lesion_views(les: pd.DataFrame, per_seed: pd.DataFrame | None = None) -> li
     per_seed = pd.DataFrame(columns=["group", "seed", "quantity", "value"]) if per_seed is None else per_seed
 
     def pick(prefix: str):
-        d = q[q["key"].str.startswith(prefix)].copy()
+        # an estimate no seed could make (too few lesioned channels, no damage to recover) is not a row
+        d = q[q["key"].str.startswith(prefix) & (q["seeds"] > 0)].copy()
         d["rest"] = d["key"].str[len(prefix):]
         return d
 
@@ -558,6 +566,9 @@ def _lesion_views(les: pd.DataFrame, per_seed: pd.DataFrame | None = None) -> li
         parts.append(_table(pd.DataFrame(rows), "Do the peer terms add over I_X + I_T? (incremental R²)"))
         if len(scales) > 1:
             parts.append(_text(RANK_RAW))
+    elif (q["key"].str.startswith("incremental_r2.")).any():
+        parts.append(_text("The incremental R² could not be fitted in any seed (fewer lesioned channels than its "
+                           "terms need): raise analysis.lesion.channels."))
 
     rows = []
     for r in pick("replaceability_spearman.").itertuples():
@@ -695,10 +706,10 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
     else:
         keep = ["group", "layer", "seeds"] + [c for c in lay.columns if c.endswith(("_mean", "_sd", "_n"))
                                               and not c.startswith("null")]
-        parts.append(_table(_present(lay[keep]).rename(columns=LABELS)))
+        parts.append(_table(_present(lay[keep]).rename(columns=PAPER_NAMES)))
     if not t["alignment"].empty:
         al = t["alignment"]
-        parts.append(_table(pd.DataFrame([{"group": r.group, "quantity": LABELS.get(r.quantity, r.quantity),
+        parts.append(_table(pd.DataFrame([{"group": r.group, "quantity": PAPER_NAMES.get(r.quantity, r.quantity),
                                            **_across(r), "seeds": fmt(int(r.seeds))} for r in al.itertuples()]),
                             "Across seeds: each seed's mean over its layers, Student t interval and p (against 0)"))
     section("layers", "The two axes per layer", parts)

@@ -392,7 +392,7 @@ def reference_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
                 continue
             lay = r.read_csv("analyze/layers.csv")
             if lay is not None:
-                source = source or "all analysed layers, analysed checkpoint (no init without dynamics)"
+                source = source or "all analysed layers; no init without dynamics"
                 layer_rows["trained"].append(lay)
                 for k in per:
                     if k in lay:
