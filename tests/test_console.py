@@ -61,3 +61,19 @@ def test_a_lightning_line_is_printed_once_under_hydra_logging(capsys):
             lg = logging.getLogger(n)
             lg.handlers[:] = handlers
             lg.propagate = propagate
+
+
+def test_no_cuda_toolkit_notice_on_a_cpu_run(tmp_path):
+    """A CPU machine with a CUDA toolkit: importing torch.utils.cpp_extension (torch.compile does) warned
+    "No CUDA runtime is found" in the demo's log. An entry point imports the task wrapper first."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(); import axes_pipeline.tasks; "
+            "import torch.utils.cpp_extension as c; print('home', c.CUDA_HOME)")
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"home {tmp_path}" in res.stdout                  # the toolkit was found, so torch would have said so
+    assert "No CUDA runtime" not in res.stderr + res.stdout

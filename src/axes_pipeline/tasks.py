@@ -29,6 +29,10 @@ from axes_pipeline.runs import check_writable
 from axes_pipeline.stage import stage_inputs
 
 log = logging.getLogger("axes_pipeline")
+# torch.utils.cpp_extension warns "No CUDA runtime is found, using CUDA_HOME=..." when it is imported
+# (torch.compile's machinery imports it) on a machine with a CUDA toolkit but no GPU: on a CPU run that is
+# expected, not news. Set here, when an entry point imports the task wrapper, before any stage can import it.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 # Config groups whose options are files in conf/<group>/; `null` switches an optional one off.
@@ -300,9 +304,6 @@ def _single_log_stream() -> None:
             for h in list(lg.handlers):
                 lg.removeHandler(h)
             lg.propagate = True
-    # torch.utils.cpp_extension (imported by torch.compile's machinery) warns "No CUDA runtime is found"
-    # on any machine with a CUDA toolkit but no GPU: on a CPU run that is expected, not news.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # Lightning announces its default at every checkpoint save; once per epoch and file is noise.
     logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
 
