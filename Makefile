@@ -10,9 +10,10 @@ install: $(STAMP)
 
 # Re-install only when the project's requirements change.
 $(STAMP): pyproject.toml
+	@echo "install: $(VENV)/ with the project and its dev, cluster extras (about 5 min the first time; pip's progress follows)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e ".[dev,cluster]"
+	$(PY) -m pip install --progress-bar on -e ".[dev,cluster]"
 	@touch $(STAMP)
 
 # The whole pipeline on the embedded default (scikit-learn digits), offline, on CPU.

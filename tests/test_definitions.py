@@ -40,20 +40,59 @@ def test_direction_and_the_paper_match():
     assert direction(0.5, 0.1) == "falls" and direction(1.0, 2.0) == "rises"
     assert direction(1.0, 1.0) == "flat" and direction(np.nan, 1.0) == "n/a"
     rows = []
-    for seed, (i, t) in enumerate([(0.6, 0.1), (0.4, 0.2)]):
+    for seed, (i, t) in enumerate([(0.6, 0.1), (0.4, 0.0), (0.5, 0.05)]):
         for tag, v in (("init", i), ("trained", t)):
             rows.append({"point": "post_act", "spatial": "gap", "checkpoint": tag, "seed": seed, "layer": "a",
                          "align_input_capture_task_info": v, "hull_size_mean": 3.0 - v, "modularity_gap": v})
     tab = directions(pd.DataFrame(rows))
     rho = tab[tab.quantity == "align_input_capture_task_info"].iloc[0]
-    assert rho.init_mean == pytest.approx(0.5) and rho.trained_mean == pytest.approx(0.15)
-    assert rho.init_sd == pytest.approx(np.std([0.6, 0.4], ddof=1)) and rho.seeds == 2
-    assert rho.direction == "falls" and rho.matches_paper is True
+    assert rho.init_mean == pytest.approx(0.5) and rho.trained_mean == pytest.approx(0.05)
+    assert rho.init_sd == pytest.approx(np.std([0.6, 0.4, 0.5], ddof=1)) and rho.seeds == 3
+    # the per-seed changes −0.5, −0.4, −0.45: Student t interval over the 3 seeds, entirely below 0
+    ch = np.array([-0.5, -0.4, -0.45])
+    half = 4.3026527297 * ch.std(ddof=1) / np.sqrt(3)
+    assert rho.change_ci_lo == pytest.approx(ch.mean() - half) and rho.change_ci_hi == pytest.approx(ch.mean() + half)
+    assert rho.change_ci_hi < 0 and rho.direction == "falls" and rho.matches_paper is True
     hull = tab[tab.quantity == "hull_size_mean"].iloc[0]
     assert hull.direction == "rises" and hull.matches_paper is True
     gap = tab[tab.quantity == "modularity_gap"].iloc[0]
     assert gap.paper_direction == "not stated" and gap.matches_paper is None
     assert reproduces_init_coupling(tab) == ["post_act/gap"]
+
+
+def test_a_direction_from_the_means_alone_is_not_the_papers():
+    # the post_act/gap: per-seed changes −0.101, +0.151, −0.130 have a falling mean but an
+    # interval that includes 0: no clear change, and not "matches the paper"
+    rows = [{"point": "post_act", "spatial": "gap", "checkpoint": tag, "seed": seed, "layer": "a",
+             "align_input_capture_task_info": 0.3 + (c if tag == "trained" else 0.0)}
+            for seed, c in enumerate([-0.101, 0.151, -0.130]) for tag in ("init", "trained")]
+    rho = directions(pd.DataFrame(rows)).iloc[0]
+    assert rho.trained_mean < rho.init_mean and rho.change_ci_lo < 0 < rho.change_ci_hi
+    assert rho.direction == "no clear change" and rho.matches_paper is False
+    assert reproduces_init_coupling(directions(pd.DataFrame(rows))) == []
+    # one seed: the point's direction, said to have no interval, and no verdict on the paper
+    one = directions(pd.DataFrame([r for r in rows if r["seed"] == 0])).iloc[0]
+    assert one.direction == "falls (1 seed: no interval)" and one.matches_paper is None
+
+
+def test_post_bn_identical_to_pre_bn_is_shown_once():
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(3):
+        for tag in ("init", "trained"):
+            hull, rho = rng.normal(4, 0.3), rng.normal(0.2, 0.1)
+            for point in ("pre_bn", "post_bn"):
+                # hull size unchanged by the per-channel affine map; ρ(I_X, I_T) differs
+                rows.append({"point": point, "spatial": "sample", "checkpoint": tag, "seed": seed, "layer": "a",
+                             "hull_size_mean": hull, "align_input_capture_task_info": rho + (point == "post_bn") * 0.05,
+                             # the same at init only: shown twice, the post_bn row says so
+                             "s3_s2": 0.2 if tag == "init" else 0.3 + 0.1 * (point == "post_bn") + 0.01 * seed})
+    tab = directions(pd.DataFrame(rows))
+    hull = tab[tab.quantity == "hull_size_mean"]
+    assert list(hull.point) == ["pre_bn"] and hull.note.iloc[0].startswith("= post_bn/sample (eval-mode BN")
+    assert list(tab[tab.quantity == "align_input_capture_task_info"].point) == ["pre_bn", "post_bn"]
+    s3 = tab[tab.quantity == "s3_s2"].set_index("point")
+    assert list(s3.index) == ["pre_bn", "post_bn"] and s3.loc["post_bn", "note"].startswith("post_bn = pre_bn at init")
 
 
 def test_definitions_analysis_rows_resume_and_refusals(def_root):

@@ -400,6 +400,42 @@ def test_dead_channels_are_removed_first_by_every_score():
     assert gs[inner][2] == gs[inner].max()
 
 
+@pytest.mark.parametrize("allocation", ["global", "uniform", "hybrid"])
+def test_real_dead_channels_go_first_under_every_allocation(allocation):
+    # Issue 28 item 7: zeroed filters (no bias) are dead on the calibration images (ScoreContext.dead);
+    # under every allocation, hybrid's per-group counts from Taylor included, a group that loses any
+    # channel loses its dead one first, whatever the score.
+    from axes_pipeline.pruning.allocation import ALLOCATIONS
+
+    assert allocation in ALLOCATIONS
+    torch.manual_seed(0)
+    model = _randomise_norms(build_model("resnet18", 10, width=0.125))
+    groups = build_groups(model, torch.randn(1, 3, 16, 16))
+    inner = next(i for i, g in enumerate(groups.groups) if list(g.convs) == ["layer1.0.conv1"])
+    coupled = next(i for i, g in enumerate(groups.groups) if "conv1" in g.convs)
+    with torch.no_grad():
+        model.get_submodule("layer1.0.conv1").weight[2] = 0
+        for c in groups.groups[coupled].convs:
+            model.get_submodule(c).weight[groups.groups[coupled].channel_of[c][1]] = 0
+    g = torch.Generator().manual_seed(0)
+    batch = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g))]
+    table = fake_axes(model)
+    ctx = ScoreContext(model, conv_layers(model), axes_loader=lambda: table, calibration=lambda: batch)
+    dead = ctx.dead()
+    assert int(dead["layer1.0.conv1"].sum()) == 1                 # real: found from the activations
+    counts_from = group_scores(groups, SCORES["taylor"](ctx, 0), dead=dead) if allocation == "hybrid" else None
+    for name in DEFAULT_SCORES:
+        gs = group_scores(groups, SCORES[name](ctx, 0), dead=dead)
+        alloc = make_allocation(allocation, groups, gs, 0.9, counts_from=counts_from)
+        assert alloc.orders[inner][0] == 2 and alloc.orders[coupled][0] == 1, name
+        for i in range(1, min(alloc.n_params, 40) + 1):
+            counts = alloc.counts(i)
+            keep = keep_masks(alloc, counts)
+            for grp, ch in ((inner, 2), (coupled, 1)):
+                if counts[grp] >= 1:
+                    assert not keep[grp][ch], (name, i, grp)
+
+
 # ---------------------------------------------------------------------------------- allocation, search
 
 
@@ -531,3 +567,27 @@ def test_latency_uses_the_benchmark_timer_and_keeps_its_keys_and_repeat_cap():
         latency(model, (1, 8, 8), batch_sizes=(1,), repeats=repeats, warmup=2, devices=("cpu",))
         counts.append(len(seen))
     assert counts[0] < counts[1] <= 3 * 8 + 4
+
+
+def test_a_run_without_dead_channels_says_so_once(capsys):
+    # Issue 28 item 7: the demo's networks have no dead channel, so the dead-first rule is idle there;
+    # the prune stage says which, once per run.
+    from types import SimpleNamespace
+
+    from axes_pipeline.pruning.sweep import Sweep
+
+    model = _randomise_norms(build_model("resnet18", 10, width=0.125))
+    groups = build_groups(model, torch.randn(1, 3, 16, 16))
+    ctx = fake_context(model, 16)
+    raw = SCORES["l1"](ctx, 0)
+    none = {layer: np.zeros(np.asarray(v).size, bool) for layer, v in raw.items()}
+    one = {**none, "layer1.0.conv1": np.eye(1, none["layer1.0.conv1"].size, 2, dtype=bool)[0]}
+    for dead, want in ((none, "no dead channels on the calibration images"), (one, "1 dead channel(s)")):
+        sweep = SimpleNamespace(settings=SimpleNamespace(allocation="global", depthwise_in_group_score=True),
+                                cache=SimpleNamespace(ctx=SimpleNamespace(dead=lambda d=dead: d),
+                                                      get=lambda score, draw: raw),
+                                groups=groups, hybrid_counts=None, dead_said=False)
+        Sweep.group_scores(sweep, "l1", 0)
+        Sweep.group_scores(sweep, "l1", 1)
+        out = capsys.readouterr().out
+        assert out.count("prune: note:") == 1 and want in out, out

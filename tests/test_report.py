@@ -247,15 +247,19 @@ def test_curves_from_another_prune_run_than_the_summary_are_skipped(tmp_path):
 
 def add_lesions_and_propagation(run: Path, seed: int) -> None:
     """A per-run lesion summary and propagation table shaped like analyze.py's."""
-    def fit(d):
+    def fit(d, p_f=0.01):
         return {"n": 160, "r2_base": 0.2, "r2_full": 0.2 + d, "delta_r2": d, "delta_r2_adj": d - 0.01,
-                "ci_lo": d / 2, "ci_hi": 2 * d, "ci_adj_lo": -0.01, "ci_adj_hi": 2 * d, "p_f": 0.01, "n_boot": 200}
+                "ci_lo": d / 2, "ci_hi": 2 * d, "ci_adj_lo": -0.01, "ci_adj_hi": 2 * d, "p_f": p_f, "n_boot": 200}
     summary = {"base_loss": 0.3, "layers": 2, "channels_lesioned": 16,
                "spearman_overall": {"input_capture": 0.1, "task_info": 0.3},
                "binned_rho_mean": {"input_capture": 0.05 + 0.01 * seed, "task_info": 0.2},
                "incremental_r2": {"base": ["input_capture", "task_info"], "extra": ["full_explained"], "scale": "rank",
-                                  "pooled": fit(0.04), "pooled_raw": fit(0.1), "per_layer": {"conv1": fit(0.2)}},
+                                  # the seeds' own F-test p as in the issue's demo (their mean, 0.210, is no test)
+                                  "pooled": fit(0.03 + 0.005 * seed, p_f={1: 0.324, 2: 0.176, 3: 0.13}.get(seed, 0.5)),
+                                  "pooled_raw": fit(0.1), "per_layer": {"conv1": fit(0.2)}},
                "recovery": {"hull_mean": 0.4, "hull_median": 0.7, "hull_n": 12, "rho_hull_full_explained": 0.35},
+               "replaceability_spearman": {"expected_sign": -1, "hull_score": {"per_layer": {"conv1": 0.1},
+                                           "mean": [0.003, 0.07, -0.06][seed % 3], "layers_negative": 0, "layers": 1}},
                "per_layer": {"conv1": {"lesioned": 8}}}
     (run / "analyze" / "lesion_summary.json").write_text(json.dumps(summary))
     pd.DataFrame({"upstream": ["conv1"] * 2, "downstream": ["layer1.0.conv1"] * 2, "pairing": ["local_to_local",
@@ -263,10 +267,134 @@ def add_lesions_and_propagation(run: Path, seed: int) -> None:
                  ).to_csv(run / "analyze" / "propagation.csv", index=False)
 
 
-def full_sweep(root: Path, seeds=(1, 2, 3)) -> Path:
+QUANTITIES = ("align_input_capture_task_info", "modularity_gap", "hull_size_mean", "hull_saturated_frac", "s3_s2")
+
+
+def add_dynamics_definitions_and_study(run: Path, seed: int, *, hull_cap: float | None = None) -> None:
+    """dynamics.csv, definitions.csv and linear_gaussian.csv shaped like analyze.py's (six layers, epochs
+    0..20; post_bn equal to pre_bn where it is by construction). ``hull_cap``: every layer's hull at it."""
+    from axes_pipeline.analyses.definitions import DEFINITIONS
+
+    rng = np.random.default_rng(seed)
+    layers = [f"layer{i}.conv" for i in range(6)]
+
+    def values(init: bool, i: int) -> dict:
+        hull = hull_cap if hull_cap is not None else 3.0 + 0.1 * i + (0.0 if init else 1.0) + rng.normal(0, 0.05)
+        return {"align_input_capture_task_info": (0.4 if init else 0.1) + rng.normal(0, 0.03),
+                "modularity_gap": rng.normal(0.05, 0.02), "hull_size_mean": hull,
+                "hull_saturated_frac": 1.0 if hull_cap is not None else (0.07 if init else 0.2) + rng.normal(0, 0.01),
+                "s3_s2": (0.2 if init else 0.35) + rng.normal(0, 0.01)}
+
+    pd.DataFrame([{"epoch": ep, "seed": seed, "layer": lay, "layer_index": i, **values(ep == 0, i)}
+                  for ep in range(0, 21, 4) for i, lay in enumerate(layers)]).to_csv(run / "analyze" / "dynamics.csv",
+                                                                                   index=False)
+    rows = []
+    for tag in ("init", "trained"):
+        for i, lay in enumerate(layers):
+            shared = {spatial: values(tag == "init", i) for spatial in ("sample", "gap")}
+            for point, spatial in DEFINITIONS:
+                v = dict(shared[spatial])
+                if point != "post_bn":       # ρ differs between the points; the affine-invariant ones do not
+                    v["align_input_capture_task_info"] += rng.normal(0, 0.02)
+                rows.append({"point": point, "spatial": spatial, "checkpoint": tag, "layer": lay, "layer_index": i,
+                             "channels": 16, **v, "seed": seed, "trained_ckpt": "best.ckpt"})
+    pd.DataFrame(rows).to_csv(run / "analyze" / "definitions.csv", index=False)
+    from axes_pipeline.metrics import linear_gaussian_study
+
+    pd.DataFrame(linear_gaussian_study(steps=100, eval_every=50, seed=seed)).to_csv(
+        run / "analyze" / "linear_gaussian.csv", index=False)
+
+
+def full_sweep(root: Path, seeds=(1, 2, 3), *, every: bool = False, hull_cap: float | None = None) -> Path:
+    """A sweep of fake runs with lesions and propagation; ``every``: dynamics, definitions and the
+    linear-Gaussian study too (every section of the report)."""
     for s in seeds:
-        add_lesions_and_propagation(fake_run(root, s, local_gain=0.05), s)
+        run = fake_run(root, s, local_gain=0.05)
+        add_lesions_and_propagation(run, s)
+        if every:
+            add_dynamics_definitions_and_study(run, s, hull_cap=hull_cap)
     return root / "multirun" / "demo" / "report"
+
+
+def test_every_section_reads_its_verdict_off_the_seeds(tmp_path):
+    out = full_sweep(tmp_path, every=True)
+    _report(tmp_path)
+    md = (out / "report.md").read_text()
+    sec = {s.split("\n", 1)[0]: s for s in md.split("\n## ")[1:]}
+    # definitions: the change's interval per row, matches_paper only where it excludes 0 on the paper's side
+    defs = pd.read_csv(out / "definitions.csv")
+    assert {"change_ci_lo", "change_ci_hi", "change_p"} <= set(defs.columns)
+    falls = {"align_input_capture_task_info"}
+    for r in defs.itertuples():
+        side = r.change_ci_hi < 0 if r.quantity in falls else r.change_ci_lo > 0
+        assert (r.matches_paper is True or r.matches_paper == "True") == (r.paper_direction != "not stated" and side)
+    # post_bn is shown once where it equals pre_bn by construction, and the page says which "trained" is
+    hull = defs[defs.quantity == "hull_size_mean"]
+    assert "post_bn" not in set(hull.point) and hull[hull.point == "pre_bn"].note.str.contains("eval-mode BN").all()
+    assert "post_bn" in set(defs[defs.quantity == "align_input_capture_task_info"].point)     # ρ is not invariant
+    assert "Trained = best.ckpt" in sec["Do the conclusions depend on the definitions?"]
+    # dynamics and the reference values: the last epoch, named; verdicts in words
+    assert "Epochs 0 → 20" in sec["Training dynamics (H2)"] and "matches the paper" in sec["Training dynamics (H2)"]
+    ref = pd.read_csv(out / "reference.csv")
+    assert set(ref.trained_at) == {"epoch 20"} and ref.verdict.notna().all()
+    assert not ref.verdict.str.startswith("not comparable").any()     # hulls of 3-4 under a cap of 10
+    # the linear-Gaussian study is in the report, one draw per seed: its seeds differ, so it has an interval
+    lg = pd.read_csv(out / "linear_gaussian.csv")
+    assert not lg.identical.any() and np.isfinite(lg.change_ci_lo).all()
+    assert "The linear-Gaussian study (METHODS §5)" in sec
+
+
+def test_reference_marks_a_capped_hull_not_comparable(tmp_path):
+    out = full_sweep(tmp_path, every=True, hull_cap=10.0)     # every layer's hull at the default hull_max
+    _report(tmp_path)
+    ref = pd.read_csv(out / "reference.csv").set_index("quantity")
+    for q in ("hull_size_mean", "hull_saturated_frac"):
+        assert ref.loc[q, "verdict"].startswith("not comparable at this setting"), ref.loc[q, "verdict"]
+        assert "metrics.hull_max" in ref.loc[q, "verdict"] and "6 of 6 layers" in ref.loc[q, "verdict"]
+    assert not ref.loc["s3_s2", "verdict"].startswith("not comparable")
+    assert "not comparable at this setting" in (out / "report.md").read_text()
+
+
+def test_reference_verdicts_by_hand():
+    from axes_pipeline.report.tables import reference_verdict
+    from axes_pipeline.stats import across_seeds
+
+    paper = (3.08, 4.27)
+    ours = {"init": across_seeds([3.0, 3.1, 3.2]), "trained": across_seeds([4.2, 4.3, 4.25])}
+    change = across_seeds([1.2, 1.2, 1.05])
+    assert reference_verdict(ours, change, paper).startswith("consistent")
+    far = {"init": across_seeds([9.0, 9.1, 9.2]), "trained": across_seeds([9.5, 9.6, 9.55])}
+    assert reference_verdict(far, across_seeds([0.5, 0.5, 0.35]), paper) == "same direction (rises), other magnitude"
+    assert reference_verdict(far, across_seeds([-0.5, -0.4, -0.45]), paper) == "different"
+    assert reference_verdict(far, change, paper, "capped").startswith("not comparable at this setting: capped")
+
+
+def test_lesion_section_pools_seeds_by_their_estimates(tmp_path):
+    from scipy import stats as st
+
+    from axes_pipeline.report.build import fmt, fmt_ci
+
+    out = full_sweep(tmp_path)
+    _report(tmp_path)
+    md = (out / "report.md").read_text()
+    section = md.split("## Lesions and peer replacement", 1)[1].split("\n## ", 1)[0]
+    # the pooled ΔR² of seeds 1, 2, 3 is 0.035, 0.040, 0.045: its Student t interval over the seeds
+    d = np.array([0.035, 0.040, 0.045])
+    half = st.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert fmt_ci(d.mean() - half, d.mean() + half) in section
+    # never an average of the seeds' own intervals or p-values: not the mean F-test p (0.210) nor the
+    # mean bootstrap CI ([0.0200, 0.0800]); the F-tests are counted instead
+    assert fmt(np.mean([0.324, 0.176, 0.13])) not in section and "0.21" not in section
+    assert fmt_ci(d.mean() / 2, 2 * d.mean()) not in section
+    assert "0 of 3" in section
+    les = pd.read_csv(out / "lesions.csv")
+    assert not les["quantity"].str.contains(r"\.(?:ci_lo|ci_hi|ci_adj_lo|ci_adj_hi|p_f)$").any()
+    row = les.set_index("quantity").loc["incremental_r2.pooled.delta_r2"]
+    assert row.ci_lo == pytest.approx(d.mean() - half) and row.seeds == 3
+    seeds = pd.read_csv(out / "lesions_per_seed.csv")
+    assert sorted(seeds.loc[seeds.quantity == "incremental_r2.pooled.p_f", "value"]) == [0.13, 0.176, 0.324]
+    # the direction check of METHODS §8 is shown, with its verdict, and the two scales are explained
+    assert "Direction check" in section and "no clear relation" in section and "rank scale fits" in section
 
 
 def test_fmt_three_significant_digits():
@@ -294,9 +422,9 @@ def test_page_answers_first_and_reads_plainly(tmp_path):
     # every section opens with one sentence on how to read it
     assert html.count("<h2") == html.count('<p class="how">') >= 7
     # H4 in readable tables (ΔR² with its CI as [lo, hi]); the key/value dump only in the CSV
-    assert "ΔR²" in html and "[0.0200, 0.0800]" in html and "ρ within I_T bins" in html and "Recovery" in html
+    assert "ΔR²" in html and "95% t CI" in html and "ρ within I_T bins" in html and "Recovery" in html
     assert "incremental_r2.pooled" not in html and "incremental_r2.pooled" not in md
-    assert "incremental_r2.pooled.ci_adj_hi" in set(pd.read_csv(out / "lesions.csv")["quantity"])
+    assert "incremental_r2.pooled.ci_adj_hi" in set(pd.read_csv(out / "lesions_per_seed.csv")["quantity"])
     assert "local_to_local" in html
     # no machine paths, no literal markdown, every table scrolls inside its own box, nothing external
     for page in (html, md):
@@ -342,7 +470,9 @@ def test_pruning_curve_lines_are_named_and_best_emphasised():
     assert len(set(colours)) == len(colours)                     # every line can be told from the others
     assert styles["hull_score"]["label"] == "hull_score (best local)" and styles["hull_score"]["lw"] == 3.0
     assert styles["task_info"]["label"] == "task_info (best target)" and styles["task_info"]["ls"] == "--"
-    assert styles["random"]["lw"] == styles["input_capture"]["lw"] < 3.0    # baselines are not emphasised
+    # taylor and random in full weight (the references a reader looks for), every other score faded
+    assert styles["input_capture"]["lw"] < styles["random"]["lw"] < 3.0
+    assert styles["random"]["alpha"] == 1.0 and styles["input_capture"]["alpha"] < 0.5
 
 
 def test_backbones_side_by_side(tmp_path):
@@ -399,3 +529,54 @@ def test_every_figure_is_saved_atomically_at_one_dpi(tmp_path):
     assert not plt.fignum_exists(fig.number)                      # closed: a sweep draws hundreds
     assert [p.name for p in path.parent.iterdir()] == ["f.png"]   # no temporary file left beside it
     assert Image.open(path).info["dpi"] == pytest.approx((DPI, DPI), abs=0.01)
+
+
+def test_linear_gaussian_study_follows_the_run_seed(tmp_path):
+    from types import SimpleNamespace
+
+    from axes_pipeline.analyses.linear_study import run_linear_gaussian
+    from axes_pipeline.analyses.settings import LinearGaussianAnalysis
+
+    block = LinearGaussianAnalysis(steps=50, eval_every=25)
+    assert block.seed is None                     # the default: the run's seed, not one draw for every seed
+    heads = {}
+    for seed in (1, 2):
+        out = tmp_path / f"seed{seed}"
+        out.mkdir()
+        ctx = SimpleNamespace(inputs=SimpleNamespace(id=SimpleNamespace(seed=seed)), out=out,
+                              knobs=SimpleNamespace(plots=False), tracker=SimpleNamespace(table=lambda *a: None))
+        heads[seed] = run_linear_gaussian(ctx, block)
+    assert heads[1]["seed"] == 1 and heads[2]["seed"] == 2 and heads[1]["rho_init"] != heads[2]["rho_init"]
+    # a seed given explicitly is used as it is, by every run
+    out = tmp_path / "fixed"
+    out.mkdir()
+    ctx = SimpleNamespace(inputs=SimpleNamespace(id=SimpleNamespace(seed=2)), out=out,
+                          knobs=SimpleNamespace(plots=False), tracker=SimpleNamespace(table=lambda *a: None))
+    assert run_linear_gaussian(ctx, LinearGaussianAnalysis(steps=50, eval_every=25, seed=1)) == heads[1]
+
+
+def test_curves_start_at_the_unpruned_point_and_draw_chance(tmp_path, monkeypatch):
+    import axes_pipeline.report.figures as figures
+
+    seen = {}
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: seen.setdefault("fig", fig) and path)
+    rows = [{"group": "g", "score": s, "axis": a, "target": t, "achieved_flops_mean": t, "acc_mean": acc * t,
+             "acc_sd": 0.01, "seeds": 3}
+            for s, a, acc in (("input_capture", "local", 0.9), ("task_info", "target", 0.8), ("random", "baseline", 0.5),
+                              ("l1", "baseline", 0.6))
+            for t in (0.9, 0.5, 0.1)]
+    figures.pruning_curves(pd.DataFrame(rows), "g", tmp_path / "c.png", best={"local": "input_capture",
+                                                                            "target": "task_info"},
+                           unpruned=0.95, chance=0.1)
+    ax = seen["fig"].axes[0]
+    lines = {ln.get_label(): ln for ln in ax.lines}
+    for label in ("input_capture (best local)", "task_info (best target)", "random", "l1"):
+        x, y = lines[label].get_data()
+        assert x[0] == 0.0 and y[0] == 0.95, label              # every curve starts at the unpruned network
+    assert lines["random"].get_alpha() == 1.0 and lines["l1"].get_alpha() < 0.5
+    assert any(ln.get_ydata()[0] == 0.1 and ln.get_linestyle() == ":" for ln in ax.lines)   # chance, reached here
+    # where the best local and best target still separate (mean gap > the sum of their SDs): not at 90% removed
+    from axes_pipeline.report.build import separating_range
+
+    line = separating_range(pd.DataFrame(rows), "g", {"local": "input_capture", "target": "task_info"})
+    assert "removed FLOPs 0.100, 0.500 (of 0.100, 0.500, 0.900)" in line

@@ -83,3 +83,48 @@ def test_report_in_a_real_browser(tmp_path):
 
     img = mpimg.imread(shot)
     assert img.shape[:2] == (WINDOW[1], WINDOW[0]) and img[..., :3].std() > 0.05    # not a blank page
+
+
+PAGE = 1400      # the width the report is read at (issue 28)
+# Once loaded: every table's rendered width against the box it sits in, and every figure's shown width
+# against its own (a figure shrunk to fit has smaller text than it was drawn with).
+WIDTHS = """<script>
+window.addEventListener('load', function () {
+  var tables = [].slice.call(document.querySelectorAll('table')).map(function (t) {
+    var box = t.parentElement;
+    return {id: t.id || '', caption: (box.previousElementSibling || {}).textContent || '',
+            width: t.getBoundingClientRect().width, box: box.clientWidth, scroll: box.scrollWidth};
+  });
+  var figs = [].slice.call(document.images).map(function (i) {
+    return {alt: i.alt, shown: i.getBoundingClientRect().width, natural: i.naturalWidth};
+  });
+  var pre = document.createElement('pre'); pre.id = 'widths';
+  pre.textContent = JSON.stringify({tables: tables, figures: figs,
+                                    page: document.documentElement.scrollWidth, window: window.innerWidth});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_every_table_fits_a_1400px_page(tmp_path):
+    from .test_report import full_sweep
+
+    out = full_sweep(tmp_path, every=True)
+    _report(tmp_path)
+    page = tmp_path / "widths.html"
+    page.write_text((out / "report.html").read_text().replace("<head>", "<head>" + WIDTHS, 1))
+    res = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                          f"--window-size={PAGE},900", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="widths">(.*?)</pre>', res.stdout, re.S)
+    assert m, f"the page did not finish loading in Chromium:\n{res.stderr[-2000:]}"
+    found = json.loads(_html.unescape(m.group(1)))
+    assert len(found["tables"]) >= 12
+    # no table is wider than its box: nothing is clipped or hidden behind a scroll
+    wide = [(t["caption"][:60], round(t["width"]), t["box"]) for t in found["tables"] if t["scroll"] > t["box"] + 1]
+    assert wide == [], wide
+    assert found["page"] <= found["window"]
+    # the small multiples are shown at the size they were drawn (their text as drawn, not shrunk)
+    for f in found["figures"]:
+        if f["alt"].startswith(("definitions", "training dynamics")):
+            assert f["shown"] >= 0.97 * f["natural"], f

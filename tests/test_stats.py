@@ -493,3 +493,45 @@ def test_t_interval_matches_scipy_and_edge_cases():
     assert S.paired_t_ci(d + 1, d) == pytest.approx((1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="unknown CI method"):
         S.paired_ci(d, d, method="studentized")
+
+
+# ----------------------------------------------------------------------------- across seeds
+
+
+def test_across_seeds_by_hand():
+    # per-seed estimates 1, 2, 3: mean 2, sd 1, se 1/√3; t_{0.975, 2} = 4.3026527297 (tables);
+    # t = 2 / (1/√3) = 2√3, and with 2 degrees of freedom the two-sided p is 1 − t / √(2 + t²) exactly
+    r = S.across_seeds([1.0, 2.0, 3.0])
+    half = 4.3026527297 / math.sqrt(3)
+    t = 2 * math.sqrt(3)
+    assert (r["mean"], r["sd"], r["n"]) == (2.0, 1.0, 3)
+    assert r["ci_lo"] == pytest.approx(2 - half, rel=1e-9) and r["ci_hi"] == pytest.approx(2 + half, rel=1e-9)
+    assert r["p"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-10)          # 0.0742
+    # the interval excludes the null exactly when p < 0.05, at any null
+    for null in (-1.0, -0.2, 0.0, 4.3, 4.5):
+        r = S.across_seeds([1.0, 2.0, 3.0], null=null)
+        assert (r["p"] < 0.05) == (not r["ci_lo"] <= null <= r["ci_hi"]), null
+
+
+def test_across_seeds_is_not_an_average_of_seed_intervals():
+    # three seeds whose own (within-seed) p-values and intervals would average to something else:
+    # only the per-seed estimates go in, and the result is the t interval of those
+    est = [-0.101, 0.151, -0.130]
+    r = S.across_seeds(est)
+    lo, hi = S.t_interval(np.array(est))
+    assert (r["ci_lo"], r["ci_hi"]) == (pytest.approx(float(lo)), pytest.approx(float(hi)))
+    assert r["ci_lo"] < 0 < r["ci_hi"] and S.change_verdict(r["ci_lo"], r["ci_hi"]) == "no clear change"
+    assert r["p"] == pytest.approx(st.ttest_1samp(est, 0.0).pvalue, rel=1e-10)
+
+
+def test_across_seeds_edge_cases():
+    assert math.isnan(S.across_seeds([])["mean"]) and S.across_seeds([np.nan]).get("n") == 0
+    one = S.across_seeds([0.3, np.nan])          # a missing seed is dropped, one seed has no interval
+    assert one["n"] == 1 and one["mean"] == 0.3 and math.isnan(one["ci_lo"]) and math.isnan(one["p"])
+    same = S.across_seeds([0.2, 0.2, 0.2])
+    assert same["ci_lo"] == same["ci_hi"] == pytest.approx(0.2) and same["p"] == 0.0 and same["note"]
+    assert S.across_seeds([0.0, 0.0, 0.0])["p"] == 1.0
+    assert S.change_verdict(0.1, 0.3) == "rises" and S.change_verdict(-0.3, -0.1) == "falls"
+    assert S.change_verdict(np.nan, np.nan) == "no clear change"
+    with pytest.raises(ValueError):
+        S.across_seeds([[1.0, 2.0]])

@@ -12,8 +12,10 @@ hand-written resampler left (:func:`incremental_r2`) says why beside it.
 What uses what (METHODS §8, §9): pruning curves → :func:`grid_aucs` (every score of a comparison
 over one removed-FLOPs interval); the headline comparison (best local vs best target score, paired
 across seeds) → :func:`compare_paired`, corrected over several rows with :func:`holm`; the lesion
-analysis → :func:`binned_spearman`, :func:`incremental_r2`; the paper's numbers (METHODS §11) →
-:data:`PAPER_REFERENCE`.
+analysis → :func:`binned_spearman`, :func:`incremental_r2` (within one seed); every other verdict of the
+report across seeds (lesions, definitions, dynamics, alignment, propagation, the reference values) →
+:func:`across_seeds` on one estimate per seed, read in words by :func:`change_verdict`; the paper's
+numbers (METHODS §11) → :data:`PAPER_REFERENCE`.
 
 NaN convention: a NaN marks a missing run (a seed that failed, a channel without a lesion).
 Functions on paired data drop a pair when either side is NaN; functions that cannot produce a
@@ -30,10 +32,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["CI_COVERAGE", "CI_METHODS", "DEFAULT_CI", "PAPER_REFERENCE", "binned_spearman", "compare_paired",
-           "effect_size_paired", "flops_auc", "flops_auc_on_grid", "grid_aucs", "flops_auc_relative", "holm",
-           "incremental_r2", "mean_sd", "paired_bootstrap_ci", "paired_ci", "paired_t_ci", "paired_test", "shared_grid",
-           "spearman", "t_interval"]
+__all__ = ["CI_COVERAGE", "CI_METHODS", "DEFAULT_CI", "PAPER_REFERENCE", "across_seeds", "binned_spearman",
+           "change_verdict", "compare_paired", "effect_size_paired", "flops_auc", "flops_auc_on_grid", "grid_aucs",
+           "flops_auc_relative", "holm", "incremental_r2", "mean_sd", "paired_bootstrap_ci", "paired_ci", "paired_t_ci",
+           "paired_test", "shared_grid", "spearman", "t_interval"]
 
 #: METHODS §11: the paper's numbers for six depth-spaced layers, CIFAR-100, as (mean, sd).
 PAPER_REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
@@ -302,6 +304,53 @@ def t_interval(d, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     mean = d.mean(axis=-1)
     half = float(_st.t.ppf(0.5 + level / 2, n - 1)) * d.std(axis=-1, ddof=1) / math.sqrt(n)
     return mean - half, mean + half
+
+
+def across_seeds(estimates, *, null: float = 0.0, level: float = 0.95) -> dict:
+    """One estimate per seed ``estimates: [n]`` → the across-seed verdict every report section uses:
+    the mean, its Student t interval (:func:`t_interval`, the headline's interval) and the two-sided
+    one-sample t test of "mean = ``null``".
+
+    The seed is the unit that is replicated (a training run); anything measured inside one seed (a
+    bootstrap interval over channels, an F-test over channels) is a within-seed statement and stays in
+    the per-run outputs. Averaging interval endpoints or p-values across seeds is neither an interval
+    nor a test; a paired quantity (init → trained, local − target) goes in as its per-seed difference.
+    The test is the t test and not the headline's Wilcoxon/sign-flip, so that the interval excludes
+    ``null`` exactly when p < 1 − ``level``: a row never reads "CI excludes 0" beside "p > 0.05".
+
+    Returns ``{"mean", "sd", "n", "ci_lo", "ci_hi", "p", "note"}``; NaN entries are missing seeds and
+    are dropped. n = 0: all NaN; n = 1: the value, NaN sd/interval/p (one seed has no spread); every
+    seed equal (spread at rounding level): the point as its interval, p = 0 when it differs from
+    ``null`` and 1 when it is ``null``, with a note.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    v = _vec(estimates, "estimates")
+    v = v[~np.isnan(v)]
+    n = int(v.size)
+    nan = math.nan
+    out = {"mean": float(v.mean()) if n else nan, "sd": float(v.std(ddof=1)) if n >= 2 else nan, "n": n,
+           "ci_lo": nan, "ci_hi": nan, "p": nan, "note": ""}
+    if n < 2:
+        out["note"] = f"{n} seed(s): no interval"
+        return out
+    if _is_constant(v):
+        m = out["mean"]
+        out.update(ci_lo=m, ci_hi=m, p=1.0 if m == null else 0.0, note="the same value in every seed")
+        return out
+    lo, hi = t_interval(v, level)
+    t = (out["mean"] - null) / (out["sd"] / math.sqrt(n))
+    out.update(ci_lo=float(lo), ci_hi=float(hi), p=float(2.0 * _st.t.sf(abs(t), n - 1)))
+    return out
+
+
+def change_verdict(lo: float, hi: float, *, up: str = "rises", down: str = "falls",
+                   flat: str = "no clear change") -> str:
+    """A direction in words read off an across-seed interval of a change: ``up`` when it lies above 0,
+    ``down`` below, ``flat`` when it includes 0 or could not be computed (fewer than 2 seeds)."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return flat
+    return up if lo > 0 else down if hi < 0 else flat
 
 
 def paired_t_ci(a, b, level: float = 0.95) -> tuple[float, float, float]:

@@ -29,6 +29,10 @@ from axes_pipeline.runs import check_writable
 from axes_pipeline.stage import stage_inputs
 
 log = logging.getLogger("axes_pipeline")
+# torch.utils.cpp_extension warns "No CUDA runtime is found, using CUDA_HOME=..." when it is imported
+# (torch.compile's machinery imports it) on a machine with a CUDA toolkit but no GPU: on a CPU run that is
+# expected, not news. Set here, when an entry point imports the task wrapper, before any stage can import it.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 # Config groups whose options are files in conf/<group>/; `null` switches an optional one off.
@@ -291,10 +295,11 @@ def _share_cores() -> None:
 
 
 def _single_log_stream() -> None:
-    # Lightning adds its own console handler; under Hydra the root logger already prints (and
-    # writes <stage>.log), so every Lightning line would appear twice. Let them propagate once.
+    # Lightning adds its own console handler (on "lightning" itself since lightning 2.x's umbrella
+    # package, on its subpackages before); under Hydra the root logger already prints (and writes
+    # <stage>.log), so every Lightning line would appear twice. Let them propagate once.
     if logging.getLogger().handlers:
-        for name in ("lightning.pytorch", "lightning.fabric"):
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             lg = logging.getLogger(name)
             for h in list(lg.handlers):
                 lg.removeHandler(h)

@@ -23,6 +23,7 @@ moves from init to trained in the paper's direction.
 from __future__ import annotations
 
 import logging
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.models import conv_norm_pairs
 from axes_pipeline.plotting import save_figure
 from axes_pipeline.runs import Stamp, run_fingerprint, write_csv
+from axes_pipeline.stats import across_seeds, change_verdict
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.training.checkpoints import load_into
 from axes_pipeline.training.restore import architecture, expected_meta
@@ -182,54 +184,130 @@ def direction(init: float, trained: float) -> str:
     return "flat" if abs(delta) < 1e-9 else ("rises" if delta > 0 else "falls")
 
 
+#: Quantities unchanged by a per-channel affine map y → a·y + b (a ≠ 0): hulls and S3/S2 are built from
+#: correlations, the modularity gap from graphs of them. BatchNorm in eval mode is such a map, so under
+#: these post_bn repeats pre_bn by construction; the table shows such a pair once, labelled.
+AFFINE_INVARIANT = ("modularity_gap", "hull_size_mean", "hull_saturated_frac", "s3_s2")
+#: what post_bn is identical to, and why (the label of a collapsed row)
+SAME_BY_CONSTRUCTION = {"post_bn": ("pre_bn", "eval-mode BN is a per-channel affine map")}
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal seed by seed up to float rounding (the two captures run the same images through the same
+    weights; only the affine map differs)."""
+    return a.shape == b.shape and a.size > 0 and bool(np.allclose(a, b, rtol=1e-6, atol=1e-9, equal_nan=True))
+
+
 def directions(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per definition × quantity: the seed-level mean ± SD at init and trained (each seed's mean over
-    layers first), the direction of the means, the paper's direction and whether they match.
+    """Per definition × quantity: init and trained as seed-level mean ± SD (each seed's mean over layers
+    first), the per-seed change trained − init with its Student t interval and p over seeds
+    (:func:`~axes_pipeline.stats.across_seeds`), the direction read off that interval (``rises`` /
+    ``falls`` / ``no clear change``; one seed: the point's direction, "(1 seed: no interval)"), the
+    paper's direction and ``matches_paper``: True only where the interval excludes 0 on the paper's
+    side, False where the paper states a direction and it does not, None where it states none or one
+    seed cannot say. A post_bn row equal to its pre_bn row in every seed at both checkpoints (the
+    quantities of :data:`AFFINE_INVARIANT`) is dropped and the pre_bn row names it (``same_as``);
+    equal at init only, the post_bn row says so (``note``).
     ``frame`` holds the rows of one or several seeds (column ``seed``; one seed when absent)."""
     frame = frame if "seed" in frame else frame.assign(seed=0)
     cols = [q for q in PAPER_DIRECTION if q in frame]
     per_seed = frame.groupby(["point", "spatial", "checkpoint", "seed"], sort=False)[cols].mean().reset_index()
+
+    def values(point, spatial, tag, q) -> pd.Series:
+        d = per_seed[(per_seed.point == point) & (per_seed.spatial == spatial) & (per_seed.checkpoint == tag)]
+        return d.set_index("seed")[q].astype(float).sort_index()
+
     rows = []
     for (point, spatial), d in per_seed.groupby(["point", "spatial"], sort=False):
         for q in cols:
             row = {"point": point, "spatial": spatial, "quantity": q}
+            v = {tag: values(point, spatial, tag, q) for tag in CHECKPOINTS}
             for tag in CHECKPOINTS:
-                v = d.loc[d.checkpoint == tag, q].to_numpy(float)
-                v = v[np.isfinite(v)]
-                row[f"{tag}_mean"] = float(v.mean()) if v.size else np.nan
-                row[f"{tag}_sd"] = float(v.std(ddof=1)) if v.size > 1 else np.nan
-            row["seeds"] = int(d["seed"].nunique())
-            row["direction"] = direction(row["init_mean"], row["trained_mean"])
+                x = v[tag].to_numpy(float)
+                x = x[np.isfinite(x)]
+                row[f"{tag}_mean"] = float(x.mean()) if x.size else np.nan
+                row[f"{tag}_sd"] = float(x.std(ddof=1)) if x.size > 1 else np.nan
+            change = across_seeds((v["trained"] - v["init"]).dropna().to_numpy(float))
+            row.update(change_mean=change["mean"], change_sd=change["sd"], change_ci_lo=change["ci_lo"],
+                       change_ci_hi=change["ci_hi"], change_p=change["p"], seeds=int(d["seed"].nunique()))
             paper = PAPER_DIRECTION[q]
+            if change["n"] == 0:
+                row["direction"], matches = "n/a", None
+            elif change["n"] == 1:
+                row["direction"] = f"{direction(row['init_mean'], row['trained_mean'])} (1 seed: no interval)"
+                matches = None
+            else:
+                row["direction"] = change_verdict(change["ci_lo"], change["ci_hi"])
+                matches = row["direction"] == paper
             row["paper_direction"] = paper or "not stated"
-            row["matches_paper"] = None if paper is None or row["direction"] == "n/a" else row["direction"] == paper
+            row["matches_paper"] = None if paper is None else matches
+            row["same_as"], row["note"] = "", ""
+            same = SAME_BY_CONSTRUCTION.get(point)
+            if same and q in AFFINE_INVARIANT:
+                ref = {tag: values(same[0], spatial, tag, q) for tag in CHECKPOINTS}
+                equal = {tag: _same(v[tag].to_numpy(float), ref[tag].to_numpy(float)) for tag in CHECKPOINTS}
+                if all(equal.values()):
+                    row["same_as"] = f"{same[0]}/{spatial}"
+                elif equal["init"]:
+                    row["note"] = f"{point} = {same[0]} at init ({same[1]})"
             rows.append(row)
-    order = {d: i for i, d in enumerate(DEFINITIONS)}
     out = pd.DataFrame(rows)
     if out.empty:
         return out
+    out["matches_paper"] = [None if m is None else bool(m) for m in out["matches_paper"]]   # True/False/None, not numpy's
+    out["matches_paper"] = out["matches_paper"].astype(object)
+    # a row identical by construction to another is shown once: the other's row names it
+    dup = out[out["same_as"] != ""]
+    for r in dup.itertuples():
+        keep = (out.point + "/" + out.spatial == r.same_as) & (out.quantity == r.quantity)
+        why = SAME_BY_CONSTRUCTION[r.point][1]
+        out.loc[keep, "note"] = f"= {r.point}/{r.spatial} ({why})"
+    out = out[out["same_as"] == ""].drop(columns="same_as")
+    order = {d: i for i, d in enumerate(DEFINITIONS)}
     out["_o"] = [order[(p, s)] for p, s in zip(out.point, out.spatial)]
     return out.sort_values(["_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
 
 def reproduces_init_coupling(table: pd.DataFrame) -> list[str]:
-    """The definitions under which ρ(I_X, I_T) is positive at init and falls after training (the paper's claim)."""
+    """The definitions under which ρ(I_X, I_T) is positive at init and falls after training (the paper's
+    claim): across seeds, the change's interval below 0 (one seed: its point)."""
     q = table[table.quantity == "align_input_capture_task_info"]
-    return [f"{p}/{s}" for p, s, i, d in zip(q.point, q.spatial, q.init_mean, q.direction) if i > 0 and d == "falls"]
+    return [f"{p}/{s}" for p, s, i, d in zip(q.point, q.spatial, q.init_mean, q.direction)
+            if i > 0 and str(d).startswith("falls")]
+
+
+#: panels per row of the definitions figure, and its font size (pt): at the report's DPI and this width
+#: the figure is shown unscaled on a 1400 px page, its text as large as the page's body text
+PANELS_PER_ROW = 3
+FONT_PT = 10.5
+
+
+def _colour(r) -> str:
+    """Blue: the paper's direction (interval excludes 0 on its side); red: the opposite direction
+    (interval excludes 0 on the other side); gray: no clear change, no direction stated, one seed."""
+    if r["matches_paper"] is True:
+        return "tab:blue"
+    paper = PAPER_DIRECTION.get(r["quantity"])
+    return "tab:red" if paper and r["direction"] in ("rises", "falls") and r["direction"] != paper else "0.45"
 
 
 def plot_definitions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
-    """Small multiples: one panel per quantity; per definition its init (open) and trained (filled)
-    mean ± SD over seeds, joined by an arrow; the paper's direction in the panel title."""
+    """Small multiples, :data:`PANELS_PER_ROW` to a row: one panel per quantity; per definition its init
+    (open) and trained (filled) mean ± SD over seeds, joined by an arrow coloured by :func:`_colour`; the
+    paper's direction in the panel title. A row standing for two identical definitions is labelled so."""
     import matplotlib.pyplot as plt  # deferred: matplotlib loads in seconds, and only a finished analysis is plotted
 
     quantities = [q for q in PAPER_DIRECTION if q in set(table.quantity)]
-    fig, axs = plt.subplots(1, len(quantities), figsize=(3.2 * len(quantities), 3.4), squeeze=False)
-    for ax, q in zip(axs[0], quantities):
+    ncols = min(PANELS_PER_ROW, max(1, len(quantities)))
+    nrows = -(-len(quantities) // ncols)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(3.7 * ncols, 4.4 * nrows + 0.5), squeeze=False)
+    for ax in axs.ravel()[len(quantities):]:
+        ax.set_visible(False)
+    for ax, q in zip(axs.ravel(), quantities):
         d = table[table.quantity == q].reset_index(drop=True)
         x = np.arange(len(d))
         for i, r in d.iterrows():
-            color = {True: "tab:blue", False: "tab:red"}.get(r["matches_paper"], "0.4")
+            color = _colour(r)
             ax.errorbar([i - 0.12], [r["init_mean"]], yerr=[np.nan_to_num(r["init_sd"])], fmt="o", mfc="white",
                         color=color, ms=5, capsize=2)
             ax.errorbar([i + 0.12], [r["trained_mean"]], yerr=[np.nan_to_num(r["trained_sd"])], fmt="o",
@@ -237,16 +315,24 @@ def plot_definitions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
             if np.isfinite(r["init_mean"]) and np.isfinite(r["trained_mean"]):
                 ax.annotate("", xy=(i + 0.12, r["trained_mean"]), xytext=(i - 0.12, r["init_mean"]),
                             arrowprops={"arrowstyle": "->", "color": color, "lw": 0.8})
-        ax.set_xticks(x, [f"{p}\n{s}" for p, s in zip(d.point, d.spatial)], fontsize=7)
+        notes = d["note"] if "note" in d else pd.Series("", index=d.index)
+        ax.set_xticks(x, [f"{p}{'=' + SAME_BY_CONSTRUCTION_OF.get(p, '') if str(n).startswith('=') else ''}/{s}"
+                          for p, s, n in zip(d.point, d.spatial, notes)], fontsize=FONT_PT - 1, rotation=40,
+                      ha="right", rotation_mode="anchor")
         paper = PAPER_DIRECTION[q]
-        ax.set_title(f"{LABELS[q]}\npaper: {paper or 'no direction stated'}", fontsize=9)
+        ax.set_title(f"{LABELS[q]}\npaper: {paper or 'no direction stated'}", fontsize=FONT_PT)
         if q.startswith("align") or q == "modularity_gap":
             ax.axhline(0, color="gray", lw=0.5)
-        ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle(title or "init (open) → trained (filled) under each definition; blue: the paper's direction, "
-                 "red: the opposite", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+        ax.tick_params(axis="y", labelsize=FONT_PT - 1)
+    fig.suptitle("\n".join(textwrap.wrap(title or "init (open) → trained (filled) under each definition; blue: the "
+                                          "paper's direction, red: the opposite, gray: no clear change (t interval "
+                                          "over seeds includes 0)", 110)), fontsize=FONT_PT)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (4.4 * nrows + 0.5)))
     return save_figure(fig, path)
+
+
+#: the x label of a row standing for two definitions: pre_bn=post_bn
+SAME_BY_CONSTRUCTION_OF = {v[0]: k for k, v in SAME_BY_CONSTRUCTION.items()}
 
 
 @analysis("definitions", check=check_definitions_analysis)
@@ -265,7 +351,9 @@ def run_definitions_analysis(ctx, block: DefinitionsAnalysis) -> dict:
                                         trained.run_dir, ctx.device,
                                         expect=expected_meta(ctx.inputs.run, dm.num_classes, dm.image_size))
     del model
-    frame = frame.drop(columns=["fingerprint"], errors="ignore").assign(seed=ctx.inputs.id.seed)
+    # which checkpoint "trained" is, named in the report beside the dynamics' last epoch
+    frame = frame.drop(columns=["fingerprint"], errors="ignore").assign(seed=ctx.inputs.id.seed,
+                                                                        trained_ckpt=Path(trained.ckpt).name)
     write_csv(ctx.out / "definitions.csv", frame)
     table = directions(frame)
     if ctx.knobs.plots:

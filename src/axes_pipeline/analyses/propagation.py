@@ -331,6 +331,5 @@ def run_propagation_analysis(ctx, block: PropagationAnalysis) -> dict:
     line = "propagation over {} linked pairs (residual={}): ".format(head["pairs"], k["residual"]) + ", ".join(
         f"{p} ρ={head[f'{p}_rho']:.3f} (null {head[f'{p}_null_rho']:.3f})" for p, _, _ in PAIRINGS
         if head[f"{p}_rho"] is not None and head[f"{p}_null_rho"] is not None)
-    log.info(line)
-    print("analyze: " + line)
+    print("analyze: " + line)      # once: a log.info of the same line printed it twice on the console
     return head

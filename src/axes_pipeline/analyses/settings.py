@@ -89,7 +89,8 @@ class LinearGaussianAnalysis:
     steps: int = count(1200)
     lr: float = positive(0.01)
     eval_every: int = count(100)
-    seed: int = seed_field(0)
+    # null: the run's seed, so that the seeds of a sweep are replicates of the study, not one draw repeated
+    seed: int | None = seed_field(None)
 
 
 #: analysis option (conf/analysis/<name>.yaml) -> the schema of its block ``analysis.<name>``,

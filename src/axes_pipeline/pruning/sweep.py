@@ -51,11 +51,19 @@ class Sweep:
     cache: ScoreCache
     model_spec: dict | None = None      # the backbone's build arguments (export.model_spec), for exported networks
     hybrid_counts: list | None = None   # hybrid allocation: group scores of the count source, once
+    dead_said: bool = False             # the note on a run without dead channels, printed once
 
     def group_scores(self, score: Score, draw: int) -> list[np.ndarray]:
         """The group scores of ``score`` (draw ``draw``); with the hybrid allocation, the count
         source's group scores too (once, on first use)."""
         s, dead = self.settings, self.cache.ctx.dead()   # dead channels go first, whatever the score
+        if dead is not None and not self.dead_said:
+            self.dead_said = True
+            n = sum(int(np.asarray(d).sum()) for d in dead.values())
+            # a run with none is the usual case: say so, so that "dead channels first" is not read as tested here
+            print(f"prune: note: {n} dead channel(s) on the calibration images, removed first by every score"
+                  if n else "prune: note: no dead channels on the calibration images (the dead-first rule, "
+                  "METHODS §9, removes none in this run)")
         gscores = group_scores(self.groups, self.cache.get(score, draw), s.depthwise_in_group_score, dead=dead)
         if s.allocation == "hybrid" and self.hybrid_counts is None:
             self.hybrid_counts = group_scores(self.groups, self.cache.get(s.hybrid_counts_from, 0),

@@ -30,7 +30,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from omegaconf import DictConfig, OmegaConf
 
-from axes_pipeline.analyses.definitions import plot_definitions, reproduces_init_coupling
+from axes_pipeline.analyses.definitions import LABELS, plot_definitions, reproduces_init_coupling
 from axes_pipeline.errors import UserError
 from axes_pipeline.layout import RUN_KINDS
 from axes_pipeline.report import figures, tables
@@ -47,7 +47,7 @@ from axes_pipeline.report.collect import (
 from axes_pipeline.report.settings import ReportConfig
 from axes_pipeline.runs import write_csv, write_json, write_text
 from axes_pipeline.stage import stage_inputs
-from axes_pipeline.stats import CI_COVERAGE, CI_METHODS
+from axes_pipeline.stats import CI_COVERAGE, CI_METHODS, change_verdict
 from axes_pipeline.tracking import StageTracker, TrackedRun, log_report
 
 TESTS = ("wilcoxon", "permutation")
@@ -220,9 +220,13 @@ def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notic
                                     seed=int(rc.seed), ci=rc.ci),
         "layers": _with_counts(tables.layers_table(axes_groups), axes_groups),
         "reference": tables.reference_table(axes_groups),
-        "lesions": tables.scalar_summary(axes_groups, "analyze/lesion_summary.json"),
+        "lesions_per_seed": (les_seed := tables.per_seed_values(axes_groups, "analyze/lesion_summary.json")),
+        "lesions": tables.across_seed_table(les_seed),
         "propagation": tables.propagation_table(axes_groups),
         "definitions": tables.definitions_table(axes_groups),
+        "alignment": tables.alignment_table(axes_groups),
+        "dynamics": tables.dynamics_table(groups),
+        "linear_gaussian": tables.linear_gaussian_table(groups),
     }
     t["backbones"] = tables.backbones_table(t["headline"])
     for name, df in t.items():
@@ -235,7 +239,8 @@ def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notic
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g)
             figs[f"pruning curves: {g}"] = figures.pruning_curves(
                 t["accuracy_by_target"], g, out / f"curves_{safe}.png",
-                ylabel=f"accuracy ({ACCURACY_LABEL.get(accuracy, accuracy)})", best=best_scores(t["flops_auc"], g))
+                ylabel=f"accuracy ({ACCURACY_LABEL.get(accuracy, accuracy)})", best=best_scores(t["flops_auc"], g),
+                unpruned=tables.unpruned_accuracy(prune_groups.get(g, [])), chance=chance_accuracy(prune_groups.get(g, [])))
     if not t["headline"].empty:
         figs["headline"] = figures.headline_forest(t["headline"], out / "headline.png", min_seeds=int(rc.min_seeds),
                                                    ci_label=CI_LABEL[rc.ci])
@@ -248,7 +253,8 @@ def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notic
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g)
             figs[f"definitions: {g}"] = plot_definitions(d, out / f"definitions_{safe}.png",
                                                          title=f"{g}: init (open) → trained (filled); blue: the paper's "
-                                                         "direction, red: the opposite")
+                                                         "direction, red: the opposite, gray: no clear change "
+                                                         "(the t interval over seeds includes 0)")
 
     # every input left out (read after the tables and figures, which are what read the inputs)
     skipped = skipped + skipped_inputs(runs)
@@ -269,6 +275,7 @@ ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft"
 # looking current. Only these names: report.out may be a folder that holds other files too.
 REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
                 "backbones.csv", "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "definitions.csv",
+                "lesions_per_seed.csv", "alignment.csv", "dynamics.csv", "linear_gaussian.csv",
                 "curves_*.png", "headline.png", "alignment_depth.png", "dynamics.png", "definitions_*.png", "report.md",
                 "report.html", "report_summary.json")
 
@@ -331,7 +338,9 @@ def fmt_pm(mean, sd, n=None, seeds=None) -> str:
     """``mean ± sd`` over seeds, with "(n=k)" when fewer seeds than the row's define the value."""
     if _missing(mean):
         return "—"
-    text = fmt(mean) + ("" if _missing(sd) else f" ± {fmt(sd)}")
+    # an SD at rounding level (every seed the same value) reads as the 0 it is, not as 1.70e−17
+    tiny = not _missing(sd) and abs(float(sd)) <= 1e-12 * max(abs(float(mean)), 1e-300)
+    text = fmt(mean) + ("" if _missing(sd) else " ± 0" if tiny else f" ± {fmt(sd)}")
     if not _missing(n) and not _missing(seeds) and int(n) != int(seeds):
         text += f" (n={int(n)})"
     return text
@@ -370,19 +379,27 @@ _NUMERIC = re.compile(r"^[−+]?(\d|∞|\[)")
 
 
 def _cell_style(v: str) -> str:
-    """Numbers (and CIs) right-aligned in tabular figures; verdicts coloured by the axis they favour."""
+    """Numbers (and CIs) right-aligned in tabular figures, kept on one line (text wraps instead, so a
+    table fits its page: the page's check is tests/test_report_browser.py); verdicts coloured by the
+    axis they favour."""
     v = str(v)
     if v.startswith("local axis better"):
         return "color:#1f5fa8;font-weight:600"
     if v.startswith("target axis better"):
         return "color:#b22222;font-weight:600"
-    return "text-align:right;font-variant-numeric:tabular-nums" if _NUMERIC.match(v) else ""
+    if not _NUMERIC.match(v):
+        return ""
+    # "mean ± sd" may break before its "±" only (_html_table joins "±" to the sd, and no digit run breaks);
+    # a CI or number never breaks
+    return "text-align:right;font-variant-numeric:tabular-nums;" + ("overflow-wrap:normal" if "±" in v
+                                                                   else "white-space:nowrap")
 
 
 def _html_table(df: pd.DataFrame, uid: str) -> Markup:
     """``df`` (already formatted strings) as an HTML table by pandas' Styler, cells escaped.
     ``uid`` names the table's cell styles: unique on the page, and fixed (Styler's default is
     random) so the same results give the same page."""
+    df = df.map(lambda v: v.replace(" ± ", " ±\u00a0") if isinstance(v, str) else v)
     styler = (df.style.hide(axis="index").format(escape="html").map(_cell_style).set_uuid(uid)
               .set_table_attributes('class="report"'))
     return Markup(styler.to_html(doctype_html=False))
@@ -401,6 +418,32 @@ def _table(df: pd.DataFrame, title: str = "") -> dict:
 
 def _text(text: str) -> dict:
     return {"kind": "text", "text": text}
+
+
+def chance_accuracy(runs) -> float | None:
+    """1 / classes of a group's runs (train_summary.json), or None when not recorded."""
+    n = {r.train.get("num_classes") for r in runs} - {None}
+    return 1.0 / float(n.pop()) if len(n) == 1 else None
+
+
+def separating_range(acc: pd.DataFrame, group: str, best: dict[str, str]) -> str:
+    """Where along the removed-FLOPs axis the best local and best target score still separate: their
+    mean accuracies differ by more than the sum of their seeds' SDs."""
+    d = acc[acc.group == group]
+    if "local" not in best or "target" not in best or d.empty:
+        return ""
+    a = d[d.score == best["local"]].set_index("target")
+    b = d[d.score == best["target"]].set_index("target")
+    both = a.index.intersection(b.index)
+    if both.empty:
+        return ""
+    gap = (a.loc[both, "acc_mean"] - b.loc[both, "acc_mean"]).abs()
+    spread = a.loc[both, "acc_sd"].fillna(0) + b.loc[both, "acc_sd"].fillna(0)
+    removed = (1 - a.loc[both, "achieved_flops_mean"]).round(2)
+    sep = sorted(removed[gap > spread].tolist())
+    where = ", ".join(fmt(x) for x in sep) if sep else "none of the targets"
+    return (f"{group}: the best local ({best['local']}) and best target ({best['target']}) score differ by more than "
+            f"their seeds' SDs at removed FLOPs {where} (of {', '.join(fmt(x) for x in sorted(removed.tolist()))}).")
 
 
 def best_scores(auc: pd.DataFrame, group: str) -> dict[str, str]:
@@ -429,10 +472,11 @@ def verdict(row, min_seeds: int) -> str:
     return "no clear difference (CI includes 0)"
 
 
-# headline columns the page shows in its own form; any other column a table carries (which split
-# chose the best score and which measured it, ...) is shown as it is, after the verdict
+# headline columns the page shows in its own form or leaves to headline.csv (which split chose the best
+# score and which measured it: said once under the table, so that the table fits a 1400 px page); any
+# other column a table carries is shown as it is, after the verdict
 _HEADLINE_KNOWN = ("group", "comparison", "n", "mean_a", "mean_b", "diff", "ci_lo", "ci_hi", "p_value", "p_holm",
-                   "p_min", "effect_size", "candidates", "note", "test", "ci_method")
+                   "p_min", "effect_size", "candidates", "note", "test", "ci_method", "selected_on", "measured_on")
 
 
 def headline_view(head: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
@@ -450,35 +494,55 @@ def headline_view(head: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
     return v
 
 
-def _pm(row) -> str:
-    """A summary row's ``mean ± sd``; "—" when the summary lacks it."""
-    return fmt_pm(row.mean, row.sd) if row else "—"
+#: the paper's names (METHODS §4, §6) of the per-layer columns, for every table and heading of the page
+PAPER_NAMES = {**LABELS, "align_peer_overlap_target_excess": "ρ(R̄_X, S)", "align_hull_score_task_unique": "ρ(hull score, U_T)",
+               "nmi": "NMI", "ari": "ARI"}
 
 
-def _lesion_views(les: pd.DataFrame) -> list[dict]:
-    """The few lesion numbers that test H4, out of the per-run summary's flattened keys: recovery by
-    peer replacement, the ΔR² of the peer terms with its CI, and the within-bin ρ per predictor."""
+def _across(r, *, p: bool = True) -> dict:
+    """The across-seed columns of one estimate (a row of :func:`tables.across_seed_table` or alike):
+    mean ± SD, the Student t interval and its p over seeds."""
+    if r is None:
+        return {"mean ± SD": "—", "95% t CI": "—", "p": "—"}
+    return {"mean ± SD": fmt_pm(r.mean, r.sd), "95% t CI": fmt_ci(r.ci_lo, r.ci_hi), "p": fmt(r.p) if p else "—"}
+
+
+#: why the two scales of the incremental R² can disagree, said wherever both are shown
+RANK_RAW = ("The rank scale fits within-layer percentile ranks of damage and predictors (every channel counts the "
+            "same); the raw scale fits the damages themselves, where a few channels whose lesion costs far more "
+            "than the rest dominate the sums of squares. The peer terms can therefore add on one scale and not on "
+            "the other: on the raw scale only, they predict the few costly lesions; on the rank scale only, the "
+            "order of the bulk.")
+
+
+def _lesion_views(les: pd.DataFrame, per_seed: pd.DataFrame | None = None) -> list[dict]:
+    """The lesion numbers that test H4, each from one estimate per seed (``les``: the across-seed table
+    of :func:`tables.across_seed_table`): recovery by peer replacement, the ΔR² of the peer terms, the
+    direction check (damage against replaceability, METHODS §8) and the within-bin ρ per predictor.
+    A seed's own bootstrap CI and F-test stay in ``lesions_per_seed.csv``; here they are only counted."""
     parts = []
     q = les.assign(key=les["quantity"].astype(str))
+    per_seed = pd.DataFrame(columns=["group", "seed", "quantity", "value"]) if per_seed is None else per_seed
 
     def pick(prefix: str):
-        d = q[q["key"].str.startswith(prefix)].copy()
+        # an estimate no seed could make (too few lesioned channels, no damage to recover) is not a row
+        d = q[q["key"].str.startswith(prefix) & (q["seeds"] > 0)].copy()
         d["rest"] = d["key"].str[len(prefix):]
         return d
 
     rows = []
     for g, d in pick("recovery.").groupby("group", sort=False):
         m = {r.rest: r for r in d.itertuples()}
-        variants = sorted({k[: -len("_mean")] for k in m if k.endswith("_mean")})
-        for v in variants:
-            mean, med, n, rho = (m.get(k) for k in (f"{v}_mean", f"{v}_median", f"{v}_n", f"rho_{v}_full_explained"))
-            rows.append({"group": g, "replaced from": f"{v} peers", "recovery (mean)": _pm(mean),
-                         "recovery (median)": _pm(med), "channels": fmt(n.mean) if n else "—",
-                         "ρ(recovery, E_full)": _pm(rho), "seeds": fmt(int(mean.seeds)) if mean else "—"})
+        for v in sorted({k[: -len("_mean")] for k in m if k.endswith("_mean")}):
+            for key, what in ((f"{v}_mean", "mean recovery"), (f"{v}_median", "median recovery"),
+                              (f"rho_{v}_full_explained", "ρ(recovery, E_full)")):
+                if key in m:
+                    rows.append({"group": g, "replaced from": f"{v} peers", "estimate": what, **_across(m[key]),
+                                 "seeds": fmt(int(m[key].seeds))})
     if rows:
         parts.append(_table(pd.DataFrame(rows), "Recovery by peer replacement (1 = the peers undo the lesion)"))
 
-    rows = []
+    rows, scales = [], set()
     for g, d in pick("incremental_r2.").groupby("group", sort=False):
         m = {r.rest: r for r in d.itertuples()}
         fits = sorted({k.rsplit(".", 1)[0] for k in m if k.endswith(".delta_r2") and "per_layer" not in k},
@@ -486,25 +550,76 @@ def _lesion_views(les: pd.DataFrame) -> list[dict]:
         # the summary names the other scale's fit (pooled_raw or pooled_rank); "pooled" is the main one
         others = {f.removeprefix("pooled_") for f in fits if f != "pooled"}
         main = {"raw": "rank", "rank": "raw"}.get(next(iter(others)), "main") if len(others) == 1 else "main"
+        ps = per_seed[per_seed["group"] == g]
         for f in fits:
-            get = lambda k: m.get(f"{f}.{k}")  # noqa: E731
-            val = lambda k: get(k).mean if get(k) else math.nan  # noqa: E731
-            dr, adj = get("delta_r2"), get("delta_r2_adj")
-            rows.append({"group": g, "fit": f"all layers, {main if f == 'pooled' else f.removeprefix('pooled_')} scale",
-                         "ΔR²": _pm(dr), "95% CI": fmt_ci(val("ci_lo"), val("ci_hi")), "adjusted ΔR²": _pm(adj),
-                         "95% CI (adjusted)": fmt_ci(val("ci_adj_lo"), val("ci_adj_hi")),
-                         "F-test p": fmt(val("p_f")), "channels": fmt(val("n")),
-                         "seeds": fmt(int(dr.seeds)) if dr else "—"})
+            scale = main if f == "pooled" else f.removeprefix("pooled_")
+            scales.add(scale)
+            pf = ps.loc[ps["quantity"] == f"incremental_r2.{f}.p_f", "value"].dropna()
+            for stat, what in (("delta_r2", "ΔR²"), ("delta_r2_adj", "adjusted ΔR²")):
+                r = m.get(f"{f}.{stat}")
+                rows.append({"group": g, "fit": f"all layers, {scale} scale", "estimate": what,
+                             # nested OLS never loses R²: the plain ΔR² is above 0 in every seed, so it gets no test
+                             **_across(r, p=stat == "delta_r2_adj"),
+                             "seeds with own F-test p < 0.05": f"{int((pf < 0.05).sum())} of {len(pf)}" if len(pf) else "—",
+                             "seeds": fmt(int(r.seeds)) if r else "—"})
     if rows:
         parts.append(_table(pd.DataFrame(rows), "Do the peer terms add over I_X + I_T? (incremental R²)"))
+        if len(scales) > 1:
+            parts.append(_text(RANK_RAW))
+    elif (q["key"].str.startswith("incremental_r2.")).any():
+        parts.append(_text("The incremental R² could not be fitted in any seed (fewer lesioned channels than its "
+                           "terms need): raise analysis.lesion.channels."))
+
+    rows = []
+    for r in pick("replaceability_spearman.").itertuples():
+        if not r.rest.endswith(".mean"):
+            continue
+        rows.append({"group": r.group, "replaceability": r.rest[: -len(".mean")],
+                     **_across(r), "verdict": change_verdict(r.ci_lo, r.ci_hi, down="as expected: damage falls as "
+                                                             "replaceability rises", up="opposite: damage rises with "
+                                                             "replaceability", flat="no clear relation (CI includes 0)"),
+                     "seeds": fmt(int(r.seeds))})
+    if rows:
+        parts.append(_table(pd.DataFrame(rows), "Direction check: does damage fall as replaceability rises? (within-layer "
+                                  "Spearman ρ, mean over layers per seed; expected below 0)"))
 
     overall = {(r.group, r.rest): r for r in pick("spearman_overall.").itertuples()}
-    rows = [{"group": r.group, "predictor": r.rest, "ρ within I_T bins": _pm(r),
+    rows = [{"group": r.group, "predictor": r.rest, **{f"ρ within I_T bins: {k}": v for k, v in _across(r).items()},
              "ρ over all channels": _pm(overall.get((r.group, r.rest))), "seeds": fmt(int(r.seeds))}
             for r in pick("binned_rho_mean.").itertuples()]
     if rows:
         parts.append(_table(pd.DataFrame(rows), "Damage against each predictor (Spearman ρ)"))
     return parts
+
+
+def _reference_view(ref: pd.DataFrame) -> list[dict]:
+    """The §11 table as read: ours at init and trained (mean ± SD, t interval over seeds), the paper's,
+    our per-seed change with its interval, and the verdict in words; which epoch is "trained"."""
+    rows = [{"group": r.group, "quantity": LABELS.get(r.quantity, r.quantity),
+             "ours at init": fmt_pm(r.init_mean, r.init_sd), "init 95% t CI": fmt_ci(r.init_ci_lo, r.init_ci_hi),
+             "ours trained": fmt_pm(r.trained_mean, r.trained_sd),
+             "trained 95% t CI": fmt_ci(r.trained_ci_lo, r.trained_ci_hi),
+             "paper init → trained": f"{fmt_pm(r.paper_init_mean, r.paper_init_sd)} → "
+                                     f"{fmt_pm(r.paper_trained_mean, r.paper_trained_sd)}",
+             "our change: 95% t CI": fmt_ci(r.change_ci_lo, r.change_ci_hi), "verdict": r.verdict,
+             "seeds": fmt(int(r.seeds))} for r in ref.itertuples()]
+    when = "; ".join(sorted({f"{r.group}: trained = {r.trained_at} ({r.source})" for r in ref.itertuples()}))
+    return [_table(pd.DataFrame(rows)), _text(when + ". The paper trained for 100 epochs (METHODS §11).")]
+
+
+def _verdict_view(d: pd.DataFrame, first: str, last: str) -> pd.DataFrame:
+    """Rows of an init → trained verdict (:func:`tables.dynamics_table` and alike) as read."""
+    return pd.DataFrame([{"group": r.group, "quantity": LABELS.get(r.quantity, r.quantity),
+                          first: fmt_pm(r.first_mean, r.first_sd), last: fmt_pm(r.last_mean, r.last_sd),
+                          "change: 95% t CI": fmt_ci(r.change_ci_lo, r.change_ci_hi), "p": fmt(r.change_p),
+                          "direction": r.direction, "paper": r.paper_direction,
+                          "matches the paper": {True: "yes", False: "no"}.get(r.matches_paper, "—"),
+                          "seeds": fmt(int(r.seeds))} for r in d.itertuples()])
+
+
+def _pm(row) -> str:
+    """An across-seed row's ``mean ± sd``; "—" when the table lacks it."""
+    return fmt_pm(row.mean, row.sd) if row else "—"
 
 
 HOW = {
@@ -518,20 +633,33 @@ HOW = {
            "accuracy (1 = no loss); higher is better.",
     "layers": "One row per analysed layer, mean ± SD over seeds: how strongly the two axes agree (Spearman ρ of "
               "I_X and I_T and the other alignments) and the replaceability hulls; \"(n=k)\" marks a value "
-              "defined in fewer seeds.",
-    "reference": "Our values beside the paper's (METHODS §11) for the same quantities; agreement within a few SDs "
-                 "is a reproduction.",
+              "defined in fewer seeds. Below it, each alignment's verdict across seeds: one value per seed (its "
+              "mean over layers), the Student t interval and p.",
+    "reference": "Our values beside the paper's (METHODS §11) for the same quantities, one value per seed (the mean "
+                 "over its layers) and their Student t interval: \"consistent\" when the paper's values lie inside "
+                 "it, \"same direction, other magnitude\" when our init → trained change has the paper's sign beyond "
+                 "its interval, \"different\" otherwise; a hull measure at its own cap in most layers measures the "
+                 "cap, so it is \"not comparable at this setting\", with the knob that would make it comparable.",
     "lesions": "H4, peer support refines removability: recovery near 1 means the peers can stand in for a "
-               "lesioned channel, a ΔR² whose adjusted CI lies above 0 means the peer terms predict damage beyond "
-               "I_X and I_T; values are means ± SD over seeds (CIs: each seed's bootstrap CI, averaged).",
+               "lesioned channel, an adjusted ΔR² whose interval lies above 0 means the peer terms predict damage beyond "
+               "I_X and I_T. Every number is across seeds: one estimate per seed, their mean ± SD, the Student t 95% "
+               "interval and its p (against 0); a seed's own bootstrap CI and F-test are counted, never averaged.",
     "propagation": "H3, what a layer inherits from the one before: Spearman ρ between the routed upstream metric "
-                   "and the downstream one for each pairing of axes, beside a shuffled-weights null.",
+                   "and the downstream one for each pairing of axes, beside a shuffled-weights null; each seed's "
+                   "mean over its layer pairs, with the Student t interval over seeds of ρ and of ρ − null.",
     "dynamics": "Each quantity over training epochs (mean ± SD over seeds), with the paper's init and trained "
-                "values as black squares.",
+                "values as black squares; below, each quantity's change from the first to the last epoch per seed, "
+                "its Student t interval over seeds and the direction read off it (\"matches the paper\" only where "
+                "the interval excludes 0 on the paper's side).",
+    "linear_gaussian": "A synthetic linear-Gaussian layer trained by gradient descent (METHODS §5), drawn from each "
+                       "run's seed: ρ(I_X, I_T) at init and after training, the change across seeds with its t "
+                       "interval, and the largest |cos(Σ_X w, g_T)| in the whitened metric (about 1e-12: the "
+                       "check of METHODS §5).",
     "definitions": "The paper does not fix where a channel's activation is read (before the norm, after it, after the "
                    "nonlinearity) nor how a feature map becomes samples (random positions or one pooled value per "
                    "image); its init-coupling claim depends on that. Each row: a quantity at init and after training "
-                   "(mean ± SD over seeds) under one definition, its direction, and whether that is the paper's.",
+                   "(mean ± SD over seeds) under one definition, the Student t interval over seeds of its per-seed "
+                   "change, the direction read off that interval, and whether that is the paper's.",
     "runs": "Every run the report read, with its accuracies and which stages it has (paths relative to the sweep).",
 }
 
@@ -564,8 +692,11 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
     auc = t["flops_auc"]
     first = ("group", "score", "axis", "flops_auc_mean", "flops_auc_sd", "flops_auc_rel_mean", "flops_auc_rel_sd", "seeds")
     cols = [c for c in first if c in auc] + [c for c in auc.columns if c not in first]
+    apart = [line for g in t["accuracy_by_target"].get("group", pd.Series(dtype=str)).unique()
+             if (line := separating_range(t["accuracy_by_target"], g, best_scores(auc, g)))]
     section("auc", f"FLOPs-AUC per score ({acc_label})",
             table_or(auc[cols], "No pruning results.", flops_auc="FLOPs-AUC", flops_auc_rel="relative")
+            + [_text(line) for line in apart]
             + [_text("Accuracy at every FLOPs target: accuracy_by_target.csv; per seed: flops_auc_per_seed.csv.")])
 
     lay = t["layers"]
@@ -575,18 +706,42 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
     else:
         keep = ["group", "layer", "seeds"] + [c for c in lay.columns if c.endswith(("_mean", "_sd", "_n"))
                                               and not c.startswith("null")]
-        parts.append(_table(_present(lay[keep])))
+        parts.append(_table(_present(lay[keep]).rename(columns=PAPER_NAMES)))
+    if not t["alignment"].empty:
+        al = t["alignment"]
+        parts.append(_table(pd.DataFrame([{"group": r.group, "quantity": PAPER_NAMES.get(r.quantity, r.quantity),
+                                           **_across(r), "seeds": fmt(int(r.seeds))} for r in al.itertuples()]),
+                            "Across seeds: each seed's mean over its layers, Student t interval and p (against 0)"))
     section("layers", "The two axes per layer", parts)
     section("reference", "Against the paper's reference values (METHODS §11)",
-            table_or(t["reference"], "No analysis results."))
+            [_text("No analysis results.")] if t["reference"].empty else _reference_view(t["reference"]))
     les = t["lesions"]
     section("lesions", "Lesions and peer replacement (H4)",
             [_text("No lesion results (analysis=lesion).")] if les.empty else
-            _lesion_views(les) + [_text("Every number of each run's lesion summary (mean ± SD over seeds): lesions.csv.")])
+            _lesion_views(les, t.get("lesions_per_seed"))
+            + [_text("Every estimate of the runs' lesion summaries across seeds (mean, SD, t interval, p): lesions.csv; "
+                     "each seed's own numbers, its bootstrap CIs and F-test p included: lesions_per_seed.csv.")])
     section("propagation", "Cross-layer propagation (H3)",
-            table_or(t["propagation"], "No propagation results (analysis=propagation).", rho="ρ", null_rho_mean="null ρ"))
+            table_or(t["propagation"], "No propagation results (analysis=propagation).", rho="ρ", rho_ci="ρ: 95% t CI",
+                     null_rho_mean="null ρ", above_null_mean="ρ − null", above_null_ci="ρ − null: 95% t CI",
+                     above_null_p="p (ρ − null)"))
     if "training dynamics" in figs:
-        section("dynamics", "Training dynamics (H2)", [{"kind": "figure", "label": "training dynamics"}])
+        dyn = t["dynamics"]
+        parts = [{"kind": "figure", "label": "training dynamics"}]
+        if not dyn.empty:
+            parts += [_table(_verdict_view(dyn, "first epoch", "last epoch")),
+                      _text(f"Epochs {'; '.join(sorted(set(dyn['epochs'])))} (first → last checkpointed); the paper's "
+                            "values are after 100 epochs, so they are drawn as its two endpoints only.")]
+        section("dynamics", "Training dynamics (H2)", parts)
+    lg = t["linear_gaussian"]
+    if not lg.empty:
+        parts = [_table(_verdict_view(lg, "at init", "after training").assign(
+            **{"max |whitened cos|": [fmt(x) for x in lg["cos_whitened_max"]]}))]
+        if lg["identical"].any():
+            parts.append(_text("Every seed computed the same study (a fixed analysis.linear_gaussian.seed): the seeds "
+                               "are one draw repeated, so no interval is shown; leave the seed at null to follow "
+                               "the run's seed."))
+        section("linear_gaussian", "The linear-Gaussian study (METHODS §5)", parts)
     defs = t["definitions"]
     if not defs.empty:
         parts = []
@@ -596,11 +751,26 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
                                f"coupling) under {', '.join(ok) if ok else 'no definition'}; the defaults measure "
                                f"{ri.definition}."))
             parts.append({"kind": "figure", "label": f"definitions: {g}"})
-        view = defs.assign(definition=[f"{p}/{s}" for p, s in zip(defs.point, defs.spatial)],
-                           matches_paper=[{True: "yes", False: "no"}.get(m, "—") for m in defs.matches_paper])
-        cols = ["group", "definition", "quantity", "init_mean", "init_sd", "trained_mean", "trained_sd", "seeds",
-                "direction", "paper_direction", "matches_paper"]
-        parts.append(_table(_present(view[cols])))
+        note = defs["note"].fillna("") if "note" in defs else pd.Series("", index=defs.index)
+        view = defs.assign(definition=[f"{p}/{s}" + (f" {n.split(' (')[0]}" if n.startswith("=") else "")
+                                       for p, s, n in zip(defs.point, defs.spatial, note)],
+                           quantity=[LABELS.get(q, q) for q in defs.quantity],
+                           matches_paper=[{True: "yes", False: "no"}.get(m, "—") for m in defs.matches_paper],
+                           note=[n if not n.startswith("=") else n[n.find("(") + 1:].rstrip(")") for n in note])
+        cols = ["group", "definition", "quantity", "init_mean", "init_sd", "trained_mean", "trained_sd",
+                "change_ci_lo", "change_ci_hi", "change_p", "direction", "paper_direction", "matches_paper", "seeds",
+                "note"]
+        parts.append(_table(_present(view[[c for c in cols if c in view]]).rename(columns={
+            "init": "init", "trained": "trained", "change_ci": "change: 95% t CI", "change_p": "p",
+            "paper_direction": "paper", "matches_paper": "matches the paper"})))
+        trained = sorted(set(defs["trained_checkpoint"].dropna())) if "trained_checkpoint" in defs else []
+        parts.append(_text("Trained = " + (", ".join(trained) if trained else "the analysed checkpoint")
+                           + " (analyze.py's checkpoint, best.ckpt by default: the epoch of best validation accuracy, "
+                           "which may differ between seeds); the dynamics and the reference values use the last "
+                           "checkpointed epoch. Each row's change is trained − init per seed; its direction is read "
+                           "off the Student t interval over seeds, and it matches the paper only where that interval "
+                           "excludes 0 on the paper's side. A definition identical to another by construction is "
+                           "shown once and names the other."))
         section("definitions", "Do the conclusions depend on the definitions?", parts)
     runs = t["runs"]
     runs_view = runs[[c for c in ("group", "seed", "val_acc", "test_acc", "epochs", "analyze", "prune", "run_dir")
@@ -619,7 +789,9 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
                     for s in (skipped or [])],
         "top": [label for label in figs if label == "headline"] + [label for label in figs
                                                                    if label.startswith("pruning curves")],
-        "headline": None if head.empty else headline_view(head, min_seeds),
+        # one group: named at the top of the page, not on every row
+        "headline": None if head.empty else headline_view(head, min_seeds).drop(
+            columns=["group"] if head["group"].nunique() == 1 else []),
         "how": {"answer": HOW["answer"],
                 "headline_columns": f"FLOPs-AUC of {acc_label}, paired across seeds: the difference local − target "
                 f"with its {CI_LABEL[rc.ci]}, {tests} p-value, Holm-adjusted p_holm over the group's "
