@@ -354,3 +354,24 @@ def test_prune_reuses_the_axes_analyze_computed_from_a_whole_small_split(tiny_ru
     with caplog.at_level(logging.INFO, logger="axes_pipeline"):
         load_or_compute_axes(inputs(cfg).knobs, restore(cfg), progress=False)
     assert not any("computing the two axes" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- issue 31: the chain of a result
+
+
+@pytest.mark.parametrize("script", ["train.py", "analyze.py", "prune.py", "report.py"])
+def test_wrong_interpreter_is_one_line(script, tmp_path):
+    """Case 12: an interpreter without the project's packages (``-S``: no site-packages) gets one line
+    saying how to install and which interpreter to use, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    out = subprocess.run([sys.executable, "-S", str(ROOT / script), "seed=1"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "make install" in lines[0] and f".venv/bin/python {script}" in lines[0] and "omegaconf" in lines[0]
+    assert list(tmp_path.iterdir()) == []
