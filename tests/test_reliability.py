@@ -375,3 +375,17 @@ def test_wrong_interpreter_is_one_line(script, tmp_path):
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert "make install" in lines[0] and f".venv/bin/python {script}" in lines[0] and "omegaconf" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_with_one_captured_layer_says_prune_needs_every_layer(tiny_run):
+    """Case 9: ``prune.py capture.layers=<one layer>`` named prune's own table "damaged" and suggested an
+    analyze command that would overwrite the run's full axes.csv; now one line, nothing destructive."""
+    root, _ = tiny_run
+    over, dst = _partial_run(tiny_run, name="one_layer")
+    shutil.copy(Path(_analyze_cfg(tiny_run).paths.run_dir) / "train_summary.json", dst)
+    res = run_entry("prune.py", *over, "capture.layers=conv1", "pruning.scores=[input_capture]", cwd=root)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert "every prunable layer" in last and "capture.layers" in last and "without capture.layers" in last
+    assert "recompute" not in last and "damaged" not in last and "analyze.py" not in last
+    assert not (dst / "prune").exists() and not (dst / "analyze").exists()
