@@ -389,3 +389,22 @@ def test_prune_with_one_captured_layer_says_prune_needs_every_layer(tiny_run):
     assert "every prunable layer" in last and "capture.layers" in last and "without capture.layers" in last
     assert "recompute" not in last and "damaged" not in last and "analyze.py" not in last
     assert not (dst / "prune").exists() and not (dst / "analyze").exists()
+
+
+def test_relative_report_sweep_is_below_the_output_root(tmp_path, monkeypatch):
+    """Case 6: a relative ``report.sweep`` was looked up in the working directory and the report written
+    there; it is read below ``paths.output_root`` and the report stays inside the root."""
+    root, elsewhere = tmp_path / "root", tmp_path / "cwd"
+    elsewhere.mkdir()
+    for s in (1, 2, 3):
+        fake_run(root, s, local_gain=0.01)
+    monkeypatch.chdir(elsewhere)
+    _report(root, "report.sweep=multirun/demo")
+    assert (root / "multirun" / "demo" / "report" / "report.md").is_file()
+    assert list(elsewhere.iterdir()) == []
+    # a sweep outside the root (named absolutely) is read there, but the report is written inside the root
+    outside = tmp_path / "outside"
+    for s in (1, 2, 3):
+        fake_run(outside, s, local_gain=0.01)
+    _report(root, f"report.sweep={outside / 'multirun' / 'demo'}")
+    assert (root / "reports" / "demo" / "report.md").is_file() and not (outside / "multirun" / "demo" / "report").exists()

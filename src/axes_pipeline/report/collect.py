@@ -309,8 +309,11 @@ def group_runs(runs: list[Run]) -> tuple[dict[str, list[Run]], list[str]]:
     return groups, notices
 
 
-def resolve_roots(paths: list[str]) -> list[Path]:
-    roots = [Path(p).resolve() for p in paths]
+def resolve_roots(paths: list[str], under: Path | None = None) -> list[Path]:
+    """``paths`` as absolute folders, each of which must exist; a relative one is taken below ``under``
+    (``paths.output_root`` for ``report.sweep``: the root bounds what a stage reads and writes, not the
+    working directory), else below the working directory."""
+    roots = [(Path(p) if under is None or Path(p).is_absolute() else Path(under) / p).resolve() for p in paths]
     missing = [str(p) for p in roots if not p.exists()]
     if missing:
         raise UserError(f"report: {missing[0]} does not exist")
