@@ -408,3 +408,34 @@ def test_relative_report_sweep_is_below_the_output_root(tmp_path, monkeypatch):
         fake_run(outside, s, local_gain=0.01)
     _report(root, f"report.sweep={outside / 'multirun' / 'demo'}")
     assert (root / "reports" / "demo" / "report.md").is_file() and not (outside / "multirun" / "demo" / "report").exists()
+
+
+def test_a_sweep_counts_only_its_own_jobs(tmp_path):
+    """Case 8: a marker (or a job record) left by an earlier sweep never fails a later, successful one, and
+    the summary counts this sweep's jobs only."""
+    old = tmp_path / "multirun" / "default" / "digits-resnet18-w1.0" / "seed999"
+    old.mkdir(parents=True)
+    (old / "analyze.failed").write_text("error: no trained run\n")                       # an earlier sweep's
+    jobs = tmp_path / "multirun" / "default" / ".jobs" / "analyze"
+    jobs.mkdir(parents=True)
+    (jobs / "00001.json").write_text('{"folder": "x", "ok": false, "error": "error: killed sweep"}')
+    res = run_entry("analyze.py", "-m", "seed=1", "analysis=linear_gaussian", "logger=none", "plots=false", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "analyze sweep finished: 1 job(s)" in res.stdout
+    assert not (tmp_path / "multirun" / "default" / ".jobs").exists()
+
+
+def test_refusals_leave_no_marker_and_no_folder(tmp_path):
+    """Case 8: a refusal before any work (no trained run, a missing report.runs entry) is one line and leaves
+    neither a marker nor the folder Hydra made for it; in a sweep the summary names each refused job."""
+    res = run_entry("analyze.py", "seed=999", "logger=none", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: no trained run")
+    assert not (tmp_path / "runs").exists(), sorted(tmp_path.rglob("*"))
+    res = run_entry("report.py", f"report.runs=[{tmp_path / 'nope'}]", "logger=none", cwd=tmp_path)
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    assert not (tmp_path / "reports").exists(), sorted(tmp_path.rglob("*"))
+    res = run_entry("analyze.py", "-m", "seed=998,999", "logger=none", cwd=tmp_path)
+    assert res.returncode == 1 and "2 analyze job(s) failed (of 2 in this sweep)" in res.stderr, res.stderr[-2000:]
+    assert "seed998" in res.stderr and "seed999" in res.stderr
+    sweep = tmp_path / "multirun" / "default"
+    assert not list(sweep.rglob("*.failed")) and not (sweep / "digits-resnet18-w1.0").exists() and not (sweep / ".jobs").exists()
