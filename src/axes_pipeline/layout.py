@@ -27,9 +27,31 @@ AXES_CSV, LAYERS_CSV = "axes.csv", "layers.csv"
 AXES_FINGERPRINT = "axes_fingerprint.json"
 ANALYZE_SUMMARY = "analyze_summary.json"
 PRUNE_CURVES, PRUNE_SUMMARY = "prune_curves.csv", "prune_summary.json"
+#: The tables each analysis after the axes writes into the stage folder (``analyze/``): every one is computed
+#: from the axes of the run (the table, or the axes knobs it was measured with), so each analysis records the
+#: fingerprint of the ``axes.csv`` it read beside them (:func:`analysis_record`), and analyze and the report check
+#: that chain (docs/reliability.md, "the chain rule").
+ANALYSIS_TABLES: dict[str, tuple[str, ...]] = {
+    "lesion": ("lesions.csv", "lesion_binned.csv", "lesion_summary.json"),
+    "propagation": ("propagation.csv", "propagation_refused.csv"),
+    "definitions": ("definitions.csv",),
+    "dynamics": ("dynamics.csv", "dynamics_curves.csv", "dynamics_seeds.csv"),
+}
 PLOTS = "plots"
 #: the stage folders of a run (another checkpoint's results go to ``<stage>@<stem>``)
 STAGES = ("analyze", "prune")
+
+
+def analysis_record(name: str) -> str:
+    """The record of analysis ``name``'s inputs in the stage folder (``lesion_inputs.json``): the fingerprint of
+    the axes it was computed from (``runs.write_record``)."""
+    return f"{name}_inputs.json"
+
+
+def analysis_inputs(axes_fp) -> dict:
+    """The fingerprint an analysis records of its inputs (:func:`analysis_record`): that of the ``axes.csv`` it read
+    (``axes_fingerprint.json``'s content). One shape, written by analyze and checked by analyze and the report."""
+    return {AXES_CSV: axes_fp}
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from axes_pipeline.errors import UserError
 from axes_pipeline.layout import RUN_KINDS
 from axes_pipeline.report import figures, tables
 from axes_pipeline.report.collect import (
+    chain_notices,
     discover,
     group_runs,
     provenance_notices,
@@ -130,7 +131,7 @@ def run_report(cfg: DictConfig) -> dict:
     groups, notices = group_runs(runs)
     prune_groups, prune_notices = split_by_pruning(groups)
     axes_groups, axes_notices = split_by_axes(groups)   # the analysis tables pool only equal fingerprints
-    notices = notices + prune_notices + axes_notices + provenance_notices(groups)
+    notices = notices + prune_notices + axes_notices + provenance_notices(groups) + chain_notices(groups)
     out = report_dir(ri)
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in remove_stale_tmp(out):
