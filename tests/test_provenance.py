@@ -211,3 +211,104 @@ def test_checkpoints_are_verified_against_their_training_digest(tiny_run, tmp_pa
         restore(make_cfg("analyze", overrides, mine))
     with pytest.raises(UserError, match="is not the file training wrote"):
         check_complete(run, 3)
+
+
+# ------------------------------------------------------------------ issue 31: the chain of a result
+
+
+PROPAGATION = ["analysis.propagation.null_draws=2", "capture.layers=[conv1,layer1.0.conv1,layer1.0.conv2]"]
+
+
+def test_an_analysis_of_older_axes_is_marked_stale_and_refused_by_the_report(tiny_run, capsys):
+    """Case 1: ``analysis=[axes,propagation]``, then ``analysis=axes`` under another capture: propagation.csv was
+    computed from the old axes. Analyze keeps it but marks it stale (not merged as current), the report leaves it
+    out naming the file and the command; running propagation again recomputes it and the chain holds again."""
+    from axes_pipeline.report.collect import discover, skipped_inputs
+
+    root, over, run = _copy_run(tiny_run, "prov-chain")
+    over = [*over, "plots=false", *PROPAGATION]
+    first = run_analysis(make_cfg("analyze", [*over, "analysis=[axes,propagation]"], root))
+    out = run / "analyze"
+    record = read_json(out / "propagation_inputs.json")
+    want = read_json(out / "axes_fingerprint.json")
+    assert want == first["axes"]["fingerprint"] and record["fingerprint"] == {f"axes.csv.{k}": v for k, v in want.items()}
+    assert read_json(out / "analyze_summary.json")["propagation"]["pairs"] == 2
+    capsys.readouterr()
+
+    run_analysis(make_cfg("analyze", [*over, "analysis=axes", "capture.samples_per_image=2"], root))
+    note = capsys.readouterr().out
+    assert "propagation.csv" in note and "stale" in note and "analysis=propagation" in note
+    summary = read_json(out / "analyze_summary.json")
+    assert "propagation" not in summary and "propagation" not in summary["analyses"]
+    assert summary["stale"]["propagation"]["headline"]["pairs"] == 2 and (out / "propagation.csv").is_file()   # kept
+    runs = discover([run.parent])
+    assert runs[0].read_csv("analyze/propagation.csv") is None
+    why = {s["file"]: s["reason"] for s in skipped_inputs(runs)}["analyze/propagation.csv"]
+    assert str(out / "propagation.csv") in why and "analysis=propagation" in why and "python analyze.py" in why
+
+    again = run_analysis(make_cfg("analyze", [*over, "analysis=propagation", "capture.samples_per_image=2"], root))
+    assert again["propagation"]["pairs"] == 2
+    summary = read_json(out / "analyze_summary.json")
+    assert "stale" not in summary and "propagation" in summary["analyses"]
+    runs = discover([run.parent])
+    assert runs[0].read_csv("analyze/propagation.csv") is not None and not skipped_inputs(runs)
+
+
+def _chained(run: Path, axes_fp: dict, recorded: dict | None) -> None:
+    """A fake run's analyze/ holding axes.csv's fingerprint and a lesion table recorded with ``recorded``."""
+    from axes_pipeline.layout import analysis_inputs
+    from axes_pipeline.runs import write_json, write_record
+
+    write_json(run / "analyze" / "axes_fingerprint.json", axes_fp)
+    (run / "analyze" / "axes.csv").write_text("layer,channel\n")
+    pd.DataFrame({"layer": ["conv1"], "channel": [0], "damage_loss": [0.1]}).to_csv(run / "analyze" / "lesions.csv")
+    write_json(run / "analyze" / "lesion_summary.json", {"layers": 1})
+    if recorded is not None:
+        write_record(run / "analyze" / "lesion_inputs.json", {"analysis": "lesion"}, analysis_inputs(recorded))
+
+
+def test_report_refuses_analysis_tables_of_other_axes(tmp_path):
+    """Case 1, the report's side (fast, fake runs): a lesion table recorded with other axes than the run's
+    axes.csv, or recording none, is left out and listed; one recorded with the run's axes is read."""
+    fp = _fingerprint(1)
+    good, other, bare = (fake_run(tmp_path, s, local_gain=0.0) for s in (1, 2, 3))
+    _chained(good, fp, fp)
+    _chained(other, fp, {**fp, "capture.point": "post_act"})
+    _chained(bare, fp, None)
+    cfg, summary = _report(tmp_path)
+    skipped = {(s["seed"], s["file"]): s["reason"] for s in summary["skipped"]}
+    assert (1, "analyze/lesion_summary.json") not in skipped
+    f = "analyze/lesion_summary.json"   # what the report reads of the lesion analysis
+    for seed in (2, 3):
+        assert "was not computed from the run's axes.csv" in skipped[(seed, f)]
+        assert "python analyze.py" in skipped[(seed, f)] and "analysis=lesion" in skipped[(seed, f)]
+    assert "axes.csv.capture.point: post_act -> (absent)" in skipped[(2, f)]
+    assert "lesion_inputs.json is missing" in skipped[(3, f)]
+
+
+def test_a_copied_seed_is_counted_once_and_two_networks_of_one_seed_are_refused(tmp_path):
+    """Case 3: a backup copy of a seed folder inside the sweep (same checkpoint digest) is counted once; the
+    same seed with another network (another digest), e.g. from a second root, is refused, never pooled."""
+    from axes_pipeline.report.collect import discover
+
+    runs = [fake_run(tmp_path, s, local_gain=0.05) for s in (1, 2, 3)]
+    for r in runs:   # training records its checkpoints' digests
+        summary = read_json(r / "train_summary.json")
+        (r / "train_summary.json").write_text(json.dumps({**summary, "checkpoint_digests": {"best.ckpt": f"{r.name}aaaa"}}))
+    shutil.copytree(runs[0], runs[0].parent / "seed1-backup")
+    skipped: list[dict] = []
+    found = discover([tmp_path / "multirun" / "demo"], skipped)
+    assert sorted(r.seed for r in found) == [1, 2, 3]
+    assert len(skipped) == 1 and "an exact copy of" in skipped[0]["reason"] and skipped[0]["seed"] == 1
+    _, summary = _report(tmp_path)
+    assert summary["headline"] and all(row["n"] == 3 for row in summary["headline"])
+
+    second = tmp_path / "second"
+    other = fake_run(second, 2, local_gain=0.0)    # another seed-2 network
+    s2 = read_json(other / "train_summary.json")
+    (other / "train_summary.json").write_text(json.dumps({**s2, "checkpoint_digests": {"best.ckpt": "bbbbbbbbbbbb"}}))
+    skipped = []
+    found = discover([tmp_path / "multirun" / "demo", second], skipped)
+    assert sorted(r.seed for r in found) == [1, 3]
+    refused = [s for s in skipped if s["seed"] == 2]
+    assert len(refused) == 2 and all("2 different networks" in s["reason"] and "never pooled" in s["reason"] for s in refused)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from axes_pipeline.runs import fingerprint
+from axes_pipeline.runs import fingerprint, flatten
 
 #: the two kinds of run folder below the output root: single runs and ``-m`` sweeps
 RUN_KINDS = ("runs", "multirun")
@@ -50,8 +50,9 @@ def analysis_record(name: str) -> str:
 
 def analysis_inputs(axes_fp) -> dict:
     """The fingerprint an analysis records of its inputs (:func:`analysis_record`): that of the ``axes.csv`` it read
-    (``axes_fingerprint.json``'s content). One shape, written by analyze and checked by analyze and the report."""
-    return {AXES_CSV: axes_fp}
+    (``axes_fingerprint.json``'s content), flat (``axes.csv.capture.point``) so that a mismatch names the keys that
+    differ. One shape, written by analyze and checked by analyze and the report."""
+    return flatten({AXES_CSV: axes_fp})
 
 
 @dataclass(frozen=True)
