@@ -223,6 +223,7 @@ def test_an_analysis_of_older_axes_is_marked_stale_and_refused_by_the_report(tin
     """Case 1: ``analysis=[axes,propagation]``, then ``analysis=axes`` under another capture: propagation.csv was
     computed from the old axes. Analyze keeps it but marks it stale (not merged as current), the report leaves it
     out naming the file and the command; running propagation again recomputes it and the chain holds again."""
+    from axes_pipeline.layout import analysis_inputs
     from axes_pipeline.report.collect import discover, skipped_inputs
 
     root, over, run = _copy_run(tiny_run, "prov-chain")
@@ -231,7 +232,7 @@ def test_an_analysis_of_older_axes_is_marked_stale_and_refused_by_the_report(tin
     out = run / "analyze"
     record = read_json(out / "propagation_inputs.json")
     want = read_json(out / "axes_fingerprint.json")
-    assert want == first["axes"]["fingerprint"] and record["fingerprint"] == {f"axes.csv.{k}": v for k, v in want.items()}
+    assert want == first["axes"]["fingerprint"] and record["fingerprint"] == analysis_inputs(want)
     assert read_json(out / "analyze_summary.json")["propagation"]["pairs"] == 2
     capsys.readouterr()
 
@@ -312,3 +313,34 @@ def test_a_copied_seed_is_counted_once_and_two_networks_of_one_seed_are_refused(
     assert sorted(r.seed for r in found) == [1, 3]
     refused = [s for s in skipped if s["seed"] == 2]
     assert len(refused) == 2 and all("2 different networks" in s["reason"] and "never pooled" in s["reason"] for s in refused)
+
+
+def test_dynamics_names_the_epochs_without_a_checkpoint(tiny_run, capsys, caplog):
+    """Case 7: with epoch_001.ckpt deleted, dynamics reported "3 epochs" as if complete; now the log, the
+    summary and the report name epoch 1."""
+    import logging
+
+    from axes_pipeline.report.collect import chain_notices, discover, group_runs
+
+    root, over, run = _copy_run(tiny_run, "prov-dyn")
+    (run / "checkpoints" / "epoch_001.ckpt").unlink()
+    cfg = make_cfg("analyze", [*over, "plots=false", "analysis=dynamics", "capture.layers=[conv1]",
+                               "analysis.dynamics.layers=[conv1]"], root)
+    with caplog.at_level(logging.WARNING, logger="axes_pipeline"):
+        head = run_analysis(cfg)["dynamics"]
+    assert head["missing_epochs"] == {"42": [1]} and head["epochs"] == 3
+    assert "no checkpoint for seed 42: epoch 1" in capsys.readouterr().out
+    assert any("epoch 1" in r.getMessage() and "no checkpoint" in r.getMessage() for r in caplog.records)
+    assert read_json(run / "analyze" / "analyze_summary.json")["dynamics"]["missing_epochs"] == {"42": [1]}
+    groups, _ = group_runs(discover([run.parent]))
+    assert any("no checkpoint for epoch 1" in n for n in chain_notices(groups))
+
+
+def test_training_records_its_environment(tiny_run):
+    """Case 5: the environment that shapes the weights is recorded at train time."""
+    root, overrides = tiny_run
+    run = Path(make_cfg("train", overrides, root).paths.run_dir)
+    env = read_json(run / "train_summary.json")["environment"]
+    assert env == read_json(run / "environment.json")
+    assert env["threads"] >= 1 and env["processor"] and env["torch"] and env["build_digest"]
+    assert {"deterministic_algorithms", "cudnn_deterministic", "cuda_device", "blas", "onednn"} <= set(env)

@@ -439,3 +439,72 @@ def test_refusals_leave_no_marker_and_no_folder(tmp_path):
     assert "seed998" in res.stderr and "seed999" in res.stderr
     sweep = tmp_path / "multirun" / "default"
     assert not list(sweep.rglob("*.failed")) and not (sweep / "digits-resnet18-w1.0").exists() and not (sweep / ".jobs").exists()
+
+
+def test_environment_differences_are_one_line(tmp_path, capsys):
+    """Case 5: a resume or a later stage in another environment (thread count, processor) says so in one line;
+    the same environment says nothing."""
+    import json
+
+    from axes_pipeline.environment import differs, environment, label
+    from axes_pipeline.layout import RunId, RunLayout
+    from axes_pipeline.training.restore import check_environment
+    from axes_pipeline.training.train import record_environment
+
+    now = environment()
+    assert differs(now, now) is None and differs(None, now) is None
+    other = {**now, "threads": now["threads"] + 7, "processor": "another CPU"}
+    assert differs(other, now).startswith(f"threads: {now['threads'] + 7} -> {now['threads']}, processor: another CPU")
+    assert f"×{now['threads']} threads" in label(now) and label(None) == "(not recorded)"
+
+    run = tmp_path / "run"
+    env, resumed = record_environment(run, resuming=False)       # a fresh start records it
+    assert env == now and resumed is None and json.loads((run / "environment.json").read_text()) == now
+    assert capsys.readouterr().out == ""
+    (run / "environment.json").write_text(json.dumps(other))      # started elsewhere, resumed here
+    env, resumed = record_environment(run, resuming=True)
+    assert env == other and resumed == now
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "resuming under another environment" in out[0] and "not be bit-identical" in out[0]
+
+    (run / "train_summary.json").write_text(json.dumps({"environment": other}))
+    check_environment(RunLayout.at(RunId("default", "digits", "resnet18", 1.0, 1), tmp_path).in_folder(run))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "trained in another environment" in out[0] and "threads" in out[0]
+    (run / "train_summary.json").write_text(json.dumps({"environment": now}))
+    check_environment(RunLayout.at(RunId("default", "digits", "resnet18", 1.0, 1), tmp_path).in_folder(run))
+    assert capsys.readouterr().out == ""
+
+
+def test_report_shows_each_seeds_environment_and_a_note_when_a_group_mixes_them(tmp_path):
+    """Case 5, the report: the runs table names each seed's environment; a group that mixes them gets a notice."""
+    import json
+
+    env = {"threads": 2, "processor": "CPU A", "torch": "2.14.1", "build_digest": "abc"}
+    for s in (1, 2, 3):
+        run = fake_run(tmp_path, s, local_gain=0.02)
+        summary = json.loads((run / "train_summary.json").read_text())
+        summary["environment"] = {**env, "threads": 1} if s == 3 else env
+        (run / "train_summary.json").write_text(json.dumps(summary))
+    _, summary = _report(tmp_path)
+    note = [n for n in summary["notices"] if "different environments" in n]
+    assert len(note) == 1 and "seeds 1, 2: CPU A ×2 threads" in note[0] and "seeds 3: CPU A ×1 threads" in note[0]
+    runs = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "runs.csv")
+    assert runs.set_index("seed").loc[3, "environment"].startswith("CPU A ×1 threads")
+
+
+def test_a_seed_killed_mid_training_is_listed_with_the_command_that_finishes_it(tmp_path):
+    """Case 10: a seed with checkpoints but no train_summary.json was missing from the report without a word."""
+    for s in (1, 2, 3):
+        fake_run(tmp_path, s, local_gain=0.02)
+    killed = tmp_path / "multirun" / "demo" / "digits-resnet18-w0.25" / "seed4"
+    (killed / "checkpoints").mkdir(parents=True)
+    (killed / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (killed / ".hydra" / "train").mkdir(parents=True)
+    (killed / ".hydra" / "train" / "overrides.yaml").write_text("- experiment=demo\n- seed=4\n")
+    _, summary = _report(tmp_path)
+    entry = [s for s in summary["skipped"] if s["seed"] == 4]
+    assert len(entry) == 1 and entry[0]["file"] == "train_summary.json"
+    assert "training did not finish" in entry[0]["reason"] and "`python train.py experiment=demo seed=4`" in entry[0]["reason"]
+    md = (tmp_path / "multirun" / "demo" / "report" / "report.md").read_text()
+    assert "python train.py experiment=demo seed=4" in md
