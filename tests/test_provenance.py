@@ -216,7 +216,8 @@ def test_checkpoints_are_verified_against_their_training_digest(tiny_run, tmp_pa
 # ------------------------------------------------------------------ issue 31: the chain of a result
 
 
-PROPAGATION = ["analysis.propagation.null_draws=2", "capture.layers=[conv1,layer1.0.conv1,layer1.0.conv2]"]
+THREE = "capture.layers=[conv1,layer1.0.conv1,layer1.0.conv2]"
+NULL = "analysis.propagation.null_draws=2"
 
 
 def test_an_analysis_of_older_axes_is_marked_stale_and_refused_by_the_report(tiny_run, capsys):
@@ -227,8 +228,8 @@ def test_an_analysis_of_older_axes_is_marked_stale_and_refused_by_the_report(tin
     from axes_pipeline.report.collect import discover, skipped_inputs
 
     root, over, run = _copy_run(tiny_run, "prov-chain")
-    over = [*over, "plots=false", *PROPAGATION]
-    first = run_analysis(make_cfg("analyze", [*over, "analysis=[axes,propagation]"], root))
+    over = [*over, "plots=false", THREE]
+    first = run_analysis(make_cfg("analyze", [*over, "analysis=[axes,propagation]", NULL], root))
     out = run / "analyze"
     record = read_json(out / "propagation_inputs.json")
     want = read_json(out / "axes_fingerprint.json")
@@ -247,7 +248,7 @@ def test_an_analysis_of_older_axes_is_marked_stale_and_refused_by_the_report(tin
     why = {s["file"]: s["reason"] for s in skipped_inputs(runs)}["analyze/propagation.csv"]
     assert str(out / "propagation.csv") in why and "analysis=propagation" in why and "python analyze.py" in why
 
-    again = run_analysis(make_cfg("analyze", [*over, "analysis=propagation", "capture.samples_per_image=2"], root))
+    again = run_analysis(make_cfg("analyze", [*over, "analysis=propagation", NULL, "capture.samples_per_image=2"], root))
     assert again["propagation"]["pairs"] == 2
     summary = read_json(out / "analyze_summary.json")
     assert "stale" not in summary and "propagation" in summary["analyses"]
