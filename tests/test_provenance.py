@@ -345,3 +345,23 @@ def test_training_records_its_environment(tiny_run):
     assert env == read_json(run / "environment.json")
     assert env["threads"] >= 1 and env["processor"] and env["torch"] and env["build_digest"]
     assert {"deterministic_algorithms", "cudnn_deterministic", "cuda_device", "blas", "onednn"} <= set(env)
+
+
+def test_the_summary_moves_stale_analyses_aside_and_back(tmp_path):
+    """Case 1, analyze_summary.json: a stale analysis' figures move under ``stale`` (kept, never current) and
+    come back once the axes they were computed from are current again."""
+    from axes_pipeline.analyses.analyze import _merged
+    from axes_pipeline.runs import write_json
+
+    path = tmp_path / "analyze_summary.json"
+    write_json(path, {"analyses": ["axes", "lesion"], "axes": {"layers": 3}, "lesion": {"delta_r2": 0.1}})
+    now = {"analyses": ["axes"], "axes": {"layers": 3, "fingerprint": {"capture.point": "post_act"}}}
+    merged = _merged(path, now, {"lesion": "lesions.csv ... stale"})
+    assert "lesion" not in merged and merged["analyses"] == ["axes"]
+    assert merged["stale"] == {"lesion": {"why": "lesions.csv ... stale", "headline": {"delta_r2": 0.1}}}
+    write_json(path, merged)
+    again = _merged(path, now, {"lesion": "still stale"})            # kept across calls
+    assert again["stale"]["lesion"]["headline"] == {"delta_r2": 0.1}
+    write_json(path, again)
+    back = _merged(path, {"analyses": ["axes"], "axes": {"layers": 3}}, {})   # the old axes are current again
+    assert back["lesion"] == {"delta_r2": 0.1} and "stale" not in back and back["analyses"] == ["axes", "lesion"]

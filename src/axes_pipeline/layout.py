@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from axes_pipeline.runs import fingerprint, flatten
+from axes_pipeline.runs import fingerprint, flatten, read_record
 
 #: the two kinds of run folder below the output root: single runs and ``-m`` sweeps
 RUN_KINDS = ("runs", "multirun")
@@ -53,6 +53,22 @@ def analysis_inputs(axes_fp) -> dict:
     (``axes_fingerprint.json``'s content), flat (``axes.csv.capture.point``) so that a mismatch names the keys that
     differ. One shape, written by analyze and checked by analyze and the report."""
     return flatten({AXES_CSV: axes_fp})
+
+
+def broken_chains(folder: Path, axes_fp, skip: tuple[str, ...] | list[str] = ()) -> dict[str, tuple[list[str], str]]:
+    """The chain rule, checked: {analysis: (its tables found in ``folder``, why)} for each analysis (but ``skip``)
+    whose record does not carry ``analysis_inputs(axes_fp)``: computed from other axes than the stage folder's
+    ``axes.csv`` (fingerprint ``axes_fp``), or recording none. Read by analyze (it marks them stale) and by the
+    report (it leaves them out)."""
+    out = {}
+    for name, tables in ANALYSIS_TABLES.items():
+        have = [t for t in tables if (Path(folder) / t).is_file()]
+        if name in skip or not have:
+            continue
+        record, why = read_record(Path(folder) / analysis_record(name), analysis_inputs(axes_fp))
+        if record is None:
+            out[name] = (have, why or f"{analysis_record(name)} is missing")
+    return out
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,16 @@ from axes_pipeline.axes.table import axes_fingerprint, axes_step, fit_capture_si
 from axes_pipeline.config import to_container
 from axes_pipeline.devices import resolve_device
 from axes_pipeline.errors import UserError
-from axes_pipeline.layout import ANALYSIS_TABLES, ANALYZE_SUMMARY, AXES_CSV, PLOTS, analysis_inputs, analysis_record
-from axes_pipeline.runs import Stamp, file_digest, flatten, read_json, read_record, write_json, write_record
+from axes_pipeline.layout import (
+    ANALYSIS_TABLES,
+    ANALYZE_SUMMARY,
+    AXES_CSV,
+    PLOTS,
+    analysis_inputs,
+    analysis_record,
+    broken_chains,
+)
+from axes_pipeline.runs import Stamp, file_digest, flatten, read_json, write_json, write_record
 from axes_pipeline.stage import StageInputs, stage_inputs, typed
 from axes_pipeline.tracking import StageTracker, artifact_name, log_axes
 from axes_pipeline.training.restore import restore_trained
@@ -221,18 +229,11 @@ def run_analysis(cfg: DictConfig) -> dict:
 
 def stale_analyses(out: Path, axes_fp: dict, ran: list[str]) -> dict[str, str]:
     """{analysis: one line} for each analysis not run now whose tables in ``out`` were computed from other axes
-    than ``axes_fp`` (or record none): kept on disk, marked stale in the summary, refused by the report."""
-    stale = {}
-    for name, tables in ANALYSIS_TABLES.items():
-        have = [t for t in tables if (out / t).is_file()]
-        if name in ran or not have:
-            continue
-        record, why = read_record(out / analysis_record(name), analysis_inputs(axes_fp))
-        if record is None:
-            why = why or f"{analysis_record(name)} is missing (no record of the axes they were computed from)"
-            stale[name] = (f"{', '.join(have)} in {out} were not computed from the current {AXES_CSV} ({why}); kept "
-                           f"but stale (the report leaves them out): rebuild with `{_rerun(name)}`")
-    return stale
+    than ``axes_fp`` (or record none: :func:`~axes_pipeline.layout.broken_chains`): kept on disk, marked stale in
+    the summary, refused by the report."""
+    return {name: (f"{', '.join(have)} in {out} were not computed from the current {AXES_CSV} ({why}); kept but stale "
+                   f"(the report leaves them out): rebuild with `{_rerun(name)}`")
+            for name, (have, why) in broken_chains(out, axes_fp, skip=ran).items()}
 
 
 def _rerun(name: str) -> str:
@@ -257,7 +258,11 @@ def _merged(path: Path, summary: dict, stale: dict[str, str] | None = None) -> d
         old = {}
     stale = stale or {}
     merged = {**old, **summary}
-    kept_stale = {k: v for k, v in (old.get("stale") or {}).items() if k in stale}
+    earlier = old.get("stale") or {}
+    for name, entry in earlier.items():   # current again (the axes it was computed from are back): restored
+        if name not in stale and name not in summary and isinstance(entry, dict) and entry.get("headline") is not None:
+            merged[name] = entry["headline"]
+    kept_stale = {k: v for k, v in earlier.items() if k in stale}
     for name, why in stale.items():
         headline = merged.pop(name, None)
         if headline is None:   # marked stale by an earlier call: its headline is already kept
@@ -266,7 +271,9 @@ def _merged(path: Path, summary: dict, stale: dict[str, str] | None = None) -> d
     merged.pop("stale", None)
     if kept_stale:
         merged["stale"] = kept_stale
-    merged["analyses"] = [a for a in dict.fromkeys([*old.get("analyses", []), *summary["analyses"]]) if a not in stale]
+    restored = [n for n in earlier if n not in stale and n in merged]
+    merged["analyses"] = [a for a in dict.fromkeys([*old.get("analyses", []), *restored, *summary["analyses"]])
+                          if a not in stale]
     return merged
 
 

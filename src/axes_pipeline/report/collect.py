@@ -16,7 +16,6 @@ import pandas as pd
 from axes_pipeline.environment import label as env_label
 from axes_pipeline.errors import UserError
 from axes_pipeline.layout import (
-    ANALYSIS_TABLES,
     ANALYZE_SUMMARY,
     AXES_CSV,
     AXES_FINGERPRINT,
@@ -29,10 +28,9 @@ from axes_pipeline.layout import (
     TRAIN_SUMMARY,
     RunId,
     RunLayout,
-    analysis_inputs,
-    analysis_record,
+    broken_chains,
 )
-from axes_pipeline.runs import file_digest, fingerprint, flatten, read_json, read_record, settings_diff
+from axes_pipeline.runs import file_digest, fingerprint, flatten, read_json, settings_diff
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 
 # Keys that legitimately differ between seeds of one experiment.
@@ -254,10 +252,10 @@ def provenance_notices(groups: dict[str, list[Run]]) -> list[str]:
 
 
 def stale_tables(folder: Path, run_id: RunId) -> dict[str, str]:
-    """The chain rule, read back: {``analyze/<table>``: why} for each analysis table in ``folder`` whose record
-    (``<analysis>_inputs.json``) does not carry the fingerprint of the run's ``axes.csv``
-    (``axes_fingerprint.json``), or that records none. A run without an axes fingerprint (an older run, a
-    hand-made table) has nothing to check against: its tables are read, and :func:`split_by_axes` keeps it apart."""
+    """The chain rule, read back: {``analyze/<table>``: why} for each analysis table in ``folder`` not computed from
+    the run's ``axes.csv`` (:func:`~axes_pipeline.layout.broken_chains`). A run without an axes fingerprint (an
+    older run, hand-made tables) has nothing to check against: its tables are read, and :func:`split_by_axes`
+    keeps it apart."""
     try:
         axes_fp = read_json(folder / AXES_FINGERPRINT)
     except FileNotFoundError:
@@ -265,17 +263,11 @@ def stale_tables(folder: Path, run_id: RunId) -> dict[str, str]:
     except (OSError, ValueError):
         axes_fp = "(unreadable)"
     out = {}
-    for name, tables in ANALYSIS_TABLES.items():
-        have = [t for t in tables if (folder / t).is_file()]
-        if not have:
-            continue
-        record, why = read_record(folder / analysis_record(name), analysis_inputs(axes_fp))
-        if record is None:
-            why = why or f"{analysis_record(name)} is missing"
-            cmd = run_id.command("analyze", f"analysis={name}")
-            for t in have:
-                out[f"analyze/{t}"] = (f"{folder / t} was not computed from the run's {AXES_CSV} ({why}); left out: "
-                                       f"rebuild it with `{cmd}` and the capture/metrics settings of its {AXES_CSV}")
+    for name, (have, why) in broken_chains(folder, axes_fp).items():
+        cmd = run_id.command("analyze", f"analysis={name}")
+        for t in have:
+            out[f"analyze/{t}"] = (f"{folder / t} was not computed from the run's {AXES_CSV} ({why}); left out: "
+                                   f"rebuild it with `{cmd}` and the capture/metrics settings of its {AXES_CSV}")
     return out
 
 
