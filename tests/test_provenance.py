@@ -220,10 +220,12 @@ THREE = "capture.layers=[conv1,layer1.0.conv1,layer1.0.conv2]"
 NULL = "analysis.propagation.null_draws=2"
 
 
-def test_an_analysis_of_older_axes_is_marked_stale_and_refused_by_the_report(tiny_run, capsys):
+def test_an_analysis_of_older_axes_is_marked_stale_and_refused_by_the_report(tiny_run, caplog):
     """Case 1: ``analysis=[axes,propagation]``, then ``analysis=axes`` under another capture: propagation.csv was
     computed from the old axes. Analyze keeps it but marks it stale (not merged as current), the report leaves it
     out naming the file and the command; running propagation again recomputes it and the chain holds again."""
+    import logging
+
     from axes_pipeline.layout import analysis_inputs
     from axes_pipeline.report.collect import discover, skipped_inputs
 
@@ -235,11 +237,11 @@ def test_an_analysis_of_older_axes_is_marked_stale_and_refused_by_the_report(tin
     want = read_json(out / "axes_fingerprint.json")
     assert want == first["axes"]["fingerprint"] and record["fingerprint"] == analysis_inputs(want)
     assert read_json(out / "analyze_summary.json")["propagation"]["pairs"] == 2
-    capsys.readouterr()
 
-    run_analysis(make_cfg("analyze", [*over, "analysis=axes", "capture.samples_per_image=2"], root))
-    note = capsys.readouterr().out
-    assert "propagation.csv" in note and "stale" in note and "analysis=propagation" in note
+    with caplog.at_level(logging.WARNING, logger="axes_pipeline"):
+        run_analysis(make_cfg("analyze", [*over, "analysis=axes", "capture.samples_per_image=2"], root))
+    notes = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
+    assert len(notes) == 1 and "propagation.csv" in notes[0] and "analysis=propagation" in notes[0]
     summary = read_json(out / "analyze_summary.json")
     assert "propagation" not in summary and "propagation" not in summary["analyses"]
     assert summary["stale"]["propagation"]["headline"]["pairs"] == 2 and (out / "propagation.csv").is_file()   # kept

@@ -441,10 +441,11 @@ def test_refusals_leave_no_marker_and_no_folder(tmp_path):
     assert not list(sweep.rglob("*.failed")) and not (sweep / "digits-resnet18-w1.0").exists() and not (sweep / ".jobs").exists()
 
 
-def test_environment_differences_are_one_line(tmp_path, capsys):
+def test_environment_differences_are_one_line(tmp_path, caplog):
     """Case 5: a resume or a later stage in another environment (thread count, processor) says so in one line;
     the same environment says nothing."""
     import json
+    import logging
 
     from axes_pipeline.environment import differs, environment, label
     from axes_pipeline.layout import RunId, RunLayout
@@ -457,23 +458,30 @@ def test_environment_differences_are_one_line(tmp_path, capsys):
     assert differs(other, now).startswith(f"threads: {now['threads'] + 7} -> {now['threads']}, processor: another CPU")
     assert f"×{now['threads']} threads" in label(now) and label(None) == "(not recorded)"
 
+    def lines():
+        said = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        return said
+
+    caplog.set_level(logging.WARNING, logger="axes_pipeline")
     run = tmp_path / "run"
     env, resumed = record_environment(run, resuming=False)       # a fresh start records it
     assert env == now and resumed is None and json.loads((run / "environment.json").read_text()) == now
-    assert capsys.readouterr().out == ""
+    assert lines() == []
     (run / "environment.json").write_text(json.dumps(other))      # started elsewhere, resumed here
     env, resumed = record_environment(run, resuming=True)
     assert env == other and resumed == now
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "resuming under another environment" in out[0] and "not be bit-identical" in out[0]
+    said = lines()
+    assert len(said) == 1 and "under another environment" in said[0] and "not be bit-identical" in said[0]
 
+    layout = RunLayout.at(RunId("default", "digits", "resnet18", 1.0, 1), tmp_path).in_folder(run)
     (run / "train_summary.json").write_text(json.dumps({"environment": other}))
-    check_environment(RunLayout.at(RunId("default", "digits", "resnet18", 1.0, 1), tmp_path).in_folder(run))
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "trained in another environment" in out[0] and "threads" in out[0]
+    check_environment(layout)
+    said = lines()
+    assert len(said) == 1 and "trained in another environment" in said[0] and "threads" in said[0]
     (run / "train_summary.json").write_text(json.dumps({"environment": now}))
-    check_environment(RunLayout.at(RunId("default", "digits", "resnet18", 1.0, 1), tmp_path).in_folder(run))
-    assert capsys.readouterr().out == ""
+    check_environment(layout)
+    assert lines() == []
 
 
 def test_report_shows_each_seeds_environment_and_a_note_when_a_group_mixes_them(tmp_path):

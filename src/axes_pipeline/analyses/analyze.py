@@ -213,8 +213,7 @@ def run_analysis(cfg: DictConfig) -> dict:
                 write_record(out / analysis_record(name), {"analysis": name, "tables": list(ANALYSIS_TABLES[name])},
                              analysis_inputs(summary["axes"]["fingerprint"]))
         stale = stale_analyses(out, summary["axes"]["fingerprint"], chosen) if trained is not None else {}
-        for why in stale.values():
-            print(f"analyze: note: {why}")
+        for why in stale.values():   # one line each: the console (Hydra's handler) and analyze.log
             log.warning("analyze: %s", why)
         summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
         # the config as run: capture.n_cal as fitted to the data (the images captured)

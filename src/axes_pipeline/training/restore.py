@@ -102,11 +102,9 @@ def check_environment(run: RunLayout) -> None:
     except (OSError, ValueError, AttributeError):
         return
     why = differs(recorded, environment())
-    if why:
-        log.warning("%s was trained in another environment (%s); what this stage computes is not bit-identical to "
-                    "the same stage run there", run.dir, why)
-        print(f"note: {run.dir} was trained in another environment ({why}); results computed here are not "
-              f"bit-identical to those computed there")
+    if why:   # one line: under Hydra the log's console handler shows it, and <stage>.log keeps it
+        log.warning("%s was trained in another environment (%s); results computed here are not bit-identical to "
+                    "those computed there", run.dir, why)
 
 
 def check_finished(run: RunLayout, allow_partial: bool) -> None:

@@ -80,10 +80,9 @@ def record_environment(out: Path, resuming: bool) -> tuple[dict, dict | None]:
     why = differs(recorded, now)
     if why is None:
         return recorded, None
+    # one line: under Hydra the log's console handler shows it, and train.log keeps it
     log.warning("resuming %s under another environment than it started in (%s): its weights will not be "
                 "bit-identical to an uninterrupted run's", out, why)
-    print(f"train: warning: resuming under another environment than the run started in ({why}); its weights "
-          f"will not be bit-identical to an uninterrupted run's")
     return recorded, now
 
 
