@@ -516,3 +516,19 @@ def test_a_seed_killed_mid_training_is_listed_with_the_command_that_finishes_it(
     assert "training did not finish" in entry[0]["reason"] and "`python train.py experiment=demo seed=4`" in entry[0]["reason"]
     md = (tmp_path / "multirun" / "demo" / "report" / "report.md").read_text()
     assert "python train.py experiment=demo seed=4" in md
+
+
+def test_a_refusal_keeps_an_earlier_commands_folder(tmp_path):
+    """Case 8: the folder a refused command would remove is one Hydra made for it alone; a folder whose
+    ``<stage>.log`` starts before this process (an earlier command's logs) is kept."""
+    from axes_pipeline.tasks import _drop_hydra_only
+
+    root = tmp_path / "root"
+    earlier, mine = root / "reports" / "old", root / "reports" / "new"
+    for folder in (earlier, mine):
+        (folder / ".hydra" / "report").mkdir(parents=True)
+    (earlier / "report.log").write_text("[2020-01-01 10:00:00,000][axes_pipeline][INFO] - report: ...\n")
+    (mine / "report.log").write_text("")
+    _drop_hydra_only(earlier, "report", root)
+    _drop_hydra_only(mine, "report", root)
+    assert earlier.is_dir() and not mine.exists() and root.is_dir()

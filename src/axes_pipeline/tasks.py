@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -349,7 +350,7 @@ def _drop_hydra_only(folder: Path, stage: str, root: Path) -> None:
     but what Hydra wrote for this job (``.hydra/<stage>/``, ``<stage>.log``) and an old marker: a folder made
     only for a refused command. A folder holding anything else (a run's results) is left as it is."""
     root = root.resolve()
-    if not folder.is_dir() or root not in folder.parents:
+    if not folder.is_dir() or root not in folder.parents or _logged_before(folder / f"{stage}.log"):
         return
     own = {".hydra", f"{stage}.log", f"{stage}.failed"}
     hydra = folder / ".hydra"
@@ -361,6 +362,31 @@ def _drop_hydra_only(folder: Path, stage: str, root: Path) -> None:
         while parent != root and root in parent.parents and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
+
+
+_STARTED = time.time()   # this process' start (the entry point imports this module first), for _logged_before
+_LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
+
+
+def _logged_before(log_file: Path) -> bool:
+    """True when ``log_file`` (Hydra's ``<stage>.log``, appended to by every run) starts with a line written
+    before this process started, or cannot be read: an earlier command's folder, never removed by a refusal."""
+    try:
+        with open(log_file, errors="replace") as f:
+            first = f.readline()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    if not first:
+        return False
+    m = _LOG_TIME.match(first)
+    if m is None:
+        return True
+    try:
+        return time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) < int(_STARTED) - 1
+    except (ValueError, OverflowError):
+        return True
 
 
 #: where the jobs of a sweep record how they ended (``<sweep>/.jobs/<stage>/<num>.json``), read by SweepSummary
