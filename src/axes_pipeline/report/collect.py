@@ -335,7 +335,8 @@ def unfinished_runs(roots: list[Path], skipped: list[dict]) -> None:
             seen.add(run)
             m = re.fullmatch(r"seed(\d+)", run.name)
             skipped.append({"run": str(run), "seed": int(m.group(1)) if m else None, "file": TRAIN_SUMMARY,
-                            "reason": f"training did not finish ({run / CHECKPOINTS} but no {TRAIN_SUMMARY}): the run "
+                            "reason": f"training did not finish (killed, or still running: {run / CHECKPOINTS} but no "
+                                      f"{TRAIN_SUMMARY}): the run "
                                       f"is in no table; finish it with `{_train_command(run)}` (it resumes from "
                                       f"{LAST_CKPT})"})
 
