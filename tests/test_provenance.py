@@ -367,3 +367,22 @@ def test_the_summary_moves_stale_analyses_aside_and_back(tmp_path):
     write_json(path, again)
     back = _merged(path, {"analyses": ["axes"], "axes": {"layers": 3}}, {})   # the old axes are current again
     assert back["lesion"] == {"delta_r2": 0.1} and "stale" not in back and back["analyses"] == ["axes", "lesion"]
+
+
+def test_dynamics_of_another_seed_is_recorded_only_against_axes_of_the_same_knobs(tmp_path):
+    """Case 1 with ``dynamics.seeds``: the dynamics.csv written into another seed's folder is recorded against that
+    seed's axes.csv when it was measured with the same knobs (only the checkpoint differs), never otherwise."""
+    from axes_pipeline.analyses.dynamics import record_other_seed
+    from axes_pipeline.layout import broken_chains
+    from axes_pipeline.runs import write_json
+
+    ours = _fingerprint(1)
+    same, other = tmp_path / "same", tmp_path / "other"
+    for folder, fp in ((same, _fingerprint(2)), (other, _fingerprint(2, **{"capture.point": "post_act"}))):
+        folder.mkdir()
+        write_json(folder / "axes_fingerprint.json", fp)
+        (folder / "dynamics.csv").write_text("epoch,layer\n0,conv1\n")
+        record_other_seed(folder, ours)
+    assert broken_chains(same, _fingerprint(2)) == {}
+    assert not (other / "dynamics_inputs.json").exists()
+    assert "dynamics" in broken_chains(other, read_json(other / "axes_fingerprint.json"))

@@ -41,9 +41,9 @@ from axes_pipeline.capture import capture_activations
 from axes_pipeline.capture.targets import target_from_logits
 from axes_pipeline.console import progress as units_progress
 from axes_pipeline.errors import UserError, unknown_name
-from axes_pipeline.layout import RunLayout
+from axes_pipeline.layout import AXES_FINGERPRINT, RunLayout, analysis_inputs, analysis_record
 from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
-from axes_pipeline.runs import Stamp, file_digest, mismatch, run_fingerprint, write_csv
+from axes_pipeline.runs import Stamp, file_digest, mismatch, plain, read_json, run_fingerprint, write_csv, write_record
 from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into
@@ -328,6 +328,24 @@ def dynamics_of_run(knobs: AxesKnobs, block: DynamicsAnalysis, data_id: dict, pl
     return frame, computed
 
 
+def record_other_seed(folder: Path, axes_fp: dict) -> None:
+    """The chain record of the ``dynamics.csv`` just written into another seed's ``folder`` (``dynamics.seeds``):
+    the dynamics depend on the axes knobs, not on a table, so it is recorded against that seed's own ``axes.csv``
+    when that was measured with the same knobs (the fingerprints differ only in the checkpoint); otherwise no
+    record is written and the report leaves that seed's table out (docs/reliability.md)."""
+    try:
+        theirs = read_json(folder / AXES_FINGERPRINT)
+    except (OSError, ValueError):
+        return
+    if not isinstance(theirs, dict):
+        return
+    same = {k: v for k, v in theirs.items() if k != "ckpt_digest"} == {k: v for k, v in plain(axes_fp).items()
+                                                                        if k != "ckpt_digest"}
+    if same:
+        write_record(folder / analysis_record("dynamics"), {"analysis": "dynamics", "tables": ["dynamics.csv"]},
+                     analysis_inputs(theirs))
+
+
 # ---- Curves, plot, headline ------------------------------------------------------------------
 
 
@@ -419,6 +437,8 @@ def run_dynamics_analysis(ctx, block: DynamicsAnalysis) -> dict:
     expect = expected_meta(ctx.inputs.run, dm.num_classes, dm.image_size)
     knobs = dynamics_knobs(ctx.knobs, block)
     runs = [dynamics_of_run(knobs, block, trained.data_id, plan, model, dm, layers, ctx.device, expect) for plan in plans]
+    for plan in plans[1:]:
+        record_other_seed(plan.run_dir / "analyze", ctx.axes_headline["fingerprint"])
     computed = sum(n for _, n in runs)
     del model
     allf = pd.concat([frame for frame, _ in runs], ignore_index=True).drop(columns=["ckpt_digest"], errors="ignore")
