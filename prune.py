@@ -1,5 +1,9 @@
 """FLOPs-matched pruning of a trained run: `python prune.py [same overrides as train.py] [pruning.*=...]`."""
 
+# isort: off
+import interpreter  # noqa: F401  (first: the wrong interpreter is one line, not a traceback)
+# isort: on
+
 from omegaconf import DictConfig
 
 from axes_pipeline.tasks import hydra_entry, run_task, trained_dir  # (it registers the config resolvers)

@@ -1,5 +1,9 @@
 """Train a backbone: `python train.py [data=...] [model=...] [experiment=...] [-m seed=42,123]`."""
 
+# isort: off
+import interpreter  # noqa: F401  (first: the wrong interpreter is one line, not a traceback)
+# isort: on
+
 from omegaconf import DictConfig
 
 import axes_pipeline.config  # noqa: F401  (registers the config resolvers)

@@ -354,3 +354,181 @@ def test_prune_reuses_the_axes_analyze_computed_from_a_whole_small_split(tiny_ru
     with caplog.at_level(logging.INFO, logger="axes_pipeline"):
         load_or_compute_axes(inputs(cfg).knobs, restore(cfg), progress=False)
     assert not any("computing the two axes" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- issue 31: the chain of a result
+
+
+@pytest.mark.parametrize("script", ["train.py", "analyze.py", "prune.py", "report.py"])
+def test_wrong_interpreter_is_one_line(script, tmp_path):
+    """Case 12: an interpreter without the project's packages (``-S``: no site-packages) gets one line
+    saying how to install and which interpreter to use, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    out = subprocess.run([sys.executable, "-S", str(ROOT / script), "seed=1"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "make install" in lines[0] and f".venv/bin/python {script}" in lines[0] and "omegaconf" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_with_one_captured_layer_says_prune_needs_every_layer(tiny_run):
+    """Case 9: ``prune.py capture.layers=<one layer>`` named prune's own table "damaged" and suggested an
+    analyze command that would overwrite the run's full axes.csv; now one line, nothing destructive."""
+    root, _ = tiny_run
+    over, dst = _partial_run(tiny_run, name="one_layer")
+    shutil.copy(Path(_analyze_cfg(tiny_run).paths.run_dir) / "train_summary.json", dst)
+    res = run_entry("prune.py", *over, "capture.layers=conv1", "pruning.scores=[input_capture]", cwd=root)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert "every prunable layer" in last and "capture.layers" in last and "without capture.layers" in last
+    assert "recompute" not in last and "damaged" not in last and "analyze.py" not in last
+    assert not (dst / "prune").exists() and not (dst / "analyze").exists()
+
+
+def test_relative_report_sweep_is_below_the_output_root(tmp_path, monkeypatch):
+    """Case 6: a relative ``report.sweep`` was looked up in the working directory and the report written
+    there; it is read below ``paths.output_root`` and the report stays inside the root."""
+    root, elsewhere = tmp_path / "root", tmp_path / "cwd"
+    elsewhere.mkdir()
+    for s in (1, 2, 3):
+        fake_run(root, s, local_gain=0.01)
+    monkeypatch.chdir(elsewhere)
+    _report(root, "report.sweep=multirun/demo")
+    assert (root / "multirun" / "demo" / "report" / "report.md").is_file()
+    assert list(elsewhere.iterdir()) == []
+    # a sweep outside the root (named absolutely) is read there, but the report is written inside the root
+    outside = tmp_path / "outside"
+    for s in (1, 2, 3):
+        fake_run(outside, s, local_gain=0.01)
+    _report(root, f"report.sweep={outside / 'multirun' / 'demo'}")
+    assert (root / "reports" / "demo" / "report.md").is_file() and not (outside / "multirun" / "demo" / "report").exists()
+
+
+def test_a_sweep_counts_only_its_own_jobs(tmp_path):
+    """Case 8: a marker (or a job record) left by an earlier sweep never fails a later, successful one, and
+    the summary counts this sweep's jobs only."""
+    old = tmp_path / "multirun" / "default" / "digits-resnet18-w1.0" / "seed999"
+    old.mkdir(parents=True)
+    (old / "analyze.failed").write_text("error: no trained run\n")                       # an earlier sweep's
+    jobs = tmp_path / "multirun" / "default" / ".jobs" / "analyze"
+    jobs.mkdir(parents=True)
+    (jobs / "00001.json").write_text('{"folder": "x", "ok": false, "error": "error: killed sweep"}')
+    res = run_entry("analyze.py", "-m", "seed=1", "analysis=linear_gaussian", "logger=none", "plots=false", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "analyze sweep finished: 1 job(s)" in res.stdout
+    assert not (tmp_path / "multirun" / "default" / ".jobs").exists()
+
+
+def test_refusals_leave_no_marker_and_no_folder(tmp_path):
+    """Case 8: a refusal before any work (no trained run, a missing report.runs entry) is one line and leaves
+    neither a marker nor the folder Hydra made for it; in a sweep the summary names each refused job."""
+    res = run_entry("analyze.py", "seed=999", "logger=none", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: no trained run")
+    assert not (tmp_path / "runs").exists(), sorted(tmp_path.rglob("*"))
+    res = run_entry("report.py", f"report.runs=[{tmp_path / 'nope'}]", "logger=none", cwd=tmp_path)
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    assert not (tmp_path / "reports").exists(), sorted(tmp_path.rglob("*"))
+    res = run_entry("analyze.py", "-m", "seed=998,999", "logger=none", cwd=tmp_path)
+    assert res.returncode == 1 and "2 analyze job(s) failed (of 2 in this sweep)" in res.stderr, res.stderr[-2000:]
+    assert "seed998" in res.stderr and "seed999" in res.stderr
+    sweep = tmp_path / "multirun" / "default"
+    assert not list(sweep.rglob("*.failed")) and not (sweep / "digits-resnet18-w1.0").exists() and not (sweep / ".jobs").exists()
+
+
+def test_environment_differences_are_one_line(tmp_path, caplog):
+    """Case 5: a resume or a later stage in another environment (thread count, processor) says so in one line;
+    the same environment says nothing."""
+    import json
+    import logging
+
+    from axes_pipeline.environment import differs, environment, label
+    from axes_pipeline.layout import RunId, RunLayout
+    from axes_pipeline.training.restore import check_environment
+    from axes_pipeline.training.train import record_environment
+
+    now = environment()
+    assert differs(now, now) is None and differs(None, now) is None
+    other = {**now, "threads": now["threads"] + 7, "processor": "another CPU"}
+    assert differs(other, now).startswith(f"threads: {now['threads'] + 7} -> {now['threads']}, processor: another CPU")
+    assert f"×{now['threads']} threads" in label(now) and label(None) == "(not recorded)"
+
+    def lines():
+        said = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        return said
+
+    caplog.set_level(logging.WARNING, logger="axes_pipeline")
+    run = tmp_path / "run"
+    env, resumed = record_environment(run, resuming=False)       # a fresh start records it
+    assert env == now and resumed is None and json.loads((run / "environment.json").read_text()) == now
+    assert lines() == []
+    (run / "environment.json").write_text(json.dumps(other))      # started elsewhere, resumed here
+    env, resumed = record_environment(run, resuming=True)
+    assert env == other and resumed == now
+    said = lines()
+    assert len(said) == 1 and "under another environment" in said[0] and "not be bit-identical" in said[0]
+
+    layout = RunLayout.at(RunId("default", "digits", "resnet18", 1.0, 1), tmp_path).in_folder(run)
+    (run / "train_summary.json").write_text(json.dumps({"environment": other}))
+    check_environment(layout)
+    said = lines()
+    assert len(said) == 1 and "trained in another environment" in said[0] and "threads" in said[0]
+    (run / "train_summary.json").write_text(json.dumps({"environment": now}))
+    check_environment(layout)
+    assert lines() == []
+
+
+def test_report_shows_each_seeds_environment_and_a_note_when_a_group_mixes_them(tmp_path):
+    """Case 5, the report: the runs table names each seed's environment; a group that mixes them gets a notice."""
+    import json
+
+    env = {"threads": 2, "processor": "CPU A", "torch": "2.14.1", "build_digest": "abc"}
+    for s in (1, 2, 3):
+        run = fake_run(tmp_path, s, local_gain=0.02)
+        summary = json.loads((run / "train_summary.json").read_text())
+        summary["environment"] = {**env, "threads": 1} if s == 3 else env
+        (run / "train_summary.json").write_text(json.dumps(summary))
+    _, summary = _report(tmp_path)
+    note = [n for n in summary["notices"] if "different environments" in n]
+    assert len(note) == 1 and "seeds 1, 2: CPU A ×2 threads" in note[0] and "seeds 3: CPU A ×1 threads" in note[0]
+    runs = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "runs.csv")
+    assert runs.set_index("seed").loc[3, "environment"].startswith("CPU A ×1 threads")
+
+
+def test_a_seed_killed_mid_training_is_listed_with_the_command_that_finishes_it(tmp_path):
+    """Case 10: a seed with checkpoints but no train_summary.json was missing from the report without a word."""
+    for s in (1, 2, 3):
+        fake_run(tmp_path, s, local_gain=0.02)
+    killed = tmp_path / "multirun" / "demo" / "digits-resnet18-w0.25" / "seed4"
+    (killed / "checkpoints").mkdir(parents=True)
+    (killed / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (killed / ".hydra" / "train").mkdir(parents=True)
+    (killed / ".hydra" / "train" / "overrides.yaml").write_text("- experiment=demo\n- seed=4\n")
+    _, summary = _report(tmp_path)
+    entry = [s for s in summary["skipped"] if s["seed"] == 4]
+    assert len(entry) == 1 and entry[0]["file"] == "train_summary.json"
+    assert "training did not finish" in entry[0]["reason"] and "`python train.py experiment=demo seed=4`" in entry[0]["reason"]
+    md = (tmp_path / "multirun" / "demo" / "report" / "report.md").read_text()
+    assert "python train.py experiment=demo seed=4" in md
+
+
+def test_a_refusal_keeps_an_earlier_commands_folder(tmp_path):
+    """Case 8: the folder a refused command would remove is one Hydra made for it alone; a folder whose
+    ``<stage>.log`` starts before this process (an earlier command's logs) is kept."""
+    from axes_pipeline.tasks import _drop_hydra_only
+
+    root = tmp_path / "root"
+    earlier, mine = root / "reports" / "old", root / "reports" / "new"
+    for folder in (earlier, mine):
+        (folder / ".hydra" / "report").mkdir(parents=True)
+    (earlier / "report.log").write_text("[2020-01-01 10:00:00,000][axes_pipeline][INFO] - report: ...\n")
+    (mine / "report.log").write_text("")
+    _drop_hydra_only(earlier, "report", root)
+    _drop_hydra_only(mine, "report", root)
+    assert earlier.is_dir() and not mine.exists() and root.is_dir()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from axes_pipeline.runs import fingerprint
+from axes_pipeline.runs import fingerprint, flatten, read_record
 
 #: the two kinds of run folder below the output root: single runs and ``-m`` sweeps
 RUN_KINDS = ("runs", "multirun")
@@ -27,9 +27,48 @@ AXES_CSV, LAYERS_CSV = "axes.csv", "layers.csv"
 AXES_FINGERPRINT = "axes_fingerprint.json"
 ANALYZE_SUMMARY = "analyze_summary.json"
 PRUNE_CURVES, PRUNE_SUMMARY = "prune_curves.csv", "prune_summary.json"
+#: The tables each analysis after the axes writes into the stage folder (``analyze/``): every one is computed
+#: from the axes of the run (the table, or the axes knobs it was measured with), so each analysis records the
+#: fingerprint of the ``axes.csv`` it read beside them (:func:`analysis_record`), and analyze and the report check
+#: that chain (docs/reliability.md, "the chain rule").
+ANALYSIS_TABLES: dict[str, tuple[str, ...]] = {
+    "lesion": ("lesions.csv", "lesion_binned.csv", "lesion_summary.json"),
+    "propagation": ("propagation.csv", "propagation_refused.csv"),
+    "definitions": ("definitions.csv",),
+    "dynamics": ("dynamics.csv", "dynamics_curves.csv", "dynamics_seeds.csv"),
+}
 PLOTS = "plots"
 #: the stage folders of a run (another checkpoint's results go to ``<stage>@<stem>``)
 STAGES = ("analyze", "prune")
+
+
+def analysis_record(name: str) -> str:
+    """The record of analysis ``name``'s inputs in the stage folder (``lesion_inputs.json``): the fingerprint of
+    the axes it was computed from (``runs.write_record``)."""
+    return f"{name}_inputs.json"
+
+
+def analysis_inputs(axes_fp) -> dict:
+    """The fingerprint an analysis records of its inputs (:func:`analysis_record`): that of the ``axes.csv`` it read
+    (``axes_fingerprint.json``'s content), flat (``axes.csv.capture.point``) so that a mismatch names the keys that
+    differ. One shape, written by analyze and checked by analyze and the report."""
+    return flatten({AXES_CSV: axes_fp})
+
+
+def broken_chains(folder: Path, axes_fp, skip: tuple[str, ...] | list[str] = ()) -> dict[str, tuple[list[str], str]]:
+    """The chain rule, checked: {analysis: (its tables found in ``folder``, why)} for each analysis (but ``skip``)
+    whose record does not carry ``analysis_inputs(axes_fp)``: computed from other axes than the stage folder's
+    ``axes.csv`` (fingerprint ``axes_fp``), or recording none. Read by analyze (it marks them stale) and by the
+    report (it leaves them out)."""
+    out = {}
+    for name, tables in ANALYSIS_TABLES.items():
+        have = [t for t in tables if (Path(folder) / t).is_file()]
+        if name in skip or not have:
+            continue
+        record, why = read_record(Path(folder) / analysis_record(name), analysis_inputs(axes_fp))
+        if record is None:
+            out[name] = (have, why or f"{analysis_record(name)} is missing")
+    return out
 
 
 @dataclass(frozen=True)

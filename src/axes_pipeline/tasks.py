@@ -3,18 +3,23 @@
 
 A user mistake, on the command line or later, is one line and exit status 2. The tracker is always
 closed so the next job of a multirun starts clean. Inside a sweep a failing job leaves a
-`<stage>.failed` marker and the sweep goes on; `SweepSummary` names the failed jobs at the end.
+`<stage>.failed` marker (a crash: its traceback) and the sweep goes on; every job of a sweep records how it
+ended (`<sweep>/.jobs/<stage>/`) and `SweepSummary` names this sweep's failed jobs at the end. A refusal leaves no
+marker, and no folder where Hydra made one only for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
 import os
 import re
+import shutil
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from axes_pipeline.bounds import check_bounds
 from axes_pipeline.config import check_name, check_seed, load_plugins, run_kind
 from axes_pipeline.errors import UserError, unknown_name
-from axes_pipeline.runs import check_writable
+from axes_pipeline.runs import check_writable, read_json, write_json
 from axes_pipeline.stage import stage_inputs
 
 log = logging.getLogger("axes_pipeline")
@@ -238,6 +243,7 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
     _single_log_stream()
     _share_cores()
     marker = None
+    job = _hydra_job()
     try:
         check_name(cfg.name)
         seed = check_seed(cfg.seed)
@@ -252,9 +258,14 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
         result = fn(cfg)
         if marker.exists():
             marker.unlink()
+        _record_job(job, stage, out, None)
         return result
     except UserError as err:
-        _mark(marker, f"error: {err}\n")
+        # a refusal (one line, said on the console or in the sweep's summary) leaves nothing behind: no marker,
+        # and the job folder Hydra made for it goes when it holds only Hydra's files
+        if job is not None:
+            _drop_hydra_only(job.folder, stage, Path(str(cfg.paths.output_root)))
+        _record_job(job, stage, marker.parent if marker is not None else job and job.folder, f"error: {err}")
         if in_sweep:
             log.error("error: %s", err)
             return None
@@ -267,6 +278,8 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig,
             raise
         # A failed job must not lose the other jobs' results: record it and go on.
         _mark(marker, traceback.format_exc())
+        _record_job(job, stage, marker.parent if marker is not None else job and job.folder,
+                    traceback.format_exc().strip().splitlines()[-1])
         log.exception("%s failed", stage)
         return None
     finally:
@@ -309,10 +322,93 @@ def _single_log_stream() -> None:
 
 
 def _mark(marker: Path | None, text: str) -> None:
-    if marker is not None:
-        with contextlib.suppress(OSError):
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(text)
+    """The marker of a job that crashed in a sweep (its traceback), beside the results it could not finish."""
+    if marker is None:
+        return
+    with contextlib.suppress(OSError):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class HydraJob:
+    """The Hydra job this process runs: its output folder, and in a sweep the sweep folder and job number."""
+
+    folder: Path
+    sweep: Path | None = None
+    num: int = 0
+
+
+def _hydra_job() -> HydraJob | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except Exception:  # noqa: BLE001 - not under Hydra (tests, notebooks): nothing Hydra made to tidy
+        return None
+    sweep = Path(hc.sweep.dir).resolve() if run_kind() == "multirun" else None
+    return HydraJob(Path(hc.runtime.output_dir).resolve(), sweep, int(hc.job.get("num") or 0))
+
+
+def _drop_hydra_only(folder: Path, stage: str, root: Path) -> None:
+    """Remove ``folder`` (and its parents that are left empty, up to the output ``root``) when it holds nothing
+    but what Hydra wrote for this job (``.hydra/<stage>/``, ``<stage>.log``) and an old marker: a folder made
+    only for a refused command. A folder holding anything else (a run's results) is left as it is."""
+    root = root.resolve()
+    if not folder.is_dir() or root not in folder.parents or _logged_before(folder / f"{stage}.log"):
+        return
+    own = {".hydra", f"{stage}.log", f"{stage}.failed"}
+    hydra = folder / ".hydra"
+    if any(p.name not in own for p in folder.iterdir()) or (hydra.is_dir() and any(p.name != stage for p in hydra.iterdir())):
+        return
+    with contextlib.suppress(OSError):
+        shutil.rmtree(folder)
+        parent = folder.parent
+        while parent != root and root in parent.parents and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+
+_STARTED = time.time()   # this process' start (the entry point imports this module first), for _logged_before
+_LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
+
+
+def _logged_before(log_file: Path) -> bool:
+    """True when ``log_file`` (Hydra's ``<stage>.log``, appended to by every run) starts with a line written
+    before this process started, or cannot be read: an earlier command's folder, never removed by a refusal."""
+    try:
+        with open(log_file, errors="replace") as f:
+            first = f.readline()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    if not first:
+        return False
+    m = _LOG_TIME.match(first)
+    if m is None:
+        return True
+    try:
+        return time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) < int(_STARTED) - 1
+    except (ValueError, OverflowError):
+        return True
+
+
+#: where the jobs of a sweep record how they ended (``<sweep>/.jobs/<stage>/<num>.json``), read by SweepSummary
+JOBS_DIR = ".jobs"
+
+
+def _jobs_dir(sweep: Path, stage: str) -> Path:
+    return Path(sweep) / JOBS_DIR / stage
+
+
+def _record_job(job: HydraJob | None, stage: str, folder: Path | None, error: str | None) -> None:
+    """In a sweep: how this job ended (``error`` None: finished), for this sweep's summary only."""
+    if job is None or job.sweep is None:
+        return
+    with contextlib.suppress(OSError):
+        write_json(_jobs_dir(job.sweep, stage) / f"{job.num:05d}.json",
+                   {"folder": str(folder or job.folder), "ok": error is None, "error": error})
 
 
 def _finish_tracker() -> None:
@@ -328,8 +424,8 @@ class SweepSummary(Callback):
     jobs that failed (from their markers) and exit non-zero."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        import shutil
-
+        # this sweep's jobs record how they ended here; records of an earlier sweep never count in this one
+        shutil.rmtree(_jobs_dir(Path(config.hydra.sweep.dir), config.stage), ignore_errors=True)
         target = str(config.hydra.launcher.get("_target_", ""))
         if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
             print("error: the SLURM launcher (hydra/launcher=slurm or submitit_slurm) needs SLURM's `sbatch`, "
@@ -341,11 +437,17 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         stage = config.stage
         sweep_dir = Path(config.hydra.sweep.dir)
-        failed = sorted(sweep_dir.rglob(f"{stage}.failed"))
+        records = []
+        for path in sorted(_jobs_dir(sweep_dir, stage).glob("*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                records.append(read_json(path))
+        shutil.rmtree(_jobs_dir(sweep_dir, stage), ignore_errors=True)
+        with contextlib.suppress(OSError):   # the records' folder, once no stage's sweep is using it
+            (sweep_dir / JOBS_DIR).rmdir()
+        failed = [r for r in records if not r.get("ok")]
         if failed:
-            print(f"\n{len(failed)} {stage} job(s) failed:", file=sys.stderr)
-            for path in failed:
-                first = path.read_text().strip().splitlines()[-1:] or [""]
-                print(f"  {path.parent}: {first[0]}", file=sys.stderr)
+            print(f"\n{len(failed)} {stage} job(s) failed (of {len(records)} in this sweep):", file=sys.stderr)
+            for r in failed:
+                print(f"  {r.get('folder')}: {(str(r.get('error') or '').splitlines() or [''])[-1]}", file=sys.stderr)
             sys.exit(1)
-        print(f"{stage} sweep finished: results under {sweep_dir}")
+        print(f"{stage} sweep finished: {len(records)} job(s), results under {sweep_dir}")

@@ -29,8 +29,16 @@ from axes_pipeline.axes.table import axes_fingerprint, axes_step, fit_capture_si
 from axes_pipeline.config import to_container
 from axes_pipeline.devices import resolve_device
 from axes_pipeline.errors import UserError
-from axes_pipeline.layout import ANALYZE_SUMMARY, AXES_CSV, PLOTS
-from axes_pipeline.runs import Stamp, file_digest, flatten, read_json, write_json
+from axes_pipeline.layout import (
+    ANALYSIS_TABLES,
+    ANALYZE_SUMMARY,
+    AXES_CSV,
+    PLOTS,
+    analysis_inputs,
+    analysis_record,
+    broken_chains,
+)
+from axes_pipeline.runs import Stamp, file_digest, flatten, read_json, write_json, write_record
 from axes_pipeline.stage import StageInputs, stage_inputs, typed
 from axes_pipeline.tracking import StageTracker, artifact_name, log_axes
 from axes_pipeline.training.restore import restore_trained
@@ -201,25 +209,71 @@ def run_analysis(cfg: DictConfig) -> dict:
                   f"mean ρ(I_X, I_T) = {summary['axes']['mean_align_input_capture_task_info']:.3f}")
         for name in chosen:
             summary[name] = ANALYSES[name].run(ctx, blocks[name])
+            if trained is not None and name in ANALYSIS_TABLES:   # the chain: the axes this analysis read
+                write_record(out / analysis_record(name), {"analysis": name, "tables": list(ANALYSIS_TABLES[name])},
+                             analysis_inputs(summary["axes"]["fingerprint"]))
+        stale = stale_analyses(out, summary["axes"]["fingerprint"], chosen) if trained is not None else {}
+        for why in stale.values():   # one line each: the console (Hydra's handler) and analyze.log
+            log.warning("analyze: %s", why)
         summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
         # the config as run: capture.n_cal as fitted to the data (the images captured)
         summary["config"] = {**inputs.config, "capture": asdict(knobs.capture)}
         ctx.tracker.scalars(flatten(summary, skip={"config"}))   # the config is the run's wandb config already
-        write_json(out / ANALYZE_SUMMARY, _merged(out / ANALYZE_SUMMARY, summary))
+        write_json(out / ANALYZE_SUMMARY, _merged(out / ANALYZE_SUMMARY, summary, stale))
     finally:
         ctx.tracker.finish()
     print(f"analyze: done in {summary['wall_time_s']:.1f}s -> {out}")
     return summary
 
 
-def _merged(path: Path, summary: dict) -> dict:
+def stale_analyses(out: Path, axes_fp: dict, ran: list[str]) -> dict[str, str]:
+    """{analysis: one line} for each analysis not run now whose tables in ``out`` were computed from other axes
+    than ``axes_fp`` (or record none: :func:`~axes_pipeline.layout.broken_chains`): kept on disk, marked stale in
+    the summary, refused by the report."""
+    return {name: (f"{', '.join(have)} in {out} were not computed from the current {AXES_CSV} ({why}); kept but stale "
+                   f"(the report leaves them out): rebuild with `{_rerun(name)}`")
+            for name, (have, why) in broken_chains(out, axes_fp, skip=ran).items()}
+
+
+def _rerun(name: str) -> str:
+    """The command that rebuilds analysis ``name`` under this call's overrides (``analysis=<name>``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = [o for o in HydraConfig.get().overrides.task if not o.startswith("analysis=")]
+    except Exception:  # noqa: BLE001 - composed outside a Hydra app (tests, notebooks)
+        task = ["<same overrides>"]
+    return " ".join(["python analyze.py", *task, f"analysis={name}"])
+
+
+def _merged(path: Path, summary: dict, stale: dict[str, str] | None = None) -> dict:
     """This call's summary over the stored one: analyses run earlier (``analysis=all``, then
-    ``analysis=lesion`` again) keep their headline figures; ``analyses`` lists all of them."""
+    ``analysis=lesion`` again) keep their headline figures, unless they are ``stale`` (computed from other axes
+    than this call's): those move under ``stale`` ({name: {why, headline}}), never merged as current;
+    ``analyses`` lists the current ones."""
     try:
         old = read_json(path)
     except (OSError, ValueError):   # none yet, or unreadable
-        return summary
-    return {**old, **summary, "analyses": list(dict.fromkeys([*old.get("analyses", []), *summary["analyses"]]))}
+        old = {}
+    stale = stale or {}
+    merged = {**old, **summary}
+    earlier = old.get("stale") or {}
+    for name, entry in earlier.items():   # current again (the axes it was computed from are back): restored
+        if name not in stale and name not in summary and isinstance(entry, dict) and entry.get("headline") is not None:
+            merged[name] = entry["headline"]
+    kept_stale = {k: v for k, v in earlier.items() if k in stale}
+    for name, why in stale.items():
+        headline = merged.pop(name, None)
+        if headline is None:   # marked stale by an earlier call: its headline is already kept
+            headline = kept_stale.get(name, {}).get("headline")
+        kept_stale[name] = {"why": why, "headline": headline}
+    merged.pop("stale", None)
+    if kept_stale:
+        merged["stale"] = kept_stale
+    restored = [n for n in earlier if n not in stale and n in merged]
+    merged["analyses"] = [a for a in dict.fromkeys([*old.get("analyses", []), *restored, *summary["analyses"]])
+                          if a not in stale]
+    return merged
 
 
 # last: ``axes`` (above) registers first, then every analysis module of this package

@@ -41,9 +41,9 @@ from axes_pipeline.capture import capture_activations
 from axes_pipeline.capture.targets import target_from_logits
 from axes_pipeline.console import progress as units_progress
 from axes_pipeline.errors import UserError, unknown_name
-from axes_pipeline.layout import RunLayout
+from axes_pipeline.layout import AXES_FINGERPRINT, RunLayout, analysis_inputs, analysis_record
 from axes_pipeline.models import conv_norm_pairs, depth_spaced_layers
-from axes_pipeline.runs import Stamp, file_digest, mismatch, run_fingerprint, write_csv
+from axes_pipeline.runs import Stamp, file_digest, mismatch, plain, read_json, run_fingerprint, write_csv, write_record
 from axes_pipeline.stats import PAPER_REFERENCE, mean_sd
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 from axes_pipeline.training.checkpoints import epoch_checkpoints, load_into
@@ -76,6 +76,9 @@ class RunPlan:
     seed: int
     run_dir: Path
     epochs: dict[int, Path | None]
+    #: epochs of the run's span (0 to its last checkpoint) with neither a checkpoint nor a stored part: the
+    #: curves skip them, and the log, the summary and the report name them (never "complete" with a gap)
+    missing: tuple[int, ...] = ()
 
 
 # ---- Knobs and plan --------------------------------------------------------------------------
@@ -156,7 +159,7 @@ def plan_dynamics(block: DynamicsAnalysis, run: RunLayout, main_run: Path) -> li
     if 0 not in found:
         log.warning("dynamics: %s has no epoch_000.ckpt (random init); curves start at epoch %d", ckpt_dir, min(found))
     epochs = _select_epochs(list(found), block.epochs)
-    plans = [RunPlan(int(main_seed), Path(main_run), {e: found[e] for e in epochs})]
+    plans = [RunPlan(int(main_seed), Path(main_run), {e: found[e] for e in epochs}, missing_epochs(found))]
     seeds = block.seeds
     if seeds is None:
         return plans
@@ -180,8 +183,25 @@ def plan_dynamics(block: DynamicsAnalysis, run: RunLayout, main_run: Path) -> li
             raise UserError(f"dynamics.seeds: the seed={seed} run {run} has no checkpoint for epoch {lacking[0]}; "
                             f"train it with the same trainer.max_epochs and checkpoint.every_epoch=true, "
                             f"or choose dynamics.epochs present in every seed")
-        plans.append(RunPlan(seed, run, {e: have.get(e) for e in epochs}))
+        gaps = tuple(e for e in missing_epochs(have) if not (run / "analyze" / PARTS / _part_name(e)).is_file())
+        plans.append(RunPlan(seed, run, {e: have.get(e) for e in epochs}, gaps))
     return plans
+
+
+def missing_epochs(found: dict[int, Path]) -> tuple[int, ...]:
+    """The epochs from 0 (the random init) to the last per-epoch checkpoint of ``found`` that have no checkpoint:
+    a deleted ``epoch_001.ckpt`` is a gap in the curves, to be named, not skipped without a word."""
+    return tuple(e for e in range(0, max(found) + 1) if e not in found) if found else ()
+
+
+def missing_note(plans: list[RunPlan]) -> str | None:
+    """One line naming the epochs without a checkpoint, per seed; None when every run is complete."""
+    gaps = [f"seed {p.seed}: epoch{'s' if len(p.missing) > 1 else ''} {', '.join(map(str, p.missing))}"
+            for p in plans if p.missing]
+    if not gaps:
+        return None
+    return (f"no checkpoint for {'; '.join(gaps)} (the curves skip them; retrain with checkpoint.every_epoch=true "
+            f"for every epoch)")
 
 
 def check_dynamics_analysis(ctx, block: DynamicsAnalysis) -> None:
@@ -308,6 +328,24 @@ def dynamics_of_run(knobs: AxesKnobs, block: DynamicsAnalysis, data_id: dict, pl
     return frame, computed
 
 
+def record_other_seed(folder: Path, axes_fp: dict) -> None:
+    """The chain record of the ``dynamics.csv`` just written into another seed's ``folder`` (``dynamics.seeds``):
+    the dynamics depend on the axes knobs, not on a table, so it is recorded against that seed's own ``axes.csv``
+    when that was measured with the same knobs (the fingerprints differ only in the checkpoint); otherwise no
+    record is written and the report leaves that seed's table out (docs/reliability.md)."""
+    try:
+        theirs = read_json(folder / AXES_FINGERPRINT)
+    except (OSError, ValueError):
+        return
+    if not isinstance(theirs, dict):
+        return
+    same = {k: v for k, v in theirs.items() if k != "ckpt_digest"} == {k: v for k, v in plain(axes_fp).items()
+                                                                        if k != "ckpt_digest"}
+    if same:
+        write_record(folder / analysis_record("dynamics"), {"analysis": "dynamics", "tables": ["dynamics.csv"]},
+                     analysis_inputs(theirs))
+
+
 # ---- Curves, plot, headline ------------------------------------------------------------------
 
 
@@ -399,6 +437,8 @@ def run_dynamics_analysis(ctx, block: DynamicsAnalysis) -> dict:
     expect = expected_meta(ctx.inputs.run, dm.num_classes, dm.image_size)
     knobs = dynamics_knobs(ctx.knobs, block)
     runs = [dynamics_of_run(knobs, block, trained.data_id, plan, model, dm, layers, ctx.device, expect) for plan in plans]
+    for plan in plans[1:]:
+        record_other_seed(plan.run_dir / "analyze", ctx.axes_headline["fingerprint"])
     computed = sum(n for _, n in runs)
     del model
     allf = pd.concat([frame for frame, _ in runs], ignore_index=True).drop(columns=["ckpt_digest"], errors="ignore")
@@ -411,10 +451,14 @@ def run_dynamics_analysis(ctx, block: DynamicsAnalysis) -> dict:
     ctx.tracker.table("analyze/dynamics", allf)
     ctx.tracker.table("analyze/dynamics_curves", curves)
     seeds = [p.seed for p in plans]
-    head = {**_headline(curves, seeds, layers), "epochs_computed": computed}
+    head = {**_headline(curves, seeds, layers), "epochs_computed": computed,
+            "missing_epochs": {str(p.seed): list(p.missing) for p in plans if p.missing}}
+    if gap := missing_note(plans):
+        log.warning("dynamics: %s", gap)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     q = "align_input_capture_task_info"
     print(f"analyze: dynamics over {head['epochs']} epochs × {len(layers)} layers × {len(seeds)} seed(s) "
           f"({computed} epoch(s) computed now); ρ(I_X, I_T) {fmt(head.get(q + '_init'))} at epoch "
-          f"{head['first_epoch']} -> {fmt(head.get(q + '_last'))} at epoch {head['last_epoch']}")
+          f"{head['first_epoch']} -> {fmt(head.get(q + '_last'))} at epoch {head['last_epoch']}"
+          + (f"; {gap}" if gap else ""))
     return head

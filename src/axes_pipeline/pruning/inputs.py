@@ -10,6 +10,7 @@ import pandas as pd
 
 from axes_pipeline.axes.settings import AxesKnobs
 from axes_pipeline.axes.table import stage_axes
+from axes_pipeline.errors import UserError
 from axes_pipeline.layout import AXES_CSV, RunId
 from axes_pipeline.models.graph import out_channels
 from axes_pipeline.pruning.resolved import PruneSettings
@@ -36,6 +37,8 @@ def _analyze_hint(run_id: RunId) -> str:
 def axes_loader(knobs: AxesKnobs, run_id: RunId, trained, scores: list[Score], layers: dict):
     """A loader of the run's checked analysis table: analyze.py's cached one for the same overrides,
     or prune's own, computed now with them (:func:`~axes_pipeline.axes.table.stage_axes`)."""
+    if scores:
+        check_every_layer(knobs.capture.layers, list(layers))
     # one row per channel of every conv layer and finite values in every column the scores read: a NaN
     # would otherwise become the lowest keep value after min-max normalisation and silently move a curve
     cols = sorted(set().union(*(s.columns for s in scores))) if scores else []
@@ -61,6 +64,22 @@ def axes_loader(knobs: AxesKnobs, run_id: RunId, trained, scores: list[Score], l
     # where the table came from (analyze's folder, or prune's own prune/axes/) and its fingerprint, once loaded
     load.source = {}
     return load
+
+
+def check_every_layer(chosen, prunable: list[str]) -> None:
+    """One line, before any work, when ``capture.layers`` leaves out some of the ``prunable`` convs: the axes
+    scores rank the channels of every prunable layer, so prune needs the axes of all of them. The cure is to
+    drop the knob from the prune command; nothing is recomputed (analyze.py with it would overwrite the
+    run's full axes.csv with the chosen layers only)."""
+    if chosen is None:
+        return
+    chosen = [chosen] if isinstance(chosen, str) else list(chosen)
+    left_out = [n for n in prunable if n not in chosen]
+    if left_out:
+        raise UserError(f"prune needs the axes of every prunable layer ({len(prunable)} convs), but capture.layers="
+                        f"{','.join(map(str, chosen))} selects {len(prunable) - len(left_out)} of them (it leaves out "
+                        f"{left_out[0]}{f' and {len(left_out) - 1} more' if len(left_out) > 1 else ''}); "
+                        f"run prune.py without capture.layers")
 
 
 def calibration_batches(dm, settings: PruneSettings, which: str = "n"):

@@ -35,6 +35,7 @@ from axes_pipeline.errors import UserError
 from axes_pipeline.layout import RUN_KINDS
 from axes_pipeline.report import figures, tables
 from axes_pipeline.report.collect import (
+    chain_notices,
     discover,
     group_runs,
     provenance_notices,
@@ -71,8 +72,8 @@ def _roots(ri: ReportInputs) -> list[Path]:
     rc = ri.report
     if rc.runs:
         return resolve_roots(list(rc.runs))
-    if rc.sweep:
-        return resolve_roots([rc.sweep])
+    if rc.sweep:   # a relative sweep lies below the output root, as the runs train.py -m wrote
+        return resolve_roots([rc.sweep], under=ri.root)
     cands = [ri.root / kind / ri.name for kind in reversed(RUN_KINDS)]   # multirun/<name>, then runs/<name>
     found = [c for c in cands if c.exists()]
     if not found:
@@ -82,13 +83,15 @@ def _roots(ri: ReportInputs) -> list[Path]:
 
 
 def report_dir(ri: ReportInputs) -> Path:
-    """Where this report is written: report.out, else <first sweep root>/report."""
+    """Where this report is written: report.out, else <first sweep root>/report when that lies inside the output
+    root, else <output root>/reports/<name> (no stage writes outside paths.output_root unless told to)."""
     if ri.report.out:
         return Path(ri.report.out).resolve()
     try:
-        return _roots(ri)[0] / "report"
+        first = _roots(ri)[0]
     except UserError:
         return ri.root / "reports" / ri.name
+    return first / "report" if ri.root == first or ri.root in first.parents else ri.root / "reports" / ri.name
 
 
 def _with_counts(layers: pd.DataFrame, groups) -> pd.DataFrame:
@@ -128,7 +131,7 @@ def run_report(cfg: DictConfig) -> dict:
     groups, notices = group_runs(runs)
     prune_groups, prune_notices = split_by_pruning(groups)
     axes_groups, axes_notices = split_by_axes(groups)   # the analysis tables pool only equal fingerprints
-    notices = notices + prune_notices + axes_notices + provenance_notices(groups)
+    notices = notices + prune_notices + axes_notices + provenance_notices(groups) + chain_notices(groups)
     out = report_dir(ri)
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in remove_stale_tmp(out):

@@ -7,13 +7,29 @@ width, learning rate...) are never pooled into one mean; the report says which k
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from axes_pipeline.environment import label as env_label
 from axes_pipeline.errors import UserError
-from axes_pipeline.layout import AXES_CSV, BEST_CKPT, LAYERS_CSV, PRUNE_CURVES, PRUNE_SUMMARY, RunId, RunLayout
+from axes_pipeline.layout import (
+    ANALYZE_SUMMARY,
+    AXES_CSV,
+    AXES_FINGERPRINT,
+    BEST_CKPT,
+    CHECKPOINTS,
+    LAST_CKPT,
+    LAYERS_CSV,
+    PRUNE_CURVES,
+    PRUNE_SUMMARY,
+    TRAIN_SUMMARY,
+    RunId,
+    RunLayout,
+    broken_chains,
+)
 from axes_pipeline.runs import file_digest, fingerprint, flatten, read_json, settings_diff
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 
@@ -52,6 +68,16 @@ class Run:
         return {"checkpoint": [layout.checkpoints / BEST_CKPT], "axes": [analyze / AXES_CSV, analyze / LAYERS_CSV],
                 "curves": [prune / PRUNE_CURVES, prune / PRUNE_SUMMARY]}
 
+    @property
+    def digest(self) -> str:
+        """This run's identity: the content digest of its ``best.ckpt`` as training recorded it (else of the file,
+        else of its ``train_summary.json``): a copy of the folder has the same, a retrained seed another."""
+        recorded = (self.train.get("checkpoint_digests") or {}).get(BEST_CKPT)
+        if recorded:
+            return str(recorded)
+        best = self.path / CHECKPOINTS / BEST_CKPT
+        return file_digest(best) if best.is_file() else file_digest(self.path / TRAIN_SUMMARY)
+
     #: {relative path: why it was left out} of every input of this run that could not be used
     skipped: dict = field(repr=False, default_factory=dict)
     #: {relative path: content digest} of every input the report read
@@ -61,6 +87,27 @@ class Run:
     def skip(self, rel: str, reason: str) -> None:
         """Record that input ``rel`` of this run was left out of the report, and why."""
         self.skipped.setdefault(rel, reason)
+
+    @property
+    def stale(self) -> dict[str, str]:
+        """{``analyze/<table>``: why} of every analysis table not computed from this run's ``axes.csv`` (the chain
+        rule: :func:`stale_tables`); the report leaves each out, named under skipped inputs."""
+        if "_stale" not in self._cache:
+            self._cache["_stale"] = stale_tables(self.path / "analyze", self.id)
+        return self._cache["_stale"]
+
+    def _refused(self, rel: str) -> bool:
+        if rel in self.stale:
+            self.skip(rel, self.stale[rel])
+            return True
+        return False
+
+    @property
+    def environment(self) -> str:
+        """Where this run was trained, in a few words (:func:`environment.label`): the report's runs table, and a
+        notice where one group mixes machines or thread counts (their weights are not bit-identical)."""
+        resumed = self.train.get("resumed_environment")
+        return env_label(self.train.get("environment")) + (f"; resumed under {env_label(resumed)}" if resumed else "")
 
     def read_csv(self, rel: str) -> pd.DataFrame | None:
         """Table ``rel`` of this run, checked against its schema (:data:`REPORT_SCHEMAS`); None when
@@ -72,7 +119,7 @@ class Run:
 
     def _read_csv(self, rel: str) -> pd.DataFrame | None:
         p = self.path / rel
-        if not p.is_file():
+        if not p.is_file() or self._refused(rel):
             return None
         schema = REPORT_SCHEMAS.get(rel)
         try:
@@ -93,7 +140,7 @@ class Run:
 
     def read_json(self, rel: str) -> dict | None:
         p = self.path / rel
-        if not p.is_file():
+        if not p.is_file() or self._refused(rel):
             return None
         try:
             found = read_json(p)
@@ -204,6 +251,107 @@ def provenance_notices(groups: dict[str, list[Run]]) -> list[str]:
     return notices
 
 
+def stale_tables(folder: Path, run_id: RunId) -> dict[str, str]:
+    """The chain rule, read back: {``analyze/<table>``: why} for each analysis table in ``folder`` not computed from
+    the run's ``axes.csv`` (:func:`~axes_pipeline.layout.broken_chains`). A run without an axes fingerprint (an
+    older run, hand-made tables) has nothing to check against: its tables are read, and :func:`split_by_axes`
+    keeps it apart."""
+    try:
+        axes_fp = read_json(folder / AXES_FINGERPRINT)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        axes_fp = "(unreadable)"
+    out = {}
+    for name, (have, why) in broken_chains(folder, axes_fp).items():
+        cmd = run_id.command("analyze", f"analysis={name}")
+        for t in have:
+            out[f"analyze/{t}"] = (f"{folder / t} was not computed from the run's {AXES_CSV} ({why}); left out: "
+                                   f"rebuild it with `{cmd}` and the capture/metrics settings of its {AXES_CSV}")
+    return out
+
+
+def chain_notices(groups: dict[str, list[Run]]) -> list[str]:
+    """What the report must say about the chain of each group's results besides what it skips: the epochs of a
+    training dynamics that had no checkpoint, and a group whose seeds were trained in different environments
+    (thread count, processor, torch build: the same seed is then not bit-identical)."""
+    notices = []
+    for group, runs in groups.items():
+        for r in runs:
+            dyn = ((r.read_json(f"analyze/{ANALYZE_SUMMARY}") or {}).get("dynamics") or {})
+            for seed, epochs in (dyn.get("missing_epochs") or {}).items():
+                notices.append(f"{group} seed {r.seed}: training dynamics has no checkpoint for epoch"
+                               f"{'s' if len(epochs) > 1 else ''} {', '.join(map(str, epochs))} of seed {seed} "
+                               f"(analyze/dynamics.csv skips them)")
+        envs = {}
+        for r in runs:
+            envs.setdefault(r.environment, []).append(r.seed)
+        if len(envs) > 1:
+            notices.append(f"{group}: its seeds were trained in different environments ("
+                           + "; ".join(f"seeds {', '.join(map(str, s))}: {e}" for e, s in envs.items())
+                           + "); another thread count or processor gives other weights for one seed")
+    return notices
+
+
+def one_run_per_identity(runs: list[Run], skipped: list[dict] | None = None) -> list[Run]:
+    """Runs identified by their checkpoint: an exact copy of a run (the same seed and content digest, e.g. a
+    backup folder inside the sweep) is counted once; the same seed of one experiment with two different digests
+    (two networks claiming one identity) is refused (both left out and listed), never paired nor pooled."""
+    by_key: dict[tuple, list[Run]] = {}
+    for r in runs:
+        by_key.setdefault((r.group, r.signature, r.seed), []).append(r)
+    keep: set[int] = set()
+    for (_, _, seed), same in by_key.items():
+        digests = {}
+        for r in sorted(same, key=lambda r: str(r.path)):
+            digests.setdefault(r.digest, []).append(r)
+        if len(digests) > 1:
+            where = "; ".join(f"{rs[0].path} (checkpoint {d[:8]})" for d, rs in digests.items())
+            for r in same:
+                _skip_run(skipped, r, f"seed {seed} has {len(digests)} different networks ({where}); both are left "
+                                      f"out, never pooled: remove or rename (name=) the one that is not this seed's")
+            continue
+        first, *copies = next(iter(digests.values()))
+        keep.add(id(first))
+        for r in copies:
+            _skip_run(skipped, r, f"an exact copy of {first.path} (the same checkpoint, {r.digest[:8]}); counted once")
+    return [r for r in runs if id(r) in keep]
+
+
+def _skip_run(skipped: list[dict] | None, r: Run, reason: str) -> None:
+    if skipped is not None:
+        skipped.append({"run": str(r.path), "seed": r.seed, "file": "train_summary.json", "reason": reason})
+
+
+def unfinished_runs(roots: list[Path], skipped: list[dict]) -> None:
+    """Every run folder under ``roots`` with checkpoints but no ``train_summary.json`` (training killed, or
+    still running) appended to ``skipped`` with the command that finishes it (train.py resumes from last.ckpt)."""
+    seen = set()
+    for root in roots:
+        for ckpts in sorted(Path(root).rglob(CHECKPOINTS)):
+            run = ckpts.parent.resolve()
+            if not ckpts.is_dir() or run in seen or (run / TRAIN_SUMMARY).is_file():
+                continue
+            seen.add(run)
+            m = re.fullmatch(r"seed(\d+)", run.name)
+            skipped.append({"run": str(run), "seed": int(m.group(1)) if m else None, "file": TRAIN_SUMMARY,
+                            "reason": f"training did not finish (killed, or still running: {run / CHECKPOINTS} but no "
+                                      f"{TRAIN_SUMMARY}): the run "
+                                      f"is in no table; finish it with `{_train_command(run)}` (it resumes from "
+                                      f"{LAST_CKPT})"})
+
+
+def _train_command(run: Path) -> str:
+    """The command that trained ``run``: its Hydra overrides (``.hydra/train/overrides.yaml``), else a placeholder."""
+    try:
+        import yaml
+
+        over = yaml.safe_load((run / ".hydra" / "train" / "overrides.yaml").read_text())
+        return " ".join(["python train.py", *map(str, over)])
+    except Exception:  # noqa: BLE001 - only a hint
+        return "python train.py <the run's overrides>"
+
+
 def _kept(key: str) -> bool:
     return not any(key == ig or key.startswith(ig + ".") for ig in IGNORED_KEYS)
 
@@ -237,7 +385,9 @@ def discover(roots: list[Path], skipped: list[dict] | None = None) -> list[Run]:
                       experiment=cfg.get("name", "default"), train=train, signature=sig, flat_config=flat)
             run.inputs["train_summary.json"] = file_digest(summary)
             runs.append(run)
-    return runs
+    if skipped is not None:
+        unfinished_runs(roots, skipped)
+    return one_run_per_identity(runs, skipped)
 
 
 def skipped_inputs(runs: list[Run]) -> list[dict]:
@@ -309,8 +459,11 @@ def group_runs(runs: list[Run]) -> tuple[dict[str, list[Run]], list[str]]:
     return groups, notices
 
 
-def resolve_roots(paths: list[str]) -> list[Path]:
-    roots = [Path(p).resolve() for p in paths]
+def resolve_roots(paths: list[str], under: Path | None = None) -> list[Path]:
+    """``paths`` as absolute folders, each of which must exist; a relative one is taken below ``under``
+    (``paths.output_root`` for ``report.sweep``: the root bounds what a stage reads and writes, not the
+    working directory), else below the working directory."""
+    roots = [(Path(p) if under is None or Path(p).is_absolute() else Path(under) / p).resolve() for p in paths]
     missing = [str(p) for p in roots if not p.exists()]
     if missing:
         raise UserError(f"report: {missing[0]} does not exist")

@@ -34,7 +34,8 @@ def runs_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
     return pd.DataFrame([{"group": g, "seed": r.seed, "experiment": r.experiment, "val_acc": r.train.get("val_acc"),
                           "test_acc": r.train.get("test_acc"), "epochs": r.train.get("epochs"),
                           "analyze": (r.path / "analyze" / "axes.csv").is_file(),
-                          "prune": (r.path / "prune" / "prune_curves.csv").is_file(), "run_dir": str(r.path)}
+                          "prune": (r.path / "prune" / "prune_curves.csv").is_file(), "environment": r.environment,
+                          "run_dir": str(r.path)}
                          for g, runs in groups.items() for r in runs])
 
 

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from axes_pipeline.data import build_datamodule
+from axes_pipeline.environment import differs, environment
 from axes_pipeline.errors import UserError
 from axes_pipeline.layout import CHECKPOINTS, RunLayout
 from axes_pipeline.runs import DATA_KEYS_NOT_IDENTITY, read_json, settings_diff
@@ -93,6 +94,19 @@ def check_data_identity(data_id: dict, run: RunLayout) -> None:
                         f"would hold training images: use the data.* settings it was trained with")
 
 
+def check_environment(run: RunLayout) -> None:
+    """One line when this stage runs in another environment (threads, processor, torch build) than the run was
+    trained in: its numbers are then close to, not bit-identical with, those computed there. Never a refusal."""
+    try:
+        recorded = read_json(run.train_summary).get("environment")
+    except (OSError, ValueError, AttributeError):
+        return
+    why = differs(recorded, environment())
+    if why:   # one line: under Hydra the log's console handler shows it, and <stage>.log keeps it
+        log.warning("%s was trained in another environment (%s); results computed here are not bit-identical to "
+                    "those computed there", run.dir, why)
+
+
 def check_finished(run: RunLayout, allow_partial: bool) -> None:
     """Refuse a run whose training did not finish (no ``train_summary.json``), unless ``allow_partial``."""
     if run.train_summary.is_file():
@@ -130,6 +144,7 @@ def restore_trained(inputs: StageInputs) -> Trained:
     # any stage work: the split and every other data identity key must be the ones the run was trained on
     owner = run.in_folder(path.resolve().parent.parent) if path.resolve().parent.name == CHECKPOINTS else out
     check_data_identity(inputs.data_id, owner)
+    check_environment(owner)
     net.eval()
     return Trained(run=out, ckpt=path, model=net, datamodule=dm, meta=meta, data_id=inputs.data_id,
                    tag=results_tag(out, path))

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from axes_pipeline.config import check_positive, to_container
 from axes_pipeline.data import build_datamodule
+from axes_pipeline.environment import ENVIRONMENT_JSON, differs, environment
 from axes_pipeline.errors import UserError
 from axes_pipeline.layout import BEST_CKPT, LAST_CKPT, RunId, RunLayout
 from axes_pipeline.runs import Stamp, file_digest, fingerprint, no_space_is_one_line, read_json, run_fingerprint, write_json
@@ -62,6 +63,27 @@ def train_settings(data_id: dict, model: dict, optim: dict, recipe: dict, init_c
     if "ckpt_digest" in parts:        # an initialisation, not a checkpoint of this run
         parts["init_ckpt_digest"] = parts.pop("ckpt_digest")
     return parts
+
+
+def record_environment(out: Path, resuming: bool) -> tuple[dict, dict | None]:
+    """``(environment, resumed)``: the environment the run was started in (``environment.json``, written at a fresh
+    start) and, when this resume runs under another, the current one (else None), said in one line: the resumed
+    weights are then not bit-identical to an uninterrupted run's (docs/reliability.md)."""
+    now, path = environment(), out / ENVIRONMENT_JSON
+    try:
+        recorded = read_json(path) if resuming else None
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is None:
+        write_json(path, now)
+        return now, None
+    why = differs(recorded, now)
+    if why is None:
+        return recorded, None
+    # one line: under Hydra the log's console handler shows it, and train.log keeps it
+    log.warning("resuming %s under another environment than it started in (%s): its weights will not be "
+                "bit-identical to an uninterrupted run's", out, why)
+    return recorded, now
 
 
 def check_settings(run: RunLayout, want: dict) -> None:
@@ -241,6 +263,7 @@ def run_training(cfg: DictConfig) -> dict:
                                      enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks))
     if resume is not None:
         log.info("resuming %s at epoch %d", resume, first_epoch)
+    env, resumed_env = record_environment(out, resume is not None)
     t0 = time.perf_counter()
     with no_space_is_one_line(ckpt_dir):   # Lightning's own writes: last.ckpt, best.ckpt, the logger's files
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
@@ -257,8 +280,10 @@ def run_training(cfg: DictConfig) -> dict:
         "train_images_per_s": round(throughput.images / throughput.seconds, 1) if throughput.seconds else None,
         "best_checkpoint": str(best), "last_checkpoint": str(ckpt_dir / LAST_CKPT),
         "num_classes": dm.num_classes, "device": str(trainer.strategy.root_device),
-        "config": inputs.config,
+        "config": inputs.config, "environment": env,
     }
+    if resumed_env is not None:   # part of the epochs ran elsewhere: the report says so beside the seed
+        summary["resumed_environment"] = resumed_env
     if not trainer.is_global_zero:   # under DDP every rank gets here: one summary, one log line
         return summary
     # what training wrote, by content: every later read (restore_trained, the skip check) verifies it
