@@ -366,3 +366,104 @@ def test_tp_importance_on_residual_groups_gives_every_member_conv_the_root_value
         root = v[g.convs[0]][g.channel_of[g.convs[0]]]
         for c in g.convs[1:]:
             assert np.allclose(v[c][g.channel_of[c]], root)
+
+
+# ---------------------------------------------------------------------------------- a real backbone
+@pytest.mark.parametrize("kind", ["knapsack", "sensitivity", "hybrid-uniform"])
+def test_new_allocations_match_flops_on_resnet_checked_by_fvcore(kind):
+    from axes_pipeline.models import build_model
+    from axes_pipeline.pruning.flops import fvcore_macs
+    from axes_pipeline.pruning.groups import prune_physically
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, width=0.25).eval()
+    x = torch.randn(1, 3, 16, 16)
+    groups = build_groups(model, x)
+    cost = CostModel.build(model, groups, x)
+    rng = np.random.default_rng(0)
+    gs = [rng.random(g.size) for g in groups.groups]
+    drops = np.sort(rng.random((len(groups.groups), 3)) * 0.3, axis=1)
+    source = {"knapsack": None, "hybrid-uniform": CountSource("uniform"),
+              "sensitivity": CountSource("sensitivity", sensitivity_keys(groups.sizes, [0.25, 0.5, 0.75], drops))}[kind]
+    alloc = make_allocation(kind.split("-")[0], groups, gs, 0.9, counts_from=source, cost=cost)
+    for t in (0.9, 0.7, 0.5, 0.3, 0.1):
+        res = match_flops(alloc, cost, t, 0.005)
+        assert res.matched and abs(res.frac - t) <= 0.005, (kind, t, res.frac)
+        assert (res.counts <= np.floor(0.9 * groups.sizes)).all() and (res.counts < groups.sizes).all()
+        if t in (0.7, 0.3):
+            pruned, _ = prune_physically(model, groups, keep_masks(alloc, res.counts), x)
+            assert abs(fvcore_macs(pruned, x)[0] / cost.total - t) <= 0.005
+
+
+# ---------------------------------------------------------------------------------- end to end (tiny digits run)
+FAST = ["pruning.latency=false", "pruning.targets=[0.9,0.7,0.5]", "pruning.calibration.n=128"]
+
+
+@pytest.fixture
+def run(tiny_run, tmp_path):
+    """A private copy of the tiny trained run (checkpoints and summary)."""
+    import shutil
+    from pathlib import Path
+
+    from .helpers import make_cfg
+
+    root, overrides = tiny_run
+    src = Path(make_cfg("train", overrides, root).paths.run_dir)
+    dst = Path(make_cfg("train", overrides, tmp_path).paths.run_dir)
+    dst.mkdir(parents=True)
+    shutil.copytree(src / "checkpoints", dst / "checkpoints", ignore=shutil.ignore_patterns("epoch_*"))
+    shutil.copy2(src / "train_summary.json", dst / "train_summary.json")
+    return tmp_path, overrides
+
+
+def _prune(run, *extra):
+    from pathlib import Path
+
+    import pandas as pd
+
+    from axes_pipeline.pruning.run import run_prune
+
+    from .helpers import make_cfg
+
+    root, overrides = run
+    cfg = make_cfg("prune", [*overrides, *FAST, *extra], root)
+    summary = run_prune(cfg)
+    out = Path(cfg.paths.run_dir) / "prune"
+    return summary, pd.read_csv(out / "prune_curves.csv"), out
+
+
+@pytest.mark.parametrize("extra", [
+    ["pruning.allocation=knapsack"],
+    ["pruning.allocation=global", "pruning.normalize=lamp"],
+    ["pruning.allocation=hybrid", "pruning.hybrid_counts_from=uniform"],
+    ["pruning.allocation=hybrid", "pruning.hybrid_counts_from=l1"],
+], ids=["knapsack", "global-lamp", "hybrid-uniform", "hybrid-l1"])
+def test_each_allocation_runs_flops_matched_end_to_end(run, extra):
+    summary, curves, _out = _prune(run, "pruning.scores=[l2,bn_scale]", *extra)
+    assert len(curves) == 2 * 3 and summary["matching"]["unmatched"] == 0
+    assert (curves["achieved_flops"] - curves["target_flops"]).abs().max() <= 0.005   # fvcore's count
+    assert (curves["macs"] == curves["macs_analytic"]).all()
+    assert summary["allocation"] == extra[0].split("=")[1]
+
+
+def test_sensitivity_scan_is_run_once_and_reused_by_another_protocol(run, capsys):
+    summary, curves, out = _prune(run, "pruning.scores=[l2]", "pruning.allocation=sensitivity")
+    assert summary["matching"]["unmatched"] == 0 and len(curves) == 3
+    assert "sensitivity scan:" in capsys.readouterr().out
+    scan = out / "scores" / "sensitivity.json"
+    from axes_pipeline.runs import read_json
+
+    rec = read_json(scan)
+    assert np.asarray(rec["drops"]).shape == (summary["groups"], 3) and rec["fractions"] == [0.25, 0.5, 0.75]
+    stamp = scan.stat().st_mtime_ns
+    summary, curves, _ = _prune(run, "pruning.scores=[bn_scale]", "pruning.allocation=hybrid",
+                                "pruning.hybrid_counts_from=sensitivity")
+    assert summary["matching"]["unmatched"] == 0
+    assert "sensitivity scan:" not in capsys.readouterr().out and scan.stat().st_mtime_ns == stamp
+
+
+def test_a_torch_pruning_importance_is_swept_like_a_score(run):
+    summary, curves, _out = _prune(run, "pruning.scores=[tp.MagnitudeImportance,l2]")
+    assert set(curves["score"]) == {"tp.MagnitudeImportance", "l2"} and summary["matching"]["unmatched"] == 0
+    assert summary["scores"]["tp.MagnitudeImportance"]["axis"] == "baseline"
+    assert np.isfinite(summary["scores"]["tp.MagnitudeImportance"]["flops_auc"])
