@@ -86,7 +86,7 @@ def test_lamp_equals_torch_prunings_on_the_squared_scores_and_a_hand_computation
     rng = np.random.default_rng(1)
     for _ in range(5):
         s = rng.random(23) + 0.01
-        # (its LAMP works in float32 only) Torch-Pruning's LAMP divides x_i by Σ_{j ≥ i} x_j of its (already squared, p = 2) magnitudes
+        # Torch-Pruning's LAMP (float32 only) divides x_i by Σ_{j ≥ i} x_j of its already squared (p = 2) magnitudes
         assert np.allclose(normalize(s, "lamp"), _tp_normalize(s ** 2, "lamp", torch.float32), rtol=1e-5)
 
 
@@ -467,3 +467,34 @@ def test_a_torch_pruning_importance_is_swept_like_a_score(run):
     assert set(curves["score"]) == {"tp.MagnitudeImportance", "l2"} and summary["matching"]["unmatched"] == 0
     assert summary["scores"]["tp.MagnitudeImportance"]["axis"] == "baseline"
     assert np.isfinite(summary["scores"]["tp.MagnitudeImportance"]["flops_auc"])
+
+
+@pytest.mark.parametrize("args,knob", [
+    (["pruning.allocation=hybrid", "pruning.hybrid_counts_from=tayler"], "pruning.hybrid_counts_from"),
+    (["pruning.scores=[l1,ixy_minus_red_b-5]"], "β must be ≥ 0"),
+])
+def test_bad_allocation_knobs_from_the_command_line_exit_2_before_any_work(tmp_path, args, knob):
+    from .helpers import run_entry
+
+    res = run_entry("prune.py", *args, "logger=none", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and knob in lines[0] and "Traceback" not in res.stderr
+    assert "(pruning.scores)" not in lines[0] or knob != "pruning.hybrid_counts_from"
+    # (a refusal still leaves the run folder's .hydra and prune.failed marker: issue #31 case 8, not here)
+
+
+def test_the_scan_needs_a_validation_split():
+    from axes_pipeline.pruning.sensitivity import check_scan_data
+
+    check_scan_data(True, 10)
+    check_scan_data(False, 0)
+    with pytest.raises(UserError, match="needs a validation split"):
+        check_scan_data(True, 0)
+
+
+def test_a_drawing_tp_importance_is_seeded_by_the_run(chain):
+    _model, ctx = chain
+    s = resolve_score("tp.RandomImportance")
+    a, b = s(ctx, 0), s(ctx, 0)
+    assert all(np.array_equal(a[n], b[n]) for n in a)

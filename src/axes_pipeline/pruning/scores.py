@@ -647,7 +647,9 @@ def _tp_values(ctx: ScoreContext, importance, gradients: bool, activations: bool
     model = ctx.model
     saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
     try:
-        with eval_mode(model):
+        # an importance that draws (RandomImportance) draws from torch's global RNG: seeded by the run
+        with torch.random.fork_rng(devices=[]), eval_mode(model):
+            torch.manual_seed(int(ctx.seed))
             with torch.enable_grad():
                 dg = tp.DependencyGraph().build_dependency(model, example_inputs=ctx.example_input(), verbose=False)
             if gradients:   # ∂L/∂w of the mean cross-entropy over the calibration images (as `taylor`)

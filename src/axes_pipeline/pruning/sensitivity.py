@@ -32,10 +32,17 @@ from axes_pipeline.runs import read_record, write_record
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = ["SCAN_FILE", "cached_scan", "sensitivity_scan"]
+__all__ = ["SCAN_FILE", "cached_scan", "check_scan_data", "sensitivity_scan"]
 
 #: where a run's scan is kept, beside the calibration scores' cache (shared by every protocol)
 SCAN_FILE = "sensitivity.json"
+
+
+def check_scan_data(needs_scan: bool, n_val: int) -> None:
+    """One line before any work when the scan is needed and there is no validation split to run it on."""
+    if needs_scan and n_val <= 0:
+        raise UserError("the sensitivity allocation needs a validation split (data.val_fraction > 0): its scan "
+                        "measures accuracy drops on validation, never on test")
 
 
 def sensitivity_scan(model: nn.Module, groups: GroupSet, ranking: list[np.ndarray], fractions: list[float],
@@ -75,9 +82,7 @@ def cached_scan(path: Path, key: dict, compute: Callable[[], tuple[float, np.nda
     elif "cannot be read" in why or "not a record" in why:
         print(f"prune: note: {why}; scanning again")
     base, drops = compute()
-    if not math.isfinite(base):
-        raise UserError("the sensitivity allocation needs a validation split (data.val_fraction > 0): its scan "
-                        "measures accuracy drops on validation, never on test")
+    check_scan_data(True, 0 if not math.isfinite(base) else 1)
     write_record(path, {"groups": [g.name for g in groups.groups], "fractions": list(fractions),
                         "unpruned_val_acc": base, "drops": drops.tolist()}, key)
     log.info("prune: sensitivity scan of %d layers at %s written to %s", len(groups.groups), fractions, path)

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from axes_pipeline.errors import UserError
 from axes_pipeline.pruning.allocation import (
     CountSource,
     group_scores,
@@ -35,7 +34,7 @@ from axes_pipeline.pruning.groups import GroupSet, prune_physically
 from axes_pipeline.pruning.points import ScoreCache, point_label, read_point
 from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import SCORES, Score
-from axes_pipeline.pruning.sensitivity import SCAN_FILE, cached_scan, sensitivity_scan
+from axes_pipeline.pruning.sensitivity import SCAN_FILE, cached_scan, check_scan_data, sensitivity_scan
 from axes_pipeline.runs import plain, run_fingerprint, write_json
 
 log = logging.getLogger("axes_pipeline")
@@ -98,9 +97,7 @@ class Sweep:
     def _scan(self, dead):
         """The sensitivity scan's drops ``[G, F]`` (:mod:`.sensitivity`), stored once per run and checkpoint."""
         s, cache = self.settings, self.cache
-        if self.dm.split_sizes().get("val", 0) <= 0:
-            raise UserError("the sensitivity allocation needs a validation split (data.val_fraction > 0): its scan "
-                            "measures accuracy drops on validation, never on test")
+        check_scan_data(True, self.dm.split_sizes().get("val", 0))
         l1 = SCORES["l1"]   # Li et al. rank a layer's filters by their L1 norm
         key = plain(run_fingerprint(cache.data_id, cache.ckpt, stage="prune/sensitivity", input=list(cache.shape),
                                     fractions=s.sensitivity_fractions, ranking=l1.name,
