@@ -125,8 +125,8 @@ class PruneSettings:
         return self.counts_source == "sensitivity"
 
     def needs(self, what: str) -> list:
-        """The scores (the hybrid's count source, and the scan's L1 ranking, included) that need ``what``
-        (axes, calibration)."""
+        """The scores (the hybrid's count source included) that need ``what`` (axes, calibration); the
+        sensitivity scan ranks by ``l1``, which needs neither."""
         src = self.counts_source
         extra = [src] if isinstance(src, Score) else []
         return [s for s in self.scores + extra if what in s.needs]
