@@ -247,6 +247,7 @@ def test_every_allocation_name_is_accepted_with_a_cap(allocation):
     ({"allocation": "greedy"}, r"allocation \(pruning.allocation\) 'greedy'.*knapsack.*sensitivity"),
     ({"normalize": "zscore"}, r"pruning.normalize.*lamp"),
     ({"hybrid_counts_from": "nosuch"}, r"score \(pruning.hybrid_counts_from\) 'nosuch'.*sensitivity.*uniform"),
+    ({"hybrid_counts_from": "ixy_minus_red_b-1"}, r"'ixy_minus_red_b-1' \(pruning.hybrid_counts_from\): β must be ≥ 0"),
     ({"sensitivity_fractions": [0.5, 1.0]}, r"pruning.sensitivity_fractions: 1.0"),
     ({"sensitivity_fractions": []}, r"pruning.sensitivity_fractions is empty"),
     ({"scores": ["ixy_minus_red_b-5"]}, r"'ixy_minus_red_b-5' \(pruning.scores\): β must be ≥ 0"),
