@@ -499,3 +499,19 @@ def test_a_drawing_tp_importance_is_seeded_by_the_run(chain):
     s = resolve_score("tp.RandomImportance")
     a, b = s(ctx, 0), s(ctx, 0)
     assert all(np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_a_plugin_registers_an_importance_instance(chain):
+    import torch_pruning as tp
+
+    from axes_pipeline.pruning.scores import register_importance, score_names
+
+    _model, ctx = chain
+    try:
+        s = register_importance("my_l1", tp.importance.MagnitudeImportance(p=1, normalizer=None,
+                                                                           group_reduction="first"))
+        assert "my_l1" in score_names() and resolve_score("my_l1") is s and s.axis == "baseline"
+        ours = SCORES["l1"](ctx, 0)
+        assert all(np.allclose(v, ours[n], rtol=1e-5) for n, v in s(ctx, 0).items())
+    finally:
+        SCORES.pop("my_l1", None)
