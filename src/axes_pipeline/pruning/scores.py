@@ -32,7 +32,11 @@ largest keep value).
 
 Components of a mixed score are min–max normalised within each layer before they are mixed
 (:func:`minmax`); the group code normalises the final score within each layer again.
-``ixy_minus_red_b<β>``, ``magnitude_plus_ix_a<α>`` and ``two_axis_a1_b<β>`` accept any number (``resolve_score``).
+``ixy_minus_red_b<β>``, ``magnitude_plus_ix_a<α>`` and ``two_axis_a1_b<β>`` accept any β, α ≥ 0
+(``resolve_score``; a negative one is refused in one line, since it would flip the sign its axis rests on).
+The cross-layer normalisations of ``pruning.normalize`` (:func:`normalize`: minmax, mean, max, lamp) live
+here beside :func:`minmax`. ``tp.<ClassName>`` is a Torch-Pruning importance swept as a baseline score
+(:func:`importance_score`, one adapter from its per-group values to per-channel ones).
 
 The axes columns come from the analysis stage's ``<run_dir>/analyze/axes.csv`` (computed on demand
 through ``axes_pipeline.axes.table.load_or_compute_axes`` when its fingerprint does not match). The feature
@@ -53,9 +57,8 @@ import torch.nn as nn
 
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import dead_channels
-from axes_pipeline.models import conv_norm_pairs
+from axes_pipeline.models import classifier_name, conv_norm_pairs
 from axes_pipeline.models.graph import out_channels
-from axes_pipeline.models.layers import classifier_name
 from axes_pipeline.models.modes import eval_mode
 from axes_pipeline.models.taylor import taylor_scores
 from axes_pipeline.pruning.settings import NORMALIZERS
