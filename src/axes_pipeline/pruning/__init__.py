@@ -3,14 +3,16 @@
 - :mod:`.settings`: the typed ``cfg.pruning`` schema (``PruningConfig``, every default);
   :mod:`.resolved`: the validated settings of a run (``PruneSettings``);
 - :mod:`.scores`: the score registry (``SCORES``, ``resolve_score``; ``Score(ctx, draw) ->
-  {layer: [C]}``, each with its axis: local / target / mixed / baseline); :mod:`axes_pipeline.models.taylor`:
+  {layer: [C]}``, each with its axis: local / target / mixed / baseline; ``tp.<ClassName>``: a Torch-Pruning
+  importance); :mod:`axes_pipeline.models.taylor`:
   Σ|w·∂L/∂w| (also a lesion predictor of analyze.py); :mod:`.inputs`: the analysis table and
   calibration batches the scores read;
 - :mod:`.groups`: coupled channel groups from Torch-Pruning's dependency graph
   (``build_groups``), the masked reference model (``masked``), ``prune_physically``;
 - :mod:`.flops`: fvcore MACs (``fvcore_macs``) and the exact analytic count (``CostModel``);
-- :mod:`.allocation`: group scores, ``global`` / ``uniform`` / ``hybrid`` allocation,
-  ``match_flops`` (FLOPs search) and ``nominal_fraction`` (channel-fraction protocol);
+- :mod:`.allocation`: group scores (``pruning.normalize``), the ``global`` / ``uniform`` / ``hybrid`` /
+  ``knapsack`` / ``sensitivity`` allocations, ``match_flops`` (FLOPs search) and ``nominal_fraction``
+  (channel-fraction protocol); :mod:`.sensitivity`: the one-layer-at-a-time scan (Li et al. 2017);
 - :mod:`.evaluate`: accuracy, short fine-tune, latency; :mod:`.export`: save / reload a pruned
   network (weights-only);
 - :mod:`.sweep`: every score × target, one point each; :mod:`.points`: a point's key, record,
@@ -25,13 +27,15 @@ from importlib import import_module
 
 #: public name -> the module that defines it
 _WHERE = {
-    **dict.fromkeys(("ALLOCATIONS", "Allocation", "SearchResult", "group_scores", "keep_masks", "make_allocation",
-                     "match_flops", "nominal_fraction"), "allocation"),
+    **dict.fromkeys(("ALLOCATIONS", "Allocation", "CountSource", "SearchResult", "group_scores", "keep_masks",
+                     "make_allocation", "match_flops", "nominal_fraction", "sensitivity_keys"), "allocation"),
     **dict.fromkeys(("load_pruned", "save_pruned"), "export"),
     **dict.fromkeys(("CostModel", "count_params", "fvcore_macs"), "flops"),
     **dict.fromkeys(("ChannelGroup", "GroupSet", "build_groups", "full_keep", "masked", "prune_physically"), "groups"),
-    **dict.fromkeys(("AXES", "DEFAULT_SCORES", "FAMILIES", "SCORES", "Score", "ScoreContext", "minmax", "register",
-                     "resolve_score", "score_names"), "scores"),
+    **dict.fromkeys(("AXES", "DEFAULT_SCORES", "FAMILIES", "SCORES", "Score", "ScoreContext", "importance_score",
+                     "lamp", "minmax", "normalize", "register", "register_importance", "resolve_score", "score_names"),
+                    "scores"),
+    **dict.fromkeys(("cached_scan", "sensitivity_scan"), "sensitivity"),
     "PruneSettings": "resolved",
     "PruningConfig": "settings",
     "run_prune": "run",

@@ -9,9 +9,14 @@
   ``counts(i): [G]``, non-decreasing in ``i`` (so the MACs fall monotonically):
   ``global`` (one threshold over all groups; ``i`` channels, lowest scores first, at most
   ``cap`` of any group), ``uniform`` (the same fraction in every group; ``i`` indexes the
-  sorted fractions at which some group's count steps), ``hybrid`` (the per-group counts of the
-  global allocation of another score, Taylor by default; the ranking inside each group from
-  this score). Inside a group, channels go lowest score first (ties by channel index).
+  sorted fractions at which some group's count steps), ``hybrid`` (the per-group counts of a
+  :class:`CountSource`: another score's global allocation, Taylor by default, the uniform one or
+  the sensitivity scan's; the ranking inside each group from this score), ``sensitivity`` (hybrid
+  with the sensitivity scan's counts, Li et al. 2017: :func:`sensitivity_keys`), ``knapsack`` (a
+  greedy removal by group score per MAC saved, :func:`_knapsack_seq`). Inside a group, channels go
+  lowest score first (ties by channel index).
+- The group scores are normalised within each layer before they meet other layers' by
+  ``pruning.normalize`` (:func:`~axes_pipeline.pruning.scores.normalize`: minmax, mean, max, lamp).
 - :func:`match_flops`: bisection over ``i`` for the smallest ``i`` whose MACs are at most
   ``target + tol`` of the unpruned MACs; when one step jumps over the window
   ``[target − tol, target + tol]`` (a channel of a large or coupled group costs more than
@@ -31,12 +36,11 @@ import numpy as np
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.pruning.flops import CostModel
 from axes_pipeline.pruning.groups import GroupSet
-from axes_pipeline.pruning.scores import minmax
+from axes_pipeline.pruning.scores import normalize
+from axes_pipeline.pruning.settings import ALLOCATIONS
 
-__all__ = ["ALLOCATIONS", "DEAD_SCORE", "Allocation", "SearchResult", "group_scores", "keep_masks", "make_allocation",
-           "match_flops", "nominal_fraction"]
-
-ALLOCATIONS = ("global", "uniform", "hybrid")
+__all__ = ["ALLOCATIONS", "DEAD_SCORE", "Allocation", "CountSource", "SearchResult", "group_scores", "keep_masks",
+           "make_allocation", "match_flops", "nominal_fraction", "sensitivity_keys"]
 
 log = logging.getLogger("axes_pipeline")
 
@@ -46,8 +50,9 @@ DEAD_SCORE = -1.0
 
 
 def group_scores(groups: GroupSet, per_layer: dict[str, np.ndarray], depthwise: bool = True,
-                 dead: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
-    """Per-group scores ``[size_g]`` (mean of the members' layer-normalised scores).
+                 dead: dict[str, np.ndarray] | None = None, how: str = "minmax") -> list[np.ndarray]:
+    """Per-group scores ``[size_g]`` (mean of the members' layer-normalised scores; ``how``:
+    ``pruning.normalize``, :func:`~axes_pipeline.pruning.scores.normalize`).
 
     ``dead``: ``{layer: bool [C]}`` (:meth:`ScoreContext.dead`). Dead channels are removed first by
     every score (METHODS §9): a layer is normalised over its live channels (a dead channel's value,
@@ -59,7 +64,7 @@ def group_scores(groups: GroupSet, per_layer: dict[str, np.ndarray], depthwise: 
         v = np.asarray(v, dtype=np.float64)
         d = _dead_of(dead, layer, v.shape)
         live = np.where(d, np.nan, v)
-        norm[layer] = np.full(v.shape, np.nan) if not np.isfinite(live).any() else np.where(d, 0.0, minmax(live))
+        norm[layer] = np.full(v.shape, np.nan) if not np.isfinite(live).any() else np.where(d, 0.0, normalize(live, how))
     out, empty = [], []
     for g in groups.groups:
         members = list(g.convs)
@@ -145,9 +150,88 @@ def _global_seq(scores: list[np.ndarray], caps: np.ndarray, seed: int) -> np.nda
     return gids[np.lexsort((tiebreak, vals))]
 
 
+@dataclass(frozen=True)
+class CountSource:
+    """Where hybrid's per-group counts come from: ``kind`` ``score`` (``values``: that score's group
+    scores, counted by their global allocation), ``uniform`` (no values) or ``sensitivity`` (``values``:
+    :func:`sensitivity_keys`, one non-decreasing key per prunable count of each group)."""
+
+    kind: str
+    values: list | None = None
+
+
+def _uniform_fractions(sizes: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    steps = sorted({j / int(n) for n, c in zip(sizes, caps) for j in range(1, int(c) + 1)})
+    return np.array([0.0] + steps)
+
+
+def _knapsack_seq(scores: list[np.ndarray], caps: np.ndarray, cost: CostModel) -> np.ndarray:
+    """Group ids of the channels in greedy knapsack order: the channels kept should maximise the
+    summed group score under a MACs budget, so the next channel removed is, among every group's
+    lowest-scored candidate (within its cap), the one of least score per MAC its removal saves now.
+
+    The saving is the cost model's exact marginal count at the current state (a dense conv's MACs
+    are bilinear in its input and output groups, so a group's price falls as its neighbours
+    shrink). Every prefix is a budget's greedy solution, so the FLOPs search (:func:`match_flops`)
+    runs along it like the global order. Known bound (additive costs): the kept score is within one
+    channel's score of the best under the same budget (Dantzig's greedy)."""
+    G = len(scores)
+    kept = cost.sizes.astype(np.int64).copy()
+    pointer = np.zeros(G, dtype=np.int64)
+    ranked = [s[_order(s)] for s in scores]
+    current = int(cost.macs_counts(kept))
+    eye = np.eye(G, dtype=np.int64)
+    seq: list[int] = []
+    while True:
+        open_ = np.flatnonzero(pointer < caps)
+        if open_.size == 0:
+            break
+        after = cost.macs_counts(kept[None, :] - eye[open_])          # [open] MACs with one more removed
+        saving = np.maximum(current - after, 1).astype(np.float64)     # a free channel still costs its score
+        value = np.array([ranked[g][pointer[g]] for g in open_])
+        pick = int(np.lexsort((open_, value, value / saving))[0])      # least score per MAC, then score, then group
+        g = int(open_[pick])
+        seq.append(g)
+        kept[g] -= 1
+        pointer[g] += 1
+        current = int(after[pick])
+    return np.asarray(seq, dtype=np.int64)
+
+
+def sensitivity_keys(sizes: np.ndarray, fractions, drops: np.ndarray) -> list[np.ndarray]:
+    """The sensitivity scan as one key per prunable count: ``drops: [G, F]`` the validation-accuracy
+    drop with ``fractions[k]`` of group g's channels pruned alone. ``keys[g][r]`` is the drop
+    interpolated at ``(r+1)/size_g`` (linear between the scanned fractions, 0 at 0, the last
+    segment's slope beyond the last one), made non-decreasing, so one global threshold on the drop
+    prunes each layer until pruning more would cost it more than the threshold: the most sensitive
+    layers lose least (Li et al. 2017)."""
+    f = np.concatenate([[0.0], np.asarray(fractions, dtype=np.float64)])
+    keys = []
+    for n, d in zip(sizes, np.asarray(drops, dtype=np.float64)):
+        y = np.maximum.accumulate(np.concatenate([[0.0], np.nan_to_num(d, nan=1.0)]))
+        x = np.arange(1, int(n) + 1) / int(n)
+        k = np.interp(x, f, y)
+        slope = max(0.0, (y[-1] - y[-2]) / (f[-1] - f[-2])) if f.size > 1 and f[-1] > f[-2] else 0.0
+        k = np.where(x > f[-1], y[-1] + slope * (x - f[-1]), k)
+        keys.append(np.maximum.accumulate(k))
+    return keys
+
+
+def _sensitivity_seq(sizes: np.ndarray, keys: list[np.ndarray], caps: np.ndarray, seed: int) -> np.ndarray:
+    """Group ids in order of the sensitivity key; ties (e.g. several layers at no drop) by the
+    fraction pruned, so such layers shrink together, then by a seeded draw."""
+    vals = np.concatenate([k[: int(c)] for k, c in zip(keys, caps)]) if keys else np.zeros(0)
+    frac = np.concatenate([np.arange(1, int(c) + 1) / int(n) for n, c in zip(sizes, caps)]) if keys else np.zeros(0)
+    gids = np.concatenate([np.full(int(c), g, dtype=np.int64) for g, c in enumerate(caps)]) if keys else np.zeros(0, int)
+    tiebreak = np.random.default_rng(seed).random(vals.size)
+    return gids[np.lexsort((tiebreak, frac, vals))]
+
+
 def make_allocation(kind: str, groups: GroupSet, scores: list[np.ndarray], cap: float,
-                    counts_from: list[np.ndarray] | None = None, seed: int = 0) -> Allocation:
-    """The :class:`Allocation` ``kind`` for group ``scores`` (``counts_from``: hybrid's source)."""
+                    counts_from: CountSource | list[np.ndarray] | None = None, seed: int = 0,
+                    cost: CostModel | None = None) -> Allocation:
+    """The :class:`Allocation` ``kind`` for group ``scores``. ``counts_from``: hybrid's (and sensitivity's)
+    :class:`CountSource` (a plain list: a score's group scores); ``cost``: knapsack's MAC model."""
     if kind not in ALLOCATIONS:
         raise unknown_name("allocation (pruning.allocation)", kind, ("auto",) + ALLOCATIONS)
     if not 0.0 < cap < 1.0:
@@ -156,14 +240,29 @@ def make_allocation(kind: str, groups: GroupSet, scores: list[np.ndarray], cap: 
     caps = _caps(sizes, cap)
     orders = [_order(s) for s in scores]
     ranked = [s[o] for s, o in zip(scores, orders)]
-    if kind in ("global", "hybrid"):
-        if kind == "hybrid" and counts_from is None:
-            raise ValueError("hybrid allocation needs the scores its per-layer counts come from")
-        seq = _global_seq(scores if kind == "global" else counts_from, caps, seed)
+    if counts_from is not None and not isinstance(counts_from, CountSource):
+        counts_from = CountSource("score", counts_from)
+    if kind in ("hybrid", "sensitivity"):
+        if counts_from is None or (kind == "sensitivity" and counts_from.kind != "sensitivity"):
+            raise ValueError(f"{kind} allocation needs the source of its per-layer counts")
+        if counts_from.kind == "uniform":
+            kind_counts = "uniform"
+        else:
+            seq = (_global_seq(counts_from.values, caps, seed) if counts_from.kind == "score"
+                   else _sensitivity_seq(sizes, counts_from.values, caps, seed))
+            return Allocation(kind, sizes, orders, ranked, caps, int(seq.size), _seq=seq)
+    else:
+        kind_counts = kind
+    if kind_counts == "global":
+        seq = _global_seq(scores, caps, seed)
         return Allocation(kind, sizes, orders, ranked, caps, int(seq.size), _seq=seq)
-    steps = sorted({j / int(n) for n, c in zip(sizes, caps) for j in range(1, int(c) + 1)})
-    fractions = np.array([0.0] + steps)
-    return Allocation(kind, sizes, orders, ranked, caps, len(steps), _fractions=fractions)
+    if kind_counts == "knapsack":
+        if cost is None:
+            raise ValueError("knapsack allocation needs the MAC model")
+        seq = _knapsack_seq(scores, caps, cost)
+        return Allocation(kind, sizes, orders, ranked, caps, int(seq.size), _seq=seq)
+    fractions = _uniform_fractions(sizes, caps)
+    return Allocation(kind, sizes, orders, ranked, caps, len(fractions) - 1, _fractions=fractions)
 
 
 def keep_masks(alloc: Allocation, counts: np.ndarray) -> list[np.ndarray]:

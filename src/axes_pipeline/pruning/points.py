@@ -71,8 +71,15 @@ class ScoreCache:
             # dead channels first (ScoreContext.dead): the mask comes from the calibration images
             "dead_first": s.calibration,
         }
-        if s.allocation == "hybrid":
-            parts["hybrid"] = fingerprint(self.score_key(s.hybrid_counts_from))
+        if s.normalize != "minmax":   # the default's keys are those of the points written before the knob
+            parts["normalize"] = s.normalize
+        src = s.counts_source
+        if isinstance(src, Score):
+            parts["hybrid"] = fingerprint(self.score_key(src))
+        elif src is not None:   # uniform counts, or the sensitivity scan's (its fractions and mask)
+            parts["hybrid"] = src
+            if src == "sensitivity":
+                parts["sensitivity_fractions"] = s.sensitivity_fractions
         return plain(run_fingerprint(self.data_id, self.ckpt, **parts))
 
     def get(self, score: Score, draw: int) -> dict[str, np.ndarray]:

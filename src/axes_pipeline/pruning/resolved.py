@@ -7,9 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from axes_pipeline.errors import UserError, unknown_name
-from axes_pipeline.pruning.allocation import ALLOCATIONS
-from axes_pipeline.pruning.scores import resolve_score, score_names
-from axes_pipeline.pruning.settings import MODES, PruningConfig
+from axes_pipeline.pruning.scores import Score, resolve_score, score_names
+from axes_pipeline.pruning.settings import ALLOCATIONS, COUNT_SOURCES, MODES, NORMALIZERS, PruningConfig
 
 __all__ = ["PruneSettings"]
 
@@ -38,6 +37,24 @@ def _score_list(names, resolve_score, default: tuple) -> list:
         score = resolve_score(name)
         scores.setdefault(score.name, score)
     return list(scores.values())
+
+
+def _count_source(name) -> Score | str:
+    """``pruning.hybrid_counts_from``: one of COUNT_SOURCES, else a score; an unknown name is one line
+    naming this knob (not pruning.scores) and what it may be."""
+    name = str(name)
+    if name in COUNT_SOURCES:
+        return name
+    return resolve_score(name, knob="pruning.hybrid_counts_from", also=COUNT_SOURCES)
+
+
+def _fraction_list(fractions) -> list[float]:
+    """The sensitivity scan's fractions, ascending, each in (0, 1)."""
+    _require(len(fractions) > 0, "pruning.sensitivity_fractions is empty; give fractions in (0, 1), e.g. [0.25,0.5,0.75]")
+    for f in fractions:
+        _require(0.0 < f < 1.0, f"pruning.sensitivity_fractions: {f} is outside (0, 1); each is the fraction of one "
+                                "layer's channels pruned alone in the scan")
+    return sorted({float(f) for f in fractions})
 
 
 def _target_list(targets, mode: str) -> list[float]:
@@ -71,7 +88,11 @@ class PruneSettings:
                  f"pruning.max_fraction.{alloc} must be in (0, 1), got {self.max_fraction}")
         self.tolerance = pc.tolerance
         self.random_draws = pc.random_draws
-        self.hybrid_counts_from = resolve_score(pc.hybrid_counts_from)
+        self.normalize = _choice("normalisation (pruning.normalize)", pc.normalize, NORMALIZERS)
+        # hybrid's count source: a Score (its global allocation) or one of COUNT_SOURCES; `sensitivity` is
+        # hybrid with the scan's counts. Checked whatever the allocation, so a typo never waits for a sweep.
+        self.hybrid_counts_from: Score | str = _count_source(pc.hybrid_counts_from)
+        self.sensitivity_fractions = _fraction_list(pc.sensitivity_fractions)
         self.depthwise_in_group_score = pc.depthwise_in_group_score
         self.magnitude = _choice("magnitude norm (pruning.magnitude)", pc.magnitude, ("l1", "l2"))
         # the fine-tune's knobs (pruning.finetune without `enabled`; the point's key holds them), None
@@ -90,7 +111,22 @@ class PruneSettings:
         """Every (score, draw, target) of the sweep, in the order they are computed and written."""
         return [(score, d, t) for score in self.scores for d in score.draws(self.random_draws) for t in self.targets]
 
+    @property
+    def counts_source(self) -> Score | str | None:
+        """Where the per-layer counts come from when they are not the swept score's own: a Score,
+        ``uniform`` or ``sensitivity`` (None for global, uniform, knapsack)."""
+        if self.allocation == "sensitivity":
+            return "sensitivity"
+        return self.hybrid_counts_from if self.allocation == "hybrid" else None
+
+    @property
+    def needs_scan(self) -> bool:
+        """Whether this run needs the sensitivity scan (the sensitivity allocation, or hybrid counted by it)."""
+        return self.counts_source == "sensitivity"
+
     def needs(self, what: str) -> list:
-        """The scores (the hybrid's count source included) that need ``what`` (axes, calibration)."""
-        extra = [self.hybrid_counts_from] if self.allocation == "hybrid" else []
+        """The scores (the hybrid's count source included) that need ``what`` (axes, calibration); the
+        sensitivity scan ranks by ``l1``, which needs neither."""
+        src = self.counts_source
+        extra = [src] if isinstance(src, Score) else []
         return [s for s in self.scores + extra if what in s.needs]

@@ -26,6 +26,7 @@ from axes_pipeline.pruning.inputs import axes_loader, calibration_batches
 from axes_pipeline.pruning.points import ScoreCache, unpruned
 from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.scores import ScoreContext
+from axes_pipeline.pruning.sensitivity import check_scan_data
 from axes_pipeline.pruning.summary import curves_frame, flat_scalars, log_curves, print_summary, summarise, write_stage
 from axes_pipeline.pruning.sweep import Sweep, run_points
 from axes_pipeline.runs import file_digest, frame_digest, write_csv
@@ -48,6 +49,7 @@ def run_prune(cfg: DictConfig) -> dict:
     trained = restore_trained(inputs)
     out = trained.stage_dir("prune")   # prune@<stem>/ for another checkpoint than the run's default
     dm = trained.datamodule
+    check_scan_data(settings.needs_scan, dm.split_sizes().get("val", 0))   # before any network runs
     model = trained.model.to(device).eval()
     example = example_input({"image_size": dm.image_size, "in_channels": getattr(dm, "in_channels", 3)}, device=device)
     groups = build_groups(model, example)
@@ -58,7 +60,7 @@ def run_prune(cfg: DictConfig) -> dict:
     load_axes = axes_loader(inputs.knobs, run_id, trained, axes_scores, layers)
     ctx = ScoreContext(model, layers, axes_loader=load_axes, seed=run_id.seed,
                        calibration=calibration_batches(dm, settings), magnitude=settings.magnitude, device=device,
-                       feature_maps=calibration_batches(dm, settings, "feature_maps"))
+                       feature_maps=calibration_batches(dm, settings, "feature_maps"), example=example)
     # the analysis table's content is part of the axes scores' keys; fail (or compute) now, before any point
     digest = frame_digest(ctx.axes()) if axes_scores else None
     if len(settings.targets) < 2:

@@ -32,7 +32,11 @@ largest keep value).
 
 Components of a mixed score are min–max normalised within each layer before they are mixed
 (:func:`minmax`); the group code normalises the final score within each layer again.
-``ixy_minus_red_b<β>``, ``magnitude_plus_ix_a<α>`` and ``two_axis_a1_b<β>`` accept any number (``resolve_score``).
+``ixy_minus_red_b<β>``, ``magnitude_plus_ix_a<α>`` and ``two_axis_a1_b<β>`` accept any β, α ≥ 0
+(``resolve_score``; a negative one is refused in one line, since it would flip the sign its axis rests on).
+The cross-layer normalisations of ``pruning.normalize`` (:func:`normalize`: minmax, mean, max, lamp) live
+here beside :func:`minmax`. ``tp.<ClassName>`` is a Torch-Pruning importance swept as a baseline score
+(:func:`importance_score`, one adapter from its per-group values to per-channel ones).
 
 The axes columns come from the analysis stage's ``<run_dir>/analyze/axes.csv`` (computed on demand
 through ``axes_pipeline.axes.table.load_or_compute_axes`` when its fingerprint does not match). The feature
@@ -53,17 +57,22 @@ import torch.nn as nn
 
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.metrics.gaussian import dead_channels
-from axes_pipeline.models import conv_norm_pairs
+from axes_pipeline.models import classifier_name, conv_norm_pairs
 from axes_pipeline.models.graph import out_channels
 from axes_pipeline.models.modes import eval_mode
 from axes_pipeline.models.taylor import taylor_scores
+from axes_pipeline.pruning.settings import NORMALIZERS
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = ["AXES", "DEFAULT_MAGNITUDE", "DEFAULT_SCORES", "FAMILIES", "SCORES", "Score", "ScoreContext", "minmax",
-           "register", "resolve_score", "score_names"]
+__all__ = ["AXES", "DEFAULT_MAGNITUDE", "DEFAULT_SCORES", "FAMILIES", "SCORES", "TP_PREFIX", "Score", "ScoreContext",
+           "importance_score", "lamp", "minmax", "normalize", "register", "register_importance", "resolve_score",
+           "score_names"]
 
 AXES = ("local", "target", "mixed", "baseline")
+
+#: ``pruning.scores=[tp.<ClassName>]``: a Torch-Pruning importance class (``torch_pruning.pruner.importance``)
+TP_PREFIX = "tp."
 
 ScoreFn = Callable[["ScoreContext", int], dict]
 
@@ -124,11 +133,15 @@ def register(name: str, axis: str, needs=(), stochastic: bool = False, family: s
     return deco
 
 
-def resolve_score(name: str) -> Score:
-    """The :class:`Score` called ``name`` (registered, or a family pattern with any parameter)."""
+def resolve_score(name: str, knob: str = "pruning.scores", also: tuple = ()) -> Score:
+    """The :class:`Score` called ``name``: registered, a family pattern with any parameter in its range,
+    or ``tp.<ClassName>`` (a Torch-Pruning importance, :func:`importance_score`). An unknown name is one
+    line naming ``knob`` (the config key it came from) and the valid names, ``also`` among them."""
     name = str(name)
     if name in SCORES:
         return SCORES[name]
+    if name.startswith(TP_PREFIX):
+        return _tp_score(name, knob)
     for prefix, fam in FAMILIES.items():
         if name.startswith(prefix):
             try:
@@ -137,9 +150,10 @@ def resolve_score(name: str) -> Score:
                 break
             if not math.isfinite(value):
                 break
-            return fam["make"](value)
-    raise unknown_name("score (pruning.scores)", name,
-                       list(SCORES) + [f"{p}<{f['symbol']}>" for p, f in FAMILIES.items()])
+            return fam["make"](value, knob)
+    raise unknown_name(f"score ({knob})", name,
+                       list(also) + list(SCORES) + [f"{p}<{f['symbol']}>" for p, f in FAMILIES.items()]
+                       + [f"{TP_PREFIX}<ClassName>"])
 
 
 def score_names() -> list[str]:
@@ -160,7 +174,16 @@ class ScoreContext:
     seed: int = 0                     # the run seed (random draws)
     magnitude: str = DEFAULT_MAGNITUDE   # l1 | l2: the ‖w‖ of the mixed scores
     device: torch.device | str = "cpu"
+    example: torch.Tensor | None = None   # [1, C, H, W] the network's input (Torch-Pruning's graph); else a calibration image
     _cache: dict = field(default_factory=dict)
+
+    def example_input(self) -> torch.Tensor:
+        """One input ``[1, C, H, W]`` to trace the network with (:attr:`example`, else the first calibration image)."""
+        if self.example is not None:
+            return self.example.to(self.device)
+        for x, _y in self.batches():
+            return x[:1].to(self.device)
+        raise UserError("no calibration images to trace the network with")
 
     def axes(self):
         if "axes" not in self._cache:
@@ -262,6 +285,63 @@ def minmax(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _nonnegative(x: np.ndarray) -> np.ndarray:
+    """``x`` shifted so its smallest finite value is 0 when any is negative (the order kept).
+
+    mean, max and lamp divide by a sum or a maximum, which reverses the order of negative values
+    (and lamp squares them): a score with negative keep values (hull_score, the two-axis rule, a
+    mixed score) is shifted first. A non-negative layer (the filter norms, |γ|, Taylor) is left as
+    it is, so there they are exactly Torch-Pruning's normalisers."""
+    ok = np.isfinite(x)
+    lo = float(x[ok].min()) if ok.any() else 0.0
+    return x - lo if lo < 0 else x
+
+
+def _divide(x: np.ndarray, d: float) -> np.ndarray:
+    """``x / d``; a layer of zeros (d = 0) ties at 0.5, as minmax ties a constant layer."""
+    return np.full(x.shape, 0.5) if not d > 0 else x / d
+
+
+def lamp(x: np.ndarray) -> np.ndarray:
+    """LAMP (Lee et al. 2021), ``x: [C]`` non-negative: with the layer sorted ascending,
+    ``x_i² / Σ_{j ≥ i} x_j²``. The layer's largest value scores 1. Ties get the value of their
+    first position in the sort (Torch-Pruning's sort decides between them there; the value for a
+    tie depends only on the sort, so we take the stable one)."""
+    sq = np.asarray(x, dtype=np.float64) ** 2
+    order = np.argsort(sq, kind="stable")
+    s = sq[order]
+    tail = np.cumsum(s[::-1])[::-1]      # Σ_{j ≥ i} in sorted order
+    out = np.empty_like(sq)
+    out[order] = np.divide(s, tail, out=np.full(s.shape, 0.5), where=tail > 0)
+    return out
+
+
+def normalize(x: np.ndarray, how: str = "minmax") -> np.ndarray:
+    """One layer's scores ``x: [C]`` made comparable with other layers' (``pruning.normalize``):
+
+    - ``minmax`` (ours, the default): (x − min)/(max − min), :func:`minmax`;
+    - ``mean``: x / mean(x), Torch-Pruning's default normaliser;
+    - ``max``: x / max(x), Torch-Pruning's former default;
+    - ``lamp``: :func:`lamp`, Torch-Pruning's LAMP normaliser applied to x² (its magnitude importance
+      with p = 2 is already the squared filter norm, so the two agree on ‖w‖₂).
+
+    Non-finite values (dead channels, a layer without a norm for bn_scale) are left out of every
+    statistic and become 0, as :func:`minmax` does; ``mean``, ``max`` and ``lamp`` read a layer with a
+    negative value shifted to a minimum of 0 first (:func:`_nonnegative`)."""
+    x = np.asarray(x, dtype=np.float64)
+    if how == "minmax":
+        return minmax(x)
+    if how not in NORMALIZERS:
+        raise unknown_name("normalisation (pruning.normalize)", how, NORMALIZERS)
+    ok = np.isfinite(x)
+    if not ok.any():
+        return np.full(x.shape, 0.5)
+    v = _nonnegative(x[ok])
+    out = np.zeros(x.shape)
+    out[ok] = _divide(v, float(v.mean())) if how == "mean" else _divide(v, float(v.max())) if how == "max" else lamp(v)
+    return out
+
+
 def _mix(ctx: ScoreContext, terms: list[tuple[float, Callable[[ScoreContext], dict]]]) -> dict[str, np.ndarray]:
     """Σ weight · minmax(component) per layer."""
     parts = [(w, get(ctx)) for w, get in terms]
@@ -273,17 +353,26 @@ def _col(column: str) -> Callable[[ScoreContext], dict]:
 
 
 def _family(prefix: str, axis: str, symbol: str, label: str, doc: str, grid: tuple, anchor: str, columns: tuple,
-            terms: Callable[[float], list]) -> None:
+            terms: Callable[[float], list], minimum: float = 0.0) -> None:
     """Register the sweep ``<prefix><p>``, the :func:`_mix` of ``terms(p)``: the scores of ``grid``,
-    and a factory for any other ``p`` (:func:`resolve_score`). ``doc``: ``{p}`` for the parameter."""
-    def make(p: float) -> Score:
+    and a factory for any other ``p`` (:func:`resolve_score`). ``doc``: ``{p}`` for the parameter.
+
+    ``p`` below ``minimum`` is refused: every family's parameter weighs a term whose sign the
+    score's axis rests on (a negative β would make redundancy *raise* a local score's keep value,
+    a negative α would subtract I_X from a score that claims to add it)."""
+    def make(p: float, knob: str = "pruning.scores") -> Score:
+        if not p >= minimum:   # NaN fails too
+            raise UserError(f"score '{prefix}{p:g}' ({knob}): {symbol} must be ≥ {minimum:g}, got {p:g}; "
+                            f"{prefix}<{symbol}> is {label} with {symbol} in [{minimum:g}, ∞)")
+
         def fn(ctx, draw):
             return _mix(ctx, terms(p))
 
         return Score(f"{prefix}{p:g}", axis, fn, frozenset({"axes"}), False, prefix, float(p), doc.format(p=f"{p:g}"),
                      frozenset(columns))
 
-    FAMILIES[prefix] = {"symbol": symbol, "label": label, "grid": grid, "anchor": anchor, "make": make}
+    FAMILIES[prefix] = {"symbol": symbol, "label": label, "grid": grid, "anchor": anchor, "make": make,
+                        "minimum": minimum}
     for p in grid:
         SCORES[f"{prefix}{p:g}"] = make(p)
 
@@ -496,6 +585,109 @@ def geometric_median_distance(weight: torch.Tensor) -> torch.Tensor:
 def _fpgm(ctx, draw):
     """Σ of distances to the layer's other filters: filters near the geometric median go first."""
     return {layer: geometric_median_distance(conv.weight).cpu().numpy() for layer, conv in ctx.layers.items()}
+
+
+# --- Torch-Pruning importances (a user's criterion swept like a built-in score) ---
+def _tp_importances() -> dict[str, type]:
+    """Every importance class of ``torch_pruning.pruner.importance``, by class name."""
+    from torch_pruning.pruner import importance as tpi  # loaded only when a tp.<ClassName> score is asked for
+
+    return {n: c for n, c in vars(tpi).items() if isinstance(c, type) and issubclass(c, tpi.Importance)
+            and c is not tpi.Importance}
+
+
+def _tp_score(name: str, knob: str) -> Score:
+    """``tp.<ClassName>``: that Torch-Pruning importance with its default arguments, as a baseline score."""
+    classes = _tp_importances()
+    cls = classes.get(name[len(TP_PREFIX):])
+    if cls is None:
+        raise unknown_name(f"Torch-Pruning importance ({knob})", name, [TP_PREFIX + c for c in classes])
+    try:
+        importance = cls()
+    except TypeError as err:
+        raise UserError(f"{name} ({knob}) cannot be built without arguments ({err}); register an instance from a "
+                        "plugin: axes_pipeline.pruning.scores.register_importance(name, instance)") from None
+    return importance_score(name, importance)
+
+
+def importance_score(name: str, importance) -> Score:
+    """A :class:`Score` (axis ``baseline``: on neither axis) from a Torch-Pruning importance:
+    ``importance(group) -> [size]`` for every group of a ``torch_pruning.DependencyGraph`` of the network
+    (the classifier ignored as a root, as :func:`~axes_pipeline.pruning.groups.build_groups` does), one value per
+    root channel; each conv whose output channels the group holds gets the value of the root channel each
+    of its channels maps to (``idxs`` ↔ ``root_idxs``). A conv no group reaches, or a group the importance
+    returns None for, gets NaN (ranked by the tie-break only, with a warning).
+
+    What it reads: a gradient-based importance (Taylor) gets ∂L/∂w of the mean cross-entropy over the
+    calibration images, as ``taylor`` does; one with a ``compute_importance`` context (activations) sees
+    the calibration images inside it. Importances that accumulate per-sample gradients (Hessian, OBDC)
+    are refused in one line."""
+    from torch_pruning.pruner import importance as tpi
+
+    if isinstance(importance, (tpi.GroupHessianImportance, tpi.OBDCImportance)):
+        raise UserError(f"{name}: {type(importance).__name__} accumulates per-sample gradients, which the "
+                        "adapter does not drive; use a magnitude, BN-scale, Taylor, FPGM, LAMP or activation importance")
+    gradients = isinstance(importance, tpi.GroupTaylorImportance)
+    activations = hasattr(importance, "compute_importance")
+
+    def fn(ctx: ScoreContext, draw: int) -> dict[str, np.ndarray]:
+        return _tp_values(ctx, importance, gradients, activations)
+
+    needs = frozenset({"calibration"}) if gradients or activations else frozenset()
+    return Score(name, "baseline", fn, needs, doc=f"Torch-Pruning {type(importance).__name__}, per channel")
+
+
+def register_importance(name: str, importance) -> Score:
+    """Register a Torch-Pruning importance *instance* (a plugin's own, or one with arguments) as score ``name``."""
+    SCORES[name] = importance_score(name, importance)
+    return SCORES[name]
+
+
+def _tp_values(ctx: ScoreContext, importance, gradients: bool, activations: bool) -> dict[str, np.ndarray]:
+    """``{layer: [C]}`` of a Torch-Pruning importance on ``ctx.model`` (see :func:`importance_score`)."""
+    import torch_pruning as tp
+
+    model = ctx.model
+    saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
+    try:
+        # an importance that draws (RandomImportance) draws from torch's global RNG: seeded by the run
+        with torch.random.fork_rng(devices=[]), eval_mode(model):
+            torch.manual_seed(int(ctx.seed))
+            with torch.enable_grad():
+                dg = tp.DependencyGraph().build_dependency(model, example_inputs=ctx.example_input(), verbose=False)
+            if gradients:   # ∂L/∂w of the mean cross-entropy over the calibration images (as `taylor`)
+                batches = list(ctx.batches())
+                total = sum(len(y) for _, y in batches)
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                    p.grad = None
+                with torch.enable_grad():
+                    for x, y in batches:
+                        loss = nn.functional.cross_entropy(model(x.to(ctx.device)).float(), y.to(ctx.device),
+                                                           reduction="sum") / total
+                        loss.backward()
+            if activations:
+                with importance.compute_importance(model), torch.no_grad():
+                    for x, _y in ctx.batches():
+                        model(x.to(ctx.device))
+            by_module = {m: n for n, m in ctx.layers.items()}
+            out = {n: np.full(out_channels(m), np.nan) for n, m in ctx.layers.items()}
+            clf = model.get_submodule(classifier_name(model))
+            for group in dg.get_all_groups(ignored_layers=[clf], root_module_types=(nn.Conv2d, nn.Linear)):
+                imp = importance(group)
+                if imp is None:
+                    continue
+                imp = imp.detach().double().cpu().numpy()
+                for item in group:
+                    layer = by_module.get(item.dep.target.module)
+                    if layer is not None and dg.is_out_channel_pruning_fn(item.dep.handler):
+                        out[layer][np.asarray(item.idxs, dtype=np.int64)] = imp[np.asarray(item.root_idxs,
+                                                                                           dtype=np.int64)]
+            return out
+    finally:
+        for p, (rg, g) in saved.items():
+            p.requires_grad_(rg)
+            p.grad = g
 
 
 #: the package's own scores, local first, then target, mixed, baseline. The default sweep

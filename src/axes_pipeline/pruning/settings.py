@@ -15,10 +15,20 @@ from typing import Any
 
 from axes_pipeline.bounds import bounded, count, non_negative, positive, seed_field
 
-__all__ = ["MODES", "Calibration", "Finetune", "PruningConfig"]
+__all__ = ["ALLOCATIONS", "COUNT_SOURCES", "MODES", "NORMALIZERS", "Calibration", "Finetune", "PruningConfig"]
 
 #: flops: search so the achieved MACs match each target | channel_fraction: the authors' literal protocol
 MODES = ("flops", "channel_fraction")
+
+#: how channels are spread over the layers (METHODS §9; `auto` picks one per backbone)
+ALLOCATIONS = ("global", "uniform", "hybrid", "knapsack", "sensitivity")
+
+#: the cross-layer normalisation of a layer's scores before they meet other layers' (METHODS §9):
+#: minmax (ours, the default), and Torch-Pruning's mean, max, lamp (Lee et al. 2021)
+NORMALIZERS = ("minmax", "mean", "max", "lamp")
+
+#: what pruning.hybrid_counts_from may name besides a score (an allocation that needs no score)
+COUNT_SOURCES = ("uniform", "sensitivity")
 
 
 @dataclass
@@ -59,14 +69,21 @@ class PruningConfig:
     mode: str = "flops"           # one of MODES
     # |achieved - target| allowed, in fractions of the unpruned MACs
     tolerance: float = bounded(0.005, 0.0, 0.5, lo_open=True, hi_open=True)
-    allocation: str = "auto"      # auto | global | uniform | hybrid
+    allocation: str = "auto"      # auto | one of ALLOCATIONS: global | uniform | hybrid | knapsack | sensitivity
+    # the cross-layer normalisation of each layer's scores (one of NORMALIZERS): minmax | mean | max | lamp
+    normalize: str = "minmax"
     # what `auto` picks per backbone (anything else: global)
     allocation_defaults: dict[str, str] = field(default_factory=lambda: {
         "resnet18": "global", "vgg16": "global", "mobilenetv2": "uniform", "convnext_t": "uniform"})
     # at most this fraction of any group (layer) is pruned, per allocation (a mapping, since
     # `global` cannot be a field name)
-    max_fraction: dict[str, float] = field(default_factory=lambda: {"global": 0.95, "uniform": 0.9, "hybrid": 0.95})
-    hybrid_counts_from: str = "taylor"    # hybrid: per-layer counts from this score's global allocation
+    max_fraction: dict[str, float] = field(default_factory=lambda: {
+        "global": 0.95, "uniform": 0.9, "hybrid": 0.95, "knapsack": 0.95, "sensitivity": 0.95})
+    # hybrid: per-layer counts from this source's allocation (any score: its global allocation; or
+    # one of COUNT_SOURCES: uniform | sensitivity), the ranking inside each layer from the swept score
+    hybrid_counts_from: str = "taylor"
+    # sensitivity: the fractions of one layer's channels pruned alone (L1 ranking) in the scan
+    sensitivity_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     depthwise_in_group_score: bool = True  # false: depthwise convs left out of a group's mean when it has another conv
     magnitude: str = "l2"         # ||w|| of magnitude_plus_ix_a<α>: l2 (the authors' code) | l1
     fvcore_check: bool = True     # count every pruned network with fvcore (achieved_flops); false: analytic count only

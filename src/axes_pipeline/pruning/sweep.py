@@ -12,21 +12,30 @@ import copy
 import logging
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from axes_pipeline.pruning.allocation import group_scores, keep_masks, make_allocation, match_flops, nominal_fraction
-from axes_pipeline.pruning.evaluate import evaluate_splits, finetune, latency
+from axes_pipeline.pruning.allocation import (
+    CountSource,
+    group_scores,
+    keep_masks,
+    make_allocation,
+    match_flops,
+    nominal_fraction,
+    sensitivity_keys,
+)
+from axes_pipeline.pruning.evaluate import evaluate, evaluate_splits, finetune, latency
 from axes_pipeline.pruning.export import save_pruned
 from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
 from axes_pipeline.pruning.groups import GroupSet, prune_physically
 from axes_pipeline.pruning.points import ScoreCache, point_label, read_point
 from axes_pipeline.pruning.resolved import PruneSettings
-from axes_pipeline.pruning.scores import Score
-from axes_pipeline.runs import write_json
+from axes_pipeline.pruning.scores import SCORES, Score
+from axes_pipeline.pruning.sensitivity import SCAN_FILE, cached_scan, check_scan_data, sensitivity_scan
+from axes_pipeline.runs import plain, run_fingerprint, write_json
 
 log = logging.getLogger("axes_pipeline")
 
@@ -50,12 +59,13 @@ class Sweep:
     base: dict
     cache: ScoreCache
     model_spec: dict | None = None      # the backbone's build arguments (export.model_spec), for exported networks
-    hybrid_counts: list | None = None   # hybrid allocation: group scores of the count source, once
+    counts: CountSource | None = None   # hybrid / sensitivity: where the per-layer counts come from, once
+    _allocations: dict = field(default_factory=dict)   # (score, draw) -> its Allocation (knapsack's is costly)
     dead_said: bool = False             # the note on a run without dead channels, printed once
 
     def group_scores(self, score: Score, draw: int) -> list[np.ndarray]:
-        """The group scores of ``score`` (draw ``draw``); with the hybrid allocation, the count
-        source's group scores too (once, on first use)."""
+        """The group scores of ``score`` (draw ``draw``), normalised by ``pruning.normalize``; with a
+        hybrid or sensitivity allocation, the count source too (once, on first use)."""
         s, dead = self.settings, self.cache.ctx.dead()   # dead channels go first, whatever the score
         if dead is not None and not self.dead_said:
             self.dead_said = True
@@ -64,11 +74,52 @@ class Sweep:
             print(f"prune: note: {n} dead channel(s) on the calibration images, removed first by every score"
                   if n else "prune: note: no dead channels on the calibration images (the dead-first rule, "
                   "METHODS §9, removes none in this run)")
-        gscores = group_scores(self.groups, self.cache.get(score, draw), s.depthwise_in_group_score, dead=dead)
-        if s.allocation == "hybrid" and self.hybrid_counts is None:
-            self.hybrid_counts = group_scores(self.groups, self.cache.get(s.hybrid_counts_from, 0),
-                                              s.depthwise_in_group_score, dead=dead)
+        gscores = group_scores(self.groups, self.cache.get(score, draw), s.depthwise_in_group_score, dead=dead,
+                               how=s.normalize)
+        if s.counts_source is not None and self.counts is None:
+            self.counts = self._count_source(dead)
         return gscores
+
+    def allocation(self, score: Score, draw: int):
+        """The :class:`~axes_pipeline.pruning.allocation.Allocation` of ``score`` (draw ``draw``), built once for
+        all of its targets."""
+        key = (score.name, int(draw))
+        if key not in self._allocations:
+            s = self.settings
+            self._allocations = {key: make_allocation(s.allocation, self.groups, self.group_scores(score, draw),
+                                                      s.max_fraction, counts_from=self.counts, seed=s.seed,
+                                                      cost=self.cost)}
+        return self._allocations[key]
+
+    def _count_source(self, dead) -> CountSource:
+        s = self.settings
+        src = s.counts_source
+        if src == "uniform":
+            return CountSource("uniform")
+        if src == "sensitivity":
+            return CountSource("sensitivity", sensitivity_keys(self.groups.sizes, s.sensitivity_fractions,
+                                                               self._scan(dead)))
+        return CountSource("score", group_scores(self.groups, self.cache.get(src, 0), s.depthwise_in_group_score,
+                                                 dead=dead, how=s.normalize))
+
+    def _scan(self, dead):
+        """The sensitivity scan's drops ``[G, F]`` (:mod:`.sensitivity`), stored once per run and checkpoint."""
+        s, cache = self.settings, self.cache
+        check_scan_data(True, self.dm.split_sizes().get("val", 0))
+        l1 = SCORES["l1"]   # Li et al. rank a layer's filters by their L1 norm
+        key = plain(run_fingerprint(cache.data_id, cache.ckpt, stage="prune/sensitivity", input=list(cache.shape),
+                                    fractions=s.sensitivity_fractions, ranking=l1.name,
+                                    depthwise=s.depthwise_in_group_score, dead_first=s.calibration))
+        ranking = group_scores(self.groups, cache.get(l1, 0), s.depthwise_in_group_score, dead=dead)
+        val = self.dm.val_dataloader()
+
+        def compute():
+            print(f"prune: sensitivity scan: {len(self.groups)} layers x {len(s.sensitivity_fractions)} fractions "
+                  "on the validation split")
+            return sensitivity_scan(self.model, self.groups, ranking, s.sensitivity_fractions,
+                                    lambda m: evaluate(m, val, self.device)["acc"])
+
+        return cached_scan(cache.out / "scores" / SCAN_FILE, key, compute, self.groups, s.sensitivity_fractions)
 
 
 def run_points(sweep: Sweep, progress) -> tuple[list[dict], int]:
@@ -101,10 +152,8 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
     """Prune the unpruned network to ``target`` by the group scores of ``score`` (draw ``draw``),
     measure it and return its record."""
     s, cost, dm, device, example = sweep.settings, sweep.cost, sweep.dm, sweep.device, sweep.example
-    gscores = sweep.group_scores(score, draw)
     t0 = time.perf_counter()
-    alloc = make_allocation(s.allocation, sweep.groups, gscores, s.max_fraction, counts_from=sweep.hybrid_counts,
-                            seed=s.seed)
+    alloc = sweep.allocation(score, draw)
     res = match_flops(alloc, cost, target, s.tolerance) if s.mode == "flops" else nominal_fraction(alloc, cost, target)
     keep = keep_masks(alloc, res.counts)
     t1 = time.perf_counter()
