@@ -400,17 +400,20 @@ def test_dead_channels_are_removed_first_by_every_score():
     assert gs[inner][2] == gs[inner].max()
 
 
-@pytest.mark.parametrize("allocation", ["global", "uniform", "hybrid"])
+@pytest.mark.parametrize("allocation", ["global", "uniform", "hybrid", "knapsack", "sensitivity"])
 def test_real_dead_channels_go_first_under_every_allocation(allocation):
     # Issue 28 item 7: zeroed filters (no bias) are dead on the calibration images (ScoreContext.dead);
     # under every allocation, hybrid's per-group counts from Taylor included, a group that loses any
     # channel loses its dead one first, whatever the score.
-    from axes_pipeline.pruning.allocation import ALLOCATIONS
+    from axes_pipeline.pruning.allocation import ALLOCATIONS, CountSource, sensitivity_keys
+    from axes_pipeline.pruning.flops import CostModel
 
-    assert allocation in ALLOCATIONS
+    assert set(ALLOCATIONS) == {"global", "uniform", "hybrid", "knapsack", "sensitivity"}
     torch.manual_seed(0)
     model = _randomise_norms(build_model("resnet18", 10, width=0.125))
-    groups = build_groups(model, torch.randn(1, 3, 16, 16))
+    example = torch.randn(1, 3, 16, 16)
+    groups = build_groups(model, example)
+    cost = CostModel.build(model, groups, example) if allocation == "knapsack" else None
     inner = next(i for i, g in enumerate(groups.groups) if list(g.convs) == ["layer1.0.conv1"])
     coupled = next(i for i, g in enumerate(groups.groups) if "conv1" in g.convs)
     with torch.no_grad():
@@ -424,9 +427,12 @@ def test_real_dead_channels_go_first_under_every_allocation(allocation):
     dead = ctx.dead()
     assert int(dead["layer1.0.conv1"].sum()) == 1                 # real: found from the activations
     counts_from = group_scores(groups, SCORES["taylor"](ctx, 0), dead=dead) if allocation == "hybrid" else None
+    if allocation == "sensitivity":   # a made-up scan: later groups more sensitive
+        drops = np.outer(np.arange(1, len(groups) + 1), [0.01, 0.02, 0.04])
+        counts_from = CountSource("sensitivity", sensitivity_keys(groups.sizes, [0.25, 0.5, 0.75], drops))
     for name in DEFAULT_SCORES:
         gs = group_scores(groups, SCORES[name](ctx, 0), dead=dead)
-        alloc = make_allocation(allocation, groups, gs, 0.9, counts_from=counts_from)
+        alloc = make_allocation(allocation, groups, gs, 0.9, counts_from=counts_from, cost=cost)
         assert alloc.orders[inner][0] == 2 and alloc.orders[coupled][0] == 1, name
         for i in range(1, min(alloc.n_params, 40) + 1):
             counts = alloc.counts(i)
@@ -583,10 +589,11 @@ def test_a_run_without_dead_channels_says_so_once(capsys):
     none = {layer: np.zeros(np.asarray(v).size, bool) for layer, v in raw.items()}
     one = {**none, "layer1.0.conv1": np.eye(1, none["layer1.0.conv1"].size, 2, dtype=bool)[0]}
     for dead, want in ((none, "no dead channels on the calibration images"), (one, "1 dead channel(s)")):
-        sweep = SimpleNamespace(settings=SimpleNamespace(allocation="global", depthwise_in_group_score=True),
+        sweep = SimpleNamespace(settings=SimpleNamespace(allocation="global", depthwise_in_group_score=True,
+                                                          normalize="minmax", counts_source=None),
                                 cache=SimpleNamespace(ctx=SimpleNamespace(dead=lambda d=dead: d),
                                                       get=lambda score, draw: raw),
-                                groups=groups, hybrid_counts=None, dead_said=False)
+                                groups=groups, counts=None, dead_said=False)
         Sweep.group_scores(sweep, "l1", 0)
         Sweep.group_scores(sweep, "l1", 1)
         out = capsys.readouterr().out
