@@ -46,7 +46,8 @@ def run(tiny_run, tmp_path):
 
 
 def _prune_dir(cfg) -> Path:
-    return Path(cfg.paths.run_dir) / "prune"
+    """The folder of the protocol ``cfg`` prunes under (prune/<protocol>/)."""
+    return Path(cfg.paths.run_dir) / "prune" / prune_settings(cfg).protocol.name
 
 
 @pytest.fixture
@@ -269,8 +270,8 @@ def test_schema_defaults_are_the_registry(tmp_path):
     cfg = make_cfg("prune", ["logger=none"], tmp_path)
     settings = prune_settings(cfg)
     assert [s.name for s in settings.scores] == list(DEFAULT_SCORES) and settings.tolerance == 0.005
-    # the settings keep the schema's field names (plus the run's seed and the progress display)
-    assert set(vars(settings)) - {f.name for f in fields(PruningConfig)} == {"seed", "progress"}
+    # the settings keep the schema's field names (plus the run's seed, the progress display and the protocol)
+    assert set(vars(settings)) - {f.name for f in fields(PruningConfig)} == {"seed", "progress", "protocol"}
     assert settings.max_fraction == cfg.pruning.max_fraction["global"] and settings.finetune is None
 
     @register("plugin_probe", "target")   # what a plugins=[my_pkg.scores] module does
@@ -452,7 +453,7 @@ def test_a_plugin_adds_a_score_and_an_analysis(run, tmp_path, monkeypatch):
                "pruning.fvcore_check=false", "pruning.eval_samples=128")
     summary = run_task(run_prune, cfg)
     assert summary is not None
-    curves = pd.read_csv(Path(cfg.paths.run_dir) / "prune" / "prune_curves.csv")
+    curves = pd.read_csv(_prune_dir(cfg) / "prune_curves.csv")
     assert set(curves["score"]) == {"filter_mean_abs", "l1"}
     root, overrides = run
     acfg = make_cfg("analyze", [*overrides, "plugins=[plugin_mod]", "+analysis.layer_count={}", "plots=false"], root)

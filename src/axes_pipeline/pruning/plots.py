@@ -119,7 +119,8 @@ def kept_fraction_targets(targets, n: int = 3) -> list[float]:
     return sorted(picks, reverse=True)
 
 
-def plot_kept_fraction(allocation: pd.DataFrame, summary: dict, out: Path) -> dict[str, Path]:
+def plot_kept_fraction(allocation: pd.DataFrame, summary: dict, out: Path, name: str = "kept_fraction.png"
+                       ) -> dict[str, Path]:
     """``kept_fraction.png``: the kept fraction of every layer (depth on x) at three targets, for the best
     local and best target score (chosen on validation) and taylor, random draws averaged: where an
     allocation prunes (a global ranking that empties a late layer shows as a dip to the cap)."""
@@ -150,7 +151,7 @@ def plot_kept_fraction(allocation: pd.DataFrame, summary: dict, out: Path) -> di
     axes[0][-1].legend(fontsize=7, loc="lower left")
     label = (summary.get("protocol") or {}).get("label", "")
     fig.suptitle(f"where the allocation prunes{': ' + label if label else ''}")
-    return {"kept_fraction": _save(fig, out / "kept_fraction.png")}
+    return {"kept_fraction": _save(fig, out / name)}
 
 
 def _save(fig, path: Path) -> Path:
