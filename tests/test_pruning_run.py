@@ -323,7 +323,8 @@ def test_axes_scores_compute_the_analysis_on_demand(run):
                "capture.samples_per_image=4", "gradients.enabled=false", "graphs.null_shuffles=0")
     summary = run_prune(cfg)
     # computed and cached in prune's own place: analyze's folder is analyze.py's (tables, plots, summary together)
-    assert (_prune_dir(cfg) / "axes" / "axes.csv").is_file() and summary["axes_from"] == str(_prune_dir(cfg) / "axes")
+    own = Path(cfg.paths.run_dir) / "prune" / "axes"    # beside the protocol folders: shared by them
+    assert (own / "axes.csv").is_file() and summary["axes_from"] == str(own)
     assert not (Path(cfg.paths.run_dir) / "analyze" / "axes.csv").exists()
     assert summary["scores"]["input_capture"]["points"] == 1
 
@@ -470,7 +471,12 @@ def test_unmatched_target_warns_with_the_count_it_was_judged_on(run, monkeypatch
     # fvcore counting 4% more than the analytic cost model: the search hits the target on its own count,
     # the point is judged (matched=False) on fvcore's, and the warning must quote that same number
     real = prune_sweep.fvcore_macs
-    monkeypatch.setattr(prune_sweep, "fvcore_macs", lambda m, x: (lambda fv, u: (int(fv * 1.04), u))(*real(m, x)))
+    def inflated(m, x, by_module=False):
+        fv, u, per = real(m, x, by_module=True)
+        return (int(fv * 1.04), u, per) if by_module else (int(fv * 1.04), u)
+
+    monkeypatch.setattr(prune_sweep, "fvcore_macs", inflated)
+    monkeypatch.setattr(prune_sweep, "_BY_ARCHITECTURE", {})   # counted once per architecture: not from the cache
     cfg = _cfg(run, "pruning.scores=[l2]", "pruning.targets=[0.5]")
     with caplog.at_level(logging.WARNING, logger="axes_pipeline"):
         run_prune(cfg)

@@ -159,7 +159,9 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
     pruned, history = prune_physically(sweep.model, sweep.groups, keep, example)
     t2 = time.perf_counter()
     widths = layer_widths(pruned, sweep.layers)
-    arch = (type(sweep.model).__name__, tuple(example.shape), tuple(sorted(widths.items())))
+    # the widths name the architecture of one backbone; its unpruned MACs tell apart two backbones (another
+    # classifier, input or width) that happen to share layer names and pruned widths
+    arch = (type(sweep.model).__name__, tuple(example.shape), sweep.cost.total, tuple(sorted(widths.items())))
     fv, layer_macs = (_measured(("fvcore", arch), lambda: _fvcore(pruned, example, widths))
                       if s.fvcore_check else (None, None))
     macs = fv if fv is not None else res.macs
