@@ -97,7 +97,6 @@ def test_two_protocols_coexist_resume_and_fewer_scores_add(run, capsys):
         assert rec["protocol"] == folder.name and rec["settings"]["allocation"] in ("global", "uniform")
         assert set(pd.read_csv(folder / "prune_curves.csv")["score"]) == want
         assert (folder / "points").is_dir() and (folder / "kept_fraction.png").is_file()
-    assert (g.parent / "layers_widths_are_not_here").exists() is False
     # the raw scores are shared by the protocols of the checkpoint: one cache, beside the protocol folders
     assert not (g / "scores").exists() and not (u / "scores").exists()
     assert RunLayout.at(RunId("default", "digits", "resnet18", 0.125, 42), run[0]).in_folder(
@@ -162,12 +161,14 @@ def test_latency_and_fvcore_once_per_architecture(run, monkeypatch):
     monkeypatch.setattr(prune_sweep, "_BY_ARCHITECTURE", {})
     monkeypatch.setattr(prune_sweep, "latency", lat)
     monkeypatch.setattr(prune_sweep, "fvcore_macs", fv)
-    # uniform: every score prunes the same number of channels per layer at one target, so 2 architectures
-    cfg = _cfg(run, "pruning.allocation=uniform", "pruning.scores=[l1,l2,random]", "pruning.random_draws=2",
-               "pruning.latency=true", "pruning.latency_batch_sizes=[1]")
+    # uniform by a channel fraction: every score prunes the same number of channels per layer at one target
+    cfg = _cfg(run, "pruning.allocation=uniform", "pruning.mode=channel_fraction", "pruning.scores=[l1,l2,random]",
+               "pruning.random_draws=2", "pruning.latency=true", "pruning.latency_batch_sizes=[1]")
     run_prune(cfg)
     curves = pd.read_csv(_folder(cfg) / "prune_curves.csv")
-    assert len(curves) == 8 and calls == {"latency": 2, "fvcore": 2}
+    alloc = pd.read_csv(_folder(cfg) / "layer_allocation.csv")
+    archs = alloc.groupby(["score", "draw", "target"])["kept"].agg(tuple).nunique()
+    assert len(curves) == 8 and archs == 2 and calls == {"latency": 2, "fvcore": 2}
     assert curves["latency_reused"].sum() == 6 and (curves["latency_ms"] == 1.0).all()
 
 

@@ -24,7 +24,7 @@ def fake_run(root: Path, seed: int, *, local_gain: float, epochs: int = 20, prun
     """A run folder as the stages leave it; its pruning results in ``prune/<protocol>/`` (with ``settings``
     in its protocol.json: the default global protocol unless given)."""
     run = root / "multirun" / "demo" / f"digits-{model}-w0.25" / f"seed{seed}"
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)     # again: another protocol's results for the same run
     cfg = {"seed": seed, "name": "demo", "data": {"name": "digits"}, "model": {"name": model, "width": 0.25},
            "trainer": {"max_epochs": epochs}, "paths": {"run_dir": str(run)}}
     (run / "train_summary.json").write_text(json.dumps({"val_acc": 0.97, "test_acc": 0.96, "epochs": epochs,
@@ -50,7 +50,7 @@ def fake_run(root: Path, seed: int, *, local_gain: float, epochs: int = 20, prun
                                                           "label": f"{settings['allocation']}, one-shot",
                                                           "settings": settings}))
     if analyze:
-        (run / "analyze").mkdir()
+        (run / "analyze").mkdir(exist_ok=True)
         pd.DataFrame({"layer": ["conv1", "layer1.0.conv1"], "layer_index": [0, 1], "channels": [16, 16],
                       "align_input_capture_task_info": [0.5 + 0.01 * seed % 3, 0.1], "modularity_gap": [0.1, 0.2],
                       "hull_size_mean": [3.0, 4.0], "hull_saturated_frac": [0.1, 0.2], "s3_s2": [0.3, 0.4]}

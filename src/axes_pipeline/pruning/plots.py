@@ -127,24 +127,25 @@ def plot_kept_fraction(allocation: pd.DataFrame, summary: dict, out: Path, name:
     if allocation.empty:
         return {}
     chosen = [b["score"] for b in (summary.get("best_local"), summary.get("best_target")) if b]
-    names = [n for n in dict.fromkeys([*chosen, *KEPT_FRACTION_SCORES]) if n in set(allocation["score"])]
-    if not names:
-        return {}
+    present = list(dict.fromkeys(allocation["score"]))
+    # no chosen score and no taylor among them (a sweep of baselines only): the first scores swept instead
+    names = [n for n in dict.fromkeys([*chosen, *KEPT_FRACTION_SCORES]) if n in present] or present[:3]
     targets = kept_fraction_targets(allocation["target"].dropna().unique())
     plt = _plt()
     fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets), 3.8), sharey=True, squeeze=False)
     styles = _styles(allocation[allocation["score"].isin(names)].drop_duplicates("score"))
     for ax, t in zip(axes[0], targets):
         at = allocation[np.isclose(allocation["target"].astype(float), t)]
-        for name in names:
-            d = at[at["score"] == name].groupby(["depth", "layer"], as_index=False)["kept_fraction"].mean()
+        for score in names:
+            d = at[at["score"] == score].groupby(["depth", "layer"], as_index=False)["kept_fraction"].mean()
             if d.empty:
                 continue
-            colour, marker = styles.get(name, ("k", "o"))
-            role = " (best local)" if chosen[:1] == [name] else " (best target)" if chosen[1:2] == [name] else ""
-            ax.plot(d["depth"], d["kept_fraction"], "-", marker=marker, ms=3, color=colour, label=f"{name}{role}")
+            colour, marker = styles.get(score, ("k", "o"))
+            role = " (best local)" if chosen[:1] == [score] else " (best target)" if chosen[1:2] == [score] else ""
+            ax.plot(d["depth"], d["kept_fraction"], "-", marker=marker, ms=3, color=colour, label=f"{score}{role}")
         ax.set_title(f"{t:g} of the MACs kept")
         ax.set_xlabel("layer (depth order)")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("fraction of channels kept")
