@@ -576,7 +576,8 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
     section("auc", f"FLOPs-AUC per score ({acc_label})",
             table_or(auc[cols], "No pruning results.", flops_auc="FLOPs-AUC", flops_auc_rel="relative")
             + [_text("Accuracy at every FLOPs target: accuracy_by_target.csv; per seed: flops_auc_per_seed.csv.")])
-    if prot_parts := protocols.parts(t, figs, lambda df, title: _table(_present(df), title), _text, fmt_pm):
+    if prot_parts := protocols.parts(t, figs, lambda df, title: _table(_present(df).rename(columns={"ci": "95% CI"}),
+                                                                        title), _text, fmt_pm):
         sections.append({"id": "protocols", "title": protocols.TITLE, "how": protocols.HOW, "parts": prot_parts})
 
     lay = t["layers"]

@@ -78,7 +78,9 @@ class Run:
     def artifacts(self) -> dict[str, list[Path]]:
         """This run's results by artifact kind (checkpoint, axes, curves), for the report's lineage."""
         layout = self.layout
-        analyze, prune = layout.stage_dir("analyze"), layout.protocol_dir(self.protocol)
+        found = self.protocols()   # this view's protocol, else the first one pruned (the curves' wandb artifact)
+        protocol = self.protocol if self.protocol in found or not found else found[0]
+        analyze, prune = layout.stage_dir("analyze"), layout.protocol_dir(protocol)
         return {"checkpoint": [layout.checkpoints / BEST_CKPT], "axes": [analyze / AXES_CSV, analyze / LAYERS_CSV],
                 "curves": [prune / PRUNE_CURVES, prune / PRUNE_SUMMARY]}
 

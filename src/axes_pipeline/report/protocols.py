@@ -190,16 +190,17 @@ def parts(t: dict, figs: dict, table, text, pm) -> list[dict]:
     out = [table(prot[cols].rename(columns={"diff": "local − target", "p_value": "p"}),
                  "The headline under each protocol (paired Student t 95% CI; all rows: protocols.csv)")]
     if grid is not None and not grid.empty:
-        wide = grid.assign(cell=[pm(m, s) for m, s in zip(grid["flops_auc_mean"], grid["flops_auc_sd"])],
-                           ranking=[f"{s}" + (f" ({c})" if isinstance(c, str) else "") for s, c in
-                                    zip(grid["score"], grid["chosen_as"])])
+        # one row per ranking score; ★ marks the cell where it is its axis' best within that protocol
+        wide = grid.assign(cell=[pm(m, s) + (" ★" if isinstance(c, str) and c.startswith("best") else "")
+                                 for m, s, c in zip(grid["flops_auc_mean"], grid["flops_auc_sd"], grid["chosen_as"])],
+                           ranking=[f"{s} ({a})" for s, a in zip(grid["score"], grid["axis"])])
         for g, d in wide.groupby("group", sort=False):
             # one column per protocol, named by its counts source (and by the protocol where two share one)
             shared = d.groupby("counts")["protocol"].transform("nunique") > 1
             d = d.assign(column=[f"{c} [{p}]" if s else c for c, p, s in zip(d["counts"], d["protocol"], shared)])
             view = d.pivot_table(index="ranking", columns="column", values="cell", aggfunc="first").reset_index()
             out.append(table(view.fillna("—"), f"{g}: ranking (rows) × counts (columns), FLOPs-AUC mean ± SD over "
-                                               "seeds (protocol_grid.csv)"))
+                                               "seeds; ★ the best of its axis in that protocol (protocol_grid.csv)"))
     out += [{"kind": "figure", "label": label} for label in figs if label.startswith("kept fraction: ")]
     out.append(text("Within each protocol the best scores are chosen on validation; no score or protocol is ever "
                     "chosen across protocols (METHODS §9)."))
