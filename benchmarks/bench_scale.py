@@ -211,7 +211,7 @@ def axes_child(spec: dict) -> dict:
 
 
 def prune_ratios(run_dir: Path) -> dict:
-    pts = [json.loads(p.read_text()) for p in (run_dir / "prune" / "points").glob("*.json")]
+    pts = [json.loads(p.read_text()) for p in (run_dir / "prune").glob("*/points/*.json")]   # every protocol
     pts = [p for p in pts if "eval_s" in p]
     total = [p["search_s"] + p["prune_s"] + p["fvcore_s"] + p["eval_s"] for p in pts]
     return {"points": len(pts), "point_s": round(float(np.median(total)), 3),

@@ -66,7 +66,7 @@ def test_prune_of_another_checkpoint_reads_and_writes_its_own_folders(tiny_run):
     cfg = make_cfg("prune", [*over, f"ckpt={early}", "pruning.latency=false", "pruning.scores=[input_capture,l1]",
                              "pruning.targets=[0.9,0.8]", "pruning.eval_samples=64"], root)
     summary = run_prune(cfg)
-    assert (run / "prune@epoch_001" / "prune_summary.json").is_file() and not (run / "prune").exists()
+    assert len(list((run / "prune@epoch_001").glob("*/prune_summary.json"))) == 1 and not (run / "prune").exists()
     assert summary["checkpoint_digest"] == file_digest(early)
     # no analyze@epoch_001 table existed: prune computed the axes into its own place, never analyze's
     assert Path(summary["axes_from"]) == run / "prune@epoch_001" / "axes"
@@ -83,9 +83,9 @@ def test_report_says_when_axes_and_pruning_come_from_different_checkpoints(tmp_p
         run = fake_run(tmp_path, s, local_gain=0.02)
         (run / "analyze" / "axes.csv").write_text("layer,channel\nconv1,0\n")
         (run / "analyze" / "axes_fingerprint.json").write_text(json.dumps(_fingerprint(s)))
-        prune = json.loads((run / "prune" / "prune_summary.json").read_text())
+        prune = json.loads((run / "prune" / "default" / "prune_summary.json").read_text())
         prune["checkpoint_digest"] = f"{s:016x}" if s != 2 else "e" * 16      # seed 2: epoch-0 axes
-        (run / "prune" / "prune_summary.json").write_text(json.dumps(prune))
+        (run / "prune" / "default" / "prune_summary.json").write_text(json.dumps(prune))
     _, summary = _report(tmp_path)
     bad = [n for n in summary["notices"] if "different checkpoints" in n]
     assert len(bad) == 1 and "seed 2" in bad[0]

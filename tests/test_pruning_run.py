@@ -46,7 +46,8 @@ def run(tiny_run, tmp_path):
 
 
 def _prune_dir(cfg) -> Path:
-    return Path(cfg.paths.run_dir) / "prune"
+    """The folder of the protocol ``cfg`` prunes under (prune/<protocol>/)."""
+    return Path(cfg.paths.run_dir) / "prune" / prune_settings(cfg).protocol.name
 
 
 @pytest.fixture
@@ -269,8 +270,8 @@ def test_schema_defaults_are_the_registry(tmp_path):
     cfg = make_cfg("prune", ["logger=none"], tmp_path)
     settings = prune_settings(cfg)
     assert [s.name for s in settings.scores] == list(DEFAULT_SCORES) and settings.tolerance == 0.005
-    # the settings keep the schema's field names (plus the run's seed and the progress display)
-    assert set(vars(settings)) - {f.name for f in fields(PruningConfig)} == {"seed", "progress"}
+    # the settings keep the schema's field names (plus the run's seed, the progress display and the protocol)
+    assert set(vars(settings)) - {f.name for f in fields(PruningConfig)} == {"seed", "progress", "protocol"}
     assert settings.max_fraction == cfg.pruning.max_fraction["global"] and settings.finetune is None
 
     @register("plugin_probe", "target")   # what a plugins=[my_pkg.scores] module does
@@ -322,7 +323,8 @@ def test_axes_scores_compute_the_analysis_on_demand(run):
                "capture.samples_per_image=4", "gradients.enabled=false", "graphs.null_shuffles=0")
     summary = run_prune(cfg)
     # computed and cached in prune's own place: analyze's folder is analyze.py's (tables, plots, summary together)
-    assert (_prune_dir(cfg) / "axes" / "axes.csv").is_file() and summary["axes_from"] == str(_prune_dir(cfg) / "axes")
+    own = Path(cfg.paths.run_dir) / "prune" / "axes"    # beside the protocol folders: shared by them
+    assert (own / "axes.csv").is_file() and summary["axes_from"] == str(own)
     assert not (Path(cfg.paths.run_dir) / "analyze" / "axes.csv").exists()
     assert summary["scores"]["input_capture"]["points"] == 1
 
@@ -452,7 +454,7 @@ def test_a_plugin_adds_a_score_and_an_analysis(run, tmp_path, monkeypatch):
                "pruning.fvcore_check=false", "pruning.eval_samples=128")
     summary = run_task(run_prune, cfg)
     assert summary is not None
-    curves = pd.read_csv(Path(cfg.paths.run_dir) / "prune" / "prune_curves.csv")
+    curves = pd.read_csv(_prune_dir(cfg) / "prune_curves.csv")
     assert set(curves["score"]) == {"filter_mean_abs", "l1"}
     root, overrides = run
     acfg = make_cfg("analyze", [*overrides, "plugins=[plugin_mod]", "+analysis.layer_count={}", "plots=false"], root)
@@ -469,7 +471,12 @@ def test_unmatched_target_warns_with_the_count_it_was_judged_on(run, monkeypatch
     # fvcore counting 4% more than the analytic cost model: the search hits the target on its own count,
     # the point is judged (matched=False) on fvcore's, and the warning must quote that same number
     real = prune_sweep.fvcore_macs
-    monkeypatch.setattr(prune_sweep, "fvcore_macs", lambda m, x: (lambda fv, u: (int(fv * 1.04), u))(*real(m, x)))
+    def inflated(m, x, by_module=False):
+        fv, u, per = real(m, x, by_module=True)
+        return (int(fv * 1.04), u, per) if by_module else (int(fv * 1.04), u)
+
+    monkeypatch.setattr(prune_sweep, "fvcore_macs", inflated)
+    monkeypatch.setattr(prune_sweep, "_BY_ARCHITECTURE", {})   # counted once per architecture: not from the cache
     cfg = _cfg(run, "pruning.scores=[l2]", "pruning.targets=[0.5]")
     with caplog.at_level(logging.WARNING, logger="axes_pipeline"):
         run_prune(cfg)

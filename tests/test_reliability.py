@@ -199,19 +199,19 @@ def test_damaged_lesion_and_dynamics_parts_are_recomputed(tmp_path):
 
 def _break(run: Path, how: str) -> None:
     if how == "truncated_curves":
-        text = (run / "prune" / "prune_curves.csv").read_text().splitlines()
-        (run / "prune" / "prune_curves.csv").write_text("\n".join(text[:-3]) + "\n")
+        text = (run / "prune" / "default" / "prune_curves.csv").read_text().splitlines()
+        (run / "prune" / "default" / "prune_curves.csv").write_text("\n".join(text[:-3]) + "\n")
     elif how == "cut_mid_line":
-        text = (run / "prune" / "prune_curves.csv").read_text()
-        (run / "prune" / "prune_curves.csv").write_text(text[: text.rindex(",")])
+        text = (run / "prune" / "default" / "prune_curves.csv").read_text()
+        (run / "prune" / "default" / "prune_curves.csv").write_text(text[: text.rindex(",")])
     elif how == "layers_without_index":
         df = pd.read_csv(run / "analyze" / "layers.csv").drop(columns=["layer_index"])
         df.to_csv(run / "analyze" / "layers.csv", index=False)
     elif how == "text_in_numeric":
-        df = pd.read_csv(run / "prune" / "prune_curves.csv")
+        df = pd.read_csv(run / "prune" / "default" / "prune_curves.csv")
         df["achieved_flops"] = df["achieved_flops"].astype(object)
         df.loc[2, "achieved_flops"] = "abc"
-        df.to_csv(run / "prune" / "prune_curves.csv", index=False)
+        df.to_csv(run / "prune" / "default" / "prune_curves.csv", index=False)
     elif how == "damaged_summary":
         (run / "train_summary.json").write_text('{"val_acc": 0.9, ')
 

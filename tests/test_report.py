@@ -11,6 +11,7 @@ import pytest
 
 from axes_pipeline.errors import UserError
 from axes_pipeline.report.build import run_report
+from axes_pipeline.runs import fingerprint
 
 from .helpers import make_cfg, run_entry
 
@@ -18,9 +19,12 @@ TARGETS = [0.9, 0.7, 0.5, 0.3, 0.1]
 
 
 def fake_run(root: Path, seed: int, *, local_gain: float, epochs: int = 20, prune: bool = True,
-             analyze: bool = True, model: str = "resnet18") -> Path:
+             analyze: bool = True, model: str = "resnet18", protocol: str = "default",
+             settings: dict | None = None) -> Path:
+    """A run folder as the stages leave it; its pruning results in ``prune/<protocol>/`` (with ``settings``
+    in its protocol.json: the default global protocol unless given)."""
     run = root / "multirun" / "demo" / f"digits-{model}-w0.25" / f"seed{seed}"
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)     # again: another protocol's results for the same run
     cfg = {"seed": seed, "name": "demo", "data": {"name": "digits"}, "model": {"name": model, "width": 0.25},
            "trainer": {"max_epochs": epochs}, "paths": {"run_dir": str(run)}}
     (run / "train_summary.json").write_text(json.dumps({"val_acc": 0.97, "test_acc": 0.96, "epochs": epochs,
@@ -36,12 +40,17 @@ def fake_run(root: Path, seed: int, *, local_gain: float, epochs: int = 20, prun
                 rows.append({"score": score, "axis": axis, "draw": 0, "target_flops": t, "target_channels": np.nan,
                              "achieved_flops": t + 0.001, "acc_before_ft": acc,
                              "val_acc_before_ft": acc + rng.normal(0, 0.001)})
-        (run / "prune").mkdir()
-        pd.DataFrame(rows).to_csv(run / "prune" / "prune_curves.csv", index=False)
-        (run / "prune" / "prune_summary.json").write_text(json.dumps({"unpruned_acc": 0.96, "unpruned_val_acc": 0.97,
-                                                                       "targets": TARGETS}))
+        folder = run / "prune" / protocol
+        folder.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(folder / "prune_curves.csv", index=False)
+        (folder / "prune_summary.json").write_text(json.dumps({"unpruned_acc": 0.96, "unpruned_val_acc": 0.97,
+                                                               "targets": TARGETS}))
+        settings = settings or {"allocation": "global", "normalize": "minmax", "mode": "flops", "targets": TARGETS}
+        (folder / "protocol.json").write_text(json.dumps({"protocol": protocol, "fingerprint": fingerprint(settings),
+                                                          "label": f"{settings['allocation']}, one-shot",
+                                                          "settings": settings}))
     if analyze:
-        (run / "analyze").mkdir()
+        (run / "analyze").mkdir(exist_ok=True)
         pd.DataFrame({"layer": ["conv1", "layer1.0.conv1"], "layer_index": [0, 1], "channels": [16, 16],
                       "align_input_capture_task_info": [0.5 + 0.01 * seed % 3, 0.1], "modularity_gap": [0.1, 0.2],
                       "hull_size_mean": [3.0, 4.0], "hull_saturated_frac": [0.1, 0.2], "s3_s2": [0.3, 0.4]}
@@ -106,16 +115,11 @@ def test_mismatched_configs_are_grouped_and_named(tmp_path, capsys):
 
 
 def test_seeds_pruned_differently_are_never_paired(tmp_path):
-    import json as _json
-
-    for s in (1, 2, 3, 4):
-        run = fake_run(tmp_path, s, local_gain=0.05)
+    for s in (1, 2, 3, 4):   # one protocol name, two settings (a schema default changed between the seeds)
         alloc = "global" if s <= 2 else "uniform"
-        (run / "prune" / "prune_summary.json").write_text(_json.dumps(
-            {"unpruned_acc": 0.96, "unpruned_val_acc": 0.97,
-             "config": {"pruning": {"allocation": alloc, "mode": "flops"}}}))
+        fake_run(tmp_path, s, local_gain=0.05, settings={"allocation": alloc, "mode": "flops", "targets": TARGETS})
     _, summary = _report(tmp_path)
-    assert any("pruning.allocation" in n for n in summary["notices"])
+    assert any("allocation" in n and "never paired" in n for n in summary["notices"])
     head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
     assert head.group.nunique() == 2 and (head.n == 2).all()
 
@@ -214,11 +218,11 @@ def test_damaged_curves_are_listed_not_dropped_silently(tmp_path):
     from axes_pipeline.report import tables
 
     runs = [fake_run(tmp_path, s, local_gain=0.0) for s in (1, 2, 3)]
-    bad = runs[1] / "prune" / "prune_curves.csv"
+    bad = runs[1] / "prune" / "default" / "prune_curves.csv"
     d = pd.read_csv(bad)
     d.loc[3, "acc_before_ft"] = np.nan
     d.to_csv(bad, index=False)
-    old = runs[2] / "prune" / "prune_curves.csv"                 # curves from before selection on validation
+    old = runs[2] / "prune" / "default" / "prune_curves.csv"                 # curves from before selection on validation
     pd.read_csv(old).drop(columns=["val_acc_before_ft"]).to_csv(old, index=False)
     groups, per_seed = _per_seed(tmp_path)
     assert sorted(per_seed.seed.unique()) == [1]
@@ -233,9 +237,9 @@ def test_curves_from_another_prune_run_than_the_summary_are_skipped(tmp_path):
     from axes_pipeline.report import tables
 
     run = fake_run(tmp_path, 1, local_gain=0.0)
-    summary = json.loads((run / "prune" / "prune_summary.json").read_text())
+    summary = json.loads((run / "prune" / "default" / "prune_summary.json").read_text())
     summary["curves_sha256"] = hashlib.sha256(b"other curves").hexdigest()
-    (run / "prune" / "prune_summary.json").write_text(json.dumps(summary))
+    (run / "prune" / "default" / "prune_summary.json").write_text(json.dumps(summary))
     groups, per_seed = _per_seed(tmp_path)
     assert per_seed.empty
     (why,) = [w for _, w in tables.skipped_prune_runs(groups, "acc_before_ft")]

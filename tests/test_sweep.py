@@ -39,7 +39,8 @@ def test_three_seed_sweep_end_to_end(tmp_path):
     _ok(run_entry("prune.py", "-m", SEEDS, *SMALL, *ANALYZE, *PRUNE, cwd=tmp_path))
     for r in runs:
         assert (r / "analyze" / "axes.csv").is_file() and (r / "analyze" / "layers.csv").is_file()
-        curves = pd.read_csv(r / "prune" / "prune_curves.csv")
+        (protocol,) = [p.parent for p in (r / "prune").glob("*/protocol.json")]   # the one protocol pruned
+        curves = pd.read_csv(protocol / "prune_curves.csv")
         assert set(curves.score) == {"input_capture", "hull_score", "task_info", "l1", "random"}
         assert set(curves.axis) == {"local", "target", "baseline"}
         assert (curves.achieved_flops - curves.target_flops).abs().max() <= 0.005 + 1e-9
@@ -54,7 +55,7 @@ def test_three_seed_sweep_end_to_end(tmp_path):
     # the report's FLOPs-AUC is each run's own (random: per draw, then the mean over draws)
     per_seed = pd.read_csv(out / "flops_auc_per_seed.csv")
     for r in runs:
-        own = json.loads((r / "prune" / "prune_summary.json").read_text())["scores"]
+        (own,) = [json.loads(p.read_text())["scores"] for p in (r / "prune").glob("*/prune_summary.json")]
         mine = per_seed[per_seed.seed == int(r.name[4:])].set_index("score")["flops_auc"]
         for score, v in own.items():
             assert mine[score] == pytest.approx(v["flops_auc"], abs=1e-12), score

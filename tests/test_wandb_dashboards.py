@@ -103,7 +103,8 @@ def demo(tmp_path_factory):
     cfgs["report"] = make_cfg("report", [*base, f"report.runs=[{run}]", "report.n_boot=200",
                                          f"report.out={root / 'report'}"], root)
     run_report(cfgs["report"])
-    folders = {"train": run, "analyze": run / "analyze", "prune": run / "prune", "report": root / "report"}
+    (protocol,) = [p.parent for p in (run / "prune").glob("*/protocol.json")]   # the folder prune wrote
+    folders = {"train": run, "analyze": run / "analyze", "prune": protocol, "report": root / "report"}
     return cfgs, {stage: read_run(f) for stage, f in folders.items()}
 
 

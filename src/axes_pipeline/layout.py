@@ -37,6 +37,13 @@ ANALYSIS_TABLES: dict[str, tuple[str, ...]] = {
     "definitions": ("definitions.csv",),
     "dynamics": ("dynamics.csv", "dynamics_curves.csv", "dynamics_seeds.csv"),
 }
+#: in each pruning protocol's folder ``prune/<protocol>/``: the protocol's settings and name
+PROTOCOL_FILE = "protocol.json"
+#: where each point shows how its allocation pruned every layer (one row per point and layer)
+LAYER_ALLOCATION = "layer_allocation.csv"
+#: the folders of ``prune/`` shared by every protocol of a checkpoint (never a protocol's name: those end
+#: in a fingerprint, or are ``default``)
+PRUNE_SHARED = ("scores", "axes", "latency")
 PLOTS = "plots"
 #: the stage folders of a run (another checkpoint's results go to ``<stage>@<stem>``)
 STAGES = ("analyze", "prune")
@@ -197,6 +204,19 @@ class RunLayout:
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} has no folder; one of {STAGES}")
         return self.dir / f"{stage}{tag}"
+
+    def protocol_dir(self, protocol: str, tag: str = "") -> Path:
+        """Where one pruning protocol's results of a checkpoint live: ``<run>/prune<tag>/<protocol>/`` (its
+        points, curves, summary, plots, :data:`PROTOCOL_FILE`); the score caches beside it in ``prune<tag>/``
+        (:data:`PRUNE_SHARED`) are shared by every protocol of that checkpoint."""
+        if not protocol or "/" in protocol or protocol in PRUNE_SHARED or protocol.startswith("."):
+            raise ValueError(f"{protocol!r} cannot name a pruning protocol's folder")
+        return self.stage_dir("prune", tag) / protocol
+
+    def protocol_dirs(self, tag: str = "") -> list[Path]:
+        """The protocol folders of a checkpoint found on disk (those holding :data:`PROTOCOL_FILE`), by name."""
+        prune = self.stage_dir("prune", tag)
+        return sorted(p.parent for p in prune.glob(f"*/{PROTOCOL_FILE}")) if prune.is_dir() else []
 
     def command(self, stage: str, *extra: str) -> str:
         """The command that makes this run's ``stage`` results (train, analyze, prune)."""

@@ -10,7 +10,7 @@ import pandas as pd
 
 from axes_pipeline.plotting import AXIS_CMAPS, AXIS_COLORS, axis_legend, save_figure
 
-__all__ = ["plot_curves", "plot_sweeps"]
+__all__ = ["KEPT_FRACTION_SCORES", "kept_fraction_targets", "plot_curves", "plot_kept_fraction", "plot_sweeps"]
 
 
 def _plt():
@@ -102,6 +102,57 @@ def plot_sweeps(summary: dict, out: Path) -> dict[str, Path]:
         name = {"magnitude_plus_ix_a": "alpha", "ixy_minus_red_b": "beta", "two_axis_a1_b": "two_axis"}.get(prefix, prefix)
         made[f"sweep_{name}"] = _save(fig, out / f"prune_sweep_{name}.png")
     return made
+
+
+#: beside the best local and best target score, the baseline every kept-fraction figure shows
+KEPT_FRACTION_SCORES = ("taylor",)
+
+
+def kept_fraction_targets(targets, n: int = 3) -> list[float]:
+    """``n`` targets spread over the range swept (nearest 0.75, 0.5, 0.25 of the FLOPs kept), largest first."""
+    ts = sorted({float(t) for t in targets}, reverse=True)
+    picks = []
+    for want in (0.75, 0.5, 0.25)[:n]:
+        rest = [t for t in ts if t not in picks]
+        if rest:
+            picks.append(min(rest, key=lambda t: (abs(t - want), -t)))
+    return sorted(picks, reverse=True)
+
+
+def plot_kept_fraction(allocation: pd.DataFrame, summary: dict, out: Path, name: str = "kept_fraction.png"
+                       ) -> dict[str, Path]:
+    """``kept_fraction.png``: the kept fraction of every layer (depth on x) at three targets, for the best
+    local and best target score (chosen on validation) and taylor, random draws averaged: where an
+    allocation prunes (a global ranking that empties a late layer shows as a dip to the cap)."""
+    if allocation.empty:
+        return {}
+    chosen = [b["score"] for b in (summary.get("best_local"), summary.get("best_target")) if b]
+    present = list(dict.fromkeys(allocation["score"]))
+    # no chosen score and no taylor among them (a sweep of baselines only): the first scores swept instead
+    names = [n for n in dict.fromkeys([*chosen, *KEPT_FRACTION_SCORES]) if n in present] or present[:3]
+    targets = kept_fraction_targets(allocation["target"].dropna().unique())
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets), 3.8), sharey=True, squeeze=False)
+    styles = _styles(allocation[allocation["score"].isin(names)].drop_duplicates("score"))
+    for ax, t in zip(axes[0], targets):
+        at = allocation[np.isclose(allocation["target"].astype(float), t)]
+        for score in names:
+            d = at[at["score"] == score].groupby(["depth", "layer"], as_index=False)["kept_fraction"].mean()
+            if d.empty:
+                continue
+            colour, marker = styles.get(score, ("k", "o"))
+            role = " (best local)" if chosen[:1] == [score] else " (best target)" if chosen[1:2] == [score] else ""
+            ax.plot(d["depth"], d["kept_fraction"], "-", marker=marker, ms=3, color=colour, label=f"{score}{role}")
+        ax.set_title(f"{t:g} of the MACs kept")
+        ax.set_xlabel("layer (depth order)")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction of channels kept")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    label = (summary.get("protocol") or {}).get("label", "")
+    fig.suptitle(f"where the allocation prunes{': ' + label if label else ''}")
+    return {"kept_fraction": _save(fig, out / name)}
 
 
 def _save(fig, path: Path) -> Path:

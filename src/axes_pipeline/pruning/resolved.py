@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from axes_pipeline.errors import UserError, unknown_name
+from axes_pipeline.pruning.protocol import protocol_of
 from axes_pipeline.pruning.scores import Score, resolve_score, score_names
 from axes_pipeline.pruning.settings import ALLOCATIONS, COUNT_SOURCES, MODES, NORMALIZERS, PruningConfig
 
@@ -106,6 +107,8 @@ class PruneSettings:
         self.export, self.fvcore_check = pc.export, pc.fvcore_check
         # a bar on a terminal, one line per finished point in a log file (console.progress)
         self.progress = bool(progress)
+        # what decides a curve besides the score, and the folder its results live in (prune/<protocol>/)
+        self.protocol = protocol_of(pc, model)
 
     def points(self) -> list[tuple]:
         """Every (score, draw, target) of the sweep, in the order they are computed and written."""

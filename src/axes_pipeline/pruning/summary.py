@@ -23,8 +23,8 @@ from axes_pipeline.pruning.scores import AXES, FAMILIES
 from axes_pipeline.runs import atomic_path, json_default
 from axes_pipeline.stats import grid_aucs
 
-__all__ = ["AUC_KEYS", "CURVE_COLUMNS", "curves_frame", "flat_scalars", "log_curves", "print_summary", "summarise",
-           "write_stage"]
+__all__ = ["ALLOCATION_COLUMNS", "AUC_KEYS", "CURVE_COLUMNS", "allocation_frame", "curves_frame", "flat_scalars",
+           "log_curves", "print_summary", "summarise", "write_stage"]
 
 #: the split every "best" is chosen on, and the one its reported accuracy is measured on
 SELECTION_SPLIT, MEASUREMENT_SPLIT = "val", "test"
@@ -38,8 +38,39 @@ CURVE_COLUMNS = ["score", "axis", "draw", "family", "param", "mode", "allocation
 
 def curves_frame(records: list[dict]) -> pd.DataFrame:
     """``prune_curves.csv``: one row per point (the validated records of this sweep, in order)."""
-    df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("group_kept", "fingerprint")} for r in records])
+    # the per-group and per-layer detail is layer_allocation.csv's
+    skip = ("group_kept", "fingerprint", "layer_widths", "layer_macs")
+    df = pd.DataFrame([{k: v for k, v in r.items() if k not in skip} for r in records])
     return df.reindex(columns=CURVE_COLUMNS + [c for c in df.columns if c not in CURVE_COLUMNS])   # missing: NaN
+
+
+#: layer_allocation.csv: where each point's allocation pruned (one row per point and analysable layer, in depth
+#: order). ``channels``: the unpruned width, ``kept``: the pruned network's, ``macs_share``: the layer's share of
+#: the pruned network's MACs (fvcore; empty with ``pruning.fvcore_check=false``)
+ALLOCATION_COLUMNS = ["score", "axis", "draw", "target", "depth", "layer", "channels", "kept", "kept_fraction",
+                      "macs_share"]
+
+
+def allocation_frame(records: list[dict], groups, channels: dict[str, int]) -> pd.DataFrame:
+    """``layer_allocation.csv`` from the points' records: ``channels`` are the unpruned widths ``{layer: C}``
+    in depth order. A record carries its pruned widths (``layer_widths``); an older one only its groups' kept
+    counts, from which every conv of a group keeps as many as its group."""
+    rows = []
+    for r in records:
+        kept = r.get("layer_widths")
+        if not kept:
+            kept = dict(channels)
+            for g in groups.groups:
+                if g.name in (r.get("group_kept") or {}):
+                    kept.update(dict.fromkeys(g.convs, int(r["group_kept"][g.name])))
+        macs, total = r.get("layer_macs") or {}, r.get("macs")
+        target = r.get("target_flops") if r.get("target_flops") is not None else r.get("target_channels")
+        for depth, (layer, c) in enumerate(channels.items()):
+            k = int(kept.get(layer, c))
+            rows.append({"score": r["score"], "axis": r.get("axis"), "draw": int(r.get("draw", 0)), "target": target,
+                         "depth": depth, "layer": layer, "channels": int(c), "kept": k, "kept_fraction": k / c,
+                         "macs_share": macs[layer] / total if layer in macs and total else None})
+    return pd.DataFrame(rows, columns=ALLOCATION_COLUMNS)
 
 
 #: the AUC keys of the summary and the curve column each integrates (test = measured, val = chooses)
@@ -53,9 +84,10 @@ def _mean_or_none(values) -> float | None:
 
 
 def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, groups, score_timing: dict,
-              config: dict) -> dict:
+              config: dict, scores: list | None = None) -> dict:
     """FLOPs-AUC per score over one shared removed-FLOPs grid (validation and test), the best local
-    and best target score chosen on validation (their test AUC reported), axis means, sweeps."""
+    and best target score chosen on validation (their test AUC reported), axis means, sweeps.
+    ``scores``: every score of the protocol's curves (default: this run's ``settings.scores``)."""
     base_acc = float(base["acc"])
     base_val = base.get("val_acc")
     has_val = bool(base.get("n_val")) and base_val is not None
@@ -66,7 +98,7 @@ def summarise(curves: pd.DataFrame, base: dict, settings: PruneSettings, groups,
     res = grid_aucs(curves, [AUC_KEYS[k] for k in keys], lambda _k: unpruned, mode=settings.mode,
                     tolerance=settings.tolerance, by=("score", "draw"), targets=settings.targets)
     per_score = {}
-    for score in settings.scores:
+    for score in scores or settings.scores:
         df = curves[curves["score"] == score.name]
         entry = {"axis": score.axis, "family": score.family, "param": score.param, "points": int(len(df))}
         draws = [k for k in res["aucs"] if k[0] == score.name]

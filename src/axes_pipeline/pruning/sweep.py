@@ -4,11 +4,17 @@ One point: group scores → allocation → FLOPs search on the analytic MAC coun
 (Torch-Pruning) → fvcore MACs of the pruned network → validation and test accuracy before (and
 optionally after) a short fine-tune → latency → one JSON record (:mod:`.points` keys, stores and
 reuses it).
+
+fvcore's count and the latency depend on the pruned architecture only (every layer's width), not on
+which channels went: both are measured once per distinct architecture in a process and reused for every
+later point with the same widths (``uniform`` gives every score the same widths at a target; a multirun's
+protocols and seeds run in one process). A point says whether its latency was reused (``latency_reused``).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 import zlib
@@ -18,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from axes_pipeline.models.graph import out_channels
 from axes_pipeline.pruning.allocation import (
     CountSource,
     group_scores,
@@ -39,7 +46,12 @@ from axes_pipeline.runs import plain, run_fingerprint, write_json
 
 log = logging.getLogger("axes_pipeline")
 
-__all__ = ["Sweep", "one_point", "run_points"]
+__all__ = ["Sweep", "layer_widths", "one_point", "run_points"]
+
+#: {architecture key: measurement}: fvcore's count and the latency of each distinct pruned architecture
+#: measured in this process (bounded: the oldest go first)
+_BY_ARCHITECTURE: dict[tuple, dict] = {}
+_MAX_ARCHITECTURES = 4096
 
 
 @dataclass
@@ -62,6 +74,7 @@ class Sweep:
     counts: CountSource | None = None   # hybrid / sensitivity: where the per-layer counts come from, once
     _allocations: dict = field(default_factory=dict)   # (score, draw) -> its Allocation (knapsack's is costly)
     dead_said: bool = False             # the note on a run without dead channels, printed once
+    layers: tuple[str, ...] = ()        # the analysable layers (names), whose widths name an architecture
 
     def group_scores(self, score: Score, draw: int) -> list[np.ndarray]:
         """The group scores of ``score`` (draw ``draw``), normalised by ``pruning.normalize``; with a
@@ -148,6 +161,49 @@ def run_points(sweep: Sweep, progress) -> tuple[list[dict], int]:
     return records, done
 
 
+def stored_records(sweep: Sweep, have: list[dict], resolve) -> tuple[list[dict], list[str]]:
+    """The sound points of this protocol on disk that this run did not sweep (a score, or a random draw,
+    left out of ``pruning.scores`` this time), each checked like a point of this run: the same key (the
+    checkpoint, the protocol, the score's inputs) and a sound record. A protocol's curves are built from
+    all of them with this run's: a run with fewer scores adds to its protocol, it never removes (issue 31).
+    ``resolve``: score name → :class:`Score`. Returns (records, one note per score left out, and why)."""
+    s, seen = sweep.settings, {(r["score"], r["draw"], r.get("target_flops") or r.get("target_channels")) for r in have}
+    found, left_out = [], {}
+    for path in sorted((sweep.out / "points").glob("*.json")):
+        rec, why = _peek(path)
+        if rec is None:
+            left_out.setdefault(path.name, why)
+            continue
+        name, draw = rec["score"], rec["draw"]
+        target = rec.get("target_flops") if s.mode == "flops" else rec.get("target_channels")
+        if (name, draw, target) in seen or target not in s.targets:
+            continue
+        try:
+            score = resolve(name)
+        except Exception:  # noqa: BLE001 - a plugin's score not registered in this process: named, left out
+            left_out.setdefault(name, "no such score is registered in this process")
+            continue
+        old, why = read_point(path, sweep.cache.point_key(score), score, draw, target, s, sweep.base)
+        if old is None:
+            left_out.setdefault(name, why or "made with other settings (another checkpoint, calibration or axes)")
+            continue
+        seen.add((name, draw, target))
+        found.append(old)
+    found.sort(key=lambda r: (r["score"], r["draw"], -(r.get("target_flops") or r.get("target_channels") or 0)))
+    return found, [f"{k}: {v}" for k, v in left_out.items()]
+
+
+def _peek(path: Path) -> tuple[dict | None, str]:
+    """The score, draw and targets of a stored point, without checking its key yet."""
+    try:
+        rec = json.loads(path.read_text())
+        if isinstance(rec, dict) and isinstance(rec.get("score"), str) and isinstance(rec.get("draw"), int):
+            return rec, ""
+    except (OSError, ValueError):
+        pass
+    return None, "cannot be read"
+
+
 def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
     """Prune the unpruned network to ``target`` by the group scores of ``score`` (draw ``draw``),
     measure it and return its record."""
@@ -159,7 +215,12 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
     t1 = time.perf_counter()
     pruned, history = prune_physically(sweep.model, sweep.groups, keep, example)
     t2 = time.perf_counter()
-    fv, _unsupported = (fvcore_macs(pruned, example) if s.fvcore_check else (None, {}))
+    widths = layer_widths(pruned, sweep.layers)
+    # the widths name the architecture of one backbone; its unpruned MACs tell apart two backbones (another
+    # classifier, input or width) that happen to share layer names and pruned widths
+    arch = (type(sweep.model).__name__, tuple(example.shape), sweep.cost.total, tuple(sorted(widths.items())))
+    fv, layer_macs = (_measured(("fvcore", arch), lambda: _fvcore(pruned, example, widths))
+                      if s.fvcore_check else (None, None))
     macs = fv if fv is not None else res.macs
     t3 = time.perf_counter()
     acc = evaluate_splits(pruned, dm, s, device)
@@ -178,6 +239,8 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
         "params_frac": count_params(pruned) / sweep.base["params"],
         **acc,
         "group_kept": {g.name: int(k.sum()) for g, k in zip(sweep.groups.groups, keep)},
+        # the pruned network's width and (fvcore) MACs of every analysable layer: layer_allocation.csv
+        "layer_widths": widths, "layer_macs": layer_macs,
         "search_s": t1 - t0, "search_evals": res.evaluations, "prune_s": t2 - t1, "fvcore_s": t3 - t2,
         "eval_s": t4 - t3,
     }
@@ -200,18 +263,43 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
         if s.export:
             pruned = tuned
     if s.latency:
-        rec.update(_latency(pruned, sweep))
+        rec.update(_latency(pruned, sweep, arch))
     if s.export:
         rec["export"] = str(_export(pruned, history, sweep, score, draw, target, rec["achieved_flops"]))
     return rec
 
 
-def _latency(pruned, sweep: Sweep) -> dict:
+def layer_widths(model: torch.nn.Module, layers) -> dict[str, int]:
+    """``{layer: output channels}`` of ``model``'s analysable ``layers`` (names): what names its architecture."""
+    mods = dict(model.named_modules())
+    return {name: out_channels(mods[name]) for name in layers if name in mods}
+
+
+def _measured(key: tuple, measure):
+    """``measure()``, once per ``key`` in this process; a copy of the first result afterwards."""
+    if key not in _BY_ARCHITECTURE:
+        if len(_BY_ARCHITECTURE) >= _MAX_ARCHITECTURES:
+            _BY_ARCHITECTURE.pop(next(iter(_BY_ARCHITECTURE)))
+        _BY_ARCHITECTURE[key] = measure()
+    return copy.deepcopy(_BY_ARCHITECTURE[key])
+
+
+def _fvcore(pruned, example, widths: dict) -> tuple[int, dict[str, int]]:
+    """fvcore's MACs of the pruned network, in total and per analysable layer."""
+    total, _unsupported, per_module = fvcore_macs(pruned, example, by_module=True)
+    return total, {name: int(sum(per_module.get(name, {}).values())) for name in widths}
+
+
+def _latency(pruned, sweep: Sweep, arch: tuple) -> dict:
     """The pruned network's latencies, ``latency_ms`` (CPU, first batch size) and the speed-ups
-    over the unpruned network."""
+    over the unpruned network; timed once per architecture (and batch sizes, repeats, threads)."""
     s = sweep.settings
-    lat = latency(pruned, tuple(sweep.example.shape), s.latency_batch_sizes, s.latency_repeats)
-    rec = dict(lat, latency_ms=lat.get(f"latency_cpu_b{s.latency_batch_sizes[0]}_ms"))
+    key = ("latency", arch, tuple(s.latency_batch_sizes), s.latency_repeats, torch.get_num_threads(),
+           torch.cuda.is_available())
+    reused = key in _BY_ARCHITECTURE
+    lat = _measured(key, lambda: latency(pruned, tuple(sweep.example.shape), s.latency_batch_sizes,
+                                         s.latency_repeats))
+    rec = dict(lat, latency_ms=lat.get(f"latency_cpu_b{s.latency_batch_sizes[0]}_ms"), latency_reused=reused)
     for k, v in lat.items():
         if sweep.base.get(k):
             rec[k.replace("latency_", "speedup_").replace("_ms", "")] = sweep.base[k] / v

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from axes_pipeline.analyses.definitions import LABELS, plot_definitions, reproduces_init_coupling
 from axes_pipeline.errors import UserError
 from axes_pipeline.layout import RUN_KINDS
-from axes_pipeline.report import figures, tables
+from axes_pipeline.report import figures, protocols, tables
 from axes_pipeline.report.collect import (
     chain_notices,
     discover,
@@ -129,7 +129,9 @@ def run_report(cfg: DictConfig) -> dict:
     runs = discover(roots, skipped)
     require_runs(runs, roots)
     groups, notices = group_runs(runs)
-    prune_groups, prune_notices = split_by_pruning(groups)
+    by_protocol, prune_notices = split_by_pruning(groups)        # seeds are paired only within one protocol
+    prune_groups, main_notices = protocols.headline_groups(by_protocol)   # the page opens on the default one
+    prune_notices += main_notices
     axes_groups, axes_notices = split_by_axes(groups)   # the analysis tables pool only equal fingerprints
     notices = notices + prune_notices + axes_notices + provenance_notices(groups) + chain_notices(groups)
     out = report_dir(ri)
@@ -141,7 +143,8 @@ def run_report(cfg: DictConfig) -> dict:
     # next report removes it if that process was killed (:func:`remove_stale_tmp`).
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}@{socket.gethostname()}-", dir=out.parent))
     try:
-        summary, t, figs = _build(ri, tmp, roots, runs, groups, prune_groups, notices, skipped, t0, axes_groups)
+        summary, t, figs = _build(ri, tmp, roots, runs, groups, prune_groups, notices, skipped, t0, axes_groups,
+                                  by_protocol)
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -209,9 +212,10 @@ def _alive(pid: int) -> bool:
 
 
 def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notices, skipped, t0,
-           axes_groups=None) -> tuple[dict, dict, dict]:
+           axes_groups=None, by_protocol=None) -> tuple[dict, dict, dict]:
     """Every table, figure and page of the report, written under ``out`` (the temporary folder).
-    ``prune_groups`` / ``axes_groups``: ``groups`` split where seeds were pruned / analysed differently."""
+    ``prune_groups`` / ``axes_groups``: ``groups`` split where seeds were pruned / analysed differently;
+    ``by_protocol``: ``{protocol: groups}``, every pruning protocol found (report/protocols.py)."""
     rc, accuracy = ri.report, ri.report.accuracy
     axes_groups = groups if axes_groups is None else axes_groups
     t = {
@@ -232,6 +236,9 @@ def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notic
         "linear_gaussian": tables.linear_gaussian_table(groups),
     }
     t["backbones"] = tables.backbones_table(t["headline"])
+    # issue 29: the headline under every pruning protocol found, and where each allocation prunes
+    t.update(protocols.protocol_tables(by_protocol or {}, accuracy, min_n=int(rc.min_seeds), n_boot=int(rc.n_boot),
+                                       method=rc.test, seed=int(rc.seed)))
     for name, df in t.items():
         if df is not None and not df.empty:
             write_csv(out / f"{name}.csv", df)
@@ -247,6 +254,7 @@ def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notic
     if not t["headline"].empty:
         figs["headline"] = figures.headline_forest(t["headline"], out / "headline.png", min_seeds=int(rc.min_seeds),
                                                    ci_label=CI_LABEL[rc.ci])
+    figs.update(protocols.kept_fraction_figures(by_protocol or {}, t["protocols"], out))
     if not t["layers"].empty:
         figs["alignment over depth"] = figures.alignment_depth(t["layers"], out / "alignment_depth.png")
     if (dyn := figures.dynamics_curves(groups, out / "dynamics.png")) is not None:
@@ -277,6 +285,7 @@ ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft"
 # a stage no longer present) are removed once the new one is in place, never sitting beside it
 # looking current. Only these names: report.out may be a folder that holds other files too.
 REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
+                "protocols.csv", "protocol_grid.csv", "kept_fraction_*.png",
                 "backbones.csv", "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "definitions.csv",
                 "lesions_per_seed.csv", "alignment.csv", "dynamics.csv", "linear_gaussian.csv",
                 "curves_*.png", "headline.png", "alignment_depth.png", "dynamics.png", "definitions_*.png", "report.md",
@@ -701,6 +710,9 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
             table_or(auc[cols], "No pruning results.", flops_auc="FLOPs-AUC", flops_auc_rel="relative")
             + [_text(line) for line in apart]
             + [_text("Accuracy at every FLOPs target: accuracy_by_target.csv; per seed: flops_auc_per_seed.csv.")])
+    if prot_parts := protocols.parts(t, figs, lambda df, title: _table(_present(df).rename(columns={"ci": "95% CI"}),
+                                                                        title), _text, fmt_pm):
+        sections.append({"id": "protocols", "title": protocols.TITLE, "how": protocols.HOW, "parts": prot_parts})
 
     lay = t["layers"]
     parts = [{"kind": "figure", "label": "alignment over depth"}] if "alignment over depth" in figs else []

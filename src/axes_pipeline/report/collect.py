@@ -8,7 +8,7 @@ width, learning rate...) are never pooled into one mean; the report says which k
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +23,7 @@ from axes_pipeline.layout import (
     CHECKPOINTS,
     LAST_CKPT,
     LAYERS_CSV,
+    PROTOCOL_FILE,
     PRUNE_CURVES,
     PRUNE_SUMMARY,
     TRAIN_SUMMARY,
@@ -30,6 +31,7 @@ from axes_pipeline.layout import (
     RunLayout,
     broken_chains,
 )
+from axes_pipeline.pruning.protocol import DEFAULT_NAME
 from axes_pipeline.runs import file_digest, fingerprint, flatten, read_json, settings_diff
 from axes_pipeline.tables import DamagedTable, Schema, read_table
 
@@ -51,6 +53,9 @@ class Run:
     train: dict
     signature: str
     flat_config: dict = field(repr=False, default_factory=dict)
+    #: the pruning protocol whose results this view of the run reads (``prune/<protocol>/``); the default one
+    #: unless :meth:`in_protocol` made another view
+    protocol: str = DEFAULT_NAME
 
     @property
     def id(self) -> RunId:
@@ -61,10 +66,29 @@ class Run:
         """The seeds' label: the folder above them (``RunId.group``, e.g. ``digits-resnet18-w1.0``)."""
         return self.id.group
 
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout.at(self.id, self.path.parent).in_folder(self.path)
+
+    def prune_rel(self, name: str) -> str:
+        """The path (relative to the run) of file ``name`` of this view's pruning protocol."""
+        return f"prune/{self.protocol}/{name}"
+
+    def protocols(self) -> list[str]:
+        """The pruning protocols this run has results of (``prune/<protocol>/protocol.json``), by name."""
+        return [p.name for p in self.layout.protocol_dirs()]
+
+    def in_protocol(self, protocol: str) -> Run:
+        """This run seen through one pruning protocol: the same run (its skipped inputs, digests and cache are
+        shared), reading ``prune/<protocol>/``."""
+        return replace(self, protocol=protocol)
+
     def artifacts(self) -> dict[str, list[Path]]:
         """This run's results by artifact kind (checkpoint, axes, curves), for the report's lineage."""
-        layout = RunLayout.at(self.id, self.path.parent).in_folder(self.path)
-        analyze, prune = layout.stage_dir("analyze"), layout.stage_dir("prune")
+        layout = self.layout
+        found = self.protocols()   # this view's protocol, else the first one pruned (the curves' wandb artifact)
+        protocol = self.protocol if self.protocol in found or not found else found[0]
+        analyze, prune = layout.stage_dir("analyze"), layout.protocol_dir(protocol)
         return {"checkpoint": [layout.checkpoints / BEST_CKPT], "axes": [analyze / AXES_CSV, analyze / LAYERS_CSV],
                 "curves": [prune / PRUNE_CURVES, prune / PRUNE_SUMMARY]}
 
@@ -121,13 +145,14 @@ class Run:
         p = self.path / rel
         if not p.is_file() or self._refused(rel):
             return None
-        schema = REPORT_SCHEMAS.get(rel)
+        key = f"prune/{p.name}" if rel.startswith("prune/") else rel   # one schema for every protocol's file
+        schema = REPORT_SCHEMAS.get(key)
         try:
             if schema is None:
                 df = pd.read_csv(p)
             else:
                 df = read_table(p, schema, rebuild=_rebuild(rel))
-                if rel == "prune/prune_curves.csv":
+                if key == f"prune/{PRUNE_CURVES}":
                     _complete_curves(df, p, _rebuild(rel))
         except DamagedTable as err:
             self.skip(rel, str(err))
@@ -151,29 +176,41 @@ class Run:
         return found
 
     def prune_settings(self) -> dict | None:
-        """The pruning protocol this run's curves come from (None when it was not pruned)."""
-        summary = self.read_json("prune/prune_summary.json")
-        if not summary:
+        """The settings of this view's pruning protocol (``protocol.json``; None when it has no results)."""
+        if not (self.path / self.prune_rel(PRUNE_SUMMARY)).is_file():
             return None
-        pc = (summary.get("config") or {}).get("pruning") or {}
-        return {k: pc.get(k) for k in PRUNE_KEYS}
+        record = self.read_json(self.prune_rel(PROTOCOL_FILE)) or {}
+        return record.get("settings") or {"fingerprint": "(none recorded)"}
 
 
-# What makes two runs' pruning curves comparable: seeds pruned under another protocol are never
-# paired in the headline.
-PRUNE_KEYS = ("mode", "allocation", "targets", "tolerance", "max_fraction", "eval_samples", "eval_seed", "finetune",
-              "magnitude", "depthwise_in_group_score", "hybrid_counts_from")
-
-
-def split_by_pruning(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]], list[str]]:
-    """The groups for the pruning tables: a group whose seeds were pruned under different
-    protocols is split (label ``<group> [prune <sig>]``), with a notice naming what differs."""
+def split_by_pruning(groups: dict[str, list[Run]]) -> tuple[dict[str, dict[str, list[Run]]], list[str]]:
+    """The groups for the pruning tables, per pruning protocol: ``{protocol: {label: runs}}``, each run seen
+    through that protocol (:meth:`Run.in_protocol`). Seeds are paired only within one protocol: where seeds
+    of a group carry one protocol name under different settings (a schema default changed between them), the
+    group is split (label ``<group> [prune <sig>]``) with a notice naming what differs. A run whose ``prune/``
+    still has the older layout (no protocol folders) is listed under skipped inputs with the command that
+    moves it."""
     def notice(label: str, settings: list[dict]) -> str:
-        keys = sorted({k for a in settings for b in settings for k in PRUNE_KEYS if a[k] != b[k]})
-        return (f"{label}: seeds were pruned with different pruning.{', pruning.'.join(keys)}; their curves "
-                f"are reported as {len(settings)} separate groups, never paired")
+        first, *rest = settings
+        diffs = "; ".join(settings_diff(first, other) for other in rest)
+        return (f"{label}: seeds were pruned under one protocol name with different settings ({diffs}); their "
+                f"curves are reported as {len(settings)} separate groups, never paired")
 
-    return _split(groups, Run.prune_settings, "prune", notice)
+    by_protocol: dict[str, dict[str, list[Run]]] = {}
+    notices: list[str] = []
+    for label, runs in groups.items():
+        for r in runs:
+            if not r.protocols() and (r.path / "prune" / PRUNE_CURVES).is_file():
+                r.skip(f"prune/{PRUNE_CURVES}", "pruning results in the older layout (prune/prune_curves.csv, before "
+                       "each protocol had a folder); run prune.py on this run once (e.g. `python prune.py "
+                       f"{' '.join(r.id.overrides())}`): it moves them into prune/<protocol>/ without recomputing")
+        names = sorted({p for r in runs for p in r.protocols()}, key=lambda p: (p != DEFAULT_NAME, p))
+        for name in names:
+            views = {label: [r.in_protocol(name) for r in runs if name in r.protocols()]}
+            split, said = _split(views, Run.prune_settings, "prune", notice)
+            by_protocol.setdefault(name, {}).update(split)
+            notices += [f"protocol {name}: {n}" for n in said]
+    return by_protocol, notices
 
 
 def _split(groups: dict[str, list[Run]], settings_of, tag: str, notice) -> tuple[dict[str, list[Run]], list[str]]:
@@ -235,19 +272,21 @@ def provenance_notices(groups: dict[str, list[Run]]) -> list[str]:
     digests), or whose axes scores were pruned with axes computed under other settings than its tables."""
     notices = []
     for label, runs in groups.items():
-        for r in runs:
+        for r in (run.in_protocol(p) for run in runs for p in run.protocols()):   # every protocol's results
             axes = r.read_json("analyze/axes_fingerprint.json") if (r.path / "analyze" / "axes.csv").is_file() else None
-            prune = r.read_json("prune/prune_summary.json") if (r.path / "prune" / "prune_curves.csv").is_file() else None
+            prune = r.read_json(r.prune_rel(PRUNE_SUMMARY)) if (r.path / r.prune_rel(PRUNE_CURVES)).is_file() else None
             if not axes or not prune:
                 continue
             a, p = axes.get("ckpt_digest"), prune.get("checkpoint_digest")
             if a and p and a != p:
                 notices.append(f"{label} seed {r.seed}: its axes (analyze/, checkpoint {a[:8]}) and its pruning curves "
-                               f"(prune/, checkpoint {p[:8]}) come from different checkpoints; rerun `python analyze.py` "
+                               f"(prune/{r.protocol}/, checkpoint {p[:8]}) come from different checkpoints; rerun "
+                               f"`python analyze.py` "
                                f"and `python prune.py` on the run's checkpoint before comparing them")
             elif (used := prune.get("axes_fingerprint")) and used != axes:
                 notices.append(f"{label} seed {r.seed}: its axes scores were pruned with axes computed under other "
-                               f"settings than its analysis tables ({settings_diff(axes, used)}; prune/axes/)")
+                               f"settings than its analysis tables ({settings_diff(axes, used)}; "
+                               f"prune/{r.protocol}/, prune/axes/)")
     return notices
 
 
@@ -412,8 +451,8 @@ LAYER_COLS = ("align_input_capture_task_info", "align_peer_overlap_target_excess
               "modularity_gap", "null_modularity_gap", "nmi", "ari", "hull_size_mean", "hull_saturated_frac", "s3_s2")
 
 REPORT_SCHEMAS: dict[str, Schema] = {
-    "prune/prune_curves.csv": Schema(
-        "prune_curves.csv", columns={"score": "str", "axis": "str", "achieved_flops": "float",
+    f"prune/{PRUNE_CURVES}": Schema(
+        PRUNE_CURVES, columns={"score": "str", "axis": "str", "achieved_flops": "float",
                                      "acc_before_ft": "float", "target_flops": "float", "draw": "int"},
         finite=("achieved_flops", "acc_before_ft"), optional=("target_flops", "draw")),
     "analyze/layers.csv": Schema("layers.csv", columns={"layer": "str", "layer_index": "int",

@@ -13,6 +13,7 @@ import pandas as pd
 
 from axes_pipeline.analyses.definitions import PAPER_DIRECTION, directions
 from axes_pipeline.axes.settings import MetricsConfig
+from axes_pipeline.layout import PRUNE_CURVES, PRUNE_SUMMARY
 from axes_pipeline.report.collect import LAYER_COLS, Run
 from axes_pipeline.runs import flatten
 from axes_pipeline.stats import (
@@ -34,7 +35,7 @@ def runs_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
     return pd.DataFrame([{"group": g, "seed": r.seed, "experiment": r.experiment, "val_acc": r.train.get("val_acc"),
                           "test_acc": r.train.get("test_acc"), "epochs": r.train.get("epochs"),
                           "analyze": (r.path / "analyze" / "axes.csv").is_file(),
-                          "prune": (r.path / "prune" / "prune_curves.csv").is_file(), "environment": r.environment,
+                          "prune": ", ".join(r.protocols()) or False, "environment": r.environment,
                           "run_dir": str(r.path)}
                          for g, runs in groups.items() for r in runs])
 
@@ -47,7 +48,7 @@ def runs_table(groups: dict[str, list[Run]]) -> pd.DataFrame:
 # (stats.grid_aucs).
 
 SELECTED_ON, MEASURED_ON = "val", "test"
-CURVES = "prune/prune_curves.csv"
+CURVES, SUMMARY = PRUNE_CURVES, PRUNE_SUMMARY    # in the folder of the run's protocol (Run.prune_rel)
 
 
 def curves_schema(accuracy: str) -> Schema:
@@ -64,24 +65,24 @@ def read_curves(run: Run, accuracy: str) -> tuple[pd.DataFrame | None, str | Non
     """``(curves, None)`` for a run whose pruning results are sound; ``(None, None)`` for a run that
     was not pruned; ``(None, reason)`` for one whose results cannot be used. The reason is also
     recorded on the run (``Run.skip``), so the report lists it: never a silent drop."""
-    if not (run.path / CURVES).is_file():
+    if not (run.path / run.prune_rel(CURVES)).is_file():
         return None, None
     why = _curves_problem(run, accuracy)
     if why:
-        run.skip(CURVES, why)
+        run.skip(run.prune_rel(CURVES), why)
         return None, why
-    return run.read_csv(CURVES), None
+    return run.read_csv(run.prune_rel(CURVES)), None
 
 
 def _curves_problem(run: Run, accuracy: str) -> str | None:
     """What makes a run's pruning curves unusable for ``accuracy``, or None."""
-    path = run.path / CURVES
-    summary = run.read_json("prune/prune_summary.json")
+    path = run.path / run.prune_rel(CURVES)
+    summary = run.read_json(run.prune_rel(SUMMARY))
     if not summary:
-        return "prune/prune_summary.json is missing (prune did not finish); rerun prune.py"
-    curves = run.read_csv(CURVES)          # the run's generic checks: schema, truncation (collect.py)
+        return f"{run.prune_rel(SUMMARY)} is missing (prune did not finish); rerun prune.py"
+    curves = run.read_csv(run.prune_rel(CURVES))   # the run's generic checks: schema, truncation (collect.py)
     if curves is None:
-        return run.skipped.get(CURVES, f"{path} cannot be read")
+        return run.skipped.get(run.prune_rel(CURVES), f"{path} cannot be read")
     if accuracy in curves and len(curves) and curves[accuracy].isna().all():
         return f"prune_curves.csv has no {accuracy} (pruned without fine-tuning?)"
     try:
@@ -100,7 +101,7 @@ def _curves_problem(run: Run, accuracy: str) -> str | None:
 
 
 def _prune_info(run: Run) -> dict:
-    s = run.read_json("prune/prune_summary.json") or {}
+    s = run.read_json(run.prune_rel(SUMMARY)) or {}
     pc = (s.get("config") or {}).get("pruning") or {}
     return {"mode": s.get("mode", pc.get("mode", "flops")), "tolerance": float(s.get("tolerance", pc.get("tolerance", 0.005))),
             "targets": s.get("targets", pc.get("targets")), "acc": s.get("unpruned_acc"), "val_acc": s.get("unpruned_val_acc")}

@@ -43,6 +43,10 @@ class Trained:
         a look at an earlier epoch never replaces the trained network's results."""
         return self.run.stage_dir(stage, self.tag)
 
+    def protocol_dir(self, protocol: str) -> Path:
+        """Where pruning protocol ``protocol`` writes this checkpoint's results (:meth:`RunLayout.protocol_dir`)."""
+        return self.run.protocol_dir(protocol, self.tag)
+
 
 def locate_run(run: RunLayout, ckpt: Path | None = None, allow_partial: bool = False) -> tuple[RunLayout, Path]:
     """(the run's layout, checkpoint) for this run, or for ``ckpt=PATH``; one clear line if none.
