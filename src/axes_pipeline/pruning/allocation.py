@@ -146,14 +146,17 @@ def _global_seq(scores: list[np.ndarray], caps: np.ndarray, seed: int) -> np.nda
 
 
 def make_allocation(kind: str, groups: GroupSet, scores: list[np.ndarray], cap: float,
-                    counts_from: list[np.ndarray] | None = None, seed: int = 0) -> Allocation:
-    """The :class:`Allocation` ``kind`` for group ``scores`` (``counts_from``: hybrid's source)."""
+                    counts_from: list[np.ndarray] | None = None, seed: int = 0,
+                    caps: np.ndarray | None = None) -> Allocation:
+    """The :class:`Allocation` ``kind`` for group ``scores`` (``counts_from``: hybrid's source).
+    ``caps: [G]``: the most channels of each group that may go, instead of ``cap`` of its size (an
+    iterative step's: what the cap of the unpruned widths leaves, schedule.py)."""
     if kind not in ALLOCATIONS:
         raise unknown_name("allocation (pruning.allocation)", kind, ("auto",) + ALLOCATIONS)
     if not 0.0 < cap < 1.0:
         raise UserError(f"the per-layer pruning cap must be in (0, 1), got {cap}")
     sizes = groups.sizes
-    caps = _caps(sizes, cap)
+    caps = _caps(sizes, cap) if caps is None else np.minimum(np.asarray(caps, dtype=np.int64), sizes - 1).clip(min=0)
     orders = [_order(s) for s in scores]
     ranked = [s[o] for s, o in zip(scores, orders)]
     if kind in ("global", "hybrid"):

@@ -73,6 +73,8 @@ class ScoreCache:
         }
         if s.allocation == "hybrid":
             parts["hybrid"] = fingerprint(self.score_key(s.hybrid_counts_from))
+        if s.schedule != "oneshot":   # (one-shot keys unchanged: their points are reused)
+            parts["schedule"] = [s.schedule, s.steps, s.between_steps]
         return plain(run_fingerprint(self.data_id, self.ckpt, **parts))
 
     def get(self, score: Score, draw: int) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.pruning.allocation import ALLOCATIONS
 from axes_pipeline.pruning.scores import resolve_score, score_names
-from axes_pipeline.pruning.settings import MODES, PruningConfig
+from axes_pipeline.pruning.settings import MODES, SCHEDULES, PruningConfig
 
 __all__ = ["PruneSettings"]
 
@@ -74,10 +74,29 @@ class PruneSettings:
         self.hybrid_counts_from = resolve_score(pc.hybrid_counts_from)
         self.depthwise_in_group_score = pc.depthwise_in_group_score
         self.magnitude = _choice("magnitude norm (pruning.magnitude)", pc.magnitude, ("l1", "l2"))
-        # the fine-tune's knobs (pruning.finetune without `enabled`; the point's key holds them), None
-        # when it is off
-        knobs = {k: v for k, v in asdict(pc.finetune).items() if k != "enabled"}
-        self.finetune: dict | None = knobs if pc.finetune.enabled else None
+        # the fine-tune's knobs (pruning.finetune without `enabled` and `between_steps`; the point's key holds
+        # them), None when it is off: epochs=0 is the budget "none" (a -m sweep of epochs=0,2 is two budgets)
+        ft = pc.finetune
+        _require(not (ft.enabled and ft.epochs == 0),
+                 "pruning.finetune.enabled=true with pruning.finetune.epochs=0: give the budget, e.g. "
+                 "pruning.finetune.epochs=5 (0 = no fine-tune)")
+        knobs = {k: v for k, v in asdict(ft).items() if k not in ("enabled", "between_steps")}
+        self.finetune: dict | None = knobs if ft.epochs > 0 and ft.enabled is not False else None
+        # the schedule (METHODS §9, pruning/schedule.py): steps per target, the fine-tune between them
+        self.schedule = _choice("pruning.schedule", pc.schedule, SCHEDULES)
+        _require(self.schedule == "oneshot" or self.mode == "flops",
+                 "pruning.schedule=iterative needs pruning.mode=flops (each step is a FLOPs-matched target)")
+        self.steps = int(pc.steps) if self.schedule == "iterative" else 1
+        _require(not (ft.between_steps and self.schedule == "oneshot"),
+                 "pruning.finetune.between_steps=true needs pruning.schedule=iterative (one shot has no steps)")
+        _require(not (ft.between_steps and self.finetune is None),
+                 "pruning.finetune.between_steps=true needs a budget: pruning.finetune.epochs > 0")
+        self.between_steps = bool(ft.between_steps)
+        # scratch training of the chosen points (pruning/scratch.py); the epochs' null = the run's recipe
+        self.scratch, self.scratch_epochs = bool(pc.scratch), pc.scratch_epochs
+        self.scratch_targets = _target_list(pc.scratch_targets, pc.mode) if pc.scratch else []
+        _require(not self.scratch or self.mode == "flops",
+                 "pruning.scratch=true needs pruning.mode=flops (the scratch points are FLOPs targets)")
         self.eval_samples, self.eval_seed = pc.eval_samples, pc.eval_seed
         self.calibration = asdict(pc.calibration)
         self.latency, self.latency_batch_sizes = pc.latency, list(pc.latency_batch_sizes)

@@ -25,6 +25,7 @@ from axes_pipeline.pruning.groups import build_groups
 from axes_pipeline.pruning.inputs import axes_loader, calibration_batches
 from axes_pipeline.pruning.points import ScoreCache, unpruned
 from axes_pipeline.pruning.resolved import PruneSettings
+from axes_pipeline.pruning.schedule import axes_remeasurer
 from axes_pipeline.pruning.scores import ScoreContext
 from axes_pipeline.pruning.summary import curves_frame, flat_scalars, log_curves, print_summary, summarise, write_stage
 from axes_pipeline.pruning.sweep import Sweep, run_points
@@ -78,7 +79,10 @@ def run_prune(cfg: DictConfig) -> dict:
         base = unpruned(model, dm, cost, example, settings, device, out, trained.ckpt, trained.data_id)
         cache = ScoreCache(ctx, out, settings, Path(trained.ckpt), example.shape, digest, trained.data_id)
         sweep = Sweep(settings, model, groups, cost, example, dm, device, out, base, cache,
-                      model_spec=model_spec(to_container(inputs.model), dm.num_classes))
+                      model_spec=model_spec(to_container(inputs.model), dm.num_classes),
+                      # iterative: the axes re-measured on each pruned network with the run's capture knobs
+                      remeasure_axes=(axes_remeasurer(inputs.knobs, dm, device)
+                                      if settings.schedule == "iterative" and axes_scores else None))
         records, done = run_points(sweep, progress)
         # curves and summary are computed in full before either is written, then replaced together
         curves = curves_frame(records)

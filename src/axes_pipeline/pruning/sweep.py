@@ -12,6 +12,7 @@ import copy
 import logging
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
 from axes_pipeline.pruning.groups import GroupSet, prune_physically
 from axes_pipeline.pruning.points import ScoreCache, point_label, read_point
 from axes_pipeline.pruning.resolved import PruneSettings
+from axes_pipeline.pruning.schedule import iterative_prune
 from axes_pipeline.pruning.scores import Score
 from axes_pipeline.runs import write_json
 
@@ -51,6 +53,8 @@ class Sweep:
     cache: ScoreCache
     model_spec: dict | None = None      # the backbone's build arguments (export.model_spec), for exported networks
     hybrid_counts: list | None = None   # hybrid allocation: group scores of the count source, once
+    # iterative schedule: model -> the axes table re-measured on it (schedule.axes_remeasurer); None: no axes score
+    remeasure_axes: Callable | None = None
 
     def group_scores(self, score: Score, draw: int) -> list[np.ndarray]:
         """The group scores of ``score`` (draw ``draw``); with the hybrid allocation, the count
@@ -93,15 +97,22 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
     """Prune the unpruned network to ``target`` by the group scores of ``score`` (draw ``draw``),
     measure it and return its record."""
     s, cost, dm, device, example = sweep.settings, sweep.cost, sweep.dm, sweep.device, sweep.example
-    gscores = sweep.group_scores(score, draw)
-    t0 = time.perf_counter()
-    alloc = make_allocation(s.allocation, sweep.groups, gscores, s.max_fraction, counts_from=sweep.hybrid_counts,
-                            seed=s.seed)
-    res = match_flops(alloc, cost, target, s.tolerance) if s.mode == "flops" else nominal_fraction(alloc, cost, target)
-    keep = keep_masks(alloc, res.counts)
-    t1 = time.perf_counter()
-    pruned, history = prune_physically(sweep.model, sweep.groups, keep, example)
-    t2 = time.perf_counter()
+    if s.schedule == "iterative":   # k re-scored FLOPs-matched steps (schedule.py); the same record follows
+        t0 = time.perf_counter()
+        it = iterative_prune(sweep, score, draw, target, point_label(score, draw))
+        pruned, history, res, keep = it.pruned, it.history, it.result, it.keep
+        t1 = t2 = time.perf_counter()
+    else:
+        gscores = sweep.group_scores(score, draw)
+        t0 = time.perf_counter()
+        alloc = make_allocation(s.allocation, sweep.groups, gscores, s.max_fraction, counts_from=sweep.hybrid_counts,
+                                seed=s.seed)
+        res = (match_flops(alloc, cost, target, s.tolerance) if s.mode == "flops"
+               else nominal_fraction(alloc, cost, target))
+        keep = keep_masks(alloc, res.counts)
+        t1 = time.perf_counter()
+        pruned, history = prune_physically(sweep.model, sweep.groups, keep, example)
+        t2 = time.perf_counter()
     fv, _unsupported = (fvcore_macs(pruned, example) if s.fvcore_check else (None, {}))
     macs = fv if fv is not None else res.macs
     t3 = time.perf_counter()
@@ -122,7 +133,7 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
         **acc,
         "group_kept": {g.name: int(k.sum()) for g, k in zip(sweep.groups.groups, keep)},
         "search_s": t1 - t0, "search_evals": res.evaluations, "prune_s": t2 - t1, "fvcore_s": t3 - t2,
-        "eval_s": t4 - t3,
+        "eval_s": t4 - t3, "schedule": s.schedule, "steps": s.steps,
     }
     if s.mode == "flops" and not rec["matched"]:
         # the value the decision was made on (fvcore's count when it checks), not the search's analytic one
