@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from axes_pipeline.errors import UserError
 from axes_pipeline.pruning import schedule as prune_schedule
@@ -176,3 +177,96 @@ def test_oneshot_points_keep_their_keys(run):
     run_prune(cfg)
     rec = read_json(_prune_dir(cfg) / "points" / "l2__0.5.json")
     assert rec["schedule"] == "oneshot" and rec["steps"] == 1 and "schedule" not in rec["fingerprint"]
+
+
+def test_budget_zero_writes_after_equal_to_before_and_no_ft_plot(run):
+    cfg = _cfg(run, "pruning.scores=[l2]", "pruning.targets=[0.7,0.5]", "pruning.fvcore_check=false")
+    run_prune(cfg)
+    curves = pd.read_csv(_prune_dir(cfg) / "prune_curves.csv")
+    assert (curves["finetune_epochs"] == 0).all()
+    assert curves["acc_after_ft"].tolist() == curves["acc_before_ft"].tolist()
+    assert curves["val_acc_after_ft"].tolist() == curves["val_acc_before_ft"].tolist()
+    assert (_prune_dir(cfg) / "prune_curves.png").is_file() and not (_prune_dir(cfg) / "prune_curves_ft.png").exists()
+
+
+# --- scratch training ---
+def test_scratch_points_are_the_best_of_each_axis_and_random_at_the_nearest_targets():
+    from axes_pipeline.pruning.scratch import scratch_points
+
+    summary = {"best_local": {"score": "input_capture"}, "best_target": {"score": "task_info"},
+               "scores": {"input_capture": {}, "task_info": {}, "random": {}, "l1": {}}}
+    got = scratch_points(summary, [0.9, 0.8, 0.6, 0.45, 0.2], [0.7, 0.5, 0.3])
+    # 0.7 is as near 0.8 as 0.6: the larger target (the milder cut) wins the tie
+    assert got == [(s, 0, t) for s in ("input_capture", "task_info", "random") for t in (0.8, 0.45, 0.2)]
+    assert scratch_points({"best_local": None, "best_target": None, "scores": {"l1": {}}}, [0.5], [0.5]) == []
+
+
+def test_scratch_trains_the_pruned_widths_from_fresh_weights(run, monkeypatch):
+    from axes_pipeline.pruning import scratch as prune_scratch
+    from axes_pipeline.pruning.export import load_pruned, model_spec
+    from axes_pipeline.models import example_input
+    from axes_pipeline.pruning.groups import build_groups
+
+    from .helpers import restore
+
+    cfg = _cfg(run, "pruning.scores=[input_capture,task_info,random]", "pruning.random_draws=1",
+               "pruning.targets=[0.7,0.5]", "pruning.scratch=true", "pruning.scratch_targets=[0.5]",
+               "pruning.scratch_epochs=1", "pruning.export=true", "pruning.fvcore_check=false")
+    # made-up axes read from one CSV (as test_pruning_run's no_axes_module): no capture, and the same table
+    # digest on every run (a table computed in this process and the same table read back from its CSV
+    # digest differently, which would recompute the axes points, and so their scratch runs, once)
+    from axes_pipeline.models import conv_layers
+    from axes_pipeline.pruning import inputs as prune_inputs
+
+    trained = restore(cfg)
+    rng = np.random.default_rng(0)
+    cols = ["input_capture", "peer_overlap", "task_info", "target_excess", "task_redundancy", "task_unique"]
+    rows = [{"layer": layer, "channel": c, **{k: float(rng.random()) for k in cols}}
+            for layer, conv in conv_layers(trained.model).items() for c in range(conv.out_channels)]
+    axes_csv = Path(trained.run_dir) / "analyze" / "axes.csv"
+    axes_csv.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(axes_csv, index=False)
+    monkeypatch.setattr(prune_inputs, "stage_axes", lambda knobs, tr, own, *a, **k: (pd.read_csv(axes_csv),
+                                                                                       axes_csv.parent, {}))
+    trained_nets = []
+    real = prune_scratch.train_scratch
+
+    def spy(net, *a, **k):
+        trained_nets.append({n: p.detach().clone() for n, p in net.state_dict().items()})
+        return real(net, *a, **k)
+
+    monkeypatch.setattr(prune_scratch, "train_scratch", spy)
+    summary = run_prune(cfg)
+    out = _prune_dir(cfg)
+    curves = pd.read_csv(out / "prune_curves.csv")
+    chosen = curves[curves["acc_scratch"].notna()]
+    names = {summary["best_local"]["score"], summary["best_target"]["score"], "random"}
+    assert set(chosen["score"]) == names and (chosen["target_flops"] == 0.5).all() and len(chosen) == 3
+    assert chosen["acc_scratch"].between(0, 1).all() and curves.loc[curves["acc_scratch"].isna(), "target_flops"].eq(0.7).all()
+    assert len(summary["scratch"]["points"]) == 3 and len(trained_nets) == 3
+    for label in ("random-d0", summary["best_local"]["score"]):
+        folder = out / "scratch" / f"{label}_0.5"
+        assert (folder / "scratch.json").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
+
+    # the network trained is the point's architecture with fresh weights: the pruned network's shapes,
+    # none of its (trained) values; its BN statistics those of a new network
+    pruned = load_pruned(out / "models" / "random-d0_0.5.pt").state_dict()
+    first = trained_nets[-1]   # random's (the last score of the sweep)
+    assert {n: tuple(v.shape) for n, v in first.items()} == {n: tuple(v.shape) for n, v in pruned.items()}
+    convs = [n for n, v in pruned.items() if n.endswith("conv1.weight") or n.endswith("conv2.weight")]
+    assert convs and all(not torch.allclose(first[n], pruned[n]) for n in convs)
+    assert all(torch.equal(first[n], torch.zeros_like(first[n])) for n in first if n.endswith("running_mean"))
+    # ... and the backbone's own initialisation, seeded: the same call gives the same weights
+    dm = trained.datamodule
+    example = example_input({"image_size": dm.image_size, "in_channels": getattr(dm, "in_channels", 3)})
+    spec = model_spec(cfg.model, trained.datamodule.num_classes)
+    groups = build_groups(trained.model, example)
+    widths = read_json(out / "points" / "random-d0__0.5.json")["group_kept"]
+    a = prune_scratch.scratch_net(spec, groups, widths, example, seed=3).state_dict()
+    b = prune_scratch.scratch_net(spec, groups, widths, example, seed=3).state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a) and {n: v.shape for n, v in a.items()} == {
+        n: v.shape for n, v in pruned.items()}
+
+    trained_nets.clear()
+    again = run_prune(cfg)                      # done: read back, not trained again
+    assert trained_nets == [] and again["scratch"] == summary["scratch"]

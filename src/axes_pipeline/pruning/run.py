@@ -27,6 +27,7 @@ from axes_pipeline.pruning.points import ScoreCache, unpruned
 from axes_pipeline.pruning.resolved import PruneSettings
 from axes_pipeline.pruning.schedule import axes_remeasurer
 from axes_pipeline.pruning.scores import ScoreContext
+from axes_pipeline.pruning.scratch import ScratchRecipe, train_scratch_points
 from axes_pipeline.pruning.summary import curves_frame, flat_scalars, log_curves, print_summary, summarise, write_stage
 from axes_pipeline.pruning.sweep import Sweep, run_points
 from axes_pipeline.runs import file_digest, frame_digest, write_csv
@@ -87,6 +88,14 @@ def run_prune(cfg: DictConfig) -> dict:
         # curves and summary are computed in full before either is written, then replaced together
         curves = curves_frame(records)
         summary = summarise(curves, base, settings, groups, cache.timing, inputs.config)
+        if settings.scratch:   # the chosen points' architectures trained from scratch: acc_scratch (scratch.py)
+            recipe = ScratchRecipe(
+                optim=to_container(cfg.optim), epochs=int(settings.scratch_epochs or cfg.trainer.max_epochs),
+                label_smoothing=float(cfg.train.label_smoothing), warmup_epochs=int(cfg.train.warmup_epochs),
+                precision=str(cfg.trainer.precision), limit_train_batches=cfg.trainer.limit_train_batches,
+                limit_val_batches=cfg.trainer.limit_val_batches)
+            summary["scratch"] = train_scratch_points(sweep, records, summary, recipe)
+            curves = curves_frame(records)
         summary["points_computed_this_run"] = done
         # provenance: the report checks that the axes it shows beside these curves come from this checkpoint
         summary["checkpoint"], summary["checkpoint_digest"] = str(trained.ckpt), file_digest(trained.ckpt)

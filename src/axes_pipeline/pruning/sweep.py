@@ -153,6 +153,10 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
         rec.update({"finetune_steps": ft["steps"], "finetune_loss": ft["loss"], "finetune_s": time.perf_counter() - t5})
         if s.export:
             pruned = tuned
+    else:   # budget 0: nothing recovered, after = before, so every point has both and budgets pair on one column
+        rec.update({"acc_after_ft": rec["acc_before_ft"], "val_acc_after_ft": rec["val_acc_before_ft"],
+                    "top5_after_ft": rec["top5"], "loss_after_ft": rec["loss"], "val_loss_after_ft": rec["val_loss"]})
+    rec["finetune_epochs"] = s.finetune["epochs"] if s.finetune else 0   # the recovery budget
     if s.latency:
         rec.update(_latency(pruned, sweep))
     if s.export:
