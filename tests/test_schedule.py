@@ -202,9 +202,9 @@ def test_scratch_points_are_the_best_of_each_axis_and_random_at_the_nearest_targ
 
 
 def test_scratch_trains_the_pruned_widths_from_fresh_weights(run, monkeypatch):
+    from axes_pipeline.models import example_input
     from axes_pipeline.pruning import scratch as prune_scratch
     from axes_pipeline.pruning.export import load_pruned, model_spec
-    from axes_pipeline.models import example_input
     from axes_pipeline.pruning.groups import build_groups
 
     from .helpers import restore
