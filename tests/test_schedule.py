@@ -154,11 +154,20 @@ def test_an_interrupted_iterative_point_resumes_to_identical_tables(run, monkeyp
 
 
 def test_finetune_between_steps_resumes_from_the_stored_weights(run, monkeypatch):
+    from axes_pipeline.pruning.evaluate import evaluate
+    from axes_pipeline.pruning.export import load_pruned
+
+    from .helpers import restore
+
     cfg = _cfg(run, "pruning.scores=[l2]", "pruning.schedule=iterative", "pruning.steps=2", "pruning.targets=[0.5]",
                "pruning.finetune.epochs=1", "pruning.finetune.max_batches=2", "pruning.finetune.between_steps=true",
-               "pruning.fvcore_check=false")
+               "pruning.fvcore_check=false", "pruning.export=true")
     run_prune(cfg)
     want = pd.read_csv(_prune_dir(cfg) / "prune_curves.csv")
+    # the exported network replays both steps' histories: it is the network evaluated
+    model = load_pruned(_prune_dir(cfg) / "models" / "l2_0.5.pt")
+    acc = evaluate(model, restore(cfg).datamodule.test_dataloader(), torch.device("cpu"))
+    assert acc["acc"] == pytest.approx(want["acc_after_ft"].iloc[0])
     folder = _prune_dir(cfg) / "steps" / "l2__0.5"
     assert read_json(folder / "step1.json")["finetune_steps"] == 2 and (folder / "step1.pt").is_file()
     assert "finetune_steps" not in read_json(folder / "step2.json")   # the last step's fine-tune is the point's
