@@ -18,8 +18,8 @@ Step 1 uses the one-shot scores of the unpruned network, so its cut is the one-s
 point's budget, seeded per step) after every step but the last. Each step is written atomically to
 ``prune/steps/<score>__<target>/step<i>.json`` (widths, the pruning history, the original indices of
 the kept channels, the raw scores, the achieved MACs) under the point's key; a killed run replays the
-stored steps (the history on the unpruned network; with a fine-tune between steps, its weights from
-``step<i>.pt``) and goes on from the first missing one, to the same result.
+stored steps (the history on the unpruned network; with a fine-tune between steps, the weights of the
+last stored step from ``step<i>.pt``) and goes on from the first missing one, to the same result.
 """
 
 from __future__ import annotations
@@ -130,15 +130,14 @@ def iterative_prune(sweep, score: Score, draw: int, target: float, label: str) -
     for i, t in enumerate(targets, start=1):
         rec, _why = read_record(folder / f"step{i}.json", key)
         state = folder / f"step{i}.pt"
-        if not _step_ok(rec, i, t, sweep.groups) or (s.between_steps and i < len(targets) and not state.is_file()):
+        if not _step_ok(rec, i, t, sweep.groups) or (s.between_steps and not state.is_file()):
             break
         stored.append(rec)
     history = [h for rec in stored for h in rec["history"]]
     kept = {g: np.arange(n) for g, n in unpruned_sizes.items()}    # unpruned channel index of each one left
     model, groups, cost = sweep.model, sweep.groups, sweep.cost
     if stored:
-        ft_state = folder / f"step{len(stored)}.pt" if s.between_steps and len(stored) < len(targets) else None
-        model = _replay(sweep, history, ft_state)
+        model = _replay(sweep, history, folder / f"step{len(stored)}.pt" if s.between_steps else None)
         kept = {g: np.asarray(v, dtype=np.int64) for g, v in stored[-1]["kept_channels"].items()}
     steps = list(stored)
     res = None
@@ -172,7 +171,8 @@ def iterative_prune(sweep, score: Score, draw: int, target: float, label: str) -
                 ft = finetune(model, sweep.dm.train_dataloader(), sweep.device, **s.finetune)
             model.eval()
             rec.update(finetune_steps=ft["steps"], finetune_loss=ft["loss"])
-            with atomic_path(folder / f"step{i}.pt") as tmp:   # the weights the next step scores
+        if s.between_steps:   # the weights after the step (and its fine-tune): the next step's, or the point's
+            with atomic_path(folder / f"step{i}.pt") as tmp:   # (a replayed history has the unpruned ones)
                 torch.save(model.state_dict(), tmp)
         rec["seconds"] = time.perf_counter() - t0
         write_record(folder / f"step{i}.json", rec, key)
