@@ -176,12 +176,15 @@ def predict_suite(runs: list[SuiteRun], *, train_images_per_s: float, speed: dic
 
 
 #: What the recovery protocols add (issue 30, METHODS §9), predicted from the measurements above.
-#: An iterative point (3 steps, the axes re-captured and the calibration scores recomputed on the pruned
-#: network before steps 2 and 3) costs this many one-shot points: measured on the demo (CPU, one seed,
-#: ITERATIVE_DEMO below); its re-scoring is a forward pass over the calibration images, as a one-shot
-#: point's evaluation is, so the ratio is taken to hold on a GPU.
-ITERATIVE_POINT_COST = 4.0
-ITERATIVE_DEMO = "2026-12-07, experiment=demo seed=42, scores input_capture, task_info, taylor, l1, random; targets 0.7, 0.4"
+#: An iterative point (3 steps, the scores measured again on the pruned network before steps 2 and 3:
+#: the axes re-captured, Taylor recomputed, the groups and MAC model rebuilt) costs this many one-shot
+#: points (whose scores are computed once per run, outside the points): measured on the demo (ITERATIVE_DEMO:
+#: 34.1 s against 0.8 s a point, CPU). Its re-scoring is forward passes over the calibration images and
+#: the axes' linear algebra, a one-shot point's cost its evaluation's forward passes, so the ratio is
+#: taken to hold on a GPU; it is a rough figure (a demo point evaluates only 359 test images).
+ITERATIVE_POINT_COST = 43.0
+ITERATIVE_DEMO = ("2026-12-07, experiment=demo seed=42 (CPU, 2 shared cores), scores input_capture, task_info, "
+                  "taylor, l1, random; targets 0.7, 0.4")
 #: scratch training (pruning.scratch=true): best local, best target and random at three targets, each a
 #: training run of the run's recipe on the pruned network, taken to cost in proportion to the MACs it keeps
 SCRATCH_SCORES = 3
