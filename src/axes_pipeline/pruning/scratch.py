@@ -37,6 +37,7 @@ from axes_pipeline.pruning.evaluate import evaluate_test_val
 from axes_pipeline.pruning.groups import GroupSet, prune_physically
 from axes_pipeline.pruning.scores import resolve_score
 from axes_pipeline.runs import fingerprint, plain, read_record, write_record
+from axes_pipeline.training.callbacks import EpochLines
 from axes_pipeline.training.module import ClassifierModule
 from axes_pipeline.training.optim import optimizer_factory
 from axes_pipeline.training.train import EpochRNG, resume_point
@@ -111,7 +112,7 @@ def train_scratch(net: nn.Module, dm, recipe: ScratchRecipe, folder: Path, seed:
                         precision=precision, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(folder),
                         limit_train_batches=recipe.limit_train_batches, limit_val_batches=recipe.limit_val_batches,
-                        callbacks=[EpochRNG(seed, first_epoch), checkpoint])
+                        callbacks=[EpochRNG(seed, first_epoch), checkpoint, EpochLines()])
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
     if trainer.interrupted:
@@ -145,6 +146,7 @@ def train_scratch_points(sweep, records: list[dict], summary: dict, recipe: Scra
         out, _why = read_record(folder / "scratch.json", key)
         if out is None:
             seed = zlib.crc32(f"{s.seed}|scratch|{label}|{target!r}".encode())
+            print(f"prune: scratch {label} @ {target:g}: {recipe.epochs} epochs on {recipe.accelerator} -> {folder}")
             net = scratch_net(sweep.model_spec, sweep.groups, rec["group_kept"], sweep.example.cpu(), seed)
             ran = train_scratch(net, sweep.dm, recipe, folder, seed)
             test, val = evaluate_test_val(net.to(device), sweep.dm, s, device)
