@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from axes_pipeline.models import build_model
 from axes_pipeline.pruning.evaluate import evaluate_test_val
 from axes_pipeline.pruning.groups import GroupSet, prune_physically
+from axes_pipeline.pruning.points import point_label
 from axes_pipeline.pruning.scores import resolve_score
 from axes_pipeline.runs import fingerprint, plain, read_record, write_record
 from axes_pipeline.training.callbacks import EpochLines
@@ -138,10 +139,11 @@ def train_scratch_points(sweep, records: list[dict], summary: dict, recipe: Scra
         rec = by_point.get((name, draw, target))
         if rec is None:
             continue
-        label = f"{name}-d{draw}" if name == "random" else name
+        score = resolve_score(name)
+        label = point_label(score, draw)
         folder = sweep.out / "scratch" / f"{label}_{target:g}"
         # the point's key (checkpoint, data, score, settings) and the recipe: either changed, trained again
-        key = plain({"point": fingerprint(sweep.cache.point_key(resolve_score(name))), "recipe": asdict(recipe),
+        key = plain({"point": fingerprint(sweep.cache.point_key(score)), "recipe": asdict(recipe),
                      "v": 1})
         out, _why = read_record(folder / "scratch.json", key)
         if out is None:
@@ -154,6 +156,9 @@ def train_scratch_points(sweep, records: list[dict], summary: dict, recipe: Scra
                    "acc_scratch": test["acc"], "val_acc_scratch": val["acc"] if val else None}
             write_record(folder / "scratch.json", out, key)
         rec.update(acc_scratch=out["acc_scratch"], val_acc_scratch=out["val_acc_scratch"])
+        after = rec.get("acc_after_ft")   # (a point written before budgets were recorded may lack it)
+        print(f"prune: scratch {label} @ {target:g}: acc_scratch={out['acc_scratch']:.4f} (pruned: before "
+              f"fine-tune {rec['acc_before_ft']:.4f}" + (f", after {after:.4f})" if after is not None else ")"))
         done.append({k: out[k] for k in ("score", "draw", "target", "acc_scratch", "val_acc_scratch", "epochs",
                                          "seconds_per_epoch", "device")})
     return {"points": done, "epochs": int(recipe.epochs)}
