@@ -16,7 +16,8 @@ CIFAR-100-format data (written under ``--out``):
 5. **report.py** on that run;
 6. **the paper's headline suite predicted** on this device (:func:`predict_suite`): the three
    CIFAR-100 experiments × the five seeds of METHODS §10 (training, ``analysis=all``, the full prune
-   sweep, one report) from the throughputs measured above, next to the 3 GPU-hour target.
+   sweep, one report) from the throughputs measured above, next to the 3 GPU-hour target; and what
+   the recovery options would add (:func:`predict_protocols`: the iterative schedule, scratch training).
 
 Everything runs through the entry points and functions users run (device moves, autocast,
 torch.compile off and on); tests/test_gpu_check.py runs the same functions on CPU at tiny sizes.
@@ -174,6 +175,45 @@ def predict_suite(runs: list[SuiteRun], *, train_images_per_s: float, speed: dic
             "within_target": total_h <= target_gpu_hours}
 
 
+#: What the recovery protocols add (issue 30, METHODS §9), predicted from the measurements above.
+#: An iterative point (3 steps, the scores measured again on the pruned network before steps 2 and 3:
+#: the axes re-captured, Taylor recomputed, the groups and MAC model rebuilt) costs this many one-shot
+#: points (whose scores are computed once per run, outside the points): measured on the demo (ITERATIVE_DEMO:
+#: 34.1 s against 0.8 s a point, CPU). Its re-scoring is forward passes over the calibration images and
+#: the axes' linear algebra, a one-shot point's cost its evaluation's forward passes, so the ratio is
+#: taken to hold on a GPU; it is a rough figure (a demo point evaluates only 359 test images).
+ITERATIVE_POINT_COST = 43.0
+ITERATIVE_DEMO = ("2026-12-07, experiment=demo seed=42 (CPU, 2 shared cores), scores input_capture, task_info, "
+                  "taylor, l1, random; targets 0.7, 0.4")
+#: scratch training (pruning.scratch=true): best local, best target and random at three targets, each a
+#: training run of the run's recipe on the pruned network, taken to cost in proportion to the MACs it keeps
+SCRATCH_SCORES = 3
+SCRATCH_TARGETS = (0.7, 0.5, 0.3)
+
+
+def predict_protocols(runs: list[SuiteRun], pred: dict, *, prune_point_s: float, speed: dict[str, float]) -> dict:
+    """Seconds per seed and hours in all that ``pruning.schedule=iterative`` (a second prune sweep of the
+    same points) and ``pruning.scratch=true`` add to the suite of :func:`predict_suite`'s ``pred``."""
+    rows = []
+    for r, row in zip(runs, pred["rows"]):
+        iterative = r.prune_points * prune_point_s * ITERATIVE_POINT_COST / speed[r.model]
+        scratch = SCRATCH_SCORES * sum(SCRATCH_TARGETS) * row["train_s"]
+        rows.append({"experiment": r.experiment, "seeds": r.seeds, "iterative_s": iterative, "scratch_s": scratch})
+    return {"rows": rows, "iterative_gpu_hours": sum(x["iterative_s"] * x["seeds"] for x in rows) / 3600,
+            "scratch_gpu_hours": sum(x["scratch_s"] * x["seeds"] for x in rows) / 3600}
+
+
+def protocols_table(protocols: dict) -> str:
+    """:func:`predict_protocols` as a printed table (hours, all seeds)."""
+    h = 1 / 3600
+    lines = [f"{'adds (issue 30)':<24}{'seeds':>6}{'iterative h':>13}{'scratch h':>11}"]
+    for r in protocols["rows"]:
+        lines.append(f"{r['experiment']:<24}{r['seeds']:>6}{r['iterative_s'] * r['seeds'] * h:>13.2f}"
+                     f"{r['scratch_s'] * r['seeds'] * h:>11.2f}")
+    lines.append(f"{'in all':<24}{'':>6}{protocols['iterative_gpu_hours']:>13.2f}{protocols['scratch_gpu_hours']:>11.2f}")
+    return "\n".join(lines)
+
+
 def prediction_table(pred: dict) -> str:
     """The prediction as one printed table (hours)."""
     h = 1 / 3600
@@ -266,7 +306,10 @@ def headline_prediction(report: dict, device: str, *, width: float, tiny: bool) 
                 "prune_fixed_s": max(0.0, pr["wall_s"] - pr["points"] * pr["point_s"]), "prune_point_s": pr["point_s"],
                 "report_s_per_run": report["report"]["wall_s"]}
     pred = predict_suite(runs, **measured)
-    return {"measured": measured, "suite": [asdict(r) for r in runs], **pred, "table": prediction_table(pred)}
+    # not in the headline's total: the recovery protocols are options (METHODS §9)
+    protocols = predict_protocols(runs, pred, prune_point_s=measured["prune_point_s"], speed=measured["speed"])
+    return {"measured": measured, "suite": [asdict(r) for r in runs], **pred, "table": prediction_table(pred),
+            "protocols": protocols, "protocols_table": protocols_table(protocols)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, report)
     print(json.dumps(report, indent=2))
     print(report["prediction"]["table"])
+    print(report["prediction"]["protocols_table"])
     print(f"gpu-check: done in {report['total_s']:.0f}s -> {args.json}")
     return 0
 

@@ -102,3 +102,17 @@ def test_prediction_table_from_tiny_cpu_throughputs():
     assert [ln.split()[0] for ln in lines[1:4]] == ["cifar100_resnet18", "cifar100_vgg16", "cifar100_mobilenetv2"]
     assert "target 3 GPU-hours" in lines[-1] and pred["total_gpu_hours"] > 0
     json.dumps(pred)                               # goes into gpu_check.json as it is
+
+
+def test_protocols_prediction_arithmetic():
+    gc = _gpu_check()
+    runs = [gc.SuiteRun("a", "m1", {}, seeds=5, epochs=10, train_images=900, eval_images=300, prune_points=4)]
+    pred = gc.predict_suite(runs, train_images_per_s=100.0, speed={"m1": 0.5}, analyze_s=60.0,
+                            prune_fixed_s=20.0, prune_point_s=10.0, report_s_per_run=3.0)
+    got = gc.predict_protocols(runs, pred, prune_point_s=10.0, speed={"m1": 0.5})
+    # iterative: 4 points · 10 s · the measured cost ratio / 0.5; scratch: 3 scores · (0.7 + 0.5 + 0.3) · 182 s
+    row = got["rows"][0]
+    assert row["iterative_s"] == pytest.approx(4 * 10 * gc.ITERATIVE_POINT_COST / 0.5)
+    assert row["scratch_s"] == pytest.approx(3 * 1.5 * pred["rows"][0]["train_s"]) and pred["rows"][0]["train_s"] == 182
+    assert got["scratch_gpu_hours"] == pytest.approx(5 * row["scratch_s"] / 3600)
+    assert gc.protocols_table(got).splitlines()[-1].split()[:2] == ["in", "all"]

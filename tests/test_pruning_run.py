@@ -92,7 +92,8 @@ def test_prune_end_to_end(run, no_axes_module):
     assert curves["params_frac"].between(0, 1).all()
     assert curves["acc_before_ft"].between(0, 1).all()
     assert curves["val_acc_before_ft"].between(0, 1).all()             # every point also on validation
-    assert curves["acc_after_ft"].isna().all()                         # fine-tune off by default
+    # fine-tune budget 0 by default: nothing recovered, so after = before (METHODS §9)
+    assert (curves["finetune_epochs"] == 0).all() and curves["acc_after_ft"].equals(curves["acc_before_ft"])
 
     s = read_json(out / "prune_summary.json")
     assert s["unpruned"]["macs"] > 0 and 0 < s["unpruned"]["acc"] <= 1
@@ -264,14 +265,16 @@ def test_schema_defaults_are_the_registry(tmp_path):
     from dataclasses import fields
 
     from axes_pipeline.pruning.scores import DEFAULT_SCORES, SCORES, register, score_names
-    from axes_pipeline.pruning.settings import PruningConfig
+    from axes_pipeline.pruning.settings import Finetune, PruningConfig
 
     assert PruningConfig().scores is None   # null: every registered score when the run starts, in order
     cfg = make_cfg("prune", ["logger=none"], tmp_path)
     settings = prune_settings(cfg)
     assert [s.name for s in settings.scores] == list(DEFAULT_SCORES) and settings.tolerance == 0.005
-    # the settings keep the schema's field names (plus the run's seed, the progress display and the protocol)
-    assert set(vars(settings)) - {f.name for f in fields(PruningConfig)} == {"seed", "progress", "protocol"}
+    # the settings keep the schema's field names (plus the run's seed, the progress display and the protocol;
+    # the fine-tune's between_steps, a field of pruning.finetune, is the schedule's)
+    names = {f.name for f in fields(PruningConfig)} | {f.name for f in fields(Finetune)}
+    assert set(vars(settings)) - names == {"seed", "progress", "protocol"}
     assert settings.max_fraction == cfg.pruning.max_fraction["global"] and settings.finetune is None
 
     @register("plugin_probe", "target")   # what a plugins=[my_pkg.scores] module does

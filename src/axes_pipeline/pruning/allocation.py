@@ -229,15 +229,17 @@ def _sensitivity_seq(sizes: np.ndarray, keys: list[np.ndarray], caps: np.ndarray
 
 def make_allocation(kind: str, groups: GroupSet, scores: list[np.ndarray], cap: float,
                     counts_from: CountSource | list[np.ndarray] | None = None, seed: int = 0,
-                    cost: CostModel | None = None) -> Allocation:
+                    cost: CostModel | None = None, caps: np.ndarray | None = None) -> Allocation:
     """The :class:`Allocation` ``kind`` for group ``scores``. ``counts_from``: hybrid's (and sensitivity's)
-    :class:`CountSource` (a plain list: a score's group scores); ``cost``: knapsack's MAC model."""
+    :class:`CountSource` (a plain list: a score's group scores); ``cost``: knapsack's MAC model.
+    ``caps: [G]``: the most channels of each group that may go, instead of ``cap`` of its size (an
+    iterative step's: what the cap of the unpruned widths leaves, schedule.py)."""
     if kind not in ALLOCATIONS:
         raise unknown_name("allocation (pruning.allocation)", kind, ("auto",) + ALLOCATIONS)
     if not 0.0 < cap < 1.0:
         raise UserError(f"the per-layer pruning cap must be in (0, 1), got {cap}")
     sizes = groups.sizes
-    caps = _caps(sizes, cap)
+    caps = _caps(sizes, cap) if caps is None else np.minimum(np.asarray(caps, dtype=np.int64), sizes - 1).clip(min=0)
     orders = [_order(s) for s in scores]
     ranked = [s[o] for s, o in zip(scores, orders)]
     if counts_from is not None and not isinstance(counts_from, CountSource):

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from axes_pipeline.plotting import AXIS_CMAPS, AXIS_COLORS, axis_legend, save_figure
+from axes_pipeline.pruning.summary import tuned_any
 
 __all__ = ["KEPT_FRACTION_SCORES", "kept_fraction_targets", "plot_curves", "plot_kept_fraction", "plot_sweeps"]
 
@@ -46,7 +47,7 @@ def plot_curves(curves: pd.DataFrame, base: dict, out: Path) -> dict[str, Path]:
     styles = _styles(curves)
     made = {}
     for acc_col, stem in (("acc_before_ft", "prune_curves"), ("acc_after_ft", "prune_curves_ft")):
-        if acc_col not in curves or curves[acc_col].isna().all():
+        if acc_col not in curves or curves[acc_col].isna().all() or (acc_col == "acc_after_ft" and not tuned_any(curves)):
             continue
         fig, axes = plt.subplots(1, 2, figsize=(13, 5))
         for name, df in curves.groupby("score", sort=False):

@@ -80,6 +80,8 @@ class ScoreCache:
             parts["hybrid"] = src
             if src == "sensitivity":
                 parts["sensitivity_fractions"] = s.sensitivity_fractions
+        if s.schedule != "oneshot":   # (one-shot keys unchanged: their points are reused)
+            parts["schedule"] = [s.schedule, s.steps, s.between_steps]
         return plain(run_fingerprint(self.data_id, self.ckpt, **parts))
 
     def get(self, score: Score, draw: int) -> dict[str, np.ndarray]:

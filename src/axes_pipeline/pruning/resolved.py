@@ -9,7 +9,14 @@ from dataclasses import asdict
 from axes_pipeline.errors import UserError, unknown_name
 from axes_pipeline.pruning.protocol import protocol_of
 from axes_pipeline.pruning.scores import Score, resolve_score, score_names
-from axes_pipeline.pruning.settings import ALLOCATIONS, COUNT_SOURCES, MODES, NORMALIZERS, PruningConfig
+from axes_pipeline.pruning.settings import (
+    ALLOCATIONS,
+    COUNT_SOURCES,
+    MODES,
+    NORMALIZERS,
+    SCHEDULES,
+    PruningConfig,
+)
 
 __all__ = ["PruneSettings"]
 
@@ -96,10 +103,33 @@ class PruneSettings:
         self.sensitivity_fractions = _fraction_list(pc.sensitivity_fractions)
         self.depthwise_in_group_score = pc.depthwise_in_group_score
         self.magnitude = _choice("magnitude norm (pruning.magnitude)", pc.magnitude, ("l1", "l2"))
-        # the fine-tune's knobs (pruning.finetune without `enabled`; the point's key holds them), None
-        # when it is off
-        knobs = {k: v for k, v in asdict(pc.finetune).items() if k != "enabled"}
-        self.finetune: dict | None = knobs if pc.finetune.enabled else None
+        # the fine-tune's knobs (pruning.finetune without `enabled` and `between_steps`; the point's key holds
+        # them), None when it is off: epochs=0 is the budget "none" (a -m sweep of epochs=0,2 is two budgets)
+        ft = pc.finetune
+        _require(not (ft.enabled and ft.epochs == 0),
+                 "pruning.finetune.enabled=true with pruning.finetune.epochs=0: give the budget, e.g. "
+                 "pruning.finetune.epochs=5 (0 = no fine-tune)")
+        knobs = {k: v for k, v in asdict(ft).items() if k not in ("enabled", "between_steps")}
+        self.finetune: dict | None = knobs if ft.epochs > 0 and ft.enabled is not False else None
+        # the schedule (METHODS §9, pruning/schedule.py): steps per target, the fine-tune between them
+        self.schedule = _choice("pruning.schedule", pc.schedule, SCHEDULES)
+        _require(self.schedule == "oneshot" or self.mode == "flops",
+                 "pruning.schedule=iterative needs pruning.mode=flops (each step is a FLOPs-matched target)")
+        self.steps = int(pc.steps) if self.schedule == "iterative" else 1
+        # the scan is of the unpruned network; re-scanning each pruned one is a protocol nobody has defined
+        _require(not (self.schedule == "iterative" and self.needs_scan),
+                 "pruning.schedule=iterative does not take the sensitivity scan's counts (it scans the unpruned "
+                 "network only); use another pruning.allocation or pruning.hybrid_counts_from")
+        _require(not (ft.between_steps and self.schedule == "oneshot"),
+                 "pruning.finetune.between_steps=true needs pruning.schedule=iterative (one shot has no steps)")
+        _require(not (ft.between_steps and self.finetune is None),
+                 "pruning.finetune.between_steps=true needs a budget: pruning.finetune.epochs > 0")
+        self.between_steps = bool(ft.between_steps)
+        # scratch training of the chosen points (pruning/scratch.py); the epochs' null = the run's recipe
+        self.scratch, self.scratch_epochs = bool(pc.scratch), pc.scratch_epochs
+        self.scratch_targets = _target_list(pc.scratch_targets, pc.mode) if pc.scratch else []
+        _require(not self.scratch or self.mode == "flops",
+                 "pruning.scratch=true needs pruning.mode=flops (the scratch points are FLOPs targets)")
         self.eval_samples, self.eval_seed = pc.eval_samples, pc.eval_seed
         self.calibration = asdict(pc.calibration)
         self.latency, self.latency_batch_sizes = pc.latency, list(pc.latency_batch_sizes)

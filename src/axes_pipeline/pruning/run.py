@@ -29,7 +29,9 @@ from axes_pipeline.pruning.inputs import axes_loader, calibration_batches
 from axes_pipeline.pruning.points import ScoreCache, unpruned
 from axes_pipeline.pruning.protocol import adopt_flat_layout, write_protocol
 from axes_pipeline.pruning.resolved import PruneSettings
+from axes_pipeline.pruning.schedule import axes_remeasurer
 from axes_pipeline.pruning.scores import ScoreContext, resolve_score
+from axes_pipeline.pruning.scratch import ScratchRecipe, train_scratch_points
 from axes_pipeline.pruning.sensitivity import check_scan_data
 from axes_pipeline.pruning.summary import (
     allocation_frame,
@@ -101,7 +103,10 @@ def run_prune(cfg: DictConfig) -> dict:
         # the raw scores depend on the checkpoint, not on the protocol: one cache per checkpoint (prune/scores/)
         cache = ScoreCache(ctx, stage, settings, Path(trained.ckpt), example.shape, digest, trained.data_id)
         sweep = Sweep(settings, model, groups, cost, example, dm, device, out, base, cache,
-                      model_spec=model_spec(to_container(inputs.model), dm.num_classes), layers=tuple(layers))
+                      model_spec=model_spec(to_container(inputs.model), dm.num_classes), layers=tuple(layers),
+                      # iterative: the axes re-measured on each pruned network with the run's capture knobs
+                      remeasure_axes=(axes_remeasurer(inputs.knobs, dm, device)
+                                      if settings.schedule == "iterative" and axes_scores else None))
         records, done = run_points(sweep, progress)
         earlier, left_out = stored_records(sweep, records, resolve_score)
         for note in left_out:
@@ -111,6 +116,14 @@ def run_prune(cfg: DictConfig) -> dict:
         # curves and summary are computed in full before either is written, then replaced together
         curves = curves_frame(records)
         summary = summarise(curves, base, settings, groups, cache.timing, inputs.config, scores=scores)
+        if settings.scratch:   # the chosen points' architectures trained from scratch: acc_scratch (scratch.py)
+            recipe = ScratchRecipe(
+                optim=to_container(cfg.optim), epochs=int(settings.scratch_epochs or cfg.trainer.max_epochs),
+                label_smoothing=float(cfg.train.label_smoothing), warmup_epochs=int(cfg.train.warmup_epochs),
+                precision=str(cfg.trainer.precision), limit_train_batches=cfg.trainer.limit_train_batches,
+                limit_val_batches=cfg.trainer.limit_val_batches)
+            summary["scratch"] = train_scratch_points(sweep, records, summary, recipe)
+            curves = curves_frame(records)
         summary["points_computed_this_run"] = done
         summary["protocol"] = protocol.record
         summary["scores_from_earlier_runs"] = sorted({r["score"] for r in earlier})

@@ -15,10 +15,14 @@ from typing import Any
 
 from axes_pipeline.bounds import bounded, count, non_negative, positive, seed_field
 
-__all__ = ["ALLOCATIONS", "COUNT_SOURCES", "MODES", "NORMALIZERS", "Calibration", "Finetune", "PruningConfig"]
+__all__ = ["ALLOCATIONS", "COUNT_SOURCES", "MODES", "NORMALIZERS", "SCHEDULES", "Calibration", "Finetune",
+           "PruningConfig"]
 
 #: flops: search so the achieved MACs match each target | channel_fraction: the authors' literal protocol
 MODES = ("flops", "channel_fraction")
+#: oneshot: each target in one cut from the trained network | iterative: in `steps` FLOPs-matched cuts,
+#: the scores measured again on the pruned network before each one (METHODS §9, pruning/schedule.py)
+SCHEDULES = ("oneshot", "iterative")
 
 #: how channels are spread over the layers (METHODS §9; `auto` picks one per backbone)
 ALLOCATIONS = ("global", "uniform", "hybrid", "knapsack", "sensitivity")
@@ -35,12 +39,16 @@ COUNT_SOURCES = ("uniform", "sensitivity")
 class Finetune:
     """A short fine-tune of every pruned network on the training split (``acc_after_ft``)."""
 
-    enabled: bool = False   # true: fine-tune each pruned network, acc_after_ft recorded
-    epochs: int = count(5)
+    # null: fine-tune when epochs > 0; true: the same, but epochs=0 is refused; false: never
+    enabled: bool | None = None
+    # the recovery budget, sweepable (`-m pruning.finetune.epochs=0,2`); 0 = no fine-tune
+    epochs: int = count(0, least=0)
     max_batches: int | None = count(200)   # per epoch; null = the whole training split
     lr: float = positive(1.0e-4)
     optimizer: str = "adam"
     weight_decay: float = non_negative(0.0)
+    # iterative schedule: the same fine-tune after every step but the last (the last step's is the point's own)
+    between_steps: bool = False
 
 
 @dataclass
@@ -95,3 +103,11 @@ class PruningConfig:
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     latency_repeats: int = count(10)
     export: bool = False          # true: prune/models/<score>_<target>.pt (reload: axes_pipeline.pruning.load_pruned)
+    schedule: str = "oneshot"     # one of SCHEDULES
+    steps: int = count(3)         # iterative: FLOPs-matched steps per target (MACs kept target^(i/steps))
+    # true: train the pruned architecture of the chosen points from random initialisation (acc_scratch;
+    # prune/scratch/<score>_<target>/): the best local and best target score (chosen on validation) and random
+    scratch: bool = False
+    scratch_epochs: int | None = count(None)   # null = the run's trainer.max_epochs
+    # the scratch points' targets: the sweep's target nearest each of these
+    scratch_targets: list[float] = field(default_factory=lambda: [0.7, 0.5, 0.3])

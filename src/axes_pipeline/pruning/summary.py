@@ -24,7 +24,7 @@ from axes_pipeline.runs import atomic_path, json_default
 from axes_pipeline.stats import grid_aucs
 
 __all__ = ["ALLOCATION_COLUMNS", "AUC_KEYS", "CURVE_COLUMNS", "allocation_frame", "curves_frame", "flat_scalars",
-           "log_curves", "print_summary", "summarise", "write_stage"]
+           "log_curves", "print_summary", "summarise", "tuned_any", "write_stage"]
 
 #: the split every "best" is chosen on, and the one its reported accuracy is measured on
 SELECTION_SPLIT, MEASUREMENT_SPLIT = "val", "test"
@@ -34,6 +34,15 @@ CURVE_COLUMNS = ["score", "axis", "draw", "family", "param", "mode", "allocation
                  "achieved_flops", "achieved_flops_analytic", "macs", "matched", "channels_frac", "params_frac",
                  "acc_before_ft", "val_acc_before_ft", "acc_after_ft", "val_acc_after_ft", "top5", "loss", "val_loss",
                  "top5_after_ft", "loss_after_ft", "val_loss_after_ft", "latency_ms"]
+
+
+def tuned_any(curves: pd.DataFrame) -> bool:
+    """Whether any point was fine-tuned (``finetune_epochs > 0``; a budget of 0 writes ``acc_after_ft`` =
+    ``acc_before_ft``, so its "after" curves would repeat the "before" ones). Points written before the
+    budget column: yes (they hold ``acc_after_ft`` only when fine-tuned)."""
+    if "finetune_epochs" not in curves:
+        return True
+    return bool((curves["finetune_epochs"].fillna(1) > 0).any())
 
 
 def curves_frame(records: list[dict]) -> pd.DataFrame:
@@ -178,7 +187,7 @@ def log_curves(tracker, curves: pd.DataFrame) -> None:
     if not tracker.enabled or curves.empty:
         return
     for acc_col, key in (("acc_before_ft", "prune/curves_chart"), ("acc_after_ft", "prune/curves_ft_chart")):
-        if acc_col not in curves or curves[acc_col].isna().all():
+        if acc_col not in curves or curves[acc_col].isna().all() or (acc_col == "acc_after_ft" and not tuned_any(curves)):
             continue
         xs, ys = {}, {}
         for name, df in curves.groupby("score", sort=False):

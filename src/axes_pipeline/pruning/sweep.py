@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
 from axes_pipeline.pruning.groups import GroupSet, prune_physically
 from axes_pipeline.pruning.points import ScoreCache, point_label, read_point
 from axes_pipeline.pruning.resolved import PruneSettings
+from axes_pipeline.pruning.schedule import iterative_prune
 from axes_pipeline.pruning.scores import SCORES, Score
 from axes_pipeline.pruning.sensitivity import SCAN_FILE, cached_scan, check_scan_data, sensitivity_scan
 from axes_pipeline.runs import plain, run_fingerprint, write_json
@@ -75,6 +77,8 @@ class Sweep:
     _allocations: dict = field(default_factory=dict)   # (score, draw) -> its Allocation (knapsack's is costly)
     dead_said: bool = False             # the note on a run without dead channels, printed once
     layers: tuple[str, ...] = ()        # the analysable layers (names), whose widths name an architecture
+    # iterative schedule: model -> the axes table re-measured on it (schedule.axes_remeasurer); None: no axes score
+    remeasure_axes: Callable | None = None
 
     def group_scores(self, score: Score, draw: int) -> list[np.ndarray]:
         """The group scores of ``score`` (draw ``draw``), normalised by ``pruning.normalize``; with a
@@ -208,13 +212,19 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
     """Prune the unpruned network to ``target`` by the group scores of ``score`` (draw ``draw``),
     measure it and return its record."""
     s, cost, dm, device, example = sweep.settings, sweep.cost, sweep.dm, sweep.device, sweep.example
-    t0 = time.perf_counter()
-    alloc = sweep.allocation(score, draw)
-    res = match_flops(alloc, cost, target, s.tolerance) if s.mode == "flops" else nominal_fraction(alloc, cost, target)
-    keep = keep_masks(alloc, res.counts)
-    t1 = time.perf_counter()
-    pruned, history = prune_physically(sweep.model, sweep.groups, keep, example)
-    t2 = time.perf_counter()
+    if s.schedule == "iterative":   # k re-scored FLOPs-matched steps (schedule.py); the same record follows
+        t0 = time.perf_counter()
+        it = iterative_prune(sweep, score, draw, target, point_label(score, draw))
+        pruned, history, res, keep = it.pruned, it.history, it.result, it.keep
+        t1 = t2 = time.perf_counter()
+    else:
+        t0 = time.perf_counter()
+        alloc = sweep.allocation(score, draw)
+        res = match_flops(alloc, cost, target, s.tolerance) if s.mode == "flops" else nominal_fraction(alloc, cost, target)
+        keep = keep_masks(alloc, res.counts)
+        t1 = time.perf_counter()
+        pruned, history = prune_physically(sweep.model, sweep.groups, keep, example)
+        t2 = time.perf_counter()
     widths = layer_widths(pruned, sweep.layers)
     # the widths name the architecture of one backbone; its unpruned MACs tell apart two backbones (another
     # classifier, input or width) that happen to share layer names and pruned widths
@@ -242,7 +252,7 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
         # the pruned network's width and (fvcore) MACs of every analysable layer: layer_allocation.csv
         "layer_widths": widths, "layer_macs": layer_macs,
         "search_s": t1 - t0, "search_evals": res.evaluations, "prune_s": t2 - t1, "fvcore_s": t3 - t2,
-        "eval_s": t4 - t3,
+        "eval_s": t4 - t3, "schedule": s.schedule, "steps": s.steps,
     }
     if s.mode == "flops" and not rec["matched"]:
         # the value the decision was made on (fvcore's count when it checks), not the search's analytic one
@@ -262,6 +272,10 @@ def one_point(sweep: Sweep, score: Score, draw: int, target: float) -> dict:
         rec.update({"finetune_steps": ft["steps"], "finetune_loss": ft["loss"], "finetune_s": time.perf_counter() - t5})
         if s.export:
             pruned = tuned
+    else:   # budget 0: nothing recovered, after = before, so every point has both and budgets pair on one column
+        rec.update({"acc_after_ft": rec["acc_before_ft"], "val_acc_after_ft": rec["val_acc_before_ft"],
+                    "top5_after_ft": rec["top5"], "loss_after_ft": rec["loss"], "val_loss_after_ft": rec["val_loss"]})
+    rec["finetune_epochs"] = s.finetune["epochs"] if s.finetune else 0   # the recovery budget
     if s.latency:
         rec.update(_latency(pruned, sweep, arch))
     if s.export:
