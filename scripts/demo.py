@@ -5,8 +5,8 @@ A three-seed sweep through every stage, exactly as a user would type it:
 Each stage resumes: re-running the demo skips what is already complete.
 
 Pruning runs under the backbone's default protocol, ``uniform`` and ``knapsack`` (issue 29: does the answer
-depend on the allocation?), each in its own ``prune/<protocol>/``; ``knapsack`` only where this checkout's
-allocations have it. Latency is timed at batch size 1 only, once per distinct pruned architecture.
+depend on the allocation?), each in its own ``prune/<protocol>/``. Latency is timed at batch size 1 only,
+once per distinct pruned architecture.
 """
 
 from __future__ import annotations
@@ -22,16 +22,7 @@ SEEDS = os.environ.get("DEMO_SEEDS", "42,123,456")
 COMMON = ["experiment=demo", f"seed={SEEDS}"]
 
 
-
-def allocations() -> str:
-    """The demo's protocols: its default (``auto``), ``uniform`` and, where the allocations have it, ``knapsack``."""
-    sys.path.insert(0, str(ROOT / "src"))
-    from axes_pipeline.pruning.allocation import ALLOCATIONS
-
-    return ",".join(["auto", "uniform", *(["knapsack"] if "knapsack" in ALLOCATIONS else [])])
-
-
-PRUNE = [f"pruning.allocation={allocations()}", "pruning.latency_batch_sizes=[1]"]
+PRUNE = ["pruning.allocation=auto,uniform,knapsack", "pruning.latency_batch_sizes=[1]"]
 STAGES = [
     ("train", ["train.py", "-m", *COMMON]),
     ("analyze", ["analyze.py", "-m", *COMMON, "analysis=all"]),

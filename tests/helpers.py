@@ -57,6 +57,11 @@ def prune_settings(cfg: DictConfig):
     return PruneSettings(OmegaConf.to_object(cfg.pruning), cfg.model.name, cfg.seed)
 
 
+def protocol_dir(cfg: DictConfig) -> Path:
+    """The folder of the protocol ``cfg`` prunes under (``prune/<protocol>/``)."""
+    return Path(cfg.paths.run_dir) / "prune" / prune_settings(cfg).protocol.name
+
+
 def run_entry(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
     """Run an entry point as a user would, in a process of its own; returns CompletedProcess (text).
 

@@ -424,12 +424,12 @@ def _prune(run, *extra):
 
     from axes_pipeline.pruning.run import run_prune
 
-    from .helpers import make_cfg
+    from .helpers import make_cfg, protocol_dir
 
     root, overrides = run
     cfg = make_cfg("prune", [*overrides, *FAST, *extra], root)
     summary = run_prune(cfg)
-    out = Path(cfg.paths.run_dir) / "prune"
+    out = protocol_dir(cfg)
     return summary, pd.read_csv(out / "prune_curves.csv"), out
 
 
@@ -451,7 +451,7 @@ def test_sensitivity_scan_is_run_once_and_reused_by_another_protocol(run, capsys
     summary, curves, out = _prune(run, "pruning.scores=[l2]", "pruning.allocation=sensitivity")
     assert summary["matching"]["unmatched"] == 0 and len(curves) == 3
     assert "sensitivity scan:" in capsys.readouterr().out
-    scan = out / "scores" / "sensitivity.json"
+    scan = out.parent / "scores" / "sensitivity.json"   # prune/scores/: shared by every protocol
     from axes_pipeline.runs import read_json
 
     rec = read_json(scan)

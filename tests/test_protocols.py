@@ -43,15 +43,28 @@ def test_the_default_protocol_is_named_default_and_others_say_what_differs():
 
 def test_the_finetune_budget_is_part_of_the_protocol_and_zero_when_off():
     off = [protocol_of(PruningConfig(finetune=Finetune(enabled=False, epochs=e)), "resnet18") for e in (0, 2, 5)]
+    off.append(protocol_of(PruningConfig(finetune=Finetune(epochs=0)), "resnet18"))
     assert {p.name for p in off} == {"default"} and off[0].settings["finetune"] is None
-    on = {e: protocol_of(PruningConfig(finetune=Finetune(enabled=True, epochs=e)), "resnet18") for e in (0, 2)}
-    assert on[0].name.startswith("ft0-") and on[2].name.startswith("ft2-") and on[0].name != on[2].name
+    # `-m pruning.finetune.epochs=0,2,5`: three budgets, three protocols (0 is the default's "none")
+    on = {e: protocol_of(PruningConfig(finetune=Finetune(epochs=e)), "resnet18") for e in (2, 5)}
+    assert on[2].name.startswith("ft2-") and on[5].name.startswith("ft5-")
+    assert protocol_of(PruningConfig(finetune=Finetune(enabled=True, epochs=2)), "resnet18") == on[2]
+
+
+def test_the_schedule_is_part_of_the_protocol():
+    it3 = protocol_of(PruningConfig(schedule="iterative"), "resnet18")
+    assert it3.name.startswith("iterative3-") and it3.settings["steps"] == 3
+    assert protocol_of(PruningConfig(schedule="iterative", steps=2), "resnet18").name.startswith("iterative2-")
+    between = protocol_of(PruningConfig(schedule="iterative", finetune=Finetune(epochs=2, between_steps=True)),
+                          "resnet18")
+    assert between.name.startswith("iterative3ft-ft2-") and between.settings["between_steps"] is True
+    # one shot: the steps knob is not part of it (it has none)
+    assert protocol_of(PruningConfig(steps=5), "resnet18").name == "default"
 
 
 def test_scores_are_not_part_of_a_protocol_and_later_knobs_are():
     assert protocol_of(PruningConfig(scores=["l1"]), "vgg16") == protocol_of(PruningConfig(scores=["l2"]), "vgg16")
     s = protocol_settings(PruningConfig(), "resnet18")
-    # knobs of issue 29 item 2 read with their schema default when this schema lacks them
     assert s["normalize"] == "minmax" and "hybrid_counts_from" not in s   # only under hybrid
     assert Protocol.of(dict(s, normalize="lamp"), s).name.startswith("global-lamp-")
 

@@ -19,7 +19,7 @@ from axes_pipeline.pruning import sweep as prune_sweep
 from axes_pipeline.pruning.run import run_prune
 from axes_pipeline.runs import read_json
 
-from .helpers import make_cfg, prune_settings, restore, run_entry
+from .helpers import make_cfg, protocol_dir, prune_settings, restore, run_entry
 
 FAST = ["pruning.latency=false"]
 AXES_COLUMNS = ["input_capture", "peer_overlap", "full_explained", "hull_size", "hull_explained", "hull_saturated",
@@ -45,9 +45,7 @@ def run(tiny_run, tmp_path):
     return tmp_path, overrides
 
 
-def _prune_dir(cfg) -> Path:
-    """The folder of the protocol ``cfg`` prunes under (prune/<protocol>/)."""
-    return Path(cfg.paths.run_dir) / "prune" / prune_settings(cfg).protocol.name
+_prune_dir = protocol_dir
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from axes_pipeline.pruning.run import run_prune
 from axes_pipeline.pruning.schedule import step_caps, step_targets
 from axes_pipeline.runs import read_json
 
-from .helpers import make_cfg, prune_settings
+from .helpers import make_cfg, protocol_dir, prune_settings
 
 FAST = ["pruning.latency=false"]
 
@@ -39,8 +39,7 @@ def _cfg(run, *extra):
     return make_cfg("prune", [*overrides, *FAST, *extra], root)
 
 
-def _prune_dir(cfg) -> Path:
-    return Path(cfg.paths.run_dir) / "prune"
+_prune_dir = protocol_dir   # prune/<protocol>/
 
 
 # --- the rules, by hand ---

@@ -140,7 +140,8 @@ def test_defaults_are_the_old_yaml_values(tmp_path):
         "max_gb": 2.0, "resume": True}
     assert lesion.dynamics.required is False and lesion.dynamics.k == 6 and lesion.propagation.residual == "main"
     assert OmegaConf.to_container(lesion.linear_gaussian) == {"input_dim": 128, "channels": 64, "steps": 1200,
-                                                             "lr": 0.01, "eval_every": 100, "seed": 0}
+                                                             "lr": 0.01, "eval_every": 100, "seed": None}
+    # (issue 28: the study's seed is the run's unless set, so three seeds are three draws)
     report = make_cfg("report", [], tmp_path).report
     assert OmegaConf.to_container(report) == {
         "sweep": None, "runs": None, "out": None, "accuracy": "acc_before_ft", "min_seeds": 3, "n_boot": 10000,

@@ -31,14 +31,6 @@ __all__ = ["DEFAULT_NAME", "FLAT_LAYOUT", "PROTOCOL_FILE", "Protocol", "adopt_fl
 #: the folder of the backbone's default protocol (``pruning.*`` at the schema's defaults)
 DEFAULT_NAME = "default"
 
-# Knobs another part of the code base may add to PruningConfig (issue 29 item 2); read with the schema's
-# default when this checkout's schema has no such field yet, so the protocol's identity already names them.
-_LATER_DEFAULTS = {"normalize": "minmax", "hybrid_counts_from": "taylor", "sensitivity_fractions": None}
-
-
-def _knob(pc: PruningConfig, key: str):
-    return getattr(pc, key, _LATER_DEFAULTS[key])
-
 
 def protocol_settings(pc: PruningConfig, model: str) -> dict:
     """The settings of ``pc`` that decide a curve besides the score, resolved for backbone ``model``
@@ -46,15 +38,20 @@ def protocol_settings(pc: PruningConfig, model: str) -> dict:
     ``None``: a budget of 0). Knobs that only matter to one allocation are present only under it, so
     e.g. ``hybrid_counts_from`` never splits two ``global`` runs."""
     alloc = pc.allocation if pc.allocation != "auto" else pc.allocation_defaults.get(model, "global")
-    ft = {k: v for k, v in asdict(pc.finetune).items() if k != "enabled"} if pc.finetune.enabled else None
-    s = {"allocation": alloc, "normalize": _knob(pc, "normalize"), "mode": pc.mode,
+    # the recovery budget: 0 epochs (or enabled=false) is none, so `-m pruning.finetune.epochs=0,2` is two protocols
+    on = pc.finetune.epochs > 0 and pc.finetune.enabled is not False
+    ft = {k: v for k, v in asdict(pc.finetune).items() if k not in ("enabled", "between_steps")} if on else None
+    s = {"allocation": alloc, "normalize": pc.normalize, "mode": pc.mode,
          "targets": sorted({float(t) for t in pc.targets}, reverse=True), "tolerance": float(pc.tolerance),
          "max_fraction": pc.max_fraction.get(alloc), "eval_samples": pc.eval_samples, "eval_seed": pc.eval_seed,
          "magnitude": pc.magnitude, "depthwise_in_group_score": bool(pc.depthwise_in_group_score), "finetune": ft}
+    s["schedule"] = str(pc.schedule)
+    if s["schedule"] == "iterative":   # k re-scored steps (pruning/schedule.py), a fine-tune between them or not
+        s["steps"], s["between_steps"] = int(pc.steps), bool(pc.finetune.between_steps)
     if alloc == "hybrid":
-        s["hybrid_counts_from"] = str(_knob(pc, "hybrid_counts_from"))
+        s["hybrid_counts_from"] = str(pc.hybrid_counts_from)
     if alloc == "sensitivity" or s.get("hybrid_counts_from") == "sensitivity":
-        s["sensitivity_fractions"] = _knob(pc, "sensitivity_fractions")
+        s["sensitivity_fractions"] = pc.sensitivity_fractions
     return plain(s)
 
 
@@ -113,14 +110,18 @@ def _difference(s: dict, default: dict) -> str:
     if any(s.get(k) != default.get(k) for k in ("allocation", "hybrid_counts_from", "normalize")):
         tag = _allocation_tag(s)
         parts.append(f"{tag}-{s['normalize']}" if s.get("normalize") != default.get("normalize") else tag)
-    if s.get("schedule") != default.get("schedule") or s.get("steps") != default.get("steps"):
-        parts.append(f"iterative{s['steps']}" if s.get("schedule") == "iterative" else str(s.get("schedule")))
+    if any(s.get(k) != default.get(k) for k in ("schedule", "steps", "between_steps")):
+        parts.append(f"iterative{s['steps']}" + ("ft" if s.get("between_steps") else "")
+                     if s.get("schedule") == "iterative" else str(s.get("schedule")))
     if s.get("finetune") != default.get("finetune"):
         ft = s.get("finetune")
         parts.append(f"ft{ft['epochs']}" if ft else "ft0")
     for key, tag in _TAGS.items():
         # the cap is the allocation's own: another allocation's cap is named by the allocation already
         if key == "max_fraction" and s.get("allocation") != default.get("allocation"):
+            continue
+        # the scan's fractions count only under a scan's counts, which the allocation's tag names already
+        if key == "sensitivity_fractions" and default.get(key) is None:
             continue
         if s.get(key) != default.get(key):
             parts.append(tag)
