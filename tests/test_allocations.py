@@ -418,7 +418,6 @@ def run(tiny_run, tmp_path):
 
 
 def _prune(run, *extra):
-    from pathlib import Path
 
     import pandas as pd
 

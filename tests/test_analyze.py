@@ -16,9 +16,7 @@ from axes_pipeline.metrics import AXES_KEYS, channel_axes
 from axes_pipeline.models import build_model, conv_norm_pairs
 from axes_pipeline.runs import read_json
 
-from .helpers import CONF, make_cfg, run_entry
-
-SMALL = ["capture.n_cal=240", "capture.samples_per_image=4", "capture.batch_size=120", "graphs.null_shuffles=1"]
+from .helpers import CONF, SMALL, make_cfg, run_entry
 
 
 def _analyze(tiny_run, *extra):

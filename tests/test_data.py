@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -27,94 +25,7 @@ from axes_pipeline.data import (
 from axes_pipeline.data.imagenet100 import default_class_list
 from axes_pipeline.errors import UserError
 
-from .helpers import make_cfg
-
-
-# --------------------------------------------------------------------------- fixtures: real formats
-class _Py2Pickler(pickle._Pickler):
-    """Writes ``bytes`` as Python-2 ``str`` (BINSTRING), as the official CIFAR pickles are: they load
-    as ``b'data'`` keys with ``encoding='bytes'`` and as ``'data'`` with torchvision's ``'latin1'``."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def _save_py2_str(self, obj: bytes) -> None:
-        n = len(obj)
-        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
-        self.write(head + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = _save_py2_str
-
-
-def _dump_py2(path: Path, obj) -> None:
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    path.write_bytes(buf.getvalue())
-
-
-def _cifar_images(n: int, seed: int) -> np.ndarray:
-    """[n, 3072] uint8 rows (R plane, G plane, B plane of 32×32), as in the CIFAR pickles."""
-    return np.random.default_rng(seed).integers(0, 256, size=(n, 3072), dtype=np.uint8)
-
-
-def write_cifar100(root: Path, n_train: int = 60, n_test: int = 20) -> dict:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    out = {}
-    for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
-        fine = [i % 100 if split == "test" else (i * 7) % 100 for i in range(n)]
-        data = _cifar_images(n, seed)
-        _dump_py2(
-            folder / split,
-            {
-                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-                b"batch_label": f"{split} batch".encode(),
-                b"fine_labels": fine,
-                b"coarse_labels": [f // 5 for f in fine],
-                b"data": data,
-            },
-        )
-        out[split] = (data, np.asarray(fine))
-    _dump_py2(
-        folder / "meta",
-        {
-            b"fine_label_names": [f"fine_{i}".encode() for i in range(100)],
-            b"coarse_label_names": [f"coarse_{i}".encode() for i in range(20)],
-        },
-    )
-    return out
-
-
-def write_cifar10(root: Path, per_batch: int = 12, n_test: int = 20) -> dict:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    train_data, train_labels = [], []
-    for b in range(1, 6):
-        data = _cifar_images(per_batch, 10 + b)
-        labels = [(i + b) % 10 for i in range(per_batch)]
-        _dump_py2(
-            folder / f"data_batch_{b}",
-            {
-                b"batch_label": f"training batch {b} of 5".encode(),
-                b"labels": labels,
-                b"data": data,
-                b"filenames": [f"t{b}_{i}.png".encode() for i in range(per_batch)],
-            },
-        )
-        train_data.append(data)
-        train_labels += labels
-    test = _cifar_images(n_test, 99)
-    test_labels = [i % 10 for i in range(n_test)]
-    _dump_py2(
-        folder / "test_batch",
-        {b"batch_label": b"testing batch 1 of 1", b"labels": test_labels, b"data": test,
-         b"filenames": [f"e{i}.png".encode() for i in range(n_test)]},
-    )
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    _dump_py2(folder / "batches.meta", {b"label_names": [n.encode() for n in names], b"num_cases_per_batch": per_batch,
-                                        b"num_vis": 3072})
-    return {"train": (np.concatenate(train_data), np.asarray(train_labels)), "test": (test, np.asarray(test_labels))}
-
+from .helpers import _dump_py2, make_cfg, write_cifar10, write_cifar100
 
 # Solid colours per class survive JPEG well enough to read the class back from the pixels.
 COLOURS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10)]

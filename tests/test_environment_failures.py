@@ -17,7 +17,7 @@ import torch
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import atomic_path, write_csv
 
-from .helpers import inputs, make_cfg
+from .helpers import fake_run, inputs, make_cfg, report_on
 
 DiskUsage = namedtuple("DiskUsage", "total used free")
 
@@ -204,7 +204,6 @@ def test_next_report_removes_the_temp_folders_of_a_killed_one(tmp_path, capsys):
     import subprocess
     import sys
 
-    from .test_report import _report, fake_run
 
     for s in (1, 2, 3):
         fake_run(tmp_path, s, local_gain=0.02)
@@ -219,7 +218,7 @@ def test_next_report_removes_the_temp_folders_of_a_killed_one(tmp_path, capsys):
     for d in (killed, older_version, running, elsewhere):
         d.mkdir(parents=True)
         (d / "layers.csv").write_text("half")
-    _report(tmp_path, "report.n_boot=200")
+    report_on(tmp_path, "report.n_boot=200")
     assert not killed.exists() and not older_version.exists()
     assert running.exists() and elsewhere.exists()
     said = [ln for ln in capsys.readouterr().out.splitlines() if "left by a report that was killed" in ln]

@@ -16,8 +16,7 @@ from axes_pipeline.report.build import run_report
 from axes_pipeline.tasks import run_task
 from axes_pipeline.training.train import run_training
 
-from .helpers import make_cfg
-from .test_data import write_cifar100
+from .helpers import make_cfg, write_cifar100
 
 SEEDS = (42, 123)            # METHODS §10 has five: 42, 123, 456, 789, 1011
 # one lesioned layer per backbone (the axes table covers every layer: pruning needs them all)

@@ -21,8 +21,7 @@ from axes_pipeline.pruning.summary import ALLOCATION_COLUMNS
 from axes_pipeline.report.protocols import VERDICTS, verdict
 from axes_pipeline.runs import read_json
 
-from .helpers import make_cfg, prune_settings
-from .test_report import TARGETS, _report, fake_run
+from .helpers import TARGETS, fake_run, make_cfg, prune_settings, report_on
 
 # ------------------------------------------------------------------------------------- naming
 
@@ -243,7 +242,7 @@ def test_report_pairs_within_a_protocol_and_writes_protocols_csv(tmp_path):
         fake_run(tmp_path, s, local_gain=0.04, protocol="hybrid-l1-bbbbbb", settings=HYBRID)
         for p in ("default", "uniform-aaaaaa"):
             _allocation(run / "prune" / p)
-    _, summary = _report(tmp_path)
+    _, summary = report_on(tmp_path)
     out = tmp_path / "multirun" / "demo" / "report"
     # the page opens on the default protocol, as before
     head = pd.read_csv(out / "headline.csv")
@@ -270,7 +269,7 @@ def test_a_protocol_of_some_seeds_is_paired_only_over_those(tmp_path):
         fake_run(tmp_path, s, local_gain=0.05)
     for s in (5, 6, 7):   # other seeds, pruned under uniform only
         fake_run(tmp_path, s, local_gain=0.05, protocol="uniform-aaaaaa", settings=UNIFORM)
-    _report(tmp_path)
+    report_on(tmp_path)
     out = tmp_path / "multirun" / "demo" / "report"
     prot = pd.read_csv(out / "protocols.csv").set_index("protocol")
     assert prot.loc["default", "seeds"] == 4 and prot.loc["uniform-aaaaaa", "seeds"] == 3
@@ -280,7 +279,7 @@ def test_a_protocol_of_some_seeds_is_paired_only_over_those(tmp_path):
 def test_report_reads_a_run_with_only_another_protocol_and_says_so(tmp_path):
     for s in (1, 2, 3):
         fake_run(tmp_path, s, local_gain=0.05, protocol="uniform-aaaaaa", settings=UNIFORM)
-    _, summary = _report(tmp_path)
+    _, summary = report_on(tmp_path)
     assert any("no seed was pruned under the default protocol" in n for n in summary["notices"])
     assert (pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv").n == 3).all()
 
@@ -290,6 +289,6 @@ def test_report_lists_an_older_layout_with_the_command_that_moves_it(tmp_path):
     for p in list((run / "prune" / "default").iterdir()):
         p.rename(run / "prune" / p.name)
     (run / "prune" / "default").rmdir()
-    _, summary = _report(tmp_path)
+    _, summary = report_on(tmp_path)
     (sk,) = [s for s in summary["skipped"] if s["file"] == "prune/prune_curves.csv"]
     assert "older layout" in sk["reason"] and "python prune.py" in sk["reason"]

@@ -14,9 +14,7 @@ from axes_pipeline.analyses.analyze import run_analysis
 from axes_pipeline.errors import UserError
 from axes_pipeline.runs import file_digest, read_json
 
-from .helpers import inputs, make_cfg, restore, run_entry
-from .test_analyze import SMALL
-from .test_report import _report, fake_run
+from .helpers import SMALL, fake_run, inputs, make_cfg, report_on, restore, run_entry
 
 # the axes alone, small: no gradients, one null shuffle
 LEAN = [*SMALL, "gradients.enabled=false"]
@@ -86,7 +84,7 @@ def test_report_says_when_axes_and_pruning_come_from_different_checkpoints(tmp_p
         prune = json.loads((run / "prune" / "default" / "prune_summary.json").read_text())
         prune["checkpoint_digest"] = f"{s:016x}" if s != 2 else "e" * 16      # seed 2: epoch-0 axes
         (run / "prune" / "default" / "prune_summary.json").write_text(json.dumps(prune))
-    _, summary = _report(tmp_path)
+    _, summary = report_on(tmp_path)
     bad = [n for n in summary["notices"] if "different checkpoints" in n]
     assert len(bad) == 1 and "seed 2" in bad[0]
     out = tmp_path / "multirun" / "demo" / "report"
@@ -130,7 +128,7 @@ def test_report_never_pools_seeds_analysed_differently(tmp_path):
         run = fake_run(tmp_path, s, local_gain=0.02)
         fp = _fingerprint(s, **({"capture.n_cal": 300} if s in (3, 4) else {}))
         (run / "analyze" / "axes_fingerprint.json").write_text(json.dumps(fp))
-    _, summary = _report(tmp_path)
+    _, summary = report_on(tmp_path)
     note = [n for n in summary["notices"] if "analysed with different settings" in n]
     assert len(note) == 1 and "capture.n_cal: 1000 -> 300" in note[0] and "2 separate groups" in note[0]
     layers = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "layers.csv")
@@ -144,7 +142,7 @@ def test_report_pools_seeds_whose_fingerprints_differ_only_in_the_checkpoint(tmp
     for s in (1, 2, 3):
         run = fake_run(tmp_path, s, local_gain=0.02)
         (run / "analyze" / "axes_fingerprint.json").write_text(json.dumps(_fingerprint(s)))
-    _, summary = _report(tmp_path)
+    _, summary = report_on(tmp_path)
     assert not [n for n in summary["notices"] if "analysed" in n]
     layers = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "layers.csv")
     assert layers["group"].nunique() == 1 and (layers["seeds"] == 3).all()
@@ -279,7 +277,7 @@ def test_report_refuses_analysis_tables_of_other_axes(tmp_path):
     _chained(good, fp, fp)
     _chained(other, fp, {**fp, "capture.point": "post_act"})
     _chained(bare, fp, None)
-    cfg, summary = _report(tmp_path)
+    cfg, summary = report_on(tmp_path)
     skipped = {(s["seed"], s["file"]): s["reason"] for s in summary["skipped"]}
     assert (1, "analyze/lesion_summary.json") not in skipped
     f = "analyze/lesion_summary.json"   # what the report reads of the lesion analysis
@@ -304,7 +302,7 @@ def test_a_copied_seed_is_counted_once_and_two_networks_of_one_seed_are_refused(
     found = discover([tmp_path / "multirun" / "demo"], skipped)
     assert sorted(r.seed for r in found) == [1, 2, 3]
     assert len(skipped) == 1 and "an exact copy of" in skipped[0]["reason"] and skipped[0]["seed"] == 1
-    _, summary = _report(tmp_path)
+    _, summary = report_on(tmp_path)
     assert summary["headline"] and all(row["n"] == 3 for row in summary["headline"])
 
     second = tmp_path / "second"

@@ -16,10 +16,7 @@ from axes_pipeline.errors import UserError
 from axes_pipeline.runs import read_json
 from axes_pipeline.tables import DamagedTable
 
-from .helpers import inputs, make_cfg, restore, run_entry
-from .test_analyze import SMALL
-from .test_data import write_cifar10
-from .test_report import _report, fake_run
+from .helpers import SMALL, fake_run, inputs, make_cfg, report_on, restore, run_entry, write_cifar10
 
 
 def _analyze_cfg(tiny_run, *extra):
@@ -222,7 +219,7 @@ def _break(run: Path, how: str) -> None:
 def test_report_lists_every_skipped_run(tmp_path, how, file):
     runs = [fake_run(tmp_path, s, local_gain=0.02) for s in (1, 2, 3, 4)]
     _break(runs[2], how)
-    _, summary = _report(tmp_path, "report.n_boot=200")
+    _, summary = report_on(tmp_path, "report.n_boot=200")
     out = tmp_path / "multirun" / "demo" / "report"
     [sk] = summary["skipped"]
     assert sk["file"].endswith(file) and sk["run"] == str(runs[2].resolve())
@@ -240,7 +237,7 @@ def test_report_says_when_a_quantity_has_fewer_seeds(tmp_path):
     lay = pd.read_csv(runs[0] / "analyze" / "layers.csv")
     lay["modularity_gap"] = np.nan        # undefined in one seed (legitimately NaN: not skipped)
     lay.to_csv(runs[0] / "analyze" / "layers.csv", index=False)
-    _report(tmp_path, "report.n_boot=200")
+    report_on(tmp_path, "report.n_boot=200")
     out = tmp_path / "multirun" / "demo" / "report"
     table = pd.read_csv(out / "layers.csv")
     assert (table["seeds"] == 3).all() and (table["modularity_gap_n"] == 2).all()
@@ -254,7 +251,7 @@ def test_failed_report_leaves_the_previous_one(tmp_path, monkeypatch):
 
     for s in (1, 2, 3):
         fake_run(tmp_path, s, local_gain=0.02)
-    _report(tmp_path, "report.n_boot=200")
+    report_on(tmp_path, "report.n_boot=200")
     out = tmp_path / "multirun" / "demo" / "report"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     fake_run(tmp_path, 4, local_gain=0.02)
@@ -264,24 +261,24 @@ def test_failed_report_leaves_the_previous_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "render_html", boom)      # fails after the tables and figures are written
     with pytest.raises(RuntimeError):
-        _report(tmp_path, "report.n_boot=200")
+        report_on(tmp_path, "report.n_boot=200")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".report.tmp-")]
     monkeypatch.undo()
-    _, summary = _report(tmp_path, "report.n_boot=200")
+    _, summary = report_on(tmp_path, "report.n_boot=200")
     assert summary["groups"] and 4 in next(iter(summary["groups"].values()))
     assert (out / "report.md").read_bytes() != before["report.md"]
 
 
 def test_report_removes_files_of_the_previous_report_it_no_longer_has(tmp_path):
     runs = [fake_run(tmp_path, s, local_gain=0.02) for s in (1, 2, 3)]
-    _report(tmp_path, "report.n_boot=200")
+    report_on(tmp_path, "report.n_boot=200")
     out = tmp_path / "multirun" / "demo" / "report"
     assert (out / "alignment_depth.png").is_file()
     (out / "notes.txt").write_text("mine")
     for r in runs:
         shutil.rmtree(r / "analyze")
-    _report(tmp_path, "report.n_boot=200")
+    report_on(tmp_path, "report.n_boot=200")
     assert not (out / "alignment_depth.png").exists() and not (out / "layers.csv").exists()
     assert (out / "notes.txt").read_text() == "mine"
 
@@ -399,14 +396,14 @@ def test_relative_report_sweep_is_below_the_output_root(tmp_path, monkeypatch):
     for s in (1, 2, 3):
         fake_run(root, s, local_gain=0.01)
     monkeypatch.chdir(elsewhere)
-    _report(root, "report.sweep=multirun/demo")
+    report_on(root, "report.sweep=multirun/demo")
     assert (root / "multirun" / "demo" / "report" / "report.md").is_file()
     assert list(elsewhere.iterdir()) == []
     # a sweep outside the root (named absolutely) is read there, but the report is written inside the root
     outside = tmp_path / "outside"
     for s in (1, 2, 3):
         fake_run(outside, s, local_gain=0.01)
-    _report(root, f"report.sweep={outside / 'multirun' / 'demo'}")
+    report_on(root, f"report.sweep={outside / 'multirun' / 'demo'}")
     assert (root / "reports" / "demo" / "report.md").is_file() and not (outside / "multirun" / "demo" / "report").exists()
 
 
@@ -494,7 +491,7 @@ def test_report_shows_each_seeds_environment_and_a_note_when_a_group_mixes_them(
         summary = json.loads((run / "train_summary.json").read_text())
         summary["environment"] = {**env, "threads": 1} if s == 3 else env
         (run / "train_summary.json").write_text(json.dumps(summary))
-    _, summary = _report(tmp_path)
+    _, summary = report_on(tmp_path)
     note = [n for n in summary["notices"] if "different environments" in n]
     assert len(note) == 1 and "seeds 1, 2: CPU A ×2 threads" in note[0] and "seeds 3: CPU A ×1 threads" in note[0]
     runs = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "runs.csv")
@@ -510,7 +507,7 @@ def test_a_seed_killed_mid_training_is_listed_with_the_command_that_finishes_it(
     (killed / "checkpoints" / "last.ckpt").write_bytes(b"")
     (killed / ".hydra" / "train").mkdir(parents=True)
     (killed / ".hydra" / "train" / "overrides.yaml").write_text("- experiment=demo\n- seed=4\n")
-    _, summary = _report(tmp_path)
+    _, summary = report_on(tmp_path)
     entry = [s for s in summary["skipped"] if s["seed"] == 4]
     assert len(entry) == 1 and entry[0]["file"] == "train_summary.json"
     assert "training did not finish" in entry[0]["reason"] and "`python train.py experiment=demo seed=4`" in entry[0]["reason"]

@@ -10,63 +10,14 @@ import pandas as pd
 import pytest
 
 from axes_pipeline.errors import UserError
-from axes_pipeline.report.build import run_report
-from axes_pipeline.runs import fingerprint
 
-from .helpers import make_cfg, run_entry
-
-TARGETS = [0.9, 0.7, 0.5, 0.3, 0.1]
-
-
-def fake_run(root: Path, seed: int, *, local_gain: float, epochs: int = 20, prune: bool = True,
-             analyze: bool = True, model: str = "resnet18", protocol: str = "default",
-             settings: dict | None = None) -> Path:
-    """A run folder as the stages leave it; its pruning results in ``prune/<protocol>/`` (with ``settings``
-    in its protocol.json: the default global protocol unless given)."""
-    run = root / "multirun" / "demo" / f"digits-{model}-w0.25" / f"seed{seed}"
-    run.mkdir(parents=True, exist_ok=True)     # again: another protocol's results for the same run
-    cfg = {"seed": seed, "name": "demo", "data": {"name": "digits"}, "model": {"name": model, "width": 0.25},
-           "trainer": {"max_epochs": epochs}, "paths": {"run_dir": str(run)}}
-    (run / "train_summary.json").write_text(json.dumps({"val_acc": 0.97, "test_acc": 0.96, "epochs": epochs,
-                                                        "config": cfg}))
-    rng = np.random.default_rng(seed)
-    if prune:
-        rows = []
-        for score, axis, gain in (("input_capture", "local", local_gain), ("hull_score", "local", 0.0),
-                                  ("task_info", "target", 0.0), ("l1", "baseline", 0.01)):
-            for t in TARGETS:
-                acc = 0.96 * t ** 0.5 + gain + rng.normal(0, 0.002)
-                # validation follows test closely, as on a real run: the choice is made on it
-                rows.append({"score": score, "axis": axis, "draw": 0, "target_flops": t, "target_channels": np.nan,
-                             "achieved_flops": t + 0.001, "acc_before_ft": acc,
-                             "val_acc_before_ft": acc + rng.normal(0, 0.001)})
-        folder = run / "prune" / protocol
-        folder.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows).to_csv(folder / "prune_curves.csv", index=False)
-        (folder / "prune_summary.json").write_text(json.dumps({"unpruned_acc": 0.96, "unpruned_val_acc": 0.97,
-                                                               "targets": TARGETS}))
-        settings = settings or {"allocation": "global", "normalize": "minmax", "mode": "flops", "targets": TARGETS}
-        (folder / "protocol.json").write_text(json.dumps({"protocol": protocol, "fingerprint": fingerprint(settings),
-                                                          "label": f"{settings['allocation']}, one-shot",
-                                                          "settings": settings}))
-    if analyze:
-        (run / "analyze").mkdir(exist_ok=True)
-        pd.DataFrame({"layer": ["conv1", "layer1.0.conv1"], "layer_index": [0, 1], "channels": [16, 16],
-                      "align_input_capture_task_info": [0.5 + 0.01 * seed % 3, 0.1], "modularity_gap": [0.1, 0.2],
-                      "hull_size_mean": [3.0, 4.0], "hull_saturated_frac": [0.1, 0.2], "s3_s2": [0.3, 0.4]}
-                     ).to_csv(run / "analyze" / "layers.csv", index=False)
-    return run
-
-
-def _report(root: Path, *extra):
-    cfg = make_cfg("report", ["experiment=demo", "logger=none", "report.n_boot=2000", *extra], root)
-    return cfg, run_report(cfg)
+from .helpers import TARGETS, fake_run, full_sweep, report_on, run_entry
 
 
 def test_constant_local_advantage_gives_ci_above_zero(tmp_path):
     for s in (1, 2, 3, 4, 5):
         fake_run(tmp_path, s, local_gain=0.05)
-    cfg, summary = _report(tmp_path)
+    cfg, summary = report_on(tmp_path)
     out = tmp_path / "multirun" / "demo" / "report"
     head = pd.read_csv(out / "headline.csv")
     best = head[head.comparison.str.startswith("best local")].iloc[0]
@@ -90,7 +41,7 @@ def test_identical_axes_give_p_one(tmp_path):
         for sc in ("input_capture", "hull_score"):
             d.loc[d.score == sc, "acc_before_ft"] = d.loc[d.score == sc, "target_flops"].map(ref).to_numpy()
         d.to_csv(curves, index=False)
-    _report(tmp_path)
+    report_on(tmp_path)
     head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
     assert (head.p_value > 0.99).all() and (head["diff"].abs() < 1e-12).all()
 
@@ -98,7 +49,7 @@ def test_identical_axes_give_p_one(tmp_path):
 def test_fewer_than_three_seeds_says_not_possible(tmp_path):
     for s in (1, 2):
         fake_run(tmp_path, s, local_gain=0.05)
-    _report(tmp_path)
+    report_on(tmp_path)
     md = (tmp_path / "multirun" / "demo" / "report" / "report.md").read_text()
     assert "the paired test is not possible" in md
     head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
@@ -108,7 +59,7 @@ def test_fewer_than_three_seeds_says_not_possible(tmp_path):
 def test_mismatched_configs_are_grouped_and_named(tmp_path, capsys):
     fake_run(tmp_path, 1, local_gain=0.0, epochs=20)
     fake_run(tmp_path, 2, local_gain=0.0, epochs=30)
-    _, summary = _report(tmp_path)
+    _, summary = report_on(tmp_path)
     assert len(summary["groups"]) == 2
     assert any("trainer.max_epochs" in n for n in summary["notices"])
     assert "never pooled" in capsys.readouterr().out
@@ -118,7 +69,7 @@ def test_seeds_pruned_differently_are_never_paired(tmp_path):
     for s in (1, 2, 3, 4):   # one protocol name, two settings (a schema default changed between the seeds)
         alloc = "global" if s <= 2 else "uniform"
         fake_run(tmp_path, s, local_gain=0.05, settings={"allocation": alloc, "mode": "flops", "targets": TARGETS})
-    _, summary = _report(tmp_path)
+    _, summary = report_on(tmp_path)
     assert any("allocation" in n and "never paired" in n for n in summary["notices"])
     head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
     assert head.group.nunique() == 2 and (head.n == 2).all()
@@ -127,7 +78,7 @@ def test_seeds_pruned_differently_are_never_paired(tmp_path):
 def test_headline_rows_and_leave_one_seed_out_choice(tmp_path):
     for s in (1, 2, 3, 4, 5):
         fake_run(tmp_path, s, local_gain=0.05)
-    _report(tmp_path)
+    report_on(tmp_path)
     head = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "headline.csv")
     held = head[head.comparison.str.contains("other seeds")].iloc[0]
     assert held["diff"] == pytest.approx(0.05, abs=0.01) and "input_capture/task_info" in held.note
@@ -136,7 +87,7 @@ def test_headline_rows_and_leave_one_seed_out_choice(tmp_path):
 
 def test_report_renders_with_missing_stages(tmp_path):
     fake_run(tmp_path, 1, local_gain=0.0, prune=False, analyze=False)
-    _report(tmp_path)
+    report_on(tmp_path)
     md = (tmp_path / "multirun" / "demo" / "report" / "report.md").read_text()
     assert "No pruning results" in md and "No analysis results" in md and "No lesion results" in md
 
@@ -144,7 +95,7 @@ def test_report_renders_with_missing_stages(tmp_path):
 def test_no_runs_says_what_it_looked_for(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="train_summary.json"):
-        _report(tmp_path, f"report.sweep={tmp_path / 'empty'}")
+        report_on(tmp_path, f"report.sweep={tmp_path / 'empty'}")
     res = run_entry("report.py", "logger=none", "name=nothing", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: report:")
 
@@ -249,80 +200,9 @@ def test_curves_from_another_prune_run_than_the_summary_are_skipped(tmp_path):
 # ----------------------------------------------------------------------------- the page people read
 
 
-def add_lesions_and_propagation(run: Path, seed: int) -> None:
-    """A per-run lesion summary and propagation table shaped like analyze.py's."""
-    def fit(d, p_f=0.01):
-        return {"n": 160, "r2_base": 0.2, "r2_full": 0.2 + d, "delta_r2": d, "delta_r2_adj": d - 0.01,
-                "ci_lo": d / 2, "ci_hi": 2 * d, "ci_adj_lo": -0.01, "ci_adj_hi": 2 * d, "p_f": p_f, "n_boot": 200}
-    summary = {"base_loss": 0.3, "layers": 2, "channels_lesioned": 16,
-               "spearman_overall": {"input_capture": 0.1, "task_info": 0.3},
-               "binned_rho_mean": {"input_capture": 0.05 + 0.01 * seed, "task_info": 0.2},
-               "incremental_r2": {"base": ["input_capture", "task_info"], "extra": ["full_explained"], "scale": "rank",
-                                  # the seeds' own F-test p as in the issue's demo (their mean, 0.210, is no test)
-                                  "pooled": fit(0.03 + 0.005 * seed, p_f={1: 0.324, 2: 0.176, 3: 0.13}.get(seed, 0.5)),
-                                  "pooled_raw": fit(0.1), "per_layer": {"conv1": fit(0.2)}},
-               "recovery": {"hull_mean": 0.4, "hull_median": 0.7, "hull_n": 12, "rho_hull_full_explained": 0.35},
-               "replaceability_spearman": {"expected_sign": -1, "hull_score": {"per_layer": {"conv1": 0.1},
-                                           "mean": [0.003, 0.07, -0.06][seed % 3], "layers_negative": 0, "layers": 1}},
-               "per_layer": {"conv1": {"lesioned": 8}}}
-    (run / "analyze" / "lesion_summary.json").write_text(json.dumps(summary))
-    pd.DataFrame({"upstream": ["conv1"] * 2, "downstream": ["layer1.0.conv1"] * 2, "pairing": ["local_to_local",
-                  "target_to_target"], "rho": [0.3, 0.1], "null_rho": [0.0, 0.01], "n": [16, 16]}
-                 ).to_csv(run / "analyze" / "propagation.csv", index=False)
-
-
-QUANTITIES = ("align_input_capture_task_info", "modularity_gap", "hull_size_mean", "hull_saturated_frac", "s3_s2")
-
-
-def add_dynamics_definitions_and_study(run: Path, seed: int, *, hull_cap: float | None = None) -> None:
-    """dynamics.csv, definitions.csv and linear_gaussian.csv shaped like analyze.py's (six layers, epochs
-    0..20; post_bn equal to pre_bn where it is by construction). ``hull_cap``: every layer's hull at it."""
-    from axes_pipeline.analyses.definitions import DEFINITIONS
-
-    rng = np.random.default_rng(seed)
-    layers = [f"layer{i}.conv" for i in range(6)]
-
-    def values(init: bool, i: int) -> dict:
-        hull = hull_cap if hull_cap is not None else 3.0 + 0.1 * i + (0.0 if init else 1.0) + rng.normal(0, 0.05)
-        return {"align_input_capture_task_info": (0.4 if init else 0.1) + rng.normal(0, 0.03),
-                "modularity_gap": rng.normal(0.05, 0.02), "hull_size_mean": hull,
-                "hull_saturated_frac": 1.0 if hull_cap is not None else (0.07 if init else 0.2) + rng.normal(0, 0.01),
-                "s3_s2": (0.2 if init else 0.35) + rng.normal(0, 0.01)}
-
-    pd.DataFrame([{"epoch": ep, "seed": seed, "layer": lay, "layer_index": i, **values(ep == 0, i)}
-                  for ep in range(0, 21, 4) for i, lay in enumerate(layers)]).to_csv(run / "analyze" / "dynamics.csv",
-                                                                                   index=False)
-    rows = []
-    for tag in ("init", "trained"):
-        for i, lay in enumerate(layers):
-            shared = {spatial: values(tag == "init", i) for spatial in ("sample", "gap")}
-            for point, spatial in DEFINITIONS:
-                v = dict(shared[spatial])
-                if point != "post_bn":       # ρ differs between the points; the affine-invariant ones do not
-                    v["align_input_capture_task_info"] += rng.normal(0, 0.02)
-                rows.append({"point": point, "spatial": spatial, "checkpoint": tag, "layer": lay, "layer_index": i,
-                             "channels": 16, **v, "seed": seed, "trained_ckpt": "best.ckpt"})
-    pd.DataFrame(rows).to_csv(run / "analyze" / "definitions.csv", index=False)
-    from axes_pipeline.metrics import linear_gaussian_study
-
-    pd.DataFrame(linear_gaussian_study(steps=100, eval_every=50, seed=seed)).to_csv(
-        run / "analyze" / "linear_gaussian.csv", index=False)
-
-
-def full_sweep(root: Path, seeds=(1, 2, 3), *, every: bool = False, hull_cap: float | None = None) -> Path:
-    """A sweep of fake runs with lesions and propagation; ``every``: dynamics, definitions and the
-    linear-Gaussian study too (every section of the report)."""
-    for s in seeds:
-        run = fake_run(root, s, local_gain=0.05)
-        add_lesions_and_propagation(run, s)
-        if every:
-            add_dynamics_definitions_and_study(run, s, hull_cap=hull_cap)
-    return root / "multirun" / "demo" / "report"
-
-
 def test_every_section_reads_its_verdict_off_the_seeds(tmp_path):
     out = full_sweep(tmp_path, every=True)
-    _report(tmp_path)
+    report_on(tmp_path)
     md = (out / "report.md").read_text()
     sec = {s.split("\n", 1)[0]: s for s in md.split("\n## ")[1:]}
     # definitions: the change's interval per row, matches_paper only where it excludes 0 on the paper's side
@@ -350,7 +230,7 @@ def test_every_section_reads_its_verdict_off_the_seeds(tmp_path):
 
 def test_reference_marks_a_capped_hull_not_comparable(tmp_path):
     out = full_sweep(tmp_path, every=True, hull_cap=10.0)     # every layer's hull at the default hull_max
-    _report(tmp_path)
+    report_on(tmp_path)
     ref = pd.read_csv(out / "reference.csv").set_index("quantity")
     for q in ("hull_size_mean", "hull_saturated_frac"):
         assert ref.loc[q, "verdict"].startswith("not comparable at this setting"), ref.loc[q, "verdict"]
@@ -379,7 +259,7 @@ def test_lesion_section_pools_seeds_by_their_estimates(tmp_path):
     from axes_pipeline.report.build import fmt, fmt_ci
 
     out = full_sweep(tmp_path)
-    _report(tmp_path)
+    report_on(tmp_path)
     md = (out / "report.md").read_text()
     section = md.split("## Lesions and peer replacement", 1)[1].split("\n## ", 1)[0]
     # the pooled ΔR² of seeds 1, 2, 3 is 0.035, 0.040, 0.045: its Student t interval over the seeds
@@ -415,7 +295,7 @@ def test_page_answers_first_and_reads_plainly(tmp_path):
     out = full_sweep(tmp_path)
     # one seed's lesion summary damaged: its skip reason names a path and a command in backticks
     (out.parent / "digits-resnet18-w0.25" / "seed3" / "analyze" / "lesion_summary.json").write_text("{broken")
-    _report(tmp_path)
+    report_on(tmp_path)
     html, md = (out / "report.html").read_text(), (out / "report.md").read_text()
     # the answer first: headline figure and pruning curves, then the headline table with a verdict in words
     first_img, first_table = html.index("<img"), html.index("<table")
@@ -442,7 +322,7 @@ def test_page_answers_first_and_reads_plainly(tmp_path):
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / name).is_file(), name
     # the same results give the same page, byte for byte
-    _report(tmp_path)
+    report_on(tmp_path)
     assert (out / "report.html").read_text() == html and (out / "report.md").read_text() == md
 
 
@@ -450,14 +330,14 @@ def test_report_ci_choice(tmp_path):
     for s in (1, 2, 3):
         fake_run(tmp_path, s, local_gain=0.05)
     with pytest.raises(UserError, match="report.ci must be one of t, bca, percentile"):
-        _report(tmp_path, "report.ci=studentized")
+        report_on(tmp_path, "report.ci=studentized")
     out = tmp_path / "multirun" / "demo" / "report"
-    _report(tmp_path)
+    report_on(tmp_path)
     head = pd.read_csv(out / "headline.csv")
     assert (head.ci_method == "t").all()
     # the sentence under the forest plot names the interval
     assert "paired Student t 95% CI" in (out / "report.md").read_text()
-    _report(tmp_path, "report.ci=percentile")
+    report_on(tmp_path, "report.ci=percentile")
     head = pd.read_csv(out / "headline.csv")
     assert (head.ci_method == "percentile").all()
     # a bootstrap interval is labelled with its measured coverage
@@ -484,7 +364,7 @@ def test_backbones_side_by_side(tmp_path):
     for s in (1, 2, 3):
         fake_run(tmp_path, s, local_gain=0.05)
         fake_run(tmp_path, s, local_gain=0.0, model="vgg16")
-    _report(tmp_path)
+    report_on(tmp_path)
     out = tmp_path / "multirun" / "demo" / "report"
     side = pd.read_csv(out / "backbones.csv")
     assert list(side.group) == ["digits-resnet18-w0.25", "digits-vgg16-w0.25"]

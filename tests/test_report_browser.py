@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from .test_report import _report, full_sweep
+from .helpers import full_sweep, report_on
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 BROWSER = next((b for b in map(shutil.which, BROWSERS) if b), None)
@@ -55,7 +55,7 @@ def _chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 @pytest.mark.slow   # a three-seed report, then headless Chromium
 def test_report_in_a_real_browser(tmp_path):
     out = full_sweep(tmp_path)
-    _report(tmp_path)
+    report_on(tmp_path)
     page = out / "report.html"
     text = page.read_text()
     probe_page = tmp_path / "probe.html"
@@ -107,10 +107,9 @@ window.addEventListener('load', function () {
 
 
 def test_every_table_fits_a_1400px_page(tmp_path):
-    from .test_report import full_sweep
 
     out = full_sweep(tmp_path, every=True)
-    _report(tmp_path)
+    report_on(tmp_path)
     page = tmp_path / "widths.html"
     page.write_text((out / "report.html").read_text().replace("<head>", "<head>" + WIDTHS, 1))
     res = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
