@@ -60,6 +60,18 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str]]:
     return built_once(tmp_path_factory, worker_id, "tiny", _train_tiny), list(TINY)
 
 
+@pytest.fixture
+def run(tiny_run, tmp_path) -> tuple[Path, list[str]]:
+    """A private copy of the tiny trained run (checkpoints and summary), so tests do not share its prune/."""
+    root, overrides = tiny_run
+    src = Path(make_cfg("train", overrides, root).paths.run_dir)
+    dst = Path(make_cfg("train", overrides, tmp_path).paths.run_dir)
+    dst.mkdir(parents=True)
+    shutil.copytree(src / "checkpoints", dst / "checkpoints", ignore=shutil.ignore_patterns("epoch_*"))
+    shutil.copy2(src / "train_summary.json", dst / "train_summary.json")   # a finished run (partial ones are refused)
+    return tmp_path, overrides
+
+
 @pytest.hookimpl(tryfirst=True)     # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """The long end-to-end runs (marked ``slow``) first, every other test grouped by its file.

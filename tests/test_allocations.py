@@ -400,23 +400,6 @@ def test_new_allocations_match_flops_on_resnet_checked_by_fvcore(kind):
 FAST = ["pruning.latency=false", "pruning.targets=[0.9,0.7,0.5]", "pruning.calibration.n=128"]
 
 
-@pytest.fixture
-def run(tiny_run, tmp_path):
-    """A private copy of the tiny trained run (checkpoints and summary)."""
-    import shutil
-    from pathlib import Path
-
-    from .helpers import make_cfg
-
-    root, overrides = tiny_run
-    src = Path(make_cfg("train", overrides, root).paths.run_dir)
-    dst = Path(make_cfg("train", overrides, tmp_path).paths.run_dir)
-    dst.mkdir(parents=True)
-    shutil.copytree(src / "checkpoints", dst / "checkpoints", ignore=shutil.ignore_patterns("epoch_*"))
-    shutil.copy2(src / "train_summary.json", dst / "train_summary.json")
-    return tmp_path, overrides
-
-
 def _prune(run, *extra):
 
     import pandas as pd

@@ -73,18 +73,6 @@ def test_scores_are_not_part_of_a_protocol_and_later_knobs_are():
 FAST = ["pruning.latency=false", "pruning.targets=[0.8,0.6]", "pruning.eval_samples=64"]
 
 
-@pytest.fixture
-def run(tiny_run, tmp_path):
-    """A private copy of the tiny trained run."""
-    root, overrides = tiny_run
-    src = Path(make_cfg("train", overrides, root).paths.run_dir)
-    dst = Path(make_cfg("train", overrides, tmp_path).paths.run_dir)
-    dst.mkdir(parents=True)
-    shutil.copytree(src / "checkpoints", dst / "checkpoints", ignore=shutil.ignore_patterns("epoch_*"))
-    shutil.copy2(src / "train_summary.json", dst / "train_summary.json")
-    return tmp_path, overrides
-
-
 def _cfg(run, *extra):
     root, overrides = run
     return make_cfg("prune", [*overrides, *FAST, *extra], root)

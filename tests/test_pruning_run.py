@@ -31,20 +31,6 @@ def _cfg(run, *extra):
     return make_cfg("prune", [*overrides, *FAST, *extra], root)
 
 
-@pytest.fixture
-def run(tiny_run, tmp_path):
-    """A private copy of the tiny trained run (checkpoints and summary), so tests do not share prune/."""
-    import shutil
-
-    root, overrides = tiny_run
-    src = Path(make_cfg("train", overrides, root).paths.run_dir)
-    dst = Path(make_cfg("train", overrides, tmp_path).paths.run_dir)
-    dst.mkdir(parents=True)
-    shutil.copytree(src / "checkpoints", dst / "checkpoints", ignore=shutil.ignore_patterns("epoch_*"))
-    shutil.copy2(src / "train_summary.json", dst / "train_summary.json")   # a finished run (partial ones are refused)
-    return tmp_path, overrides
-
-
 _prune_dir = protocol_dir
 
 

@@ -22,18 +22,6 @@ from .helpers import make_cfg, protocol_dir, prune_settings
 FAST = ["pruning.latency=false"]
 
 
-@pytest.fixture
-def run(tiny_run, tmp_path):
-    """A private copy of the tiny trained run (checkpoints and summary), so tests do not share prune/."""
-    root, overrides = tiny_run
-    src = Path(make_cfg("train", overrides, root).paths.run_dir)
-    dst = Path(make_cfg("train", overrides, tmp_path).paths.run_dir)
-    dst.mkdir(parents=True)
-    shutil.copytree(src / "checkpoints", dst / "checkpoints", ignore=shutil.ignore_patterns("epoch_*"))
-    shutil.copy2(src / "train_summary.json", dst / "train_summary.json")
-    return tmp_path, overrides
-
-
 def _cfg(run, *extra):
     root, overrides = run
     return make_cfg("prune", [*overrides, *FAST, *extra], root)
