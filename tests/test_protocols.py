@@ -252,6 +252,26 @@ def test_report_pairs_within_a_protocol_and_writes_protocols_csv(tmp_path):
     assert html.count("kept fraction: ") >= 2
 
 
+def test_a_finetune_budget_protocol_reads_its_accuracy_after_the_fine_tune(tmp_path):
+    # issue 30: a budget's headline is measured after its fine-tune (before it, the curves are budget 0's)
+    budget = {"allocation": "global", "normalize": "minmax", "mode": "flops", "targets": TARGETS,
+              "finetune": {"epochs": 2}}
+    for s in (1, 2, 3):
+        fake_run(tmp_path, s, local_gain=0.05)
+        run = fake_run(tmp_path, s, local_gain=0.05, protocol="ft2-cccccc", settings=budget)
+        curves = pd.read_csv(run / "prune" / "ft2-cccccc" / "prune_curves.csv")
+        # after the fine-tune the target axis recovers more: the sign turns
+        gain = curves["axis"].map({"target": 0.1}).fillna(0.0)
+        curves["acc_after_ft"] = curves["acc_before_ft"] + gain
+        curves["val_acc_after_ft"] = curves["val_acc_before_ft"] + gain
+        curves.to_csv(run / "prune" / "ft2-cccccc" / "prune_curves.csv", index=False)
+    report_on(tmp_path)
+    prot = pd.read_csv(tmp_path / "multirun" / "demo" / "report" / "protocols.csv").set_index("protocol")
+    assert prot.loc["default", "accuracy"] == "acc_before_ft" and prot.loc["ft2-cccccc", "accuracy"] == "acc_after_ft"
+    assert prot.loc["default", "diff"] > 0 > prot.loc["ft2-cccccc", "diff"]
+    assert prot.loc["ft2-cccccc", "verdict"] == "opposite sign"
+
+
 def test_a_protocol_of_some_seeds_is_paired_only_over_those(tmp_path):
     for s in (1, 2, 3, 4):
         fake_run(tmp_path, s, local_gain=0.05)

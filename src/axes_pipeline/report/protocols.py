@@ -96,6 +96,13 @@ def counts_source(settings: dict) -> str:
     return alloc
 
 
+def protocol_accuracy(settings: dict, accuracy: str) -> str:
+    """The accuracy column a protocol's headline reads: after its recovery budget when it has one (a
+    fine-tune budget is the protocol's point: its curves before the fine-tune are the budget-0 protocol's),
+    else the report's ``accuracy``."""
+    return accuracy.replace("before_ft", "after_ft") if settings.get("finetune") else accuracy
+
+
 def verdict(diff: float, lo: float, hi: float, ref: float | None, is_default: bool) -> str:
     """A protocol's headline against the default protocol's difference ``ref`` (:data:`VERDICTS`)."""
     if is_default:
@@ -118,13 +125,14 @@ def protocol_tables(by_protocol: dict[str, dict[str, list[Run]]], accuracy: str,
     rows, grid = [], []
     for name in sorted(by_protocol, key=lambda p: (p != DEFAULT_NAME, p)):
         for label, runs in by_protocol[name].items():
-            per_seed = tables.auc_per_seed({label: runs}, accuracy)
-            head = tables.headline(per_seed, min_n=min_n, n_boot=n_boot, method=method, seed=seed, ci="t")
-            first = head[head["comparison"].str.startswith("best local (")] if not head.empty else head
             rec = _record(runs)
             settings = rec.get("settings") or {}
+            column = protocol_accuracy(settings, accuracy)
+            per_seed = tables.auc_per_seed({label: runs}, column)
+            head = tables.headline(per_seed, min_n=min_n, n_boot=n_boot, method=method, seed=seed, ci="t")
+            first = head[head["comparison"].str.startswith("best local (")] if not head.empty else head
             row = {"group": _base(label), "protocol": name, "protocol_label": _label(runs),
-                   "counts": counts_source(settings), "fingerprint": rec.get("fingerprint"),
+                   "counts": counts_source(settings), "accuracy": column, "fingerprint": rec.get("fingerprint"),
                    "seeds": int(per_seed["seed"].nunique()) if not per_seed.empty else 0}
             chosen = ()
             if not first.empty:
@@ -203,6 +211,8 @@ def parts(t: dict, figs: dict, table, text, pm) -> list[dict]:
                                                "seeds; ★ the best of its axis in that protocol (protocol_grid.csv)"))
     out += [{"kind": "figure", "label": label} for label in figs if label.startswith("kept fraction: ")]
     out.append(text("Within each protocol the best scores are chosen on validation; no score or protocol is ever "
-                    "chosen across protocols (METHODS §9)."))
+                    "chosen across protocols (METHODS §9). A protocol with a fine-tune budget is measured after its "
+                    "fine-tune (acc_after_ft: its curves before it are the budget-0 protocol's), the others before "
+                    "any; the `accuracy` column of protocols.csv says which."))
     return out
 
