@@ -272,6 +272,31 @@ def test_a_finetune_budget_protocol_reads_its_accuracy_after_the_fine_tune(tmp_p
     assert prot.loc["ft2-cccccc", "verdict"] == "opposite sign"
 
 
+def test_scratch_points_are_compared_with_the_weights_kept_across_seeds(tmp_path):
+    # issue 30 item 4: the headline per protocol in one figure; scratch-trained points beside the kept weights
+    for s in (1, 2, 3):
+        fake_run(tmp_path, s, local_gain=0.05)
+        run = fake_run(tmp_path, s, local_gain=0.05, protocol="uniform-aaaaaa", settings=UNIFORM)
+        path = run / "prune" / "uniform-aaaaaa" / "prune_curves.csv"
+        curves = pd.read_csv(path)
+        curves["acc_after_ft"] = curves["acc_before_ft"]
+        at = curves["target_flops"].isin([0.7, 0.5, 0.3])
+        # from scratch the local axis keeps 0.02 more than its kept-weights margin over the target axis
+        curves["acc_scratch"] = (curves["acc_before_ft"] + curves["axis"].map({"local": 0.02}).fillna(0.0)).where(at)
+        curves.to_csv(path, index=False)
+    report_on(tmp_path)
+    out = tmp_path / "multirun" / "demo" / "report"
+    prot = pd.read_csv(out / "protocols.csv").set_index("protocol")
+    sc = pd.read_csv(out / "protocol_scratch.csv")
+    assert list(sc.protocol) == ["uniform-aaaaaa"] and sc.seeds.iloc[0] == 3 and sc.targets.iloc[0] == "0.7 0.5 0.3"
+    row = sc.iloc[0]
+    assert row.best_local == prot.loc["uniform-aaaaaa", "best_local"]
+    assert abs(row.scratch_diff - row.kept_diff - 0.02) < 1e-9 and row.scratch_ci_lo < row.scratch_diff < row.scratch_ci_hi
+    assert (out / "headline_protocols.png").is_file()
+    html = (out / "report.html").read_text()
+    assert "What the scratch comparison means" in html and html.count(">The headline (best local − best target") == 1
+
+
 def test_a_protocol_of_some_seeds_is_paired_only_over_those(tmp_path):
     for s in (1, 2, 3, 4):
         fake_run(tmp_path, s, local_gain=0.05)

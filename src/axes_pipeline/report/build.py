@@ -254,6 +254,7 @@ def _build(ri: ReportInputs, out: Path, roots, runs, groups, prune_groups, notic
     if not t["headline"].empty:
         figs["headline"] = figures.headline_forest(t["headline"], out / "headline.png", min_seeds=int(rc.min_seeds),
                                                    ci_label=CI_LABEL[rc.ci])
+    figs.update(protocols.headline_figure(t["protocols"], out, int(rc.min_seeds)))
     figs.update(protocols.kept_fraction_figures(by_protocol or {}, t["protocols"], out))
     if not t["layers"].empty:
         figs["alignment over depth"] = figures.alignment_depth(t["layers"], out / "alignment_depth.png")
@@ -285,7 +286,7 @@ ACCURACY_LABEL = {"acc_before_ft": "accuracy before fine-tuning", "acc_after_ft"
 # a stage no longer present) are removed once the new one is in place, never sitting beside it
 # looking current. Only these names: report.out may be a folder that holds other files too.
 REPORT_FILES = ("runs.csv", "flops_auc.csv", "flops_auc_per_seed.csv", "accuracy_by_target.csv", "headline.csv",
-                "protocols.csv", "protocol_grid.csv", "kept_fraction_*.png",
+                "protocols.csv", "protocol_grid.csv", "protocol_scratch.csv", "headline_protocols.png", "kept_fraction_*.png",
                 "backbones.csv", "layers.csv", "reference.csv", "lesions.csv", "propagation.csv", "definitions.csv",
                 "lesions_per_seed.csv", "alignment.csv", "dynamics.csv", "linear_gaussian.csv",
                 "curves_*.png", "headline.png", "alignment_depth.png", "dynamics.png", "definitions_*.png", "report.md",
@@ -821,7 +822,9 @@ def page_context(ri: ReportInputs, roots, groups, notices, t, figs, skipped: lis
 
 CAPTIONS = {"headline": "Headline: FLOPs-AUC difference local − target per group, with its CI",
             "alignment over depth": "Alignment of the axes and modularity gap over depth (mean ± SD over seeds)",
-            "training dynamics": "Training dynamics against the paper's init → trained values"}
+            "training dynamics": "Training dynamics against the paper's init → trained values",
+            "headline per protocol": "The headline (best local − best target FLOPs-AUC) under every protocol: "
+                                     "allocation, schedule and fine-tune budget, with its paired t 95% CI"}
 
 _ENV = Environment(loader=PackageLoader("axes_pipeline.report", "templates"), undefined=StrictUndefined,
                    autoescape=lambda name: bool(name) and name.endswith(".html.j2"), keep_trailing_newline=True)

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from axes_pipeline.layout import LAYER_ALLOCATION, PROTOCOL_FILE
+from axes_pipeline.layout import LAYER_ALLOCATION, PROTOCOL_FILE, PRUNE_CURVES
 from axes_pipeline.pruning.plots import plot_kept_fraction
 from axes_pipeline.pruning.protocol import DEFAULT_NAME, describe
 from axes_pipeline.report import tables
 from axes_pipeline.report.collect import Run
-from axes_pipeline.stats import mean_sd
+from axes_pipeline.stats import across_seeds, mean_sd
 
 __all__ = ["BASELINES", "HOW", "TITLE", "VERDICTS", "headline_groups", "kept_fraction_figures", "parts",
            "protocol_tables", "verdict"]
@@ -153,7 +153,7 @@ def protocol_tables(by_protocol: dict[str, dict[str, list[Run]]], accuracy: str,
                              "seeds": n})
     protocols = pd.DataFrame(rows)
     if protocols.empty or protocols["protocol"].nunique() < 2:
-        return {"protocols": pd.DataFrame(), "protocol_grid": pd.DataFrame()}
+        return {"protocols": pd.DataFrame(), "protocol_grid": pd.DataFrame(), "protocol_scratch": pd.DataFrame()}
     ref = {g: d.iloc[0].get("diff") for g, d in protocols[protocols["protocol"] == DEFAULT_NAME].groupby("group")}
     protocols["verdict"] = [verdict(r.get("diff", math.nan), r.get("ci_lo", math.nan), r.get("ci_hi", math.nan),
                                     ref.get(r["group"]), r["protocol"] == DEFAULT_NAME) for _, r in protocols.iterrows()]
@@ -161,7 +161,54 @@ def protocol_tables(by_protocol: dict[str, dict[str, list[Run]]], accuracy: str,
     if not grid.empty:   # rows: a score chosen in any protocol of the group, and the baselines
         shown = grid.groupby(["group", "score"])["chosen_as"].transform(lambda c: c.notna().any())
         grid = grid[shown].reset_index(drop=True)
-    return {"protocols": protocols, "protocol_grid": grid}
+    return {"protocols": protocols, "protocol_grid": grid, "protocol_scratch": scratch_table(by_protocol, protocols)}
+
+
+def scratch_table(by_protocol: dict[str, dict[str, list[Run]]], protocols: pd.DataFrame) -> pd.DataFrame:
+    """Per group and protocol with scratch-trained points (``pruning.scratch=true``): best local − best
+    target (the protocol's chosen pair) in accuracy at the points both were trained from scratch, one
+    estimate per seed (the mean over those targets), across seeds with its t interval; beside it the same
+    difference with the pruned weights kept (``acc_after_ft``, the protocol's budget) at the same points."""
+    rows = []
+    for _, p in protocols.iterrows():
+        local, target = p.get("best_local"), p.get("best_target")
+        if not (isinstance(local, str) and isinstance(target, str)):
+            continue
+        runs = next((rs for label, rs in by_protocol.get(p["protocol"], {}).items() if _base(label) == p["group"]), [])
+        scratch, kept, targets = [], [], set()
+        for r in runs:
+            c = r.read_csv(r.prune_rel(PRUNE_CURVES))
+            if c is None or "acc_scratch" not in c or "acc_after_ft" not in c:
+                continue
+            c = c[c["acc_scratch"].notna() & (c["draw"] == 0)]
+            a = c[c["score"] == local].set_index("target_flops")
+            b = c[c["score"] == target].set_index("target_flops")
+            both = sorted(set(a.index) & set(b.index))
+            if both:
+                targets |= set(both)
+                scratch.append(float((a.loc[both, "acc_scratch"] - b.loc[both, "acc_scratch"]).mean()))
+                kept.append(float((a.loc[both, "acc_after_ft"] - b.loc[both, "acc_after_ft"]).mean()))
+        if not scratch:
+            continue
+        sc, kp = across_seeds(scratch), across_seeds(kept)
+        rows.append({"group": p["group"], "protocol": p["protocol"], "best_local": local, "best_target": target,
+                     "targets": " ".join(f"{t:g}" for t in sorted(targets, reverse=True)), "seeds": sc["n"],
+                     "scratch_diff": sc["mean"], "scratch_ci_lo": sc["ci_lo"], "scratch_ci_hi": sc["ci_hi"],
+                     "kept_diff": kp["mean"], "kept_ci_lo": kp["ci_lo"], "kept_ci_hi": kp["ci_hi"]})
+    return pd.DataFrame(rows)
+
+
+def headline_figure(protocols: pd.DataFrame, out: Path, min_seeds: int) -> dict[str, Path]:
+    """The headline difference of every protocol (allocation, schedule, budget) with its t interval,
+    one forest per report: which protocol moves the answer, at a glance."""
+    if protocols is None or protocols.empty or "diff" not in protocols:
+        return {}
+    from axes_pipeline.report.figures import headline_forest  # deferred: matplotlib, only with protocols
+
+    rows = protocols.assign(comparison=[f"{p}: {lab}" for p, lab in zip(protocols["protocol"],
+                                                                        protocols["protocol_label"])])
+    return {"headline per protocol": headline_forest(rows, out / "headline_protocols.png", min_seeds=min_seeds,
+                                                      ci_label="paired Student t 95% CI")}
 
 
 def kept_fraction_figures(by_protocol: dict[str, dict[str, list[Run]]], protocols: pd.DataFrame,
@@ -195,8 +242,9 @@ def parts(t: dict, figs: dict, table, text, pm) -> list[dict]:
         return []
     cols = [c for c in ("group", "protocol", "protocol_label", "counts", "seeds", "best_local", "best_target", "local",
                         "target", "diff", "ci_lo", "ci_hi", "p_value", "verdict") if c in prot]
-    out = [table(prot[cols].rename(columns={"diff": "local − target", "p_value": "p"}),
-                 "The headline under each protocol (paired Student t 95% CI; all rows: protocols.csv)")]
+    out = [{"kind": "figure", "label": "headline per protocol"}] if "headline per protocol" in figs else []
+    out.append(table(prot[cols].rename(columns={"diff": "local − target", "p_value": "p"}),
+                     "The headline under each protocol (paired Student t 95% CI; all rows: protocols.csv)"))
     if grid is not None and not grid.empty:
         # one row per ranking score; ★ marks the cell where it is its axis' best within that protocol
         wide = grid.assign(cell=[pm(m, s) + (" ★" if isinstance(c, str) and c.startswith("best") else "")
@@ -209,6 +257,16 @@ def parts(t: dict, figs: dict, table, text, pm) -> list[dict]:
             view = d.pivot_table(index="ranking", columns="column", values="cell", aggfunc="first").reset_index()
             out.append(table(view.fillna("—"), f"{g}: ranking (rows) × counts (columns), FLOPs-AUC mean ± SD over "
                                                "seeds; ★ the best of its axis in that protocol (protocol_grid.csv)"))
+    scratch = t.get("protocol_scratch")
+    if scratch is not None and not scratch.empty:
+        out.append(table(scratch, "Trained from scratch (pruning.scratch=true): best local − best target in accuracy "
+                                  "at the scratch points, per-seed mean, t 95% CI; beside it the same points with "
+                                  "the pruned weights kept (protocol_scratch.csv)"))
+        out.append(text("What the scratch comparison means (Liu et al. 2019): the difference with the pruned weights "
+                        "kept credits a score with the weights it keeps and the widths it picks; trained from "
+                        "scratch, only the widths (the architecture) remain. A difference that survives scratch "
+                        "training says the score picks better layer widths; one that vanishes says its advantage "
+                        "was in the weights it kept."))
     out += [{"kind": "figure", "label": label} for label in figs if label.startswith("kept fraction: ")]
     out.append(text("Within each protocol the best scores are chosen on validation; no score or protocol is ever "
                     "chosen across protocols (METHODS §9). A protocol with a fine-tune budget is measured after its "
