@@ -546,6 +546,46 @@ def test_torchmetrics_accuracy_equals_the_former_topk_formula(num_classes):
     assert got["n"] == len(y)
 
 
+def test_evaluation_splits_are_read_once_per_datamodule_and_give_the_streamed_numbers(monkeypatch):
+    """A sweep evaluates every point on the same test and validation batches: each split is read once per
+    datamodule and held, the numbers equal a fresh loader's bit for bit, and a split above the cap (or a
+    datamodule without an image size) streams through a new loader every time."""
+    from types import SimpleNamespace
+
+    from axes_pipeline.data import DigitsDataModule
+    from axes_pipeline.pruning import evaluate as ev
+
+    dm = DigitsDataModule(image_size=8)
+    reads = {"test": 0, "val": 0}
+    for split in reads:
+        real = getattr(dm, f"{split}_dataloader")
+
+        def counted(real=real, split=split):
+            reads[split] += 1
+            return real()
+        monkeypatch.setattr(dm, f"{split}_dataloader", counted)
+    model = build_model("resnet18", num_classes=10, width=0.125).eval()
+    settings = SimpleNamespace(eval_samples=None, eval_seed=0)
+    cpu = torch.device("cpu")
+    first = ev.evaluate_test_val(model, dm, settings, cpu)
+    again = ev.evaluate_test_val(model, dm, settings, cpu)
+    assert reads == {"test": 1, "val": 1}
+    assert first == again
+    streamed = ev.evaluate(model, DigitsDataModule(image_size=8).test_dataloader(), cpu)
+    assert first[0] == streamed   # held batches are the loader's own tensors, in its order
+
+    # a seeded test subset is its own held split
+    sub = SimpleNamespace(eval_samples=50, eval_seed=3)
+    assert ev.evaluate_test_val(model, dm, sub, cpu)[0]["n"] == 50
+    assert ev.evaluate_test_val(model, dm, sub, cpu)[0] == ev.evaluate(model, dm.loader(dm.eval_subset(50, 3)), cpu)
+
+    monkeypatch.setattr(ev, "HOLD_MAX_BYTES", 8 * 8 * 3 * 4 * 10)   # ten images: both splits stream
+    big = DigitsDataModule(image_size=8)
+    assert not isinstance(ev.held_batches(big, ("test",), 359, big.test_dataloader), list)
+    plain = SimpleNamespace(in_channels=3)   # no image_size: streamed, never guessed
+    assert ev.held_batches(plain, ("test",), 1, lambda: "loader") == "loader"
+
+
 def test_latency_uses_the_benchmark_timer_and_keeps_its_keys_and_repeat_cap():
     from axes_pipeline.pruning.evaluate import latency
 

@@ -35,7 +35,7 @@ from axes_pipeline.pruning.allocation import (
     nominal_fraction,
     sensitivity_keys,
 )
-from axes_pipeline.pruning.evaluate import evaluate, evaluate_splits, finetune, latency
+from axes_pipeline.pruning.evaluate import evaluate, evaluate_splits, finetune, held_batches, latency
 from axes_pipeline.pruning.export import save_pruned
 from axes_pipeline.pruning.flops import CostModel, count_params, fvcore_macs
 from axes_pipeline.pruning.groups import GroupSet, prune_physically
@@ -128,7 +128,7 @@ class Sweep:
                                     fractions=s.sensitivity_fractions, ranking=l1.name,
                                     depthwise=s.depthwise_in_group_score, dead_first=s.calibration))
         ranking = group_scores(self.groups, cache.get(l1, 0), s.depthwise_in_group_score, dead=dead)
-        val = self.dm.val_dataloader()
+        val = held_batches(self.dm, ("val",), self.dm.split_sizes()["val"], self.dm.val_dataloader)
 
         def compute():
             print(f"prune: sensitivity scan: {len(self.groups)} layers x {len(s.sensitivity_fractions)} fractions "

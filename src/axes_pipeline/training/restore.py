@@ -107,8 +107,8 @@ def check_environment(run: RunLayout) -> None:
         return
     why = differs(recorded, environment())
     if why:   # one line: under Hydra the log's console handler shows it, and <stage>.log keeps it
-        log.warning("%s was trained in another environment (%s); results computed here are not bit-identical to "
-                    "those computed there", run.dir, why)
+        log.warning("%s was trained in another environment (%s); results computed here may differ in their last "
+                    "digits from those computed there", run.dir, why)
 
 
 def check_finished(run: RunLayout, allow_partial: bool) -> None:
